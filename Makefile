@@ -1,0 +1,30 @@
+# The two commands: `make demo` and `make test`. Both do all set-up first (Debian packages,
+# Release build, the default model), then run.
+BUILD ?= build
+JOBS ?= $(shell nproc)
+KVLM := $(BUILD)/bin/kvlm
+DEMO_PROMPT ?= The KV cache makes decoding fast because
+
+.PHONY: all deps build model demo test clean
+
+all: build
+
+deps:
+	@bash scripts/setup.sh
+
+build: deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+model:
+	@bash scripts/fetch-model.sh
+
+demo: build model
+	$(KVLM) generate -p "$(DEMO_PROMPT)" -n 64 --temp 0
+	$(KVLM) generate --chat -p "What is a KV cache? Answer in two sentences." -n 96 --temp 0
+
+test: build model
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+clean:
+	rm -rf $(BUILD)

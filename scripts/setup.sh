@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kvlm builds and tests with, only those that are missing.
+# Needs root or sudo when something is missing; prints what it installs.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake pkg-config
+  libfmt-dev libcli11-dev nlohmann-json3-dev libcpp-httplib-dev libxxhash-dev libpcre2-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libutf8proc-dev
+  python3 python3-pip curl
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all Debian packages present"
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+  else
+    echo "setup: missing packages (${missing[*]}) and not root; install them as root" >&2
+    exit 1
+  fi
+fi
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,110 @@
+#include "engine/session.h"
+
+#include <algorithm>
+
+#include "base/error.h"
+#include "base/timer.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvlm {
+
+Session::Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx, ThreadPool& pool,
+                 int64_t n_batch)
+    : model_(model),
+      pool_(pool),
+      kv_(model.kv_shape(dtype_k, dtype_v), n_ctx),
+      n_batch_(std::max<int64_t>(1, n_batch)) {}
+
+std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_logits) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n == 0) fail("no tokens to run");
+  if (kv_.size() + n > kv_.n_ctx())
+    fail("context full: {} tokens held + {} new exceed the context of {} tokens (raise -c)",
+         kv_.size(), n, kv_.n_ctx());
+  const int64_t n_vocab = model_.config().n_vocab;
+  if (all_logits) all_logits_.resize(static_cast<size_t>(n * n_vocab));
+  std::span<const float> last;
+  for (int64_t i = 0; i < n; i += n_batch_) {
+    const int64_t m = std::min(n_batch_, n - i);
+    auto chunk = tokens.subspan(i, m);
+    last = model_.forward(chunk, kv_.size(), kv_, scratch_, pool_, all_logits);
+    tokens_.insert(tokens_.end(), chunk.begin(), chunk.end());
+    if (all_logits) std::copy(last.begin(), last.end(), all_logits_.begin() + i * n_vocab);
+  }
+  if (all_logits) return all_logits_;
+  return last.subspan(last.size() - n_vocab);
+}
+
+std::span<const float> Session::feed(std::span<const int32_t> tokens) { return run(tokens, false); }
+
+std::span<const float> Session::feed_all_logits(std::span<const int32_t> tokens) {
+  return run(tokens, true);
+}
+
+std::span<const float> Session::recompute(std::span<const int32_t> tokens) {
+  std::vector<int32_t> all = tokens_;
+  all.insert(all.end(), tokens.begin(), tokens.end());
+  reset();
+  return run(all, false);
+}
+
+void Session::reset() {
+  kv_.clear();
+  tokens_.clear();
+}
+
+const char* stop_reason_name(StopReason r) {
+  switch (r) {
+    case StopReason::Eog: return "end of generation";
+    case StopReason::Length: return "length";
+    case StopReason::ContextFull: return "context full";
+    case StopReason::Callback: return "stopped";
+  }
+  return "?";
+}
+
+GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const int32_t> prompt,
+                       const GenerateOptions& opts, const std::function<bool(int32_t)>& on_token) {
+  GenerateStats st;
+  st.n_prompt = static_cast<int64_t>(prompt.size());
+  if (prompt.empty()) fail("the prompt is empty (no tokens)");
+  const int64_t n_ctx = session.kv().n_ctx();
+  if (session.kv().size() + st.n_prompt > n_ctx)
+    fail("the prompt has {} tokens but the context holds {} (raise -c, at most the model's {})",
+         st.n_prompt, n_ctx - session.kv().size(), session.model().config().n_ctx_train);
+  Sampler sampler(opts.sampling);
+  const int32_t n_vocab = session.model().config().n_vocab;
+
+  Timer t;
+  std::span<const float> logits =
+      opts.use_cache ? session.feed(prompt) : session.recompute(prompt);
+  st.prefill_ms = t.ms();
+  t.reset();
+  st.stop = StopReason::Length;
+  for (int64_t i = 0; opts.n_predict < 0 || i < opts.n_predict; ++i) {
+    const int32_t id = sampler.sample(logits.data(), n_vocab, session.tokens());
+    ++st.n_generated;
+    const bool go_on = on_token(id);
+    if (tok.is_eog(id)) {
+      st.stop = StopReason::Eog;
+      break;
+    }
+    if (!go_on) {
+      st.stop = StopReason::Callback;
+      break;
+    }
+    if (opts.n_predict >= 0 && i + 1 == opts.n_predict) break;
+    if (session.kv().size() + 1 > n_ctx) {
+      st.stop = StopReason::ContextFull;
+      break;
+    }
+    const int32_t one[1] = {id};
+    logits = opts.use_cache ? session.feed(one) : session.recompute(one);
+    ++st.n_decode;
+  }
+  st.decode_ms = t.ms();
+  st.kv = session.kv().stats();
+  return st;
+}
+
+}  // namespace kvlm

@@ -1,0 +1,60 @@
+// Kernels: pure functions over spans. No model, no cache, no allocation in per-element loops.
+// Scalar reference implementations live in ref/; fast twins (issue 3) are chosen once at start-up
+// behind these same entry points, and every fast kernel is tested against its scalar twin.
+#pragma once
+
+#include <cstdint>
+
+#include "base/thread_pool.h"
+#include "tensor/dtype.h"
+#include "tensor/tensor.h"
+
+namespace kvlm::kernels {
+
+// ---- (de)quantization --------------------------------------------------------------------------
+// n elements (a multiple of t's block size) of type t at src -> f32 dst[n].
+// Supported t: every DType whose DTypeInfo::compute is true.
+void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+// f32 src[n] -> n elements of type t at dst (GGML's reference rounding). Supported t: F32, F16,
+// BF16, Q8_0, Q4_0, Q4_1.
+void quantize_row(DType t, const float* src, void* dst, int64_t n);
+
+// Dot product of one row of type t (n elements) with f32 x[n]. For Q4_0/Q4_1/Q8_0 rows, x is first
+// quantized to 8 bits per 32-element block (Q8_0, or Q8_1 for Q4_1) and the dot is an integer sum
+// per block, as llama.cpp computes it; other types dequantize the row and dot in f32.
+float dot_row(DType t, const void* row, const float* x, int64_t n);
+
+// Linear layer: y[i, r] = sum_c W[r, c] * x[i, c]
+//   w: [n_out = w.n_rows, n_in = w.n_cols] of any compute dtype
+//   x: [n_tok, n_in] f32, row-major;  y: [n_tok, n_out] f32, row-major
+// Same per-element arithmetic as dot_row (quantized activations for Q4_0/Q4_1/Q8_0 weights).
+// Rows of W are split across the pool. Each y[i, r] is computed with the same arithmetic whatever
+// n_tok is, so a batch of N tokens gives bit-identical results to N single-token calls (the
+// cached-vs-recomputed equivalence relies on this).
+void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+
+// ---- element-wise and row-wise ops -------------------------------------------------------------
+// y = x / sqrt(mean(x^2) + eps) * w        x, w, y: [n]; y may alias x
+void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps);
+// y = (x - mean) / sqrt(var + eps) * w + b  x, w, b, y: [n]; y may alias x
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps);
+// In-place numerically stable softmax over x[n].
+void softmax(float* x, int64_t n);
+// gate[i] = silu(gate[i]) * up[i]          [n]
+void swiglu(float* gate, const float* up, int64_t n);
+// x[i] = gelu(x[i]) with the tanh approximation GGML and GPT-2 use     [n]
+void gelu(float* x, int64_t n);
+// y[i] += x[i]                             [n]
+void add(float* y, const float* x, int64_t n);
+
+// ---- rotary position embedding ----------------------------------------------------------------
+enum class RopeMode {
+  Normal,  // rotate adjacent pairs (x[2i], x[2i+1]): GGUF llama stores Q/K permuted for this
+  Neox,    // rotate halves (x[i], x[i + n_dims/2])
+};
+// Rotates the first n_dims dims of each of n_head heads of x: [n_head, head_dim] in place, for
+// position pos, with theta_i = pos * freq_base^(-2i/n_dims).
+void rope(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, int64_t pos,
+          float freq_base, RopeMode mode);
+
+}  // namespace kvlm::kernels

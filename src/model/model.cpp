@@ -1,0 +1,171 @@
+// Model loading: metadata -> ModelConfig, tensors -> validated TensorViews into the mapping.
+#include "model/model.h"
+
+#include <fmt/format.h>
+
+#include "base/error.h"
+
+namespace kvlm {
+
+namespace {
+
+int32_t require_int(const GgufFile& f, const std::string& key, int64_t lo, int64_t hi) {
+  auto v = f.get_int(key);
+  if (!v) fail("{}: missing metadata key '{}'", f.path(), key);
+  if (*v < lo || *v > hi) fail("{}: metadata '{}' = {} is out of range [{}, {}]", f.path(), key, *v, lo, hi);
+  return static_cast<int32_t>(*v);
+}
+
+std::string shape_str(const std::vector<int64_t>& ne) {
+  return fmt::format("[{}]", fmt::join(ne, ", "));
+}
+
+class TensorBinder {
+ public:
+  explicit TensorBinder(const GgufFile& f) : f_(f) {}
+
+  // A weight with GGML shape ne (ne[0] contiguous). Throws if missing (unless optional), of the
+  // wrong shape, or of a type kvlm has no kernels for.
+  TensorView get(const std::string& name, std::vector<int64_t> ne, bool optional = false) {
+    const GgufTensorInfo* t = f_.tensor(name);
+    if (!t) {
+      if (optional) return {};
+      fail("{}: missing tensor '{}'", f_.path(), name);
+    }
+    if (t->ne != ne)
+      fail("{}: tensor '{}' has shape {}, expected {}", f_.path(), name, shape_str(t->ne), shape_str(ne));
+    const DTypeInfo& info = dtype_info(t->type);
+    if (!info.compute)
+      fail("{}: tensor '{}' has type {}, which kvlm cannot compute with yet", f_.path(), name, info.name);
+    TensorView v;
+    v.dtype = t->type;
+    v.data = t->data;
+    v.n_cols = ne[0];
+    v.n_rows = ne.size() > 1 ? ne[1] : 1;
+    v.row_stride = row_bytes(t->type, v.n_cols);
+    return v;
+  }
+  // Norm weights and biases are used as plain float arrays.
+  TensorView get_f32(const std::string& name, int64_t n) {
+    TensorView v = get(name, {n});
+    if (v.dtype != DType::F32)
+      fail("{}: tensor '{}' has type {}, expected f32", f_.path(), name, dtype_name(v.dtype));
+    return v;
+  }
+
+ private:
+  const GgufFile& f_;
+};
+
+}  // namespace
+
+std::unique_ptr<Model> Model::load(const std::string& path) {
+  std::unique_ptr<Model> m(new Model());
+  m->file_ = GgufFile::open(path);
+  const GgufFile& f = *m->file_;
+  ModelConfig& c = m->config_;
+
+  auto arch_name = f.get_string("general.architecture");
+  if (!arch_name) fail("{}: missing metadata key 'general.architecture'", path);
+  c.arch = find_arch(*arch_name);
+  if (!c.arch)
+    fail("{}: unsupported architecture '{}' (supported: {})", path, *arch_name, supported_archs());
+  const std::string a = *arch_name + ".";
+  const ArchInfo& arch = *c.arch;
+
+  c.name = f.get_string("general.name").value_or(*arch_name);
+  constexpr int64_t kMaxDim = 1 << 20;
+  c.n_embd = require_int(f, a + "embedding_length", 1, kMaxDim);
+  c.n_layer = require_int(f, a + "block_count", 1, 4096);
+  c.n_ff = require_int(f, a + "feed_forward_length", 1, kMaxDim);
+  c.n_head = require_int(f, a + "attention.head_count", 1, 4096);
+  c.n_kv_head = f.find(a + "attention.head_count_kv")
+                    ? require_int(f, a + "attention.head_count_kv", 1, c.n_head)
+                    : c.n_head;
+  c.n_ctx_train = require_int(f, a + "context_length", 1, 1 << 24);
+  if (c.n_embd % c.n_head != 0)
+    fail("{}: embedding_length {} is not a multiple of head_count {}", path, c.n_embd, c.n_head);
+  if (c.n_head % c.n_kv_head != 0)
+    fail("{}: head_count {} is not a multiple of head_count_kv {}", path, c.n_head, c.n_kv_head);
+  c.head_dim = c.n_embd / c.n_head;
+  auto eps = f.get_float(a + arch.eps_key);
+  if (!eps) fail("{}: missing metadata key '{}{}'", path, a, arch.eps_key);
+  c.norm_eps = static_cast<float>(*eps);
+  if (arch.pos == PosKind::Rope) {
+    c.rope_freq_base = static_cast<float>(f.get_float(a + "rope.freq_base").value_or(10000.0));
+    c.n_rot = f.find(a + "rope.dimension_count")
+                  ? require_int(f, a + "rope.dimension_count", 2, c.head_dim)
+                  : c.head_dim;
+    if (c.n_rot % 2 != 0) fail("{}: rope.dimension_count {} is odd", path, c.n_rot);
+  }
+
+  const GgufTensorInfo* te = f.tensor("token_embd.weight");
+  if (!te) fail("{}: missing tensor 'token_embd.weight'", path);
+  if (te->ne.size() != 2) fail("{}: tensor 'token_embd.weight' must be 2-D", path);
+  if (te->ne[1] <= 0 || te->ne[1] > (1 << 24))
+    fail("{}: vocabulary size {} out of range", path, te->ne[1]);
+  c.n_vocab = static_cast<int32_t>(te->ne[1]);
+
+  TensorBinder b(f);
+  Weights& w = m->weights_;
+  const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff, V = c.n_vocab;
+  w.tok_embd = b.get("token_embd.weight", {E, V});
+  if (arch.pos == PosKind::Learned) w.pos_embd = b.get("position_embd.weight", {E, c.n_ctx_train});
+  w.output_norm = b.get_f32("output_norm.weight", E);
+  if (arch.biases) w.output_norm_b = b.get_f32("output_norm.bias", E);
+  w.output = b.get("output.weight", {E, V}, /*optional=*/true);
+  c.tied_output = w.output.empty();
+  if (c.tied_output) w.output = w.tok_embd;
+
+  w.layers.resize(c.n_layer);
+  for (int32_t il = 0; il < c.n_layer; ++il) {
+    LayerWeights& l = w.layers[il];
+    auto n = [&](const char* s) { return fmt::format("blk.{}.{}", il, s); };
+    l.attn_norm = b.get_f32(n("attn_norm.weight"), E);
+    l.ffn_norm = b.get_f32(n("ffn_norm.weight"), E);
+    if (arch.fused_qkv) {
+      l.wqkv = b.get(n("attn_qkv.weight"), {E, Q + 2 * KV});
+    } else {
+      l.wq = b.get(n("attn_q.weight"), {E, Q});
+      l.wk = b.get(n("attn_k.weight"), {E, KV});
+      l.wv = b.get(n("attn_v.weight"), {E, KV});
+    }
+    l.wo = b.get(n("attn_output.weight"), {Q, E});
+    if (arch.ffn == FfnKind::SwiGlu) l.ffn_gate = b.get(n("ffn_gate.weight"), {E, F});
+    l.ffn_up = b.get(n("ffn_up.weight"), {E, F});
+    l.ffn_down = b.get(n("ffn_down.weight"), {F, E});
+    if (arch.biases) {
+      l.attn_norm_b = b.get_f32(n("attn_norm.bias"), E);
+      l.ffn_norm_b = b.get_f32(n("ffn_norm.bias"), E);
+      l.bqkv = b.get_f32(n("attn_qkv.bias"), Q + 2 * KV);
+      l.bo = b.get_f32(n("attn_output.bias"), E);
+      l.ffn_up_b = b.get_f32(n("ffn_up.bias"), F);
+      l.ffn_down_b = b.get_f32(n("ffn_down.bias"), E);
+    }
+  }
+  return m;
+}
+
+KvShape Model::kv_shape(DType dtype_k, DType dtype_v) const {
+  KvShape s;
+  s.n_layer = config_.n_layer;
+  s.n_kv_head = config_.n_kv_head;
+  s.head_dim = config_.head_dim;
+  s.dtype_k = dtype_k;
+  s.dtype_v = dtype_v;
+  return s;
+}
+
+uint64_t Model::weight_bytes() const {
+  auto bytes = [](const TensorView& t) -> uint64_t {
+    return t.empty() ? 0 : static_cast<uint64_t>(t.row_stride) * static_cast<uint64_t>(t.n_rows);
+  };
+  uint64_t total = bytes(weights_.output);  // the embedding lookup reads one row only
+  for (const auto& l : weights_.layers) {
+    total += bytes(l.wq) + bytes(l.wk) + bytes(l.wv) + bytes(l.wqkv) + bytes(l.wo);
+    total += bytes(l.ffn_gate) + bytes(l.ffn_up) + bytes(l.ffn_down);
+  }
+  return total;
+}
+
+}  // namespace kvlm

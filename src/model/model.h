@@ -1,0 +1,88 @@
+// A loaded model: config, immutable weight views into the GGUF mapping, and the forward pass.
+// Weights never change after load; each sequence's state lives in its own KvCache and Scratch.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/aligned.h"
+#include "base/thread_pool.h"
+#include "gguf/gguf.h"
+#include "kv/kv_cache.h"
+#include "model/config.h"
+#include "tensor/tensor.h"
+
+namespace kvlm {
+
+struct LayerWeights {
+  TensorView attn_norm, attn_norm_b;  // [n_embd]
+  TensorView wq, wk, wv;              // [q_dim, n_embd], [kv_dim, n_embd], [kv_dim, n_embd]
+  TensorView wqkv, bqkv;              // fused: [q_dim + 2 * kv_dim, n_embd], bias [q_dim + 2 kv_dim]
+  TensorView wo, bo;                  // [n_embd, q_dim], bias [n_embd]
+  TensorView ffn_norm, ffn_norm_b;    // [n_embd]
+  TensorView ffn_gate;                // [n_ff, n_embd] (SwiGLU only)
+  TensorView ffn_up, ffn_up_b;        // [n_ff, n_embd], bias [n_ff]
+  TensorView ffn_down, ffn_down_b;    // [n_embd, n_ff], bias [n_embd]
+};
+
+struct Weights {
+  TensorView tok_embd;                    // [n_vocab, n_embd]
+  TensorView pos_embd;                    // [n_ctx_train, n_embd] (learned positions only)
+  TensorView output_norm, output_norm_b;  // [n_embd]
+  TensorView output;                      // [n_vocab, n_embd]; == tok_embd when tied
+  std::vector<LayerWeights> layers;       // [n_layer]
+};
+
+// Per-sequence activation buffers, sized for up to n_batch tokens per forward and n_ctx cached
+// positions. Grown (never shrunk) at batch boundaries.
+struct Scratch {
+  int64_t n_batch = 0, n_ctx = 0, n_threads = 0;
+  AlignedBuffer x;       // [n_batch, n_embd]        residual stream
+  AlignedBuffer h;       // [n_batch, n_embd]        normed input of a block
+  AlignedBuffer q;       // [n_batch, q_dim]
+  AlignedBuffer k;       // [n_batch, kv_dim]
+  AlignedBuffer v;       // [n_batch, kv_dim]
+  AlignedBuffer qkv;     // [n_batch, q_dim + 2 * kv_dim]  fused projection output
+  AlignedBuffer attn;    // [n_batch, q_dim]         attention output, heads concatenated
+  AlignedBuffer gate;    // [n_batch, n_ff]
+  AlignedBuffer up;      // [n_batch, n_ff]
+  AlignedBuffer scores;  // [n_threads, n_ctx]       attention probabilities, one row per thread
+  AlignedBuffer vrow;    // [n_threads, 2 * head_dim] dequantized K/V rows, one pair per thread
+  AlignedBuffer logits;  // [n_batch, n_vocab]
+};
+
+class Model {
+ public:
+  // Maps the file and validates architecture, hyper-parameters and every tensor's shape and type.
+  // Throws kvlm::Error with one line naming the file and the problem.
+  static std::unique_ptr<Model> load(const std::string& path);
+
+  const ModelConfig& config() const { return config_; }
+  const Weights& weights() const { return weights_; }
+  const GgufFile& gguf() const { return *file_; }
+  // Shape of the cache this model needs, with the given storage types.
+  KvShape kv_shape(DType dtype_k, DType dtype_v) const;
+
+  // Runs tokens [n_tok] at positions [pos0, pos0 + n_tok) of one sequence whose cache holds
+  // exactly positions [0, pos0). Writes their K/V into `kv` and commits pos0 + n_tok.
+  // Returns logits: [n_tok, n_vocab] when all_logits, else [1, n_vocab] for the last token;
+  // the span lives in `scratch` until the next call.
+  // Prefill (n_tok > 1) and decode (n_tok == 1) are this same function.
+  // Throws kvlm::Error if the tokens do not fit in the cache or an id is out of range.
+  std::span<const float> forward(std::span<const int32_t> tokens, int64_t pos0, KvCache& kv,
+                                 Scratch& scratch, ThreadPool& pool, bool all_logits) const;
+
+  // Bytes of weights read per decoded token (all matrices once): for roofline estimates.
+  uint64_t weight_bytes() const;
+
+ private:
+  Model() = default;
+  std::unique_ptr<GgufFile> file_;
+  ModelConfig config_;
+  Weights weights_;
+};
+
+}  // namespace kvlm

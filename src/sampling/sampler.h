@@ -1,0 +1,44 @@
+// Token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty; seeded RNG per
+// sampler (one per request), so the same seed gives the same tokens.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+#include <vector>
+
+namespace kvlm {
+
+struct SamplingParams {
+  float temperature = 0.8f;    // <= 0: greedy (argmax, lowest id wins ties)
+  int32_t top_k = 40;          // <= 0: off
+  float top_p = 0.95f;         // >= 1: off
+  float min_p = 0.05f;         // <= 0: off
+  float repeat_penalty = 1.0f; // 1: off; as llama.cpp: logit > 0 ? logit / p : logit * p
+  int32_t repeat_last_n = 64;  // how many recent tokens the penalty looks at
+  uint64_t seed = 0;
+};
+
+// Throws kvlm::Error naming the parameter for out-of-range values (negative temperature is
+// allowed and means greedy; top_p/min_p outside [0, 1], repeat_penalty <= 0, repeat_last_n < 0).
+void validate(const SamplingParams& p);
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params);
+  // logits: [n_vocab]; history: tokens so far (prompt + generated), newest last.
+  // Order as llama.cpp's default chain: penalties -> top-k -> top-p -> min-p -> temperature ->
+  // draw. Allocation-free after the first call for a given n_vocab.
+  int32_t sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history);
+  const SamplingParams& params() const { return params_; }
+
+ private:
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+  std::vector<std::pair<float, int32_t>> cand_;  // scratch [n_vocab]
+};
+
+// Index of the largest logit (lowest index wins ties).     logits: [n]
+int32_t argmax(const float* logits, int32_t n);
+
+}  // namespace kvlm

@@ -1,0 +1,413 @@
+// Sampler tests: greedy/argmax, seeding, each filter's support against hand-computed or slow
+// reference sets, a chi-square check of plain temperature sampling, repetition penalty, validate().
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "sampling/sampler.h"
+
+namespace kvlm {
+namespace {
+
+SamplingParams plain(float temperature, uint64_t seed = 1) {
+  SamplingParams p;
+  p.temperature = temperature;
+  p.top_k = 0;
+  p.top_p = 1.0f;
+  p.min_p = 0.0f;
+  p.repeat_penalty = 1.0f;
+  p.seed = seed;
+  return p;
+}
+
+std::vector<float> random_logits(int32_t n, uint64_t seed, float stddev = 2.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Every token drawn in n_draws samples.
+std::set<int32_t> support(Sampler& s, const std::vector<float>& logits, int n_draws,
+                          std::span<const int32_t> history = {}) {
+  std::set<int32_t> seen;
+  for (int i = 0; i < n_draws; ++i) {
+    seen.insert(s.sample(logits.data(), static_cast<int32_t>(logits.size()), history));
+  }
+  return seen;
+}
+
+// Logits for probabilities {0.5, 0.25, 0.125, 0.0625, 0.0625}, placed at scrambled token ids so
+// that the id bookkeeping through sorting is exercised: id kIds[r] has the r-th largest prob.
+constexpr int32_t kIds[5] = {3, 0, 4, 1, 2};
+std::vector<float> halving_logits() {
+  const double probs[5] = {0.5, 0.25, 0.125, 0.0625, 0.0625};
+  std::vector<float> v(5);
+  for (int r = 0; r < 5; ++r)
+    v[static_cast<size_t>(kIds[r])] = static_cast<float>(std::log(probs[r]));
+  return v;
+}
+std::set<int32_t> top_ranks(int n) {
+  return std::set<int32_t>(kIds, kIds + n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// argmax and greedy
+
+TEST(Argmax, LowestIndexWinsTies) {
+  const float v[] = {1.0f, 3.0f, 2.0f, 3.0f};
+  EXPECT_EQ(argmax(v, 4), 1);
+}
+
+TEST(Argmax, IgnoresNaN) {
+  const float v[] = {NAN, -5.0f, NAN, -1.0f, NAN};
+  EXPECT_EQ(argmax(v, 5), 3);
+  const float first_nan[] = {NAN, -INFINITY};
+  EXPECT_EQ(argmax(first_nan, 2), 1);
+  const float all_nan[] = {NAN, NAN};
+  EXPECT_EQ(argmax(all_nan, 2), 0);
+}
+
+TEST(Sampler, GreedyIsArgmax) {
+  for (float t : {0.0f, -1.0f}) {
+    Sampler s(plain(t));
+    for (uint64_t seed = 0; seed < 20; ++seed) {
+      const std::vector<float> v = random_logits(1000, seed);
+      EXPECT_EQ(s.sample(v.data(), 1000, {}), argmax(v.data(), 1000));
+    }
+  }
+}
+
+TEST(Sampler, GreedyWithDefaultFiltersIsArgmax) {
+  SamplingParams p;  // defaults: top-k/p, min-p on
+  p.temperature = 0.0f;
+  Sampler s(p);
+  const std::vector<float> v = random_logits(49152, 7);
+  EXPECT_EQ(s.sample(v.data(), 49152, {}), argmax(v.data(), 49152));
+}
+
+TEST(Sampler, TopK1IsGreedyAtAnyTemperature) {
+  for (float t : {0.1f, 1.0f, 5.0f, 100.0f}) {
+    SamplingParams p = plain(t, 42);
+    p.top_k = 1;
+    Sampler s(p);
+    for (uint64_t seed = 0; seed < 20; ++seed) {
+      std::vector<float> v = random_logits(500, seed);
+      v[17] = v[300] = *std::max_element(v.begin(), v.end()) + 1.0f;  // tie: lowest id wins
+      EXPECT_EQ(s.sample(v.data(), 500, {}), 17) << "temperature " << t;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// seeding
+
+TEST(Sampler, SameSeedSameSequenceDifferentSeedDiffers) {
+  const std::vector<float> v = random_logits(49152, 3, 1.0f);
+  auto draws = [&](uint64_t seed) {
+    SamplingParams p;  // default chain
+    p.temperature = 1.0f;
+    p.seed = seed;
+    Sampler s(p);
+    std::vector<int32_t> out;
+    for (int i = 0; i < 1000; ++i) out.push_back(s.sample(v.data(), 49152, {}));
+    return out;
+  };
+  const std::vector<int32_t> a = draws(1234), b = draws(1234), c = draws(1235);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  EXPECT_GT(std::set<int32_t>(a.begin(), a.end()).size(), 5u);  // it really is random
+}
+
+// ---------------------------------------------------------------------------------------------
+// filters
+
+TEST(Sampler, TopKRestrictsSupport) {
+  const std::vector<float> v = random_logits(1000, 11);
+  std::vector<int32_t> order(1000);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return v[a] > v[b]; });
+  const std::set<int32_t> top5(order.begin(), order.begin() + 5);
+
+  SamplingParams p = plain(100.0f);  // nearly uniform over whatever survives
+  p.top_k = 5;
+  Sampler s(p);
+  EXPECT_EQ(support(s, v, 5000), top5);
+}
+
+TEST(Sampler, TopPSupportIsNucleus) {
+  const std::vector<float> v = halving_logits();
+  // Cumulative mass by rank: 0.5, 0.75, 0.875, 0.9375, 1.0.
+  const std::pair<float, int> cases[] = {{0.0f, 1}, {0.4f, 1},  {0.6f, 2}, {0.8f, 3},
+                                         {0.9f, 4}, {0.95f, 5}, {1.0f, 5}};
+  for (auto [top_p, n_keep] : cases) {
+    SamplingParams p = plain(1.0f);
+    p.top_p = top_p;
+    Sampler s(p);
+    EXPECT_EQ(support(s, v, 5000), top_ranks(n_keep)) << "top_p " << top_p;
+  }
+}
+
+// Equal logits all land in one top-p bucket; the nucleus is then cut by the id tie-break
+// (lowest ids first), the same order argmax and top-k use.
+TEST(Sampler, TopPTiesCutByLowestId) {
+  const std::vector<float> v(200, 0.5f);
+  SamplingParams p = plain(1.0f);
+  p.top_p = 0.0975f;  // target 19.5 of 200 equal masses: 20 tokens
+  Sampler s(p);
+  std::set<int32_t> want;
+  for (int32_t i = 0; i < 20; ++i) want.insert(i);
+  EXPECT_EQ(support(s, v, 4000), want);
+}
+
+TEST(Sampler, MinPSupport) {
+  const std::vector<float> v = halving_logits();
+  // p / p_max by rank: 1, 0.5, 0.25, 0.125, 0.125.
+  const std::pair<float, int> cases[] = {{1.0f, 1}, {0.6f, 1}, {0.3f, 2},
+                                         {0.2f, 3}, {0.1f, 5}, {0.0f, 5}};
+  for (auto [min_p, n_keep] : cases) {
+    SamplingParams p = plain(1.0f);
+    p.min_p = min_p;
+    Sampler s(p);
+    EXPECT_EQ(support(s, v, 5000), top_ranks(n_keep)) << "min_p " << min_p;
+  }
+}
+
+TEST(Sampler, TopPThenMinPInThatOrder) {
+  const std::vector<float> v = halving_logits();
+  SamplingParams p = plain(1.0f);
+  p.top_p = 0.9f;  // keeps 4 ranks
+  p.min_p = 0.2f;  // of those, p >= 0.1 keeps 3
+  Sampler s(p);
+  EXPECT_EQ(support(s, v, 5000), top_ranks(3));
+}
+
+// Slow reference for the whole filter chain's support: full sort, then the same rules.
+std::set<int32_t> reference_support(const std::vector<float>& v, const SamplingParams& p) {
+  std::vector<int32_t> order(v.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return v[a] > v[b]; });
+  size_t n = order.size();
+  if (p.top_k > 0) n = std::min(n, static_cast<size_t>(p.top_k));
+  const double l_max = v[order[0]];
+  if (p.top_p < 1.0f) {
+    double total = 0.0;
+    for (size_t i = 0; i < n; ++i) total += std::exp(v[order[i]] - l_max);
+    double cum = 0.0;
+    size_t keep = 0;
+    while (keep < n) {
+      cum += std::exp(v[order[keep++]] - l_max);
+      if (cum >= p.top_p * total) break;
+    }
+    n = keep;
+  }
+  if (p.min_p > 0.0f) {
+    size_t keep = 1;
+    while (keep < n && std::exp(v[order[keep]] - l_max) >= p.min_p) ++keep;
+    n = keep;
+  }
+  return std::set<int32_t>(order.begin(), order.begin() + static_cast<long>(n));
+}
+
+// A large nucleus (hundreds of tokens) drives top-p's chunked partial sort through several
+// doublings; every draw must stay inside the reference support.
+TEST(Sampler, FilterChainMatchesReferenceSupport) {
+  struct Case {
+    int32_t top_k;
+    float top_p, min_p;
+  };
+  const Case cases[] = {{0, 0.9f, 0.0f},  {0, 0.99f, 0.0f},   {0, 0.5f, 0.01f},
+                        {0, 1.0f, 0.05f}, {300, 0.95f, 0.0f}, {40, 0.95f, 0.05f}};
+  for (const Case& k : cases) {
+    const std::vector<float> v = random_logits(4000, 99, 1.0f);
+    SamplingParams p = plain(1.0f, 5);
+    p.top_k = k.top_k;
+    p.top_p = k.top_p;
+    p.min_p = k.min_p;
+    const std::set<int32_t> want = reference_support(v, p);
+    ASSERT_GT(want.size(), 1u);
+    Sampler s(p);
+    const std::set<int32_t> got = support(s, v, 4000);
+    EXPECT_TRUE(std::includes(want.begin(), want.end(), got.begin(), got.end()))
+        << "top_k " << k.top_k << " top_p " << k.top_p << " min_p " << k.min_p;
+    EXPECT_GT(got.size(), want.size() / 4);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// temperature sampling is softmax sampling
+
+TEST(Sampler, TemperatureOneMatchesSoftmaxChiSquare) {
+  const std::vector<float> v = {1.0f, 0.5f, 0.0f, -0.5f, 2.0f, -1.0f, 0.25f, 1.5f};
+  const size_t n = v.size();
+  std::vector<double> prob(n);
+  double z = 0.0;
+  for (size_t i = 0; i < n; ++i) z += prob[i] = std::exp(v[i]);
+  for (double& q : prob) q /= z;
+
+  constexpr int kDraws = 20000;
+  Sampler s(plain(1.0f, 2024));
+  std::vector<int> count(n, 0);
+  for (int i = 0; i < kDraws; ++i) ++count[static_cast<size_t>(s.sample(v.data(), 8, {}))];
+
+  double chi2 = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const double expect = prob[i] * kDraws;
+    chi2 += (count[i] - expect) * (count[i] - expect) / expect;
+  }
+  // 7 degrees of freedom: P(chi2 > 24.32) = 0.001 for a correct sampler.
+  EXPECT_LT(chi2, 24.32);
+}
+
+TEST(Sampler, HighTemperatureFlattensLowSharpens) {
+  const std::vector<float> v = {2.0f, 0.0f};
+  auto share_of_0 = [&](float t) {
+    Sampler s(plain(t, 9));
+    int n0 = 0;
+    for (int i = 0; i < 10000; ++i) n0 += s.sample(v.data(), 2, {}) == 0;
+    return n0 / 10000.0;
+  };
+  // softmax([2, 0] / T)[0]: T=0.5 -> 0.982, T=1 -> 0.881, T=4 -> 0.622.
+  EXPECT_NEAR(share_of_0(0.5f), 0.982, 0.01);
+  EXPECT_NEAR(share_of_0(1.0f), 0.881, 0.015);
+  EXPECT_NEAR(share_of_0(4.0f), 0.622, 0.02);
+}
+
+TEST(Sampler, NaNAndInfLogitsAreNeverDrawnOrBreakDrawing) {
+  const std::vector<float> v = {NAN, 0.0f, -INFINITY, 0.0f, NAN};
+  Sampler s(plain(1.0f));
+  EXPECT_EQ(support(s, v, 2000), (std::set<int32_t>{1, 3}));
+  const std::vector<float> inf = {0.0f, INFINITY, 1.0f};
+  Sampler s2(plain(1.0f));
+  EXPECT_EQ(support(s2, inf, 200), (std::set<int32_t>{1}));
+  const std::vector<float> none = {-INFINITY, NAN};
+  EXPECT_EQ(s2.sample(none.data(), 2, {}), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// repetition penalty
+
+TEST(Sampler, RepeatPenaltyPositiveLogitDivides) {
+  SamplingParams p = plain(0.0f);
+  p.repeat_penalty = 1.2f;
+  Sampler s(p);
+  const std::vector<float> v = {2.0f, 1.9f, 0.5f};
+  const int32_t hist[] = {0};
+  EXPECT_EQ(s.sample(v.data(), 3, {}), 0);
+  EXPECT_EQ(s.sample(v.data(), 3, hist), 1);  // 2.0 / 1.2 = 1.67 < 1.9
+}
+
+TEST(Sampler, RepeatPenaltyNegativeLogitMultiplies) {
+  SamplingParams p = plain(0.0f);
+  p.repeat_penalty = 1.2f;
+  Sampler s(p);
+  const std::vector<float> v = {-1.0f, -1.1f, -3.0f};
+  const int32_t hist[] = {0};
+  EXPECT_EQ(s.sample(v.data(), 3, hist), 1);  // -1.0 * 1.2 = -1.2 < -1.1 (dividing would raise it)
+}
+
+TEST(Sampler, RepeatPenaltyEachDistinctTokenOnceWithinWindow) {
+  SamplingParams p = plain(0.0f);
+  p.repeat_penalty = 1.2f;
+  p.repeat_last_n = 3;
+  Sampler s(p);
+  const std::vector<float> v = {2.0f, 1.5f};
+  // Penalised once: 2.0 / 1.2 = 1.67 > 1.5. Three times would give 1.16 < 1.5.
+  const int32_t repeated[] = {0, 0, 0};
+  EXPECT_EQ(s.sample(v.data(), 2, repeated), 0);
+  EXPECT_EQ(s.sample(v.data(), 2, repeated), 0);  // the seen-marks were restored
+
+  const std::vector<float> w = {2.0f, 1.9f, 0.0f};
+  const int32_t old_zero[] = {0, 2, 2, 2};  // 0 is outside the last 3
+  EXPECT_EQ(s.sample(w.data(), 3, old_zero), 0);
+  const int32_t recent_zero[] = {2, 2, 0};
+  EXPECT_EQ(s.sample(w.data(), 3, recent_zero), 1);
+  const int32_t out_of_range[] = {-1, 7, 3};  // ignored
+  EXPECT_EQ(s.sample(w.data(), 3, out_of_range), 0);
+}
+
+TEST(Sampler, RepeatPenaltyAppliesBeforeTopK) {
+  SamplingParams p = plain(1.0f);
+  p.top_k = 1;
+  p.repeat_penalty = 1.2f;
+  Sampler s(p);
+  const std::vector<float> v = {2.0f, 1.9f, 0.5f};
+  const int32_t hist[] = {0};
+  EXPECT_EQ(s.sample(v.data(), 3, hist), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// validate
+
+void expect_rejected(const SamplingParams& p, const std::string& name) {
+  try {
+    validate(p);
+    ADD_FAILURE() << name << ": accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(Sampler{p}, Error);
+}
+
+TEST(Validate, AcceptsDefaultsAndEdges) {
+  EXPECT_NO_THROW(validate(SamplingParams{}));
+  SamplingParams p;
+  p.temperature = -1.0f;
+  p.top_k = -5;
+  p.top_p = 0.0f;
+  p.min_p = 1.0f;
+  p.repeat_last_n = 0;
+  EXPECT_NO_THROW(validate(p));
+}
+
+TEST(Validate, RejectsBadValuesNamingTheParameter) {
+  SamplingParams p;
+  p.top_p = 1.5f;
+  expect_rejected(p, "top_p");
+  p = {};
+  p.top_p = -0.1f;
+  expect_rejected(p, "top_p");
+  p = {};
+  p.top_p = NAN;
+  expect_rejected(p, "top_p");
+  p = {};
+  p.min_p = 2.0f;
+  expect_rejected(p, "min_p");
+  p = {};
+  p.min_p = -1.0f;
+  expect_rejected(p, "min_p");
+  p = {};
+  p.repeat_penalty = 0.0f;
+  expect_rejected(p, "repeat_penalty");
+  p = {};
+  p.repeat_penalty = -1.0f;
+  expect_rejected(p, "repeat_penalty");
+  p = {};
+  p.repeat_last_n = -1;
+  expect_rejected(p, "repeat_last_n");
+  p = {};
+  p.temperature = NAN;
+  expect_rejected(p, "temperature");
+}
+
+TEST(Validate, MessageShowsTheValue) {
+  SamplingParams p;
+  p.top_p = 1.5f;
+  try {
+    validate(p);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("1.5"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace kvlm

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Writes tests/data/dequant_goldens.bin: (de)quantization goldens from the PyPI `gguf` package.
+
+The `gguf` package (llama.cpp's own Python GGUF library) is the independent reference: its
+numpy (de)quantizers are written to be bit-exact with ggml-quants.c. This script is the only
+way the golden file is produced; never edit it by hand.
+
+Run (from the repository root):
+    python3 tools/gen_dequant_goldens.py [MODEL.gguf] [-o tests/data/dequant_goldens.bin]
+MODEL defaults to $KVLM_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf, or
+~/.cache/kvlm/models/SmolLM2-135M-Instruct.Q4_1.gguf when KVLM_MODELS is unset.
+Needs: python3 with `gguf` (tested with 0.19.0) and `numpy`.
+
+File format, all little-endian:
+    header:  char magic[4] = "KVDG"; u32 version = 1; u32 n_records
+    record:  u32 kind            0 = dequantize: raw bytes -> expected f32 values
+                                 1 = quantize:   f32 values -> expected raw bytes
+             u32 name_len; char name[name_len]   (tensor name + row, or a synthetic label)
+             u32 type_id                          (GGML type number, = kvlm::DType)
+             u32 n                                (elements in the row)
+             u32 n_bytes; u8 raw[n_bytes]         (the row in type_id's layout)
+             f32 values[n]
+For kind 0, `values` is gguf.quants.dequantize(raw); for kind 1, `raw` is
+gguf.quants.quantize(values). Every quantize record is followed by a dequantize record of the
+same bytes, so the synthetic types are covered by both directions.
+"""
+
+import argparse
+import os
+import struct
+import sys
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as T
+
+KIND_DEQUANT = 0
+KIND_QUANT = 1
+
+# Rows taken from the default model: a few of each type it contains.
+MODEL_TENSORS = [
+    "blk.0.attn_q.weight",     # Q4_1, 576 cols
+    "blk.29.ffn_down.weight",  # Q4_1, 1536 cols
+    "token_embd.weight",       # Q8_0, 576 cols
+    "blk.0.attn_norm.weight",  # F32, one row of 576
+]
+
+
+def default_model() -> str:
+    d = os.environ.get("KVLM_MODELS") or os.path.expanduser("~/.cache/kvlm/models")
+    return os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class Writer:
+    def __init__(self):
+        self.records = []
+
+    def add(self, kind: int, name: str, qtype: T, raw: np.ndarray, values: np.ndarray):
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+        values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+        assert values.size % bs == 0 and raw.size == values.size // bs * ts, name
+        nb = name.encode()
+        self.records.append(
+            struct.pack("<II", kind, len(nb)) + nb
+            + struct.pack("<III", int(qtype), values.size, raw.size)
+            + raw.tobytes() + values.astype("<f4").tobytes())
+
+    def dequant(self, name: str, qtype: T, raw: np.ndarray):
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+        self.add(KIND_DEQUANT, name, qtype, raw, gguf.quants.dequantize(raw, qtype))
+
+    def quant(self, name: str, qtype: T, values: np.ndarray):
+        values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        raw = np.ascontiguousarray(gguf.quants.quantize(values, qtype)).view(np.uint8).reshape(-1)
+        self.add(KIND_QUANT, name, qtype, raw, values)
+        self.dequant(name + "/dequant", qtype, raw)
+
+    def save(self, path: str):
+        with open(path, "wb") as f:
+            f.write(b"KVDG" + struct.pack("<II", 1, len(self.records)))
+            for r in self.records:
+                f.write(r)
+
+
+def model_records(w: Writer, model: str):
+    reader = gguf.GGUFReader(model)
+    by_name = {t.name: t for t in reader.tensors}
+    for name in MODEL_TENSORS:
+        if name not in by_name:
+            sys.exit(f"{model}: no tensor '{name}'; is this SmolLM2-135M-Instruct.Q4_1.gguf?")
+        t = by_name[name]
+        data = np.asarray(t.data)
+        if data.ndim == 1:  # a 1-D tensor is one row
+            data = data.reshape(1, -1)
+        n_rows = data.shape[0]
+        for r in sorted({0, 1, n_rows // 2, n_rows - 1} & set(range(n_rows))):
+            w.dequant(f"{name}[{r}]", t.tensor_type, data[r])
+
+
+def synthetic_records(w: Writer):
+    rng = np.random.default_rng(20240611)
+    n = 256
+
+    def vec(scale: float) -> np.ndarray:
+        return (rng.standard_normal(n) * scale).astype(np.float32)
+
+    # Edge blocks for the block quantizers: all zeros (d = 0, so id = 0), a constant block
+    # (Q4_1: max == min), a block whose largest-magnitude element is negative (Q4_0 keeps that
+    # sign in d), a linear ramp, and large-magnitude blocks.
+    edge = np.zeros(n, np.float32)
+    edge[32:64] = 0.75
+    edge[64:96] = rng.standard_normal(32).astype(np.float32) * 0.01
+    edge[70] = -3.0
+    edge[96:128] = np.linspace(-1, 1, 32, dtype=np.float32)
+    edge[128:] = vec(100.0)[128:]
+
+    for qtype in (T.Q8_0, T.Q4_0, T.Q4_1):
+        for i, scale in enumerate((0.02, 1.0)):
+            w.quant(f"random{i}/{qtype.name}", qtype, vec(scale))
+        w.quant(f"edge/{qtype.name}", qtype, edge)
+
+    # F16: ordinary values, values around fp16's subnormal and overflow thresholds, and exact
+    # ties between two fp16 values (round-to-nearest-even).
+    f16 = vec(3.0)
+    f16[:16] = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 65519.0, 65520.0, -1e6, 6.1e-5, 5.96e-8,
+                         2.98e-8, 2.99e-8, 1e-10, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11,
+                         np.inf], dtype=np.float32)
+    w.quant("random/F16", T.F16, f16)
+    bf16 = vec(3.0)
+    bf16[:8] = np.array([0.0, -0.0, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 3e38, -1e-39, np.inf,
+                         -np.inf], dtype=np.float32)
+    w.quant("random/BF16", T.BF16, bf16)
+    w.quant("random/F32", T.F32, vec(1.0))
+
+    # Q6_K: gguf (0.19) has no Q6_K quantizer, so the raw blocks are random bytes with a sane f16 super
+    # scale d (random ql, qh and int8 sub-block scales cover every 6-bit code and scale sign).
+    bs, ts = gguf.GGML_QUANT_SIZES[T.Q6_K]
+    n_blocks = 3
+    raw = rng.integers(0, 256, size=(n_blocks, ts), dtype=np.uint8)
+    d = np.array([1e-3, 0.02, -5e-4], dtype=np.float16)
+    raw[:, ts - 2:] = d.view(np.uint8).reshape(n_blocks, 2)
+    w.dequant("random_bytes/Q6_K", T.Q6_K, raw)
+    # Q4_0 from random bytes too: every nibble and a negative scale.
+    bs, ts = gguf.GGML_QUANT_SIZES[T.Q4_0]
+    raw = rng.integers(0, 256, size=(4, ts), dtype=np.uint8)
+    raw[:, :2] = np.array([0.5, -0.125, 3e-3, 0.0], dtype=np.float16).view(np.uint8).reshape(4, 2)
+    w.dequant("random_bytes/Q4_0", T.Q4_0, raw)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default=default_model())
+    ap.add_argument("-o", "--output", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "dequant_goldens.bin"))
+    args = ap.parse_args()
+    if not os.path.exists(args.model):
+        sys.exit(f"{args.model}: not found; run scripts/fetch-model.sh or pass the path")
+
+    np.seterr(over="ignore")  # the F16 cases overflow to inf on purpose
+    w = Writer()
+    model_records(w, args.model)
+    synthetic_records(w)
+    w.save(args.output)
+    size = os.path.getsize(args.output)
+    print(f"wrote {len(w.records)} records, {size} bytes to {os.path.normpath(args.output)}")
+    assert size < 300_000
+
+
+if __name__ == "__main__":
+    main()

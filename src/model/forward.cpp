@@ -32,7 +32,7 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.gate, B * c.n_ff);
   grow(s.up, B * c.n_ff);
   grow(s.scores, s.n_threads * s.n_ctx);
-  grow(s.vrow, s.n_threads * c.head_dim);
+  grow(s.vrow, s.n_threads * 2 * c.head_dim);
   grow(s.logits, B * c.n_vocab);
 }
 
@@ -58,7 +58,9 @@ void add_bias(float* y, const TensorView& b, int64_t n_rows, int64_t n) {
 //   q:   [n_tok, n_head * head_dim]   (after RoPE)
 //   out: [n_tok, n_head * head_dim]
 // Each (token, head) is computed by one thread in a fixed order, so the result for a position
-// does not depend on how many tokens share the batch.
+// does not depend on how many tokens share the batch. With an f16 cache the other operand of each
+// dot is rounded to f16 too (q for K.q, the probabilities for p.V), as llama.cpp's f16 matrix
+// products do: the same storage type then gives the same attention as the reference.
 void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, float* out,
                int64_t n_tok, int64_t pos0, Scratch& s, ThreadPool& pool) {
   const int64_t hd = c.head_dim, n_head = c.n_head, gqa = c.n_gqa();
@@ -67,17 +69,24 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
   const size_t v_head_bytes = kv.v_row_bytes / c.n_kv_head;
   pool.parallel_for(n_tok * n_head, [&](int64_t begin, int64_t end, int tid) {
     float* scores = s.scores.as<float>() + tid * s.n_ctx;  // [n_ctx]
-    float* vrow = s.vrow.as<float>() + tid * hd;            // [head_dim]
+    float* vrow = s.vrow.as<float>() + tid * 2 * hd;        // [head_dim]
+    float* q16 = vrow + hd;                                 // [head_dim] q rounded to f16
     for (int64_t job = begin; job < end; ++job) {
       const int64_t i = job / n_head, h = job % n_head, kvh = h / gqa;
       const int64_t n_vis = pos0 + i + 1;  // causal: positions [0, pos]
       const float* qh = q + i * c.q_dim() + h * hd;
+      if (kv.dtype_k == DType::F16) {
+        for (int64_t d = 0; d < hd; ++d) q16[d] = fp16_to_fp32(fp32_to_fp16(qh[d]));
+        qh = q16;
+      }
       float* oh = out + i * c.q_dim() + h * hd;
       for (int64_t j = 0; j < n_vis; ++j) {
         const uint8_t* kj = kv.k + j * kv.k_row_bytes + kvh * k_head_bytes;
         scores[j] = kernels::dot_row(kv.dtype_k, kj, qh, hd) * scale;
       }
       kernels::softmax(scores, n_vis);
+      if (kv.dtype_v == DType::F16)
+        for (int64_t j = 0; j < n_vis; ++j) scores[j] = fp16_to_fp32(fp32_to_fp16(scores[j]));
       std::fill(oh, oh + hd, 0.0f);
       for (int64_t j = 0; j < n_vis; ++j) {
         const uint8_t* vj = kv.v + j * kv.v_row_bytes + kvh * v_head_bytes;

@@ -50,7 +50,7 @@ struct Scratch {
   AlignedBuffer gate;    // [n_batch, n_ff]
   AlignedBuffer up;      // [n_batch, n_ff]
   AlignedBuffer scores;  // [n_threads, n_ctx]       attention probabilities, one row per thread
-  AlignedBuffer vrow;    // [n_threads, 2 * head_dim] dequantized K/V rows, one pair per thread
+  AlignedBuffer vrow;    // [n_threads, 2 * head_dim] per thread: a dequantized V row, q in f16
   AlignedBuffer logits;  // [n_batch, n_vocab]
 };
 

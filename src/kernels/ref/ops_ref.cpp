@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "base/error.h"
@@ -269,32 +270,37 @@ size_t act_row_bytes(DType t, int64_t n) {
                                     : row_bytes(act_type(t), n);
 }
 
-// Q8_1 as llama.cpp's quantize_row_q8_1_ref: Q8_0's codes, plus s = d * sum of the codes.
-void quant_q8_1(const float* x, BlockQ8_1* blocks, int64_t n_blocks) {
+// Activation quantization as llama.cpp's x86 quantize_row_q8_0/q8_1 compute it (not the _ref
+// variants that quantize_row follows): scale id = 127 / amax and round-half-to-even. Codes are
+// the same as the reference's except at exact halves and the last bit of id; matching them keeps
+// kvlm's logits on llama.cpp's. Q8_1 adds s = d * sum(codes).
+template <class Block>
+void quant_act_blocks(const float* x, Block* blocks, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     const float* xb = x + ib * 32;  // [32]
     float amax = 0.0f;
     for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
     const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     int sum = 0;
     for (int j = 0; j < 32; ++j) {
-      float q = std::round(xb[j] * id);
+      float q = std::nearbyint(xb[j] * id);  // default rounding mode: half to even
       if (std::isnan(q)) q = 0.0f;
       q = std::fmin(127.0f, std::fmax(-127.0f, q));
       blocks[ib].qs[j] = static_cast<int8_t>(q);
       sum += blocks[ib].qs[j];
     }
     blocks[ib].d = fp32_to_fp16(d);
-    blocks[ib].s = fp32_to_fp16(static_cast<float>(sum) * d);
+    if constexpr (std::is_same_v<Block, BlockQ8_1>)
+      blocks[ib].s = fp32_to_fp16(static_cast<float>(sum) * d);
   }
 }
 
 void quantize_act(DType w_type, const float* x, void* dst, int64_t n) {
   if (act_type(w_type) == DType::Q8_1)
-    quant_q8_1(x, static_cast<BlockQ8_1*>(dst), n / 32);
+    quant_act_blocks(x, static_cast<BlockQ8_1*>(dst), n / 32);
   else
-    quant_q8_0(x, static_cast<BlockQ8_0*>(dst), n / 32);
+    quant_act_blocks(x, static_cast<BlockQ8_0*>(dst), n / 32);
 }
 
 float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {

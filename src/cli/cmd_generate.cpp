@@ -133,8 +133,8 @@ Command add_generate(CLI::App& app) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
   gen->add_option("-b,--batch-size", g->n_batch, "prompt tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
-  gen->add_option("--cache-type-k", g->ctk, "K cache type: f32, f16 (alias -ctk)");
-  gen->add_option("--cache-type-v", g->ctv, "V cache type: f32, f16 (alias -ctv)");
+  gen->add_option("--cache-type-k", g->ctk, "K cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctk)");
+  gen->add_option("--cache-type-v", g->ctv, "V cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctv)");
   return {gen, [g] { return run_generate(*g); }};
 }
 

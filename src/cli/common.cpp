@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "base/error.h"
+#include "kv/kv_shape.h"
 
 namespace kvlm::cli {
 
@@ -37,8 +38,9 @@ std::string human_bytes(double b) {
 
 DType parse_cache_type(const std::string& s, const char* flag) {
   auto t = dtype_from_name(s);
-  if (!t || (*t != DType::F32 && *t != DType::F16))
-    fail("{}: unknown or unsupported cache type '{}' (supported: f32, f16)", flag, s);
+  if (!t || !kv_type_supported(*t))
+    fail("{}: unknown or unsupported cache type '{}' (supported: {})", flag, s,
+         kv_supported_types());
   return *t;
 }
 

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "tensor/dtype.h"
 
@@ -32,8 +33,16 @@ size_t kv_bytes_per_token(const KvShape& s);
 // Bytes for n_tokens tokens in all layers. Throws kvlm::Error on overflow.
 size_t kv_bytes(const KvShape& s, int64_t n_tokens);
 
+// Storage types a cache can hold, as llama.cpp names them (-ctk/-ctv): f32, f16, and the blockwise
+// 8- and 4-bit types q8_0 (32 values + f16 scale), q4_0 (32 values + f16 scale), q4_1 (32 values +
+// f16 scale and min). Rows are written with kernels::quantize_row and read with the kernels'
+// dequantize/dot, so quantized caches cost no extra code in attention.
+inline constexpr DType kKvTypes[] = {DType::F32, DType::F16, DType::Q8_0, DType::Q4_1, DType::Q4_0};
+bool kv_type_supported(DType t);
+std::string kv_supported_types();  // "f32, f16, q8_0, q4_1, q4_0"
+
 // Throws kvlm::Error unless the shape is usable (positive sizes, a supported cache dtype whose
-// block size divides head_dim). Supported cache dtypes: f32, f16.
+// block size divides head_dim).
 void validate(const KvShape& s);
 
 }  // namespace kvlm

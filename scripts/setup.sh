@@ -9,6 +9,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libutf8proc-dev
   python3 python3-pip curl
+  jargon-text  # the shared text for kvlm perplexity: /usr/share/doc/jargon-text/jargon.txt.gz
 )
 
 missing=()

@@ -14,20 +14,36 @@ namespace kvlm::cli {
 namespace {
 
 struct GenerateArgs {
-  std::string model, prompt, ctk = "f16", ctv = "f16";
+  std::string model, prompt;
+  CacheFlags cache;
   int32_t n_predict = 128;
-  bool chat = false, no_cache = false;
+  bool chat = false, no_cache = false, trace = false, ignore_eos = false;
   SamplingParams sampling;
   int threads = 0;
-  int64_t n_ctx = 0;
   int64_t n_batch = 512;
   uint64_t seed = 0;
   bool seed_given = false;
 };
 
+// --trace: the seeds' walk-through made real, one line per forward pass.
+void print_trace(const KvShape& shape, const StepTrace& t) {
+  const size_t k_layer = kv_k_row_bytes(shape) * t.n_cached;
+  const size_t v_layer = kv_v_row_bytes(shape) * t.n_cached;
+  std::fprintf(stderr,
+               "[trace] step %lld %-7s computed %lld token%s | cache %lld tokens | per layer K "
+               "[%lld, %d x %d] %s %s, V [%lld, %d x %d] %s %s | x %d layers = %s used, %s "
+               "allocated | evicted %lld | %.1f ms\n",
+               static_cast<long long>(t.step), t.prefill ? "prefill" : "decode",
+               static_cast<long long>(t.n_computed), t.n_computed == 1 ? "" : "s",
+               static_cast<long long>(t.n_cached), static_cast<long long>(t.n_cached),
+               shape.n_kv_head, shape.head_dim, dtype_name(shape.dtype_k),
+               human_bytes(k_layer).c_str(), static_cast<long long>(t.n_cached), shape.n_kv_head,
+               shape.head_dim, dtype_name(shape.dtype_v), human_bytes(v_layer).c_str(),
+               shape.n_layer, human_bytes(t.kv.bytes_used).c_str(),
+               human_bytes(t.kv.bytes_allocated).c_str(), static_cast<long long>(t.n_evicted), t.ms);
+}
+
 int run_generate(const GenerateArgs& a) {
-  const DType ctk = parse_cache_type(a.ctk, "-ctk");
-  const DType ctv = parse_cache_type(a.ctv, "-ctv");
   SamplingParams sp = a.sampling;
   sp.seed = a.seed_given ? a.seed : std::random_device{}();
   validate(sp);
@@ -35,25 +51,26 @@ int run_generate(const GenerateArgs& a) {
   auto model = Model::load(resolve_model(a.model));
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ModelConfig& c = model->config();
-  const int64_t n_ctx = a.n_ctx > 0 ? a.n_ctx : std::min<int64_t>(4096, c.n_ctx_train);
-  if (n_ctx > c.n_ctx_train && c.arch->pos == PosKind::Learned)
-    fail("-c {} is larger than the {} positions this model has learned", n_ctx, c.n_ctx_train);
+  const KvOptions kvo = to_kv_options(a.cache, c);
+  const int64_t n_ctx = kvo.n_ctx;
 
   std::string text = a.prompt;
   if (a.chat) text = apply_chat_template(tok->chat_template(), {{"user", a.prompt}}, true);
   std::vector<int32_t> prompt = tok->encode(text, tok->add_bos_default(), /*parse_special=*/true);
   if (prompt.empty()) fail("the prompt is empty: nothing to generate from");
-  if (static_cast<int64_t>(prompt.size()) >= n_ctx)
+  if (!kvo.window && kvo.n_keep < 0 && static_cast<int64_t>(prompt.size()) >= n_ctx)
     fail("the prompt has {} tokens, which does not fit the context of {} tokens with room to "
          "generate (raise -c, at most {})",
          prompt.size(), n_ctx, c.n_ctx_train);
 
   ThreadPool pool(a.threads);
-  Session session(*model, ctk, ctv, n_ctx, pool, a.n_batch);
+  Session session(*model, kvo, pool, kvo.window ? std::min(a.n_batch, kvo.window_chunk) : a.n_batch);
   GenerateOptions opts;
   opts.n_predict = a.n_predict;
   opts.use_cache = !a.no_cache;
   opts.sampling = sp;
+  opts.ignore_eos = a.ignore_eos;
+  if (a.trace) opts.on_step = [&](const StepTrace& t) { print_trace(session.kv().shape(), t); };
 
   StreamDecoder dec(*tok);
   if (!a.chat) {
@@ -61,7 +78,7 @@ int run_generate(const GenerateArgs& a) {
     std::fflush(stdout);
   }
   GenerateStats st = generate(session, *tok, prompt, opts, [&](int32_t id) {
-    if (!tok->is_eog(id)) {
+    if (a.ignore_eos || !tok->is_eog(id)) {
       std::string piece = dec.push(id);
       std::fwrite(piece.data(), 1, piece.size(), stdout);
       std::fflush(stdout);
@@ -88,9 +105,18 @@ int run_generate(const GenerateArgs& a) {
                st.decode_ms, rate(st.n_decode, st.decode_ms), static_cast<long long>(st.n_decode));
   const KvShape shape = session.kv().shape();
   if (opts.use_cache) {
-    std::fprintf(stderr, "kv cache:         on, K %s / V %s, %lld of %lld tokens\n",
-                 dtype_name(ctk), dtype_name(ctv), static_cast<long long>(st.kv.n_tokens),
-                 static_cast<long long>(st.kv.n_ctx));
+    std::fprintf(stderr, "kv cache:         on, K %s / V %s, %lld of %lld tokens, %s allocation",
+                 dtype_name(kvo.dtype_k), dtype_name(kvo.dtype_v),
+                 static_cast<long long>(st.kv.n_tokens), static_cast<long long>(st.kv.n_ctx),
+                 kvo.alloc == KvAlloc::Static ? "static" : "dynamic");
+    if (kvo.window)
+      std::fprintf(stderr, ", window %lld + %lld sinks, %lld evicted",
+                   static_cast<long long>(kvo.n_ctx - kvo.n_sinks),
+                   static_cast<long long>(kvo.n_sinks), static_cast<long long>(st.kv.n_evicted));
+    else if (kvo.n_keep >= 0)
+      std::fprintf(stderr, ", context shift keeping %lld, %lld evicted",
+                   static_cast<long long>(kvo.n_keep), static_cast<long long>(st.kv.n_evicted));
+    std::fprintf(stderr, "\n");
   } else {
     std::fprintf(stderr,
                  "kv cache:         off (--no-cache): all %lld positions recomputed at every step; "
@@ -129,12 +155,13 @@ Command add_generate(CLI::App& app) {
       ->each([g](const std::string&) { g->seed_given = true; });
   gen->add_option("-t,--threads", g->threads, "threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
-  gen->add_option("-c,--ctx-size", g->n_ctx, "context size in tokens (default: min(4096, model))")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
   gen->add_option("-b,--batch-size", g->n_batch, "prompt tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
-  gen->add_option("--cache-type-k", g->ctk, "K cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctk)");
-  gen->add_option("--cache-type-v", g->ctv, "V cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctv)");
+  gen->add_flag("--trace", g->trace,
+                "print each forward pass: phase, tokens computed, cache length, per-layer K/V "
+                "shape and bytes, evictions");
+  gen->add_flag("--ignore-eos", g->ignore_eos, "keep generating past end-of-generation tokens");
+  add_cache_flags(gen, g->cache);
   return {gen, [g] { return run_generate(*g); }};
 }
 

@@ -1,6 +1,7 @@
 #include "cli/common.h"
 
 #include <cstdlib>
+#include <algorithm>
 #include <filesystem>
 
 #include "base/error.h"
@@ -42,6 +43,56 @@ DType parse_cache_type(const std::string& s, const char* flag) {
     fail("{}: unknown or unsupported cache type '{}' (supported: {})", flag, s,
          kv_supported_types());
   return *t;
+}
+
+void add_cache_flags(CLI::App* app, CacheFlags& f) {
+  const std::string types = kv_supported_types();
+  app->add_option("--cache-type-k", f.ctk, "K cache type: " + types + " (alias -ctk)");
+  app->add_option("--cache-type-v", f.ctv, "V cache type: " + types + " (alias -ctv)");
+  app->add_option("-c,--ctx-size", f.n_ctx, "context size in tokens (default: min(4096, model))")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  app->add_option("--kv-alloc", f.alloc,
+                  "static: reserve the whole context up front; dynamic: grow in chunks of 256 "
+                  "tokens as they arrive")
+      ->check(CLI::IsMember({"static", "dynamic"}));
+  app->add_option("--kv-window", f.window,
+                  "sliding window: keep only the most recent W tokens (plus --kv-sinks); memory "
+                  "stays bounded and generation can run past the model's context")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  app->add_option("--kv-sinks", f.sinks, "attention-sink tokens kept at the start with --kv-window")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app->add_option("--kv-evict-chunk", f.evict_chunk,
+                  "tokens evicted at once when the window is full (default: window / 8)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  app->add_option("--keep", f.keep,
+                  "context shift: when the context is full keep the first N tokens and drop the "
+                  "older half of the rest (as llama.cpp --keep)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 24));
+}
+
+KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c) {
+  KvOptions o;
+  o.dtype_k = parse_cache_type(f.ctk, "-ctk");
+  o.dtype_v = parse_cache_type(f.ctv, "-ctv");
+  o.alloc = f.alloc == "dynamic" ? KvAlloc::Dynamic : KvAlloc::Static;
+  o.n_ctx = f.n_ctx > 0 ? f.n_ctx : std::min<int64_t>(4096, c.n_ctx_train);
+  if (f.window > 0) {
+    if (f.keep >= 0) fail("--kv-window and --keep are two eviction policies: choose one");
+    if (f.n_ctx > 0)
+      fail("--kv-window sets the context to sinks + window ({} + {}); drop -c", f.sinks, f.window);
+    o.window = true;
+    o.n_sinks = f.sinks;
+    o.n_ctx = f.sinks + f.window;
+    o.window_chunk = f.evict_chunk > 0 ? f.evict_chunk : std::max<int64_t>(1, f.window / 8);
+    if (o.window_chunk > f.window)
+      fail("--kv-evict-chunk {} is larger than the window {}", o.window_chunk, f.window);
+  }
+  o.n_keep = f.keep;
+  if (o.n_keep >= o.n_ctx) fail("--keep {} must be smaller than the context ({})", o.n_keep, o.n_ctx);
+  if (o.n_ctx > c.n_ctx_train && c.arch->pos == PosKind::Learned)
+    fail("a context of {} tokens is larger than the {} positions this model has learned", o.n_ctx,
+         c.n_ctx_train);
+  return o;
 }
 
 }  // namespace kvlm::cli

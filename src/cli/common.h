@@ -6,6 +6,8 @@
 #include <functional>
 #include <string>
 
+#include "engine/session.h"
+#include "model/config.h"
 #include "tensor/dtype.h"
 
 namespace kvlm::cli {
@@ -17,9 +19,28 @@ struct Command {
   std::function<int()> run;
 };
 
+Command add_bench(CLI::App& app);
+Command add_chat(CLI::App& app);
 Command add_generate(CLI::App& app);
 Command add_inspect(CLI::App& app);
+Command add_kv_size(CLI::App& app);
 Command add_tokenize(CLI::App& app);
+Command add_perplexity(CLI::App& app);
+
+// The cache flags every command that runs the model shares (generate, chat, perplexity, bench,
+// serve): storage types, context, allocation, sliding window with sinks, context shift.
+struct CacheFlags {
+  std::string ctk = "f16", ctv = "f16";
+  int64_t n_ctx = 0;  // 0: min(4096, model's training context)
+  std::string alloc = "static";
+  int64_t window = 0;       // > 0: sliding window of this many recent tokens (plus sinks)
+  int64_t sinks = 4;        // attention sinks kept at the start when windowed
+  int64_t evict_chunk = 0;  // tokens evicted at once when the window is full (0: window / 8)
+  int64_t keep = -1;        // context shift: tokens kept at the start (-1: off)
+};
+void add_cache_flags(CLI::App* app, CacheFlags& f);
+// Resolves the flags against a model into the session's KvOptions; kvlm::Error naming the flag.
+KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c);
 
 // Default model directory: $KVLM_MODELS or ~/.cache/kvlm/models.
 std::string models_dir();

@@ -18,7 +18,7 @@ int main_impl(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "kvlm 0.1.0");
 
-  std::vector<Command> commands = {add_generate(app), add_inspect(app), add_tokenize(app)};
+  std::vector<Command> commands = {add_bench(app), add_chat(app), add_generate(app), add_inspect(app), add_kv_size(app), add_tokenize(app), add_perplexity(app)};
 
   if (argc > 1 && argv[1][0] != '-') {
     bool known = false;

@@ -8,17 +8,62 @@
 
 namespace kvlm {
 
+namespace {
+KvOptions plain_options(DType dtype_k, DType dtype_v, int64_t n_ctx) {
+  KvOptions o;
+  o.dtype_k = dtype_k;
+  o.dtype_v = dtype_v;
+  o.n_ctx = n_ctx;
+  return o;
+}
+}  // namespace
+
 Session::Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx, ThreadPool& pool,
                  int64_t n_batch)
+    : Session(model, plain_options(dtype_k, dtype_v, n_ctx), pool, n_batch) {}
+
+Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int64_t n_batch)
     : model_(model),
       pool_(pool),
-      kv_(model.kv_shape(dtype_k, dtype_v), n_ctx),
-      n_batch_(std::max<int64_t>(1, n_batch)) {}
+      opts_(kv),
+      kv_(model.kv_shape(kv.dtype_k, kv.dtype_v), kv.n_ctx, kv.alloc, model.kv_rope()),
+      n_batch_(std::max<int64_t>(1, n_batch)) {
+  if (kv.window) {
+    if (kv.n_sinks < 0 || kv.n_sinks >= kv.n_ctx)
+      fail("--kv-sinks {} must be at least 0 and smaller than sinks + window ({})", kv.n_sinks,
+           kv.n_ctx);
+    if (kv.window_chunk < 1 || kv.window_chunk > kv.n_ctx - kv.n_sinks)
+      fail("window eviction chunk {} must be in [1, window]", kv.window_chunk);
+  }
+  if (kv.n_keep >= kv.n_ctx) fail("--keep {} must be smaller than the context ({})", kv.n_keep, kv.n_ctx);
+}
+
+bool Session::make_room(int64_t m) {
+  const int64_t need = kv_.size() + m - kv_.n_ctx();
+  if (need <= 0) return true;
+  int64_t begin = 0, count = 0;
+  if (opts_.window) {
+    begin = opts_.n_sinks;
+    count = std::max(need, opts_.window_chunk);
+  } else if (opts_.n_keep >= 0) {
+    begin = opts_.n_keep;
+    count = std::max(need, (kv_.size() - opts_.n_keep) / 2);
+  } else {
+    return false;
+  }
+  count = std::min(count, kv_.size() - begin);
+  if (count < need) return false;  // even evicting everything evictable leaves too little room
+  kv_.shift_out(begin, count);
+  tokens_.erase(tokens_.begin() + begin, tokens_.begin() + begin + count);
+  last_evicted_ += count;
+  return true;
+}
 
 std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_logits) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) fail("no tokens to run");
-  if (kv_.size() + n > kv_.n_ctx())
+  last_evicted_ = 0;
+  if (!evicts() && kv_.size() + n > kv_.n_ctx())
     fail("context full: {} tokens held + {} new exceed the context of {} tokens (raise -c)",
          kv_.size(), n, kv_.n_ctx());
   const int64_t n_vocab = model_.config().n_vocab;
@@ -26,6 +71,10 @@ std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_lo
   std::span<const float> last;
   for (int64_t i = 0; i < n; i += n_batch_) {
     const int64_t m = std::min(n_batch_, n - i);
+    if (!make_room(m))
+      fail("context full: {} tokens held + {} new exceed the context of {} tokens and the "
+           "eviction policy cannot free enough (raise -c or the window)",
+           kv_.size(), m, kv_.n_ctx());
     auto chunk = tokens.subspan(i, m);
     last = model_.forward(chunk, kv_.size(), kv_, scratch_, pool_, all_logits);
     tokens_.insert(tokens_.end(), chunk.begin(), chunk.end());
@@ -46,6 +95,12 @@ std::span<const float> Session::recompute(std::span<const int32_t> tokens) {
   all.insert(all.end(), tokens.begin(), tokens.end());
   reset();
   return run(all, false);
+}
+
+void Session::truncate(int64_t n) {
+  KVLM_CHECK(n >= 0 && n <= static_cast<int64_t>(tokens_.size()));
+  tokens_.resize(static_cast<size_t>(n));
+  kv_.truncate(n);
 }
 
 void Session::reset() {
@@ -69,23 +124,36 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
   st.n_prompt = static_cast<int64_t>(prompt.size());
   if (prompt.empty()) fail("the prompt is empty (no tokens)");
   const int64_t n_ctx = session.kv().n_ctx();
-  if (session.kv().size() + st.n_prompt > n_ctx)
+  if (!session.evicts() && session.kv().size() + st.n_prompt > n_ctx)
     fail("the prompt has {} tokens but the context holds {} (raise -c, at most the model's {})",
          st.n_prompt, n_ctx - session.kv().size(), session.model().config().n_ctx_train);
   Sampler sampler(opts.sampling);
   const int32_t n_vocab = session.model().config().n_vocab;
 
+  auto trace = [&](int64_t step, int64_t n_computed, double ms) {
+    if (!opts.on_step) return;
+    StepTrace tr;
+    tr.step = step;
+    tr.prefill = step == 0;
+    tr.n_computed = n_computed;
+    tr.n_cached = session.kv().size();
+    tr.n_evicted = session.last_evicted();
+    tr.ms = ms;
+    tr.kv = session.kv().stats();
+    opts.on_step(tr);
+  };
   Timer t;
   std::span<const float> logits =
       opts.use_cache ? session.feed(prompt) : session.recompute(prompt);
   st.prefill_ms = t.ms();
+  trace(0, opts.use_cache ? st.n_prompt : session.kv().size(), st.prefill_ms);
   t.reset();
   st.stop = StopReason::Length;
   for (int64_t i = 0; opts.n_predict < 0 || i < opts.n_predict; ++i) {
     const int32_t id = sampler.sample(logits.data(), n_vocab, session.tokens());
     ++st.n_generated;
     const bool go_on = on_token(id);
-    if (tok.is_eog(id)) {
+    if (!opts.ignore_eos && tok.is_eog(id)) {
       st.stop = StopReason::Eog;
       break;
     }
@@ -94,13 +162,15 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
       break;
     }
     if (opts.n_predict >= 0 && i + 1 == opts.n_predict) break;
-    if (session.kv().size() + 1 > n_ctx) {
+    if (!session.evicts() && session.kv().size() + 1 > n_ctx) {
       st.stop = StopReason::ContextFull;
       break;
     }
     const int32_t one[1] = {id};
+    Timer ts;
     logits = opts.use_cache ? session.feed(one) : session.recompute(one);
     ++st.n_decode;
+    trace(st.n_decode, opts.use_cache ? 1 : session.kv().size(), ts.ms());
   }
   st.decode_ms = t.ms();
   st.kv = session.kv().stats();

@@ -17,14 +17,37 @@ namespace kvlm {
 
 class Tokenizer;
 
+// How a session's cache is laid out and what happens when it is full.
+struct KvOptions {
+  DType dtype_k = DType::F16;
+  DType dtype_v = DType::F16;
+  int64_t n_ctx = 4096;               // maximum tokens held
+  KvAlloc alloc = KvAlloc::Static;
+  // Sliding window with attention sinks (StreamingLLM): when full, keep the first n_sinks tokens
+  // and the most recent ones, evicting from position n_sinks in chunks of window_chunk tokens.
+  // n_ctx is then n_sinks + window: memory stays bounded however long generation runs.
+  bool window = false;
+  int64_t n_sinks = 0;
+  int64_t window_chunk = 1;
+  // Context shift (llama.cpp --keep, for chat): when full, keep the first n_keep tokens and drop
+  // the older half of the rest. -1: off (a full cache is an error).
+  int64_t n_keep = -1;
+};
+
 class Session {
  public:
   // n_ctx: cache capacity in tokens (the whole cache is allocated here, once).
   Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx, ThreadPool& pool,
           int64_t n_batch = 512);
+  Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int64_t n_batch = 512);
 
   const Model& model() const { return model_; }
   const KvCache& kv() const { return kv_; }
+  const KvOptions& kv_options() const { return opts_; }
+  // True when a full cache evicts (window or context shift) instead of failing.
+  bool evicts() const { return opts_.window || opts_.n_keep >= 0; }
+  // Tokens evicted by the window or context shift during the last feed/recompute call.
+  int64_t last_evicted() const { return last_evicted_; }
   const std::vector<int32_t>& tokens() const { return tokens_; }
   int64_t n_batch() const { return n_batch_; }
 
@@ -39,12 +62,26 @@ class Session {
   std::span<const float> recompute(std::span<const int32_t> tokens);
 
   void reset();
+  // Forgets every token from position n on (their cache rows included). n <= tokens().size().
+  void truncate(int64_t n);
+
+  // Session files (kvlm chat's /save and /load): the token history and the cache rows, with a
+  // header carrying a model fingerprint, the cache shape and a checksum (session_file.cpp).
+  // save: kvlm::Error if the file cannot be written. load: kvlm::Error, leaving the session
+  // unchanged, if the file is unreadable, corrupt, for another model or another cache shape.
+  // `meta` is opaque text stored alongside (chat keeps its messages there).
+  void save(const std::string& path, const std::string& meta) const;
+  std::string load(const std::string& path);
 
  private:
   std::span<const float> run(std::span<const int32_t> tokens, bool all_logits);
+  // Frees room for m more tokens by the window or context-shift policy; false if none applies.
+  bool make_room(int64_t m);
 
   const Model& model_;
   ThreadPool& pool_;
+  KvOptions opts_;
+  int64_t last_evicted_ = 0;
   KvCache kv_;
   Scratch scratch_;
   int64_t n_batch_;
@@ -55,7 +92,21 @@ class Session {
 struct GenerateOptions {
   int32_t n_predict = 128;  // max new tokens; < 0: until end of generation or context full
   bool use_cache = true;    // false: recompute the whole prefix at every step
+  bool ignore_eos = false;  // keep generating past end-of-generation tokens (benchmarks, tests)
   SamplingParams sampling;
+  // Called after every forward pass (prefill and each decode step), e.g. for --trace.
+  std::function<void(const struct StepTrace&)> on_step;
+};
+
+// One forward pass as seen from the cache.
+struct StepTrace {
+  int64_t step = 0;        // 0 = prefill
+  bool prefill = false;
+  int64_t n_computed = 0;  // tokens run through the model in this pass
+  int64_t n_cached = 0;    // cache length after the pass
+  int64_t n_evicted = 0;   // tokens evicted (window / context shift) during the pass
+  double ms = 0;
+  KvStats kv;
 };
 
 enum class StopReason { Eog, Length, ContextFull, Callback };

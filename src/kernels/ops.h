@@ -1,6 +1,7 @@
 // Kernels: pure functions over spans. No model, no cache, no allocation in per-element loops.
-// Scalar reference implementations live in ref/; fast twins (issue 3) are chosen once at start-up
-// behind these same entry points, and every fast kernel is tested against its scalar twin.
+// Scalar reference implementations live in ref/, fast twins in avx2/; dispatch.cpp chooses one
+// variant once at start-up behind these entry points, and every fast kernel is tested against its
+// scalar twin (tests/kernels/test_kernels_avx2.cpp).
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,13 @@
 #include "tensor/tensor.h"
 
 namespace kvlm::kernels {
+
+// Kernel variant in use: "avx2" (AVX2 + FMA + F16C, chosen when the CPU has all three) or
+// "scalar" (the reference; forced with the environment variable KVLM_KERNELS=scalar). Chosen once,
+// on the first kernel call, for the whole process. dequantize_row, dot_row and matmul dispatch to
+// it; every variant keeps the bit-identity guarantees stated below on its own, but two variants
+// give slightly different dot products (different summation order).
+const char* kernels_backend();
 
 // ---- (de)quantization --------------------------------------------------------------------------
 // n elements (a multiple of t's block size) of type t at src -> f32 dst[n].

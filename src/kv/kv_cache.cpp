@@ -1,26 +1,44 @@
 #include "kv/kv_cache.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
 #include "base/error.h"
-#include "kernels/ops.h"
 
 namespace kvlm {
 
-KvCache::KvCache(const KvShape& shape, int64_t n_ctx) : shape_(shape), n_ctx_(n_ctx) {
+KvCache::KvCache(const KvShape& shape, int64_t n_ctx, KvAlloc alloc, KvRope rope)
+    : shape_(shape), alloc_(alloc), rope_(rope), n_ctx_(n_ctx) {
   validate(shape);
   if (n_ctx <= 0) fail("KV cache context must be positive, got {}", n_ctx);
   kv_bytes(shape, n_ctx);  // throws on overflow before we allocate anything
   k_row_bytes_ = kv_k_row_bytes(shape);
   v_row_bytes_ = kv_v_row_bytes(shape);
-  k_.reserve(shape.n_layer);
-  v_.reserve(shape.n_layer);
-  for (int32_t il = 0; il < shape.n_layer; ++il) {
-    k_.emplace_back(k_row_bytes_ * static_cast<size_t>(n_ctx));
-    v_.emplace_back(v_row_bytes_ * static_cast<size_t>(n_ctx));
+  k_.resize(shape.n_layer);
+  v_.resize(shape.n_layer);
+  reserve(alloc == KvAlloc::Static ? n_ctx : std::min<int64_t>(n_ctx, 1));
+}
+
+void KvCache::reserve(int64_t n_tokens) {
+  KVLM_CHECK(n_tokens >= 0 && n_tokens <= n_ctx_);
+  if (n_tokens <= capacity_) return;
+  const int64_t cap = kv_alloc_tokens(alloc_ == KvAlloc::Dynamic, n_tokens, n_ctx_);
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    AlignedBuffer k(k_row_bytes_ * static_cast<size_t>(cap));
+    AlignedBuffer v(v_row_bytes_ * static_cast<size_t>(cap));
+    if (n_tokens_ > 0) {
+      std::memcpy(k.data(), k_[il].data(), k_row_bytes_ * n_tokens_);
+      std::memcpy(v.data(), v_[il].data(), v_row_bytes_ * n_tokens_);
+    }
+    k_[il] = std::move(k);
+    v_[il] = std::move(v);
   }
+  capacity_ = cap;
 }
 
 void KvCache::write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
-  KVLM_CHECK(il >= 0 && il < shape_.n_layer && pos >= 0 && n >= 0 && pos + n <= n_ctx_);
+  KVLM_CHECK(il >= 0 && il < shape_.n_layer && pos >= 0 && n >= 0 && pos + n <= capacity_);
   const int64_t d = shape_.kv_dim();
   for (int64_t i = 0; i < n; ++i) {
     kernels::quantize_row(shape_.dtype_k, k + i * d, k_[il].data() + (pos + i) * k_row_bytes_, d);
@@ -29,12 +47,12 @@ void KvCache::write(int32_t il, int64_t pos, int64_t n, const float* k, const fl
 }
 
 void KvCache::commit(int64_t n_tokens) {
-  KVLM_CHECK(n_tokens >= 0 && n_tokens <= n_ctx_);
+  KVLM_CHECK(n_tokens >= 0 && n_tokens <= capacity_);
   n_tokens_ = n_tokens;
 }
 
 KvLayerView KvCache::view(int32_t il, int64_t n_visible) const {
-  KVLM_CHECK(il >= 0 && il < shape_.n_layer && n_visible >= 0 && n_visible <= n_ctx_);
+  KVLM_CHECK(il >= 0 && il < shape_.n_layer && n_visible >= 0 && n_visible <= capacity_);
   KvLayerView out;
   out.dtype_k = shape_.dtype_k;
   out.dtype_v = shape_.dtype_v;
@@ -46,15 +64,54 @@ KvLayerView KvCache::view(int32_t il, int64_t n_visible) const {
   return out;
 }
 
+void KvCache::shift_out(int64_t begin, int64_t count) {
+  KVLM_CHECK(begin >= 0 && count >= 0 && begin + count <= n_tokens_);
+  if (count == 0) return;
+  const int64_t n_move = n_tokens_ - begin - count;
+  const int64_t d = shape_.kv_dim();
+  std::vector<float> row(static_cast<size_t>(d));  // [kv_dim] one K row in f32 (per shift, not per token)
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    std::byte* k = k_[il].data();
+    std::byte* v = v_[il].data();
+    std::memmove(k + begin * k_row_bytes_, k + (begin + count) * k_row_bytes_, n_move * k_row_bytes_);
+    std::memmove(v + begin * v_row_bytes_, v + (begin + count) * v_row_bytes_, n_move * v_row_bytes_);
+    if (rope_.n_rot == 0) continue;
+    // R(p - count) = R(-count) R(p): one rotation by -count fixes every moved row.
+    for (int64_t r = begin; r < begin + n_move; ++r) {
+      std::byte* kr = k + r * k_row_bytes_;
+      kernels::dequantize_row(shape_.dtype_k, kr, row.data(), d);
+      kernels::rope(row.data(), shape_.n_kv_head, shape_.head_dim, rope_.n_rot, -count,
+                    rope_.freq_base, rope_.mode);
+      kernels::quantize_row(shape_.dtype_k, row.data(), kr, d);
+    }
+  }
+  n_tokens_ -= count;
+  n_evicted_ += count;
+}
+
+void KvCache::import_rows(int32_t il, int64_t n_tokens, const uint8_t* k, const uint8_t* v) {
+  KVLM_CHECK(il >= 0 && il < shape_.n_layer && n_tokens >= 0 && n_tokens <= n_ctx_);
+  reserve(n_tokens);
+  std::memcpy(k_[il].data(), k, k_row_bytes_ * n_tokens);
+  std::memcpy(v_[il].data(), v, v_row_bytes_ * n_tokens);
+}
+
 void KvCache::truncate(int64_t n) {
   KVLM_CHECK(n >= 0);
   if (n < n_tokens_) n_tokens_ = n;
+}
+
+void KvCache::clear() {
+  n_tokens_ = 0;
+  n_evicted_ = 0;
 }
 
 KvStats KvCache::stats() const {
   KvStats s;
   s.n_tokens = n_tokens_;
   s.n_ctx = n_ctx_;
+  s.capacity = capacity_;
+  s.n_evicted = n_evicted_;
   s.bytes_used = kv_bytes(shape_, n_tokens_);
   // Summed from the arenas themselves so tests can check them against the planner's kv_bytes().
   for (int32_t il = 0; il < shape_.n_layer; ++il) s.bytes_allocated += k_[il].size() + v_[il].size();

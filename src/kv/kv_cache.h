@@ -1,19 +1,35 @@
-// The contiguous KV cache: one sequence, capacity fixed at construction, storage allocated once.
+// The contiguous KV cache: one sequence, at most n_ctx tokens.
 //
 // Layout (docs/KV.md): per layer il, two arenas
-//   k[il]: [n_ctx, n_kv_head * head_dim] of dtype_k      (row = one token; K stored after RoPE)
-//   v[il]: [n_ctx, n_kv_head * head_dim] of dtype_v
-// Positions are implicit: row p holds the token at position p. Bookkeeping (the length) is
-// separate from the bytes, which attention reads through KvLayerView.
+//   k[il]: [capacity, n_kv_head * head_dim] of dtype_k   (row = one token; K stored after RoPE)
+//   v[il]: [capacity, n_kv_head * head_dim] of dtype_v
+// Positions are implicit: row p holds the token at cache position p, and the model rotates K for
+// position p. Evicting rows (shift_out) moves the later rows down and re-rotates their K so this
+// stays true. Bookkeeping (the length) is separate from the bytes, which attention reads through
+// KvLayerView.
+//
+// Allocation: Static reserves n_ctx rows up front (Hugging Face StaticCache); Dynamic grows the
+// arenas in chunks of kKvChunkTokens as tokens arrive (DynamicCache), copying the held rows.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "base/aligned.h"
+#include "kernels/ops.h"
 #include "kv/kv_shape.h"
 
 namespace kvlm {
+
+enum class KvAlloc { Static, Dynamic };
+
+// How the model rotated K, so the cache can re-rotate rows it moves. n_rot == 0: K carries no
+// position (learned position embeddings), moving rows needs no rotation.
+struct KvRope {
+  int32_t n_rot = 0;
+  float freq_base = 10000.0f;
+  kernels::RopeMode mode = kernels::RopeMode::Normal;
+};
 
 // What attention needs to read one layer: plain pointers and strides, no virtual calls.
 struct KvLayerView {
@@ -28,44 +44,69 @@ struct KvLayerView {
 
 struct KvStats {
   int64_t n_tokens = 0;         // positions held
-  int64_t n_ctx = 0;            // capacity, tokens
+  int64_t n_ctx = 0;            // maximum tokens
+  int64_t capacity = 0;         // tokens the arenas hold now (== n_ctx when static)
   size_t bytes_used = 0;        // kv_bytes(shape, n_tokens)
-  size_t bytes_allocated = 0;   // kv_bytes(shape, n_ctx)
+  size_t bytes_allocated = 0;   // summed from the arenas == kv_alloc_bytes(shape, alloc, ...)
+  int64_t n_evicted = 0;        // tokens shifted out since construction or clear()
 };
 
 class KvCache {
  public:
-  // Allocates kv_bytes(shape, n_ctx) bytes once. Throws kvlm::Error on a bad shape or n_ctx <= 0.
-  KvCache(const KvShape& shape, int64_t n_ctx);
+  // Static: allocates kv_bytes(shape, n_ctx) once. Dynamic: starts with one chunk. Throws
+  // kvlm::Error on a bad shape or n_ctx <= 0.
+  KvCache(const KvShape& shape, int64_t n_ctx, KvAlloc alloc = KvAlloc::Static,
+          KvRope rope = {});
 
   const KvShape& shape() const { return shape_; }
+  KvAlloc alloc() const { return alloc_; }
   int64_t n_ctx() const { return n_ctx_; }
   int64_t size() const { return n_tokens_; }
   int64_t free_tokens() const { return n_ctx_ - n_tokens_; }
 
+  // Makes room for n_tokens rows (Dynamic: grows to the next chunk multiple, copying held rows).
+  // Precondition: n_tokens <= n_ctx. Called at batch boundaries, never per element.
+  void reserve(int64_t n_tokens);
+
   // Stores K and V rows for positions [pos, pos + n) of layer il, converting from f32.
   //   k, v: [n, kv_dim] f32
-  // Precondition: 0 <= pos, pos + n <= n_ctx. Rows past size() may be written before commit().
+  // Precondition: 0 <= pos, pos + n <= capacity (reserve first).
   void write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
   // Marks positions [0, n_tokens) as held, once every layer's rows are written.
   void commit(int64_t n_tokens);
-  // View of layer il covering positions [0, n_visible) (n_visible <= n_ctx; rows past size()
-  // must already be written in this forward pass).
+  // View of layer il covering positions [0, n_visible) (rows past size() must already be written
+  // in this forward pass).
   KvLayerView view(int32_t il, int64_t n_visible) const;
+
+  // Evicts positions [begin, begin + count): later rows move down by count and their K is rotated
+  // by -count positions (RoPE rotations compose), so row p again holds a key rotated for p. With
+  // a quantized K type the re-rotated rows are re-quantized (one more rounding).
+  // This is both the sliding window's eviction (begin = number of sink tokens) and chat's context
+  // shift (begin = tokens kept at the start).
+  void shift_out(int64_t begin, int64_t count);
+
+  // Replaces the content with n_tokens rows per layer copied from k, v ([n_tokens] rows of the
+  // cache's own row bytes, as view() exposes them), e.g. from a saved session.
+  // Precondition: n_tokens <= n_ctx; call once per layer, then commit(n_tokens).
+  void import_rows(int32_t il, int64_t n_tokens, const uint8_t* k, const uint8_t* v);
 
   // Forgets positions >= n (no bytes move).
   void truncate(int64_t n);
-  void clear() { truncate(0); }
+  void clear();
 
   KvStats stats() const;
 
  private:
   KvShape shape_;
+  KvAlloc alloc_;
+  KvRope rope_;
   int64_t n_ctx_ = 0;
+  int64_t capacity_ = 0;
   int64_t n_tokens_ = 0;
+  int64_t n_evicted_ = 0;
   size_t k_row_bytes_ = 0, v_row_bytes_ = 0;
-  std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [n_ctx, kv_dim] dtype_k
-  std::vector<AlignedBuffer> v_;  // [n_layer] arenas of [n_ctx, kv_dim] dtype_v
+  std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [capacity, kv_dim] dtype_k
+  std::vector<AlignedBuffer> v_;  // [n_layer] arenas of [capacity, kv_dim] dtype_v
 };
 
 }  // namespace kvlm

@@ -33,6 +33,16 @@ size_t kv_bytes_per_token(const KvShape& s);
 // Bytes for n_tokens tokens in all layers. Throws kvlm::Error on overflow.
 size_t kv_bytes(const KvShape& s, int64_t n_tokens);
 
+// Dynamic caches grow their arenas in chunks of this many tokens (amortises the copy on growth).
+inline constexpr int64_t kKvChunkTokens = 256;
+// Tokens of arena a cache holding n_tokens reserves: all of n_ctx when static, else n_tokens
+// rounded up to a chunk (capped at n_ctx). The allocator and the planner both use this.
+inline int64_t kv_alloc_tokens(bool dynamic, int64_t n_tokens, int64_t n_ctx) {
+  if (!dynamic) return n_ctx;
+  const int64_t chunks = (n_tokens + kKvChunkTokens - 1) / kKvChunkTokens;
+  return n_tokens <= 0 ? 0 : (chunks * kKvChunkTokens < n_ctx ? chunks * kKvChunkTokens : n_ctx);
+}
+
 // Storage types a cache can hold, as llama.cpp names them (-ctk/-ctv): f32, f16, and the blockwise
 // 8- and 4-bit types q8_0 (32 values + f16 scale), q4_0 (32 values + f16 scale), q4_1 (32 values +
 // f16 scale and min). Rows are written with kernels::quantize_row and read with the kernels'

@@ -12,6 +12,9 @@ namespace kvlm {
 
 namespace {
 
+constexpr int64_t kAttnChunk = 256;   // positions per attention work item
+constexpr int64_t kAttnTokens = 32;   // queries per parallel attention pass
+
 void grow(AlignedBuffer& b, size_t n_floats) {
   if (b.size() < n_floats * sizeof(float)) b.resize(n_floats * sizeof(float));
 }
@@ -31,8 +34,10 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.attn, B * c.q_dim());
   grow(s.gate, B * c.n_ff);
   grow(s.up, B * c.n_ff);
-  grow(s.scores, s.n_threads * s.n_ctx);
-  grow(s.vrow, s.n_threads * 2 * c.head_dim);
+  s.scores_per_thread = c.n_gqa() * kAttnChunk + 2 * c.head_dim + c.n_gqa() * c.head_dim;
+  grow(s.scores, s.n_threads * s.scores_per_thread);
+  const int64_t max_chunks = (s.n_ctx + kAttnChunk - 1) / kAttnChunk;
+  grow(s.attn_part, std::min<int64_t>(s.n_batch, kAttnTokens) * c.n_head * max_chunks * (c.head_dim + 2));
   grow(s.logits, B * c.n_vocab);
 }
 
@@ -57,45 +62,94 @@ void add_bias(float* y, const TensorView& b, int64_t n_rows, int64_t n) {
 // [0, pos0 + n_tok) of one layer.
 //   q:   [n_tok, n_head * head_dim]   (after RoPE)
 //   out: [n_tok, n_head * head_dim]
-// Each (token, head) is computed by one thread in a fixed order, so the result for a position
-// does not depend on how many tokens share the batch. With an f16 cache the other operand of each
-// dot is rounded to f16 too (q for K.q, the probabilities for p.V), as llama.cpp's f16 matrix
-// products do: the same storage type then gives the same attention as the reference.
+// Work items are (token, KV head, chunk of kAttnChunk positions): each K and V row is read and
+// dequantized once for all the query heads that share it (GQA), and a long context splits into
+// chunks that threads share (flash-decoding). Each chunk keeps an online-softmax partial (max,
+// sum, unnormalised output) and the partials are merged in chunk order. Chunk boundaries are
+// fixed multiples of kAttnChunk, so a position's result never depends on the batch or the
+// thread count (cached decoding == recomputation). With an f16 K, q is rounded to f16 first, as
+// llama.cpp's f16 K.q product does.
 void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, float* out,
                int64_t n_tok, int64_t pos0, Scratch& s, ThreadPool& pool) {
-  const int64_t hd = c.head_dim, n_head = c.n_head, gqa = c.n_gqa();
+  const int64_t hd = c.head_dim, n_kv = c.n_kv_head, gqa = c.n_gqa();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const size_t k_head_bytes = kv.k_row_bytes / c.n_kv_head;
-  const size_t v_head_bytes = kv.v_row_bytes / c.n_kv_head;
-  pool.parallel_for(n_tok * n_head, [&](int64_t begin, int64_t end, int tid) {
-    float* scores = s.scores.as<float>() + tid * s.n_ctx;  // [n_ctx]
-    float* vrow = s.vrow.as<float>() + tid * 2 * hd;        // [head_dim]
-    float* q16 = vrow + hd;                                 // [head_dim] q rounded to f16
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t i = job / n_head, h = job % n_head, kvh = h / gqa;
-      const int64_t n_vis = pos0 + i + 1;  // causal: positions [0, pos]
-      const float* qh = q + i * c.q_dim() + h * hd;
-      if (kv.dtype_k == DType::F16) {
-        for (int64_t d = 0; d < hd; ++d) q16[d] = fp16_to_fp32(fp32_to_fp16(qh[d]));
-        qh = q16;
+  const size_t k_head_bytes = kv.k_row_bytes / n_kv;
+  const size_t v_head_bytes = kv.v_row_bytes / n_kv;
+  const int64_t max_chunks = (pos0 + n_tok + kAttnChunk - 1) / kAttnChunk;
+  const int64_t part_stride = hd + 2;  // per (token, head, chunk): m, l, o[hd]
+  float* parts = s.attn_part.as<float>();  // [kAttnTokens, n_head, max_chunks, hd + 2]
+  for (int64_t t0 = 0; t0 < n_tok; t0 += kAttnTokens) {
+    const int64_t nt = std::min(kAttnTokens, n_tok - t0);
+    pool.parallel_for(nt * n_kv * max_chunks, [&](int64_t begin, int64_t end, int tid) {
+      float* work = s.scores.as<float>() + tid * s.scores_per_thread;
+      float* sc = work;                        // [gqa, kAttnChunk] scores, then weights
+      float* krow = sc + gqa * kAttnChunk;     // [head_dim] K row in f32
+      float* vrow = krow + hd;                 // [head_dim] V row in f32
+      float* qh16 = vrow + hd;                 // [gqa, head_dim] q rounded to f16
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t ch = job % max_chunks, g = (job / max_chunks) % n_kv;
+        const int64_t i = t0 + job / (max_chunks * n_kv);
+        const int64_t n_vis = pos0 + i + 1;  // causal: positions [0, pos]
+        const int64_t j0 = ch * kAttnChunk, j1 = std::min(n_vis, j0 + kAttnChunk);
+        if (j0 >= j1) continue;
+        const float* qg[16];  // gqa query heads of group g (n_gqa <= 16 checked at load)
+        for (int64_t a = 0; a < gqa; ++a) {
+          qg[a] = q + i * c.q_dim() + (g * gqa + a) * hd;
+          if (kv.dtype_k == DType::F16) {
+            for (int64_t d = 0; d < hd; ++d) qh16[a * hd + d] = fp16_to_fp32(fp32_to_fp16(qg[a][d]));
+            qg[a] = qh16 + a * hd;
+          }
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          kernels::dequantize_row(kv.dtype_k, kv.k + j * kv.k_row_bytes + g * k_head_bytes, krow, hd);
+          for (int64_t a = 0; a < gqa; ++a)
+            sc[a * kAttnChunk + (j - j0)] = kernels::dot_row(DType::F32, krow, qg[a], hd) * scale;
+        }
+        for (int64_t a = 0; a < gqa; ++a) {
+          float* sa = sc + a * kAttnChunk;
+          float m = sa[0];
+          for (int64_t j = 1; j < j1 - j0; ++j) m = std::max(m, sa[j]);
+          float l = 0;
+          for (int64_t j = 0; j < j1 - j0; ++j) {
+            sa[j] = std::exp(sa[j] - m);
+            l += sa[j];
+          }
+          float* p = parts + (((i - t0) * c.n_head + g * gqa + a) * max_chunks + ch) * part_stride;
+          p[0] = m;
+          p[1] = l;
+          std::fill(p + 2, p + 2 + hd, 0.0f);
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          kernels::dequantize_row(kv.dtype_v, kv.v + j * kv.v_row_bytes + g * v_head_bytes, vrow, hd);
+          for (int64_t a = 0; a < gqa; ++a) {
+            const float w = sc[a * kAttnChunk + (j - j0)];
+            float* o = parts + (((i - t0) * c.n_head + g * gqa + a) * max_chunks + ch) * part_stride + 2;
+            for (int64_t d = 0; d < hd; ++d) o[d] += w * vrow[d];
+          }
+        }
       }
-      float* oh = out + i * c.q_dim() + h * hd;
-      for (int64_t j = 0; j < n_vis; ++j) {
-        const uint8_t* kj = kv.k + j * kv.k_row_bytes + kvh * k_head_bytes;
-        scores[j] = kernels::dot_row(kv.dtype_k, kj, qh, hd) * scale;
-      }
-      kernels::softmax(scores, n_vis);
-      if (kv.dtype_v == DType::F16)
-        for (int64_t j = 0; j < n_vis; ++j) scores[j] = fp16_to_fp32(fp32_to_fp16(scores[j]));
-      std::fill(oh, oh + hd, 0.0f);
-      for (int64_t j = 0; j < n_vis; ++j) {
-        const uint8_t* vj = kv.v + j * kv.v_row_bytes + kvh * v_head_bytes;
-        kernels::dequantize_row(kv.dtype_v, vj, vrow, hd);
-        const float p = scores[j];
-        for (int64_t d = 0; d < hd; ++d) oh[d] += p * vrow[d];
+    });
+    // Merge the chunk partials of each (token, head) in chunk order.
+    for (int64_t i = t0; i < t0 + nt; ++i) {
+      const int64_t n_chunks = (pos0 + i + 1 + kAttnChunk - 1) / kAttnChunk;
+      for (int64_t h = 0; h < c.n_head; ++h) {
+        const float* p = parts + ((i - t0) * c.n_head + h) * max_chunks * part_stride;
+        float m = p[0];
+        for (int64_t ch = 1; ch < n_chunks; ++ch) m = std::max(m, p[ch * part_stride]);
+        float* o = out + i * c.q_dim() + h * hd;
+        std::fill(o, o + hd, 0.0f);
+        float l = 0;
+        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+          const float* pc = p + ch * part_stride;
+          const float f = std::exp(pc[0] - m);
+          l += pc[1] * f;
+          for (int64_t d = 0; d < hd; ++d) o[d] += pc[2 + d] * f;
+        }
+        const float inv = 1.0f / l;
+        for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
       }
     }
-  });
+  }
 }
 
 }  // namespace
@@ -115,6 +169,7 @@ std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t p
          pos0 + n_tok - 1, c.n_ctx_train);
   for (int32_t t : tokens)
     if (t < 0 || t >= c.n_vocab) fail("token id {} is out of range [0, {})", t, c.n_vocab);
+  kv.reserve(pos0 + n_tok);
 
   ensure_scratch(s, c, n_tok, kv.n_ctx(), pool.size());
   const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;

@@ -88,6 +88,8 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
   if (c.n_head % c.n_kv_head != 0)
     fail("{}: head_count {} is not a multiple of head_count_kv {}", path, c.n_head, c.n_kv_head);
   c.head_dim = c.n_embd / c.n_head;
+  if (c.n_head / c.n_kv_head > 16)
+    fail("{}: {} query heads per KV head; kvlm supports at most 16", path, c.n_head / c.n_kv_head);
   auto eps = f.get_float(a + arch.eps_key);
   if (!eps) fail("{}: missing metadata key '{}{}'", path, a, arch.eps_key);
   c.norm_eps = static_cast<float>(*eps);
@@ -154,6 +156,16 @@ KvShape Model::kv_shape(DType dtype_k, DType dtype_v) const {
   s.dtype_k = dtype_k;
   s.dtype_v = dtype_v;
   return s;
+}
+
+KvRope Model::kv_rope() const {
+  KvRope r;
+  if (config_.arch->pos == PosKind::Rope) {
+    r.n_rot = config_.n_rot;
+    r.freq_base = config_.rope_freq_base;
+    r.mode = config_.arch->rope_mode;
+  }
+  return r;
 }
 
 uint64_t Model::weight_bytes() const {

@@ -49,8 +49,10 @@ struct Scratch {
   AlignedBuffer attn;    // [n_batch, q_dim]         attention output, heads concatenated
   AlignedBuffer gate;    // [n_batch, n_ff]
   AlignedBuffer up;      // [n_batch, n_ff]
-  AlignedBuffer scores;  // [n_threads, n_ctx]       attention probabilities, one row per thread
-  AlignedBuffer vrow;    // [n_threads, 2 * head_dim] per thread: a dequantized V row, q in f16
+  AlignedBuffer scores;  // [n_threads, scores_per_thread]  attention work area per thread:
+                         //   scores [n_gqa, 256], K row, V row [head_dim], q in f16 [n_gqa, head_dim]
+  int64_t scores_per_thread = 0;
+  AlignedBuffer attn_part;  // [32, n_head, ceil(n_ctx / 256), head_dim + 2] online-softmax partials
   AlignedBuffer logits;  // [n_batch, n_vocab]
 };
 
@@ -65,6 +67,8 @@ class Model {
   const GgufFile& gguf() const { return *file_; }
   // Shape of the cache this model needs, with the given storage types.
   KvShape kv_shape(DType dtype_k, DType dtype_v) const;
+  // How K is rotated, so the cache can re-rotate rows it moves (n_rot 0: learned positions).
+  KvRope kv_rope() const;
 
   // Runs tokens [n_tok] at positions [pos0, pos0 + n_tok) of one sequence whose cache holds
   // exactly positions [0, pos0). Writes their K/V into `kv` and commits pos0 + n_tok.

@@ -140,5 +140,302 @@ class RealRuns(unittest.TestCase):
         self.assertIn("'Hello'", out)
 
 
+class KvSize(unittest.TestCase):
+    """kvlm kv-size, the KV memory planner: the seeds' worked example, its three sources, bad input."""
+
+    FLAGS_7B = ["--layers", "32", "--kv-heads", "32", "--head-dim", "128"]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        d = cls.tmp.name
+
+        def write(name, text):
+            path = os.path.join(d, name)
+            with open(path, "w") as f:
+                f.write(text)
+            return path
+
+        # LLaMA-7B's config.json, trimmed to what the planner reads (and a field it ignores).
+        cls.llama7b = write("llama7b.json", '{"model_type": "llama", "num_hidden_layers": 32, '
+                            '"num_attention_heads": 32, "hidden_size": 4096, '
+                            '"max_position_embeddings": 2048, "vocab_size": 32000}')
+        # GQA with an explicit head_dim (and the language model under text_config).
+        cls.gqa = write("gqa.json", '{"text_config": {"num_hidden_layers": 30, "num_attention_heads": 9, '
+                        '"num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64}}')
+        cls.broken = write("broken.json", '{"num_hidden_layers": 32,, }')
+        cls.no_layers = write("no-layers.json", '{"num_attention_heads": 32, "hidden_size": 4096}')
+        cls.zero_heads = write("zero-heads.json", '{"num_hidden_layers": 2, "num_attention_heads": 0, '
+                               '"hidden_size": 64}')
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def kv_size(self, *args):
+        rc, out, err = run("kv-size", *args)
+        self.assertEqual(rc, 0, f"{args}: {err}")
+        return out
+
+    def kv_size_json(self, *args):
+        import json
+        return json.loads(self.kv_size(*args, "--json"))
+
+    def test_llama7b_worked_example(self):
+        j = self.kv_size_json(*self.FLAGS_7B, "--ctx", "4096", "-ctk", "f16", "-ctv", "f16")
+        self.assertEqual(j["source"]["kind"], "flags")
+        self.assertEqual((j["n_ctx"], j["n_seqs"], j["budget_bytes"]), (4096, 1, None))
+        self.assertEqual(j["layer_groups"], [{"first_layer": 0, "n_layer": 32, "n_kv_head": 32,
+                                              "head_dim": 128}])
+        self.assertEqual(len(j["cache_types"]), 1)
+        t = j["cache_types"][0]
+        self.assertEqual((t["type_k"], t["type_v"]), ("f16", "f16"))
+        self.assertEqual(t["bytes_per_token"], 524288)
+        self.assertEqual(t["bytes_per_token_layer"], 16384)
+        self.assertEqual(t["k_bytes_per_token"], 262144)
+        self.assertEqual(t["bytes_total"], 2147483648)  # 2 GiB at 4,096 tokens
+        j = self.kv_size_json(*self.FLAGS_7B, "--ctx", "1024", "-ctk", "f16", "-ctv", "f16")
+        self.assertEqual(j["cache_types"][0]["bytes_total"], 512 << 20)  # 512 MiB at 1,024 tokens
+
+    def test_budget_questions(self):
+        # 2 GiB holds 4,096 tokens for one user, or 4 users at 1,024 tokens; 3 users get 1,365.
+        j = self.kv_size_json(*self.FLAGS_7B, "--ctx", "1024", "--budget", "2GiB", "-ctk", "f16",
+                              "-ctv", "f16")
+        t = j["cache_types"][0]
+        self.assertEqual(j["budget_bytes"], 2147483648)
+        self.assertEqual((t["max_ctx_for_budget"], t["max_seqs_for_budget"]), (4096, 4))
+        t = self.kv_size_json(*self.FLAGS_7B, "--ctx", "512", "--seqs", "3", "--budget", "2GiB",
+                              "-ctk", "f16", "-ctv", "f16")["cache_types"][0]
+        self.assertEqual((t["max_ctx_for_budget"], t["max_seqs_for_budget"]), (1365, 8))
+        self.assertEqual(t["bytes_total"], 3 * 512 * 524288)
+        out = self.kv_size(*self.FLAGS_7B, "--ctx", "1024", "--budget", "2GiB", "-ctk", "f16",
+                           "-ctv", "f16")
+        for needle in ("f16/f16", "524288", "536870912", "4096", "max ctx", "max seqs"):
+            self.assertIn(needle, out)
+
+    def test_every_type_listed(self):
+        j = self.kv_size_json(*self.FLAGS_7B, "--ctx", "1")
+        types = [t["type_k"] for t in j["cache_types"]]
+        self.assertEqual(types[:2], ["f32", "f16"])
+        per_token = [t["bytes_per_token"] for t in j["cache_types"]]
+        self.assertEqual(per_token, sorted(per_token, reverse=True))
+        self.assertIn(1048576, per_token)
+
+    def test_default_model_text(self):
+        out = self.kv_size()
+        for needle in ("23040", "46080", "f16/f16", "f32/f32", "layers 0-29", "3 KV heads x 64"):
+            self.assertIn(needle, out)
+
+    def test_gguf_agrees_with_inspect(self):
+        # kv-size reads only the metadata; inspect goes through Model::load. They must agree.
+        tiny = os.path.join(DATA, "tiny-llama.gguf")
+        rc, out, err = run("inspect", "-m", tiny)
+        self.assertEqual(rc, 0, err)
+        line = next(l for l in out.splitlines() if l.strip().startswith("f16 ") and "bytes/token" in l)
+        per_token = int(line.split()[1])
+        j = self.kv_size_json("-m", tiny, "-ctk", "f16", "-ctv", "f16", "--ctx", "10")
+        self.assertEqual(j["source"]["kind"], "gguf")
+        self.assertEqual(j["cache_types"][0]["bytes_per_token"], per_token)
+        self.assertEqual(j["cache_types"][0]["bytes_total"], 10 * per_token)
+
+    def test_hf_config(self):
+        j = self.kv_size_json("--hf-config", self.llama7b, "-ctk", "f16", "-ctv", "f16")
+        self.assertEqual(j["source"]["arch"], "llama")
+        self.assertEqual((j["n_ctx"], j["n_ctx_model"]), (2048, 2048))  # max_position_embeddings
+        self.assertEqual(j["cache_types"][0]["bytes_per_token"], 524288)
+        self.assertEqual(j["cache_types"][0]["bytes_total"], 1 << 30)
+        # SmolLM2-135M's shape, as the default model gives it.
+        j = self.kv_size_json("--hf-config", self.gqa, "-ctk", "f16", "-ctv", "f16")
+        self.assertEqual(j["n_ctx"], 4096)  # no max_position_embeddings: the default
+        self.assertEqual(j["cache_types"][0]["bytes_per_token"], 23040)
+
+    def check_error(self, args, codes, needle):
+        rc, out, err = run("kv-size", *args)
+        self.assertGreaterEqual(rc, 0, f"killed by signal {-rc}: {args}")
+        self.assertIn(rc, codes, f"{args}: exit {rc}, stderr {err!r}")
+        lines = [l for l in err.splitlines() if l.strip()]
+        self.assertEqual(len(lines), 1, f"{args}: expected one stderr line, got {err!r}")
+        self.assertIn(needle.lower(), lines[0].lower(), f"{args}: {lines[0]!r}")
+
+    def test_bad_inputs(self):
+        f16 = ["-ctk", "f16", "-ctv", "f16"]
+        tiny = os.path.join(DATA, "tiny-llama.gguf")
+        cases = [
+            (self.FLAGS_7B + ["--budget", "2XB"], (1,), "unknown unit 'XB'"),
+            (self.FLAGS_7B + ["--budget", "lots"], (1,), "lots"),
+            # CLI11 itself refuses an option given an empty value: a usage error naming the flag.
+            (self.FLAGS_7B + ["--budget="], (2,), "--budget"),
+            (self.FLAGS_7B + ["--budget=-1GiB"], (1,), "negative"),
+            (self.FLAGS_7B + ["--budget", "99999999999TiB"], (1,), "2^64"),
+            (["--budget", "1KiB"] + f16, (1,), "budget 1KiB (1024 bytes) cannot hold one token of one sequence (needs 23040 bytes)"),
+            # 2 x 524288 bytes is exactly 1MiB (a valid budget of one token each); one KiB less is not.
+            (self.FLAGS_7B + ["--budget", "1023KiB", "--seqs", "2"] + f16, (1,), "needs 1048576 bytes"),
+            (self.FLAGS_7B + ["-m", tiny], (2,), "excludes"),
+            (self.FLAGS_7B + ["--hf-config", self.llama7b], (2,), "excludes"),
+            (["-m", tiny, "--hf-config", self.llama7b], (2,), "excludes"),
+            (["--layers", "32"], (2,), "requires"),
+            (["--layers", "0", "--kv-heads", "32", "--head-dim", "128"], (2,), "layers"),
+            (self.FLAGS_7B + ["--ctx", "0"], (2,), "ctx"),
+            (self.FLAGS_7B + ["--seqs", "0"], (2,), "seqs"),
+            (self.FLAGS_7B + ["-ctk", "q9_9"], (1,), "q9_9"),
+            (["--layers", "2", "--kv-heads", "2", "--head-dim", "48", "-ctk", "q4_0"], (1,), "multiple of 32"),
+            (self.FLAGS_7B + ["--ctx", "9223372036854775807"], (1,), "overflows"),
+            (["--hf-config", self.broken], (1,), "invalid JSON"),
+            (["--hf-config", self.no_layers], (1,), "missing field 'num_hidden_layers'"),
+            (["--hf-config", self.zero_heads], (1,), "num_attention_heads"),
+            (["--hf-config", "/nonexistent/config.json"], (1,), "/nonexistent/config.json"),
+            (["--hf-config", self.tmp.name], (1,), "directory"),
+            (["-m", "/nonexistent/model.gguf"], (1,), "/nonexistent/model.gguf"),
+            (["-m", self.llama7b], (1,), "llama7b.json"),
+        ]
+        for args, codes, needle in cases:
+            with self.subTest(args=args):
+                self.check_error(args, codes, needle)
+
+
+class Perplexity(unittest.TestCase):
+    """kvlm perplexity: short runs on the tiny model, KL round trip, one-line errors."""
+
+    TEXT = ("The hacker's lexicon grew out of small communities that shared machines, jokes and "
+            "a taste for precise language. A program that works but nobody understands is magic; "
+            "one that almost works is a kludge. ") * 4
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        d = cls.tmp.name
+        cls.text = os.path.join(d, "text.txt")
+        open(cls.text, "w").write(cls.TEXT)
+        cls.short = os.path.join(d, "short.txt")
+        open(cls.short, "w").write("too short")
+        cls.gz = os.path.join(d, "text.txt.gz")
+        open(cls.gz, "wb").write(b"\x1f\x8b\x08\x00" + b"\x00" * 32)
+        cls.junk = os.path.join(d, "junk.kld")
+        open(cls.junk, "wb").write(b"not a base file" * 8)
+        cls.base = os.path.join(d, "base.kld")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def ppl(self, *args):
+        return run("perplexity", "-m", TINY, "-f", self.text, "--ctx", "64", *args)
+
+    def one_line_error(self, result, codes, needle):
+        rc, out, err = result
+        self.assertIn(rc, codes, f"exit {rc}, stderr {err!r}")
+        lines = [l for l in err.splitlines() if l.strip()]
+        self.assertEqual(len(lines), 1, f"expected one stderr line, got {err!r}")
+        self.assertIn(needle.lower(), lines[0].lower())
+
+    def test_tiny_run(self):
+        rc, out, err = self.ppl("--chunks", "2")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("[2/2] PPL", out)
+        self.assertIn("PPL = ", out)
+        self.assertIn("+/-", out)
+        self.assertEqual(err.strip(), "")
+
+    def test_stdin_gives_the_same_ppl(self):
+        p = subprocess.run([KVLM, "perplexity", "-m", TINY, "-f", "-", "--ctx", "64"],
+                           input=self.TEXT.encode(), capture_output=True, timeout=600)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        rc, out, err = self.ppl()
+        final = [l for l in out.splitlines() if l.startswith("PPL = ")]
+        final_stdin = [l for l in p.stdout.decode().splitlines() if l.startswith("PPL = ")]
+        self.assertEqual(final[0].split("(")[0], final_stdin[0].split("(")[0])
+
+    def test_kl_round_trip(self):
+        rc, out, err = self.ppl("--chunks", "2", "--kl-base-out", self.base)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("KL base written", out)
+        rc, out, err = self.ppl("--kl-base", self.base, "-ctk", "f32")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("[2/2] PPL", out)  # chunk count taken from the base
+        self.assertIn("mean KLD", out)
+        self.assertIn("same top p", out)
+        rc, out, err = self.ppl("--kl-base", self.base)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("mean KLD      = 0.000000 +/- 0.000000", out)
+        self.assertIn("same top p    = 100.000 %", out)
+        self.one_line_error(run("perplexity", "-m", TINY, "-f", self.text, "--ctx", "32",
+                                "--kl-base", self.base), (1,), "--ctx 64")
+
+    def test_bad_inputs(self):
+        self.one_line_error(self.ppl_file("/nonexistent/text.txt"), (1,), "/nonexistent/text.txt")
+        self.one_line_error(self.ppl_file(self.short), (1,), "fewer than one chunk")
+        self.one_line_error(self.ppl_file(self.gz), (1,), "gzip")
+        self.one_line_error(self.ppl("--kl-base", self.junk), (1,), "magic")
+        self.one_line_error(self.ppl("--kl-base", self.tmp.name + "/none.kld"), (1,), "none.kld")
+        self.one_line_error(self.ppl("--kl-base", self.junk, "--kl-base-out", self.base), (2,),
+                            "excludes")
+        self.one_line_error(run("perplexity", "-m", TINY, "-f", self.text, "--ctx", "2"), (2,),
+                            "ctx")
+        self.one_line_error(self.ppl("-ctk", "q9_9"), (1, 2), "q9_9")
+        self.one_line_error(run("perplexity", "-m", TINY), (2,), "file")
+
+    def ppl_file(self, path):
+        return run("perplexity", "-m", TINY, "-f", path, "--ctx", "64")
+
+    def test_default_model(self):
+        rc, out, err = run("perplexity", "-f", self.text, "--ctx", "64", "--chunks", "1")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("PPL = ", out)
+
+
+class Bench(unittest.TestCase):
+    """kvlm bench: structure of the JSON and of the table; never its speed."""
+
+    def test_json_structure(self):
+        import json
+        rc, out, err = run("bench", "-m", TINY, "-p", "16", "-n", "8", "-d", "0,32", "-r", "2", "--json")
+        self.assertEqual(rc, 0, err)
+        doc = json.loads(out)
+        self.assertGreater(doc["weight_bytes"], 0)
+        self.assertGreater(doc["kv_bytes_per_token"], 0)
+        self.assertEqual(doc["repetitions"], 2)
+        self.assertTrue(doc["use_cache"])
+        self.assertEqual([t["name"] for t in doc["tests"]], ["pp16", "pp16 @ d32", "tg8", "tg8 @ d32"])
+        for t in doc["tests"]:
+            with self.subTest(test=t["name"]):
+                rate = t["tokens_per_s"]
+                self.assertEqual(len(rate["samples"]), 2)
+                self.assertEqual(len(t["seconds"]), 2)
+                self.assertTrue(all(s > 0 for s in rate["samples"]))
+                self.assertAlmostEqual(rate["mean"], sum(rate["samples"]) / 2, delta=1e-6 * rate["mean"])
+                self.assertGreaterEqual(rate["sd"], 0)
+                n_ctx = t["depth"] + t["n_prompt"] + t["n_gen"]
+                self.assertEqual(t["kv_bytes"]["n_ctx"], n_ctx)
+                self.assertEqual(t["kv_bytes"]["allocated"], n_ctx * doc["kv_bytes_per_token"])
+
+    def test_table_and_no_cache(self):
+        rc, out, err = run("bench", "-m", TINY, "-p", "8", "-n", "4", "-d", "8", "-r", "1",
+                           "--no-cache", "-ctk", "f32", "--pg", "4,4")
+        self.assertEqual(rc, 0, err)
+        for needle in ("| pp8 @ d8 ", "| tg4 @ d8 ", "| pp4+tg4 @ d8 ", "cache off", "K f32 / V f16", "±"):
+            self.assertIn(needle, out)
+
+    def test_bad_input(self):
+        bench = ["bench", "-m", TINY, "-p", "8", "-n", "4"]
+        cases = [
+            (bench + ["-d", "abc"], 2, "abc"),
+            (bench + ["-d", "0,x"], 2, "x"),
+            (bench + ["-r", "0"], 2, "repetitions"),
+            (bench + ["-p", "-5"], 2, "-5"),
+            (bench + ["--pg", "16"], 2, "16"),
+            (bench + ["-t", "0"], 2, "threads"),
+            (["bench", "-m", TINY, "-p", "0", "-n", "0"], 2, "nothing to run"),
+            (bench + ["-ctk", "q9_9"], 1, "q9_9"),
+            (["bench", "-m", "/nonexistent/model.gguf"], 1, "/nonexistent/model.gguf"),
+        ]
+        for args, code, needle in cases:
+            with self.subTest(args=args):
+                rc, out, err = run(*args)
+                self.assertEqual(rc, code, f"{args}: stderr {err!r}")
+                lines = [l for l in err.splitlines() if l.strip()]
+                self.assertEqual(len(lines), 1, f"{args}: expected one stderr line, got {err!r}")
+                self.assertIn(needle.lower(), lines[0].lower())
+
+
 if __name__ == "__main__":
     unittest.main(argv=[sys.argv[0], "-v"])

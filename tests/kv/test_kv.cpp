@@ -125,5 +125,81 @@ TEST(KvCache, TruncateAndClear) {
   EXPECT_EQ(kv.stats().bytes_used, 0u);
 }
 
+// ---- dynamic allocation -------------------------------------------------------------------------
+TEST(KvCache, DynamicGrowsInChunksAndKeepsRows) {
+  KvShape s = shape(2, 2, 32, DType::F16, DType::F32);
+  KvCache kv(s, 1000, KvAlloc::Dynamic);
+  EXPECT_EQ(kv.stats().capacity, kKvChunkTokens);
+  EXPECT_EQ(kv.stats().bytes_allocated, kv_bytes(s, kKvChunkTokens));
+  std::vector<float> k(s.kv_dim()), v(s.kv_dim());
+  for (int64_t p = 0; p < 300; ++p) {
+    for (int64_t i = 0; i < s.kv_dim(); ++i) k[i] = v[i] = static_cast<float>(p + i % 7);  // exact in f16 (< 2048)
+    kv.reserve(p + 1);
+    for (int32_t il = 0; il < 2; ++il) kv.write(il, p, 1, k.data(), v.data());
+    kv.commit(p + 1);
+    // The planner's formula, the allocator's arenas: the same bytes at every length.
+    EXPECT_EQ(kv.stats().bytes_allocated, kv_bytes(s, kv_alloc_tokens(true, p + 1, 1000)));
+  }
+  EXPECT_EQ(kv.stats().capacity, 2 * kKvChunkTokens);
+  KvLayerView view = kv.view(1, 300);
+  for (int64_t p : {0, 1, 255, 256, 299}) {
+    EXPECT_EQ(read_row(view, true, p, s.kv_dim())[3], static_cast<float>(p + 3));
+    EXPECT_EQ(read_row(view, false, p, s.kv_dim())[5], static_cast<float>(p + 5));
+  }
+  KvCache capped(s, 300, KvAlloc::Dynamic);
+  capped.reserve(300);
+  EXPECT_EQ(capped.stats().capacity, 300);  // never past n_ctx
+  EXPECT_EQ(capped.stats().bytes_allocated, kv_bytes(s, 300));
+}
+
+// ---- eviction (sliding window, context shift) ---------------------------------------------------
+// Rows after the evicted range move down and their K is re-rotated by -count, so row p holds the
+// key rotated for position p: the same as rotating the unrotated key for p directly.
+TEST(KvCache, ShiftOutMovesRowsAndReRotatesK) {
+  for (DType t : {DType::F32, DType::F16}) {
+    KvShape s = shape(2, 2, 16, t, t);
+    KvRope rope{16, 10000.0f, kernels::RopeMode::Normal};
+    KvCache kv(s, 16, KvAlloc::Static, rope);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd(0, 1);
+    const int64_t d = s.kv_dim(), n = 12;
+    std::vector<float> raw(n * d), k(n * d), v(n * d);
+    for (auto& x : raw) x = nd(rng);
+    for (int64_t p = 0; p < n; ++p) {
+      std::copy_n(raw.data() + p * d, d, k.data() + p * d);
+      kernels::rope(k.data() + p * d, 2, 16, 16, p, rope.freq_base, rope.mode);
+      for (int64_t i = 0; i < d; ++i) v[p * d + i] = static_cast<float>(p);
+    }
+    for (int32_t il = 0; il < 2; ++il) kv.write(il, 0, n, k.data(), v.data());
+    kv.commit(n);
+    kv.shift_out(4, 3);  // keep 4 "sinks", evict positions 4..6
+    ASSERT_EQ(kv.size(), n - 3);
+    EXPECT_EQ(kv.stats().n_evicted, 3);
+    KvLayerView view = kv.view(1, kv.size());
+    for (int64_t p = 0; p < kv.size(); ++p) {
+      const int64_t src = p < 4 ? p : p + 3;  // which original token row p now holds
+      std::vector<float> want(raw.begin() + src * d, raw.begin() + (src + 1) * d);
+      kernels::rope(want.data(), 2, 16, 16, p, rope.freq_base, rope.mode);
+      auto got = read_row(view, true, p, d);
+      const double tol = t == DType::F32 ? 1e-5 : 4e-3;  // f16 adds one rounding per write
+      for (int64_t i = 0; i < d; ++i) EXPECT_NEAR(got[i], want[i], tol) << p << " " << i;
+      EXPECT_EQ(read_row(view, false, p, d)[0], static_cast<float>(src));  // V just moves
+    }
+  }
+}
+
+TEST(KvCache, ShiftOutWithoutRopeOnlyMoves) {
+  KvShape s = shape(1, 1, 32, DType::F32, DType::F32);
+  KvCache kv(s, 8);
+  std::vector<float> k(8 * 32), v(8 * 32);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = v[i] = static_cast<float>(i / 32);
+  kv.write(0, 0, 8, k.data(), v.data());
+  kv.commit(8);
+  kv.shift_out(0, 5);
+  EXPECT_EQ(kv.size(), 3);
+  KvLayerView view = kv.view(0, 3);
+  for (int64_t p = 0; p < 3; ++p) EXPECT_EQ(read_row(view, true, p, 32)[0], static_cast<float>(p + 5));
+}
+
 }  // namespace
 }  // namespace kvlm

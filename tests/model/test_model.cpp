@@ -5,6 +5,9 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <cmath>
 #include <fstream>
 #include <string>
@@ -133,6 +136,147 @@ TEST(Session, RejectsOverflowingContext) {
   EXPECT_THROW(s.feed(bad), Error);
   std::vector<int32_t> big = {rm.model->config().n_vocab};
   EXPECT_THROW(s.feed(big), Error);
+}
+
+// ---- sliding window with sinks, context shift, dynamic allocation ---------------------------------
+std::vector<float> greedy_run(const Model& m, const KvOptions& o, std::vector<int32_t> prompt,
+                              int n_steps, std::vector<int32_t>* out_tokens, KvStats* stats) {
+  Session s(m, o, pool(), o.window ? o.window_chunk : 512);
+  auto l = s.feed(prompt);
+  std::vector<float> first(l.begin(), l.end());
+  const int32_t V = m.config().n_vocab;
+  std::vector<float> last = first;
+  for (int i = 0; i < n_steps; ++i) {
+    const int32_t t = argmax(last.data(), V);
+    out_tokens->push_back(t);
+    auto nl = s.feed(std::span<const int32_t>(&t, 1));
+    last.assign(nl.begin(), nl.end());
+    if (o.window) {
+      EXPECT_LE(s.kv().size(), o.n_ctx);
+      EXPECT_EQ(s.kv().stats().bytes_allocated, kv_bytes(s.kv().shape(), o.n_ctx));
+    }
+  }
+  *stats = s.kv().stats();
+  return last;
+}
+
+// A window wider than the sequence never evicts: exactly the contiguous cache.
+TEST(Window, WiderThanSequenceEqualsContiguous) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  KvOptions plain;
+  plain.n_ctx = 1000;
+  KvOptions win = plain;
+  win.n_ctx = 100;
+  win.window = true;
+  win.n_sinks = 4;
+  win.window_chunk = 8;
+  KvOptions dyn = plain;
+  dyn.alloc = KvAlloc::Dynamic;
+  std::vector<int32_t> a, b, c;
+  KvStats sa, sb, sc;
+  auto la = greedy_run(*m, plain, {5, 17, 200, 31}, 60, &a, &sa);
+  auto lb = greedy_run(*m, win, {5, 17, 200, 31}, 60, &b, &sb);
+  auto lc = greedy_run(*m, dyn, {5, 17, 200, 31}, 60, &c, &sc);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(a, c);
+  EXPECT_EQ(la, lb);
+  EXPECT_EQ(la, lc);
+  EXPECT_EQ(sb.n_evicted, 0);
+  EXPECT_LT(sc.bytes_allocated, sa.bytes_allocated);  // one 256-token chunk instead of 1000 rows
+}
+
+// Far past the model's training context (tiny-llama: 128 positions) in bounded memory.
+TEST(Window, RunsFarPastTheTrainingContext) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  for (int64_t sinks : {0, 4}) {
+    KvOptions o;
+    o.window = true;
+    o.n_sinks = sinks;
+    o.n_ctx = sinks + 32;
+    o.window_chunk = 4;
+    std::vector<int32_t> toks;
+    KvStats st;
+    auto last = greedy_run(*m, o, {5, 17, 200, 31, 99}, 2000, &toks, &st);
+    EXPECT_EQ(toks.size(), 2000u);
+    EXPECT_GT(st.n_evicted, 1900);
+    for (float x : last) ASSERT_TRUE(std::isfinite(x));
+  }
+}
+
+TEST(ContextShift, KeepsGoingWhenFull) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  KvOptions o;
+  o.n_ctx = 40;
+  o.n_keep = 6;
+  std::vector<int32_t> toks;
+  KvStats st;
+  greedy_run(*m, o, {5, 17, 200, 31, 99, 7, 8, 9}, 300, &toks, &st);
+  EXPECT_EQ(toks.size(), 300u);
+  EXPECT_GT(st.n_evicted, 250);
+  EXPECT_LE(st.n_tokens, 40);
+}
+
+TEST(Window, BadOptionsAreErrors) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  KvOptions o;
+  o.window = true;
+  o.n_ctx = 8;
+  o.n_sinks = 8;  // no room for a window
+  EXPECT_THROW(Session(*m, o, pool()), Error);
+  o.n_sinks = 2;
+  o.window_chunk = 0;
+  EXPECT_THROW(Session(*m, o, pool()), Error);
+}
+
+// ---- session files ----------------------------------------------------------------------------
+// A loaded session continues exactly like the one that was saved; files of another model, another
+// cache type, or with flipped bytes are refused and leave the session as it was.
+TEST(Session, SaveLoadRoundTrip) {
+  auto& rm = real_model();
+  const std::string path = ::testing::TempDir() + "/kvlm_session.kvs";
+  std::vector<int32_t> prompt = {504, 3575, 282, 4649, 314};
+  Session a(*rm.model, DType::F16, DType::Q8_0, 64, pool());
+  a.feed(prompt);
+  a.save(path, "meta text");
+  const int32_t next[1] = {11452};
+  auto la = a.feed(next);
+  std::vector<float> want(la.begin(), la.end());
+
+  Session b(*rm.model, DType::F16, DType::Q8_0, 64, pool());
+  EXPECT_EQ(b.load(path), "meta text");
+  EXPECT_EQ(b.tokens(), prompt);
+  auto lb = b.feed(next);
+  EXPECT_TRUE(std::equal(lb.begin(), lb.end(), want.begin()));
+
+  Session other_type(*rm.model, DType::F16, DType::F16, 64, pool());
+  EXPECT_THROW(other_type.load(path), Error);
+  Session small(*rm.model, DType::F16, DType::Q8_0, 4, pool());
+  EXPECT_THROW(small.load(path), Error);
+  auto tiny = Model::load(test::data_path("tiny-llama.gguf"));  // head_dim 16: no q8_0 rows
+  Session other_model(*tiny, DType::F16, DType::F16, 64, pool());
+  try {
+    other_model.load(path);
+    FAIL() << "loaded another model's session";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("another model"), std::string::npos) << e.what();
+  }
+  // Every truncation and a flipped byte anywhere: refused, session untouched.
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (size_t cut : {size_t{0}, size_t{7}, size_t{40}, bytes.size() / 2, bytes.size() - 1}) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), cut);
+    Session c(*rm.model, DType::F16, DType::Q8_0, 64, pool());
+    EXPECT_THROW(c.load(path), Error) << cut;
+    EXPECT_EQ(c.kv().size(), 0);
+  }
+  for (size_t at : {size_t{9}, size_t{60}, bytes.size() / 3, bytes.size() - 3}) {
+    std::string bad = bytes;
+    bad[at] ^= 0x40;
+    std::ofstream(path, std::ios::binary | std::ios::trunc).write(bad.data(), bad.size());
+    Session c(*rm.model, DType::F16, DType::Q8_0, 64, pool());
+    EXPECT_THROW(c.load(path), Error) << at;
+  }
+  std::remove(path.c_str());
 }
 
 }  // namespace

@@ -1,4 +1,7 @@
 // Scalar reference kernels: the slow, obviously-right twins every fast kernel is tested against.
+// dequantize_row, dot_row and matmul are the `ref` variant (ref/ref.h) behind the dispatcher in
+// kernels/dispatch.cpp; quantize_row and the element-wise ops below have no fast twin and are the
+// public functions themselves.
 //
 // Arithmetic choices (the fast twins must document any deviation from these):
 //  * (De)quantization follows ggml-quants.c's reference functions operation for operation in f32,
@@ -25,6 +28,7 @@
 
 #include "base/error.h"
 #include "kernels/ops.h"
+#include "kernels/ref/ref.h"
 
 namespace kvlm::kernels {
 
@@ -232,7 +236,7 @@ inline float dot_f32(const float* __restrict a, const float* __restrict b, int64
 const float* row_as_f32(DType t, const void* row, int64_t n, float* scratch) {
   if (t == DType::F32 && reinterpret_cast<uintptr_t>(row) % alignof(float) == 0)
     return static_cast<const float*>(row);
-  dequantize_row(t, row, scratch, n);
+  ref::dequantize_row(t, row, scratch, n);
   return scratch;
 }
 
@@ -243,32 +247,8 @@ const float* row_as_f32(DType t, const void* row, int64_t n, float* scratch) {
 // logits track the reference's, and integer dots avoid dequantizing every weight row. Block sums
 // accumulate sequentially in f32 in block order: the result depends only on n.
 
-// Activation block for Q4_1 weights: the Q8_0 layout plus s = d * sum(qs), both f16.
-struct BlockQ8_1 {
-  uint16_t d;
-  uint16_t s;
-  int8_t qs[32];
-};
-static_assert(sizeof(BlockQ8_1) == 36);
-
-// Quantized-activation format used with weight type t; F32 (no quantization) for the others.
-DType act_type(DType t) {
-  switch (t) {
-    case DType::Q4_0:
-    case DType::Q8_0:
-      return DType::Q8_0;
-    case DType::Q4_1:
-      return DType::Q8_1;
-    default:
-      return DType::F32;
-  }
-}
-
-// Bytes of one quantized activation row of n elements.
-size_t act_row_bytes(DType t, int64_t n) {
-  return act_type(t) == DType::Q8_1 ? static_cast<size_t>(n / 32) * sizeof(BlockQ8_1)
-                                    : row_bytes(act_type(t), n);
-}
+// (BlockQ8_1, act_type and act_row_bytes live in kernels/act_blocks.h, shared with the fast
+// variants.)
 
 // Activation quantization as llama.cpp's x86 quantize_row_q8_0/q8_1 compute it (not the _ref
 // variants that quantize_row follows): scale id = 127 / amax and round-half-to-even. Codes are
@@ -303,7 +283,7 @@ void quantize_act(DType w_type, const float* x, void* dst, int64_t n) {
     quant_act_blocks(x, static_cast<BlockQ8_0*>(dst), n / 32);
 }
 
-float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+float dot_q4_0_q8_0_impl(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
   float sum = 0.0f;
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     int sumi = 0;
@@ -317,7 +297,7 @@ float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
 }
 
 // sum_j (q_j d_w + m)(p_j d_x) = d_w d_x sum(q p) + m * (d_x sum p), the last factor being s.
-float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks) {
+float dot_q4_1_q8_1_impl(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks) {
   float sum = 0.0f;
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     int sumi = 0;
@@ -331,7 +311,7 @@ float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks) {
   return sum;
 }
 
-float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+float dot_q8_0_q8_0_impl(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
   float sum = 0.0f;
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     int sumi = 0;
@@ -345,11 +325,14 @@ float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
 float dot_quantized(DType t, const void* w, const void* xq, int64_t n) {
   switch (t) {
     case DType::Q4_0:
-      return dot_q4_0_q8_0(static_cast<const BlockQ4_0*>(w), static_cast<const BlockQ8_0*>(xq), n / 32);
+      return dot_q4_0_q8_0_impl(static_cast<const BlockQ4_0*>(w), static_cast<const BlockQ8_0*>(xq),
+                                n / 32);
     case DType::Q4_1:
-      return dot_q4_1_q8_1(static_cast<const BlockQ4_1*>(w), static_cast<const BlockQ8_1*>(xq), n / 32);
+      return dot_q4_1_q8_1_impl(static_cast<const BlockQ4_1*>(w), static_cast<const BlockQ8_1*>(xq),
+                                n / 32);
     default:
-      return dot_q8_0_q8_0(static_cast<const BlockQ8_0*>(w), static_cast<const BlockQ8_0*>(xq), n / 32);
+      return dot_q8_0_q8_0_impl(static_cast<const BlockQ8_0*>(w), static_cast<const BlockQ8_0*>(xq),
+                                n / 32);
   }
 }
 
@@ -370,7 +353,26 @@ static_assert(kRowGrain % kRowTile == 0);
 
 }  // namespace
 
-// ---- public entry points ------------------------------------------------------------------------
+// ---- reference variant of the dispatched entry points (kernels/dispatch.cpp picks a variant) ----
+
+namespace ref {
+
+void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks) {
+  quant_act_blocks(x, dst, n_blocks);
+}
+void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks) {
+  quant_act_blocks(x, dst, n_blocks);
+}
+float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+  return dot_q4_0_q8_0_impl(w, x, n_blocks);
+}
+float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks) {
+  return dot_q4_1_q8_1_impl(w, x, n_blocks);
+}
+float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+  return dot_q8_0_q8_0_impl(w, x, n_blocks);
+}
+float dot_f32(const float* a, const float* b, int64_t n) { return kernels::dot_f32(a, b, n); }
 
 void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
   // Precondition: n fills whole blocks of t.
@@ -393,34 +395,6 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
       return dequant_q6_k(static_cast<const BlockQ6_K*>(src), dst, n / kQK_K);
     default:
       fail_unsupported("dequantize_row", t, kDequantTypes);
-  }
-}
-
-void quantize_row(DType t, const float* src, void* dst, int64_t n) {
-  // Precondition: n fills whole blocks of t.
-  assert(whole_blocks(t, n));
-  switch (t) {
-    case DType::F32:
-      std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
-      return;
-    case DType::F16: {
-      auto* h = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_fp16(src[i]);
-      return;
-    }
-    case DType::BF16: {
-      auto* h = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_bf16(src[i]);
-      return;
-    }
-    case DType::Q4_0:
-      return quant_q4_0(src, static_cast<BlockQ4_0*>(dst), n / kQK4_0);
-    case DType::Q4_1:
-      return quant_q4_1(src, static_cast<BlockQ4_1*>(dst), n / kQK4_1);
-    case DType::Q8_0:
-      return quant_q8_0(src, static_cast<BlockQ8_0*>(dst), n / kQK8_0);
-    default:
-      fail_unsupported("quantize_row", t, kQuantTypes);
   }
 }
 
@@ -481,6 +455,38 @@ void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, Thread
         }
       },
       kRowGrain);
+}
+
+}  // namespace ref
+
+// ---- public entry points that are not dispatched (not hot: KV-cache writes, tests) ------------
+
+void quantize_row(DType t, const float* src, void* dst, int64_t n) {
+  // Precondition: n fills whole blocks of t.
+  assert(whole_blocks(t, n));
+  switch (t) {
+    case DType::F32:
+      std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+      return;
+    case DType::F16: {
+      auto* h = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_fp16(src[i]);
+      return;
+    }
+    case DType::BF16: {
+      auto* h = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_bf16(src[i]);
+      return;
+    }
+    case DType::Q4_0:
+      return quant_q4_0(src, static_cast<BlockQ4_0*>(dst), n / kQK4_0);
+    case DType::Q4_1:
+      return quant_q4_1(src, static_cast<BlockQ4_1*>(dst), n / kQK4_1);
+    case DType::Q8_0:
+      return quant_q8_0(src, static_cast<BlockQ8_0*>(dst), n / kQK8_0);
+    default:
+      fail_unsupported("quantize_row", t, kQuantTypes);
+  }
 }
 
 // ---- element-wise and row-wise ops --------------------------------------------------------------

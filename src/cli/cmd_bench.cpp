@@ -1,0 +1,289 @@
+// kvlm bench: prefill and decode throughput, like llama.cpp's llama-bench.
+//
+// Tests (each its own Session, so the KV bytes reported are exactly what the test needs):
+//   ppN @ dD     D untimed context tokens, then N prompt tokens in one timed feed() (chunks of -b);
+//                tokens/s = N / time.
+//   tgN @ dD     D untimed context tokens, then N timed single-token feed() calls;
+//                tokens/s = N / time.
+//   ppP+tgN      (--pg P,N) P prompt tokens and N single-token steps, timed together;
+//                tokens/s = (P + N) / time. This is end-to-end "generate N after a P prompt".
+// Token ids are uniform random over the vocabulary from a fixed seed (llama-bench also feeds
+// random ids); the ids never change the arithmetic, only which embedding rows are read.
+// Every test runs once untimed first (pp: the whole prompt; tg: the context and one token, as
+// llama-bench does) so page faults on the mapped weights and scratch growth are not timed.
+// --no-cache: every step calls Session::recompute, i.e. the whole history (context included) is
+// recomputed from position 0; ppN @ d0 is unchanged, everything else pays for the prefix.
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <span>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "base/thread_pool.h"
+#include "base/timer.h"
+#include "cli/common.h"
+#include "engine/session.h"
+#include "model/model.h"
+
+namespace kvlm::cli {
+namespace {
+
+constexpr uint32_t kTokenSeed = 1234;  // fixed: every run feeds the same ids
+
+struct BenchArgs {
+  std::string model, ctk = "f16", ctv = "f16";
+  std::vector<int64_t> n_prompt = {512}, n_gen = {128}, depth = {0};
+  std::vector<std::string> pg;  // "P,N" pairs
+  int reps = 5;
+  int threads = 0;
+  int64_t n_batch = 512;
+  bool no_cache = false, json = false;
+};
+
+struct BenchTest {
+  int64_t n_prompt = 0;  // timed prompt tokens (one feed)
+  int64_t n_gen = 0;     // timed single-token steps
+  int64_t depth = 0;     // untimed context before the timed part
+
+  int64_t n_ctx() const { return depth + n_prompt + n_gen; }
+  int64_t n_timed() const { return n_prompt + n_gen; }
+  const char* kind() const { return n_gen == 0 ? "pp" : n_prompt == 0 ? "tg" : "pg"; }
+  std::string name() const {
+    std::string s = n_gen == 0   ? fmt::format("pp{}", n_prompt)
+                    : n_prompt == 0 ? fmt::format("tg{}", n_gen)
+                                    : fmt::format("pp{}+tg{}", n_prompt, n_gen);
+    return depth > 0 ? fmt::format("{} @ d{}", s, depth) : s;
+  }
+};
+
+struct BenchResult {
+  BenchTest test;
+  std::vector<double> seconds;  // [reps] timed part of each repetition
+  std::vector<double> tps;      // [reps] n_timed / seconds
+  double mean = 0, sd = 0;      // over tps; sd is the sample (n - 1) deviation, 0 for one rep
+  KvStats kv;
+};
+
+std::vector<int32_t> random_tokens(std::mt19937& rng, int64_t n, int32_t n_vocab) {
+  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (auto& id : ids) id = dist(rng);
+  return ids;
+}
+
+// One repetition: reset, untimed context, then the timed part. Returns seconds; n_gen_run < n_gen
+// is the warm-up's shortened decode.
+double run_once(Session& s, const BenchTest& t, int64_t n_gen_run, bool use_cache,
+                int32_t n_vocab) {
+  std::mt19937 rng(kTokenSeed);
+  const std::vector<int32_t> context = random_tokens(rng, t.depth, n_vocab);
+  const std::vector<int32_t> prompt = random_tokens(rng, t.n_prompt, n_vocab);
+  const std::vector<int32_t> gen = random_tokens(rng, n_gen_run, n_vocab);
+  auto step = [&](std::span<const int32_t> ids) {
+    if (use_cache)
+      s.feed(ids);
+    else
+      s.recompute(ids);
+  };
+  s.reset();
+  if (!context.empty()) s.feed(context);
+  Timer timer;
+  if (!prompt.empty()) step(prompt);
+  for (int32_t id : gen) step({&id, 1});
+  return timer.ms() / 1000.0;
+}
+
+BenchResult run_test(const Model& model, const BenchTest& t, const BenchArgs& a, DType ctk,
+                     DType ctv, ThreadPool& pool) {
+  const int32_t n_vocab = model.config().n_vocab;
+  Session session(model, ctk, ctv, t.n_ctx(), pool, a.n_batch);
+  BenchResult r;
+  r.test = t;
+  run_once(session, t, std::min<int64_t>(t.n_gen, 1), !a.no_cache, n_vocab);  // warm-up
+  for (int i = 0; i < a.reps; ++i) {
+    const double sec = run_once(session, t, t.n_gen, !a.no_cache, n_vocab);
+    r.seconds.push_back(sec);
+    r.tps.push_back(sec > 0 ? static_cast<double>(t.n_timed()) / sec : 0.0);
+  }
+  r.kv = session.kv().stats();
+  const double n = static_cast<double>(r.tps.size());
+  for (double v : r.tps) r.mean += v / n;
+  if (r.tps.size() > 1) {
+    double ss = 0;
+    for (double v : r.tps) ss += (v - r.mean) * (v - r.mean);
+    r.sd = std::sqrt(ss / (n - 1));
+  }
+  return r;
+}
+
+// "P,N" with P, N in [1, 2^24]; nullopt otherwise.
+std::optional<std::pair<int64_t, int64_t>> parse_pg(const std::string& s) {
+  long long p = 0, g = 0;
+  int used = 0;
+  if (std::sscanf(s.c_str(), "%lld,%lld%n", &p, &g, &used) != 2 ||
+      used != static_cast<int>(s.size()) || p < 1 || g < 1 || p > (1 << 24) || g > (1 << 24))
+    return std::nullopt;
+  return std::pair<int64_t, int64_t>{p, g};
+}
+
+// Test order as llama-bench: every pp, then every tg, then every pg; depth varies fastest.
+std::vector<BenchTest> plan(const BenchArgs& a) {
+  std::vector<BenchTest> tests;
+  for (int64_t p : a.n_prompt)
+    if (p > 0)
+      for (int64_t d : a.depth) tests.push_back({.n_prompt = p, .n_gen = 0, .depth = d});
+  for (int64_t g : a.n_gen)
+    if (g > 0)
+      for (int64_t d : a.depth) tests.push_back({.n_prompt = 0, .n_gen = g, .depth = d});
+  for (const std::string& s : a.pg) {
+    const auto [p, g] = parse_pg(s).value();  // validated by the option's check
+    for (int64_t d : a.depth) tests.push_back({.n_prompt = p, .n_gen = g, .depth = d});
+  }
+  return tests;
+}
+
+std::string rate_str(const BenchResult& r) {
+  return fmt::format("{:.2f} ± {:.2f}", r.mean, r.sd);
+}
+
+int run_bench(const BenchArgs& a) {
+  const DType ctk = parse_cache_type(a.ctk, "-ctk");
+  const DType ctv = parse_cache_type(a.ctv, "-ctv");
+  const std::vector<BenchTest> tests = plan(a);
+  if (tests.empty()) {
+    std::fprintf(stderr, "kvlm: error: nothing to run: -p and -n are all 0 and no --pg given "
+                         "(see kvlm bench --help)\n");
+    return 2;
+  }
+
+  const std::string path = resolve_model(a.model);
+  auto model = Model::load(path);
+  const ModelConfig& c = model->config();
+  for (const BenchTest& t : tests)
+    if (c.arch->pos == PosKind::Learned && t.n_ctx() > c.n_ctx_train)
+      fail("{} needs {} positions but this model has learned only {} (lower -d, -p or -n)",
+           t.name(), t.n_ctx(), c.n_ctx_train);
+
+  ThreadPool pool(a.threads);
+  const KvShape shape = model->kv_shape(ctk, ctv);
+  const std::string cache_desc =
+      fmt::format("K {} / V {}, {}", dtype_name(ctk), dtype_name(ctv),
+                  a.no_cache ? "cache off (--no-cache: whole prefix recomputed every step)"
+                             : "cache on");
+  if (!a.json) {
+    fmt::print("model:   {} ({}, {} layers, {}/{} heads, vocab {}), {}\n", c.name, c.arch->name,
+               c.n_layer, c.n_head, c.n_kv_head, c.n_vocab, path);
+    fmt::print("weights: {} read per decoded token; file {}\n",
+               human_bytes(static_cast<double>(model->weight_bytes())),
+               human_bytes(static_cast<double>(model->gguf().file_size())));
+    fmt::print("setup:   {} threads, batch {}, {}, {} bytes/token of KV\n", pool.size(),
+               a.n_batch, cache_desc, kv_bytes_per_token(shape));
+    fmt::print("method:  {} rep(s) after 1 untimed warm-up; random token ids (seed {})\n\n",
+               a.reps, kTokenSeed);
+    fmt::print("| {:<22} | {:>20} | {:>12} |\n", "test", "t/s", "KV allocated");
+    fmt::print("| {:-<22} | {:->20}:| {:->12}:|\n", "", "", "");
+    std::fflush(stdout);
+  }
+
+  std::vector<BenchResult> results;
+  for (const BenchTest& t : tests) {
+    results.push_back(run_test(*model, t, a, ctk, ctv, pool));
+    if (!a.json) {
+      const BenchResult& r = results.back();
+      fmt::print("| {:<22} | {:>20} | {:>12} |\n", t.name(), rate_str(r),
+                 human_bytes(static_cast<double>(r.kv.bytes_allocated)));
+      std::fflush(stdout);
+    }
+  }
+  if (!a.json) return 0;
+
+  nlohmann::ordered_json j;
+  j["model"] = {{"path", path},
+                {"name", c.name},
+                {"arch", c.arch->name},
+                {"n_layer", c.n_layer},
+                {"n_embd", c.n_embd},
+                {"n_head", c.n_head},
+                {"n_kv_head", c.n_kv_head},
+                {"n_ff", c.n_ff},
+                {"n_vocab", c.n_vocab},
+                {"file_bytes", model->gguf().file_size()}};
+  j["weight_bytes"] = model->weight_bytes();
+  j["threads"] = pool.size();
+  j["n_batch"] = a.n_batch;
+  j["cache_type_k"] = dtype_name(ctk);
+  j["cache_type_v"] = dtype_name(ctv);
+  j["use_cache"] = !a.no_cache;
+  j["kv_bytes_per_token"] = kv_bytes_per_token(shape);
+  j["repetitions"] = a.reps;
+  j["warmup_runs"] = 1;
+  j["token_ids"] = fmt::format("uniform random over the vocabulary, mt19937 seed {}", kTokenSeed);
+  j["tests"] = nlohmann::ordered_json::array();
+  for (const BenchResult& r : results) {
+    j["tests"].push_back({{"name", r.test.name()},
+                          {"kind", r.test.kind()},
+                          {"n_prompt", r.test.n_prompt},
+                          {"n_gen", r.test.n_gen},
+                          {"depth", r.test.depth},
+                          {"n_tokens_timed", r.test.n_timed()},
+                          {"seconds", r.seconds},
+                          {"tokens_per_s", {{"mean", r.mean}, {"sd", r.sd}, {"samples", r.tps}}},
+                          {"kv_bytes", {{"allocated", r.kv.bytes_allocated},
+                                        {"used", r.kv.bytes_used},
+                                        {"n_ctx", r.kv.n_ctx}}}});
+  }
+  std::puts(j.dump(2).c_str());
+  return 0;
+}
+
+}  // namespace
+
+Command add_bench(CLI::App& app) {
+  auto b = std::make_shared<BenchArgs>();
+  auto* cmd = app.add_subcommand(
+      "bench", "prefill (ppN) and decode (tgN) throughput at context depths, like llama-bench");
+  const auto count = CLI::Range(int64_t{0}, int64_t{1} << 24);
+  cmd->add_option("-m,--model", b->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
+  cmd->add_option("-p,--n-prompt", b->n_prompt, "prompt tokens per pp test, comma list (0: none)")
+      ->delimiter(',')
+      ->check(count)
+      ->capture_default_str();
+  cmd->add_option("-n,--n-gen", b->n_gen, "generated tokens per tg test, comma list (0: none)")
+      ->delimiter(',')
+      ->check(count)
+      ->capture_default_str();
+  cmd->add_option("-d,--n-depth", b->depth, "context tokens before each test, comma list")
+      ->delimiter(',')
+      ->check(count)
+      ->capture_default_str();
+  cmd->add_option("--pg", b->pg, "prompt then generation, timed together: PROMPT,GEN (repeatable)")
+      ->check(CLI::Validator(
+          [](std::string& s) {
+            return parse_pg(s) ? std::string() : "'" + s + "' is not PROMPT,GEN (e.g. --pg 256,256)";
+          },
+          "PROMPT,GEN"));
+  cmd->add_option("-r,--repetitions", b->reps, "timed repetitions per test")
+      ->check(CLI::Range(1, 10000))
+      ->capture_default_str();
+  cmd->add_option("-t,--threads", b->threads, "threads (default: all cores)")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_option("-b,--batch-size", b->n_batch, "prompt tokens per forward pass")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
+      ->capture_default_str();
+  cmd->add_option("--cache-type-k", b->ctk, "K cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctk)");
+  cmd->add_option("--cache-type-v", b->ctv, "V cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctv)");
+  cmd->add_flag("--no-cache", b->no_cache,
+                "recompute the whole prefix at every step (the cache-off baseline)");
+  cmd->add_flag("--json", b->json, "print one JSON document instead of the table");
+  return {cmd, [b] { return run_bench(*b); }};
+}
+
+}  // namespace kvlm::cli

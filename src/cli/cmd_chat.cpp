@@ -1,0 +1,203 @@
+// kvlm chat: interactive multi-turn chat. The cache is kept between turns: each turn prefills only
+// the tokens the new user message adds (the previous history is never recomputed). When the
+// context fills, it shifts (keeps the system prompt, drops the older half of the rest) instead of
+// failing. Commands: /clear, /stats, /save FILE, /load FILE, /quit.
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <string>
+
+#include "base/error.h"
+#include "base/thread_pool.h"
+#include "cli/common.h"
+#include "engine/session.h"
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvlm::cli {
+namespace {
+
+struct ChatArgs {
+  std::string model, system;
+  CacheFlags cache;
+  int32_t n_predict = 512;
+  SamplingParams sampling;
+  uint64_t seed = 0;
+  bool seed_given = false;
+  int threads = 0;
+};
+
+struct ChatState {
+  std::vector<ChatMessage> messages;  // as rendered so far; the last may be the open reply
+  int64_t reused = 0;                 // tokens not recomputed thanks to the kept cache
+  int64_t prefilled = 0;              // tokens prefilled over all turns
+  int turns = 0;
+};
+
+void print_stats(const Session& s, const ChatState& st) {
+  const KvStats k = s.kv().stats();
+  std::fprintf(stderr,
+               "[stats] turns %d | cache %lld of %lld tokens | %s used, %s allocated | tokens "
+               "reused %lld, prefilled %lld | evicted %lld\n",
+               st.turns, static_cast<long long>(k.n_tokens), static_cast<long long>(k.n_ctx),
+               human_bytes(k.bytes_used).c_str(), human_bytes(k.bytes_allocated).c_str(),
+               static_cast<long long>(st.reused), static_cast<long long>(st.prefilled),
+               static_cast<long long>(k.n_evicted));
+}
+
+// Tokens to feed for this turn: the rendered conversation minus what the cache already holds.
+// ChatML renders prefix-stably, so the new text is whatever follows the previous rendering plus
+// the generated reply, whose tokens end the cache (a context shift drops older tokens from the
+// middle but keeps that end). Without such a text (first turn, or texts that disagree), fall
+// back to the longest common token prefix.
+std::vector<int32_t> turn_tokens(const Tokenizer& tok, Session& s, const std::string& full,
+                                 const std::string& held_text, ChatState& st) {
+  if (!held_text.empty() && full.compare(0, held_text.size(), held_text) == 0) {
+    st.reused += s.kv().size();
+    return tok.encode(full.substr(held_text.size()), false, true);
+  }
+  std::vector<int32_t> ids = tok.encode(full, tok.add_bos_default(), true);
+  const auto& held = s.tokens();
+  size_t common = 0;
+  while (common < held.size() && common < ids.size() && held[common] == ids[common]) ++common;
+  if (common == ids.size() && common > 0) --common;  // always run at least one token
+  s.truncate(static_cast<int64_t>(common));
+  st.reused += static_cast<int64_t>(common);
+  return {ids.begin() + static_cast<std::ptrdiff_t>(common), ids.end()};
+}
+
+int run_chat(const ChatArgs& a) {
+  SamplingParams sp = a.sampling;
+  sp.seed = a.seed_given ? a.seed : std::random_device{}();
+  validate(sp);
+  auto model = Model::load(resolve_model(a.model));
+  auto tok = Tokenizer::from_gguf(model->gguf());
+  const std::string& tmpl = tok->chat_template();
+  KvOptions kvo = to_kv_options(a.cache, model->config());
+  ChatState st;
+  if (!a.system.empty()) st.messages.push_back({"system", a.system});
+  // Context shift keeps the rendered system prompt (llama.cpp --keep); the user's --keep wins.
+  if (!kvo.window && kvo.n_keep < 0) {
+    std::vector<ChatMessage> sys = st.messages;
+    const std::string head = apply_chat_template(tmpl, sys.empty() ? std::vector<ChatMessage>{{"user", ""}} : sys, false);
+    const std::string sys_text = sys.empty() ? head.substr(0, head.find("<|im_start|>user")) : head;
+    kvo.n_keep = std::min<int64_t>(static_cast<int64_t>(tok->encode(sys_text, tok->add_bos_default(), true).size()),
+                                   kvo.n_ctx / 2);
+  }
+  ThreadPool pool(a.threads);
+  Session session(*model, kvo, pool);
+  std::string held_text;  // text whose tokens the cache holds (empty: unknown, compare tokens)
+
+  std::fprintf(stderr, "kvlm chat: %s, K %s / V %s, context %lld. Commands: /clear /stats "
+               "/save FILE /load FILE /quit\n",
+               model->config().name.c_str(), dtype_name(kvo.dtype_k), dtype_name(kvo.dtype_v),
+               static_cast<long long>(kvo.n_ctx));
+  std::string line;
+  while (true) {
+    std::fputs("> ", stderr);
+    if (!std::getline(std::cin, line)) break;
+    if (line.empty()) continue;
+    if (line[0] == '/') {
+      const std::string cmd = line.substr(0, line.find(' '));
+      const std::string arg = line.find(' ') == std::string::npos ? "" : line.substr(line.find(' ') + 1);
+      try {
+        if (cmd == "/quit" || cmd == "/exit") break;
+        if (cmd == "/clear") {
+          session.reset();
+          st = ChatState{};
+          if (!a.system.empty()) st.messages.push_back({"system", a.system});
+          held_text.clear();
+          std::fprintf(stderr, "[cleared]\n");
+        } else if (cmd == "/stats") {
+          print_stats(session, st);
+        } else if (cmd == "/save") {
+          if (arg.empty()) fail("/save needs a file name");
+          nlohmann::json meta = nlohmann::json::array();
+          for (const auto& m : st.messages) meta.push_back({{"role", m.role}, {"content", m.content}});
+          session.save(arg, nlohmann::json{{"messages", meta}, {"held_text", held_text}}.dump());
+          std::fprintf(stderr, "[saved %lld tokens to %s]\n",
+                       static_cast<long long>(session.kv().size()), arg.c_str());
+        } else if (cmd == "/load") {
+          if (arg.empty()) fail("/load needs a file name");
+          const std::string meta_text = session.load(arg);
+          nlohmann::json meta = nlohmann::json::parse(meta_text, nullptr, false);
+          if (meta.is_discarded() || !meta.contains("messages"))
+            fail("{}: session metadata is not a kvlm chat", arg);
+          st = ChatState{};
+          for (const auto& m : meta["messages"])
+            st.messages.push_back({m.value("role", ""), m.value("content", "")});
+          held_text = meta.value("held_text", "");
+          std::fprintf(stderr, "[loaded %lld tokens, %zu messages]\n",
+                       static_cast<long long>(session.kv().size()), st.messages.size());
+        } else {
+          fail("unknown command '{}' (commands: /clear /stats /save FILE /load FILE /quit)", cmd);
+        }
+      } catch (const Error& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+      }
+      continue;
+    }
+    st.messages.push_back({"user", line});
+    const std::string full = apply_chat_template(tmpl, st.messages, true);
+    std::vector<int32_t> ids = turn_tokens(*tok, session, full, held_text, st);
+    st.prefilled += static_cast<int64_t>(ids.size());
+    GenerateOptions opts;
+    opts.n_predict = a.n_predict;
+    opts.sampling = sp;
+    opts.sampling.seed = sp.seed + static_cast<uint64_t>(st.turns);
+    StreamDecoder dec(*tok);
+    std::string reply;
+    int32_t last = -1;
+    GenerateStats gs = generate(session, *tok, ids, opts, [&](int32_t id) {
+      last = id;
+      if (tok->is_eog(id)) return true;
+      std::string piece = dec.push(id);
+      reply += piece;
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+      return true;
+    });
+    const std::string rest = dec.flush();
+    reply += rest;
+    std::fwrite(rest.data(), 1, rest.size(), stdout);
+    std::fputs("\n", stdout);
+    std::fflush(stdout);
+    // generate() never feeds the last sampled token. After an end-of-turn token that is right (the
+    // template closes the turn itself); after a length stop the token is part of the reply, so
+    // feed it: the cache then holds exactly `full + reply`.
+    if (gs.stop != StopReason::Eog && last >= 0) session.feed(std::span<const int32_t>(&last, 1));
+    held_text = full + reply;
+    st.messages.push_back({"assistant", reply});
+    ++st.turns;
+    std::fprintf(stderr, "[turn %d: prefilled %zu new tokens in %.0f ms, %lld generated at %.1f tok/s]\n",
+                 st.turns, ids.size(), gs.prefill_ms, static_cast<long long>(gs.n_generated),
+                 gs.decode_ms > 0 ? gs.n_decode * 1000.0 / gs.decode_ms : 0.0);
+  }
+  print_stats(session, st);
+  return 0;
+}
+
+}  // namespace
+
+Command add_chat(CLI::App& app) {
+  auto a = std::make_shared<ChatArgs>();
+  auto* c = app.add_subcommand("chat", "interactive multi-turn chat on stdin/stdout, cache kept between turns");
+  c->add_option("-m,--model", a->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
+  c->add_option("--system", a->system, "system prompt (default: the template's)");
+  c->add_option("-n,--n-predict", a->n_predict, "max tokens per reply")->check(CLI::Range(1, 1 << 20));
+  c->add_option("--temp", a->sampling.temperature, "temperature (0: greedy)")->check(CLI::Range(0.0, 100.0));
+  c->add_option("--top-k", a->sampling.top_k, "top-k (0: off)")->check(CLI::Range(0, 1 << 30));
+  c->add_option("--top-p", a->sampling.top_p, "top-p (1: off)")->check(CLI::Range(0.0, 1.0));
+  c->add_option("--min-p", a->sampling.min_p, "min-p (0: off)")->check(CLI::Range(0.0, 1.0));
+  c->add_option("--repeat-penalty", a->sampling.repeat_penalty, "repetition penalty (1: off)")
+      ->check(CLI::Range(0.01, 100.0));
+  c->add_option("--seed", a->seed, "random seed")->each([a](const std::string&) { a->seed_given = true; });
+  c->add_option("-t,--threads", a->threads, "threads (default: all cores)")->check(CLI::Range(1, 1024));
+  add_cache_flags(c, a->cache);
+  return {c, [a] { return run_chat(*a); }};
+}
+
+}  // namespace kvlm::cli

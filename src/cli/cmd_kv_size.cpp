@@ -1,0 +1,371 @@
+// kvlm kv-size: the exact KV memory planner (src/kv/kv_plan.h) for a GGUF model, a Hugging Face
+// config.json or a shape given by flags: bytes per token for each cache type, the total for
+// --ctx tokens x --seqs sequences, and with --budget the longest context and the most sequences
+// that fit. The numbers are the ones KvCache allocates (the same kv_shape.h functions size both).
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "base/error.h"
+#include "cli/common.h"
+#include "gguf/gguf.h"
+#include "kv/kv_plan.h"
+
+namespace kvlm::cli {
+namespace {
+
+constexpr int64_t kDefaultCtx = 4096;  // when the source does not say how long the model's context is
+
+struct KvSizeArgs {
+  std::string model, hf_config, ctk, ctv, budget;
+  int32_t n_layer = 0, n_kv_head = 0, head_dim = 0;  // the flags source
+  int64_t n_ctx = 0;                                 // 0: the model's context, else kDefaultCtx
+  int64_t n_seqs = 1;
+  bool json = false;
+  bool budget_given = false;  // --budget "" is an error, not "no budget"
+};
+
+// What a source tells the planner: the cache shape (storage types unset) and, when it knows, the
+// context the model was trained for.
+struct KvSource {
+  std::string kind;  // "gguf", "hf-config", "flags"
+  std::string path;  // empty for flags
+  std::string arch;  // GGUF general.architecture / config.json model_type, may be empty
+  KvShape shape;
+  int64_t n_ctx_model = 0;  // 0: unknown
+};
+
+// ---- sources -----------------------------------------------------------------------------------
+
+// GGUF metadata only (no weights bound), so any architecture's file can be planned for, including
+// ones kvlm cannot run. head_dim as llama.cpp reads it: attention.key_length, else n_embd / n_head.
+KvSource from_gguf(const std::string& path) {
+  auto f = GgufFile::open(path);
+  KvSource src{"gguf", path, "", {}, 0};
+  auto arch = f->get_string("general.architecture");
+  if (!arch) fail("{}: missing metadata key 'general.architecture'", path);
+  src.arch = *arch;
+  const std::string a = *arch + ".";
+  auto get = [&](const std::string& key, bool required) -> std::optional<int32_t> {
+    auto v = f->get_int(key);
+    if (!v) {
+      if (required) fail("{}: missing metadata key '{}'", path, key);
+      return std::nullopt;
+    }
+    if (*v <= 0 || *v > std::numeric_limits<int32_t>::max())
+      fail("{}: metadata key '{}' is {}, expected a positive 32-bit integer", path, key, *v);
+    return static_cast<int32_t>(*v);
+  };
+  src.shape.n_layer = *get(a + "block_count", true);
+  const int32_t n_head = *get(a + "attention.head_count", true);
+  src.shape.n_kv_head = get(a + "attention.head_count_kv", false).value_or(n_head);
+  const auto key_length = get(a + "attention.key_length", false);
+  const auto value_length = get(a + "attention.value_length", false);
+  if (key_length) {
+    src.shape.head_dim = *key_length;
+  } else {
+    const int32_t n_embd = *get(a + "embedding_length", true);
+    if (n_embd % n_head != 0)
+      fail("{}: embedding_length {} is not a multiple of head_count {}", path, n_embd, n_head);
+    src.shape.head_dim = n_embd / n_head;
+  }
+  if (value_length && *value_length != src.shape.head_dim)
+    fail("{}: K heads of {} and V heads of {} values; kvlm's cache stores one head size for both",
+         path, src.shape.head_dim, *value_length);
+  src.n_ctx_model = get(a + "context_length", false).value_or(0);
+  return src;
+}
+
+// A Hugging Face config.json. Multimodal configs keep the language model's under "text_config".
+KvSource from_hf_config(const std::string& path) {
+  if (std::filesystem::is_directory(path))
+    fail("{}: is a directory; --hf-config wants the config.json file itself", path);
+  std::ifstream in(path);
+  if (!in) fail("{}: cannot open the file", path);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::parse_error& e) {
+    std::string what = e.what();
+    // "[json.exception.parse_error.101] parse error at line 1, ..." -> "parse error at line 1, ..."
+    if (auto p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    fail("{}: invalid JSON: {}", path, what);
+  }
+  if (!j.is_object()) fail("{}: expected a JSON object (a Hugging Face config.json)", path);
+  const nlohmann::json* c = &j;
+  if (!j.contains("num_hidden_layers") && j.contains("text_config") && j["text_config"].is_object())
+    c = &j["text_config"];
+
+  KvSource src{"hf-config", path, c->value("model_type", std::string()), {}, 0};
+  // null counts as absent: configs write "head_dim": null when it is derived.
+  auto get = [&](const char* key, bool required) -> std::optional<int32_t> {
+    auto it = c->find(key);
+    if (it == c->end() || it->is_null()) {
+      if (required) fail("{}: missing field '{}' (needed for the KV cache shape)", path, key);
+      return std::nullopt;
+    }
+    if (!it->is_number_integer() || it->get<int64_t>() <= 0 ||
+        it->get<int64_t>() > std::numeric_limits<int32_t>::max())
+      fail("{}: field '{}' is {}, expected a positive integer", path, key, it->dump());
+    return static_cast<int32_t>(it->get<int64_t>());
+  };
+  src.shape.n_layer = *get("num_hidden_layers", true);
+  const int32_t n_head = *get("num_attention_heads", true);
+  src.shape.n_kv_head = get("num_key_value_heads", false).value_or(n_head);
+  if (auto hd = get("head_dim", false)) {
+    src.shape.head_dim = *hd;
+  } else {
+    const int32_t n_embd = *get("hidden_size", true);
+    if (n_embd % n_head != 0)
+      fail("{}: hidden_size {} is not a multiple of num_attention_heads {} (give head_dim)", path,
+           n_embd, n_head);
+    src.shape.head_dim = n_embd / n_head;
+  }
+  src.n_ctx_model = get("max_position_embeddings", false).value_or(0);
+  return src;
+}
+
+KvSource resolve_source(const KvSizeArgs& a) {
+  if (!a.hf_config.empty()) return from_hf_config(a.hf_config);
+  if (a.n_layer > 0) {  // CLI11 requires all three flags together and rejects values <= 0
+    KvSource src{"flags", "", "", {}, 0};
+    src.shape.n_layer = a.n_layer;
+    src.shape.n_kv_head = a.n_kv_head;
+    src.shape.head_dim = a.head_dim;
+    return src;
+  }
+  return from_gguf(resolve_model(a.model));
+}
+
+// ---- output ------------------------------------------------------------------------------------
+
+struct Row {
+  KvPlan plan;
+  std::optional<int64_t> max_ctx, max_seqs;  // with --budget
+};
+
+std::string type_pair(const KvShape& s) {
+  return fmt::format("{}/{}", dtype_name(s.dtype_k), dtype_name(s.dtype_v));
+}
+
+std::string plural(int64_t n, const char* one, const char* many) {
+  return fmt::format("{} {}", n, n == 1 ? one : many);
+}
+
+// Columns separated by two spaces; the first left-aligned, the others right-aligned.
+void print_table(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> width(rows.front().size(), 0);
+  for (const auto& r : rows)
+    for (size_t i = 0; i < r.size(); ++i) width[i] = std::max(width[i], r[i].size());
+  for (const auto& r : rows) {
+    std::string line;
+    for (size_t i = 0; i < r.size(); ++i)
+      line += i == 0 ? fmt::format("{:<{}}", r[i], width[i]) : fmt::format("  {:>{}}", r[i], width[i]);
+    fmt::print("{}\n", line);
+  }
+}
+
+void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
+                std::optional<uint64_t> budget, const std::vector<Row>& rows) {
+  const KvShape& s = src.shape;
+  fmt::print("source:  {}\n", src.kind == "flags"
+                                  ? std::string("flags")
+                                  : fmt::format("{} ({}{}{})", src.path, src.kind,
+                                                src.arch.empty() ? "" : ", ", src.arch));
+  // KvShape gives every layer the same shape: one layer group.
+  fmt::print("shape:   1 layer group: layers 0-{} ({}), {} x {} dims (kv_dim {})\n", s.n_layer - 1,
+             plural(s.n_layer, "layer", "layers"), plural(s.n_kv_head, "KV head", "KV heads"),
+             s.head_dim, s.kv_dim());
+  fmt::print("request: {} x {}", plural(n_ctx, "token", "tokens"),
+             plural(a.n_seqs, "sequence", "sequences"));
+  if (budget) fmt::print(", budget {} ({} bytes)", a.budget, *budget);
+  fmt::print("\n");
+  if (src.n_ctx_model > 0 && n_ctx > src.n_ctx_model)
+    fmt::print("note:    --ctx {} is more than the {} positions the model was trained for\n", n_ctx,
+               src.n_ctx_model);
+  fmt::print("\n");
+
+  std::vector<std::vector<std::string>> table;
+  std::vector<std::string> head = {"K/V type", "bytes/token/layer", "bytes/token",
+                                   fmt::format("total: {} x {}", plural(n_ctx, "token", "tokens"),
+                                               plural(a.n_seqs, "seq", "seqs"))};
+  if (budget) {
+    head.push_back(fmt::format("max ctx, {}", plural(a.n_seqs, "seq", "seqs")));
+    head.push_back(fmt::format("max seqs, {}", plural(n_ctx, "token", "tokens")));
+  }
+  table.push_back(head);
+  for (const Row& r : rows) {
+    const KvPlan& p = r.plan;
+    std::vector<std::string> row = {
+        type_pair(p.shape), fmt::format("{}", p.bytes_per_token_layer),
+        fmt::format("{}", p.bytes_per_token),
+        fmt::format("{} ({})", p.bytes_total, human_bytes(static_cast<double>(p.bytes_total)))};
+    if (budget) {
+      row.push_back(fmt::format("{}", *r.max_ctx));
+      row.push_back(fmt::format("{}", *r.max_seqs));
+    }
+    table.push_back(row);
+  }
+  print_table(table);
+  fmt::print("\nbytes/token = {} layers x (K row + V row); a sequence is one cache of --ctx tokens.\n"
+             "Static caches allocate the total up front, dynamic ones grow to it in chunks of {} "
+             "tokens.\n",
+             s.n_layer, kKvChunkTokens);
+}
+
+void print_json(const KvSource& src, int64_t n_ctx, int64_t n_seqs, std::optional<uint64_t> budget,
+                const std::vector<Row>& rows) {
+  using nlohmann::json;
+  auto opt = [](const auto& v) { return v ? json(*v) : json(nullptr); };
+  json j;
+  j["source"] = {{"kind", src.kind},
+                 {"path", src.path.empty() ? json(nullptr) : json(src.path)},
+                 {"arch", src.arch.empty() ? json(nullptr) : json(src.arch)}};
+  j["n_ctx"] = n_ctx;
+  j["n_ctx_model"] = src.n_ctx_model > 0 ? json(src.n_ctx_model) : json(nullptr);
+  j["n_seqs"] = n_seqs;
+  j["budget_bytes"] = opt(budget);
+  j["layer_groups"] = json::array({{{"first_layer", 0},
+                                    {"n_layer", src.shape.n_layer},
+                                    {"n_kv_head", src.shape.n_kv_head},
+                                    {"head_dim", src.shape.head_dim}}});
+  j["cache_types"] = json::array();
+  for (const Row& r : rows) {
+    const KvPlan& p = r.plan;
+    j["cache_types"].push_back({{"type_k", dtype_name(p.shape.dtype_k)},
+                                {"type_v", dtype_name(p.shape.dtype_v)},
+                                {"k_bytes_per_token_layer", p.k_bytes_per_token_layer},
+                                {"v_bytes_per_token_layer", p.v_bytes_per_token_layer},
+                                {"bytes_per_token_layer", p.bytes_per_token_layer},
+                                {"k_bytes_per_token", p.k_bytes_per_token},
+                                {"v_bytes_per_token", p.v_bytes_per_token},
+                                {"bytes_per_token", p.bytes_per_token},
+                                {"bytes_per_seq", p.bytes_per_seq},
+                                {"bytes_total", p.bytes_total},
+                                {"max_ctx_for_budget", opt(r.max_ctx)},
+                                {"max_seqs_for_budget", opt(r.max_seqs)}});
+  }
+  fmt::print("{}\n", j.dump(2));
+}
+
+// ---- the command -------------------------------------------------------------------------------
+
+int run_kv_size(const KvSizeArgs& a) {
+  // Check the cheap inputs before opening any file.
+  std::optional<uint64_t> budget;
+  if (a.budget_given) budget = parse_bytes(a.budget);
+  std::optional<std::pair<DType, DType>> pair;
+  if (!a.ctk.empty() || !a.ctv.empty())
+    pair = {parse_cache_type(a.ctk.empty() ? "f16" : a.ctk, "-ctk"),
+            parse_cache_type(a.ctv.empty() ? "f16" : a.ctv, "-ctv")};
+
+  const KvSource src = resolve_source(a);
+  const int64_t n_ctx = a.n_ctx > 0 ? a.n_ctx : src.n_ctx_model > 0 ? src.n_ctx_model : kDefaultCtx;
+
+  std::vector<std::pair<DType, DType>> pairs;
+  if (pair)
+    pairs.push_back(*pair);
+  else
+    for (DType t : kv_plan_types(src.shape)) pairs.emplace_back(t, t);
+
+  std::vector<Row> rows;
+  for (const auto& [k, v] : pairs) {
+    KvShape s = src.shape;
+    s.dtype_k = k;
+    s.dtype_v = v;
+    Row r{plan_kv(s, n_ctx, a.n_seqs), std::nullopt, std::nullopt};
+    if (budget) {
+      r.max_ctx = max_ctx_for_budget(s, a.n_seqs, *budget);
+      r.max_seqs = max_seqs_for_budget(s, n_ctx, *budget);
+    }
+    rows.push_back(r);
+  }
+  if (budget) {
+    // A budget no listed type can use at all is a mistake worth stopping for; one that only the
+    // smaller types fit shows as zeros in the table.
+    const Row* smallest = &rows.front();
+    for (const Row& r : rows)
+      if (r.plan.bytes_per_token < smallest->plan.bytes_per_token) smallest = &r;
+    if (*smallest->max_ctx == 0)
+      fail("budget {} ({} bytes) cannot hold one token of {} (needs {} bytes{})", a.budget, *budget,
+           a.n_seqs == 1 ? std::string("one sequence") : fmt::format("{} sequences", a.n_seqs),
+           plan_kv(smallest->plan.shape, 1, a.n_seqs).bytes_total,
+           rows.size() > 1 ? " with " + type_pair(smallest->plan.shape) + ", the smallest type"
+                           : std::string());
+  }
+
+  if (a.json)
+    print_json(src, n_ctx, a.n_seqs, budget, rows);
+  else
+    print_text(src, a, n_ctx, budget, rows);
+  return 0;
+}
+
+constexpr const char* kFooter = R"(Sources (exactly one; default: the default model):
+  -m MODEL.gguf       <arch>.block_count, attention.head_count(_kv), key_length or
+                      embedding_length / head_count, context_length
+  --hf-config FILE    num_hidden_layers, num_attention_heads, num_key_value_heads
+                      (default: heads), head_dim or hidden_size / heads, max_position_embeddings
+  --layers --kv-heads --head-dim
+Byte sizes: 1000000, 512MiB, 2GiB, 1.5GB, 64k (KiB/MiB/GiB/TiB and bare K/M/G/T are powers of
+1024, KB/MB/GB/TB powers of 1000; case-insensitive).
+
+--json prints one object; byte counts are integers, absent values null:
+  source        {kind: "gguf"|"hf-config"|"flags", path, arch}
+  n_ctx, n_ctx_model, n_seqs, budget_bytes
+  layer_groups  [{first_layer, n_layer, n_kv_head, head_dim}]
+  cache_types   [{type_k, type_v, k_bytes_per_token_layer, v_bytes_per_token_layer,
+                  bytes_per_token_layer, k_bytes_per_token, v_bytes_per_token, bytes_per_token,
+                  bytes_per_seq (one cache of n_ctx), bytes_total (n_seqs caches),
+                  max_ctx_for_budget, max_seqs_for_budget}])";
+
+}  // namespace
+
+Command add_kv_size(CLI::App& app) {
+  auto a = std::make_shared<KvSizeArgs>();
+  auto* cmd = app.add_subcommand(
+      "kv-size", "exact KV cache memory: bytes per token and in total, max context/users in a budget");
+  cmd->footer(kFooter);
+  auto* model = cmd->add_option("-m,--model", a->model, "GGUF model (reads the metadata only)");
+  auto* hf = cmd->add_option("--hf-config", a->hf_config, "Hugging Face config.json");
+  auto* layers = cmd->add_option("--layers", a->n_layer, "layers")->check(CLI::PositiveNumber);
+  auto* kv_heads = cmd->add_option("--kv-heads", a->n_kv_head, "KV heads per layer")
+                       ->check(CLI::PositiveNumber);
+  auto* head_dim = cmd->add_option("--head-dim", a->head_dim, "values per head")
+                       ->check(CLI::PositiveNumber);
+  hf->excludes(model);
+  for (CLI::Option* o : {layers, kv_heads, head_dim}) {
+    o->excludes(model)->excludes(hf);
+    for (CLI::Option* other : {layers, kv_heads, head_dim})
+      if (other != o) o->needs(other);
+  }
+  cmd->add_option("-c,--ctx,--ctx-size", a->n_ctx,
+                  "tokens per sequence (default: the model's context, else 4096)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--seqs", a->n_seqs, "sequences (users), each its own cache")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  auto* budget = cmd->add_option("--budget", a->budget,
+                  "memory for the caches, e.g. 2GiB: adds the longest context for --seqs users and "
+                  "the most users at --ctx");
+  cmd->add_option("--cache-type-k", a->ctk, "only this K type (alias -ctk; the other defaults to f16)");
+  cmd->add_option("--cache-type-v", a->ctv, "only this V type (alias -ctv; the other defaults to f16)");
+  cmd->add_flag("--json", a->json, "print one JSON object (keys below) instead of the table");
+  return {cmd, [a, budget] {
+            a->budget_given = budget->count() > 0;
+            return run_kv_size(*a);
+          }};
+}
+
+}  // namespace kvlm::cli

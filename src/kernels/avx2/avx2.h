@@ -1,0 +1,40 @@
+// AVX2 + FMA + F16C variant of the dispatched kernels (internal to src/kernels and its tests).
+// Only avx2/ops_avx2.cpp is compiled with those instruction sets; call anything here only after
+// avx2::cpu_supported() returned true (dispatch.cpp does; the tests skip otherwise).
+//
+// Each function has the same contract as its twin in ref/ref.h. Activation quantization is
+// bit-identical to ref; dots and matmul sum in a different (but fixed, n-only) order, so they
+// agree with ref to rounding, not bitwise. Within this variant, matmul's y[i, r] is bit-identical
+// whatever n_tok, the thread count or the row split, and equals dot_row bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "base/thread_pool.h"
+#include "kernels/act_blocks.h"
+#include "tensor/dtype.h"
+#include "tensor/tensor.h"
+
+namespace kvlm::kernels::avx2 {
+
+// True when the CPU (and OS) support AVX2, FMA and F16C. Compiled without those flags, so it is
+// safe to call anywhere.
+bool cpu_supported();
+
+void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+float dot_row(DType t, const void* row, const float* x, int64_t n);
+void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+
+// ---- building blocks (see ref/ref.h) ------------------------------------------------------------
+void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks);
+void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks);
+float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks);
+float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks);
+float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks);
+// sum_c a[c] * b[c]   a, b: [n], any n >= 0, any alignment
+float dot_f32(const float* a, const float* b, int64_t n);
+// sum_c f16 a[c] * b[c] without a dequantized copy; equals dot_f32 of the dequantized row bit for
+// bit (same lanes and order; f16 -> f32 is exact).   a: [n] f16, b: [n]
+float dot_f16(const uint16_t* a, const float* b, int64_t n);
+
+}  // namespace kvlm::kernels::avx2

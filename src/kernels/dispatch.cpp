@@ -1,0 +1,82 @@
+// Chooses the kernel variant once per process and forwards the hot entry points of ops.h to it.
+// A table of function pointers read through one static: after the first call, a dispatched call
+// costs one indirect call, with no CPU-feature test or getenv in per-row loops.
+#include "kernels/dispatch.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/avx2/avx2.h"
+#include "kernels/ops.h"
+#include "kernels/ref/ref.h"
+
+namespace kvlm::kernels {
+
+namespace {
+
+struct KernelTable {
+  const char* name;
+  void (*dequantize_row)(DType, const void*, float*, int64_t);
+  float (*dot_row)(DType, const void*, const float*, int64_t);
+  void (*matmul)(const TensorView&, const float*, float*, int64_t, ThreadPool&);
+};
+
+constexpr KernelTable kScalar = {"scalar", ref::dequantize_row, ref::dot_row, ref::matmul};
+constexpr KernelTable kAvx2 = {"avx2", avx2::dequantize_row, avx2::dot_row, avx2::matmul};
+
+}  // namespace
+
+// KVLM_KERNELS: unset, "" or "auto" picks the fastest variant the CPU runs; "scalar" forces the
+// reference (to compare speeds or results); "avx2" insists on AVX2. A bad value only warns: the
+// choice can happen on a pool thread, where an exception would terminate the process.
+const char* choose_backend(const char* env, bool avx2_ok) {
+  const char* best = avx2_ok ? kAvx2.name : kScalar.name;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best;
+  if (std::strcmp(env, "scalar") == 0) return kScalar.name;
+  if (std::strcmp(env, "avx2") == 0) {
+    if (!avx2_ok)
+      std::fprintf(stderr,
+                   "kvlm: KVLM_KERNELS=avx2, but this CPU lacks AVX2, FMA or F16C; using the "
+                   "scalar kernels. Unset KVLM_KERNELS to choose automatically.\n");
+    return best;
+  }
+  std::fprintf(stderr,
+               "kvlm: KVLM_KERNELS='%s' is not one of auto, scalar, avx2; choosing "
+               "automatically (%s).\n",
+               env, best);
+  return best;
+}
+
+namespace {
+
+const KernelTable& pick_table() {
+  const char* name = choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported());
+  return std::strcmp(name, kAvx2.name) == 0 ? kAvx2 : kScalar;
+}
+
+// The first kernel call decides for the whole process (thread-safe static initialisation).
+const KernelTable& table() {
+  static const KernelTable& t = pick_table();
+  return t;
+}
+
+}  // namespace
+
+const char* kernels_backend() {
+  return table().name;
+}
+
+void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
+  table().dequantize_row(t, src, dst, n);
+}
+
+float dot_row(DType t, const void* row, const float* x, int64_t n) {
+  return table().dot_row(t, row, x, n);
+}
+
+void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool) {
+  table().matmul(w, x, y, n_tok, pool);
+}
+
+}  // namespace kvlm::kernels

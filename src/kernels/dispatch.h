@@ -1,0 +1,11 @@
+// Kernel-variant choice, exposed for tests (internal to src/kernels).
+#pragma once
+
+namespace kvlm::kernels {
+
+// The variant ("avx2" or "scalar") for KVLM_KERNELS = env (nullptr when unset) on a CPU that does
+// (avx2_ok) or does not run the AVX2 variant. Warns on stderr about a value it cannot honour.
+// kernels_backend() is this, evaluated once per process.
+const char* choose_backend(const char* env, bool avx2_ok);
+
+}  // namespace kvlm::kernels

@@ -1,0 +1,32 @@
+// Scalar reference variant of the dispatched kernels (internal to src/kernels and its tests).
+// ops.h's dequantize_row, dot_row and matmul call these when KVLM_KERNELS=scalar or when the CPU
+// has no faster variant; the fast variants are tested against them.
+#pragma once
+
+#include <cstdint>
+
+#include "base/thread_pool.h"
+#include "kernels/act_blocks.h"
+#include "tensor/dtype.h"
+#include "tensor/tensor.h"
+
+namespace kvlm::kernels::ref {
+
+// Same contracts as the public functions of the same name in ops.h.
+void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+float dot_row(DType t, const void* row, const float* x, int64_t n);
+void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+
+// ---- building blocks, exposed so the fast twins can be tested piece by piece --------------------
+// f32 x[32 * n_blocks] -> activation blocks (llama.cpp's x86 rounding: id = 127 / amax, nearest
+// even). The fast variants must produce these bytes exactly.
+void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks);
+void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks);
+// Integer block dots of n_blocks weight blocks with n_blocks activation blocks.
+float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks);
+float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks);
+float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks);
+// sum_c a[c] * b[c] in 16 lanes with a fixed pairwise fold.   a, b: [n]
+float dot_f32(const float* a, const float* b, int64_t n);
+
+}  // namespace kvlm::kernels::ref

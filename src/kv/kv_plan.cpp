@@ -1,0 +1,176 @@
+#include "kv/kv_plan.h"
+
+#include <algorithm>
+#include <cctype>
+#include <limits>
+#include <string>
+#include <utility>
+
+#include "base/error.h"
+
+namespace kvlm {
+
+namespace {
+
+void check_counts(const char* what, int64_t n) {
+  if (n <= 0) fail("KV plan: {} must be positive, got {}", what, n);
+}
+
+// Whether n_seqs caches of n_tokens tokens fit in budget bytes, by kv_bytes itself. Sizes past the
+// budget are rejected before kv_bytes multiplies them, so this never overflows or throws.
+bool fits(const KvShape& s, int64_t n_tokens, int64_t n_seqs, uint64_t budget) {
+  if (static_cast<uint64_t>(n_tokens) > budget / kv_bytes_per_token(s)) return false;
+  const uint64_t per_seq = kv_bytes(s, n_tokens);
+  return per_seq == 0 || static_cast<uint64_t>(n_seqs) <= budget / per_seq;
+}
+
+}  // namespace
+
+KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs) {
+  validate(shape);
+  check_counts("the context (tokens per sequence)", n_ctx);
+  check_counts("the number of sequences", n_seqs);
+  KvPlan p;
+  p.shape = shape;
+  p.n_ctx = n_ctx;
+  p.n_seqs = n_seqs;
+  p.k_bytes_per_token_layer = kv_k_row_bytes(shape);
+  p.v_bytes_per_token_layer = kv_v_row_bytes(shape);
+  p.bytes_per_token_layer = kv_bytes_per_token_layer(shape);
+  p.k_bytes_per_token = p.k_bytes_per_token_layer * static_cast<size_t>(shape.n_layer);
+  p.v_bytes_per_token = p.v_bytes_per_token_layer * static_cast<size_t>(shape.n_layer);
+  p.bytes_per_token = kv_bytes_per_token(shape);
+  // The K/V split is ours; the sum must still be kv_shape's number.
+  KVLM_CHECK(p.k_bytes_per_token + p.v_bytes_per_token == p.bytes_per_token);
+  p.bytes_per_seq = kv_bytes(shape, n_ctx);
+  if (!checked_mul(p.bytes_per_seq, static_cast<uint64_t>(n_seqs), &p.bytes_total))
+    fail("KV cache size for {} sequences of {} tokens overflows", n_seqs, n_ctx);
+  return p;
+}
+
+size_t kv_alloc_bytes(const KvShape& shape, KvAlloc alloc, int64_t n_ctx, int64_t n_reserved) {
+  KVLM_CHECK(n_reserved >= 0 && n_reserved <= n_ctx);
+  // KvCache's constructor reserves one token (a dynamic cache: its first chunk).
+  const int64_t n_tokens =
+      kv_alloc_tokens(alloc == KvAlloc::Dynamic, std::max<int64_t>(n_reserved, 1), n_ctx);
+  return kv_bytes(shape, n_tokens);
+}
+
+int64_t max_ctx_for_budget(const KvShape& shape, int64_t n_seqs, uint64_t budget_bytes) {
+  validate(shape);
+  check_counts("the number of sequences", n_seqs);
+  // n_seqs x n x bpt <= budget  <=>  n <= floor(floor(budget / n_seqs) / bpt) (integers).
+  const uint64_t guess = budget_bytes / static_cast<uint64_t>(n_seqs) / kv_bytes_per_token(shape);
+  const int64_t n = static_cast<int64_t>(
+      std::min<uint64_t>(guess, static_cast<uint64_t>(std::numeric_limits<int64_t>::max())));
+  // The division is only a shortcut: kv_bytes is the definition, and the answer must be exact.
+  KVLM_CHECK(n == 0 || fits(shape, n, n_seqs, budget_bytes));
+  KVLM_CHECK(n == std::numeric_limits<int64_t>::max() || !fits(shape, n + 1, n_seqs, budget_bytes));
+  return n;
+}
+
+int64_t max_seqs_for_budget(const KvShape& shape, int64_t n_ctx, uint64_t budget_bytes) {
+  validate(shape);
+  check_counts("the context (tokens per sequence)", n_ctx);
+  if (!fits(shape, n_ctx, 1, budget_bytes)) return 0;
+  const uint64_t guess = budget_bytes / kv_bytes(shape, n_ctx);
+  const int64_t n = static_cast<int64_t>(
+      std::min<uint64_t>(guess, static_cast<uint64_t>(std::numeric_limits<int64_t>::max())));
+  KVLM_CHECK(fits(shape, n_ctx, n, budget_bytes));
+  KVLM_CHECK(n == std::numeric_limits<int64_t>::max() || !fits(shape, n_ctx, n + 1, budget_bytes));
+  return n;
+}
+
+std::vector<DType> kv_plan_types(const KvShape& shape) {
+  // Candidates: every type id kvlm knows (GGML numbers them below 64). validate() is the one
+  // judge of what a cache can store, so its verdict is taken as is.
+  std::vector<std::pair<size_t, DType>> found;  // (bytes per token, type)
+  std::string first_error;
+  for (uint32_t id = 0; id < 64; ++id) {
+    const DTypeInfo* info = dtype_info(id);
+    if (!info) continue;
+    KvShape s = shape;
+    s.dtype_k = s.dtype_v = info->type;
+    try {
+      validate(s);
+    } catch (const Error& e) {
+      if (first_error.empty()) first_error = e.what();
+      continue;
+    }
+    found.emplace_back(kv_bytes_per_token(s), info->type);
+  }
+  // Only a bad shape (no type at all) gets here empty; its error says why.
+  if (found.empty()) throw Error(first_error);
+  std::stable_sort(found.begin(), found.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<DType> out;
+  for (const auto& f : found) out.push_back(f.second);
+  return out;
+}
+
+uint64_t parse_bytes(std::string_view text) {
+  constexpr const char* kUnits = "B; KiB, MiB, GiB, TiB (x1024); KB, MB, GB, TB (x1000)";
+  std::string_view s = text;
+  auto is_space = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  auto is_digit = [](char c) { return c >= '0' && c <= '9'; };
+  while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
+  while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
+  if (s.empty()) fail("invalid byte size '{}': empty (give a number and a unit, e.g. 2GiB)", text);
+  if (s.front() == '-') fail("invalid byte size '{}': a size cannot be negative", text);
+  if (s.front() == '+') fail("invalid byte size '{}': give the number without a sign", text);
+
+  size_t i = 0;
+  uint64_t whole = 0;
+  bool any_digit = false, overflow = false;
+  for (; i < s.size() && is_digit(s[i]); ++i) {
+    overflow |= !checked_mul(whole, 10, &whole) || !checked_add(whole, s[i] - '0', &whole);
+    any_digit = true;
+  }
+  uint64_t frac = 0, frac_scale = 1;  // the fraction is frac / frac_scale
+  if (i < s.size() && s[i] == '.') {
+    for (++i; i < s.size() && is_digit(s[i]); ++i) {
+      // 18 decimals keep frac x unit (< 10^18 x 2^40) inside 128 bits and exact.
+      if (frac_scale == 1'000'000'000'000'000'000ull)
+        fail("invalid byte size '{}': more than 18 decimals", text);
+      frac = frac * 10 + static_cast<uint64_t>(s[i] - '0');
+      frac_scale *= 10;
+      any_digit = true;
+    }
+  }
+  if (!any_digit)
+    fail("invalid byte size '{}': expected a number and an optional unit ({}), e.g. 2GiB", text,
+         kUnits);
+  while (i < s.size() && is_space(s[i])) ++i;
+
+  std::string unit(s.substr(i));
+  for (auto& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  static constexpr std::pair<const char*, uint64_t> kTable[] = {
+      {"", 1},
+      {"b", 1},
+      {"k", 1ull << 10},
+      {"kib", 1ull << 10},
+      {"kb", 1000ull},
+      {"m", 1ull << 20},
+      {"mib", 1ull << 20},
+      {"mb", 1000ull * 1000},
+      {"g", 1ull << 30},
+      {"gib", 1ull << 30},
+      {"gb", 1000ull * 1000 * 1000},
+      {"t", 1ull << 40},
+      {"tib", 1ull << 40},
+      {"tb", 1000ull * 1000 * 1000 * 1000},
+  };
+  const uint64_t* mult = nullptr;
+  for (const auto& [name, m] : kTable)
+    if (unit == name) mult = &m;
+  if (!mult) fail("invalid byte size '{}': unknown unit '{}' (units: {})", text, s.substr(i), kUnits);
+
+  uint64_t bytes = 0;
+  // Fractions of a byte are dropped: a budget is an upper bound.
+  const auto frac_bytes = static_cast<uint64_t>(static_cast<unsigned __int128>(frac) * *mult / frac_scale);
+  overflow |= !checked_mul(whole, *mult, &bytes) || !checked_add(bytes, frac_bytes, &bytes);
+  if (overflow) fail("invalid byte size '{}': more than 2^64 - 1 bytes", text);
+  return bytes;
+}
+
+}  // namespace kvlm

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""kvlm chat, the KV-cache features of generate (--trace, windows, context shift, dynamic
+allocation) end to end. Standard library only. Usage: test_chat.py KVLM_BINARY TEST_DATA_DIR"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+
+KVLM = sys.argv[1] if len(sys.argv) > 1 else "build/bin/kvlm"
+DATA = sys.argv[2] if len(sys.argv) > 2 else "tests/data"
+TINY = os.path.join(DATA, "tiny-llama.gguf")
+
+
+def run(args, stdin="", timeout=600):
+    p = subprocess.run([KVLM, *args], input=stdin.encode(), capture_output=True, timeout=timeout)
+    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+def stats(err):
+    """Parses the [stats] lines of chat's stderr into dicts."""
+    out = []
+    for m in re.finditer(r"\[stats\] turns (\d+) \| cache (\d+) of (\d+) tokens .* tokens reused (\d+), "
+                         r"prefilled (\d+) \| evicted (\d+)", err):
+        out.append(dict(zip(("turns", "cache", "ctx", "reused", "prefilled", "evicted"), map(int, m.groups()))))
+    return out
+
+
+class Chat(unittest.TestCase):
+    def test_turns_reuse_the_cache(self):
+        rc, out, err = run(["chat", "--temp", "0", "-n", "12"],
+                           "Name a colour.\n/stats\nName another one.\n/stats\nAnd a third?\n/stats\n/quit\n")
+        self.assertEqual(rc, 0, err)
+        s = stats(err)
+        self.assertEqual([x["turns"] for x in s[:3]], [1, 2, 3])
+        # Turn 2 and 3 reuse everything the cache held: only the new message is prefilled.
+        self.assertEqual(s[1]["reused"], s[0]["cache"])
+        self.assertEqual(s[2]["reused"] - s[1]["reused"], s[1]["cache"])
+        self.assertLess(s[2]["prefilled"] - s[1]["prefilled"], 30)
+        self.assertIn("[turn 3: prefilled", err)
+
+    def test_save_and_load(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s.kvs")
+            rc, _, err = run(["chat", "--temp", "0", "-n", "8"], f"Hello!\n/save {path}\n/quit\n")
+            self.assertEqual(rc, 0, err)
+            saved = stats(err)[-1]["cache"]
+            rc, _, err = run(["chat", "--temp", "0", "-n", "8"], f"/load {path}\n/stats\n/quit\n")
+            self.assertEqual(rc, 0, err)
+            self.assertIn(f"[loaded {saved} tokens, 2 messages]", err)  # user + assistant
+            # A different cache type, a corrupt file, a missing file: clear errors, chat goes on.
+            rc, _, err = run(["chat", "-ctk", "q8_0"], f"/load {path}\n/quit\n")
+            self.assertEqual(rc, 0, err)
+            self.assertIn("cache shape or types differ", err)
+            data = bytearray(open(path, "rb").read())
+            data[len(data) // 2] ^= 0xFF
+            bad = os.path.join(d, "bad.kvs")
+            open(bad, "wb").write(data)
+            rc, _, err = run(["chat"], f"/load {bad}\n/load {d}/missing.kvs\n/load {DATA}/tiny-llama.gguf\n/quit\n")
+            self.assertEqual(rc, 0, err)
+            self.assertIn("checksum mismatch", err)
+            self.assertIn("cannot open session file", err)
+            self.assertIn("not a kvlm session file", err)
+            # (Another model's session: tests/model/test_model.cpp, Session.SaveLoad.)
+
+    def test_context_shift_keeps_chatting(self):
+        rc, out, err = run(["chat", "--temp", "0", "-n", "40", "-c", "96"],
+                           "Tell me about cats.\nAnd dogs?\nAnd birds?\n/stats\n/quit\n")
+        self.assertEqual(rc, 0, err)
+        s = stats(err)[0]
+        self.assertEqual(s["turns"], 3)
+        self.assertGreater(s["evicted"], 0)
+        self.assertLessEqual(s["cache"], 96)
+
+    def test_unknown_command(self):
+        rc, _, err = run(["chat"], "/frob\n/quit\n")
+        self.assertEqual(rc, 0)
+        self.assertIn("unknown command '/frob'", err)
+
+
+class GenerateCache(unittest.TestCase):
+    def test_trace(self):
+        rc, _, err = run(["generate", "-p", "Hi", "-n", "3", "--temp", "0", "--trace"])
+        self.assertEqual(rc, 0, err)
+        lines = [l for l in err.splitlines() if l.startswith("[trace]")]
+        self.assertEqual(len(lines), 3)  # prefill + 2 decode passes
+        self.assertIn("prefill", lines[0])
+        self.assertIn("per layer K [", lines[1])
+        self.assertIn("x 30 layers", lines[1])
+
+    def test_window_runs_past_the_training_context(self):
+        # tiny-llama was trained for 128 positions; 600 tokens with a 32 + 4 window.
+        rc, _, err = run(["generate", "-m", TINY, "-p", "the", "-n", "600", "--kv-window", "32",
+                          "--kv-sinks", "4", "--seed", "3", "--ignore-eos"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("generated tokens: 600", err)
+        self.assertIn("window 32 + 4 sinks", err)
+        m = re.search(r"kv bytes: +\S+ \S+ used, (\S+ \S+) allocated", err)
+        self.assertEqual(m.group(1), "9.00 KiB")  # 36 tokens x 256 bytes: bounded
+
+    def test_dynamic_allocation_allocates_less(self):
+        base = ["generate", "-p", "Hi", "-n", "4", "--temp", "0"]
+        _, _, static_err = run(base)
+        rc, _, dyn_err = run(base + ["--kv-alloc", "dynamic"])
+        self.assertEqual(rc, 0, dyn_err)
+        self.assertIn("90.00 MiB allocated", static_err)   # 4096 x 23,040 bytes
+        self.assertIn("5.62 MiB allocated", dyn_err)       # one 256-token chunk
+
+    def test_bad_cache_flags(self):
+        cases = [
+            (["--kv-window", "0"], 2, "kv-window"),
+            (["--kv-alloc", "sometimes"], 2, "sometimes"),
+            (["--kv-window", "64", "--keep", "4"], 1, "choose one"),
+            (["--kv-window", "64", "-c", "128"], 1, "drop -c"),
+            (["--kv-window", "8", "--kv-evict-chunk", "9"], 1, "larger than the window"),
+            (["--keep", "5000"], 1, "keep"),
+        ]
+        for extra, code, needle in cases:
+            with self.subTest(extra=extra):
+                rc, _, err = run(["generate", "-p", "Hi", "-n", "2"] + extra)
+                self.assertEqual(rc, code, err)
+                lines = [l for l in err.splitlines() if l.strip()]
+                self.assertEqual(len(lines), 1, err)
+                self.assertIn(needle.lower(), lines[0].lower())
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0], "-v"])

@@ -1,0 +1,520 @@
+// AVX2 kernels against their scalar twins (ref), called directly so that both run whatever
+// KVLM_KERNELS says; plus the AVX2 variant's own invariants and the variant choice.
+//
+// What must be equal, and what may differ:
+//  * bit-identical: activation quantization (codes and f16 scales), f16/bf16 dequantization, and,
+//    within the AVX2 variant, matmul across n_tok / threads / row splits and dot_row == matmul.
+//  * within a tolerance: every dot product, because AVX2 sums in 8 lanes with FMAs where ref sums
+//    sequentially (quantized) or in 16 lanes without FMA (f32). Both start from the same exact
+//    terms (integer block sums times exact scale products), so each differs from the exact sum by
+//    at most its rounding error: |fast - ref| <= (err_fast + err_ref) * sum|terms|, with the error
+//    factors derived beside each tolerance below.
+//
+// Unaligned data: buffers are offset from a 32-byte boundary by every multiple of each element
+// type's own alignment (4 bytes for f32, 2 for f16 rows and quantized blocks, whose fields are
+// uint16_t): every placement real data can have relative to the vector width, without ever
+// making a misaligned scalar access (undefined behaviour, and an error under UBSan).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/thread_pool.h"
+#include "kernels/act_blocks.h"
+#include "kernels/avx2/avx2.h"
+#include "kernels/dispatch.h"
+#include "kernels/ops.h"
+#include "kernels/ref/ref.h"
+#include "tensor/dtype.h"
+#include "tensor/tensor.h"
+
+namespace kvlm::kernels {
+namespace {
+
+constexpr double kEpsF32 = 0x1p-24;  // unit roundoff of f32
+
+uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+#define SKIP_WITHOUT_AVX2() \
+  if (!avx2::cpu_supported()) GTEST_SKIP() << "CPU lacks AVX2, FMA or F16C"
+
+// A byte buffer whose payload starts `offset` bytes past a 32-byte boundary.
+class Buffer {
+ public:
+  Buffer(size_t bytes, size_t offset) : raw_(bytes + offset + 64) {
+    const auto base = reinterpret_cast<uintptr_t>(raw_.data());
+    data_ = raw_.data() + ((32 - base % 32) % 32) + offset;
+  }
+  uint8_t* data() { return data_; }
+  template <class T>
+  T* as() {
+    return reinterpret_cast<T*>(data_);
+  }
+
+ private:
+  std::vector<uint8_t> raw_;
+  uint8_t* data_;
+};
+
+std::vector<float> random_floats(std::mt19937& rng, int64_t n, float scale) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& f : v) f = dist(rng);
+  return v;
+}
+
+// A random row of type t with n elements written at dst. Quantized types get random codes over
+// their whole range (Q8_0 including -128, which a third-party quantizer may write) and f16
+// scales of either sign; float types get normal values.
+void random_row(DType t, int64_t n, std::mt19937& rng, uint8_t* dst) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(-0.02f, 0.02f);
+  switch (t) {
+    case DType::Q4_0:
+    case DType::Q4_1:
+    case DType::Q8_0:
+    case DType::Q6_K: {
+      for (size_t i = 0; i < row_bytes(t, n); ++i) dst[i] = static_cast<uint8_t>(byte(rng));
+      const int64_t n_blocks = n / dtype_info(t).block_size;
+      const size_t bsize = static_cast<size_t>(dtype_info(t).type_size);
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        uint8_t* blk = dst + b * bsize;
+        const uint16_t d = fp32_to_fp16(scale(rng));
+        if (t == DType::Q6_K) {
+          std::memcpy(blk + offsetof(BlockQ6_K, d), &d, 2);
+        } else {
+          std::memcpy(blk, &d, 2);
+        }
+        if (t == DType::Q4_1) {
+          const uint16_t m = fp32_to_fp16(scale(rng) * 8);
+          std::memcpy(blk + 2, &m, 2);
+        }
+      }
+      return;
+    }
+    default: {
+      const std::vector<float> v = random_floats(rng, n, 1.0f);
+      quantize_row(t, v.data(), dst, n);
+    }
+  }
+}
+
+// ---- variant choice -----------------------------------------------------------------------------
+
+TEST(Avx2Dispatch, ChoiceFollowsEnvironmentAndCpu) {
+  EXPECT_STREQ(choose_backend(nullptr, true), "avx2");
+  EXPECT_STREQ(choose_backend("", true), "avx2");
+  EXPECT_STREQ(choose_backend("auto", true), "avx2");
+  EXPECT_STREQ(choose_backend("scalar", true), "scalar");
+  EXPECT_STREQ(choose_backend("avx2", true), "avx2");
+  EXPECT_STREQ(choose_backend(nullptr, false), "scalar");
+  EXPECT_STREQ(choose_backend("avx2", false), "scalar");  // warns; cannot honour it
+  EXPECT_STREQ(choose_backend("bogus", true), "avx2");    // warns; chooses automatically
+  EXPECT_STREQ(kernels_backend(),
+               choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported()));
+}
+
+// The choice is made once per process, so the environment is set in a fresh child process
+// (the "threadsafe" death-test style re-executes this binary for just this statement).
+TEST(Avx2Dispatch, EnvironmentForcesScalar) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        setenv("KVLM_KERNELS", "scalar", 1);
+        std::exit(std::strcmp(kernels_backend(), "scalar") == 0 ? 0 : 1);
+      },
+      testing::ExitedWithCode(0), "");
+}
+
+// ---- activation quantization: bit-identical -----------------------------------------------------
+
+// Inputs that probe each step of the quantizer: exact halves (x * id lands on k + 0.5 when
+// amax = 127 makes id = 1), NaN and inf (NaN codes become 0; an inf amax makes id 0), amax so
+// small that 127 / amax overflows, values at the f32 extremes, zero blocks and signed zeros.
+std::vector<float> tricky_block(int kind, std::mt19937& rng) {
+  std::vector<float> b = random_floats(rng, 32, 1.0f);
+  switch (kind) {
+    case 0:
+      for (int j = 0; j < 32; ++j) b[j] = static_cast<float>(j - 16) + 0.5f;
+      b[5] = 127.0f;
+      break;
+    case 1:
+      b[3] = NAN;
+      break;
+    case 2:
+      b[7] = INFINITY;
+      b[9] = -INFINITY;
+      break;
+    case 3:
+      for (auto& f : b) f *= 1e-39f;  // subnormal amax: 127 / amax = inf
+      break;
+    case 4:
+      for (auto& f : b) f *= 3e37f;
+      break;
+    case 5:
+      std::fill(b.begin(), b.end(), 0.0f);
+      b[1] = -0.0f;
+      break;
+    case 6:
+      b[0] = -127.0f;
+      for (int j = 1; j < 32; ++j) b[j] = std::round(b[j] * 40.0f) + 0.5f;
+      break;
+    default:
+      break;
+  }
+  return b;
+}
+
+TEST(Avx2Quant, ActivationBlocksBitIdentical) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(11);
+  for (int64_t n = 32; n <= 4608; n += n < 256 ? 32 : 544) {
+    const int64_t nb = n / 32;
+    for (size_t off : {0, 4, 12, 28}) {
+      Buffer xbuf(n * 4, off);
+      float* x = xbuf.as<float>();
+      const std::vector<float> v = random_floats(rng, n, n % 3 == 0 ? 30.0f : 0.7f);
+      std::memcpy(x, v.data(), n * 4);
+      for (int64_t b = 0; b < nb; ++b)
+        if (b % 4 == 1) {
+          const std::vector<float> t = tricky_block(static_cast<int>((b / 4 + n) % 8), rng);
+          std::memcpy(x + b * 32, t.data(), 32 * 4);
+        }
+      std::vector<BlockQ8_0> r0(nb), f0(nb);
+      std::vector<BlockQ8_1> r1(nb), f1(nb);
+      ref::quant_act_q8_0(x, r0.data(), nb);
+      avx2::quant_act_q8_0(x, f0.data(), nb);
+      ref::quant_act_q8_1(x, r1.data(), nb);
+      avx2::quant_act_q8_1(x, f1.data(), nb);
+      for (int64_t b = 0; b < nb; ++b) {
+        ASSERT_EQ(0, std::memcmp(&r0[b], &f0[b], sizeof(BlockQ8_0))) << "n " << n << " block " << b;
+        ASSERT_EQ(0, std::memcmp(&r1[b], &f1[b], sizeof(BlockQ8_1))) << "n " << n << " block " << b;
+      }
+    }
+  }
+}
+
+// ---- dequantization: bit-identical --------------------------------------------------------------
+
+TEST(Avx2Dequant, F16ExhaustiveAndBf16BitIdentical) {
+  SKIP_WITHOUT_AVX2();
+  // Every f16 bit pattern, with n = 65536 + 5 so the scalar tail runs too.
+  const int64_t n = 65536 + 5;
+  for (size_t off : {0, 2, 6, 30}) {
+    Buffer src(n * 2, off);
+    for (int64_t i = 0; i < n; ++i) src.as<uint16_t>()[i] = static_cast<uint16_t>(i * 40503u);
+    for (DType t : {DType::F16, DType::BF16}) {
+      std::vector<float> r(n), f(n);
+      ref::dequantize_row(t, src.data(), r.data(), n);
+      avx2::dequantize_row(t, src.data(), f.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        // F16C quiets a signalling NaN (sets the top mantissa bit); ref keeps the payload as is.
+        // Both are NaN, and nothing in kvlm reads NaN payloads.
+        if (std::isnan(r[i])) {
+          ASSERT_TRUE(std::isnan(f[i])) << dtype_name(t) << " " << i;
+          continue;
+        }
+        ASSERT_EQ(bits_of(r[i]), bits_of(f[i])) << dtype_name(t) << " element " << i;
+      }
+    }
+  }
+}
+
+TEST(Avx2Dequant, OtherTypesMatchRef) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(5);
+  for (DType t : {DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q6_K}) {
+    const int64_t n = 512;
+    std::vector<uint8_t> row(row_bytes(t, n));
+    random_row(t, n, rng, row.data());
+    std::vector<float> r(n), f(n);
+    ref::dequantize_row(t, row.data(), r.data(), n);
+    avx2::dequantize_row(t, row.data(), f.data(), n);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(bits_of(r[i]), bits_of(f[i])) << dtype_name(t);
+  }
+}
+
+// ---- dots: within tolerance ---------------------------------------------------------------------
+
+// Sum of |terms| a quantized-activation dot rounds, from the blocks both variants see:
+//   sum_b |d_w d_x| sum_j |q_w q_x|  (+ sum_b |m_b s_b| for Q4_1)
+// q_w is the integer the kernels multiply: nibble - 8 (Q4_0), nibble (Q4_1), code (Q8_0).
+double quantized_abs_terms(DType t, const uint8_t* w, const uint8_t* xq, int64_t nb) {
+  double sum = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const BlockQ8_0* x0 = reinterpret_cast<const BlockQ8_0*>(xq) + b;
+    const BlockQ8_1* x1 = reinterpret_cast<const BlockQ8_1*>(xq) + b;
+    double ints = 0;
+    if (t == DType::Q8_0) {
+      const auto* wb = reinterpret_cast<const BlockQ8_0*>(w) + b;
+      for (int j = 0; j < 32; ++j) ints += std::abs(wb->qs[j] * x0->qs[j]);
+      sum += std::fabs(double(fp16_to_fp32(wb->d)) * fp16_to_fp32(x0->d)) * ints;
+    } else if (t == DType::Q4_0) {
+      const auto* wb = reinterpret_cast<const BlockQ4_0*>(w) + b;
+      for (int j = 0; j < 16; ++j) {
+        ints += std::abs(((wb->qs[j] & 15) - 8) * x0->qs[j]);
+        ints += std::abs(((wb->qs[j] >> 4) - 8) * x0->qs[j + 16]);
+      }
+      sum += std::fabs(double(fp16_to_fp32(wb->d)) * fp16_to_fp32(x0->d)) * ints;
+    } else {
+      const auto* wb = reinterpret_cast<const BlockQ4_1*>(w) + b;
+      for (int j = 0; j < 16; ++j) {
+        ints += std::abs((wb->qs[j] & 15) * x1->qs[j]);
+        ints += std::abs((wb->qs[j] >> 4) * x1->qs[j + 16]);
+      }
+      sum += std::fabs(double(fp16_to_fp32(wb->d)) * fp16_to_fp32(x1->d)) * ints;
+      sum += std::fabs(double(fp16_to_fp32(wb->m)) * fp16_to_fp32(x1->s));
+    }
+  }
+  return sum;
+}
+
+// Quantized dots. Ref: per block one rounded product d * sumi (and m * s, and their sum) added to
+// one running sum: each term passes through at most nb + 2 roundings. AVX2: per lane one FMA
+// rounding per block, then a 3-level fold, and Q4_1's sum m * s through dot_f32 (fewer than
+// nb + 6 roundings). Both exact inputs, so |fast - ref| <= 2 (nb + 6) u sum|terms| to first
+// order; the factor 2 on top absorbs the second-order terms.
+double quantized_tolerance(int64_t nb, double abs_terms) {
+  return 2.0 * 2.0 * double(nb + 6) * kEpsF32 * abs_terms + 1e-30;
+}
+
+// f32 dots. Ref: 16 lanes of ceil(n/16) rounded products and sums, then a 4-level fold: error
+// <= (ceil(n/16) + 5) u sum|a b|. AVX2: 32 lanes of ceil(n/32) + 1 FMAs, a 2-level fold and a
+// 3-level hsum: <= (ceil(n/32) + 6) u sum|a b|. Doubled for second-order terms.
+double f32_tolerance(int64_t n, double abs_terms) {
+  return 2.0 * double((n + 15) / 16 + 5 + (n + 31) / 32 + 6) * kEpsF32 * abs_terms + 1e-30;
+}
+
+double abs_dot(const float* a, const float* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::fabs(double(a[i]) * b[i]);
+  return s;
+}
+
+TEST(Avx2Dot, QuantizedBlockDotsMatchRef) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(21);
+  for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
+    for (int64_t n = 32; n <= 8192; n += n < 512 ? 32 : 1056) {
+      const int64_t nb = n / 32;
+      for (size_t w_off : {0, 2, 18, 30}) {
+        const size_t x_off = 32 - w_off;
+        Buffer wbuf(row_bytes(t, n), w_off);
+        random_row(t, n, rng, wbuf.data());
+        const std::vector<float> x = random_floats(rng, n, 2.0f);
+        Buffer xq(act_row_bytes(t, n), x_off % 32);
+        if (t == DType::Q4_1)
+          ref::quant_act_q8_1(x.data(), xq.as<BlockQ8_1>(), nb);
+        else
+          ref::quant_act_q8_0(x.data(), xq.as<BlockQ8_0>(), nb);
+        float r, f;
+        if (t == DType::Q4_0) {
+          r = ref::dot_q4_0_q8_0(wbuf.as<BlockQ4_0>(), xq.as<BlockQ8_0>(), nb);
+          f = avx2::dot_q4_0_q8_0(wbuf.as<BlockQ4_0>(), xq.as<BlockQ8_0>(), nb);
+        } else if (t == DType::Q4_1) {
+          r = ref::dot_q4_1_q8_1(wbuf.as<BlockQ4_1>(), xq.as<BlockQ8_1>(), nb);
+          f = avx2::dot_q4_1_q8_1(wbuf.as<BlockQ4_1>(), xq.as<BlockQ8_1>(), nb);
+        } else {
+          r = ref::dot_q8_0_q8_0(wbuf.as<BlockQ8_0>(), xq.as<BlockQ8_0>(), nb);
+          f = avx2::dot_q8_0_q8_0(wbuf.as<BlockQ8_0>(), xq.as<BlockQ8_0>(), nb);
+        }
+        const double terms = quantized_abs_terms(t, wbuf.data(), xq.data(), nb);
+        ASSERT_NEAR(f, r, quantized_tolerance(nb, terms))
+            << dtype_name(t) << " n " << n << " offset " << w_off;
+        // dot_row quantizes x itself (bit-identically), so it is the same dot.
+        ASSERT_EQ(bits_of(f), bits_of(avx2::dot_row(t, wbuf.data(), x.data(), n)))
+            << dtype_name(t) << " n " << n;
+      }
+    }
+  }
+}
+
+TEST(Avx2Dot, F32AndF16DotsMatchRef) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(31);
+  // Every tail length 0..31 around several multiples of 32, and long rows.
+  std::vector<int64_t> sizes;
+  for (int64_t n = 0; n <= 100; ++n) sizes.push_back(n);
+  for (int64_t n : {127, 128, 129, 576, 1000, 1536, 4095, 4096, 4097, 8200}) sizes.push_back(n);
+  for (int64_t n : sizes) {
+    for (size_t off : {0, 4, 16, 28}) {
+      Buffer a(n * 4 + 4, off), b(n * 4 + 4, 32 - off), h(n * 2 + 2, off / 2);
+      const std::vector<float> av = random_floats(rng, n, 1.0f), bv = random_floats(rng, n, 1.0f);
+      std::copy(av.begin(), av.end(), a.as<float>());
+      std::copy(bv.begin(), bv.end(), b.as<float>());
+      quantize_row(DType::F16, av.data(), h.data(), n);
+      const float r = ref::dot_f32(a.as<float>(), b.as<float>(), n);
+      const float f = avx2::dot_f32(a.as<float>(), b.as<float>(), n);
+      ASSERT_NEAR(f, r, f32_tolerance(n, abs_dot(a.as<float>(), b.as<float>(), n)))
+          << "n " << n << " offset " << off;
+      // The f16 row dot is the f32 dot of the dequantized row, bit for bit, and matches ref's
+      // f16 dot_row (dequantize, then its f32 dot) within the f32 tolerance.
+      std::vector<float> hf(n);
+      ref::dequantize_row(DType::F16, h.data(), hf.data(), n);
+      const float f16 = avx2::dot_f16(h.as<uint16_t>(), b.as<float>(), n);
+      ASSERT_EQ(bits_of(f16), bits_of(avx2::dot_f32(hf.data(), b.as<float>(), n))) << "n " << n;
+      ASSERT_EQ(bits_of(f16), bits_of(avx2::dot_row(DType::F16, h.data(), b.as<float>(), n)));
+      const float r16 = ref::dot_row(DType::F16, h.data(), b.as<float>(), n);
+      ASSERT_NEAR(f16, r16, f32_tolerance(n, abs_dot(hf.data(), b.as<float>(), n))) << "n " << n;
+    }
+  }
+}
+
+// ---- matmul -------------------------------------------------------------------------------------
+
+struct Matrix {
+  DType type;
+  int64_t n_rows, n_cols;
+  size_t stride;
+  Buffer buf;
+  TensorView view() { return {type, buf.data(), n_rows, n_cols, stride}; }
+  const uint8_t* row(int64_t r) { return buf.data() + r * stride; }
+};
+
+// Rows padded by `pad` bytes (an even number: keeps blocks 2-byte aligned) after `offset`.
+Matrix random_matrix(DType t, int64_t n_rows, int64_t n_cols, size_t pad, size_t offset,
+                     std::mt19937& rng) {
+  const size_t stride = row_bytes(t, n_cols) + pad;
+  Matrix m{t, n_rows, n_cols, stride, Buffer(stride * n_rows, offset)};
+  for (int64_t r = 0; r < n_rows; ++r) random_row(t, n_cols, rng, m.buf.data() + r * stride);
+  return m;
+}
+
+// Tolerance for one matmul element, as for dot_row of that row.
+double element_tolerance(DType t, const uint8_t* row, const float* x, int64_t n) {
+  if (act_type(t) != DType::F32) {
+    std::vector<uint8_t> xq(act_row_bytes(t, n));
+    if (t == DType::Q4_1)
+      ref::quant_act_q8_1(x, reinterpret_cast<BlockQ8_1*>(xq.data()), n / 32);
+    else
+      ref::quant_act_q8_0(x, reinterpret_cast<BlockQ8_0*>(xq.data()), n / 32);
+    return quantized_tolerance(n / 32, quantized_abs_terms(t, row, xq.data(), n / 32));
+  }
+  std::vector<float> w(n);
+  ref::dequantize_row(t, row, w.data(), n);
+  return f32_tolerance(n, abs_dot(w.data(), x, n));
+}
+
+struct Case {
+  DType type;
+  std::vector<int64_t> n_cols;
+};
+
+const std::vector<Case>& cases() {
+  static const std::vector<Case> c = {
+      {DType::Q4_0, {32, 96, 576, 1536}},  {DType::Q4_1, {32, 64, 576, 1536}},
+      {DType::Q8_0, {32, 160, 576, 4096}}, {DType::F32, {7, 33, 576}},
+      {DType::F16, {5, 64, 576}},          {DType::BF16, {32, 47}},
+      {DType::Q6_K, {256, 512}},
+  };
+  return c;
+}
+
+TEST(Avx2Matmul, MatchesRefWithinTolerance) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(41);
+  ThreadPool pool(2);
+  for (const Case& c : cases()) {
+    for (int64_t n_cols : c.n_cols) {
+      for (int64_t n_rows : {1, 5, 37}) {
+        Matrix w =
+            random_matrix(c.type, n_rows, n_cols, n_rows % 2 ? 0 : 6, 2 * (n_rows % 16), rng);
+        for (int64_t n_tok : {1, 3, 4, 5, 9, 17}) {
+          const std::vector<float> x = random_floats(rng, n_tok * n_cols, 1.5f);
+          std::vector<float> yr(n_tok * n_rows), yf(n_tok * n_rows);
+          ref::matmul(w.view(), x.data(), yr.data(), n_tok, pool);
+          avx2::matmul(w.view(), x.data(), yf.data(), n_tok, pool);
+          for (int64_t i = 0; i < n_tok; ++i)
+            for (int64_t r = 0; r < n_rows; ++r) {
+              const double tol = element_tolerance(c.type, w.row(r), x.data() + i * n_cols, n_cols);
+              ASSERT_NEAR(yf[i * n_rows + r], yr[i * n_rows + r], tol)
+                  << dtype_name(c.type) << " " << n_rows << "x" << n_cols << " n_tok " << n_tok
+                  << " token " << i << " row " << r;
+            }
+        }
+      }
+    }
+  }
+}
+
+// The cached-vs-recomputed equivalence needs y[i, r] independent of n_tok (decode path for
+// n_tok <= 4, prefill tiles above, with partial tiles at either edge), the thread count, the row
+// split (views starting at other rows shift every chunk, tile and panel boundary), and equal to
+// dot_row. All bitwise, within the AVX2 variant.
+TEST(Avx2Matmul, BatchThreadsSplitAndDotRowBitIdentical) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(51);
+  ThreadPool pool1(1), pool2(2), pool3(3);
+  for (const Case& c : cases()) {
+    const int64_t n_cols = c.n_cols.back();
+    // Enough rows for several prefill panels (about 16 KiB of unpacked rows each) per thread.
+    const int64_t n_rows = n_cols <= 64 ? 203 : 131;
+    // 23 tokens make every batch but bf16's big enough to be split across threads (matmul runs
+    // less than ~1M multiply-adds inline); the single-token calls run inline.
+    const int64_t n_tok = 23;
+    Matrix w = random_matrix(c.type, n_rows, n_cols, 0, 2, rng);
+    const std::vector<float> x = random_floats(rng, n_tok * n_cols, 1.0f);
+    std::vector<float> batch(n_tok * n_rows), batch3(n_tok * n_rows);
+    avx2::matmul(w.view(), x.data(), batch.data(), n_tok, pool2);
+    avx2::matmul(w.view(), x.data(), batch3.data(), n_tok, pool3);
+    for (int64_t k = 0; k < n_tok * n_rows; ++k)
+      ASSERT_EQ(bits_of(batch[k]), bits_of(batch3[k])) << dtype_name(c.type) << " element " << k;
+    // Sub-batches of every size from 1 to 7 (decode and prefill paths), at every start.
+    for (int64_t t0 = 0, len = 1; t0 < n_tok; t0 += len, len = len % 7 + 1) {
+      const int64_t m = std::min(len, n_tok - t0);
+      std::vector<float> part(m * n_rows);
+      avx2::matmul(w.view(), x.data() + t0 * n_cols, part.data(), m, m % 2 ? pool1 : pool2);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t r = 0; r < n_rows; ++r)
+          ASSERT_EQ(bits_of(batch[(t0 + i) * n_rows + r]), bits_of(part[i * n_rows + r]))
+              << dtype_name(c.type) << " tokens " << t0 << "+" << m << " row " << r;
+    }
+    for (int64_t shift : {1, 5, 17}) {
+      TensorView tail = w.view();
+      tail.data = w.row(shift);
+      tail.n_rows = n_rows - shift;
+      for (int64_t m : {1, 6}) {
+        std::vector<float> part(m * tail.n_rows);
+        avx2::matmul(tail, x.data(), part.data(), m, pool2);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t r = 0; r < tail.n_rows; ++r)
+            ASSERT_EQ(bits_of(batch[i * n_rows + r + shift]), bits_of(part[i * tail.n_rows + r]))
+                << dtype_name(c.type) << " shift " << shift << " n_tok " << m << " row " << r;
+      }
+    }
+    for (int64_t i = 0; i < n_tok; i += 5)
+      for (int64_t r = 0; r < n_rows; ++r)
+        ASSERT_EQ(bits_of(batch[i * n_rows + r]),
+                  bits_of(avx2::dot_row(c.type, w.row(r), x.data() + i * n_cols, n_cols)))
+            << dtype_name(c.type) << " token " << i << " row " << r;
+  }
+}
+
+// The dispatched entry points are the chosen variant's, exactly.
+TEST(Avx2Matmul, PublicEntryPointsUseTheChosenVariant) {
+  std::mt19937 rng(61);
+  ThreadPool pool(2);
+  const bool fast = std::strcmp(kernels_backend(), "avx2") == 0;
+  Matrix w = random_matrix(DType::Q4_1, 19, 576, 0, 0, rng);
+  const std::vector<float> x = random_floats(rng, 6 * 576, 1.0f);
+  std::vector<float> y(6 * 19), want(6 * 19);
+  matmul(w.view(), x.data(), y.data(), 6, pool);
+  (fast ? avx2::matmul : ref::matmul)(w.view(), x.data(), want.data(), 6, pool);
+  for (size_t k = 0; k < y.size(); ++k) ASSERT_EQ(bits_of(y[k]), bits_of(want[k]));
+  const float d = dot_row(DType::Q4_1, w.row(3), x.data(), 576);
+  ASSERT_EQ(bits_of(d),
+            bits_of((fast ? avx2::dot_row : ref::dot_row)(DType::Q4_1, w.row(3), x.data(), 576)));
+}
+
+}  // namespace
+}  // namespace kvlm::kernels

@@ -1,0 +1,224 @@
+// The KV memory planner: the seeds' worked examples, exact inverse questions, byte-size parsing,
+// and "predicted == allocated": for every allocation strategy and storage type, the bytes the
+// planner predicts are the bytes real KvCache objects allocate.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "kv/kv_cache.h"
+#include "kv/kv_plan.h"
+
+namespace kvlm {
+namespace {
+
+KvShape shape(int n_layer, int n_kv_head, int head_dim, DType k = DType::F16, DType v = DType::F16) {
+  KvShape s;
+  s.n_layer = n_layer;
+  s.n_kv_head = n_kv_head;
+  s.head_dim = head_dim;
+  s.dtype_k = k;
+  s.dtype_v = v;
+  return s;
+}
+
+constexpr uint64_t kMiB = uint64_t{1} << 20, kGiB = uint64_t{1} << 30;
+
+// ---- worked examples ---------------------------------------------------------------------------
+
+// LLaMA-7B (32 layers, 32 KV heads of 128, no GQA) in fp16: 2 x 32 x 32 x 128 x 2 bytes per token.
+TEST(KvPlan, Llama7bWorkedExample) {
+  const KvShape s = shape(32, 32, 128);
+  KvPlan p = plan_kv(s, 1024);
+  EXPECT_EQ(p.bytes_per_token, 524288u);
+  EXPECT_EQ(p.bytes_per_token_layer, 16384u);
+  EXPECT_EQ(p.k_bytes_per_token_layer, 8192u);
+  EXPECT_EQ(p.v_bytes_per_token_layer, 8192u);
+  EXPECT_EQ(p.k_bytes_per_token, 262144u);
+  EXPECT_EQ(p.v_bytes_per_token, 262144u);
+  EXPECT_EQ(p.bytes_total, 512 * kMiB);  // 512 MiB at 1,024 tokens
+  EXPECT_EQ(plan_kv(s, 4096).bytes_total, 2 * kGiB);  // 2 GiB at 4,096 tokens
+  EXPECT_EQ(plan_kv(s, 4096, 3).bytes_total, 6 * kGiB);
+  EXPECT_EQ(plan_kv(s, 4096, 3).bytes_per_seq, 2 * kGiB);
+  // And back: 2 GiB holds 4,096 tokens of one sequence, or 2 sequences of 2,048.
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 2 * kGiB), 4096);
+  EXPECT_EQ(max_seqs_for_budget(s, 2048, 2 * kGiB), 2);
+}
+
+TEST(KvPlan, SmolLm2EveryType) {
+  // 30 layers x 3 KV heads x 64 dims (docs/KV.md).
+  const KvShape s = shape(30, 3, 64);
+  std::vector<DType> types = kv_plan_types(s);
+  std::vector<size_t> per_token;
+  for (DType t : types) per_token.push_back(plan_kv(shape(30, 3, 64, t, t), 1).bytes_per_token);
+  // f32 and f16 are always there; every type kv_shape accepts is listed, largest first.
+  ASSERT_GE(types.size(), 2u);
+  EXPECT_EQ(types[0], DType::F32);
+  EXPECT_EQ(per_token[0], 46080u);
+  EXPECT_EQ(types[1], DType::F16);
+  EXPECT_EQ(per_token[1], 23040u);
+  for (size_t i = 1; i < per_token.size(); ++i) EXPECT_GE(per_token[i - 1], per_token[i]);
+  for (DType t : kKvTypes) EXPECT_NE(std::find(types.begin(), types.end(), t), types.end());
+  EXPECT_EQ(types.size(), std::size(kKvTypes));
+  EXPECT_EQ(plan_kv(shape(30, 3, 64, DType::F32, DType::F16), 1).bytes_per_token, 34560u);
+}
+
+TEST(KvPlan, TypesFollowValidate) {
+  // head_dim 48: no 32-value block fits a head, so only the plain types remain.
+  for (DType t : kv_plan_types(shape(2, 2, 48))) EXPECT_EQ(dtype_info(t).block_size, 1);
+  EXPECT_THROW(kv_plan_types(shape(0, 2, 64)), Error);
+}
+
+TEST(KvPlan, BadInputsAreErrors) {
+  EXPECT_THROW(plan_kv(shape(32, 32, 128), 0), Error);
+  EXPECT_THROW(plan_kv(shape(32, 32, 128), 16, 0), Error);
+  EXPECT_THROW(plan_kv(shape(0, 32, 128), 16), Error);
+  EXPECT_THROW(plan_kv(shape(4096, 4096, 4096, DType::F32, DType::F32), int64_t{1} << 40), Error);
+  // Each sequence fits in size_t, all of them together do not.
+  EXPECT_THROW(plan_kv(shape(32, 32, 128), int64_t{1} << 40, int64_t{1} << 30), Error);
+  EXPECT_THROW(max_ctx_for_budget(shape(32, 32, 128), 0, kGiB), Error);
+  EXPECT_THROW(max_seqs_for_budget(shape(32, 32, 128), 0, kGiB), Error);
+}
+
+// ---- inverse questions -------------------------------------------------------------------------
+
+TEST(KvPlan, InverseQuestionsAreExactAtBoundaries) {
+  for (DType t : kv_plan_types(shape(30, 3, 64))) {
+    const KvShape s = shape(30, 3, 64, t, t);
+    for (int64_t n_seqs : {1, 2, 7})
+      for (int64_t n : {1, 2, 255, 256, 4096, 100000}) {
+        const uint64_t exact = plan_kv(s, n, n_seqs).bytes_total;
+        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact), n);
+        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact - 1), n - 1);
+        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact + 1), n);
+        // The same budget seen from the other side: n_seqs sequences of n tokens.
+        EXPECT_EQ(max_seqs_for_budget(s, n, exact), n_seqs);
+        EXPECT_EQ(max_seqs_for_budget(s, n, exact - 1), n_seqs - 1);
+      }
+  }
+}
+
+TEST(KvPlan, InverseQuestionsAtTheEdges) {
+  const KvShape s = shape(30, 3, 64);  // 23,040 B/token
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 0), 0);
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 1024), 0);
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 23039), 0);
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 23040), 1);
+  EXPECT_EQ(max_ctx_for_budget(s, 2, 23040), 0);
+  EXPECT_EQ(max_seqs_for_budget(s, 1, 23039), 0);
+  EXPECT_EQ(max_seqs_for_budget(s, int64_t{1} << 62, 1000 * kGiB), 0);  // kv_bytes would overflow
+  const uint64_t all = std::numeric_limits<uint64_t>::max();
+  EXPECT_EQ(max_ctx_for_budget(s, 1, all), static_cast<int64_t>(all / 23040));
+  EXPECT_EQ(max_seqs_for_budget(s, 1, all), static_cast<int64_t>(all / 23040));
+}
+
+// ---- predicted == allocated --------------------------------------------------------------------
+
+// For every strategy and storage type: the planner's bytes are the arenas' bytes, at construction,
+// after growth, and at full context (where both strategies hold plan_kv's bytes_per_seq).
+TEST(KvPlan, PredictedEqualsAllocated) {
+  const KvShape shapes[] = {shape(3, 2, 64), shape(2, 1, 32), shape(1, 4, 128), shape(2, 3, 48)};
+  for (const KvShape& base : shapes)
+    for (DType k : kv_plan_types(base))
+      for (DType v : kv_plan_types(base))
+        for (KvAlloc alloc : {KvAlloc::Static, KvAlloc::Dynamic})
+          for (int64_t n_ctx : {1, 17, 256, 257, 700}) {
+            KvShape s = base;
+            s.dtype_k = k;
+            s.dtype_v = v;
+            SCOPED_TRACE(testing::Message() << dtype_name(k) << "/" << dtype_name(v) << " dims "
+                                            << s.n_layer << "x" << s.n_kv_head << "x" << s.head_dim
+                                            << (alloc == KvAlloc::Static ? " static" : " dynamic")
+                                            << " n_ctx " << n_ctx);
+            KvCache kv(s, n_ctx, alloc);
+            EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, 0));
+            for (int64_t n : {int64_t{1}, n_ctx / 2, n_ctx - 1, n_ctx}) {
+              if (n < 1) continue;
+              kv.reserve(n);
+              EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, n)) << n;
+            }
+            EXPECT_EQ(kv.stats().bytes_allocated, plan_kv(s, n_ctx).bytes_per_seq);
+          }
+}
+
+// n_seqs sequences are n_seqs caches: the plan's total is their sum.
+TEST(KvPlan, PredictedEqualsAllocatedForSeveralSequences) {
+  for (DType t : kv_plan_types(shape(2, 2, 64)))
+    for (int64_t n_seqs : {1, 2, 5}) {
+      const KvShape s = shape(2, 2, 64, t, t);
+      const int64_t n_ctx = 300;
+      std::vector<std::unique_ptr<KvCache>> caches;
+      size_t allocated = 0;
+      for (int64_t i = 0; i < n_seqs; ++i) {
+        caches.push_back(std::make_unique<KvCache>(s, n_ctx));
+        allocated += caches.back()->stats().bytes_allocated;
+      }
+      EXPECT_EQ(allocated, plan_kv(s, n_ctx, n_seqs).bytes_total) << dtype_name(t) << " " << n_seqs;
+      // The budget that exactly holds them admits exactly these caches.
+      EXPECT_EQ(max_seqs_for_budget(s, n_ctx, allocated), n_seqs);
+      EXPECT_EQ(max_ctx_for_budget(s, n_seqs, allocated), n_ctx);
+    }
+}
+
+// ---- parse_bytes -------------------------------------------------------------------------------
+
+TEST(ParseBytes, Table) {
+  struct Case {
+    const char* s;
+    uint64_t bytes;
+  };
+  const Case cases[] = {
+      {"0", 0},
+      {"1000000", 1000000},
+      {"1B", 1},
+      {"2GiB", 2 * kGiB},
+      {"2gib", 2 * kGiB},
+      {"2 GiB", 2 * kGiB},
+      {" 512MiB ", 512 * kMiB},
+      {"512M", 512 * kMiB},
+      {"64k", 65536},
+      {"64KiB", 65536},
+      {"64KB", 64000},
+      {"64kb", 64000},
+      {"1.5GB", 1500000000},
+      {"1.5GiB", 3 * kGiB / 2},
+      {"1.5", 1},  // fractions of a byte are dropped
+      {"0.1KiB", 102},
+      {".5K", 512},
+      {"3.", 3},
+      {"1TB", 1000000000000ull},
+      {"1TiB", uint64_t{1} << 40},
+      {"18446744073709551615", std::numeric_limits<uint64_t>::max()},
+      {"16777215.999999999999999999TiB", (uint64_t{1} << 40) * 16777215 + ((uint64_t{1} << 40) - 1)},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.s);
+    EXPECT_EQ(parse_bytes(c.s), c.bytes);
+  }
+}
+
+TEST(ParseBytes, Errors) {
+  const char* bad[] = {"",      "   ",   "-1",    "-1GiB", "+5",   "GiB",     "abc",
+                       "1e9",   "2XB",   "2 G B", "1..5",  ".",    "1.5.GiB", "0x10",
+                       "18446744073709551616",     "16777216TiB", "1.0000000000000000001"};
+  for (const char* s : bad) {
+    SCOPED_TRACE(s);
+    EXPECT_THROW(parse_bytes(s), Error);
+  }
+  // The message names the string and what to do.
+  try {
+    parse_bytes("2XB");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'2XB'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("GiB"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace kvlm

@@ -1,6 +1,17 @@
 #include "base/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
+
+#include <sys/resource.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KVLM_CPU_RELAX() _mm_pause()
+#else
+#define KVLM_CPU_RELAX() std::this_thread::yield()
+#endif
 
 namespace kvlm {
 
@@ -19,38 +30,48 @@ void chunk_bounds(int64_t n, int64_t grain, int n_threads, int t, int64_t* begin
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = std::max(1u, std::thread::hardware_concurrency());
   n_threads_ = n_threads;
+  if (const char* e = std::getenv("KVLM_SPIN_US")) max_spin_ = std::clamp(std::atoi(e), 0, 1000000);
+  spin_micros_ = max_spin_;
   for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
 }
 
 ThreadPool::~ThreadPool() {
+  stop_.store(true);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    generation_.fetch_add(1);
   }
-  cv_work_.notify_all();
+  cv_.notify_all();
   for (auto& t : threads_) t.join();
 }
 
 void ThreadPool::worker(int index) {
+  using Clock = std::chrono::steady_clock;
   uint64_t seen = 0;
   for (;;) {
-    const RangeFn* job;
-    int64_t n, grain;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_work_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      job = job_;
-      n = job_n_;
-      grain = job_grain_;
+    // Spin for the next job, checking the clock every 256 pauses (~10 us).
+    if (generation_.load(std::memory_order_acquire) == seen) {
+      const auto deadline =
+          Clock::now() + std::chrono::microseconds(spin_micros_.load(std::memory_order_relaxed));
+      for (uint32_t i = 1; generation_.load(std::memory_order_acquire) == seen; ++i) {
+        KVLM_CPU_RELAX();
+        if ((i & 255) == 0 && Clock::now() > deadline) {
+          std::unique_lock<std::mutex> lock(mu_);
+          n_sleeping_.fetch_add(1);
+          cv_.wait(lock, [&] { return generation_.load() != seen; });
+          n_sleeping_.fetch_sub(1);
+          break;
+        }
+      }
     }
+    seen = generation_.load(std::memory_order_acquire);
+    if (stop_.load()) return;
     int64_t b, e;
-    chunk_bounds(n, grain, n_threads_, index, &b, &e);
-    if (b < e) (*job)(b, e, index);
-    {
+    chunk_bounds(job_n_, job_grain_, n_threads_, index, &b, &e);
+    if (b < e) (*job_)(b, e, index);
+    if (pending_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
       std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) cv_done_.notify_one();
+      cv_done_.notify_one();
     }
   }
 }
@@ -62,20 +83,50 @@ void ThreadPool::parallel_for(int64_t n, const RangeFn& fn, int64_t grain) {
     fn(0, n, 0);
     return;
   }
-  {
+  // The previous job has fully finished (pending_ reached 0 before we returned), so no worker
+  // reads the job fields while they change.
+  job_ = &fn;
+  job_n_ = n;
+  job_grain_ = grain;
+  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+  generation_.fetch_add(1);  // seq_cst: ordered before the n_sleeping_ load below
+  if (n_sleeping_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
-    job_ = &fn;
-    job_n_ = n;
-    job_grain_ = grain;
-    pending_ = n_threads_ - 1;
-    ++generation_;
+    cv_.notify_all();
   }
-  cv_work_.notify_all();
   int64_t b, e;
   chunk_bounds(n, grain, n_threads_, 0, &b, &e);
   if (b < e) fn(b, e, 0);
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [&] { return pending_ == 0; });
+  if (++n_sections_ % kCheckEvery == 0) {
+    // Involuntary context switches of this thread since the last check: other runnable threads
+    // are taking our cores, so spinning would only wait out their time slices. Sleep instead
+    // until a check finds the machine quiet again.
+    rusage ru{};
+    if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+      const int64_t d = ru.ru_nivcsw - last_nivcsw_;
+      last_nivcsw_ = ru.ru_nivcsw;
+      spin_micros_.store(d >= kBusySwitches ? 0 : max_spin_, std::memory_order_relaxed);
+    }
+  }
+  const int spin = spin_micros_.load(std::memory_order_relaxed);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::microseconds(spin);
+  for (uint32_t i = 1;; ++i) {
+    if (pending_.load(std::memory_order_acquire) == 0) {
+      return;
+    }
+    KVLM_CPU_RELAX();
+    if ((i & 255) == 0 && std::chrono::steady_clock::now() > deadline) {
+
+      // A worker is not running (oversubscribed machine) or has a long chunk: sleep until the
+      // last one notifies. seq_cst on caller_sleeping_ and pending_ orders the two checks.
+      std::unique_lock<std::mutex> lock(mu_);
+      caller_sleeping_.store(true);
+      cv_done_.wait(lock, [&] { return pending_.load() == 0; });
+      caller_sleeping_.store(false);
+      return;
+    }
+  }
 }
 
 }  // namespace kvlm

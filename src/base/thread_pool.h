@@ -1,8 +1,24 @@
-// Persistent worker pool. Threads are created once; parallel_for wakes them, splits [0, n) into
-// one contiguous chunk per thread and waits for all chunks. The caller's thread does chunk 0, so a
+// Persistent worker pool. Threads are created once; parallel_for hands [0, n) to them in one
+// contiguous chunk per thread and waits for all chunks. The caller's thread does chunk 0, so a
 // pool of size 1 runs inline with no synchronisation.
+//
+// Hand-off is by spinning first, then sleeping. A decode step of a small model is hundreds of
+// parallel sections a few microseconds apart, and waking a thread through a futex costs ~25 us
+// each way on a VM (a condition-variable pool measured ~55 us per section, a third of decode
+// time). So workers spin on an atomic generation counter, and the caller on the pending count,
+// for a bounded time, and only then sleep on a condition variable; an idle pool (a chat waiting
+// for input) sleeps and burns no CPU.
+// Spinning needs the cores to ourselves. On an oversubscribed machine (ctest -j, other jobs) a
+// spinning thread waits out whole time slices of a partner that is not running: with a fixed
+// 200 us spin two 2-thread decoders on 2 cores ran at 14 tok/s each, against ~100 for a sleeping
+// pool. So every kCheckEvery sections the caller reads its involuntary context switches
+// (getrusage): kBusySwitches or more since the last check mean other threads want our cores, and
+// the pool sleeps instead of spinning until a check finds the machine quiet again (measured: 190
+// tok/s quiet, 80 each with two decoders; docs/BENCHMARKS.md). KVLM_SPIN_US sets the spin bound
+// (default kSpinMicros; 0: never spin).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -23,24 +39,40 @@ class ThreadPool {
   int size() const { return n_threads_; }
 
   // fn(begin, end, thread_index) over disjoint chunks covering [0, n). Chunks are multiples of
-  // `grain` (except the last) so callers can keep work aligned to blocks. Not reentrant.
+  // `grain` (except the last) so callers can keep work aligned to blocks. Not reentrant, and
+  // called from one thread at a time.
   using RangeFn = std::function<void(int64_t begin, int64_t end, int thread_index)>;
   void parallel_for(int64_t n, const RangeFn& fn, int64_t grain = 1);
+
+  // Longest spin of a waiting thread before it sleeps, microseconds.
+  static constexpr int kSpinMicros = 200;
 
  private:
   void worker(int index);
 
   int n_threads_;
   std::vector<std::thread> threads_;
-  std::mutex mu_;
-  std::condition_variable cv_work_;
-  std::condition_variable cv_done_;
+  // The job: written by parallel_for before generation_ is bumped (release), read by workers
+  // after they observe the bump (acquire).
   const RangeFn* job_ = nullptr;
   int64_t job_n_ = 0;
   int64_t job_grain_ = 1;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};  // one per parallel_for (and one for stop)
+  std::atomic<int> pending_{0};          // workers still running the current job
+  std::atomic<bool> stop_{false};
+  // Sleeping workers: n_sleeping_ changes under mu_, and parallel_for notifies under mu_ when it
+  // is non-zero; with seq_cst on generation_ and n_sleeping_ no wake-up is lost.
+  std::mutex mu_;
+  std::condition_variable cv_;       // workers sleep here for a new generation
+  std::condition_variable cv_done_;  // the caller sleeps here for pending_ == 0
+  std::atomic<int> n_sleeping_{0};
+  std::atomic<bool> caller_sleeping_{false};  // likewise under mu_, for the last worker to notify
+  std::atomic<int> spin_micros_{kSpinMicros};  // the bound now: 0 or max_spin_
+  int max_spin_ = kSpinMicros;                 // KVLM_SPIN_US or kSpinMicros
+  uint64_t n_sections_ = 0;   // parallel_for calls that used the workers (caller's thread only)
+  int64_t last_nivcsw_ = 0;   // the caller's involuntary context switches at the last check
+  static constexpr uint64_t kCheckEvery = 64;
+  static constexpr int64_t kBusySwitches = 2;
 };
 
 }  // namespace kvlm

@@ -80,7 +80,8 @@ int run_chat(const ChatArgs& a) {
   ChatState st;
   if (!a.system.empty()) st.messages.push_back({"system", a.system});
   // Context shift keeps the rendered system prompt (llama.cpp --keep); the user's --keep wins.
-  if (!kvo.window && kvo.n_keep < 0) {
+  // The KIVI cache does not evict: a full context is then an error, as in generate.
+  if (!kvo.window && kvo.n_keep < 0 && kvo.kivi_residual < 0) {
     std::vector<ChatMessage> sys = st.messages;
     const std::string head = apply_chat_template(tmpl, sys.empty() ? std::vector<ChatMessage>{{"user", ""}} : sys, false);
     const std::string sys_text = sys.empty() ? head.substr(0, head.find("<|im_start|>user")) : head;

@@ -116,6 +116,11 @@ int run_generate(const GenerateArgs& a) {
     else if (kvo.n_keep >= 0)
       std::fprintf(stderr, ", context shift keeping %lld, %lld evicted",
                    static_cast<long long>(kvo.n_keep), static_cast<long long>(st.kv.n_evicted));
+    if (shape.kivi())
+      std::fprintf(stderr, ", KIVI: K per channel in groups of %d, %lld sealed, %lld in f16 (residual %d)",
+                   shape.kivi_group, static_cast<long long>(session.kv().n_sealed()),
+                   static_cast<long long>(st.kv.n_tokens - session.kv().n_sealed()),
+                   shape.kivi_residual);
     std::fprintf(stderr, "\n");
   } else {
     std::fprintf(stderr,
@@ -123,10 +128,11 @@ int run_generate(const GenerateArgs& a) {
                  "the buffer below is only per-step working memory\n",
                  static_cast<long long>(st.kv.n_tokens));
   }
-  std::fprintf(stderr, "kv bytes:         %s used, %s allocated (%zu bytes/token = %d layers x "
+  std::fprintf(stderr, "kv bytes:         %s used, %s allocated (%zu bytes/token%s = %d layers x "
                "(K %zu + V %zu))\n",
                human_bytes(st.kv.bytes_used).c_str(), human_bytes(st.kv.bytes_allocated).c_str(),
-               kv_bytes_per_token(shape), shape.n_layer, kv_k_row_bytes(shape),
+               kv_bytes_per_token(shape), shape.kivi() ? " sealed, plus the f16 residual" : "",
+               shape.n_layer, kv_k_row_bytes(shape),
                kv_v_row_bytes(shape));
   return 0;
 }

@@ -31,6 +31,7 @@ struct KvSizeArgs {
   int32_t n_layer = 0, n_kv_head = 0, head_dim = 0;  // the flags source
   int64_t n_ctx = 0;                                 // 0: the model's context, else kDefaultCtx
   int64_t n_seqs = 1;
+  int64_t kv_residual = -1;  // KIVI layout (--kv-residual); -1: plain rows
   bool json = false;
   bool budget_given = false;  // --budget "" is an error, not "no budget"
 };
@@ -156,6 +157,8 @@ struct Row {
 };
 
 std::string type_pair(const KvShape& s) {
+  if (s.kivi())
+    return fmt::format("{}/{} kivi r{}", dtype_name(s.dtype_k), dtype_name(s.dtype_v), s.kivi_residual);
   return fmt::format("{}/{}", dtype_name(s.dtype_k), dtype_name(s.dtype_v));
 }
 
@@ -222,6 +225,10 @@ void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
              "Static caches allocate the total up front, dynamic ones grow to it in chunks of {} "
              "tokens.\n",
              s.n_layer, kKvChunkTokens);
+  if (!rows.empty() && rows.front().plan.shape.kivi())
+    fmt::print("KIVI: bytes/token are a sealed token's (K per channel in groups of {}); the total adds "
+               "the f16 residual of up to R + {} tokens (docs/KV.md).\n",
+               rows.front().plan.shape.kivi_group, rows.front().plan.shape.kivi_group - 1);
 }
 
 void print_json(const KvSource& src, int64_t n_ctx, int64_t n_seqs, std::optional<uint64_t> budget,
@@ -245,6 +252,7 @@ void print_json(const KvSource& src, int64_t n_ctx, int64_t n_seqs, std::optiona
     const KvPlan& p = r.plan;
     j["cache_types"].push_back({{"type_k", dtype_name(p.shape.dtype_k)},
                                 {"type_v", dtype_name(p.shape.dtype_v)},
+                                {"kivi_residual", p.shape.kivi() ? json(p.shape.kivi_residual) : json(nullptr)},
                                 {"k_bytes_per_token_layer", p.k_bytes_per_token_layer},
                                 {"v_bytes_per_token_layer", p.v_bytes_per_token_layer},
                                 {"bytes_per_token_layer", p.bytes_per_token_layer},
@@ -266,7 +274,10 @@ int run_kv_size(const KvSizeArgs& a) {
   std::optional<uint64_t> budget;
   if (a.budget_given) budget = parse_bytes(a.budget);
   std::optional<std::pair<DType, DType>> pair;
-  if (!a.ctk.empty() || !a.ctv.empty())
+  if (a.kv_residual >= 0)  // KIVI: K is q4_0-sized per-channel groups; V defaults to q4_0 too
+    pair = {parse_cache_type(a.ctk.empty() ? "q4_0" : a.ctk, "-ctk"),
+            parse_cache_type(a.ctv.empty() ? "q4_0" : a.ctv, "-ctv")};
+  else if (!a.ctk.empty() || !a.ctv.empty())
     pair = {parse_cache_type(a.ctk.empty() ? "f16" : a.ctk, "-ctk"),
             parse_cache_type(a.ctv.empty() ? "f16" : a.ctv, "-ctv")};
 
@@ -284,6 +295,7 @@ int run_kv_size(const KvSizeArgs& a) {
     KvShape s = src.shape;
     s.dtype_k = k;
     s.dtype_v = v;
+    s.kivi_residual = static_cast<int32_t>(a.kv_residual);
     Row r{plan_kv(s, n_ctx, a.n_seqs), std::nullopt, std::nullopt};
     if (budget) {
       r.max_ctx = max_ctx_for_budget(s, a.n_seqs, *budget);
@@ -325,7 +337,7 @@ Byte sizes: 1000000, 512MiB, 2GiB, 1.5GB, 64k (KiB/MiB/GiB/TiB and bare K/M/G/T 
   source        {kind: "gguf"|"hf-config"|"flags", path, arch}
   n_ctx, n_ctx_model, n_seqs, budget_bytes
   layer_groups  [{first_layer, n_layer, n_kv_head, head_dim}]
-  cache_types   [{type_k, type_v, k_bytes_per_token_layer, v_bytes_per_token_layer,
+  cache_types   [{type_k, type_v, kivi_residual, k_bytes_per_token_layer, v_bytes_per_token_layer,
                   bytes_per_token_layer, k_bytes_per_token, v_bytes_per_token, bytes_per_token,
                   bytes_per_seq (one cache of n_ctx), bytes_total (n_seqs caches),
                   max_ctx_for_budget, max_seqs_for_budget}])";
@@ -361,6 +373,10 @@ Command add_kv_size(CLI::App& app) {
                   "the most users at --ctx");
   cmd->add_option("--cache-type-k", a->ctk, "only this K type (alias -ctk; the other defaults to f16)");
   cmd->add_option("--cache-type-v", a->ctv, "only this V type (alias -ctv; the other defaults to f16)");
+  cmd->add_option("--kv-residual", a->kv_residual,
+                  "only the KIVI cache keeping R recent tokens in f16 (K per channel; -ctk/-ctv "
+                  "default to q4_0)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
   cmd->add_flag("--json", a->json, "print one JSON object (keys below) instead of the table");
   return {cmd, [a, budget] {
             a->budget_given = budget->count() > 0;

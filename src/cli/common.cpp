@@ -68,6 +68,11 @@ void add_cache_flags(CLI::App* app, CacheFlags& f) {
                   "context shift: when the context is full keep the first N tokens and drop the "
                   "older half of the rest (as llama.cpp --keep)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 24));
+  app->add_option("--kv-residual", f.kv_residual,
+                  "KIVI cache: K quantized per channel in groups of 64 tokens, V per token, the "
+                  "most recent R..R+63 tokens in f16; needs -ctk q4_0 (e.g. -ctk q4_0 -ctv q4_0 "
+                  "--kv-residual 32)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
 }
 
 KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c) {
@@ -88,6 +93,14 @@ KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c) {
       fail("--kv-evict-chunk {} is larger than the window {}", o.window_chunk, f.window);
   }
   o.n_keep = f.keep;
+  if (f.kv_residual >= 0) {
+    if (o.dtype_k != DType::Q4_0)
+      fail("--kv-residual quantizes K per channel in 4 bits (q4_0's 0.5625 bytes/value): use -ctk "
+           "q4_0 (got -ctk {})", f.ctk);
+    if (f.window > 0) fail("--kv-residual cannot be combined with --kv-window (KIVI does not evict)");
+    if (f.keep >= 0) fail("--kv-residual cannot be combined with --keep (KIVI does not evict)");
+    o.kivi_residual = static_cast<int32_t>(f.kv_residual);
+  }
   if (o.n_keep >= o.n_ctx) fail("--keep {} must be smaller than the context ({})", o.n_keep, o.n_ctx);
   if (o.n_ctx > c.n_ctx_train && c.arch->pos == PosKind::Learned)
     fail("a context of {} tokens is larger than the {} positions this model has learned", o.n_ctx,

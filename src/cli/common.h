@@ -37,6 +37,7 @@ struct CacheFlags {
   int64_t sinks = 4;        // attention sinks kept at the start when windowed
   int64_t evict_chunk = 0;  // tokens evicted at once when the window is full (0: window / 8)
   int64_t keep = -1;        // context shift: tokens kept at the start (-1: off)
+  int64_t kv_residual = -1;  // KIVI layout: recent tokens kept in f16 (-1: off)
 };
 void add_cache_flags(CLI::App* app, CacheFlags& f);
 // Resolves the flags against a model into the session's KvOptions; kvlm::Error naming the flag.

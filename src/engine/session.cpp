@@ -16,6 +16,12 @@ KvOptions plain_options(DType dtype_k, DType dtype_v, int64_t n_ctx) {
   o.n_ctx = n_ctx;
   return o;
 }
+
+KvShape cache_shape(const Model& model, const KvOptions& kv) {
+  KvShape s = model.kv_shape(kv.dtype_k, kv.dtype_v);
+  s.kivi_residual = kv.kivi_residual;
+  return s;
+}
 }  // namespace
 
 Session::Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx, ThreadPool& pool,
@@ -26,7 +32,7 @@ Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int6
     : model_(model),
       pool_(pool),
       opts_(kv),
-      kv_(model.kv_shape(kv.dtype_k, kv.dtype_v), kv.n_ctx, kv.alloc, model.kv_rope()),
+      kv_(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope()),
       n_batch_(std::max<int64_t>(1, n_batch)) {
   if (kv.window) {
     if (kv.n_sinks < 0 || kv.n_sinks >= kv.n_ctx)
@@ -36,6 +42,8 @@ Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int6
       fail("window eviction chunk {} must be in [1, window]", kv.window_chunk);
   }
   if (kv.n_keep >= kv.n_ctx) fail("--keep {} must be smaller than the context ({})", kv.n_keep, kv.n_ctx);
+  if (kv.kivi_residual >= 0 && (kv.window || kv.n_keep >= 0))
+    fail("the KIVI cache (--kv-residual) cannot evict tokens: drop --kv-window / --keep");
 }
 
 bool Session::make_room(int64_t m) {
@@ -100,7 +108,15 @@ std::span<const float> Session::recompute(std::span<const int32_t> tokens) {
 void Session::truncate(int64_t n) {
   KVLM_CHECK(n >= 0 && n <= static_cast<int64_t>(tokens_.size()));
   tokens_.resize(static_cast<size_t>(n));
-  kv_.truncate(n);
+  if (n >= kv_.n_sealed()) {
+    kv_.truncate(n);
+    return;
+  }
+  // KIVI: quantized groups cannot return to f16, so the kept prefix is recomputed (giving the
+  // state a fresh prefill of it has).
+  std::vector<int32_t> keep = tokens_;
+  reset();
+  if (!keep.empty()) run(keep, false);
 }
 
 void Session::reset() {

@@ -32,6 +32,9 @@ struct KvOptions {
   // Context shift (llama.cpp --keep, for chat): when full, keep the first n_keep tokens and drop
   // the older half of the rest. -1: off (a full cache is an error).
   int64_t n_keep = -1;
+  // KIVI layout (--kv-residual R, docs/KV.md): -1 off; >= 0 keeps at least R recent tokens in f16,
+  // K per channel (dtype_k must be q4_0), V per token in dtype_v. No eviction, no session files.
+  int32_t kivi_residual = -1;
 };
 
 class Session {

@@ -85,6 +85,7 @@ class Reader {
 
 void Session::save(const std::string& path, const std::string& meta) const {
   const KvShape& s = kv_.shape();
+  if (s.kivi()) fail("{}: session files do not support the KIVI cache (--kv-residual)", path);
   const int64_t n = kv_.size();
   std::string out;
   out.append(kMagic, sizeof(kMagic));
@@ -111,6 +112,7 @@ void Session::save(const std::string& path, const std::string& meta) const {
 }
 
 std::string Session::load(const std::string& path) {
+  if (kv_.shape().kivi()) fail("{}: session files do not support the KIVI cache (--kv-residual)", path);
   std::ifstream f(path, std::ios::binary);
   if (!f) fail("{}: cannot open session file", path);
   const std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());

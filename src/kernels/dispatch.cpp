@@ -20,10 +20,15 @@ struct KernelTable {
   void (*dequantize_row)(DType, const void*, float*, int64_t);
   float (*dot_row)(DType, const void*, const float*, int64_t);
   void (*matmul)(const TensorView&, const float*, float*, int64_t, ThreadPool&);
+  void (*matmul_multi)(const MatmulPart*, int, const float*, int64_t, ThreadPool&);
+  void (*attn_chunk)(const float*, const float*, int64_t, int64_t, const float*, int64_t, float,
+                     float*, float*, float*, float*);
 };
 
-constexpr KernelTable kScalar = {"scalar", ref::dequantize_row, ref::dot_row, ref::matmul};
-constexpr KernelTable kAvx2 = {"avx2", avx2::dequantize_row, avx2::dot_row, avx2::matmul};
+constexpr KernelTable kScalar = {"scalar", ref::dequantize_row, ref::dot_row, ref::matmul,
+                                ref::matmul_multi, ref::attn_chunk};
+constexpr KernelTable kAvx2 = {"avx2", avx2::dequantize_row, avx2::dot_row, avx2::matmul,
+                              avx2::matmul_multi, avx2::attn_chunk};
 
 }  // namespace
 
@@ -77,6 +82,16 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
 
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool) {
   table().matmul(w, x, y, n_tok, pool);
+}
+
+void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                  ThreadPool& pool) {
+  table().matmul_multi(parts, n_parts, x, n_tok, pool);
+}
+
+void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
+                float scale, float* m, float* l, float* o, float* work) {
+  table().attn_chunk(k, v, n, hd, q, n_q, scale, m, l, o, work);
 }
 
 }  // namespace kvlm::kernels

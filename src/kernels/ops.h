@@ -41,6 +41,28 @@ float dot_row(DType t, const void* row, const float* x, int64_t n);
 // cached-vs-recomputed equivalence relies on this).
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
 
+// Several linear layers over the same input as one parallel section: parts[k].y = parts[k].w x,
+// each y laid out as matmul's. Bit-identical to separate matmul calls; when every W has the same
+// quantized type the activations are quantized once and the rows of all parts are split across
+// the pool together (Q/K/V, gate/up: fewer hand-offs per token). Every W has n_cols == n_in.
+struct MatmulPart {
+  const TensorView* w;  // [n_out_k, n_in]
+  float* y;             // [n_tok, n_out_k]
+};
+void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                  ThreadPool& pool);
+
+// ---- attention over one chunk of cached positions ----------------------------------------------
+// Online-softmax partial of n_q query heads against the n cached positions of one KV head:
+//   s[a, j] = scale * dot(q[a], k[j]),  m[a] = max_j s[a, j],  w[a, j] = exp(s[a, j] - m[a]),
+//   l[a] = sum_j w[a, j],  o[a] = sum_j w[a, j] * v[j]           (sums in j order)
+//   k, v: [n, hd] f32 (the chunk's rows, dequantized once for every query that reads them)
+//   q: [n_q, hd];  m, l: [n_q];  o: [n_q, hd] (overwritten);  work: [n_q, n] scratch
+// n >= 1. Each query's results depend only on its q and the rows, never on n_q, so a batch and a
+// single token get the same numbers. Attention merges the partials of a context's chunks.
+void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
+                float scale, float* m, float* l, float* o, float* work);
+
 // ---- element-wise and row-wise ops -------------------------------------------------------------
 // y = x / sqrt(mean(x^2) + eps) * w        x, w, y: [n]; y may alias x
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps);

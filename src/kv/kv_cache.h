@@ -10,6 +10,18 @@
 //
 // Allocation: Static reserves n_ctx rows up front (Hugging Face StaticCache); Dynamic grows the
 // arenas in chunks of kKvChunkTokens as tokens arrive (DynamicCache), copying the held rows.
+//
+// KIVI layout (shape.kivi(), docs/KV.md "KIVI"; storage code in kv_kivi.cpp): positions
+// [0, n_sealed) are sealed, [n_sealed, size()) stay f16 in a residual area:
+//   k[il]:  [n_sealed_cap / G] groups of kv_kivi_group_bytes: K per channel, 4-bit, G tokens each
+//   v[il]:  [n_sealed_cap, kv_dim] of dtype_v                  (V per token, row p = position p)
+//   rk[il]: [n_resid_cap, kv_dim] f16                          (row r = position n_sealed + r)
+//   rv[il]: [n_resid_cap, kv_dim] f16
+// A forward pass writes a layer in two steps around its attention: write() seals the groups the
+// batch completes (reading the old residual and the new rows) and leaves the residual alone, so
+// attention still finds every f16 row a query of the batch needs; finish_write() then moves the
+// residual on. Query p sees position j sealed iff j < kv_kivi_sealed(n_sealed, p + 1): exactly
+// what a decode step at p sees, so prefill(N) equals N decode steps.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +29,7 @@
 
 #include "base/aligned.h"
 #include "kernels/ops.h"
+#include "kv/kv_kivi.h"
 #include "kv/kv_shape.h"
 
 namespace kvlm {
@@ -40,6 +53,15 @@ struct KvLayerView {
   size_t k_row_bytes = 0;
   size_t v_row_bytes = 0;
   int64_t n_tokens = 0;  // rows readable: positions [0, n_tokens)
+
+  // KIVI layout only (kivi_residual >= 0): k then holds sealed K groups, v sealed V rows.
+  int32_t kivi_residual = -1;
+  int32_t kivi_group = 0;
+  size_t kivi_group_bytes = 0;     // kv_kivi_group_bytes
+  int64_t n_sealed0 = 0;           // sealed before this pass = first position of the residual
+  int64_t n_sealed1 = 0;           // sealed after this pass's write(): groups readable in k and v
+  const uint16_t* k_resid = nullptr;  // [size() - n_sealed0, kv_dim] f16, row r = position n_sealed0 + r
+  const uint16_t* v_resid = nullptr;  // same for V
 };
 
 struct KvStats {
@@ -70,8 +92,12 @@ class KvCache {
 
   // Stores K and V rows for positions [pos, pos + n) of layer il, converting from f32.
   //   k, v: [n, kv_dim] f32
-  // Precondition: 0 <= pos, pos + n <= capacity (reserve first).
+  // Precondition: 0 <= pos, pos + n <= capacity (reserve first); KIVI: pos == size().
   void write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
+  // Second half of write(), called with the same arguments once attention has read layer il:
+  // KIVI moves the f16 residual on to the rows that stay unsealed; a no-op for plain layouts.
+  // k, v must still hold the rows given to write() (attention reads the new rows from them).
+  void finish_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
   // Marks positions [0, n_tokens) as held, once every layer's rows are written.
   void commit(int64_t n_tokens);
   // View of layer il covering positions [0, n_visible) (rows past size() must already be written
@@ -90,9 +116,13 @@ class KvCache {
   // Precondition: n_tokens <= n_ctx; call once per layer, then commit(n_tokens).
   void import_rows(int32_t il, int64_t n_tokens, const uint8_t* k, const uint8_t* v);
 
-  // Forgets positions >= n (no bytes move).
+  // Forgets positions >= n (no bytes move). KIVI: precondition n >= n_sealed() (sealed tokens
+  // cannot be un-sealed; Session recomputes instead).
   void truncate(int64_t n);
   void clear();
+
+  // KIVI: positions [0, n_sealed()) are quantized, the rest f16. Plain layouts: 0.
+  int64_t n_sealed() const { return n_sealed_; }
 
   KvStats stats() const;
 
@@ -105,8 +135,19 @@ class KvCache {
   int64_t n_tokens_ = 0;
   int64_t n_evicted_ = 0;
   size_t k_row_bytes_ = 0, v_row_bytes_ = 0;
-  std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [capacity, kv_dim] dtype_k
-  std::vector<AlignedBuffer> v_;  // [n_layer] arenas of [capacity, kv_dim] dtype_v
+  std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [capacity, kv_dim] dtype_k (KIVI: groups)
+  std::vector<AlignedBuffer> v_;  // [n_layer] arenas of [capacity, kv_dim] dtype_v (KIVI: sealed)
+
+  // ---- KIVI (kv_kivi.cpp) ----
+  void kivi_reserve(int64_t cap);
+  void kivi_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
+  void kivi_finish_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
+  int64_t n_sealed_ = 0;       // committed sealed tokens (a multiple of the group)
+  int64_t n_sealed_next_ = 0;  // sealed once the pass being written commits
+  int32_t n_layers_done_ = 0;  // layers finish_write()-ten in this pass (checked at commit)
+  std::vector<AlignedBuffer> rk_;  // [n_layer] arenas of [n_resid_cap, kv_dim] f16
+  std::vector<AlignedBuffer> rv_;  // [n_layer] arenas of [n_resid_cap, kv_dim] f16
+  std::vector<float> group_f32_;   // [group, kv_dim] one K group gathered for sealing
 };
 
 }  // namespace kvlm

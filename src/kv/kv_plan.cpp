@@ -59,10 +59,20 @@ size_t kv_alloc_bytes(const KvShape& shape, KvAlloc alloc, int64_t n_ctx, int64_
 int64_t max_ctx_for_budget(const KvShape& shape, int64_t n_seqs, uint64_t budget_bytes) {
   validate(shape);
   check_counts("the number of sequences", n_seqs);
-  // n_seqs x n x bpt <= budget  <=>  n <= floor(floor(budget / n_seqs) / bpt) (integers).
+  // n_seqs x n x bpt <= budget  <=>  n <= floor(floor(budget / n_seqs) / bpt) (integers). KIVI:
+  // only an upper bound (kv_bytes(n) >= n x bpt, its f16 residual costs more), so the largest n
+  // that fits is searched below it (kv_bytes grows with n).
   const uint64_t guess = budget_bytes / static_cast<uint64_t>(n_seqs) / kv_bytes_per_token(shape);
-  const int64_t n = static_cast<int64_t>(
+  int64_t n = static_cast<int64_t>(
       std::min<uint64_t>(guess, static_cast<uint64_t>(std::numeric_limits<int64_t>::max())));
+  if (shape.kivi() && !fits(shape, n, n_seqs, budget_bytes)) {
+    int64_t lo = 0, hi = n;  // fits(lo), !fits(hi)
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      (fits(shape, mid, n_seqs, budget_bytes) ? lo : hi) = mid;
+    }
+    n = lo;
+  }
   // The division is only a shortcut: kv_bytes is the definition, and the answer must be exact.
   KVLM_CHECK(n == 0 || fits(shape, n, n_seqs, budget_bytes));
   KVLM_CHECK(n == std::numeric_limits<int64_t>::max() || !fits(shape, n + 1, n_seqs, budget_bytes));

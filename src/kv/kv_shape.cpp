@@ -4,7 +4,15 @@
 
 namespace kvlm {
 
-size_t kv_k_row_bytes(const KvShape& s) { return row_bytes(s.dtype_k, s.kv_dim()); }
+size_t kv_kivi_group_bytes(const KvShape& s) {
+  return static_cast<size_t>(s.kv_dim()) * (4 + static_cast<size_t>(s.kivi_group) / 2);
+}
+
+size_t kv_k_row_bytes(const KvShape& s) {
+  // validate() makes kv_dim a multiple of 32, so the group's bytes divide by 32, 64 or 128 tokens.
+  if (s.kivi()) return kv_kivi_group_bytes(s) / static_cast<size_t>(s.kivi_group);
+  return row_bytes(s.dtype_k, s.kv_dim());
+}
 size_t kv_v_row_bytes(const KvShape& s) { return row_bytes(s.dtype_v, s.kv_dim()); }
 
 size_t kv_bytes_per_token_layer(const KvShape& s) { return kv_k_row_bytes(s) + kv_v_row_bytes(s); }
@@ -15,8 +23,23 @@ size_t kv_bytes_per_token(const KvShape& s) {
 
 size_t kv_bytes(const KvShape& s, int64_t n_tokens) {
   uint64_t out = 0;
-  if (n_tokens < 0 || !checked_mul(kv_bytes_per_token(s), static_cast<uint64_t>(n_tokens), &out))
-    fail("KV cache size for {} tokens overflows", n_tokens);
+  if (n_tokens < 0) fail("KV cache size for {} tokens overflows", n_tokens);
+  if (!s.kivi()) {
+    if (!checked_mul(kv_bytes_per_token(s), static_cast<uint64_t>(n_tokens), &out))
+      fail("KV cache size for {} tokens overflows", n_tokens);
+    return out;
+  }
+  // Per layer: sealed K groups + sealed V rows + f16 residual K and V rows.
+  const uint64_t n_sealed = static_cast<uint64_t>(kv_kivi_sealed_cap(s, n_tokens));
+  const uint64_t n_resid = static_cast<uint64_t>(kv_kivi_residual_cap(s, n_tokens));
+  const uint64_t n_groups = n_sealed / static_cast<uint64_t>(s.kivi_group);
+  uint64_t k = 0, v = 0, r = 0, layer = 0;
+  const bool ok = checked_mul(n_groups, kv_kivi_group_bytes(s), &k) &&
+                  checked_mul(n_sealed, kv_v_row_bytes(s), &v) &&
+                  checked_mul(n_resid, 2 * 2 * static_cast<uint64_t>(s.kv_dim()), &r) &&
+                  checked_add(k, v, &layer) && checked_add(layer, r, &layer) &&
+                  checked_mul(layer, static_cast<uint64_t>(s.n_layer), &out);
+  if (!ok) fail("KV cache size for {} tokens overflows", n_tokens);
   return out;
 }
 
@@ -44,6 +67,13 @@ void validate(const KvShape& s) {
     if (s.head_dim % block != 0)
       fail("KV cache type '{}' needs head_dim to be a multiple of {}, got {}", dtype_name(t), block,
            s.head_dim);
+  }
+  if (s.kivi()) {
+    if (s.dtype_k != DType::Q4_0)
+      fail("the KIVI cache (--kv-residual) stores K per channel in 4 bits at q4_0's 0.5625 "
+           "bytes/value: use -ctk q4_0 (got -ctk {})", dtype_name(s.dtype_k));
+    if (s.kivi_group != 32 && s.kivi_group != 64 && s.kivi_group != 128)
+      fail("KIVI group of {} tokens: use 32, 64 or 128", s.kivi_group);
   }
 }
 

@@ -15,8 +15,16 @@ struct KvShape {
   int32_t head_dim = 0;
   DType dtype_k = DType::F16;
   DType dtype_v = DType::F16;
+  // KIVI layout (docs/KV.md, "KIVI"): -1 off (plain rows). >= 0: K quantized per channel in groups
+  // of kivi_group tokens (4-bit codes, f16 scale and min per channel and group; dtype_k must be
+  // q4_0, whose 0.5625 bytes/value it matches at kivi_group 64), V quantized per token in dtype_v
+  // rows, and at least kivi_residual (at most kivi_residual + kivi_group - 1) most recent tokens
+  // kept in f16.
+  int32_t kivi_residual = -1;
+  int32_t kivi_group = 64;
 
   int64_t kv_dim() const { return int64_t{n_kv_head} * head_dim; }  // values per token per layer
+  bool kivi() const { return kivi_residual >= 0; }
 };
 
 // ---- memory accounting -------------------------------------------------------------------------
@@ -24,14 +32,40 @@ struct KvShape {
 // these functions (and tests assert the allocated bytes equal them), so a planner built on them
 // cannot disagree with what is allocated.
 
-// Bytes of one token's K row or V row in one layer.
+// Bytes of one token's K row or V row in one layer. KIVI: the sealed (quantized) density, i.e. a
+// K group's bytes / kivi_group, and one dtype_v row.
 size_t kv_k_row_bytes(const KvShape& s);
 size_t kv_v_row_bytes(const KvShape& s);
-// Bytes one token takes in one layer (K + V) and in all layers.
+// Bytes one token takes in one layer (K + V) and in all layers. KIVI: sealed tokens only, so
+// kv_bytes(s, n) >= n x kv_bytes_per_token(s) (the f16 residual costs more per token).
 size_t kv_bytes_per_token_layer(const KvShape& s);
 size_t kv_bytes_per_token(const KvShape& s);
-// Bytes for n_tokens tokens in all layers. Throws kvlm::Error on overflow.
+// Bytes of a cache whose arenas hold n_tokens tokens, in all layers. Plain: n_tokens x bytes per
+// token. KIVI: kv_kivi_sealed_cap(s, n) sealed tokens (K groups + V rows) plus
+// kv_kivi_residual_cap(s, n) f16 K and V rows. Throws kvlm::Error on overflow.
 size_t kv_bytes(const KvShape& s, int64_t n_tokens);
+
+// ---- KIVI bookkeeping (pure arithmetic, shared by the cache, attention and the planner) ---------
+// Bytes of one sealed K group in one layer: [kv_dim] x (f16 scale, f16 min) + [group, kv_dim / 2]
+// 4-bit codes.
+size_t kv_kivi_group_bytes(const KvShape& s);
+// Tokens sealed once n_held tokens are held, starting from n_sealed0 sealed (a multiple of the
+// group): the oldest complete groups are sealed while more than `residual` tokens stay f16, so
+// n_held - result is in [residual, residual + group - 1] whenever n_held - n_sealed0 >= residual.
+// From an empty cache this is group x floor((n_held - residual) / group): the same for prefill
+// and decode.
+inline int64_t kv_kivi_sealed(int64_t n_sealed0, int64_t n_held, int32_t residual, int32_t group) {
+  const int64_t over = n_held - n_sealed0 - residual;
+  return over <= 0 ? n_sealed0 : n_sealed0 + over / group * group;
+}
+// Arena sizes of a KIVI cache holding at most n_tokens: sealed tokens, and f16 residual rows.
+inline int64_t kv_kivi_sealed_cap(const KvShape& s, int64_t n_tokens) {
+  return kv_kivi_sealed(0, n_tokens, s.kivi_residual, s.kivi_group);
+}
+inline int64_t kv_kivi_residual_cap(const KvShape& s, int64_t n_tokens) {
+  const int64_t most = int64_t{s.kivi_residual} + s.kivi_group - 1;
+  return n_tokens < most ? n_tokens : most;
+}
 
 // Dynamic caches grow their arenas in chunks of this many tokens (amortises the copy on growth).
 inline constexpr int64_t kKvChunkTokens = 256;
@@ -52,7 +86,7 @@ bool kv_type_supported(DType t);
 std::string kv_supported_types();  // "f32, f16, q8_0, q4_1, q4_0"
 
 // Throws kvlm::Error unless the shape is usable (positive sizes, a supported cache dtype whose
-// block size divides head_dim).
+// block size divides head_dim; KIVI: dtype_k q4_0, kivi_group 32, 64 or 128).
 void validate(const KvShape& s);
 
 }  // namespace kvlm

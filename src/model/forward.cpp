@@ -14,6 +14,7 @@ namespace {
 
 constexpr int64_t kAttnChunk = 256;   // positions per attention work item
 constexpr int64_t kAttnTokens = 32;   // queries per parallel attention pass
+constexpr int64_t kAttnTokBlock = 8;  // queries of one work item, sharing its K/V tiles
 
 void grow(AlignedBuffer& b, size_t n_floats) {
   if (b.size() < n_floats * sizeof(float)) b.resize(n_floats * sizeof(float));
@@ -34,7 +35,9 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.attn, B * c.q_dim());
   grow(s.gate, B * c.n_ff);
   grow(s.up, B * c.n_ff);
-  s.scores_per_thread = c.n_gqa() * kAttnChunk + 2 * c.head_dim + c.n_gqa() * c.head_dim;
+  // K and V tiles, scores, q in f16, outputs, max and sum (see attention()).
+  s.scores_per_thread = 2 * kAttnChunk * c.head_dim + c.n_gqa() * kAttnChunk +
+                        2 * c.n_gqa() * c.head_dim + 2 * c.n_gqa();
   grow(s.scores, s.n_threads * s.scores_per_thread);
   const int64_t max_chunks = (s.n_ctx + kAttnChunk - 1) / kAttnChunk;
   grow(s.attn_part, std::min<int64_t>(s.n_batch, kAttnTokens) * c.n_head * max_chunks * (c.head_dim + 2));
@@ -62,16 +65,27 @@ void add_bias(float* y, const TensorView& b, int64_t n_rows, int64_t n) {
 // [0, pos0 + n_tok) of one layer.
 //   q:   [n_tok, n_head * head_dim]   (after RoPE)
 //   out: [n_tok, n_head * head_dim]
-// Work items are (token, KV head, chunk of kAttnChunk positions): each K and V row is read and
-// dequantized once for all the query heads that share it (GQA), and a long context splits into
-// chunks that threads share (flash-decoding). Each chunk keeps an online-softmax partial (max,
-// sum, unnormalised output) and the partials are merged in chunk order. Chunk boundaries are
-// fixed multiples of kAttnChunk, so a position's result never depends on the batch or the
-// thread count (cached decoding == recomputation). With an f16 K, q is rounded to f16 first, as
-// llama.cpp's f16 K.q product does.
+// Work items are (block of kAttnTokBlock tokens, KV head, chunk of kAttnChunk positions): the
+// chunk's K and V rows of that head are dequantized once into f32 tiles, which every query head
+// of the group (GQA) and every token of the block then reads (prefill reuses each tile up to
+// kAttnTokBlock times), and kernels::attn_chunk computes each (token, head)'s online-softmax
+// partial (max, sum, unnormalised output). A long context splits into chunks that threads share
+// (flash-decoding); the partials are merged in chunk order. Chunk boundaries are fixed multiples
+// of kAttnChunk and a token's partial depends only on its q and the rows it sees, so a
+// position's result never depends on the batch or the thread count (cached decoding ==
+// recomputation). With an f16 K, q is rounded to f16 first, as llama.cpp's f16 K.q product does.
+// KIVI layout (kv.kivi_residual >= 0, docs/KV.md): query i at pos0 + i reads positions
+// [0, kv_kivi_sealed(n_sealed0, pos0 + i + 1)) from the sealed groups / V rows, then f16 rows:
+// older ones from the residual, this batch's from s.k / s.v (the rows given to kv.write, rounded
+// to f16 as the residual stores them), so every query sees what a decode step at its position
+// sees. Which source holds a position then depends on the token, so KIVI blocks are one token.
 void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, float* out,
                int64_t n_tok, int64_t pos0, Scratch& s, ThreadPool& pool) {
-  const int64_t hd = c.head_dim, n_kv = c.n_kv_head, gqa = c.n_gqa();
+  const int64_t hd = c.head_dim, n_kv = c.n_kv_head, gqa = c.n_gqa(), KV = c.kv_dim();
+  const bool kivi = kv.kivi_residual >= 0;
+  const int64_t tok_block = kivi ? 1 : kAttnTokBlock;
+  const float* k_new = s.k.as<float>();  // [n_tok, kv_dim] this batch's K (KIVI reads it)
+  const float* v_new = s.v.as<float>();  // [n_tok, kv_dim] this batch's V
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const size_t k_head_bytes = kv.k_row_bytes / n_kv;
   const size_t v_head_bytes = kv.v_row_bytes / n_kv;
@@ -80,51 +94,69 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
   float* parts = s.attn_part.as<float>();  // [kAttnTokens, n_head, max_chunks, hd + 2]
   for (int64_t t0 = 0; t0 < n_tok; t0 += kAttnTokens) {
     const int64_t nt = std::min(kAttnTokens, n_tok - t0);
-    pool.parallel_for(nt * n_kv * max_chunks, [&](int64_t begin, int64_t end, int tid) {
+    const int64_t n_blocks = (nt + tok_block - 1) / tok_block;
+    pool.parallel_for(n_blocks * n_kv * max_chunks, [&](int64_t begin, int64_t end, int tid) {
       float* work = s.scores.as<float>() + tid * s.scores_per_thread;
-      float* sc = work;                        // [gqa, kAttnChunk] scores, then weights
-      float* krow = sc + gqa * kAttnChunk;     // [head_dim] K row in f32
-      float* vrow = krow + hd;                 // [head_dim] V row in f32
-      float* qh16 = vrow + hd;                 // [gqa, head_dim] q rounded to f16
+      float* ktile = work;                      // [kAttnChunk, head_dim] K rows in f32
+      float* vtile = ktile + kAttnChunk * hd;   // [kAttnChunk, head_dim] V rows in f32
+      float* sc = vtile + kAttnChunk * hd;      // [gqa, kAttnChunk] scores, then weights
+      float* qh16 = sc + gqa * kAttnChunk;      // [gqa, head_dim] q rounded to f16
+      float* o_part = qh16 + gqa * hd;          // [gqa, head_dim] unnormalised outputs
+      float* m_part = o_part + gqa * hd;        // [gqa]
+      float* l_part = m_part + gqa;             // [gqa]
       for (int64_t job = begin; job < end; ++job) {
         const int64_t ch = job % max_chunks, g = (job / max_chunks) % n_kv;
-        const int64_t i = t0 + job / (max_chunks * n_kv);
-        const int64_t n_vis = pos0 + i + 1;  // causal: positions [0, pos]
-        const int64_t j0 = ch * kAttnChunk, j1 = std::min(n_vis, j0 + kAttnChunk);
-        if (j0 >= j1) continue;
-        const float* qg[16];  // gqa query heads of group g (n_gqa <= 16 checked at load)
-        for (int64_t a = 0; a < gqa; ++a) {
-          qg[a] = q + i * c.q_dim() + (g * gqa + a) * hd;
-          if (kv.dtype_k == DType::F16) {
-            for (int64_t d = 0; d < hd; ++d) qh16[a * hd + d] = fp16_to_fp32(fp32_to_fp16(qg[a][d]));
-            qg[a] = qh16 + a * hd;
+        const int64_t i0 = t0 + (job / (max_chunks * n_kv)) * tok_block;
+        const int64_t i1 = std::min(t0 + nt, i0 + tok_block);
+        // The block's last token sees the most: causal positions [0, pos0 + i1 - 1].
+        const int64_t j0 = ch * kAttnChunk, j_end = std::min(pos0 + i1, j0 + kAttnChunk);
+        if (j0 >= j_end) continue;
+        // Positions [j0, js) are stored rows (plain) or sealed (KIVI); KIVI's f16 rows are
+        // [js, jr) in the residual and [jr, j_end) in this batch (KIVI blocks are one token).
+        const int64_t js = kivi ? std::clamp(kv_kivi_sealed(kv.n_sealed0, pos0 + i0 + 1,
+                                                            kv.kivi_residual, kv.kivi_group),
+                                             j0, j_end)
+                                : j_end;
+        const int64_t jr = std::clamp(pos0, js, j_end);
+        auto f16_row = [&](const uint16_t* resid, const float* batch, int64_t j, float* row) {
+          if (j < jr) {
+            const uint16_t* r = resid + (j - kv.n_sealed0) * KV + g * hd;
+            for (int64_t d = 0; d < hd; ++d) row[d] = fp16_to_fp32(r[d]);
+          } else {
+            const float* r = batch + (j - pos0) * KV + g * hd;
+            for (int64_t d = 0; d < hd; ++d) row[d] = fp16_to_fp32(fp32_to_fp16(r[d]));
           }
-        }
-        for (int64_t j = j0; j < j1; ++j) {
-          kernels::dequantize_row(kv.dtype_k, kv.k + j * kv.k_row_bytes + g * k_head_bytes, krow, hd);
-          for (int64_t a = 0; a < gqa; ++a)
-            sc[a * kAttnChunk + (j - j0)] = kernels::dot_row(DType::F32, krow, qg[a], hd) * scale;
-        }
-        for (int64_t a = 0; a < gqa; ++a) {
-          float* sa = sc + a * kAttnChunk;
-          float m = sa[0];
-          for (int64_t j = 1; j < j1 - j0; ++j) m = std::max(m, sa[j]);
-          float l = 0;
-          for (int64_t j = 0; j < j1 - j0; ++j) {
-            sa[j] = std::exp(sa[j] - m);
-            l += sa[j];
+        };
+        for (int64_t j = j0; j < j_end; ++j) {
+          float* krow = ktile + (j - j0) * hd;
+          float* vrow = vtile + (j - j0) * hd;
+          if (j >= js) {
+            f16_row(kv.k_resid, k_new, j, krow);
+            f16_row(kv.v_resid, v_new, j, vrow);
+            continue;
           }
-          float* p = parts + (((i - t0) * c.n_head + g * gqa + a) * max_chunks + ch) * part_stride;
-          p[0] = m;
-          p[1] = l;
-          std::fill(p + 2, p + 2 + hd, 0.0f);
-        }
-        for (int64_t j = j0; j < j1; ++j) {
+          if (kivi)
+            kv_kivi_dequantize_k_row(kv.k + (j / kv.kivi_group) * kv.kivi_group_bytes,
+                                     kv.kivi_group, KV, j % kv.kivi_group, g * hd, hd, krow);
+          else
+            kernels::dequantize_row(kv.dtype_k, kv.k + j * kv.k_row_bytes + g * k_head_bytes, krow, hd);
+          // KIVI's sealed V rows are plain dtype_v rows at their positions.
           kernels::dequantize_row(kv.dtype_v, kv.v + j * kv.v_row_bytes + g * v_head_bytes, vrow, hd);
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t n = std::min(pos0 + i + 1, j0 + kAttnChunk) - j0;  // causal: [0, pos]
+          if (n <= 0) continue;
+          const float* qg = q + i * c.q_dim() + g * gqa * hd;  // [gqa, head_dim] group g's heads
+          if (kv.dtype_k == DType::F16) {
+            for (int64_t d = 0; d < gqa * hd; ++d) qh16[d] = fp16_to_fp32(fp32_to_fp16(qg[d]));
+            qg = qh16;
+          }
+          kernels::attn_chunk(ktile, vtile, n, hd, qg, gqa, scale, m_part, l_part, o_part, sc);
           for (int64_t a = 0; a < gqa; ++a) {
-            const float w = sc[a * kAttnChunk + (j - j0)];
-            float* o = parts + (((i - t0) * c.n_head + g * gqa + a) * max_chunks + ch) * part_stride + 2;
-            for (int64_t d = 0; d < hd; ++d) o[d] += w * vrow[d];
+            float* p = parts + (((i - t0) * c.n_head + g * gqa + a) * max_chunks + ch) * part_stride;
+            p[0] = m_part[a];
+            p[1] = l_part[a];
+            std::copy_n(o_part + a * hd, hd, p + 2);
           }
         }
       }
@@ -206,9 +238,8 @@ std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t p
         std::copy_n(qkv + i * QKV + Q + KV, KV, v + i * KV);
       }
     } else {
-      kernels::matmul(l.wq, h, q, n_tok, pool);
-      kernels::matmul(l.wk, h, k, n_tok, pool);
-      kernels::matmul(l.wv, h, v, n_tok, pool);
+      const kernels::MatmulPart qkv[3] = {{&l.wq, q}, {&l.wk, k}, {&l.wv, v}};
+      kernels::matmul_multi(qkv, 3, h, n_tok, pool);
     }
     if (c.arch->pos == PosKind::Rope) {
       for (int64_t i = 0; i < n_tok; ++i) {
@@ -221,20 +252,23 @@ std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t p
     // K is stored after RoPE (docs/KV.md): attention then needs no per-read rotation.
     kv.write(il, pos0, n_tok, k, v);
     attention(c, kv.view(il, pos0 + n_tok), q, att, n_tok, pos0, s, pool);
+    kv.finish_write(il, pos0, n_tok, k, v);  // KIVI: the residual moves on once attention has read it
     kernels::matmul(l.wo, att, h, n_tok, pool);
     add_bias(h, l.bo, n_tok, E);
     kernels::add(x, h, n_tok * E);
 
     // ---- feed-forward block ----
     norm_rows(c, x, l.ffn_norm, l.ffn_norm_b, h, n_tok);
-    kernels::matmul(l.ffn_up, h, up, n_tok, pool);
-    add_bias(up, l.ffn_up_b, n_tok, F);
     float* act = up;  // [n_tok, F] input of ffn_down
     if (c.arch->ffn == FfnKind::SwiGlu) {
-      kernels::matmul(l.ffn_gate, h, gate, n_tok, pool);
+      const kernels::MatmulPart gate_up[2] = {{&l.ffn_gate, gate}, {&l.ffn_up, up}};
+      kernels::matmul_multi(gate_up, 2, h, n_tok, pool);
+      add_bias(up, l.ffn_up_b, n_tok, F);
       kernels::swiglu(gate, up, n_tok * F);
       act = gate;
     } else {
+      kernels::matmul(l.ffn_up, h, up, n_tok, pool);
+      add_bias(up, l.ffn_up_b, n_tok, F);
       kernels::gelu(up, n_tok * F);
     }
     kernels::matmul(l.ffn_down, act, h, n_tok, pool);

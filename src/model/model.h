@@ -49,8 +49,9 @@ struct Scratch {
   AlignedBuffer attn;    // [n_batch, q_dim]         attention output, heads concatenated
   AlignedBuffer gate;    // [n_batch, n_ff]
   AlignedBuffer up;      // [n_batch, n_ff]
-  AlignedBuffer scores;  // [n_threads, scores_per_thread]  attention work area per thread:
-                         //   scores [n_gqa, 256], K row, V row [head_dim], q in f16 [n_gqa, head_dim]
+  AlignedBuffer scores;  // [n_threads, scores_per_thread]  attention work area per thread: K and
+                         //   V tiles [256, head_dim], scores [n_gqa, 256], q in f16 and outputs
+                         //   [n_gqa, head_dim], max and sum [n_gqa]
   int64_t scores_per_thread = 0;
   AlignedBuffer attn_part;  // [32, n_head, ceil(n_ctx / 256), head_dim + 2] online-softmax partials
   AlignedBuffer logits;  // [n_batch, n_vocab]

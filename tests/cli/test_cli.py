@@ -90,6 +90,12 @@ class BadInput(unittest.TestCase):
             (["generate", "-m", TINY], (2,), "prompt"),
             (["generate", "-m", TINY, "-p", ""], (1,), "empty"),
             (["frobnicate"], (2,), "frobnicate"),
+            # KIVI (--kv-residual): K must be the 4-bit per-channel format; no eviction policies.
+            (gen + ["-m", TINY, "--kv-residual", "8"], (1,), "-ctk q4_0"),
+            (gen + ["-m", TINY, "-ctk", "q4_0", "--kv-residual", "8", "--kv-window", "16"], (1,), "--kv-window"),
+            (gen + ["-m", TINY, "-ctk", "q4_0", "--kv-residual", "8", "--keep", "2"], (1,), "--keep"),
+            (gen + ["-m", TINY, "-ctk", "q4_0", "--kv-residual", "-1"], (2,), "kv-residual"),
+            (gen + ["-m", TINY, "-ctk", "q4_0", "-ctv", "q4_0", "--kv-residual", "8"], (1,), "head_dim"),
         ]
         for args, codes, needle in cases:
             with self.subTest(args=args):
@@ -105,6 +111,21 @@ class RealRuns(unittest.TestCase):
         for needle in ("prompt tokens:", "generated tokens: 12", "prefill:", "decode:",
                        "kv cache:         on", "allocated"):
             self.assertIn(needle, err)
+
+    def test_kivi_cache(self):
+        # 8 prompt + 72 generated tokens: with residual 0 the first group of 64 tokens is sealed.
+        rc, out, err = run("generate", "-p", "The capital of France is", "-n", "72", "--temp", "0",
+                           "--ignore-eos", "-ctk", "q4_0", "-ctv", "q4_0", "--kv-residual", "0")
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(out.startswith("The capital of France is"))
+        self.assertIn("KIVI: K per channel in groups of 64, 64 sealed", err)
+        rc, out, err = run("kv-size", "--ctx", "4096", "--kv-residual", "32", "--json")
+        self.assertEqual(rc, 0, err)
+        import json
+        t = json.loads(out)["cache_types"]
+        self.assertEqual(len(t), 1)
+        self.assertEqual((t[0]["kivi_residual"], t[0]["bytes_per_token"], t[0]["bytes_per_seq"]),
+                         (32, 6480, 28316160))
 
     def test_no_cache_gives_the_same_greedy_text(self):
         args = ["generate", "-p", "Water boils at", "-n", "16", "--temp", "0"]

@@ -516,5 +516,144 @@ TEST(Avx2Matmul, PublicEntryPointsUseTheChosenVariant) {
             bits_of((fast ? avx2::dot_row : ref::dot_row)(DType::Q4_1, w.row(3), x.data(), 576)));
 }
 
+// matmul_multi is bit-identical to one matmul per part, for both variants: shared quantized
+// activations (same type), mixed types and f32 (the fallback), part sizes off the row grain,
+// decode and prefill token counts, 1 and 2 threads.
+TEST(Avx2Matmul, MultiEqualsSeparateCallsBitForBit) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(97);
+  ThreadPool pool1(1), pool2(2);
+  const std::vector<std::vector<DType>> sets = {{DType::Q4_1, DType::Q4_1, DType::Q4_1},
+                                                {DType::Q4_0, DType::Q4_0},
+                                                {DType::Q8_0, DType::Q8_0},
+                                                {DType::Q4_1, DType::Q8_0},
+                                                {DType::F32, DType::F16}};
+  const int64_t n_in = 96;
+  for (const auto& types : sets) {
+    std::vector<Matrix> ws;
+    const int64_t sizes[3] = {37, 16, 5};
+    for (size_t k = 0; k < types.size(); ++k)
+      ws.push_back(random_matrix(types[k], sizes[k], n_in, 2 * k, 2 * k, rng));
+    for (int64_t n_tok : {1, 3, 4, 7, 9}) {
+      const std::vector<float> x = random_floats(rng, n_tok * n_in, 1.0f);
+      for (ThreadPool* pool : {&pool1, &pool2}) {
+        for (auto mm : {avx2::matmul_multi, ref::matmul_multi}) {
+          const bool fast = mm == avx2::matmul_multi;
+          std::vector<TensorView> views;
+          std::vector<std::vector<float>> got(ws.size()), want(ws.size());
+          std::vector<MatmulPart> parts;
+          for (size_t k = 0; k < ws.size(); ++k) views.push_back(ws[k].view());
+          for (size_t k = 0; k < ws.size(); ++k) {
+            got[k].assign(n_tok * ws[k].n_rows, -1.0f);
+            want[k].assign(n_tok * ws[k].n_rows, -2.0f);
+            parts.push_back({&views[k], got[k].data()});
+            (fast ? avx2::matmul : ref::matmul)(views[k], x.data(), want[k].data(), n_tok, *pool);
+          }
+          mm(parts.data(), static_cast<int>(parts.size()), x.data(), n_tok, *pool);
+          for (size_t k = 0; k < ws.size(); ++k)
+            for (size_t i = 0; i < got[k].size(); ++i)
+              ASSERT_EQ(bits_of(got[k][i]), bits_of(want[k][i]))
+                  << (fast ? "avx2" : "ref") << " part " << k << " n_tok " << n_tok << " i " << i;
+        }
+      }
+    }
+  }
+}
+
+// ---- attention chunk ----------------------------------------------------------------------------
+
+// exp_f32 (Cephes expf) against std::exp over the range attention feeds it (s - max <= 0) and
+// beyond: within 2 ulp where the result is normal; 0 below -87.3 (std::exp gives < 1.2e-38).
+TEST(Avx2Attn, ExpWithinTwoUlp) {
+  SKIP_WITHOUT_AVX2();
+  std::vector<float> x;
+  for (float v = -87.0f; v <= 88.0f; v += 0.0137f) x.push_back(v);
+  for (float v : {0.0f, -0.0f, 1e-30f, -1e-30f, -1e-7f, 1e-7f}) x.push_back(v);
+  const size_t n = x.size();
+  for (size_t off : {0, 4, 12}) {  // unaligned and masked-tail placements
+    Buffer in((n + 1) * 4, off), out((n + 1) * 4, off);
+    std::memcpy(in.data(), x.data(), n * 4);
+    avx2::exp_f32(in.as<float>(), out.as<float>(), static_cast<int64_t>(n));
+    for (size_t i = 0; i < n; ++i) {
+      const double want = std::exp(static_cast<double>(x[i]));
+      const double got = out.as<float>()[i];
+      ASSERT_LE(std::abs(got - want), 2 * kEpsF32 * 2 * want) << "x=" << x[i];
+    }
+  }
+  float lo[3] = {-87.5f, -100.0f, -INFINITY}, out[3];
+  avx2::exp_f32(lo, out, 3);
+  for (float v : out) EXPECT_EQ(v, 0.0f);
+}
+
+// attn_chunk: AVX2 against ref over head sizes with and without 8-lane tails, chunk lengths with
+// and without tails, several query heads, unaligned rows. Bounds: each score is a dot of hd terms,
+// so |s_fast - s_ref| <= ds = 2 hd eps scale max_j sum_d |q_d k_jd| (both variants' rounding);
+// the weights exp(s - m) then differ relatively by at most 2 ds (s and m) plus 4 ulp of the two
+// exps, and the normalised output o / l by twice that, times max |v|, plus the rounding of the
+// sums over n positions (n eps each variant).
+TEST(Avx2Attn, ChunkMatchesRef) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(83);
+  for (int64_t hd : {5, 8, 16, 24, 64, 80, 128}) {
+    for (int64_t n : {1, 3, 8, 9, 31, 256}) {
+      for (int64_t n_q : {1, 3}) {
+        const size_t off = static_cast<size_t>(4 * ((hd + n + n_q) % 8));
+        Buffer kb(n * hd * 4, off), vb(n * hd * 4, off), qb(n_q * hd * 4, off);
+        const std::vector<float> kv = random_floats(rng, n * hd, 1.0f);
+        const std::vector<float> vv = random_floats(rng, n * hd, 1.0f);
+        const std::vector<float> qv = random_floats(rng, n_q * hd, 2.0f);
+        std::memcpy(kb.data(), kv.data(), kv.size() * 4);
+        std::memcpy(vb.data(), vv.data(), vv.size() * 4);
+        std::memcpy(qb.data(), qv.data(), qv.size() * 4);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+        std::vector<float> m1(n_q), l1(n_q), o1(n_q * hd), w1(n_q * n);
+        std::vector<float> m2(n_q), l2(n_q), o2(n_q * hd), w2(n_q * n);
+        avx2::attn_chunk(kb.as<float>(), vb.as<float>(), n, hd, qb.as<float>(), n_q, scale,
+                         m1.data(), l1.data(), o1.data(), w1.data());
+        ref::attn_chunk(kb.as<float>(), vb.as<float>(), n, hd, qb.as<float>(), n_q, scale,
+                        m2.data(), l2.data(), o2.data(), w2.data());
+        double vmax = 0;
+        for (float f : vv) vmax = std::max(vmax, std::abs(double(f)));
+        for (int64_t a = 0; a < n_q; ++a) {
+          double sabs = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            double t = 0;
+            for (int64_t d = 0; d < hd; ++d) t += std::abs(double(qv[a * hd + d]) * kv[j * hd + d]);
+            sabs = std::max(sabs, t);
+          }
+          const double ds = 2.0 * hd * kEpsF32 * scale * sabs;
+          const std::string where = "hd=" + std::to_string(hd) + " n=" + std::to_string(n) +
+                                    " a=" + std::to_string(a);
+          ASSERT_NEAR(m1[a], m2[a], ds + 1e-30) << where;
+          const double dw = 2 * ds + 4 * 2 * kEpsF32;
+          ASSERT_NEAR(l1[a], l2[a], (dw + 2 * n * kEpsF32) * l2[a]) << where;
+          for (int64_t d = 0; d < hd; ++d) {
+            const double got = o1[a * hd + d] / l1[a], want = o2[a * hd + d] / l2[a];
+            ASSERT_NEAR(got, want, (2 * dw + 4 * n * kEpsF32) * vmax) << where << " d=" << d;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The dispatched attn_chunk is the chosen variant's, exactly.
+TEST(Avx2Attn, PublicEntryPointUsesTheChosenVariant) {
+  std::mt19937 rng(89);
+  const int64_t n = 37, hd = 64, n_q = 3;
+  const std::vector<float> k = random_floats(rng, n * hd, 1.0f), v = random_floats(rng, n * hd, 1.0f);
+  const std::vector<float> q = random_floats(rng, n_q * hd, 1.0f);
+  std::vector<float> m(n_q), l(n_q), o(n_q * hd), w(n_q * n), m2(n_q), l2(n_q), o2(n_q * hd);
+  attn_chunk(k.data(), v.data(), n, hd, q.data(), n_q, 0.125f, m.data(), l.data(), o.data(), w.data());
+  const bool fast = std::strcmp(kernels_backend(), "avx2") == 0;
+  (fast ? avx2::attn_chunk : ref::attn_chunk)(k.data(), v.data(), n, hd, q.data(), n_q, 0.125f,
+                                               m2.data(), l2.data(), o2.data(), w.data());
+  for (int64_t a = 0; a < n_q; ++a) {
+    ASSERT_EQ(bits_of(m[a]), bits_of(m2[a]));
+    ASSERT_EQ(bits_of(l[a]), bits_of(l2[a]));
+  }
+  for (size_t i = 0; i < o.size(); ++i) ASSERT_EQ(bits_of(o[i]), bits_of(o2[i]));
+}
+
 }  // namespace
 }  // namespace kvlm::kernels

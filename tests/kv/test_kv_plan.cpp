@@ -146,6 +146,73 @@ TEST(KvPlan, PredictedEqualsAllocated) {
           }
 }
 
+// The KIVI layout (sealed K groups + sealed V rows + f16 residual) through the same accounting:
+// what the planner predicts is what the arenas hold, for both strategies and every size.
+TEST(KvPlan, PredictedEqualsAllocatedKivi) {
+  const KvShape shapes[] = {shape(3, 2, 64), shape(2, 1, 32), shape(1, 4, 128)};
+  for (const KvShape& base : shapes)
+    for (DType v : {DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::F16})
+      for (int32_t residual : {0, 5, 64})
+        for (int32_t group : {32, 64, 128})
+          for (KvAlloc alloc : {KvAlloc::Static, KvAlloc::Dynamic})
+            for (int64_t n_ctx : {1, 17, 256, 257, 700}) {
+              KvShape s = base;
+              s.dtype_k = DType::Q4_0;
+              s.dtype_v = v;
+              s.kivi_residual = residual;
+              s.kivi_group = group;
+              SCOPED_TRACE(testing::Message() << "kivi V " << dtype_name(v) << " r" << residual
+                                              << " g" << group << " kv_dim " << s.kv_dim()
+                                              << (alloc == KvAlloc::Static ? " static" : " dynamic")
+                                              << " n_ctx " << n_ctx);
+              KvCache kv(s, n_ctx, alloc);
+              EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, 0));
+              for (int64_t n : {int64_t{1}, n_ctx / 2, n_ctx - 1, n_ctx}) {
+                if (n < 1) continue;
+                kv.reserve(n);
+                EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, n)) << n;
+              }
+              EXPECT_EQ(kv.stats().bytes_allocated, plan_kv(s, n_ctx).bytes_per_seq);
+            }
+}
+
+// SmolLM2 with --kv-residual 32 (docs/KV.md): sealed tokens cost q4_0's 6,480 B/token, plus the
+// f16 residual of up to 95 tokens (768 B per token and layer).
+TEST(KvPlan, SmolLm2Kivi) {
+  KvShape s = shape(30, 3, 64, DType::Q4_0, DType::Q4_0);
+  s.kivi_residual = 32;
+  EXPECT_EQ(kv_kivi_group_bytes(s), 192u * 36);
+  EXPECT_EQ(plan_kv(s, 1).bytes_per_token, 6480u);
+  EXPECT_EQ(kv_k_row_bytes(s), 108u);
+  // 4,096 tokens: 4,032 sealed (63 groups of 64) + 95 f16 rows, per layer.
+  EXPECT_EQ(plan_kv(s, 4096).bytes_per_seq, 30u * (63 * 6912 + 4032 * 108 + 95 * 768));
+  EXPECT_EQ(plan_kv(s, 4096).bytes_per_seq, 28316160u);
+  EXPECT_EQ(plan_kv(s, 10).bytes_per_seq, 30u * 10 * 768);  // all f16 while short
+}
+
+// KIVI's bytes are a step function of the context (a group seals every 64 tokens), so the inverse
+// answer is the longest context with the same bytes; it must still fit and one more must not.
+TEST(KvPlan, InverseQuestionsKivi) {
+  for (int32_t residual : {0, 32}) {
+    KvShape s = shape(30, 3, 64, DType::Q4_0, DType::Q4_0);
+    s.kivi_residual = residual;
+    for (int64_t n_seqs : {1, 3})
+      for (int64_t n : {1, 2, 95, 96, 255, 4096, 100000}) {
+        const uint64_t exact = plan_kv(s, n, n_seqs).bytes_total;
+        for (uint64_t budget : {exact - 1, exact, exact + 1}) {
+          const int64_t got = max_ctx_for_budget(s, n_seqs, budget);
+          EXPECT_EQ(got >= n, budget >= exact) << n << " " << budget;
+          if (got > 0) {
+            EXPECT_LE(plan_kv(s, got, n_seqs).bytes_total, budget);
+          }
+          EXPECT_GT(plan_kv(s, got + 1, n_seqs).bytes_total, budget);
+        }
+        EXPECT_EQ(max_seqs_for_budget(s, n, exact), n_seqs);
+        EXPECT_EQ(max_seqs_for_budget(s, n, exact - 1), n_seqs - 1);
+      }
+  }
+}
+
 // n_seqs sequences are n_seqs caches: the plan's total is their sum.
 TEST(KvPlan, PredictedEqualsAllocatedForSeveralSequences) {
   for (DType t : kv_plan_types(shape(2, 2, 64)))

@@ -12,6 +12,7 @@
 
 #include "base/thread_pool.h"
 #include "kernels/act_blocks.h"
+#include "kernels/ops.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
 
@@ -24,6 +25,15 @@ bool cpu_supported();
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
 float dot_row(DType t, const void* row, const float* x, int64_t n);
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                  ThreadPool& pool);
+// Scores by 8-lane FMA dots, exp by exp_ps below, o by FMA: agrees with ref to rounding.
+void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
+                float scale, float* m, float* l, float* o, float* work);
+// exp(x[i]) for 8 lanes at a time (Cephes' expf: range reduction by ln 2, degree-5 polynomial);
+// within 2 ulp of std::exp on [-87, 88]; below -87.3 gives 0 (attention feeds it s - max <= 0).
+// x, y: [n]; y may alias x.
+void exp_f32(const float* x, float* y, int64_t n);
 
 // ---- building blocks (see ref/ref.h) ------------------------------------------------------------
 void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks);

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "kernels/avx2/avx2.h"
+#include "kernels/avx2/lanes.h"
 #include "kernels/ref/ref.h"
 
 namespace kvlm::kernels::avx2 {
@@ -44,40 +45,6 @@ namespace kvlm::kernels::avx2 {
 namespace {
 
 // ---- helpers ------------------------------------------------------------------------------------
-
-// Fixed fold of 8 lanes: (0+4, 1+5, 2+6, 3+7), then pairs, then the last two.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline int hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-// f16 -> f32 with F16C: exact for every finite, subnormal and infinite input, like fp16_to_fp32.
-inline float half(uint16_t h) {
-  return _cvtsh_ss(h);
-}
-
-// Lane mask with the first k (0..8) lanes set, for masked loads of a row's last partial chunk.
-inline __m256i first_lanes(int64_t k) {
-  alignas(32) static const int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
-                                                0,  0,  0,  0,  0,  0,  0,  0};
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMask + 8 - k));
-}
 
 // 16 bytes of packed nibbles -> 32 bytes 0..15: low nibbles (elements 0..15) in bytes 0..15,
 // high nibbles (elements 16..31) in bytes 16..31, the Q8 activation order.
@@ -577,7 +544,7 @@ static_assert(kRowGrain % kRowTile == 0 && kRowGrain % kTileRows == 0 &&
 // of these kernels; splitting less work than that across 2 threads made decode slower (49-56
 // tok/s with every matmul split, ~96 with this threshold, 2 threads, SmolLM2-135M Q4_1). The
 // split never changes results, so this is purely a speed knob; lower it with a cheaper pool.
-constexpr double kMinParallelMacs = 1 << 20;
+constexpr double kMinParallelMacs = 1 << 16;
 
 // parallel_for grain for a matmul of n_out rows and `macs` multiply-adds: the whole range (so
 // ThreadPool runs it inline) when the work is too small to share.
@@ -704,6 +671,47 @@ void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, Thread
         }
       },
       row_grain(n_out, double(n_out) * n_in * n_tok));
+}
+
+void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                  ThreadPool& pool) {
+  // One section only when every part takes the same quantized activations over the same n_in;
+  // otherwise (f32/f16 weights, mixed types) separate calls, which give the same numbers.
+  const DType t = n_parts > 0 ? parts[0].w->dtype : DType::F32;
+  bool shared = n_parts > 1 && act_type(t) != DType::F32 && n_tok > 0;
+  int64_t n_rows = 0;
+  for (int k = 0; k < n_parts && shared; ++k) {
+    shared = parts[k].w->dtype == t && parts[k].w->n_cols == parts[0].w->n_cols;
+    n_rows += parts[k].w->n_rows;
+  }
+  if (!shared) {
+    for (int k = 0; k < n_parts; ++k) matmul(*parts[k].w, x, parts[k].y, n_tok, pool);
+    return;
+  }
+  const int64_t n_in = parts[0].w->n_cols;
+  assert(n_in % 32 == 0);
+  const int64_t n_blocks = n_in / 32;
+  uint8_t* q = thread_bytes(act_row_bytes(t, n_in) * static_cast<size_t>(n_tok));
+  float* ds = thread_scratch(kActSlot, act_scale_floats(n_tok, n_blocks));
+  const ActView xv = prepare_act(t, x, n_tok, n_in, q, ds);
+  // Rows [r_begin, r_end) of the parts laid end to end; each piece runs as matmul would run it.
+  pool.parallel_for(
+      n_rows,
+      [&](int64_t r_begin, int64_t r_end, int) {
+        int64_t off = 0;
+        for (int k = 0; k < n_parts && off < r_end; off += parts[k].w->n_rows, ++k) {
+          const TensorView& w = *parts[k].w;
+          const int64_t b = std::max(r_begin, off) - off, e = std::min(r_end, off + w.n_rows) - off;
+          if (b >= e) continue;
+          if (t == DType::Q4_0)
+            qmatmul_rows<KindQ4_0>(w, xv, n_tok, parts[k].y, b, e);
+          else if (t == DType::Q4_1)
+            qmatmul_rows<KindQ4_1>(w, xv, n_tok, parts[k].y, b, e);
+          else
+            qmatmul_rows<KindQ8_0>(w, xv, n_tok, parts[k].y, b, e);
+        }
+      },
+      row_grain(n_rows, double(n_rows) * n_in * n_tok));
 }
 
 }  // namespace kvlm::kernels::avx2

@@ -457,6 +457,12 @@ void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, Thread
       kRowGrain);
 }
 
+// The reference is the definition: one matmul per part.
+void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                  ThreadPool& pool) {
+  for (int k = 0; k < n_parts; ++k) matmul(*parts[k].w, x, parts[k].y, n_tok, pool);
+}
+
 }  // namespace ref
 
 // ---- public entry points that are not dispatched (not hot: KV-cache writes, tests) ------------

@@ -7,6 +7,7 @@
 
 #include "base/thread_pool.h"
 #include "kernels/act_blocks.h"
+#include "kernels/ops.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
 
@@ -16,6 +17,10 @@ namespace kvlm::kernels::ref {
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
 float dot_row(DType t, const void* row, const float* x, int64_t n);
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                  ThreadPool& pool);
+void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
+                float scale, float* m, float* l, float* o, float* work);
 
 // ---- building blocks, exposed so the fast twins can be tested piece by piece --------------------
 // f32 x[32 * n_blocks] -> activation blocks (llama.cpp's x86 rounding: id = 127 / amax, nearest

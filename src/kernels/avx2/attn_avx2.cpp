@@ -1,0 +1,142 @@
+// AVX2 + FMA twin of ref/attn_ref.cpp's attn_chunk, and the vector exp it needs. Compiled with
+// -mavx2 -mfma -ffp-contract=off (../CMakeLists.txt); called only when avx2::cpu_supported().
+//
+// Arithmetic (deviations from ref, all fixed by n and hd alone, never by the caller's batch):
+//  * scores: dot(q[a], k[j]) in 8 lanes x 2 accumulators with FMA, folded (acc0 + acc1) then a
+//    fixed lane tree; times scale. Ref sums 16 lanes without FMA: the two differ by rounding.
+//  * exp: exp_f32 (Cephes expf, <= 2 ulp) instead of libm's correctly rounded-ish expf.
+//  * l: 8 lanes over j, folded at the end (ref: one running sum in j order).
+//  * o: one FMA per (j, d) in j order, as ref's multiply-then-add but with one rounding.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/avx2/avx2.h"
+#include "kernels/avx2/lanes.h"
+
+namespace kvlm::kernels::avx2 {
+
+namespace {
+
+// Cephes expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-5 polynomial, times 2^n
+// built in the exponent bits. Inputs below -87.3 (where 2^n would underflow the exponent) give 0.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3762626647949f));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  // r = x - n ln2, with ln2 split in two so the product is exact.
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, z, x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(underflow, y);
+}
+
+// dot(a, b) over hd values: 8 lanes x 2 accumulators, masked last chunk.
+inline float dot_hd(const float* a, const float* b, int64_t hd) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= hd; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+  }
+  if (d + 8 <= hd) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    d += 8;
+  }
+  if (d < hd) {
+    const __m256i mk = first_lanes(hd - d);
+    acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + d, mk), _mm256_maskload_ps(b + d, mk), acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// o[d0 .. d0 + 8 NV) = sum_j w[j] v[j, d0 ..], accumulators held in registers.
+template <int NV>
+void weighted_sum(const float* w, const float* v, int64_t n, int64_t hd, int64_t d0, float* o) {
+  __m256 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 wj = _mm256_broadcast_ss(w + j);
+    const float* vj = v + j * hd + d0;
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+}
+
+}  // namespace
+
+void exp_f32(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_ps(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    const __m256i mk = first_lanes(n - i);
+    _mm256_maskstore_ps(y + i, mk, exp_ps(_mm256_maskload_ps(x + i, mk)));
+  }
+}
+
+void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
+                float scale, float* m, float* l, float* o, float* work) {
+  for (int64_t a = 0; a < n_q; ++a) {
+    const float* qa = q + a * hd;  // [hd]
+    float* s = work + a * n;       // [n] scores, then weights
+    for (int64_t j = 0; j < n; ++j) s[j] = dot_hd(k + j * hd, qa, hd) * scale;
+    // max and exp/sum over j in 8 lanes; the masked tail's dead lanes read as -inf / add 0.
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+    float mx = hmax(vmax);
+    for (; j < n; ++j) mx = std::max(mx, s[j]);
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+      _mm256_storeu_ps(s + j, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    if (j < n) {
+      const __m256i mk = first_lanes(n - j);
+      const __m256 e = _mm256_and_ps(
+          exp_ps(_mm256_sub_ps(_mm256_maskload_ps(s + j, mk), vm)), _mm256_castsi256_ps(mk));
+      _mm256_maskstore_ps(s + j, mk, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    m[a] = mx;
+    l[a] = hsum(vsum);
+    float* oa = o + a * hd;  // [hd]
+    int64_t d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) weighted_sum<8>(s, v, n, hd, d0, oa);
+    switch ((hd - d0) / 8) {
+      case 7: weighted_sum<7>(s, v, n, hd, d0, oa); break;
+      case 6: weighted_sum<6>(s, v, n, hd, d0, oa); break;
+      case 5: weighted_sum<5>(s, v, n, hd, d0, oa); break;
+      case 4: weighted_sum<4>(s, v, n, hd, d0, oa); break;
+      case 3: weighted_sum<3>(s, v, n, hd, d0, oa); break;
+      case 2: weighted_sum<2>(s, v, n, hd, d0, oa); break;
+      case 1: weighted_sum<1>(s, v, n, hd, d0, oa); break;
+      default: break;
+    }
+    d0 += (hd - d0) / 8 * 8;
+    for (int64_t d = d0; d < hd; ++d) {  // hd % 8 leftover dims, scalar FMA in j order
+      float acc = 0;
+      for (int64_t jj = 0; jj < n; ++jj) acc = std::fma(s[jj], v[jj * hd + d], acc);
+      oa[d] = acc;
+    }
+  }
+}
+
+}  // namespace kvlm::kernels::avx2

@@ -1,0 +1,123 @@
+// The KIVI layout of KvCache (kv_cache.h): sealing complete K groups per channel and V rows per
+// token, and moving the f16 residual on. Kept apart from kv_cache.cpp's plain rows.
+#include "kv/kv_kivi.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "base/error.h"
+#include "kv/kv_cache.h"
+#include "tensor/dtype.h"
+
+namespace kvlm {
+
+// ---- kernels -----------------------------------------------------------------------------------
+
+void kv_kivi_quantize_k_group(const float* x, int64_t group, int64_t kv_dim, uint8_t* out) {
+  uint16_t* dm = reinterpret_cast<uint16_t*>(out);  // [kv_dim, 2] f16
+  uint8_t* codes = out + 4 * kv_dim;                 // [group, kv_dim / 2]
+  std::memset(codes, 0, static_cast<size_t>(group * kv_dim / 2));
+  for (int64_t c = 0; c < kv_dim; ++c) {
+    float lo = x[c], hi = x[c];
+    for (int64_t t = 1; t < group; ++t) {
+      lo = std::min(lo, x[t * kv_dim + c]);
+      hi = std::max(hi, x[t * kv_dim + c]);
+    }
+    const uint16_t d16 = fp32_to_fp16((hi - lo) / 15.0f), m16 = fp32_to_fp16(lo);
+    dm[2 * c] = d16;
+    dm[2 * c + 1] = m16;
+    // Codes from the stored (rounded) scale and min, so dequantization sees what was fitted.
+    const float d = fp16_to_fp32(d16), m = fp16_to_fp32(m16);
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int64_t t = 0; t < group; ++t) {
+      const int q = std::clamp(static_cast<int>(std::floor((x[t * kv_dim + c] - m) * id + 0.5f)), 0, 15);
+      codes[t * kv_dim / 2 + c / 2] |= static_cast<uint8_t>(c % 2 == 0 ? q : q << 4);
+    }
+  }
+}
+
+void kv_kivi_dequantize_k_row(const uint8_t* grp, int64_t group, int64_t kv_dim, int64_t t,
+                              int64_t c0, int64_t n, float* out) {
+  (void)group;
+  const uint16_t* dm = reinterpret_cast<const uint16_t*>(grp) + 2 * c0;
+  const uint8_t* codes = grp + 4 * kv_dim + t * kv_dim / 2 + c0 / 2;
+  for (int64_t i = 0; i < n; i += 2) {
+    const uint8_t b = codes[i / 2];
+    out[i] = fp16_to_fp32(dm[2 * i + 1]) + fp16_to_fp32(dm[2 * i]) * static_cast<float>(b & 15);
+    out[i + 1] = fp16_to_fp32(dm[2 * i + 3]) + fp16_to_fp32(dm[2 * i + 2]) * static_cast<float>(b >> 4);
+  }
+}
+
+// ---- the cache's KIVI layout -------------------------------------------------------------------
+
+void KvCache::kivi_reserve(int64_t cap) {
+  const int64_t d = shape_.kv_dim();
+  const size_t group_bytes = kv_kivi_group_bytes(shape_);
+  const int64_t sealed_cap = kv_kivi_sealed_cap(shape_, cap);
+  const int64_t resid_cap = kv_kivi_residual_cap(shape_, cap);
+  const size_t resid_row_bytes = static_cast<size_t>(d) * sizeof(uint16_t);
+  const size_t n_groups_held = static_cast<size_t>(n_sealed_ / shape_.kivi_group);
+  const size_t n_resid_held = static_cast<size_t>(n_tokens_ - n_sealed_);
+  auto grow = [](AlignedBuffer& b, size_t n_bytes, size_t n_keep) {
+    AlignedBuffer nb(n_bytes);
+    if (n_keep > 0) std::memcpy(nb.data(), b.data(), n_keep);
+    b = std::move(nb);
+  };
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    grow(k_[il], group_bytes * static_cast<size_t>(sealed_cap / shape_.kivi_group),
+         group_bytes * n_groups_held);
+    grow(v_[il], v_row_bytes_ * static_cast<size_t>(sealed_cap), v_row_bytes_ * n_sealed_);
+    grow(rk_[il], resid_row_bytes * static_cast<size_t>(resid_cap), resid_row_bytes * n_resid_held);
+    grow(rv_[il], resid_row_bytes * static_cast<size_t>(resid_cap), resid_row_bytes * n_resid_held);
+  }
+  capacity_ = cap;
+}
+
+void KvCache::kivi_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
+  // The residual holds [n_sealed_, size()): new rows can only follow it.
+  KVLM_CHECK(pos == n_tokens_);
+  const int64_t d = shape_.kv_dim(), G = shape_.kivi_group;
+  const int64_t s0 = n_sealed_;
+  const int64_t s1 = kv_kivi_sealed(s0, pos + n, shape_.kivi_residual, shape_.kivi_group);
+  n_sealed_next_ = s1;
+  // Row j of the pass in f32, as the f16 residual holds it: old rows from the residual, new ones
+  // rounded the same way, so a group seals identically whichever pass completes it.
+  auto gather = [&](const AlignedBuffer& resid, const float* in, int64_t j, float* out) {
+    if (j < pos) {
+      const uint16_t* r = resid.as<uint16_t>() + (j - s0) * d;
+      for (int64_t c = 0; c < d; ++c) out[c] = fp16_to_fp32(r[c]);
+    } else {
+      const float* r = in + (j - pos) * d;
+      for (int64_t c = 0; c < d; ++c) out[c] = fp16_to_fp32(fp32_to_fp16(r[c]));
+    }
+  };
+  float* x = group_f32_.data();  // [G, kv_dim]
+  uint8_t* kg = reinterpret_cast<uint8_t*>(k_[il].data());
+  uint8_t* vs = reinterpret_cast<uint8_t*>(v_[il].data());
+  for (int64_t g0 = s0; g0 < s1; g0 += G) {
+    for (int64_t t = 0; t < G; ++t) gather(rk_[il], k, g0 + t, x + t * d);
+    kv_kivi_quantize_k_group(x, G, d, kg + (g0 / G) * kv_kivi_group_bytes(shape_));
+    for (int64_t t = 0; t < G; ++t) {
+      gather(rv_[il], v, g0 + t, x);
+      kernels::quantize_row(shape_.dtype_v, x, vs + (g0 + t) * v_row_bytes_, d);
+    }
+  }
+}
+
+void KvCache::kivi_finish_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
+  const int64_t d = shape_.kv_dim();
+  const int64_t s0 = n_sealed_, s1 = n_sealed_next_;
+  KVLM_CHECK(pos == n_tokens_ &&
+             s1 == kv_kivi_sealed(s0, pos + n, shape_.kivi_residual, shape_.kivi_group));
+  KVLM_CHECK(pos + n - s1 <= kv_kivi_residual_cap(shape_, capacity_));
+  for (auto [buf, in] : {std::pair{&rk_[il], k}, std::pair{&rv_[il], v}}) {
+    uint16_t* r = buf->as<uint16_t>();  // row j - s0 before, j - s1 after
+    if (s1 > s0 && s1 < pos) std::memmove(r, r + (s1 - s0) * d, (pos - s1) * d * sizeof(uint16_t));
+    for (int64_t j = std::max(s1, pos); j < pos + n; ++j)
+      for (int64_t c = 0; c < d; ++c) r[(j - s1) * d + c] = fp32_to_fp16(in[(j - pos) * d + c]);
+  }
+  ++n_layers_done_;
+}
+
+}  // namespace kvlm

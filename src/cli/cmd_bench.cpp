@@ -39,7 +39,8 @@ namespace {
 constexpr uint32_t kTokenSeed = 1234;  // fixed: every run feeds the same ids
 
 struct BenchArgs {
-  std::string model, ctk = "f16", ctv = "f16";
+  std::string model;
+  CacheFlags cache;  // types and layout; each test's context is depth + prompt + gen
   std::vector<int64_t> n_prompt = {512}, n_gen = {128}, depth = {0};
   std::vector<std::string> pg;  // "P,N" pairs
   int reps = 5;
@@ -101,10 +102,11 @@ double run_once(Session& s, const BenchTest& t, int64_t n_gen_run, bool use_cach
   return timer.ms() / 1000.0;
 }
 
-BenchResult run_test(const Model& model, const BenchTest& t, const BenchArgs& a, DType ctk,
-                     DType ctv, ThreadPool& pool) {
+BenchResult run_test(const Model& model, const BenchTest& t, const BenchArgs& a, KvOptions kvo,
+                     ThreadPool& pool) {
   const int32_t n_vocab = model.config().n_vocab;
-  Session session(model, ctk, ctv, t.n_ctx(), pool, a.n_batch);
+  if (!kvo.window) kvo.n_ctx = t.n_ctx();  // a window keeps its sinks + window and evicts
+  Session session(model, kvo, pool, a.n_batch);
   BenchResult r;
   r.test = t;
   run_once(session, t, std::min<int64_t>(t.n_gen, 1), !a.no_cache, n_vocab);  // warm-up
@@ -155,8 +157,6 @@ std::string rate_str(const BenchResult& r) {
 }
 
 int run_bench(const BenchArgs& a) {
-  const DType ctk = parse_cache_type(a.ctk, "-ctk");
-  const DType ctv = parse_cache_type(a.ctv, "-ctv");
   const std::vector<BenchTest> tests = plan(a);
   if (tests.empty()) {
     std::fprintf(stderr, "kvlm: error: nothing to run: -p and -n are all 0 and no --pg given "
@@ -167,6 +167,8 @@ int run_bench(const BenchArgs& a) {
   const std::string path = resolve_model(a.model);
   auto model = Model::load(path);
   const ModelConfig& c = model->config();
+  const KvOptions kvo = to_kv_options(a.cache, c);
+  const DType ctk = kvo.dtype_k, ctv = kvo.dtype_v;
   for (const BenchTest& t : tests)
     if (c.arch->pos == PosKind::Learned && t.n_ctx() > c.n_ctx_train)
       fail("{} needs {} positions but this model has learned only {} (lower -d, -p or -n)",
@@ -175,7 +177,7 @@ int run_bench(const BenchArgs& a) {
   ThreadPool pool(a.threads);
   const KvShape shape = model->kv_shape(ctk, ctv);
   const std::string cache_desc =
-      fmt::format("K {} / V {}, {}", dtype_name(ctk), dtype_name(ctv),
+      fmt::format("{}, {}", describe_cache(kvo),
                   a.no_cache ? "cache off (--no-cache: whole prefix recomputed every step)"
                              : "cache on");
   if (!a.json) {
@@ -195,7 +197,7 @@ int run_bench(const BenchArgs& a) {
 
   std::vector<BenchResult> results;
   for (const BenchTest& t : tests) {
-    results.push_back(run_test(*model, t, a, ctk, ctv, pool));
+    results.push_back(run_test(*model, t, a, kvo, pool));
     if (!a.json) {
       const BenchResult& r = results.back();
       fmt::print("| {:<22} | {:>20} | {:>12} |\n", t.name(), rate_str(r),
@@ -278,8 +280,7 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("-b,--batch-size", b->n_batch, "prompt tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
       ->capture_default_str();
-  cmd->add_option("--cache-type-k", b->ctk, "K cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctk)");
-  cmd->add_option("--cache-type-v", b->ctv, "V cache type: f32, f16, q8_0, q4_1, q4_0 (alias -ctv)");
+  add_cache_flags(cmd, b->cache, false);
   cmd->add_flag("--no-cache", b->no_cache,
                 "recompute the whole prefix at every step (the cache-off baseline)");
   cmd->add_flag("--json", b->json, "print one JSON document instead of the table");

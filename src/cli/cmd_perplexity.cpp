@@ -25,7 +25,8 @@ namespace {
 constexpr const char* kJargonGz = "/usr/share/doc/jargon-text/jargon.txt.gz";
 
 struct PerplexityArgs {
-  std::string model, file, ctk = "f16", ctv = "f16", kl_base, kl_base_out;
+  std::string model, file, kl_base, kl_base_out;
+  CacheFlags cache;
   int64_t n_ctx = 512;
   int64_t n_chunks = -1;
   int64_t n_batch = 512;
@@ -59,8 +60,6 @@ std::string read_text(const std::string& path) {
 
 int run_perplexity(const PerplexityArgs& a) {
   PerplexityOptions opts;
-  opts.dtype_k = parse_cache_type(a.ctk, "-ctk");
-  opts.dtype_v = parse_cache_type(a.ctv, "-ctv");
   opts.n_ctx = a.n_ctx;
   opts.n_chunks = a.n_chunks;
   opts.n_batch = a.n_batch;
@@ -71,6 +70,12 @@ int run_perplexity(const PerplexityArgs& a) {
   auto model = Model::load(resolve_model(a.model));
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ModelConfig& c = model->config();
+  opts.kv = to_kv_options(a.cache, c);
+  opts.dtype_k = opts.kv.dtype_k;
+  opts.dtype_v = opts.kv.dtype_v;
+  if (opts.kv.window && opts.kv.n_ctx >= a.n_ctx)
+    fail("--kv-window: sinks + window ({}) must be smaller than the chunk (--ctx {}) to evict "
+         "anything", opts.kv.n_ctx, a.n_ctx);
   const std::vector<int32_t> tokens = perplexity_tokens(*tok, text);
   const int32_t bos = tok->add_bos_default() ? tok->bos_id() : -1;
 
@@ -79,8 +84,8 @@ int run_perplexity(const PerplexityArgs& a) {
   auto header = [&](int64_t n_chunks) {
     if (header_done) return;
     header_done = true;
-    fmt::print("model:  {} ({}), cache K {} / V {}, {} threads\n", c.name, c.arch->name,
-               dtype_name(opts.dtype_k), dtype_name(opts.dtype_v), pool.size());
+    fmt::print("model:  {} ({}), cache {}, {} threads\n", c.name, c.arch->name,
+               describe_cache(opts.kv), pool.size());
     fmt::print("text:   {}: {} bytes, {} tokens = {} chunks of {}; evaluating {}, scoring "
                "positions {}..{} of each ({} tokens)\n",
                a.file == "-" ? "stdin" : a.file, text.size(), tokens.size(),
@@ -152,8 +157,7 @@ Command add_perplexity(CLI::App& app) {
       ->check(CLI::Range(1, 1024));
   ppl->add_option("-b,--batch-size", a->n_batch, "tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
-  ppl->add_option("--cache-type-k", a->ctk, "K cache type (alias -ctk, default f16)");
-  ppl->add_option("--cache-type-v", a->ctv, "V cache type (alias -ctv, default f16)");
+  add_cache_flags(ppl, a->cache, false);
   auto* out = ppl->add_option("--kl-base-out", a->kl_base_out,
                               "save the run's top-32 token distributions here, as a KL base");
   ppl->add_option("--kl-base", a->kl_base,

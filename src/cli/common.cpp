@@ -45,12 +45,13 @@ DType parse_cache_type(const std::string& s, const char* flag) {
   return *t;
 }
 
-void add_cache_flags(CLI::App* app, CacheFlags& f) {
+void add_cache_flags(CLI::App* app, CacheFlags& f, bool context_flag) {
   const std::string types = kv_supported_types();
   app->add_option("--cache-type-k", f.ctk, "K cache type: " + types + " (alias -ctk)");
   app->add_option("--cache-type-v", f.ctv, "V cache type: " + types + " (alias -ctv)");
-  app->add_option("-c,--ctx-size", f.n_ctx, "context size in tokens (default: min(4096, model))")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  if (context_flag)
+    app->add_option("-c,--ctx-size", f.n_ctx, "context size in tokens (default: min(4096, model))")
+        ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
   app->add_option("--kv-alloc", f.alloc,
                   "static: reserve the whole context up front; dynamic: grow in chunks of 256 "
                   "tokens as they arrive")
@@ -73,6 +74,15 @@ void add_cache_flags(CLI::App* app, CacheFlags& f) {
                   "most recent R..R+63 tokens in f16; needs -ctk q4_0 (e.g. -ctk q4_0 -ctv q4_0 "
                   "--kv-residual 32)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+}
+
+std::string describe_cache(const KvOptions& o) {
+  std::string s = fmt::format("K {} / V {}", dtype_name(o.dtype_k), dtype_name(o.dtype_v));
+  if (o.alloc == KvAlloc::Dynamic) s += ", dynamic";
+  if (o.window) s += fmt::format(", window {} + {} sinks", o.n_ctx - o.n_sinks, o.n_sinks);
+  if (o.n_keep >= 0) s += fmt::format(", context shift keeping {}", o.n_keep);
+  if (o.kivi_residual >= 0) s += fmt::format(", KIVI residual {}", o.kivi_residual);
+  return s;
 }
 
 KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c) {

@@ -39,7 +39,11 @@ struct CacheFlags {
   int64_t keep = -1;        // context shift: tokens kept at the start (-1: off)
   int64_t kv_residual = -1;  // KIVI layout: recent tokens kept in f16 (-1: off)
 };
-void add_cache_flags(CLI::App* app, CacheFlags& f);
+// context_flag: also -c/--ctx-size (commands whose context comes from elsewhere, perplexity's
+// chunks or bench's tests, leave it out).
+void add_cache_flags(CLI::App* app, CacheFlags& f, bool context_flag = true);
+// "K f16 / V f16" plus the layout: ", dynamic", ", window 1024 + 4 sinks", ", KIVI residual 32".
+std::string describe_cache(const KvOptions& o);
 // Resolves the flags against a model into the session's KvOptions; kvlm::Error naming the flag.
 KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c);
 

@@ -391,7 +391,11 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
     out.emplace(opts.kl_base_out, h);
   }
 
-  Session session(model, opts.dtype_k, opts.dtype_v, n_ctx, pool, opts.n_batch);
+  KvOptions kvo = opts.kv;
+  kvo.dtype_k = opts.dtype_k;
+  kvo.dtype_v = opts.dtype_v;
+  if (!kvo.window) kvo.n_ctx = n_ctx;
+  Session session(model, kvo, pool, opts.n_batch);
   RecordBlock block;  // [n_score] records of the current chunk (read or written)
   block.resize(n_score, base ? base->header().top_k : top_k);
   std::vector<uint8_t> mask(static_cast<size_t>(pool.size()) * n_vocab, 0);  // [n_threads, n_vocab]

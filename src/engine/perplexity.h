@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "base/thread_pool.h"
+#include "engine/session.h"
 #include "model/model.h"
 
 namespace kvlm {
@@ -77,6 +78,10 @@ struct PerplexityOptions {
   DType dtype_v = DType::F16;
   std::string kl_base;      // compare against this base file ("" = no comparison)
   std::string kl_base_out;  // write a base file ("" = none)
+  // Cache layout beyond the types above (allocation, sliding window with sinks, KIVI). Its n_ctx
+  // is used only with a window (sinks + window, smaller than a chunk: the window then evicts
+  // within each chunk); otherwise the cache holds exactly one chunk.
+  KvOptions kv;
 };
 
 struct KlStats {

@@ -77,8 +77,13 @@ std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_lo
   const int64_t n_vocab = model_.config().n_vocab;
   if (all_logits) all_logits_.resize(static_cast<size_t>(n * n_vocab));
   std::span<const float> last;
-  for (int64_t i = 0; i < n; i += n_batch_) {
-    const int64_t m = std::min(n_batch_, n - i);
+  for (int64_t i = 0, m = 0; i < n; i += m) {
+    // An evicting cache can make room for at most what lies past the kept prefix (the sinks or
+    // --keep tokens), so longer feeds go in pieces of that size.
+    const int64_t room = opts_.window ? kv_.n_ctx() - opts_.n_sinks
+                         : opts_.n_keep >= 0 ? kv_.n_ctx() - opts_.n_keep
+                                             : n_batch_;
+    m = std::min({n_batch_, room, n - i});
     if (!make_room(m))
       fail("context full: {} tokens held + {} new exceed the context of {} tokens and the "
            "eviction policy cannot free enough (raise -c or the window)",

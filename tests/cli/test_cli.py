@@ -357,6 +357,23 @@ class Perplexity(unittest.TestCase):
         self.assertIn("+/-", out)
         self.assertEqual(err.strip(), "")
 
+    def test_cache_layout_flags(self):
+        # The shared cache flags reach perplexity: a dynamic cache scores exactly like a static
+        # one; a window smaller than the chunk evicts inside it and says so; a window that cannot
+        # evict anything is an error.
+        final = lambda out: [l for l in out.splitlines() if l.startswith("PPL = ")][0].split("(")[0]
+        rc, out_static, err = self.ppl("--chunks", "2")
+        self.assertEqual(rc, 0, err)
+        rc, out_dyn, err = self.ppl("--chunks", "2", "--kv-alloc", "dynamic")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("dynamic", out_dyn)
+        self.assertEqual(final(out_static), final(out_dyn))
+        rc, out_win, err = self.ppl("--chunks", "2", "--kv-window", "24", "--kv-sinks", "4", "-b", "8")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("window 24 + 4 sinks", out_win)
+        self.assertNotEqual(final(out_static), final(out_win))
+        self.one_line_error(self.ppl("--kv-window", "64"), (1,), "smaller than the chunk")
+
     def test_stdin_gives_the_same_ppl(self):
         p = subprocess.run([KVLM, "perplexity", "-m", TINY, "-f", "-", "--ctx", "64"],
                            input=self.TEXT.encode(), capture_output=True, timeout=600)
@@ -435,6 +452,16 @@ class Bench(unittest.TestCase):
         self.assertEqual(rc, 0, err)
         for needle in ("| pp8 @ d8 ", "| tg4 @ d8 ", "| pp4+tg4 @ d8 ", "cache off", "K f32 / V f16", "±"):
             self.assertIn(needle, out)
+
+    def test_window_layout(self):
+        import json
+        rc, out, err = run("bench", "-m", TINY, "-p", "0", "-n", "8", "-d", "40", "-r", "1",
+                           "--kv-window", "16", "--kv-sinks", "4", "--json")
+        self.assertEqual(rc, 0, err)
+        doc = json.loads(out)
+        t = doc["tests"][0]
+        self.assertEqual(t["name"], "tg8 @ d40")
+        self.assertEqual(t["kv_bytes"]["allocated"], 20 * doc["kv_bytes_per_token"])  # bounded
 
     def test_bad_input(self):
         bench = ["bench", "-m", TINY, "-p", "8", "-n", "4"]

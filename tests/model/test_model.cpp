@@ -203,6 +203,30 @@ TEST(Window, RunsFarPastTheTrainingContext) {
   }
 }
 
+// A prompt longer than the window (or than the room past --keep) is fed in pieces that fit, and
+// the cache never holds more than its bound.
+TEST(Window, PromptLongerThanTheWindow) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 100; ++i) prompt.push_back((i * 37 + 11) % 300);
+  KvOptions o;
+  o.window = true;
+  o.n_sinks = 4;
+  o.n_ctx = 4 + 24;
+  o.window_chunk = 24;  // a whole window at once: pieces then land on the same evictions
+  Session bulk(*m, o, pool(), 512);
+  auto lb = bulk.feed(prompt);
+  std::vector<float> last_bulk(lb.begin(), lb.end());
+  EXPECT_LE(bulk.kv().size(), o.n_ctx);
+  EXPECT_EQ(bulk.kv().stats().n_evicted, 100 - bulk.kv().size());
+  KvOptions k;
+  k.n_ctx = 30;
+  k.n_keep = 5;
+  Session shift(*m, k, pool(), 512);
+  shift.feed(prompt);
+  EXPECT_LE(shift.kv().size(), 30);
+}
+
 TEST(ContextShift, KeepsGoingWhenFull) {
   auto m = Model::load(test::data_path("tiny-llama.gguf"));
   KvOptions o;

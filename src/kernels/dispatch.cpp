@@ -18,6 +18,8 @@ namespace {
 struct KernelTable {
   const char* name;
   void (*dequantize_row)(DType, const void*, float*, int64_t);
+  void (*dequantize_rows)(DType, const void*, size_t, int64_t, float*, int64_t);
+  void (*round_to_f16)(const float*, float*, int64_t);
   float (*dot_row)(DType, const void*, const float*, int64_t);
   void (*matmul)(const TensorView&, const float*, float*, int64_t, ThreadPool&);
   void (*matmul_multi)(const MatmulPart*, int, const float*, int64_t, ThreadPool&);
@@ -25,10 +27,12 @@ struct KernelTable {
                      float*, float*, float*, float*);
 };
 
-constexpr KernelTable kScalar = {"scalar", ref::dequantize_row, ref::dot_row, ref::matmul,
-                                ref::matmul_multi, ref::attn_chunk};
-constexpr KernelTable kAvx2 = {"avx2", avx2::dequantize_row, avx2::dot_row, avx2::matmul,
-                              avx2::matmul_multi, avx2::attn_chunk};
+constexpr KernelTable kScalar = {"scalar",          ref::dequantize_row, ref::dequantize_rows,
+                                 ref::round_to_f16, ref::dot_row,        ref::matmul,
+                                 ref::matmul_multi, ref::attn_chunk};
+constexpr KernelTable kAvx2 = {
+    "avx2",        avx2::dequantize_row, avx2::dequantize_rows, avx2::round_to_f16,
+    avx2::dot_row, avx2::matmul,         avx2::matmul_multi,    avx2::attn_chunk};
 
 }  // namespace
 
@@ -74,6 +78,15 @@ const char* kernels_backend() {
 
 void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
   table().dequantize_row(t, src, dst, n);
+}
+
+void round_to_f16(const float* x, float* y, int64_t n) {
+  table().round_to_f16(x, y, n);
+}
+
+void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,
+                     int64_t n) {
+  table().dequantize_rows(t, src, src_stride, n_rows, dst, n);
 }
 
 float dot_row(DType t, const void* row, const float* x, int64_t n) {

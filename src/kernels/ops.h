@@ -23,6 +23,13 @@ const char* kernels_backend();
 // n elements (a multiple of t's block size) of type t at src -> f32 dst[n].
 // Supported t: every DType whose DTypeInfo::compute is true.
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+// y[i] = x[i] rounded to the nearest f16 (ties to even) and back: what an f16 store would keep.
+// x, y: [n]; y may alias x. NaN stays NaN (its payload may differ between variants).
+void round_to_f16(const float* x, float* y, int64_t n);
+// n_rows rows of n elements each, src_stride bytes apart (e.g. one head of every cached
+// position) -> dst [n_rows, n]. The same values as n_rows dequantize_row calls, in one dispatch.
+void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,
+                     int64_t n);
 // f32 src[n] -> n elements of type t at dst (GGML's reference rounding). Supported t: F32, F16,
 // BF16, Q8_0, Q4_0, Q4_1.
 void quantize_row(DType t, const float* src, void* dst, int64_t n);

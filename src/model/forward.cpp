@@ -29,6 +29,7 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.x, B * c.n_embd);
   grow(s.h, B * c.n_embd);
   grow(s.q, B * c.q_dim());
+  grow(s.q16, B * c.q_dim());
   grow(s.k, B * c.kv_dim());
   grow(s.v, B * c.kv_dim());
   if (c.arch->fused_qkv) grow(s.qkv, B * (c.q_dim() + 2 * c.kv_dim()));
@@ -37,7 +38,7 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.up, B * c.n_ff);
   // K and V tiles, scores, q in f16, outputs, max and sum (see attention()).
   s.scores_per_thread = 2 * kAttnChunk * c.head_dim + c.n_gqa() * kAttnChunk +
-                        2 * c.n_gqa() * c.head_dim + 2 * c.n_gqa();
+                        c.n_gqa() * c.head_dim + 2 * c.n_gqa();
   grow(s.scores, s.n_threads * s.scores_per_thread);
   const int64_t max_chunks = (s.n_ctx + kAttnChunk - 1) / kAttnChunk;
   grow(s.attn_part, std::min<int64_t>(s.n_batch, kAttnTokens) * c.n_head * max_chunks * (c.head_dim + 2));
@@ -92,6 +93,12 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
   const int64_t max_chunks = (pos0 + n_tok + kAttnChunk - 1) / kAttnChunk;
   const int64_t part_stride = hd + 2;  // per (token, head, chunk): m, l, o[hd]
   float* parts = s.attn_part.as<float>();  // [kAttnTokens, n_head, max_chunks, hd + 2]
+  if (kv.dtype_k == DType::F16) {
+    // Rounded once here, not per chunk: every chunk then reads the same rounded q.
+    float* q16 = s.q16.as<float>();  // [n_tok, q_dim]
+    kernels::round_to_f16(q, q16, n_tok * c.q_dim());
+    q = q16;
+  }
   for (int64_t t0 = 0; t0 < n_tok; t0 += kAttnTokens) {
     const int64_t nt = std::min(kAttnTokens, n_tok - t0);
     const int64_t n_blocks = (nt + tok_block - 1) / tok_block;
@@ -100,8 +107,7 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
       float* ktile = work;                      // [kAttnChunk, head_dim] K rows in f32
       float* vtile = ktile + kAttnChunk * hd;   // [kAttnChunk, head_dim] V rows in f32
       float* sc = vtile + kAttnChunk * hd;      // [gqa, kAttnChunk] scores, then weights
-      float* qh16 = sc + gqa * kAttnChunk;      // [gqa, head_dim] q rounded to f16
-      float* o_part = qh16 + gqa * hd;          // [gqa, head_dim] unnormalised outputs
+      float* o_part = sc + gqa * kAttnChunk;    // [gqa, head_dim] unnormalised outputs
       float* m_part = o_part + gqa * hd;        // [gqa]
       float* l_part = m_part + gqa;             // [gqa]
       for (int64_t job = begin; job < end; ++job) {
@@ -119,38 +125,36 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
                                 : j_end;
         const int64_t jr = std::clamp(pos0, js, j_end);
         auto f16_row = [&](const uint16_t* resid, const float* batch, int64_t j, float* row) {
-          if (j < jr) {
-            const uint16_t* r = resid + (j - kv.n_sealed0) * KV + g * hd;
-            for (int64_t d = 0; d < hd; ++d) row[d] = fp16_to_fp32(r[d]);
-          } else {
-            const float* r = batch + (j - pos0) * KV + g * hd;
-            for (int64_t d = 0; d < hd; ++d) row[d] = fp16_to_fp32(fp32_to_fp16(r[d]));
-          }
+          if (j < jr)
+            kernels::dequantize_row(DType::F16, resid + (j - kv.n_sealed0) * KV + g * hd, row, hd);
+          else
+            kernels::round_to_f16(batch + (j - pos0) * KV + g * hd, row, hd);
         };
-        for (int64_t j = j0; j < j_end; ++j) {
-          float* krow = ktile + (j - j0) * hd;
-          float* vrow = vtile + (j - j0) * hd;
-          if (j >= js) {
-            f16_row(kv.k_resid, k_new, j, krow);
-            f16_row(kv.v_resid, v_new, j, vrow);
-            continue;
-          }
-          if (kivi)
+        if (!kivi) {  // one strided read of head g's rows per tile
+          kernels::dequantize_rows(kv.dtype_k, kv.k + j0 * kv.k_row_bytes + g * k_head_bytes,
+                                   kv.k_row_bytes, j_end - j0, ktile, hd);
+          kernels::dequantize_rows(kv.dtype_v, kv.v + j0 * kv.v_row_bytes + g * v_head_bytes,
+                                   kv.v_row_bytes, j_end - j0, vtile, hd);
+        } else {
+          for (int64_t j = j0; j < j_end; ++j) {
+            float* krow = ktile + (j - j0) * hd;
+            float* vrow = vtile + (j - j0) * hd;
+            if (j >= js) {
+              f16_row(kv.k_resid, k_new, j, krow);
+              f16_row(kv.v_resid, v_new, j, vrow);
+              continue;
+            }
             kv_kivi_dequantize_k_row(kv.k + (j / kv.kivi_group) * kv.kivi_group_bytes,
                                      kv.kivi_group, KV, j % kv.kivi_group, g * hd, hd, krow);
-          else
-            kernels::dequantize_row(kv.dtype_k, kv.k + j * kv.k_row_bytes + g * k_head_bytes, krow, hd);
-          // KIVI's sealed V rows are plain dtype_v rows at their positions.
-          kernels::dequantize_row(kv.dtype_v, kv.v + j * kv.v_row_bytes + g * v_head_bytes, vrow, hd);
+            // KIVI's sealed V rows are plain dtype_v rows at their positions.
+            kernels::dequantize_row(kv.dtype_v, kv.v + j * kv.v_row_bytes + g * v_head_bytes,
+                                    vrow, hd);
+          }
         }
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t n = std::min(pos0 + i + 1, j0 + kAttnChunk) - j0;  // causal: [0, pos]
           if (n <= 0) continue;
           const float* qg = q + i * c.q_dim() + g * gqa * hd;  // [gqa, head_dim] group g's heads
-          if (kv.dtype_k == DType::F16) {
-            for (int64_t d = 0; d < gqa * hd; ++d) qh16[d] = fp16_to_fp32(fp32_to_fp16(qg[d]));
-            qg = qh16;
-          }
           kernels::attn_chunk(ktile, vtile, n, hd, qg, gqa, scale, m_part, l_part, o_part, sc);
           for (int64_t a = 0; a < gqa; ++a) {
             float* p = parts + (((i - t0) * c.n_head + g * gqa + a) * max_chunks + ch) * part_stride;

@@ -43,6 +43,7 @@ struct Scratch {
   AlignedBuffer x;       // [n_batch, n_embd]        residual stream
   AlignedBuffer h;       // [n_batch, n_embd]        normed input of a block
   AlignedBuffer q;       // [n_batch, q_dim]
+  AlignedBuffer q16;     // [n_batch, q_dim]         q rounded to f16 (attention over an f16 K)
   AlignedBuffer k;       // [n_batch, kv_dim]
   AlignedBuffer v;       // [n_batch, kv_dim]
   AlignedBuffer qkv;     // [n_batch, q_dim + 2 * kv_dim]  fused projection output
@@ -50,7 +51,7 @@ struct Scratch {
   AlignedBuffer gate;    // [n_batch, n_ff]
   AlignedBuffer up;      // [n_batch, n_ff]
   AlignedBuffer scores;  // [n_threads, scores_per_thread]  attention work area per thread: K and
-                         //   V tiles [256, head_dim], scores [n_gqa, 256], q in f16 and outputs
+                         //   V tiles [256, head_dim], scores [n_gqa, 256], outputs
                          //   [n_gqa, head_dim], max and sum [n_gqa]
   int64_t scores_per_thread = 0;
   AlignedBuffer attn_part;  // [32, n_head, ceil(n_ctx / 256), head_dim + 2] online-softmax partials

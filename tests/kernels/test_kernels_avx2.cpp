@@ -244,6 +244,43 @@ TEST(Avx2Dequant, OtherTypesMatchRef) {
   }
 }
 
+// Strided multi-row dequantization equals row-by-row, and round_to_f16 equals the exact software
+// conversion (ties to even, subnormals, overflow to inf), for both variants.
+TEST(Avx2Dequant, RowsAndF16RoundingBitIdentical) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(7);
+  for (DType t : {DType::F32, DType::F16, DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
+    const int64_t n = 64, n_rows = 9;
+    const size_t stride = row_bytes(t, 3 * n) + 2;  // one head of a 3-head row, padded
+    Buffer buf(stride * n_rows, 2);
+    for (int64_t r = 0; r < n_rows; ++r) random_row(t, 3 * n, rng, buf.data() + r * stride);
+    const size_t off = row_bytes(t, n);  // the second head
+    std::vector<float> got(n_rows * n), want(n_rows * n);
+    for (auto rows : {avx2::dequantize_rows, ref::dequantize_rows}) {
+      rows(t, buf.data() + off, stride, n_rows, got.data(), n);
+      for (int64_t r = 0; r < n_rows; ++r)
+        ref::dequantize_row(t, buf.data() + off + r * stride, want.data() + r * n, n);
+      for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(bits_of(got[i]), bits_of(want[i])) << dtype_name(t);
+    }
+  }
+  std::vector<float> x = random_floats(rng, 4000, 100.0f);
+  for (float v : {0.0f, -0.0f, 65504.0f, 65520.0f, 65519.0f, 1e6f, -1e6f, 6e-8f, 3e-8f, 2.9e-8f,
+                  1e-5f, -6.1e-5f, 1.0009765625f, 1.00048828125f, 1.00146484375f, INFINITY})
+    x.push_back(v);
+  for (int i = 0; i < 3000; ++i) {  // values exactly halfway between two f16s
+    const uint16_t h = static_cast<uint16_t>(rng() & 0x7bff);
+    x.push_back((fp16_to_fp32(h) + fp16_to_fp32(static_cast<uint16_t>(h + 1))) / 2);
+  }
+  std::vector<float> a(x.size()), b(x.size());
+  avx2::round_to_f16(x.data(), a.data(), static_cast<int64_t>(x.size()));
+  ref::round_to_f16(x.data(), b.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(bits_of(a[i]), bits_of(b[i])) << x[i];
+  const float nan = NAN;
+  float y;
+  avx2::round_to_f16(&nan, &y, 1);
+  EXPECT_TRUE(std::isnan(y));
+}
+
 // ---- dots: within tolerance ---------------------------------------------------------------------
 
 // Sum of |terms| a quantized-activation dot rounds, from the blocks both variants see:

@@ -457,6 +457,16 @@ void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, Thread
       kRowGrain);
 }
 
+void round_to_f16(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = fp16_to_fp32(fp32_to_fp16(x[i]));
+}
+
+void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,
+                     int64_t n) {
+  for (int64_t r = 0; r < n_rows; ++r)
+    dequantize_row(t, static_cast<const uint8_t*>(src) + r * src_stride, dst + r * n, n);
+}
+
 // The reference is the definition: one matmul per part.
 void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
                   ThreadPool& pool) {

@@ -15,6 +15,9 @@ namespace kvlm::kernels::ref {
 
 // Same contracts as the public functions of the same name in ops.h.
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+void round_to_f16(const float* x, float* y, int64_t n);
+void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,
+                     int64_t n);
 float dot_row(DType t, const void* row, const float* x, int64_t n);
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
 void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,

@@ -402,9 +402,12 @@ def run_kvlm_config(args, name: str, flags: str, textfile: Path, base_file: Path
     if bad:
         row["error"] = f"bad flags: {bad}"
         return row
+    # A config may set its own batch (a sliding window wants small batches: a batch of B tokens
+    # leaves the first of them only W - B positions of context).
+    own_batch = any(f in ("-b", "--batch-size") or f.startswith("--batch-size=") for f in extra)
     cmd = [str(args.kvlm), "perplexity", "-m", str(args.model), "-f", str(textfile),
-           "-c", str(args.ctx), "--chunks", str(n_chunks), "-t", str(args.threads),
-           "-b", str(args.batch_size)] + extra
+           "-c", str(args.ctx), "--chunks", str(n_chunks), "-t", str(args.threads)]
+    cmd += ([] if own_batch else ["-b", str(args.batch_size)]) + extra
     cmd += ["--kl-base-out", str(base_file)] if is_base else ["--kl-base", str(base_file)]
     row["command"] = shlex.join(cmd)
     for attempt in range(3):

@@ -2,8 +2,11 @@
 // -mavx2 -mfma -ffp-contract=off (../CMakeLists.txt); called only when avx2::cpu_supported().
 //
 // Arithmetic (deviations from ref, all fixed by n and hd alone, never by the caller's batch):
-//  * scores: dot(q[a], k[j]) in 8 lanes x 2 accumulators with FMA, folded (acc0 + acc1) then a
-//    fixed lane tree; times scale. Ref sums 16 lanes without FMA: the two differ by rounding.
+//  * scores: with hd % 8 == 0, positions in whole groups of 8 (from the chunk's start) take
+//    scores8 (one 8-lane FMA accumulator per position, hadd-tree fold), the rest dot_hd (8 lanes x
+//    2 accumulators, folded (acc0 + acc1) then a lane tree); times scale. Which path a position
+//    takes depends only on n, which depends only on the query's position: a query gets the same
+//    numbers in prefill and decode. Ref sums 16 lanes without FMA: they differ by rounding.
 //  * exp: exp_f32 (Cephes expf, <= 2 ulp) instead of libm's correctly rounded-ish expf.
 //  * l: 8 lanes over j, folded at the end (ref: one running sum in j order).
 //  * o: one FMA per (j, d) in j order, as ref's multiply-then-add but with one rounding.
@@ -65,6 +68,27 @@ inline float dot_hd(const float* a, const float* b, int64_t hd) {
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
+// s[j] = scale * dot(q, k[j]) for 8 positions at once, hd % 8 == 0: one accumulator per position
+// (8 lanes over the head's dims, FMA in dim order), then a transposing reduction (hadd tree) that
+// leaves the 8 sums in one vector, where a per-position fold would cost a shuffle chain each. The
+// lanes of each accumulator are folded in a fixed order that depends on nothing but hd.
+inline void scores8(const float* k, const float* q, int64_t hd, float scale, float* s) {
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(k + r * hd + d), qd, acc[r]);
+  }
+  // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+  // h0123 = [p0 p1 p2 p3 | p0' p1' p2' p3'] (low and high 128-bit halves of each position's sum)
+  const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+  _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
+}
+
 // o[d0 .. d0 + 8 NV) = sum_j w[j] v[j, d0 ..], accumulators held in registers.
 template <int NV>
 void weighted_sum(const float* w, const float* v, int64_t n, int64_t hd, int64_t d0, float* o) {
@@ -94,7 +118,10 @@ void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const flo
   for (int64_t a = 0; a < n_q; ++a) {
     const float* qa = q + a * hd;  // [hd]
     float* s = work + a * n;       // [n] scores, then weights
-    for (int64_t j = 0; j < n; ++j) s[j] = dot_hd(k + j * hd, qa, hd) * scale;
+    int64_t j8 = 0;
+    if (hd % 8 == 0)
+      for (; j8 + 8 <= n; j8 += 8) scores8(k + j8 * hd, qa, hd, scale, s + j8);
+    for (int64_t j = j8; j < n; ++j) s[j] = dot_hd(k + j * hd, qa, hd) * scale;
     // max and exp/sum over j in 8 lanes; the masked tail's dead lanes read as -inf / add 0.
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     int64_t j = 0;

@@ -189,12 +189,7 @@ Command add_chat(CLI::App& app) {
   c->add_option("-m,--model", a->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
   c->add_option("--system", a->system, "system prompt (default: the template's)");
   c->add_option("-n,--n-predict", a->n_predict, "max tokens per reply")->check(CLI::Range(1, 1 << 20));
-  c->add_option("--temp", a->sampling.temperature, "temperature (0: greedy)")->check(CLI::Range(0.0, 100.0));
-  c->add_option("--top-k", a->sampling.top_k, "top-k (0: off)")->check(CLI::Range(0, 1 << 30));
-  c->add_option("--top-p", a->sampling.top_p, "top-p (1: off)")->check(CLI::Range(0.0, 1.0));
-  c->add_option("--min-p", a->sampling.min_p, "min-p (0: off)")->check(CLI::Range(0.0, 1.0));
-  c->add_option("--repeat-penalty", a->sampling.repeat_penalty, "repetition penalty (1: off)")
-      ->check(CLI::Range(0.01, 100.0));
+  add_sampling_flags(c, a->sampling);
   c->add_option("--seed", a->seed, "random seed")->each([a](const std::string&) { a->seed_given = true; });
   c->add_option("-t,--threads", a->threads, "threads (default: all cores)")->check(CLI::Range(1, 1024));
   add_cache_flags(c, a->cache);

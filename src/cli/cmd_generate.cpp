@@ -148,15 +148,7 @@ Command add_generate(CLI::App& app) {
       ->check(CLI::Range(-1, 1 << 30));
   gen->add_flag("--chat", g->chat, "wrap the prompt in the model's chat template");
   gen->add_flag("--no-cache", g->no_cache, "recompute the whole prefix at every step (baseline)");
-  gen->add_option("--temp", g->sampling.temperature, "temperature (0: greedy)")
-      ->check(CLI::Range(0.0, 100.0));
-  gen->add_option("--top-k", g->sampling.top_k, "top-k (0: off)")->check(CLI::Range(0, 1 << 30));
-  gen->add_option("--top-p", g->sampling.top_p, "top-p (1: off)")->check(CLI::Range(0.0, 1.0));
-  gen->add_option("--min-p", g->sampling.min_p, "min-p (0: off)")->check(CLI::Range(0.0, 1.0));
-  gen->add_option("--repeat-penalty", g->sampling.repeat_penalty, "repetition penalty (1: off)")
-      ->check(CLI::Range(0.01, 100.0));
-  gen->add_option("--repeat-last-n", g->sampling.repeat_last_n, "tokens the penalty looks back")
-      ->check(CLI::Range(0, 1 << 30));
+  add_sampling_flags(gen, g->sampling);
   gen->add_option("--seed", g->seed, "random seed (default: random, printed)")
       ->each([g](const std::string&) { g->seed_given = true; });
   gen->add_option("-t,--threads", g->threads, "threads (default: all cores)")

@@ -76,6 +76,17 @@ void add_cache_flags(CLI::App* app, CacheFlags& f, bool context_flag) {
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
 }
 
+void add_sampling_flags(CLI::App* app, SamplingParams& p) {
+  app->add_option("--temp", p.temperature, "temperature (0: greedy)")->check(CLI::Range(0.0, 100.0));
+  app->add_option("--top-k", p.top_k, "top-k (0: off)")->check(CLI::Range(0, 1 << 30));
+  app->add_option("--top-p", p.top_p, "top-p (1: off)")->check(CLI::Range(0.0, 1.0));
+  app->add_option("--min-p", p.min_p, "min-p (0: off)")->check(CLI::Range(0.0, 1.0));
+  app->add_option("--repeat-penalty", p.repeat_penalty, "repetition penalty (1: off)")
+      ->check(CLI::Range(0.01, 100.0));
+  app->add_option("--repeat-last-n", p.repeat_last_n, "tokens the penalty looks back")
+      ->check(CLI::Range(0, 1 << 30));
+}
+
 std::string describe_cache(const KvOptions& o) {
   std::string s = fmt::format("K {} / V {}", dtype_name(o.dtype_k), dtype_name(o.dtype_v));
   if (o.alloc == KvAlloc::Dynamic) s += ", dynamic";

@@ -8,6 +8,7 @@
 
 #include "engine/session.h"
 #include "model/config.h"
+#include "sampling/sampler.h"
 #include "tensor/dtype.h"
 
 namespace kvlm::cli {
@@ -46,6 +47,9 @@ void add_cache_flags(CLI::App* app, CacheFlags& f, bool context_flag = true);
 std::string describe_cache(const KvOptions& o);
 // Resolves the flags against a model into the session's KvOptions; kvlm::Error naming the flag.
 KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c);
+
+// --temp --top-k --top-p --min-p --repeat-penalty --repeat-last-n (generate, chat, later serve).
+void add_sampling_flags(CLI::App* app, SamplingParams& p);
 
 // Default model directory: $KVLM_MODELS or ~/.cache/kvlm/models.
 std::string models_dir();

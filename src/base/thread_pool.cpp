@@ -45,31 +45,36 @@ ThreadPool::~ThreadPool() {
   for (auto& t : threads_) t.join();
 }
 
-void ThreadPool::worker(int index) {
+// Checks the clock every 256 pauses (~10 us). seq_cst on the counter and in done() orders the
+// sleeper's registration against the waker's check, so no wake-up is lost.
+template <class Done>
+void ThreadPool::spin_then_sleep(const Done& done, std::condition_variable& cv,
+                                 std::atomic<int>& n_sleeping) {
   using Clock = std::chrono::steady_clock;
+  const auto deadline =
+      Clock::now() + std::chrono::microseconds(spin_micros_.load(std::memory_order_relaxed));
+  for (uint32_t i = 1; !done(); ++i) {
+    KVLM_CPU_RELAX();
+    if ((i & 255) == 0 && Clock::now() > deadline) {
+      std::unique_lock<std::mutex> lock(mu_);
+      n_sleeping.fetch_add(1);
+      cv.wait(lock, done);
+      n_sleeping.fetch_sub(1);
+      return;
+    }
+  }
+}
+
+void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
-    // Spin for the next job, checking the clock every 256 pauses (~10 us).
-    if (generation_.load(std::memory_order_acquire) == seen) {
-      const auto deadline =
-          Clock::now() + std::chrono::microseconds(spin_micros_.load(std::memory_order_relaxed));
-      for (uint32_t i = 1; generation_.load(std::memory_order_acquire) == seen; ++i) {
-        KVLM_CPU_RELAX();
-        if ((i & 255) == 0 && Clock::now() > deadline) {
-          std::unique_lock<std::mutex> lock(mu_);
-          n_sleeping_.fetch_add(1);
-          cv_.wait(lock, [&] { return generation_.load() != seen; });
-          n_sleeping_.fetch_sub(1);
-          break;
-        }
-      }
-    }
-    seen = generation_.load(std::memory_order_acquire);
+    spin_then_sleep([&] { return generation_.load() != seen; }, cv_, n_sleeping_);
+    seen = generation_.load();
     if (stop_.load()) return;
     int64_t b, e;
     chunk_bounds(job_n_, job_grain_, n_threads_, index, &b, &e);
     if (b < e) (*job_)(b, e, index);
-    if (pending_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
+    if (pending_.fetch_sub(1) == 1 && n_caller_sleeping_.load() > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       cv_done_.notify_one();
     }
@@ -108,25 +113,9 @@ void ThreadPool::parallel_for(int64_t n, const RangeFn& fn, int64_t grain) {
       spin_micros_.store(d >= kBusySwitches ? 0 : max_spin_, std::memory_order_relaxed);
     }
   }
-  const int spin = spin_micros_.load(std::memory_order_relaxed);
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::microseconds(spin);
-  for (uint32_t i = 1;; ++i) {
-    if (pending_.load(std::memory_order_acquire) == 0) {
-      return;
-    }
-    KVLM_CPU_RELAX();
-    if ((i & 255) == 0 && std::chrono::steady_clock::now() > deadline) {
-
-      // A worker is not running (oversubscribed machine) or has a long chunk: sleep until the
-      // last one notifies. seq_cst on caller_sleeping_ and pending_ orders the two checks.
-      std::unique_lock<std::mutex> lock(mu_);
-      caller_sleeping_.store(true);
-      cv_done_.wait(lock, [&] { return pending_.load() == 0; });
-      caller_sleeping_.store(false);
-      return;
-    }
-  }
+  // A worker that is not running (oversubscribed machine) or has a long chunk: the caller sleeps
+  // until the last one notifies.
+  spin_then_sleep([&] { return pending_.load() == 0; }, cv_done_, n_caller_sleeping_);
 }
 
 }  // namespace kvlm

@@ -49,6 +49,10 @@ class ThreadPool {
 
  private:
   void worker(int index);
+  // Waits until done(): spins up to spin_micros_, then sleeps on cv, counted in n_sleeping (the
+  // side that makes done() true notifies cv under mu_ when n_sleeping > 0).
+  template <class Done>
+  void spin_then_sleep(const Done& done, std::condition_variable& cv, std::atomic<int>& n_sleeping);
 
   int n_threads_;
   std::vector<std::thread> threads_;
@@ -66,7 +70,7 @@ class ThreadPool {
   std::condition_variable cv_;       // workers sleep here for a new generation
   std::condition_variable cv_done_;  // the caller sleeps here for pending_ == 0
   std::atomic<int> n_sleeping_{0};
-  std::atomic<bool> caller_sleeping_{false};  // likewise under mu_, for the last worker to notify
+  std::atomic<int> n_caller_sleeping_{0};  // likewise under mu_, for the last worker to notify
   std::atomic<int> spin_micros_{kSpinMicros};  // the bound now: 0 or max_spin_
   int max_spin_ = kSpinMicros;                 // KVLM_SPIN_US or kSpinMicros
   uint64_t n_sections_ = 0;   // parallel_for calls that used the workers (caller's thread only)

@@ -3,6 +3,8 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <random>
+#include <vector>
 #include <string>
 
 namespace kvlm::test {
@@ -23,6 +25,14 @@ inline std::string model_path() {
     dir = std::string(home ? home : ".") + "/.cache/kvlm/models";
   }
   return dir + "/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+// n token ids in [0, n_vocab), the same for the same seed.
+inline std::vector<int32_t> random_tokens(int n, int32_t n_vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(n);
+  for (int32_t& x : t) x = static_cast<int32_t>(rng() % n_vocab);
+  return t;
 }
 
 }  // namespace kvlm::test

@@ -71,14 +71,7 @@ void KvCache::commit(int64_t n_tokens) {
 
 KvLayerView KvCache::view(int32_t il, int64_t n_visible) const {
   KVLM_CHECK(il >= 0 && il < shape_.n_layer && n_visible >= 0 && n_visible <= capacity_);
-  KvLayerView out;
-  out.dtype_k = shape_.dtype_k;
-  out.dtype_v = shape_.dtype_v;
-  out.k = reinterpret_cast<const uint8_t*>(k_[il].data());
-  out.v = reinterpret_cast<const uint8_t*>(v_[il].data());
-  out.k_row_bytes = k_row_bytes_;
-  out.v_row_bytes = v_row_bytes_;
-  out.n_tokens = n_visible;
+  KvLayerView out = plain_layer_view(shape_, k_[il].data(), v_[il].data(), n_visible);
   if (shape_.kivi()) {
     out.kivi_residual = shape_.kivi_residual;
     out.kivi_group = shape_.kivi_group;

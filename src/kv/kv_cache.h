@@ -53,6 +53,10 @@ struct KvLayerView {
   size_t k_row_bytes = 0;
   size_t v_row_bytes = 0;
   int64_t n_tokens = 0;  // rows readable: positions [0, n_tokens)
+  // Paged (paged_kv.h) when blocks != nullptr: position p is row blocks[p / block_size] *
+  // block_size + p % block_size of k and v. Contiguous otherwise: position p is row p.
+  const int32_t* blocks = nullptr;  // [ceil(n_tokens / block_size)] block ids
+  int64_t block_size = 0;
 
   // KIVI layout only (kivi_residual >= 0): k then holds sealed K groups, v sealed V rows.
   int32_t kivi_residual = -1;
@@ -63,6 +67,20 @@ struct KvLayerView {
   const uint16_t* k_resid = nullptr;  // [size() - n_sealed0, kv_dim] f16, row r = position n_sealed0 + r
   const uint16_t* v_resid = nullptr;  // same for V
 };
+
+// A view of rows of `shape`'s types at k and v (plain layout; positions [0, n_tokens)).
+inline KvLayerView plain_layer_view(const KvShape& shape, const std::byte* k, const std::byte* v,
+                                    int64_t n_tokens) {
+  KvLayerView out;
+  out.dtype_k = shape.dtype_k;
+  out.dtype_v = shape.dtype_v;
+  out.k = reinterpret_cast<const uint8_t*>(k);
+  out.v = reinterpret_cast<const uint8_t*>(v);
+  out.k_row_bytes = kv_k_row_bytes(shape);
+  out.v_row_bytes = kv_v_row_bytes(shape);
+  out.n_tokens = n_tokens;
+  return out;
+}
 
 struct KvStats {
   int64_t n_tokens = 0;         // positions held

@@ -3,6 +3,7 @@
 // Prefill and decode are the same code; only n_tok differs.
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "base/error.h"
 #include "kernels/ops.h"
@@ -43,6 +44,7 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   const int64_t max_chunks = (s.n_ctx + kAttnChunk - 1) / kAttnChunk;
   grow(s.attn_part, std::min<int64_t>(s.n_batch, kAttnTokens) * c.n_head * max_chunks * (c.head_dim + 2));
   grow(s.logits, B * c.n_vocab);
+  s.pos.resize(B);
 }
 
 void norm_rows(const ModelConfig& c, const float* x, const TensorView& w, const TensorView& b,
@@ -62,47 +64,106 @@ void add_bias(float* y, const TensorView& b, int64_t n_rows, int64_t n) {
   for (int64_t i = 0; i < n_rows; ++i) kernels::add(y + i * n, b.f32(), n);
 }
 
-// Causal attention of n_tok queries at positions [pos0, pos0 + n_tok) over cached positions
-// [0, pos0 + n_tok) of one layer.
-//   q:   [n_tok, n_head * head_dim]   (after RoPE)
-//   out: [n_tok, n_head * head_dim]
-// Work items are (block of kAttnTokBlock tokens, KV head, chunk of kAttnChunk positions): the
-// chunk's K and V rows of that head are dequantized once into f32 tiles, which every query head
-// of the group (GQA) and every token of the block then reads (prefill reuses each tile up to
-// kAttnTokBlock times), and kernels::attn_chunk computes each (token, head)'s online-softmax
-// partial (max, sum, unnormalised output). A long context splits into chunks that threads share
-// (flash-decoding); the partials are merged in chunk order. Chunk boundaries are fixed multiples
-// of kAttnChunk and a token's partial depends only on its q and the rows it sees, so a
-// position's result never depends on the batch or the thread count (cached decoding ==
-// recomputation). With an f16 K, q is rounded to f16 first, as llama.cpp's f16 K.q product does.
+// One sequence's share of a forward pass, for attention: its n_tok queries at positions
+// [pos0, pos0 + n_tok) are rows [row0, row0 + n_tok) of the batch (s.q, s.k, s.v, s.attn), and kv
+// views its cached positions [0, pos0 + n_tok) of the layer being run.
+struct AttnSeq {
+  KvLayerView kv;
+  int64_t row0 = 0;
+  int64_t n_tok = 0;
+  int64_t pos0 = 0;
+};
+
+// Dequantizes positions [j0, j1) of one head's rows (head_off bytes into each row) into tile
+// [j1 - j0, hd]: one strided read when contiguous, one per block when paged. Paged or not, each
+// row gets the same values, so attention over a block table equals attention over a contiguous
+// cache bit for bit.
+void load_rows(const KvLayerView& kv, DType t, const uint8_t* base, size_t row_bytes,
+               size_t head_off, int64_t j0, int64_t j1, float* tile, int64_t hd) {
+  if (kv.blocks == nullptr) {
+    kernels::dequantize_rows(t, base + j0 * row_bytes + head_off, row_bytes, j1 - j0, tile, hd);
+    return;
+  }
+  const int64_t bs = kv.block_size;
+  for (int64_t j = j0; j < j1;) {
+    const int64_t r = j % bs, n = std::min(bs - r, j1 - j);
+    const int64_t row = int64_t{kv.blocks[j / bs]} * bs + r;
+    kernels::dequantize_rows(t, base + row * row_bytes + head_off, row_bytes, n,
+                             tile + (j - j0) * hd, hd);
+    j += n;
+  }
+}
+
+// Causal attention of every sequence's queries over its cached positions, for one layer.
+//   s.q:    [n_rows, n_head * head_dim]   (after RoPE)
+//   s.attn: [n_rows, n_head * head_dim]   output
+// Work items are (sequence, block of kAttnTokBlock tokens, KV head, chunk of kAttnChunk
+// positions): the chunk's K and V rows of that head are dequantized once into f32 tiles, which
+// every query head of the group (GQA) and every token of the block then reads (prefill reuses
+// each tile up to kAttnTokBlock times), and kernels::attn_chunk computes each (token, head)'s
+// online-softmax partial (max, sum, unnormalised output). A long context splits into chunks that
+// threads share (flash-decoding); the partials are merged in chunk order. The work items of all
+// sequences of a pass (up to kAttnTokens queries) share one parallel section, so a batch of
+// decoding sequences costs one hand-off per layer, not one per sequence. Chunk boundaries are
+// fixed multiples of kAttnChunk and a token's partial depends only on its q and the rows it
+// sees, so a position's result never depends on the batch, the other sequences or the thread
+// count (cached decoding == recomputation; batched == alone). With an f16 K, q is rounded to f16
+// first, as llama.cpp's f16 K.q product does.
 // KIVI layout (kv.kivi_residual >= 0, docs/KV.md): query i at pos0 + i reads positions
 // [0, kv_kivi_sealed(n_sealed0, pos0 + i + 1)) from the sealed groups / V rows, then f16 rows:
 // older ones from the residual, this batch's from s.k / s.v (the rows given to kv.write, rounded
 // to f16 as the residual stores them), so every query sees what a decode step at its position
 // sees. Which source holds a position then depends on the token, so KIVI blocks are one token.
-void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, float* out,
-               int64_t n_tok, int64_t pos0, Scratch& s, ThreadPool& pool) {
-  const int64_t hd = c.head_dim, n_kv = c.n_kv_head, gqa = c.n_gqa(), KV = c.kv_dim();
-  const bool kivi = kv.kivi_residual >= 0;
-  const int64_t tok_block = kivi ? 1 : kAttnTokBlock;
-  const float* k_new = s.k.as<float>();  // [n_tok, kv_dim] this batch's K (KIVI reads it)
-  const float* v_new = s.v.as<float>();  // [n_tok, kv_dim] this batch's V
+void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, ThreadPool& pool) {
+  const int64_t hd = c.head_dim, n_kv = c.n_kv_head, gqa = c.n_gqa(), KV = c.kv_dim(),
+                Q = c.q_dim();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const size_t k_head_bytes = kv.k_row_bytes / n_kv;
-  const size_t v_head_bytes = kv.v_row_bytes / n_kv;
-  const int64_t max_chunks = (pos0 + n_tok + kAttnChunk - 1) / kAttnChunk;
   const int64_t part_stride = hd + 2;  // per (token, head, chunk): m, l, o[hd]
-  float* parts = s.attn_part.as<float>();  // [kAttnTokens, n_head, max_chunks, hd + 2]
-  if (kv.dtype_k == DType::F16) {
-    // Rounded once here, not per chunk: every chunk then reads the same rounded q.
-    float* q16 = s.q16.as<float>();  // [n_tok, q_dim]
-    kernels::round_to_f16(q, q16, n_tok * c.q_dim());
-    q = q16;
-  }
-  for (int64_t t0 = 0; t0 < n_tok; t0 += kAttnTokens) {
-    const int64_t nt = std::min(kAttnTokens, n_tok - t0);
-    const int64_t n_blocks = (nt + tok_block - 1) / tok_block;
-    pool.parallel_for(n_blocks * n_kv * max_chunks, [&](int64_t begin, int64_t end, int tid) {
+  float* parts = s.attn_part.as<float>();
+  const float* q_all = s.q.as<float>();  // [n_rows, Q]
+  float* out_all = s.attn.as<float>();   // [n_rows, Q]
+  for (const AttnSeq& a : seqs)
+    if (a.kv.dtype_k == DType::F16) {
+      // Rounded once here, not per chunk: every chunk then reads the same rounded q.
+      kernels::round_to_f16(q_all + a.row0 * Q, s.q16.as<float>() + a.row0 * Q, a.n_tok * Q);
+    }
+
+  // A segment: up to kAttnTokens queries of one sequence. A pass: segments whose queries total at
+  // most kAttnTokens, run as one parallel section; parts holds each segment's partials
+  // [nt, n_head, max_chunks, hd + 2] at part_off (sized for kAttnTokens x the longest context).
+  struct Segment {
+    const AttnSeq* seq;
+    int64_t t0, nt, tok_block, n_tblocks, max_chunks, job0, part_off;
+  };
+  std::vector<Segment> segs;  // [<= kAttnTokens] one pass's (a few per layer: no pool needed)
+  size_t next_seq = 0;
+  int64_t next_t0 = 0;
+  while (next_seq < seqs.size()) {
+    segs.clear();
+    int64_t n_q = 0, n_jobs = 0, part_off = 0;
+    while (next_seq < seqs.size() && n_q < kAttnTokens) {
+      const AttnSeq& a = seqs[next_seq];
+      const int64_t nt = std::min(kAttnTokens - n_q, a.n_tok - next_t0);
+      Segment g;
+      g.seq = &a;
+      g.t0 = next_t0;
+      g.nt = nt;
+      g.tok_block = a.kv.kivi_residual >= 0 ? 1 : kAttnTokBlock;
+      g.n_tblocks = (nt + g.tok_block - 1) / g.tok_block;
+      g.max_chunks = (a.pos0 + next_t0 + nt + kAttnChunk - 1) / kAttnChunk;
+      g.job0 = n_jobs;
+      g.part_off = part_off;
+      segs.push_back(g);
+      n_jobs += g.n_tblocks * n_kv * g.max_chunks;
+      part_off += nt * c.n_head * g.max_chunks * part_stride;
+      n_q += nt;
+      next_t0 += nt;
+      if (next_t0 == a.n_tok) {
+        ++next_seq;
+        next_t0 = 0;
+      }
+    }
+    pool.parallel_for(n_jobs, [&](int64_t begin, int64_t end, int tid) {
       float* work = s.scores.as<float>() + tid * s.scores_per_thread;
       float* ktile = work;                      // [kAttnChunk, head_dim] K rows in f32
       float* vtile = ktile + kAttnChunk * hd;   // [kAttnChunk, head_dim] V rows in f32
@@ -110,10 +171,23 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
       float* o_part = sc + gqa * kAttnChunk;    // [gqa, head_dim] unnormalised outputs
       float* m_part = o_part + gqa * hd;        // [gqa]
       float* l_part = m_part + gqa;             // [gqa]
+      size_t gi = 0;
       for (int64_t job = begin; job < end; ++job) {
-        const int64_t ch = job % max_chunks, g = (job / max_chunks) % n_kv;
-        const int64_t i0 = t0 + (job / (max_chunks * n_kv)) * tok_block;
-        const int64_t i1 = std::min(t0 + nt, i0 + tok_block);
+        while (gi + 1 < segs.size() && segs[gi + 1].job0 <= job) ++gi;
+        const Segment& sg = segs[gi];
+        const AttnSeq& a = *sg.seq;
+        const KvLayerView& kv = a.kv;
+        const bool kivi = kv.kivi_residual >= 0;
+        const int64_t pos0 = a.pos0;
+        const float* q = (kv.dtype_k == DType::F16 ? s.q16.as<float>() : q_all) + a.row0 * Q;
+        const float* k_new = s.k.as<float>() + a.row0 * KV;  // [n_tok, kv_dim] this batch's K
+        const float* v_new = s.v.as<float>() + a.row0 * KV;  // [n_tok, kv_dim] this batch's V
+        const size_t k_head_bytes = kv.k_row_bytes / n_kv;
+        const size_t v_head_bytes = kv.v_row_bytes / n_kv;
+        const int64_t local = job - sg.job0, max_chunks = sg.max_chunks;
+        const int64_t ch = local % max_chunks, g = (local / max_chunks) % n_kv;
+        const int64_t i0 = sg.t0 + (local / (max_chunks * n_kv)) * sg.tok_block;
+        const int64_t i1 = std::min(sg.t0 + sg.nt, i0 + sg.tok_block);
         // The block's last token sees the most: causal positions [0, pos0 + i1 - 1].
         const int64_t j0 = ch * kAttnChunk, j_end = std::min(pos0 + i1, j0 + kAttnChunk);
         if (j0 >= j_end) continue;
@@ -130,11 +204,9 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
           else
             kernels::round_to_f16(batch + (j - pos0) * KV + g * hd, row, hd);
         };
-        if (!kivi) {  // one strided read of head g's rows per tile
-          kernels::dequantize_rows(kv.dtype_k, kv.k + j0 * kv.k_row_bytes + g * k_head_bytes,
-                                   kv.k_row_bytes, j_end - j0, ktile, hd);
-          kernels::dequantize_rows(kv.dtype_v, kv.v + j0 * kv.v_row_bytes + g * v_head_bytes,
-                                   kv.v_row_bytes, j_end - j0, vtile, hd);
+        if (!kivi) {
+          load_rows(kv, kv.dtype_k, kv.k, kv.k_row_bytes, g * k_head_bytes, j0, j_end, ktile, hd);
+          load_rows(kv, kv.dtype_v, kv.v, kv.v_row_bytes, g * v_head_bytes, j0, j_end, vtile, hd);
         } else {
           for (int64_t j = j0; j < j_end; ++j) {
             float* krow = ktile + (j - j0) * hd;
@@ -154,60 +226,64 @@ void attention(const ModelConfig& c, const KvLayerView& kv, const float* q, floa
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t n = std::min(pos0 + i + 1, j0 + kAttnChunk) - j0;  // causal: [0, pos]
           if (n <= 0) continue;
-          const float* qg = q + i * c.q_dim() + g * gqa * hd;  // [gqa, head_dim] group g's heads
+          const float* qg = q + i * Q + g * gqa * hd;  // [gqa, head_dim] group g's heads
           kernels::attn_chunk(ktile, vtile, n, hd, qg, gqa, scale, m_part, l_part, o_part, sc);
-          for (int64_t a = 0; a < gqa; ++a) {
-            float* p = parts + (((i - t0) * c.n_head + g * gqa + a) * max_chunks + ch) * part_stride;
-            p[0] = m_part[a];
-            p[1] = l_part[a];
-            std::copy_n(o_part + a * hd, hd, p + 2);
+          for (int64_t h = 0; h < gqa; ++h) {
+            float* p = parts + sg.part_off +
+                       (((i - sg.t0) * c.n_head + g * gqa + h) * max_chunks + ch) * part_stride;
+            p[0] = m_part[h];
+            p[1] = l_part[h];
+            std::copy_n(o_part + h * hd, hd, p + 2);
           }
         }
       }
     });
     // Merge the chunk partials of each (token, head) in chunk order.
-    for (int64_t i = t0; i < t0 + nt; ++i) {
-      const int64_t n_chunks = (pos0 + i + 1 + kAttnChunk - 1) / kAttnChunk;
-      for (int64_t h = 0; h < c.n_head; ++h) {
-        const float* p = parts + ((i - t0) * c.n_head + h) * max_chunks * part_stride;
-        float m = p[0];
-        for (int64_t ch = 1; ch < n_chunks; ++ch) m = std::max(m, p[ch * part_stride]);
-        float* o = out + i * c.q_dim() + h * hd;
-        std::fill(o, o + hd, 0.0f);
-        float l = 0;
-        for (int64_t ch = 0; ch < n_chunks; ++ch) {
-          const float* pc = p + ch * part_stride;
-          const float f = std::exp(pc[0] - m);
-          l += pc[1] * f;
-          for (int64_t d = 0; d < hd; ++d) o[d] += pc[2 + d] * f;
+    for (const Segment& sg : segs) {
+      const AttnSeq& a = *sg.seq;
+      for (int64_t i = sg.t0; i < sg.t0 + sg.nt; ++i) {
+        const int64_t n_chunks = (a.pos0 + i + 1 + kAttnChunk - 1) / kAttnChunk;
+        for (int64_t h = 0; h < c.n_head; ++h) {
+          const float* p =
+              parts + sg.part_off + ((i - sg.t0) * c.n_head + h) * sg.max_chunks * part_stride;
+          float m = p[0];
+          for (int64_t ch = 1; ch < n_chunks; ++ch) m = std::max(m, p[ch * part_stride]);
+          float* o = out_all + (a.row0 + i) * Q + h * hd;
+          std::fill(o, o + hd, 0.0f);
+          float l = 0;
+          for (int64_t ch = 0; ch < n_chunks; ++ch) {
+            const float* pc = p + ch * part_stride;
+            const float f = std::exp(pc[0] - m);
+            l += pc[1] * f;
+            for (int64_t d = 0; d < hd; ++d) o[d] += pc[2 + d] * f;
+          }
+          const float inv = 1.0f / l;
+          for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
         }
-        const float inv = 1.0f / l;
-        for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
       }
     }
   }
 }
 
-}  // namespace
+// Where a forward pass's K/V go and what attention reads, per layer: the contiguous cache of one
+// sequence (Model::forward) or paged storage shared by many (Model::forward_paged).
+struct LayerKv {
+  virtual ~LayerKv() = default;
+  // Stores this pass's rows of layer il.   k, v: [n_rows, kv_dim] f32
+  virtual void write(int32_t il, const float* k, const float* v) = 0;
+  // Fills every sequence's view of layer il (rows past the cache's length written above).
+  virtual void views(int32_t il, std::vector<AttnSeq>& seqs) = 0;
+  // Called once attention has read layer il (KIVI moves its residual on).
+  virtual void finish(int32_t il, const float* k, const float* v) = 0;
+};
 
-std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t pos0, KvCache& kv,
-                                      Scratch& s, ThreadPool& pool, bool all_logits) const {
-  const ModelConfig& c = config_;
-  const Weights& w = weights_;
-  const int64_t n_tok = static_cast<int64_t>(tokens.size());
-  if (n_tok <= 0) fail("forward: no tokens");
-  if (pos0 != kv.size()) fail("forward: position {} does not follow the cache ({} tokens)", pos0, kv.size());
-  if (pos0 + n_tok > kv.n_ctx())
-    fail("context full: {} cached + {} new tokens exceed the context of {} tokens", pos0, n_tok,
-         kv.n_ctx());
-  if (c.arch->pos == PosKind::Learned && pos0 + n_tok > c.n_ctx_train)
-    fail("position {} is past the {} positions this model has learned embeddings for",
-         pos0 + n_tok - 1, c.n_ctx_train);
-  for (int32_t t : tokens)
-    if (t < 0 || t >= c.n_vocab) fail("token id {} is out of range [0, {})", t, c.n_vocab);
-  kv.reserve(pos0 + n_tok);
-
-  ensure_scratch(s, c, n_tok, kv.n_ctx(), pool.size());
+// The layers of one forward pass over n_rows tokens of one or more sequences: token i is
+// tokens[i] at position pos[i]; attention of each sequence reads its own cache (seqs, io). Leaves
+// the residual stream in s.x: [n_rows, n_embd]. Every step except attention treats rows alone,
+// so a row's result does not depend on which other rows share the pass.
+void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, const int64_t* pos,
+                int64_t n_tok, std::vector<AttnSeq>& seqs, LayerKv& io, Scratch& s,
+                ThreadPool& pool) {
   const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   float* x = s.x.as<float>();     // [n_tok, E]
   float* h = s.h.as<float>();     // [n_tok, E]
@@ -222,7 +298,7 @@ std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t p
   for (int64_t i = 0; i < n_tok; ++i) {
     kernels::dequantize_row(w.tok_embd.dtype, w.tok_embd.row(tokens[i]), x + i * E, E);
     if (c.arch->pos == PosKind::Learned) {
-      kernels::dequantize_row(w.pos_embd.dtype, w.pos_embd.row(pos0 + i), h, E);
+      kernels::dequantize_row(w.pos_embd.dtype, w.pos_embd.row(pos[i]), h, E);
       kernels::add(x + i * E, h, E);
     }
   }
@@ -247,16 +323,17 @@ std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t p
     }
     if (c.arch->pos == PosKind::Rope) {
       for (int64_t i = 0; i < n_tok; ++i) {
-        kernels::rope(q + i * Q, c.n_head, c.head_dim, c.n_rot, pos0 + i, c.rope_freq_base,
+        kernels::rope(q + i * Q, c.n_head, c.head_dim, c.n_rot, pos[i], c.rope_freq_base,
                       c.arch->rope_mode);
-        kernels::rope(k + i * KV, c.n_kv_head, c.head_dim, c.n_rot, pos0 + i, c.rope_freq_base,
+        kernels::rope(k + i * KV, c.n_kv_head, c.head_dim, c.n_rot, pos[i], c.rope_freq_base,
                       c.arch->rope_mode);
       }
     }
     // K is stored after RoPE (docs/KV.md): attention then needs no per-read rotation.
-    kv.write(il, pos0, n_tok, k, v);
-    attention(c, kv.view(il, pos0 + n_tok), q, att, n_tok, pos0, s, pool);
-    kv.finish_write(il, pos0, n_tok, k, v);  // KIVI: the residual moves on once attention has read it
+    io.write(il, k, v);
+    io.views(il, seqs);
+    attention(c, seqs, s, pool);
+    io.finish(il, k, v);  // KIVI: the residual moves on once attention has read it
     kernels::matmul(l.wo, att, h, n_tok, pool);
     add_bias(h, l.bo, n_tok, E);
     kernels::add(x, h, n_tok * E);
@@ -279,15 +356,128 @@ std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t p
     add_bias(h, l.ffn_down_b, n_tok, E);
     kernels::add(x, h, n_tok * E);
   }
-  kv.commit(pos0 + n_tok);
+}
 
-  // ---- output ----
-  const int64_t n_out = all_logits ? n_tok : 1;
-  const float* x_out = x + (n_tok - n_out) * E;
-  norm_rows(c, x_out, w.output_norm, w.output_norm_b, h, n_out);
+// Logits of n_out rows of the final residual stream: rows[r] of s.x (rows == nullptr: the last
+// n_out rows of n_tok). Returns [n_out, n_vocab] in s.logits.
+std::span<const float> output_logits(const ModelConfig& c, const Weights& w, const int64_t* rows,
+                                     int64_t n_out, int64_t n_tok, Scratch& s, ThreadPool& pool) {
+  const int64_t E = c.n_embd;
+  const float* x = s.x.as<float>();
+  float* h = s.h.as<float>();
+  for (int64_t r = 0; r < n_out; ++r) {
+    const int64_t row = rows ? rows[r] : n_tok - n_out + r;
+    norm_rows(c, x + row * E, w.output_norm, w.output_norm_b, h + r * E, 1);
+  }
   float* logits = s.logits.as<float>();  // [n_out, n_vocab]
   kernels::matmul(w.output, h, logits, n_out, pool);
   return {logits, static_cast<size_t>(n_out * c.n_vocab)};
+}
+
+void check_tokens(const ModelConfig& c, std::span<const int32_t> tokens, int64_t pos_end) {
+  if (c.arch->pos == PosKind::Learned && pos_end > c.n_ctx_train)
+    fail("position {} is past the {} positions this model has learned embeddings for",
+         pos_end - 1, c.n_ctx_train);
+  for (int32_t t : tokens)
+    if (t < 0 || t >= c.n_vocab) fail("token id {} is out of range [0, {})", t, c.n_vocab);
+}
+
+// One contiguous cache (one sequence).
+struct CacheKv final : LayerKv {
+  KvCache& kv;
+  int64_t pos0, n_tok;
+  CacheKv(KvCache& kv_, int64_t pos0_, int64_t n_tok_) : kv(kv_), pos0(pos0_), n_tok(n_tok_) {}
+  void write(int32_t il, const float* k, const float* v) override {
+    kv.write(il, pos0, n_tok, k, v);
+  }
+  void views(int32_t il, std::vector<AttnSeq>& seqs) override {
+    seqs[0].kv = kv.view(il, pos0 + n_tok);
+  }
+  void finish(int32_t il, const float* k, const float* v) override {
+    kv.finish_write(il, pos0, n_tok, k, v);
+  }
+};
+
+// Paged storage, one block table per sequence.
+struct PagedKv final : LayerKv {
+  PagedKvStore& store;
+  std::span<const PagedSeq> batch;
+  const int64_t KV;
+  PagedKv(PagedKvStore& st, std::span<const PagedSeq> b, int64_t kv_dim)
+      : store(st), batch(b), KV(kv_dim) {}
+  void write(int32_t il, const float* k, const float* v) override {
+    int64_t row = 0;
+    for (const PagedSeq& q : batch) {
+      const int64_t n = static_cast<int64_t>(q.tokens.size());
+      store.write(il, q.blocks, q.pos0, n, k + row * KV, v + row * KV);
+      row += n;
+    }
+  }
+  void views(int32_t il, std::vector<AttnSeq>& seqs) override {
+    for (size_t i = 0; i < batch.size(); ++i)
+      seqs[i].kv = store.view(il, batch[i].blocks,
+                              batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()));
+  }
+  void finish(int32_t, const float*, const float*) override {}
+};
+
+}  // namespace
+
+std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t pos0, KvCache& kv,
+                                      Scratch& s, ThreadPool& pool, bool all_logits) const {
+  const ModelConfig& c = config_;
+  const int64_t n_tok = static_cast<int64_t>(tokens.size());
+  if (n_tok <= 0) fail("forward: no tokens");
+  if (pos0 != kv.size()) fail("forward: position {} does not follow the cache ({} tokens)", pos0, kv.size());
+  if (pos0 + n_tok > kv.n_ctx())
+    fail("context full: {} cached + {} new tokens exceed the context of {} tokens", pos0, n_tok,
+         kv.n_ctx());
+  check_tokens(c, tokens, pos0 + n_tok);
+  kv.reserve(pos0 + n_tok);
+
+  ensure_scratch(s, c, n_tok, kv.n_ctx(), pool.size());
+  for (int64_t i = 0; i < n_tok; ++i) s.pos[i] = pos0 + i;
+  std::vector<AttnSeq> seqs(1, AttnSeq{{}, 0, n_tok, pos0});
+  CacheKv io(kv, pos0, n_tok);
+  run_layers(c, weights_, tokens.data(), s.pos.data(), n_tok, seqs, io, s, pool);
+  kv.commit(pos0 + n_tok);
+  return output_logits(c, weights_, nullptr, all_logits ? n_tok : 1, n_tok, s, pool);
+}
+
+std::span<const float> Model::forward_paged(std::span<const PagedSeq> batch, PagedKvStore& store,
+                                            Scratch& s, ThreadPool& pool) const {
+  const ModelConfig& c = config_;
+  if (batch.empty()) fail("forward: no sequences");
+  if (store.shape().n_layer != c.n_layer || store.shape().kv_dim() != c.kv_dim() ||
+      store.shape().head_dim != c.head_dim)
+    fail("forward: the paged KV store's shape does not match the model");
+  int64_t n_tok = 0, max_ctx = 0;
+  for (const PagedSeq& q : batch) {
+    const int64_t n = static_cast<int64_t>(q.tokens.size());
+    if (n <= 0) fail("forward: a sequence of the batch has no tokens");
+    if (q.pos0 < 0 || q.pos0 + n > static_cast<int64_t>(q.blocks.size()) * store.block_size())
+      fail("forward: positions [{}, {}) are not covered by the sequence's {} blocks", q.pos0,
+           q.pos0 + n, q.blocks.size());
+    check_tokens(c, q.tokens, q.pos0 + n);
+    n_tok += n;
+    max_ctx = std::max(max_ctx, q.pos0 + n);
+  }
+  ensure_scratch(s, c, n_tok, max_ctx, pool.size());
+  std::vector<AttnSeq> seqs;  // [n_seqs]
+  std::vector<int32_t>& toks = s.tokens;
+  toks.clear();
+  std::vector<int64_t> last(batch.size());  // [n_seqs] row of each sequence's last token
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const PagedSeq& q = batch[i];
+    const int64_t row0 = static_cast<int64_t>(toks.size()), n = static_cast<int64_t>(q.tokens.size());
+    for (int64_t j = 0; j < n; ++j) s.pos[row0 + j] = q.pos0 + j;
+    toks.insert(toks.end(), q.tokens.begin(), q.tokens.end());
+    seqs.push_back(AttnSeq{{}, row0, n, q.pos0});
+    last[i] = row0 + n - 1;
+  }
+  PagedKv io(store, batch, c.kv_dim());
+  run_layers(c, weights_, toks.data(), s.pos.data(), n_tok, seqs, io, s, pool);
+  return output_logits(c, weights_, last.data(), static_cast<int64_t>(batch.size()), n_tok, s, pool);
 }
 
 }  // namespace kvlm

@@ -12,6 +12,7 @@
 #include "base/thread_pool.h"
 #include "gguf/gguf.h"
 #include "kv/kv_cache.h"
+#include "kv/paged_kv.h"
 #include "model/config.h"
 #include "tensor/tensor.h"
 
@@ -56,6 +57,17 @@ struct Scratch {
   int64_t scores_per_thread = 0;
   AlignedBuffer attn_part;  // [32, n_head, ceil(n_ctx / 256), head_dim + 2] online-softmax partials
   AlignedBuffer logits;  // [n_batch, n_vocab]
+  std::vector<int64_t> pos;     // [n_batch] position of each row
+  std::vector<int32_t> tokens;  // [n_rows] the batch's tokens, sequences end to end (paged)
+};
+
+// One sequence's part of a paged forward pass: new tokens at positions [pos0, pos0 + n) of a
+// sequence whose positions [0, pos0) are already in the paged store, through block table
+// `blocks` (covering at least pos0 + n positions; blocks a pool handed out for them).
+struct PagedSeq {
+  std::span<const int32_t> tokens;  // [n] n >= 1
+  int64_t pos0 = 0;
+  std::span<const BlockId> blocks;  // [>= ceil((pos0 + n) / block_size)]
 };
 
 class Model {
@@ -80,6 +92,15 @@ class Model {
   // Throws kvlm::Error if the tokens do not fit in the cache or an id is out of range.
   std::span<const float> forward(std::span<const int32_t> tokens, int64_t pos0, KvCache& kv,
                                  Scratch& scratch, ThreadPool& pool, bool all_logits) const;
+
+  // Runs one step of many sequences over paged storage: every sequence's tokens in one pass
+  // (matrix products over all rows at once, attention per sequence through its block table).
+  // Returns logits [n_seqs, n_vocab]: row i for the last token of batch[i]; the span lives in
+  // `scratch` until the next call. Each row equals what forward() over a contiguous cache holding
+  // the same tokens gives (tests/model/test_paged.cpp). Throws kvlm::Error for ids out of range,
+  // positions not covered by a block table, or a store of another shape.
+  std::span<const float> forward_paged(std::span<const PagedSeq> batch, PagedKvStore& store,
+                                       Scratch& scratch, ThreadPool& pool) const;
 
   // Bytes of weights read per decoded token (all matrices once): for roofline estimates.
   uint64_t weight_bytes() const;

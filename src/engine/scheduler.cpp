@@ -1,0 +1,442 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <exception>
+
+#include "base/error.h"
+#include "kv/block_pool.h"
+#include "kv/paged_kv.h"
+#include "prefix/prefix_cache.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvlm {
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Length: return "length";
+    case FinishReason::Cancelled: return "cancelled";
+    case FinishReason::Error: return "error";
+  }
+  return "?";
+}
+
+// One request as the scheduler thread sees it.
+struct Scheduler::Seq {
+  RequestId id = 0;
+  Request req;
+  EventFn on_event;
+  std::vector<int32_t> tokens;  // [n_prompt + n_generated] prompt, then generated tokens
+  int64_t n_prompt = 0;
+  int64_t n_generated = 0;
+  // Tokens whose K/V are in this sequence's blocks (positions [0, n_computed)); the rest of
+  // `tokens` is pending: the prompt still to prefill, or the last sampled token to decode.
+  int64_t n_computed = 0;
+  int64_t n_cached = -1;       // prefix-cache hit at first admission (-1: not admitted yet)
+  int64_t n_registered = 0;    // leading full blocks known to the prefix index
+  uint64_t admitted_at = 0;    // admission counter: the largest is the newest (preempted first)
+  bool in_pool = false;        // has a block table in the pool
+  uint64_t step = 0;           // last step that scheduled it
+  std::unique_ptr<Sampler> sampler;
+
+  int64_t pending() const { return static_cast<int64_t>(tokens.size()) - n_computed; }
+};
+
+// Everything the scheduler thread owns.
+struct Scheduler::State {
+  KvShape shape;
+  BlockPool blocks;
+  PrefixCache prefix;
+  PagedKvStore store;
+  Scratch scratch;
+  uint64_t cache_type = 0;  // prefix key: hash of the cache shape and types
+  std::deque<std::unique_ptr<Seq>> waiting;  // oldest (or preempted) first
+  std::vector<std::unique_ptr<Seq>> running;  // admission order
+  uint64_t n_admissions = 0;
+  uint64_t n_step_calls = 0;
+  SchedulerStats totals;  // counters (the gauges are filled at publish time)
+
+  State(const KvShape& s, int32_t n_blocks, int32_t bs)
+      : shape(s),
+        blocks({.n_blocks = n_blocks, .block_size = bs, .audit = false}),
+        prefix({.n_blocks = n_blocks, .block_size = bs, .audit = false}),
+        store(s, n_blocks, bs) {
+    blocks.set_evict_hook([this](BlockId b) { prefix.erase(b); });
+    const int32_t key[] = {s.n_layer, s.n_kv_head, s.head_dim, static_cast<int32_t>(s.dtype_k),
+                           static_cast<int32_t>(s.dtype_v), bs};
+    cache_type = prefix_hash_xxh3(key, sizeof(key));
+  }
+};
+
+namespace {
+
+int32_t pool_blocks(const KvShape& shape, const SchedulerConfig& c) {
+  if (c.block_size <= 0) fail("--block-size must be positive, got {}", c.block_size);
+  int64_t n = 0;
+  if (c.kv_budget_bytes > 0) {
+    n = PagedKvStore::blocks_for_budget(shape, c.block_size,
+                                        static_cast<uint64_t>(c.kv_budget_bytes));
+    if (n <= 0)
+      fail("--kv-budget of {} bytes holds no block of {} tokens ({} bytes each)",
+           c.kv_budget_bytes, c.block_size, PagedKvStore::block_bytes(shape, c.block_size));
+  } else if (c.kv_budget_tokens > 0) {
+    n = (c.kv_budget_tokens + c.block_size - 1) / c.block_size;
+  } else {
+    fail("the KV budget must be positive (bytes or tokens)");
+  }
+  if (n > (int64_t{1} << 30)) fail("--kv-budget of {} blocks is too large", n);
+  return static_cast<int32_t>(n);
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerConfig& config,
+                     ThreadPool& pool)
+    : model_(model), tok_(tok), config_(config), pool_(pool) {
+  const ModelConfig& c = model.config();
+  if (config.n_parallel <= 0) fail("-np must be positive, got {}", config.n_parallel);
+  if (config.n_batch <= 0) fail("--batch-size must be positive, got {}", config.n_batch);
+  if (config.n_batch < config.n_parallel)
+    fail("--batch-size ({}) must be at least -np ({}): every running sequence decodes each step",
+         config.n_batch, config.n_parallel);
+  if (config.n_ctx <= 0) fail("the context must be positive, got {}", config.n_ctx);
+  if (c.arch->pos == PosKind::Learned && config.n_ctx > c.n_ctx_train)
+    fail("context {} is past the {} positions this model has learned embeddings for",
+         config.n_ctx, c.n_ctx_train);
+  if (config.max_queue < 0) fail("--max-queue must be >= 0, got {}", config.max_queue);
+  const KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
+  const int32_t n_blocks = pool_blocks(shape, config);
+  st_ = std::make_unique<State>(shape, n_blocks, config.block_size);
+  stats_.blocks_total = n_blocks;
+  stats_.block_size = config.block_size;
+  stats_.kv_bytes_total = st_->store.bytes();
+  thread_ = std::thread([this] { loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+int64_t Scheduler::capacity_tokens() const {
+  return int64_t{st_->blocks.n_blocks()} * config_.block_size;
+}
+
+RequestId Scheduler::submit(Request req, EventFn on_event) {
+  const ModelConfig& c = model_.config();
+  const int64_t n_prompt = static_cast<int64_t>(req.prompt.size());
+  if (n_prompt == 0) fail("the prompt is empty");
+  for (int32_t t : req.prompt)
+    if (t < 0 || t >= c.n_vocab) fail("token id {} is out of range [0, {})", t, c.n_vocab);
+  if (req.max_tokens <= 0) fail("max_tokens must be at least 1, got {}", req.max_tokens);
+  validate(req.sampling);
+  const int64_t n_total = n_prompt + req.max_tokens;
+  if (n_total > config_.n_ctx)
+    fail("the prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens", n_prompt,
+         req.max_tokens, config_.n_ctx);
+  if (n_total > capacity_tokens())
+    fail("the prompt ({} tokens) plus max_tokens ({}) exceeds the KV cache pool of {} tokens",
+         n_prompt, req.max_tokens, capacity_tokens());
+  auto seq = std::make_unique<Seq>();
+  seq->req = std::move(req);
+  seq->on_event = std::move(on_event);
+  seq->tokens = seq->req.prompt;
+  seq->n_prompt = n_prompt;
+  seq->sampler = std::make_unique<Sampler>(seq->req.sampling);
+  RequestId id;
+  {
+    std::lock_guard lk(mu_);
+    if (stop_) fail("the scheduler is stopping");
+    const int64_t queued = n_active_ - stats_.running;
+    if (queued >= config_.max_queue)
+      fail("queue full: {} requests are waiting (--max-queue {})", queued, config_.max_queue);
+    id = next_id_++;
+    seq->id = id;
+    incoming_.push_back(std::move(seq));
+    ++n_active_;
+    stats_.waiting = n_active_ - stats_.running;
+  }
+  cv_.notify_all();
+  return id;
+}
+
+void Scheduler::cancel(RequestId id) {
+  {
+    std::lock_guard lk(mu_);
+    cancels_.push_back(id);
+  }
+  cv_.notify_all();
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard lk(mu_);
+  return stats_;
+}
+
+void Scheduler::wait_idle() {
+  std::unique_lock lk(mu_);
+  idle_cv_.wait(lk, [&] { return n_active_ == 0; });
+}
+
+// ---- the scheduler thread -----------------------------------------------------------------------
+
+void Scheduler::release(Seq& q) {
+  if (q.in_pool) st_->blocks.free_seq(q.id);
+  q.in_pool = false;
+}
+
+void Scheduler::finish(Seq& q, FinishReason why, const std::string& error) {
+  release(q);
+  RequestEvent ev;
+  ev.done = true;
+  ev.finish = why;
+  ev.error = error;
+  ev.n_prompt = q.n_prompt;
+  ev.n_cached = std::max<int64_t>(q.n_cached, 0);
+  ev.n_generated = q.n_generated;
+  q.on_event(ev);
+  ++st_->totals.requests_finished;
+  std::lock_guard lk(mu_);
+  --n_active_;
+}
+
+void Scheduler::publish() {
+  State& st = *st_;
+  const BlockPoolStats b = st.blocks.stats();
+  const size_t per_block = PagedKvStore::block_bytes(st.shape, config_.block_size);
+  std::lock_guard lk(mu_);
+  SchedulerStats& s = stats_;
+  s = st.totals;
+  s.blocks_total = b.n_total;
+  s.blocks_used = b.n_used;
+  s.blocks_cached = b.n_cached;
+  s.block_size = config_.block_size;
+  s.kv_bytes_total = st.store.bytes();
+  s.kv_bytes_used = static_cast<uint64_t>(b.n_used) * per_block;
+  s.running = static_cast<int64_t>(st.running.size());
+  s.waiting = n_active_ - s.running;
+  if (n_active_ == 0) idle_cv_.notify_all();
+}
+
+void Scheduler::loop() {
+  State& st = *st_;
+  for (;;) {
+    std::vector<RequestId> cancels;
+    bool stopping;
+    {
+      std::unique_lock lk(mu_);
+      cv_.wait(lk, [&] {
+        return stop_ || !incoming_.empty() || !cancels_.empty() || !st.running.empty() ||
+               !st.waiting.empty();
+      });
+      while (!incoming_.empty()) {
+        st.waiting.push_back(std::move(incoming_.front()));
+        incoming_.pop_front();
+      }
+      cancels.swap(cancels_);
+      stopping = stop_;
+    }
+    for (RequestId id : cancels) {
+      auto drop = [&](auto& list) {
+        for (auto it = list.begin(); it != list.end(); ++it)
+          if ((*it)->id == id) {
+            finish(**it, FinishReason::Cancelled, "");
+            list.erase(it);
+            return true;
+          }
+        return false;
+      };
+      if (!drop(st.running)) drop(st.waiting);
+    }
+    if (stopping) {
+      for (auto& q : st.running) finish(*q, FinishReason::Cancelled, "");
+      for (auto& q : st.waiting) finish(*q, FinishReason::Cancelled, "");
+      st.running.clear();
+      st.waiting.clear();
+      publish();
+      return;
+    }
+    if (!st.running.empty() || !st.waiting.empty()) {
+      try {
+        step();
+      } catch (const std::exception& e) {
+        // Not expected (inputs are validated at submit): fail every request rather than die.
+        for (auto& q : st.running) finish(*q, FinishReason::Error, e.what());
+        for (auto& q : st.waiting) finish(*q, FinishReason::Error, e.what());
+        st.running.clear();
+        st.waiting.clear();
+      }
+      // Finished sequences were removed inside step(); their final events are sent there.
+    }
+    publish();
+  }
+}
+
+void Scheduler::step() {
+  State& st = *st_;
+  const int32_t bs = config_.block_size;
+  const ModelConfig& mc = model_.config();
+  const PrefixKey key_base{st.cache_type, {}};
+  const uint64_t step_no = ++st.n_step_calls;  // marks the sequences this step schedules
+
+  // Preempts the newest running sequence: its blocks go back (the registered ones stay cached,
+  // so its recompute is often a prefix hit) and it waits at the front of the queue.
+  auto preempt_newest = [&]() -> Seq* {
+    auto it = std::max_element(st.running.begin(), st.running.end(), [](auto& a, auto& b) {
+      return a->admitted_at < b->admitted_at;
+    });
+    Seq* q = it->get();
+    release(*q);
+    q->n_computed = 0;
+    q->n_registered = 0;
+    st.waiting.push_front(std::move(*it));
+    st.running.erase(it);
+    ++st.totals.n_preemptions;
+    return q;
+  };
+  // Gives q blocks for n more tokens, preempting the newest sequences while the pool is short.
+  // False if q itself was preempted.
+  auto grow = [&](Seq& q, int64_t n) -> bool {
+    std::vector<BlockCopy> copies;
+    while (!st.blocks.append(q.id, n, &copies)) {
+      if (preempt_newest() == &q) return false;
+    }
+    for (const BlockCopy& cp : copies) st.store.copy_block(cp.src, cp.dst);
+    return true;
+  };
+
+  // ---- 1. decode tokens of running sequences (oldest first) ----
+  struct Item {
+    Seq* seq;
+    int64_t n;
+  };
+  std::vector<Item> items;
+  int64_t budget = config_.n_batch;
+  std::sort(st.running.begin(), st.running.end(),
+            [](auto& a, auto& b) { return a->admitted_at < b->admitted_at; });
+  for (size_t i = 0; i < st.running.size(); ++i) {
+    Seq* q = st.running[i].get();
+    if (q->pending() != 1 || q->n_computed == 0) continue;  // prefilling: step 3
+    if (!grow(*q, 1)) break;  // q was the newest: everything older is already in items
+    q->step = step_no;
+    items.push_back({q, 1});
+    --budget;
+  }
+  // items may hold sequences preempted after they were added (a later, newer one's grow() only
+  // preempts the newest, which is never older than the one growing): drop those.
+  auto running_has = [&](Seq* q) {
+    for (auto& r : st.running)
+      if (r.get() == q) return true;
+    return false;
+  };
+  items.erase(std::remove_if(items.begin(), items.end(), [&](const Item& it) { return !running_has(it.seq); }),
+              items.end());
+
+  // ---- 2. admission: oldest waiting first, while the pool holds the rest of its tokens ----
+  while (!st.waiting.empty() && static_cast<int32_t>(st.running.size()) < config_.n_parallel) {
+    Seq& q = *st.waiting.front();
+    PrefixMatch m;
+    if (config_.prefix_cache) {
+      PrefixKey key = key_base;
+      key.salt = q.req.salt;
+      m = st.prefix.match(key, q.tokens);
+    }
+    const int64_t n_blocks_all = (static_cast<int64_t>(q.tokens.size()) + bs - 1) / bs;
+    int64_t matched_free = 0;  // matched blocks that leave the free queue when shared
+    for (BlockId b : m.block_ids) matched_free += st.blocks.ref_count(b) == 0;
+    const int64_t need = n_blocks_all - static_cast<int64_t>(m.block_ids.size());
+    if (st.blocks.stats().n_free - matched_free < need) break;  // wait for blocks to come back
+    st.blocks.add_seq(q.id);
+    q.in_pool = true;
+    st.blocks.append_shared(q.id, m.block_ids);
+    q.n_computed = m.n_tokens;
+    q.n_registered = static_cast<int64_t>(m.block_ids.size());
+    if (q.n_cached < 0) {
+      q.n_cached = m.n_tokens;
+      st.totals.prompt_tokens += q.n_prompt;
+      st.totals.prompt_tokens_cached += m.n_tokens;
+    }
+    q.admitted_at = ++st.n_admissions;
+    st.running.push_back(std::move(st.waiting.front()));
+    st.waiting.pop_front();
+  }
+
+  // ---- 3. prefill chunks within the rest of the token budget ----
+  for (size_t i = 0; i < st.running.size() && budget > 0; ++i) {
+    Seq* q = st.running[i].get();
+    if (q->step == step_no) continue;  // decoding: step 1
+    const int64_t n = std::min(q->pending(), budget);
+    if (n <= 0) continue;
+    if (!grow(*q, n)) break;
+    q->step = step_no;
+    items.push_back({q, n});
+    budget -= n;
+  }
+  items.erase(std::remove_if(items.begin(), items.end(), [&](const Item& it) { return !running_has(it.seq); }),
+              items.end());
+  if (items.empty()) return;
+
+  // ---- 4. one forward pass over every item ----
+  std::vector<PagedSeq> batch;
+  batch.reserve(items.size());
+  for (const Item& it : items) {
+    Seq& q = *it.seq;
+    batch.push_back({{q.tokens.data() + q.n_computed, static_cast<size_t>(it.n)}, q.n_computed,
+                     st.blocks.block_table(q.id)});
+  }
+  const std::span<const float> logits = model_.forward_paged(batch, st.store, st.scratch, pool_);
+  ++st.totals.n_steps;
+
+  // ---- 5. sample, register full blocks, finish ----
+  std::vector<Seq*> done;
+  std::vector<FinishReason> why;
+  for (size_t b = 0; b < items.size(); ++b) {
+    Seq& q = *items[b].seq;
+    q.n_computed += items[b].n;
+    if (config_.prefix_cache) {
+      const auto table = st.blocks.block_table(q.id);
+      PrefixKey key = key_base;
+      key.salt = q.req.salt;
+      const int64_t full = q.n_computed / bs;
+      for (; q.n_registered < full; ++q.n_registered) {
+        const int64_t bi = q.n_registered;
+        const BlockId blk = table[bi];
+        if (st.blocks.is_cached(blk)) continue;  // shared from the index already
+        const int32_t parent = bi == 0 ? kNoParent : table[bi - 1];
+        const std::span<const int32_t> toks(q.tokens.data() + bi * bs, bs);
+        if (st.prefix.insert(key, parent, toks, blk)) st.blocks.mark_cached(blk);
+      }
+    }
+    if (q.pending() > 0) continue;  // prefill not finished: no token yet
+    const int32_t t = q.sampler->sample(logits.data() + b * mc.n_vocab, mc.n_vocab, q.tokens);
+    q.tokens.push_back(t);
+    ++q.n_generated;
+    ++st.totals.generated_tokens;
+    RequestEvent ev;
+    ev.token = t;
+    ev.n_prompt = q.n_prompt;
+    ev.n_cached = q.n_cached;
+    ev.n_generated = q.n_generated;
+    q.on_event(ev);
+    if (!q.req.ignore_eos && tok_.is_eog(t)) {
+      done.push_back(&q);
+      why.push_back(FinishReason::Stop);
+    } else if (q.n_generated >= q.req.max_tokens ||
+               static_cast<int64_t>(q.tokens.size()) >= config_.n_ctx) {
+      done.push_back(&q);
+      why.push_back(FinishReason::Length);
+    }
+  }
+  for (size_t i = 0; i < done.size(); ++i) {
+    auto it = std::find_if(st.running.begin(), st.running.end(),
+                           [&](auto& r) { return r.get() == done[i]; });
+    finish(**it, why[i], "");
+    st.running.erase(it);
+  }
+}
+
+}  // namespace kvlm

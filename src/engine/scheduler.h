@@ -1,0 +1,148 @@
+// Many sequences at once over one paged KV cache: continuous batching with chunked prefill,
+// admission by free blocks, prefix reuse and preemption by recompute (vLLM's scheduler, on CPU).
+//
+// One scheduler thread owns the block pool, the prefix index, the paged storage and every running
+// sequence. Other threads (HTTP handlers) only submit(), cancel() and read stats(); those are
+// thread-safe and never wait for a forward pass.
+//
+// A step (docs/KV.md, "Serving"):
+//   1. drop cancelled requests (their blocks go back to the pool at once);
+//   2. every running sequence with one pending token (decode) contributes it; a decode that needs a
+//      fresh block and finds none preempts the newest running sequence (its blocks are released,
+//      it goes back to the front of the queue and is recomputed from its tokens later);
+//   3. admit waiting requests, oldest first, while fewer than n_parallel run and the free blocks
+//      hold the rest of the prompt (after the prefix-cache match);
+//   4. prefill chunks of admitted sequences fill what is left of the n_batch token budget;
+//   5. one Model::forward_paged over all of it; each sequence whose pending tokens are all
+//      computed samples its next token; finished sequences release their blocks; newly full
+//      blocks are registered in the prefix index.
+// A sequence's logits depend only on its own tokens (the kernels compute each row alone), so the
+// greedy output of a request is the same alone, batched with others, or after a preemption.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/thread_pool.h"
+#include "model/model.h"
+#include "sampling/sampler.h"
+
+namespace kvlm {
+
+class Tokenizer;
+
+enum class FinishReason { Stop, Length, Cancelled, Error };
+const char* finish_reason_name(FinishReason r);  // "stop", "length", "cancelled", "error"
+
+struct Request {
+  std::vector<int32_t> prompt;  // token ids, non-empty
+  int32_t max_tokens = 16;      // > 0: tokens to generate at most
+  SamplingParams sampling;
+  bool ignore_eos = false;      // keep going past end-of-generation tokens
+  std::string salt;             // prefix-cache tenant: requests only reuse blocks of equal salt
+};
+
+// Delivered on the scheduler thread, in order, for one request. Callbacks must be quick (push into
+// a queue): the whole batch waits for them.
+struct RequestEvent {
+  int32_t token = -1;   // a generated token (>= 0), or -1 in the final event
+  bool done = false;    // the final event: no more events follow
+  FinishReason finish = FinishReason::Length;  // when done
+  std::string error;    // when finish == Error
+  int64_t n_prompt = 0;     // prompt tokens
+  int64_t n_cached = 0;     // prompt tokens served from the prefix cache at first admission
+  int64_t n_generated = 0;  // generated so far, this token included
+};
+using RequestId = int64_t;
+using EventFn = std::function<void(const RequestEvent&)>;
+
+struct SchedulerConfig {
+  DType dtype_k = DType::F16;   // plain layouts only: f32, f16, q8_0, q4_0, q4_1
+  DType dtype_v = DType::F16;
+  int32_t block_size = 16;      // tokens per block
+  int64_t kv_budget_bytes = 0;  // > 0: the pool holds as many blocks as fit
+  int64_t kv_budget_tokens = 0; // > 0 (and kv_budget_bytes == 0): blocks for this many tokens
+  int32_t n_parallel = 16;      // sequences running at once (-np)
+  int64_t n_batch = 512;        // tokens per forward pass (decode tokens + prefill chunks)
+  int64_t n_ctx = 4096;         // per-sequence context (prompt + generated), <= model's
+  int32_t max_queue = 256;      // waiting requests beyond which submit() refuses
+  bool prefix_cache = true;
+};
+
+struct SchedulerStats {
+  int32_t blocks_total = 0, blocks_used = 0, blocks_cached = 0;  // cached: in the prefix index
+  int32_t block_size = 0;
+  uint64_t kv_bytes_total = 0;   // bytes of the pool's arenas
+  uint64_t kv_bytes_used = 0;    // bytes of the blocks in use
+  int64_t running = 0, waiting = 0;
+  int64_t n_preemptions = 0;
+  int64_t prompt_tokens = 0;        // prompt tokens of admitted requests (first admission)
+  int64_t prompt_tokens_cached = 0; // of which served by the prefix cache
+  int64_t generated_tokens = 0;
+  int64_t n_steps = 0;
+  int64_t requests_finished = 0;
+};
+
+class Scheduler {
+ public:
+  // Sizes the pool from the budget and starts the scheduler thread. Throws kvlm::Error naming the
+  // problem (a budget smaller than one block, an unsupported cache type, n_ctx beyond the model's).
+  Scheduler(const Model& model, const Tokenizer& tok, const SchedulerConfig& config,
+            ThreadPool& pool);
+  ~Scheduler();  // stops the thread; pending requests finish with Cancelled
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  const SchedulerConfig& config() const { return config_; }
+  // Tokens the pool holds in all (blocks x block_size).
+  int64_t capacity_tokens() const;
+
+  // Queues a request. Throws kvlm::Error (nothing queued) when the prompt is empty or has an id out
+  // of range, when prompt + max_tokens exceeds n_ctx or the whole pool, or when the queue is full
+  // (message starts with "queue full"; a server answers 503). on_event is then called from the
+  // scheduler thread until an event with done == true.
+  RequestId submit(Request req, EventFn on_event);
+  // Stops a request: it gets a final event with FinishReason::Cancelled (unless already done) and
+  // its blocks are released at the start of the next step. Unknown or finished ids are ignored.
+  void cancel(RequestId id);
+
+  SchedulerStats stats() const;
+  // Blocks until no request is waiting or running (tests).
+  void wait_idle();
+
+ private:
+  struct Seq;
+  struct State;
+  void loop();
+  void step();
+  void release(Seq& q);  // blocks back to the pool (cached ones stay reusable)
+  void finish(Seq& q, FinishReason why, const std::string& error);  // final event + release
+  void publish();        // stats_ from the scheduler thread's state
+
+  const Model& model_;
+  const Tokenizer& tok_;
+  SchedulerConfig config_;
+  ThreadPool& pool_;
+  std::unique_ptr<State> st_;  // pool, prefix index, storage, sequences (scheduler thread only)
+
+  mutable std::mutex mu_;  // guards the fields below
+  std::condition_variable cv_;       // wakes the loop: new request, cancel, stop
+  std::condition_variable idle_cv_;  // wait_idle
+  std::deque<std::unique_ptr<Seq>> incoming_;  // submitted, not yet seen by the loop
+  std::vector<RequestId> cancels_;
+  SchedulerStats stats_;  // snapshot published after every step
+  RequestId next_id_ = 1;
+  int64_t n_active_ = 0;  // submitted and not yet finished
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace kvlm

@@ -1,0 +1,291 @@
+// The scheduler: every request finishes, batched == alone (greedy), also after preemptions and
+// through prefix-cache hits, cancellation releases blocks, limits are enforced at submit, and the
+// pool is whole (every block free) when the scheduler is idle.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "base/error.h"
+#include "engine/scheduler.h"
+#include "engine/session.h"
+#include "test_util.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvlm {
+namespace {
+
+ThreadPool& pool() {
+  static ThreadPool p(2);
+  return p;
+}
+
+struct Fixture {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tok;
+  explicit Fixture(const std::string& path)
+      : model(Model::load(path)), tok(Tokenizer::from_gguf(model->gguf())) {}
+};
+
+Fixture& tiny() {
+  static Fixture f(test::data_path("tiny-llama.gguf"));
+  return f;
+}
+
+SamplingParams greedy() {
+  SamplingParams p;
+  p.temperature = 0;
+  p.repeat_penalty = 1.0f;
+  return p;
+}
+
+Request greedy_request(std::vector<int32_t> prompt, int32_t max_tokens) {
+  Request r;
+  r.prompt = std::move(prompt);
+  r.max_tokens = max_tokens;
+  r.sampling = greedy();
+  r.ignore_eos = true;
+  return r;
+}
+
+// The reference: the request alone through a contiguous-cache Session.
+std::vector<int32_t> alone(const Fixture& f, const std::vector<int32_t>& prompt, int n, DType t) {
+  Session s(*f.model, t, t, static_cast<int64_t>(prompt.size()) + n + 1, pool());
+  GenerateOptions o;
+  o.n_predict = n;
+  o.ignore_eos = true;
+  o.sampling = greedy();
+  std::vector<int32_t> out;
+  generate(s, *f.tok, prompt, o, [&](int32_t id) {
+    out.push_back(id);
+    return true;
+  });
+  return out;
+}
+
+// Collects one request's events.
+struct Collector {
+  std::mutex mu;
+  std::vector<int32_t> tokens;
+  bool done = false;
+  RequestEvent last;
+  EventFn fn() {
+    return [this](const RequestEvent& e) {
+      std::lock_guard lk(mu);
+      if (e.done) {
+        done = true;
+        last = e;
+      } else {
+        tokens.push_back(e.token);
+      }
+    };
+  }
+};
+
+// n_req requests of different lengths at once; each one's tokens equal its run alone.
+void run_batch(const SchedulerConfig& cfg, int n_req, int n_gen, bool expect_preemption,
+               Fixture& f = tiny()) {
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::unique_ptr<Collector>> cols;
+  for (int i = 0; i < n_req; ++i) {
+    prompts.push_back(test::random_tokens(5 + 11 * i, f.model->config().n_vocab, 40 + i));
+    cols.push_back(std::make_unique<Collector>());
+    sch.submit(greedy_request(prompts.back(), n_gen), cols.back()->fn());
+  }
+  sch.wait_idle();
+  const SchedulerStats st = sch.stats();
+  for (int i = 0; i < n_req; ++i) {
+    ASSERT_TRUE(cols[i]->done);
+    EXPECT_EQ(cols[i]->last.finish, FinishReason::Length);
+    EXPECT_EQ(cols[i]->last.n_generated, n_gen);
+    EXPECT_EQ(cols[i]->tokens, alone(f, prompts[i], n_gen, cfg.dtype_k)) << "request " << i;
+  }
+  EXPECT_EQ(st.blocks_used, 0);
+  EXPECT_EQ(st.running, 0);
+  EXPECT_EQ(st.waiting, 0);
+  EXPECT_EQ(st.generated_tokens, int64_t{n_req} * n_gen);
+  if (expect_preemption) {
+    EXPECT_GT(st.n_preemptions, 0);
+  }
+  std::printf("  %d requests: %lld steps, %lld preemptions\n", n_req,
+              static_cast<long long>(st.n_steps), static_cast<long long>(st.n_preemptions));
+}
+
+TEST(Scheduler, SixteenBatchedEqualAlone) {
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 16 * 256;
+  cfg.n_parallel = 16;
+  cfg.n_batch = 64;  // forces chunked prefill of the longer prompts
+  cfg.n_ctx = 512;
+  run_batch(cfg, 16, 24, false);
+}
+
+TEST(Scheduler, PreemptedEqualAlone) {
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 320;  // 20 blocks for 8 requests of up to ~110 tokens: preemption
+  cfg.n_parallel = 8;
+  cfg.n_batch = 128;
+  cfg.n_ctx = 512;
+  run_batch(cfg, 8, 30, true);
+}
+
+TEST(Scheduler, F32CacheBatchedEqualsAlone) {
+  SchedulerConfig cfg;
+  cfg.dtype_k = cfg.dtype_v = DType::F32;
+  cfg.kv_budget_tokens = 4096;
+  cfg.n_parallel = 4;
+  cfg.n_ctx = 512;
+  run_batch(cfg, 6, 10, false);
+}
+
+// The default model, a quantized cache, 16 requests with a pool too small for all of them.
+TEST(Scheduler, SmolLm2SixteenBatchedAndPreemptedEqualAlone) {
+  static Fixture f(test::model_path());
+  SchedulerConfig cfg;
+  cfg.dtype_k = cfg.dtype_v = DType::Q8_0;
+  cfg.kv_budget_tokens = 16 * 64;  // 64 blocks; the 16 requests need up to 13 blocks each
+  cfg.n_parallel = 16;
+  cfg.n_batch = 256;
+  cfg.n_ctx = 512;
+  run_batch(cfg, 16, 24, true, f);
+}
+
+// A second request with the same prompt reuses its full blocks; the output is unchanged.
+TEST(Scheduler, PrefixHitGivesSameTokens) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 2048;
+  cfg.n_ctx = 512;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  const auto prompt = test::random_tokens(70, f.model->config().n_vocab, 3);
+  std::vector<std::vector<int32_t>> outs;
+  std::vector<int64_t> cached;
+  for (int rep = 0; rep < 2; ++rep) {
+    Collector c;
+    sch.submit(greedy_request(prompt, 12), c.fn());
+    sch.wait_idle();
+    outs.push_back(c.tokens);
+    cached.push_back(c.last.n_cached);
+  }
+  EXPECT_EQ(cached[0], 0);
+  EXPECT_EQ(cached[1], 64);  // 4 full blocks of 16; the 70th token is always recomputed
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(outs[0], alone(f, prompt, 12, DType::F16));
+  // The history of the first request (prompt + generated, 82 tokens) is cached too: a follow-up
+  // turn that extends it hits 5 blocks.
+  auto turn2 = prompt;
+  turn2.insert(turn2.end(), outs[0].begin(), outs[0].end());
+  turn2.push_back(5);
+  Collector c;
+  Request r = greedy_request(turn2, 4);
+  sch.submit(r, c.fn());
+  sch.wait_idle();
+  EXPECT_EQ(c.last.n_cached, 80);
+  // A different tenant (salt) does not see those blocks.
+  Collector d;
+  r.salt = "tenant-b";
+  sch.submit(r, d.fn());
+  sch.wait_idle();
+  EXPECT_EQ(d.last.n_cached, 0);
+  EXPECT_EQ(d.tokens, c.tokens);
+  const SchedulerStats st = sch.stats();
+  EXPECT_EQ(st.blocks_used, 0);
+  EXPECT_GT(st.blocks_cached, 0);
+  EXPECT_EQ(st.prompt_tokens_cached, 64 + 80);
+}
+
+TEST(Scheduler, CancelReleasesBlocks) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 4096;
+  cfg.n_ctx = 4096;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  std::atomic<int> n_tokens{0};
+  Collector c;
+  Request r = greedy_request(test::random_tokens(20, f.model->config().n_vocab, 9), 4000);
+  auto inner = c.fn();
+  const RequestId id = sch.submit(r, [&](const RequestEvent& e) {
+    if (!e.done) ++n_tokens;
+    inner(e);
+  });
+  while (n_tokens < 5) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_GT(sch.stats().blocks_used, 0);
+  sch.cancel(id);
+  sch.wait_idle();
+  EXPECT_TRUE(c.done);
+  EXPECT_EQ(c.last.finish, FinishReason::Cancelled);
+  EXPECT_LT(c.tokens.size(), 4000u);
+  EXPECT_EQ(sch.stats().blocks_used, 0);
+  sch.cancel(id);  // finished: ignored
+  sch.cancel(12345);
+}
+
+TEST(Scheduler, SubmitRejectsBadRequests) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 256;
+  cfg.n_ctx = 128;
+  cfg.max_queue = 0;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  Request r;
+  r.max_tokens = 4;
+  EXPECT_THROW(sch.submit(r, [](const RequestEvent&) {}), Error);  // empty prompt
+  r.prompt = {1, 2, f.model->config().n_vocab};
+  EXPECT_THROW(sch.submit(r, [](const RequestEvent&) {}), Error);  // id out of range
+  r.prompt = {1, 2, 3};
+  r.max_tokens = 126;
+  EXPECT_THROW(sch.submit(r, [](const RequestEvent&) {}), Error);  // past the context
+  r.max_tokens = 0;
+  EXPECT_THROW(sch.submit(r, [](const RequestEvent&) {}), Error);
+  r.max_tokens = 4;
+  try {
+    sch.submit(r, [](const RequestEvent&) {});
+    ADD_FAILURE() << "max_queue 0 accepted a request";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("queue full", 0), 0u) << e.what();
+  }
+  cfg.kv_budget_tokens = 0;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg.kv_budget_tokens = 64;
+  cfg.n_batch = 4;
+  cfg.n_parallel = 8;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+}
+
+// Requests submitted from many threads while others run: all finish, the pool ends whole.
+TEST(Scheduler, ManyThreadsSubmitting) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 1024;
+  cfg.n_parallel = 8;
+  cfg.n_ctx = 256;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  std::atomic<int> finished{0};
+  std::vector<std::thread> th;
+  for (int t = 0; t < 8; ++t)
+    th.emplace_back([&, t] {
+      for (int i = 0; i < 8; ++i) {
+        Request r;
+        r.prompt = test::random_tokens(10 + i, f.model->config().n_vocab, t * 100 + i);
+        r.max_tokens = 8;
+        r.sampling.seed = t;
+        sch.submit(r, [&](const RequestEvent& e) {
+          if (e.done) ++finished;
+        });
+      }
+    });
+  for (auto& x : th) x.join();
+  sch.wait_idle();
+  EXPECT_EQ(finished, 64);
+  const SchedulerStats st = sch.stats();
+  EXPECT_EQ(st.blocks_used, 0);
+  EXPECT_EQ(st.requests_finished, 64);
+}
+
+}  // namespace
+}  // namespace kvlm

@@ -1,0 +1,174 @@
+// Paged forward == contiguous forward: attention through a block table (scattered, out-of-order
+// block ids, block sizes that do and do not divide the attention chunk) gives bit-identical logits
+// to the contiguous KvCache, for every plain cache type; and a batch of many sequences in one
+// forward_paged gives each sequence exactly the logits it gets alone.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "base/error.h"
+#include "kv/block_pool.h"
+#include "kv/paged_kv.h"
+#include "model/model.h"
+#include "test_util.h"
+
+namespace kvlm {
+namespace {
+
+ThreadPool& pool() {
+  static ThreadPool p(2);
+  return p;
+}
+
+// Block ids handed out in a scrambled order, so consecutive positions never sit in consecutive
+// blocks.
+std::vector<BlockId> scrambled_blocks(int32_t n_blocks, uint32_t seed) {
+  std::vector<BlockId> ids(n_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(seed));
+  return ids;
+}
+
+// Prefill of `prefill` tokens then single-token decode steps, contiguous and paged; every step's
+// last-token logits must be equal bit for bit.
+void expect_paged_equals_contiguous(const std::string& model_file, DType dk, DType dv, int32_t bs,
+                                    int n_prefill, int n_decode) {
+  auto m = Model::load(model_file);
+  const ModelConfig& c = m->config();
+  const int n_total = n_prefill + n_decode;
+  const auto toks = test::random_tokens(n_total, c.n_vocab, 7);
+
+  KvCache kv(m->kv_shape(dk, dv), n_total);
+  Scratch s1, s2;
+  const int32_t n_blocks = (n_total + bs - 1) / bs + 3;
+  PagedKvStore store(m->kv_shape(dk, dv), n_blocks, bs);
+  const auto table = scrambled_blocks(n_blocks, 11);
+
+  int pos = 0;
+  for (int step = 0; step <= n_decode; ++step) {
+    const int n = step == 0 ? n_prefill : 1;
+    std::span<const int32_t> feed(toks.data() + pos, n);
+    auto ref = m->forward(feed, pos, kv, s1, pool(), false);
+    std::vector<float> want(ref.begin(), ref.end());
+    PagedSeq q{feed, pos, table};
+    auto got = m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s2, pool());
+    ASSERT_EQ(got.size(), want.size());
+    ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
+        << "step " << step << " at position " << pos << ", block size " << bs;
+    pos += n;
+  }
+}
+
+TEST(Paged, EqualsContiguousEveryType) {
+  // The blockwise types need head_dim % 32 == 0: SmolLM2 (64); the tiny model (16) for f32/f16.
+  for (DType t : {DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1})
+    expect_paged_equals_contiguous(test::model_path(), t, t, 16, 40, 6);
+  expect_paged_equals_contiguous(test::data_path("tiny-llama.gguf"), DType::F32, DType::F16, 16,
+                                 40, 12);
+}
+
+TEST(Paged, EqualsContiguousOddBlockSizes) {
+  // 7 does not divide the attention chunk (256); 300 tokens cross a chunk boundary.
+  for (int32_t bs : {1, 7, 16, 64})
+    expect_paged_equals_contiguous(test::data_path("tiny-llama.gguf"), DType::F16, DType::F16, bs,
+                                   290, 20);
+}
+
+TEST(Paged, EqualsContiguousGpt2) {
+  expect_paged_equals_contiguous(test::data_path("tiny-gpt2.gguf"), DType::F16, DType::F32, 16,
+                                 33, 8);
+}
+
+// 16 sequences of different lengths, some prefilling (in chunks) and some decoding in the same
+// pass, through a real BlockPool: each sequence's logits equal a run of that sequence alone.
+TEST(Paged, BatchedEqualsAlone) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  const ModelConfig& c = m->config();
+  const int32_t bs = 16, n_seqs = 16;
+  const KvShape shape = m->kv_shape(DType::F16, DType::F16);
+  BlockPool bp({.n_blocks = 256, .block_size = bs});
+  PagedKvStore store(shape, 256, bs);
+  std::vector<std::vector<int32_t>> toks(n_seqs);
+  for (int i = 0; i < n_seqs; ++i) {
+    toks[i] = test::random_tokens(20 + 13 * i, c.n_vocab, 100 + i);
+    bp.add_seq(i);
+  }
+  // Reference: each sequence alone, contiguous; the logits after every fed prefix length.
+  Scratch sa;
+  auto alone = [&](int i, int n_done, int n) {
+    KvCache kv(shape, n_done + n);
+    if (n_done > 0) m->forward({toks[i].data(), static_cast<size_t>(n_done)}, 0, kv, sa, pool(), false);
+    auto l = m->forward({toks[i].data() + n_done, static_cast<size_t>(n)}, n_done, kv, sa, pool(), false);
+    return std::vector<float>(l.begin(), l.end());
+  };
+  std::vector<int> done(n_seqs, 0);
+  Scratch sb;
+  for (int step = 0; step < 6; ++step) {
+    std::vector<PagedSeq> batch;
+    std::vector<int> which, fed;
+    for (int i = 0; i < n_seqs; ++i) {
+      const int left = static_cast<int>(toks[i].size()) - done[i];
+      if (left <= 0) continue;
+      // Chunked prefill of up to 37 tokens, then one token per step.
+      const int n = std::min(left, (i + step) % 3 == 0 ? 1 : 37);
+      std::vector<BlockCopy> copies;
+      ASSERT_TRUE(bp.append(i, n, &copies));
+      ASSERT_TRUE(copies.empty());
+      batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], bp.block_table(i)});
+      which.push_back(i);
+      fed.push_back(n);
+    }
+    ASSERT_FALSE(batch.empty());
+    auto got = m->forward_paged(batch, store, sb, pool());
+    std::vector<float> logits(got.begin(), got.end());
+    for (size_t b = 0; b < which.size(); ++b) {
+      const int i = which[b];
+      const auto want = alone(i, done[i], fed[b]);
+      ASSERT_TRUE(std::equal(want.begin(), want.end(), logits.begin() + b * c.n_vocab))
+          << "sequence " << i << " step " << step;
+      done[i] += fed[b];
+    }
+  }
+}
+
+TEST(Paged, RejectsUncoveredPositions) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  PagedKvStore store(m->kv_shape(DType::F16, DType::F16), 4, 16);
+  const std::vector<BlockId> table = {2};
+  const std::vector<int32_t> toks(17, 1);
+  Scratch s;
+  PagedSeq q{toks, 0, table};
+  EXPECT_THROW(m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s, pool()), Error);
+}
+
+TEST(PagedStore, AccountingAndCopy) {
+  KvShape shape{.n_layer = 2, .n_kv_head = 2, .head_dim = 32, .dtype_k = DType::Q8_0, .dtype_v = DType::F16};
+  PagedKvStore store(shape, 5, 16);
+  EXPECT_EQ(store.bytes(), 5 * PagedKvStore::block_bytes(shape, 16));
+  EXPECT_EQ(PagedKvStore::block_bytes(shape, 16), kv_bytes(shape, 16));
+  EXPECT_EQ(PagedKvStore::blocks_for_budget(shape, 16, 5 * kv_bytes(shape, 16) + 1), 5);
+  EXPECT_EQ(PagedKvStore::blocks_for_budget(shape, 16, kv_bytes(shape, 16) - 1), 0);
+  shape.kivi_residual = 32;
+  shape.dtype_k = DType::Q4_0;
+  EXPECT_THROW(PagedKvStore(shape, 5, 16), Error);
+
+  // copy_block: rows written into block 1 read back identically from block 3.
+  KvShape sh{.n_layer = 1, .n_kv_head = 1, .head_dim = 32, .dtype_k = DType::F32, .dtype_v = DType::F32};
+  PagedKvStore st(sh, 4, 2);
+  std::vector<float> k(64), v(64);
+  std::iota(k.begin(), k.end(), 0.0f);
+  std::iota(v.begin(), v.end(), 100.0f);
+  const std::vector<BlockId> t1 = {1}, t3 = {3};
+  st.write(0, t1, 0, 2, k.data(), v.data());
+  st.copy_block(1, 3);
+  const KvLayerView a = st.view(0, t1, 2), b = st.view(0, t3, 2);
+  EXPECT_EQ(0, std::memcmp(a.k + 1 * 2 * a.k_row_bytes, b.k + 3 * 2 * b.k_row_bytes, 2 * a.k_row_bytes));
+  EXPECT_EQ(0, std::memcmp(a.v + 1 * 2 * a.v_row_bytes, b.v + 3 * 2 * b.v_row_bytes, 2 * a.v_row_bytes));
+}
+
+}  // namespace
+}  // namespace kvlm

@@ -11,6 +11,7 @@ all: build
 
 deps:
 	@bash scripts/setup.sh
+	@bash scripts/setup-python.sh
 
 build: deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)

@@ -74,6 +74,10 @@ void add_cache_flags(CLI::App* app, CacheFlags& f, bool context_flag) {
                   "most recent R..R+63 tokens in f16; needs -ctk q4_0 (e.g. -ctk q4_0 -ctv q4_0 "
                   "--kv-residual 32)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app->add_flag("--kv-rotate", f.kv_rotate,
+                "store K and V multiplied by a Hadamard matrix per head (q rotated alike, the "
+                "output rotated back): spreads outliers before quantization, same bytes; for "
+                "quantized caches (e.g. -ctk q4_0 -ctv q4_0 --kv-rotate)");
 }
 
 void add_sampling_flags(CLI::App* app, SamplingParams& p) {
@@ -93,6 +97,7 @@ std::string describe_cache(const KvOptions& o) {
   if (o.window) s += fmt::format(", window {} + {} sinks", o.n_ctx - o.n_sinks, o.n_sinks);
   if (o.n_keep >= 0) s += fmt::format(", context shift keeping {}", o.n_keep);
   if (o.kivi_residual >= 0) s += fmt::format(", KIVI residual {}", o.kivi_residual);
+  if (o.rotate) s += ", Hadamard-rotated";
   return s;
 }
 
@@ -122,6 +127,9 @@ KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c) {
     if (f.keep >= 0) fail("--kv-residual cannot be combined with --keep (KIVI does not evict)");
     o.kivi_residual = static_cast<int32_t>(f.kv_residual);
   }
+  if (f.kv_rotate && f.kv_residual >= 0)
+    fail("--kv-rotate cannot be combined with --kv-residual (KIVI quantizes K per channel)");
+  o.rotate = f.kv_rotate;
   if (o.n_keep >= o.n_ctx) fail("--keep {} must be smaller than the context ({})", o.n_keep, o.n_ctx);
   if (o.n_ctx > c.n_ctx_train && c.arch->pos == PosKind::Learned)
     fail("a context of {} tokens is larger than the {} positions this model has learned", o.n_ctx,

@@ -27,6 +27,7 @@ Command add_inspect(CLI::App& app);
 Command add_kv_size(CLI::App& app);
 Command add_tokenize(CLI::App& app);
 Command add_perplexity(CLI::App& app);
+Command add_serve(CLI::App& app);
 
 // The cache flags every command that runs the model shares (generate, chat, perplexity, bench,
 // serve): storage types, context, allocation, sliding window with sinks, context shift.
@@ -39,6 +40,7 @@ struct CacheFlags {
   int64_t evict_chunk = 0;  // tokens evicted at once when the window is full (0: window / 8)
   int64_t keep = -1;        // context shift: tokens kept at the start (-1: off)
   int64_t kv_residual = -1;  // KIVI layout: recent tokens kept in f16 (-1: off)
+  bool kv_rotate = false;    // Hadamard-rotated K/V rows
 };
 // context_flag: also -c/--ctx-size (commands whose context comes from elsewhere, perplexity's
 // chunks or bench's tests, leave it out).

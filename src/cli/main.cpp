@@ -18,7 +18,7 @@ int main_impl(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "kvlm 0.1.0");
 
-  std::vector<Command> commands = {add_bench(app), add_chat(app), add_generate(app), add_inspect(app), add_kv_size(app), add_tokenize(app), add_perplexity(app)};
+  std::vector<Command> commands = {add_bench(app), add_chat(app), add_generate(app), add_inspect(app), add_kv_size(app), add_tokenize(app), add_perplexity(app), add_serve(app)};
 
   if (argc > 1 && argv[1][0] != '-') {
     bool known = false;
@@ -39,6 +39,7 @@ int main_impl(int argc, char** argv) {
     std::string s = argv[i];
     if (s == "-ctk") s = "--cache-type-k";
     if (s == "-ctv") s = "--cache-type-v";
+    if (s == "-np") s = "--parallel";
     args.push_back(s);
   }
   try {

@@ -63,7 +63,7 @@ struct Scheduler::State {
         store(s, n_blocks, bs) {
     blocks.set_evict_hook([this](BlockId b) { prefix.erase(b); });
     const int32_t key[] = {s.n_layer, s.n_kv_head, s.head_dim, static_cast<int32_t>(s.dtype_k),
-                           static_cast<int32_t>(s.dtype_v), bs};
+                           static_cast<int32_t>(s.dtype_v), bs, s.rotate ? 1 : 0};
     cache_type = prefix_hash_xxh3(key, sizeof(key));
   }
 };
@@ -104,7 +104,9 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
     fail("context {} is past the {} positions this model has learned embeddings for",
          config.n_ctx, c.n_ctx_train);
   if (config.max_queue < 0) fail("--max-queue must be >= 0, got {}", config.max_queue);
-  const KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
+  KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
+  shape.rotate = config.rotate;
+  validate(shape);
   const int32_t n_blocks = pool_blocks(shape, config);
   st_ = std::make_unique<State>(shape, n_blocks, config.block_size);
   stats_.blocks_total = n_blocks;
@@ -337,13 +339,33 @@ void Scheduler::step() {
               items.end());
 
   // ---- 2. admission: oldest waiting first, while the pool holds the rest of its tokens ----
-  while (!st.waiting.empty() && static_cast<int32_t>(st.running.size()) < config_.n_parallel) {
-    Seq& q = *st.waiting.front();
+  // A request whose prompt shares full blocks with a sequence still prefilling them (a shared
+  // system prompt arriving in a burst) waits until those blocks are computed and registered, then
+  // reuses them, instead of computing the same prefix again in parallel.
+  auto inflight_blocks = [&](const Seq& q) {
+    int64_t best = 0;
+    for (const auto& r : st.running) {
+      if (r->req.salt != q.req.salt) continue;
+      const size_t n = std::min(q.tokens.size() - 1, r->tokens.size());
+      size_t l = 0;
+      while (l < n && q.tokens[l] == r->tokens[l]) ++l;
+      const int64_t blocks = static_cast<int64_t>(l) / bs;
+      if (r->n_computed < blocks * bs) best = std::max(best, blocks);  // not all computed yet
+    }
+    return best;
+  };
+  for (size_t wi = 0;
+       wi < st.waiting.size() && static_cast<int32_t>(st.running.size()) < config_.n_parallel;) {
+    Seq& q = *st.waiting[wi];
     PrefixMatch m;
     if (config_.prefix_cache) {
       PrefixKey key = key_base;
       key.salt = q.req.salt;
       m = st.prefix.match(key, q.tokens);
+      if (inflight_blocks(q) > static_cast<int64_t>(m.block_ids.size())) {
+        ++wi;  // try the next one; this one is admitted once the blocks are registered
+        continue;
+      }
     }
     const int64_t n_blocks_all = (static_cast<int64_t>(q.tokens.size()) + bs - 1) / bs;
     int64_t matched_free = 0;  // matched blocks that leave the free queue when shared
@@ -361,8 +383,8 @@ void Scheduler::step() {
       st.totals.prompt_tokens_cached += m.n_tokens;
     }
     q.admitted_at = ++st.n_admissions;
-    st.running.push_back(std::move(st.waiting.front()));
-    st.waiting.pop_front();
+    st.running.push_back(std::move(st.waiting[wi]));
+    st.waiting.erase(st.waiting.begin() + static_cast<std::ptrdiff_t>(wi));
   }
 
   // ---- 3. prefill chunks within the rest of the token budget ----

@@ -11,7 +11,8 @@
 //      fresh block and finds none preempts the newest running sequence (its blocks are released,
 //      it goes back to the front of the queue and is recomputed from its tokens later);
 //   3. admit waiting requests, oldest first, while fewer than n_parallel run and the free blocks
-//      hold the rest of the prompt (after the prefix-cache match);
+//      hold the rest of the prompt (after the prefix-cache match); a request whose prompt starts
+//      with blocks another sequence is still prefilling waits until they are registered;
 //   4. prefill chunks of admitted sequences fill what is left of the n_batch token budget;
 //   5. one Model::forward_paged over all of it; each sequence whose pending tokens are all
 //      computed samples its next token; finished sequences release their blocks; newly full
@@ -67,6 +68,7 @@ using EventFn = std::function<void(const RequestEvent&)>;
 struct SchedulerConfig {
   DType dtype_k = DType::F16;   // plain layouts only: f32, f16, q8_0, q4_0, q4_1
   DType dtype_v = DType::F16;
+  bool rotate = false;          // Hadamard-rotated rows (--kv-rotate, KvShape::rotate)
   int32_t block_size = 16;      // tokens per block
   int64_t kv_budget_bytes = 0;  // > 0: the pool holds as many blocks as fit
   int64_t kv_budget_tokens = 0; // > 0 (and kv_budget_bytes == 0): blocks for this many tokens
@@ -94,7 +96,8 @@ struct SchedulerStats {
 class Scheduler {
  public:
   // Sizes the pool from the budget and starts the scheduler thread. Throws kvlm::Error naming the
-  // problem (a budget smaller than one block, an unsupported cache type, n_ctx beyond the model's).
+  // problem (a budget smaller than one block, an unsupported cache type, n_ctx beyond the learned
+  // positions of a model with position embeddings).
   Scheduler(const Model& model, const Tokenizer& tok, const SchedulerConfig& config,
             ThreadPool& pool);
   ~Scheduler();  // stops the thread; pending requests finish with Cancelled

@@ -20,6 +20,7 @@ KvOptions plain_options(DType dtype_k, DType dtype_v, int64_t n_ctx) {
 KvShape cache_shape(const Model& model, const KvOptions& kv) {
   KvShape s = model.kv_shape(kv.dtype_k, kv.dtype_v);
   s.kivi_residual = kv.kivi_residual;
+  s.rotate = kv.rotate;
   return s;
 }
 }  // namespace

@@ -35,6 +35,9 @@ struct KvOptions {
   // KIVI layout (--kv-residual R, docs/KV.md): -1 off; >= 0 keeps at least R recent tokens in f16,
   // K per channel (dtype_k must be q4_0), V per token in dtype_v. No eviction, no session files.
   int32_t kivi_residual = -1;
+  // Hadamard-rotated K and V rows (--kv-rotate, KvShape::rotate): better quantized caches at the
+  // same bytes.
+  bool rotate = false;
 };
 
 class Session {

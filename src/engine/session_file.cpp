@@ -5,6 +5,7 @@
 //   per layer: K rows [n_tokens, k_row_bytes], V rows [n_tokens, v_row_bytes] | u64 XXH64 of all
 //   preceding bytes.
 // Every size is checked against the file size with overflow-checked arithmetic before use.
+#include <array>
 #include <xxhash.h>
 
 #include <cstring>
@@ -81,6 +82,15 @@ class Reader {
   uint64_t pos_ = 0;
 };
 
+// The cache shape words of the header. A rotated cache (--kv-rotate) sets bit 16 of the K type
+// word: its rows mean something else, and files written before the flag existed read as plain.
+std::array<uint32_t, 5> shape_words(const KvShape& s) {
+  return {static_cast<uint32_t>(s.n_layer), static_cast<uint32_t>(s.n_kv_head),
+          static_cast<uint32_t>(s.head_dim),
+          static_cast<uint32_t>(s.dtype_k) | (s.rotate ? 1u << 16 : 0u),
+          static_cast<uint32_t>(s.dtype_v)};
+}
+
 }  // namespace
 
 void Session::save(const std::string& path, const std::string& meta) const {
@@ -91,10 +101,7 @@ void Session::save(const std::string& path, const std::string& meta) const {
   out.append(kMagic, sizeof(kMagic));
   put<uint32_t>(out, kVersion);
   put<uint64_t>(out, model_fingerprint(model_));
-  for (uint32_t v : {static_cast<uint32_t>(s.n_layer), static_cast<uint32_t>(s.n_kv_head),
-                     static_cast<uint32_t>(s.head_dim), static_cast<uint32_t>(s.dtype_k),
-                     static_cast<uint32_t>(s.dtype_v)})
-    put<uint32_t>(out, v);
+  for (uint32_t v : shape_words(s)) put<uint32_t>(out, v);
   put<uint64_t>(out, static_cast<uint64_t>(n));
   put<uint64_t>(out, meta.size());
   out += meta;
@@ -131,12 +138,10 @@ std::string Session::load(const std::string& path) {
   if (r.get<uint64_t>("fingerprint") != model_fingerprint(model_))
     fail("{}: the session was saved with another model", path);
   const KvShape& s = kv_.shape();
-  const uint32_t want[] = {static_cast<uint32_t>(s.n_layer), static_cast<uint32_t>(s.n_kv_head),
-                           static_cast<uint32_t>(s.head_dim), static_cast<uint32_t>(s.dtype_k),
-                           static_cast<uint32_t>(s.dtype_v)};
-  for (uint32_t w : want)
+  for (uint32_t w : shape_words(s))
     if (r.get<uint32_t>("cache shape") != w)
-      fail("{}: the session's cache shape or types differ from this one (use the same -ctk/-ctv)",
+      fail("{}: the session's cache shape or types differ from this one (use the same -ctk/-ctv "
+           "and --kv-rotate)",
            path);
   const uint64_t n = r.get<uint64_t>("n_tokens");
   if (n > static_cast<uint64_t>(kv_.n_ctx()))

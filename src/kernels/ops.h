@@ -94,4 +94,11 @@ enum class RopeMode {
 void rope(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, int64_t pos,
           float freq_base, RopeMode mode);
 
+// Multiplies each of n_head heads of x: [n_head, head_dim] in place by the normalised
+// Walsh-Hadamard matrix H / sqrt(head_dim) (head_dim a power of two). Orthogonal and its own
+// inverse, so dot(H q, H k) == dot(q, k) up to rounding: the rotated KV cache (docs/KV.md,
+// "Hadamard rotation") quantizes H k and H v, whose outliers are spread over the whole head.
+// One scalar implementation: it costs ~head_dim * log2(head_dim) adds per head.
+void hadamard(float* x, int64_t n_head, int64_t head_dim);
+
 }  // namespace kvlm::kernels

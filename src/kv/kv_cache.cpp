@@ -103,8 +103,11 @@ void KvCache::shift_out(int64_t begin, int64_t count) {
     for (int64_t r = begin; r < begin + n_move; ++r) {
       std::byte* kr = k + r * k_row_bytes_;
       kernels::dequantize_row(shape_.dtype_k, kr, row.data(), d);
+      // A rotated row is H R(p) k: un-rotate (H is its own inverse), re-RoPE, rotate again.
+      if (shape_.rotate) kernels::hadamard(row.data(), shape_.n_kv_head, shape_.head_dim);
       kernels::rope(row.data(), shape_.n_kv_head, shape_.head_dim, rope_.n_rot, -count,
                     rope_.freq_base, rope_.mode);
+      if (shape_.rotate) kernels::hadamard(row.data(), shape_.n_kv_head, shape_.head_dim);
       kernels::quantize_row(shape_.dtype_k, row.data(), kr, d);
     }
   }

@@ -59,6 +59,11 @@ void validate(const KvShape& s) {
   if (s.n_layer <= 0 || s.n_kv_head <= 0 || s.head_dim <= 0)
     fail("invalid KV shape: n_layer={} n_kv_head={} head_dim={} (all must be positive)", s.n_layer,
          s.n_kv_head, s.head_dim);
+  if (s.rotate && (s.head_dim & (s.head_dim - 1)) != 0)
+    fail("the Hadamard-rotated cache (--kv-rotate) needs head_dim to be a power of two, got {}",
+         s.head_dim);
+  if (s.rotate && s.kivi())
+    fail("--kv-rotate cannot be combined with the KIVI cache (--kv-residual)");
   for (DType t : {s.dtype_k, s.dtype_v}) {
     if (!kv_type_supported(t))
       fail("unsupported KV cache type '{}' (supported: {})", dtype_name(t), kv_supported_types());

@@ -22,6 +22,11 @@ struct KvShape {
   // kept in f16.
   int32_t kivi_residual = -1;
   int32_t kivi_group = 64;
+  // Hadamard-rotated rows (docs/KV.md, "Hadamard rotation"): each head's K and V are stored
+  // multiplied by H / sqrt(head_dim), which spreads outlier channels before quantization. The
+  // model rotates q the same way and un-rotates attention's output; bytes per token unchanged.
+  // Needs head_dim a power of two; not with KIVI.
+  bool rotate = false;
 
   int64_t kv_dim() const { return int64_t{n_kv_head} * head_dim; }  // values per token per layer
   bool kivi() const { return kivi_residual >= 0; }

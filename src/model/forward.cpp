@@ -275,6 +275,8 @@ struct LayerKv {
   virtual void views(int32_t il, std::vector<AttnSeq>& seqs) = 0;
   // Called once attention has read layer il (KIVI moves its residual on).
   virtual void finish(int32_t il, const float* k, const float* v) = 0;
+  // The cache stores Hadamard-rotated rows (KvShape::rotate).
+  virtual bool rotated() const = 0;
 };
 
 // The layers of one forward pass over n_rows tokens of one or more sequences: token i is
@@ -329,11 +331,20 @@ void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, c
                       c.arch->rope_mode);
       }
     }
+    // Rotated cache: H k and H v are stored, attention scores H q . H k == q . k, and its output
+    // sum_j w_j H v_j = H o is rotated back (H H = I).
+    const bool rot = io.rotated();
+    if (rot) {
+      kernels::hadamard(q, n_tok * c.n_head, c.head_dim);
+      kernels::hadamard(k, n_tok * c.n_kv_head, c.head_dim);
+      kernels::hadamard(v, n_tok * c.n_kv_head, c.head_dim);
+    }
     // K is stored after RoPE (docs/KV.md): attention then needs no per-read rotation.
     io.write(il, k, v);
     io.views(il, seqs);
     attention(c, seqs, s, pool);
     io.finish(il, k, v);  // KIVI: the residual moves on once attention has read it
+    if (rot) kernels::hadamard(att, n_tok * c.n_head, c.head_dim);
     kernels::matmul(l.wo, att, h, n_tok, pool);
     add_bias(h, l.bo, n_tok, E);
     kernels::add(x, h, n_tok * E);
@@ -396,6 +407,7 @@ struct CacheKv final : LayerKv {
   void finish(int32_t il, const float* k, const float* v) override {
     kv.finish_write(il, pos0, n_tok, k, v);
   }
+  bool rotated() const override { return kv.shape().rotate; }
 };
 
 // Paged storage, one block table per sequence.
@@ -419,6 +431,7 @@ struct PagedKv final : LayerKv {
                               batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()));
   }
   void finish(int32_t, const float*, const float*) override {}
+  bool rotated() const override { return store.shape().rotate; }
 };
 
 }  // namespace

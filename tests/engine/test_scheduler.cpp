@@ -199,6 +199,38 @@ TEST(Scheduler, PrefixHitGivesSameTokens) {
   EXPECT_EQ(st.prompt_tokens_cached, 64 + 80);
 }
 
+// A burst of requests with a shared 100-token system prompt: the prompt is computed once. With a
+// 32-token step budget the first request needs four steps to prefill it; the others wait for its
+// blocks instead of computing the same prefix alongside it.
+TEST(Scheduler, BurstSharesAPrefixStillBeingComputed) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 4096;
+  cfg.n_parallel = 8;
+  cfg.n_batch = 32;
+  cfg.n_ctx = 512;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  const auto system = test::random_tokens(100, f.model->config().n_vocab, 77);
+  std::vector<std::unique_ptr<Collector>> cols;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 8; ++i) {
+    auto p = system;
+    const auto user = test::random_tokens(5 + i, f.model->config().n_vocab, 200 + i);
+    p.insert(p.end(), user.begin(), user.end());
+    prompts.push_back(p);
+    cols.push_back(std::make_unique<Collector>());
+    sch.submit(greedy_request(p, 6), cols.back()->fn());
+  }
+  sch.wait_idle();
+  int64_t hits = 0;
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(cols[i]->done);
+    hits += cols[i]->last.n_cached == 96;
+    EXPECT_EQ(cols[i]->tokens, alone(f, prompts[i], 6, DType::F16)) << i;
+  }
+  EXPECT_GE(hits, 7);  // all but the first (which may itself hit if it ran last)
+}
+
 TEST(Scheduler, CancelReleasesBlocks) {
   Fixture& f = tiny();
   SchedulerConfig cfg;

@@ -552,6 +552,34 @@ TEST(Rope, MatchesDoubleReference) {
   }
 }
 
+// hadamard == the Sylvester matrix H[i][j] = (-1)^popcount(i & j) / sqrt(n) applied in double,
+// and applying it twice gives the input back (H is orthogonal and symmetric).
+TEST(Hadamard, MatchesMatrixAndIsItsOwnInverse) {
+  std::mt19937 rng(21);
+  for (int64_t n : {1, 2, 8, 64, 128}) {
+    const int64_t n_head = 3;
+    const std::vector<float> x = random_floats(rng, n_head * n, 1.0f);
+    std::vector<float> y = x;
+    hadamard(y.data(), n_head, n);
+    for (int64_t h = 0; h < n_head; ++h)
+      for (int64_t i = 0; i < n; ++i) {
+        double want = 0, mag = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const double sign = (__builtin_popcountll(static_cast<uint64_t>(i & j)) & 1) ? -1.0 : 1.0;
+          want += sign * x[h * n + j];
+          mag += std::fabs(x[h * n + j]);
+        }
+        want /= std::sqrt(double(n));
+        // log2(n) f32 additions and one scaling, each within half an ulp of its magnitude.
+        ASSERT_NEAR(y[h * n + i], want, (std::log2(double(n)) + 2) * kEpsF32 * mag) << n << " " << i;
+      }
+    std::vector<float> z = y;
+    hadamard(z.data(), n_head, n);
+    for (size_t k = 0; k < x.size(); ++k)
+      ASSERT_NEAR(z[k], x[k], 4 * (std::log2(double(n)) + 2) * kEpsF32) << n << " " << k;
+  }
+}
+
 // Neox rotates (x[i], x[i + n/2]); Normal rotates (x[2i], x[2i+1]) with the same angles. So
 // interleaving the halves turns one into the other, bit for bit.
 TEST(Rope, NeoxIsNormalOnInterleavedDims) {

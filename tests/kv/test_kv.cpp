@@ -62,6 +62,14 @@ TEST(KvCache, RejectsBadShapes) {
   EXPECT_THROW(KvCache(shape(0, 1, 64, DType::F16, DType::F16), 16), Error);
   EXPECT_THROW(KvCache(shape(1, 1, 64, DType::F16, DType::F16), 0), Error);
   EXPECT_THROW(KvCache(shape(1, 1, 64, DType::Q6_K, DType::F16), 16), Error);
+  KvShape rot = shape(1, 1, 96, DType::F16, DType::F16);
+  rot.rotate = true;  // Hadamard rotation needs a power-of-two head_dim
+  EXPECT_THROW(KvCache(rot, 16), Error);
+  rot.head_dim = 64;
+  EXPECT_NO_THROW(KvCache(rot, 16));
+  rot.dtype_k = DType::Q4_0;
+  rot.kivi_residual = 32;  // not with KIVI
+  EXPECT_THROW(KvCache(rot, 16), Error);
 }
 
 // Reads row `pos` of a layer view back as f32.

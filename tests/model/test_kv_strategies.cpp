@@ -232,5 +232,69 @@ TEST(KvStrategies, KiviDecodeEqualsPrefill) {
   for (int32_t v = 0; v < V; ++v) ASSERT_EQ(l[v], batched[100 * V + v]);
 }
 
+// ---- Hadamard rotation (docs/KV.md "Hadamard rotation") -------------------------------------------
+
+// Rotation is exact up to rounding (f32 rotated ~ f32 plain) and makes the 4-bit block formats
+// much better at the same bytes; with a window (shift_out un-rotates, re-RoPEs, rotates) the
+// rotated cache follows the plain one.
+TEST(KvStrategies, HadamardRotationImprovesQ4) {
+  auto model = Model::load(test::model_path());
+  auto tok = Tokenizer::from_gguf(model->gguf());
+  const int32_t V = model->config().n_vocab;
+  const auto ids = tok->encode(kLongText, false, true);
+  Session ref(*model, DType::F32, DType::F32, 512, pool());
+  auto r = ref.feed_all_logits(ids);
+  const std::vector<float> ref_logits(r.begin(), r.end());
+  struct Case {
+    const char* name;
+    DType t;
+    bool rotate;
+  };
+  const Case cases[] = {{"f32 rotated", DType::F32, true},  {"q8_0", DType::Q8_0, false},
+                        {"q8_0 rotated", DType::Q8_0, true}, {"q4_0", DType::Q4_0, false},
+                        {"q4_0 rotated", DType::Q4_0, true}, {"q4_1", DType::Q4_1, false},
+                        {"q4_1 rotated", DType::Q4_1, true}};
+  std::vector<Metrics> m;
+  for (const Case& c : cases) {
+    KvOptions o;
+    o.dtype_k = o.dtype_v = c.t;
+    o.n_ctx = 512;
+    o.rotate = c.rotate;
+    Session s(*model, o, pool());
+    auto got = s.feed_all_logits(ids);
+    m.push_back(compare(ref_logits, got, V));
+    std::printf("  %-14s mean KL %.2e, max KL %.2e, top-1 %d/%d\n", c.name, m.back().mean_kl,
+                m.back().max_kl, m.back().top1_agree, m.back().positions);
+  }
+  EXPECT_LE(m[0].mean_kl, 0.015);             // rotation alone: rounding only
+  EXPECT_LT(m[4].mean_kl, 0.5 * m[3].mean_kl);  // q4_0: the claim
+  EXPECT_LT(m[6].mean_kl, 0.5 * m[5].mean_kl);  // q4_1
+  EXPECT_LE(m[2].mean_kl, 0.02);
+
+  // Window + sinks over a rotated cache: eviction re-rotates K through H. The rotated f32 cache
+  // must track the plain f32 one through the evictions.
+  KvOptions w;
+  w.dtype_k = w.dtype_v = DType::F32;
+  w.window = true;
+  w.n_sinks = 4;
+  w.n_ctx = 4 + 128;
+  w.window_chunk = 16;
+  Session plain(*model, w, pool());
+  w.rotate = true;
+  Session rot(*model, w, pool());
+  std::vector<float> a, b;
+  for (size_t i = 0; i < ids.size(); i += 50) {
+    const std::span<const int32_t> feed(ids.data() + i, std::min<size_t>(50, ids.size() - i));
+    auto x = plain.feed_all_logits(feed);
+    a.insert(a.end(), x.begin(), x.end());
+    auto y = rot.feed_all_logits(feed);
+    b.insert(b.end(), y.begin(), y.end());
+  }
+  EXPECT_GT(rot.kv().stats().n_evicted, 0);
+  const Metrics mw = compare(a, b, V);
+  std::printf("  window f32 rotated vs plain: mean KL %.2e\n", mw.mean_kl);
+  EXPECT_LE(mw.mean_kl, 0.015);
+}
+
 }  // namespace
 }  // namespace kvlm

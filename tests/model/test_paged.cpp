@@ -36,16 +36,18 @@ std::vector<BlockId> scrambled_blocks(int32_t n_blocks, uint32_t seed) {
 // Prefill of `prefill` tokens then single-token decode steps, contiguous and paged; every step's
 // last-token logits must be equal bit for bit.
 void expect_paged_equals_contiguous(const std::string& model_file, DType dk, DType dv, int32_t bs,
-                                    int n_prefill, int n_decode) {
+                                    int n_prefill, int n_decode, bool rotate = false) {
   auto m = Model::load(model_file);
   const ModelConfig& c = m->config();
   const int n_total = n_prefill + n_decode;
   const auto toks = test::random_tokens(n_total, c.n_vocab, 7);
 
-  KvCache kv(m->kv_shape(dk, dv), n_total);
+  KvShape shape = m->kv_shape(dk, dv);
+  shape.rotate = rotate;
+  KvCache kv(shape, n_total);
   Scratch s1, s2;
   const int32_t n_blocks = (n_total + bs - 1) / bs + 3;
-  PagedKvStore store(m->kv_shape(dk, dv), n_blocks, bs);
+  PagedKvStore store(shape, n_blocks, bs);
   const auto table = scrambled_blocks(n_blocks, 11);
 
   int pos = 0;
@@ -67,6 +69,7 @@ TEST(Paged, EqualsContiguousEveryType) {
   // The blockwise types need head_dim % 32 == 0: SmolLM2 (64); the tiny model (16) for f32/f16.
   for (DType t : {DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1})
     expect_paged_equals_contiguous(test::model_path(), t, t, 16, 40, 6);
+  expect_paged_equals_contiguous(test::model_path(), DType::Q4_0, DType::Q4_0, 16, 40, 6, true);
   expect_paged_equals_contiguous(test::data_path("tiny-llama.gguf"), DType::F32, DType::F16, 16,
                                  40, 12);
 }

@@ -589,4 +589,22 @@ void rope(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, int64_t po
   }
 }
 
+void hadamard(float* x, int64_t n_head, int64_t head_dim) {
+  assert(head_dim > 0 && (head_dim & (head_dim - 1)) == 0);
+  // Fast Walsh-Hadamard transform: log2(head_dim) butterfly stages, then the 1/sqrt(n) scale
+  // that makes H orthogonal and its own inverse (H H = I).
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  for (int64_t h = 0; h < n_head; ++h) {
+    float* xh = x + h * head_dim;  // [head_dim]
+    for (int64_t len = 1; len < head_dim; len <<= 1)
+      for (int64_t i = 0; i < head_dim; i += 2 * len)
+        for (int64_t j = i; j < i + len; ++j) {
+          const float a = xh[j], b = xh[j + len];
+          xh[j] = a + b;
+          xh[j + len] = a - b;
+        }
+    for (int64_t j = 0; j < head_dim; ++j) xh[j] *= scale;
+  }
+}
+
 }  // namespace kvlm::kernels

@@ -1,0 +1,227 @@
+// kvlm serve: an OpenAI-compatible HTTP server (src/server) over the continuous-batching
+// Scheduler (src/engine/scheduler.h). One line on stderr when listening; SIGINT/SIGTERM stop it
+// cleanly (exit 0), a second signal exits at once.
+#include <pthread.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <thread>
+
+#include "base/error.h"
+#include "base/thread_pool.h"
+#include "cli/common.h"
+#include "engine/scheduler.h"
+#include "kv/kv_plan.h"
+#include "kv/kv_shape.h"
+#include "model/model.h"
+#include "server/server.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvlm::cli {
+namespace {
+
+// The default pool when --kv-budget is not given: n_parallel x n_ctx tokens, at most this.
+constexpr uint64_t kDefaultBudgetCap = uint64_t{1} << 30;
+
+struct ServeArgs {
+  std::string model, host = "127.0.0.1", kv_budget, max_body = "1MiB", api_key;
+  int port = 8080;
+  SchedulerConfig sched;  // n_parallel, block_size, n_batch, max_queue from the flags
+  int threads = 0;
+  int http_threads = 0;  // 0: max(2 x n_parallel, 64) + 8
+  bool no_prefix_cache = false;
+  CacheFlags cache;
+  SamplingParams sampling;
+  // Cache flags the paged cache has no use for: (flag, its option).
+  std::vector<std::pair<std::string, const CLI::Option*>> no_serve_flags;
+};
+
+// "--kv-budget 512MiB" (parse_bytes' units) or "--kv-budget 32768tok" / "32768 tokens".
+void parse_budget(const std::string& text, SchedulerConfig* cfg) {
+  std::string s = text;
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  for (const char* unit : {"tokens", "tok"}) {
+    const std::string u = unit;
+    if (s.size() > u.size() && s.ends_with(u)) {
+      std::string num = s.substr(0, s.size() - u.size());
+      while (!num.empty() && num.back() == ' ') num.pop_back();
+      char* end = nullptr;
+      const long long n = std::strtoll(num.c_str(), &end, 10);
+      if (num.empty() || *end != '\0' || n <= 0)
+        fail("--kv-budget '{}': expected a positive whole number of tokens, e.g. 32768tok", text);
+      cfg->kv_budget_tokens = n;
+      return;
+    }
+  }
+  const uint64_t bytes = parse_bytes(text);
+  if (bytes == 0 || bytes > uint64_t{1} << 62)
+    fail("--kv-budget '{}': expected more than 0 bytes", text);
+  cfg->kv_budget_bytes = static_cast<int64_t>(bytes);
+}
+
+int64_t file_mtime(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_mtime) : 0;
+}
+
+int run_serve(ServeArgs& a) {
+  // Before any thread exists, so every thread inherits the mask and only the waiter below sees
+  // SIGINT/SIGTERM. SIGPIPE: a client that hung up must fail a write, not kill the server.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  for (const auto& [flag, o] : a.no_serve_flags)
+    if (o->count() > 0)
+      fail(
+          "{} does not apply to kvlm serve: the paged cache keeps whole sequences in plain "
+          "layouts (-ctk/-ctv f32, f16, q8_0, q4_0, q4_1, optionally --kv-rotate); drop it",
+          flag);
+  if (a.api_key.empty())
+    if (const char* k = std::getenv("KVLM_API_KEY"); k && *k) a.api_key = k;
+  const uint64_t max_body = parse_bytes(a.max_body);
+  if (max_body == 0) fail("--max-body '{}': expected more than 0 bytes", a.max_body);
+
+  const std::string path = resolve_model(a.model);
+  auto model = Model::load(path);
+  auto tok = Tokenizer::from_gguf(model->gguf());
+  const ModelConfig& c = model->config();
+  const KvOptions kvo = to_kv_options(a.cache, c);
+
+  SchedulerConfig cfg = a.sched;
+  cfg.dtype_k = kvo.dtype_k;
+  cfg.dtype_v = kvo.dtype_v;
+  cfg.rotate = kvo.rotate;
+  cfg.n_ctx = kvo.n_ctx;
+  cfg.prefix_cache = !a.no_prefix_cache;
+  const size_t bytes_per_token = kv_bytes_per_token(model->kv_shape(cfg.dtype_k, cfg.dtype_v));
+  if (!a.kv_budget.empty()) {
+    parse_budget(a.kv_budget, &cfg);
+  } else {
+    const uint64_t tokens = uint64_t(cfg.n_parallel) * uint64_t(cfg.n_ctx);
+    if (tokens * bytes_per_token <= kDefaultBudgetCap)
+      cfg.kv_budget_tokens = static_cast<int64_t>(tokens);
+    else
+      cfg.kv_budget_bytes = static_cast<int64_t>(kDefaultBudgetCap);
+  }
+  SamplingParams defaults = a.sampling;
+  validate(defaults);
+
+  ThreadPool pool(a.threads);
+  Scheduler sched(*model, *tok, cfg, pool);
+
+  server::ServedModel served;
+  served.id = std::filesystem::path(path).stem().string();
+  served.created = file_mtime(path);
+  served.n_ctx = cfg.n_ctx;
+  served.capacity_tokens = sched.capacity_tokens();
+  served.chat_template = server::served_chat_template(*tok);
+  served.defaults = defaults;
+  server::ServerOptions so;
+  so.host = a.host;
+  so.port = a.port;
+  so.api_key = a.api_key;
+  so.max_body = static_cast<size_t>(max_body);
+  so.n_http_threads = a.http_threads > 0 ? a.http_threads : std::max(2 * cfg.n_parallel, 64) + 8;
+  server::Server srv(sched, *tok, served, so);
+  const int port = srv.bind();
+
+  const int64_t n_blocks = sched.capacity_tokens() / cfg.block_size;
+  std::fprintf(
+      stderr,
+      "kvlm serve: listening on http://%s:%d (model %s, -np %d, ctx %lld per sequence, %s, "
+      "%lld blocks x %d tokens = %s, prefix cache %s, %d threads%s)\n",
+      a.host.c_str(), port, served.id.c_str(), cfg.n_parallel, static_cast<long long>(cfg.n_ctx),
+      describe_cache(kvo).c_str(), static_cast<long long>(n_blocks), cfg.block_size,
+      human_bytes(double(sched.capacity_tokens()) * double(bytes_per_token)).c_str(),
+      cfg.prefix_cache ? "on" : "off", pool.size(), a.api_key.empty() ? "" : ", API key required");
+  std::fflush(stderr);
+
+  std::atomic<bool> served_out{false};
+  std::thread waiter([&] {
+    bool stopping = false;
+    const timespec tick{0, 100'000'000};  // 100 ms: how soon the waiter notices run() returned
+    while (!served_out) {
+      if (sigtimedwait(&sigs, nullptr, &tick) < 0) continue;
+      if (stopping) std::_Exit(130);  // a second signal: the user does not want to wait
+      stopping = true;
+      srv.stop();
+    }
+  });
+  auto finish = [&] {
+    served_out = true;
+    waiter.join();
+  };
+  try {
+    srv.run();
+  } catch (...) {
+    finish();
+    throw;
+  }
+  finish();
+  return 0;
+}
+
+}  // namespace
+
+Command add_serve(CLI::App& app) {
+  auto a = std::make_shared<ServeArgs>();
+  auto* cmd = app.add_subcommand(
+      "serve",
+      "OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (streaming too), "
+      "/v1/models, /health, /metrics, /tokenize, /detokenize");
+  cmd->add_option("-m,--model", a->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
+  cmd->add_option("--host", a->host, "address to listen on (default 127.0.0.1: this machine only)");
+  cmd->add_option("--port", a->port, "port (default 8080; 0: any free port, printed)")
+      ->check(CLI::Range(0, 65535));
+  cmd->add_option("--parallel", a->sched.n_parallel,
+                  "sequences generated at once (alias -np; default 16); more requests queue")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--kv-budget", a->kv_budget,
+                  "KV pool size: bytes (512MiB, 2GiB, ...) or tokens (32768tok); default: "
+                  "-np x -c tokens, at most 1 GiB");
+  cmd->add_option("--block-size", a->sched.block_size, "tokens per KV block (default 16)")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("-b,--batch-size", a->sched.n_batch,
+                  "tokens per forward pass: decode tokens plus prefill chunks (default 512)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  cmd->add_option("-t,--threads", a->threads, "compute threads (default: all cores)")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_option("--threads-http", a->http_threads,
+                  "connections served at once (default max(2 x -np, 64) + 8); more wait")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--max-queue", a->sched.max_queue,
+                  "waiting requests beyond which new ones get 503 (default 256)")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--max-body", a->max_body, "largest request body (default 1MiB); larger get 413");
+  cmd->add_option("--api-key", a->api_key,
+                  "require 'Authorization: Bearer KEY' on every route but /health (default: "
+                  "$KVLM_API_KEY, else none)");
+  cmd->add_flag("--no-prefix-cache", a->no_prefix_cache,
+                "do not reuse the KV blocks of earlier prompts with the same prefix");
+  add_sampling_flags(cmd, a->sampling);
+  add_cache_flags(cmd, a->cache);
+  // Refused (and so hidden from --help): the paged cache has plain rows (rotated or not), no
+  // eviction, no KIVI, and its pool is allocated once.
+  for (const char* name : {"--kv-alloc", "--kv-window", "--kv-sinks", "--kv-evict-chunk", "--keep",
+                           "--kv-residual"})
+    if (CLI::Option* o = cmd->get_option_no_throw(name))
+      a->no_serve_flags.emplace_back(name, o->group(""));
+  cmd->footer(
+      "The sampling flags set the defaults of requests that do not name them (temperature, top_k, "
+      "top_p, min_p, repeat_penalty, repeat_last_n). README.md, \"kvlm serve\", lists the "
+      "endpoints.");
+  return {cmd, [a] { return run_serve(*a); }};
+}
+
+}  // namespace kvlm::cli

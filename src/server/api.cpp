@@ -1,0 +1,580 @@
+#include "server/api.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "base/error.h"
+
+namespace kvlm::server {
+namespace {
+
+constexpr size_t kMaxStops = 4;  // OpenAI's limit on "stop"
+// OpenAI's default max_tokens for /v1/completions (chat's default is the rest of the context).
+constexpr int64_t kCompletionDefaultMaxTokens = 16;
+
+[[noreturn]] void bad(const std::string& param, const std::string& message,
+                      const std::string& code = {}) {
+  throw HttpError(400, message, param, code);
+}
+
+// ---- typed fields: absent and null both mean "not given" ----------------------------------------
+
+const json* field(const json& o, const char* key) {
+  auto it = o.find(key);
+  return it == o.end() || it->is_null() ? nullptr : &*it;
+}
+
+std::optional<bool> get_bool(const json& o, const char* key) {
+  const json* v = field(o, key);
+  if (!v) return std::nullopt;
+  if (!v->is_boolean())
+    bad(key, fmt::format("'{}' must be a boolean, got {}", key, v->type_name()));
+  return v->get<bool>();
+}
+
+std::optional<double> get_number(const json& o, const char* key) {
+  const json* v = field(o, key);
+  if (!v) return std::nullopt;
+  if (!v->is_number()) bad(key, fmt::format("'{}' must be a number, got {}", key, v->type_name()));
+  return v->get<double>();
+}
+
+// JSON integers only (10.5 and "10" are errors); integers beyond int64 saturate, so a huge value
+// fails the range check that follows rather than wrapping.
+std::optional<int64_t> get_int(const json& o, const char* key) {
+  const json* v = field(o, key);
+  if (!v) return std::nullopt;
+  if (!v->is_number_integer())
+    bad(key, fmt::format("'{}' must be an integer, got {}", key,
+                         v->is_number() ? fmt::format("{}", v->get<double>()) : v->type_name()));
+  if (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    return std::numeric_limits<int64_t>::max();
+  return v->get<int64_t>();
+}
+
+std::optional<std::string> get_string(const json& o, const char* key) {
+  const json* v = field(o, key);
+  if (!v) return std::nullopt;
+  if (!v->is_string()) bad(key, fmt::format("'{}' must be a string, got {}", key, v->type_name()));
+  return v->get<std::string>();
+}
+
+double in_range(const json& o, const char* key, double lo, double hi, double dflt) {
+  const auto v = get_number(o, key);
+  if (!v) return dflt;
+  if (!(*v >= lo && *v <= hi))
+    bad(key, fmt::format("'{}' must be in [{}, {}], got {}", key, lo, hi, *v));
+  return *v;
+}
+
+// Features kvlm does not have are refused rather than silently ignored: a client asking for them
+// would otherwise get an answer it did not ask for.
+void refuse_if(bool given, const char* key, const char* why) {
+  if (given) bad(key, fmt::format("'{}' is not supported: {}", key, why), "unsupported_parameter");
+}
+
+// Structure only (lead and continuation bytes); the JSON writer replaces anything subtler.
+bool valid_utf8(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const size_t n = c < 0x80           ? 1
+                     : (c >> 5) == 0x6  ? 2
+                     : (c >> 4) == 0xE  ? 3
+                     : (c >> 3) == 0x1E ? 4
+                                        : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    i += n;
+  }
+  return true;
+}
+
+// ---- the parts chat and completions share -------------------------------------------------------
+
+void check_model(const json& body, const ServedModel& m) {
+  const auto model = get_string(body, "model");
+  if (model && *model != m.id)
+    throw HttpError(
+        404, fmt::format("The model '{}' does not exist; this server serves '{}'", *model, m.id),
+        "model", "model_not_found");
+}
+
+SamplingParams parse_sampling(const json& body, const ServedModel& m, uint64_t random_seed) {
+  SamplingParams p = m.defaults;
+  p.temperature = static_cast<float>(in_range(body, "temperature", 0.0, 2.0, p.temperature));
+  p.top_p = static_cast<float>(in_range(body, "top_p", 0.0, 1.0, p.top_p));
+  p.min_p = static_cast<float>(in_range(body, "min_p", 0.0, 1.0, p.min_p));
+  p.repeat_penalty =
+      static_cast<float>(in_range(body, "repeat_penalty", 0.01, 100.0, p.repeat_penalty));
+  if (auto k = get_int(body, "top_k")) {
+    if (*k < 0 || *k > (1 << 30))
+      bad("top_k", fmt::format("'top_k' must be in [0, 2^30], got {}", *k));
+    p.top_k = static_cast<int32_t>(*k);
+  }
+  if (auto n = get_int(body, "repeat_last_n")) {
+    if (*n < 0 || *n > (1 << 30))
+      bad("repeat_last_n", fmt::format("'repeat_last_n' must be in [0, 2^30], got {}", *n));
+    p.repeat_last_n = static_cast<int32_t>(*n);
+  }
+  // Any 64-bit integer; negative seeds are their two's complement.
+  const auto seed = get_int(body, "seed");
+  p.seed = seed ? static_cast<uint64_t>(*seed) : random_seed;
+  // OpenAI's additive penalties are not in kvlm's sampler; 0 (their default) is accepted.
+  for (const char* key : {"presence_penalty", "frequency_penalty"}) {
+    const double v = in_range(body, key, -2.0, 2.0, 0.0);
+    if (v != 0)
+      bad(key,
+          fmt::format("'{}' is not supported (only 0); use 'repeat_penalty' (llama.cpp's "
+                      "multiplicative penalty) instead",
+                      key),
+          "unsupported_parameter");
+  }
+  if (const json* lb = field(body, "logit_bias")) {
+    if (!lb->is_object())
+      bad("logit_bias", fmt::format("'logit_bias' must be an object, got {}", lb->type_name()));
+    refuse_if(!lb->empty(), "logit_bias", "kvlm's sampler has no per-token bias");
+  }
+  try {
+    validate(p);
+  } catch (const Error& e) {
+    bad("", e.what());
+  }
+  return p;
+}
+
+std::vector<std::string> parse_stop(const json& body) {
+  std::vector<std::string> out;
+  const json* v = field(body, "stop");
+  if (!v) return out;
+  if (v->is_string()) {
+    out.push_back(v->get<std::string>());
+  } else if (v->is_array()) {
+    if (v->size() > kMaxStops)
+      bad("stop",
+          fmt::format("'stop' has {} strings; at most {} are allowed", v->size(), kMaxStops));
+    for (const json& s : *v) {
+      if (!s.is_string())
+        bad("stop", fmt::format("'stop' must hold strings, got {}", s.type_name()));
+      out.push_back(s.get<std::string>());
+    }
+  } else {
+    bad("stop",
+        fmt::format("'stop' must be a string or an array of strings, got {}", v->type_name()));
+  }
+  // An empty stop string would match at once; it is read as "no stop string" (as clients that
+  // send "" mean it).
+  std::erase_if(out, [](const std::string& s) { return s.empty(); });
+  return out;
+}
+
+void check_n(const json& body) {
+  if (auto n = get_int(body, "n"); n && *n != 1)
+    bad("n", fmt::format("'n' must be 1 (one choice per request), got {}", *n),
+        "unsupported_parameter");
+}
+
+// max_tokens: given -> checked against the context and the pool; absent -> the rest of the
+// context, capped at default_cap (0: no cap). prompt_key names the prompt when it alone is too
+// long.
+int32_t resolve_max_tokens(std::optional<int64_t> given, const char* key, int64_t n_prompt,
+                           const char* prompt_key, const ServedModel& m, int64_t default_cap) {
+  const int64_t limit = std::min(m.n_ctx, m.capacity_tokens);
+  if (given) {
+    if (*given < 1) bad(key, fmt::format("'{}' must be at least 1, got {}", key, *given));
+    if (*given > m.n_ctx)
+      bad(key, fmt::format("'{}' is {}, more than the context of {} tokens per sequence (prompt + "
+                           "completion; kvlm serve -c)",
+                           key, *given, m.n_ctx));
+    if (*given > m.capacity_tokens)
+      bad(key,
+          fmt::format("'{}' is {}, more than the {} tokens the whole KV pool holds (kvlm serve "
+                      "--kv-budget)",
+                      key, *given, m.capacity_tokens));
+  }
+  if (n_prompt >= limit || (given && n_prompt + *given > limit))
+    bad(given ? key : prompt_key,
+        fmt::format("This model's maximum context length is {} tokens. However, you requested {} "
+                    "tokens ({} in the prompt, {} in the completion). Please reduce the length of "
+                    "the prompt or the completion.",
+                    limit, n_prompt + (given ? *given : 1), n_prompt, given ? *given : 1),
+        "context_length_exceeded");
+  int64_t n = given ? *given : limit - n_prompt;
+  if (!given && default_cap > 0) n = std::min(n, default_cap);
+  return static_cast<int32_t>(n);
+}
+
+void parse_stream(const json& body, GenerationRequest* g) {
+  g->stream = get_bool(body, "stream").value_or(false);
+  // Ignored when not streaming (OpenAI refuses it; harmless to accept).
+  if (const json* so = field(body, "stream_options")) {
+    if (!so->is_object())
+      bad("stream_options",
+          fmt::format("'stream_options' must be an object, got {}", so->type_name()));
+    g->include_usage = get_bool(*so, "include_usage").value_or(false);
+  }
+}
+
+void check_token_ids(const std::vector<int32_t>& ids, const Tokenizer& tok, const char* param) {
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] < 0 || ids[i] >= tok.n_vocab())
+      bad(param, fmt::format("{}[{}] = {} is not a token id (the vocabulary has ids 0..{})", param,
+                             i, ids[i], tok.n_vocab() - 1));
+}
+
+std::vector<int32_t> int_array(const json& a, const char* param) {
+  std::vector<int32_t> ids;
+  ids.reserve(a.size());
+  for (const json& t : a) {
+    if (!t.is_number_integer() || t.get<int64_t>() < std::numeric_limits<int32_t>::min() ||
+        t.get<int64_t>() > std::numeric_limits<int32_t>::max())
+      bad(param, fmt::format("'{}' must hold 32-bit integer token ids, got {}", param, t.dump()));
+    ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+  }
+  return ids;
+}
+
+std::string message_content(const json& msg, size_t i, const std::string& role) {
+  const std::string param = fmt::format("messages[{}].content", i);
+  auto it = msg.find("content");
+  if (it == msg.end() || it->is_null()) {
+    // An assistant turn that only called tools has no content.
+    if (role == "assistant") return {};
+    bad(param, fmt::format("'{}' is missing", param));
+  }
+  if (it->is_string()) return it->get<std::string>();
+  if (!it->is_array())
+    bad(param, fmt::format("'{}' must be a string or an array of text parts, got {}", param,
+                           it->type_name()));
+  // Parts joined by newlines, as llama-server renders them for text-only templates.
+  std::string text;
+  for (size_t k = 0; k < it->size(); ++k) {
+    const json& part = (*it)[k];
+    const std::string pp = fmt::format("{}[{}]", param, k);
+    if (!part.is_object())
+      bad(pp, fmt::format("'{}' must be an object, got {}", pp, part.type_name()));
+    const auto type = get_string(part, "type");
+    if (type != "text")
+      bad(pp,
+          fmt::format("'{}' has type '{}'; only text parts are supported", pp, type.value_or("")),
+          "unsupported_content_type");
+    const auto t = get_string(part, "text");
+    if (!t) bad(pp, fmt::format("'{}' is a text part without 'text'", pp));
+    if (k) text += '\n';
+    text += *t;
+  }
+  return text;
+}
+
+std::vector<ChatMessage> parse_messages(const json& body) {
+  const json* msgs = field(body, "messages");
+  if (!msgs) bad("messages", "'messages' is missing");
+  if (!msgs->is_array())
+    bad("messages", fmt::format("'messages' must be an array, got {}", msgs->type_name()));
+  if (msgs->empty()) bad("messages", "'messages' is empty: give at least one message");
+  std::vector<ChatMessage> out;
+  for (size_t i = 0; i < msgs->size(); ++i) {
+    const json& msg = (*msgs)[i];
+    const std::string param = fmt::format("messages[{}]", i);
+    if (!msg.is_object())
+      bad(param, fmt::format("'{}' must be an object, got {}", param, msg.type_name()));
+    auto it = msg.find("role");
+    if (it == msg.end() || !it->is_string())
+      bad(param + ".role", fmt::format("'{}.role' must be a string", param));
+    std::string role = it->get<std::string>();
+    if (role == "developer") role = "system";  // OpenAI's newer name for the system role
+    if (role != "system" && role != "user" && role != "assistant")
+      bad(param + ".role",
+          fmt::format("'{}.role' is '{}'; supported roles: system, user, assistant", param, role));
+    out.push_back({role, message_content(msg, i, role)});
+  }
+  return out;
+}
+
+json base_object(const ResponseMeta& m, bool chunk) {
+  const char* object = m.endpoint == Endpoint::Chat
+                           ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                           : "text_completion";
+  return {{"id", m.id}, {"object", object}, {"created", m.created}, {"model", m.model}};
+}
+
+json finish_json(const std::string& finish) {
+  return finish.empty() ? json(nullptr) : json(finish);
+}
+
+}  // namespace
+
+// ---- errors and models --------------------------------------------------------------------------
+
+json error_body(const HttpError& e) {
+  std::string type = e.type;
+  if (type.empty())
+    type = e.status == 401   ? "authentication_error"
+           : e.status >= 500 ? "server_error"
+                             : "invalid_request_error";
+  auto opt = [](const std::string& s) { return s.empty() ? json(nullptr) : json(s); };
+  return {
+      {"error",
+       {{"message", e.what()}, {"type", type}, {"param", opt(e.param)}, {"code", opt(e.code)}}}};
+}
+
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string served_chat_template(const Tokenizer& tok) {
+  if (!tok.chat_template().empty()) return tok.chat_template();
+  return "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+         "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+         "{{ '<|im_start|>assistant\\n' }}{% endif %}";
+}
+
+json model_object(const ServedModel& m) {
+  return {{"id", m.id}, {"object", "model"}, {"created", m.created}, {"owned_by", "kvlm"}};
+}
+
+json models_list(const ServedModel& m) {
+  return {{"object", "list"}, {"data", {model_object(m)}}};
+}
+
+// ---- requests -----------------------------------------------------------------------------------
+
+json parse_json_body(std::string_view body) {
+  json j;
+  try {
+    j = json::parse(body);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    // "[json.exception.parse_error.101] parse error at line 1, ..." -> "parse error at line 1, ..."
+    if (auto p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    throw HttpError(400, "invalid JSON in the request body: " + what, "", "invalid_json");
+  }
+  if (!j.is_object())
+    throw HttpError(400,
+                    fmt::format("the request body must be a JSON object, got {}", j.type_name()));
+  return j;
+}
+
+GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, const ServedModel& m,
+                                     uint64_t random_seed) {
+  GenerationRequest g;
+  g.endpoint = Endpoint::Chat;
+  check_model(body, m);
+  const std::vector<ChatMessage> messages = parse_messages(body);
+  check_n(body);
+  refuse_if(get_bool(body, "logprobs").value_or(false), "logprobs",
+            "kvlm returns no log-probabilities");
+  refuse_if(get_int(body, "top_logprobs").value_or(0) != 0, "top_logprobs",
+            "kvlm returns no log-probabilities");
+  for (const char* key : {"tools", "functions"}) {
+    const json* v = field(body, key);
+    refuse_if(v && !(v->is_array() && v->empty()), key, "kvlm has no tool calling");
+  }
+  if (const json* rf = field(body, "response_format")) {
+    if (!rf->is_object())
+      bad("response_format",
+          fmt::format("'response_format' must be an object, got {}", rf->type_name()));
+    const auto type = get_string(*rf, "type").value_or("text");
+    refuse_if(type != "text", "response_format", "kvlm generates free text only (type 'text')");
+  }
+  g.req.sampling = parse_sampling(body, m, random_seed);
+  g.stop = parse_stop(body);
+  parse_stream(body, &g);
+  g.req.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
+  // max_completion_tokens is OpenAI's newer name; it wins when both are given.
+  auto max_tokens = get_int(body, "max_tokens");
+  const char* max_key = "max_tokens";
+  if (auto mct = get_int(body, "max_completion_tokens")) {
+    max_tokens = mct;
+    max_key = "max_completion_tokens";
+  }
+
+  std::string text;
+  try {
+    text = apply_chat_template(m.chat_template, messages, /*add_generation_prompt=*/true);
+  } catch (const Error& e) {
+    // The template is the model's, not the client's: a server-side limitation.
+    throw HttpError(500, e.what(), "", "chat_template_unsupported");
+  }
+  g.req.prompt = tok.encode(text, tok.add_bos_default(), /*parse_special=*/true);
+  if (g.req.prompt.empty()) bad("messages", "the rendered conversation has no tokens");
+  g.req.max_tokens = resolve_max_tokens(
+      max_tokens, max_key, static_cast<int64_t>(g.req.prompt.size()), "messages", m, 0);
+  return g;
+}
+
+GenerationRequest parse_completion_request(const json& body, const Tokenizer& tok,
+                                           const ServedModel& m, uint64_t random_seed) {
+  GenerationRequest g;
+  g.endpoint = Endpoint::Completion;
+  check_model(body, m);
+  const json* prompt = field(body, "prompt");
+  if (!prompt) bad("prompt", "'prompt' is missing");
+  // One prompt: a string, token ids, or a batch of exactly one of either.
+  const json* p = prompt;
+  if (p->is_array() && p->size() == 1 && ((*p)[0].is_string() || (*p)[0].is_array())) p = &(*p)[0];
+  if (p->is_string()) {
+    // Special-token text in the prompt becomes those tokens, as llama-server tokenizes prompts.
+    g.req.prompt = tok.encode(p->get<std::string>(), tok.add_bos_default(), /*parse_special=*/true);
+  } else if (p->is_array() && (p->empty() || (*p)[0].is_number())) {
+    g.req.prompt = int_array(*p, "prompt");
+    check_token_ids(g.req.prompt, tok, "prompt");
+  } else if (p->is_array()) {
+    bad("prompt", fmt::format("'prompt' holds {} prompts; kvlm takes one per request", p->size()),
+        "unsupported_parameter");
+  } else {
+    bad("prompt",
+        fmt::format("'prompt' must be a string or an array of token ids, got {}", p->type_name()));
+  }
+  if (g.req.prompt.empty()) bad("prompt", "'prompt' is empty: nothing to complete");
+  check_n(body);
+  refuse_if(get_bool(body, "echo").value_or(false), "echo", "the prompt is not echoed");
+  refuse_if(field(body, "suffix") != nullptr, "suffix", "kvlm does not fill in the middle");
+  refuse_if(get_int(body, "best_of").value_or(1) != 1, "best_of", "one candidate per request");
+  if (const json* lp = field(body, "logprobs"))
+    refuse_if(
+        !(lp->is_boolean() ? !lp->get<bool>() : lp->is_number_integer() && lp->get<int64_t>() == 0),
+        "logprobs", "kvlm returns no log-probabilities");
+  g.req.sampling = parse_sampling(body, m, random_seed);
+  g.stop = parse_stop(body);
+  parse_stream(body, &g);
+  g.req.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
+  g.req.max_tokens = resolve_max_tokens(get_int(body, "max_tokens"), "max_tokens",
+                                        static_cast<int64_t>(g.req.prompt.size()), "prompt", m,
+                                        kCompletionDefaultMaxTokens);
+  return g;
+}
+
+json tokenize_response(const json& body, const Tokenizer& tok) {
+  const auto content = get_string(body, "content");
+  if (!content) bad("content", "'content' is missing");
+  const bool add_special = get_bool(body, "add_special").value_or(false);
+  const bool parse_special = get_bool(body, "parse_special").value_or(true);
+  const bool with_pieces = get_bool(body, "with_pieces").value_or(false);
+  const std::vector<int32_t> ids = tok.encode(*content, add_special, parse_special);
+  json tokens = json::array();
+  for (int32_t id : ids) {
+    if (!with_pieces) {
+      tokens.push_back(id);
+      continue;
+    }
+    const std::string piece = tok.token_bytes(id, /*render_special=*/true);
+    json pj;
+    if (valid_utf8(piece)) {
+      pj = piece;
+    } else {
+      pj = json::array();
+      for (char c : piece) pj.push_back(static_cast<unsigned char>(c));
+    }
+    tokens.push_back({{"id", id}, {"piece", pj}});
+  }
+  return {{"tokens", tokens}};
+}
+
+json detokenize_response(const json& body, const Tokenizer& tok) {
+  const json* t = field(body, "tokens");
+  if (!t) bad("tokens", "'tokens' is missing");
+  if (!t->is_array())
+    bad("tokens", fmt::format("'tokens' must be an array, got {}", t->type_name()));
+  const std::vector<int32_t> ids = int_array(*t, "tokens");
+  check_token_ids(ids, tok, "tokens");
+  return {{"content", tok.decode(ids, /*render_special=*/true)}};
+}
+
+// ---- generated text -----------------------------------------------------------------------------
+
+std::string StopMatcher::push(std::string_view text) {
+  if (stopped_) return {};
+  held_ += text;
+  size_t first = std::string::npos;
+  for (const std::string& s : stops_) first = std::min(first, held_.find(s));
+  if (first != std::string::npos) {
+    stopped_ = true;
+    std::string out = held_.substr(0, first);
+    held_.clear();
+    return out;
+  }
+  // Hold the longest tail that is a proper prefix of some stop string.
+  size_t keep = 0;
+  for (const std::string& s : stops_)
+    for (size_t n = std::min(s.size() - 1, held_.size()); n > keep; --n)
+      if (held_.compare(held_.size() - n, n, s, 0, n) == 0) {
+        keep = n;
+        break;
+      }
+  std::string out = held_.substr(0, held_.size() - keep);
+  held_.erase(0, held_.size() - keep);
+  return out;
+}
+
+std::string StopMatcher::flush() {
+  if (stopped_) return {};
+  std::string out;
+  out.swap(held_);
+  return out;
+}
+
+std::string TextStream::push(int32_t id) {
+  if (!ignore_eos_ && tok_.is_eog(id)) return {};
+  return stop_.push(dec_.push(id));
+}
+
+std::string TextStream::finish() {
+  std::string out = stop_.push(dec_.flush());
+  return out + stop_.flush();
+}
+
+// ---- responses ----------------------------------------------------------------------------------
+
+json usage_json(const Usage& u) {
+  return {{"prompt_tokens", u.prompt_tokens},
+          {"completion_tokens", u.completion_tokens},
+          {"total_tokens", u.prompt_tokens + u.completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens}}}};
+}
+
+json render_response(const ResponseMeta& m, const std::string& text, const std::string& finish,
+                     const Usage& u) {
+  json j = base_object(m, false);
+  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_json(finish)}};
+  if (m.endpoint == Endpoint::Chat)
+    choice["message"] = {{"role", "assistant"}, {"content", text}};
+  else
+    choice["text"] = text;
+  j["choices"] = json::array({choice});
+  j["usage"] = usage_json(u);
+  return j;
+}
+
+json render_chunk(const ResponseMeta& m, const std::string& text, const std::string& finish,
+                  bool role_delta, bool usage_null) {
+  json j = base_object(m, true);
+  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_json(finish)}};
+  if (m.endpoint == Endpoint::Chat) {
+    json delta = json::object();
+    if (role_delta) delta["role"] = "assistant";
+    if (role_delta || !text.empty()) delta["content"] = text;
+    choice["delta"] = delta;
+  } else {
+    choice["text"] = text;
+  }
+  j["choices"] = json::array({choice});
+  if (usage_null) j["usage"] = nullptr;
+  return j;
+}
+
+json render_usage_chunk(const ResponseMeta& m, const Usage& u) {
+  json j = base_object(m, true);
+  j["choices"] = json::array();
+  j["usage"] = usage_json(u);
+  return j;
+}
+
+std::string sse_event(const json& j) {
+  return "data: " + dump(j) + "\n\n";
+}
+
+}  // namespace kvlm::server

@@ -1,0 +1,161 @@
+// The OpenAI-compatible API without HTTP: JSON request bodies -> validated kvlm::Requests, and
+// generated tokens -> the JSON objects and stream chunks a client reads. server.cpp only moves
+// bytes; every decision about what a request means or what a response says is made here, so it
+// is tested without sockets (tests/server/test_api.cpp).
+//
+// Errors are thrown as HttpError (status + OpenAI's error fields); error_body() renders them as
+// {"error": {"message", "type", "param", "code"}}.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/scheduler.h"
+#include "sampling/sampler.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvlm::server {
+
+using json = nlohmann::json;
+
+// A request the server refuses: the HTTP status and OpenAI's error fields (empty param/code are
+// rendered as null; an empty type is derived from the status).
+class HttpError : public std::runtime_error {
+ public:
+  HttpError(int status, const std::string& message, std::string param = {}, std::string code = {},
+            std::string type = {})
+      : std::runtime_error(message),
+        status(status),
+        param(std::move(param)),
+        code(std::move(code)),
+        type(std::move(type)) {}
+  int status;
+  std::string param, code, type;
+};
+
+// {"error": {"message", "type", "param", "code"}}; type "invalid_request_error" for 4xx,
+// "authentication_error" for 401, "server_error" for 5xx unless the error names one.
+json error_body(const HttpError& e);
+// Serialises compactly; invalid UTF-8 (a detokenized partial character) becomes U+FFFD instead of
+// throwing.
+std::string dump(const json& j);
+
+// What this server serves, as the API describes it.
+struct ServedModel {
+  std::string id;               // the model file's stem: "SmolLM2-135M-Instruct.Q4_1"
+  int64_t created = 0;          // unix seconds (the file's modification time)
+  int64_t n_ctx = 0;            // per-sequence context (prompt + generated), tokens
+  int64_t capacity_tokens = 0;  // tokens the whole KV pool holds (blocks x block size)
+  std::string chat_template;    // the model's, or plain ChatML when it has none
+  SamplingParams defaults;      // the server's --temp/--top-k/... (seed unused)
+};
+
+// The template chat requests are rendered with: the model's tokenizer.chat_template, or plain
+// ChatML when the model has none (llama-server's fallback; tiny test models have none).
+std::string served_chat_template(const Tokenizer& tok);
+
+json model_object(const ServedModel& m);  // {"id", "object": "model", "created", "owned_by"}
+json models_list(const ServedModel& m);   // {"object": "list", "data": [model_object]}
+
+enum class Endpoint { Chat, Completion };
+
+// A validated /v1/chat/completions or /v1/completions request.
+struct GenerationRequest {
+  Endpoint endpoint = Endpoint::Chat;
+  Request req;                    // prompt token ids, max_tokens, sampling, ignore_eos
+  std::vector<std::string> stop;  // at most 4, none empty
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+};
+
+// The body as a JSON object; 400 for invalid JSON or another JSON type.
+json parse_json_body(std::string_view body);
+// random_seed: the seed when the request gives none (the server draws one per request).
+// HttpError 400 for wrong types, out-of-range values, unsupported features, prompts that do not
+// fit the context; 404 (model_not_found) when "model" names another model; 500 when the chat
+// template cannot be rendered.
+GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, const ServedModel& m,
+                                     uint64_t random_seed);
+GenerationRequest parse_completion_request(const json& body, const Tokenizer& tok,
+                                           const ServedModel& m, uint64_t random_seed);
+
+// POST /tokenize {"content", "add_special"?: false, "parse_special"?: true, "with_pieces"?:
+// false} -> {"tokens": [id, ...]} or, with pieces, {"tokens": [{"id", "piece"}, ...]} (piece: a
+// string when the token's bytes are valid UTF-8, else the byte values), as llama-server.
+json tokenize_response(const json& body, const Tokenizer& tok);
+// POST /detokenize {"tokens": [id, ...]} -> {"content"}; 400 for ids outside the vocabulary.
+json detokenize_response(const json& body, const Tokenizer& tok);
+
+// ---- generated text ----------------------------------------------------------------------------
+
+// Cuts text at the first stop string. Text that could be the start of a stop string is held back
+// until the next piece shows whether it is one, so a stop string split across tokens is never
+// shown. Held text always starts at a character boundary (a stop string's prefix does).
+class StopMatcher {
+ public:
+  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
+  // Returns the text now safe to show; once a stop string is found, the text before it, and
+  // stopped() turns true (later calls return nothing).
+  std::string push(std::string_view text);
+  std::string flush();  // the held text, at the end of generation (nothing once stopped)
+  bool stopped() const { return stopped_; }
+
+ private:
+  std::vector<std::string> stops_;
+  std::string held_;
+  bool stopped_ = false;
+};
+
+// Generated token ids -> the text a client sees: end-of-generation tokens are dropped (unless
+// ignore_eos), characters split across tokens are completed (StreamDecoder), stop strings cut.
+class TextStream {
+ public:
+  TextStream(const Tokenizer& tok, std::vector<std::string> stop, bool ignore_eos)
+      : tok_(tok), dec_(tok), stop_(std::move(stop)), ignore_eos_(ignore_eos) {}
+  std::string push(int32_t id);                     // new visible text, possibly empty
+  std::string finish();                             // what is still held when generation ends
+  bool stopped() const { return stop_.stopped(); }  // a stop string ended the text
+
+ private:
+  const Tokenizer& tok_;
+  StreamDecoder dec_;
+  StopMatcher stop_;
+  bool ignore_eos_;
+};
+
+// ---- responses ---------------------------------------------------------------------------------
+
+struct Usage {
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  int64_t cached_tokens = 0;  // prompt tokens served by the prefix cache
+};
+json usage_json(const Usage& u);
+
+// The fields every response object and chunk of one request shares.
+struct ResponseMeta {
+  Endpoint endpoint = Endpoint::Chat;
+  std::string id;  // "chatcmpl-..." / "cmpl-..."
+  int64_t created = 0;
+  std::string model;
+};
+
+// chat.completion / text_completion with one choice.
+json render_response(const ResponseMeta& m, const std::string& text, const std::string& finish,
+                     const Usage& u);
+// chat.completion.chunk / text_completion chunk with one choice. Chat: role_delta puts the
+// assistant role in the delta (the first chunk); finish empty: "finish_reason": null.
+// usage_null adds "usage": null (OpenAI does so on every chunk when include_usage is on).
+json render_chunk(const ResponseMeta& m, const std::string& text, const std::string& finish,
+                  bool role_delta, bool usage_null);
+// The last chunk with include_usage: "choices": [] and the usage.
+json render_usage_chunk(const ResponseMeta& m, const Usage& u);
+// "data: {json}\n\n"
+std::string sse_event(const json& j);
+
+}  // namespace kvlm::server

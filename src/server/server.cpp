@@ -1,0 +1,478 @@
+#include "server/server.h"
+
+#include <fmt/format.h>
+#include <httplib.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <ctime>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <unordered_set>
+
+#include "base/error.h"
+#include "server/metrics.h"
+
+namespace kvlm::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using HandlerResponse = httplib::Server::HandlerResponse;
+
+double seconds(Clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+uint64_t random_u64() {
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  return rng();
+}
+
+// "chatcmpl-" + 24 hex digits, as OpenAI's ids look.
+std::string new_id(const char* prefix) {
+  return fmt::format("{}{:016x}{:08x}", prefix, random_u64(), static_cast<uint32_t>(random_u64()));
+}
+
+struct TimedEvent {
+  RequestEvent ev;
+  Clock::time_point at;  // when the scheduler delivered it (TTFT and inter-token latency)
+};
+
+// One request's events, from the scheduler thread to the request's HTTP thread.
+class Channel {
+ public:
+  // Scheduler thread: a short critical section, never a wait.
+  void push(const RequestEvent& e) {
+    TimedEvent te{e, Clock::now()};
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      q_.push_back(std::move(te));
+    }
+    cv_.notify_one();
+  }
+  // HTTP thread: waits for at least one event and takes all there are.
+  std::deque<TimedEvent> take() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return !q_.empty(); });
+    std::deque<TimedEvent> out;
+    out.swap(q_);
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<TimedEvent> q_;
+};
+
+// One generation request being served. Touched only by its HTTP thread (the channel aside).
+struct Job {
+  Job(const Tokenizer& tok, const GenerationRequest& g, ResponseMeta meta)
+      : meta(std::move(meta)),
+        stream(g.stream),
+        include_usage(g.include_usage),
+        text(tok, g.stop, g.req.ignore_eos) {
+    usage.prompt_tokens = static_cast<int64_t>(g.req.prompt.size());
+  }
+  ResponseMeta meta;
+  bool stream, include_usage;
+  std::shared_ptr<Channel> ch = std::make_shared<Channel>();
+  TextStream text;
+  RequestId id = 0;
+  Clock::time_point t_submit, t_last_token;
+  Usage usage;             // completion_tokens: token events taken so far
+  bool done = false;       // no more text: final event, stop string or client gone
+  std::string finish;      // when done: "stop", "length", "cancelled", "error"
+  std::string error;       // when finish == "error"
+  bool role_sent = false;  // chat streams: the first chunk carries the assistant role
+  bool ended = false;      // end() ran
+};
+
+}  // namespace
+
+struct Server::Impl {
+  Impl(Scheduler& s, const Tokenizer& t, ServedModel m, ServerOptions o)
+      : sched(s), tok(t), model(std::move(m)), opts(std::move(o)) {}
+
+  Scheduler& sched;
+  const Tokenizer& tok;
+  const ServedModel model;
+  const ServerOptions opts;
+  httplib::Server http;
+  Metrics metrics;
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> in_run{false};
+  std::mutex active_mu;                  // guards active
+  std::unordered_set<RequestId> active;  // submitted, not yet ended (cancelled on stop())
+
+  void routes();
+  void reply_error(httplib::Response& res, const HttpError& e, bool generation);
+  // Wraps a handler: auth, shutdown, and every exception turned into a JSON error.
+  httplib::Server::Handler guarded(
+      std::function<void(const httplib::Request&, httplib::Response&)> f, bool generation,
+      bool open = false);
+  void check_auth(const httplib::Request& req) const;
+
+  void generate(const httplib::Request& req, httplib::Response& res, Endpoint ep);
+  std::string consume(Job& job, const TimedEvent& te);
+  bool stream_step(Job& job, httplib::DataSink& sink);
+  void end(Job& job);
+};
+
+void Server::Impl::reply_error(httplib::Response& res, const HttpError& e, bool generation) {
+  res.status = e.status;
+  if (e.status == 503) res.set_header("Retry-After", "1");
+  res.set_content(dump(error_body(e)), "application/json");
+  if (generation) metrics.count_rejected();
+}
+
+void Server::Impl::check_auth(const httplib::Request& req) const {
+  if (opts.api_key.empty()) return;
+  if (!req.has_header("Authorization"))
+    throw HttpError(
+        401,
+        "missing API key: send the header 'Authorization: Bearer <key>' (kvlm serve --api-key)", "",
+        "invalid_api_key");
+  const std::string auth = req.get_header_value("Authorization");
+  // Compared in full, whatever the first difference, so the time taken says nothing of the key.
+  const std::string want = "Bearer " + opts.api_key;
+  unsigned diff = auth.size() != want.size();
+  for (size_t i = 0; i < auth.size(); ++i)
+    diff |= static_cast<unsigned char>(auth[i] ^ want[i % want.size()]);
+  if (diff) throw HttpError(401, "incorrect API key", "", "invalid_api_key");
+}
+
+httplib::Server::Handler Server::Impl::guarded(
+    std::function<void(const httplib::Request&, httplib::Response&)> f, bool generation,
+    bool open) {
+  return [this, f = std::move(f), generation, open](const httplib::Request& req,
+                                                    httplib::Response& res) {
+    try {
+      if (stopping) throw HttpError(503, "the server is shutting down", "", "shutting_down");
+      if (!open) check_auth(req);
+      f(req, res);
+    } catch (const HttpError& e) {
+      reply_error(res, e, generation);
+    } catch (const Error& e) {
+      reply_error(res, HttpError(400, e.what()), generation);
+    } catch (const std::bad_alloc&) {
+      reply_error(res, HttpError(500, "out of memory"), generation);
+    } catch (const std::exception& e) {
+      reply_error(res, HttpError(500, std::string("internal error: ") + e.what()), generation);
+    }
+  };
+}
+
+// ---- generation
+// ----------------------------------------------------------------------------------
+
+void Server::Impl::generate(const httplib::Request& req, httplib::Response& res, Endpoint ep) {
+  const json body = parse_json_body(req.body);
+  GenerationRequest g = ep == Endpoint::Chat
+                            ? parse_chat_request(body, tok, model, random_u64())
+                            : parse_completion_request(body, tok, model, random_u64());
+  ResponseMeta meta{ep, new_id(ep == Endpoint::Chat ? "chatcmpl-" : "cmpl-"),
+                    static_cast<int64_t>(std::time(nullptr)), model.id};
+  auto job = std::make_shared<Job>(tok, g, std::move(meta));
+  job->t_submit = Clock::now();
+  try {
+    job->id =
+        sched.submit(std::move(g.req), [ch = job->ch](const RequestEvent& e) { ch->push(e); });
+  } catch (const Error& e) {
+    if (std::string_view(e.what()).starts_with("queue full"))
+      throw HttpError(503, e.what(), "", "queue_full");
+    throw HttpError(400, e.what());
+  }
+  {
+    std::lock_guard<std::mutex> l(active_mu);
+    active.insert(job->id);
+    if (stopping) sched.cancel(job->id);  // stop() may have swept `active` before the insert
+  }
+
+  if (!job->stream) {
+    std::string text;
+    while (!job->done)
+      for (const TimedEvent& te : job->ch->take()) text += consume(*job, te);
+    end(*job);
+    if (job->finish == "cancelled")
+      throw HttpError(503, "the server is shutting down", "", "shutting_down");
+    if (job->finish == "error") throw HttpError(500, job->error);
+    res.set_content(dump(render_response(job->meta, text, job->finish, job->usage)),
+                    "application/json");
+    return;
+  }
+  res.set_header("Cache-Control", "no-cache");
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [this, job](size_t, httplib::DataSink& sink) { return stream_step(*job, sink); },
+      [this, job](bool) {
+        // Runs once the response is over, written or not: a stream cut short (client gone,
+        // write failed) is cancelled here, so its blocks are freed now rather than at max_tokens.
+        if (!job->done) {
+          sched.cancel(job->id);
+          job->done = true;
+          job->finish = "cancelled";
+        }
+        end(*job);
+      });
+}
+
+std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
+  if (job.done) return {};
+  const RequestEvent& e = te.ev;
+  job.usage.prompt_tokens = e.n_prompt > 0 ? e.n_prompt : job.usage.prompt_tokens;
+  job.usage.cached_tokens = e.n_cached;
+  std::string out;
+  if (e.token >= 0) {
+    if (job.usage.completion_tokens == 0)
+      metrics.observe_ttft(seconds(te.at - job.t_submit));
+    else
+      metrics.observe_itl(seconds(te.at - job.t_last_token));
+    job.t_last_token = te.at;
+    ++job.usage.completion_tokens;
+    out = job.text.push(e.token);
+    if (job.text.stopped()) {
+      job.done = true;
+      job.finish = "stop";
+      sched.cancel(job.id);  // tokens already in flight are ignored (job.done)
+    }
+  }
+  if (e.done && !job.done) {
+    job.done = true;
+    job.finish = finish_reason_name(e.finish);
+    job.error = e.error.empty() ? "generation failed" : e.error;
+    out += job.text.finish();
+  }
+  if (job.done) metrics.observe_e2e(seconds(te.at - job.t_submit));
+  return out;
+}
+
+bool Server::Impl::stream_step(Job& job, httplib::DataSink& sink) {
+  try {
+    std::string out;
+    if (job.meta.endpoint == Endpoint::Chat && !job.role_sent) {
+      // Sent before any token so the client sees the response begin while the prompt is queued
+      // or prefilled.
+      job.role_sent = true;
+      out = sse_event(render_chunk(job.meta, "", "", true, job.include_usage));
+    } else {
+      for (const TimedEvent& te : job.ch->take()) {
+        const std::string piece = consume(job, te);
+        if (!piece.empty())
+          out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage));
+        if (job.done) break;
+      }
+      if (job.done) {
+        if (job.finish == "cancelled" || job.finish == "error") {
+          out += sse_event(
+              error_body(job.finish == "error"
+                             ? HttpError(500, job.error)
+                             : HttpError(503, "the server is shutting down", "", "shutting_down")));
+        } else {
+          out += sse_event(render_chunk(job.meta, "", job.finish, false, job.include_usage));
+          if (job.include_usage) out += sse_event(render_usage_chunk(job.meta, job.usage));
+        }
+        out += "data: [DONE]\n\n";
+      }
+    }
+    if (!out.empty() && !sink.write(out.data(), out.size())) return false;
+    if (job.done) sink.done();
+    return true;
+  } catch (...) {
+    return false;  // an exception must not leave httplib's worker thread
+  }
+}
+
+void Server::Impl::end(Job& job) {
+  if (job.ended) return;
+  job.ended = true;
+  metrics.count_finish(job.finish);
+  std::lock_guard<std::mutex> l(active_mu);
+  active.erase(job.id);
+}
+
+// ---- routes
+// --------------------------------------------------------------------------------------
+
+void Server::Impl::routes() {
+  using Req = httplib::Request;
+  using Res = httplib::Response;
+  auto json_reply = [](Res& res, const json& j) { res.set_content(dump(j), "application/json"); };
+
+  // method -> path -> handler; every other method on a known path answers 405.
+  struct Route {
+    const char* method;
+    const char* path;  // a regex, matched in full
+    httplib::Server::Handler handler;
+  };
+  std::vector<Route> table = {
+      {"POST", "/v1/chat/completions",
+       guarded([this](const Req& q, Res& r) { generate(q, r, Endpoint::Chat); }, true)},
+      {"POST", "/v1/completions",
+       guarded([this](const Req& q, Res& r) { generate(q, r, Endpoint::Completion); }, true)},
+      {"GET", "/v1/models",
+       guarded([this, json_reply](const Req&, Res& r) { json_reply(r, models_list(model)); },
+               false)},
+      {"GET", "/v1/models/(.+)",
+       guarded(
+           [this, json_reply](const Req& q, Res& r) {
+             if (q.matches[1] != model.id)
+               throw HttpError(404,
+                               fmt::format("The model '{}' does not exist; this server serves '{}'",
+                                           q.matches[1].str(), model.id),
+                               "model", "model_not_found");
+             json_reply(r, model_object(model));
+           },
+           false)},
+      {"GET", "/health",
+       guarded(
+           [json_reply](const Req&, Res& r) {
+             json_reply(r, {{"status", "ok"}});
+           },
+           false, true)},
+      {"GET", "/metrics",
+       guarded(
+           [this](const Req&, Res& r) {
+             r.set_content(metrics.render(sched.stats()),
+                           "text/plain; version=0.0.4; charset=utf-8");
+           },
+           false)},
+      {"POST", "/tokenize",
+       guarded(
+           [this, json_reply](const Req& q, Res& r) {
+             json_reply(r, tokenize_response(parse_json_body(q.body), tok));
+           },
+           false)},
+      {"POST", "/detokenize",
+       guarded(
+           [this, json_reply](const Req& q, Res& r) {
+             json_reply(r, detokenize_response(parse_json_body(q.body), tok));
+           },
+           false)},
+  };
+  for (const Route& rt : table) {
+    const std::string allow = rt.method;
+    auto not_allowed = [this, allow](const Req& q, Res& r) {
+      r.set_header("Allow", allow);
+      reply_error(
+          r,
+          HttpError(405, fmt::format("{} {}: method not allowed (use {})", q.method, q.path, allow),
+                    "", "method_not_allowed"),
+          false);
+    };
+    const bool post = std::string_view(rt.method) == "POST";
+    if (post) {
+      http.Post(rt.path, rt.handler);
+      http.Get(rt.path, not_allowed);
+    } else {
+      http.Get(rt.path, rt.handler);
+      http.Post(rt.path, not_allowed);
+    }
+    http.Put(rt.path, not_allowed);
+    http.Patch(rt.path, not_allowed);
+    http.Delete(rt.path, not_allowed);
+  }
+
+  // Errors httplib answers itself (unknown route, body too large, malformed request) get the
+  // same JSON shape; responses our handlers already filled are left alone.
+  http.set_error_handler(httplib::Server::HandlerWithResponse([this](const Req& q, Res& r) {
+    if (!r.body.empty()) return HandlerResponse::Unhandled;
+    const HttpError e =
+        r.status == 404
+            ? HttpError(404, fmt::format("unknown route: {} {}", q.method, q.path), "", "not_found")
+        : r.status == 413
+            ? HttpError(413,
+                        fmt::format("the request body is larger than the limit of {} bytes (kvlm "
+                                    "serve --max-body)",
+                                    opts.max_body),
+                        "", "payload_too_large")
+            : HttpError(r.status, fmt::format("HTTP {}: malformed request", r.status));
+    r.set_content(dump(error_body(e)), "application/json");
+    return HandlerResponse::Handled;
+  }));
+  http.set_exception_handler([this](const Req&, Res& r, std::exception_ptr) {
+    reply_error(r, HttpError(500, "internal error"), false);
+  });
+  // httplib enforces --max-body only on bodies with a Content-Length; a chunked upload would grow
+  // without bound, so it is refused before it is read.
+  http.set_pre_routing_handler([this](const Req& q, Res& r) {
+    if (q.get_header_value("Transfer-Encoding").find("chunked") == std::string::npos)
+      return HandlerResponse::Unhandled;
+    r.set_header("Connection", "close");  // the unread body must not be parsed as a request
+    reply_error(r,
+                HttpError(411, "chunked request bodies are not accepted: send a Content-Length", "",
+                          "length_required"),
+                false);
+    return HandlerResponse::Handled;
+  });
+}
+
+// ---- Server
+// --------------------------------------------------------------------------------------
+
+Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, ServerOptions opts)
+    : impl_(std::make_unique<Impl>(scheduler, tok, std::move(model), std::move(opts))) {
+  Impl& s = *impl_;
+  const size_t n_threads = static_cast<size_t>(std::max(1, s.opts.n_http_threads));
+  s.http.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
+  s.http.set_payload_max_length(s.opts.max_body);
+  // httplib's default also sets SO_REUSEPORT, which would let a second server bind the same port
+  // and silently take half its connections; SO_REUSEADDR alone still allows a quick restart.
+  s.http.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
+  s.routes();
+}
+
+Server::~Server() = default;
+
+int Server::bind() {
+  Impl& s = *impl_;
+  errno = 0;
+  int port = s.opts.port;
+  if (port == 0)
+    port = s.http.bind_to_any_port(s.opts.host);
+  else if (!s.http.bind_to_port(s.opts.host, port))
+    port = -1;
+  if (port <= 0)
+    fail("cannot listen on {}:{}{}; choose another --host/--port", s.opts.host, s.opts.port,
+         errno ? fmt::format(" ({})", std::strerror(errno)) : std::string());
+  return port;
+}
+
+void Server::run() {
+  Impl& s = *impl_;
+  s.in_run = true;
+  const bool ok = s.stopping || s.http.listen_after_bind();
+  s.in_run = false;
+  if (!ok && !s.stopping)
+    fail("serving on {}:{} failed: accepting connections stopped ({})", s.opts.host, s.opts.port,
+         std::strerror(errno));
+}
+
+void Server::stop() {
+  Impl& s = *impl_;
+  s.stopping = true;
+  {
+    std::lock_guard<std::mutex> l(s.active_mu);
+    for (RequestId id : s.active) s.sched.cancel(id);
+  }
+  // httplib's stop() does nothing until listen has started: wait for run() to get there (or to
+  // see `stopping` and return).
+  while (s.in_run) {
+    if (s.http.is_running()) {
+      s.http.stop();
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+}  // namespace kvlm::server

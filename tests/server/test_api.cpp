@@ -1,0 +1,369 @@
+// The OpenAI API layer without HTTP (src/server/api.h): request validation as a table of bodies
+// and the status/param each must get, stop strings split across pieces, and the response shapes.
+// The tokenizer is the tiny synthetic model's (tests/data/tiny-llama.gguf, no chat template, so
+// chat renders as plain ChatML).
+
+#include <gtest/gtest.h>
+
+#include <memory>
+
+#include "gguf/gguf.h"
+#include "server/api.h"
+#include "test_util.h"
+
+namespace kvlm::server {
+namespace {
+
+class Api : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    file_ = GgufFile::open(test::data_path("tiny-llama.gguf")).release();
+    tok_ = Tokenizer::from_gguf(*file_).release();
+  }
+  static void TearDownTestSuite() {
+    delete tok_;
+    delete file_;
+  }
+  ServedModel model() const {
+    ServedModel m;
+    m.id = "tiny-llama";
+    m.n_ctx = 128;
+    m.capacity_tokens = 2048;
+    m.chat_template = served_chat_template(*tok_);
+    return m;
+  }
+  GenerationRequest chat(const json& body) const {
+    return parse_chat_request(body, *tok_, model(), 7);
+  }
+  GenerationRequest complete(const json& body) const {
+    return parse_completion_request(body, *tok_, model(), 7);
+  }
+  static GgufFile* file_;
+  static Tokenizer* tok_;
+};
+GgufFile* Api::file_ = nullptr;
+Tokenizer* Api::tok_ = nullptr;
+
+const json kMsgs = json::array({{{"role", "user"}, {"content", "hi"}}});
+
+TEST_F(Api, ChatDefaults) {
+  const GenerationRequest g = chat({{"messages", kMsgs}});
+  const std::string text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+  EXPECT_EQ(g.req.prompt, tok_->encode(text, tok_->add_bos_default(), true));
+  // No max_tokens: the rest of the context.
+  EXPECT_EQ(g.req.max_tokens, 128 - static_cast<int32_t>(g.req.prompt.size()));
+  EXPECT_EQ(g.req.sampling.seed, 7u);  // the server's draw when the request has no seed
+  EXPECT_FLOAT_EQ(g.req.sampling.temperature, SamplingParams{}.temperature);
+  EXPECT_FALSE(g.stream);
+  EXPECT_TRUE(g.stop.empty());
+}
+
+TEST_F(Api, ChatParameters) {
+  const GenerationRequest g = chat({{"messages", kMsgs},
+                                    {"model", "tiny-llama"},
+                                    {"max_tokens", 10},
+                                    {"max_completion_tokens", 5},
+                                    {"temperature", 0},
+                                    {"top_p", 0.5},
+                                    {"top_k", 3},
+                                    {"min_p", 0.1},
+                                    {"repeat_penalty", 1.1},
+                                    {"seed", -1},
+                                    {"stop", "x"},
+                                    {"stream", true},
+                                    {"stream_options", {{"include_usage", true}}},
+                                    {"presence_penalty", 0},
+                                    {"n", 1},
+                                    {"logprobs", false}});
+  EXPECT_EQ(g.req.max_tokens, 5);  // max_completion_tokens wins
+  EXPECT_FLOAT_EQ(g.req.sampling.temperature, 0.0f);
+  EXPECT_FLOAT_EQ(g.req.sampling.top_p, 0.5f);
+  EXPECT_EQ(g.req.sampling.top_k, 3);
+  EXPECT_EQ(g.req.sampling.seed, ~uint64_t{0});
+  EXPECT_EQ(g.stop, std::vector<std::string>{"x"});
+  EXPECT_TRUE(g.stream);
+  EXPECT_TRUE(g.include_usage);
+}
+
+TEST_F(Api, ContentPartsJoinWithNewlines) {
+  const json parts =
+      json::array({{{"type", "text"}, {"text", "a"}}, {{"type", "text"}, {"text", "b"}}});
+  const GenerationRequest g =
+      chat({{"messages", json::array({{{"role", "user"}, {"content", parts}}})}});
+  const GenerationRequest s =
+      chat({{"messages", json::array({{{"role", "user"}, {"content", "a\nb"}}})}});
+  EXPECT_EQ(g.req.prompt, s.req.prompt);
+}
+
+TEST_F(Api, CompletionPromptForms) {
+  const std::vector<int32_t> ids = tok_->encode("hello", tok_->add_bos_default(), true);
+  EXPECT_EQ(complete({{"prompt", "hello"}}).req.prompt, ids);
+  EXPECT_EQ(complete({{"prompt", json::array({"hello"})}}).req.prompt, ids);
+  EXPECT_EQ(complete({{"prompt", ids}}).req.prompt, ids);
+  EXPECT_EQ(complete({{"prompt", json::array({ids})}}).req.prompt, ids);
+  EXPECT_EQ(complete({{"prompt", "hello"}}).req.max_tokens, 16);  // OpenAI's default
+  EXPECT_EQ(complete({{"prompt", "hello"}, {"max_tokens", 100}}).req.max_tokens, 100);
+}
+
+struct BadCase {
+  const char* name;
+  bool chat;
+  json body;
+  int status;
+  const char* param;  // "" for null
+};
+
+TEST_F(Api, BadRequestsTable) {
+  const json m = kMsgs;
+  const std::vector<BadCase> cases = {
+      {"messages missing", true, json::object(), 400, "messages"},
+      {"messages a string", true, {{"messages", "hi"}}, 400, "messages"},
+      {"messages empty", true, {{"messages", json::array()}}, 400, "messages"},
+      {"message not an object", true, {{"messages", json::array({1})}}, 400, "messages[0]"},
+      {"role missing",
+       true,
+       {{"messages", json::array({{{"content", "x"}}})}},
+       400,
+       "messages[0].role"},
+      {"role tool",
+       true,
+       {{"messages", json::array({{{"role", "tool"}, {"content", "x"}}})}},
+       400,
+       "messages[0].role"},
+      {"content a number",
+       true,
+       {{"messages", json::array({{{"role", "user"}, {"content", 3}}})}},
+       400,
+       "messages[0].content"},
+      {"user content null",
+       true,
+       {{"messages", json::array({{{"role", "user"}, {"content", nullptr}}})}},
+       400,
+       "messages[0].content"},
+      {"image part",
+       true,
+       {{"messages",
+         json::array({{{"role", "user"}, {"content", json::array({{{"type", "image_url"}}})}}})}},
+       400,
+       "messages[0].content[0]"},
+      {"max_tokens string", true, {{"messages", m}, {"max_tokens", "ten"}}, 400, "max_tokens"},
+      {"max_tokens float", true, {{"messages", m}, {"max_tokens", 2.5}}, 400, "max_tokens"},
+      {"max_tokens 0", true, {{"messages", m}, {"max_tokens", 0}}, 400, "max_tokens"},
+      {"max_tokens -1", true, {{"messages", m}, {"max_tokens", -1}}, 400, "max_tokens"},
+      {"max_tokens > context", true, {{"messages", m}, {"max_tokens", 129}}, 400, "max_tokens"},
+      {"max_tokens > uint64",
+       true,
+       {{"messages", m}, {"max_tokens", json::parse("1e30")}},
+       400,
+       "max_tokens"},
+      {"max_tokens huge unsigned",
+       true,
+       {{"messages", m}, {"max_tokens", ~uint64_t{0}}},
+       400,
+       "max_tokens"},
+      {"prompt + max_tokens > context",
+       true,
+       {{"messages", m}, {"max_tokens", 120}},
+       400,
+       "max_tokens"},
+      {"max_completion_tokens 0",
+       true,
+       {{"messages", m}, {"max_completion_tokens", 0}},
+       400,
+       "max_completion_tokens"},
+      {"temperature string", true, {{"messages", m}, {"temperature", "hot"}}, 400, "temperature"},
+      {"temperature 3", true, {{"messages", m}, {"temperature", 3}}, 400, "temperature"},
+      {"top_p 2", true, {{"messages", m}, {"top_p", 2}}, 400, "top_p"},
+      {"top_k -1", true, {{"messages", m}, {"top_k", -1}}, 400, "top_k"},
+      {"min_p bool", true, {{"messages", m}, {"min_p", true}}, 400, "min_p"},
+      {"repeat_penalty 0", true, {{"messages", m}, {"repeat_penalty", 0}}, 400, "repeat_penalty"},
+      {"seed float", true, {{"messages", m}, {"seed", 1.5}}, 400, "seed"},
+      {"stream string", true, {{"messages", m}, {"stream", "yes"}}, 400, "stream"},
+      {"stream_options list",
+       true,
+       {{"messages", m}, {"stream_options", json::array()}},
+       400,
+       "stream_options"},
+      {"n 2", true, {{"messages", m}, {"n", 2}}, 400, "n"},
+      {"n 0", true, {{"messages", m}, {"n", 0}}, 400, "n"},
+      {"logprobs", true, {{"messages", m}, {"logprobs", true}}, 400, "logprobs"},
+      {"top_logprobs", true, {{"messages", m}, {"top_logprobs", 2}}, 400, "top_logprobs"},
+      {"presence_penalty",
+       true,
+       {{"messages", m}, {"presence_penalty", 0.5}},
+       400,
+       "presence_penalty"},
+      {"frequency_penalty",
+       true,
+       {{"messages", m}, {"frequency_penalty", -0.5}},
+       400,
+       "frequency_penalty"},
+      {"logit_bias", true, {{"messages", m}, {"logit_bias", {{"1", 5}}}}, 400, "logit_bias"},
+      {"tools", true, {{"messages", m}, {"tools", json::array({json::object()})}}, 400, "tools"},
+      {"json mode",
+       true,
+       {{"messages", m}, {"response_format", {{"type", "json_object"}}}},
+       400,
+       "response_format"},
+      {"stop a number", true, {{"messages", m}, {"stop", 5}}, 400, "stop"},
+      {"five stops", true, {{"messages", m}, {"stop", {"a", "b", "c", "d", "e"}}}, 400, "stop"},
+      {"model a number", true, {{"messages", m}, {"model", 1}}, 400, "model"},
+      {"unknown model", true, {{"messages", m}, {"model", "gpt-4"}}, 404, "model"},
+      {"prompt missing", false, json::object(), 400, "prompt"},
+      {"prompt empty", false, {{"prompt", ""}}, 400, "prompt"},
+      {"prompt empty ids", false, {{"prompt", json::array()}}, 400, "prompt"},
+      {"prompt id too big", false, {{"prompt", {1, 307}}}, 400, "prompt"},
+      {"prompt id negative", false, {{"prompt", {-1}}}, 400, "prompt"},
+      {"prompt id float", false, {{"prompt", {1.5}}}, 400, "prompt"},
+      {"prompt batch", false, {{"prompt", {"a", "b"}}}, 400, "prompt"},
+      {"prompt object", false, {{"prompt", json::object()}}, 400, "prompt"},
+      {"prompt too long", false, {{"prompt", std::string(600, 'z')}}, 400, "prompt"},
+      {"chat too long",
+       true,
+       {{"messages", json::array({{{"role", "user"}, {"content", std::string(600, 'z')}}})}},
+       400,
+       "messages"},
+      {"echo", false, {{"prompt", "a"}, {"echo", true}}, 400, "echo"},
+      {"suffix", false, {{"prompt", "a"}, {"suffix", "b"}}, 400, "suffix"},
+      {"best_of", false, {{"prompt", "a"}, {"best_of", 2}}, 400, "best_of"},
+      {"completion logprobs", false, {{"prompt", "a"}, {"logprobs", 2}}, 400, "logprobs"},
+      {"completion unknown model", false, {{"prompt", "a"}, {"model", "x"}}, 404, "model"},
+  };
+  for (const BadCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    try {
+      if (c.chat)
+        chat(c.body);
+      else
+        complete(c.body);
+      ADD_FAILURE() << "accepted: " << c.body.dump();
+    } catch (const HttpError& e) {
+      EXPECT_EQ(e.status, c.status) << e.what();
+      EXPECT_EQ(e.param, c.param) << e.what();
+      const json err = error_body(e)["error"];
+      EXPECT_FALSE(err["message"].get<std::string>().empty());
+      EXPECT_EQ(err["type"], "invalid_request_error");
+      EXPECT_TRUE(std::string(e.what()).find('\n') == std::string::npos) << "one line";
+    }
+  }
+}
+
+TEST_F(Api, ParseJsonBody) {
+  EXPECT_EQ(parse_json_body(R"({"a": 1})")["a"], 1);
+  for (const char* bad : {"", "{", "[1]", "\"x\"", "nul"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_THROW(parse_json_body(bad), HttpError);
+  }
+}
+
+TEST_F(Api, StopStringsEmptyAreIgnored) {
+  EXPECT_TRUE(chat({{"messages", kMsgs}, {"stop", ""}}).stop.empty());
+  EXPECT_EQ(chat({{"messages", kMsgs}, {"stop", {"", "ab"}}}).stop, std::vector<std::string>{"ab"});
+}
+
+TEST(StopMatcher, HoldsBackAPossibleStart) {
+  StopMatcher s({"STOP", "end"});
+  EXPECT_EQ(s.push("hello S"), "hello ");  // "S" might begin "STOP"
+  EXPECT_EQ(s.push("T"), "");
+  EXPECT_EQ(s.push("x"), "STx");  // it did not
+  EXPECT_EQ(s.push("e"), "");     // might begin "end"
+  EXPECT_EQ(s.push("nSTO"), "en");
+  EXPECT_FALSE(s.stopped());
+  EXPECT_EQ(s.push("P tail"), "");
+  EXPECT_TRUE(s.stopped());
+}
+
+TEST(StopMatcher, SplitAcrossPieces) {
+  StopMatcher s({"</s>"});
+  std::string out;
+  for (const char* piece : {"abc<", "/", "s", "> more"}) out += s.push(piece);
+  EXPECT_TRUE(s.stopped());
+  EXPECT_EQ(out, "abc");
+  EXPECT_EQ(s.push("later"), "");
+  EXPECT_EQ(s.flush(), "");
+}
+
+TEST(StopMatcher, EarliestOfSeveralAndFlush) {
+  StopMatcher s({"cd", "b"});
+  EXPECT_EQ(s.push("abcd"), "a");
+  StopMatcher t({"xyz"});
+  EXPECT_EQ(t.push("abx"), "ab");
+  EXPECT_EQ(t.flush(), "x");  // generation ended: the held text is shown
+  StopMatcher none({});
+  EXPECT_EQ(none.push("anything"), "anything");
+}
+
+TEST_F(Api, TextStreamDropsEndOfGeneration) {
+  const int32_t eos = tok_->eos_id();
+  ASSERT_TRUE(tok_->is_eog(eos));
+  const std::vector<int32_t> ids = tok_->encode("hello", false, false);
+  TextStream t(*tok_, {}, false);
+  std::string out;
+  for (int32_t id : ids) out += t.push(id);
+  out += t.push(eos);
+  out += t.finish();
+  EXPECT_EQ(out, "hello");
+  TextStream stop(*tok_, {"ll"}, false);
+  out.clear();
+  for (int32_t id : ids) out += stop.push(id);
+  EXPECT_TRUE(stop.stopped());
+  EXPECT_EQ(out + stop.finish(), "he");
+}
+
+TEST(Render, ShapesAsOpenAI) {
+  const ResponseMeta chat{Endpoint::Chat, "chatcmpl-1", 100, "m"};
+  const ResponseMeta comp{Endpoint::Completion, "cmpl-1", 100, "m"};
+  const Usage u{5, 3, 2};
+  const json r = render_response(chat, "hi", "stop", u);
+  EXPECT_EQ(r["object"], "chat.completion");
+  EXPECT_EQ(r["choices"][0]["message"], json({{"role", "assistant"}, {"content", "hi"}}));
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(r["usage"]["total_tokens"], 8);
+  EXPECT_EQ(r["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+  EXPECT_EQ(render_response(comp, "hi", "length", u)["choices"][0]["text"], "hi");
+  const json first = render_chunk(chat, "", "", true, true);
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"], json({{"role", "assistant"}, {"content", ""}}));
+  EXPECT_TRUE(first["choices"][0]["finish_reason"].is_null());
+  EXPECT_TRUE(first.contains("usage") && first["usage"].is_null());
+  const json last = render_chunk(chat, "", "length", false, false);
+  EXPECT_EQ(last["choices"][0]["delta"], json::object());
+  EXPECT_FALSE(last.contains("usage"));
+  const json usage = render_usage_chunk(comp, u);
+  EXPECT_EQ(usage["choices"], json::array());
+  EXPECT_EQ(usage["usage"]["completion_tokens"], 3);
+  EXPECT_EQ(sse_event(json{{"a", 1}}), "data: {\"a\":1}\n\n");
+}
+
+TEST(Render, ErrorsAndInvalidUtf8) {
+  const json e = error_body(HttpError(503, "queue full", "", "queue_full"));
+  EXPECT_EQ(e["error"]["type"], "server_error");
+  EXPECT_TRUE(e["error"]["param"].is_null());
+  EXPECT_EQ(e["error"]["code"], "queue_full");
+  EXPECT_EQ(error_body(HttpError(401, "no"))["error"]["type"], "authentication_error");
+  EXPECT_EQ(dump(json{{"t", std::string("a\xff")}}), "{\"t\":\"a\xef\xbf\xbd\"}");
+}
+
+TEST_F(Api, TokenizeDetokenize) {
+  const json t = tokenize_response({{"content", "hello world"}}, *tok_);
+  const json d = detokenize_response({{"tokens", t["tokens"]}}, *tok_);
+  EXPECT_EQ(d["content"], "hello world");
+  const json p = tokenize_response({{"content", "hi"}, {"with_pieces", true}}, *tok_);
+  std::string joined;
+  for (const json& x : p["tokens"]) joined += x["piece"].get<std::string>();
+  EXPECT_EQ(joined, "hi");
+  EXPECT_THROW(detokenize_response({{"tokens", {307}}}, *tok_), HttpError);
+  EXPECT_THROW(detokenize_response({{"tokens", "1"}}, *tok_), HttpError);
+  EXPECT_THROW(tokenize_response(json::object(), *tok_), HttpError);
+}
+
+TEST(Models, Objects) {
+  ServedModel m;
+  m.id = "x";
+  m.created = 5;
+  EXPECT_EQ(models_list(m)["data"][0],
+            json({{"id", "x"}, {"object", "model"}, {"created", 5}, {"owned_by", "kvlm"}}));
+}
+
+}  // namespace
+}  // namespace kvlm::server

@@ -1,0 +1,670 @@
+#!/usr/bin/env python3
+"""End-to-end tests of `kvlm serve`: real servers on loopback, driven by the official `openai`
+client, curl and http.client.
+
+Protocol tests use the tiny synthetic model (tests/data/tiny-llama.gguf: random weights, no chat
+template, so chat is rendered as plain ChatML); the chat-quality, multi-turn prefix-cache,
+cancellation and queue tests use the real SmolLM2 model ($KVLM_MODEL or the default path; `make
+model` fetches it). Timing is printed, never asserted; every wait has a generous timeout.
+
+Usage: test_server.py KVLM_BINARY TEST_DATA_DIR [unittest arguments, e.g. test class names]
+Needs the pinned `openai` package (scripts/setup-python.sh) and curl.
+"""
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+KVLM = sys.argv[1] if len(sys.argv) > 1 else "build/bin/kvlm"
+DATA = sys.argv[2] if len(sys.argv) > 2 else "tests/data"
+TINY = os.path.join(DATA, "tiny-llama.gguf")
+MODEL = os.environ.get("KVLM_MODEL") or os.path.join(
+    os.environ.get("KVLM_MODELS") or os.path.expanduser("~/.cache/kvlm/models"),
+    "SmolLM2-135M-Instruct.Q4_1.gguf")
+BLOCK = 16  # --block-size the servers below run with (the default)
+
+try:
+    import openai
+except ImportError:
+    sys.exit("test_server.py: the `openai` package is missing; run scripts/setup-python.sh")
+
+LISTENING = re.compile(r"kvlm serve: listening on http://127\.0\.0\.1:(\d+) ")
+
+
+class Server:
+    """A `kvlm serve --port 0` subprocess; the port comes from its one 'listening' line."""
+
+    def __init__(self, *args, env=None, timeout=120):
+        full_env = dict(os.environ)
+        full_env.pop("KVLM_API_KEY", None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([KVLM, "serve", "--port", "0", *args], stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, env=full_env)
+        self.stderr = []
+        found = threading.Event()
+        self.port = None
+
+        def drain():  # keeps reading so the server never blocks on a full stderr pipe
+            for raw in self.proc.stderr:
+                line = raw.decode("utf-8", "replace")
+                self.stderr.append(line)
+                m = LISTENING.search(line)
+                if m and self.port is None:
+                    self.port = int(m.group(1))
+                    found.set()
+            found.set()
+
+        self.drainer = threading.Thread(target=drain, daemon=True)
+        self.drainer.start()
+        if not found.wait(timeout) or self.port is None:
+            self.proc.kill()
+            raise RuntimeError(f"kvlm serve {args} did not start: {''.join(self.stderr)!r}")
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw):
+        kw.setdefault("api_key", "unused")
+        return openai.OpenAI(base_url=self.base + "/v1", max_retries=0, timeout=300, **kw)
+
+    def request(self, method, path, body=None, headers=None, timeout=300):
+        """-> (status, headers dict (lower-case names), body bytes)"""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            h = {"Content-Type": "application/json"}
+            h.update(headers or {})
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            conn.close()
+
+    def json(self, method, path, body=None, headers=None):
+        status, _, data = self.request(method, path, body, headers)
+        return status, json.loads(data)
+
+    def metrics(self):
+        status, _, data = self.request("GET", "/metrics")
+        assert status == 200, status
+        out = {}
+        for line in data.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_metric(self, name, pred, timeout=30):
+        deadline = time.time() + timeout
+        while True:
+            v = self.metrics()[name]
+            if pred(v) or time.time() > deadline:
+                return v
+            time.sleep(0.05)
+
+    def model_id(self):
+        return self.json("GET", "/v1/models")[1]["data"][0]["id"]
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            rc = "hung"
+        self.drainer.join(10)
+        self.proc.stderr.close()
+        return rc
+
+
+def sse_stream(server, path, body, on_event=None, timeout=300):
+    """POSTs a streaming request; -> (status, [parsed data payloads], saw_done)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            return r.status, [json.loads(r.read())], False
+        events, done = [], False
+        for raw in r:
+            line = raw.decode().rstrip("\r\n")
+            if not line.startswith("data: "):
+                continue
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                done = True
+                continue
+            events.append(json.loads(payload))
+            if on_event and on_event(events[-1]) is False:
+                break
+        return 200, events, done
+    finally:
+        conn.close()
+
+
+def curl(*args, stdin=None):
+    p = subprocess.run(["curl", "-sS", "--max-time", "300", *args], input=stdin,
+                       capture_output=True, timeout=320)
+    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+def is_openai_error(test, obj, status):
+    test.assertIn("error", obj, obj)
+    err = obj["error"]
+    for key in ("message", "type", "param", "code"):
+        test.assertIn(key, err, obj)
+    test.assertIsInstance(err["message"], str)
+    test.assertTrue(err["message"], obj)
+    test.assertEqual(err["type"], "server_error" if status >= 500 else "authentication_error"
+                     if status == 401 else "invalid_request_error", obj)
+
+
+class ServerCase(unittest.TestCase):
+    """One server for the whole class, started with ARGS; it must exit 0 on SIGTERM."""
+    ARGS = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = Server(*cls.ARGS)
+        cls.model = cls.srv.model_id()
+        cls.client = cls.srv.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        rc = cls.srv.stop()
+        assert rc == 0, f"kvlm serve exited {rc} on SIGTERM: {''.join(cls.srv.stderr)}"
+
+
+# ---- the tiny model: protocol -------------------------------------------------------------------
+
+class Protocol(ServerCase):
+    ARGS = ("-m", TINY, "-np", "16", "-t", "2")
+
+    def chat(self, **kw):
+        kw.setdefault("model", self.model)
+        kw.setdefault("messages", [{"role": "user", "content": "hi"}])
+        kw.setdefault("max_tokens", 16)
+        return self.client.chat.completions.create(**kw)
+
+    def complete(self, **kw):
+        kw.setdefault("model", self.model)
+        kw.setdefault("prompt", "hello world")
+        kw.setdefault("max_tokens", 16)
+        return self.client.completions.create(**kw)
+
+    def test_health_and_models(self):
+        self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
+        models = self.client.models.list().data
+        self.assertEqual([m.id for m in models], ["tiny-llama"])
+        self.assertEqual(models[0].owned_by, "kvlm")
+        self.assertEqual(self.client.models.retrieve("tiny-llama").id, "tiny-llama")
+        status, body = self.srv.json("GET", "/v1/models/nope")
+        self.assertEqual(status, 404)
+        is_openai_error(self, body, 404)
+
+    def test_completion(self):
+        r = self.complete(temperature=0)
+        self.assertTrue(r.id.startswith("cmpl-"), r.id)
+        self.assertEqual(r.object, "text_completion")
+        self.assertEqual(r.model, self.model)
+        self.assertEqual(len(r.choices), 1)
+        self.assertEqual(r.choices[0].finish_reason, "length")
+        self.assertEqual(r.usage.completion_tokens, 16)
+        status, toks = self.srv.json("POST", "/tokenize", {"content": "hello world"})
+        self.assertEqual(r.usage.prompt_tokens, len(toks["tokens"]))
+        self.assertEqual(r.usage.total_tokens, r.usage.prompt_tokens + 16)
+        self.assertIsNotNone(r.usage.prompt_tokens_details)
+        self.assertGreaterEqual(r.usage.prompt_tokens_details.cached_tokens, 0)
+
+    def test_chat(self):
+        r = self.chat(temperature=0)
+        self.assertTrue(r.id.startswith("chatcmpl-"), r.id)
+        self.assertEqual(r.object, "chat.completion")
+        self.assertEqual(r.choices[0].message.role, "assistant")
+        self.assertIsInstance(r.choices[0].message.content, str)
+        self.assertIn(r.choices[0].finish_reason, ("stop", "length"))
+        self.assertGreater(r.usage.prompt_tokens, 0)
+        self.assertGreater(r.usage.completion_tokens, 0)
+
+    def test_content_parts(self):
+        a = self.chat(temperature=0, messages=[{"role": "user", "content": "hi"}])
+        b = self.chat(temperature=0, messages=[{"role": "user",
+                                                "content": [{"type": "text", "text": "hi"}]}])
+        self.assertEqual(a.choices[0].message.content, b.choices[0].message.content)
+        self.assertEqual(a.usage.prompt_tokens, b.usage.prompt_tokens)
+
+    def test_streaming_equals_non_streaming(self):
+        kinds = {"chat": (self.chat, lambda c: c.message.content, lambda c: c.delta.content or ""),
+                 "completion": (self.complete, lambda c: c.text, lambda c: c.text)}
+        for kind, (create, text_of, delta_of) in kinds.items():
+            with self.subTest(kind=kind):
+                full = create(temperature=0, max_tokens=24)
+                want = text_of(full.choices[0])
+                parts, finish, usage = [], None, None
+                for ch in create(temperature=0, max_tokens=24, stream=True,
+                                 stream_options={"include_usage": True}):
+                    if ch.usage is not None:
+                        usage = ch.usage
+                    for c in ch.choices:
+                        parts.append(delta_of(c))
+                        finish = c.finish_reason or finish
+                self.assertEqual("".join(parts), want)
+                self.assertEqual(finish, full.choices[0].finish_reason)
+                self.assertIsNotNone(usage, "include_usage: no usage chunk")
+                self.assertEqual(usage.completion_tokens, full.usage.completion_tokens)
+                self.assertEqual(usage.prompt_tokens, full.usage.prompt_tokens)
+
+    def test_usage_chunk_is_last_and_has_no_choices(self):
+        status, events, done = sse_stream(self.srv, "/v1/completions", {
+            "prompt": "abc", "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}})
+        self.assertEqual(status, 200)
+        self.assertTrue(done)
+        self.assertEqual(events[-1]["choices"], [])
+        self.assertEqual(events[-1]["usage"]["completion_tokens"], 5)
+        self.assertTrue(all(e["usage"] is None for e in events[:-1]))
+        status, events, done = sse_stream(self.srv, "/v1/completions", {
+            "prompt": "abc", "max_tokens": 5, "stream": True})
+        self.assertTrue(done)
+        self.assertTrue(all("usage" not in e for e in events))
+        self.assertEqual(events[-1]["choices"][0]["finish_reason"], "length")
+
+    def test_seed_determinism(self):
+        for temp in (0, 0.9):
+            with self.subTest(temperature=temp):
+                a = self.complete(temperature=temp, seed=1234, max_tokens=32)
+                b = self.complete(temperature=temp, seed=1234, max_tokens=32)
+                self.assertEqual(a.choices[0].text, b.choices[0].text)
+                c = self.chat(temperature=temp, seed=99, max_tokens=24)
+                d = self.chat(temperature=temp, seed=99, max_tokens=24)
+                self.assertEqual(c.choices[0].message.content, d.choices[0].message.content)
+
+    def test_stop_strings(self):
+        # The greedy text is known; a stop string taken from its middle must cut it just before
+        # its first occurrence, streamed or not, even though it spans several tokens.
+        prompt = [104, 101, 108, 108, 111]  # token ids: the prompt as an array
+        full = self.complete(prompt=prompt, temperature=0, max_tokens=60).choices[0].text
+        start = next((i for i in range(4, len(full) - 3)
+                      if full[i:i + 3].isascii() and full[i:i + 3].isprintable()), None)
+        self.assertIsNotNone(start, f"no printable 3-character run in {full!r}")
+        stop = full[start:start + 3]
+        want = full[:full.index(stop)]
+        r = self.complete(prompt=prompt, temperature=0, max_tokens=60, stop=[stop, "\x00never"])
+        self.assertEqual(r.choices[0].text, want)
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        streamed, finish = [], None
+        for ch in self.complete(prompt=prompt, temperature=0, max_tokens=60, stop=stop,
+                                stream=True):
+            streamed.append(ch.choices[0].text)
+            finish = ch.choices[0].finish_reason or finish
+        self.assertEqual("".join(streamed), want)
+        self.assertEqual(finish, "stop")
+        self.assertFalse(any(stop in s for s in streamed))
+
+    def test_tokenize_detokenize(self):
+        status, t = self.srv.json("POST", "/tokenize", {"content": "hello world"})
+        self.assertEqual(status, 200)
+        self.assertTrue(all(isinstance(i, int) for i in t["tokens"]))
+        status, d = self.srv.json("POST", "/detokenize", {"tokens": t["tokens"]})
+        self.assertEqual((status, d), (200, {"content": "hello world"}))
+        status, p = self.srv.json("POST", "/tokenize", {"content": "hello", "with_pieces": True})
+        self.assertEqual("".join(x["piece"] for x in p["tokens"]), "hello")
+        for bad in ([307], [-1], ["a"], "1,2"):
+            status, body = self.srv.json("POST", "/detokenize", {"tokens": bad})
+            self.assertEqual(status, 400, bad)
+            is_openai_error(self, body, 400)
+
+    def test_metrics_format(self):
+        self.complete(max_tokens=4)
+        status, headers, data = self.srv.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/plain"))
+        text = data.decode()
+        names = set(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+        for name, kind in [("kvlm_kv_blocks_used", "gauge"), ("kvlm_kv_blocks_total", "gauge"),
+                           ("kvlm_kv_bytes_used", "gauge"), ("kvlm_kv_bytes_total", "gauge"),
+                           ("kvlm_prefix_cache_hit_rate", "gauge"),
+                           ("kvlm_prompt_tokens_total", "counter"),
+                           ("kvlm_prompt_tokens_cached_total", "counter"),
+                           ("kvlm_generated_tokens_total", "counter"),
+                           ("kvlm_requests_running", "gauge"), ("kvlm_requests_waiting", "gauge"),
+                           ("kvlm_preemptions_total", "counter"),
+                           ("kvlm_requests_total", "counter"),
+                           ("kvlm_time_to_first_token_seconds", "histogram"),
+                           ("kvlm_inter_token_latency_seconds", "histogram")]:
+            self.assertIn((name, kind), names)
+            self.assertIn(f"# HELP {name} ", text)
+        m = self.srv.metrics()
+        self.assertGreater(m["kvlm_kv_blocks_total"], 0)
+        self.assertGreater(m["kvlm_generated_tokens_total"], 0)
+        self.assertGreater(m['kvlm_time_to_first_token_seconds_bucket{le="+Inf"}'], 0)
+        self.assertEqual(m['kvlm_time_to_first_token_seconds_bucket{le="+Inf"}'],
+                         m["kvlm_time_to_first_token_seconds_count"])
+        self.assertGreater(m['kvlm_requests_total{finish_reason="length"}'], 0)
+        buckets = [v for k, v in m.items() if k.startswith("kvlm_inter_token_latency_seconds_bucket")]
+        self.assertEqual(buckets, sorted(buckets), "histogram buckets must be cumulative")
+
+    def test_curl(self):
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": 8, "temperature": 0})
+        rc, out, err = curl("-H", "Content-Type: application/json", "-d", body,
+                            self.srv.base + "/v1/chat/completions")
+        self.assertEqual(rc, 0, err)
+        r = json.loads(out)
+        self.assertEqual(r["object"], "chat.completion")
+        self.assertEqual(r["usage"]["completion_tokens"], 8)
+        stream = json.dumps({"prompt": "abc", "max_tokens": 8, "stream": True})
+        rc, out, err = curl("-N", "-H", "Content-Type: application/json", "-d", stream,
+                            self.srv.base + "/v1/completions")
+        self.assertEqual(rc, 0, err)
+        events = [e for e in out.split("\n\n") if e.strip()]
+        self.assertEqual(events[-1], "data: [DONE]")
+        self.assertTrue(all(e.startswith("data: ") for e in events), out)
+        chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "length")
+        rc, out, err = curl("-w", "\n%{http_code}", "-H", "Content-Type: application/json", "-d",
+                            "{not json", self.srv.base + "/v1/chat/completions")
+        body, code = out.rsplit("\n", 1)
+        self.assertEqual(code, "400")
+        is_openai_error(self, json.loads(body), 400)
+
+    def test_bad_inputs(self):
+        msgs = [{"role": "user", "content": "hi"}]
+        chat, comp = "/v1/chat/completions", "/v1/completions"
+        cases = [
+            ("invalid JSON", "POST", chat, b"{\"messages\": [", 400),
+            ("body not an object", "POST", chat, [1, 2], 400),
+            ("messages not a list", "POST", chat, {"messages": "hi"}, 400),
+            ("messages missing", "POST", chat, {"max_tokens": 4}, 400),
+            ("empty messages", "POST", chat, {"messages": []}, 400),
+            ("message without role", "POST", chat, {"messages": [{"content": "x"}]}, 400),
+            ("unknown role", "POST", chat, {"messages": [{"role": "wizard", "content": "x"}]}, 400),
+            ("image part", "POST", chat, {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
+            ("max_tokens string", "POST", chat, {"messages": msgs, "max_tokens": "ten"}, 400),
+            ("max_tokens float", "POST", chat, {"messages": msgs, "max_tokens": 10.5}, 400),
+            ("max_tokens zero", "POST", chat, {"messages": msgs, "max_tokens": 0}, 400),
+            ("max_tokens negative", "POST", chat, {"messages": msgs, "max_tokens": -5}, 400),
+            ("max_tokens huge", "POST", chat, {"messages": msgs, "max_tokens": 10**12}, 400),
+            ("max_tokens > 2^64", "POST", chat, {"messages": msgs, "max_tokens": 10**30}, 400),
+            ("prompt + max_tokens > context", "POST", comp, {"prompt": "hi", "max_tokens": 128}, 400),
+            ("prompt longer than context", "POST", comp, {"prompt": "hello " * 200}, 400),
+            ("temperature string", "POST", chat, {"messages": msgs, "temperature": "hot"}, 400),
+            ("temperature negative", "POST", chat, {"messages": msgs, "temperature": -1}, 400),
+            ("top_p > 1", "POST", chat, {"messages": msgs, "top_p": 1.5}, 400),
+            ("stream not bool", "POST", chat, {"messages": msgs, "stream": "yes"}, 400),
+            ("n = 2", "POST", chat, {"messages": msgs, "n": 2}, 400),
+            ("logprobs", "POST", chat, {"messages": msgs, "logprobs": True}, 400),
+            ("presence_penalty", "POST", chat, {"messages": msgs, "presence_penalty": 1}, 400),
+            ("five stop strings", "POST", chat, {"messages": msgs, "stop": list("abcde")}, 400),
+            ("stop not strings", "POST", chat, {"messages": msgs, "stop": [1]}, 400),
+            ("unknown model", "POST", chat, {"model": "gpt-4o", "messages": msgs}, 404),
+            ("unknown model (completions)", "POST", comp, {"model": "x", "prompt": "a"}, 404),
+            ("prompt missing", "POST", comp, {"max_tokens": 3}, 400),
+            ("prompt empty", "POST", comp, {"prompt": ""}, 400),
+            ("prompt token out of range", "POST", comp, {"prompt": [1, 5000]}, 400),
+            ("batch of prompts", "POST", comp, {"prompt": ["a", "b"]}, 400),
+            ("echo", "POST", comp, {"prompt": "a", "echo": True}, 400),
+            ("oversize body", "POST", chat, b"{\"messages\": \"" + b"x" * (2 << 20) + b"\"}", 413),
+            ("unknown route", "POST", "/v1/nothing", {"a": 1}, 404),
+            ("unknown route GET", "GET", "/", None, 404),
+            ("wrong method", "GET", chat, None, 405),
+            ("wrong method on health", "POST", "/health", {}, 405),
+            ("tokenize without content", "POST", "/tokenize", {}, 400),
+        ]
+        for name, method, path, body, want in cases:
+            with self.subTest(name):
+                status, headers, data = self.srv.request(method, path, body)
+                self.assertEqual(status, want, data[:300])
+                self.assertTrue(headers.get("content-type", "").startswith("application/json"))
+                is_openai_error(self, json.loads(data), status)
+        # The openai client raises the matching exception types.
+        with self.assertRaises(openai.NotFoundError):
+            self.chat(model="not-this-one")
+        with self.assertRaises(openai.BadRequestError):
+            self.chat(max_tokens=0)
+        with self.assertRaises(openai.BadRequestError):
+            self.chat(n=2)
+        self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
+        self.assertEqual(self.complete(max_tokens=2).usage.completion_tokens, 2)
+
+    def test_64_concurrent_streams(self):
+        n = 64
+        results = [None] * n
+
+        def one(i):
+            try:
+                body = {"prompt": f"stream {i}", "max_tokens": 24, "stream": True,
+                        "temperature": 0.8, "seed": i, "ignore_eos": i % 2 == 0}
+                if i % 4 == 3:  # some through the openai client too
+                    with self.srv.client() as c:
+                        finish = None
+                        for ch in c.completions.create(model=self.model, **{
+                                k: v for k, v in body.items() if k != "ignore_eos"}):
+                            finish = ch.choices[0].finish_reason or finish
+                    results[i] = ("ok", finish, True)
+                    return
+                status, events, done = sse_stream(self.srv, "/v1/completions", body)
+                finish = events[-1]["choices"][0]["finish_reason"] if events else None
+                results[i] = ("ok" if status == 200 else f"status {status}", finish, done)
+            except Exception as e:  # noqa: BLE001 (recorded, asserted below)
+                results[i] = (f"{type(e).__name__}: {e}", None, False)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        errors = [(i, r) for i, r in enumerate(results) if r is None or r[0] != "ok"]
+        self.assertEqual(errors, [])
+        self.assertTrue(all(r[2] for r in results), "a stream ended without data: [DONE]")
+        self.assertTrue(all(r[1] in ("stop", "length") for r in results), results)
+        self.assertEqual(self.srv.wait_metric("kvlm_kv_blocks_used", lambda v: v == 0), 0)
+        self.assertEqual(self.srv.wait_metric("kvlm_requests_running", lambda v: v == 0), 0)
+
+
+class ApiKey(unittest.TestCase):
+    def check(self, srv, key):
+        msgs = [{"role": "user", "content": "hi"}]
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            with self.subTest(headers=headers):
+                status, body = srv.json("POST", "/v1/chat/completions",
+                                        {"messages": msgs, "max_tokens": 2}, headers)
+                self.assertEqual(status, 401)
+                is_openai_error(self, body, 401)
+        status, _ = srv.json("GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
+        self.assertEqual(status, 401)
+        # /health stays open (load balancers probe it without credentials).
+        self.assertEqual(srv.json("GET", "/health"), (200, {"status": "ok"}))
+        status, body = srv.json("POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 2},
+                                {"Authorization": f"Bearer {key}"})
+        self.assertEqual(status, 200, body)
+        with srv.client(api_key="wrong") as c, self.assertRaises(openai.AuthenticationError):
+            c.models.list()
+        with srv.client(api_key=key) as c:
+            self.assertEqual(c.completions.create(model="tiny-llama", prompt="a",
+                                                  max_tokens=2).usage.completion_tokens, 2)
+
+    def test_flag(self):
+        srv = Server("-m", TINY, "--api-key", "s3cret")
+        try:
+            self.check(srv, "s3cret")
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_environment(self):
+        srv = Server("-m", TINY, env={"KVLM_API_KEY": "from-env"})
+        try:
+            self.check(srv, "from-env")
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+
+class Cli(unittest.TestCase):
+    def check_fails(self, args, needle, codes=(1, 2)):
+        p = subprocess.run([KVLM, "serve", "--port", "0", *args], capture_output=True, timeout=120)
+        err = p.stderr.decode("utf-8", "replace")
+        self.assertIn(p.returncode, codes, f"{args}: exit {p.returncode}, stderr {err!r}")
+        lines = [l for l in err.splitlines() if l.strip()]
+        self.assertEqual(len(lines), 1, f"{args}: expected one stderr line, got {err!r}")
+        self.assertIn(needle.lower(), lines[0].lower())
+
+    def test_bad_flags(self):
+        self.check_fails(["-m", TINY, "--kv-window", "64"], "--kv-window")
+        self.check_fails(["-m", TINY, "--keep", "4"], "--keep")
+        self.check_fails(["-m", TINY, "-ctk", "q4_0", "--kv-residual", "32"], "--kv-residual")
+        self.check_fails(["-m", "/nonexistent/model.gguf"], "/nonexistent/model.gguf")
+        self.check_fails(["-m", TINY, "--kv-budget", "12 parsecs"], "12 parsecs")
+        self.check_fails(["-m", TINY, "--kv-budget", "0tok"], "--kv-budget")
+        self.check_fails(["-m", TINY, "--kv-budget", "1"], "--kv-budget")  # not one block
+        self.check_fails(["-m", TINY, "-ctk", "q5_0"], "q5_0")
+        self.check_fails(["-m", TINY, "--max-body", "-1"], "-1")
+        self.check_fails(["-m", TINY, "--bogus"], "--bogus", codes=(2,))
+
+    def test_port_in_use(self):
+        srv = Server("-m", TINY)
+        try:
+            p = subprocess.run([KVLM, "serve", "-m", TINY, "--port", str(srv.port)],
+                               capture_output=True, timeout=120)
+            err = p.stderr.decode()
+            self.assertEqual(p.returncode, 1, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(str(srv.port), err)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_sigint_during_a_stream(self):
+        srv = Server("-m", TINY)
+        got = []
+        t = threading.Thread(target=lambda: got.append(sse_stream(
+            srv, "/v1/completions", {"prompt": "a", "max_tokens": 120, "ignore_eos": True,
+                                     "stream": True},
+            on_event=lambda e: time.sleep(0.01))))
+        t.start()
+        time.sleep(0.3)
+        self.assertEqual(srv.stop(signal.SIGINT), 0)
+        t.join(60)
+        self.assertFalse(t.is_alive())
+
+
+# ---- the real model ----------------------------------------------------------------------------
+
+class RealModel(ServerCase):
+    ARGS = ("-m", MODEL, "-np", "4", "-c", "4096", "--kv-budget", "16384tok")
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.path.exists(MODEL):
+            raise RuntimeError(f"{MODEL} is missing: run `make model` (or set KVLM_MODEL)")
+        super().setUpClass()
+
+    def test_chat_answers(self):
+        r = self.client.chat.completions.create(
+            model=self.model, temperature=0, max_tokens=48,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        text = r.choices[0].message.content
+        print(f"\n[chat] {text!r}", file=sys.stderr)
+        self.assertTrue(text.strip(), "empty answer")
+        self.assertNotIn("<|im_end|>", text)
+        self.assertIn(r.choices[0].finish_reason, ("stop", "length"))
+
+    def test_multi_turn_reuses_the_prefix_cache(self):
+        questions = ["Hi! What is a cat?", "And a dog?", "Which one is bigger?",
+                     "Name a famous cat.", "Name a famous dog.", "What do cats eat?",
+                     "What do dogs eat?", "Can they be friends?", "Thanks. Summarise.",
+                     "Goodbye!"]
+        messages, prev, ttft = [], None, []
+        for turn, q in enumerate(questions, 1):
+            messages.append({"role": "user", "content": q})
+            t0 = time.monotonic()
+            first, parts, usage = None, [], None
+            for ch in self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=0, max_tokens=40,
+                    stream=True, stream_options={"include_usage": True}):
+                if ch.usage is not None:
+                    usage = ch.usage
+                for c in ch.choices:
+                    if c.delta.content:
+                        first = first or time.monotonic()
+                        parts.append(c.delta.content)
+            reply = "".join(parts)
+            self.assertTrue(reply, f"turn {turn}: empty reply")
+            self.assertIsNotNone(usage, f"turn {turn}: no usage chunk")
+            ttft.append((first or time.monotonic()) - t0)
+            cached = usage.prompt_tokens_details.cached_tokens
+            print(f"[turn {turn}] prompt {usage.prompt_tokens} cached {cached} completion "
+                  f"{usage.completion_tokens} ttft {ttft[-1] * 1000:.1f} ms", file=sys.stderr)
+            if prev is not None:
+                history = prev.prompt_tokens + prev.completion_tokens
+                want = history // BLOCK * BLOCK - BLOCK
+                self.assertGreaterEqual(cached, want, f"turn {turn}: the previous turn's "
+                                        f"{history} tokens should be cached")
+            messages.append({"role": "assistant", "content": reply})
+            prev = usage
+        print(f"[multi-turn] TTFT turn 1 {ttft[0] * 1000:.1f} ms, turn 10 {ttft[9] * 1000:.1f} ms "
+              "(printed, not asserted)", file=sys.stderr)
+
+    def test_cancel_on_disconnect_frees_blocks(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=300)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({
+            "model": self.model, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 2000, "ignore_eos": True, "stream": True}),
+            headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        self.assertEqual(r.status, 200)
+        chunks = 0
+        for raw in r:
+            if raw.startswith(b"data: "):
+                chunks += 1
+                if chunks == 5:
+                    break
+        self.assertGreater(self.srv.metrics()["kvlm_kv_blocks_used"], 0)
+        r.close()
+        conn.close()
+        used = self.srv.wait_metric("kvlm_kv_blocks_used", lambda v: v == 0, timeout=30)
+        self.assertEqual(used, 0, "blocks still held after the client went away")
+        m = self.srv.metrics()
+        self.assertGreater(m['kvlm_requests_total{finish_reason="cancelled"}'], 0)
+        self.assertLess(m["kvlm_generated_tokens_total"], 2000)
+
+    def test_queue_full_is_503(self):
+        srv = Server("-m", MODEL, "-np", "1", "--max-queue", "1", "-c", "1024",
+                     "--kv-budget", "2048tok")
+        try:
+            first = {"messages": [{"role": "user", "content": "Count to a thousand."}],
+                     "max_tokens": 900, "ignore_eos": True, "stream": True}
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(first),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.readline()  # the role chunk, sent before admission
+            self.assertEqual(srv.wait_metric("kvlm_requests_running", lambda v: v == 1), 1)
+            second = []
+            t = threading.Thread(target=lambda: second.append(srv.json(
+                "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4})))
+            t.start()
+            self.assertEqual(srv.wait_metric("kvlm_requests_waiting", lambda v: v == 1), 1)
+            status, headers, data = srv.request("POST", "/v1/completions",
+                                                {"prompt": "Hello", "max_tokens": 4})
+            self.assertEqual(status, 503, data)
+            self.assertEqual(headers.get("retry-after"), "1")
+            is_openai_error(self, json.loads(data), 503)
+            r.close()
+            conn.close()  # cancels the first; the second runs
+            t.join(300)
+            self.assertEqual(second[0][0], 200, second)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0], *sys.argv[3:]], verbosity=2)

@@ -25,14 +25,17 @@ struct KernelTable {
   void (*matmul_multi)(const MatmulPart*, int, const float*, int64_t, ThreadPool&);
   void (*attn_chunk)(const float*, const float*, int64_t, int64_t, const float*, int64_t, float,
                      float*, float*, float*, float*);
+  void (*attn_chunk_f16)(const uint16_t* const*, const uint16_t* const*, int64_t, int64_t,
+                         const float*, int64_t, float, float*, float*, float*, float*);
 };
 
 constexpr KernelTable kScalar = {"scalar",          ref::dequantize_row, ref::dequantize_rows,
                                  ref::round_to_f16, ref::dot_row,        ref::matmul,
-                                 ref::matmul_multi, ref::attn_chunk};
+                                 ref::matmul_multi, ref::attn_chunk, ref::attn_chunk_f16};
 constexpr KernelTable kAvx2 = {
     "avx2",        avx2::dequantize_row, avx2::dequantize_rows, avx2::round_to_f16,
-    avx2::dot_row, avx2::matmul,         avx2::matmul_multi,    avx2::attn_chunk};
+    avx2::dot_row, avx2::matmul,         avx2::matmul_multi,    avx2::attn_chunk,
+    avx2::attn_chunk_f16};
 
 }  // namespace
 
@@ -105,6 +108,12 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work) {
   table().attn_chunk(k, v, n, hd, q, n_q, scale, m, l, o, work);
+}
+
+void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,
+                    int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
+                    float* o, float* work) {
+  table().attn_chunk_f16(k_rows, v_rows, n, hd, q, n_q, scale, m, l, o, work);
 }
 
 }  // namespace kvlm::kernels

@@ -70,6 +70,15 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work);
 
+// attn_chunk over f16 rows read in place: row j of K is k_rows[j][0 .. hd), of V v_rows[j]
+// (e.g. one head of cached positions, wherever their blocks are). Equals attn_chunk over the same
+// rows dequantized to f32 bit for bit (f16 -> f32 is exact), so a decode step that reads the cache
+// directly gives the numbers a prefill computes from tiles.
+//   work: [n_q * n + 2 * n * hd] scratch (the variants without an in-place path use the tiles)
+void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,
+                    int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
+                    float* o, float* work);
+
 // ---- element-wise and row-wise ops -------------------------------------------------------------
 // y = x / sqrt(mean(x^2) + eps) * w        x, w, y: [n]; y may alias x
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps);

@@ -17,6 +17,12 @@ constexpr int64_t kAttnChunk = 256;   // positions per attention work item
 constexpr int64_t kAttnTokens = 32;   // queries per parallel attention pass
 constexpr int64_t kAttnTokBlock = 8;  // queries of one work item, sharing its K/V tiles
 
+// Float offset of the row-pointer area in a thread's attention work area (after the tiles,
+// scores, outputs, max and sum; even, so the pointers are 8-byte aligned).
+constexpr int64_t attn_ptr_offset(int64_t hd, int64_t gqa) {
+  return (2 * kAttnChunk * hd + gqa * kAttnChunk + gqa * hd + 2 * gqa + 1) / 2 * 2;
+}
+
 void grow(AlignedBuffer& b, size_t n_floats) {
   if (b.size() < n_floats * sizeof(float)) b.resize(n_floats * sizeof(float));
 }
@@ -38,8 +44,8 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.gate, B * c.n_ff);
   grow(s.up, B * c.n_ff);
   // K and V tiles, scores, q in f16, outputs, max and sum (see attention()).
-  s.scores_per_thread = 2 * kAttnChunk * c.head_dim + c.n_gqa() * kAttnChunk +
-                        c.n_gqa() * c.head_dim + 2 * c.n_gqa();
+  // Then 2 x kAttnChunk row pointers (8 bytes = 2 floats each).
+  s.scores_per_thread = attn_ptr_offset(c.head_dim, c.n_gqa()) + 4 * kAttnChunk;
   grow(s.scores, s.n_threads * s.scores_per_thread);
   const int64_t max_chunks = (s.n_ctx + kAttnChunk - 1) / kAttnChunk;
   grow(s.attn_part, std::min<int64_t>(s.n_batch, kAttnTokens) * c.n_head * max_chunks * (c.head_dim + 2));
@@ -171,6 +177,9 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
       float* o_part = sc + gqa * kAttnChunk;    // [gqa, head_dim] unnormalised outputs
       float* m_part = o_part + gqa * hd;        // [gqa]
       float* l_part = m_part + gqa;             // [gqa]
+      // [2, kAttnChunk] f16 row pointers (decode over an f16 cache reads rows in place)
+      const uint16_t** k_rows = reinterpret_cast<const uint16_t**>(work + attn_ptr_offset(hd, gqa));
+      const uint16_t** v_rows = k_rows + kAttnChunk;
       size_t gi = 0;
       for (int64_t job = begin; job < end; ++job) {
         while (gi + 1 < segs.size() && segs[gi + 1].job0 <= job) ++gi;
@@ -204,7 +213,19 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
           else
             kernels::round_to_f16(batch + (j - pos0) * KV + g * hd, row, hd);
         };
-        if (!kivi) {
+        // One query over an f16 cache (decode): nothing reuses a tile, so the kernel reads the
+        // rows where they are (attn_chunk_f16 == attn_chunk over the dequantized rows, bit for
+        // bit: a decode step still gets the numbers a prefill computes from tiles).
+        const bool in_place =
+            !kivi && i1 - i0 == 1 && kv.dtype_k == DType::F16 && kv.dtype_v == DType::F16;
+        if (in_place) {
+          for (int64_t j = j0; j < j_end; ++j) {
+            const int64_t row =
+                kv.blocks ? int64_t{kv.blocks[j / kv.block_size]} * kv.block_size + j % kv.block_size : j;
+            k_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.k + row * kv.k_row_bytes + g * k_head_bytes);
+            v_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.v + row * kv.v_row_bytes + g * v_head_bytes);
+          }
+        } else if (!kivi) {
           load_rows(kv, kv.dtype_k, kv.k, kv.k_row_bytes, g * k_head_bytes, j0, j_end, ktile, hd);
           load_rows(kv, kv.dtype_v, kv.v, kv.v_row_bytes, g * v_head_bytes, j0, j_end, vtile, hd);
         } else {
@@ -227,7 +248,11 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
           const int64_t n = std::min(pos0 + i + 1, j0 + kAttnChunk) - j0;  // causal: [0, pos]
           if (n <= 0) continue;
           const float* qg = q + i * Q + g * gqa * hd;  // [gqa, head_dim] group g's heads
-          kernels::attn_chunk(ktile, vtile, n, hd, qg, gqa, scale, m_part, l_part, o_part, sc);
+          if (in_place)  // work: scores, then (variants without an in-place path) tiles
+            kernels::attn_chunk_f16(k_rows, v_rows, n, hd, qg, gqa, scale, m_part, l_part, o_part,
+                                    ktile);
+          else
+            kernels::attn_chunk(ktile, vtile, n, hd, qg, gqa, scale, m_part, l_part, o_part, sc);
           for (int64_t h = 0; h < gqa; ++h) {
             float* p = parts + sg.part_off +
                        (((i - sg.t0) * c.n_head + g * gqa + h) * max_chunks + ch) * part_stride;

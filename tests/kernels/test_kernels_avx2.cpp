@@ -674,6 +674,60 @@ TEST(Avx2Attn, ChunkMatchesRef) {
   }
 }
 
+// attn_chunk_f16 reads f16 rows in place through row pointers (scattered, unaligned, in any
+// order): bit-identical to attn_chunk over the same rows dequantized into tiles, for both
+// variants, head sizes with and without 8-lane tails included.
+TEST(Avx2Attn, F16RowsEqualTilesBitForBit) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(97);
+  for (int64_t hd : {8, 24, 64, 80, 5}) {
+    for (int64_t n : {1, 7, 8, 33, 256}) {
+      const int64_t n_q = 3;
+      // A pool of 2n rows; positions read rows in a shuffled order, one f16 value off alignment.
+      std::vector<uint16_t> kpool(2 * n * hd + 1), vpool(2 * n * hd + 1);
+      for (auto& h : kpool) h = fp32_to_fp16(std::uniform_real_distribution<float>(-2, 2)(rng));
+      for (auto& h : vpool) h = fp32_to_fp16(std::uniform_real_distribution<float>(-2, 2)(rng));
+      std::vector<int64_t> order(2 * n);
+      for (int64_t i = 0; i < 2 * n; ++i) order[i] = i;
+      std::shuffle(order.begin(), order.end(), rng);
+      std::vector<const uint16_t*> kr(n), vr(n);
+      std::vector<float> kt(n * hd), vt(n * hd);
+      for (int64_t j = 0; j < n; ++j) {
+        kr[j] = kpool.data() + 1 + order[j] * hd;
+        vr[j] = vpool.data() + 1 + order[j] * hd;
+        for (int64_t d = 0; d < hd; ++d) {
+          kt[j * hd + d] = fp16_to_fp32(kr[j][d]);
+          vt[j * hd + d] = fp16_to_fp32(vr[j][d]);
+        }
+      }
+      const std::vector<float> q = random_floats(rng, n_q * hd, 2.0f);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      for (int variant = 0; variant < 2; ++variant) {
+        std::vector<float> m1(n_q), l1(n_q), o1(n_q * hd), w1(n_q * n + 2 * n * hd);
+        std::vector<float> m2(n_q), l2(n_q), o2(n_q * hd), w2(n_q * n);
+        if (variant == 0) {
+          avx2::attn_chunk_f16(kr.data(), vr.data(), n, hd, q.data(), n_q, scale, m1.data(),
+                               l1.data(), o1.data(), w1.data());
+          avx2::attn_chunk(kt.data(), vt.data(), n, hd, q.data(), n_q, scale, m2.data(), l2.data(),
+                           o2.data(), w2.data());
+        } else {
+          ref::attn_chunk_f16(kr.data(), vr.data(), n, hd, q.data(), n_q, scale, m1.data(),
+                              l1.data(), o1.data(), w1.data());
+          ref::attn_chunk(kt.data(), vt.data(), n, hd, q.data(), n_q, scale, m2.data(), l2.data(),
+                          o2.data(), w2.data());
+        }
+        const std::string where = std::string(variant ? "ref" : "avx2") + " hd=" +
+                                  std::to_string(hd) + " n=" + std::to_string(n);
+        for (int64_t a = 0; a < n_q; ++a) {
+          ASSERT_EQ(bits_of(m1[a]), bits_of(m2[a])) << where;
+          ASSERT_EQ(bits_of(l1[a]), bits_of(l2[a])) << where;
+        }
+        for (int64_t i = 0; i < n_q * hd; ++i) ASSERT_EQ(bits_of(o1[i]), bits_of(o2[i])) << where;
+      }
+    }
+  }
+}
+
 // The dispatched attn_chunk is the chosen variant's, exactly.
 TEST(Avx2Attn, PublicEntryPointUsesTheChosenVariant) {
   std::mt19937 rng(89);

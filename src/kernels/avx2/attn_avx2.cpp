@@ -49,35 +49,60 @@ inline __m256 exp_ps(__m256 x) {
   return _mm256_andnot_ps(underflow, y);
 }
 
-// dot(a, b) over hd values: 8 lanes x 2 accumulators, masked last chunk.
-inline float dot_hd(const float* a, const float* b, int64_t hd) {
+// How the kernel reads position j's row: from an f32 tile, or straight from f16 rows (the
+// cache's own bytes, one pointer per position). f16 -> f32 is exact, so both give the same values
+// and the same arithmetic follows: attn_chunk_f16 equals attn_chunk over the dequantized rows bit
+// for bit.
+struct TileRows {
+  const float* base;  // [n, hd]
+  int64_t hd;
+  __m256 load(int64_t j, int64_t d) const { return _mm256_loadu_ps(base + j * hd + d); }
+  __m256 maskload(int64_t j, int64_t d, __m256i mk) const {
+    return _mm256_maskload_ps(base + j * hd + d, mk);
+  }
+  float at(int64_t j, int64_t d) const { return base[j * hd + d]; }
+};
+struct F16Rows {  // hd % 8 == 0 (no partial chunks)
+  const uint16_t* const* rows;  // [n] pointers to hd f16 values
+  __m256 load(int64_t j, int64_t d) const {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + d)));
+  }
+  __m256 maskload(int64_t, int64_t, __m256i) const { return _mm256_setzero_ps(); }  // unused
+  float at(int64_t, int64_t) const { return 0; }                                    // unused
+};
+
+// dot(row j, b) over hd values: 8 lanes x 2 accumulators, masked last chunk.
+template <class Rows>
+inline float dot_hd(const Rows& a, int64_t j, const float* b, int64_t hd) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= hd; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+    acc0 = _mm256_fmadd_ps(a.load(j, d), _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(a.load(j, d + 8), _mm256_loadu_ps(b + d + 8), acc1);
   }
   if (d + 8 <= hd) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    acc0 = _mm256_fmadd_ps(a.load(j, d), _mm256_loadu_ps(b + d), acc0);
     d += 8;
   }
   if (d < hd) {
     const __m256i mk = first_lanes(hd - d);
-    acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + d, mk), _mm256_maskload_ps(b + d, mk), acc1);
+    acc1 = _mm256_fmadd_ps(a.maskload(j, d, mk), _mm256_maskload_ps(b + d, mk), acc1);
   }
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-// s[j] = scale * dot(q, k[j]) for 8 positions at once, hd % 8 == 0: one accumulator per position
-// (8 lanes over the head's dims, FMA in dim order), then a transposing reduction (hadd tree) that
-// leaves the 8 sums in one vector, where a per-position fold would cost a shuffle chain each. The
-// lanes of each accumulator are folded in a fixed order that depends on nothing but hd.
-inline void scores8(const float* k, const float* q, int64_t hd, float scale, float* s) {
+// s[j] = scale * dot(q, k[j]) for 8 positions j0.. at once, hd % 8 == 0: one accumulator per
+// position (8 lanes over the head's dims, FMA in dim order), then a transposing reduction (hadd
+// tree) that leaves the 8 sums in one vector, where a per-position fold would cost a shuffle
+// chain each. The lanes of each accumulator are folded in a fixed order that depends on nothing
+// but hd.
+template <class Rows>
+inline void scores8(const Rows& k, int64_t j0, const float* q, int64_t hd, float scale, float* s) {
   __m256 acc[8];
   for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t d = 0; d < hd; d += 8) {
     const __m256 qd = _mm256_loadu_ps(q + d);
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(k + r * hd + d), qd, acc[r]);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(k.load(j0 + r, d), qd, acc[r]);
   }
   // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
   const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
@@ -90,38 +115,27 @@ inline void scores8(const float* k, const float* q, int64_t hd, float scale, flo
 }
 
 // o[d0 .. d0 + 8 NV) = sum_j w[j] v[j, d0 ..], accumulators held in registers.
-template <int NV>
-void weighted_sum(const float* w, const float* v, int64_t n, int64_t hd, int64_t d0, float* o) {
+template <int NV, class Rows>
+void weighted_sum(const float* w, const Rows& v, int64_t n, int64_t d0, float* o) {
   __m256 acc[NV];
   for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const __m256 wj = _mm256_broadcast_ss(w + j);
-    const float* vj = v + j * hd + d0;
-    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wj, v.load(j, d0 + 8 * i), acc[i]);
   }
   for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
 }
 
-}  // namespace
-
-void exp_f32(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_ps(_mm256_loadu_ps(x + i)));
-  if (i < n) {
-    const __m256i mk = first_lanes(n - i);
-    _mm256_maskstore_ps(y + i, mk, exp_ps(_mm256_maskload_ps(x + i, mk)));
-  }
-}
-
-void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
-                float scale, float* m, float* l, float* o, float* work) {
+template <class Rows>
+void attn_chunk_impl(const Rows& k, const Rows& v, int64_t n, int64_t hd, const float* q,
+                     int64_t n_q, float scale, float* m, float* l, float* o, float* work) {
   for (int64_t a = 0; a < n_q; ++a) {
     const float* qa = q + a * hd;  // [hd]
     float* s = work + a * n;       // [n] scores, then weights
     int64_t j8 = 0;
     if (hd % 8 == 0)
-      for (; j8 + 8 <= n; j8 += 8) scores8(k + j8 * hd, qa, hd, scale, s + j8);
-    for (int64_t j = j8; j < n; ++j) s[j] = dot_hd(k + j * hd, qa, hd) * scale;
+      for (; j8 + 8 <= n; j8 += 8) scores8(k, j8, qa, hd, scale, s + j8);
+    for (int64_t j = j8; j < n; ++j) s[j] = dot_hd(k, j, qa, hd) * scale;
     // max and exp/sum over j in 8 lanes; the masked tail's dead lanes read as -inf / add 0.
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     int64_t j = 0;
@@ -146,24 +160,55 @@ void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const flo
     l[a] = hsum(vsum);
     float* oa = o + a * hd;  // [hd]
     int64_t d0 = 0;
-    for (; d0 + 64 <= hd; d0 += 64) weighted_sum<8>(s, v, n, hd, d0, oa);
+    for (; d0 + 64 <= hd; d0 += 64) weighted_sum<8>(s, v, n, d0, oa);
     switch ((hd - d0) / 8) {
-      case 7: weighted_sum<7>(s, v, n, hd, d0, oa); break;
-      case 6: weighted_sum<6>(s, v, n, hd, d0, oa); break;
-      case 5: weighted_sum<5>(s, v, n, hd, d0, oa); break;
-      case 4: weighted_sum<4>(s, v, n, hd, d0, oa); break;
-      case 3: weighted_sum<3>(s, v, n, hd, d0, oa); break;
-      case 2: weighted_sum<2>(s, v, n, hd, d0, oa); break;
-      case 1: weighted_sum<1>(s, v, n, hd, d0, oa); break;
+      case 7: weighted_sum<7>(s, v, n, d0, oa); break;
+      case 6: weighted_sum<6>(s, v, n, d0, oa); break;
+      case 5: weighted_sum<5>(s, v, n, d0, oa); break;
+      case 4: weighted_sum<4>(s, v, n, d0, oa); break;
+      case 3: weighted_sum<3>(s, v, n, d0, oa); break;
+      case 2: weighted_sum<2>(s, v, n, d0, oa); break;
+      case 1: weighted_sum<1>(s, v, n, d0, oa); break;
       default: break;
     }
     d0 += (hd - d0) / 8 * 8;
     for (int64_t d = d0; d < hd; ++d) {  // hd % 8 leftover dims, scalar FMA in j order
       float acc = 0;
-      for (int64_t jj = 0; jj < n; ++jj) acc = std::fma(s[jj], v[jj * hd + d], acc);
+      for (int64_t jj = 0; jj < n; ++jj) acc = std::fma(s[jj], v.at(jj, d), acc);
       oa[d] = acc;
     }
   }
+}
+
+}  // namespace
+
+void exp_f32(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_ps(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    const __m256i mk = first_lanes(n - i);
+    _mm256_maskstore_ps(y + i, mk, exp_ps(_mm256_maskload_ps(x + i, mk)));
+  }
+}
+
+void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
+                float scale, float* m, float* l, float* o, float* work) {
+  attn_chunk_impl(TileRows{k, hd}, TileRows{v, hd}, n, hd, q, n_q, scale, m, l, o, work);
+}
+
+void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,
+                    int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
+                    float* o, float* work) {
+  if (hd % 8 != 0) {  // partial chunks: through f32 tiles (the same values, so the same result)
+    float* kt = work + n_q * n;
+    float* vt = kt + n * hd;
+    for (int64_t j = 0; j < n; ++j) {
+      dequantize_row(DType::F16, k_rows[j], kt + j * hd, hd);
+      dequantize_row(DType::F16, v_rows[j], vt + j * hd, hd);
+    }
+    return attn_chunk(kt, vt, n, hd, q, n_q, scale, m, l, o, work);
+  }
+  attn_chunk_impl(F16Rows{k_rows}, F16Rows{v_rows}, n, hd, q, n_q, scale, m, l, o, work);
 }
 
 }  // namespace kvlm::kernels::avx2

@@ -33,6 +33,11 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
 // Scores by 8-lane FMA dots, exp by exp_ps below, o by FMA: agrees with ref to rounding.
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work);
+// Reads f16 rows in place (F16C in registers): bit-identical to attn_chunk over the same rows
+// dequantized into tiles.
+void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,
+                    int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
+                    float* o, float* work);
 // exp(x[i]) for 8 lanes at a time (Cephes' expf: range reduction by ln 2, degree-5 polynomial);
 // within 2 ulp of std::exp on [-87, 88]; below -87.3 gives 0 (attention feeds it s - max <= 0).
 // x, y: [n]; y may alias x.

@@ -32,4 +32,18 @@ void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const flo
   }
 }
 
+// The f16 rows dequantized into tiles after the scores in work, then attn_chunk: the definition
+// the AVX2 twin must equal.
+void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,
+                    int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
+                    float* o, float* work) {
+  float* kt = work + n_q * n;
+  float* vt = kt + n * hd;
+  for (int64_t j = 0; j < n; ++j) {
+    dequantize_row(DType::F16, k_rows[j], kt + j * hd, hd);
+    dequantize_row(DType::F16, v_rows[j], vt + j * hd, hd);
+  }
+  attn_chunk(kt, vt, n, hd, q, n_q, scale, m, l, o, work);
+}
+
 }  // namespace kvlm::kernels::ref

@@ -24,6 +24,9 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
                   ThreadPool& pool);
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work);
+void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,
+                    int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
+                    float* o, float* work);
 
 // ---- building blocks, exposed so the fast twins can be tested piece by piece --------------------
 // f32 x[32 * n_blocks] -> activation blocks (llama.cpp's x86 rounding: id = 127 / amax, nearest

@@ -108,6 +108,7 @@ struct Server::Impl {
   Metrics metrics;
   std::atomic<bool> stopping{false};
   std::atomic<bool> in_run{false};
+  socket_t listen_sock = INVALID_SOCKET;  // recorded by the socket-options hook (bind())
   std::mutex active_mu;                  // guards active
   std::unordered_set<RequestId> active;  // submitted, not yet ended (cancelled on stop())
 
@@ -416,6 +417,8 @@ void Server::Impl::routes() {
 // ---- Server
 // --------------------------------------------------------------------------------------
 
+constexpr int kListenBacklog = 1024;  // pending connections the kernel queues before accept()
+
 Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, ServerOptions opts)
     : impl_(std::make_unique<Impl>(scheduler, tok, std::move(model), std::move(opts))) {
   Impl& s = *impl_;
@@ -424,9 +427,10 @@ Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, Se
   s.http.set_payload_max_length(s.opts.max_body);
   // httplib's default also sets SO_REUSEPORT, which would let a second server bind the same port
   // and silently take half its connections; SO_REUSEADDR alone still allows a quick restart.
-  s.http.set_socket_options([](socket_t sock) {
+  s.http.set_socket_options([&s](socket_t sock) {
     int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    s.listen_sock = sock;
   });
   s.routes();
 }
@@ -444,6 +448,11 @@ int Server::bind() {
   if (port <= 0)
     fail("cannot listen on {}:{}{}; choose another --host/--port", s.opts.host, s.opts.port,
          errno ? fmt::format(" ({})", std::strerror(errno)) : std::string());
+  // Debian's compiled httplib listens with a backlog of 5 (CPPHTTPLIB_LISTEN_BACKLOG): a burst of
+  // 16 or 64 clients connecting at once overflowed it and one got a connection reset
+  // (bench/serve_bench.py). listen() again on the bound socket raises the backlog (Linux; capped
+  // by net.core.somaxconn).
+  if (s.listen_sock != INVALID_SOCKET) ::listen(s.listen_sock, kListenBacklog);
   return port;
 }
 

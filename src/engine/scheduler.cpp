@@ -254,11 +254,15 @@ void Scheduler::loop() {
       };
       if (!drop(st.running)) drop(st.waiting);
     }
-    if (stopping) {
-      for (auto& q : st.running) finish(*q, FinishReason::Cancelled, "");
-      for (auto& q : st.waiting) finish(*q, FinishReason::Cancelled, "");
+    // Every request, running or waiting, gets its final event.
+    auto finish_all = [&](FinishReason why, const std::string& error) {
+      for (auto& q : st.running) finish(*q, why, error);
+      for (auto& q : st.waiting) finish(*q, why, error);
       st.running.clear();
       st.waiting.clear();
+    };
+    if (stopping) {
+      finish_all(FinishReason::Cancelled, "");
       publish();
       return;
     }
@@ -267,10 +271,7 @@ void Scheduler::loop() {
         step();
       } catch (const std::exception& e) {
         // Not expected (inputs are validated at submit): fail every request rather than die.
-        for (auto& q : st.running) finish(*q, FinishReason::Error, e.what());
-        for (auto& q : st.waiting) finish(*q, FinishReason::Error, e.what());
-        st.running.clear();
-        st.waiting.clear();
+        finish_all(FinishReason::Error, e.what());
       }
       // Finished sequences were removed inside step(); their final events are sent there.
     }
@@ -282,7 +283,7 @@ void Scheduler::step() {
   State& st = *st_;
   const int32_t bs = config_.block_size;
   const ModelConfig& mc = model_.config();
-  const PrefixKey key_base{st.cache_type, {}};
+  auto key_for = [&](const Seq& q) { return PrefixKey{st.cache_type, q.req.salt}; };
   const uint64_t step_no = ++st.n_step_calls;  // marks the sequences this step schedules
 
   // Preempts the newest running sequence: its blocks go back (the registered ones stay cached,
@@ -328,15 +329,8 @@ void Scheduler::step() {
     items.push_back({q, 1});
     --budget;
   }
-  // items may hold sequences preempted after they were added (a later, newer one's grow() only
-  // preempts the newest, which is never older than the one growing): drop those.
-  auto running_has = [&](Seq* q) {
-    for (auto& r : st.running)
-      if (r.get() == q) return true;
-    return false;
-  };
-  items.erase(std::remove_if(items.begin(), items.end(), [&](const Item& it) { return !running_has(it.seq); }),
-              items.end());
+  // (A decode's grow() preempts only sequences newer than itself, not yet visited: every item
+  // still runs here.)
 
   // ---- 2. admission: oldest waiting first, while the pool holds the rest of its tokens ----
   // A request whose prompt shares full blocks with a sequence still prefilling them (a shared
@@ -359,9 +353,7 @@ void Scheduler::step() {
     Seq& q = *st.waiting[wi];
     PrefixMatch m;
     if (config_.prefix_cache) {
-      PrefixKey key = key_base;
-      key.salt = q.req.salt;
-      m = st.prefix.match(key, q.tokens);
+      m = st.prefix.match(key_for(q), q.tokens);
       if (inflight_blocks(q) > static_cast<int64_t>(m.block_ids.size())) {
         ++wi;  // try the next one; this one is admitted once the blocks are registered
         continue;
@@ -398,7 +390,10 @@ void Scheduler::step() {
     items.push_back({q, n});
     budget -= n;
   }
-  items.erase(std::remove_if(items.begin(), items.end(), [&](const Item& it) { return !running_has(it.seq); }),
+  // A prefill's grow() may have preempted a newer sequence that step 1 gave a decode token: its
+  // blocks are gone (release() cleared in_pool), so it leaves this step.
+  items.erase(std::remove_if(items.begin(), items.end(),
+                             [](const Item& it) { return !it.seq->in_pool; }),
               items.end());
   if (items.empty()) return;
 
@@ -421,8 +416,7 @@ void Scheduler::step() {
     q.n_computed += items[b].n;
     if (config_.prefix_cache) {
       const auto table = st.blocks.block_table(q.id);
-      PrefixKey key = key_base;
-      key.salt = q.req.salt;
+      const PrefixKey key = key_for(q);
       const int64_t full = q.n_computed / bs;
       for (; q.n_registered < full; ++q.n_registered) {
         const int64_t bi = q.n_registered;

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "kv/kv_quant.h"
 
 namespace kvlm {
 
@@ -48,8 +49,8 @@ void KvCache::write(int32_t il, int64_t pos, int64_t n, const float* k, const fl
   if (shape_.kivi()) return kivi_write(il, pos, n, k, v);
   const int64_t d = shape_.kv_dim();
   for (int64_t i = 0; i < n; ++i) {
-    kernels::quantize_row(shape_.dtype_k, k + i * d, k_[il].data() + (pos + i) * k_row_bytes_, d);
-    kernels::quantize_row(shape_.dtype_v, v + i * d, v_[il].data() + (pos + i) * v_row_bytes_, d);
+    kv_quantize_row(shape_.dtype_k, k + i * d, k_[il].data() + (pos + i) * k_row_bytes_, d);
+    kv_quantize_row(shape_.dtype_v, v + i * d, v_[il].data() + (pos + i) * v_row_bytes_, d);
   }
 }
 
@@ -108,7 +109,7 @@ void KvCache::shift_out(int64_t begin, int64_t count) {
       kernels::rope(row.data(), shape_.n_kv_head, shape_.head_dim, rope_.n_rot, -count,
                     rope_.freq_base, rope_.mode);
       if (shape_.rotate) kernels::hadamard(row.data(), shape_.n_kv_head, shape_.head_dim);
-      kernels::quantize_row(shape_.dtype_k, row.data(), kr, d);
+      kv_quantize_row(shape_.dtype_k, row.data(), kr, d);
     }
   }
   n_tokens_ -= count;

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "kv/kv_quant.h"
 #include "kv/kv_cache.h"
 #include "tensor/dtype.h"
 
@@ -100,7 +101,7 @@ void KvCache::kivi_write(int32_t il, int64_t pos, int64_t n, const float* k, con
     kv_kivi_quantize_k_group(x, G, d, kg + (g0 / G) * kv_kivi_group_bytes(shape_));
     for (int64_t t = 0; t < G; ++t) {
       gather(rv_[il], v, g0 + t, x);
-      kernels::quantize_row(shape_.dtype_v, x, vs + (g0 + t) * v_row_bytes_, d);
+      kv_quantize_row(shape_.dtype_v, x, vs + (g0 + t) * v_row_bytes_, d);
     }
   }
 }

@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "base/error.h"
+#include "kv/kv_quant.h"
 
 namespace kvlm {
 
@@ -56,8 +57,8 @@ void PagedKvStore::write(int32_t il, std::span<const BlockId> table, int64_t pos
     const int64_t p = pos + i;
     const BlockId b = table[p / block_size_];
     KVLM_CHECK(b >= 0 && b < n_blocks_);
-    kernels::quantize_row(shape_.dtype_k, k + i * d, row_k(il, b, p % block_size_), d);
-    kernels::quantize_row(shape_.dtype_v, v + i * d, row_v(il, b, p % block_size_), d);
+    kv_quantize_row(shape_.dtype_k, k + i * d, row_k(il, b, p % block_size_), d);
+    kv_quantize_row(shape_.dtype_v, v + i * d, row_v(il, b, p % block_size_), d);
   }
 }
 

@@ -18,10 +18,12 @@ engine's f16 run: delta PPL, mean / 99th-percentile KL(P_f16 || Q_type) and top-
     two [CTX/2, n_vocab] f32 logit blocks at a time (~400 MB at CTX 2048).
   kvlm (the binary, one `kvlm perplexity` process per configuration): the first configuration is
     the reference and writes a KL base file (--kl-base-out); the others compare with it
-    (--kl-base). kvlm's KL is over the base's top-32 tokens plus one bucket for the rest, a lower
-    bound of the full-vocabulary KL (perplexity.h), so compare kvlm's KL with kvlm's and
-    llama.cpp's with llama.cpp's. A configuration that fails (a flag perplexity does not take
-    yet) gets its error in its table row.
+    (--kl-base). kvlm's KL is then over the base's top-32 tokens plus one bucket for the rest, a
+    lower bound of the full-vocabulary KL (perplexity.h), so compare kvlm's KL with kvlm's and
+    llama.cpp's with llama.cpp's. With --kvlm-kl full the others instead evaluate every chunk a
+    second time with an f16 cache in the same process (--kl-ref f16) and report the exact
+    full-vocabulary KL, the quantity llama.cpp's rows report (twice the time). A configuration
+    that fails (a flag perplexity does not take yet) gets its error in its table row.
 
 The text kvlm reads is the shortest prefix of the Jargon File whose (llama.cpp) tokenization starts
 with the same N tokens as the whole text's, plus a small margin; the llama.cpp side tokenizes that
@@ -408,7 +410,12 @@ def run_kvlm_config(args, name: str, flags: str, textfile: Path, base_file: Path
     cmd = [str(args.kvlm), "perplexity", "-m", str(args.model), "-f", str(textfile),
            "-c", str(args.ctx), "--chunks", str(n_chunks), "-t", str(args.threads)]
     cmd += ([] if own_batch else ["-b", str(args.batch_size)]) + extra
-    cmd += ["--kl-base-out", str(base_file)] if is_base else ["--kl-base", str(base_file)]
+    if is_base:
+        cmd += ["--kl-base-out", str(base_file)]
+    elif args.kvlm_kl == "full":
+        cmd += ["--kl-ref", "f16"]
+    else:
+        cmd += ["--kl-base", str(base_file)]
     row["command"] = shlex.join(cmd)
     for attempt in range(3):
         if not wait_for(args.kvlm, args.kvlm_wait):
@@ -509,6 +516,9 @@ def main() -> int:
                     help="extra kvlm configuration, compared with kvlm's f16 run (repeatable)")
     ap.add_argument("--no-default-kvlm-configs", action="store_true",
                     help="run only the f16 base and the --kvlm-config ones")
+    ap.add_argument("--kvlm-kl", choices=("top32", "full"), default="top32",
+                    help="kvlm's KL: against the f16 run's top-32 base file (a lower bound), or "
+                         "exact over the full vocabulary against an in-process f16 run (2x time)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp (kvlm rows only)")
     ap.add_argument("--no-kvlm", action="store_true", help="skip kvlm (llama.cpp rows only)")
     ap.add_argument("--omp-passive", action="store_true",
@@ -626,9 +636,12 @@ def main() -> int:
     lines.append("")
     lines.append("ΔPPL, KLD and top-1 agreement are against the same engine's f16 run. llama.cpp: "
                  "flash attention ON in every run (needed for its quantized V cache); KL over "
-                 "the full vocabulary from exact f32 logits. kvlm: KL over the f16 run's top-32 "
+                 "the full vocabulary from exact f32 logits. kvlm: " + (
+                     "KL over the full vocabulary against an in-process f16 run of every chunk "
+                     "(--kl-ref f16), the same quantity as llama.cpp's. " if args.kvlm_kl == "full"
+                     else "KL over the f16 run's top-32 "
                  "tokens + one bucket for the rest, a lower bound of the full KL "
-                 "(src/engine/perplexity.h); compare kvlm with kvlm, llama.cpp with llama.cpp. "
+                 "(src/engine/perplexity.h); compare kvlm with kvlm, llama.cpp with llama.cpp. ") +
                  "KV B/token: n_layer x 2 x n_kv_head x head_dim x bytes per value "
                  f"({kv.n_layer} x 2 x {kv.n_kv_head} x {kv.head_dim}; f16 2, q8_0 34/32, "
                  "q4_0 18/32), from the cache types only (other flags such as residual windows "
@@ -658,7 +671,9 @@ def main() -> int:
             "llama_cpp": {"flash_attn": "on", "kl": "full vocabulary, exact f32 logits",
                           "system_info": llama.system_info,
                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-            "kvlm": {"binary": str(args.kvlm), "kl": "top-32 + rest buckets (lower bound)",
+            "kvlm": {"binary": str(args.kvlm),
+                     "kl": ("full vocabulary, in-process f16 run (--kl-ref f16)"
+                            if args.kvlm_kl == "full" else "top-32 + rest buckets (lower bound)"),
                      "configs": [{"name": n, "flags": f} for n, f in configs],
                      "token_check": token_check},
             "rows": rows,

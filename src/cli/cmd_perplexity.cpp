@@ -25,7 +25,7 @@ namespace {
 constexpr const char* kJargonGz = "/usr/share/doc/jargon-text/jargon.txt.gz";
 
 struct PerplexityArgs {
-  std::string model, file, kl_base, kl_base_out;
+  std::string model, file, kl_base, kl_base_out, kl_ref;
   CacheFlags cache;
   int64_t n_ctx = 512;
   int64_t n_chunks = -1;
@@ -73,6 +73,11 @@ int run_perplexity(const PerplexityArgs& a) {
   opts.kv = to_kv_options(a.cache, c);
   opts.dtype_k = opts.kv.dtype_k;
   opts.dtype_v = opts.kv.dtype_v;
+  if (!a.kl_ref.empty()) {
+    KvOptions ref;  // a plain contiguous cache of one type for K and V
+    ref.dtype_k = ref.dtype_v = parse_cache_type(a.kl_ref, "--kl-ref");
+    opts.kl_ref = ref;
+  }
   if (opts.kv.window && opts.kv.n_ctx >= a.n_ctx)
     fail("--kv-window: sinks + window ({}) must be smaller than the chunk (--ctx {}) to evict "
          "anything", opts.kv.n_ctx, a.n_ctx);
@@ -109,9 +114,14 @@ int run_perplexity(const PerplexityArgs& a) {
              r.seconds > 0 ? n_evaluated / r.seconds : 0.0);
   if (r.kl) {
     const KlStats& k = *r.kl;
-    fmt::print("KL divergence against {} (cache K {} / V {}), over the base's top-{} tokens + "
-               "the rest (a lower bound of the full KL):\n",
-               a.kl_base, dtype_name(k.base_dtype_k), dtype_name(k.base_dtype_v), kKlTopK);
+    if (k.full_vocab)
+      fmt::print("KL divergence against an in-process run with cache K {} / V {}, over the full "
+                 "vocabulary (exact):\n",
+                 dtype_name(k.base_dtype_k), dtype_name(k.base_dtype_v));
+    else
+      fmt::print("KL divergence against {} (cache K {} / V {}), over the base's top-{} tokens + "
+                 "the rest (a lower bound of the full KL):\n",
+                 a.kl_base, dtype_name(k.base_dtype_k), dtype_name(k.base_dtype_v), kKlTopK);
     fmt::print("  mean KLD      = {:.6f} +/- {:.6f}\n", k.kld_mean, k.kld_err);
     fmt::print("  median KLD    = {:.6f}, 99% {:.6f}, max {:.6f}\n", k.kld_median, k.kld_p99,
                k.kld_max);
@@ -141,7 +151,7 @@ Command add_perplexity(CLI::App& app) {
       "Debian's jargon-text package (scripts/setup.sh installs it):\n  zcat {} > jargon.txt && "
       "kvlm perplexity -f jargon.txt --chunks 4\nKL: make a base with the reference cache "
       "(--kl-base-out base.kld -ctk f16 -ctv f16), then compare another cache type with "
-      "--kl-base base.kld.\n",
+      "--kl-base base.kld; or compare in one run, over the full vocabulary, with --kl-ref f16.\n",
       kJargonGz));
   ppl->add_option("-m,--model", a->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
   ppl->add_option("-f,--file", a->file,
@@ -163,6 +173,11 @@ Command add_perplexity(CLI::App& app) {
   ppl->add_option("--kl-base", a->kl_base,
                   "compare with a base saved by --kl-base-out (same model, text, --ctx)")
       ->excludes(out);
+  ppl->add_option("--kl-ref", a->kl_ref,
+                  "compare with an in-process run of every chunk with this cache type (e.g. f16): "
+                  "exact full-vocabulary KL, twice the time")
+      ->excludes(out)
+      ->excludes("--kl-base");
   return {ppl, [a] { return run_perplexity(*a); }};
 }
 

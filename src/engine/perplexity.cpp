@@ -334,6 +334,8 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
     fail("--ctx {} is larger than the {} positions this model has learned", n_ctx, c.n_ctx_train);
   if (!opts.kl_base.empty() && !opts.kl_base_out.empty())
     fail("--kl-base and --kl-base-out together: make the base in one run, compare in another");
+  if (opts.kl_ref && (!opts.kl_base.empty() || !opts.kl_base_out.empty()))
+    fail("--kl-ref compares in process: leave out --kl-base and --kl-base-out");
   if (bos >= n_vocab) fail("BOS id {} is outside the vocabulary of {} tokens", bos, n_vocab);
 
   PerplexityResult res;
@@ -391,18 +393,30 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
     out.emplace(opts.kl_base_out, h);
   }
 
+  // A chunk's cache: exactly one chunk, unless a window evicts within it.
+  auto chunk_kv = [n_ctx](KvOptions kvo) {
+    if (!kvo.window) kvo.n_ctx = n_ctx;
+    return kvo;
+  };
   KvOptions kvo = opts.kv;
   kvo.dtype_k = opts.dtype_k;
   kvo.dtype_v = opts.dtype_v;
-  if (!kvo.window) kvo.n_ctx = n_ctx;
-  Session session(model, kvo, pool, opts.n_batch);
+  Session session(model, chunk_kv(kvo), pool, opts.n_batch);
+  std::optional<Session> ref;
+  std::vector<float> ref_logits;  // [n_score, n_vocab] the reference run's scored logits
+  if (opts.kl_ref) {
+    ref.emplace(model, chunk_kv(*opts.kl_ref), pool, opts.n_batch);
+    ref_logits.resize(static_cast<size_t>(n_score) * n_vocab);
+  }
+  const bool comparing = base || ref;
   RecordBlock block;  // [n_score] records of the current chunk (read or written)
   block.resize(n_score, base ? base->header().top_k : top_k);
   std::vector<uint8_t> mask(static_cast<size_t>(pool.size()) * n_vocab, 0);  // [n_threads, n_vocab]
   std::vector<double> pos_nll(n_score), pos_kld(n_score);  // [n_score] of the current chunk
+  std::vector<double> pos_base_lp(n_score);  // [n_score] ln p_base(target) when comparing
   std::vector<uint8_t> pos_same_top(n_score);              // [n_score]
   std::vector<double> klds;                                // [n_scored] when comparing
-  if (base) klds.reserve(static_cast<size_t>(res.n_scored));
+  if (comparing) klds.reserve(static_cast<size_t>(res.n_scored));
 
   double nll_sum = 0, nll_sum2 = 0;    // over scored tokens
   double kld_sum = 0, kld_sum2 = 0, kld_max = 0;
@@ -415,6 +429,12 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
     Timer t;
     const std::span<const int32_t> chunk(evaluated.data() + ic * n_ctx, n_ctx);
     if (base) base->read(block, mask.data());
+    if (ref) {
+      ref->reset();
+      ref->feed(chunk.first(first));
+      const std::span<const float> rl = ref->feed_all_logits(chunk.subspan(first, n_score));
+      std::copy(rl.begin(), rl.end(), ref_logits.begin());
+    }
     session.reset();
     // The first half only conditions: no logits needed beyond the last one, which feed() returns
     // anyway. The scored half's logits: [n_score, n_vocab], rows for positions first .. n_ctx-2.
@@ -461,6 +481,20 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
                              std::log(std::max(rs.rest, std::numeric_limits<double>::min())));
           pos_kld[j] = kld;
           pos_same_top[j] = rs.top1 == ids[0];
+          pos_base_lp[j] = block.target_logprob[j];
+        } else if (ref) {
+          // Exact KL(P_ref || Q) = sum_i p_i (ln p_i - ln q_i) over all n_vocab tokens.
+          const float* prow = ref_logits.data() + j * n_vocab;  // [n_vocab]
+          const RowStats ps = row_stats(prow, n_vocab, nullptr);
+          rs = row_stats(row, n_vocab, nullptr);
+          double kld = 0;
+          for (int32_t i = 0; i < n_vocab; ++i) {
+            const double lp = double{prow[i]} - ps.lse, lq = double{row[i]} - rs.lse;
+            kld += std::exp(lp) * (lp - lq);
+          }
+          pos_kld[j] = std::max(kld, 0.0);  // rounding leaves ~-1e-17 for identical rows
+          pos_same_top[j] = rs.top1 == ps.top1;
+          pos_base_lp[j] = double{prow[target]} - ps.lse;
         } else {
           rs = row_stats(row, n_vocab, nullptr);
         }
@@ -472,17 +506,17 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
       const double nll = pos_nll[j];
       nll_sum += nll;
       nll_sum2 += nll * nll;
-      if (base) {
+      if (comparing) {
         const double kld = pos_kld[j];
         kld_sum += kld;
         kld_sum2 += kld * kld;
         kld_max = std::max(kld_max, kld);
         klds.push_back(kld);
         n_same_top += pos_same_top[j];
-        const double dnll = nll + block.target_logprob[j];
+        const double dnll = nll + pos_base_lp[j];
         dnll_sum += dnll;
         dnll_sum2 += dnll * dnll;
-        base_nll_sum -= block.target_logprob[j];
+        base_nll_sum -= pos_base_lp[j];
       }
     }
     n_done += n_score;
@@ -492,7 +526,7 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
       p.chunk = ic;
       p.n_chunks = n_chunks;
       p.ppl = std::exp(nll_sum / n_done);
-      if (base) p.kld_mean = kld_sum / n_done;
+      if (comparing) p.kld_mean = kld_sum / n_done;
       p.chunk_seconds = t.ms() / 1000;
       on_chunk(p);
     }
@@ -504,7 +538,7 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
   res.nll_mean = nll.mean;
   res.ppl = std::exp(nll.mean);
   res.ppl_err = nll.err * res.ppl;
-  if (base) {
+  if (comparing) {
     KlStats kl;
     kl.n = n_done;
     const MeanErr kld = mean_err(kld_sum, kld_sum2, n_done);
@@ -518,8 +552,9 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
     const MeanErr d = mean_err(dnll_sum, dnll_sum2, n_done);
     kl.ln_ppl_ratio = d.mean;
     kl.ln_ppl_ratio_err = d.err;
-    kl.base_dtype_k = static_cast<DType>(base->header().dtype_k);
-    kl.base_dtype_v = static_cast<DType>(base->header().dtype_v);
+    kl.base_dtype_k = base ? static_cast<DType>(base->header().dtype_k) : opts.kl_ref->dtype_k;
+    kl.base_dtype_v = base ? static_cast<DType>(base->header().dtype_v) : opts.kl_ref->dtype_v;
+    kl.full_vocab = !base;
     res.kl = kl;
   }
   return res;

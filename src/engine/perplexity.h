@@ -22,6 +22,12 @@
 // hold p_rest of the mass (typically a few percent), so the bound is tight where both
 // distributions are peaked, which is where a cache type's errors matter. llama.cpp's numbers are
 // computed over the full vocabulary; compare kvlm's with kvlm's.
+//
+// In-process reference (kl_ref): instead of a base file, every chunk is also evaluated with a
+// second, reference cache (for example f16) in the same process, and KL(P_ref || Q) is computed
+// exactly over the full vocabulary from both f32 logit rows, in double: the same quantity
+// llama.cpp's numbers are. It costs a second evaluation of every chunk and one [n_ctx/2, n_vocab]
+// f32 block of reference logits (~200 MB at --ctx 2048 for SmolLM2), and nothing on disk.
 #pragma once
 
 #include <cstdint>
@@ -78,6 +84,9 @@ struct PerplexityOptions {
   DType dtype_v = DType::F16;
   std::string kl_base;      // compare against this base file ("" = no comparison)
   std::string kl_base_out;  // write a base file ("" = none)
+  // Compare with an in-process run with this cache instead (its n_ctx is set per chunk as for
+  // kv); exclusive with kl_base and kl_base_out.
+  std::optional<KvOptions> kl_ref;
   // Cache layout beyond the types above (allocation, sliding window with sinks, KIVI). Its n_ctx
   // is used only with a window (sinks + window, smaller than a chunk: the window then evicts
   // within each chunk); otherwise the cache holds exactly one chunk.
@@ -93,6 +102,7 @@ struct KlStats {
   double ln_ppl_ratio = 0;     // mean (NLL - NLL_base) = ln(PPL / PPL_base)
   double ln_ppl_ratio_err = 0;
   DType base_dtype_k = DType::F16, base_dtype_v = DType::F16;
+  bool full_vocab = false;     // true: exact KL against kl_ref; false: the base file's K + 1 buckets
 };
 
 struct PerplexityResult {
@@ -104,7 +114,7 @@ struct PerplexityResult {
   double nll_mean = 0;
   double ppl = 0, ppl_err = 0;
   double seconds = 0;         // evaluation wall time
-  std::optional<KlStats> kl;  // when opts.kl_base is set
+  std::optional<KlStats> kl;  // when opts.kl_base or opts.kl_ref is set
 };
 
 // Reported after each chunk; running values over the chunks so far.

@@ -235,6 +235,93 @@ TEST(Perplexity, KlF16CacheAgainstF32BaseIsSmallButPositive) {
   std::filesystem::remove(base);
 }
 
+// ---- in-process reference: exact KL over the full vocabulary -----------------------------------
+KvOptions plain_cache(DType t) {
+  KvOptions kv;
+  kv.dtype_k = kv.dtype_v = t;
+  return kv;
+}
+
+TEST(Perplexity, KlRefWithTheSameCacheIsZero) {
+  const Loaded& l = smol();
+  PerplexityOptions o = options(64, 2);
+  o.kl_ref = plain_cache(DType::F16);
+  const PerplexityResult r = perplexity(*l.model, l.tokens, l.bos, o, pool());
+  ASSERT_TRUE(r.kl.has_value());
+  const KlStats& k = *r.kl;
+  EXPECT_TRUE(k.full_vocab);
+  EXPECT_EQ(k.n, r.n_scored);
+  EXPECT_EQ(k.kld_mean, 0);
+  EXPECT_EQ(k.kld_max, 0);
+  EXPECT_EQ(k.same_top, 1.0);
+  EXPECT_EQ(k.ln_ppl_ratio, 0);
+  EXPECT_DOUBLE_EQ(k.base_ppl, r.ppl);
+}
+
+// Against an independent computation: both caches' logits for every chunk, KL(P_f16 || Q_q4_0)
+// in long double over all tokens; and the base file's top-32 KL is a lower bound of it.
+TEST(Perplexity, KlRefIsTheExactFullVocabularyKl) {
+  const Loaded& l = smol();
+  const int64_t n_ctx = 64, n_chunks = 2;
+  PerplexityOptions o = options(n_ctx, n_chunks, DType::Q4_0);
+  o.kl_ref = plain_cache(DType::F16);
+  const PerplexityResult r = perplexity(*l.model, l.tokens, l.bos, o, pool());
+  ASSERT_TRUE(r.kl.has_value());
+  const KlStats& k = *r.kl;
+  EXPECT_EQ(k.base_dtype_k, DType::F16);
+
+  const int32_t n_vocab = l.model->config().n_vocab;
+  long double kl_sum = 0;
+  int64_t n = 0;
+  for (int64_t ic = 0; ic < n_chunks; ++ic) {
+    std::vector<int32_t> chunk(l.tokens.begin() + ic * n_ctx, l.tokens.begin() + (ic + 1) * n_ctx);
+    if (l.bos >= 0) chunk[0] = l.bos;
+    Session sp(*l.model, DType::F16, DType::F16, n_ctx, pool());
+    Session sq(*l.model, DType::Q4_0, DType::Q4_0, n_ctx, pool());
+    const std::span<const float> pp = sp.feed_all_logits(chunk);  // [n_ctx, n_vocab], each
+    const std::span<const float> pq = sq.feed_all_logits(chunk);  // session owns its rows
+    for (int64_t pos = n_ctx / 2; pos <= n_ctx - 2; ++pos, ++n) {
+      const float* a = pp.data() + pos * n_vocab;
+      const float* b = pq.data() + pos * n_vocab;
+      long double za = 0, zb = 0;
+      for (int32_t i = 0; i < n_vocab; ++i) {
+        za += std::exp(static_cast<long double>(a[i]));
+        zb += std::exp(static_cast<long double>(b[i]));
+      }
+      long double kl = 0;
+      for (int32_t i = 0; i < n_vocab; ++i) {
+        const long double la = a[i] - std::log(za), lb = b[i] - std::log(zb);
+        kl += std::exp(la) * (la - lb);
+      }
+      kl_sum += kl;
+    }
+  }
+  const double want = static_cast<double>(kl_sum / n);
+  std::printf("q4_0 vs f16, full vocabulary: KLD %.6g (independent %.6g)\n", k.kld_mean, want);
+  EXPECT_GT(want, 1e-4);  // q4_0 is measurably lossy, so the comparison is not 0 == 0
+  EXPECT_NEAR(k.kld_mean, want, 1e-6 * want);
+
+  // The same comparison through a base file: a coarsening of the same two distributions.
+  const std::string base = temp_path("bound.kld");
+  PerplexityOptions ob = options(n_ctx, n_chunks, DType::F16);
+  ob.kl_base_out = base;
+  const PerplexityResult rb = perplexity(*l.model, l.tokens, l.bos, ob, pool());
+  PerplexityOptions oq = options(n_ctx, n_chunks, DType::Q4_0);
+  oq.kl_base = base;
+  const PerplexityResult rq = perplexity(*l.model, l.tokens, l.bos, oq, pool());
+  ASSERT_TRUE(rq.kl.has_value());
+  EXPECT_FALSE(rq.kl->full_vocab);
+  EXPECT_LE(rq.kl->kld_mean, k.kld_mean * (1 + 1e-6));
+  EXPECT_DOUBLE_EQ(rq.ppl, r.ppl);
+  EXPECT_NEAR(k.base_ppl, rb.ppl, 1e-9 * rb.ppl);
+  EXPECT_EQ(rq.kl->same_top, k.same_top);
+  std::filesystem::remove(base);
+
+  PerplexityOptions both = o;
+  both.kl_base = base;
+  EXPECT_THROW(perplexity(*l.model, l.tokens, l.bos, both, pool()), Error);
+}
+
 // The base file as perplexity.h documents it: header, then records with top-K sorted by
 // descending log-probability whose probabilities and the rest mass sum to 1.
 TEST(Perplexity, BaseFileLayout) {

@@ -5,6 +5,7 @@ Every bad input must give exit code 1 or 2, never a signal, and exactly one line
 names the problem. Standard library only. Usage: test_cli.py KVLM_BINARY TEST_DATA_DIR
 """
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -398,6 +399,22 @@ class Perplexity(unittest.TestCase):
         self.assertIn("same top p    = 100.000 %", out)
         self.one_line_error(run("perplexity", "-m", TINY, "-f", self.text, "--ctx", "32",
                                 "--kl-base", self.base), (1,), "--ctx 64")
+
+    def test_kl_ref_in_process(self):
+        # The same cache as its reference: exactly 0, over the full vocabulary; another one: > 0
+        # (the tiny model's 16-dim heads take no 32-value blocks: f32 against f16).
+        rc, out, err = self.ppl("--chunks", "2", "--kl-ref", "f16")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("over the full vocabulary", out)
+        self.assertIn("mean KLD      = 0.000000 +/- 0.000000", out)
+        rc, out, err = self.ppl("--chunks", "2", "-ctk", "f32", "--kl-ref", "f16")
+        self.assertEqual(rc, 0, err)
+        kld = float(re.search(r"mean KLD\s*=\s*([0-9.e+-]+)", out)[1])
+        self.assertGreater(kld, 0)
+        self.one_line_error(self.ppl("--kl-ref", "q9_9"), (1, 2), "q9_9")
+        self.one_line_error(self.ppl("--kl-ref", "f16", "--kl-base", self.junk), (2,), "excludes")
+        self.one_line_error(self.ppl("--kl-ref", "f16", "--kl-base-out", self.base), (2,),
+                            "excludes")
 
     def test_bad_inputs(self):
         self.one_line_error(self.ppl_file("/nonexistent/text.txt"), (1,), "/nonexistent/text.txt")

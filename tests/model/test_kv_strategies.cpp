@@ -268,7 +268,10 @@ TEST(KvStrategies, HadamardRotationImprovesQ4) {
   }
   EXPECT_LE(m[0].mean_kl, 0.015);             // rotation alone: rounding only
   EXPECT_LT(m[4].mean_kl, 0.5 * m[3].mean_kl);  // q4_0: the claim
-  EXPECT_LT(m[6].mean_kl, 0.5 * m[5].mean_kl);  // q4_1
+  // q4_1: with GGML's quantizer rotation more than halved the KL (0.086 -> 0.038). The cache's
+  // scale search (src/kv/kv_quant.h) helps the unrotated blocks most (0.061 -> 0.034 now, measured
+  // 2026-12-01), so rotation now takes ~45% off: the bound is 0.65, not 0.5.
+  EXPECT_LT(m[6].mean_kl, 0.65 * m[5].mean_kl);
   EXPECT_LE(m[2].mean_kl, 0.02);
 
   // Window + sinks over a rotated cache: eviction re-rotates K through H. The rotated f32 cache

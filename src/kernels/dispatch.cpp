@@ -27,15 +27,37 @@ struct KernelTable {
                      float*, float*, float*, float*);
   void (*attn_chunk_f16)(const uint16_t* const*, const uint16_t* const*, int64_t, int64_t,
                          const float*, int64_t, float, float*, float*, float*, float*);
+  void (*rms_norm)(const float*, const float*, float*, int64_t, float);
+  void (*layer_norm)(const float*, const float*, const float*, float*, int64_t, float);
+  void (*softmax)(float*, int64_t);
+  void (*swiglu)(float*, const float*, int64_t);
+  void (*gelu)(float*, int64_t);
+  void (*add)(float*, const float*, int64_t);
+  void (*rope_rotate)(float*, int64_t, int64_t, int64_t, const double*, RopeMode);
 };
 
-constexpr KernelTable kScalar = {"scalar",          ref::dequantize_row, ref::dequantize_rows,
-                                 ref::round_to_f16, ref::dot_row,        ref::matmul,
-                                 ref::matmul_multi, ref::attn_chunk, ref::attn_chunk_f16};
-constexpr KernelTable kAvx2 = {
-    "avx2",        avx2::dequantize_row, avx2::dequantize_rows, avx2::round_to_f16,
-    avx2::dot_row, avx2::matmul,         avx2::matmul_multi,    avx2::attn_chunk,
-    avx2::attn_chunk_f16};
+// Every entry of a table comes from that variant's namespace (same order as the fields).
+constexpr KernelTable kScalar = {
+    "scalar",        ref::dequantize_row, ref::dequantize_rows, ref::round_to_f16,   ref::dot_row,
+    ref::matmul,     ref::matmul_multi,   ref::attn_chunk,      ref::attn_chunk_f16, ref::rms_norm,
+    ref::layer_norm, ref::softmax,        ref::swiglu,          ref::gelu,           ref::add,
+    ref::rope_rotate};
+constexpr KernelTable kAvx2 = {"avx2",
+                               avx2::dequantize_row,
+                               avx2::dequantize_rows,
+                               avx2::round_to_f16,
+                               avx2::dot_row,
+                               avx2::matmul,
+                               avx2::matmul_multi,
+                               avx2::attn_chunk,
+                               avx2::attn_chunk_f16,
+                               avx2::rms_norm,
+                               avx2::layer_norm,
+                               avx2::softmax,
+                               avx2::swiglu,
+                               avx2::gelu,
+                               avx2::add,
+                               avx2::rope_rotate};
 
 }  // namespace
 
@@ -114,6 +136,35 @@ void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows
                     int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
                     float* o, float* work) {
   table().attn_chunk_f16(k_rows, v_rows, n, hd, q, n_q, scale, m, l, o, work);
+}
+
+void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
+  table().rms_norm(x, w, y, n, eps);
+}
+
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps) {
+  table().layer_norm(x, w, b, y, n, eps);
+}
+
+void softmax(float* x, int64_t n) {
+  table().softmax(x, n);
+}
+
+void swiglu(float* gate, const float* up, int64_t n) {
+  table().swiglu(gate, up, n);
+}
+
+void gelu(float* x, int64_t n) {
+  table().gelu(x, n);
+}
+
+void add(float* y, const float* x, int64_t n) {
+  table().add(y, x, n);
+}
+
+void rope_rotate(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, const double* cs,
+                 RopeMode mode) {
+  table().rope_rotate(x, n_head, head_dim, n_dims, cs, mode);
 }
 
 }  // namespace kvlm::kernels

@@ -14,9 +14,10 @@ namespace kvlm::kernels {
 
 // Kernel variant in use: "avx2" (AVX2 + FMA + F16C, chosen when the CPU has all three) or
 // "scalar" (the reference; forced with the environment variable KVLM_KERNELS=scalar). Chosen once,
-// on the first kernel call, for the whole process. dequantize_row, dot_row and matmul dispatch to
-// it; every variant keeps the bit-identity guarantees stated below on its own, but two variants
-// give slightly different dot products (different summation order).
+// on the first kernel call, for the whole process. dequantize_row, dot_row, matmul, attention and
+// the element-wise ops dispatch to it; every variant keeps the bit-identity guarantees stated
+// below on its own, but two variants give slightly different dot products (different summation
+// order) and activations (vector exp).
 const char* kernels_backend();
 
 // ---- (de)quantization --------------------------------------------------------------------------
@@ -80,17 +81,21 @@ void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows
                     float* o, float* work);
 
 // ---- element-wise and row-wise ops -------------------------------------------------------------
+// Dispatched like matmul. Each output element depends only on its own inputs (and, for the norms
+// and softmax, on its row and the row length n), never on where it sits in the array, on n for
+// the element-wise ops, or on the thread count: a token's numbers are the same in prefill and
+// decode. The variants agree to the bounds tested in tests/kernels/test_kernels_avx2.cpp.
 // y = x / sqrt(mean(x^2) + eps) * w        x, w, y: [n]; y may alias x
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps);
 // y = (x - mean) / sqrt(var + eps) * w + b  x, w, b, y: [n]; y may alias x
 void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps);
 // In-place numerically stable softmax over x[n].
 void softmax(float* x, int64_t n);
-// gate[i] = silu(gate[i]) * up[i]          [n]
+// gate[i] = silu(gate[i]) * up[i]          gate, up: [n]
 void swiglu(float* gate, const float* up, int64_t n);
-// x[i] = gelu(x[i]) with the tanh approximation GGML and GPT-2 use     [n]
+// x[i] = gelu(x[i]) with the tanh approximation GGML and GPT-2 use     x: [n]
 void gelu(float* x, int64_t n);
-// y[i] += x[i]                             [n]
+// y[i] += x[i]  (exact in every variant)   y, x: [n]
 void add(float* y, const float* x, int64_t n);
 
 // ---- rotary position embedding ----------------------------------------------------------------
@@ -99,9 +104,18 @@ enum class RopeMode {
   Neox,    // rotate halves (x[i], x[i + n_dims/2])
 };
 // Rotates the first n_dims dims of each of n_head heads of x: [n_head, head_dim] in place, for
-// position pos, with theta_i = pos * freq_base^(-2i/n_dims).
+// position pos, with theta_i = pos * freq_base^(-2i/n_dims). Angles, cos/sin and the rotation in
+// double, each output rounded once. Not dispatched; the forward pass uses the tables below.
 void rope(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, int64_t pos,
           float freq_base, RopeMode mode);
+// The same rotation from precomputed tables, bit-identical to rope() in every variant:
+//   rope_freqs:   inv_freq: [n_dims / 2] = freq_base^(-2i/n_dims) (depends on the config only)
+//   rope_cos_sin: cs: [2, n_pairs] = cos, then sin, of pos * inv_freq[i], once per position
+//   rope_rotate:  x: [n_head, head_dim] rotated by cs (dispatched), for every Q and K head
+void rope_freqs(int64_t n_dims, float freq_base, double* inv_freq);
+void rope_cos_sin(const double* inv_freq, int64_t n_pairs, int64_t pos, double* cs);
+void rope_rotate(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, const double* cs,
+                 RopeMode mode);
 
 // Multiplies each of n_head heads of x: [n_head, head_dim] in place by the normalised
 // Walsh-Hadamard matrix H / sqrt(head_dim) (head_dim a power of two). Orthogonal and its own

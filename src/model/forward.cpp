@@ -330,6 +330,19 @@ void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, c
     }
   }
 
+  // RoPE tables, once per forward pass and shared by every layer and every Q and K head:
+  // rope_cs: [n_tok, 2, n_rot / 2] cos, then sin, of token i's angles (rope_rotate equals
+  // kernels::rope bit for bit, so a token gets the same numbers in prefill and decode).
+  std::vector<double> rope_cs;
+  if (c.arch->pos == PosKind::Rope) {
+    const int64_t n_pairs = c.n_rot / 2;
+    std::vector<double> inv_freq(static_cast<size_t>(n_pairs));  // [n_rot / 2]
+    kernels::rope_freqs(c.n_rot, c.rope_freq_base, inv_freq.data());
+    rope_cs.resize(static_cast<size_t>(n_tok * c.n_rot));
+    for (int64_t i = 0; i < n_tok; ++i)
+      kernels::rope_cos_sin(inv_freq.data(), n_pairs, pos[i], rope_cs.data() + i * c.n_rot);
+  }
+
   for (int32_t il = 0; il < c.n_layer; ++il) {
     const LayerWeights& l = w.layers[il];
     // ---- attention block ----
@@ -350,10 +363,9 @@ void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, c
     }
     if (c.arch->pos == PosKind::Rope) {
       for (int64_t i = 0; i < n_tok; ++i) {
-        kernels::rope(q + i * Q, c.n_head, c.head_dim, c.n_rot, pos[i], c.rope_freq_base,
-                      c.arch->rope_mode);
-        kernels::rope(k + i * KV, c.n_kv_head, c.head_dim, c.n_rot, pos[i], c.rope_freq_base,
-                      c.arch->rope_mode);
+        const double* cs = rope_cs.data() + i * c.n_rot;  // [2, n_rot / 2]
+        kernels::rope_rotate(q + i * Q, c.n_head, c.head_dim, c.n_rot, cs, c.arch->rope_mode);
+        kernels::rope_rotate(k + i * KV, c.n_kv_head, c.head_dim, c.n_rot, cs, c.arch->rope_mode);
       }
     }
     // Rotated cache: H k and H v are stored, attention scores H q . H k == q . k, and its output

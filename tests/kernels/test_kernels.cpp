@@ -552,6 +552,25 @@ TEST(Rope, MatchesDoubleReference) {
   }
 }
 
+// The forward pass's path: tables once (rope_freqs, rope_cos_sin), then the dispatched rotation
+// for every head. Equals the definition bit for bit, negative positions (context shift) included.
+TEST(Rope, TablesAndRotateEqualRope) {
+  std::mt19937 rng(18);
+  for (RopeMode mode : {RopeMode::Normal, RopeMode::Neox})
+    for (auto [head_dim, n_dims] : {std::pair<int64_t, int64_t>{64, 64}, {128, 64}, {10, 10}})
+      for (int64_t pos : {0, 3, 4095, 100000, -12}) {
+        const int64_t n_head = 3;
+        const std::vector<float> x = random_floats(rng, n_head * head_dim, 1.0f);
+        std::vector<double> inv_freq(n_dims / 2), cs(n_dims);
+        rope_freqs(n_dims, 500000.0f, inv_freq.data());
+        rope_cos_sin(inv_freq.data(), n_dims / 2, pos, cs.data());
+        std::vector<float> want = x, got = x;
+        rope(want.data(), n_head, head_dim, n_dims, pos, 500000.0f, mode);
+        rope_rotate(got.data(), n_head, head_dim, n_dims, cs.data(), mode);
+        for (size_t k = 0; k < x.size(); ++k) ASSERT_EQ(bits_of(got[k]), bits_of(want[k])) << k;
+      }
+}
+
 // hadamard == the Sylvester matrix H[i][j] = (-1)^popcount(i & j) / sqrt(n) applied in double,
 // and applying it twice gives the input back (H is orthogonal and symmetric).
 TEST(Hadamard, MatchesMatrixAndIsItsOwnInverse) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <numbers>
 #include <random>
 #include <string>
 #include <vector>
@@ -744,6 +745,345 @@ TEST(Avx2Attn, PublicEntryPointUsesTheChosenVariant) {
     ASSERT_EQ(bits_of(l[a]), bits_of(l2[a]));
   }
   for (size_t i = 0; i < o.size(); ++i) ASSERT_EQ(bits_of(o[i]), bits_of(o2[i]));
+}
+
+// ---- element-wise and row-wise ops --------------------------------------------------------------
+// Sizes with every 8-lane tail length, around the vector widths and the model's rows (576, 1536),
+// each placed at every f32 offset from a 32-byte boundary.
+const std::vector<int64_t> kRowSizes = {1,  2,  3,  4,  5,  6,  7,   8,   9,    15,  16,
+                                        17, 31, 33, 63, 64, 65, 100, 576, 1536, 4095};
+
+// Inputs that reach the activations' edge cases: dense [-10, 10], the exp overflow and underflow
+// thresholds, huge, tiny and signed-zero values, infinities.
+std::vector<float> activation_edge_inputs() {
+  std::vector<float> v;
+  for (int i = -2000; i <= 2000; ++i) v.push_back(i * 0.005f);
+  for (float f : {-1e30f, -1e6f,  -120.0f, -104.0f, -100.0f, -88.8f, -88.7f,   -87.4f,
+                  -87.0f, -30.0f, 30.0f,   87.0f,   88.7f,   88.8f,  100.0f,   1e6f,
+                  1e30f,  1e-20f, -1e-20f, 0.0f,    -0.0f,   1e-40f, INFINITY, -INFINITY})
+    v.push_back(f);
+  return v;
+}
+
+// exp_f32_full against std::exp (in double) over every 997th f32 in [-104.5, 89]: computed in
+// double to < 2e-14 relative and rounded once, so within 0.5 ulp + 2e-14 relative of exact
+// (normal and subnormal results alike: a subnormal's ulp is 2^-149), +inf past ln(FLT_MAX), NaN
+// kept. An exhaustive run over all 2.24e9 f32 in that range measured 0.50000 ulp at most (i.e.
+// correctly rounded) and results equal to glibc's expf (ref's, itself within ~0.502 ulp) for
+// 2237498380 of 2237668968 normal results (99.992%); >= 99.9% checked here.
+TEST(Avx2Elementwise, ExpFullWithinHalfUlp) {
+  SKIP_WITHOUT_AVX2();
+  std::vector<float> x;
+  for (uint64_t u = 0; u <= 0xffffffffull; u += 997) {
+    float f;
+    const uint32_t b = static_cast<uint32_t>(u);
+    std::memcpy(&f, &b, 4);
+    if (f >= -104.5f && f <= 89.0f) x.push_back(f);
+  }
+  for (float f : {0.0f, -0.0f, 1e-30f, -1e-30f, 88.72283f, -87.33654f, -103.28f}) x.push_back(f);
+  const size_t n = x.size();
+  size_t n_same = 0;
+  for (size_t off : {0, 4, 12, 28}) {  // unaligned and masked-tail placements
+    Buffer in((n + 1) * 4, off), out((n + 1) * 4, off);
+    std::memcpy(in.data(), x.data(), n * 4);
+    avx2::exp_f32_full(in.as<float>(), out.as<float>(), static_cast<int64_t>(n) - off / 4);
+    for (size_t i = 0; i < n - off / 4; ++i) {
+      const double want = std::exp(static_cast<double>(x[i]));
+      const double got = out.as<float>()[i];
+      if (want > 0x1.fffffep127) {
+        ASSERT_TRUE(std::isinf(got) && got > 0) << "x=" << x[i];
+        continue;
+      }
+      const double ulp = want < 0x1p-126 ? 0x1p-149 : std::ldexp(1.0, std::ilogb(want) - 23);
+      ASSERT_LE(std::abs(got - want), 0.5 * ulp + 2e-14 * want) << "x=" << x[i];
+      n_same += bits_of(static_cast<float>(got)) == bits_of(std::exp(x[i]));
+    }
+  }
+  EXPECT_GE(n_same, 4 * n * 999 / 1000);
+  float special[5] = {INFINITY, -INFINITY, NAN, 88.7229f, -1e30f}, out[5];
+  avx2::exp_f32_full(special, out, 5);
+  EXPECT_EQ(out[0], INFINITY);
+  EXPECT_EQ(out[1], 0.0f);
+  EXPECT_TRUE(std::isnan(out[2]));
+  EXPECT_EQ(out[3], INFINITY);
+  EXPECT_EQ(out[4], 0.0f);
+}
+
+// add: the same IEEE additions as ref, so bit-identical, at every size and offset.
+TEST(Avx2Elementwise, AddEqualsRefBitForBit) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(101);
+  for (int64_t n : kRowSizes)
+    for (size_t off = 0; off < 32; off += 4) {
+      const std::vector<float> x = random_floats(rng, n, 3.0f), y0 = random_floats(rng, n, 3.0f);
+      Buffer yb(n * 4, off), xb(n * 4, (off + 8) % 32);
+      std::memcpy(yb.data(), y0.data(), n * 4);
+      std::memcpy(xb.data(), x.data(), n * 4);
+      std::vector<float> want = y0;
+      ref::add(want.data(), x.data(), n);
+      avx2::add(yb.as<float>(), xb.as<float>(), n);
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(bits_of(yb.as<float>()[i]), bits_of(want[i])) << n << " " << i;
+    }
+}
+
+// rms_norm: the two variants' f32 scales (each f32(1 / sqrt(double sum / n + eps)), the double
+// sums differing only in order) are equal or adjacent floats, 2 u apart relatively at most; each
+// output then rounds twice in either variant: |fast - ref| <= 6 u |ref|. In place equals out of
+// place bit for bit.
+TEST(Avx2Elementwise, RmsNormMatchesRef) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(102);
+  int64_t n_same = 0, n_total = 0;
+  for (int64_t n : kRowSizes)
+    for (size_t off = 0; off < 32; off += 4) {
+      const std::vector<float> x = random_floats(rng, n, 3.0f), w = random_floats(rng, n, 1.0f);
+      Buffer xb(n * 4, off), wb(n * 4, (off + 12) % 32), yb(n * 4, (off + 20) % 32);
+      std::memcpy(xb.data(), x.data(), n * 4);
+      std::memcpy(wb.data(), w.data(), n * 4);
+      std::vector<float> want(n);
+      ref::rms_norm(x.data(), w.data(), want.data(), n, 1e-5f);
+      avx2::rms_norm(xb.as<float>(), wb.as<float>(), yb.as<float>(), n, 1e-5f);
+      avx2::rms_norm(xb.as<float>(), wb.as<float>(), xb.as<float>(), n, 1e-5f);  // in place
+      for (int64_t i = 0; i < n; ++i) {
+        const float got = yb.as<float>()[i];
+        ASSERT_NEAR(got, want[i], 6 * kEpsF32 * std::fabs(want[i])) << n << " " << i;
+        ASSERT_EQ(bits_of(xb.as<float>()[i]), bits_of(got)) << n << " " << i;
+        n_same += bits_of(got) == bits_of(want[i]);
+        ++n_total;
+      }
+    }
+  EXPECT_GE(n_same, n_total * 9 / 10);  // the scales differ only at rounding boundaries
+}
+
+// layer_norm: mean and scale in double (sums in a different order), t = f32((x - mean) * scale)
+// then rounds to equal or adjacent floats (2 u of |t|), and t * w + b rounds twice in either
+// variant: |fast - ref| <= 6 u (|t w| + |b|). A large mean (two-pass variance) included.
+TEST(Avx2Elementwise, LayerNormMatchesRef) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(103);
+  for (int64_t n : kRowSizes)
+    for (size_t off = 0; off < 32; off += 4)
+      for (float shift : {0.0f, 100.0f}) {
+        std::vector<float> x = random_floats(rng, n, 2.0f);
+        for (auto& v : x) v += shift;
+        const std::vector<float> w = random_floats(rng, n, 1.0f), b = random_floats(rng, n, 1.0f);
+        Buffer xb(n * 4, off), wb(n * 4, (off + 4) % 32), bb(n * 4, (off + 8) % 32),
+            yb(n * 4, (off + 16) % 32);
+        std::memcpy(xb.data(), x.data(), n * 4);
+        std::memcpy(wb.data(), w.data(), n * 4);
+        std::memcpy(bb.data(), b.data(), n * 4);
+        std::vector<float> want(n);
+        ref::layer_norm(x.data(), w.data(), b.data(), want.data(), n, 1e-5f);
+        avx2::layer_norm(xb.as<float>(), wb.as<float>(), bb.as<float>(), yb.as<float>(), n, 1e-5f);
+        avx2::layer_norm(xb.as<float>(), wb.as<float>(), bb.as<float>(), xb.as<float>(), n, 1e-5f);
+        double mean = 0, var = 0;
+        for (float v : x) mean += v;
+        mean /= n;
+        for (float v : x) var += (v - mean) * (v - mean);
+        var /= n;
+        for (int64_t i = 0; i < n; ++i) {
+          const double tw = (x[i] - mean) / std::sqrt(var + 1e-5) * w[i];
+          const float got = yb.as<float>()[i];
+          ASSERT_NEAR(got, want[i], 6 * kEpsF32 * (std::fabs(tw) + std::fabs(b[i])))
+              << n << " " << i;
+          ASSERT_EQ(bits_of(xb.as<float>()[i]), bits_of(got)) << n << " " << i;
+        }
+      }
+}
+
+// softmax: both variants subtract the same (exact) max with the same f32 rounding; then fast's exp
+// is within 1 u, ref's libm expf within ~1 u, and each rounds 1 / sum and one product (the double
+// sums differing by the exps' errors, <= 2 u relatively): |fast - ref| <= 8 u ref. Against
+// exact arithmetic fast keeps the bound the public test states, (|x - max| + 6) u. Rows with -inf
+// and huge entries too.
+TEST(Avx2Elementwise, SoftmaxMatchesRef) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(104);
+  for (int64_t n : kRowSizes)
+    for (size_t off = 0; off < 32; off += 4) {
+      std::vector<float> x = random_floats(rng, n, 4.0f);
+      if (n >= 4) {
+        x[n / 2] = -INFINITY;
+        x[n / 3] = -1e30f;
+      }
+      Buffer xb(n * 4, off);
+      std::memcpy(xb.data(), x.data(), n * 4);
+      std::vector<float> want = x;
+      ref::softmax(want.data(), n);
+      avx2::softmax(xb.as<float>(), n);
+      double mx = -INFINITY, sum = 0, total = 0, total_tol = 0;
+      for (float v : x) mx = std::max<double>(mx, v);
+      for (float v : x) sum += std::exp(v - mx);
+      for (int64_t i = 0; i < n; ++i) {
+        const double got = xb.as<float>()[i];
+        const double exact = std::exp(x[i] - mx) / sum;
+        const double tol = exact == 0 ? 0 : (std::fabs(x[i] - mx) + 6) * kEpsF32 * exact;  // -inf
+        ASSERT_NEAR(got, want[i], 8 * kEpsF32 * want[i]) << n << " " << i;
+        ASSERT_NEAR(got, exact, tol) << n << " " << i;
+        total += got;
+        total_tol += tol;
+      }
+      ASSERT_NEAR(total, 1.0, total_tol + 1e-15) << n;  // the sum of the elements' bounds
+    }
+  std::vector<float> big = {1e4f, 1e4f - 1.0f, -1e30f, 3e38f, 3e38f, -INFINITY, 0.0f, 1.0f, 2.0f};
+  avx2::softmax(big.data(), static_cast<int64_t>(big.size()));
+  EXPECT_EQ(big[3], 0.5f);
+  EXPECT_EQ(big[4], 0.5f);
+  for (int i : {0, 1, 2, 5, 6, 7, 8}) EXPECT_EQ(big[i], 0.0f) << i;
+}
+
+// swiglu: fast's exp(-g) is within 1 u, then one add (whose error the exp's shrinks into), one
+// divide and one multiply: |fast - exact| <= 4 u |exact| (to first order; 5 u allowed). Ref has
+// the same operations around glibc's expf (~1 u), so |fast - ref| <= 9 u |exact|, and the two
+// agree bit for bit on almost every input (measured 99.89%; where they differ, glibc's expf was
+// the misrounded one in every case inspected). >= 99% checked. Plus 1e-30 absolute: below g = -88.7
+// exp(-g) overflows f32 in both variants and the result is a signed 0 where exact is < |g u|
+// e^-88.7. Every element on its own: its result does not depend on which lane or tail it falls in.
+TEST(Avx2Elementwise, SwigluMatchesRefAndExact) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(105);
+  const std::vector<float> edge = activation_edge_inputs();
+  int64_t n_same = 0, n_total = 0;
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{9}, static_cast<int64_t>(edge.size())})
+    for (size_t off = 0; off < 32; off += 4) {
+      std::vector<float> g(edge.begin(), edge.begin() + n);
+      if (n < 16) g = random_floats(rng, n, 4.0f);
+      const std::vector<float> u = random_floats(rng, n, 2.0f);
+      Buffer gb(n * 4, off), ub(n * 4, (off + 4) % 32);
+      std::memcpy(gb.data(), g.data(), n * 4);
+      std::memcpy(ub.data(), u.data(), n * 4);
+      std::vector<float> want = g;
+      ref::swiglu(want.data(), u.data(), n);
+      avx2::swiglu(gb.as<float>(), ub.as<float>(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double got = gb.as<float>()[i];
+        if (std::isinf(g[i])) {  // +inf * u and -inf / inf: ref's values (inf or NaN) exactly
+          ASSERT_EQ(std::isnan(got), std::isnan(want[i])) << g[i];
+          if (!std::isnan(got)) {
+            ASSERT_EQ(got, want[i]) << g[i];
+          }
+          continue;
+        }
+        const double exact = double(g[i]) / (1.0 + std::exp(-double(g[i]))) * u[i];
+        ASSERT_NEAR(got, exact, 5 * kEpsF32 * std::fabs(exact) + 1e-30) << g[i];
+        ASSERT_NEAR(got, want[i], 9 * kEpsF32 * std::fabs(exact) + 1e-30) << g[i];
+        n_same += bits_of(static_cast<float>(got)) == bits_of(want[i]);
+        ++n_total;
+      }
+    }
+  EXPECT_GE(n_same, n_total * 99 / 100);
+  // The same value gives the same bits in a full vector, a masked tail and alone.
+  const std::vector<float> g = random_floats(rng, 13, 3.0f), u = random_floats(rng, 13, 1.0f);
+  std::vector<float> all = g;
+  avx2::swiglu(all.data(), u.data(), 13);
+  for (int64_t i = 0; i < 13; ++i) {
+    float one = g[i];
+    avx2::swiglu(&one, &u[i], 1);
+    ASSERT_EQ(bits_of(one), bits_of(all[i])) << i;
+  }
+}
+
+// gelu as v / (1 + exp(-2 t)): t = sqrt(2/pi) v (1 + 0.044715 v^2) rounds like ref's (<= 4 u
+// relative, so exp(-2 t) is off by <= 8 u |t| relative), exp adds 1 u, the add and divide u each:
+// |fast - exact| <= (5 + 8 |t|) u |exact| (the t term only matters in the negative tail, where
+// exp(-2 t) dominates), plus 1e-30 absolute where exp(-2 t) overflows f32 (v < -10.1) and the
+// result is a signed 0, as in ref. Ref's 1 + tanh(t) cancels in that tail, with an absolute error
+// of up to ~2 u |v| (tanh rounds near -1), so |fast - ref| is bounded by 4 u |v| plus both relative
+// bounds. +-inf gives ref's value (inf, or NaN from -inf / inf).
+TEST(Avx2Elementwise, GeluMatchesRefAndExact) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(106);
+  const std::vector<float> edge = activation_edge_inputs();
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{9}, static_cast<int64_t>(edge.size())})
+    for (size_t off = 0; off < 32; off += 4) {
+      std::vector<float> x(edge.begin(), edge.begin() + n);
+      if (n < 16) x = random_floats(rng, n, 4.0f);
+      Buffer xb(n * 4, off);
+      std::memcpy(xb.data(), x.data(), n * 4);
+      std::vector<float> want = x;
+      ref::gelu(want.data(), n);
+      avx2::gelu(xb.as<float>(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double got = xb.as<float>()[i], v = x[i];
+        if (std::isinf(v)) {
+          ASSERT_EQ(std::isnan(got), std::isnan(want[i])) << v;
+          if (!std::isnan(got)) {
+            ASSERT_EQ(got, want[i]) << v;
+          }
+          continue;
+        }
+        const double t = std::sqrt(2.0 / std::numbers::pi) * (v + 0.044715 * v * v * v);
+        const double exact = v / (1.0 + std::exp(-2.0 * t));
+        const double rel = (5 + 8 * std::fabs(t)) * kEpsF32 * std::fabs(exact);
+        ASSERT_NEAR(got, exact, rel + 1e-30) << v;
+        ASSERT_NEAR(got, want[i], 4 * kEpsF32 * std::fabs(v) + 2 * rel + 1e-30) << v;
+      }
+    }
+}
+
+// rope_rotate: the same double multiplies and adds as ref (and as the definition, rope()), so
+// both variants equal rope() bit for bit: both modes, half-dims with and without a 4-pair tail,
+// partial rotation (n_dims < head_dim), negative positions (the cache's context shift), every
+// f32 offset.
+TEST(Avx2Elementwise, RopeRotateEqualsRopeBitForBit) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(107);
+  const std::vector<std::pair<int64_t, int64_t>> dims = {{64, 64}, {128, 64}, {8, 4}, {6, 6},
+                                                         {10, 10}, {18, 14},  {2, 2}, {96, 96},
+                                                         {80, 80}, {64, 32},  {24, 8}};
+  for (RopeMode mode : {RopeMode::Normal, RopeMode::Neox})
+    for (auto [head_dim, n_dims] : dims)
+      for (int64_t pos : {0, 1, 17, 4095, 100000, -37})
+        for (int64_t n_head : {1, 3}) {
+          const size_t off = static_cast<size_t>(4 * ((head_dim + pos + n_head) & 7));
+          const std::vector<float> x = random_floats(rng, n_head * head_dim, 1.0f);
+          std::vector<double> inv_freq(n_dims / 2), cs(n_dims);
+          rope_freqs(n_dims, 10000.0f, inv_freq.data());
+          rope_cos_sin(inv_freq.data(), n_dims / 2, pos, cs.data());
+          std::vector<float> want = x, got_ref = x;
+          rope(want.data(), n_head, head_dim, n_dims, pos, 10000.0f, mode);
+          ref::rope_rotate(got_ref.data(), n_head, head_dim, n_dims, cs.data(), mode);
+          Buffer xb(x.size() * 4, off);
+          std::memcpy(xb.data(), x.data(), x.size() * 4);
+          avx2::rope_rotate(xb.as<float>(), n_head, head_dim, n_dims, cs.data(), mode);
+          for (size_t i = 0; i < x.size(); ++i) {
+            ASSERT_EQ(bits_of(got_ref[i]), bits_of(want[i])) << head_dim << " " << pos << " " << i;
+            ASSERT_EQ(bits_of(xb.as<float>()[i]), bits_of(want[i]))
+                << head_dim << " " << n_dims << " " << pos << " " << i;
+          }
+        }
+}
+
+// The dispatched element-wise entry points are the chosen variant's, exactly.
+TEST(Avx2Elementwise, PublicEntryPointsUseTheChosenVariant) {
+  std::mt19937 rng(108);
+  const bool fast = std::strcmp(kernels_backend(), "avx2") == 0;
+  const int64_t n = 45;
+  const std::vector<float> x = random_floats(rng, n, 2.0f), w = random_floats(rng, n, 1.0f),
+                           b = random_floats(rng, n, 1.0f);
+  auto same = [&](const std::vector<float>& a, const std::vector<float>& c, const char* what) {
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(bits_of(a[i]), bits_of(c[i])) << what << " " << i;
+  };
+  std::vector<float> a(n), c(n);
+  rms_norm(x.data(), w.data(), a.data(), n, 1e-6f);
+  (fast ? avx2::rms_norm : ref::rms_norm)(x.data(), w.data(), c.data(), n, 1e-6f);
+  same(a, c, "rms_norm");
+  layer_norm(x.data(), w.data(), b.data(), a.data(), n, 1e-6f);
+  (fast ? avx2::layer_norm : ref::layer_norm)(x.data(), w.data(), b.data(), c.data(), n, 1e-6f);
+  same(a, c, "layer_norm");
+  a = x, c = x;
+  softmax(a.data(), n);
+  (fast ? avx2::softmax : ref::softmax)(c.data(), n);
+  same(a, c, "softmax");
+  a = x, c = x;
+  swiglu(a.data(), w.data(), n);
+  (fast ? avx2::swiglu : ref::swiglu)(c.data(), w.data(), n);
+  same(a, c, "swiglu");
+  a = x, c = x;
+  gelu(a.data(), n);
+  (fast ? avx2::gelu : ref::gelu)(c.data(), n);
+  same(a, c, "gelu");
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // AVX2 + FMA + F16C variant of the dispatched kernels (internal to src/kernels and its tests).
-// Only avx2/ops_avx2.cpp is compiled with those instruction sets; call anything here only after
-// avx2::cpu_supported() returned true (dispatch.cpp does; the tests skip otherwise).
+// Only the avx2/*_avx2.cpp files are compiled with those instruction sets; call anything here
+// only after avx2::cpu_supported() returned true (dispatch.cpp does; the tests skip otherwise).
 //
 // Each function has the same contract as its twin in ref/ref.h. Activation quantization is
 // bit-identical to ref; dots and matmul sum in a different (but fixed, n-only) order, so they
@@ -42,6 +42,23 @@ void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows
 // within 2 ulp of std::exp on [-87, 88]; below -87.3 gives 0 (attention feeds it s - max <= 0).
 // x, y: [n]; y may alias x.
 void exp_f32(const float* x, float* y, int64_t n);
+
+// Element-wise and row-wise ops (elementwise_avx2.cpp). add and rope_rotate are bit-identical to
+// ref; the norms agree with ref to one rounding of their f32 scale; softmax, swiglu and gelu use
+// exp_f32_full below instead of libm (gelu through x / (1 + exp(-2u)) instead of tanh).
+void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps);
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps);
+void softmax(float* x, int64_t n);
+void swiglu(float* gate, const float* up, int64_t n);
+void gelu(float* x, int64_t n);
+void add(float* y, const float* x, int64_t n);
+void rope_rotate(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, const double* cs,
+                 RopeMode mode);
+// exp(x[i]) over the whole f32 range, computed in double and rounded once: within 0.5 ulp +
+// 2e-14 relative of exact (so almost always glibc expf's bits), +inf past 88.72, correctly
+// rounded subnormals and 0 below, NaN -> NaN.
+// x, y: [n]; y may alias x.
+void exp_f32_full(const float* x, float* y, int64_t n);
 
 // ---- building blocks (see ref/ref.h) ------------------------------------------------------------
 void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks);

@@ -1,7 +1,8 @@
 // Scalar reference kernels: the slow, obviously-right twins every fast kernel is tested against.
-// dequantize_row, dot_row and matmul are the `ref` variant (ref/ref.h) behind the dispatcher in
-// kernels/dispatch.cpp; quantize_row and the element-wise ops below have no fast twin and are the
-// public functions themselves.
+// dequantize_row, dot_row, matmul and the element-wise ops (norms, softmax, activations, add,
+// the RoPE rotation) are the `ref` variant (ref/ref.h) behind the dispatcher in
+// kernels/dispatch.cpp; quantize_row, rope, the RoPE tables and hadamard have no fast twin and are
+// the public functions themselves.
 //
 // Arithmetic choices (the fast twins must document any deviation from these):
 //  * (De)quantization follows ggml-quants.c's reference functions operation for operation in f32,
@@ -505,7 +506,9 @@ void quantize_row(DType t, const float* src, void* dst, int64_t n) {
   }
 }
 
-// ---- element-wise and row-wise ops --------------------------------------------------------------
+// ---- element-wise and row-wise ops (the ref variant) --------------------------------------------
+
+namespace ref {
 
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
   // Precondition: n > 0.
@@ -564,6 +567,49 @@ void add(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
+void rope_rotate(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, const double* cs,
+                 RopeMode mode) {
+  // Preconditions: n_dims even and within the head.
+  assert(n_dims % 2 == 0 && n_dims <= head_dim);
+  const int64_t half = n_dims / 2;
+  const double* cos_t = cs;         // [half]
+  const double* sin_t = cs + half;  // [half]
+  for (int64_t h = 0; h < n_head; ++h) {
+    float* xh = x + h * head_dim;  // [head_dim]
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t i0 = mode == RopeMode::Normal ? 2 * i : i;
+      const int64_t i1 = mode == RopeMode::Normal ? 2 * i + 1 : i + half;
+      const double a = xh[i0];
+      const double b = xh[i1];
+      xh[i0] = static_cast<float>(a * cos_t[i] - b * sin_t[i]);
+      xh[i1] = static_cast<float>(a * sin_t[i] + b * cos_t[i]);
+    }
+  }
+}
+
+}  // namespace ref
+
+// ---- rotary position embedding: the definition and its tables ----------------------------------
+
+void rope_freqs(int64_t n_dims, float freq_base, double* inv_freq) {
+  assert(n_dims % 2 == 0);
+  // The same expression rope() evaluates per pair, so pos * inv_freq[i] is its angle bit for bit.
+  for (int64_t i = 0; i < n_dims / 2; ++i)
+    inv_freq[i] = std::pow(static_cast<double>(freq_base),
+                           -2.0 * static_cast<double>(i) / static_cast<double>(n_dims));
+}
+
+void rope_cos_sin(const double* inv_freq, int64_t n_pairs, int64_t pos, double* cs) {
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    const double theta = static_cast<double>(pos) * inv_freq[i];
+    cs[i] = std::cos(theta);
+    cs[n_pairs + i] = std::sin(theta);
+  }
+}
+
+// The definition: rope_freqs + rope_cos_sin + rope_rotate (either variant) give these values bit
+// for bit (tested), with the forward pass paying one pow per pair per pass and one cos/sin per
+// pair per token instead of all three per pair for every layer's Q and K.
 void rope(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, int64_t pos, float freq_base,
           RopeMode mode) {
   // Preconditions: n_dims even and within the head.

@@ -1,6 +1,7 @@
 // Scalar reference variant of the dispatched kernels (internal to src/kernels and its tests).
-// ops.h's dequantize_row, dot_row and matmul call these when KVLM_KERNELS=scalar or when the CPU
-// has no faster variant; the fast variants are tested against them.
+// ops.h's dispatched entry points (dequantize_row, dot_row, matmul, attention, the element-wise
+// ops) call these when KVLM_KERNELS=scalar or when the CPU has no faster variant; the fast
+// variants are tested against them.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +28,14 @@ void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const flo
 void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,
                     int64_t hd, const float* q, int64_t n_q, float scale, float* m, float* l,
                     float* o, float* work);
+void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps);
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps);
+void softmax(float* x, int64_t n);
+void swiglu(float* gate, const float* up, int64_t n);
+void gelu(float* x, int64_t n);
+void add(float* y, const float* x, int64_t n);
+void rope_rotate(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, const double* cs,
+                 RopeMode mode);
 
 // ---- building blocks, exposed so the fast twins can be tested piece by piece --------------------
 // f32 x[32 * n_blocks] -> activation blocks (llama.cpp's x86 rounding: id = 127 / amax, nearest

@@ -10,6 +10,7 @@ Usage (from the repository root, with a kvlm that has `serve`):
   python3 bench/serve_bench.py --json serve.json             # full: users 1,4,16,64, 4 turns, 64 tokens
   python3 bench/serve_bench.py --engines llama --quick       # llama_cpp.server only (no kvlm needed)
   python3 bench/serve_bench.py --kvlm build/bin/kvlm -t 2 --users 16 --turns 4 --max-tokens 64
+  python3 bench/serve_bench.py --kvlm build-server/bin/kvlm -t 2 --multi-turn 5   # TTFT by turn
 
 Workload. Every simulated user talks to the same assistant: one shared system prompt (a few
 hundred tokens of product-support text, identical for all users), then --turns turns. Each turn
@@ -57,6 +58,13 @@ client sees tokens a little after the server has them, so this overestimates by 
 In runs with the prefix cache on, only samples with a single running sequence count (shared
 blocks would make the difference meaningless); a run with no usable sample shows "—".
 
+--multi-turn R (kvlm only, replaces the runs above): R times, a fresh `kvlm serve -np 4`, one
+untimed request ("What is the capital of France?", as the server test suite sends first, so the
+server is warm and the chat template's system block is cached), then one user's 10-turn chat (the
+questions of tests/server/test_server.py, temperature 0, max_tokens 40, streamed, the real
+replies in the history). Prints per turn the median TTFT, prompt and cached tokens, and the ratio
+turn 10 / turn 1 of the medians (the issue's "turn 10 within 1.5x of turn 1").
+
 Ctrl-C (or SIGTERM) stops the servers. Server logs go to a temporary directory (printed), kept
 when a server fails. --json FILE writes the configuration, every request's timings and every
 metrics sample. Exit status: 0, 1 (a run failed to start or a server died), 2 (bad usage).
@@ -74,6 +82,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -823,6 +832,53 @@ def print_goals(runs: list[dict], baseline_users: int) -> None:
 # Main
 
 
+kMultiTurnQuestions = ["Hi! What is a cat?", "And a dog?", "Which one is bigger?",
+                       "Name a famous cat.", "Name a famous dog.", "What do cats eat?",
+                       "What do dogs eat?", "Can they be friends?", "Thanks. Summarise.",
+                       "Goodbye!"]
+
+
+def run_multi_turn(args, logdir: Path, extra: list[str]) -> int:
+    """--multi-turn: TTFT by turn of one 10-turn chat, args.multi_turn fresh servers."""
+    ttft: list[list[float]] = [[] for _ in kMultiTurnQuestions]  # [turn][rep] ms
+    usage: list[tuple[int, int]] = [(0, 0)] * len(kMultiTurnQuestions)  # (prompt, cached)
+    for rep in range(args.multi_turn):
+        srv = KvlmServer(logdir, f"kvlm multi-turn {rep}", args.kvlm, args.model, args.threads,
+                         args.np or 4, args.ctx, args.kv_budget, True, extra)
+        try:
+            srv.start(args.start_timeout)
+            base = {"model": srv.model_id, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            r = stream_chat(srv.host, srv.port, {**base, "max_tokens": 48, "messages": [
+                {"role": "user", "content": "What is the capital of France?"}]}, args.timeout)
+            messages = []
+            for turn, q in enumerate(kMultiTurnQuestions):
+                messages.append({"role": "user", "content": q})
+                r = stream_chat(srv.host, srv.port, {**base, "max_tokens": 40, "messages": messages},
+                                args.timeout)
+                if r["error"] or r["t_first"] is None:
+                    raise RuntimeError(f"turn {turn + 1}: {r['error'] or 'no content'}")
+                ttft[turn].append((r["t_first"] - r["t_send"]) * 1e3)
+                u = r["usage"] or {}
+                usage[turn] = (u.get("prompt_tokens", 0),
+                               (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+                messages.append({"role": "assistant", "content": r["content"]})
+        except RuntimeError as e:
+            warn(f"multi-turn run {rep}: {e}")
+            return 1
+        finally:
+            srv.stop()
+        print(f"  run {rep}: TTFT turn 1 {ttft[0][-1]:.1f} ms, turn 10 {ttft[-1][-1]:.1f} ms",
+              flush=True)
+    print("\n| turn | prompt | cached | TTFT median ms | TTFT all runs ms |\n|---:|---:|---:|---:|---|")
+    for turn, xs in enumerate(ttft):
+        print(f"| {turn + 1} | {usage[turn][0]} | {usage[turn][1]} | {statistics.median(xs):.1f} | "
+              + ", ".join(f"{x:.0f}" for x in xs) + " |")
+    print(f"\nTTFT turn 10 / turn 1 (medians): "
+          f"{statistics.median(ttft[-1]) / statistics.median(ttft[0]):.2f}")
+    return 0
+
+
 def int_list(s: str) -> list[int]:
     try:
         vals = [int(x) for x in s.split(",") if x.strip()]
@@ -901,6 +957,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: defaults become 1 turn, 16 tokens, users 1,4")
     ap.add_argument("--json", type=Path, help="write the raw results here")
+    ap.add_argument("--multi-turn", type=int, default=0, metavar="R",
+                    help="only the multi-turn TTFT run, R fresh servers (see the top of the file)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the server logs of a clean run")
     args = ap.parse_args()
 
@@ -924,6 +982,8 @@ def main() -> int:
                     "or --engines llama", 2)
         elif not has_serve(args.kvlm):
             die(f"{args.kvlm}: not a kvlm binary with a `serve` subcommand", 2)
+    if args.multi_turn:
+        engines = ["kvlm"]
     if "llama" in engines:
         check_llama_cpp_server(args.python)
     if args.no_baseline or "kvlm" not in engines:
@@ -946,6 +1006,18 @@ def main() -> int:
     atexit.register(stop_all_servers)
 
     logdir = Path(tempfile.mkdtemp(prefix="serve_bench."))
+    if args.multi_turn:
+        la0 = loadavg()
+        print(f"serve_bench: multi-turn, {args.multi_turn} runs of {args.kvlm}, {args.threads} "
+              f"threads; load average {la0}; {os.cpu_count()} CPUs; logs in {logdir}", flush=True)
+        try:
+            rc = run_multi_turn(args, logdir, kvlm_extra)
+        except KeyboardInterrupt:
+            rc = 130
+        finally:
+            stop_all_servers()
+        print(f"serve_bench: load average {la0} before, {loadavg()} after")
+        return rc
     plan: list[tuple[str, int, dict]] = []  # (engine, users, options)
     for i, u in enumerate(args.users):
         order = engines if i % 2 == 0 else engines[::-1]

@@ -186,13 +186,34 @@ void Scheduler::wait_idle() {
 
 // ---- the scheduler thread -----------------------------------------------------------------------
 
-void Scheduler::release(Seq& q) {
-  if (q.in_pool) st_->blocks.free_seq(q.id);
+void Scheduler::release(Seq& q, bool keep_partial) {
+  if (!q.in_pool) return;
+  State& st = *st_;
+  const int64_t bs = config_.block_size;
+  const int64_t f = q.n_computed / bs, k = q.n_computed % bs;
+  if (keep_partial && config_.prefix_cache && k > 0) {
+    // The partly filled last block holds the K/V of tokens [f * bs, n_computed): the end of the
+    // history a chat's next turn sends again. Registered as a leaf it stays in the pool's LRU
+    // after free_seq, and the next prompt copies it instead of recomputing up to bs - 1 tokens.
+    // Only a block this sequence holds alone, not already cached; insert_partial refuses it when
+    // the full block before it is not registered (its chain could not be verified).
+    const auto table = st.blocks.block_table(q.id);
+    KVLM_CHECK(static_cast<int64_t>(table.size()) > f);
+    const BlockId blk = table[static_cast<size_t>(f)];
+    if (!st.blocks.is_cached(blk) && st.blocks.ref_count(blk) == 1) {
+      const int32_t parent = f == 0 ? kNoParent : table[static_cast<size_t>(f - 1)];
+      const std::span<const int32_t> toks(q.tokens.data() + f * bs, static_cast<size_t>(k));
+      if (st.prefix.insert_partial(PrefixKey{st.cache_type, q.req.salt}, parent, toks, blk))
+        st.blocks.mark_cached(blk);
+    }
+  }
+  st.blocks.free_seq(q.id);
   q.in_pool = false;
 }
 
 void Scheduler::finish(Seq& q, FinishReason why, const std::string& error) {
-  release(q);
+  // After an error the rows of the failed step may be half written: keep nothing partial.
+  release(q, why != FinishReason::Error);
   RequestEvent ev;
   ev.done = true;
   ev.finish = why;
@@ -293,7 +314,7 @@ void Scheduler::step() {
       return a->admitted_at < b->admitted_at;
     });
     Seq* q = it->get();
-    release(*q);
+    release(*q, /*keep_partial=*/true);  // its recompute starts with a partial hit
     q->n_computed = 0;
     q->n_registered = 0;
     st.waiting.push_front(std::move(*it));
@@ -352,12 +373,14 @@ void Scheduler::step() {
        wi < st.waiting.size() && static_cast<int32_t>(st.running.size()) < config_.n_parallel;) {
     Seq& q = *st.waiting[wi];
     PrefixMatch m;
+    PrefixPartial part;  // rows of one more block to copy after the full blocks of m
     if (config_.prefix_cache) {
       m = st.prefix.match(key_for(q), q.tokens);
       if (inflight_blocks(q) > static_cast<int64_t>(m.block_ids.size())) {
         ++wi;  // try the next one; this one is admitted once the blocks are registered
         continue;
       }
+      part = st.prefix.match_partial(key_for(q), q.tokens, m);
     }
     const int64_t n_blocks_all = (static_cast<int64_t>(q.tokens.size()) + bs - 1) / bs;
     int64_t matched_free = 0;  // matched blocks that leave the free queue when shared
@@ -369,10 +392,22 @@ void Scheduler::step() {
     st.blocks.append_shared(q.id, m.block_ids);
     q.n_computed = m.n_tokens;
     q.n_registered = static_cast<int64_t>(m.block_ids.size());
+    if (part.block >= 0) {
+      // The partial hit goes into a fresh block of q's own (one of the `need` counted above, so
+      // append cannot fail), copied now: the source is cached-free or shared and stays as the
+      // index registered it, but this step's admissions may evict it and a forward overwrite it.
+      // When the pool hands out the source itself as the fresh block (it was the only free one),
+      // its rows are already in place and only its index entry goes.
+      std::vector<BlockCopy> copies;
+      const bool got = st.blocks.append(q.id, part.n_tokens, &copies);
+      KVLM_CHECK(got && copies.empty());
+      st.store.copy_block(part.block, st.blocks.block_table(q.id).back());
+      q.n_computed += part.n_tokens;
+    }
     if (q.n_cached < 0) {
-      q.n_cached = m.n_tokens;
+      q.n_cached = q.n_computed;
       st.totals.prompt_tokens += q.n_prompt;
-      st.totals.prompt_tokens_cached += m.n_tokens;
+      st.totals.prompt_tokens_cached += q.n_computed;
     }
     q.admitted_at = ++st.n_admissions;
     st.running.push_back(std::move(st.waiting[wi]));

@@ -126,7 +126,9 @@ class Scheduler {
   struct State;
   void loop();
   void step();
-  void release(Seq& q);  // blocks back to the pool (cached ones stay reusable)
+  // Blocks back to the pool (cached ones stay reusable); keep_partial also registers the partly
+  // filled last block as a prefix-cache leaf, so a prompt continuing q's tokens reuses it.
+  void release(Seq& q, bool keep_partial);
   void finish(Seq& q, FinishReason why, const std::string& error);  // final event + release
   void publish();        // stats_ from the scheduler thread's state
 

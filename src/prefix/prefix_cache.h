@@ -16,12 +16,26 @@
 // block, under the same cache_type and salt. So a hit's tokens are verified all the way back to
 // position 0, and colliding blocks simply coexist in one hash bucket.
 //
+// Partial blocks: the last, partly filled block of a sequence that stops (finished, cancelled or
+// preempted) can be registered too (insert_partial), as a leaf under its full parent block, so the
+// next turn of a chat, whose prompt is that whole history plus a new message, reuses all of it and
+// not only its full blocks. A partial hit (match_partial) names the registered block, partial leaf
+// or full, following the last matched full block whose first tokens agree longest with the prompt;
+// the caller copies that block's rows into a fresh block of its own (it writes the rows after
+// them, and the registered block must keep what the index says). Every entry, full or partial, is
+// also listed under a key of its parent (children_), which is what match_partial scans; its tokens,
+// parent entry, cache_type and salt are verified exactly like a full block's.
+//
 // Working with the pool (docs/KV.md has the whole protocol): the pool owns refcounts and the free
 // queue, whose tail holds the cached-free blocks in LRU order; this index owns only the names.
-//   admit:   m = match(key, prompt); pool.append_shared(seq, m.block_ids);
-//            pool.append(seq, prompt.size() - m.n_tokens, &copies)
+//   admit:   m = match(key, prompt); p = match_partial(key, prompt, m);
+//            pool.append_shared(seq, m.block_ids);
+//            if p.block >= 0: pool.append(seq, p.n_tokens, ..) and copy p.block's rows into the
+//            fresh last block at once; then pool.append(seq, rest, &copies)
 //   filled:  for each block that became full: insert(key, parent, tokens, block) &&
 //            pool.mark_cached(block)
+//   stop:    insert_partial(key, parent, last tokens, last block) && pool.mark_cached(block);
+//            pool.free_seq(seq)
 //   evict:   pool.set_evict_hook([&](BlockId b) { index.erase(b); })
 #pragma once
 
@@ -52,6 +66,12 @@ struct PrefixMatch {
   int64_t n_tokens = 0;            // n_matched_blocks * block_size, <= n_prompt - 1
 };
 
+// Rows [0, n_tokens) of `block` hold the K/V of the n_tokens prompt tokens after a PrefixMatch.
+struct PrefixPartial {
+  int32_t block = -1;    // a registered block (partial leaf or full); -1: no partial hit
+  int64_t n_tokens = 0;  // 1 .. block_size - 1 on a hit; m.n_tokens + n_tokens <= n_prompt - 1
+};
+
 class PrefixCache {
  public:
   struct Config {
@@ -76,9 +96,18 @@ class PrefixCache {
 
   // Longest run of cached blocks equal to the prompt's first blocks, never covering the whole
   // prompt: at most floor((n_prompt - 1) / block_size) blocks, so at least the last prompt token
-  // is recomputed (its logits give the first sampled token; the cache holds K/V, not logits). A
-  // partial block never matches. Does not change the index: recency is the pool's business.
+  // is recomputed (its logits give the first sampled token; the cache holds K/V, not logits).
+  // Full blocks only; match_partial continues from here. Does not change the index: recency is
+  // the pool's business.
   PrefixMatch match(const PrefixKey& key, std::span<const int32_t> prompt) const;
+
+  // After the full-block match m of the same prompt and key: the registered block following m's
+  // last block (or a first block, when m is empty) whose first tokens equal the most prompt
+  // tokens after m, capped at block_size - 1 and at n_prompt - 1 - m.n_tokens (the last prompt
+  // token is still recomputed). Ties go to the first candidate found. The caller must copy the
+  // block's rows before writing after them: a hit is never shared in place.
+  PrefixPartial match_partial(const PrefixKey& key, std::span<const int32_t> prompt,
+                              const PrefixMatch& m) const;
 
   // Registers `block` as holding the full block `tokens` that follows block `parent` (kNoParent
   // for a sequence's first block) of the same sequence. Returns true if registered; then the
@@ -89,14 +118,25 @@ class PrefixCache {
   // differing from the parent's.
   bool insert(const PrefixKey& key, int32_t parent, std::span<const int32_t> tokens, int32_t block);
 
+  // Registers `block` as holding the 1 .. block_size - 1 tokens `tokens` in its first rows, after
+  // the full block `parent` (kNoParent: the sequence's first block): a leaf that match_partial can
+  // find and insert can never chain to. Then the caller must pool.mark_cached(block), and nothing
+  // may write into the block while it is cached. Returns false, changing nothing, when parent is
+  // not registered or a sibling entry (partial or full) already starts with these tokens. Throws
+  // like insert, and for a parent that is itself a partial leaf.
+  bool insert_partial(const PrefixKey& key, int32_t parent, std::span<const int32_t> tokens,
+                      int32_t block);
+
   // Forgets `block` (the pool's eviction hook). Returns false if it was not registered. Blocks
   // registered after it become unreachable (their parent entry is gone); they age out of the
   // pool's LRU like any cached-free block.
   bool erase(int32_t block);
 
   bool contains(int32_t block) const;
-  uint64_t block_hash(int32_t block) const;                    // precondition: contains(block)
-  std::span<const int32_t> block_tokens(int32_t block) const;  // [block_size]; contains(block)
+  bool is_partial(int32_t block) const;      // registered by insert_partial; contains(block)
+  uint64_t block_hash(int32_t block) const;  // h[i]; contains(block) and a full block
+  // [block_size] for a full block, [n] for a partial leaf of n tokens; contains(block)
+  std::span<const int32_t> block_tokens(int32_t block) const;
 
   // Full verification of the index; aborts on a violation.
   void check_invariants() const;
@@ -105,8 +145,10 @@ class PrefixCache {
   struct Entry {
     uint64_t gen = 0;         // registration number, never reused; 0: block not registered
     uint64_t parent_gen = 0;  // gen of the parent block's entry; 0 for a first block
-    uint64_t hash = 0;        // h[i], the key in index_
+    uint64_t hash = 0;        // h[i], the key in index_; 0 for a partial leaf (not in index_)
+    uint64_t child_key = 0;   // its key in children_: child_key_of(key, parent's hash)
     uint64_t cache_type = 0;
+    int32_t n_tokens = 0;     // block_size for a full block, 1 .. block_size - 1 for a leaf
     std::string salt;  // first blocks only: verified on a match, the hash is not trusted
   };
 
@@ -114,6 +156,15 @@ class PrefixCache {
   // Registered block in the bucket of `hash` equal to (key, parent_gen, tokens), or -1.
   int32_t find(const PrefixKey& key, uint64_t hash, uint64_t parent_gen,
                std::span<const int32_t> tokens) const;
+  // Entry e is a verified child of the entry with generation parent_gen under key.
+  bool is_child(const Entry& e, const PrefixKey& key, uint64_t parent_gen) const;
+  // The children_ key of every block following a block of hash parent_hash (0: first blocks).
+  uint64_t child_key_of(const PrefixKey& key, uint64_t salt_hash, uint64_t parent_hash) const;
+  // Checks the parent for insert / insert_partial; false: not registered. Sets its hash and gen.
+  bool parent_of(const PrefixKey& key, int32_t parent, int32_t block, uint64_t* parent_hash,
+                 uint64_t* parent_gen) const;
+  void add_entry(const PrefixKey& key, int32_t block, uint64_t parent_gen, uint64_t hash,
+                 uint64_t child_key, std::span<const int32_t> tokens);
   uint64_t hash_block_into(const PrefixKey& key, uint64_t salt_hash, uint64_t parent_hash,
                            std::span<const int32_t> tokens, std::vector<uint64_t>* buf) const;
 
@@ -122,7 +173,9 @@ class PrefixCache {
   bool audit_;
   std::vector<Entry> entries_;                        // [n_blocks]
   std::vector<int32_t> tokens_;                       // [n_blocks, block_size]
-  std::unordered_multimap<uint64_t, int32_t> index_;  // h[i] -> block; colliding blocks share
+  std::unordered_multimap<uint64_t, int32_t> index_;  // h[i] -> full block; colliding blocks share
+  // child key -> every registered block, full or partial, after a parent (or first blocks)
+  std::unordered_multimap<uint64_t, int32_t> children_;
   int32_t n_cached_ = 0;
   uint64_t next_gen_ = 1;
 };

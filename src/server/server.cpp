@@ -425,6 +425,12 @@ Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, Se
   const size_t n_threads = static_cast<size_t>(std::max(1, s.opts.n_http_threads));
   s.http.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
   s.http.set_payload_max_length(s.opts.max_body);
+  // Nagle off (accepted sockets inherit it from the listening one on Linux): a stream is many
+  // small writes, and Nagle holds each one back until the previous segment is acknowledged, which
+  // a client delaying its ACKs (Linux: up to 40 ms) turns into a stall. Measured on a keep-alive
+  // connection, a streamed request after a non-streamed one: its first SSE line came 48 ms after
+  // the headers with Nagle, 1 ms without; a non-streamed body 44 ms after its headers.
+  s.http.set_tcp_nodelay(true);
   // httplib's default also sets SO_REUSEPORT, which would let a second server bind the same port
   // and silently take half its connections; SO_REUSEADDR alone still allows a quick restart.
   s.http.set_socket_options([&s](socket_t sock) {

@@ -173,11 +173,14 @@ TEST(Scheduler, PrefixHitGivesSameTokens) {
     cached.push_back(c.last.n_cached);
   }
   EXPECT_EQ(cached[0], 0);
-  EXPECT_EQ(cached[1], 64);  // 4 full blocks of 16; the 70th token is always recomputed
+  // 4 full blocks of 16, then 5 of the 16 rows of the first request's fifth block (full by then:
+  // prompt and generated tokens), copied; the 70th token is always recomputed.
+  EXPECT_EQ(cached[1], 69);
   EXPECT_EQ(outs[0], outs[1]);
   EXPECT_EQ(outs[0], alone(f, prompt, 12, DType::F16));
-  // The history of the first request (prompt + generated, 82 tokens) is cached too: a follow-up
-  // turn that extends it hits 5 blocks.
+  // The history of the first request is cached too: prompt + 11 generated tokens have K/V (the
+  // 12th was sampled, never fed), 5 full blocks and a partial block of 1 token kept at finish.
+  // A follow-up turn that extends the history reuses all 81.
   auto turn2 = prompt;
   turn2.insert(turn2.end(), outs[0].begin(), outs[0].end());
   turn2.push_back(5);
@@ -185,7 +188,7 @@ TEST(Scheduler, PrefixHitGivesSameTokens) {
   Request r = greedy_request(turn2, 4);
   sch.submit(r, c.fn());
   sch.wait_idle();
-  EXPECT_EQ(c.last.n_cached, 80);
+  EXPECT_EQ(c.last.n_cached, 81);
   // A different tenant (salt) does not see those blocks.
   Collector d;
   r.salt = "tenant-b";
@@ -196,7 +199,49 @@ TEST(Scheduler, PrefixHitGivesSameTokens) {
   const SchedulerStats st = sch.stats();
   EXPECT_EQ(st.blocks_used, 0);
   EXPECT_GT(st.blocks_cached, 0);
-  EXPECT_EQ(st.prompt_tokens_cached, 64 + 80);
+  EXPECT_EQ(st.prompt_tokens_cached, 69 + 81);
+}
+
+// A chat: every turn's prompt is the previous prompt, its reply and a new message. The previous
+// turn's partly filled last block is kept at finish and copied, so cached_tokens is exactly every
+// token that had K/V (the previous prompt and all its reply but the last, never fed, token), and
+// each reply equals the prompt computed from scratch. A regenerated last turn reuses everything
+// but the last prompt token.
+TEST(Scheduler, MultiTurnReusesThePartialBlock) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 2048;
+  cfg.n_batch = 32;  // chunked prefill of the first turn
+  cfg.n_ctx = 512;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  const int32_t n_vocab = f.model->config().n_vocab;
+  std::vector<int32_t> prompt = test::random_tokens(23, n_vocab, 500);
+  int64_t want_cached = 0, sum_cached = 0;
+  for (int turn = 0; turn < 6; ++turn) {
+    const int32_t n_gen = 7 + 2 * turn;
+    Collector c;
+    sch.submit(greedy_request(prompt, n_gen), c.fn());
+    sch.wait_idle();
+    ASSERT_TRUE(c.done);
+    EXPECT_EQ(c.last.n_cached, want_cached) << "turn " << turn;
+    EXPECT_EQ(c.tokens, alone(f, prompt, n_gen, DType::F16)) << "turn " << turn;
+    sum_cached += c.last.n_cached;
+    if (turn == 5) {
+      Collector again;
+      sch.submit(greedy_request(prompt, n_gen), again.fn());
+      sch.wait_idle();
+      EXPECT_EQ(again.last.n_cached, static_cast<int64_t>(prompt.size()) - 1);
+      EXPECT_EQ(again.tokens, c.tokens);
+      sum_cached += again.last.n_cached;
+    }
+    want_cached = static_cast<int64_t>(prompt.size()) + n_gen - 1;
+    prompt.insert(prompt.end(), c.tokens.begin(), c.tokens.end());
+    const auto user = test::random_tokens(3 + turn, n_vocab, 600 + turn);
+    prompt.insert(prompt.end(), user.begin(), user.end());
+  }
+  const SchedulerStats st = sch.stats();
+  EXPECT_EQ(st.blocks_used, 0);
+  EXPECT_EQ(st.prompt_tokens_cached, sum_cached);
 }
 
 // A burst of requests with a shared 100-token system prompt: the prompt is computed once. With a

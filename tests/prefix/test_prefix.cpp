@@ -2,7 +2,9 @@
 // types, collision safety through an injected hash function), then with kv's BlockPool following
 // the protocol of docs/KV.md: admit (match + share + allocate), register filled blocks, evict via
 // the pool's hook. The randomized tests simulate the storage behind the block ids, so a wrong reuse
-// shows up as a prompt whose "cached" rows hold other tokens.
+// shows up as a prompt whose "cached" rows hold other tokens. Partial blocks (a stopped sequence's
+// last, partly filled block kept as a leaf; a prompt reusing the first rows of a block by copy)
+// get the same treatment: exact matches, refusals, collisions, and the protocol with the pool.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -303,6 +305,202 @@ TEST(PrefixCollision, WeakHashAgreesWithExactReference) {
   EXPECT_GT(n_hit_tokens, 100);
 }
 
+// ---- partial blocks -----------------------------------------------------------------------------
+
+PrefixPartial partial_of(const PrefixCache& cache, const PrefixKey& key,
+                         const std::vector<int32_t>& prompt) {
+  return cache.match_partial(key, prompt, cache.match(key, prompt));
+}
+
+TEST(PrefixPartial, LeafServesAPromptThatContinuesIt) {
+  PrefixCache cache = make_cache();
+  const PrefixKey key{3, "s"};
+  const std::vector<int32_t> history = iota_tokens(11, 0);  // [0..4) [4..8) + 3 in block 9
+  insert_chain(cache, key, history, {7, 8});
+  ASSERT_TRUE(cache.insert_partial(key, 8, std::span<const int32_t>(history).subspan(8), 9));
+  EXPECT_TRUE(cache.is_partial(9));
+  EXPECT_FALSE(cache.is_partial(8));
+  EXPECT_EQ(cache.block_tokens(9).size(), 3u);
+  EXPECT_THROW(cache.block_hash(9), Error);
+  EXPECT_EQ(cache.n_cached(), 3);
+  // The next turn: the history plus new tokens reuses all 11.
+  const std::vector<int32_t> next = concat(history, {50, 51, 52});
+  EXPECT_EQ(cache.match(key, next).n_tokens, 8);  // full blocks only, as before
+  PrefixPartial p = partial_of(cache, key, next);
+  EXPECT_EQ(p.block, 9);
+  EXPECT_EQ(p.n_tokens, 3);
+  // The last prompt token is still recomputed: history + 1 reuses 11, the history alone 10.
+  EXPECT_EQ(partial_of(cache, key, concat(history, {50})).n_tokens, 3);
+  EXPECT_EQ(partial_of(cache, key, history).n_tokens, 2);
+  EXPECT_EQ(partial_of(cache, key, iota_tokens(9, 0)).n_tokens, 0);  // cap: 9 - 1 - 8
+  // A prompt that leaves the leaf after one token reuses that token.
+  std::vector<int32_t> diverge = next;
+  diverge[9] = -1;
+  p = partial_of(cache, key, diverge);
+  EXPECT_EQ(p.block, 9);
+  EXPECT_EQ(p.n_tokens, 1);
+  diverge[8] = -1;
+  EXPECT_EQ(partial_of(cache, key, diverge).block, -1);
+  // Other tenant, other cache type: nothing. Another parent: the leaf is out of reach, and what
+  // is left is the first row of the full block the prompt leaves.
+  EXPECT_EQ(partial_of(cache, PrefixKey{3, "t"}, next).n_tokens, 0);
+  EXPECT_EQ(partial_of(cache, PrefixKey{4, "s"}, next).n_tokens, 0);
+  std::vector<int32_t> other_parent = next;
+  other_parent[5] = -1;
+  p = partial_of(cache, key, other_parent);
+  EXPECT_EQ(p.block, 8);
+  EXPECT_EQ(p.n_tokens, 1);
+  cache.check_invariants();
+}
+
+TEST(PrefixPartial, FirstBlockLeafAndFirstRowsOfAFullBlock) {
+  PrefixCache cache = make_cache();
+  const PrefixKey key{};
+  // A leaf as a sequence's first block (2 tokens, no parent).
+  ASSERT_TRUE(cache.insert_partial(key, kNoParent, std::vector<int32_t>{40, 41}, 3));
+  EXPECT_EQ(partial_of(cache, key, std::vector<int32_t>{40, 41, 42}).n_tokens, 2);
+  EXPECT_EQ(partial_of(cache, PrefixKey{0, "x"}, std::vector<int32_t>{40, 41, 42}).n_tokens, 0);
+  // The first rows of a full block: a prompt that leaves a cached block half-way copies the
+  // rows it shares.
+  insert_chain(cache, key, iota_tokens(8, 0), {0, 1});
+  std::vector<int32_t> prompt = iota_tokens(10, 0);
+  prompt[6] = -1;  // block 1 agrees on its first 2 tokens
+  const PrefixPartial p = partial_of(cache, key, prompt);
+  EXPECT_EQ(p.block, 1);
+  EXPECT_EQ(p.n_tokens, 2);
+  // The whole cached prompt again: 1 full block and 3 of the second's 4 rows.
+  EXPECT_EQ(partial_of(cache, key, iota_tokens(8, 0)).block, 1);
+  EXPECT_EQ(partial_of(cache, key, iota_tokens(8, 0)).n_tokens, 3);
+  // The longest agreement wins among siblings.
+  ASSERT_TRUE(cache.insert_partial(key, 0, std::vector<int32_t>{4, 5, -1}, 5));
+  prompt = concat(iota_tokens(4, 0), {4, 5, -1, 9, 9});
+  EXPECT_EQ(partial_of(cache, key, prompt).block, 5);
+  EXPECT_EQ(partial_of(cache, key, prompt).n_tokens, 3);
+  cache.check_invariants();
+}
+
+TEST(PrefixPartial, InsertRefusesUnverifiableAndRedundantLeaves) {
+  PrefixCache cache = make_cache(16);
+  const PrefixKey key{};
+  insert_chain(cache, key, iota_tokens(8, 0), {0, 1});
+  EXPECT_FALSE(cache.insert_partial(key, 6, std::vector<int32_t>{1}, 7));  // parent unregistered
+  // A full sibling starting with these tokens, or a longer leaf, already serves them.
+  EXPECT_FALSE(cache.insert_partial(key, 0, std::vector<int32_t>{4, 5}, 7));
+  ASSERT_TRUE(cache.insert_partial(key, 1, std::vector<int32_t>{8, 9, 10}, 7));
+  EXPECT_FALSE(cache.insert_partial(key, 1, std::vector<int32_t>{8, 9}, 8));
+  EXPECT_FALSE(cache.insert_partial(key, 1, std::vector<int32_t>{8, 9, 10}, 8));
+  EXPECT_TRUE(cache.insert_partial(key, 1, std::vector<int32_t>{8, 7}, 8));  // a different leaf
+  EXPECT_FALSE(cache.contains(6));
+  EXPECT_EQ(cache.n_cached(), 4);
+  // Bad arguments: empty or full-size leaves, a registered block, a leaf as a parent (of a leaf
+  // or of a full block), a cache type differing from the parent's.
+  EXPECT_THROW(cache.insert_partial(key, 1, std::vector<int32_t>{}, 9), Error);
+  EXPECT_THROW(cache.insert_partial(key, 1, iota_tokens(4, 8), 9), Error);
+  EXPECT_THROW(cache.insert_partial(key, 1, std::vector<int32_t>{3}, 7), Error);
+  EXPECT_THROW(cache.insert_partial(key, 7, std::vector<int32_t>{3}, 9), Error);
+  EXPECT_THROW(cache.insert(key, 7, iota_tokens(4, 11), 9), Error);
+  EXPECT_THROW(cache.insert_partial(PrefixKey{1, ""}, 1, std::vector<int32_t>{3}, 9), Error);
+  EXPECT_THROW(cache.insert_partial(key, 1, std::vector<int32_t>{3}, 16), Error);
+  EXPECT_EQ(cache.n_cached(), 4);
+  cache.check_invariants();
+}
+
+TEST(PrefixPartial, EraseParentMakesTheLeafUnreachable) {
+  PrefixCache cache = make_cache();
+  const PrefixKey key{};
+  const std::vector<int32_t> history = iota_tokens(6, 0);
+  insert_chain(cache, key, history, {0});
+  ASSERT_TRUE(cache.insert_partial(key, 0, std::vector<int32_t>{4, 5}, 1));
+  const std::vector<int32_t> next = concat(history, {9});
+  EXPECT_EQ(partial_of(cache, key, next).n_tokens, 2);
+  EXPECT_TRUE(cache.erase(1));  // the leaf itself
+  EXPECT_EQ(partial_of(cache, key, next).n_tokens, 0);
+  ASSERT_TRUE(cache.insert_partial(key, 0, std::vector<int32_t>{4, 5}, 1));
+  EXPECT_TRUE(cache.erase(0));  // its parent: the same contents come back in block 2
+  ASSERT_TRUE(cache.insert(key, kNoParent, iota_tokens(4, 0), 2));
+  EXPECT_EQ(cache.match(key, next).block_ids, (std::vector<int32_t>{2}));
+  EXPECT_EQ(partial_of(cache, key, next).n_tokens, 0);  // the leaf was under the old entry
+  EXPECT_TRUE(cache.contains(1));                       // still registered; it ages out
+  cache.check_invariants();
+}
+
+// Random prefixes over a tiny vocabulary with constant and 2-bit hashes: every partial match
+// equals the one an exact reference of every registered token prefix gives.
+void partial_against_reference(PrefixHashFn fn, uint32_t seed) {
+  constexpr int32_t kBlocks = 300;
+  PrefixCache cache = make_cache(kBlocks, fn);
+  // (salt, whole token prefix up to and including the entry's tokens) -> registered
+  std::map<std::pair<std::string, std::vector<int32_t>>, int32_t> ref;
+  std::mt19937 rng(seed);
+  const std::string salts[] = {"", "t1"};
+  int32_t next_block = 0;
+  int64_t n_partial_hits = 0;
+  for (int iter = 0; iter < 500 && next_block < kBlocks; ++iter) {
+    const std::string& salt = salts[rng() % 2];
+    const PrefixKey key{0, salt};
+    std::vector<int32_t> prompt(1 + rng() % 13);
+    for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 2);
+    const PrefixMatch m = cache.match(key, prompt);
+    const PrefixPartial p = cache.match_partial(key, prompt, m);
+    // Reference: the longest j <= cap such that a registered entry right after the matched full
+    // blocks starts with the prompt's next j tokens.
+    const int64_t cap =
+        std::min<int64_t>(kBs - 1, static_cast<int64_t>(prompt.size()) - 1 - m.n_tokens);
+    int64_t want = 0;
+    for (const auto& [k, b] : ref) {
+      const std::vector<int32_t>& toks = k.second;
+      if (k.first != salt || static_cast<int64_t>(toks.size()) <= m.n_tokens ||
+          static_cast<int64_t>(toks.size()) > m.n_tokens + kBs ||
+          !std::equal(prompt.begin(), prompt.begin() + m.n_tokens, toks.begin()))
+        continue;
+      int64_t l = 0;
+      while (l < cap && m.n_tokens + l < static_cast<int64_t>(toks.size()) &&
+             toks[static_cast<size_t>(m.n_tokens + l)] ==
+                 prompt[static_cast<size_t>(m.n_tokens + l)])
+        ++l;
+      want = std::max(want, l);
+    }
+    ASSERT_EQ(p.n_tokens, want) << "iteration " << iter;
+    if (p.n_tokens > 0) {
+      ++n_partial_hits;
+      auto stored = cache.block_tokens(p.block);
+      ASSERT_TRUE(std::equal(stored.begin(), stored.begin() + p.n_tokens,
+                             prompt.begin() + m.n_tokens));
+    }
+    // Register what a sequence that computed this prompt would: its new full blocks, then its
+    // partial tail as a leaf.
+    int32_t parent = m.block_ids.empty() ? kNoParent : m.block_ids.back();
+    size_t i = m.block_ids.size();
+    bool chained = true;
+    for (; (i + 1) * kBs <= prompt.size() && next_block < kBlocks; ++i) {
+      const std::vector<int32_t> prefix(prompt.begin(), prompt.begin() + (i + 1) * kBs);
+      if (!cache.insert(key, parent, std::span<const int32_t>(prompt).subspan(i * kBs, kBs),
+                        next_block)) {
+        ASSERT_TRUE(ref.count({salt, prefix}));
+        chained = false;
+        break;
+      }
+      ref[{salt, prefix}] = next_block;
+      parent = next_block++;
+    }
+    const size_t tail = prompt.size() - i * kBs;
+    if (chained && tail > 0 && tail < static_cast<size_t>(kBs) && next_block < kBlocks) {
+      if (cache.insert_partial(key, parent, std::span<const int32_t>(prompt).subspan(i * kBs),
+                               next_block))
+        ref[{salt, prompt}] = next_block++;
+    }
+    cache.check_invariants();
+  }
+  EXPECT_GT(n_partial_hits, 50);
+}
+
+TEST(PrefixPartial, ConstantHashAgreesWithExactReference) {
+  partial_against_reference(&constant_hash, 11);
+}
+TEST(PrefixPartial, TwoBitHashAgreesWithExactReference) {
+  partial_against_reference(&two_bit_hash, 12);
+}
+
 // ---- with the block pool ------------------------------------------------------------------------
 
 // The admission / registration / eviction protocol of docs/KV.md over a simulated storage:
@@ -318,21 +516,44 @@ class Harness {
   Harness(const Harness&) = delete;  // the hook holds `this`
 
   // Returns the prompt tokens reused from the cache, or -1 when the pool is out of blocks (the
-  // request is not admitted).
-  int64_t admit(SeqId seq, const PrefixKey& key, const std::vector<int32_t>& prompt) {
+  // request is not admitted). With `partial` a partial hit is copied into a fresh block first, as
+  // the scheduler does.
+  int64_t admit(SeqId seq, const PrefixKey& key, const std::vector<int32_t>& prompt,
+                bool partial = false) {
     const PrefixMatch m = cache_.match(key, prompt);
+    const PrefixPartial p =
+        partial ? cache_.match_partial(key, prompt, m) : PrefixPartial{};
     pool_.add_seq(seq);
     pool_.append_shared(seq, m.block_ids);
     // The reused blocks must hold exactly the prompt's tokens.
     for (int64_t pos = 0; pos < m.n_tokens; ++pos)
       KVLM_CHECK(storage_[m.block_ids[pos / kBs]][pos % kBs] == prompt[pos]);
-    keys_[seq] = key;
-    tokens_[seq] = std::vector<int32_t>(prompt.begin(), prompt.begin() + m.n_tokens);
-    if (!feed(seq, std::span<const int32_t>(prompt).subspan(m.n_tokens))) {
+    keys_[seq] = {key.cache_type, std::string(key.salt)};
+    int64_t n_reused = m.n_tokens;
+    if (p.block >= 0) {
+      KVLM_CHECK(m.n_tokens + p.n_tokens <= static_cast<int64_t>(prompt.size()) - 1);
+      const std::vector<int32_t> src_rows = storage_[p.block];  // before the pool moves anything
+      for (int64_t r = 0; r < p.n_tokens; ++r) KVLM_CHECK(src_rows[r] == prompt[m.n_tokens + r]);
+      std::vector<BlockCopy> copies;
+      if (!pool_.append(seq, p.n_tokens, &copies)) {
+        pool_.free_seq(seq);
+        keys_.erase(seq);
+        return -1;
+      }
+      KVLM_CHECK(copies.empty());
+      const BlockId dst = pool_.block_table(seq).back();
+      // The source stays registered unless the pool handed it out as the fresh block itself.
+      KVLM_CHECK(cache_.contains(p.block) == (dst != p.block));
+      storage_[dst] = src_rows;
+      ++n_partial_hits_;
+      n_reused += p.n_tokens;
+    }
+    tokens_[seq] = std::vector<int32_t>(prompt.begin(), prompt.begin() + n_reused);
+    if (!feed(seq, std::span<const int32_t>(prompt).subspan(n_reused))) {
       finish(seq);
       return -1;
     }
-    return m.n_tokens;
+    return n_reused;
   }
 
   // A forward pass over `toks` (prefill rest or one decoded token): allocate, copy, write, then
@@ -350,14 +571,23 @@ class Harness {
     }
     for (size_t i = n_full_before; i < held.size() / kBs; ++i) {
       const int32_t parent = i == 0 ? kNoParent : table[i - 1];
-      if (cache_.insert(keys_[seq], parent, std::span<const int32_t>(held).subspan(i * kBs, kBs),
+      if (cache_.insert(key_of(seq), parent, std::span<const int32_t>(held).subspan(i * kBs, kBs),
                         table[i]))
         pool_.mark_cached(table[i]);
     }
     return true;
   }
 
-  void finish(SeqId seq) {
+  // With keep_partial the partly filled last block becomes a leaf of the index (the scheduler's
+  // release of a stopped sequence).
+  void finish(SeqId seq, bool keep_partial = false) {
+    const std::vector<int32_t>& held = tokens_[seq];
+    const size_t f = held.size() / kBs, k = held.size() % kBs;
+    auto table = pool_.block_table(seq);
+    if (keep_partial && k > 0 && !pool_.is_cached(table[f]) && pool_.ref_count(table[f]) == 1 &&
+        cache_.insert_partial(key_of(seq), f == 0 ? kNoParent : table[f - 1],
+                              std::span<const int32_t>(held).subspan(f * kBs), table[f]))
+      pool_.mark_cached(table[f]);
     pool_.free_seq(seq);
     tokens_.erase(seq);
     keys_.erase(seq);
@@ -372,9 +602,9 @@ class Harness {
     ASSERT_EQ(s.n_cached, cache_.n_cached());
     for (BlockId b = 0; b < pool_.n_blocks(); ++b) {
       ASSERT_EQ(pool_.is_cached(b), cache_.contains(b)) << "block " << b;
-      if (cache_.contains(b)) {
+      if (cache_.contains(b)) {  // a leaf's rows past its tokens are not looked at
         auto t = cache_.block_tokens(b);
-        ASSERT_EQ(std::vector<int32_t>(t.begin(), t.end()), storage_[b]) << "block " << b;
+        ASSERT_TRUE(std::equal(t.begin(), t.end(), storage_[b].begin())) << "block " << b;
       }
     }
     for (const auto& [seq, held] : tokens_) {
@@ -386,14 +616,22 @@ class Harness {
 
   BlockPool& pool() { return pool_; }
   PrefixCache& cache() { return cache_; }
+  int64_t n_partial_hits() const { return n_partial_hits_; }
   const std::map<SeqId, std::vector<int32_t>>& seqs() const { return tokens_; }
+  std::string salt_of(SeqId seq) const { return keys_.at(seq).second; }
 
  private:
   BlockPool pool_;
   PrefixCache cache_;
   std::vector<std::vector<int32_t>> storage_;  // [n_blocks][block_size] token ids
-  std::map<SeqId, PrefixKey> keys_;
+  std::map<SeqId, std::pair<uint64_t, std::string>> keys_;  // cache_type, salt (owned)
   std::map<SeqId, std::vector<int32_t>> tokens_;
+  int64_t n_partial_hits_ = 0;
+
+  PrefixKey key_of(SeqId seq) const {
+    const auto& k = keys_.at(seq);
+    return PrefixKey{k.first, k.second};
+  }
 };
 
 TEST(PrefixWithPool, SecondRequestReusesTheFirstOnesBlocks) {
@@ -443,22 +681,33 @@ TEST(PrefixWithPool, EvictionForgetsBlocksInLruOrder) {
 }
 
 // Random traffic: requests share a few system prompts (two tenants), decode a few tokens and
-// finish; the pool is small, so admission fails and cached blocks are evicted all the time.
-void random_traffic(PrefixHashFn fn, uint32_t seed) {
+// finish; the pool is small, so admission fails and cached blocks are evicted all the time. With
+// `partial`, finished sequences keep their last partial block and some requests are the next turn
+// of a finished conversation (its whole history plus new tokens).
+void random_traffic(PrefixHashFn fn, uint32_t seed, bool partial = false) {
   Harness h(48, fn);
   std::mt19937 rng(seed);
   const std::vector<int32_t> systems[] = {iota_tokens(9, 0), iota_tokens(14, 1000),
                                           iota_tokens(5, 2000)};
   const std::string salts[] = {"", "tenant"};
+  std::vector<std::pair<std::string, std::vector<int32_t>>> histories;  // finished conversations
   SeqId next = 0;
   int64_t n_reused = 0, n_refused = 0;
   for (int step = 0; step < 3000; ++step) {
     const uint32_t op = rng() % 10;
     if (op < 4 || h.seqs().empty()) {
       std::vector<int32_t> prompt = systems[rng() % 3];
+      const std::string* salt = nullptr;
+      if (partial && !histories.empty() && rng() % 2 == 0) {
+        const auto& past = histories[rng() % histories.size()];
+        salt = &past.first;
+        prompt = past.second;
+        if (rng() % 4 == 0) prompt.resize(prompt.size() - rng() % 3);  // a trimmed reply
+      }
       const size_t n_user = rng() % 10;
       for (size_t i = 0; i < n_user; ++i) prompt.push_back(static_cast<int32_t>(rng() % 4));
-      const int64_t got = h.admit(next++, PrefixKey{0, salts[rng() % 2]}, prompt);
+      if (salt == nullptr) salt = &salts[rng() % 2];
+      const int64_t got = h.admit(next++, PrefixKey{0, *salt}, prompt, partial);
       if (got < 0)
         ++n_refused;
       else
@@ -471,16 +720,25 @@ void random_traffic(PrefixHashFn fn, uint32_t seed) {
     } else {
       auto it = h.seqs().begin();
       std::advance(it, rng() % h.seqs().size());
-      h.finish(it->first);
+      if (partial && !it->second.empty()) {
+        if (histories.size() >= 16) histories.erase(histories.begin() + rng() % histories.size());
+        histories.push_back({h.salt_of(it->first), it->second});
+      }
+      h.finish(it->first, partial);
     }
     ASSERT_NO_FATAL_FAILURE(h.check()) << "step " << step;
   }
-  std::printf("reused %lld prompt tokens, refused %lld requests, evicted %lld blocks\n",
-              static_cast<long long>(n_reused), static_cast<long long>(n_refused),
+  std::printf("reused %lld prompt tokens (%lld partial hits), refused %lld requests, evicted %lld "
+              "blocks\n",
+              static_cast<long long>(n_reused), static_cast<long long>(h.n_partial_hits()),
+              static_cast<long long>(n_refused),
               static_cast<long long>(h.pool().stats().n_evicted));
   EXPECT_GT(n_reused, 1000);
   EXPECT_GT(n_refused, 10);
   EXPECT_GT(h.pool().stats().n_evicted, 50);
+  if (partial) {
+    EXPECT_GT(h.n_partial_hits(), 100);
+  }
 }
 
 TEST(PrefixWithPool, RandomTrafficXxh3) {
@@ -488,6 +746,69 @@ TEST(PrefixWithPool, RandomTrafficXxh3) {
 }
 TEST(PrefixWithPool, RandomTrafficColliding) {
   random_traffic(&two_bit_hash, 6);
+}
+TEST(PrefixWithPool, RandomChatTrafficWithPartialBlocksXxh3) {
+  random_traffic(nullptr, 7, true);
+}
+TEST(PrefixWithPool, RandomChatTrafficWithPartialBlocksColliding) {
+  random_traffic(&two_bit_hash, 8, true);
+}
+
+// A chat's second turn: the first turn's history (3 full blocks and 1 token) is reused whole, the
+// leaf is copied rather than written, and a regenerated second turn reuses it again.
+TEST(PrefixWithPool, NextTurnReusesThePartialBlockByCopy) {
+  Harness h(16);
+  const PrefixKey key{0, "user"};
+  const std::vector<int32_t> prompt = iota_tokens(10, 0);
+  ASSERT_EQ(h.admit(1, key, prompt, true), 0);
+  for (int32_t t : {90, 91, 92}) ASSERT_TRUE(h.feed(1, std::span<const int32_t>(&t, 1)));
+  const std::vector<int32_t> history = h.seqs().at(1);  // 13 tokens
+  const BlockId leaf = h.pool().block_table(1)[3];
+  h.finish(1, true);
+  h.check();
+  ASSERT_TRUE(h.cache().contains(leaf));
+  EXPECT_TRUE(h.cache().is_partial(leaf));
+  EXPECT_TRUE(h.pool().is_cached(leaf));
+  EXPECT_EQ(h.pool().stats().n_cached_free, 4);
+  const std::vector<int32_t> turn2 = concat(history, {60, 61, 62});
+  EXPECT_EQ(h.admit(2, key, turn2, true), 13);
+  EXPECT_NE(h.pool().block_table(2)[3], leaf);  // a copy: the leaf keeps its one token
+  EXPECT_EQ(h.pool().ref_count(leaf), 0);
+  EXPECT_TRUE(h.cache().contains(leaf));
+  h.check();
+  // While turn 2 runs, a regenerated turn 2: turn 2's own block 3 is full and registered by now,
+  // so 3 of its rows are copied (the 16th token is recomputed).
+  EXPECT_EQ(h.admit(3, key, turn2, true), 15);
+  h.check();
+  EXPECT_EQ(h.admit(4, PrefixKey{0, "other"}, turn2, true), 0);
+  EXPECT_EQ(h.admit(5, key, history, true), 12);  // the history alone: its last token recomputed
+  h.check();
+  EXPECT_EQ(h.n_partial_hits(), 2);
+  for (SeqId s : {2, 3, 4, 5}) h.finish(s, true);
+  h.check();
+  EXPECT_EQ(h.pool().stats().n_used, 0);
+}
+
+// The leaf is the only free block when the next turn arrives: the pool hands it out as the fresh
+// block itself, so its rows are already in place and only its index entry goes.
+TEST(PrefixWithPool, PartialHitWhenTheSourceIsTheLastFreeBlock) {
+  Harness h(4);
+  const PrefixKey key{};
+  ASSERT_EQ(h.admit(1, key, iota_tokens(14, 0), true), 0);  // 3 full blocks + 2 in block 3
+  const BlockId leaf = h.pool().block_table(1)[3];
+  h.finish(1, true);
+  EXPECT_EQ(h.pool().stats().n_cached_free, 4);
+  // Needs exactly one fresh block; admit checks the leaf's entry went when it was handed out, and
+  // the 2 new tokens fill the block, which is then registered as a full block.
+  EXPECT_EQ(h.admit(2, key, iota_tokens(16, 0), true), 14);
+  EXPECT_EQ(h.pool().block_table(2)[3], leaf);
+  EXPECT_EQ(h.pool().stats().n_free, 0);
+  EXPECT_EQ(h.pool().stats().n_evicted, 1);
+  EXPECT_TRUE(h.cache().contains(leaf));
+  EXPECT_FALSE(h.cache().is_partial(leaf));
+  h.check();
+  h.finish(2, true);
+  h.check();
 }
 
 }  // namespace

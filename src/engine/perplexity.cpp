@@ -403,11 +403,10 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
   kvo.dtype_v = opts.dtype_v;
   Session session(model, chunk_kv(kvo), pool, opts.n_batch);
   std::optional<Session> ref;
-  std::vector<float> ref_logits;  // [n_score, n_vocab] the reference run's scored logits
-  if (opts.kl_ref) {
-    ref.emplace(model, chunk_kv(*opts.kl_ref), pool, opts.n_batch);
-    ref_logits.resize(static_cast<size_t>(n_score) * n_vocab);
-  }
+  // [n_score, n_vocab] the reference run's scored logits: rows of ref's own buffer, valid until
+  // ref is fed again (next chunk); the tested session has its own, so no copy is needed.
+  std::span<const float> ref_logits;
+  if (opts.kl_ref) ref.emplace(model, chunk_kv(*opts.kl_ref), pool, opts.n_batch);
   const bool comparing = base || ref;
   RecordBlock block;  // [n_score] records of the current chunk (read or written)
   block.resize(n_score, base ? base->header().top_k : top_k);
@@ -432,8 +431,7 @@ PerplexityResult perplexity(const Model& model, std::span<const int32_t> tokens,
     if (ref) {
       ref->reset();
       ref->feed(chunk.first(first));
-      const std::span<const float> rl = ref->feed_all_logits(chunk.subspan(first, n_score));
-      std::copy(rl.begin(), rl.end(), ref_logits.begin());
+      ref_logits = ref->feed_all_logits(chunk.subspan(first, n_score));
     }
     session.reset();
     // The first half only conditions: no logits needed beyond the last one, which feed() returns

@@ -100,7 +100,6 @@ bool all_finite(const float* x) {
 
 // Least-squares refit of a candidate's scale (and q4_1's min) for its codes, rounded to f16 and
 // re-encoded: the codes of a grid scale are often good while the scale itself is not optimal.
-// Repeated (codes -> scale -> codes, Lloyd's iteration) while it lowers the error, at most 3 times.
 template <bool Simd>
 void refit(const float* x, int offset, bool with_min, const Candidate& from, Candidate& out) {
   double sc = 0, scc = 0, sx = 0, scx = 0;
@@ -127,6 +126,18 @@ void refit(const float* x, int offset, bool with_min, const Candidate& from, Can
   encode<Simd>(x, dr, mr, offset, out);
 }
 
+// Lloyd's iteration from the best grid candidate: refit, keep while it lowers the error, at most
+// 3 times.
+template <bool Simd>
+void refine(const float* x, int offset, bool with_min, Candidate& best) {
+  Candidate c;
+  for (int it = 0; it < 3; ++it) {
+    refit<Simd>(x, offset, with_min, best, c);
+    if (!(c.err < best.err)) break;
+    best = c;
+  }
+}
+
 // q4_0: value (c - 8) d. GGML maps the element of largest magnitude, max, to code 0 (d = max / -8);
 // the grid also tries smaller steps that clip it, and mapping it to code 15 (d = max / 7) instead.
 template <bool Simd>
@@ -151,11 +162,7 @@ void quant_q4_0_search(const float* x, BlockQ4_0& b) {
       encode<Simd>(x, d, 0, 8, c);
       if (c.err < best.err) best = c;
     }
-  for (int it = 0; it < 3; ++it) {
-    refit<Simd>(x, 8, /*with_min=*/false, best, c);
-    if (!(c.err < best.err)) break;
-    best = c;
-  }
+  refine<Simd>(x, 8, /*with_min=*/false, best);
   BlockQ4_0 nb;
   nb.d = fp32_to_fp16(best.d);
   pack(best, nb.qs);
@@ -187,11 +194,7 @@ void quant_q4_1_search(const float* x, BlockQ4_1& b) {
       encode<Simd>(x, d, m, 0, c);
       if (c.err < best.err) best = c;
     }
-  for (int it = 0; it < 3; ++it) {
-    refit<Simd>(x, 0, /*with_min=*/true, best, c);
-    if (!(c.err < best.err)) break;
-    best = c;
-  }
+  refine<Simd>(x, 0, /*with_min=*/true, best);
   BlockQ4_1 nb;
   nb.d = fp32_to_fp16(best.d);
   nb.m = fp32_to_fp16(best.m);

@@ -183,6 +183,8 @@ std::span<const int32_t> PrefixCache::block_tokens(int32_t block) const {
 
 bool PrefixCache::parent_of(const PrefixKey& key, int32_t parent, int32_t block,
                             uint64_t* parent_hash, uint64_t* parent_gen) const {
+  if (entries_[static_cast<size_t>(block)].gen != 0)
+    fail("prefix cache: block {} is already registered", block);
   *parent_hash = 0;
   *parent_gen = 0;
   if (parent == kNoParent) return true;
@@ -225,8 +227,6 @@ bool PrefixCache::insert(const PrefixKey& key, int32_t parent, std::span<const i
   if (tokens.size() != static_cast<size_t>(block_size_))
     fail("prefix cache: block {} must hold {} tokens to be cached, got {}", block, block_size_,
          tokens.size());
-  if (entries_[static_cast<size_t>(block)].gen != 0)
-    fail("prefix cache: block {} is already registered", block);
   uint64_t parent_hash, parent_gen;
   if (!parent_of(key, parent, block, &parent_hash, &parent_gen)) return false;
   const uint64_t salt_hash = hash_fn_(key.salt.data(), key.salt.size());
@@ -243,8 +243,6 @@ bool PrefixCache::insert_partial(const PrefixKey& key, int32_t parent,
   if (tokens.empty() || tokens.size() >= static_cast<size_t>(block_size_))
     fail("prefix cache: a partial block {} holds 1 to {} tokens, got {}", block, block_size_ - 1,
          tokens.size());
-  if (entries_[static_cast<size_t>(block)].gen != 0)
-    fail("prefix cache: block {} is already registered", block);
   uint64_t parent_hash, parent_gen;
   if (!parent_of(key, parent, block, &parent_hash, &parent_gen)) return false;
   const uint64_t salt_hash = hash_fn_(key.salt.data(), key.salt.size());

@@ -160,7 +160,8 @@ class PrefixCache {
   bool is_child(const Entry& e, const PrefixKey& key, uint64_t parent_gen) const;
   // The children_ key of every block following a block of hash parent_hash (0: first blocks).
   uint64_t child_key_of(const PrefixKey& key, uint64_t salt_hash, uint64_t parent_hash) const;
-  // Checks the parent for insert / insert_partial; false: not registered. Sets its hash and gen.
+  // Checks block (not yet registered: else fails) and its parent for insert / insert_partial;
+  // false: the parent is not registered. Sets the parent's hash and gen.
   bool parent_of(const PrefixKey& key, int32_t parent, int32_t block, uint64_t* parent_hash,
                  uint64_t* parent_gen) const;
   void add_entry(const PrefixKey& key, int32_t block, uint64_t parent_gen, uint64_t hash,

@@ -59,24 +59,38 @@ constexpr KernelTable kAvx2 = {"avx2",
                                avx2::add,
                                avx2::rope_rotate};
 
+// AVX2 with the VNNI group kernels for the quantized matmul; everything else is AVX2's.
+constexpr KernelTable with_vnni(KernelTable t) {
+  t.name = "avx2-vnni";
+  t.matmul = avx2::matmul_vnni;
+  t.matmul_multi = avx2::matmul_multi_vnni;
+  return t;
+}
+constexpr KernelTable kAvx2Vnni = with_vnni(kAvx2);
+
 }  // namespace
 
 // KVLM_KERNELS: unset, "" or "auto" picks the fastest variant the CPU runs; "scalar" forces the
-// reference (to compare speeds or results); "avx2" insists on AVX2. A bad value only warns: the
-// choice can happen on a pool thread, where an exception would terminate the process.
-const char* choose_backend(const char* env, bool avx2_ok) {
-  const char* best = avx2_ok ? kAvx2.name : kScalar.name;
+// reference (to compare speeds or results); "avx2" the AVX2 variant without the VNNI kernels;
+// "avx2-vnni" insists on those. A bad value only warns: the choice can happen on a pool thread,
+// where an exception would terminate the process. All variants give the same bits for the
+// quantized matmul; avx2 and avx2-vnni are identical everywhere.
+const char* choose_backend(const char* env, bool avx2_ok, bool vnni_ok) {
+  vnni_ok = vnni_ok && avx2_ok;
+  const char* best = vnni_ok ? kAvx2Vnni.name : avx2_ok ? kAvx2.name : kScalar.name;
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best;
   if (std::strcmp(env, "scalar") == 0) return kScalar.name;
-  if (std::strcmp(env, "avx2") == 0) {
-    if (!avx2_ok)
-      std::fprintf(stderr,
-                   "kvlm: KVLM_KERNELS=avx2, but this CPU lacks AVX2, FMA or F16C; using the "
-                   "scalar kernels. Unset KVLM_KERNELS to choose automatically.\n");
+  if (std::strcmp(env, "avx2") == 0 || std::strcmp(env, "avx2-vnni") == 0) {
+    const bool vnni = std::strcmp(env, "avx2-vnni") == 0;
+    if (avx2_ok && (!vnni || vnni_ok)) return vnni ? kAvx2Vnni.name : kAvx2.name;
+    std::fprintf(stderr,
+                 "kvlm: KVLM_KERNELS=%s, but this CPU lacks %s; using the %s kernels. Unset "
+                 "KVLM_KERNELS to choose automatically.\n",
+                 env, avx2_ok ? "AVX512VL or AVX512VNNI" : "AVX2, FMA or F16C", best);
     return best;
   }
   std::fprintf(stderr,
-               "kvlm: KVLM_KERNELS='%s' is not one of auto, scalar, avx2; choosing "
+               "kvlm: KVLM_KERNELS='%s' is not one of auto, scalar, avx2, avx2-vnni; choosing "
                "automatically (%s).\n",
                env, best);
   return best;
@@ -85,7 +99,9 @@ const char* choose_backend(const char* env, bool avx2_ok) {
 namespace {
 
 const KernelTable& pick_table() {
-  const char* name = choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported());
+  const char* name = choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported(),
+                                    avx2::vnni_supported());
+  if (std::strcmp(name, kAvx2Vnni.name) == 0) return kAvx2Vnni;
   return std::strcmp(name, kAvx2.name) == 0 ? kAvx2 : kScalar;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "base/thread_pool.h"
 #include "tensor/dtype.h"
@@ -12,8 +13,9 @@
 
 namespace kvlm::kernels {
 
-// Kernel variant in use: "avx2" (AVX2 + FMA + F16C, chosen when the CPU has all three) or
-// "scalar" (the reference; forced with the environment variable KVLM_KERNELS=scalar). Chosen once,
+// Kernel variant in use: "avx2-vnni" (AVX2 plus AVX-512 VNNI group kernels for the quantized
+// matmul, chosen when the CPU has AVX512VL + AVX512VNNI), "avx2" (AVX2 + FMA + F16C) or "scalar"
+// (the reference; forced with the environment variable KVLM_KERNELS=scalar). Chosen once,
 // on the first kernel call, for the whole process. dequantize_row, dot_row, matmul, attention and
 // the element-wise ops dispatch to it; every variant keeps the bit-identity guarantees stated
 // below on its own, but two variants give slightly different dot products (different summation
@@ -43,11 +45,21 @@ float dot_row(DType t, const void* row, const float* x, int64_t n);
 // Linear layer: y[i, r] = sum_c W[r, c] * x[i, c]
 //   w: [n_out = w.n_rows, n_in = w.n_cols] of any compute dtype
 //   x: [n_tok, n_in] f32, row-major;  y: [n_tok, n_out] f32, row-major
-// Same per-element arithmetic as dot_row (quantized activations for Q4_0/Q4_1/Q8_0 weights).
+// Same per-element arithmetic as dot_row (quantized activations for Q4_0/Q4_1/Q8_0 weights; for
+// those types every variant computes exactly ref's arithmetic, so they agree bit for bit).
 // Rows of W are split across the pool. Each y[i, r] is computed with the same arithmetic whatever
 // n_tok is, so a batch of N tokens gives bit-identical results to N single-token calls (the
 // cached-vs-recomputed equivalence relies on this).
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+
+// Packing for matmul: Q4_0, Q4_1 and Q8_0 matrices (n_cols a multiple of 32) can be repacked once
+// into groups of 8 rows whose blocks are interleaved (kernels/packed.h), so that one vector dot
+// computes 8 rows' block sums at once. Set TensorView::packed to the returned bytes' address
+// (they must outlive the view). matmul's results are bit-identical with or without packing: the
+// fast variant packs small row groups on the fly when a view has none; packing at load only
+// saves that work (and is what makes decode fast). Returns no bytes for other types.
+bool packable(DType t);
+std::vector<uint8_t> pack_weights(const TensorView& w);
 
 // Several linear layers over the same input as one parallel section: parts[k].y = parts[k].w x,
 // each y laid out as matmul's. Bit-identical to separate matmul calls; when every W has the same

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include "base/error.h"
+#include "kernels/ops.h"
 
 namespace kvlm {
 
@@ -145,7 +146,28 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
       l.ffn_down_b = b.get_f32(n("ffn_down.bias"), E);
     }
   }
+  m->pack_matrices();
   return m;
+}
+
+void Model::pack_matrices() {
+  auto pack = [this](TensorView& v) {
+    if (v.empty() || !kernels::packable(v.dtype)) return;
+    packed_.push_back(kernels::pack_weights(v));
+    v.packed = packed_.back().data();  // the vector's heap block never moves
+  };
+  // Not tok_embd: the embedding lookup reads rows of the mapping (a tied output head is a copy of
+  // its view, packed here as the output).
+  pack(weights_.output);
+  for (LayerWeights& l : weights_.layers)
+    for (TensorView* v : {&l.wq, &l.wk, &l.wv, &l.wqkv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down})
+      pack(*v);
+}
+
+uint64_t Model::packed_bytes() const {
+  uint64_t total = 0;
+  for (const auto& p : packed_) total += p.size();
+  return total;
 }
 
 KvShape Model::kv_shape(DType dtype_k, DType dtype_v) const {

@@ -105,12 +105,19 @@ class Model {
 
   // Bytes of weights read per decoded token (all matrices once): for roofline estimates.
   uint64_t weight_bytes() const;
+  // Bytes of the matrices' packed copies (held besides the mapped file).
+  uint64_t packed_bytes() const;
 
  private:
   Model() = default;
+  // Packs every Q4_0/Q4_1/Q8_0 matrix that matmul reads (kernels::pack_weights) and points its
+  // view's `packed` at the copy. Costs one copy of those weights in memory (packed_bytes()).
+  void pack_matrices();
+
   std::unique_ptr<GgufFile> file_;
   ModelConfig config_;
   Weights weights_;
+  std::vector<std::vector<uint8_t>> packed_;  // owners of the views' packed bytes
 };
 
 }  // namespace kvlm

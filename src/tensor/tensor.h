@@ -17,6 +17,10 @@ struct TensorView {
   int64_t n_rows = 0;
   int64_t n_cols = 0;
   size_t row_stride = 0;  // bytes
+  // Optional: the same matrix repacked by kernels::pack_weights (interleaved groups of 8 rows,
+  // layout in kernels/packed.h), or null. Only the quantized matmul reads it; the values, and
+  // matmul's results, are the same with or without. Must describe exactly this view's rows.
+  const void* packed = nullptr;
 
   bool empty() const { return data == nullptr; }
   const uint8_t* row(int64_t r) const {

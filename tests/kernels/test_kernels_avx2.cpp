@@ -2,13 +2,14 @@
 // KVLM_KERNELS says; plus the AVX2 variant's own invariants and the variant choice.
 //
 // What must be equal, and what may differ:
-//  * bit-identical: activation quantization (codes and f16 scales), f16/bf16 dequantization, and,
-//    within the AVX2 variant, matmul across n_tok / threads / row splits and dot_row == matmul.
-//  * within a tolerance: every dot product, because AVX2 sums in 8 lanes with FMAs where ref sums
-//    sequentially (quantized) or in 16 lanes without FMA (f32). Both start from the same exact
-//    terms (integer block sums times exact scale products), so each differs from the exact sum by
-//    at most its rounding error: |fast - ref| <= (err_fast + err_ref) * sum|terms|, with the error
-//    factors derived beside each tolerance below.
+//  * bit-identical: activation quantization (codes and f16 scales), f16/bf16 dequantization, the
+//    quantized (Q4_0/Q4_1/Q8_0) matmul and dot_row, packed or not, and, within the AVX2 variant,
+//    matmul across n_tok / threads / row splits and dot_row == matmul.
+//  * within a tolerance: the f32/f16/bf16 dot products, because AVX2 sums in 8 lanes with FMAs
+//    where ref sums in 16 lanes without FMA. Both start from the same exact terms, so each
+//    differs from the exact sum by at most its rounding error:
+//    |fast - ref| <= (err_fast + err_ref) * sum|terms|, with the error factors derived beside
+//    each tolerance below.
 //
 // Unaligned data: buffers are offset from a 32-byte boundary by every multiple of each element
 // type's own alignment (4 bytes for f32, 2 for f16 rows and quantized blocks, whose fields are
@@ -113,16 +114,21 @@ void random_row(DType t, int64_t n, std::mt19937& rng, uint8_t* dst) {
 // ---- variant choice -----------------------------------------------------------------------------
 
 TEST(Avx2Dispatch, ChoiceFollowsEnvironmentAndCpu) {
-  EXPECT_STREQ(choose_backend(nullptr, true), "avx2");
-  EXPECT_STREQ(choose_backend("", true), "avx2");
-  EXPECT_STREQ(choose_backend("auto", true), "avx2");
-  EXPECT_STREQ(choose_backend("scalar", true), "scalar");
-  EXPECT_STREQ(choose_backend("avx2", true), "avx2");
-  EXPECT_STREQ(choose_backend(nullptr, false), "scalar");
-  EXPECT_STREQ(choose_backend("avx2", false), "scalar");  // warns; cannot honour it
-  EXPECT_STREQ(choose_backend("bogus", true), "avx2");    // warns; chooses automatically
-  EXPECT_STREQ(kernels_backend(),
-               choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported()));
+  EXPECT_STREQ(choose_backend(nullptr, true, false), "avx2");
+  EXPECT_STREQ(choose_backend("", true, false), "avx2");
+  EXPECT_STREQ(choose_backend("auto", true, false), "avx2");
+  EXPECT_STREQ(choose_backend(nullptr, true, true), "avx2-vnni");
+  EXPECT_STREQ(choose_backend("auto", true, true), "avx2-vnni");
+  EXPECT_STREQ(choose_backend("scalar", true, true), "scalar");
+  EXPECT_STREQ(choose_backend("avx2", true, true), "avx2");  // AVX2 without the VNNI kernels
+  EXPECT_STREQ(choose_backend("avx2-vnni", true, true), "avx2-vnni");
+  EXPECT_STREQ(choose_backend("avx2-vnni", true, false), "avx2");  // warns; cannot honour it
+  EXPECT_STREQ(choose_backend(nullptr, false, true), "scalar");     // VNNI needs AVX2 too
+  EXPECT_STREQ(choose_backend(nullptr, false, false), "scalar");
+  EXPECT_STREQ(choose_backend("avx2", false, false), "scalar");  // warns; cannot honour it
+  EXPECT_STREQ(choose_backend("bogus", true, false), "avx2");    // warns; chooses automatically
+  EXPECT_STREQ(kernels_backend(), choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported(),
+                                                 avx2::vnni_supported()));
 }
 
 // The choice is made once per process, so the environment is set in a fresh child process
@@ -339,42 +345,143 @@ double abs_dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-TEST(Avx2Dot, QuantizedBlockDotsMatchRef) {
+// The quantized matmul computes ref's arithmetic (per block: the exact integer dot, times the
+// rounded scale product, added to one running sum) for 8 rows at once over packed row groups, so
+// it equals ref bit for bit: packed at load or packed on the fly, every row count (groups short
+// of 8 rows), every token count (1..4-token kernels, 64-token chunks), every alignment, 1 and 2
+// threads, dot_row too.
+TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(21);
+  ThreadPool pool1(1), pool2(2);
   for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
-    for (int64_t n = 32; n <= 8192; n += n < 512 ? 32 : 1056) {
-      const int64_t nb = n / 32;
-      for (size_t w_off : {0, 2, 18, 30}) {
-        const size_t x_off = 32 - w_off;
-        Buffer wbuf(row_bytes(t, n), w_off);
-        random_row(t, n, rng, wbuf.data());
-        const std::vector<float> x = random_floats(rng, n, 2.0f);
-        Buffer xq(act_row_bytes(t, n), x_off % 32);
-        if (t == DType::Q4_1)
-          ref::quant_act_q8_1(x.data(), xq.as<BlockQ8_1>(), nb);
-        else
-          ref::quant_act_q8_0(x.data(), xq.as<BlockQ8_0>(), nb);
-        float r, f;
-        if (t == DType::Q4_0) {
-          r = ref::dot_q4_0_q8_0(wbuf.as<BlockQ4_0>(), xq.as<BlockQ8_0>(), nb);
-          f = avx2::dot_q4_0_q8_0(wbuf.as<BlockQ4_0>(), xq.as<BlockQ8_0>(), nb);
-        } else if (t == DType::Q4_1) {
-          r = ref::dot_q4_1_q8_1(wbuf.as<BlockQ4_1>(), xq.as<BlockQ8_1>(), nb);
-          f = avx2::dot_q4_1_q8_1(wbuf.as<BlockQ4_1>(), xq.as<BlockQ8_1>(), nb);
-        } else {
-          r = ref::dot_q8_0_q8_0(wbuf.as<BlockQ8_0>(), xq.as<BlockQ8_0>(), nb);
-          f = avx2::dot_q8_0_q8_0(wbuf.as<BlockQ8_0>(), xq.as<BlockQ8_0>(), nb);
+    for (int64_t n_cols : {32, 64, 96, 576, 1536, 4128}) {
+      for (int64_t n_rows : {1, 7, 8, 9, 37, 131}) {
+        if (n_cols * n_rows > 1536 * 37) continue;  // keep the scalar side quick
+        for (size_t off : {0, 2, 18}) {
+          const size_t stride = row_bytes(t, n_cols) + (n_rows % 2 ? 0 : 6);
+          Buffer buf(stride * n_rows, off);
+          for (int64_t r = 0; r < n_rows; ++r) random_row(t, n_cols, rng, buf.data() + r * stride);
+          TensorView w{t, buf.data(), n_rows, n_cols, stride};
+          const std::vector<uint8_t> packed = pack_weights(w);
+          ASSERT_EQ(packed.size(), size_t((n_rows + 7) / 8) * (n_cols / 32) * 8 *
+                                       size_t(dtype_info(t).type_size));
+          TensorView wp = w;
+          wp.packed = packed.data();
+          for (int64_t n_tok : {1, 2, 3, 4, 5, 9, 70}) {
+            if (n_tok == 70 && n_cols > 576) continue;
+            const std::vector<float> x = random_floats(rng, n_tok * n_cols, 1.5f);
+            std::vector<float> yr(n_tok * n_rows), yu(n_tok * n_rows, -1.0f),
+                yp(n_tok * n_rows, -2.0f);
+            ref::matmul(w, x.data(), yr.data(), n_tok, pool1);
+            avx2::matmul(w, x.data(), yu.data(), n_tok, n_tok % 2 ? pool1 : pool2);
+            avx2::matmul(wp, x.data(), yp.data(), n_tok, n_tok % 2 ? pool2 : pool1);
+            std::vector<float> yv = yr;
+            if (avx2::vnni_supported()) {
+              avx2::matmul_vnni(n_tok % 3 ? wp : w, x.data(), yv.data(), n_tok, pool2);
+            }
+            for (size_t k = 0; k < yr.size(); ++k) {
+              ASSERT_EQ(bits_of(yv[k]), bits_of(yr[k]))
+                  << dtype_name(t) << " " << n_rows << "x" << n_cols << " n_tok " << n_tok
+                  << " offset " << off << " element " << k << " (vnni)";
+              ASSERT_EQ(bits_of(yu[k]), bits_of(yr[k]))
+                  << dtype_name(t) << " " << n_rows << "x" << n_cols << " n_tok " << n_tok
+                  << " offset " << off << " element " << k << " (unpacked)";
+              ASSERT_EQ(bits_of(yp[k]), bits_of(yr[k]))
+                  << dtype_name(t) << " " << n_rows << "x" << n_cols << " n_tok " << n_tok
+                  << " offset " << off << " element " << k << " (packed)";
+            }
+            ASSERT_EQ(bits_of(avx2::dot_row(t, w.row(n_rows - 1), x.data(), n_cols)),
+                      bits_of(yr[n_rows - 1]));
+          }
         }
-        const double terms = quantized_abs_terms(t, wbuf.data(), xq.data(), nb);
-        ASSERT_NEAR(f, r, quantized_tolerance(nb, terms))
-            << dtype_name(t) << " n " << n << " offset " << w_off;
-        // dot_row quantizes x itself (bit-identically), so it is the same dot.
-        ASSERT_EQ(bits_of(f), bits_of(avx2::dot_row(t, wbuf.data(), x.data(), n)))
-            << dtype_name(t) << " n " << n;
       }
     }
   }
+}
+
+// The extremes of the integer sums: Q4 nibbles all 15 against codes all +-127 (each 16-bit lane
+// sums 8 maddubs pairs to 30,480 of 32,767), Q8_0 codes of -128 (a file may hold them; |w| = 128
+// is still exact in maddubs) against -127, and Q4_0's nibble 0 (value -8).
+TEST(Avx2Matmul, QuantizedExtremesAreExact) {
+  SKIP_WITHOUT_AVX2();
+  ThreadPool pool(1);
+  const int64_t n = 64, n_rows = 8;
+  for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
+    for (uint8_t code : {uint8_t(0xff), uint8_t(0x00), uint8_t(0x80)}) {
+      for (float xv : {1.0f, -1.0f}) {
+        const size_t stride = row_bytes(t, n);
+        std::vector<uint8_t> w(stride * n_rows, code);
+        const size_t bsize = dtype_info(t).type_size;
+        for (size_t b = 0; b < w.size() / bsize; ++b) {
+          const uint16_t d = fp32_to_fp16(0.5f), m = fp32_to_fp16(-0.25f);
+          std::memcpy(w.data() + b * bsize, &d, 2);
+          if (t == DType::Q4_1) std::memcpy(w.data() + b * bsize + 2, &m, 2);
+        }
+        const TensorView view{t, w.data(), n_rows, n, stride};
+        const std::vector<float> x(2 * n, xv);  // every code is +-127
+        std::vector<float> yr(2 * n_rows), yf(2 * n_rows);
+        ref::matmul(view, x.data(), yr.data(), 2, pool);
+        avx2::matmul(view, x.data(), yf.data(), 2, pool);
+        for (size_t k = 0; k < yr.size(); ++k)
+          ASSERT_EQ(bits_of(yf[k]), bits_of(yr[k])) << dtype_name(t) << " code " << int(code);
+        if (avx2::vnni_supported()) {
+          std::vector<float> yv(yr.size());
+          avx2::matmul_vnni(view, x.data(), yv.data(), 2, pool);
+          for (size_t k = 0; k < yr.size(); ++k)
+            ASSERT_EQ(bits_of(yv[k]), bits_of(yr[k])) << dtype_name(t) << " code " << int(code);
+        }
+        // And the value itself, exactly: d_w d_x sum(q_w q_x) (+ m s), d_x = 1/127.
+        const int qx = xv > 0 ? 127 : -127;
+        int sum_qw;  // sum of one block's 32 weight integers
+        if (t == DType::Q8_0) {
+          sum_qw = 32 * static_cast<int8_t>(code);
+        } else {
+          const int off = t == DType::Q4_0 ? 8 : 0;
+          sum_qw = 16 * ((code & 15) - off) + 16 * ((code >> 4) - off);
+        }
+        const double dx = fp16_to_fp32(fp32_to_fp16(1.0f / 127));
+        double want = 2.0 * 0.5 * dx * sum_qw * qx;  // 2 blocks
+        if (t == DType::Q4_1) want += 2.0 * -0.25 * fp16_to_fp32(fp32_to_fp16(float(dx * 32 * qx)));
+        ASSERT_NEAR(yf[0], want, 1e-4 * std::fabs(want) + 1e-6)
+            << dtype_name(t) << " code " << int(code) << " x " << xv << " y1 " << yf[1];
+      }
+    }
+  }
+}
+
+// pack_weights moves bytes only: every row's scales and codes are where packed.h says, and rows
+// past the last are zero.
+TEST(Pack, LayoutIsTheDocumentedInterleave) {
+  std::mt19937 rng(23);
+  for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
+    const int64_t n_rows = 13, n_cols = 96, nb = 3;
+    const size_t stride = row_bytes(t, n_cols);
+    std::vector<uint8_t> w(stride * n_rows);
+    for (int64_t r = 0; r < n_rows; ++r) random_row(t, n_cols, rng, w.data() + r * stride);
+    const std::vector<uint8_t> p = pack_weights({t, w.data(), n_rows, n_cols, stride});
+    const size_t bsize = dtype_info(t).type_size, pbytes = 8 * bsize;
+    const size_t code_bytes = t == DType::Q8_0 ? 32 : 16, code_off = bsize - code_bytes;
+    ASSERT_EQ(p.size(), 2 * nb * pbytes);
+    for (int64_t r = 0; r < 16; ++r) {
+      for (int64_t ib = 0; ib < nb; ++ib) {
+        const uint8_t* pb = p.data() + ((r / 8) * nb + ib) * pbytes;
+        const int k = static_cast<int>(r % 8);
+        std::vector<uint8_t> blk(bsize, 0);
+        if (r < n_rows) std::memcpy(blk.data(), w.data() + r * stride + ib * bsize, bsize);
+        ASSERT_EQ(std::memcmp(pb + 2 * k, blk.data(), 2), 0) << "d of row " << r;
+        if (t == DType::Q4_1) {
+          ASSERT_EQ(std::memcmp(pb + 16 + 2 * k, blk.data() + 2, 2), 0);
+        }
+        const uint8_t* qs = pb + (t == DType::Q4_1 ? 32 : 16);
+        for (size_t v = 0; v < code_bytes / 4; ++v)
+          ASSERT_EQ(std::memcmp(qs + 32 * v + 4 * k, blk.data() + code_off + 4 * v, 4), 0)
+              << dtype_name(t) << " row " << r << " block " << ib << " vector " << v;
+      }
+    }
+  }
+  EXPECT_TRUE(pack_weights({DType::F16, nullptr, 4, 32, 64}).empty());
+  EXPECT_FALSE(packable(DType::Q6_K));
 }
 
 TEST(Avx2Dot, F32AndF16DotsMatchRef) {
@@ -542,7 +649,7 @@ TEST(Avx2Matmul, BatchThreadsSplitAndDotRowBitIdentical) {
 TEST(Avx2Matmul, PublicEntryPointsUseTheChosenVariant) {
   std::mt19937 rng(61);
   ThreadPool pool(2);
-  const bool fast = std::strcmp(kernels_backend(), "avx2") == 0;
+  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2 or avx2-vnni
   Matrix w = random_matrix(DType::Q4_1, 19, 576, 0, 0, rng);
   const std::vector<float> x = random_floats(rng, 6 * 576, 1.0f);
   std::vector<float> y(6 * 19), want(6 * 19);
@@ -737,7 +844,7 @@ TEST(Avx2Attn, PublicEntryPointUsesTheChosenVariant) {
   const std::vector<float> q = random_floats(rng, n_q * hd, 1.0f);
   std::vector<float> m(n_q), l(n_q), o(n_q * hd), w(n_q * n), m2(n_q), l2(n_q), o2(n_q * hd);
   attn_chunk(k.data(), v.data(), n, hd, q.data(), n_q, 0.125f, m.data(), l.data(), o.data(), w.data());
-  const bool fast = std::strcmp(kernels_backend(), "avx2") == 0;
+  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2 or avx2-vnni
   (fast ? avx2::attn_chunk : ref::attn_chunk)(k.data(), v.data(), n, hd, q.data(), n_q, 0.125f,
                                                m2.data(), l2.data(), o2.data(), w.data());
   for (int64_t a = 0; a < n_q; ++a) {
@@ -1058,7 +1165,7 @@ TEST(Avx2Elementwise, RopeRotateEqualsRopeBitForBit) {
 // The dispatched element-wise entry points are the chosen variant's, exactly.
 TEST(Avx2Elementwise, PublicEntryPointsUseTheChosenVariant) {
   std::mt19937 rng(108);
-  const bool fast = std::strcmp(kernels_backend(), "avx2") == 0;
+  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2 or avx2-vnni
   const int64_t n = 45;
   const std::vector<float> x = random_floats(rng, n, 2.0f), w = random_floats(rng, n, 1.0f),
                            b = random_floats(rng, n, 1.0f);

@@ -2,10 +2,11 @@
 // Only the avx2/*_avx2.cpp files are compiled with those instruction sets; call anything here
 // only after avx2::cpu_supported() returned true (dispatch.cpp does; the tests skip otherwise).
 //
-// Each function has the same contract as its twin in ref/ref.h. Activation quantization is
-// bit-identical to ref; dots and matmul sum in a different (but fixed, n-only) order, so they
-// agree with ref to rounding, not bitwise. Within this variant, matmul's y[i, r] is bit-identical
-// whatever n_tok, the thread count or the row split, and equals dot_row bit for bit.
+// Each function has the same contract as its twin in ref/ref.h. Activation quantization and the
+// quantized (Q4_0/Q4_1/Q8_0) matmul and dot_row are bit-identical to ref; f32/f16/bf16 dots sum
+// in a different (but fixed, n-only) order, so they agree with ref to rounding, not bitwise.
+// Within this variant, matmul's y[i, r] is bit-identical whatever n_tok, the thread count, the
+// row split or the packing, and equals dot_row bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,8 @@ namespace kvlm::kernels::avx2 {
 // True when the CPU (and OS) support AVX2, FMA and F16C. Compiled without those flags, so it is
 // safe to call anywhere.
 bool cpu_supported();
+// True when the CPU also has AVX512F, AVX512VL and AVX512VNNI (the VNNI group kernels).
+bool vnni_supported();
 
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
 void round_to_f16(const float* x, float* y, int64_t n);
@@ -30,6 +33,11 @@ float dot_row(DType t, const void* row, const float* x, int64_t n);
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
 void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
                   ThreadPool& pool);
+// The same with the VNNI group kernels for Q4_0/Q4_1/Q8_0 weights (call only when
+// vnni_supported()): the same bits, fewer instructions.
+void matmul_vnni(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+void matmul_multi_vnni(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                       ThreadPool& pool);
 // Scores by 8-lane FMA dots, exp by exp_ps below, o by FMA: agrees with ref to rounding.
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work);
@@ -63,9 +71,6 @@ void exp_f32_full(const float* x, float* y, int64_t n);
 // ---- building blocks (see ref/ref.h) ------------------------------------------------------------
 void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks);
 void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks);
-float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks);
-float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks);
-float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks);
 // sum_c a[c] * b[c]   a, b: [n], any n >= 0, any alignment
 float dot_f32(const float* a, const float* b, int64_t n);
 // sum_c f16 a[c] * b[c] without a dequantized copy; equals dot_f32 of the dequantized row bit for

@@ -10,4 +10,12 @@ bool cpu_supported() {
          __builtin_cpu_supports("f16c");
 }
 
+bool vnni_supported() {
+  // AVX512VL for vpdpbusd on ymm registers; __builtin_cpu_supports also checks that the OS saves
+  // the AVX-512 state.
+  __builtin_cpu_init();
+  return cpu_supported() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
 }  // namespace kvlm::kernels::avx2

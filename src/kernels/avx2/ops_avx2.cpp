@@ -6,30 +6,26 @@
 //  * Activation quantization is bit-identical to ref's quant_act_blocks: same amax (max ignoring
 //    NaN), same d = amax / 127 and id = 127 / amax in scalar f32, same f32 product x * id, the
 //    same round-half-even (vroundps nearest), same NaN -> 0 and clamp to [-127, 127].
-//  * Integer block dots (llama.cpp's maddubs/madd scheme) give 8 exact i32 partial sums per block
-//    and (row, token) pair; each is converted to f32 (exact: |partial| <= 4 * 128 * 127) and fused
-//    into its lane: acc = fma(d_w * d_x, partial, acc), with d_w * d_x exact (two 11-bit
-//    mantissas). So each of the 8 lanes rounds once per block, and the lanes are folded by one
-//    fixed tree (hsum) at the end; Q4_1's m * s terms are a separate running sum in block order,
-//    added last. This is the arithmetic of llama.cpp's AVX2 vec_dot kernels. Ref instead rounds
-//    sumi * d once per block into one running sum: same inputs, so the two differ by rounding
-//    only (bounds in tests/kernels/test_kernels_avx2.cpp).
+//  * Quantized matmul (Q4_0/Q4_1/Q8_0 weights) is bit-identical to ref: per (row, token), block
+//    by block in order, the exact integer block dot, converted once, times the rounded scale
+//    product d_w * d_x, added to one running sum (Q4_1: plus m * s, rounded as ref rounds it).
+//    The speed comes from the layout, not from reordering: weights are packed in groups of 8 rows
+//    (kernels/packed.h) so that each vector instruction works on 8 rows' codes at once and every
+//    row's sum sits in its own lane; no horizontal sums, one scale product per 8 rows.
 //  * f32 and f16 dots: 4 accumulators x 8 lanes over 32-column steps, FMA (one rounding per
 //    product-add), leftover 8-column chunks into accumulators 0, 1, 2 and a masked final chunk into
 //    accumulator 3; then ((a0 + a1) + (a2 + a3)) and hsum. No alignment peeling: the order depends
 //    on n only, never on where the row lies in memory.
-//  * matmul computes R weight rows x T tokens per inner loop to reuse every load (a weight block
-//    is unpacked once for T tokens, an activation block loaded once for R rows); prefill first
-//    unpacks an L1-sized panel of rows that all tokens then stream past, decode reads W in
-//    address order (see qmatmul_rows). Every (row, token) element still runs exactly the 1 x 1
-//    sequence of operations on its own accumulator, so y[i, r] is bit-identical whatever tile
-//    shape, path, n_tok, thread count or row split produced it, and equals dot_row, which is the
-//    1 x 1 tile.
+//  * matmul runs one packed group of 8 rows against 1-4 tokens per kernel call, so a weight
+//    block is unpacked once for up to 4 tokens; prefill walks ~128 KiB chunks of groups with 64
+//    tokens at a time (see qmatmul_groups). The arithmetic of an element never depends on the
+//    tiling, so y[i, r] is bit-identical whatever n_tok, thread count, row split or packing.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <array>
 #include <cassert>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -38,6 +34,9 @@
 
 #include "kernels/avx2/avx2.h"
 #include "kernels/avx2/lanes.h"
+#include "kernels/avx2/qgroup.h"
+#include "kernels/avx2/qgroup_kernels.h"
+#include "kernels/packed.h"
 #include "kernels/ref/ref.h"
 
 namespace kvlm::kernels::avx2 {
@@ -176,329 +175,114 @@ float dot_f16_impl(const uint16_t* a, const float* b, int64_t n) {
       b, n);
 }
 
-// ---- integer block dots, as R x T tiles ---------------------------------------------------------
+// ---- quantized matmul over packed row groups ----------------------------------------------------
 
-// Quantized activations as the tiles read them: the blocks (bytes identical to ref's) plus their
-// f16 scales widened once to f32 (exactly), so the inner loop broadcasts a float instead of
-// converting a half for every (block, token). Q8_1's s is stored block-major, so the m * s terms
-// of up to 4 consecutive tokens are one 4-lane load.
-struct ActView {
-  const uint8_t* q;  // [n_tok, q_stride] bytes: Q8_0 or Q8_1 blocks
-  size_t q_stride;
-  const float* d;    // [n_tok, n_blocks] block scales d
-  const float* s;    // [n_blocks, s_stride] Q8_1's s = d * sum(q), token-minor; unused for Q8_0
-  int64_t s_stride;  // n_tok; s has 4 zero floats of padding past its last block
-  int64_t n_blocks;
-  ActView token(int64_t t) const {
-    return {q + t * q_stride, q_stride, d + t * n_blocks, s + t, s_stride, n_blocks};
-  }
-};
-
-// Floats prepare_act needs for d and s of n_tok rows of n_blocks blocks.
-int64_t act_scale_floats(int64_t n_tok, int64_t n_blocks) {
-  return 2 * n_tok * n_blocks + 4;
-}
-
-// Quantizes n_tok rows of x (each n wide) for weight type t.
-//   q: [n_tok, act_row_bytes(t, n)] bytes;  ds: [act_scale_floats(n_tok, n / 32)] floats
-ActView prepare_act(DType t, const float* x, int64_t n_tok, int64_t n, uint8_t* q, float* ds) {
+// Quantizes n_tok rows of x (each n wide) for weight type t into the calling thread's scratch.
+Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n) {
   const int64_t n_blocks = n / 32;
-  const size_t q_stride = act_row_bytes(t, n);
-  float* d = ds;                     // [n_tok, n_blocks]
-  float* s = ds + n_tok * n_blocks;  // [n_blocks, n_tok] + 4 padding
-  std::fill(s + n_tok * n_blocks, s + n_tok * n_blocks + 4, 0.0f);
+  const bool q8_1 = act_type(t) == DType::Q8_1;
+  Acts a;
+  a.q_stride = act_row_bytes(t, n);
+  a.blk = q8_1 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0);
+  a.qs_off = q8_1 ? offsetof(BlockQ8_1, qs) : offsetof(BlockQ8_0, qs);
+  a.n_blocks = n_blocks;
+  uint8_t* q = thread_bytes(a.q_stride * static_cast<size_t>(n_tok));
+  float* ds = thread_scratch(kActSlot, 2 * n_tok * n_blocks);  // d, then s
+  thread_local std::vector<int32_t> c;
+  if (t == DType::Q4_0 && c.size() < static_cast<size_t>(n_tok * n_blocks))
+    c.resize(static_cast<size_t>(n_tok * n_blocks));
   for (int64_t i = 0; i < n_tok; ++i) {
-    uint8_t* qi = q + i * q_stride;
-    float* di = d + i * n_blocks;
+    uint8_t* qi = q + i * a.q_stride;
     quantize_act(t, x + i * n, qi, n);
-    if (act_type(t) == DType::Q8_1) {
-      const auto* b = reinterpret_cast<const BlockQ8_1*>(qi);
-      for (int64_t ib = 0; ib < n_blocks; ++ib) {
-        di[ib] = half(b[ib].d);
-        s[ib * n_tok + i] = half(b[ib].s);
-      }
-    } else {
-      const auto* b = reinterpret_cast<const BlockQ8_0*>(qi);
-      for (int64_t ib = 0; ib < n_blocks; ++ib) di[ib] = half(b[ib].d);
-    }
-  }
-  return {q, q_stride, d, s, n_tok, n_blocks};
-}
-
-// A Kind describes one (weight, activation) block pair: how to unpack each side once per block,
-// and the exact integer dot of an unpacked pair as 8 i32 partial sums.
-
-struct KindQ4_0 {
-  using WBlock = BlockQ4_0;
-  using XBlock = BlockQ8_0;
-  static constexpr bool kHasMin = false;
-  struct W {
-    __m256i q;  // nibbles 0..15 (value + 8)
-    __m256 d;
-  };
-  struct X {
-    __m256i q;
-    __m256i q8;  // pairwise sums 8 * (q[2k] + q[2k+1]): the "+ 8" of the nibbles, removed below
-  };
-  static __m256i unpack(const WBlock& b) { return unpack_nibbles(b.qs); }
-  static W from_unpacked(__m256i q, __m256 d) { return {q, d}; }
-  static X load_x(const XBlock& b) {
-    const __m256i q = load32(b.qs);
-    return {q, _mm256_maddubs_epi16(_mm256_set1_epi8(8), q)};
-  }
-  // sum (n - 8) y = sum n y - 8 sum y, per pair in i16 (|.| <= 2 * 15 * 127 + 2 * 8 * 127 < 2^15;
-  // maddubs cannot saturate: unsigned side <= 15), then pairs of pairs in i32.
-  static __m256i dot(const W& w, const X& x) {
-    const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(w.q, x.q), x.q8);
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-  }
-};
-
-struct KindQ4_1 {
-  using WBlock = BlockQ4_1;
-  using XBlock = BlockQ8_1;
-  static constexpr bool kHasMin = true;
-  struct W {
-    __m256i q;  // nibbles 0..15
-    __m256 d;
-  };
-  struct X {
-    __m256i q;
-  };
-  static __m256i unpack(const WBlock& b) { return unpack_nibbles(b.qs); }
-  static W from_unpacked(__m256i q, __m256 d) { return {q, d}; }
-  static float min_w(const WBlock& b) { return half(b.m); }
-  static X load_x(const XBlock& b) { return {load32(b.qs)}; }
-  // Unsigned nibble x signed code: maddubs pairs <= 2 * 15 * 127, no saturation.
-  static __m256i dot(const W& w, const X& x) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w.q, x.q), _mm256_set1_epi16(1));
-  }
-};
-
-struct KindQ8_0 {
-  using WBlock = BlockQ8_0;
-  using XBlock = BlockQ8_0;
-  static constexpr bool kHasMin = false;
-  struct W {
-    __m256i q;    // signed codes, to sign the activations
-    __m256i abs;  // |q|, the unsigned side of maddubs
-    __m256 d;
-  };
-  struct X {
-    __m256i q;
-  };
-  static __m256i unpack(const WBlock& b) { return load32(b.qs); }
-  static W from_unpacked(__m256i q, __m256 d) { return {q, _mm256_sign_epi8(q, q), d}; }
-  static X load_x(const XBlock& b) { return {load32(b.qs)}; }
-  // w y = |w| (sign(w) y). Pairs <= 2 * 128 * 127 < 2^15 (activation codes are within +-127).
-  static __m256i dot(const W& w, const X& x) {
-    const __m256i p = _mm256_maddubs_epi16(w.abs, _mm256_sign_epi8(x.q, w.q));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-  }
-};
-
-// ---- weight sources: where a tile's rows come from ------------------------------------------
-// Both give the tile the same W values for the same block, so the arithmetic of an element does
-// not depend on which source fed it.
-
-// Rows read straight from the GGUF blocks, unpacked in the tile's loop (decode, dot_row).
-template <class K>
-struct BlockRows {
-  const uint8_t* w;  // row 0
-  size_t stride;     // bytes between the tile's rows
-  int64_t n_blocks;
-  float* m;  // [R, n_blocks] Q4_1's mins, widened here as the blocks go by
-  typename K::W load(int r, int64_t ib) const {
-    const auto& b = reinterpret_cast<const typename K::WBlock*>(w + r * stride)[ib];
-    if constexpr (K::kHasMin) m[r * n_blocks + ib] = K::min_w(b);
-    return K::from_unpacked(K::unpack(b), _mm256_set1_ps(half(b.d)));
-  }
-  const float* mins(int r) const { return m + r * n_blocks; }
-};
-
-struct alignas(32) Bytes32 {
-  uint8_t b[32];
-};
-
-// Rows unpacked once into L1-sized scratch (prefill), then read by every token group: the nibble
-// shuffles and f16 conversions are paid once per row instead of once per row and token group.
-struct Panel {
-  Bytes32* q;  // [n_rows, n_blocks] unpacked codes, as K::unpack gives them
-  float* d;    // [n_rows, n_blocks] weight scales
-  float* m;    // [n_rows, n_blocks] Q4_1's mins
-  int64_t n_blocks;
-};
-
-template <class K>
-void unpack_panel(const TensorView& w, int64_t r0, int64_t n_rows, const Panel& p) {
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const auto* b = reinterpret_cast<const typename K::WBlock*>(w.row(r0 + r));
-    const int64_t o = r * p.n_blocks;
-    for (int64_t ib = 0; ib < p.n_blocks; ++ib) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(p.q + o + ib), K::unpack(b[ib]));
-      p.d[o + ib] = half(b[ib].d);
-      if constexpr (K::kHasMin) p.m[o + ib] = K::min_w(b[ib]);
-    }
-  }
-}
-
-template <class K>
-struct PanelRows {
-  const Bytes32* q;  // row 0 of the tile in the panel
-  const float* d;
-  const float* m;
-  int64_t n_blocks;
-  typename K::W load(int r, int64_t ib) const {
-    const int64_t o = r * n_blocks + ib;
-    return K::from_unpacked(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + o)),
-                            _mm256_broadcast_ss(d + o));
-  }
-  const float* mins(int r) const { return m + r * n_blocks; }
-};
-
-// ---- the tile -----------------------------------------------------------------------------------
-
-// y[t * y_tok_stride + r * y_row_stride] = dot(weight row r, activation row t), r < R, t < T.
-//   w: R weight rows (a BlockRows or PanelRows);  x: from the tile's token 0
-// Per element: 8 lanes, acc = fma(d_w * d_x, partial, acc) per block in block order, hsum, then
-// (Q4_1) + the running sum of m * s in block order (product and sum rounded separately). That
-// is the arithmetic of llama.cpp's AVX2 ggml_vec_dot_q4_1_q8_1 (its q4_0 and q8_0 dots use the
-// same per-block scheme), so kvlm tracks the reference's own rounding where it runs that path.
-// Nothing depends on R, T, the source or the neighbours: the m * s lanes of different tokens
-// never mix.
-template <class K, int R, int T, class Rows>
-void tile(const Rows& w, const ActView& x, float* y, int64_t y_row_stride, int64_t y_tok_stride) {
-  const int64_t n_blocks = x.n_blocks;
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    typename K::W wb[R];
-    for (int r = 0; r < R; ++r) wb[r] = w.load(r, ib);
-    for (int t = 0; t < T; ++t) {
-      const typename K::X xb =
-          K::load_x(reinterpret_cast<const typename K::XBlock*>(x.q + t * x.q_stride)[ib]);
-      const __m256 dx = _mm256_broadcast_ss(x.d + t * n_blocks + ib);
-      for (int r = 0; r < R; ++r) {
-        const __m256 p = _mm256_cvtepi32_ps(K::dot(wb[r], xb));
-        acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(wb[r].d, dx), p, acc[r][t]);
+    for (int64_t ib = 0; ib < n_blocks; ++ib) {
+      const int64_t o = i * n_blocks + ib;
+      if (q8_1) {
+        const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
+        ds[o] = half(b.d);
+        ds[n_tok * n_blocks + o] = half(b.s);
+      } else {
+        const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
+        ds[o] = half(b.d);
+        if (t == DType::Q4_0) {
+          int32_t sum = 0;
+          for (int8_t v : b.qs) sum += v;
+          c[o] = 8 * sum;
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(16) float sum_m[4] = {};  // Q4_1: sum_b m_b * s_b of tokens 0..T-1 of row r
-    if constexpr (K::kHasMin) {
-      static_assert(T <= 4);
-      const float* m = w.mins(r);
-      __m128 sm = _mm_setzero_ps();
-      for (int64_t ib = 0; ib < n_blocks; ++ib)
-        sm = _mm_add_ps(sm, _mm_mul_ps(_mm_set1_ps(m[ib]), _mm_loadu_ps(x.s + ib * x.s_stride)));
-      _mm_store_ps(sum_m, sm);
-    }
-    for (int t = 0; t < T; ++t) {
-      float v = hsum(acc[r][t]);
-      if constexpr (K::kHasMin) v += sum_m[t];
-      y[t * y_tok_stride + r * y_row_stride] = v;
-    }
+  a.q = q;
+  a.d = ds;
+  a.s = ds + n_tok * n_blocks;
+  a.c = c.data();
+  return a;
+}
+
+// AVX2's 4-code dots. Q4: maddubs (nibble 0..15 x code -127..127: pairs |.| <= 3810) summed in
+// 16 bits, 8 per block (8 x 3810 < 2^15: never saturates), then madd pairs them into the row's
+// 32-bit lane. Q8_0: each maddubs (pairs <= 2 * 128 * 127 < 2^15) madd'ed to 32 bits at once.
+struct DotAvx2 {
+  static __m256i q4_add(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x));
   }
-}
+  static __m256i q4_sum(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+  static __m256i q8_add(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc,
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  }
+};
 
-// Prefill tile: kTileRows weight rows x kTileToks tokens. Each (row, token) pair costs 5 vector
-// ops per block (maddubs, madd, cvt, mul, fma), and that pair count, not loads, bounds the tile:
-// on the dev box (Zen 4, shared) 2x4, 4x2, 3x4 and 4x4 all reach 38-45 GMAC/s per core and 4x4
-// was among the best (it spills accumulators, which costs little next to those ops). Decode
-// tiles: kDecodeRows rows x the 1..kTileToks tokens.
-constexpr int kTileRows = 4;
-constexpr int kTileToks = 4;  // at most 4: Q4_1's m * s sums of a tile's tokens share a __m128
-constexpr int kDecodeRows = 4;
+// Prefill blocking: each thread walks its groups in chunks of about kChunkBytes of packed weights
+// (kept in L2), and streams the tokens past each chunk kChunkToks at a time (their activation
+// blocks stay in L1/L2 while every group of the chunk reads them). Views without packed bytes
+// pack each chunk into the thread's scratch once, before its tokens go by.
+constexpr size_t kChunkBytes = 128 * 1024;
+constexpr int64_t kChunkToks = 64;
 
-template <class K, class Rows>
-using TileFn = void (*)(const Rows&, const ActView&, float*, int64_t, int64_t);
-
-// kTiles<K, Rows, N_R, N_T>[(rows - 1) * N_T + toks - 1]: the tile for a (rows x toks) piece.
-template <class K, class Rows, int NT, size_t... I>
-constexpr std::array<TileFn<K, Rows>, sizeof...(I)> make_tiles(std::index_sequence<I...>) {
-  return {&tile<K, static_cast<int>(I / NT) + 1, static_cast<int>(I % NT) + 1, Rows>...};
-}
-template <class K, class Rows, int NR, int NT>
-constexpr std::array<TileFn<K, Rows>, NR * NT> kTiles =
-    make_tiles<K, Rows, NT>(std::make_index_sequence<NR * NT>());
-
-// Bytes of unpacked panel a thread keeps hot while every token streams past it: half of a 32 KiB
-// L1d, leaving room for the activation blocks of a token group.
-constexpr size_t kPanelBytes = 16 * 1024;
-
-// y rows [r_begin, r_end) for all n_tok tokens of x.   y: [n_tok, n_out]
-template <class K>
-void qmatmul_rows(const TensorView& w, const ActView& x, int64_t n_tok, float* y, int64_t r_begin,
-                  int64_t r_end) {
+// y rows of groups [g_begin, g_end) for all n_tok tokens.   y: [n_tok, w.n_rows]
+void qmatmul_groups(const GroupFn* fns, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
+                    int64_t g_begin, int64_t g_end) {
   const int64_t n_out = w.n_rows;
-  const int64_t n_blocks = x.n_blocks;
-  if (n_tok <= kTileToks) {
-    // Decode: one pass over W, nothing to reuse across token groups, so no panel. A tile still
-    // takes kDecodeRows rows (independent accumulation chains, shared activation loads), but rows
-    // a quarter of the chunk apart, so each row is its own sequential stream: on the dev box, 4
-    // adjacent rows' interleaved streams read DRAM at ~7.5 GB/s against ~11 GB/s for 1 stream or
-    // 4 distant ones, and decode is bound by reading W.
-    float* m = thread_scratch(kTileSlot, kDecodeRows * n_blocks);  // [kDecodeRows, n_blocks]
-    constexpr auto& tiles = kTiles<K, BlockRows<K>, kDecodeRows, kTileToks>;
-    const int64_t span = (r_end - r_begin) / kDecodeRows;
-    for (int64_t i = 0; i < span; ++i) {
-      const BlockRows<K> rows{w.row(r_begin + i), span * w.row_stride, n_blocks, m};
-      tiles[(kDecodeRows - 1) * kTileToks + n_tok - 1](rows, x, y + r_begin + i, span, n_out);
+  const size_t group_bytes = packed_group_bytes(w);
+  const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / group_bytes));
+  thread_local std::vector<uint8_t> own;  // a chunk packed here (views without packed bytes)
+  if (w.packed == nullptr && own.size() < group_bytes * static_cast<size_t>(chunk))
+    own.resize(group_bytes * static_cast<size_t>(chunk));
+  for (int64_t c0 = g_begin; c0 < g_end; c0 += chunk) {
+    const int64_t c1 = std::min(g_end, c0 + chunk);
+    const uint8_t* base;
+    if (w.packed != nullptr) {
+      base = static_cast<const uint8_t*>(w.packed) + static_cast<size_t>(c0) * group_bytes;
+    } else {
+      for (int64_t g = c0; g < c1; ++g) pack_group(w, g, own.data() + (g - c0) * group_bytes);
+      base = own.data();
     }
-    for (int64_t r = r_begin + kDecodeRows * span; r < r_end; ++r)
-      tiles[n_tok - 1](BlockRows<K>{w.row(r), 0, n_blocks, m}, x, y + r, 1, n_out);
-    return;
-  }
-  // Prefill: unpack a panel of rows, then stream every token past it in groups of kTileToks;
-  // within a group, kTileRows x kTileToks tiles reuse each weight block kTileToks times and each
-  // activation block kTileRows times.
-  constexpr auto& tiles = kTiles<K, PanelRows<K>, kTileRows, kTileToks>;
-  const size_t panel_row_bytes = static_cast<size_t>(n_blocks) * (sizeof(Bytes32) + 2 * 4);
-  const int64_t rows_per_panel = std::max<int64_t>(
-      kTileRows, static_cast<int64_t>(kPanelBytes / panel_row_bytes) / kTileRows * kTileRows);
-  const int64_t panel_elems = rows_per_panel * n_blocks;
-  thread_local std::vector<Bytes32> panel_q;
-  if (panel_q.size() < static_cast<size_t>(panel_elems)) panel_q.resize(panel_elems);
-  float* panel_dm = thread_scratch(kTileSlot, 2 * panel_elems);  // [2, rows_per_panel, n_blocks]
-  const Panel panel{panel_q.data(), panel_dm, panel_dm + panel_elems, n_blocks};
-  for (int64_t rb = r_begin; rb < r_end; rb += rows_per_panel) {
-    const int64_t n_rows = std::min(rows_per_panel, r_end - rb);
-    unpack_panel<K>(w, rb, n_rows, panel);
-    for (int64_t t0 = 0; t0 < n_tok; t0 += kTileToks) {
-      const int64_t n_t = std::min<int64_t>(kTileToks, n_tok - t0);
-      const ActView xt = x.token(t0);
-      for (int64_t r = 0; r < n_rows; r += kTileRows) {
-        const int64_t n_r = std::min<int64_t>(kTileRows, n_rows - r);
-        const int64_t o = r * n_blocks;
-        const PanelRows<K> rows{panel.q + o, panel.d + o, panel.m + o, n_blocks};
-        tiles[(n_r - 1) * kTileToks + (n_t - 1)](rows, xt, y + t0 * n_out + rb + r, 1, n_out);
+    for (int64_t k0 = 0; k0 < n_tok; k0 += kChunkToks) {
+      const int64_t k1 = std::min(n_tok, k0 + kChunkToks);
+      for (int64_t g = c0; g < c1; ++g) {
+        const uint8_t* gp = base + static_cast<size_t>(g - c0) * group_bytes;
+        const int64_t r0 = g * kGroupRows;
+        const int64_t n_r = std::min(kGroupRows, n_out - r0);
+        for (int64_t t0 = k0; t0 < k1; t0 += kGroupToks) {
+          const int n_t = static_cast<int>(std::min<int64_t>(kGroupToks, k1 - t0));
+          alignas(32) float out[kGroupToks * kGroupRows];
+          fns[n_t - 1](gp, x, t0, out);
+          for (int t = 0; t < n_t; ++t)
+            std::copy(out + t * kGroupRows, out + t * kGroupRows + n_r, y + (t0 + t) * n_out + r0);
+        }
       }
     }
   }
 }
 
-// One weight row with one activation row already in blocks (the public building blocks and
-// dot_row): the 1 x 1 tile, with the activation scales widened as prepare_act does.
-template <class K>
-float dot_blocks(const typename K::WBlock* w, const typename K::XBlock* x, int64_t n_blocks) {
-  float* d = thread_scratch(kActSlot, 3 * n_blocks + 4);  // d [n_blocks], s [n_blocks + 4], m
-  float* s = d + n_blocks;
-  float* m = s + n_blocks + 4;
-  for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    d[ib] = half(x[ib].d);
-    if constexpr (K::kHasMin)
-      s[ib] = half(x[ib].s);
-    else
-      s[ib] = 0.0f;
-  }
-  std::fill(s + n_blocks, s + n_blocks + 4, 0.0f);
-  const ActView xv{reinterpret_cast<const uint8_t*>(x), 0, d, s, 1, n_blocks};
-  const BlockRows<K> rows{reinterpret_cast<const uint8_t*>(w), 0, n_blocks, m};
-  float y;
-  tile<K, 1, 1>(rows, xv, &y, 0, 0);
-  return y;
+void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
+             int64_t g_begin, int64_t g_end) {
+  const GroupFn* fns = w.dtype == DType::Q4_0 ? k.q4_0 : w.dtype == DType::Q4_1 ? k.q4_1 : k.q8_0;
+  qmatmul_groups(fns, w, x, n_tok, y, g_begin, g_end);
+}
+
+int64_t n_groups(const TensorView& w) {
+  return (w.n_rows + kGroupRows - 1) / kGroupRows;
 }
 
 // ---- dequantization -----------------------------------------------------------------------------
@@ -569,8 +353,7 @@ constexpr int64_t kRowTile = 4;
 // Rows per parallel_for grain: enough work per chunk to amortise the wake-up; a multiple of both
 // tile heights so that only a chunk's last tile is partial.
 constexpr int64_t kRowGrain = 16;
-static_assert(kRowGrain % kRowTile == 0 && kRowGrain % kTileRows == 0 &&
-              kRowGrain % kDecodeRows == 0);
+static_assert(kRowGrain % kRowTile == 0 && kRowGrain % kGroupRows == 0);
 
 // Multiply-adds below which a matmul runs on the calling thread alone. A ThreadPool round trip
 // (wake the workers, wait for the last) measured ~55 us on the dev box, about 1M multiply-adds
@@ -585,6 +368,11 @@ int64_t row_grain(int64_t n_out, double macs) {
   return macs < kMinParallelMacs ? std::max<int64_t>(n_out, 1) : kRowGrain;
 }
 
+// The same in row groups (quantized matmul): kRowGrain rows = 2 groups per grain.
+int64_t group_grain(int64_t n_groups, double macs) {
+  return macs < kMinParallelMacs ? std::max<int64_t>(n_groups, 1) : kRowGrain / kGroupRows;
+}
+
 }  // namespace
 
 // ---- entry points -------------------------------------------------------------------------------
@@ -596,15 +384,6 @@ void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks) {
   quant_act_blocks(x, dst, n_blocks);
 }
 
-float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
-  return dot_blocks<KindQ4_0>(w, x, n_blocks);
-}
-float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks) {
-  return dot_blocks<KindQ4_1>(w, x, n_blocks);
-}
-float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
-  return dot_blocks<KindQ8_0>(w, x, n_blocks);
-}
 float dot_f32(const float* a, const float* b, int64_t n) {
   return dot_f32_impl(a, b, n);
 }
@@ -647,22 +426,13 @@ void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows
 }
 
 float dot_row(DType t, const void* row, const float* x, int64_t n) {
-  // Same arithmetic as matmul's 1 x 1 tile, so the two agree bit for bit.
+  // Same arithmetic as matmul's, so the two agree bit for bit.
   switch (t) {
     case DType::Q4_0:
     case DType::Q4_1:
-    case DType::Q8_0: {
-      uint8_t* xq = thread_bytes(act_row_bytes(t, n));
-      quantize_act(t, x, xq, n);
-      if (t == DType::Q4_0)
-        return dot_q4_0_q8_0(static_cast<const BlockQ4_0*>(row),
-                             reinterpret_cast<const BlockQ8_0*>(xq), n / 32);
-      if (t == DType::Q4_1)
-        return dot_q4_1_q8_1(static_cast<const BlockQ4_1*>(row),
-                             reinterpret_cast<const BlockQ8_1*>(xq), n / 32);
-      return dot_q8_0_q8_0(static_cast<const BlockQ8_0*>(row),
-                           reinterpret_cast<const BlockQ8_0*>(xq), n / 32);
-    }
+    case DType::Q8_0:
+      // matmul's arithmetic is ref's here (one row: the scalar loop is as good as any).
+      return ref::dot_row(t, row, x, n);
     case DType::F16:
       // The attention's K . q over an f16 cache: no dequantized copy of the row.
       return dot_f16_impl(static_cast<const uint16_t*>(row), x, n);
@@ -675,7 +445,10 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
   }
 }
 
-void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool) {
+namespace {
+
+void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, float* y,
+                 int64_t n_tok, ThreadPool& pool) {
   const int64_t n_out = w.n_rows;
   const int64_t n_in = w.n_cols;
   const DTypeInfo* info = dtype_info(static_cast<uint32_t>(w.dtype));
@@ -686,25 +459,15 @@ void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, Thread
   assert(n_out <= 1 || w.row_stride >= row_bytes(w.dtype, n_in));
   if (n_out == 0 || n_tok == 0) return;
 
-  if (act_type(w.dtype) != DType::F32) {
+  if (packable(w.dtype)) {
     // Quantize every activation row once (on the calling thread, whose scratch outlives the
-    // parallel section); each thread then runs tiles over its rows of W for all tokens.
-    const int64_t n_blocks = n_in / 32;
-    uint8_t* q = thread_bytes(act_row_bytes(w.dtype, n_in) * static_cast<size_t>(n_tok));
-    float* ds = thread_scratch(kActSlot, act_scale_floats(n_tok, n_blocks));
-    const ActView xv = prepare_act(w.dtype, x, n_tok, n_in, q, ds);
-    const DType t = w.dtype;
+    // parallel section); each thread then runs its row groups of W for all tokens.
+    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in);
+    const int64_t ng = n_groups(w);
     pool.parallel_for(
-        n_out,
-        [&](int64_t r_begin, int64_t r_end, int) {
-          if (t == DType::Q4_0)
-            qmatmul_rows<KindQ4_0>(w, xv, n_tok, y, r_begin, r_end);
-          else if (t == DType::Q4_1)
-            qmatmul_rows<KindQ4_1>(w, xv, n_tok, y, r_begin, r_end);
-          else
-            qmatmul_rows<KindQ8_0>(w, xv, n_tok, y, r_begin, r_end);
-        },
-        row_grain(n_out, double(n_out) * n_in * n_tok));
+        ng,
+        [&](int64_t g_begin, int64_t g_end, int) { qmatmul(gk, w, xv, n_tok, y, g_begin, g_end); },
+        group_grain(ng, double(n_out) * n_in * n_tok));
     return;
   }
 
@@ -727,8 +490,8 @@ void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, Thread
       row_grain(n_out, double(n_out) * n_in * n_tok));
 }
 
-void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
-                  ThreadPool& pool) {
+void matmul_multi_with(const GroupKernels& gk, const MatmulPart* parts, int n_parts,
+                       const float* x, int64_t n_tok, ThreadPool& pool) {
   // One section only when every part takes the same quantized activations over the same n_in;
   // otherwise (f32/f16 weights, mixed types) separate calls, which give the same numbers.
   const DType t = n_parts > 0 ? parts[0].w->dtype : DType::F32;
@@ -739,33 +502,47 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
     n_rows += parts[k].w->n_rows;
   }
   if (!shared) {
-    for (int k = 0; k < n_parts; ++k) matmul(*parts[k].w, x, parts[k].y, n_tok, pool);
+    for (int k = 0; k < n_parts; ++k) matmul_with(gk, *parts[k].w, x, parts[k].y, n_tok, pool);
     return;
   }
   const int64_t n_in = parts[0].w->n_cols;
   assert(n_in % 32 == 0);
-  const int64_t n_blocks = n_in / 32;
-  uint8_t* q = thread_bytes(act_row_bytes(t, n_in) * static_cast<size_t>(n_tok));
-  float* ds = thread_scratch(kActSlot, act_scale_floats(n_tok, n_blocks));
-  const ActView xv = prepare_act(t, x, n_tok, n_in, q, ds);
-  // Rows [r_begin, r_end) of the parts laid end to end; each piece runs as matmul would run it.
+  const Acts xv = prepare_acts(t, x, n_tok, n_in);
+  // Row groups of the parts laid end to end; each part's groups run as matmul would run them.
+  int64_t total = 0;
+  for (int k = 0; k < n_parts; ++k) total += n_groups(*parts[k].w);
   pool.parallel_for(
-      n_rows,
-      [&](int64_t r_begin, int64_t r_end, int) {
+      total,
+      [&](int64_t g_begin, int64_t g_end, int) {
         int64_t off = 0;
-        for (int k = 0; k < n_parts && off < r_end; off += parts[k].w->n_rows, ++k) {
+        for (int k = 0; k < n_parts && off < g_end; ++k) {
           const TensorView& w = *parts[k].w;
-          const int64_t b = std::max(r_begin, off) - off, e = std::min(r_end, off + w.n_rows) - off;
-          if (b >= e) continue;
-          if (t == DType::Q4_0)
-            qmatmul_rows<KindQ4_0>(w, xv, n_tok, parts[k].y, b, e);
-          else if (t == DType::Q4_1)
-            qmatmul_rows<KindQ4_1>(w, xv, n_tok, parts[k].y, b, e);
-          else
-            qmatmul_rows<KindQ8_0>(w, xv, n_tok, parts[k].y, b, e);
+          const int64_t ng = n_groups(w);
+          const int64_t b = std::max(g_begin, off) - off, e = std::min(g_end, off + ng) - off;
+          if (b < e) qmatmul(gk, w, xv, n_tok, parts[k].y, b, e);
+          off += ng;
         }
       },
-      row_grain(n_rows, double(n_rows) * n_in * n_tok));
+      group_grain(total, double(n_rows) * n_in * n_tok));
+}
+
+}  // namespace
+
+const GroupKernels kAvx2Groups = make_groups<DotAvx2>(std::make_index_sequence<kGroupToks>());
+
+void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool) {
+  matmul_with(kAvx2Groups, w, x, y, n_tok, pool);
+}
+void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                  ThreadPool& pool) {
+  matmul_multi_with(kAvx2Groups, parts, n_parts, x, n_tok, pool);
+}
+void matmul_vnni(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool) {
+  matmul_with(kVnniGroups, w, x, y, n_tok, pool);
+}
+void matmul_multi_vnni(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                       ThreadPool& pool) {
+  matmul_multi_with(kVnniGroups, parts, n_parts, x, n_tok, pool);
 }
 
 }  // namespace kvlm::kernels::avx2

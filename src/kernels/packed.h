@@ -1,0 +1,59 @@
+// Weights packed for the quantized matmul (internal to src/kernels and its tests).
+//
+// A Q4_0, Q4_1 or Q8_0 matrix is repacked once, at load, into groups of kGroupRows = 8 rows
+// (row r in group r / 8, lane r % 8; a last group short of rows is padded with zero blocks).
+// Each group stores its n_blocks = n_cols / 32 blocks in order; a packed block holds the same
+// block (same 32 columns) of all 8 rows, with the rows' codes interleaved 4 bytes at a time:
+//
+//   qs[v][4 k + j] = row k's qs[4 v + j]      (the byte of GGML's block, unchanged)
+//
+// So one 32-byte vector holds 4 consecutive codes of each of the 8 rows, and a vector dot with the
+// activation's 4 codes broadcast to every lane gives 8 rows' partial sums at once, each row in its
+// own 32-bit lane: no horizontal sums, and one scale product per block for 8 rows. For Q4 the
+// byte holds two codes, as in GGML: low nibble = column 4 v + j, high nibble = column 16 + 4 v + j.
+// Packing moves bytes only; the values (and, in every variant, the arithmetic of matmul) are those
+// of the unpacked rows, so matmul gives the same bits with or without TensorView::packed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "tensor/dtype.h"
+#include "tensor/tensor.h"
+
+namespace kvlm::kernels {
+
+constexpr int64_t kGroupRows = 8;
+
+struct PackedQ4_0 {
+  uint16_t d[8];       // f16 scales of rows 0..7
+  uint8_t qs[4][32];   // [v][4 k + j] = row k's qs[4 v + j]
+};
+static_assert(sizeof(PackedQ4_0) == 8 * sizeof(BlockQ4_0));
+
+struct PackedQ4_1 {
+  uint16_t d[8];       // f16 scales
+  uint16_t m[8];       // f16 mins
+  uint8_t qs[4][32];   // as PackedQ4_0
+};
+static_assert(sizeof(PackedQ4_1) == 8 * sizeof(BlockQ4_1));
+
+struct PackedQ8_0 {
+  uint16_t d[8];      // f16 scales
+  int8_t qs[8][32];   // [v][4 k + j] = row k's qs[4 v + j]
+};
+static_assert(sizeof(PackedQ8_0) == 8 * sizeof(BlockQ8_0));
+
+// Bytes of one packed block (8 rows x 32 columns) of type t; 0 when t has no packed layout.
+size_t packed_block_bytes(DType t);
+
+// Bytes of one packed group of w (n_cols / 32 packed blocks).
+inline size_t packed_group_bytes(const TensorView& w) {
+  return static_cast<size_t>(w.n_cols / 32) * packed_block_bytes(w.dtype);
+}
+
+// Packs rows [8 g, 8 g + 8) of w (zero blocks past the last row) into dst[packed_group_bytes(w)].
+// w.dtype must be packable; w.n_cols a multiple of 32.
+void pack_group(const TensorView& w, int64_t g, uint8_t* dst);
+
+}  // namespace kvlm::kernels

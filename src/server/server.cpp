@@ -1,7 +1,11 @@
 #include "server/server.h"
 
 #include <fmt/format.h>
+#include <dirent.h>
 #include <httplib.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -64,6 +68,14 @@ class Channel {
     out.swap(q_);
     return out;
   }
+  // HTTP thread: as take(), but gives up after `max_wait` (then the result may be empty).
+  std::deque<TimedEvent> take_for(Clock::duration max_wait) {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, max_wait, [&] { return !q_.empty(); });
+    std::deque<TimedEvent> out;
+    out.swap(q_);
+    return out;
+  }
 
  private:
   std::mutex mu_;
@@ -93,6 +105,83 @@ struct Job {
   bool role_sent = false;  // chat streams: the first chunk carries the assistant role
   bool ended = false;      // end() ran
 };
+
+// ---- the client's socket ------------------------------------------------------------------------
+
+// A non-streaming response is written only once generation ends, so no failed write can tell that
+// its client left; the handler watches the socket instead. httplib 0.11.4 gives a handler no
+// socket (no Request::is_connection_closed; the Stream stays inside httplib), only the
+// connection's two addresses, filled from getpeername() and getsockname() (Request::remote_addr,
+// remote_port, local_addr, local_port). A connected TCP socket is the only one with its address
+// pair, and httplib closes it only after the handler returns and the response is written, so the
+// descriptor found here stays this request's connection while the handler waits.
+
+// The numeric host, as httplib writes Request::remote_addr and local_addr (getnameinfo,
+// NI_NUMERICHOST); "" if it has none.
+std::string numeric_host(const sockaddr_storage& a, socklen_t len) {
+  char host[NI_MAXHOST] = {};
+  if (getnameinfo(reinterpret_cast<const sockaddr*>(&a), len, host, sizeof(host), nullptr, 0,
+                  NI_NUMERICHOST) != 0)
+    return {};
+  return host;
+}
+
+int port_of(const sockaddr_storage& a) {
+  if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
+  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
+  return -1;
+}
+
+// The descriptor of the connection `req` came on, or INVALID_SOCKET (not found: the request is
+// then not watched). Scans this process's descriptors (Linux /proc): tens to a few hundred of
+// them, two syscalls each, once per non-streaming request.
+socket_t find_client_socket(const httplib::Request& req) {
+  if (req.remote_port < 0 || req.local_port < 0) return INVALID_SOCKET;
+  DIR* dir = opendir("/proc/self/fd");
+  if (!dir) return INVALID_SOCKET;
+  socket_t found = INVALID_SOCKET;
+  while (const dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    sockaddr_storage peer{}, local{};
+    socklen_t peer_len = sizeof(peer), local_len = sizeof(local);
+    const socket_t sock = static_cast<socket_t>(fd);
+    if (getpeername(sock, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
+        port_of(peer) != req.remote_port)
+      continue;
+    if (getsockname(sock, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+        port_of(local) != req.local_port)
+      continue;
+    if (numeric_host(peer, peer_len) == req.remote_addr &&
+        numeric_host(local, local_len) == req.local_addr) {
+      found = sock;
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+// Whether httplib would refuse to write the response: Debian's 0.11.4 checks, before each write
+// (SocketStream::write and is_writable, through detail::is_socket_alive), that the socket is not
+// readable or that a 1-byte MSG_PEEK still finds data; a read side at its end (the client closed
+// or reset the connection) fails the write. The same test, without reading anything: a pipelined
+// request waiting in the socket keeps the connection alive, as it does for httplib.
+bool client_gone(socket_t sock) {
+  pollfd p{sock, POLLIN, 0};
+  const int n = ::poll(&p, 1, 0);
+  if (n == 0 || (n < 0 && errno == EINTR)) return false;
+  if (n < 0 || (p.revents & POLLNVAL)) return true;
+  char byte;
+  const ssize_t got = ::recv(sock, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (got > 0) return false;
+  return got == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
+// How often a waiting non-streaming request looks at its socket when no event comes (queued,
+// prefilling): a client gone is noticed within this, or at the next token.
+constexpr auto kClientPoll = std::chrono::milliseconds(50);
 
 }  // namespace
 
@@ -181,6 +270,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   ResponseMeta meta{ep, new_id(ep == Endpoint::Chat ? "chatcmpl-" : "cmpl-"),
                     static_cast<int64_t>(std::time(nullptr)), model.id};
   auto job = std::make_shared<Job>(tok, g, std::move(meta));
+  const socket_t client = job->stream ? INVALID_SOCKET : find_client_socket(req);
   job->t_submit = Clock::now();
   try {
     job->id =
@@ -198,9 +288,26 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
 
   if (!job->stream) {
     std::string text;
-    while (!job->done)
-      for (const TimedEvent& te : job->ch->take()) text += consume(*job, te);
+    bool client_left = false;
+    while (!job->done) {
+      for (const TimedEvent& te : job->ch->take_for(kClientPoll)) text += consume(*job, te);
+      if (!job->done && client != INVALID_SOCKET && client_gone(client)) {
+        sched.cancel(job->id);  // its blocks go back at the next step, not at max_tokens
+        job->done = true;
+        job->finish = "cancelled";
+        client_left = true;
+      }
+    }
     end(*job);
+    if (client_left) {
+      // Never delivered (httplib will not write to this socket); not a 200, and counted as
+      // cancelled (end()) rather than rejected.
+      reply_error(res,
+                  HttpError(499, "the client closed the connection before the response was ready",
+                            "", "client_closed"),
+                  false);
+      return;
+    }
     if (job->finish == "cancelled")
       throw HttpError(503, "the server is shutting down", "", "shutting_down");
     if (job->finish == "error") throw HttpError(500, job->error);

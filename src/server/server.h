@@ -5,8 +5,9 @@
 // Threads: httplib's pool runs one connection per thread; a generation request's thread submits
 // to the scheduler and then waits on that request's event channel, which the scheduler thread
 // fills (a mutex, a deque and a condition variable: the scheduler never waits for HTTP). A
-// streaming client that goes away makes the next write fail; the request is then cancelled so its
-// blocks go back to the pool at once.
+// streaming client that goes away makes the next write fail; a non-streaming one is seen by
+// polling its socket while the handler waits (every 50 ms and at each event). Either way the
+// request is then cancelled so its blocks go back to the pool at once.
 #pragma once
 
 #include <cstddef>

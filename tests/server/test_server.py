@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -638,6 +639,39 @@ class RealModel(ServerCase):
         m = self.srv.metrics()
         self.assertGreater(m['kvlm_requests_total{finish_reason="cancelled"}'], 0)
         self.assertLess(m["kvlm_generated_tokens_total"], 2000)
+
+    def test_non_streaming_cancel_on_disconnect_frees_blocks(self):
+        # A non-streaming request writes nothing before it is done, so no failed write tells the
+        # server that its client left: it has to watch the socket while it waits.
+        max_tokens = 3000
+        idle = self.srv.metrics()
+        body = json.dumps({
+            "model": self.model, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": max_tokens, "ignore_eos": True, "stream": False}).encode()
+        sock = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            self.assertEqual(self.srv.wait_metric("kvlm_requests_running", lambda v: v == 1), 1)
+            self.assertGreater(self.srv.metrics()["kvlm_kv_blocks_used"],
+                               idle["kvlm_kv_blocks_used"])
+        finally:
+            sock.close()
+        t0 = time.monotonic()
+        running = self.srv.wait_metric("kvlm_requests_running", lambda v: v == 0, timeout=5)
+        used = self.srv.wait_metric("kvlm_kv_blocks_used",
+                                    lambda v: v == idle["kvlm_kv_blocks_used"], timeout=5)
+        print(f"\n[non-streaming disconnect] released in {(time.monotonic() - t0) * 1000:.0f} ms",
+              file=sys.stderr)
+        self.assertEqual(running, 0, "the request still runs after its client went away")
+        self.assertEqual(used, idle["kvlm_kv_blocks_used"],
+                         "blocks still held after the client went away")
+        m = self.srv.metrics()
+        cancelled = 'kvlm_requests_total{finish_reason="cancelled"}'
+        self.assertEqual(m[cancelled] - idle[cancelled], 1)
+        self.assertLess(m["kvlm_generated_tokens_total"] - idle["kvlm_generated_tokens_total"],
+                        max_tokens)
 
     def test_queue_full_is_503(self):
         srv = Server("-m", MODEL, "-np", "1", "--max-queue", "1", "-c", "1024",

@@ -66,6 +66,8 @@ int run_inspect(const std::string& model_arg) {
                kv_bytes_per_token(s), human_bytes(kv_bytes(s, c.n_ctx_train)), c.n_ctx_train);
   }
   fmt::print("weights read per decoded token: {}\n", human_bytes(model->weight_bytes()));
+  // The matmul's packed copies live in memory beside the mapped file (docs/ARCHITECTURE.md).
+  fmt::print("packed weight copies in memory: {}\n", human_bytes(model->packed_bytes()));
   return 0;
 }
 

@@ -157,6 +157,11 @@ class RealRuns(unittest.TestCase):
         self.assertEqual(rc, 0, err)
         for needle in ("llama.block_count", "token_embd.weight", "q8_0", "q4_1", "23040 bytes/token"):
             self.assertIn(needle, out)
+        # Every matrix the decode reads is Q4_1/Q8_0 with rows in multiples of 8, so the packed
+        # copies are exactly the bytes read per token.
+        read = re.search(r"weights read per decoded token: (.+)", out).group(1)
+        packed = re.search(r"packed weight copies in memory: (.+)", out).group(1)
+        self.assertEqual(read, packed)
         rc, out, err = run("tokenize", "-p", "Hello world")
         self.assertEqual(rc, 0, err)
         self.assertIn("'Hello'", out)

@@ -836,6 +836,62 @@ TEST(Avx2Attn, F16RowsEqualTilesBitForBit) {
   }
 }
 
+// A query's numbers do not depend on how many queries share the call (the GQA group in decode,
+// group x tokens in prefill): each query must get exactly what a one-query call gives, for f32
+// tiles and f16 rows, head sizes with 16- and 8-lane tails and hd % 8 leftovers. (Whoever makes
+// the kernel share loads between queries must keep this.)
+TEST(Avx2Attn, QueriesAreIndependentOfTheirCount) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(101);
+  for (int64_t hd : {8, 24, 64, 72, 13}) {
+    for (int64_t n : {5, 8, 40}) {
+      std::vector<float> kt(n * hd), vt(n * hd);
+      std::vector<uint16_t> k16(n * hd), v16(n * hd);
+      std::vector<const uint16_t*> kr(n), vr(n);
+      for (int64_t i = 0; i < n * hd; ++i) {
+        k16[i] = fp32_to_fp16(std::uniform_real_distribution<float>(-2, 2)(rng));
+        v16[i] = fp32_to_fp16(std::uniform_real_distribution<float>(-2, 2)(rng));
+        kt[i] = fp16_to_fp32(k16[i]);
+        vt[i] = fp16_to_fp32(v16[i]);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        kr[j] = k16.data() + j * hd;
+        vr[j] = v16.data() + j * hd;
+      }
+      const float scale = 0.3f;
+      for (int64_t n_q : {2, 3, 4, 5, 9}) {
+        const std::vector<float> q = random_floats(rng, n_q * hd, 2.0f);
+        for (bool f16 : {false, true}) {
+          std::vector<float> m(n_q), l(n_q), o(n_q * hd), w(n_q * n + 2 * n * hd);
+          if (f16)
+            avx2::attn_chunk_f16(kr.data(), vr.data(), n, hd, q.data(), n_q, scale, m.data(),
+                                 l.data(), o.data(), w.data());
+          else
+            avx2::attn_chunk(kt.data(), vt.data(), n, hd, q.data(), n_q, scale, m.data(), l.data(),
+                             o.data(), w.data());
+          for (int64_t a = 0; a < n_q; ++a) {
+            float m1, l1;
+            std::vector<float> o1(hd), w1(n + 2 * n * hd);
+            if (f16)
+              avx2::attn_chunk_f16(kr.data(), vr.data(), n, hd, q.data() + a * hd, 1, scale, &m1,
+                                   &l1, o1.data(), w1.data());
+            else
+              avx2::attn_chunk(kt.data(), vt.data(), n, hd, q.data() + a * hd, 1, scale, &m1, &l1,
+                               o1.data(), w1.data());
+            const std::string where = std::string(f16 ? "f16" : "f32") + " hd=" +
+                                      std::to_string(hd) + " n=" + std::to_string(n) +
+                                      " n_q=" + std::to_string(n_q) + " a=" + std::to_string(a);
+            ASSERT_EQ(bits_of(m[a]), bits_of(m1)) << where;
+            ASSERT_EQ(bits_of(l[a]), bits_of(l1)) << where;
+            for (int64_t d = 0; d < hd; ++d)
+              ASSERT_EQ(bits_of(o[a * hd + d]), bits_of(o1[d])) << where << " d=" << d;
+          }
+        }
+      }
+    }
+  }
+}
+
 // The dispatched attn_chunk is the chosen variant's, exactly.
 TEST(Avx2Attn, PublicEntryPointUsesTheChosenVariant) {
   std::mt19937 rng(89);

@@ -425,6 +425,16 @@ GgufFile::~GgufFile() {
   if (map_) ::munmap(map_, size_);
 }
 
+void GgufFile::release_pages(const void* p, size_t n) const {
+  const auto lo = reinterpret_cast<uintptr_t>(p);
+  const auto base = reinterpret_cast<uintptr_t>(map_);
+  if (map_ == nullptr || lo < base || n > size_ || lo - base > size_ - n) return;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (lo + page - 1) / page * page, last = (lo + n) / page * page;
+  // Advice only: a failure leaves the pages resident, which is what not calling it would do.
+  if (first < last) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 // ---- parsing ---------------------------------------------------------------------------------
 
 void GgufFile::parse() {

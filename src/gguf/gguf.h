@@ -100,6 +100,13 @@ class GgufFile {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
   const GgufTensorInfo* tensor(std::string_view name) const;
 
+  // Hands the whole pages inside [p, p + n) of the mapping back to the kernel (madvise
+  // MADV_DONTNEED): they leave this process's resident memory and are read from the file again
+  // if touched, with the same bytes (a read-only private mapping is never written). For data the
+  // caller has copied elsewhere (the model's packed weights). No-op for in-memory images and for
+  // ranges outside the mapping.
+  void release_pages(const void* p, size_t n) const;
+
  private:
   GgufFile() = default;
   void parse();

@@ -155,6 +155,11 @@ void Model::pack_matrices() {
     if (v.empty() || !kernels::packable(v.dtype)) return;
     packed_.push_back(kernels::pack_weights(v));
     v.packed = packed_.back().data();  // the vector's heap block never moves
+    // Only the embedding lookup reads mapped rows after this, so the pages of every other packed
+    // matrix leave resident memory (they come back from the file if anything reads them): one
+    // copy of the weights stays resident, not two.
+    if (v.data != weights_.tok_embd.data)
+      file_->release_pages(v.data, static_cast<size_t>(v.n_rows) * v.row_stride);
   };
   // Not tok_embd: the embedding lookup reads rows of the mapping (a tied output head is a copy of
   // its view, packed here as the output).

@@ -63,13 +63,21 @@ void pack_group(const TensorView& w, int64_t g, uint8_t* dst) {
   }
 }
 
+size_t packed_group_bytes(const TensorView& w) {
+  return static_cast<size_t>(w.n_cols / 32) * packed_block_bytes(w.dtype);
+}
+
+int64_t packed_groups(const TensorView& w) {
+  return (w.n_rows + kGroupRows - 1) / kGroupRows;
+}
+
 bool packable(DType t) {
   return packed_block_bytes(t) != 0;
 }
 
 std::vector<uint8_t> pack_weights(const TensorView& w) {
   if (!packable(w.dtype) || w.n_rows <= 0 || w.n_cols % 32 != 0) return {};
-  const int64_t n_groups = (w.n_rows + kGroupRows - 1) / kGroupRows;
+  const int64_t n_groups = packed_groups(w);
   const size_t group = packed_group_bytes(w);
   std::vector<uint8_t> out(group * static_cast<size_t>(n_groups));
   for (int64_t g = 0; g < n_groups; ++g) pack_group(w, g, out.data() + group * g);

@@ -48,9 +48,11 @@ static_assert(sizeof(PackedQ8_0) == 8 * sizeof(BlockQ8_0));
 size_t packed_block_bytes(DType t);
 
 // Bytes of one packed group of w (n_cols / 32 packed blocks).
-inline size_t packed_group_bytes(const TensorView& w) {
-  return static_cast<size_t>(w.n_cols / 32) * packed_block_bytes(w.dtype);
-}
+size_t packed_group_bytes(const TensorView& w);
+// Row groups of w: ceil(n_rows / 8).
+int64_t packed_groups(const TensorView& w);
+// (Defined out of line in pack.cpp, not inline here: this header is also read by the AVX2 files,
+// and an inline copy they emitted could be the one the linker keeps; see ../CMakeLists.txt.)
 
 // Packs rows [8 g, 8 g + 8) of w (zero blocks past the last row) into dst[packed_group_bytes(w)].
 // w.dtype must be packable; w.n_cols a multiple of 32.

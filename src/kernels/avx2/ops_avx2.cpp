@@ -281,10 +281,6 @@ void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t 
   qmatmul_groups(fns, w, x, n_tok, y, g_begin, g_end);
 }
 
-int64_t n_groups(const TensorView& w) {
-  return (w.n_rows + kGroupRows - 1) / kGroupRows;
-}
-
 // ---- dequantization -----------------------------------------------------------------------------
 
 void dequant_f16(const uint16_t* src, float* dst, int64_t n) {
@@ -463,7 +459,7 @@ void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, fl
     // Quantize every activation row once (on the calling thread, whose scratch outlives the
     // parallel section); each thread then runs its row groups of W for all tokens.
     const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in);
-    const int64_t ng = n_groups(w);
+    const int64_t ng = packed_groups(w);
     pool.parallel_for(
         ng,
         [&](int64_t g_begin, int64_t g_end, int) { qmatmul(gk, w, xv, n_tok, y, g_begin, g_end); },
@@ -510,14 +506,14 @@ void matmul_multi_with(const GroupKernels& gk, const MatmulPart* parts, int n_pa
   const Acts xv = prepare_acts(t, x, n_tok, n_in);
   // Row groups of the parts laid end to end; each part's groups run as matmul would run them.
   int64_t total = 0;
-  for (int k = 0; k < n_parts; ++k) total += n_groups(*parts[k].w);
+  for (int k = 0; k < n_parts; ++k) total += packed_groups(*parts[k].w);
   pool.parallel_for(
       total,
       [&](int64_t g_begin, int64_t g_end, int) {
         int64_t off = 0;
         for (int k = 0; k < n_parts && off < g_end; ++k) {
           const TensorView& w = *parts[k].w;
-          const int64_t ng = n_groups(w);
+          const int64_t ng = packed_groups(w);
           const int64_t b = std::max(g_begin, off) - off, e = std::min(g_end, off + ng) - off;
           if (b < e) qmatmul(gk, w, xv, n_tok, parts[k].y, b, e);
           off += ng;

@@ -84,8 +84,9 @@ int run_serve(ServeArgs& a) {
   for (const auto& [flag, o] : a.no_serve_flags)
     if (o->count() > 0)
       fail(
-          "{} does not apply to kvlm serve: the paged cache keeps whole sequences in plain "
-          "layouts (-ctk/-ctv f32, f16, q8_0, q4_0, q4_1, optionally --kv-rotate); drop it",
+          "{} does not apply to kvlm serve: the paged cache keeps sequences in plain layouts "
+          "(-ctk/-ctv f32, f16, q8_0, q4_0, q4_1, optionally --kv-rotate, --kv-window, --keep); "
+          "drop it",
           flag);
   if (a.api_key.empty())
     if (const char* k = std::getenv("KVLM_API_KEY"); k && *k) a.api_key = k;
@@ -103,6 +104,10 @@ int run_serve(ServeArgs& a) {
   cfg.dtype_v = kvo.dtype_v;
   cfg.rotate = kvo.rotate;
   cfg.n_ctx = kvo.n_ctx;
+  cfg.window = kvo.window;
+  cfg.n_sinks = kvo.n_sinks;
+  cfg.window_chunk = kvo.window_chunk;
+  cfg.n_keep = kvo.n_keep;
   cfg.prefix_cache = !a.no_prefix_cache;
   const size_t bytes_per_token = kv_bytes_per_token(model->kv_shape(cfg.dtype_k, cfg.dtype_v));
   if (!a.kv_budget.empty()) {
@@ -125,6 +130,7 @@ int run_serve(ServeArgs& a) {
   served.created = file_mtime(path);
   served.n_ctx = cfg.n_ctx;
   served.capacity_tokens = sched.capacity_tokens();
+  served.evicts = sched.evicts();
   served.chat_template = server::served_chat_template(*tok);
   served.defaults = defaults;
   server::ServerOptions so;
@@ -212,9 +218,8 @@ Command add_serve(CLI::App& app) {
   add_sampling_flags(cmd, a->sampling);
   add_cache_flags(cmd, a->cache);
   // Refused (and so hidden from --help): the paged cache has plain rows (rotated or not), no
-  // eviction, no KIVI, and its pool is allocated once.
-  for (const char* name : {"--kv-alloc", "--kv-window", "--kv-sinks", "--kv-evict-chunk", "--keep",
-                           "--kv-residual"})
+  // KIVI, and its pool is allocated once.
+  for (const char* name : {"--kv-alloc", "--kv-residual"})
     if (CLI::Option* o = cmd->get_option_no_throw(name))
       a->no_serve_flags.emplace_back(name, o->group(""));
   cmd->footer(

@@ -4,6 +4,7 @@
 #include <exception>
 
 #include "base/error.h"
+#include "engine/session.h"
 #include "kv/block_pool.h"
 #include "kv/paged_kv.h"
 #include "prefix/prefix_cache.h"
@@ -36,6 +37,10 @@ struct Scheduler::Seq {
   int64_t n_registered = 0;    // leading full blocks known to the prefix index
   uint64_t admitted_at = 0;    // admission counter: the largest is the newest (preempted first)
   bool in_pool = false;        // has a block table in the pool
+  // The window or context shift has moved rows: they no longer equal a fresh computation of
+  // `tokens`, so no more of its blocks go into the prefix index (reset by a preemption, whose
+  // recompute is fresh again).
+  bool evicted = false;
   uint64_t step = 0;           // last step that scheduled it
   std::unique_ptr<Sampler> sampler;
 
@@ -104,6 +109,8 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
     fail("context {} is past the {} positions this model has learned embeddings for",
          config.n_ctx, c.n_ctx_train);
   if (config.max_queue < 0) fail("--max-queue must be >= 0, got {}", config.max_queue);
+  validate_eviction(config.window, config.n_sinks, config.window_chunk, config.n_keep,
+                    config.n_ctx);
   KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
   shape.rotate = config.rotate;
   validate(shape);
@@ -137,10 +144,11 @@ RequestId Scheduler::submit(Request req, EventFn on_event) {
   if (req.max_tokens <= 0) fail("max_tokens must be at least 1, got {}", req.max_tokens);
   validate(req.sampling);
   const int64_t n_total = n_prompt + req.max_tokens;
-  if (n_total > config_.n_ctx)
+  if (!evicts() && n_total > config_.n_ctx)
     fail("the prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens", n_prompt,
          req.max_tokens, config_.n_ctx);
-  if (n_total > capacity_tokens())
+  // An evicting sequence never holds more than n_ctx positions.
+  if (std::min(n_total, evicts() ? config_.n_ctx : n_total) > capacity_tokens())
     fail("the prompt ({} tokens) plus max_tokens ({}) exceeds the KV cache pool of {} tokens",
          n_prompt, req.max_tokens, capacity_tokens());
   auto seq = std::make_unique<Seq>();
@@ -191,7 +199,7 @@ void Scheduler::release(Seq& q, bool keep_partial) {
   State& st = *st_;
   const int64_t bs = config_.block_size;
   const int64_t f = q.n_computed / bs, k = q.n_computed % bs;
-  if (keep_partial && config_.prefix_cache && k > 0) {
+  if (keep_partial && config_.prefix_cache && !q.evicted && k > 0) {
     // The partly filled last block holds the K/V of tokens [f * bs, n_computed): the end of the
     // history a chat's next turn sends again. Registered as a leaf it stays in the pool's LRU
     // after free_seq, and the next prompt copies it instead of recomputing up to bs - 1 tokens.
@@ -317,6 +325,7 @@ void Scheduler::step() {
     release(*q, /*keep_partial=*/true);  // its recompute starts with a partial hit
     q->n_computed = 0;
     q->n_registered = 0;
+    q->evicted = false;  // recomputed from its (kept) tokens: fresh rows again
     st.waiting.push_front(std::move(*it));
     st.running.erase(it);
     ++st.totals.n_preemptions;
@@ -333,6 +342,35 @@ void Scheduler::step() {
     return true;
   };
 
+  // Room for m more positions within q's n_ctx by the eviction policy, with Session::make_room's
+  // arithmetic (so a sequence evicts at the same positions alone in a Session or batched here).
+  // The blocks the shift writes are made q's own first (copy-on-write of shared ones, preempting
+  // the newest sequences while the pool is short). False if q itself was preempted.
+  const KvRope rope = model_.kv_rope();
+  const int64_t kept_prefix = config_.window ? config_.n_sinks : config_.n_keep;
+  auto make_room = [&](Seq& q, int64_t m) -> bool {
+    const int64_t need = q.n_computed + m - config_.n_ctx;
+    if (need <= 0) return true;
+    const int64_t begin = kept_prefix;
+    int64_t count = config_.window ? std::max(need, config_.window_chunk)
+                                   : std::max(need, (q.n_computed - config_.n_keep) / 2);
+    count = std::min(count, q.n_computed - begin);
+    KVLM_CHECK(count >= need);  // callers keep m <= n_ctx - kept_prefix
+    const int64_t n_after = q.n_computed - count;
+    std::vector<BlockCopy> copies;
+    while (!st.blocks.make_writable(q.id, begin / bs, (n_after + bs - 1) / bs, &copies))
+      if (preempt_newest() == &q) return false;
+    for (const BlockCopy& cp : copies) st.store.copy_block(cp.src, cp.dst);
+    st.store.shift_out(st.blocks.block_table(q.id), q.n_computed, begin, count, rope);
+    st.blocks.truncate(q.id, n_after);
+    q.tokens.erase(q.tokens.begin() + begin, q.tokens.begin() + begin + count);
+    q.n_computed = n_after;
+    q.n_registered = std::min(q.n_registered, begin / bs);
+    q.evicted = true;
+    st.totals.evicted_tokens += count;
+    return true;
+  };
+
   // ---- 1. decode tokens of running sequences (oldest first) ----
   struct Item {
     Seq* seq;
@@ -345,6 +383,7 @@ void Scheduler::step() {
   for (size_t i = 0; i < st.running.size(); ++i) {
     Seq* q = st.running[i].get();
     if (q->pending() != 1 || q->n_computed == 0) continue;  // prefilling: step 3
+    if (evicts() && !make_room(*q, 1)) break;  // q was the newest (as for grow)
     if (!grow(*q, 1)) break;  // q was the newest: everything older is already in items
     q->step = step_no;
     items.push_back({q, 1});
@@ -360,7 +399,7 @@ void Scheduler::step() {
   auto inflight_blocks = [&](const Seq& q) {
     int64_t best = 0;
     for (const auto& r : st.running) {
-      if (r->req.salt != q.req.salt) continue;
+      if (r->req.salt != q.req.salt || r->evicted) continue;  // evicted: registers nothing more
       const size_t n = std::min(q.tokens.size() - 1, r->tokens.size());
       size_t l = 0;
       while (l < n && q.tokens[l] == r->tokens[l]) ++l;
@@ -382,10 +421,15 @@ void Scheduler::step() {
       }
       part = st.prefix.match_partial(key_for(q), q.tokens, m);
     }
-    const int64_t n_blocks_all = (static_cast<int64_t>(q.tokens.size()) + bs - 1) / bs;
+    // An evicting sequence holds at most n_ctx positions at any time.
+    const int64_t n_held = evicts() ? std::min<int64_t>(static_cast<int64_t>(q.tokens.size()),
+                                                        config_.n_ctx)
+                                    : static_cast<int64_t>(q.tokens.size());
+    const int64_t n_blocks_all = (n_held + bs - 1) / bs;
     int64_t matched_free = 0;  // matched blocks that leave the free queue when shared
     for (BlockId b : m.block_ids) matched_free += st.blocks.ref_count(b) == 0;
-    const int64_t need = n_blocks_all - static_cast<int64_t>(m.block_ids.size());
+    const int64_t need =
+        std::max<int64_t>(0, n_blocks_all - static_cast<int64_t>(m.block_ids.size()));
     if (st.blocks.stats().n_free - matched_free < need) break;  // wait for blocks to come back
     st.blocks.add_seq(q.id);
     q.in_pool = true;
@@ -418,8 +462,12 @@ void Scheduler::step() {
   for (size_t i = 0; i < st.running.size() && budget > 0; ++i) {
     Seq* q = st.running[i].get();
     if (q->step == step_no) continue;  // decoding: step 1
-    const int64_t n = std::min(q->pending(), budget);
+    int64_t n = std::min(q->pending(), budget);
+    // An evicting sequence frees room for at most what lies past its kept prefix at once (as
+    // Session::run feeds a long prompt).
+    if (evicts()) n = std::min(n, config_.n_ctx - kept_prefix);
     if (n <= 0) continue;
+    if (evicts() && !make_room(*q, n)) break;
     if (!grow(*q, n)) break;
     q->step = step_no;
     items.push_back({q, n});
@@ -449,7 +497,7 @@ void Scheduler::step() {
   for (size_t b = 0; b < items.size(); ++b) {
     Seq& q = *items[b].seq;
     q.n_computed += items[b].n;
-    if (config_.prefix_cache) {
+    if (config_.prefix_cache && !q.evicted) {
       const auto table = st.blocks.block_table(q.id);
       const PrefixKey key = key_for(q);
       const int64_t full = q.n_computed / bs;
@@ -477,7 +525,7 @@ void Scheduler::step() {
       done.push_back(&q);
       why.push_back(FinishReason::Stop);
     } else if (q.n_generated >= q.req.max_tokens ||
-               static_cast<int64_t>(q.tokens.size()) >= config_.n_ctx) {
+               (!evicts() && static_cast<int64_t>(q.tokens.size()) >= config_.n_ctx)) {
       done.push_back(&q);
       why.push_back(FinishReason::Length);
     }

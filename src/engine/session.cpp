@@ -29,20 +29,25 @@ Session::Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx
                  int64_t n_batch)
     : Session(model, plain_options(dtype_k, dtype_v, n_ctx), pool, n_batch) {}
 
+void validate_eviction(bool window, int64_t n_sinks, int64_t window_chunk, int64_t n_keep,
+                       int64_t n_ctx) {
+  if (window && n_keep >= 0) fail("--kv-window and --keep are two eviction policies: choose one");
+  if (window) {
+    if (n_sinks < 0 || n_sinks >= n_ctx)
+      fail("--kv-sinks {} must be at least 0 and smaller than sinks + window ({})", n_sinks, n_ctx);
+    if (window_chunk < 1 || window_chunk > n_ctx - n_sinks)
+      fail("window eviction chunk {} must be in [1, window]", window_chunk);
+  }
+  if (n_keep >= n_ctx) fail("--keep {} must be smaller than the context ({})", n_keep, n_ctx);
+}
+
 Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int64_t n_batch)
     : model_(model),
       pool_(pool),
       opts_(kv),
       kv_(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope()),
       n_batch_(std::max<int64_t>(1, n_batch)) {
-  if (kv.window) {
-    if (kv.n_sinks < 0 || kv.n_sinks >= kv.n_ctx)
-      fail("--kv-sinks {} must be at least 0 and smaller than sinks + window ({})", kv.n_sinks,
-           kv.n_ctx);
-    if (kv.window_chunk < 1 || kv.window_chunk > kv.n_ctx - kv.n_sinks)
-      fail("window eviction chunk {} must be in [1, window]", kv.window_chunk);
-  }
-  if (kv.n_keep >= kv.n_ctx) fail("--keep {} must be smaller than the context ({})", kv.n_keep, kv.n_ctx);
+  validate_eviction(kv.window, kv.n_sinks, kv.window_chunk, kv.n_keep, kv.n_ctx);
   if (kv.kivi_residual >= 0 && (kv.window || kv.n_keep >= 0))
     fail("the KIVI cache (--kv-residual) cannot evict tokens: drop --kv-window / --keep");
 }

@@ -40,6 +40,12 @@ struct KvOptions {
   bool rotate = false;
 };
 
+// Throws kvlm::Error naming the flag when the eviction options (KvOptions' window, n_sinks,
+// window_chunk, n_keep) do not fit a context of n_ctx tokens. Session and Scheduler both check
+// with it.
+void validate_eviction(bool window, int64_t n_sinks, int64_t window_chunk, int64_t n_keep,
+                       int64_t n_ctx);
+
 class Session {
  public:
   // n_ctx: cache capacity in tokens (the whole cache is allocated here, once).

@@ -180,6 +180,18 @@ int32_t BlockPool::blocks_needed(SeqId seq, int64_t n_tokens) const {
   return static_cast<int32_t>(n);
 }
 
+void BlockPool::own(BlockId& id, std::vector<BlockCopy>* copies) {
+  BlockMeta& b = blocks_[static_cast<size_t>(id)];
+  if (b.ref_count > 1) {
+    const BlockId dst = take_fresh();  // callers count the free blocks first
+    --b.ref_count;  // still > 0: the other holders keep it
+    copies->push_back({id, dst});
+    id = dst;
+  } else if (b.cached) {
+    uncache(id);  // held by us alone: drop the entry rather than copy the rows
+  }
+}
+
 bool BlockPool::append(SeqId seq, int64_t n_tokens, std::vector<BlockCopy>* copies) {
   if (copies == nullptr) fail("block pool: append needs a copy list");
   const int32_t n_need = blocks_needed(seq, n_tokens);  // validates seq and n_tokens
@@ -188,21 +200,28 @@ bool BlockPool::append(SeqId seq, int64_t n_tokens, std::vector<BlockCopy>* copi
   Seq& s = seq_or_fail(seq);
   if (s.n_tokens % block_size_ != 0) {
     // The write starts inside the last block: it must be this sequence's alone.
-    BlockId& last = s.table.back();
-    BlockMeta& b = blocks_[static_cast<size_t>(last)];
-    if (b.ref_count > 1) {
-      const BlockId dst = take_fresh();
-      --b.ref_count;  // still > 0: the other holders keep it
-      copies->push_back({last, dst});
-      last = dst;
-    } else if (b.cached) {
-      uncache(last);  // held by us alone: drop the entry rather than copy the rows
-    }
+    own(s.table.back(), copies);
   }
   const int64_t n_blocks_after = blocks_for(s.n_tokens + n_tokens);
   s.table.reserve(static_cast<size_t>(n_blocks_after));
   while (static_cast<int64_t>(s.table.size()) < n_blocks_after) s.table.push_back(take_fresh());
   s.n_tokens += n_tokens;
+  after_op();
+  return true;
+}
+
+bool BlockPool::make_writable(SeqId seq, int64_t first, int64_t last,
+                              std::vector<BlockCopy>* copies) {
+  if (copies == nullptr) fail("block pool: make_writable needs a copy list");
+  Seq& s = seq_or_fail(seq);
+  if (first < 0 || first > last || last > static_cast<int64_t>(s.table.size()))
+    fail("block pool: blocks [{}, {}) are not in sequence {}'s table of {}", first, last, seq,
+         s.table.size());
+  int64_t n_shared = 0;
+  for (int64_t i = first; i < last; ++i)
+    n_shared += blocks_[static_cast<size_t>(s.table[static_cast<size_t>(i)])].ref_count > 1;
+  if (n_shared > n_queued_) return false;  // nothing changed
+  for (int64_t i = first; i < last; ++i) own(s.table[static_cast<size_t>(i)], copies);
   after_op();
   return true;
 }

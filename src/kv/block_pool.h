@@ -95,6 +95,15 @@ class BlockPool {
   // queue holds fewer than blocks_needed(seq, n_tokens) blocks. n_tokens >= 0.
   [[nodiscard]] bool append(SeqId seq, int64_t n_tokens, std::vector<BlockCopy>* copies);
 
+  // Makes blocks [first, last) of seq's table writable in place, for an eviction that moves rows
+  // within the sequence (the sliding window, context shift): each block held by others too
+  // (refcount > 1) is replaced by a fresh one and {old, new} appended to *copies (storage copies
+  // the rows before anything is written); a cached block held by seq alone loses its cache entry
+  // (eviction hook). Returns false, changing nothing, when the free queue holds fewer blocks than
+  // the shared ones in the range. 0 <= first <= last <= table size.
+  [[nodiscard]] bool make_writable(SeqId seq, int64_t first, int64_t last,
+                                   std::vector<BlockCopy>* copies);
+
   // Appends already-filled blocks (a prefix-cache hit) to a sequence whose length is a multiple
   // of block_size: refcount++ each (a cached-free block leaves the free queue), length +=
   // ids.size() * block_size. Each block must be cached or in use (a plain free block holds
@@ -149,6 +158,9 @@ class BlockPool {
   void release(BlockId id);  // refcount--, entering the free queue at 0
   void release_tail(Seq& s, size_t n_keep);  // releases table[n_keep..] last first
   void uncache(BlockId id);                  // eviction hook + clear the flag
+  // Makes the table entry `id` writable by its sequence: a shared block is replaced by a fresh
+  // one ({old, new} into *copies), a cached one held alone is uncached.
+  void own(BlockId& id, std::vector<BlockCopy>* copies);
   void after_op() const;
 
   int32_t block_size_;

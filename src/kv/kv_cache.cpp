@@ -9,6 +9,19 @@
 
 namespace kvlm {
 
+void kv_rerotate_k_row(const KvShape& shape, const KvRope& rope, int64_t delta, std::byte* row,
+                       float* row_f32) {
+  if (rope.n_rot == 0 || delta == 0) return;
+  const int64_t d = shape.kv_dim();
+  kernels::dequantize_row(shape.dtype_k, row, row_f32, d);
+  // A rotated row is H R(p) k: un-rotate (H is its own inverse), re-RoPE, rotate again.
+  if (shape.rotate) kernels::hadamard(row_f32, shape.n_kv_head, shape.head_dim);
+  kernels::rope(row_f32, shape.n_kv_head, shape.head_dim, rope.n_rot, delta, rope.freq_base,
+                rope.mode);
+  if (shape.rotate) kernels::hadamard(row_f32, shape.n_kv_head, shape.head_dim);
+  kv_quantize_row(shape.dtype_k, row_f32, row, d);
+}
+
 KvCache::KvCache(const KvShape& shape, int64_t n_ctx, KvAlloc alloc, KvRope rope)
     : shape_(shape), alloc_(alloc), rope_(rope), n_ctx_(n_ctx) {
   validate(shape);
@@ -101,16 +114,8 @@ void KvCache::shift_out(int64_t begin, int64_t count) {
     std::memmove(v + begin * v_row_bytes_, v + (begin + count) * v_row_bytes_, n_move * v_row_bytes_);
     if (rope_.n_rot == 0) continue;
     // R(p - count) = R(-count) R(p): one rotation by -count fixes every moved row.
-    for (int64_t r = begin; r < begin + n_move; ++r) {
-      std::byte* kr = k + r * k_row_bytes_;
-      kernels::dequantize_row(shape_.dtype_k, kr, row.data(), d);
-      // A rotated row is H R(p) k: un-rotate (H is its own inverse), re-RoPE, rotate again.
-      if (shape_.rotate) kernels::hadamard(row.data(), shape_.n_kv_head, shape_.head_dim);
-      kernels::rope(row.data(), shape_.n_kv_head, shape_.head_dim, rope_.n_rot, -count,
-                    rope_.freq_base, rope_.mode);
-      if (shape_.rotate) kernels::hadamard(row.data(), shape_.n_kv_head, shape_.head_dim);
-      kv_quantize_row(shape_.dtype_k, row.data(), kr, d);
-    }
+    for (int64_t r = begin; r < begin + n_move; ++r)
+      kv_rerotate_k_row(shape_, rope_, -count, k + r * k_row_bytes_, row.data());
   }
   n_tokens_ -= count;
   n_evicted_ += count;

@@ -44,6 +44,16 @@ struct KvRope {
   kernels::RopeMode mode = kernels::RopeMode::Normal;
 };
 
+// Re-rotates one stored K row (kv_dim values in shape.dtype_k, as the cache stores them) by
+// `delta` positions: R(p + delta) = R(delta) R(p), so a row moved from position p to p + delta
+// holds a key rotated for its new position again. A quantized row is dequantized, rotated and
+// re-quantized (one more rounding); a Hadamard-rotated row (shape.rotate) is un-rotated first and
+// rotated back after. row_f32: [kv_dim] scratch. No-op when rope.n_rot == 0. Both the contiguous
+// cache and the paged store (paged_kv.h) evict through this one function, so the two give the
+// same bytes.
+void kv_rerotate_k_row(const KvShape& shape, const KvRope& rope, int64_t delta, std::byte* row,
+                       float* row_f32);
+
 // What attention needs to read one layer: plain pointers and strides, no virtual calls.
 struct KvLayerView {
   DType dtype_k = DType::F32;

@@ -2,6 +2,8 @@
 
 #include <cstring>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "base/error.h"
 #include "kv/kv_quant.h"
@@ -68,6 +70,27 @@ void PagedKvStore::copy_block(BlockId src, BlockId dst) {
   for (int32_t il = 0; il < shape_.n_layer; ++il) {
     std::memcpy(row_k(il, dst, 0), row_k(il, src, 0), k_row_bytes_ * block_size_);
     std::memcpy(row_v(il, dst, 0), row_v(il, src, 0), v_row_bytes_ * block_size_);
+  }
+}
+
+void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, int64_t begin,
+                             int64_t count, const KvRope& rope) {
+  KVLM_CHECK(begin >= 0 && count >= 0 && begin + count <= n_tokens &&
+             n_tokens <= static_cast<int64_t>(table.size()) * block_size_);
+  if (count == 0) return;
+  for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks_);
+  const int64_t n_after = n_tokens - count;
+  std::vector<float> row(static_cast<size_t>(shape_.kv_dim()));  // [kv_dim] per shift, not per row
+  auto at = [&](int64_t p) { return std::pair{table[p / block_size_], p % block_size_}; };
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    // Ascending positions: a row is read (at p + count) before anything writes it (count > 0).
+    for (int64_t p = begin; p < n_after; ++p) {
+      const auto [bs, rs] = at(p + count);
+      const auto [bd, rd] = at(p);
+      std::memcpy(row_k(il, bd, rd), row_k(il, bs, rs), k_row_bytes_);
+      std::memcpy(row_v(il, bd, rd), row_v(il, bs, rs), v_row_bytes_);
+      kv_rerotate_k_row(shape_, rope, -count, row_k(il, bd, rd), row.data());
+    }
   }
 }
 

@@ -44,6 +44,15 @@ class PagedKvStore {
   // (covering at least pos + n positions), converting from f32.    k, v: [n, kv_dim] f32
   void write(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n, const float* k,
              const float* v);
+  // Evicts positions [begin, begin + count) of a sequence holding n_tokens positions through
+  // `table` (the sliding window with sinks, context shift; KvCache::shift_out's paged twin):
+  // the rows of positions [begin + count, n_tokens) move to [begin, n_tokens - count), K
+  // re-rotated by -count positions (kv_rerotate_k_row), in every layer. Positions past
+  // n_tokens - count keep stale rows; the caller then truncates the table. The blocks written,
+  // [begin / bs, ceil((n_tokens - count) / bs)), must be this sequence's alone
+  // (BlockPool::make_writable). The rows get exactly the bytes KvCache::shift_out gives them.
+  void shift_out(std::span<const BlockId> table, int64_t n_tokens, int64_t begin, int64_t count,
+                 const KvRope& rope);
   // Copies block src's rows to dst in every layer (the pool's copy-on-write).
   void copy_block(BlockId src, BlockId dst);
   // What attention reads for layer il of a sequence: positions [0, n_tokens) through `table`.

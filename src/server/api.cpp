@@ -181,6 +181,17 @@ void check_n(const json& body) {
 // long.
 int32_t resolve_max_tokens(std::optional<int64_t> given, const char* key, int64_t n_prompt,
                            const char* prompt_key, const ServedModel& m, int64_t default_cap) {
+  if (m.evicts) {
+    // The window or context shift drops old tokens as new ones come: neither the prompt nor the
+    // completion is bounded by the context. Absent, one context's worth (or the cap).
+    if (given && *given < 1) bad(key, fmt::format("'{}' must be at least 1, got {}", key, *given));
+    if (given && *given > kMaxEvictingTokens)
+      bad(key, fmt::format("'{}' is {}, more than the {} tokens one request may generate", key,
+                           *given, kMaxEvictingTokens));
+    int64_t n = given ? *given : m.n_ctx;
+    if (!given && default_cap > 0) n = std::min(n, default_cap);
+    return static_cast<int32_t>(n);
+  }
   const int64_t limit = std::min(m.n_ctx, m.capacity_tokens);
   if (given) {
     if (*given < 1) bad(key, fmt::format("'{}' must be at least 1, got {}", key, *given));

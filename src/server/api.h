@@ -46,11 +46,18 @@ json error_body(const HttpError& e);
 std::string dump(const json& j);
 
 // What this server serves, as the API describes it.
+// The largest max_tokens of a server whose cache evicts (no context bound applies): 2^20 tokens,
+// about an hour and a half of decoding at 200 tokens/s.
+inline constexpr int64_t kMaxEvictingTokens = int64_t{1} << 20;
+
 struct ServedModel {
   std::string id;               // the model file's stem: "SmolLM2-135M-Instruct.Q4_1"
   int64_t created = 0;          // unix seconds (the file's modification time)
   int64_t n_ctx = 0;            // per-sequence context (prompt + generated), tokens
   int64_t capacity_tokens = 0;  // tokens the whole KV pool holds (blocks x block size)
+  // The cache evicts when a sequence's context is full (--kv-window, --keep): prompts and
+  // completions are then not bounded by n_ctx, only max_tokens by kMaxEvictingTokens.
+  bool evicts = false;
   std::string chat_template;    // the model's, or plain ChatML when it has none
   SamplingParams defaults;      // the server's --temp/--top-k/... (seed unused)
 };

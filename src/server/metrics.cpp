@@ -78,6 +78,9 @@ std::string Metrics::render(const SchedulerStats& s) const {
          "prompt_tokens_cached_total / prompt_tokens_total (0 before any prompt)",
          s.prompt_tokens > 0 ? double(s.prompt_tokens_cached) / double(s.prompt_tokens) : 0.0);
   metric(out, "kvlm_generated_tokens_total", "counter", "tokens generated", s.generated_tokens);
+  metric(out, "kvlm_kv_evicted_tokens_total", "counter",
+         "cached tokens dropped by the sliding window or context shift (--kv-window, --keep)",
+         s.evicted_tokens);
   metric(out, "kvlm_scheduler_steps_total", "counter", "forward passes of the scheduler",
          s.n_steps);
 

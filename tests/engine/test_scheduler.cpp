@@ -52,9 +52,9 @@ Request greedy_request(std::vector<int32_t> prompt, int32_t max_tokens) {
   return r;
 }
 
-// The reference: the request alone through a contiguous-cache Session.
-std::vector<int32_t> alone(const Fixture& f, const std::vector<int32_t>& prompt, int n, DType t) {
-  Session s(*f.model, t, t, static_cast<int64_t>(prompt.size()) + n + 1, pool());
+// Greedy generation of n tokens after prompt in s.
+std::vector<int32_t> generate_greedy(Session& s, const Fixture& f,
+                                     const std::vector<int32_t>& prompt, int n) {
   GenerateOptions o;
   o.n_predict = n;
   o.ignore_eos = true;
@@ -65,6 +65,12 @@ std::vector<int32_t> alone(const Fixture& f, const std::vector<int32_t>& prompt,
     return true;
   });
   return out;
+}
+
+// The reference: the request alone through a contiguous-cache Session.
+std::vector<int32_t> alone(const Fixture& f, const std::vector<int32_t>& prompt, int n, DType t) {
+  Session s(*f.model, t, t, static_cast<int64_t>(prompt.size()) + n + 1, pool());
+  return generate_greedy(s, f, prompt, n);
 }
 
 // Collects one request's events.
@@ -331,6 +337,157 @@ TEST(Scheduler, SubmitRejectsBadRequests) {
   cfg.kv_budget_tokens = 64;
   cfg.n_batch = 4;
   cfg.n_parallel = 8;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+}
+
+// ---- eviction: sliding window with sinks, context shift -----------------------------------------
+
+// The reference for an evicting cache: the request alone through a contiguous Session with the
+// same policy and the same prefill chunk (n_batch).
+std::vector<int32_t> alone_evicting(const Fixture& f, const std::vector<int32_t>& prompt, int n,
+                                    const KvOptions& kv, int64_t n_batch) {
+  Session s(*f.model, kv, pool(), n_batch);
+  auto out = generate_greedy(s, f, prompt, n);
+  EXPECT_GT(s.kv().stats().n_evicted, 0) << "the reference never evicted";
+  return out;
+}
+
+KvOptions window_options(int64_t sinks, int64_t window, int64_t chunk) {
+  KvOptions kv;
+  kv.window = true;
+  kv.n_sinks = sinks;
+  kv.n_ctx = sinks + window;
+  kv.window_chunk = chunk;
+  return kv;
+}
+
+SchedulerConfig evicting_config(const KvOptions& kv) {
+  SchedulerConfig cfg;
+  cfg.n_ctx = kv.n_ctx;
+  cfg.window = kv.window;
+  cfg.n_sinks = kv.n_sinks;
+  cfg.window_chunk = kv.window_chunk;
+  cfg.n_keep = kv.n_keep;
+  return cfg;
+}
+
+// n_req requests sharing their first 20 tokens (so the blocks holding the sinks are shared through
+// the prefix cache and copied on the first eviction), prompts shorter than the context, each
+// generating far past it: every request's tokens equal its run alone in a Session.
+void run_evicting_batch(const KvOptions& kv, int n_req, int n_gen, int64_t budget_tokens) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg = evicting_config(kv);
+  cfg.kv_budget_tokens = budget_tokens;
+  cfg.n_parallel = n_req;
+  cfg.n_batch = 64;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  const int32_t n_vocab = f.model->config().n_vocab;
+  const auto common = test::random_tokens(20, n_vocab, 77);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::unique_ptr<Collector>> cols;
+  for (int i = 0; i < n_req; ++i) {
+    std::vector<int32_t> p = common;
+    const auto tail = test::random_tokens(3 + 2 * i, n_vocab, 300 + i);
+    p.insert(p.end(), tail.begin(), tail.end());
+    ASSERT_LT(static_cast<int64_t>(p.size()), kv.n_ctx);
+    prompts.push_back(p);
+    cols.push_back(std::make_unique<Collector>());
+    sch.submit(greedy_request(p, n_gen), cols.back()->fn());  // prompt + n_gen > n_ctx: accepted
+  }
+  sch.wait_idle();
+  const SchedulerStats st = sch.stats();
+  for (int i = 0; i < n_req; ++i) {
+    ASSERT_TRUE(cols[i]->done);
+    EXPECT_EQ(cols[i]->last.finish, FinishReason::Length);
+    EXPECT_EQ(cols[i]->tokens, alone_evicting(f, prompts[i], n_gen, kv, cfg.n_batch))
+        << "request " << i;
+  }
+  EXPECT_GT(st.evicted_tokens, 0);
+  EXPECT_GT(st.prompt_tokens_cached, 0);  // the shared first block was reused
+  EXPECT_EQ(st.n_preemptions, 0);
+  EXPECT_EQ(st.blocks_used, 0);
+}
+
+TEST(Scheduler, WindowWithSinksBatchedEqualsAlone) {
+  // 4 sinks + a 44-token window, evicting 8 at a time: 90 generated tokens evict many times.
+  run_evicting_batch(window_options(4, 44, 8), 8, 90, 8 * 64);
+}
+
+TEST(Scheduler, WindowWithoutSinksBatchedEqualsAlone) {
+  run_evicting_batch(window_options(0, 40, 5), 4, 70, 4 * 64);
+}
+
+TEST(Scheduler, ContextShiftBatchedEqualsAlone) {
+  KvOptions kv;
+  kv.n_ctx = 48;
+  kv.n_keep = 10;
+  run_evicting_batch(kv, 6, 90, 6 * 64);
+}
+
+// A prompt longer than the whole window goes in pieces that evict between them, as Session feeds
+// it (the same chunk: one request, n_batch equal).
+TEST(Scheduler, WindowPromptLongerThanTheWindowEqualsAlone) {
+  Fixture& f = tiny();
+  const KvOptions kv = window_options(4, 32, 6);
+  SchedulerConfig cfg = evicting_config(kv);
+  cfg.kv_budget_tokens = 256;
+  cfg.n_parallel = 2;
+  cfg.n_batch = 20;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  const auto prompt = test::random_tokens(100, f.model->config().n_vocab, 12);
+  Collector c;
+  sch.submit(greedy_request(prompt, 30), c.fn());
+  sch.wait_idle();
+  ASSERT_TRUE(c.done);
+  EXPECT_EQ(c.last.n_generated, 30);
+  EXPECT_EQ(c.tokens, alone_evicting(f, prompt, 30, kv, cfg.n_batch));
+  EXPECT_EQ(sch.stats().blocks_used, 0);
+}
+
+// A pool too small for every windowed sequence at once: preemptions (recomputed from the tokens
+// the window kept), every request still generates all its tokens, the pool ends whole.
+TEST(Scheduler, WindowUnderPreemptionFinishesEveryRequest) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg = evicting_config(window_options(4, 44, 8));
+  cfg.kv_budget_tokens = 160;  // 10 blocks; 6 sequences want up to 3 each
+  cfg.n_parallel = 6;
+  cfg.n_batch = 64;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  std::vector<std::unique_ptr<Collector>> cols;
+  for (int i = 0; i < 6; ++i) {
+    cols.push_back(std::make_unique<Collector>());
+    sch.submit(greedy_request(test::random_tokens(10 + 3 * i, f.model->config().n_vocab, 500 + i),
+                              80),
+               cols.back()->fn());
+  }
+  sch.wait_idle();
+  for (auto& c : cols) {
+    ASSERT_TRUE(c->done);
+    EXPECT_EQ(c->last.finish, FinishReason::Length);
+    EXPECT_EQ(c->tokens.size(), 80u);
+  }
+  const SchedulerStats st = sch.stats();
+  EXPECT_GT(st.n_preemptions, 0);
+  EXPECT_GT(st.evicted_tokens, 0);
+  EXPECT_EQ(st.blocks_used, 0);
+}
+
+TEST(Scheduler, EvictingConfigIsValidated) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg = evicting_config(window_options(4, 44, 8));
+  cfg.kv_budget_tokens = 256;
+  cfg.n_keep = 2;  // two policies
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg.n_keep = -1;
+  cfg.n_sinks = 48;  // sinks fill the context
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg.n_sinks = 4;
+  cfg.window_chunk = 45;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg = SchedulerConfig{};
+  cfg.kv_budget_tokens = 256;
+  cfg.n_ctx = 64;
+  cfg.n_keep = 64;
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
 }
 

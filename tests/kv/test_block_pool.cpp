@@ -394,6 +394,60 @@ TEST(BlockPool, WriteIntoSharedCachedBlockCopiesAndKeepsTheEntry) {
   EXPECT_FALSE(pool.is_cached(copies[0].dst));
 }
 
+// make_writable (the window's and context shift's in-place row moves): shared blocks in the range
+// are replaced by fresh ones with a copy each, the other holders keep theirs; a cached block held
+// alone loses its entry; blocks outside the range are untouched.
+TEST(BlockPool, MakeWritableCopiesSharedAndUncachesHeldAlone) {
+  BlockPool pool = make_pool(8);
+  std::vector<BlockId> evicted;
+  pool.set_evict_hook([&](BlockId b) { evicted.push_back(b); });
+  std::vector<BlockCopy> copies;
+  pool.add_seq(1);
+  ASSERT_TRUE(pool.append(1, 48, &copies));  // blocks 0, 1, 2
+  pool.mark_cached(0);
+  pool.mark_cached(1);
+  pool.add_seq(2);
+  pool.append_shared(2, std::vector<BlockId>{0});  // block 0 shared by 1 and 2
+  ASSERT_TRUE(pool.make_writable(1, 0, 3, &copies));
+  ASSERT_EQ(copies.size(), 1u);
+  EXPECT_EQ(copies[0].src, 0);
+  const auto t1 = table(pool, 1);
+  EXPECT_EQ(t1[0], copies[0].dst);
+  EXPECT_EQ(t1[1], 1);
+  EXPECT_EQ(t1[2], 2);
+  EXPECT_EQ(table(pool, 2), (std::vector<BlockId>{0}));
+  EXPECT_EQ(pool.ref_count(0), 1);
+  EXPECT_TRUE(pool.is_cached(0));  // still seq 2's, still registered
+  EXPECT_FALSE(pool.is_cached(1));  // held by seq 1 alone: written in place, entry dropped
+  EXPECT_EQ(evicted, (std::vector<BlockId>{1}));
+  // An empty range, and a range whose blocks are already private, change nothing.
+  const Snapshot before = snapshot(pool, {1, 2});
+  copies.clear();
+  ASSERT_TRUE(pool.make_writable(1, 1, 1, &copies));
+  ASSERT_TRUE(pool.make_writable(1, 0, 3, &copies));
+  EXPECT_TRUE(copies.empty());
+  EXPECT_TRUE(snapshot(pool, {1, 2}) == before);
+  EXPECT_THROW((void)pool.make_writable(1, 2, 4, &copies), Error);
+  EXPECT_THROW((void)pool.make_writable(1, 0, 1, nullptr), Error);
+  pool.check_invariants();
+}
+
+TEST(BlockPool, MakeWritableWithoutFreeBlocksChangesNothing) {
+  BlockPool pool = make_pool(2);
+  std::vector<BlockCopy> copies;
+  pool.add_seq(1);
+  ASSERT_TRUE(pool.append(1, 32, &copies));
+  pool.fork(1, 2);  // both blocks shared, none free
+  const Snapshot before = snapshot(pool, {1, 2});
+  EXPECT_FALSE(pool.make_writable(1, 0, 2, &copies));
+  EXPECT_TRUE(copies.empty());
+  EXPECT_TRUE(snapshot(pool, {1, 2}) == before);
+  pool.free_seq(2);
+  ASSERT_TRUE(pool.make_writable(1, 0, 2, &copies));  // now held alone: no copy needed
+  EXPECT_TRUE(copies.empty());
+  pool.check_invariants();
+}
+
 // ---- randomized property test -------------------------------------------------------------------
 
 // A few thousand random operations against a simulated storage: every block holds block_size

@@ -86,6 +86,55 @@ TEST(Paged, EqualsContiguousGpt2) {
                                  33, 8);
 }
 
+// Eviction (the window's and context shift's shift_out) through a block table gives the rows the
+// contiguous cache gives: after prefill, shift, then decode steps, the logits are equal bit for
+// bit, so a window or context shift served paged continues exactly as in a Session.
+void expect_paged_shift_equals_contiguous(const std::string& model_file, DType dk, DType dv,
+                                          int32_t bs, int n_prefill, int begin, int count,
+                                          int n_decode, bool rotate = false) {
+  auto m = Model::load(model_file);
+  const ModelConfig& c = m->config();
+  const auto toks = test::random_tokens(n_prefill + n_decode, c.n_vocab, 9);
+  KvShape shape = m->kv_shape(dk, dv);
+  shape.rotate = rotate;
+  KvCache kv(shape, n_prefill + n_decode, KvAlloc::Static, m->kv_rope());
+  Scratch s1, s2;
+  const int32_t n_blocks = (n_prefill + n_decode + bs - 1) / bs + 3;
+  PagedKvStore store(shape, n_blocks, bs);
+  const auto table = scrambled_blocks(n_blocks, 5);
+  m->forward({toks.data(), static_cast<size_t>(n_prefill)}, 0, kv, s1, pool(), false);
+  PagedSeq q0{{toks.data(), static_cast<size_t>(n_prefill)}, 0, table};
+  m->forward_paged(std::span<const PagedSeq>(&q0, 1), store, s2, pool());
+  kv.shift_out(begin, count);
+  store.shift_out(table, n_prefill, begin, count, m->kv_rope());
+  int pos = n_prefill - count;
+  ASSERT_EQ(kv.size(), pos);
+  for (int i = 0; i < n_decode; ++i, ++pos) {
+    std::span<const int32_t> feed(toks.data() + n_prefill + i, 1);
+    auto ref = m->forward(feed, pos, kv, s1, pool(), false);
+    std::vector<float> want(ref.begin(), ref.end());
+    PagedSeq q{feed, pos, table};
+    auto got = m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s2, pool());
+    ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
+        << "decode " << i << " after evicting [" << begin << ", " << begin + count
+        << "), block size " << bs << ", K " << dtype_name(dk);
+  }
+}
+
+TEST(Paged, ShiftOutEqualsContiguous) {
+  // Every plain type (K re-quantized after the re-rotation), rotated rows, a shift that starts
+  // inside a block and one on a block boundary, block sizes that do and do not divide the counts.
+  for (DType t : {DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1})
+    expect_paged_shift_equals_contiguous(test::model_path(), t, t, 16, 70, 4, 21, 4);
+  expect_paged_shift_equals_contiguous(test::model_path(), DType::Q4_0, DType::Q4_0, 16, 70, 4,
+                                       21, 4, true);
+  for (int32_t bs : {1, 7, 16})
+    expect_paged_shift_equals_contiguous(test::data_path("tiny-llama.gguf"), DType::F16,
+                                         DType::F16, bs, 90, 16, 32, 6);
+  expect_paged_shift_equals_contiguous(test::data_path("tiny-gpt2.gguf"), DType::F16, DType::F32,
+                                       16, 50, 0, 17, 4);  // learned positions: no re-rotation
+}
+
 // 16 sequences of different lengths, some prefilling (in chunks) and some decoding in the same
 // pass, through a real BlockPool: each sequence's logits equal a run of that sequence alone.
 TEST(Paged, BatchedEqualsAlone) {

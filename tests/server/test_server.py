@@ -509,6 +509,47 @@ class ApiKey(unittest.TestCase):
             self.assertEqual(srv.stop(), 0)
 
 
+class Evicting(unittest.TestCase):
+    """--kv-window / --keep served paged: prompts and completions longer than the context, the
+    evicted tokens counted in /metrics, every block back at the end."""
+
+    def run_long(self, *args):
+        srv = Server("-m", TINY, "-t", "2", *args)
+        try:
+            words = " ".join(f"word{i}" for i in range(60))  # well past the 44-token context
+            status, _, data = srv.request("POST", "/v1/completions", {
+                "prompt": words, "max_tokens": 150, "temperature": 0, "ignore_eos": True})
+            self.assertEqual(status, 200, data)
+            body = json.loads(data)
+            self.assertEqual(body["usage"]["completion_tokens"], 150)
+            self.assertGreater(body["usage"]["prompt_tokens"], 44)
+            self.assertEqual(body["choices"][0]["finish_reason"], "length")
+            # The same request streamed gives the same text (greedy, the same evictions).
+            status, events, done = sse_stream(srv, "/v1/completions", {
+                "prompt": words, "max_tokens": 150, "temperature": 0, "ignore_eos": True,
+                "stream": True})
+            self.assertEqual(status, 200)
+            self.assertTrue(done)
+            text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+            self.assertEqual(text, body["choices"][0]["text"])
+            # No context bound, but a cap on what one request may generate.
+            status, err = srv.json("POST", "/v1/completions", {
+                "prompt": "hi", "max_tokens": (1 << 20) + 1})
+            self.assertEqual(status, 400)
+            is_openai_error(self, err, 400)
+            m = srv.metrics()
+            self.assertGreater(m["kvlm_kv_evicted_tokens_total"], 0)
+            self.assertEqual(srv.wait_metric("kvlm_kv_blocks_used", lambda v: v == 0), 0)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_window_with_sinks(self):
+        self.run_long("--kv-window", "40", "--kv-sinks", "4", "--kv-evict-chunk", "8")
+
+    def test_context_shift(self):
+        self.run_long("-c", "44", "--keep", "8")
+
+
 class Cli(unittest.TestCase):
     def check_fails(self, args, needle, codes=(1, 2)):
         p = subprocess.run([KVLM, "serve", "--port", "0", *args], capture_output=True, timeout=120)
@@ -519,8 +560,9 @@ class Cli(unittest.TestCase):
         self.assertIn(needle.lower(), lines[0].lower())
 
     def test_bad_flags(self):
-        self.check_fails(["-m", TINY, "--kv-window", "64"], "--kv-window")
-        self.check_fails(["-m", TINY, "--keep", "4"], "--keep")
+        self.check_fails(["-m", TINY, "--kv-alloc", "dynamic"], "--kv-alloc")
+        self.check_fails(["-m", TINY, "--kv-window", "64", "--keep", "4"], "--keep")
+        self.check_fails(["-m", TINY, "--kv-window", "64", "--kv-evict-chunk", "65"], "65")
         self.check_fails(["-m", TINY, "-ctk", "q4_0", "--kv-residual", "32"], "--kv-residual")
         self.check_fails(["-m", "/nonexistent/model.gguf"], "/nonexistent/model.gguf")
         self.check_fails(["-m", TINY, "--kv-budget", "12 parsecs"], "12 parsecs")

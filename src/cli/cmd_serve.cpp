@@ -41,6 +41,7 @@ struct ServeArgs {
   SamplingParams sampling;
   // Cache flags the paged cache has no use for: (flag, its option).
   std::vector<std::pair<std::string, const CLI::Option*>> no_serve_flags;
+  const CLI::Option* block_size_opt = nullptr;  // given or not (KIVI picks its own default)
 };
 
 // "--kv-budget 512MiB" (parse_bytes' units) or "--kv-budget 32768tok" / "32768 tokens".
@@ -84,8 +85,7 @@ int run_serve(ServeArgs& a) {
   for (const auto& [flag, o] : a.no_serve_flags)
     if (o->count() > 0)
       fail(
-          "{} does not apply to kvlm serve: the paged cache keeps sequences in plain layouts "
-          "(-ctk/-ctv f32, f16, q8_0, q4_0, q4_1, optionally --kv-rotate, --kv-window, --keep); "
+          "{} does not apply to kvlm serve: the paged cache's pool is allocated once (--kv-budget); "
           "drop it",
           flag);
   if (a.api_key.empty())
@@ -108,6 +108,14 @@ int run_serve(ServeArgs& a) {
   cfg.n_sinks = kvo.n_sinks;
   cfg.window_chunk = kvo.window_chunk;
   cfg.n_keep = kvo.n_keep;
+  cfg.kivi_residual = kvo.kivi_residual;
+  if (kvo.kivi_residual >= 0) {
+    // KIVI seals K in groups of 64 tokens, which a block must hold whole; its sealed blocks are
+    // not what a fresh prompt computes (that keeps its last tokens in f16), so no prefix reuse.
+    const int32_t group = KvShape{}.kivi_group;
+    if (a.block_size_opt == nullptr || a.block_size_opt->count() == 0) cfg.block_size = group;
+    a.no_prefix_cache = true;  // the listening line says "prefix cache off"
+  }
   cfg.prefix_cache = !a.no_prefix_cache;
   const size_t bytes_per_token = kv_bytes_per_token(model->kv_shape(cfg.dtype_k, cfg.dtype_v));
   if (!a.kv_budget.empty()) {
@@ -196,8 +204,11 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--kv-budget", a->kv_budget,
                   "KV pool size: bytes (512MiB, 2GiB, ...) or tokens (32768tok); default: "
                   "-np x -c tokens, at most 1 GiB");
-  cmd->add_option("--block-size", a->sched.block_size, "tokens per KV block (default 16)")
-      ->check(CLI::Range(1, 4096));
+  a->block_size_opt =
+      cmd->add_option("--block-size", a->sched.block_size,
+                      "tokens per KV block (default 16; 64 with --kv-residual, a multiple of "
+                      "KIVI's K group)")
+          ->check(CLI::Range(1, 4096));
   cmd->add_option("-b,--batch-size", a->sched.n_batch,
                   "tokens per forward pass: decode tokens plus prefill chunks (default 512)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
@@ -217,9 +228,9 @@ Command add_serve(CLI::App& app) {
                 "do not reuse the KV blocks of earlier prompts with the same prefix");
   add_sampling_flags(cmd, a->sampling);
   add_cache_flags(cmd, a->cache);
-  // Refused (and so hidden from --help): the paged cache has plain rows (rotated or not), no
-  // KIVI, and its pool is allocated once.
-  for (const char* name : {"--kv-alloc", "--kv-residual"})
+  // Refused (and so hidden from --help): the paged cache has no
+  // dynamic arenas: its pool is allocated once.
+  for (const char* name : {"--kv-alloc"})
     if (CLI::Option* o = cmd->get_option_no_throw(name))
       a->no_serve_flags.emplace_back(name, o->group(""));
   cmd->footer(

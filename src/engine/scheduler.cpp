@@ -41,6 +41,8 @@ struct Scheduler::Seq {
   // `tokens`, so no more of its blocks go into the prefix index (reset by a preemption, whose
   // recompute is fresh again).
   bool evicted = false;
+  int32_t kivi_slot = -1;  // KIVI: the residual slot it holds while in the pool
+  int64_t n_sealed = 0;    // KIVI: positions [0, n_sealed) sealed in its blocks
   uint64_t step = 0;           // last step that scheduled it
   std::unique_ptr<Sampler> sampler;
 
@@ -61,29 +63,35 @@ struct Scheduler::State {
   uint64_t n_step_calls = 0;
   SchedulerStats totals;  // counters (the gauges are filled at publish time)
 
-  State(const KvShape& s, int32_t n_blocks, int32_t bs)
+  std::vector<int32_t> free_slots;  // KIVI residual slots no sequence holds
+
+  State(const KvShape& s, int32_t n_blocks, int32_t bs, int32_t n_slots)
       : shape(s),
         blocks({.n_blocks = n_blocks, .block_size = bs, .audit = false}),
         prefix({.n_blocks = n_blocks, .block_size = bs, .audit = false}),
-        store(s, n_blocks, bs) {
+        store(s, n_blocks, bs, n_slots) {
+    for (int32_t i = n_slots - 1; i >= 0; --i) free_slots.push_back(i);
     blocks.set_evict_hook([this](BlockId b) { prefix.erase(b); });
     const int32_t key[] = {s.n_layer, s.n_kv_head, s.head_dim, static_cast<int32_t>(s.dtype_k),
-                           static_cast<int32_t>(s.dtype_v), bs, s.rotate ? 1 : 0};
+                           static_cast<int32_t>(s.dtype_v), bs, s.rotate ? 1 : 0,
+                           s.kivi_residual};
     cache_type = prefix_hash_xxh3(key, sizeof(key));
   }
 };
 
 namespace {
 
-int32_t pool_blocks(const KvShape& shape, const SchedulerConfig& c) {
+int32_t pool_blocks(const KvShape& shape, const SchedulerConfig& c, int32_t n_slots) {
   if (c.block_size <= 0) fail("--block-size must be positive, got {}", c.block_size);
   int64_t n = 0;
   if (c.kv_budget_bytes > 0) {
     n = PagedKvStore::blocks_for_budget(shape, c.block_size,
-                                        static_cast<uint64_t>(c.kv_budget_bytes));
+                                        static_cast<uint64_t>(c.kv_budget_bytes), n_slots);
     if (n <= 0)
-      fail("--kv-budget of {} bytes holds no block of {} tokens ({} bytes each)",
-           c.kv_budget_bytes, c.block_size, PagedKvStore::block_bytes(shape, c.block_size));
+      fail("--kv-budget of {} bytes holds no block of {} tokens ({} bytes each, after {} bytes "
+           "of f16 residual slots)",
+           c.kv_budget_bytes, c.block_size, PagedKvStore::block_bytes(shape, c.block_size),
+           uint64_t(PagedKvStore::residual_slot_bytes(shape)) * uint64_t(n_slots));
   } else if (c.kv_budget_tokens > 0) {
     n = (c.kv_budget_tokens + c.block_size - 1) / c.block_size;
   } else {
@@ -113,9 +121,23 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
                     config.n_ctx);
   KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
   shape.rotate = config.rotate;
+  shape.kivi_residual = config.kivi_residual;
   validate(shape);
-  const int32_t n_blocks = pool_blocks(shape, config);
-  st_ = std::make_unique<State>(shape, n_blocks, config.block_size);
+  int32_t n_slots = 0;
+  if (shape.kivi()) {
+    if (evicts())
+      fail("the KIVI cache (--kv-residual) cannot evict tokens: drop --kv-window / --keep");
+    if (config.prefix_cache)
+      fail("the prefix cache does not apply to the KIVI cache (--kv-residual): a sealed block is "
+           "not what a fresh prompt of its tokens holds (--no-prefix-cache)");
+    if (config.block_size % shape.kivi_group != 0)
+      fail("the KIVI cache's K groups of {} tokens need a --block-size that is a multiple of {}, "
+           "got {}",
+           shape.kivi_group, shape.kivi_group, config.block_size);
+    n_slots = config.n_parallel;
+  }
+  const int32_t n_blocks = pool_blocks(shape, config, n_slots);
+  st_ = std::make_unique<State>(shape, n_blocks, config.block_size, n_slots);
   stats_.blocks_total = n_blocks;
   stats_.block_size = config.block_size;
   stats_.kv_bytes_total = st_->store.bytes();
@@ -217,6 +239,9 @@ void Scheduler::release(Seq& q, bool keep_partial) {
   }
   st.blocks.free_seq(q.id);
   q.in_pool = false;
+  if (q.kivi_slot >= 0) st.free_slots.push_back(q.kivi_slot);
+  q.kivi_slot = -1;
+  q.n_sealed = 0;
 }
 
 void Scheduler::finish(Seq& q, FinishReason why, const std::string& error) {
@@ -433,6 +458,12 @@ void Scheduler::step() {
     if (st.blocks.stats().n_free - matched_free < need) break;  // wait for blocks to come back
     st.blocks.add_seq(q.id);
     q.in_pool = true;
+    if (st.shape.kivi()) {
+      // At most n_parallel run, and there are n_parallel slots.
+      KVLM_CHECK(!st.free_slots.empty());
+      q.kivi_slot = st.free_slots.back();
+      st.free_slots.pop_back();
+    }
     st.blocks.append_shared(q.id, m.block_ids);
     q.n_computed = m.n_tokens;
     q.n_registered = static_cast<int64_t>(m.block_ids.size());
@@ -486,7 +517,7 @@ void Scheduler::step() {
   for (const Item& it : items) {
     Seq& q = *it.seq;
     batch.push_back({{q.tokens.data() + q.n_computed, static_cast<size_t>(it.n)}, q.n_computed,
-                     st.blocks.block_table(q.id)});
+                     st.blocks.block_table(q.id), q.kivi_slot, q.n_sealed});
   }
   const std::span<const float> logits = model_.forward_paged(batch, st.store, st.scratch, pool_);
   ++st.totals.n_steps;
@@ -497,6 +528,9 @@ void Scheduler::step() {
   for (size_t b = 0; b < items.size(); ++b) {
     Seq& q = *items[b].seq;
     q.n_computed += items[b].n;
+    if (st.shape.kivi())
+      q.n_sealed = kv_kivi_sealed(q.n_sealed, q.n_computed, st.shape.kivi_residual,
+                                  st.shape.kivi_group);
     if (config_.prefix_cache && !q.evicted) {
       const auto table = st.blocks.block_table(q.id);
       const PrefixKey key = key_for(q);

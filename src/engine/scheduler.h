@@ -66,9 +66,14 @@ using RequestId = int64_t;
 using EventFn = std::function<void(const RequestEvent&)>;
 
 struct SchedulerConfig {
-  DType dtype_k = DType::F16;   // plain layouts only: f32, f16, q8_0, q4_0, q4_1
+  DType dtype_k = DType::F16;   // f32, f16, q8_0, q4_0, q4_1 (KIVI: q4_0)
   DType dtype_v = DType::F16;
   bool rotate = false;          // Hadamard-rotated rows (--kv-rotate, KvShape::rotate)
+  // KIVI layout (--kv-residual R, KvShape::kivi_residual): -1 off. Needs a block size that is a
+  // multiple of the K group (64) and no prefix cache (a sealed block is not what a fresh prompt
+  // of the same tokens holds: that one keeps its last R.. tokens in f16) and no eviction. Each of
+  // the n_parallel sequences owns one f16 residual slot, taken from the budget first.
+  int32_t kivi_residual = -1;
   int32_t block_size = 16;      // tokens per block
   int64_t kv_budget_bytes = 0;  // > 0: the pool holds as many blocks as fit
   int64_t kv_budget_tokens = 0; // > 0 (and kv_budget_bytes == 0): blocks for this many tokens

@@ -75,49 +75,57 @@ void KvCache::kivi_reserve(int64_t cap) {
   capacity_ = cap;
 }
 
-void KvCache::kivi_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
-  // The residual holds [n_sealed_, size()): new rows can only follow it.
-  KVLM_CHECK(pos == n_tokens_);
-  const int64_t d = shape_.kv_dim(), G = shape_.kivi_group;
-  const int64_t s0 = n_sealed_;
-  const int64_t s1 = kv_kivi_sealed(s0, pos + n, shape_.kivi_residual, shape_.kivi_group);
-  n_sealed_next_ = s1;
-  // Row j of the pass in f32, as the f16 residual holds it: old rows from the residual, new ones
-  // rounded the same way, so a group seals identically whichever pass completes it.
-  auto gather = [&](const AlignedBuffer& resid, const float* in, int64_t j, float* out) {
+void kv_kivi_seal(const KvShape& s, const KiviSealed& out, const uint16_t* rk, const uint16_t* rv,
+                  int64_t s0, int64_t s1, int64_t pos, const float* k, const float* v, float* x) {
+  const int64_t d = s.kv_dim(), G = s.kivi_group;
+  auto gather = [&](const uint16_t* resid, const float* in, int64_t j, float* row) {
     if (j < pos) {
-      const uint16_t* r = resid.as<uint16_t>() + (j - s0) * d;
-      for (int64_t c = 0; c < d; ++c) out[c] = fp16_to_fp32(r[c]);
+      const uint16_t* r = resid + (j - s0) * d;
+      for (int64_t c = 0; c < d; ++c) row[c] = fp16_to_fp32(r[c]);
     } else {
       const float* r = in + (j - pos) * d;
-      for (int64_t c = 0; c < d; ++c) out[c] = fp16_to_fp32(fp32_to_fp16(r[c]));
+      for (int64_t c = 0; c < d; ++c) row[c] = fp16_to_fp32(fp32_to_fp16(r[c]));
     }
   };
-  float* x = group_f32_.data();  // [G, kv_dim]
-  uint8_t* kg = reinterpret_cast<uint8_t*>(k_[il].data());
-  uint8_t* vs = reinterpret_cast<uint8_t*>(v_[il].data());
   for (int64_t g0 = s0; g0 < s1; g0 += G) {
-    for (int64_t t = 0; t < G; ++t) gather(rk_[il], k, g0 + t, x + t * d);
-    kv_kivi_quantize_k_group(x, G, d, kg + (g0 / G) * kv_kivi_group_bytes(shape_));
+    for (int64_t t = 0; t < G; ++t) gather(rk, k, g0 + t, x + t * d);
+    kv_kivi_quantize_k_group(x, G, d, out.k + out.row(g0) * out.k_row_bytes);
     for (int64_t t = 0; t < G; ++t) {
-      gather(rv_[il], v, g0 + t, x);
-      kv_quantize_row(shape_.dtype_v, x, vs + (g0 + t) * v_row_bytes_, d);
+      gather(rv, v, g0 + t, x);
+      kv_quantize_row(s.dtype_v, x, out.v + out.row(g0 + t) * out.v_row_bytes, d);
     }
   }
 }
 
+void kv_kivi_move_residual(int64_t d, uint16_t* r, int64_t s0, int64_t s1, int64_t pos,
+                           int64_t n, const float* in) {
+  if (s1 > s0 && s1 < pos) std::memmove(r, r + (s1 - s0) * d, (pos - s1) * d * sizeof(uint16_t));
+  for (int64_t j = std::max(s1, pos); j < pos + n; ++j)
+    for (int64_t c = 0; c < d; ++c) r[(j - s1) * d + c] = fp32_to_fp16(in[(j - pos) * d + c]);
+}
+
+void KvCache::kivi_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
+  // The residual holds [n_sealed_, size()): new rows can only follow it.
+  KVLM_CHECK(pos == n_tokens_);
+  const int64_t s0 = n_sealed_;
+  const int64_t s1 = kv_kivi_sealed(s0, pos + n, shape_.kivi_residual, shape_.kivi_group);
+  n_sealed_next_ = s1;
+  KiviSealed out;
+  out.k = reinterpret_cast<uint8_t*>(k_[il].data());
+  out.v = reinterpret_cast<uint8_t*>(v_[il].data());
+  out.k_row_bytes = k_row_bytes_;
+  out.v_row_bytes = v_row_bytes_;
+  kv_kivi_seal(shape_, out, rk_[il].as<uint16_t>(), rv_[il].as<uint16_t>(), s0, s1, pos, k, v,
+               group_f32_.data());
+}
+
 void KvCache::kivi_finish_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
-  const int64_t d = shape_.kv_dim();
   const int64_t s0 = n_sealed_, s1 = n_sealed_next_;
   KVLM_CHECK(pos == n_tokens_ &&
              s1 == kv_kivi_sealed(s0, pos + n, shape_.kivi_residual, shape_.kivi_group));
   KVLM_CHECK(pos + n - s1 <= kv_kivi_residual_cap(shape_, capacity_));
-  for (auto [buf, in] : {std::pair{&rk_[il], k}, std::pair{&rv_[il], v}}) {
-    uint16_t* r = buf->as<uint16_t>();  // row j - s0 before, j - s1 after
-    if (s1 > s0 && s1 < pos) std::memmove(r, r + (s1 - s0) * d, (pos - s1) * d * sizeof(uint16_t));
-    for (int64_t j = std::max(s1, pos); j < pos + n; ++j)
-      for (int64_t c = 0; c < d; ++c) r[(j - s1) * d + c] = fp32_to_fp16(in[(j - pos) * d + c]);
-  }
+  kv_kivi_move_residual(shape_.kv_dim(), rk_[il].as<uint16_t>(), s0, s1, pos, n, k);
+  kv_kivi_move_residual(shape_.kv_dim(), rv_[il].as<uint16_t>(), s0, s1, pos, n, v);
   ++n_layers_done_;
 }
 

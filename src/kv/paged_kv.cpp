@@ -1,39 +1,67 @@
 #include "kv/paged_kv.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
 
 #include "base/error.h"
+#include "kv/kv_kivi.h"
 #include "kv/kv_quant.h"
 
 namespace kvlm {
 
 size_t PagedKvStore::block_bytes(const KvShape& shape, int32_t block_size) {
   if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
-  return kv_bytes(shape, block_size);
+  if (!shape.kivi()) return kv_bytes(shape, block_size);
+  // Sealed density only: the residual lives in the slots.
+  uint64_t out = 0;
+  if (!checked_mul(kv_bytes_per_token(shape), static_cast<uint64_t>(block_size), &out))
+    fail("KV block of {} tokens overflows", block_size);
+  return out;
+}
+
+size_t PagedKvStore::residual_slot_bytes(const KvShape& shape) {
+  if (!shape.kivi()) return 0;
+  // K and V, f16, every layer.
+  return static_cast<size_t>(kv_kivi_residual_cap(shape, int64_t{1} << 40)) *
+         static_cast<size_t>(shape.kv_dim()) * 2 * sizeof(uint16_t) *
+         static_cast<size_t>(shape.n_layer);
 }
 
 int64_t PagedKvStore::blocks_for_budget(const KvShape& shape, int32_t block_size,
-                                        uint64_t budget_bytes) {
+                                        uint64_t budget_bytes, int32_t n_slots) {
   validate(shape);
+  const uint64_t slots = uint64_t(residual_slot_bytes(shape)) * uint64_t(std::max(n_slots, 0));
+  if (budget_bytes <= slots) return 0;
   const uint64_t per = block_bytes(shape, block_size);
-  const uint64_t n = budget_bytes / per;
+  const uint64_t n = (budget_bytes - slots) / per;
   return n > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())
              ? std::numeric_limits<int32_t>::max()
              : static_cast<int64_t>(n);
 }
 
-PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block_size)
+PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block_size,
+                           int32_t n_slots)
     : shape_(shape), n_blocks_(n_blocks), block_size_(block_size) {
   validate(shape);
-  if (shape.kivi()) fail("the paged KV cache does not support the KIVI layout (--kv-residual)");
   if (n_blocks <= 0) fail("a paged KV cache needs at least one block, got {}", n_blocks);
-  // kv_bytes checks the multiplication for overflow before anything is allocated.
+  if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
+  if (shape.kivi()) {
+    if (block_size % shape.kivi_group != 0)
+      fail("the KIVI cache's K groups of {} tokens need a block size that is a multiple of {} "
+           "(--block-size), got {}",
+           shape.kivi_group, shape.kivi_group, block_size);
+    if (n_slots <= 0) fail("a paged KIVI cache needs at least one residual slot, got {}", n_slots);
+    n_slots_ = n_slots;
+    resid_cap_ = int64_t{shape.kivi_residual} + shape.kivi_group - 1;
+  }
+  // block_bytes checks the multiplication for overflow before anything is allocated.
   const int64_t rows = int64_t{n_blocks} * block_size;
-  kv_bytes(shape, rows);
-  (void)block_bytes(shape, block_size);
+  uint64_t total = 0;
+  if (!checked_mul(block_bytes(shape, block_size), static_cast<uint64_t>(n_blocks), &total))
+    fail("a paged KV cache of {} blocks overflows", n_blocks);
   k_row_bytes_ = kv_k_row_bytes(shape);
   v_row_bytes_ = kv_v_row_bytes(shape);
   k_.reserve(shape.n_layer);
@@ -42,16 +70,27 @@ PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block
     k_.emplace_back(k_row_bytes_ * static_cast<size_t>(rows));
     v_.emplace_back(v_row_bytes_ * static_cast<size_t>(rows));
   }
+  if (shape.kivi()) {
+    const size_t slot_bytes = static_cast<size_t>(resid_cap_ * shape.kv_dim()) * sizeof(uint16_t);
+    for (int32_t il = 0; il < shape.n_layer; ++il) {
+      rk_.emplace_back(slot_bytes * static_cast<size_t>(n_slots));
+      rv_.emplace_back(slot_bytes * static_cast<size_t>(n_slots));
+    }
+    group_f32_.resize(static_cast<size_t>(shape.kivi_group * shape.kv_dim()));
+  }
 }
 
 size_t PagedKvStore::bytes() const {
   size_t n = 0;
   for (int32_t il = 0; il < shape_.n_layer; ++il) n += k_[il].size() + v_[il].size();
+  for (const auto* r : {&rk_, &rv_})
+    for (const AlignedBuffer& b : *r) n += b.size();
   return n;
 }
 
 void PagedKvStore::write(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n,
                          const float* k, const float* v) {
+  KVLM_CHECK(!shape_.kivi());  // kivi_write
   KVLM_CHECK(il >= 0 && il < shape_.n_layer && pos >= 0 && n >= 0 &&
              pos + n <= static_cast<int64_t>(table.size()) * block_size_);
   const int64_t d = shape_.kv_dim();
@@ -75,6 +114,7 @@ void PagedKvStore::copy_block(BlockId src, BlockId dst) {
 
 void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, int64_t begin,
                              int64_t count, const KvRope& rope) {
+  KVLM_CHECK(!shape_.kivi());  // KIVI does not evict (Session and Scheduler refuse it)
   KVLM_CHECK(begin >= 0 && count >= 0 && begin + count <= n_tokens &&
              n_tokens <= static_cast<int64_t>(table.size()) * block_size_);
   if (count == 0) return;
@@ -94,13 +134,52 @@ void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, i
   }
 }
 
-KvLayerView PagedKvStore::view(int32_t il, std::span<const BlockId> table, int64_t n_tokens) const {
+KvLayerView PagedKvStore::view(int32_t il, std::span<const BlockId> table, int64_t n_tokens,
+                               int32_t slot, int64_t n_sealed) const {
   KVLM_CHECK(il >= 0 && il < shape_.n_layer && n_tokens >= 0 &&
              n_tokens <= static_cast<int64_t>(table.size()) * block_size_);
   KvLayerView out = plain_layer_view(shape_, k_[il].data(), v_[il].data(), n_tokens);
   out.blocks = table.data();
   out.block_size = block_size_;
+  if (shape_.kivi()) {
+    KVLM_CHECK(slot >= 0 && slot < n_slots_ && n_sealed >= 0 && n_sealed % shape_.kivi_group == 0);
+    out.kivi_residual = shape_.kivi_residual;
+    out.kivi_group = shape_.kivi_group;
+    out.kivi_group_bytes = kv_kivi_group_bytes(shape_);
+    out.n_sealed0 = n_sealed;
+    out.n_sealed1 = kv_kivi_sealed(n_sealed, n_tokens, shape_.kivi_residual, shape_.kivi_group);
+    out.k_resid = resid(rk_, il, slot);
+    out.v_resid = resid(rv_, il, slot);
+  }
   return out;
+}
+
+void PagedKvStore::kivi_write(int32_t il, std::span<const BlockId> table, int32_t slot,
+                              int64_t n_sealed, int64_t pos, int64_t n, const float* k,
+                              const float* v) {
+  KVLM_CHECK(shape_.kivi() && il >= 0 && il < shape_.n_layer && slot >= 0 && slot < n_slots_ &&
+             n_sealed >= 0 && n_sealed <= pos && pos - n_sealed <= resid_cap_ && n >= 0 &&
+             pos + n <= static_cast<int64_t>(table.size()) * block_size_);
+  for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks_);
+  const int64_t s1 = kv_kivi_sealed(n_sealed, pos + n, shape_.kivi_residual, shape_.kivi_group);
+  KiviSealed out;
+  out.k = reinterpret_cast<uint8_t*>(k_[il].data());
+  out.v = reinterpret_cast<uint8_t*>(v_[il].data());
+  out.k_row_bytes = k_row_bytes_;
+  out.v_row_bytes = v_row_bytes_;
+  out.blocks = table.data();
+  out.block_size = block_size_;
+  kv_kivi_seal(shape_, out, resid(rk_, il, slot), resid(rv_, il, slot), n_sealed, s1, pos, k, v,
+               group_f32_.data());
+}
+
+void PagedKvStore::kivi_finish_write(int32_t il, int32_t slot, int64_t n_sealed, int64_t pos,
+                                     int64_t n, const float* k, const float* v) {
+  KVLM_CHECK(shape_.kivi() && il >= 0 && il < shape_.n_layer && slot >= 0 && slot < n_slots_);
+  const int64_t s1 = kv_kivi_sealed(n_sealed, pos + n, shape_.kivi_residual, shape_.kivi_group);
+  KVLM_CHECK(pos + n - s1 <= resid_cap_);
+  kv_kivi_move_residual(shape_.kv_dim(), resid(rk_, il, slot), n_sealed, s1, pos, n, k);
+  kv_kivi_move_residual(shape_.kv_dim(), resid(rv_, il, slot), n_sealed, s1, pos, n, v);
 }
 
 }  // namespace kvlm

@@ -2,15 +2,27 @@
 // (block_pool.h) says which blocks a sequence holds; this class holds what is in them and knows
 // nothing of sequences, refcounts or hashes.
 //
-// Layout, per layer il (plain layouts only: f32, f16, bf16, q8_0, q4_0, q4_1 rows; no KIVI):
+// Layout, per layer il (plain layouts: f32, f16, bf16, q8_0, q4_0, q4_1 rows; KIVI below):
 //   k[il]: [n_blocks * block_size, kv_dim] of dtype_k   block b holds rows [b * bs, (b + 1) * bs)
 //   v[il]: [n_blocks * block_size, kv_dim] of dtype_v
 // Position p of a sequence with block table T lives in row T[p / bs] * bs + p % bs, K after RoPE
 // for position p (as in the contiguous cache). A row's bytes are exactly what KvCache stores for
 // the same K/V, so attention over a block table gives the same numbers as over a contiguous cache.
 //
-// Accounting: one block takes kv_bytes(shape, block_size) in all layers (kv_shape.h, the one
-// place that says how many bytes a cache takes); the arenas total n_blocks times that.
+// KIVI layout (shape.kivi(), block_size a multiple of kivi_group): the arenas hold the sealed
+// bytes at the sealed density (kv_k_row_bytes = a K group's bytes / group), so block b holds the
+// K groups of its positions at rows [b * bs, (b + 1) * bs) (group of position g0 at row(g0)) and
+// the sealed V rows as above (KiviSealed, kv_kivi.h). Each running sequence also owns one of
+// n_slots f16 residual slots, outside the blocks:
+//   rk[il], rv[il]: [n_slots, kv_kivi_residual_cap(R + G - 1), kv_dim] f16  (row r of slot s =
+//                   position n_sealed + r of the sequence holding s)
+// A pass writes a layer in two steps around its attention, as KvCache does: kivi_write seals the
+// groups the pass completes into the blocks, kivi_finish_write moves the residual on.
+//
+// Accounting: one block takes block_bytes(shape, block_size) in all layers: kv_bytes(shape,
+// block_size) for plain rows (kv_shape.h, the one place that says how many bytes a cache takes),
+// the sealed density x block_size for KIVI; the arenas total n_blocks times that, plus the
+// residual slots (residual_slot_bytes each).
 #pragma once
 
 #include <cstdint>
@@ -26,19 +38,24 @@ namespace kvlm {
 
 class PagedKvStore {
  public:
-  // Throws kvlm::Error for an invalid shape, a KIVI shape, n_blocks <= 0, block_size <= 0, or a
-  // size that overflows.
-  PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block_size);
+  // Throws kvlm::Error for an invalid shape, n_blocks <= 0, block_size <= 0, a size that
+  // overflows; KIVI: a block size that is not a multiple of the group, or n_slots <= 0.
+  PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block_size, int32_t n_slots = 0);
 
-  // Blocks of block_size tokens that fit in budget_bytes (0 if not even one).
-  static int64_t blocks_for_budget(const KvShape& shape, int32_t block_size, uint64_t budget_bytes);
-  // kv_bytes(shape, block_size): one block in all layers, K and V.
+  // Blocks of block_size tokens that fit in budget_bytes after n_slots residual slots (KIVI)
+  // (0 if not even one).
+  static int64_t blocks_for_budget(const KvShape& shape, int32_t block_size, uint64_t budget_bytes,
+                                   int32_t n_slots = 0);
+  // One block in all layers, K and V (see Accounting).
   static size_t block_bytes(const KvShape& shape, int32_t block_size);
+  // One sequence's f16 residual in all layers, K and V (KIVI; 0 for plain rows).
+  static size_t residual_slot_bytes(const KvShape& shape);
 
   const KvShape& shape() const { return shape_; }
   int32_t n_blocks() const { return n_blocks_; }
   int32_t block_size() const { return block_size_; }
-  size_t bytes() const;  // summed from the arenas: n_blocks x block_bytes
+  int32_t n_slots() const { return n_slots_; }
+  size_t bytes() const;  // summed from the arenas: n_blocks x block_bytes + the residual slots
 
   // Stores K and V rows of positions [pos, pos + n) of a sequence with block table `table`
   // (covering at least pos + n positions), converting from f32.    k, v: [n, kv_dim] f32
@@ -56,8 +73,18 @@ class PagedKvStore {
   // Copies block src's rows to dst in every layer (the pool's copy-on-write).
   void copy_block(BlockId src, BlockId dst);
   // What attention reads for layer il of a sequence: positions [0, n_tokens) through `table`.
-  // The view points at `table`, which must outlive it.
-  KvLayerView view(int32_t il, std::span<const BlockId> table, int64_t n_tokens) const;
+  // The view points at `table`, which must outlive it. KIVI: also the sequence's residual slot and
+  // n_sealed, the positions sealed before this pass (those after are kv_kivi_sealed's).
+  KvLayerView view(int32_t il, std::span<const BlockId> table, int64_t n_tokens, int32_t slot = -1,
+                   int64_t n_sealed = 0) const;
+
+  // KIVI's write pass (see the layout above) for a sequence holding positions [0, pos) with
+  // n_sealed of them sealed, residual in `slot`, writing [pos, pos + n):
+  //   k, v: [n, kv_dim] f32 (kept unchanged until kivi_finish_write)
+  void kivi_write(int32_t il, std::span<const BlockId> table, int32_t slot, int64_t n_sealed,
+                  int64_t pos, int64_t n, const float* k, const float* v);
+  void kivi_finish_write(int32_t il, int32_t slot, int64_t n_sealed, int64_t pos, int64_t n,
+                         const float* k, const float* v);
 
  private:
   std::byte* row_k(int32_t il, BlockId b, int64_t r) {
@@ -67,11 +94,19 @@ class PagedKvStore {
     return v_[il].data() + (int64_t{b} * block_size_ + r) * v_row_bytes_;
   }
 
+  uint16_t* resid(const std::vector<AlignedBuffer>& r, int32_t il, int32_t slot) const {
+    return const_cast<uint16_t*>(r[il].as<uint16_t>()) + int64_t{slot} * resid_cap_ * shape_.kv_dim();
+  }
+
   KvShape shape_;
-  int32_t n_blocks_ = 0, block_size_ = 0;
+  int32_t n_blocks_ = 0, block_size_ = 0, n_slots_ = 0;
+  int64_t resid_cap_ = 0;  // KIVI: rows per residual slot, kivi_residual + kivi_group - 1
   size_t k_row_bytes_ = 0, v_row_bytes_ = 0;
   std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [n_blocks * block_size, kv_dim] dtype_k
   std::vector<AlignedBuffer> v_;  // [n_layer] arenas of [n_blocks * block_size, kv_dim] dtype_v
+  std::vector<AlignedBuffer> rk_;  // KIVI: [n_layer] arenas of [n_slots, resid_cap, kv_dim] f16
+  std::vector<AlignedBuffer> rv_;
+  std::vector<float> group_f32_;   // KIVI: [group, kv_dim] one group gathered for sealing
 };
 
 }  // namespace kvlm

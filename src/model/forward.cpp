@@ -207,6 +207,10 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
                                              j0, j_end)
                                 : j_end;
         const int64_t jr = std::clamp(pos0, js, j_end);
+        auto sealed_row = [&](int64_t j) {
+          return kv.blocks ? int64_t{kv.blocks[j / kv.block_size]} * kv.block_size + j % kv.block_size
+                           : j;
+        };
         auto f16_row = [&](const uint16_t* resid, const float* batch, int64_t j, float* row) {
           if (j < jr)
             kernels::dequantize_row(DType::F16, resid + (j - kv.n_sealed0) * KV + g * hd, row, hd);
@@ -237,10 +241,14 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
               f16_row(kv.v_resid, v_new, j, vrow);
               continue;
             }
-            kv_kivi_dequantize_k_row(kv.k + (j / kv.kivi_group) * kv.kivi_group_bytes,
-                                     kv.kivi_group, KV, j % kv.kivi_group, g * hd, hd, krow);
+            // The group of position j starts at row(j - j % group) (a group's bytes are group x
+            // k_row_bytes, and never straddle a block: KiviSealed, kv_kivi.h).
+            const int64_t g0 = j - j % kv.kivi_group;
+            kv_kivi_dequantize_k_row(kv.k + sealed_row(g0) * kv.k_row_bytes, kv.kivi_group, KV,
+                                     j % kv.kivi_group, g * hd, hd, krow);
             // KIVI's sealed V rows are plain dtype_v rows at their positions.
-            kernels::dequantize_row(kv.dtype_v, kv.v + j * kv.v_row_bytes + g * v_head_bytes,
+            kernels::dequantize_row(kv.dtype_v,
+                                    kv.v + sealed_row(j) * kv.v_row_bytes + g * v_head_bytes,
                                     vrow, hd);
           }
         }
@@ -458,16 +466,29 @@ struct PagedKv final : LayerKv {
     int64_t row = 0;
     for (const PagedSeq& q : batch) {
       const int64_t n = static_cast<int64_t>(q.tokens.size());
-      store.write(il, q.blocks, q.pos0, n, k + row * KV, v + row * KV);
+      if (store.shape().kivi())
+        store.kivi_write(il, q.blocks, q.kivi_slot, q.n_sealed, q.pos0, n, k + row * KV,
+                         v + row * KV);
+      else
+        store.write(il, q.blocks, q.pos0, n, k + row * KV, v + row * KV);
       row += n;
     }
   }
   void views(int32_t il, std::vector<AttnSeq>& seqs) override {
     for (size_t i = 0; i < batch.size(); ++i)
       seqs[i].kv = store.view(il, batch[i].blocks,
-                              batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()));
+                              batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()),
+                              batch[i].kivi_slot, batch[i].n_sealed);
   }
-  void finish(int32_t, const float*, const float*) override {}
+  void finish(int32_t il, const float* k, const float* v) override {
+    if (!store.shape().kivi()) return;
+    int64_t row = 0;
+    for (const PagedSeq& q : batch) {
+      const int64_t n = static_cast<int64_t>(q.tokens.size());
+      store.kivi_finish_write(il, q.kivi_slot, q.n_sealed, q.pos0, n, k + row * KV, v + row * KV);
+      row += n;
+    }
+  }
   bool rotated() const override { return store.shape().rotate; }
 };
 

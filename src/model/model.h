@@ -69,6 +69,10 @@ struct PagedSeq {
   std::span<const int32_t> tokens;  // [n] n >= 1
   int64_t pos0 = 0;
   std::span<const BlockId> blocks;  // [>= ceil((pos0 + n) / block_size)]
+  // KIVI stores only (PagedKvStore's KIVI layout): the sequence's residual slot and the positions
+  // sealed before this pass (the caller advances it to kv_kivi_sealed(n_sealed, pos0 + n, ...)).
+  int32_t kivi_slot = -1;
+  int64_t n_sealed = 0;
 };
 
 class Model {

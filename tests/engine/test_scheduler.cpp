@@ -13,6 +13,7 @@
 #include "base/error.h"
 #include "engine/scheduler.h"
 #include "engine/session.h"
+#include "kv/paged_kv.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
 
@@ -488,6 +489,92 @@ TEST(Scheduler, EvictingConfigIsValidated) {
   cfg.kv_budget_tokens = 256;
   cfg.n_ctx = 64;
   cfg.n_keep = 64;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+}
+
+// ---- KIVI served paged ---------------------------------------------------------------------------
+
+Fixture& smollm2() {
+  static Fixture f(test::model_path());
+  return f;
+}
+
+SchedulerConfig kivi_config(int64_t budget_tokens) {
+  SchedulerConfig cfg;
+  cfg.dtype_k = cfg.dtype_v = DType::Q4_0;
+  cfg.kivi_residual = 32;
+  cfg.block_size = 64;
+  cfg.prefix_cache = false;
+  cfg.kv_budget_tokens = budget_tokens;
+  cfg.n_parallel = 8;
+  cfg.n_batch = 96;  // chunked prefill: chunks end inside and across K groups
+  cfg.n_ctx = 512;
+  return cfg;
+}
+
+// 8 requests whose prompts (20 .. 181 tokens) and generations cross sealing points, batched: each
+// one's tokens equal its run alone through a contiguous KIVI Session; with a pool too small for
+// all of them, also after preemptions (a recompute prefills what was decoded, and KIVI's prefill
+// equals its decode steps).
+void run_kivi_batch(int64_t budget_tokens, bool expect_preemption) {
+  Fixture& f = smollm2();
+  const SchedulerConfig cfg = kivi_config(budget_tokens);
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::unique_ptr<Collector>> cols;
+  const int n_gen = 40;
+  for (int i = 0; i < 8; ++i) {
+    prompts.push_back(test::random_tokens(20 + 23 * i, f.model->config().n_vocab, 600 + i));
+    cols.push_back(std::make_unique<Collector>());
+    sch.submit(greedy_request(prompts.back(), n_gen), cols.back()->fn());
+  }
+  sch.wait_idle();
+  const SchedulerStats st = sch.stats();
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(cols[i]->done);
+    EXPECT_EQ(cols[i]->last.finish, FinishReason::Length);
+    KvOptions kv;
+    kv.dtype_k = kv.dtype_v = DType::Q4_0;
+    kv.kivi_residual = cfg.kivi_residual;
+    kv.n_ctx = static_cast<int64_t>(prompts[i].size()) + n_gen + 1;
+    Session s(*f.model, kv, pool());
+    EXPECT_EQ(cols[i]->tokens, generate_greedy(s, f, prompts[i], n_gen)) << "request " << i;
+  }
+  EXPECT_EQ(st.blocks_used, 0);
+  if (expect_preemption) {
+    EXPECT_GT(st.n_preemptions, 0);
+  } else {
+    EXPECT_EQ(st.n_preemptions, 0);
+  }
+}
+
+TEST(Scheduler, KiviBatchedEqualsAlone) { run_kivi_batch(8 * 256, false); }
+
+TEST(Scheduler, KiviPreemptedEqualsAlone) { run_kivi_batch(12 * 64, true); }
+
+TEST(Scheduler, KiviConfigIsValidated) {
+  Fixture& f = smollm2();
+  SchedulerConfig cfg = kivi_config(1024);
+  cfg.prefix_cache = true;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg = kivi_config(1024);
+  cfg.block_size = 16;  // smaller than a K group
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg = kivi_config(1024);
+  cfg.window = true;
+  cfg.n_sinks = 4;
+  cfg.window_chunk = 8;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg = kivi_config(1024);
+  cfg.dtype_k = DType::F16;  // KIVI's K is q4_0
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg = kivi_config(0);
+  cfg.kv_budget_bytes = 8 * static_cast<int64_t>(PagedKvStore::residual_slot_bytes(
+                                [&] {
+                                  KvShape sh = f.model->kv_shape(DType::Q4_0, DType::Q4_0);
+                                  sh.kivi_residual = 32;
+                                  return sh;
+                                }()));  // the 8 slots alone: no room for a block
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
 }
 

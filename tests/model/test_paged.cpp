@@ -135,6 +135,45 @@ TEST(Paged, ShiftOutEqualsContiguous) {
                                        16, 50, 0, 17, 4);  // learned positions: no re-rotation
 }
 
+// The KIVI layout paged (sealed groups and V rows in blocks, the f16 residual in a slot) gives
+// the contiguous KIVI cache's logits bit for bit: prefill, then decode steps across several
+// sealing points, scrambled block ids, block sizes of one and two groups.
+void expect_paged_kivi_equals_contiguous(int32_t bs, int n_prefill, int n_decode, int32_t resid,
+                                         DType dv) {
+  auto m = Model::load(test::model_path());
+  const ModelConfig& c = m->config();
+  const int n_total = n_prefill + n_decode;
+  const auto toks = test::random_tokens(n_total, c.n_vocab, 21);
+  KvShape shape = m->kv_shape(DType::Q4_0, dv);
+  shape.kivi_residual = resid;
+  KvCache kv(shape, n_total);
+  Scratch s1, s2;
+  const int32_t n_blocks = (n_total + bs - 1) / bs + 2;
+  PagedKvStore store(shape, n_blocks, bs, /*n_slots=*/3);
+  const auto table = scrambled_blocks(n_blocks, 13);
+  int pos = 0;
+  int64_t n_sealed = 0;
+  for (int step = 0; step <= n_decode; ++step) {
+    const int n = step == 0 ? n_prefill : 1;
+    std::span<const int32_t> feed(toks.data() + pos, n);
+    auto ref = m->forward(feed, pos, kv, s1, pool(), false);
+    std::vector<float> want(ref.begin(), ref.end());
+    PagedSeq q{feed, pos, table, /*kivi_slot=*/2, n_sealed};
+    auto got = m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s2, pool());
+    ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
+        << "step " << step << " at position " << pos << ", block size " << bs;
+    pos += n;
+    n_sealed = kv_kivi_sealed(n_sealed, pos, resid, shape.kivi_group);
+    ASSERT_EQ(n_sealed, kv.n_sealed());
+  }
+  EXPECT_GE(n_sealed, 2 * shape.kivi_group);  // sealed by the prefill and by decode steps
+}
+
+TEST(Paged, KiviEqualsContiguous) {
+  expect_paged_kivi_equals_contiguous(64, 100, 90, 32, DType::Q4_0);
+  expect_paged_kivi_equals_contiguous(128, 40, 150, 0, DType::Q8_0);
+}
+
 // 16 sequences of different lengths, some prefilling (in chunks) and some decoding in the same
 // pass, through a real BlockPool: each sequence's logits equal a run of that sequence alone.
 TEST(Paged, BatchedEqualsAlone) {
@@ -206,7 +245,22 @@ TEST(PagedStore, AccountingAndCopy) {
   EXPECT_EQ(PagedKvStore::blocks_for_budget(shape, 16, kv_bytes(shape, 16) - 1), 0);
   shape.kivi_residual = 32;
   shape.dtype_k = DType::Q4_0;
-  EXPECT_THROW(PagedKvStore(shape, 5, 16), Error);
+  EXPECT_THROW(PagedKvStore(shape, 5, 16, 2), Error);  // a block smaller than a K group
+  EXPECT_THROW(PagedKvStore(shape, 5, 64, 0), Error);  // no residual slot
+  {
+    // Blocks at the sealed density (a K group's bytes per 64 tokens + V rows), plus the slots:
+    // K and V, R + G - 1 = 95 f16 rows each, per layer.
+    PagedKvStore kivi(shape, 5, 64, 2);
+    EXPECT_EQ(PagedKvStore::block_bytes(shape, 64), 64 * kv_bytes_per_token(shape));
+    EXPECT_EQ(PagedKvStore::residual_slot_bytes(shape), size_t{95} * 64 * 2 * 2 * 2);
+    EXPECT_EQ(kivi.bytes(), 5 * PagedKvStore::block_bytes(shape, 64) +
+                                2 * PagedKvStore::residual_slot_bytes(shape));
+    const uint64_t budget = 5 * PagedKvStore::block_bytes(shape, 64) +
+                            2 * PagedKvStore::residual_slot_bytes(shape);
+    EXPECT_EQ(PagedKvStore::blocks_for_budget(shape, 64, budget, 2), 5);
+    EXPECT_EQ(PagedKvStore::blocks_for_budget(shape, 64, budget - 1, 2), 4);
+    EXPECT_EQ(PagedKvStore::blocks_for_budget(shape, 64, 100, 2), 0);
+  }
 
   // copy_block: rows written into block 1 read back identically from block 3.
   KvShape sh{.n_layer = 1, .n_kv_head = 1, .head_dim = 32, .dtype_k = DType::F32, .dtype_v = DType::F32};

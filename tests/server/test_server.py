@@ -561,9 +561,12 @@ class Cli(unittest.TestCase):
 
     def test_bad_flags(self):
         self.check_fails(["-m", TINY, "--kv-alloc", "dynamic"], "--kv-alloc")
+        self.check_fails(["-m", TINY, "--kv-residual", "32", "--kv-window", "64"], "--kv-residual")
+        if os.path.exists(MODEL):
+            self.check_fails(["-m", MODEL, "-ctk", "q4_0", "--kv-residual", "32", "--block-size",
+                              "16"], "--block-size")
         self.check_fails(["-m", TINY, "--kv-window", "64", "--keep", "4"], "--keep")
         self.check_fails(["-m", TINY, "--kv-window", "64", "--kv-evict-chunk", "65"], "65")
-        self.check_fails(["-m", TINY, "-ctk", "q4_0", "--kv-residual", "32"], "--kv-residual")
         self.check_fails(["-m", "/nonexistent/model.gguf"], "/nonexistent/model.gguf")
         self.check_fails(["-m", TINY, "--kv-budget", "12 parsecs"], "12 parsecs")
         self.check_fails(["-m", TINY, "--kv-budget", "0tok"], "--kv-budget")
@@ -599,6 +602,38 @@ class Cli(unittest.TestCase):
 
 
 # ---- the real model ----------------------------------------------------------------------------
+
+class RealModelKivi(ServerCase):
+    """The KIVI cache served paged (sealed groups in 64-token blocks, f16 residual per sequence)."""
+    ARGS = ("-m", MODEL, "-np", "4", "-c", "1024", "-ctk", "q4_0", "-ctv", "q4_0",
+            "--kv-residual", "32")
+
+    def test_batched_equals_alone(self):
+        self.assertIn("prefix cache off", "".join(self.srv.stderr))
+        prompts = [f"Story {i}: once upon a time, in a land of {w}," for i, w in
+                   enumerate(["rivers", "mountains", "deserts", "islands"])]
+        body = lambda p: {"prompt": p, "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+        alone = []
+        for p in prompts:
+            status, r = self.srv.json("POST", "/v1/completions", body(p))
+            self.assertEqual(status, 200, r)
+            self.assertEqual(r["usage"]["completion_tokens"], 120)
+            alone.append(r["choices"][0]["text"])
+        results = [None] * len(prompts)
+
+        def run(i):
+            results[i] = self.srv.json("POST", "/v1/completions", body(prompts[i]))
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (status, r) in enumerate(results):
+            self.assertEqual(status, 200, r)
+            self.assertEqual(r["choices"][0]["text"], alone[i], f"request {i}")
+        self.assertEqual(self.srv.wait_metric("kvlm_kv_blocks_used", lambda v: v == 0), 0)
+        self.assertEqual(self.srv.metrics()["kvlm_kv_block_size_tokens"], 64)
+
 
 class RealModel(ServerCase):
     ARGS = ("-m", MODEL, "-np", "4", "-c", "4096", "--kv-budget", "16384tok")

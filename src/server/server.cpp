@@ -104,6 +104,9 @@ struct Job {
   std::string error;       // when finish == "error"
   bool role_sent = false;  // chat streams: the first chunk carries the assistant role
   bool ended = false;      // end() ran
+  // The connection's socket (find_client_socket), watched while no event comes: INVALID_SOCKET
+  // when it could not be found (then only a failed write notices a client gone).
+  socket_t client = INVALID_SOCKET;
 };
 
 // ---- the client's socket ------------------------------------------------------------------------
@@ -179,8 +182,8 @@ bool client_gone(socket_t sock) {
   return got == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
-// How often a waiting non-streaming request looks at its socket when no event comes (queued,
-// prefilling): a client gone is noticed within this, or at the next token.
+// How often a waiting request looks at its socket when no event comes (queued, prefilling, or a
+// non-streaming one generating): a client gone is noticed within this, or at the next token.
 constexpr auto kClientPoll = std::chrono::milliseconds(50);
 
 }  // namespace
@@ -270,7 +273,8 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   ResponseMeta meta{ep, new_id(ep == Endpoint::Chat ? "chatcmpl-" : "cmpl-"),
                     static_cast<int64_t>(std::time(nullptr)), model.id};
   auto job = std::make_shared<Job>(tok, g, std::move(meta));
-  const socket_t client = job->stream ? INVALID_SOCKET : find_client_socket(req);
+  const socket_t client = find_client_socket(req);
+  job->client = client;
   job->t_submit = Clock::now();
   try {
     job->id =
@@ -370,7 +374,17 @@ bool Server::Impl::stream_step(Job& job, httplib::DataSink& sink) {
       job.role_sent = true;
       out = sse_event(render_chunk(job.meta, "", "", true, job.include_usage));
     } else {
-      for (const TimedEvent& te : job.ch->take()) {
+      // Nothing is written while the request is queued or prefilling, so no failed write would
+      // tell that the client left: watch the socket meanwhile. Returning false ends the response;
+      // the release callback then cancels the request and its blocks go back.
+      std::deque<TimedEvent> events;
+      if (job.client == INVALID_SOCKET) {
+        events = job.ch->take();
+      } else {
+        while ((events = job.ch->take_for(kClientPoll)).empty())
+          if (client_gone(job.client)) return false;
+      }
+      for (const TimedEvent& te : events) {
         const std::string piece = consume(job, te);
         if (!piece.empty())
           out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage));

@@ -543,6 +543,35 @@ class Evicting(unittest.TestCase):
         finally:
             self.assertEqual(srv.stop(), 0)
 
+    def test_queued_stream_is_cancelled_when_its_client_leaves(self):
+        # A stream writes nothing while it waits in the queue (or prefills), so no failed write
+        # tells the server its client left; it watches the socket. -np 1 and an endless request
+        # (the window has no context bound) keep the second one queued.
+        srv = Server("-m", TINY, "-t", "2", "-np", "1", "--kv-window", "40", "--kv-sinks", "4")
+        try:
+            def start(max_tokens):
+                body = json.dumps({"prompt": "hello", "max_tokens": max_tokens, "stream": True,
+                                   "ignore_eos": True}).encode()
+                sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                return sock
+            first = start(1 << 20)
+            self.assertIn(b"200", first.recv(64))  # running, streaming
+            second = start(16)
+            self.assertEqual(srv.wait_metric("kvlm_requests_waiting", lambda v: v == 1), 1)
+            second.close()
+            waiting = srv.wait_metric("kvlm_requests_waiting", lambda v: v == 0, timeout=10)
+            self.assertEqual(waiting, 0, "the queued stream stays queued after its client left")
+            m = srv.metrics()
+            self.assertEqual(m["kvlm_requests_running"], 1)  # the first one is untouched
+            self.assertEqual(m['kvlm_requests_total{finish_reason="cancelled"}'], 1)
+            first.close()
+            self.assertEqual(srv.wait_metric("kvlm_kv_blocks_used", lambda v: v == 0), 0)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
     def test_window_with_sinks(self):
         self.run_long("--kv-window", "40", "--kv-sinks", "4", "--kv-evict-chunk", "8")
 

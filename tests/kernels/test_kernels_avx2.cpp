@@ -784,13 +784,14 @@ TEST(Avx2Attn, ChunkMatchesRef) {
 
 // attn_chunk_f16 reads f16 rows in place through row pointers (scattered, unaligned, in any
 // order): bit-identical to attn_chunk over the same rows dequantized into tiles, for both
-// variants, head sizes with and without 8-lane tails included.
+// variants, head sizes with and without 8-lane tails included, and query counts that the AVX2
+// kernel's groups of 3 split in every way (3, 3 + 2, 3 + 3 + 1, ...).
 TEST(Avx2Attn, F16RowsEqualTilesBitForBit) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(97);
-  for (int64_t hd : {8, 24, 64, 80, 5}) {
-    for (int64_t n : {1, 7, 8, 33, 256}) {
-      const int64_t n_q = 3;
+  for (int64_t hd : {8, 24, 64, 80, 5})
+  for (int64_t n_q : {1, 2, 3, 5, 7}) {
+    for (int64_t n : {1, 7, 8, 12, 33, 256}) {
       // A pool of 2n rows; positions read rows in a shuffled order, one f16 value off alignment.
       std::vector<uint16_t> kpool(2 * n * hd + 1), vpool(2 * n * hd + 1);
       for (auto& h : kpool) h = fp32_to_fp16(std::uniform_real_distribution<float>(-2, 2)(rng));
@@ -825,7 +826,8 @@ TEST(Avx2Attn, F16RowsEqualTilesBitForBit) {
                           o2.data(), w2.data());
         }
         const std::string where = std::string(variant ? "ref" : "avx2") + " hd=" +
-                                  std::to_string(hd) + " n=" + std::to_string(n);
+                                  std::to_string(hd) + " n=" + std::to_string(n) +
+                                  " n_q=" + std::to_string(n_q);
         for (int64_t a = 0; a < n_q; ++a) {
           ASSERT_EQ(bits_of(m1[a]), bits_of(m2[a])) << where;
           ASSERT_EQ(bits_of(l1[a]), bits_of(l2[a])) << where;

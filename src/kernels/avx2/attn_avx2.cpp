@@ -49,6 +49,9 @@ inline __m256 exp_ps(__m256 x) {
   return _mm256_andnot_ps(underflow, y);
 }
 
+// How far ahead (positions) the f16-row path asks for rows.
+constexpr int64_t kPrefetchRows = 16;
+
 // How the kernel reads position j's row: from an f32 tile, or straight from f16 rows (the
 // cache's own bytes, one pointer per position). f16 -> f32 is exact, so both give the same values
 // and the same arithmetic follows: attn_chunk_f16 equals attn_chunk over the dequantized rows bit
@@ -61,6 +64,7 @@ struct TileRows {
     return _mm256_maskload_ps(base + j * hd + d, mk);
   }
   float at(int64_t j, int64_t d) const { return base[j * hd + d]; }
+  void prefetch(int64_t, int64_t) const {}  // a tile is in cache already
 };
 struct F16Rows {  // hd % 8 == 0 (no partial chunks)
   const uint16_t* const* rows;  // [n] pointers to hd f16 values
@@ -69,6 +73,12 @@ struct F16Rows {  // hd % 8 == 0 (no partial chunks)
   }
   __m256 maskload(int64_t, int64_t, __m256i) const { return _mm256_setzero_ps(); }  // unused
   float at(int64_t, int64_t) const { return 0; }                                    // unused
+  // Rows are scattered (one pointer each, paged blocks): ask for row j's first hd values early,
+  // every 64-byte line of them. Changes no arithmetic.
+  void prefetch(int64_t j, int64_t hd) const {
+    const char* p = reinterpret_cast<const char*>(rows[j]);
+    for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  }
 };
 
 // dot(row j, b) over hd values: 8 lanes x 2 accumulators, masked last chunk.
@@ -120,6 +130,7 @@ void weighted_sum(const float* w, const Rows& v, int64_t n, int64_t d0, float* o
   __m256 acc[NV];
   for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
+    if (d0 == 0 && j + kPrefetchRows < n) v.prefetch(j + kPrefetchRows, 8 * NV);
     const __m256 wj = _mm256_broadcast_ss(w + j);
     for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wj, v.load(j, d0 + 8 * i), acc[i]);
   }
@@ -134,7 +145,13 @@ void attn_chunk_impl(const Rows& k, const Rows& v, int64_t n, int64_t hd, const 
     float* s = work + a * n;       // [n] scores, then weights
     int64_t j8 = 0;
     if (hd % 8 == 0)
-      for (; j8 + 8 <= n; j8 += 8) scores8(k, j8, qa, hd, scale, s + j8);
+      for (; j8 + 8 <= n; j8 += 8) {
+        // The first query brings the chunk's K in; the next ones find it cached.
+        if (a == 0)
+          for (int64_t r = j8 + kPrefetchRows; r < std::min(n, j8 + kPrefetchRows + 8); ++r)
+            k.prefetch(r, hd);
+        scores8(k, j8, qa, hd, scale, s + j8);
+      }
     for (int64_t j = j8; j < n; ++j) s[j] = dot_hd(k, j, qa, hd) * scale;
     // max and exp/sum over j in 8 lanes; the masked tail's dead lanes read as -inf / add 0.
     __m256 vmax = _mm256_set1_ps(-INFINITY);

@@ -104,10 +104,7 @@ int run_serve(ServeArgs& a) {
   cfg.dtype_v = kvo.dtype_v;
   cfg.rotate = kvo.rotate;
   cfg.n_ctx = kvo.n_ctx;
-  cfg.window = kvo.window;
-  cfg.n_sinks = kvo.n_sinks;
-  cfg.window_chunk = kvo.window_chunk;
-  cfg.n_keep = kvo.n_keep;
+  cfg.eviction = kvo.eviction();
   cfg.kivi_residual = kvo.kivi_residual;
   if (kvo.kivi_residual >= 0) {
     // KIVI seals K in groups of 64 tokens, which a block must hold whole; its sealed blocks are

@@ -4,7 +4,6 @@
 #include <exception>
 
 #include "base/error.h"
-#include "engine/session.h"
 #include "kv/block_pool.h"
 #include "kv/paged_kv.h"
 #include "prefix/prefix_cache.h"
@@ -117,16 +116,13 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
     fail("context {} is past the {} positions this model has learned embeddings for",
          config.n_ctx, c.n_ctx_train);
   if (config.max_queue < 0) fail("--max-queue must be >= 0, got {}", config.max_queue);
-  validate_eviction(config.window, config.n_sinks, config.window_chunk, config.n_keep,
-                    config.n_ctx);
+  config.eviction.validate(config.n_ctx, config.kivi_residual >= 0);
   KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
   shape.rotate = config.rotate;
   shape.kivi_residual = config.kivi_residual;
   validate(shape);
   int32_t n_slots = 0;
   if (shape.kivi()) {
-    if (evicts())
-      fail("the KIVI cache (--kv-residual) cannot evict tokens: drop --kv-window / --keep");
     if (config.prefix_cache)
       fail("the prefix cache does not apply to the KIVI cache (--kv-residual): a sealed block is "
            "not what a fresh prompt of its tokens holds (--no-prefix-cache)");
@@ -367,20 +363,17 @@ void Scheduler::step() {
     return true;
   };
 
-  // Room for m more positions within q's n_ctx by the eviction policy, with Session::make_room's
-  // arithmetic (so a sequence evicts at the same positions alone in a Session or batched here).
+  // Room for m more positions within q's n_ctx by the eviction policy (Eviction::count, which
+  // Session::make_room uses too: a sequence evicts at the same positions alone or batched here).
   // The blocks the shift writes are made q's own first (copy-on-write of shared ones, preempting
   // the newest sequences while the pool is short). False if q itself was preempted.
   const KvRope rope = model_.kv_rope();
-  const int64_t kept_prefix = config_.window ? config_.n_sinks : config_.n_keep;
+  const int64_t kept_prefix = config_.eviction.kept();
   auto make_room = [&](Seq& q, int64_t m) -> bool {
-    const int64_t need = q.n_computed + m - config_.n_ctx;
-    if (need <= 0) return true;
+    const int64_t count = config_.eviction.count(q.n_computed, m, config_.n_ctx);
+    KVLM_CHECK(count >= 0);  // callers keep m <= n_ctx - kept_prefix
+    if (count == 0) return true;
     const int64_t begin = kept_prefix;
-    int64_t count = config_.window ? std::max(need, config_.window_chunk)
-                                   : std::max(need, (q.n_computed - config_.n_keep) / 2);
-    count = std::min(count, q.n_computed - begin);
-    KVLM_CHECK(count >= need);  // callers keep m <= n_ctx - kept_prefix
     const int64_t n_after = q.n_computed - count;
     std::vector<BlockCopy> copies;
     while (!st.blocks.make_writable(q.id, begin / bs, (n_after + bs - 1) / bs, &copies))

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "base/thread_pool.h"
+#include "engine/session.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
 
@@ -80,17 +81,12 @@ struct SchedulerConfig {
   int32_t n_parallel = 16;      // sequences running at once (-np)
   int64_t n_batch = 512;        // tokens per forward pass (decode tokens + prefill chunks)
   int64_t n_ctx = 4096;         // per-sequence context (prompt + generated), <= model's
-  // Eviction when a sequence's n_ctx is full (KvOptions' policies, the same arithmetic as
-  // Session, so a sequence evicts at the same positions whether it runs alone in a Session or
-  // here): the sliding window with sinks keeps the first n_sinks tokens and evicts window_chunk
-  // (or more) after them, n_ctx being n_sinks + window; context shift (n_keep >= 0) keeps the
-  // first n_keep tokens and drops the older half of the rest. Either lets prompt + max_tokens
-  // exceed n_ctx. A sequence that has evicted registers no more prefix-cache blocks: its rows are
-  // no longer a function of its tokens alone.
-  bool window = false;
-  int64_t n_sinks = 0;
-  int64_t window_chunk = 1;
-  int64_t n_keep = -1;
+  // What a sequence whose n_ctx is full does (session.h: the sliding window with sinks or context
+  // shift, with the arithmetic Session uses, so a sequence evicts at the same positions whether it
+  // runs alone in a Session or here). Either lets prompt + max_tokens exceed n_ctx. A sequence
+  // that has evicted registers no more prefix-cache blocks: its rows are no longer a function of
+  // its tokens alone.
+  Eviction eviction;
   int32_t max_queue = 256;      // waiting requests beyond which submit() refuses
   bool prefix_cache = true;
 };
@@ -126,7 +122,7 @@ class Scheduler {
   int64_t capacity_tokens() const;
 
   // True when a full sequence evicts (window or context shift) instead of stopping.
-  bool evicts() const { return config_.window || config_.n_keep >= 0; }
+  bool evicts() const { return config_.eviction.on(); }
 
   // Queues a request. Throws kvlm::Error (nothing queued) when the prompt is empty or has an id out
   // of range, when prompt + max_tokens exceeds n_ctx (unless evicts()) or the whole pool, or when

@@ -29,8 +29,16 @@ Session::Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx
                  int64_t n_batch)
     : Session(model, plain_options(dtype_k, dtype_v, n_ctx), pool, n_batch) {}
 
-void validate_eviction(bool window, int64_t n_sinks, int64_t window_chunk, int64_t n_keep,
-                       int64_t n_ctx) {
+int64_t Eviction::count(int64_t n_held, int64_t m, int64_t n_ctx) const {
+  const int64_t need = n_held + m - n_ctx;
+  if (need <= 0) return 0;
+  if (!on()) return -1;
+  int64_t c = window ? std::max(need, window_chunk) : std::max(need, (n_held - n_keep) / 2);
+  c = std::min(c, n_held - kept());
+  return c < need ? -1 : c;  // even evicting everything evictable leaves too little room
+}
+
+void Eviction::validate(int64_t n_ctx, bool kivi) const {
   if (window && n_keep >= 0) fail("--kv-window and --keep are two eviction policies: choose one");
   if (window) {
     if (n_sinks < 0 || n_sinks >= n_ctx)
@@ -39,6 +47,8 @@ void validate_eviction(bool window, int64_t n_sinks, int64_t window_chunk, int64
       fail("window eviction chunk {} must be in [1, window]", window_chunk);
   }
   if (n_keep >= n_ctx) fail("--keep {} must be smaller than the context ({})", n_keep, n_ctx);
+  if (kivi && on())
+    fail("the KIVI cache (--kv-residual) cannot evict tokens: drop --kv-window / --keep");
 }
 
 Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int64_t n_batch)
@@ -47,26 +57,14 @@ Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int6
       opts_(kv),
       kv_(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope()),
       n_batch_(std::max<int64_t>(1, n_batch)) {
-  validate_eviction(kv.window, kv.n_sinks, kv.window_chunk, kv.n_keep, kv.n_ctx);
-  if (kv.kivi_residual >= 0 && (kv.window || kv.n_keep >= 0))
-    fail("the KIVI cache (--kv-residual) cannot evict tokens: drop --kv-window / --keep");
+  kv.eviction().validate(kv.n_ctx, kv.kivi_residual >= 0);
 }
 
 bool Session::make_room(int64_t m) {
-  const int64_t need = kv_.size() + m - kv_.n_ctx();
-  if (need <= 0) return true;
-  int64_t begin = 0, count = 0;
-  if (opts_.window) {
-    begin = opts_.n_sinks;
-    count = std::max(need, opts_.window_chunk);
-  } else if (opts_.n_keep >= 0) {
-    begin = opts_.n_keep;
-    count = std::max(need, (kv_.size() - opts_.n_keep) / 2);
-  } else {
-    return false;
-  }
-  count = std::min(count, kv_.size() - begin);
-  if (count < need) return false;  // even evicting everything evictable leaves too little room
+  const Eviction ev = opts_.eviction();
+  const int64_t count = ev.count(kv_.size(), m, kv_.n_ctx());
+  if (count <= 0) return count == 0;
+  const int64_t begin = ev.kept();
   kv_.shift_out(begin, count);
   tokens_.erase(tokens_.begin() + begin, tokens_.begin() + begin + count);
   last_evicted_ += count;
@@ -86,9 +84,7 @@ std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_lo
   for (int64_t i = 0, m = 0; i < n; i += m) {
     // An evicting cache can make room for at most what lies past the kept prefix (the sinks or
     // --keep tokens), so longer feeds go in pieces of that size.
-    const int64_t room = opts_.window ? kv_.n_ctx() - opts_.n_sinks
-                         : opts_.n_keep >= 0 ? kv_.n_ctx() - opts_.n_keep
-                                             : n_batch_;
+    const int64_t room = evicts() ? kv_.n_ctx() - opts_.eviction().kept() : n_batch_;
     m = std::min({n_batch_, room, n - i});
     if (!make_room(m))
       fail("context full: {} tokens held + {} new exceed the context of {} tokens and the "

@@ -17,6 +17,29 @@ namespace kvlm {
 
 class Tokenizer;
 
+// What a full cache does: its eviction policy and the arithmetic of it, in one place, so that a
+// Session and the Scheduler (kvlm serve) evict the same tokens at the same lengths.
+struct Eviction {
+  // Sliding window with attention sinks (StreamingLLM): keep the first n_sinks tokens, evict at
+  // least window_chunk after them (n_ctx is n_sinks + window).
+  bool window = false;
+  int64_t n_sinks = 0;
+  int64_t window_chunk = 1;
+  // Context shift (llama.cpp --keep): keep the first n_keep tokens, drop the older half of the
+  // rest. -1: off.
+  int64_t n_keep = -1;
+
+  bool on() const { return window || n_keep >= 0; }
+  // Positions [0, kept()) are never evicted; eviction starts there. Meaningful when on().
+  int64_t kept() const { return window ? n_sinks : n_keep; }
+  // Tokens to evict from kept() so that m more fit in n_ctx with n_held held: 0 when they fit
+  // already, -1 when no policy is on or even evicting everything past kept() is not enough.
+  int64_t count(int64_t n_held, int64_t m, int64_t n_ctx) const;
+  // Throws kvlm::Error naming the flag when the options do not fit a context of n_ctx tokens, or
+  // are on for a KIVI cache (which cannot evict).
+  void validate(int64_t n_ctx, bool kivi) const;
+};
+
 // How a session's cache is laid out and what happens when it is full.
 struct KvOptions {
   DType dtype_k = DType::F16;
@@ -38,13 +61,9 @@ struct KvOptions {
   // Hadamard-rotated K and V rows (--kv-rotate, KvShape::rotate): better quantized caches at the
   // same bytes.
   bool rotate = false;
-};
 
-// Throws kvlm::Error naming the flag when the eviction options (KvOptions' window, n_sinks,
-// window_chunk, n_keep) do not fit a context of n_ctx tokens. Session and Scheduler both check
-// with it.
-void validate_eviction(bool window, int64_t n_sinks, int64_t window_chunk, int64_t n_keep,
-                       int64_t n_ctx);
+  Eviction eviction() const { return {window, n_sinks, window_chunk, n_keep}; }
+};
 
 class Session {
  public:
@@ -57,7 +76,7 @@ class Session {
   const KvCache& kv() const { return kv_; }
   const KvOptions& kv_options() const { return opts_; }
   // True when a full cache evicts (window or context shift) instead of failing.
-  bool evicts() const { return opts_.window || opts_.n_keep >= 0; }
+  bool evicts() const { return opts_.eviction().on(); }
   // Tokens evicted by the window or context shift during the last feed/recompute call.
   int64_t last_evicted() const { return last_evicted_; }
   const std::vector<int32_t>& tokens() const { return tokens_; }

@@ -67,6 +67,7 @@ struct KvLayerView {
   // block_size + p % block_size of k and v. Contiguous otherwise: position p is row p.
   const int32_t* blocks = nullptr;  // [ceil(n_tokens / block_size)] block ids
   int64_t block_size = 0;
+  int64_t row(int64_t p) const { return kv_table_row(blocks, block_size, p); }  // of k and v
 
   // KIVI layout only (kivi_residual >= 0): k then holds sealed K groups, v sealed V rows.
   int32_t kivi_residual = -1;

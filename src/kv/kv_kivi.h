@@ -39,9 +39,7 @@ struct KiviSealed {
   size_t k_row_bytes = 0, v_row_bytes = 0;
   const int32_t* blocks = nullptr;  // nullptr: contiguous
   int64_t block_size = 0;
-  int64_t row(int64_t p) const {
-    return blocks ? int64_t{blocks[p / block_size]} * block_size + p % block_size : p;
-  }
+  int64_t row(int64_t p) const { return kv_table_row(blocks, block_size, p); }
 };
 
 // Seals the groups [s0, s1) that a pass writing positions [pos, pos + n) completes (s1 =

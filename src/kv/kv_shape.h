@@ -72,6 +72,12 @@ inline int64_t kv_kivi_residual_cap(const KvShape& s, int64_t n_tokens) {
   return n_tokens < most ? n_tokens : most;
 }
 
+// The arena row holding position p: p in a contiguous cache (blocks == nullptr), row p % bs of
+// block blocks[p / bs] through a block table (paged_kv.h).
+inline int64_t kv_table_row(const int32_t* blocks, int64_t block_size, int64_t p) {
+  return blocks ? int64_t{blocks[p / block_size]} * block_size + p % block_size : p;
+}
+
 // Dynamic caches grow their arenas in chunks of this many tokens (amortises the copy on growth).
 inline constexpr int64_t kKvChunkTokens = 256;
 // Tokens of arena a cache holding n_tokens reserves: all of n_ctx when static, else n_tokens

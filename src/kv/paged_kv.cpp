@@ -22,10 +22,17 @@ size_t PagedKvStore::block_bytes(const KvShape& shape, int32_t block_size) {
   return out;
 }
 
+namespace {
+// Rows of one KIVI residual slot: the most f16 rows a sequence ever holds (kv_kivi_sealed).
+int64_t slot_rows(const KvShape& shape) {
+  return int64_t{shape.kivi_residual} + shape.kivi_group - 1;
+}
+}  // namespace
+
 size_t PagedKvStore::residual_slot_bytes(const KvShape& shape) {
   if (!shape.kivi()) return 0;
   // K and V, f16, every layer.
-  return static_cast<size_t>(kv_kivi_residual_cap(shape, int64_t{1} << 40)) *
+  return static_cast<size_t>(slot_rows(shape)) *
          static_cast<size_t>(shape.kv_dim()) * 2 * sizeof(uint16_t) *
          static_cast<size_t>(shape.n_layer);
 }
@@ -55,7 +62,7 @@ PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block
            shape.kivi_group, shape.kivi_group, block_size);
     if (n_slots <= 0) fail("a paged KIVI cache needs at least one residual slot, got {}", n_slots);
     n_slots_ = n_slots;
-    resid_cap_ = int64_t{shape.kivi_residual} + shape.kivi_group - 1;
+    resid_cap_ = slot_rows(shape);
   }
   // block_bytes checks the multiplication for overflow before anything is allocated.
   const int64_t rows = int64_t{n_blocks} * block_size;

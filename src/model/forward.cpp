@@ -93,7 +93,7 @@ void load_rows(const KvLayerView& kv, DType t, const uint8_t* base, size_t row_b
   const int64_t bs = kv.block_size;
   for (int64_t j = j0; j < j1;) {
     const int64_t r = j % bs, n = std::min(bs - r, j1 - j);
-    const int64_t row = int64_t{kv.blocks[j / bs]} * bs + r;
+    const int64_t row = kv.row(j);
     kernels::dequantize_rows(t, base + row * row_bytes + head_off, row_bytes, n,
                              tile + (j - j0) * hd, hd);
     j += n;
@@ -207,10 +207,6 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
                                              j0, j_end)
                                 : j_end;
         const int64_t jr = std::clamp(pos0, js, j_end);
-        auto sealed_row = [&](int64_t j) {
-          return kv.blocks ? int64_t{kv.blocks[j / kv.block_size]} * kv.block_size + j % kv.block_size
-                           : j;
-        };
         auto f16_row = [&](const uint16_t* resid, const float* batch, int64_t j, float* row) {
           if (j < jr)
             kernels::dequantize_row(DType::F16, resid + (j - kv.n_sealed0) * KV + g * hd, row, hd);
@@ -224,8 +220,7 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
             !kivi && i1 - i0 == 1 && kv.dtype_k == DType::F16 && kv.dtype_v == DType::F16;
         if (in_place) {
           for (int64_t j = j0; j < j_end; ++j) {
-            const int64_t row =
-                kv.blocks ? int64_t{kv.blocks[j / kv.block_size]} * kv.block_size + j % kv.block_size : j;
+            const int64_t row = kv.row(j);
             k_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.k + row * kv.k_row_bytes + g * k_head_bytes);
             v_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.v + row * kv.v_row_bytes + g * v_head_bytes);
           }
@@ -244,11 +239,11 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
             // The group of position j starts at row(j - j % group) (a group's bytes are group x
             // k_row_bytes, and never straddle a block: KiviSealed, kv_kivi.h).
             const int64_t g0 = j - j % kv.kivi_group;
-            kv_kivi_dequantize_k_row(kv.k + sealed_row(g0) * kv.k_row_bytes, kv.kivi_group, KV,
+            kv_kivi_dequantize_k_row(kv.k + kv.row(g0) * kv.k_row_bytes, kv.kivi_group, KV,
                                      j % kv.kivi_group, g * hd, hd, krow);
             // KIVI's sealed V rows are plain dtype_v rows at their positions.
             kernels::dequantize_row(kv.dtype_v,
-                                    kv.v + sealed_row(j) * kv.v_row_bytes + g * v_head_bytes,
+                                    kv.v + kv.row(j) * kv.v_row_bytes + g * v_head_bytes,
                                     vrow, hd);
           }
         }

@@ -45,11 +45,11 @@ json error_body(const HttpError& e);
 // throwing.
 std::string dump(const json& j);
 
-// What this server serves, as the API describes it.
 // The largest max_tokens of a server whose cache evicts (no context bound applies): 2^20 tokens,
 // about an hour and a half of decoding at 200 tokens/s.
 inline constexpr int64_t kMaxEvictingTokens = int64_t{1} << 20;
 
+// What this server serves, as the API describes it.
 struct ServedModel {
   std::string id;               // the model file's stem: "SmolLM2-135M-Instruct.Q4_1"
   int64_t created = 0;          // unix seconds (the file's modification time)

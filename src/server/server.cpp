@@ -273,8 +273,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   ResponseMeta meta{ep, new_id(ep == Endpoint::Chat ? "chatcmpl-" : "cmpl-"),
                     static_cast<int64_t>(std::time(nullptr)), model.id};
   auto job = std::make_shared<Job>(tok, g, std::move(meta));
-  const socket_t client = find_client_socket(req);
-  job->client = client;
+  job->client = find_client_socket(req);
   job->t_submit = Clock::now();
   try {
     job->id =
@@ -295,7 +294,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
     bool client_left = false;
     while (!job->done) {
       for (const TimedEvent& te : job->ch->take_for(kClientPoll)) text += consume(*job, te);
-      if (!job->done && client != INVALID_SOCKET && client_gone(client)) {
+      if (!job->done && job->client != INVALID_SOCKET && client_gone(job->client)) {
         sched.cancel(job->id);  // its blocks go back at the next step, not at max_tokens
         job->done = true;
         job->finish = "cancelled";

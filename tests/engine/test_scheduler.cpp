@@ -365,10 +365,7 @@ KvOptions window_options(int64_t sinks, int64_t window, int64_t chunk) {
 SchedulerConfig evicting_config(const KvOptions& kv) {
   SchedulerConfig cfg;
   cfg.n_ctx = kv.n_ctx;
-  cfg.window = kv.window;
-  cfg.n_sinks = kv.n_sinks;
-  cfg.window_chunk = kv.window_chunk;
-  cfg.n_keep = kv.n_keep;
+  cfg.eviction = kv.eviction();
   return cfg;
 }
 
@@ -477,18 +474,18 @@ TEST(Scheduler, EvictingConfigIsValidated) {
   Fixture& f = tiny();
   SchedulerConfig cfg = evicting_config(window_options(4, 44, 8));
   cfg.kv_budget_tokens = 256;
-  cfg.n_keep = 2;  // two policies
+  cfg.eviction.n_keep = 2;  // two policies
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
-  cfg.n_keep = -1;
-  cfg.n_sinks = 48;  // sinks fill the context
+  cfg.eviction.n_keep = -1;
+  cfg.eviction.n_sinks = 48;  // sinks fill the context
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
-  cfg.n_sinks = 4;
-  cfg.window_chunk = 45;
+  cfg.eviction.n_sinks = 4;
+  cfg.eviction.window_chunk = 45;
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
   cfg = SchedulerConfig{};
   cfg.kv_budget_tokens = 256;
   cfg.n_ctx = 64;
-  cfg.n_keep = 64;
+  cfg.eviction.n_keep = 64;
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
 }
 
@@ -561,9 +558,7 @@ TEST(Scheduler, KiviConfigIsValidated) {
   cfg.block_size = 16;  // smaller than a K group
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
   cfg = kivi_config(1024);
-  cfg.window = true;
-  cfg.n_sinks = 4;
-  cfg.window_chunk = 8;
+  cfg.eviction = {.window = true, .n_sinks = 4, .window_chunk = 8};
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
   cfg = kivi_config(1024);
   cfg.dtype_k = DType::F16;  // KIVI's K is q4_0

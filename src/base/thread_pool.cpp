@@ -1,10 +1,10 @@
 #include "base/thread_pool.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-
-#include <sys/resource.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -16,14 +16,15 @@
 namespace kvlm {
 
 namespace {
-// Chunk t of n items split over n_threads, rounded to multiples of grain.
-void chunk_bounds(int64_t n, int64_t grain, int n_threads, int t, int64_t* begin, int64_t* end) {
-  int64_t n_grains = (n + grain - 1) / grain;
-  int64_t per = n_grains / n_threads, extra = n_grains % n_threads;
-  int64_t g0 = t * per + std::min<int64_t>(t, extra);
-  int64_t g1 = g0 + per + (t < extra ? 1 : 0);
-  *begin = std::min(n, g0 * grain);
-  *end = std::min(n, g1 * grain);
+// A section of G grains: thread t first runs its fixed run, grains [t F, (t + 1) F) with
+// F = fixed_grains(G, n_threads) (together 3/4 of the grains), then takes pieces of the rest, a
+// quarter of the rest's share per thread at a time, until none is left.
+int64_t fixed_grains(int64_t n_grains, int n_threads) {
+  return n_grains * 3 / (4 * n_threads);
+}
+int64_t piece_grains(int64_t n_grains, int n_threads) {
+  return std::max<int64_t>(
+      1, (n_grains - fixed_grains(n_grains, n_threads) * n_threads) / (4 * n_threads));
 }
 }  // namespace
 
@@ -65,15 +66,30 @@ void ThreadPool::spin_then_sleep(const Done& done, std::condition_variable& cv,
   }
 }
 
+// The fixed run, then pieces of the rest while any is left. Equal fixed shares alone left one
+// thread waiting for the other at the end of most sections (the two rarely read memory at the same
+// speed: one starts later, one finds its rows in cache); the shared rest lets the faster one take
+// more, so they finish within about a piece of each other.
+void ThreadPool::run_share(int index) {
+  const RangeFn& fn = *job_;
+  const int64_t n = job_n_, grain = job_grain_, n_grains = job_grains_, piece = job_piece_;
+  const int64_t f0 = index * job_fixed_;
+  if (job_fixed_ > 0) fn(f0 * grain, std::min(n, (f0 + job_fixed_) * grain), index);
+  for (;;) {
+    // Relaxed: the job fields were published by generation_, results are published by pending_.
+    const int64_t g = next_grain_.fetch_add(piece, std::memory_order_relaxed);
+    if (g >= n_grains) return;
+    fn(g * grain, std::min(n, std::min(n_grains, g + piece) * grain), index);
+  }
+}
+
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
     spin_then_sleep([&] { return generation_.load() != seen; }, cv_, n_sleeping_);
     seen = generation_.load();
     if (stop_.load()) return;
-    int64_t b, e;
-    chunk_bounds(job_n_, job_grain_, n_threads_, index, &b, &e);
-    if (b < e) (*job_)(b, e, index);
+    run_share(index);
     if (pending_.fetch_sub(1) == 1 && n_caller_sleeping_.load() > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       cv_done_.notify_one();
@@ -93,15 +109,17 @@ void ThreadPool::parallel_for(int64_t n, const RangeFn& fn, int64_t grain) {
   job_ = &fn;
   job_n_ = n;
   job_grain_ = grain;
+  job_grains_ = (n + grain - 1) / grain;
+  job_fixed_ = fixed_grains(job_grains_, n_threads_);
+  job_piece_ = piece_grains(job_grains_, n_threads_);
+  next_grain_.store(job_fixed_ * n_threads_, std::memory_order_relaxed);
   pending_.store(n_threads_ - 1, std::memory_order_relaxed);
   generation_.fetch_add(1);  // seq_cst: ordered before the n_sleeping_ load below
   if (n_sleeping_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_all();
   }
-  int64_t b, e;
-  chunk_bounds(n, grain, n_threads_, 0, &b, &e);
-  if (b < e) fn(b, e, 0);
+  run_share(0);
   if (++n_sections_ % kCheckEvery == 0) {
     // Involuntary context switches of this thread since the last check: other runnable threads
     // are taking our cores, so spinning would only wait out their time slices. Sleep instead

@@ -1,6 +1,8 @@
-// Persistent worker pool. Threads are created once; parallel_for hands [0, n) to them in one
-// contiguous chunk per thread and waits for all chunks. The caller's thread does chunk 0, so a
-// pool of size 1 runs inline with no synchronisation.
+// Persistent worker pool. Threads are created once; parallel_for hands [0, n) out in grain-aligned
+// ranges and waits for all of them: each thread (the caller's is thread 0) first runs one fixed
+// contiguous run of 3/4 of its equal share, then takes pieces of the remaining quarter from a
+// shared counter until none is left, so a thread may be called several times per section. A pool
+// of size 1 runs inline with no synchronisation.
 //
 // Hand-off is by spinning first, then sleeping. A decode step of a small model is hundreds of
 // parallel sections a few microseconds apart, and waking a thread through a futex costs ~25 us
@@ -38,9 +40,9 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
 
-  // fn(begin, end, thread_index) over disjoint chunks covering [0, n). Chunks are multiples of
-  // `grain` (except the last) so callers can keep work aligned to blocks. Not reentrant, and
-  // called from one thread at a time.
+  // fn(begin, end, thread_index) over disjoint ranges covering [0, n), one or more per thread
+  // (in no promised order). Ranges are multiples of `grain` (except the last) so callers can keep
+  // work aligned to blocks. Not reentrant, and called from one thread at a time.
   using RangeFn = std::function<void(int64_t begin, int64_t end, int thread_index)>;
   void parallel_for(int64_t n, const RangeFn& fn, int64_t grain = 1);
 
@@ -49,6 +51,8 @@ class ThreadPool {
 
  private:
   void worker(int index);
+  // Thread index's part of the current job: its fixed run, then pieces of the rest.
+  void run_share(int index);
   // Waits until done(): spins up to spin_micros_, then sleeps on cv, counted in n_sleeping (the
   // side that makes done() true notifies cv under mu_ when n_sleeping > 0).
   template <class Done>
@@ -61,6 +65,10 @@ class ThreadPool {
   const RangeFn* job_ = nullptr;
   int64_t job_n_ = 0;
   int64_t job_grain_ = 1;
+  int64_t job_grains_ = 0;               // ceil(job_n_ / job_grain_)
+  int64_t job_fixed_ = 0;                // grains in each thread's fixed run (fixed_grains)
+  int64_t job_piece_ = 1;                // grains per piece of the shared rest
+  std::atomic<int64_t> next_grain_{0};   // first grain of the rest not yet taken
   std::atomic<uint64_t> generation_{0};  // one per parallel_for (and one for stop)
   std::atomic<int> pending_{0};          // workers still running the current job
   std::atomic<bool> stop_{false};
@@ -70,11 +78,11 @@ class ThreadPool {
   std::condition_variable cv_;       // workers sleep here for a new generation
   std::condition_variable cv_done_;  // the caller sleeps here for pending_ == 0
   std::atomic<int> n_sleeping_{0};
-  std::atomic<int> n_caller_sleeping_{0};  // likewise under mu_, for the last worker to notify
+  std::atomic<int> n_caller_sleeping_{0};      // likewise under mu_, for the last worker to notify
   std::atomic<int> spin_micros_{kSpinMicros};  // the bound now: 0 or max_spin_
   int max_spin_ = kSpinMicros;                 // KVLM_SPIN_US or kSpinMicros
-  uint64_t n_sections_ = 0;   // parallel_for calls that used the workers (caller's thread only)
-  int64_t last_nivcsw_ = 0;   // the caller's involuntary context switches at the last check
+  uint64_t n_sections_ = 0;  // parallel_for calls that used the workers (caller's thread only)
+  int64_t last_nivcsw_ = 0;  // the caller's involuntary context switches at the last check
   static constexpr uint64_t kCheckEvery = 64;
   static constexpr int64_t kBusySwitches = 2;
 };

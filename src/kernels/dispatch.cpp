@@ -20,6 +20,7 @@ struct KernelTable {
   void (*dequantize_row)(DType, const void*, float*, int64_t);
   void (*dequantize_rows)(DType, const void*, size_t, int64_t, float*, int64_t);
   void (*round_to_f16)(const float*, float*, int64_t);
+  void (*f32_to_f16)(const float*, uint16_t*, int64_t);
   float (*dot_row)(DType, const void*, const float*, int64_t);
   void (*matmul)(const TensorView&, const float*, float*, int64_t, ThreadPool&);
   void (*matmul_multi)(const MatmulPart*, int, const float*, int64_t, ThreadPool&);
@@ -37,15 +38,28 @@ struct KernelTable {
 };
 
 // Every entry of a table comes from that variant's namespace (same order as the fields).
-constexpr KernelTable kScalar = {
-    "scalar",        ref::dequantize_row, ref::dequantize_rows, ref::round_to_f16,   ref::dot_row,
-    ref::matmul,     ref::matmul_multi,   ref::attn_chunk,      ref::attn_chunk_f16, ref::rms_norm,
-    ref::layer_norm, ref::softmax,        ref::swiglu,          ref::gelu,           ref::add,
-    ref::rope_rotate};
+constexpr KernelTable kScalar = {"scalar",
+                                 ref::dequantize_row,
+                                 ref::dequantize_rows,
+                                 ref::round_to_f16,
+                                 ref::f32_to_f16,
+                                 ref::dot_row,
+                                 ref::matmul,
+                                 ref::matmul_multi,
+                                 ref::attn_chunk,
+                                 ref::attn_chunk_f16,
+                                 ref::rms_norm,
+                                 ref::layer_norm,
+                                 ref::softmax,
+                                 ref::swiglu,
+                                 ref::gelu,
+                                 ref::add,
+                                 ref::rope_rotate};
 constexpr KernelTable kAvx2 = {"avx2",
                                avx2::dequantize_row,
                                avx2::dequantize_rows,
                                avx2::round_to_f16,
+                               avx2::f32_to_f16,
                                avx2::dot_row,
                                avx2::matmul,
                                avx2::matmul_multi,
@@ -123,6 +137,10 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
 
 void round_to_f16(const float* x, float* y, int64_t n) {
   table().round_to_f16(x, y, n);
+}
+
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  table().f32_to_f16(x, y, n);
 }
 
 void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,

@@ -29,6 +29,10 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n);
 // y[i] = x[i] rounded to the nearest f16 (ties to even) and back: what an f16 store would keep.
 // x, y: [n]; y may alias x. NaN stays NaN (its payload may differ between variants).
 void round_to_f16(const float* x, float* y, int64_t n);
+// y[i] = x[i] as f16 bits, rounded to nearest (ties to even), overflow to inf, NaN to the quiet
+// NaN sign | 0x7e00: fp32_to_fp16's bits in every variant. x, y: [n]. (What an f16 KV cache
+// stores: quantize_row(F16) calls it.)
+void f32_to_f16(const float* x, uint16_t* y, int64_t n);
 // n_rows rows of n elements each, src_stride bytes apart (e.g. one head of every cached
 // position) -> dst [n_rows, n]. The same values as n_rows dequantize_row calls, in one dispatch.
 void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,

@@ -1,6 +1,6 @@
-// ThreadPool: every index of [0, n) is handed out exactly once, in grain-aligned chunks, through
+// ThreadPool: every index of [0, n) is handed out exactly once, in grain-aligned ranges, through
 // both hand-off paths (spinning and sleeping), over many back-to-back sections and after idle gaps
-// long enough for the workers to fall asleep.
+// long enough for the workers to fall asleep; a delayed thread's share of the rest goes to others.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -70,6 +70,23 @@ TEST(ThreadPool, SmallRangesRunInlineOnTheCaller) {
   EXPECT_EQ(tid_seen, 0);
   pool.parallel_for(0, [&](int64_t, int64_t, int) { calls++; });
   EXPECT_EQ(calls, 1);
+}
+
+// A thread held up in its fixed run leaves the shared rest to the others: with the caller asleep
+// in its first range, the worker runs its own 3/8 and then the whole remaining quarter.
+TEST(ThreadPool, ADelayedThreadLeavesTheRestToTheOthers) {
+  ThreadPool pool(2);
+  const int64_t n = 64;
+  std::atomic<int64_t> done_by[2] = {0, 0};
+  std::atomic<int> caller_calls{0};
+  pool.parallel_for(n, [&](int64_t b, int64_t e, int tid) {
+    if (tid == 0 && caller_calls.fetch_add(1) == 0)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    done_by[tid].fetch_add(e - b);
+  });
+  EXPECT_EQ(done_by[0].load() + done_by[1].load(), n);
+  EXPECT_EQ(done_by[0].load(), n * 3 / 8) << "the caller ran only its fixed run";
+  EXPECT_EQ(done_by[1].load(), n - n * 3 / 8);
 }
 
 TEST(ThreadPool, DestroysCleanlyWhileWorkersSpinOrSleep) {

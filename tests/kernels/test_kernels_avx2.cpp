@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -251,8 +252,8 @@ TEST(Avx2Dequant, OtherTypesMatchRef) {
   }
 }
 
-// Strided multi-row dequantization equals row-by-row, and round_to_f16 equals the exact software
-// conversion (ties to even, subnormals, overflow to inf), for both variants.
+// Strided multi-row dequantization equals row-by-row, and round_to_f16 and f32_to_f16 equal the
+// exact software conversion (ties to even, subnormals, overflow to inf, NaN), for both variants.
 TEST(Avx2Dequant, RowsAndF16RoundingBitIdentical) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(7);
@@ -286,6 +287,23 @@ TEST(Avx2Dequant, RowsAndF16RoundingBitIdentical) {
   float y;
   avx2::round_to_f16(&nan, &y, 1);
   EXPECT_TRUE(std::isnan(y));
+  // f32_to_f16 (f16 cache writes): fp32_to_fp16's bits, NaNs of any sign and payload included,
+  // at every offset of an 8-lane vector and in the scalar tail.
+  for (uint32_t bits : {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xff812345u, 0x7fffffffu,
+                        0x7f800000u, 0xff800000u, 0x00000001u, 0x80000001u, 0x33000000u,
+                        0x33000001u})
+    for (int rep = 0; rep < 3; ++rep)
+      x.insert(x.begin() + static_cast<long>(rng() % x.size()), std::bit_cast<float>(bits));
+  for (int64_t start : {0, 1, 3, 7}) {
+    const int64_t n = static_cast<int64_t>(x.size()) - start;
+    std::vector<uint16_t> h_avx(static_cast<size_t>(n)), h_ref(static_cast<size_t>(n));
+    avx2::f32_to_f16(x.data() + start, h_avx.data(), n);
+    ref::f32_to_f16(x.data() + start, h_ref.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      ASSERT_EQ(h_ref[i], fp32_to_fp16(x[start + i]));
+      ASSERT_EQ(h_avx[i], h_ref[i]) << "bits " << std::hex << std::bit_cast<uint32_t>(x[start + i]);
+    }
+  }
 }
 
 // ---- dots: within tolerance ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ bool vnni_supported();
 
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
 void round_to_f16(const float* x, float* y, int64_t n);
+void f32_to_f16(const float* x, uint16_t* y, int64_t n);
 void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,
                      int64_t n);
 float dot_row(DType t, const void* row, const float* x, int64_t n);

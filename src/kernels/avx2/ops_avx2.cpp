@@ -415,6 +415,23 @@ void round_to_f16(const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] = half(_cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT));
 }
 
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  // vcvtps2ph rounds as fp32_to_fp16 does (ties to even, subnormals, overflow to inf) but keeps a
+  // NaN's payload; fp32_to_fp16 gives every NaN sign | 0x7e00, so NaN lanes are replaced.
+  const __m128i quiet = _mm_set1_epi16(0x7e00), sign = _mm_set1_epi16(static_cast<short>(0x8000));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m128i nan16 =
+        _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+    const __m128i canon = _mm_or_si128(_mm_and_si128(h, sign), quiet);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm_blendv_epi8(h, canon, nan16));
+  }
+  for (; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+
 void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,
                      int64_t n) {
   for (int64_t r = 0; r < n_rows; ++r)

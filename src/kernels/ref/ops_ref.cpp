@@ -462,6 +462,10 @@ void round_to_f16(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = fp16_to_fp32(fp32_to_fp16(x[i]));
 }
 
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+
 void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows, float* dst,
                      int64_t n) {
   for (int64_t r = 0; r < n_rows; ++r)
@@ -476,7 +480,7 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
 
 }  // namespace ref
 
-// ---- public entry points that are not dispatched (not hot: KV-cache writes, tests) ------------
+// ---- public entry points that are not dispatched (not hot: quantized KV-cache writes, tests) --
 
 void quantize_row(DType t, const float* src, void* dst, int64_t n) {
   // Precondition: n fills whole blocks of t.
@@ -485,11 +489,8 @@ void quantize_row(DType t, const float* src, void* dst, int64_t n) {
     case DType::F32:
       std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
       return;
-    case DType::F16: {
-      auto* h = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_fp16(src[i]);
-      return;
-    }
+    case DType::F16:  // dispatched: every f16 KV-cache row write comes here
+      return f32_to_f16(src, static_cast<uint16_t*>(dst), n);
     case DType::BF16: {
       auto* h = static_cast<uint16_t*>(dst);
       for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_bf16(src[i]);

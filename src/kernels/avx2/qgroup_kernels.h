@@ -27,6 +27,10 @@ inline const int8_t* codes(const Acts& x, int64_t t, int64_t ib) {
   return reinterpret_cast<const int8_t*>(x.q + t * x.q_stride + ib * x.blk + x.qs_off);
 }
 
+// An empty asm that claims to change v: the compiler must hold v in a register here and cannot
+// merge the adds before it with those after (no instruction is emitted).
+inline void keep(__m256i& v) { asm("" : "+x"(v)); }
+
 // 4 activation codes, broadcast to every 32-bit lane.
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
@@ -52,13 +56,25 @@ void group_q4(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
       xq[t] = codes(x, t0 + t, ib);
       s[t] = _mm256_setzero_si256();
     }
-    for (int v = 0; v < 4; ++v) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs[v]));
-      const __m256i lo = _mm256_and_si256(raw, m4);                        // columns 4v ..
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);  // columns 16 + 4v ..
+    // Two of the four code vectors at a time, each unpacked once for all T tokens. The barrier
+    // keeps each token's sum one running register: left alone, GCC regroups the (associative)
+    // integer adds of all T tokens into trees whose 8 T live products spill to the stack.
+    for (int v = 0; v < 4; v += 2) {
+      const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs[v]));
+      const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs[v + 1]));
+      const __m256i lo0 = _mm256_and_si256(raw0, m4);                        // columns 4v ..
+      const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(raw0, 4), m4);  // columns 16 + 4v ..
+      const __m256i lo1 = _mm256_and_si256(raw1, m4);
+      const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(raw1, 4), m4);
       for (int t = 0; t < T; ++t) {
-        s[t] = Dot::q4_add(s[t], lo, bcast4(xq[t] + 4 * v));
-        s[t] = Dot::q4_add(s[t], hi, bcast4(xq[t] + 16 + 4 * v));
+        s[t] = Dot::q4_add(s[t], lo0, bcast4(xq[t] + 4 * v));
+        keep(s[t]);
+        s[t] = Dot::q4_add(s[t], hi0, bcast4(xq[t] + 16 + 4 * v));
+        keep(s[t]);
+        s[t] = Dot::q4_add(s[t], lo1, bcast4(xq[t] + 4 * v + 4));
+        keep(s[t]);
+        s[t] = Dot::q4_add(s[t], hi1, bcast4(xq[t] + 16 + 4 * v + 4));
+        keep(s[t]);
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.d)));
@@ -98,8 +114,10 @@ void group_q8(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
     for (int v = 0; v < 8; ++v) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs[v]));
       const __m256i a = _mm256_sign_epi8(w, w);
-      for (int t = 0; t < T; ++t)
+      for (int t = 0; t < T; ++t) {
         s32[t] = Dot::q8_add(s32[t], a, _mm256_sign_epi8(bcast4(xq[t] + 4 * v), w));
+        keep(s32[t]);  // as in group_q4: one running register per token, no spilled trees
+      }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.d)));
     for (int t = 0; t < T; ++t) {

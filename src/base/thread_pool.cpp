@@ -1,10 +1,10 @@
 #include "base/thread_pool.h"
 
-#include <sys/resource.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+
+#include <sys/resource.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -78,11 +78,11 @@ class ThreadPool {
   std::condition_variable cv_;       // workers sleep here for a new generation
   std::condition_variable cv_done_;  // the caller sleeps here for pending_ == 0
   std::atomic<int> n_sleeping_{0};
-  std::atomic<int> n_caller_sleeping_{0};      // likewise under mu_, for the last worker to notify
+  std::atomic<int> n_caller_sleeping_{0};  // likewise under mu_, for the last worker to notify
   std::atomic<int> spin_micros_{kSpinMicros};  // the bound now: 0 or max_spin_
   int max_spin_ = kSpinMicros;                 // KVLM_SPIN_US or kSpinMicros
-  uint64_t n_sections_ = 0;  // parallel_for calls that used the workers (caller's thread only)
-  int64_t last_nivcsw_ = 0;  // the caller's involuntary context switches at the last check
+  uint64_t n_sections_ = 0;   // parallel_for calls that used the workers (caller's thread only)
+  int64_t last_nivcsw_ = 0;   // the caller's involuntary context switches at the last check
   static constexpr uint64_t kCheckEvery = 64;
   static constexpr int64_t kBusySwitches = 2;
 };

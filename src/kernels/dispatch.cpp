@@ -100,7 +100,7 @@ const char* choose_backend(const char* env, bool avx2_ok, bool vnni_ok) {
     std::fprintf(stderr,
                  "kvlm: KVLM_KERNELS=%s, but this CPU lacks %s; using the %s kernels. Unset "
                  "KVLM_KERNELS to choose automatically.\n",
-                 env, avx2_ok ? "AVX512VL or AVX512VNNI" : "AVX2, FMA or F16C", best);
+                 env, avx2_ok ? "AVX512BW, AVX512VL or AVX512VNNI" : "AVX2, FMA or F16C", best);
     return best;
   }
   std::fprintf(stderr,

@@ -420,11 +420,12 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
 
 // The extremes of the integer sums: Q4 nibbles all 15 against codes all +-127 (each 16-bit lane
 // sums 8 maddubs pairs to 30,480 of 32,767), Q8_0 codes of -128 (a file may hold them; |w| = 128
-// is still exact in maddubs) against -127, and Q4_0's nibble 0 (value -8).
+// is still exact in maddubs) against -127, and Q4_0's nibble 0 (value -8). Two row groups, so
+// the VNNI variant's pair kernels (two groups in 512-bit vectors) run them too.
 TEST(Avx2Matmul, QuantizedExtremesAreExact) {
   SKIP_WITHOUT_AVX2();
   ThreadPool pool(1);
-  const int64_t n = 64, n_rows = 8;
+  const int64_t n = 64, n_rows = 16;
   for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
     for (uint8_t code : {uint8_t(0xff), uint8_t(0x00), uint8_t(0x80)}) {
       for (float xv : {1.0f, -1.0f}) {

@@ -11,11 +11,12 @@ bool cpu_supported() {
 }
 
 bool vnni_supported() {
-  // AVX512VL for vpdpbusd on ymm registers; __builtin_cpu_supports also checks that the OS saves
-  // the AVX-512 state.
+  // AVX512VL for vpdpbusd on ymm registers, AVX512BW for the byte operations of the 512-bit pair
+  // kernels; __builtin_cpu_supports also checks that the OS saves the AVX-512 state.
   __builtin_cpu_init();
   return cpu_supported() && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 
 }  // namespace kvlm::kernels::avx2

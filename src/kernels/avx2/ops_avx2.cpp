@@ -240,8 +240,8 @@ constexpr size_t kChunkBytes = 128 * 1024;
 constexpr int64_t kChunkToks = 64;
 
 // y rows of groups [g_begin, g_end) for all n_tok tokens.   y: [n_tok, w.n_rows]
-void qmatmul_groups(const GroupFn* fns, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
-                    int64_t g_begin, int64_t g_end) {
+void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, const TensorView& w, const Acts& x,
+                    int64_t n_tok, float* y, int64_t g_begin, int64_t g_end) {
   const int64_t n_out = w.n_rows;
   const size_t group_bytes = packed_group_bytes(w);
   const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / group_bytes));
@@ -259,17 +259,27 @@ void qmatmul_groups(const GroupFn* fns, const TensorView& w, const Acts& x, int6
     }
     for (int64_t k0 = 0; k0 < n_tok; k0 += kChunkToks) {
       const int64_t k1 = std::min(n_tok, k0 + kChunkToks);
-      for (int64_t g = c0; g < c1; ++g) {
+      // Two groups at a time where the variant has pair kernels, the chunk has two left and more
+      // than one token goes by (the same numbers as one group at a time: every row's arithmetic
+      // is its own lane's). Not in decode: one token's matrix-vector product waits on memory,
+      // and there one group at a time measured faster (docs/BENCHMARKS.md).
+      for (int64_t g = c0; g < c1;) {
         const uint8_t* gp = base + static_cast<size_t>(g - c0) * group_bytes;
         const int64_t r0 = g * kGroupRows;
-        const int64_t n_r = std::min(kGroupRows, n_out - r0);
+        const bool pair = pairs[0] != nullptr && g + 1 < c1 && n_tok > 1;
+        const int64_t rows = pair ? 2 * kGroupRows : kGroupRows;  // rows per kernel call
+        const int64_t n_r = std::min(rows, n_out - r0);
         for (int64_t t0 = k0; t0 < k1; t0 += kGroupToks) {
           const int n_t = static_cast<int>(std::min<int64_t>(kGroupToks, k1 - t0));
-          alignas(32) float out[kGroupToks * kGroupRows];
-          fns[n_t - 1](gp, x, t0, out);
+          alignas(64) float out[kGroupToks * 2 * kGroupRows];  // [n_t, rows]
+          if (pair)
+            pairs[n_t - 1](gp, gp + group_bytes, x, t0, out);
+          else
+            fns[n_t - 1](gp, x, t0, out);
           for (int t = 0; t < n_t; ++t)
-            std::copy(out + t * kGroupRows, out + t * kGroupRows + n_r, y + (t0 + t) * n_out + r0);
+            std::copy(out + t * rows, out + t * rows + n_r, y + (t0 + t) * n_out + r0);
         }
+        g += pair ? 2 : 1;
       }
     }
   }
@@ -278,7 +288,9 @@ void qmatmul_groups(const GroupFn* fns, const TensorView& w, const Acts& x, int6
 void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
              int64_t g_begin, int64_t g_end) {
   const GroupFn* fns = w.dtype == DType::Q4_0 ? k.q4_0 : w.dtype == DType::Q4_1 ? k.q4_1 : k.q8_0;
-  qmatmul_groups(fns, w, x, n_tok, y, g_begin, g_end);
+  const PairFn* pairs =
+      w.dtype == DType::Q4_0 ? k.q4_0x2 : w.dtype == DType::Q4_1 ? k.q4_1x2 : k.q8_0x2;
+  qmatmul_groups(fns, pairs, w, x, n_tok, y, g_begin, g_end);
 }
 
 // ---- dequantization -----------------------------------------------------------------------------

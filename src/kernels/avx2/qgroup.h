@@ -28,17 +28,26 @@ struct Acts {
 // t0 + t, t < T, in ref's arithmetic.   g: the group's n_blocks packed blocks;  out: [T, 8], 32-byte
 // aligned.
 using GroupFn = void (*)(const uint8_t* g, const Acts& x, int64_t t0, float* out);
+// Two groups at once, g0's 8 rows then g1's in 512-bit vectors (each row still in its own 32-bit
+// lane, with the same operations as GroupFn's):   out: [T, 16], 64-byte aligned.
+using PairFn = void (*)(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0,
+                        float* out);
 constexpr int kGroupToks = 4;  // kernels exist for T = 1 .. kGroupToks
 
-// One variant's kernels, [T - 1] for T tokens.
+// One variant's kernels, [T - 1] for T tokens. The pair kernels are optional (null: the variant
+// runs every group alone).
 struct GroupKernels {
   GroupFn q4_0[kGroupToks];
   GroupFn q4_1[kGroupToks];
   GroupFn q8_0[kGroupToks];
+  PairFn q4_0x2[kGroupToks] = {};
+  PairFn q4_1x2[kGroupToks] = {};
+  PairFn q8_0x2[kGroupToks] = {};
 };
 
 // The AVX2 kernels (ops_avx2.cpp) and the AVX-512 VNNI ones (vnni_avx2.cpp: vpdpbusd on 256-bit
-// vectors; call only when vnni_supported()). Both give ref's bits.
+// vectors for one group, on 512-bit vectors for a pair; call only when vnni_supported()). Both
+// give ref's bits.
 extern const GroupKernels kAvx2Groups;
 extern const GroupKernels kVnniGroups;
 

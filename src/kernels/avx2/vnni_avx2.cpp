@@ -1,10 +1,21 @@
 // AVX-512 VNNI group kernels for the quantized matmul (qgroup.h): qgroup_kernels.h with every
 // 4-code dot done by vpdpbusd (u8 x s8, four products summed into each 32-bit lane, exact) on
-// 256-bit vectors (AVX512VL), where AVX2 needs maddubs + add (+ madd). Same integers, same float
-// operations in the same order: the same bits as ref and as the AVX2 kernels. Compiled with
-// -mavx512vl -mavx512vnni on top of the AVX2 flags; dispatch.cpp uses it only when
-// vnni_supported().
+// 256-bit vectors (AVX512VL), where AVX2 needs maddubs + add (+ madd), and pair kernels that run
+// two groups (16 rows) in 512-bit vectors: the low 256 bits hold the first group's 8 row lanes,
+// the high 256 bits the second's, and each lane goes through exactly the operations of the
+// one-group kernel (same integers, same float operations in the same order). So all of them give
+// the same bits as ref and as the AVX2 kernels; a pair halves the dot, unpack and scale
+// instructions per row where the CPU executes 512-bit vectors at full width. Compiled with
+// -mavx512f -mavx512bw -mavx512vl -mavx512vnni on top of the AVX2 flags; dispatch.cpp uses it only
+// when vnni_supported().
+// GCC 12's 512-bit intrinsics (inserti64x4, cvtph_ps, cvtepi32_ps) pass _mm512_undefined_*()
+// as the masked builtins' unused source, which its -Wmaybe-uninitialized then reports at every
+// inlined use; nothing here reads an uninitialised value.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+
+#include <cstring>
+#include <type_traits>
 
 #include "kernels/avx2/qgroup.h"
 #include "kernels/avx2/qgroup_kernels.h"
@@ -19,8 +30,134 @@ struct DotVnni {
   static __m256i q8_add(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
 };
 
+// As keep() in qgroup_kernels.h, for a 512-bit register.
+inline void keep512(__m512i& v) { asm("" : "+v"(v)); }
+
+// 32 bytes at p (low half) and at q (high half).
+inline __m512i join(const void* p, const void* q) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(p))),
+      _mm256_loadu_si256(static_cast<const __m256i*>(q)), 1);
+}
+
+// 8 f16 values at p (lanes 0..7) and at q (lanes 8..15), as f32.
+inline __m512 join_f16(const uint16_t* p, const uint16_t* q) {
+  const __m256i h = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), 1);
+  return _mm512_cvtph_ps(h);
+}
+
+// 4 activation codes, broadcast to every 32-bit lane.
+inline __m512i bcast4_512(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// group_q4 for groups g0 and g1 at once.   out: [T, 16]
+template <bool kMin, int T>
+void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
+  using P = std::conditional_t<kMin, PackedQ4_1, PackedQ4_0>;
+  const int64_t n_blocks = x.n_blocks;
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    const P& a = reinterpret_cast<const P*>(g0)[ib];
+    const P& b = reinterpret_cast<const P*>(g1)[ib];
+    const int8_t* xq[T];
+    __m512i s[T];
+    for (int t = 0; t < T; ++t) {
+      xq[t] = codes(x, t0 + t, ib);
+      s[t] = _mm512_setzero_si512();
+    }
+    for (int v = 0; v < 4; v += 2) {
+      const __m512i raw0 = join(a.qs[v], b.qs[v]);
+      const __m512i raw1 = join(a.qs[v + 1], b.qs[v + 1]);
+      const __m512i lo0 = _mm512_and_si512(raw0, m4);
+      const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(raw0, 4), m4);
+      const __m512i lo1 = _mm512_and_si512(raw1, m4);
+      const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(raw1, 4), m4);
+      for (int t = 0; t < T; ++t) {
+        s[t] = _mm512_dpbusd_epi32(s[t], lo0, bcast4_512(xq[t] + 4 * v));
+        keep512(s[t]);
+        s[t] = _mm512_dpbusd_epi32(s[t], hi0, bcast4_512(xq[t] + 16 + 4 * v));
+        keep512(s[t]);
+        s[t] = _mm512_dpbusd_epi32(s[t], lo1, bcast4_512(xq[t] + 4 * v + 4));
+        keep512(s[t]);
+        s[t] = _mm512_dpbusd_epi32(s[t], hi1, bcast4_512(xq[t] + 16 + 4 * v + 4));
+        keep512(s[t]);
+      }
+    }
+    const __m512 dw = join_f16(a.d, b.d);
+    for (int t = 0; t < T; ++t) {
+      const int64_t o = (t0 + t) * n_blocks + ib;
+      __m512i s32 = s[t];
+      if constexpr (!kMin) s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(x.c[o]));
+      const __m512 f = _mm512_cvtepi32_ps(s32);  // exact: |sumi| <= 32 * 15 * 127
+      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[o]));
+      if constexpr (kMin) {
+        const __m512 mw = join_f16(a.m, b.m);
+        acc[t] = _mm512_add_ps(acc[t], _mm512_add_ps(_mm512_mul_ps(scale, f),
+                                                     _mm512_mul_ps(mw, _mm512_set1_ps(x.s[o]))));
+      } else {
+        acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(f, scale));
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_store_ps(out + 16 * t, acc[t]);
+}
+
+// group_q8 for groups g0 and g1 at once.   out: [T, 16]
+template <int T>
+void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
+  const int64_t n_blocks = x.n_blocks;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    const PackedQ8_0& a = reinterpret_cast<const PackedQ8_0*>(g0)[ib];
+    const PackedQ8_0& b = reinterpret_cast<const PackedQ8_0*>(g1)[ib];
+    const int8_t* xq[T];
+    __m512i s32[T];
+    for (int t = 0; t < T; ++t) {
+      xq[t] = codes(x, t0 + t, ib);
+      s32[t] = _mm512_setzero_si512();
+    }
+    for (int v = 0; v < 8; ++v) {
+      const __m512i w = join(a.qs[v], b.qs[v]);
+      // |w| and the codes negated where w < 0: group_q8's sign(w, w) and sign(codes, w), but the
+      // codes are not zeroed where w == 0, which changes nothing (they meet |w| = 0).
+      const __m512i aw = _mm512_abs_epi8(w);
+      const __mmask64 neg = _mm512_movepi8_mask(w);
+      for (int t = 0; t < T; ++t) {
+        const __m512i c = bcast4_512(xq[t] + 4 * v);
+        s32[t] = _mm512_dpbusd_epi32(s32[t], aw,
+                                     _mm512_mask_sub_epi8(c, neg, _mm512_setzero_si512(), c));
+        keep512(s32[t]);
+      }
+    }
+    const __m512 dw = join_f16(a.d, b.d);
+    for (int t = 0; t < T; ++t) {
+      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(t0 + t) * n_blocks + ib]));
+      acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(s32[t]), scale));
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_store_ps(out + 16 * t, acc[t]);
+}
+
+template <size_t... I>
+constexpr GroupKernels with_pairs(GroupKernels k, std::index_sequence<I...>) {
+  ((k.q4_0x2[I] = &pair_q4<false, static_cast<int>(I) + 1>), ...);
+  ((k.q4_1x2[I] = &pair_q4<true, static_cast<int>(I) + 1>), ...);
+  ((k.q8_0x2[I] = &pair_q8<static_cast<int>(I) + 1>), ...);
+  return k;
+}
+
 }  // namespace
 
-const GroupKernels kVnniGroups = make_groups<DotVnni>(std::make_index_sequence<kGroupToks>());
+const GroupKernels kVnniGroups =
+    with_pairs(make_groups<DotVnni>(std::make_index_sequence<kGroupToks>()),
+               std::make_index_sequence<kGroupToks>());
 
 }  // namespace kvlm::kernels::avx2

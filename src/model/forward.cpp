@@ -70,6 +70,17 @@ void add_bias(float* y, const TensorView& b, int64_t n_rows, int64_t n) {
   for (int64_t i = 0; i < n_rows; ++i) kernels::add(y + i * n, b.f32(), n);
 }
 
+// Runs fn(i0, i1) over token rows [0, n_tok): on the pool's threads for a batch, whose
+// element-wise activations (tens of microseconds) the other threads would otherwise wait for; on
+// the calling thread for a few rows, which cost less than a hand-off. For element-wise kernels,
+// whose outputs depend on their own inputs only: the same numbers either way.
+constexpr int64_t kParallelRows = 8;
+template <class Fn>
+void rows_on_pool(int64_t n_tok, ThreadPool& pool, const Fn& fn) {
+  if (n_tok < kParallelRows) return fn(0, n_tok);
+  pool.parallel_for(n_tok, [&](int64_t i0, int64_t i1, int) { fn(i0, i1); });
+}
+
 // One sequence's share of a forward pass, for attention: its n_tok queries at positions
 // [pos0, pos0 + n_tok) are rows [row0, row0 + n_tok) of the batch (s.q, s.k, s.v, s.attn), and kv
 // views its cached positions [0, pos0 + n_tok) of the layer being run.
@@ -397,12 +408,16 @@ void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, c
       const kernels::MatmulPart gate_up[2] = {{&l.ffn_gate, gate}, {&l.ffn_up, up}};
       kernels::matmul_multi(gate_up, 2, h, n_tok, pool);
       add_bias(up, l.ffn_up_b, n_tok, F);
-      kernels::swiglu(gate, up, n_tok * F);
+      rows_on_pool(n_tok, pool, [&](int64_t i0, int64_t i1) {
+        kernels::swiglu(gate + i0 * F, up + i0 * F, (i1 - i0) * F);
+      });
       act = gate;
     } else {
       kernels::matmul(l.ffn_up, h, up, n_tok, pool);
       add_bias(up, l.ffn_up_b, n_tok, F);
-      kernels::gelu(up, n_tok * F);
+      rows_on_pool(n_tok, pool, [&](int64_t i0, int64_t i1) {
+        kernels::gelu(up + i0 * F, (i1 - i0) * F);
+      });
     }
     kernels::matmul(l.ffn_down, act, h, n_tok, pool);
     add_bias(h, l.ffn_down_b, n_tok, E);

@@ -178,7 +178,12 @@ float dot_f16_impl(const uint16_t* a, const float* b, int64_t n) {
 // ---- quantized matmul over packed row groups ----------------------------------------------------
 
 // Quantizes n_tok rows of x (each n wide) for weight type t into the calling thread's scratch.
-Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n) {
+// Tokens from which prepare_acts quantizes on the pool's threads: a batch's rows take tens of
+// microseconds on one thread, which the other would spend waiting; a decode token's row takes
+// less than a hand-off.
+constexpr int64_t kParallelActRows = 8;
+
+Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool& pool) {
   const int64_t n_blocks = n / 32;
   const bool q8_1 = act_type(t) == DType::Q8_1;
   Acts a;
@@ -191,26 +196,35 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n) {
   thread_local std::vector<int32_t> c;
   if (t == DType::Q4_0 && c.size() < static_cast<size_t>(n_tok * n_blocks))
     c.resize(static_cast<size_t>(n_tok * n_blocks));
-  for (int64_t i = 0; i < n_tok; ++i) {
-    uint8_t* qi = q + i * a.q_stride;
-    quantize_act(t, x + i * n, qi, n);
-    for (int64_t ib = 0; ib < n_blocks; ++ib) {
-      const int64_t o = i * n_blocks + ib;
-      if (q8_1) {
-        const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
-        ds[o] = half(b.d);
-        ds[n_tok * n_blocks + o] = half(b.s);
-      } else {
-        const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
-        ds[o] = half(b.d);
-        if (t == DType::Q4_0) {
-          int32_t sum = 0;
-          for (int8_t v : b.qs) sum += v;
-          c[o] = 8 * sum;
+  int32_t* cs = c.data();
+  // Token i writes only its own row of q, ds and c (the buffers of the calling thread, sized
+  // above), so the rows may go to any thread: the same bytes either way.
+  auto rows = [&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; ++i) {
+      uint8_t* qi = q + i * a.q_stride;
+      quantize_act(t, x + i * n, qi, n);
+      for (int64_t ib = 0; ib < n_blocks; ++ib) {
+        const int64_t o = i * n_blocks + ib;
+        if (q8_1) {
+          const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
+          ds[o] = half(b.d);
+          ds[n_tok * n_blocks + o] = half(b.s);
+        } else {
+          const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
+          ds[o] = half(b.d);
+          if (t == DType::Q4_0) {
+            int32_t sum = 0;
+            for (int8_t v : b.qs) sum += v;
+            cs[o] = 8 * sum;
+          }
         }
       }
     }
-  }
+  };
+  if (n_tok >= kParallelActRows)
+    pool.parallel_for(n_tok, rows);
+  else
+    rows(0, n_tok, 0);
   a.q = q;
   a.d = ds;
   a.s = ds + n_tok * n_blocks;
@@ -485,9 +499,10 @@ void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, fl
   if (n_out == 0 || n_tok == 0) return;
 
   if (packable(w.dtype)) {
-    // Quantize every activation row once (on the calling thread, whose scratch outlives the
-    // parallel section); each thread then runs its row groups of W for all tokens.
-    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in);
+    // Quantize every activation row once (into the calling thread's scratch, which outlives the
+    // parallel section; a batch's rows on the pool's threads); each thread then runs its row
+    // groups of W for all tokens.
+    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in, pool);
     const int64_t ng = packed_groups(w);
     pool.parallel_for(
         ng,
@@ -532,7 +547,7 @@ void matmul_multi_with(const GroupKernels& gk, const MatmulPart* parts, int n_pa
   }
   const int64_t n_in = parts[0].w->n_cols;
   assert(n_in % 32 == 0);
-  const Acts xv = prepare_acts(t, x, n_tok, n_in);
+  const Acts xv = prepare_acts(t, x, n_tok, n_in, pool);
   // Row groups of the parts laid end to end; each part's groups run as matmul would run them.
   int64_t total = 0;
   for (int k = 0; k < n_parts; ++k) total += packed_groups(*parts[k].w);

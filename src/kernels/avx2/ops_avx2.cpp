@@ -177,12 +177,13 @@ float dot_f16_impl(const uint16_t* a, const float* b, int64_t n) {
 
 // ---- quantized matmul over packed row groups ----------------------------------------------------
 
-// Quantizes n_tok rows of x (each n wide) for weight type t into the calling thread's scratch.
 // Tokens from which prepare_acts quantizes on the pool's threads: a batch's rows take tens of
 // microseconds on one thread, which the other would spend waiting; a decode token's row takes
 // less than a hand-off.
 constexpr int64_t kParallelActRows = 8;
 
+// Quantizes n_tok rows of x (each n wide) for weight type t into the calling thread's scratch
+// (the rows themselves on the pool's threads from kParallelActRows tokens).
 Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool& pool) {
   const int64_t n_blocks = n / 32;
   const bool q8_1 = act_type(t) == DType::Q8_1;

@@ -339,8 +339,8 @@ def main() -> int:
         "llama_cpp": {"package": "llama-cpp-python", "version": llama.version,
                       "flash_attn": args.flash_attn, "system_info": llama.system_info,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)")},
-        "kvlm": {k: kvlm_doc[k] for k in ("model", "weight_bytes", "kv_bytes_per_token", "n_batch",
-                                          "threads")} if kvlm_doc else None,
+        "kvlm": {k: kvlm_doc.get(k) for k in ("model", "weight_bytes", "kv_bytes_per_token",
+                                              "n_batch", "threads", "kernels")} if kvlm_doc else None,
         "membw": {"before": membw, "after": membw_after},
         "tests": rows,
         "roofline": roofline,
@@ -354,6 +354,11 @@ def main() -> int:
           f"K {args.ctk} / V {args.ctv}  |  {args.pairs} A/B pairs, medians")
     print(f"machine: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs, L3 {m.get('L3 cache', '?')}"
           f"  |  llama-cpp-python {llama.version} (flash attn {args.flash_attn}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})  |  {doc['started']}")
+    # What each engine runs on this CPU: kvlm's kernel variant (KVLM_KERNELS can force one) and
+    # the instruction sets llama.cpp was compiled for (its system info, features "= 1").
+    feats = [f.split("=")[0].strip() for f in llama.system_info.split("|") if f.strip().endswith("= 1")]
+    print(f"kvlm kernels: {(doc['kvlm'] or {}).get('kernels') or '?'}  |  llama.cpp CPU features: "
+          f"{' '.join(feats) or '?'}")
     print(f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}\n")
     print("| test | kvlm t/s | llama.cpp t/s | kvlm / llama.cpp |")
     print("| --- | ---: | ---: | ---: |")

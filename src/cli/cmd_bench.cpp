@@ -7,6 +7,12 @@
 //                tokens/s = N / time.
 //   ppP+tgN      (--pg P,N) P prompt tokens and N single-token steps, timed together;
 //                tokens/s = (P + N) / time. This is end-to-end "generate N after a P prompt".
+//   tgN xS @ dD  (-np S, S > 1) S sequences decoding together, as a server batches its users:
+//                each holds D context tokens (untimed), the first --shared of them the same for
+//                all and stored once (the blocks a prefix-cache hit shares), then N timed steps,
+//                each one forward pass over one token of every sequence through the paged cache
+//                (Model::forward_paged, 16-token blocks; what the scheduler runs, without sampling
+//                or HTTP). tokens/s = S x N / time.
 // Token ids are uniform random over the vocabulary from a fixed seed (llama-bench also feeds
 // random ids); the ids never change the arithmetic, only which embedding rows are read.
 // Every test runs once untimed first (pp: the whole prompt; tg: the context and one token, as
@@ -31,6 +37,9 @@
 #include "base/timer.h"
 #include "cli/common.h"
 #include "engine/session.h"
+#include "kernels/ops.h"
+#include "kv/block_pool.h"
+#include "kv/paged_kv.h"
 #include "model/model.h"
 
 namespace kvlm::cli {
@@ -43,6 +52,8 @@ struct BenchArgs {
   CacheFlags cache;  // types and layout; each test's context is depth + prompt + gen
   std::vector<int64_t> n_prompt = {512}, n_gen = {128}, depth = {0};
   std::vector<std::string> pg;  // "P,N" pairs
+  std::vector<int64_t> n_parallel = {1};  // sequences decoding together in tg tests
+  int64_t n_shared = 0;  // context tokens common to the sequences of a -np test
   int reps = 5;
   int threads = 0;
   int64_t n_batch = 512;
@@ -53,15 +64,20 @@ struct BenchTest {
   int64_t n_prompt = 0;  // timed prompt tokens (one feed)
   int64_t n_gen = 0;     // timed single-token steps
   int64_t depth = 0;     // untimed context before the timed part
+  int64_t n_seq = 1;     // sequences decoding together (tg only); > 1: the paged batch test
+  int64_t shared = 0;    // of depth, the tokens common to all n_seq sequences (stored once)
 
   int64_t n_ctx() const { return depth + n_prompt + n_gen; }
-  int64_t n_timed() const { return n_prompt + n_gen; }
+  int64_t n_timed() const { return (n_prompt + n_gen) * n_seq; }
   const char* kind() const { return n_gen == 0 ? "pp" : n_prompt == 0 ? "tg" : "pg"; }
   std::string name() const {
     std::string s = n_gen == 0   ? fmt::format("pp{}", n_prompt)
                     : n_prompt == 0 ? fmt::format("tg{}", n_gen)
                                     : fmt::format("pp{}+tg{}", n_prompt, n_gen);
-    return depth > 0 ? fmt::format("{} @ d{}", s, depth) : s;
+    if (n_seq > 1) s += fmt::format(" x{}", n_seq);
+    if (depth > 0) s += fmt::format(" @ d{}", depth);
+    if (n_seq > 1 && shared > 0) s += fmt::format(" ({} shared)", shared);
+    return s;
   }
 };
 
@@ -102,20 +118,99 @@ double run_once(Session& s, const BenchTest& t, int64_t n_gen_run, bool use_cach
   return timer.ms() / 1000.0;
 }
 
-BenchResult run_test(const Model& model, const BenchTest& t, const BenchArgs& a, KvOptions kvo,
-                     ThreadPool& pool) {
+// The -np test: t.n_seq sequences over one paged store. Context: sequence 0 is prefilled with
+// t.depth tokens; each other one shares its first t.shared / 16 whole blocks (append_shared, as a
+// prefix-cache hit) and prefills the rest of its depth with tokens of its own. A repetition is
+// t.n_gen timed steps of one forward_paged over one token per sequence, after which every sequence
+// is truncated back to its context.
+BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs& a,
+                        const KvOptions& kvo, ThreadPool& pool) {
+  constexpr int32_t kBlock = 16;
   const int32_t n_vocab = model.config().n_vocab;
-  if (!kvo.window) kvo.n_ctx = t.n_ctx();  // a window keeps its sinks + window and evicts
-  Session session(model, kvo, pool, a.n_batch);
+  KvShape shape = model.kv_shape(kvo.dtype_k, kvo.dtype_v);
+  shape.rotate = kvo.rotate;
+  const int64_t n_seq = t.n_seq, depth = t.depth;
+  const int64_t shared_blocks = std::min(t.shared, depth) / kBlock;
+  const int64_t seq_blocks = (t.n_ctx() + kBlock - 1) / kBlock;
+  const int64_t n_blocks = seq_blocks + (n_seq - 1) * (seq_blocks - shared_blocks);
+  if (n_blocks > (int64_t{1} << 30)) fail("{}: {} KV blocks are too many", t.name(), n_blocks);
+  BlockPool blocks({.n_blocks = static_cast<int32_t>(n_blocks), .block_size = kBlock,
+                    .audit = false});
+  PagedKvStore store(shape, static_cast<int32_t>(n_blocks), kBlock);
+  Scratch scratch;
+  std::mt19937 rng(kTokenSeed);
+  auto forward = [&](std::span<const PagedSeq> batch) {
+    model.forward_paged(batch, store, scratch, pool);
+  };
+  auto grow = [&](SeqId id, int64_t n) {
+    std::vector<BlockCopy> copies;
+    KVLM_CHECK(blocks.append(id, n, &copies) && copies.empty());  // sized above, nothing shared
+  };
+  // Context, untimed, in feeds of at most -b tokens.
+  for (SeqId id = 0; id < n_seq; ++id) {
+    blocks.add_seq(id);
+    int64_t pos = 0;
+    if (id > 0 && shared_blocks > 0) {
+      blocks.append_shared(id, blocks.block_table(0).subspan(0, static_cast<size_t>(shared_blocks)));
+      pos = shared_blocks * kBlock;
+    }
+    const std::vector<int32_t> ctx = random_tokens(rng, depth - pos, n_vocab);
+    grow(id, depth - pos);
+    for (int64_t i = 0; i < static_cast<int64_t>(ctx.size()); i += a.n_batch) {
+      const int64_t n = std::min<int64_t>(a.n_batch, static_cast<int64_t>(ctx.size()) - i);
+      const PagedSeq q{{ctx.data() + i, static_cast<size_t>(n)}, pos + i, blocks.block_table(id)};
+      forward({&q, 1});
+    }
+  }
+  const std::vector<int32_t> gen = random_tokens(rng, t.n_gen * n_seq, n_vocab);  // [n_gen, n_seq]
+  std::vector<PagedSeq> batch(static_cast<size_t>(n_seq));
+  auto run_once = [&](int64_t n_steps) {
+    Timer timer;
+    for (int64_t step = 0; step < n_steps; ++step) {
+      for (SeqId id = 0; id < n_seq; ++id) {
+        grow(id, 1);
+        batch[id] = {{gen.data() + step * n_seq + id, 1}, depth + step, blocks.block_table(id)};
+      }
+      forward(batch);
+    }
+    const double sec = timer.ms() / 1000.0;
+    for (SeqId id = 0; id < n_seq; ++id) blocks.truncate(id, depth);
+    return sec;
+  };
   BenchResult r;
   r.test = t;
-  run_once(session, t, std::min<int64_t>(t.n_gen, 1), !a.no_cache, n_vocab);  // warm-up
+  run_once(std::min<int64_t>(t.n_gen, 1));  // warm-up
   for (int i = 0; i < a.reps; ++i) {
-    const double sec = run_once(session, t, t.n_gen, !a.no_cache, n_vocab);
+    const double sec = run_once(t.n_gen);
     r.seconds.push_back(sec);
     r.tps.push_back(sec > 0 ? static_cast<double>(t.n_timed()) / sec : 0.0);
   }
-  r.kv = session.kv().stats();
+  r.kv.n_tokens = n_seq * depth;
+  r.kv.n_ctx = t.n_ctx();
+  r.kv.capacity = n_blocks * kBlock;
+  r.kv.bytes_allocated = store.bytes();
+  r.kv.bytes_used = static_cast<size_t>(blocks.stats().n_used) * PagedKvStore::block_bytes(shape, kBlock);
+  return r;
+}
+
+BenchResult run_test(const Model& model, const BenchTest& t, const BenchArgs& a, KvOptions kvo,
+                     ThreadPool& pool) {
+  BenchResult r;
+  if (t.n_seq > 1) {
+    r = run_batched(model, t, a, kvo, pool);
+  } else {
+    const int32_t n_vocab = model.config().n_vocab;
+    if (!kvo.window) kvo.n_ctx = t.n_ctx();  // a window keeps its sinks + window and evicts
+    Session session(model, kvo, pool, a.n_batch);
+    r.test = t;
+    run_once(session, t, std::min<int64_t>(t.n_gen, 1), !a.no_cache, n_vocab);  // warm-up
+    for (int i = 0; i < a.reps; ++i) {
+      const double sec = run_once(session, t, t.n_gen, !a.no_cache, n_vocab);
+      r.seconds.push_back(sec);
+      r.tps.push_back(sec > 0 ? static_cast<double>(t.n_timed()) / sec : 0.0);
+    }
+    r.kv = session.kv().stats();
+  }
   const double n = static_cast<double>(r.tps.size());
   for (double v : r.tps) r.mean += v / n;
   if (r.tps.size() > 1) {
@@ -142,9 +237,12 @@ std::vector<BenchTest> plan(const BenchArgs& a) {
   for (int64_t p : a.n_prompt)
     if (p > 0)
       for (int64_t d : a.depth) tests.push_back({.n_prompt = p, .n_gen = 0, .depth = d});
-  for (int64_t g : a.n_gen)
-    if (g > 0)
-      for (int64_t d : a.depth) tests.push_back({.n_prompt = 0, .n_gen = g, .depth = d});
+  for (int64_t np : a.n_parallel)
+    for (int64_t g : a.n_gen)
+      if (g > 0)
+        for (int64_t d : a.depth)
+          tests.push_back({.n_prompt = 0, .n_gen = g, .depth = d, .n_seq = np,
+                           .shared = np > 1 ? std::min(a.n_shared, d) : 0});
   for (const std::string& s : a.pg) {
     const auto [p, g] = parse_pg(s).value();  // validated by the option's check
     for (int64_t d : a.depth) tests.push_back({.n_prompt = p, .n_gen = g, .depth = d});
@@ -173,6 +271,10 @@ int run_bench(const BenchArgs& a) {
     if (c.arch->pos == PosKind::Learned && t.n_ctx() > c.n_ctx_train)
       fail("{} needs {} positions but this model has learned only {} (lower -d, -p or -n)",
            t.name(), t.n_ctx(), c.n_ctx_train);
+  const bool batched = std::any_of(tests.begin(), tests.end(), [](auto& t) { return t.n_seq > 1; });
+  if (batched && (a.no_cache || kvo.window || kvo.n_keep >= 0 || kvo.kivi_residual >= 0))
+    fail("-np above 1 runs the paged cache with plain rows: it does not combine with --no-cache, "
+         "a window, --keep or --kv-residual");
 
   ThreadPool pool(a.threads);
   const KvShape shape = model->kv_shape(ctk, ctv);
@@ -180,18 +282,22 @@ int run_bench(const BenchArgs& a) {
       fmt::format("{}, {}", describe_cache(kvo),
                   a.no_cache ? "cache off (--no-cache: whole prefix recomputed every step)"
                              : "cache on");
+  // The table's test column fits the longest name (a -np test's is long).
+  size_t w = 22;
+  for (const BenchTest& t : tests) w = std::max(w, t.name().size());
   if (!a.json) {
     fmt::print("model:   {} ({}, {} layers, {}/{} heads, vocab {}), {}\n", c.name, c.arch->name,
                c.n_layer, c.n_head, c.n_kv_head, c.n_vocab, path);
     fmt::print("weights: {} read per decoded token; file {}\n",
                human_bytes(static_cast<double>(model->weight_bytes())),
                human_bytes(static_cast<double>(model->gguf().file_size())));
-    fmt::print("setup:   {} threads, batch {}, {}, {} bytes/token of KV\n", pool.size(),
-               a.n_batch, cache_desc, kv_bytes_per_token(shape));
+    fmt::print("setup:   {} threads, {} kernels, batch {}, {}, {} bytes/token of KV\n",
+               pool.size(), kernels::kernels_backend(), a.n_batch, cache_desc,
+               kv_bytes_per_token(shape));
     fmt::print("method:  {} rep(s) after 1 untimed warm-up; random token ids (seed {})\n\n",
                a.reps, kTokenSeed);
-    fmt::print("| {:<22} | {:>20} | {:>12} |\n", "test", "t/s", "KV allocated");
-    fmt::print("| {:-<22} | {:->20}:| {:->12}:|\n", "", "", "");
+    fmt::print("| {:<{}} | {:>20} | {:>12} |\n", "test", w, "t/s", "KV allocated");
+    fmt::print("| {:-<{}} | {:->20}:| {:->12}:|\n", "", w, "", "");
     std::fflush(stdout);
   }
 
@@ -200,7 +306,7 @@ int run_bench(const BenchArgs& a) {
     results.push_back(run_test(*model, t, a, kvo, pool));
     if (!a.json) {
       const BenchResult& r = results.back();
-      fmt::print("| {:<22} | {:>20} | {:>12} |\n", t.name(), rate_str(r),
+      fmt::print("| {:<{}} | {:>20} | {:>12} |\n", t.name(), w, rate_str(r),
                  human_bytes(static_cast<double>(r.kv.bytes_allocated)));
       std::fflush(stdout);
     }
@@ -220,6 +326,7 @@ int run_bench(const BenchArgs& a) {
                 {"file_bytes", model->gguf().file_size()}};
   j["weight_bytes"] = model->weight_bytes();
   j["threads"] = pool.size();
+  j["kernels"] = kernels::kernels_backend();
   j["n_batch"] = a.n_batch;
   j["cache_type_k"] = dtype_name(ctk);
   j["cache_type_v"] = dtype_name(ctv);
@@ -235,6 +342,8 @@ int run_bench(const BenchArgs& a) {
                           {"n_prompt", r.test.n_prompt},
                           {"n_gen", r.test.n_gen},
                           {"depth", r.test.depth},
+                          {"n_seq", r.test.n_seq},
+                          {"shared", r.test.shared},
                           {"n_tokens_timed", r.test.n_timed()},
                           {"seconds", r.seconds},
                           {"tokens_per_s", {{"mean", r.mean}, {"sd", r.sd}, {"samples", r.tps}}},
@@ -272,6 +381,17 @@ Command add_bench(CLI::App& app) {
             return parse_pg(s) ? std::string() : "'" + s + "' is not PROMPT,GEN (e.g. --pg 256,256)";
           },
           "PROMPT,GEN"));
+  cmd->add_option("--parallel", b->n_parallel,
+                  "(-np) sequences decoding together in tg tests, comma list (> 1: one batched step "
+                  "per token over a paged cache, as kvlm serve runs its users)")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t{1}, int64_t{1024}))
+      ->capture_default_str();
+  cmd->add_option("--shared", b->n_shared,
+                  "with -np: context tokens common to all sequences, stored once (whole "
+                  "16-token blocks; a shared system prompt)")
+      ->check(count)
+      ->capture_default_str();
   cmd->add_option("-r,--repetitions", b->reps, "timed repetitions per test")
       ->check(CLI::Range(1, 10000))
       ->capture_default_str();

@@ -485,6 +485,28 @@ class Bench(unittest.TestCase):
         self.assertEqual(t["name"], "tg8 @ d40")
         self.assertEqual(t["kv_bytes"]["allocated"], 20 * doc["kv_bytes_per_token"])  # bounded
 
+    def test_parallel_sequences(self):
+        """-np S: S sequences decode together over one paged store, --shared tokens stored once."""
+        import json
+        rc, out, err = run("bench", "-m", TINY, "-p", "0", "-n", "4", "-d", "40", "-np", "1,3",
+                           "--shared", "20", "-r", "2", "--json")
+        self.assertEqual(rc, 0, err)
+        doc = json.loads(out)
+        self.assertIn(doc["kernels"], ("avx2-vnni", "avx2", "scalar"))
+        one, three = doc["tests"]
+        self.assertEqual(one["name"], "tg4 @ d40")
+        self.assertEqual((one["n_seq"], one["shared"], one["n_tokens_timed"]), (1, 0, 4))
+        self.assertEqual(three["name"], "tg4 x3 @ d40 (20 shared)")
+        self.assertEqual((three["n_seq"], three["shared"], three["n_tokens_timed"]), (3, 20, 12))
+        self.assertTrue(all(x > 0 for x in three["tokens_per_s"]["samples"]))
+        # 16-token blocks: each sequence needs ceil(44 / 16) = 3; the first of them (20 shared
+        # tokens hold one whole block) is stored once: 3 + 2 x 2 blocks of 16 positions.
+        self.assertEqual(three["kv_bytes"]["allocated"], 7 * 16 * doc["kv_bytes_per_token"])
+        rc, out, err = run("bench", "-m", TINY, "-p", "0", "-n", "4", "-d", "40", "-np", "3",
+                           "--shared", "20", "-r", "1")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("| tg4 x3 @ d40 (20 shared) ", out)
+
     def test_bad_input(self):
         bench = ["bench", "-m", TINY, "-p", "8", "-n", "4"]
         cases = [
@@ -497,6 +519,9 @@ class Bench(unittest.TestCase):
             (["bench", "-m", TINY, "-p", "0", "-n", "0"], 2, "nothing to run"),
             (bench + ["-ctk", "q9_9"], 1, "q9_9"),
             (["bench", "-m", "/nonexistent/model.gguf"], 1, "/nonexistent/model.gguf"),
+            (bench + ["-np", "0"], 2, "parallel"),
+            (bench + ["-np", "2", "--no-cache"], 1, "-np"),
+            (bench + ["-np", "2", "--kv-window", "16"], 1, "-np"),
         ]
         for args, code, needle in cases:
             with self.subTest(args=args):

@@ -1,0 +1,91 @@
+// Kernel microbenchmarks (Google Benchmark), for before/after numbers of kernel changes. Not a
+// test: nothing here checks results (tests/kernels does, against the scalar twins).
+//
+//   build/bin/kvlm_kernels_bench --benchmark_filter=AttnF16 --benchmark_repetitions=5
+//
+// AttnF16/<n_q>/<mode>: kernels::attn_chunk_f16 over one 256-position chunk of one KV head with
+// SmolLM2's head size (64), the way decode attention calls it: n_q query heads (the GQA group,
+// 3 for SmolLM2), rows reached through pointers into blocks of 16 positions (rows of all 3 KV
+// heads, 384 bytes, as the cache stores them). mode 0: the same chunk every call (its rows stay
+// in L1/L2); mode 1: each call reads the next of 256 chunks of blocks picked at random from a
+// 64 MiB arena, so its rows come from memory, as in serving where every sequence reads its own
+// history once per layer; mode 2: the same but the blocks of a chunk are consecutive, as one
+// sequence's contiguous cache (decode at depth). Counter ns_per_qpos: nanoseconds per (query
+// head, position) pair, the unit docs/BENCHMARKS.md uses for attention.
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "base/aligned.h"
+#include "kernels/ops.h"
+#include "tensor/dtype.h"
+
+namespace kvlm {
+namespace {
+
+constexpr int64_t kHeadDim = 64;
+constexpr int64_t kChunk = 256;       // positions per call (forward.cpp's kAttnChunk)
+constexpr int64_t kBlock = 16;        // positions per paged block
+constexpr int64_t kKvHeads = 3;       // a cache row holds all KV heads of a position
+constexpr int64_t kArenaBytes = 64 << 20;
+
+void BM_AttnF16(benchmark::State& state) {
+  const int64_t n_q = state.range(0);
+  const int64_t mode = state.range(1);  // 0 hot, 1 cold paged, 2 cold contiguous
+  const bool cold = mode != 0;
+  const int64_t row_bytes = kKvHeads * kHeadDim * 2;            // one position of K (or V)
+  const int64_t n_rows = kArenaBytes / (2 * row_bytes);         // positions the arena holds
+  const int64_t n_blocks = n_rows / kBlock;
+  AlignedBuffer k_arena(static_cast<size_t>(n_rows * row_bytes));  // [n_rows, kv_heads, hd] f16
+  AlignedBuffer v_arena(static_cast<size_t>(n_rows * row_bytes));
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      uint16_t* kr = k_arena.as<uint16_t>() + r * kKvHeads * kHeadDim;
+      uint16_t* vr = v_arena.as<uint16_t>() + r * kKvHeads * kHeadDim;
+      for (int64_t d = 0; d < kKvHeads * kHeadDim; ++d) kr[d] = fp32_to_fp16(nd(rng));
+      for (int64_t d = 0; d < kKvHeads * kHeadDim; ++d) vr[d] = fp32_to_fp16(nd(rng));
+    }
+  }
+  // Chunks of kChunk positions, each from kChunk / kBlock blocks picked at random (a block
+  // table), head 1 of each row.
+  const int64_t n_tables = cold ? 256 : 1;
+  std::vector<const uint16_t*> k_rows(static_cast<size_t>(n_tables * kChunk));
+  std::vector<const uint16_t*> v_rows(k_rows.size());
+  std::uniform_int_distribution<int64_t> pick(0, n_blocks - 1);
+  for (int64_t t = 0; t < n_tables; ++t)
+    for (int64_t b = 0; b < kChunk / kBlock; ++b) {
+      // mode 2: consecutive blocks, as one sequence's contiguous cache (KvCache) holds them.
+      const int64_t blk = mode == 2 ? (t * kChunk / kBlock + b) % n_blocks : pick(rng);
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int64_t row = blk * kBlock + j, i = t * kChunk + b * kBlock + j;
+        k_rows[i] = k_arena.as<uint16_t>() + row * kKvHeads * kHeadDim + kHeadDim;
+        v_rows[i] = v_arena.as<uint16_t>() + row * kKvHeads * kHeadDim + kHeadDim;
+      }
+    }
+  std::vector<float> q(static_cast<size_t>(n_q * kHeadDim)), o(q.size()), m(n_q), l(n_q);
+  for (float& x : q) x = nd(rng) * 0.3f;
+  kernels::round_to_f16(q.data(), q.data(), n_q * kHeadDim);  // as attention() rounds q
+  std::vector<float> work(static_cast<size_t>(n_q * kChunk + 2 * kChunk * kHeadDim));
+  const float scale = 0.125f;
+  int64_t t = 0;
+  for (auto _ : state) {
+    kernels::attn_chunk_f16(k_rows.data() + t * kChunk, v_rows.data() + t * kChunk, kChunk,
+                            kHeadDim, q.data(), n_q, scale, m.data(), l.data(), o.data(),
+                            work.data());
+    benchmark::DoNotOptimize(o.data());
+    if (++t == n_tables) t = 0;
+  }
+  const double pairs = static_cast<double>(state.iterations()) * n_q * kChunk;
+  state.counters["ns_per_qpos"] =
+      benchmark::Counter(pairs, benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+BENCHMARK(BM_AttnF16)->Name("AttnF16")->ArgsProduct({{1, 3}, {0, 1, 2}});
+
+}  // namespace
+}  // namespace kvlm
+
+BENCHMARK_MAIN();

@@ -13,11 +13,18 @@
 // Spinning needs the cores to ourselves. On an oversubscribed machine (ctest -j, other jobs) a
 // spinning thread waits out whole time slices of a partner that is not running: with a fixed
 // 200 us spin two 2-thread decoders on 2 cores ran at 14 tok/s each, against ~100 for a sleeping
-// pool. So every kCheckEvery sections the caller reads its involuntary context switches
-// (getrusage): kBusySwitches or more since the last check mean other threads want our cores, and
-// the pool sleeps instead of spinning until a check finds the machine quiet again (measured: 190
-// tok/s quiet, 80 each with two decoders; docs/BENCHMARKS.md). KVLM_SPIN_US sets the spin bound
-// (default kSpinMicros; 0: never spin).
+// pool. So every kCheckEvery sections the caller measures how long the pool's threads sat
+// runnable but not running (the run-queue wait the kernel keeps per thread, the second field of
+// /proc/<tid>/schedstat): kBusyWaitPercent or more of the window's wall time per thread means
+// another process wants our cores, and the pool sleeps instead of spinning until a check finds
+// the wait small again. Short-lived threads of our own (a server's HTTP threads waking for each
+// streamed token) preempt the pool a few microseconds at a time and stay far below the bound;
+// a competing CPU-bound process costs tens of percent (measured on a 2-core VM, per check: a
+// quiet decode 0-3%, 16 streamed users mostly under 8%, a second 2-thread decoder or one
+// CPU-bound process ~30%; docs/BENCHMARKS.md). (An earlier check counted involuntary
+// context switches, which cannot tell the two apart: serving 16 users slept at most sections,
+// docs/BENCHMARKS.md. It remains the fallback where schedstat cannot be read.) KVLM_SPIN_US sets
+// the spin bound (default kSpinMicros; 0: never spin).
 #pragma once
 
 #include <atomic>
@@ -29,6 +36,10 @@
 #include <vector>
 
 namespace kvlm {
+
+// Nanoseconds the calling thread has spent runnable but not running since it started (the
+// kernel's run-queue wait, /proc/thread-self/schedstat), or -1 where the kernel does not say.
+int64_t this_thread_run_wait_ns();
 
 class ThreadPool {
  public:
@@ -48,6 +59,10 @@ class ThreadPool {
 
   // Longest spin of a waiting thread before it sleeps, microseconds.
   static constexpr int kSpinMicros = 200;
+
+  // True while waiting threads spin before sleeping (the last busy check found the machine
+  // quiet and KVLM_SPIN_US is not 0).
+  bool spinning() const { return spin_micros_.load(std::memory_order_relaxed) > 0; }
 
  private:
   void worker(int index);
@@ -81,10 +96,19 @@ class ThreadPool {
   std::atomic<int> n_caller_sleeping_{0};  // likewise under mu_, for the last worker to notify
   std::atomic<int> spin_micros_{kSpinMicros};  // the bound now: 0 or max_spin_
   int max_spin_ = kSpinMicros;                 // KVLM_SPIN_US or kSpinMicros
-  uint64_t n_sections_ = 0;   // parallel_for calls that used the workers (caller's thread only)
-  int64_t last_nivcsw_ = 0;   // the caller's involuntary context switches at the last check
+  // The busy check (caller's thread only, except where noted).
+  void check_busy();
+  uint64_t n_sections_ = 0;   // parallel_for calls that used the workers
+  // [n_threads] each thread's open /proc/thread-self/schedstat, -1 when unavailable: [0] is the
+  // caller's (reopened when another thread calls), [i > 0] worker i's, set by the worker itself.
+  std::vector<std::atomic<int>> stat_fds_;
+  long caller_tid_ = 0;       // the thread stat_fds_[0] belongs to
+  int64_t last_wait_ns_ = -1; // sum of the threads' run-queue waits at the last check; -1: none
+  int64_t last_check_ns_ = 0; // steady clock at the last check
+  int64_t last_nivcsw_ = 0;   // fallback: the caller's involuntary context switches
   static constexpr uint64_t kCheckEvery = 64;
-  static constexpr int64_t kBusySwitches = 2;
+  static constexpr int64_t kBusyWaitPercent = 10;
+  static constexpr int64_t kBusySwitches = 2;  // fallback bound
 };
 
 }  // namespace kvlm

@@ -9,6 +9,9 @@
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
+#include <sched.h>
+
 #include "base/thread_pool.h"
 
 namespace kvlm {
@@ -94,6 +97,75 @@ TEST(ThreadPool, DestroysCleanlyWhileWorkersSpinOrSleep) {
     ThreadPool pool(2);
     check_sections(pool, 2, 10, 1, i % 2 == 0);
   }
+}
+
+// Spins for `ms` milliseconds of wall time.
+void spin_for_ms(int ms) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+  while (std::chrono::steady_clock::now() < end) {
+  }
+}
+
+bool pin_to_cpu(pthread_t t, int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(t, sizeof set, &set) == 0;
+}
+
+// The busy check's measure: a thread sharing its core with a spinning thread waits in the run
+// queue for a large part of the wall time (about half; at least a fifth asked here).
+TEST(ThreadPool, RunQueueWaitGrowsWhenACoreIsShared) {
+  if (this_thread_run_wait_ns() < 0) GTEST_SKIP() << "no /proc/thread-self/schedstat here";
+  cpu_set_t old;
+  ASSERT_EQ(pthread_getaffinity_np(pthread_self(), sizeof old, &old), 0);
+  const int cpu = sched_getcpu();
+  ASSERT_GE(cpu, 0);
+  std::atomic<bool> stop{false};
+  std::thread hog([&] {
+    while (!stop.load(std::memory_order_relaxed)) {
+    }
+  });
+  ASSERT_TRUE(pin_to_cpu(pthread_self(), cpu));
+  ASSERT_TRUE(pin_to_cpu(hog.native_handle(), cpu));
+  const int64_t w0 = this_thread_run_wait_ns();
+  const auto t0 = std::chrono::steady_clock::now();
+  spin_for_ms(300);
+  const int64_t w1 = this_thread_run_wait_ns();
+  const int64_t wall = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           std::chrono::steady_clock::now() - t0)
+                           .count();
+  stop.store(true);
+  hog.join();
+  pthread_setaffinity_np(pthread_self(), sizeof old, &old);
+  EXPECT_GE((w1 - w0) * 5, wall) << "waited " << (w1 - w0) / 1000 << " us of " << wall / 1000;
+}
+
+// With a spinning thread on every CPU, the pool's threads wait in the run queue at every check
+// and the pool stops spinning (spinning there waits out the other threads' time slices).
+TEST(ThreadPool, StopsSpinningWhenEveryCoreIsTaken) {
+  if (this_thread_run_wait_ns() < 0) GTEST_SKIP() << "no /proc/thread-self/schedstat here";
+  ThreadPool pool(2);
+  const int n_cpu = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> hogs;
+  for (int i = 0; i < n_cpu; ++i)
+    hogs.emplace_back([&] {
+      while (!stop.load(std::memory_order_relaxed)) {
+      }
+    });
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  std::atomic<int64_t> sink{0};
+  while (std::chrono::steady_clock::now() < end)
+    pool.parallel_for(64, [&](int64_t b, int64_t e, int) {
+      int64_t acc = 0;
+      for (int64_t i = b * 1000; i < e * 1000; ++i) acc += i ^ (acc >> 3);
+      sink.fetch_add(acc, std::memory_order_relaxed);
+    });
+  const bool spinning = pool.spinning();
+  stop.store(true);
+  for (auto& h : hogs) h.join();
+  EXPECT_FALSE(spinning);
 }
 
 }  // namespace

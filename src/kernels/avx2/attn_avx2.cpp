@@ -65,6 +65,7 @@ struct TileRows {
   }
   float at(int64_t j, int64_t d) const { return base[j * hd + d]; }
   void prefetch(int64_t, int64_t) const {}  // a tile is in cache already
+  void prefetch_l2(int64_t, int64_t) const {}
 };
 struct F16Rows {  // hd % 8 == 0 (no partial chunks)
   const uint16_t* const* rows;  // [n] pointers to hd f16 values
@@ -78,6 +79,12 @@ struct F16Rows {  // hd % 8 == 0 (no partial chunks)
   void prefetch(int64_t j, int64_t hd) const {
     const char* p = reinterpret_cast<const char*>(rows[j]);
     for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  }
+  // The same into L2 only: V rows asked for during the score pass, a whole pass before the
+  // weighted sums read them (a chunk's K and V together overflow a 32 KiB L1).
+  void prefetch_l2(int64_t j, int64_t hd) const {
+    const char* p = reinterpret_cast<const char*>(rows[j]);
+    for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
   }
 };
 
@@ -137,64 +144,157 @@ void weighted_sum(const float* w, const Rows& v, int64_t n, int64_t d0, float* o
   for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
 }
 
+// Softmax of one query's scores s[n] in place: m = max, s[j] = exp(s[j] - m), l = sum of them
+// (8 lanes over j, folded at the end; the masked tail's dead lanes read as -inf / add 0).
+inline void softmax_partial(float* s, int64_t n, float* m, float* l) {
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+  float mx = hmax(vmax);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  if (j < n) {
+    const __m256i mk = first_lanes(n - j);
+    const __m256 e = _mm256_and_ps(
+        exp_ps(_mm256_sub_ps(_mm256_maskload_ps(s + j, mk), vm)), _mm256_castsi256_ps(mk));
+    _mm256_maskstore_ps(s + j, mk, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  *m = mx;
+  *l = hsum(vsum);
+}
+
+// One query at a time: scores8 / dot_hd, softmax, weighted_sum over all of hd.
+template <class Rows>
+void attn_one(const Rows& k, const Rows& v, int64_t n, int64_t hd, const float* qa, float scale,
+              float* m, float* l, float* oa, float* s, bool prefetch_k) {
+  int64_t j8 = 0;
+  if (hd % 8 == 0)
+    for (; j8 + 8 <= n; j8 += 8) {
+      if (prefetch_k)
+        for (int64_t r = j8 + kPrefetchRows; r < std::min(n, j8 + kPrefetchRows + 8); ++r)
+          k.prefetch(r, hd);
+      scores8(k, j8, qa, hd, scale, s + j8);
+    }
+  for (int64_t j = j8; j < n; ++j) s[j] = dot_hd(k, j, qa, hd) * scale;
+  softmax_partial(s, n, m, l);
+  int64_t d0 = 0;
+  for (; d0 + 64 <= hd; d0 += 64) weighted_sum<8>(s, v, n, d0, oa);
+  switch ((hd - d0) / 8) {
+    case 7: weighted_sum<7>(s, v, n, d0, oa); break;
+    case 6: weighted_sum<6>(s, v, n, d0, oa); break;
+    case 5: weighted_sum<5>(s, v, n, d0, oa); break;
+    case 4: weighted_sum<4>(s, v, n, d0, oa); break;
+    case 3: weighted_sum<3>(s, v, n, d0, oa); break;
+    case 2: weighted_sum<2>(s, v, n, d0, oa); break;
+    case 1: weighted_sum<1>(s, v, n, d0, oa); break;
+    default: break;
+  }
+  d0 += (hd - d0) / 8 * 8;
+  for (int64_t d = d0; d < hd; ++d) {  // hd % 8 leftover dims, scalar FMA in j order
+    float acc = 0;
+    for (int64_t jj = 0; jj < n; ++jj) acc = std::fma(s[jj], v.at(jj, d), acc);
+    oa[d] = acc;
+  }
+}
+
+// s_a[j0 .. j0 + 4) = scale * dot(q_a, k[j]) for G queries at once, hd % 8 == 0: each row's 8
+// values are loaded (and converted, for f16 rows) once for all G queries. Per (query, position)
+// the arithmetic is scores8's exactly: one 8-lane accumulator, FMA in dim order, and the same
+// fold ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) (a hadd tree over 4 positions gives
+// each position the tree scores8 gives it over 8), then times scale.
+template <int G, class Rows>
+inline void scores4_group(const Rows& k, int64_t j0, const float* q, int64_t hd, float scale,
+                          float* s, int64_t n) {
+  __m256 acc[G][4];
+  for (int a = 0; a < G; ++a)
+    for (int r = 0; r < 4; ++r) acc[a][r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 8)
+    for (int r = 0; r < 4; ++r) {
+      const __m256 kr = k.load(j0 + r, d);
+      for (int a = 0; a < G; ++a)
+        acc[a][r] = _mm256_fmadd_ps(kr, _mm256_loadu_ps(q + a * hd + d), acc[a][r]);
+    }
+  for (int a = 0; a < G; ++a) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[a][0], acc[a][1]),
+                                    _mm256_hadd_ps(acc[a][2], acc[a][3]));
+    // h = [lo(p0) lo(p1) lo(p2) lo(p3) | hi(p0) hi(p1) hi(p2) hi(p3)]
+    const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(s + a * n + j0, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+  }
+}
+
+// o_a[d0 .. d0 + 8 NV) = sum_j w_a[j] v[j, d0 ..] for G queries at once (w_a = w + a * n, o_a =
+// o + a * hd): each row's values are loaded (and converted) once for all G queries; per output
+// the arithmetic is weighted_sum's (one FMA per position, in j order).
+template <int G, int NV, class Rows>
+void weighted_sum_group(const float* w, const Rows& v, int64_t n, int64_t hd, int64_t d0,
+                        float* o) {
+  __m256 acc[G][NV];
+  for (int a = 0; a < G; ++a)
+    for (int i = 0; i < NV; ++i) acc[a][i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    if (d0 == 0 && j + kPrefetchRows < n) v.prefetch(j + kPrefetchRows, hd);
+    __m256 wj[G];
+    for (int a = 0; a < G; ++a) wj[a] = _mm256_broadcast_ss(w + a * n + j);
+    for (int i = 0; i < NV; ++i) {
+      const __m256 vv = v.load(j, d0 + 8 * i);
+      for (int a = 0; a < G; ++a) acc[a][i] = _mm256_fmadd_ps(wj[a], vv, acc[a][i]);
+    }
+  }
+  for (int a = 0; a < G; ++a)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + a * hd + d0 + 8 * i, acc[a][i]);
+}
+
+// G queries (q: [G, hd], s: [G, n] at stride n, o: [G, hd]) over the same rows, hd % 8 == 0.
+// Each query's numbers equal attn_one's bit for bit; what is shared is the loads and f16
+// conversions of the rows, which otherwise cost as much as the FMAs (a 256-bit vcvtph2ps issues
+// on the FMA pipes of some cores, e.g. Zen 4).
+template <int G, class Rows>
+void attn_group(const Rows& k, const Rows& v, int64_t n, int64_t hd, const float* q, float scale,
+                float* m, float* l, float* o, float* s) {
+  const int64_t n8 = n / 8 * 8;  // scores8's positions: whole groups of 8 from the start
+  for (int64_t j0 = 0; j0 < n8; j0 += 4) {
+    for (int64_t r = j0 + kPrefetchRows; r < std::min(n, j0 + kPrefetchRows + 4); ++r) {
+      k.prefetch(r, hd);
+      v.prefetch_l2(r, hd);
+    }
+    scores4_group<G>(k, j0, q, hd, scale, s, n);
+  }
+  for (int a = 0; a < G; ++a) {
+    for (int64_t j = n8; j < n; ++j) s[a * n + j] = dot_hd(k, j, q + a * hd, hd) * scale;
+    softmax_partial(s + a * n, n, m + a, l + a);
+  }
+  int64_t d0 = 0;
+  for (; d0 + 32 <= hd; d0 += 32) weighted_sum_group<G, 4>(s, v, n, hd, d0, o);
+  switch ((hd - d0) / 8) {
+    case 3: weighted_sum_group<G, 3>(s, v, n, hd, d0, o); break;
+    case 2: weighted_sum_group<G, 2>(s, v, n, hd, d0, o); break;
+    case 1: weighted_sum_group<G, 1>(s, v, n, hd, d0, o); break;
+    default: break;
+  }
+}
+
+// Queries in groups of 3 (a GQA group of SmolLM2; 3 + 3 + 2 for 8), a last single one alone.
 template <class Rows>
 void attn_chunk_impl(const Rows& k, const Rows& v, int64_t n, int64_t hd, const float* q,
                      int64_t n_q, float scale, float* m, float* l, float* o, float* work) {
-  for (int64_t a = 0; a < n_q; ++a) {
-    const float* qa = q + a * hd;  // [hd]
-    float* s = work + a * n;       // [n] scores, then weights
-    int64_t j8 = 0;
-    if (hd % 8 == 0)
-      for (; j8 + 8 <= n; j8 += 8) {
-        // The first query brings the chunk's K in; the next ones find it cached.
-        if (a == 0)
-          for (int64_t r = j8 + kPrefetchRows; r < std::min(n, j8 + kPrefetchRows + 8); ++r)
-            k.prefetch(r, hd);
-        scores8(k, j8, qa, hd, scale, s + j8);
-      }
-    for (int64_t j = j8; j < n; ++j) s[j] = dot_hd(k, j, qa, hd) * scale;
-    // max and exp/sum over j in 8 lanes; the masked tail's dead lanes read as -inf / add 0.
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-    float mx = hmax(vmax);
-    for (; j < n; ++j) mx = std::max(mx, s[j]);
-    const __m256 vm = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-      _mm256_storeu_ps(s + j, e);
-      vsum = _mm256_add_ps(vsum, e);
+  int64_t a = 0;
+  if (hd % 8 == 0)
+    for (; n_q - a >= 2; a += std::min<int64_t>(3, n_q - a)) {
+      if (n_q - a >= 3)
+        attn_group<3>(k, v, n, hd, q + a * hd, scale, m + a, l + a, o + a * hd, work + a * n);
+      else
+        attn_group<2>(k, v, n, hd, q + a * hd, scale, m + a, l + a, o + a * hd, work + a * n);
     }
-    if (j < n) {
-      const __m256i mk = first_lanes(n - j);
-      const __m256 e = _mm256_and_ps(
-          exp_ps(_mm256_sub_ps(_mm256_maskload_ps(s + j, mk), vm)), _mm256_castsi256_ps(mk));
-      _mm256_maskstore_ps(s + j, mk, e);
-      vsum = _mm256_add_ps(vsum, e);
-    }
-    m[a] = mx;
-    l[a] = hsum(vsum);
-    float* oa = o + a * hd;  // [hd]
-    int64_t d0 = 0;
-    for (; d0 + 64 <= hd; d0 += 64) weighted_sum<8>(s, v, n, d0, oa);
-    switch ((hd - d0) / 8) {
-      case 7: weighted_sum<7>(s, v, n, d0, oa); break;
-      case 6: weighted_sum<6>(s, v, n, d0, oa); break;
-      case 5: weighted_sum<5>(s, v, n, d0, oa); break;
-      case 4: weighted_sum<4>(s, v, n, d0, oa); break;
-      case 3: weighted_sum<3>(s, v, n, d0, oa); break;
-      case 2: weighted_sum<2>(s, v, n, d0, oa); break;
-      case 1: weighted_sum<1>(s, v, n, d0, oa); break;
-      default: break;
-    }
-    d0 += (hd - d0) / 8 * 8;
-    for (int64_t d = d0; d < hd; ++d) {  // hd % 8 leftover dims, scalar FMA in j order
-      float acc = 0;
-      for (int64_t jj = 0; jj < n; ++jj) acc = std::fma(s[jj], v.at(jj, d), acc);
-      oa[d] = acc;
-    }
-  }
+  for (; a < n_q; ++a)
+    attn_one(k, v, n, hd, q + a * hd, scale, m + a, l + a, o + a * hd, work + a * n, a == 0);
 }
 
 }  // namespace

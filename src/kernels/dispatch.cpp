@@ -3,6 +3,7 @@
 // costs one indirect call, with no CPU-feature test or getenv in per-row loops.
 #include "kernels/dispatch.h"
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -164,6 +165,15 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work) {
   table().attn_chunk(k, v, n, hd, q, n_q, scale, m, l, o, work);
+}
+
+// Not dispatched: __builtin_prefetch is a hint every target accepts (locality 2: L2 and up).
+void prefetch_rows_l2(const void* const* rows, int64_t n, int64_t n_bytes) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[j]);
+    for (uintptr_t line = a & ~uintptr_t{63}; line < a + n_bytes; line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+  }
 }
 
 void attn_chunk_f16(const uint16_t* const* k_rows, const uint16_t* const* v_rows, int64_t n,

@@ -87,6 +87,11 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work);
 
+// Asks for bytes [0, n_bytes) of each of n rows to be brought into L2, without waiting (a hint:
+// no arithmetic, no fault on any address). Attention calls it for the rows of its next work item
+// while the current one computes, so their memory latency overlaps that work.
+void prefetch_rows_l2(const void* const* rows, int64_t n, int64_t n_bytes);
+
 // attn_chunk over f16 rows read in place: row j of K is k_rows[j][0 .. hd), of V v_rows[j]
 // (e.g. one head of cached positions, wherever their blocks are). Equals attn_chunk over the same
 // rows dequantized to f32 bit for bit (f16 -> f32 is exact), so a decode step that reads the cache

@@ -44,8 +44,8 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.gate, B * c.n_ff);
   grow(s.up, B * c.n_ff);
   // K and V tiles, scores, q in f16, outputs, max and sum (see attention()).
-  // Then 2 x kAttnChunk row pointers (8 bytes = 2 floats each).
-  s.scores_per_thread = attn_ptr_offset(c.head_dim, c.n_gqa()) + 4 * kAttnChunk;
+  // Then 2 x 2 x kAttnChunk row pointers (8 bytes = 2 floats each): this job's and the next's.
+  s.scores_per_thread = attn_ptr_offset(c.head_dim, c.n_gqa()) + 8 * kAttnChunk;
   grow(s.scores, s.n_threads * s.scores_per_thread);
   const int64_t max_chunks = (s.n_ctx + kAttnChunk - 1) / kAttnChunk;
   grow(s.attn_part, std::min<int64_t>(s.n_batch, kAttnTokens) * c.n_head * max_chunks * (c.head_dim + 2));
@@ -111,6 +111,23 @@ void load_rows(const KvLayerView& kv, DType t, const uint8_t* base, size_t row_b
   }
 }
 
+// An f16 cache is read in place by attn_chunk_f16 (plain rows; KIVI's sealed K is not f16).
+bool reads_in_place(const KvLayerView& kv) {
+  return kv.kivi_residual < 0 && kv.dtype_k == DType::F16 && kv.dtype_v == DType::F16;
+}
+
+// Pointers to KV head g (of n_kv) of the K and V rows of positions [j0, j1) of a plain cache (any
+// row type; attn_chunk_f16 reads them as f16).   k_rows, v_rows: [j1 - j0]
+void gather_rows(const KvLayerView& kv, int64_t n_kv, int64_t g, int64_t j0, int64_t j1,
+                 const uint16_t** k_rows, const uint16_t** v_rows) {
+  const size_t k_head_bytes = kv.k_row_bytes / n_kv, v_head_bytes = kv.v_row_bytes / n_kv;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t row = kv.row(j);
+    k_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.k + row * kv.k_row_bytes + g * k_head_bytes);
+    v_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.v + row * kv.v_row_bytes + g * v_head_bytes);
+  }
+}
+
 // Causal attention of every sequence's queries over its cached positions, for one layer.
 //   s.q:    [n_rows, n_head * head_dim]   (after RoPE)
 //   s.attn: [n_rows, n_head * head_dim]   output
@@ -153,6 +170,9 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
     const AttnSeq* seq;
     int64_t t0, nt, tok_block, n_tblocks, max_chunks, job0, part_off;
   };
+  struct JobRange {
+    int64_t ch, g, i0, i1, j0, j_end;
+  };
   std::vector<Segment> segs;  // [<= kAttnTokens] one pass's (a few per layer: no pool needed)
   size_t next_seq = 0;
   int64_t next_t0 = 0;
@@ -181,6 +201,22 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         next_t0 = 0;
       }
     }
+    // Where a job reads: its segment (cursor gi, moved forward to the job's), KV head g, chunk
+    // ch, token block [i0, i1) and cached positions [j0, j_end) (empty when j0 >= j_end).
+    auto locate = [&](int64_t job, size_t& gi) {
+      while (gi + 1 < segs.size() && segs[gi + 1].job0 <= job) ++gi;
+      const Segment& sg = segs[gi];
+      const int64_t local = job - sg.job0;
+      JobRange r;
+      r.ch = local % sg.max_chunks;
+      r.g = (local / sg.max_chunks) % n_kv;
+      r.i0 = sg.t0 + (local / (sg.max_chunks * n_kv)) * sg.tok_block;
+      r.i1 = std::min(sg.t0 + sg.nt, r.i0 + sg.tok_block);
+      // The block's last token sees the most: causal positions [0, pos0 + i1 - 1].
+      r.j0 = r.ch * kAttnChunk;
+      r.j_end = std::min(sg.seq->pos0 + r.i1, r.j0 + kAttnChunk);
+      return r;
+    };
     pool.parallel_for(n_jobs, [&](int64_t begin, int64_t end, int tid) {
       float* work = s.scores.as<float>() + tid * s.scores_per_thread;
       float* ktile = work;                      // [kAttnChunk, head_dim] K rows in f32
@@ -189,12 +225,15 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
       float* o_part = sc + gqa * kAttnChunk;    // [gqa, head_dim] unnormalised outputs
       float* m_part = o_part + gqa * hd;        // [gqa]
       float* l_part = m_part + gqa;             // [gqa]
-      // [2, kAttnChunk] f16 row pointers (decode over an f16 cache reads rows in place)
-      const uint16_t** k_rows = reinterpret_cast<const uint16_t**>(work + attn_ptr_offset(hd, gqa));
-      const uint16_t** v_rows = k_rows + kAttnChunk;
-      size_t gi = 0;
+      // f16 row pointers in two sets, [2][2, kAttnChunk] (K then V): the current job's, and the
+      // next job's, gathered one job ahead (see below).
+      const uint16_t** row_sets =
+          reinterpret_cast<const uint16_t**>(work + attn_ptr_offset(hd, gqa));
+      int cur = 0;        // set of the job being run
+      bool have = false;  // row_sets[cur] already holds this job's rows
+      size_t gi = 0, gi_next = 0;  // segment cursors of this job and of the next (monotonic)
       for (int64_t job = begin; job < end; ++job) {
-        while (gi + 1 < segs.size() && segs[gi + 1].job0 <= job) ++gi;
+        const JobRange jr0 = locate(job, gi);
         const Segment& sg = segs[gi];
         const AttnSeq& a = *sg.seq;
         const KvLayerView& kv = a.kv;
@@ -205,13 +244,11 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         const float* v_new = s.v.as<float>() + a.row0 * KV;  // [n_tok, kv_dim] this batch's V
         const size_t k_head_bytes = kv.k_row_bytes / n_kv;
         const size_t v_head_bytes = kv.v_row_bytes / n_kv;
-        const int64_t local = job - sg.job0, max_chunks = sg.max_chunks;
-        const int64_t ch = local % max_chunks, g = (local / max_chunks) % n_kv;
-        const int64_t i0 = sg.t0 + (local / (max_chunks * n_kv)) * sg.tok_block;
-        const int64_t i1 = std::min(sg.t0 + sg.nt, i0 + sg.tok_block);
-        // The block's last token sees the most: causal positions [0, pos0 + i1 - 1].
-        const int64_t j0 = ch * kAttnChunk, j_end = std::min(pos0 + i1, j0 + kAttnChunk);
+        const int64_t max_chunks = sg.max_chunks, ch = jr0.ch, g = jr0.g, i0 = jr0.i0,
+                      i1 = jr0.i1, j0 = jr0.j0, j_end = jr0.j_end;
         if (j0 >= j_end) continue;
+        const uint16_t** k_rows = row_sets + cur * 2 * kAttnChunk;
+        const uint16_t** v_rows = k_rows + kAttnChunk;
         // Positions [j0, js) are stored rows (plain) or sealed (KIVI); KIVI's f16 rows are
         // [js, jr) in the residual and [jr, j_end) in this batch (KIVI blocks are one token).
         const int64_t js = kivi ? std::clamp(kv_kivi_sealed(kv.n_sealed0, pos0 + i0 + 1,
@@ -229,13 +266,9 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         // (attn_chunk_f16 == attn_chunk over the dequantized rows, bit for bit). For prefill
         // that is faster than tiles too: the block's tokens re-read 2 x 128 B f16 rows per
         // position from L1/L2 instead of 2 x 256 B f32 tile rows, and nothing is converted.
-        const bool in_place = !kivi && kv.dtype_k == DType::F16 && kv.dtype_v == DType::F16;
+        const bool in_place = reads_in_place(kv);
         if (in_place) {
-          for (int64_t j = j0; j < j_end; ++j) {
-            const int64_t row = kv.row(j);
-            k_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.k + row * kv.k_row_bytes + g * k_head_bytes);
-            v_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.v + row * kv.v_row_bytes + g * v_head_bytes);
-          }
+          if (!have) gather_rows(kv, n_kv, g, j0, j_end, k_rows, v_rows);
         } else if (!kivi) {
           load_rows(kv, kv.dtype_k, kv.k, kv.k_row_bytes, g * k_head_bytes, j0, j_end, ktile, hd);
           load_rows(kv, kv.dtype_v, kv.v, kv.v_row_bytes, g * v_head_bytes, j0, j_end, vtile, hd);
@@ -259,6 +292,26 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
                                     vrow, hd);
           }
         }
+        // The next job's rows, asked for now: their memory latency then overlaps this job's
+        // arithmetic instead of stalling the next job's first pass (+27-29% measured for decode
+        // at depth 4096 and for 16 sequences decoding together; docs/BENCHMARKS.md). An f16 next
+        // job keeps the gathered pointers (no second gather); other plain types only prefetch.
+        have = false;
+        if (job + 1 < end) {
+          const JobRange nx = locate(job + 1, gi_next);
+          const KvLayerView& kvn = segs[gi_next].seq->kv;
+          if (nx.j0 < nx.j_end && kvn.kivi_residual < 0) {
+            const uint16_t** nk = row_sets + (cur ^ 1) * 2 * kAttnChunk;
+            const uint16_t** nv = nk + kAttnChunk;
+            gather_rows(kvn, n_kv, nx.g, nx.j0, nx.j_end, nk, nv);
+            const int64_t nn = nx.j_end - nx.j0;
+            kernels::prefetch_rows_l2(reinterpret_cast<const void* const*>(nk), nn,
+                                      static_cast<int64_t>(kvn.k_row_bytes / n_kv));
+            kernels::prefetch_rows_l2(reinterpret_cast<const void* const*>(nv), nn,
+                                      static_cast<int64_t>(kvn.v_row_bytes / n_kv));
+            have = reads_in_place(kvn);
+          }
+        }
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t n = std::min(pos0 + i + 1, j0 + kAttnChunk) - j0;  // causal: [0, pos]
           if (n <= 0) continue;
@@ -276,6 +329,7 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
             std::copy_n(o_part + h * hd, hd, p + 2);
           }
         }
+        if (have) cur ^= 1;
       }
     });
     // Merge the chunk partials of each (token, head) in chunk order.

@@ -53,8 +53,8 @@ struct Scratch {
   AlignedBuffer up;      // [n_batch, n_ff]
   AlignedBuffer scores;  // [n_threads, scores_per_thread]  attention work area per thread: K and
                          //   V tiles [256, head_dim], scores [n_gqa, 256], outputs
-                         //   [n_gqa, head_dim], max and sum [n_gqa], f16 row pointers
-                         //   [2, 256]
+                         //   [n_gqa, head_dim], max and sum [n_gqa], row pointers
+                         //   [2, 2, 256] (a job's K and V rows, and the next job's)
   int64_t scores_per_thread = 0;
   AlignedBuffer attn_part;  // [32, n_head, ceil(n_ctx / 256), head_dim + 2] online-softmax partials
   AlignedBuffer logits;  // [n_batch, n_vocab]

@@ -194,6 +194,8 @@ void ThreadPool::check_busy() {
     if (last_wait_ns_ >= 0) {
       const int64_t wall = (now - last_check_ns_) * n_threads_;
       const bool busy = (wait_ns - last_wait_ns_) * 100 >= wall * kBusyWaitPercent;
+      n_checks_.fetch_add(1, std::memory_order_relaxed);
+      if (busy) n_busy_checks_.fetch_add(1, std::memory_order_relaxed);
       spin_micros_.store(busy ? 0 : max_spin_, std::memory_order_relaxed);
     }
     last_wait_ns_ = wait_ns;

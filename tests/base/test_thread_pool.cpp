@@ -141,8 +141,11 @@ TEST(ThreadPool, RunQueueWaitGrowsWhenACoreIsShared) {
   EXPECT_GE((w1 - w0) * 5, wall) << "waited " << (w1 - w0) / 1000 << " us of " << wall / 1000;
 }
 
-// With a spinning thread on every CPU, the pool's threads wait in the run queue at every check
-// and the pool stops spinning (spinning there waits out the other threads' time slices).
+// With a spinning thread on every CPU, the pool's threads wait in the run queue and most busy
+// checks find the machine busy, so the pool mostly sleeps (spinning there waits out the other
+// threads' time slices). Not every check: a sleeping pool's threads often get their cores at
+// once (n_checks() explains); 53 to 100 busy verdicts of 100 measured on a 2-core VM, and at
+// least a third asked here (a check that never found the machine busy gives 0).
 TEST(ThreadPool, StopsSpinningWhenEveryCoreIsTaken) {
   if (this_thread_run_wait_ns() < 0) GTEST_SKIP() << "no /proc/thread-self/schedstat here";
   ThreadPool pool(2);
@@ -154,18 +157,21 @@ TEST(ThreadPool, StopsSpinningWhenEveryCoreIsTaken) {
       while (!stop.load(std::memory_order_relaxed)) {
       }
     });
-  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  // At least 100 checks (64 sections each); under ctest -j a section can take several time
+  // slices, so give up after 30 s.
+  const auto t0 = std::chrono::steady_clock::now();
   std::atomic<int64_t> sink{0};
-  while (std::chrono::steady_clock::now() < end)
+  while (pool.n_checks() < 100 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30))
     pool.parallel_for(64, [&](int64_t b, int64_t e, int) {
       int64_t acc = 0;
       for (int64_t i = b * 1000; i < e * 1000; ++i) acc += i ^ (acc >> 3);
       sink.fetch_add(acc, std::memory_order_relaxed);
     });
-  const bool spinning = pool.spinning();
   stop.store(true);
   for (auto& h : hogs) h.join();
-  EXPECT_FALSE(spinning);
+  ASSERT_GE(pool.n_checks(), 100u);
+  EXPECT_GE(pool.n_busy_checks() * 3, pool.n_checks())
+      << pool.n_busy_checks() << " busy verdicts of " << pool.n_checks();
 }
 
 }  // namespace

@@ -13,6 +13,14 @@ namespace kvlm {
 class AlignedBuffer {
  public:
   static constexpr size_t kAlign = 64;
+  // Buffers of at least kHugePage bytes (weights, KV arenas, big scratch) start on a 2 MiB
+  // boundary and ask for transparent huge pages (madvise MADV_HUGEPAGE; Debian's default THP
+  // mode is "madvise", which gives none otherwise). Decode streams ~92 MiB of weights per token
+  // and attention reads scattered KV blocks: with 4 KiB pages both miss the TLB constantly
+  // (measured: docs/BENCHMARKS.md). Only whole 2 MiB pages inside the buffer are advised and
+  // only the buffer's own bytes are touched, so resident memory stays the bytes asked for
+  // (rounded to pages), never a huge page more.
+  static constexpr size_t kHugePage = size_t{2} << 20;
   AlignedBuffer() = default;
   explicit AlignedBuffer(size_t n_bytes) { resize(n_bytes); }
   AlignedBuffer(AlignedBuffer&&) noexcept = default;
@@ -26,9 +34,11 @@ class AlignedBuffer {
     size_ = 0;
     if (n_bytes == 0) return;
     size_t rounded = (n_bytes + kAlign - 1) / kAlign * kAlign;
-    void* p = std::aligned_alloc(kAlign, rounded);
+    const bool huge = rounded >= kHugePage;
+    void* p = std::aligned_alloc(huge ? kHugePage : kAlign, huge ? round_huge(rounded) : rounded);
     if (!p) throw std::bad_alloc();
-    std::memset(p, 0, rounded);
+    if (huge) advise_huge_pages(p, rounded);
+    std::memset(p, 0, rounded);  // first touch: the kernel backs the advised part with 2 MiB pages
     ptr_.reset(static_cast<std::byte*>(p));
     size_ = n_bytes;
   }
@@ -45,6 +55,10 @@ class AlignedBuffer {
   size_t size() const { return size_; }
 
  private:
+  static size_t round_huge(size_t n) { return (n + kHugePage - 1) / kHugePage * kHugePage; }
+  // madvise(MADV_HUGEPAGE) over [p, p + n rounded down to kHugePage); a hint: failure (a kernel
+  // without THP) changes nothing but speed. Defined in aligned.cpp (keeps <sys/mman.h> out).
+  static void advise_huge_pages(void* p, size_t n);
   struct Free {
     void operator()(std::byte* p) const { std::free(p); }
   };

@@ -64,6 +64,9 @@ void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, Thread
 // saves that work (and is what makes decode fast). Returns no bytes for other types.
 bool packable(DType t);
 std::vector<uint8_t> pack_weights(const TensorView& w);
+// The size of pack_weights(w) (0 when it gives none), and the same bytes written to dst.
+size_t packed_bytes(const TensorView& w);
+void pack_weights_into(const TensorView& w, uint8_t* dst);
 
 // Several linear layers over the same input as one parallel section: parts[k].y = parts[k].w x,
 // each y laid out as matmul's. Bit-identical to separate matmul calls; when every W has the same

@@ -75,12 +75,21 @@ bool packable(DType t) {
   return packed_block_bytes(t) != 0;
 }
 
-std::vector<uint8_t> pack_weights(const TensorView& w) {
-  if (!packable(w.dtype) || w.n_rows <= 0 || w.n_cols % 32 != 0) return {};
+size_t packed_bytes(const TensorView& w) {
+  if (!packable(w.dtype) || w.n_rows <= 0 || w.n_cols % 32 != 0) return 0;
+  return packed_group_bytes(w) * static_cast<size_t>(packed_groups(w));
+}
+
+void pack_weights_into(const TensorView& w, uint8_t* dst) {
+  if (packed_bytes(w) == 0) return;
   const int64_t n_groups = packed_groups(w);
   const size_t group = packed_group_bytes(w);
-  std::vector<uint8_t> out(group * static_cast<size_t>(n_groups));
-  for (int64_t g = 0; g < n_groups; ++g) pack_group(w, g, out.data() + group * g);
+  for (int64_t g = 0; g < n_groups; ++g) pack_group(w, g, dst + group * g);
+}
+
+std::vector<uint8_t> pack_weights(const TensorView& w) {
+  std::vector<uint8_t> out(packed_bytes(w));
+  pack_weights_into(w, out.data());
   return out;
 }
 

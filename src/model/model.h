@@ -123,7 +123,8 @@ class Model {
   std::unique_ptr<GgufFile> file_;
   ModelConfig config_;
   Weights weights_;
-  std::vector<std::vector<uint8_t>> packed_;  // owners of the views' packed bytes
+  AlignedBuffer packed_;        // the views' packed bytes, one matrix after another (64-aligned)
+  uint64_t packed_bytes_ = 0;   // their sum, without the alignment padding
 };
 
 }  // namespace kvlm

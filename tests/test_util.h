@@ -1,8 +1,11 @@
 // Shared helpers for tests: where the committed data and the default model are.
 #pragma once
 
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <vector>
 #include <string>
@@ -33,6 +36,26 @@ inline std::vector<int32_t> random_tokens(int n, int32_t n_vocab, uint32_t seed)
   std::vector<int32_t> t(n);
   for (int32_t& x : t) x = static_cast<int32_t>(rng() % n_vocab);
   return t;
+}
+
+// kB in field `field` ("Rss", "AnonHugePages", ...) of the mapping of this process that holds
+// addr, from /proc/self/smaps; -1 if no mapping holds it or the field is absent.
+inline long smaps_kb(const void* addr, const std::string& field) {
+  std::ifstream in("/proc/self/smaps");
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  const std::string fmt = field + ": %ld kB";
+  std::string line;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find('-') < 17) {
+      inside = lo <= a && a < hi;
+      continue;
+    }
+    long kb = 0;
+    if (inside && std::sscanf(line.c_str(), fmt.c_str(), &kb) == 1) return kb;
+  }
+  return -1;
 }
 
 }  // namespace kvlm::test

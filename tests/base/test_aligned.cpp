@@ -7,6 +7,7 @@
 #include <string>
 
 #include "base/aligned.h"
+#include "test_util.h"
 
 namespace kvlm {
 namespace {
@@ -49,29 +50,11 @@ std::string thp_mode() {
   return a == std::string::npos || b == std::string::npos ? "" : s.substr(a + 1, b - a - 1);
 }
 
-// kB of AnonHugePages in this process's mapping that contains p (/proc/self/smaps).
-long huge_kb_at(const void* p) {
-  std::ifstream f("/proc/self/smaps");
-  const auto a = reinterpret_cast<uintptr_t>(p);
-  std::string line;
-  bool in = false;
-  while (std::getline(f, line)) {
-    unsigned long lo = 0, hi = 0;
-    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find(' ')) {
-      in = lo <= a && a < hi;
-      continue;
-    }
-    long kb = 0;
-    if (in && std::sscanf(line.c_str(), "AnonHugePages: %ld kB", &kb) == 1) return kb;
-  }
-  return -1;
-}
-
 TEST(AlignedBuffer, LargeBuffersGetTransparentHugePagesWhereTheKernelGivesThem) {
   const std::string mode = thp_mode();
   if (mode != "madvise" && mode != "always") GTEST_SKIP() << "THP mode '" << mode << "'";
   AlignedBuffer b(size_t{8} << 20);
-  const long kb = huge_kb_at(b.data());
+  const long kb = test::smaps_kb(b.data(), "AnonHugePages");
   if (kb < 0) GTEST_SKIP() << "no /proc/self/smaps";
   // The kernel may lack free 2 MiB pages (fragmented memory) and fall back to 4 KiB ones (with
   // THP's default defrag mode it compacts memory for advised ranges first); it gave all 4 on the

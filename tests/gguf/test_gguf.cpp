@@ -722,24 +722,6 @@ TEST_F(GgufDisk, OpensValidFile) {
   EXPECT_EQ(std::memcmp(t->data, bytes.data() + f->data_offset() + t->offset, t->n_bytes), 0);
 }
 
-// Resident KiB of the mapping that holds `addr` (its "Rss:" line in /proc/self/smaps); -1 if none.
-long mapping_rss_kb(const void* addr) {
-  std::ifstream in("/proc/self/smaps");
-  const auto a = reinterpret_cast<uintptr_t>(addr);
-  std::string line;
-  bool inside = false;
-  while (std::getline(in, line)) {
-    unsigned long lo = 0, hi = 0;
-    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find('-') < 17) {
-      inside = lo <= a && a < hi;
-      continue;
-    }
-    long kb = 0;
-    if (inside && std::sscanf(line.c_str(), "Rss: %ld kB", &kb) == 1) return kb;
-  }
-  return -1;
-}
-
 // release_pages drops the whole pages of a range from resident memory, and the bytes read back
 // the same (from the file); ranges outside the mapping and in-memory images are left alone.
 TEST_F(GgufDisk, ReleasedPagesLeaveMemoryAndReadBackTheSame) {
@@ -751,13 +733,13 @@ TEST_F(GgufDisk, ReleasedPagesLeaveMemoryAndReadBackTheSame) {
   ASSERT_NE(t, nullptr);
   const uint8_t* src = bytes.data() + f->data_offset() + t->offset;
   ASSERT_EQ(std::memcmp(t->data, src, t->n_bytes), 0);  // every page touched
-  const long before = mapping_rss_kb(t->data);
+  const long before = test::smaps_kb(t->data, "Rss");
   ASSERT_GE(before, 256);
   f->release_pages(t->data - 4096, 16);          // outside the mapping: nothing
   f->release_pages(t->data, f->file_size() * 2);  // runs past the end: nothing
-  EXPECT_GE(mapping_rss_kb(t->data), before);
+  EXPECT_GE(test::smaps_kb(t->data, "Rss"), before);
   f->release_pages(t->data, t->n_bytes);
-  const long after = mapping_rss_kb(t->data);
+  const long after = test::smaps_kb(t->data, "Rss");
   EXPECT_LE(after, before - 248) << "before " << before << " kB, after " << after << " kB";
   EXPECT_EQ(std::memcmp(t->data, src, t->n_bytes), 0);  // read again from the file
   auto m = GgufFile::from_memory(bytes.data(), bytes.size(), "mem");

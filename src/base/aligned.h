@@ -8,6 +8,9 @@
 
 namespace kvlm {
 
+// n rounded up to a multiple of m (m > 0).
+constexpr size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+
 // 64-byte aligned, zero-initialised, owning byte buffer. Copying is explicit (no copy ctor):
 // buffers here are caches and scratch arenas of megabytes.
 class AlignedBuffer {
@@ -33,9 +36,10 @@ class AlignedBuffer {
     ptr_.reset();
     size_ = 0;
     if (n_bytes == 0) return;
-    size_t rounded = (n_bytes + kAlign - 1) / kAlign * kAlign;
+    const size_t rounded = round_up(n_bytes, kAlign);
     const bool huge = rounded >= kHugePage;
-    void* p = std::aligned_alloc(huge ? kHugePage : kAlign, huge ? round_huge(rounded) : rounded);
+    void* p = huge ? std::aligned_alloc(kHugePage, round_up(rounded, kHugePage))
+                   : std::aligned_alloc(kAlign, rounded);
     if (!p) throw std::bad_alloc();
     if (huge) advise_huge_pages(p, rounded);
     std::memset(p, 0, rounded);  // first touch: the kernel backs the advised part with 2 MiB pages
@@ -55,7 +59,6 @@ class AlignedBuffer {
   size_t size() const { return size_; }
 
  private:
-  static size_t round_huge(size_t n) { return (n + kHugePage - 1) / kHugePage * kHugePage; }
   // madvise(MADV_HUGEPAGE) over [p, p + n rounded down to kHugePage); a hint: failure (a kernel
   // without THP) changes nothing but speed. Defined in aligned.cpp (keeps <sys/mman.h> out).
   static void advise_huge_pages(void* p, size_t n);

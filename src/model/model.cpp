@@ -171,7 +171,7 @@ void Model::pack_matrices() {
     offsets.push_back(total);
     const size_t n = kernels::packed_bytes(*v);
     packed_bytes_ += n;
-    total += (n + AlignedBuffer::kAlign - 1) / AlignedBuffer::kAlign * AlignedBuffer::kAlign;
+    total += round_up(n, AlignedBuffer::kAlign);
   }
   packed_.resize(total);
   for (size_t i = 0; i < views.size(); ++i) {

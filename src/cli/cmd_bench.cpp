@@ -118,6 +118,19 @@ double run_once(Session& s, const BenchTest& t, int64_t n_gen_run, bool use_cach
   return timer.ms() / 1000.0;
 }
 
+// One untimed warm-up, then a.reps timed repetitions: run(n_gen_run) runs the test once with
+// n_gen_run timed steps (the warm-up: at most 1) and returns its seconds. Fills r.seconds and
+// r.tps.
+template <class Run>
+void time_reps(BenchResult& r, const BenchTest& t, int reps, Run&& run) {
+  run(std::min<int64_t>(t.n_gen, 1));
+  for (int i = 0; i < reps; ++i) {
+    const double sec = run(t.n_gen);
+    r.seconds.push_back(sec);
+    r.tps.push_back(sec > 0 ? static_cast<double>(t.n_timed()) / sec : 0.0);
+  }
+}
+
 // The -np test: t.n_seq sequences over one paged store. Context: sequence 0 is prefilled with
 // t.depth tokens; each other one shares its first t.shared / 16 whole blocks (append_shared, as a
 // prefix-cache hit) and prefills the rest of its depth with tokens of its own. A repetition is
@@ -179,12 +192,7 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
   };
   BenchResult r;
   r.test = t;
-  run_once(std::min<int64_t>(t.n_gen, 1));  // warm-up
-  for (int i = 0; i < a.reps; ++i) {
-    const double sec = run_once(t.n_gen);
-    r.seconds.push_back(sec);
-    r.tps.push_back(sec > 0 ? static_cast<double>(t.n_timed()) / sec : 0.0);
-  }
+  time_reps(r, t, a.reps, run_once);
   r.kv.n_tokens = n_seq * depth;
   r.kv.n_ctx = t.n_ctx();
   r.kv.capacity = n_blocks * kBlock;
@@ -203,12 +211,9 @@ BenchResult run_test(const Model& model, const BenchTest& t, const BenchArgs& a,
     if (!kvo.window) kvo.n_ctx = t.n_ctx();  // a window keeps its sinks + window and evicts
     Session session(model, kvo, pool, a.n_batch);
     r.test = t;
-    run_once(session, t, std::min<int64_t>(t.n_gen, 1), !a.no_cache, n_vocab);  // warm-up
-    for (int i = 0; i < a.reps; ++i) {
-      const double sec = run_once(session, t, t.n_gen, !a.no_cache, n_vocab);
-      r.seconds.push_back(sec);
-      r.tps.push_back(sec > 0 ? static_cast<double>(t.n_timed()) / sec : 0.0);
-    }
+    time_reps(r, t, a.reps, [&](int64_t n_gen_run) {
+      return run_once(session, t, n_gen_run, !a.no_cache, n_vocab);
+    });
     r.kv = session.kv().stats();
   }
   const double n = static_cast<double>(r.tps.size());

@@ -68,6 +68,20 @@ struct KvLayerView {
   const int32_t* blocks = nullptr;  // [ceil(n_tokens / block_size)] block ids
   int64_t block_size = 0;
   int64_t row(int64_t p) const { return kv_table_row(blocks, block_size, p); }  // of k and v
+  // Head-major blocks (PagedKvStore's plain layouts): block b's bytes are still rows
+  // [b * bs, (b + 1) * bs) of k and v, but ordered [n_kv_head, bs, head bytes], so one head's bs
+  // positions are one contiguous run (attention reads a head at a time). Otherwise (contiguous
+  // caches, KIVI) rows are token-major: [rows, n_kv_head, head bytes]. A head's bytes are the
+  // same either way (a cache type's blocks never straddle heads: validate()).
+  bool head_major = false;
+  int64_t n_kv_head = 1;
+  // Where head g of position p starts in k (v); the head's bytes are k_row_bytes / n_kv_head.
+  const uint8_t* k_head(int64_t p, int64_t g) const { return head_at(k, k_row_bytes, p, g); }
+  const uint8_t* v_head(int64_t p, int64_t g) const { return head_at(v, v_row_bytes, p, g); }
+  // Bytes from one position's head slice to the next position's, inside a block (or anywhere in
+  // a contiguous cache).
+  size_t k_pos_stride() const { return head_major ? k_row_bytes / n_kv_head : k_row_bytes; }
+  size_t v_pos_stride() const { return head_major ? v_row_bytes / n_kv_head : v_row_bytes; }
 
   // KIVI layout only (kivi_residual >= 0): k then holds sealed K groups, v sealed V rows.
   int32_t kivi_residual = -1;
@@ -77,6 +91,15 @@ struct KvLayerView {
   int64_t n_sealed1 = 0;           // sealed after this pass's write(): groups readable in k and v
   const uint16_t* k_resid = nullptr;  // [size() - n_sealed0, kv_dim] f16, row r = position n_sealed0 + r
   const uint16_t* v_resid = nullptr;  // same for V
+
+ private:
+  const uint8_t* head_at(const uint8_t* base, size_t row_bytes, int64_t p, int64_t g) const {
+    const size_t head_bytes = row_bytes / static_cast<size_t>(n_kv_head);
+    if (!head_major) return base + row(p) * row_bytes + g * head_bytes;
+    const int64_t r = p % block_size;
+    return base + int64_t{blocks[p / block_size]} * block_size * row_bytes +
+           (g * block_size + r) * head_bytes;
+  }
 };
 
 // A view of rows of `shape`'s types at k and v (plain layout; positions [0, n_tokens)).
@@ -90,6 +113,7 @@ inline KvLayerView plain_layer_view(const KvShape& shape, const std::byte* k, co
   out.k_row_bytes = kv_k_row_bytes(shape);
   out.v_row_bytes = kv_v_row_bytes(shape);
   out.n_tokens = n_tokens;
+  out.n_kv_head = shape.n_kv_head;
   return out;
 }
 

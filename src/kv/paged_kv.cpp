@@ -100,13 +100,17 @@ void PagedKvStore::write(int32_t il, std::span<const BlockId> table, int64_t pos
   KVLM_CHECK(!shape_.kivi());  // kivi_write
   KVLM_CHECK(il >= 0 && il < shape_.n_layer && pos >= 0 && n >= 0 &&
              pos + n <= static_cast<int64_t>(table.size()) * block_size_);
-  const int64_t d = shape_.kv_dim();
+  const int64_t d = shape_.kv_dim(), hd = shape_.head_dim;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t p = pos + i;
     const BlockId b = table[p / block_size_];
     KVLM_CHECK(b >= 0 && b < n_blocks_);
-    kv_quantize_row(shape_.dtype_k, k + i * d, row_k(il, b, p % block_size_), d);
-    kv_quantize_row(shape_.dtype_v, v + i * d, row_v(il, b, p % block_size_), d);
+    // Head by head: the cache type's blocks divide head_dim, so each head gets the bytes the
+    // whole row's quantization gives it.
+    for (int64_t g = 0; g < shape_.n_kv_head; ++g) {
+      kv_quantize_row(shape_.dtype_k, k + i * d + g * hd, head_k(il, b, p % block_size_, g), hd);
+      kv_quantize_row(shape_.dtype_v, v + i * d + g * hd, head_v(il, b, p % block_size_, g), hd);
+    }
   }
 }
 
@@ -127,16 +131,25 @@ void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, i
   if (count == 0) return;
   for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks_);
   const int64_t n_after = n_tokens - count;
-  std::vector<float> row(static_cast<size_t>(shape_.kv_dim()));  // [kv_dim] per shift, not per row
+  const int64_t n_kv = shape_.n_kv_head;
+  const size_t k_head = k_row_bytes_ / n_kv, v_head = v_row_bytes_ / n_kv;
+  // Per shift, not per row: [kv_dim] f32 scratch, and one K row gathered token-major for
+  // kv_rerotate_k_row (which rotates all heads of a row).
+  std::vector<float> row(static_cast<size_t>(shape_.kv_dim()));
+  std::vector<std::byte> k_row(k_row_bytes_);
   auto at = [&](int64_t p) { return std::pair{table[p / block_size_], p % block_size_}; };
   for (int32_t il = 0; il < shape_.n_layer; ++il) {
     // Ascending positions: a row is read (at p + count) before anything writes it (count > 0).
     for (int64_t p = begin; p < n_after; ++p) {
       const auto [bs, rs] = at(p + count);
       const auto [bd, rd] = at(p);
-      std::memcpy(row_k(il, bd, rd), row_k(il, bs, rs), k_row_bytes_);
-      std::memcpy(row_v(il, bd, rd), row_v(il, bs, rs), v_row_bytes_);
-      kv_rerotate_k_row(shape_, rope, -count, row_k(il, bd, rd), row.data());
+      for (int64_t g = 0; g < n_kv; ++g) {
+        std::memcpy(k_row.data() + g * k_head, head_k(il, bs, rs, g), k_head);
+        std::memcpy(head_v(il, bd, rd, g), head_v(il, bs, rs, g), v_head);
+      }
+      kv_rerotate_k_row(shape_, rope, -count, k_row.data(), row.data());
+      for (int64_t g = 0; g < n_kv; ++g)
+        std::memcpy(head_k(il, bd, rd, g), k_row.data() + g * k_head, k_head);
     }
   }
 }
@@ -148,6 +161,7 @@ KvLayerView PagedKvStore::view(int32_t il, std::span<const BlockId> table, int64
   KvLayerView out = plain_layer_view(shape_, k_[il].data(), v_[il].data(), n_tokens);
   out.blocks = table.data();
   out.block_size = block_size_;
+  out.head_major = !shape_.kivi();
   if (shape_.kivi()) {
     KVLM_CHECK(slot >= 0 && slot < n_slots_ && n_sealed >= 0 && n_sealed % shape_.kivi_group == 0);
     out.kivi_residual = shape_.kivi_residual;

@@ -5,12 +5,19 @@
 // Layout, per layer il (plain layouts: f32, f16, bf16, q8_0, q4_0, q4_1 rows; KIVI below):
 //   k[il]: [n_blocks * block_size, kv_dim] of dtype_k   block b holds rows [b * bs, (b + 1) * bs)
 //   v[il]: [n_blocks * block_size, kv_dim] of dtype_v
-// Position p of a sequence with block table T lives in row T[p / bs] * bs + p % bs, K after RoPE
-// for position p (as in the contiguous cache). A row's bytes are exactly what KvCache stores for
-// the same K/V, so attention over a block table gives the same numbers as over a contiguous cache.
+// Position p of a sequence with block table T lives in block T[p / bs], slot p % bs, K after RoPE
+// for position p (as in the contiguous cache). Inside a block the bytes are head-major:
+//   block b of k[il]: [n_kv_head, bs, head_dim] of dtype_k (head g of slot r at (g * bs + r) x
+//                     the head's bytes; the block's bs x k_row_bytes bytes, as token-major rows
+//                     would take), the same for v
+// so attention, which reads one KV head of a run of positions at a time, reads one contiguous run
+// of bs x 128 B per block (SmolLM2 f16) instead of 128 B out of every 384 B row (docs/KV.md,
+// "Paged block layout"). A head's bytes are exactly what KvCache stores for the same K/V (a cache
+// type's blocks never straddle heads), so attention over a block table gives the same numbers as
+// over a contiguous cache.
 //
-// KIVI layout (shape.kivi(), block_size a multiple of kivi_group): the arenas hold the sealed
-// bytes at the sealed density (kv_k_row_bytes = a K group's bytes / group), so block b holds the
+// KIVI layout (shape.kivi(), block_size a multiple of kivi_group): token-major rows (a K group
+// spans all heads of its positions); the arenas hold the sealed bytes at the sealed density (kv_k_row_bytes = a K group's bytes / group), so block b holds the
 // K groups of its positions at rows [b * bs, (b + 1) * bs) (group of position g0 at row(g0)) and
 // the sealed V rows as above (KiviSealed, kv_kivi.h). Each running sequence also owns one of
 // n_slots f16 residual slots, outside the blocks:
@@ -87,11 +94,19 @@ class PagedKvStore {
                          const float* k, const float* v);
 
  private:
+  // Token-major row r of block b (KIVI), or the block's first byte (r == 0, any layout).
   std::byte* row_k(int32_t il, BlockId b, int64_t r) {
     return k_[il].data() + (int64_t{b} * block_size_ + r) * k_row_bytes_;
   }
   std::byte* row_v(int32_t il, BlockId b, int64_t r) {
     return v_[il].data() + (int64_t{b} * block_size_ + r) * v_row_bytes_;
+  }
+  // Head g of slot r of block b (plain layouts: head-major blocks).
+  std::byte* head_k(int32_t il, BlockId b, int64_t r, int64_t g) {
+    return row_k(il, b, 0) + (g * block_size_ + r) * (k_row_bytes_ / shape_.n_kv_head);
+  }
+  std::byte* head_v(int32_t il, BlockId b, int64_t r, int64_t g) {
+    return row_v(il, b, 0) + (g * block_size_ + r) * (v_row_bytes_ / shape_.n_kv_head);
   }
 
   uint16_t* resid(const std::vector<AlignedBuffer>& r, int32_t il, int32_t slot) const {

@@ -91,22 +91,23 @@ struct AttnSeq {
   int64_t pos0 = 0;
 };
 
-// Dequantizes positions [j0, j1) of one head's rows (head_off bytes into each row) into tile
-// [j1 - j0, hd]: one strided read when contiguous, one per block when paged. Paged or not, each
-// row gets the same values, so attention over a block table equals attention over a contiguous
-// cache bit for bit.
-void load_rows(const KvLayerView& kv, DType t, const uint8_t* base, size_t row_bytes,
-               size_t head_off, int64_t j0, int64_t j1, float* tile, int64_t hd) {
+// Dequantizes positions [j0, j1) of KV head g's slices (K when k, else V) into tile [j1 - j0, hd]:
+// one strided read when contiguous, one per block when paged. Paged or not, each position gets the
+// same values, so attention over a block table equals attention over a contiguous cache bit for
+// bit.
+void load_rows(const KvLayerView& kv, bool k, int64_t g, int64_t j0, int64_t j1, float* tile,
+               int64_t hd) {
+  const DType t = k ? kv.dtype_k : kv.dtype_v;
+  const size_t stride = k ? kv.k_pos_stride() : kv.v_pos_stride();
+  auto head = [&](int64_t j) { return k ? kv.k_head(j, g) : kv.v_head(j, g); };
   if (kv.blocks == nullptr) {
-    kernels::dequantize_rows(t, base + j0 * row_bytes + head_off, row_bytes, j1 - j0, tile, hd);
+    kernels::dequantize_rows(t, head(j0), stride, j1 - j0, tile, hd);
     return;
   }
   const int64_t bs = kv.block_size;
   for (int64_t j = j0; j < j1;) {
     const int64_t r = j % bs, n = std::min(bs - r, j1 - j);
-    const int64_t row = kv.row(j);
-    kernels::dequantize_rows(t, base + row * row_bytes + head_off, row_bytes, n,
-                             tile + (j - j0) * hd, hd);
+    kernels::dequantize_rows(t, head(j), stride, n, tile + (j - j0) * hd, hd);
     j += n;
   }
 }
@@ -118,13 +119,11 @@ bool reads_in_place(const KvLayerView& kv) {
 
 // Pointers to KV head g (of n_kv) of the K and V rows of positions [j0, j1) of a plain cache (any
 // row type; attn_chunk_f16 reads them as f16).   k_rows, v_rows: [j1 - j0]
-void gather_rows(const KvLayerView& kv, int64_t n_kv, int64_t g, int64_t j0, int64_t j1,
+void gather_rows(const KvLayerView& kv, int64_t g, int64_t j0, int64_t j1,
                  const uint16_t** k_rows, const uint16_t** v_rows) {
-  const size_t k_head_bytes = kv.k_row_bytes / n_kv, v_head_bytes = kv.v_row_bytes / n_kv;
   for (int64_t j = j0; j < j1; ++j) {
-    const int64_t row = kv.row(j);
-    k_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.k + row * kv.k_row_bytes + g * k_head_bytes);
-    v_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.v + row * kv.v_row_bytes + g * v_head_bytes);
+    k_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.k_head(j, g));
+    v_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.v_head(j, g));
   }
 }
 
@@ -242,8 +241,6 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         const float* q = (kv.dtype_k == DType::F16 ? s.q16.as<float>() : q_all) + a.row0 * Q;
         const float* k_new = s.k.as<float>() + a.row0 * KV;  // [n_tok, kv_dim] this batch's K
         const float* v_new = s.v.as<float>() + a.row0 * KV;  // [n_tok, kv_dim] this batch's V
-        const size_t k_head_bytes = kv.k_row_bytes / n_kv;
-        const size_t v_head_bytes = kv.v_row_bytes / n_kv;
         const int64_t max_chunks = sg.max_chunks, ch = jr0.ch, g = jr0.g, i0 = jr0.i0,
                       i1 = jr0.i1, j0 = jr0.j0, j_end = jr0.j_end;
         if (j0 >= j_end) continue;
@@ -268,10 +265,10 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         // position from L1/L2 instead of 2 x 256 B f32 tile rows, and nothing is converted.
         const bool in_place = reads_in_place(kv);
         if (in_place) {
-          if (!have) gather_rows(kv, n_kv, g, j0, j_end, k_rows, v_rows);
+          if (!have) gather_rows(kv, g, j0, j_end, k_rows, v_rows);
         } else if (!kivi) {
-          load_rows(kv, kv.dtype_k, kv.k, kv.k_row_bytes, g * k_head_bytes, j0, j_end, ktile, hd);
-          load_rows(kv, kv.dtype_v, kv.v, kv.v_row_bytes, g * v_head_bytes, j0, j_end, vtile, hd);
+          load_rows(kv, true, g, j0, j_end, ktile, hd);
+          load_rows(kv, false, g, j0, j_end, vtile, hd);
         } else {
           for (int64_t j = j0; j < j_end; ++j) {
             float* krow = ktile + (j - j0) * hd;
@@ -287,9 +284,7 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
             kv_kivi_dequantize_k_row(kv.k + kv.row(g0) * kv.k_row_bytes, kv.kivi_group, KV,
                                      j % kv.kivi_group, g * hd, hd, krow);
             // KIVI's sealed V rows are plain dtype_v rows at their positions.
-            kernels::dequantize_row(kv.dtype_v,
-                                    kv.v + kv.row(j) * kv.v_row_bytes + g * v_head_bytes,
-                                    vrow, hd);
+            kernels::dequantize_row(kv.dtype_v, kv.v_head(j, g), vrow, hd);
           }
         }
         // The next job's rows, asked for now: their memory latency then overlaps this job's
@@ -303,7 +298,7 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
           if (nx.j0 < nx.j_end && kvn.kivi_residual < 0) {
             const uint16_t** nk = row_sets + (cur ^ 1) * 2 * kAttnChunk;
             const uint16_t** nv = nk + kAttnChunk;
-            gather_rows(kvn, n_kv, nx.g, nx.j0, nx.j_end, nk, nv);
+            gather_rows(kvn, nx.g, nx.j0, nx.j_end, nk, nv);
             const int64_t nn = nx.j_end - nx.j0;
             kernels::prefetch_rows_l2(reinterpret_cast<const void* const*>(nk), nn,
                                       static_cast<int64_t>(kvn.k_row_bytes / n_kv));

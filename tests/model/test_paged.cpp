@@ -276,5 +276,53 @@ TEST(PagedStore, AccountingAndCopy) {
   EXPECT_EQ(0, std::memcmp(a.v + 1 * 2 * a.v_row_bytes, b.v + 3 * 2 * b.v_row_bytes, 2 * a.v_row_bytes));
 }
 
+// The store alone (no model): every head of every position holds the bytes the contiguous cache
+// holds for it, for each cache type, before and after an eviction (shift_out re-rotates K); and a
+// block keeps each head's positions as one run (head-major).
+TEST(PagedStore, HeadsHoldTheContiguousCacheBytes) {
+  for (DType t : kKvTypes) {
+    SCOPED_TRACE(dtype_name(t));
+    const KvShape shape{.n_layer = 2, .n_kv_head = 3, .head_dim = 64, .dtype_k = t, .dtype_v = t};
+    const KvRope rope{.n_rot = 64, .freq_base = 10000.0f};
+    const int32_t bs = 16, n_blocks = 6;
+    const int64_t n = 70, d = shape.kv_dim();
+    KvCache kv(shape, n, KvAlloc::Static, rope);
+    PagedKvStore store(shape, n_blocks, bs);
+    const auto table = scrambled_blocks(n_blocks, 5);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> dist;
+    std::vector<float> k(n * d), v(n * d);
+    for (float& x : k) x = dist(rng);
+    for (float& x : v) x = dist(rng);
+    for (int32_t il = 0; il < shape.n_layer; ++il)
+      for (int64_t p0 : {int64_t{0}, int64_t{29}}) {  // two writes, the second mid-block
+        const int64_t m = p0 == 0 ? 29 : n - 29;
+        kv.write(il, p0, m, k.data() + p0 * d, v.data() + p0 * d);
+        store.write(il, table, p0, m, k.data() + p0 * d, v.data() + p0 * d);
+      }
+    kv.commit(n);
+    auto expect_same = [&](int64_t n_tokens) {
+      for (int32_t il = 0; il < shape.n_layer; ++il) {
+        const KvLayerView a = kv.view(il, n_tokens), b = store.view(il, table, n_tokens);
+        ASSERT_TRUE(b.head_major);
+        const size_t kh = a.k_row_bytes / 3, vh = a.v_row_bytes / 3;
+        for (int64_t p = 0; p < n_tokens; ++p)
+          for (int64_t g = 0; g < 3; ++g) {
+            ASSERT_EQ(0, std::memcmp(a.k_head(p, g), b.k_head(p, g), kh)) << p << " " << g;
+            ASSERT_EQ(0, std::memcmp(a.v_head(p, g), b.v_head(p, g), vh)) << p << " " << g;
+            if ((p + 1) % bs != 0) {
+              EXPECT_EQ(b.k_head(p + 1, g), b.k_head(p, g) + kh);
+              EXPECT_EQ(b.v_head(p + 1, g), b.v_head(p, g) + vh);
+            }
+          }
+      }
+    };
+    expect_same(n);
+    kv.shift_out(5, 23);
+    store.shift_out(table, n, 5, 23, rope);
+    expect_same(n - 23);
+  }
+}
+
 }  // namespace
 }  // namespace kvlm

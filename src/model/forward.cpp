@@ -119,12 +119,36 @@ bool reads_in_place(const KvLayerView& kv) {
 
 // Pointers to KV head g (of n_kv) of the K and V rows of positions [j0, j1) of a plain cache (any
 // row type; attn_chunk_f16 reads them as f16).   k_rows, v_rows: [j1 - j0]
+// One block (or the whole contiguous range) at a time: the table lookup and its divisions once
+// per run, then a fixed stride.
 void gather_rows(const KvLayerView& kv, int64_t g, int64_t j0, int64_t j1,
                  const uint16_t** k_rows, const uint16_t** v_rows) {
-  for (int64_t j = j0; j < j1; ++j) {
-    k_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.k_head(j, g));
-    v_rows[j - j0] = reinterpret_cast<const uint16_t*>(kv.v_head(j, g));
+  const size_t ks = kv.k_pos_stride(), vs = kv.v_pos_stride();
+  for (int64_t j = j0; j < j1;) {
+    const int64_t n =
+        kv.blocks == nullptr ? j1 - j : std::min(kv.block_size - j % kv.block_size, j1 - j);
+    const uint8_t* k = kv.k_head(j, g);
+    const uint8_t* v = kv.v_head(j, g);
+    for (int64_t r = 0; r < n; ++r) {
+      k_rows[j - j0 + r] = reinterpret_cast<const uint16_t*>(k + r * ks);
+      v_rows[j - j0 + r] = reinterpret_cast<const uint16_t*>(v + r * vs);
+    }
+    j += n;
   }
+}
+
+// Whether views a and b (plain layouts) hold the same rows at positions [j0, j1): the same
+// arenas and, when paged, the same blocks there (sequences sharing a prefix's blocks).
+bool same_rows(const KvLayerView& a, const KvLayerView& b, int64_t j0, int64_t j1) {
+  if (a.k != b.k || a.v != b.v || b.kivi_residual >= 0 || a.dtype_k != b.dtype_k ||
+      a.dtype_v != b.dtype_v)
+    return false;
+  if (a.blocks == b.blocks) return true;  // one sequence (or one contiguous cache)
+  if (a.blocks == nullptr || b.blocks == nullptr || a.block_size != b.block_size ||
+      a.head_major != b.head_major)
+    return false;
+  const int64_t b0 = j0 / a.block_size, b1 = (j1 - 1) / a.block_size + 1;
+  return std::equal(a.blocks + b0, a.blocks + b1, b.blocks + b0);
 }
 
 // Causal attention of every sequence's queries over its cached positions, for one layer.
@@ -167,17 +191,20 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
   // [nt, n_head, max_chunks, hd + 2] at part_off (sized for kAttnTokens x the longest context).
   struct Segment {
     const AttnSeq* seq;
-    int64_t t0, nt, tok_block, n_tblocks, max_chunks, job0, part_off;
+    int64_t t0, nt, tok_block, n_tblocks, max_chunks, part_off;
   };
-  struct JobRange {
-    int64_t ch, g, i0, i1, j0, j_end;
+  // A work item: segment seg, KV head g, chunk ch, token block [i0, i1) and the cached positions
+  // it reads, [j0, j_end) (non-empty).
+  struct Job {
+    int64_t seg, g, ch, i0, i1, j0, j_end;
   };
   std::vector<Segment> segs;  // [<= kAttnTokens] one pass's (a few per layer: no pool needed)
+  std::vector<Job> jobs;      // one pass's, in run order (a few hundred per layer)
   size_t next_seq = 0;
   int64_t next_t0 = 0;
   while (next_seq < seqs.size()) {
     segs.clear();
-    int64_t n_q = 0, n_jobs = 0, part_off = 0;
+    int64_t n_q = 0, part_off = 0;
     while (next_seq < seqs.size() && n_q < kAttnTokens) {
       const AttnSeq& a = seqs[next_seq];
       const int64_t nt = std::min(kAttnTokens - n_q, a.n_tok - next_t0);
@@ -188,10 +215,8 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
       g.tok_block = a.kv.kivi_residual >= 0 ? 1 : kAttnTokBlock;
       g.n_tblocks = (nt + g.tok_block - 1) / g.tok_block;
       g.max_chunks = (a.pos0 + next_t0 + nt + kAttnChunk - 1) / kAttnChunk;
-      g.job0 = n_jobs;
       g.part_off = part_off;
       segs.push_back(g);
-      n_jobs += g.n_tblocks * n_kv * g.max_chunks;
       part_off += nt * c.n_head * g.max_chunks * part_stride;
       n_q += nt;
       next_t0 += nt;
@@ -200,22 +225,34 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         next_t0 = 0;
       }
     }
-    // Where a job reads: its segment (cursor gi, moved forward to the job's), KV head g, chunk
-    // ch, token block [i0, i1) and cached positions [j0, j_end) (empty when j0 >= j_end).
-    auto locate = [&](int64_t job, size_t& gi) {
-      while (gi + 1 < segs.size() && segs[gi + 1].job0 <= job) ++gi;
-      const Segment& sg = segs[gi];
-      const int64_t local = job - sg.job0;
-      JobRange r;
-      r.ch = local % sg.max_chunks;
-      r.g = (local / sg.max_chunks) % n_kv;
-      r.i0 = sg.t0 + (local / (sg.max_chunks * n_kv)) * sg.tok_block;
-      r.i1 = std::min(sg.t0 + sg.nt, r.i0 + sg.tok_block);
-      // The block's last token sees the most: causal positions [0, pos0 + i1 - 1].
-      r.j0 = r.ch * kAttnChunk;
-      r.j_end = std::min(sg.seq->pos0 + r.i1, r.j0 + kAttnChunk);
-      return r;
-    };
+    // The pass's work items, chunk-major: (chunk, KV head, segment, token block). Items that
+    // read the same rows then run one after another on the same thread, which finds the rows in
+    // its caches and keeps their pointers (or tiles) instead of gathering them again (see
+    // same_rows below): every sequence's chunk 0 when they share a system prompt's blocks, and a
+    // prefill segment's token blocks over one chunk. Items whose tokens see none of the chunk
+    // (causal) are left out. The order changes no result: each item writes its own partials.
+    jobs.clear();
+    int64_t n_chunks_max = 0;
+    for (const Segment& sg : segs) n_chunks_max = std::max(n_chunks_max, sg.max_chunks);
+    for (int64_t ch = 0; ch < n_chunks_max; ++ch)
+      for (int64_t g = 0; g < n_kv; ++g)
+        for (size_t si = 0; si < segs.size(); ++si) {
+          const Segment& sg = segs[si];
+          if (ch >= sg.max_chunks) continue;
+          for (int64_t tb = 0; tb < sg.n_tblocks; ++tb) {
+            Job jb;
+            jb.seg = static_cast<int64_t>(si);
+            jb.g = g;
+            jb.ch = ch;
+            jb.i0 = sg.t0 + tb * sg.tok_block;
+            jb.i1 = std::min(sg.t0 + sg.nt, jb.i0 + sg.tok_block);
+            // The block's last token sees the most: causal positions [0, pos0 + i1 - 1].
+            jb.j0 = ch * kAttnChunk;
+            jb.j_end = std::min(sg.seq->pos0 + jb.i1, jb.j0 + kAttnChunk);
+            if (jb.j0 < jb.j_end) jobs.push_back(jb);
+          }
+        }
+    const int64_t n_jobs = static_cast<int64_t>(jobs.size());
     pool.parallel_for(n_jobs, [&](int64_t begin, int64_t end, int tid) {
       float* work = s.scores.as<float>() + tid * s.scores_per_thread;
       float* ktile = work;                      // [kAttnChunk, head_dim] K rows in f32
@@ -230,10 +267,10 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
           reinterpret_cast<const uint16_t**>(work + attn_ptr_offset(hd, gqa));
       int cur = 0;        // set of the job being run
       bool have = false;  // row_sets[cur] already holds this job's rows
-      size_t gi = 0, gi_next = 0;  // segment cursors of this job and of the next (monotonic)
+      bool kept = false;  // ktile / vtile already hold this job's rows (the previous job's)
       for (int64_t job = begin; job < end; ++job) {
-        const JobRange jr0 = locate(job, gi);
-        const Segment& sg = segs[gi];
+        const Job& jr0 = jobs[job];
+        const Segment& sg = segs[jr0.seg];
         const AttnSeq& a = *sg.seq;
         const KvLayerView& kv = a.kv;
         const bool kivi = kv.kivi_residual >= 0;
@@ -243,7 +280,6 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         const float* v_new = s.v.as<float>() + a.row0 * KV;  // [n_tok, kv_dim] this batch's V
         const int64_t max_chunks = sg.max_chunks, ch = jr0.ch, g = jr0.g, i0 = jr0.i0,
                       i1 = jr0.i1, j0 = jr0.j0, j_end = jr0.j_end;
-        if (j0 >= j_end) continue;
         const uint16_t** k_rows = row_sets + cur * 2 * kAttnChunk;
         const uint16_t** v_rows = k_rows + kAttnChunk;
         // Positions [j0, js) are stored rows (plain) or sealed (KIVI); KIVI's f16 rows are
@@ -266,6 +302,8 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         const bool in_place = reads_in_place(kv);
         if (in_place) {
           if (!have) gather_rows(kv, g, j0, j_end, k_rows, v_rows);
+        } else if (kept) {
+          // The previous job's tiles: the same rows.
         } else if (!kivi) {
           load_rows(kv, true, g, j0, j_end, ktile, hd);
           load_rows(kv, false, g, j0, j_end, vtile, hd);
@@ -291,11 +329,19 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         // arithmetic instead of stalling the next job's first pass (+27-29% measured for decode
         // at depth 4096 and for 16 sequences decoding together; docs/BENCHMARKS.md). An f16 next
         // job keeps the gathered pointers (no second gather); other plain types only prefetch.
-        have = false;
+        // A next job over the same rows (or a first part of them) keeps this job's pointers or
+        // tiles: nothing to gather, load or prefetch.
+        have = kept = false;
+        int next = cur ^ 1;
         if (job + 1 < end) {
-          const JobRange nx = locate(job + 1, gi_next);
-          const KvLayerView& kvn = segs[gi_next].seq->kv;
-          if (nx.j0 < nx.j_end && kvn.kivi_residual < 0) {
+          const Job& nx = jobs[job + 1];
+          const KvLayerView& kvn = segs[nx.seg].seq->kv;
+          if (!kivi && nx.g == g && nx.j0 == j0 && nx.j_end <= j_end &&
+              same_rows(kv, kvn, nx.j0, nx.j_end)) {
+            have = in_place;
+            kept = !in_place;
+            next = cur;
+          } else if (kvn.kivi_residual < 0) {
             const uint16_t** nk = row_sets + (cur ^ 1) * 2 * kAttnChunk;
             const uint16_t** nv = nk + kAttnChunk;
             gather_rows(kvn, nx.g, nx.j0, nx.j_end, nk, nv);
@@ -324,7 +370,7 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
             std::copy_n(o_part + h * hd, hd, p + 2);
           }
         }
-        if (have) cur ^= 1;
+        if (have) cur = next;
       }
     });
     // Merge the chunk partials of each (token, head) in chunk order.

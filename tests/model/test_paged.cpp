@@ -226,6 +226,60 @@ TEST(Paged, BatchedEqualsAlone) {
   }
 }
 
+// Sequences sharing a prefix's blocks (forked tables, as for a system prompt) read the same rows
+// through their own tables. Batched, each still gets exactly its logits alone: attention runs
+// their shared chunk's work items back to back and reuses the rows (forward.cpp, same_rows), in
+// the in-place f16 path and in the tile path of a quantized cache.
+TEST(Paged, SharedPrefixBatchedEqualsAlone) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  const ModelConfig& c = m->config();
+  for (DType t : {DType::F16, DType::F32}) {  // in place; through tiles (tiny-llama: head_dim 16)
+    SCOPED_TRACE(dtype_name(t));
+    const int32_t bs = 16, n_seqs = 5, n_prefix = 304;  // 19 full blocks: chunk 0 shared whole
+    const KvShape shape = m->kv_shape(t, t);
+    BlockPool bp({.n_blocks = 64, .block_size = bs});
+    PagedKvStore store(shape, 64, bs);
+    const auto prefix = test::random_tokens(n_prefix, c.n_vocab, 1);
+    Scratch sb;
+    bp.add_seq(0);
+    std::vector<BlockCopy> copies;
+    ASSERT_TRUE(bp.append(0, n_prefix, &copies));
+    PagedSeq first{prefix, 0, bp.block_table(0)};
+    m->forward_paged(std::span<const PagedSeq>(&first, 1), store, sb, pool());
+    std::vector<std::vector<int32_t>> toks(n_seqs);
+    for (int i = 0; i < n_seqs; ++i) {
+      if (i > 0) bp.fork(0, i);
+      toks[i] = prefix;
+      const auto own = test::random_tokens(6 + 4 * i, c.n_vocab, 50 + i);
+      toks[i].insert(toks[i].end(), own.begin(), own.end());
+    }
+    Scratch sa;
+    std::vector<int> done(n_seqs, n_prefix);
+    for (int step = 0; step < 4; ++step) {  // every suffix but 3 tokens, then 3 decode steps
+      std::vector<PagedSeq> batch;
+      std::vector<int> fed;
+      for (int i = 0; i < n_seqs; ++i) {
+        const int n = step == 0 ? static_cast<int>(toks[i].size()) - n_prefix - 3 : 1;
+        ASSERT_TRUE(bp.append(i, n, &copies));
+        ASSERT_TRUE(copies.empty());
+        batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], bp.block_table(i)});
+        fed.push_back(n);
+      }
+      auto got = m->forward_paged(batch, store, sb, pool());
+      std::vector<float> logits(got.begin(), got.end());
+      for (int i = 0; i < n_seqs; ++i) {
+        KvCache kv(shape, done[i] + fed[i]);
+        m->forward({toks[i].data(), static_cast<size_t>(done[i])}, 0, kv, sa, pool(), false);
+        auto l = m->forward({toks[i].data() + done[i], static_cast<size_t>(fed[i])}, done[i], kv,
+                            sa, pool(), false);
+        ASSERT_TRUE(std::equal(l.begin(), l.end(), logits.begin() + i * c.n_vocab))
+            << "sequence " << i << " step " << step;
+        done[i] += fed[i];
+      }
+    }
+  }
+}
+
 TEST(Paged, RejectsUncoveredPositions) {
   auto m = Model::load(test::data_path("tiny-llama.gguf"));
   PagedKvStore store(m->kv_shape(DType::F16, DType::F16), 4, 16);

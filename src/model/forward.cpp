@@ -227,8 +227,8 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
     }
     // The pass's work items, chunk-major: (chunk, KV head, segment, token block). Items that
     // read the same rows then run one after another on the same thread, which finds the rows in
-    // its caches and keeps their pointers (or tiles) instead of gathering them again (see
-    // same_rows below): every sequence's chunk 0 when they share a system prompt's blocks, and a
+    // its caches and keeps their pointers (or tiles) instead of gathering them again
+    // (same_rows): every sequence's chunk 0 when they share a system prompt's blocks, and a
     // prefill segment's token blocks over one chunk. Items whose tokens see none of the chunk
     // (causal) are left out. The order changes no result: each item writes its own partials.
     jobs.clear();

@@ -94,11 +94,9 @@ struct KvLayerView {
 
  private:
   const uint8_t* head_at(const uint8_t* base, size_t row_bytes, int64_t p, int64_t g) const {
-    const size_t head_bytes = row_bytes / static_cast<size_t>(n_kv_head);
-    if (!head_major) return base + row(p) * row_bytes + g * head_bytes;
-    const int64_t r = p % block_size;
-    return base + int64_t{blocks[p / block_size]} * block_size * row_bytes +
-           (g * block_size + r) * head_bytes;
+    if (head_major)
+      return base + kv_head_major_offset(blocks, block_size, p, g, row_bytes, n_kv_head);
+    return base + row(p) * row_bytes + g * (row_bytes / static_cast<size_t>(n_kv_head));
   }
 };
 

@@ -78,6 +78,17 @@ inline int64_t kv_table_row(const int32_t* blocks, int64_t block_size, int64_t p
   return blocks ? int64_t{blocks[p / block_size]} * block_size + p % block_size : p;
 }
 
+// Byte offset of KV head g of position p in a head-major paged arena (paged_kv.h): block
+// blocks[p / bs] is bs x row_bytes bytes ordered [n_kv_head, bs, row_bytes / n_kv_head], and the
+// head sits at slot p % bs of its run. The one statement of that layout, for the store that
+// writes it and the view that reads it.
+inline int64_t kv_head_major_offset(const int32_t* blocks, int64_t block_size, int64_t p, int64_t g,
+                                    size_t row_bytes, int64_t n_kv_head) {
+  const int64_t head_bytes = static_cast<int64_t>(row_bytes) / n_kv_head;
+  return int64_t{blocks[p / block_size]} * block_size * static_cast<int64_t>(row_bytes) +
+         (g * block_size + p % block_size) * head_bytes;
+}
+
 // Dynamic caches grow their arenas in chunks of this many tokens (amortises the copy on growth).
 inline constexpr int64_t kKvChunkTokens = 256;
 // Tokens of arena a cache holding n_tokens reserves: all of n_ctx when static, else n_tokens

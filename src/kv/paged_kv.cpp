@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <utility>
 #include <vector>
 
 #include "base/error.h"
@@ -108,8 +107,8 @@ void PagedKvStore::write(int32_t il, std::span<const BlockId> table, int64_t pos
     // Head by head: the cache type's blocks divide head_dim, so each head gets the bytes the
     // whole row's quantization gives it.
     for (int64_t g = 0; g < shape_.n_kv_head; ++g) {
-      kv_quantize_row(shape_.dtype_k, k + i * d + g * hd, head_k(il, b, p % block_size_, g), hd);
-      kv_quantize_row(shape_.dtype_v, v + i * d + g * hd, head_v(il, b, p % block_size_, g), hd);
+      kv_quantize_row(shape_.dtype_k, k + i * d + g * hd, head_k(il, table, p, g), hd);
+      kv_quantize_row(shape_.dtype_v, v + i * d + g * hd, head_v(il, table, p, g), hd);
     }
   }
 }
@@ -118,8 +117,8 @@ void PagedKvStore::copy_block(BlockId src, BlockId dst) {
   KVLM_CHECK(src >= 0 && src < n_blocks_ && dst >= 0 && dst < n_blocks_);
   if (src == dst) return;
   for (int32_t il = 0; il < shape_.n_layer; ++il) {
-    std::memcpy(row_k(il, dst, 0), row_k(il, src, 0), k_row_bytes_ * block_size_);
-    std::memcpy(row_v(il, dst, 0), row_v(il, src, 0), v_row_bytes_ * block_size_);
+    std::memcpy(block_k(il, dst), block_k(il, src), k_row_bytes_ * block_size_);
+    std::memcpy(block_v(il, dst), block_v(il, src), v_row_bytes_ * block_size_);
   }
 }
 
@@ -137,19 +136,16 @@ void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, i
   // kv_rerotate_k_row (which rotates all heads of a row).
   std::vector<float> row(static_cast<size_t>(shape_.kv_dim()));
   std::vector<std::byte> k_row(k_row_bytes_);
-  auto at = [&](int64_t p) { return std::pair{table[p / block_size_], p % block_size_}; };
   for (int32_t il = 0; il < shape_.n_layer; ++il) {
     // Ascending positions: a row is read (at p + count) before anything writes it (count > 0).
     for (int64_t p = begin; p < n_after; ++p) {
-      const auto [bs, rs] = at(p + count);
-      const auto [bd, rd] = at(p);
       for (int64_t g = 0; g < n_kv; ++g) {
-        std::memcpy(k_row.data() + g * k_head, head_k(il, bs, rs, g), k_head);
-        std::memcpy(head_v(il, bd, rd, g), head_v(il, bs, rs, g), v_head);
+        std::memcpy(k_row.data() + g * k_head, head_k(il, table, p + count, g), k_head);
+        std::memcpy(head_v(il, table, p, g), head_v(il, table, p + count, g), v_head);
       }
       kv_rerotate_k_row(shape_, rope, -count, k_row.data(), row.data());
       for (int64_t g = 0; g < n_kv; ++g)
-        std::memcpy(head_k(il, bd, rd, g), k_row.data() + g * k_head, k_head);
+        std::memcpy(head_k(il, table, p, g), k_row.data() + g * k_head, k_head);
     }
   }
 }

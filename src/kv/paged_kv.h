@@ -17,9 +17,10 @@
 // over a contiguous cache.
 //
 // KIVI layout (shape.kivi(), block_size a multiple of kivi_group): token-major rows (a K group
-// spans all heads of its positions); the arenas hold the sealed bytes at the sealed density (kv_k_row_bytes = a K group's bytes / group), so block b holds the
-// K groups of its positions at rows [b * bs, (b + 1) * bs) (group of position g0 at row(g0)) and
-// the sealed V rows as above (KiviSealed, kv_kivi.h). Each running sequence also owns one of
+// spans all heads of its positions); the arenas hold the sealed bytes at the sealed density
+// (kv_k_row_bytes = a K group's bytes / group), so block b holds the K groups of its positions
+// at rows [b * bs, (b + 1) * bs) (group of position g0 at row(g0)) and the sealed V rows as above
+// (KiviSealed, kv_kivi.h). Each running sequence also owns one of
 // n_slots f16 residual slots, outside the blocks:
 //   rk[il], rv[il]: [n_slots, kv_kivi_residual_cap(R + G - 1), kv_dim] f16  (row r of slot s =
 //                   position n_sealed + r of the sequence holding s)
@@ -94,19 +95,21 @@ class PagedKvStore {
                          const float* k, const float* v);
 
  private:
-  // Token-major row r of block b (KIVI), or the block's first byte (r == 0, any layout).
-  std::byte* row_k(int32_t il, BlockId b, int64_t r) {
-    return k_[il].data() + (int64_t{b} * block_size_ + r) * k_row_bytes_;
+  // Block b's first byte (any layout; KIVI's sealing addresses its rows through KiviSealed).
+  std::byte* block_k(int32_t il, BlockId b) {
+    return k_[il].data() + int64_t{b} * block_size_ * k_row_bytes_;
   }
-  std::byte* row_v(int32_t il, BlockId b, int64_t r) {
-    return v_[il].data() + (int64_t{b} * block_size_ + r) * v_row_bytes_;
+  std::byte* block_v(int32_t il, BlockId b) {
+    return v_[il].data() + int64_t{b} * block_size_ * v_row_bytes_;
   }
-  // Head g of slot r of block b (plain layouts: head-major blocks).
-  std::byte* head_k(int32_t il, BlockId b, int64_t r, int64_t g) {
-    return row_k(il, b, 0) + (g * block_size_ + r) * (k_row_bytes_ / shape_.n_kv_head);
+  // Head g of position p of a sequence with block table `table` (plain layouts: head-major).
+  std::byte* head_k(int32_t il, std::span<const BlockId> table, int64_t p, int64_t g) {
+    return k_[il].data() + kv_head_major_offset(table.data(), block_size_, p, g, k_row_bytes_,
+                                                shape_.n_kv_head);
   }
-  std::byte* head_v(int32_t il, BlockId b, int64_t r, int64_t g) {
-    return row_v(il, b, 0) + (g * block_size_ + r) * (v_row_bytes_ / shape_.n_kv_head);
+  std::byte* head_v(int32_t il, std::span<const BlockId> table, int64_t p, int64_t g) {
+    return v_[il].data() + kv_head_major_offset(table.data(), block_size_, p, g, v_row_bytes_,
+                                                shape_.n_kv_head);
   }
 
   uint16_t* resid(const std::vector<AlignedBuffer>& r, int32_t il, int32_t slot) const {

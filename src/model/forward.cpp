@@ -91,6 +91,19 @@ struct AttnSeq {
   int64_t pos0 = 0;
 };
 
+// Calls fn(j, n) for each run [j, j + n) of [j0, j1) that lies in one block (one run when
+// contiguous): inside a run a head's positions are a fixed stride apart (k_pos_stride,
+// v_pos_stride), so the table lookup and its divisions happen once per run.
+template <class Fn>
+void for_each_run(const KvLayerView& kv, int64_t j0, int64_t j1, Fn&& fn) {
+  for (int64_t j = j0; j < j1;) {
+    const int64_t n =
+        kv.blocks == nullptr ? j1 - j : std::min(kv.block_size - j % kv.block_size, j1 - j);
+    fn(j, n);
+    j += n;
+  }
+}
+
 // Dequantizes positions [j0, j1) of KV head g's slices (K when k, else V) into tile [j1 - j0, hd]:
 // one strided read when contiguous, one per block when paged. Paged or not, each position gets the
 // same values, so attention over a block table equals attention over a contiguous cache bit for
@@ -99,17 +112,10 @@ void load_rows(const KvLayerView& kv, bool k, int64_t g, int64_t j0, int64_t j1,
                int64_t hd) {
   const DType t = k ? kv.dtype_k : kv.dtype_v;
   const size_t stride = k ? kv.k_pos_stride() : kv.v_pos_stride();
-  auto head = [&](int64_t j) { return k ? kv.k_head(j, g) : kv.v_head(j, g); };
-  if (kv.blocks == nullptr) {
-    kernels::dequantize_rows(t, head(j0), stride, j1 - j0, tile, hd);
-    return;
-  }
-  const int64_t bs = kv.block_size;
-  for (int64_t j = j0; j < j1;) {
-    const int64_t r = j % bs, n = std::min(bs - r, j1 - j);
-    kernels::dequantize_rows(t, head(j), stride, n, tile + (j - j0) * hd, hd);
-    j += n;
-  }
+  for_each_run(kv, j0, j1, [&](int64_t j, int64_t n) {
+    kernels::dequantize_rows(t, k ? kv.k_head(j, g) : kv.v_head(j, g), stride, n,
+                             tile + (j - j0) * hd, hd);
+  });
 }
 
 // An f16 cache is read in place by attn_chunk_f16 (plain rows; KIVI's sealed K is not f16).
@@ -117,24 +123,19 @@ bool reads_in_place(const KvLayerView& kv) {
   return kv.kivi_residual < 0 && kv.dtype_k == DType::F16 && kv.dtype_v == DType::F16;
 }
 
-// Pointers to KV head g (of n_kv) of the K and V rows of positions [j0, j1) of a plain cache (any
-// row type; attn_chunk_f16 reads them as f16).   k_rows, v_rows: [j1 - j0]
-// One block (or the whole contiguous range) at a time: the table lookup and its divisions once
-// per run, then a fixed stride.
+// Pointers to KV head g's K and V slices of positions [j0, j1) of a plain cache (any row type;
+// attn_chunk_f16 reads them as f16), a run at a time.   k_rows, v_rows: [j1 - j0]
 void gather_rows(const KvLayerView& kv, int64_t g, int64_t j0, int64_t j1,
                  const uint16_t** k_rows, const uint16_t** v_rows) {
   const size_t ks = kv.k_pos_stride(), vs = kv.v_pos_stride();
-  for (int64_t j = j0; j < j1;) {
-    const int64_t n =
-        kv.blocks == nullptr ? j1 - j : std::min(kv.block_size - j % kv.block_size, j1 - j);
+  for_each_run(kv, j0, j1, [&](int64_t j, int64_t n) {
     const uint8_t* k = kv.k_head(j, g);
     const uint8_t* v = kv.v_head(j, g);
     for (int64_t r = 0; r < n; ++r) {
       k_rows[j - j0 + r] = reinterpret_cast<const uint16_t*>(k + r * ks);
       v_rows[j - j0 + r] = reinterpret_cast<const uint16_t*>(v + r * vs);
     }
-    j += n;
-  }
+  });
 }
 
 // Whether views a and b (plain layouts) hold the same rows at positions [j0, j1): the same

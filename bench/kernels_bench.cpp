@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "base/aligned.h"
+#include "base/thread_pool.h"
 #include "kernels/ops.h"
 #include "tensor/dtype.h"
 
@@ -84,6 +85,37 @@ void BM_AttnF16(benchmark::State& state) {
       benchmark::Counter(pairs, benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 BENCHMARK(BM_AttnF16)->Name("AttnF16")->ArgsProduct({{1, 3}, {0, 1, 2}});
+
+// QMatmul/<type>/<n_tok>: kernels::matmul of a packed random SmolLM2 FFN-down-sized matrix (576 x
+// 1536; type 0 Q4_1, 1 Q8_0) with n_tok tokens on one thread, the whole matrix (0.5-0.9 MiB)
+// staying in L2 between calls, so the counter is the kernel's arithmetic rate, not memory's.
+// Counter gmac_per_s: 10^9 multiply-adds per second.
+void BM_QMatmul(benchmark::State& state) {
+  const DType t = state.range(0) == 0 ? DType::Q4_1 : DType::Q8_0;
+  const int64_t n_tok = state.range(1), n_rows = 576, n_cols = 1536;
+  const size_t stride = row_bytes(t, n_cols);
+  std::vector<uint8_t> bytes(stride * n_rows);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> row(n_cols);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (float& x : row) x = nd(rng);
+    kernels::quantize_row(t, row.data(), bytes.data() + r * stride, n_cols);
+  }
+  TensorView w{t, bytes.data(), n_rows, n_cols, stride};
+  const std::vector<uint8_t> packed = kernels::pack_weights(w);
+  w.packed = packed.data();
+  std::vector<float> x(static_cast<size_t>(n_tok * n_cols)), y(static_cast<size_t>(n_tok * n_rows));
+  for (float& v : x) v = nd(rng);
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    kernels::matmul(w, x.data(), y.data(), n_tok, pool);
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double macs = static_cast<double>(state.iterations()) * n_tok * n_rows * n_cols;
+  state.counters["gmac_per_s"] = benchmark::Counter(macs * 1e-9, benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_QMatmul)->Name("QMatmul")->ArgsProduct({{0, 1}, {1, 4, 16, 64}});
 
 }  // namespace
 }  // namespace kvlm

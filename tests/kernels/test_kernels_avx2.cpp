@@ -386,7 +386,7 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
                                        size_t(dtype_info(t).type_size));
           TensorView wp = w;
           wp.packed = packed.data();
-          for (int64_t n_tok : {1, 2, 3, 4, 5, 9, 70}) {
+          for (int64_t n_tok : {1, 2, 3, 4, 5, 8, 9, 15, 70}) {
             if (n_tok == 70 && n_cols > 576) continue;
             const std::vector<float> x = random_floats(rng, n_tok * n_cols, 1.5f);
             std::vector<float> yr(n_tok * n_rows), yu(n_tok * n_rows, -1.0f),

@@ -195,7 +195,7 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool&
   uint8_t* q = thread_bytes(a.q_stride * static_cast<size_t>(n_tok));
   float* ds = thread_scratch(kActSlot, 2 * n_tok * n_blocks);  // d, then s
   thread_local std::vector<int32_t> c;
-  if (t == DType::Q4_0 && c.size() < static_cast<size_t>(n_tok * n_blocks))
+  if (t != DType::Q4_1 && c.size() < static_cast<size_t>(n_tok * n_blocks))
     c.resize(static_cast<size_t>(n_tok * n_blocks));
   int32_t* cs = c.data();
   // Token i writes only its own row of q, ds and c (the buffers of the calling thread, sized
@@ -213,11 +213,9 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool&
         } else {
           const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
           ds[o] = half(b.d);
-          if (t == DType::Q4_0) {
-            int32_t sum = 0;
-            for (int8_t v : b.qs) sum += v;
-            cs[o] = 8 * sum;
-          }
+          int32_t sum = 0;
+          for (int8_t v : b.qs) sum += v;
+          cs[o] = (t == DType::Q4_0 ? 8 : 128) * sum;
         }
       }
     }

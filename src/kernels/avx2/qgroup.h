@@ -20,7 +20,8 @@ struct Acts {
   size_t qs_off;     // offset of the 32 codes in a block
   const float* d;    // [n_tok, n_blocks] d
   const float* s;    // [n_tok, n_blocks] Q8_1's s = d * sum(codes) (Q4_1 weights)
-  const int32_t* c;  // [n_tok, n_blocks] 8 * sum(codes) (Q4_0 weights: the nibbles' "+ 8")
+  const int32_t* c;  // [n_tok, n_blocks] Q4_0 weights: 8 * sum(codes) (the nibbles' "+ 8");
+                     // Q8_0 weights: 128 * sum(codes) (the VNNI kernels' codes + 128)
   int64_t n_blocks;
 };
 

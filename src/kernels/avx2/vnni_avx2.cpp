@@ -113,6 +113,7 @@ void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
 template <int T>
 void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
   const int64_t n_blocks = x.n_blocks;
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
@@ -125,22 +126,22 @@ void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
       s32[t] = _mm512_setzero_si512();
     }
     for (int v = 0; v < 8; ++v) {
-      const __m512i w = join(a.qs[v], b.qs[v]);
-      // |w| and the codes negated where w < 0: group_q8's sign(w, w) and sign(codes, w), but the
-      // codes are not zeroed where w == 0, which changes nothing (they meet |w| = 0).
-      const __m512i aw = _mm512_abs_epi8(w);
-      const __mmask64 neg = _mm512_movepi8_mask(w);
+      // w + 128 (0 .. 255, unsigned: w ^ 0x80), so vpdpbusd takes it as it is and the codes
+      // unchanged; the block's sum is then the exact sum_j w_j c_j plus 128 sum_j c_j, taken
+      // off below (x.c). The same integers as group_q8's |w| . sign(c, w), so the same bits,
+      // without its two sign operations per weight vector and one per (token, vector).
+      const __m512i w = _mm512_xor_si512(join(a.qs[v], b.qs[v]), bias);
       for (int t = 0; t < T; ++t) {
-        const __m512i c = bcast4_512(xq[t] + 4 * v);
-        s32[t] = _mm512_dpbusd_epi32(s32[t], aw,
-                                     _mm512_mask_sub_epi8(c, neg, _mm512_setzero_si512(), c));
+        s32[t] = _mm512_dpbusd_epi32(s32[t], w, bcast4_512(xq[t] + 4 * v));
         keep512(s32[t]);
       }
     }
     const __m512 dw = join_f16(a.d, b.d);
     for (int t = 0; t < T; ++t) {
-      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(t0 + t) * n_blocks + ib]));
-      acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(s32[t]), scale));
+      const int64_t o = (t0 + t) * n_blocks + ib;
+      const __m512i sumi = _mm512_sub_epi32(s32[t], _mm512_set1_epi32(x.c[o]));
+      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[o]));
+      acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), scale));
     }
   }
   for (int t = 0; t < T; ++t) _mm512_store_ps(out + 16 * t, acc[t]);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -41,6 +42,24 @@ TEST(AlignedBuffer, LargeBuffersStartOnAHugePageAndAreZeroed) {
   EXPECT_TRUE(all_zero(b));
 }
 
+// A large buffer costs memory only where it has been written: a KV pool sized for a whole budget
+// is resident for the blocks in use (and start-up does not clear it). Fails if resize() writes
+// the buffer (checked with the earlier memset).
+TEST(AlignedBuffer, LargeBuffersAreResidentOnlyWhereWritten) {
+  AlignedBuffer b(size_t{64} << 20);
+  const long before = test::smaps_kb(b.data(), "Rss");
+  if (before < 0) GTEST_SKIP() << "no /proc/self/smaps";
+  // The mapping may share its smaps entry with a neighbour's, so allow a few MiB there.
+  EXPECT_LT(before, 8 * 1024) << "an untouched 64 MiB buffer is resident";
+  b.data()[0] = std::byte{1};
+  b.data()[(size_t{40} << 20) + 5] = std::byte{2};
+  const long after = test::smaps_kb(b.data(), "Rss");
+  EXPECT_GE(after, before + 8) << "written pages are not resident";
+  EXPECT_LT(after, before + 8 * 1024) << "two writes made far more than their pages resident";
+  EXPECT_EQ(b.data()[1], std::byte{0});
+  EXPECT_EQ(b.data()[(size_t{40} << 20) + 4], std::byte{0});
+}
+
 // "[always] madvise never" style: the bracketed word is the mode.
 std::string thp_mode() {
   std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
@@ -54,6 +73,7 @@ TEST(AlignedBuffer, LargeBuffersGetTransparentHugePagesWhereTheKernelGivesThem) 
   const std::string mode = thp_mode();
   if (mode != "madvise" && mode != "always") GTEST_SKIP() << "THP mode '" << mode << "'";
   AlignedBuffer b(size_t{8} << 20);
+  std::memset(b.data(), 1, b.size());  // resident only once written
   const long kb = test::smaps_kb(b.data(), "AnonHugePages");
   if (kb < 0) GTEST_SKIP() << "no /proc/self/smaps";
   // The kernel may lack free 2 MiB pages (fragmented memory) and fall back to 4 KiB ones (with

@@ -12,6 +12,7 @@
 #include <cassert>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 
 #include "base/error.h"
 
@@ -74,19 +75,54 @@ void validate(const SamplingParams& p) {
 int32_t argmax(const float* logits, int32_t n) {
   // Precondition: n > 0. NaN never wins; all-NaN returns 0.
   assert(logits != nullptr && n > 0);
-  int32_t best = 0;
-  float best_val = -INFINITY;
-  bool found = false;
-  for (int32_t i = 0; i < n; ++i) {
-    const float v = logits[i];
-    if (std::isnan(v)) continue;
-    if (!found || v > best_val) {  // strict: the lowest index keeps a tie
-      best = i;
-      best_val = v;
-      found = true;
+  // 16 lanes in four 4-wide vectors (GCC's vector extensions: SSE2 compares and selects on any
+  // x86-64), lane j seeing the elements i with i % 16 == j: each keeps the first index of its
+  // largest value above -inf (strict >, so NaN and -inf never enter). A greedy server samples
+  // 16 x 49,152 logits per step, and one element at a time took ~30-50 us per sequence. The
+  // result is the one-at-a-time loop's: the lowest index among the lanes holding the largest value.
+  using F4 = float __attribute__((vector_size(16)));
+  using I4 = int32_t __attribute__((vector_size(16)));
+  constexpr int32_t kLanes = 16;
+  F4 vmax[4];
+  I4 vidx[4], at[4];
+  for (int k = 0; k < 4; ++k) {
+    vmax[k] = F4{} - INFINITY;
+    vidx[k] = I4{} - 1;
+    at[k] = I4{0, 1, 2, 3} + 4 * k;
+  }
+  int32_t i0 = 0;
+  for (; i0 + kLanes <= n; i0 += kLanes)
+    for (int k = 0; k < 4; ++k) {
+      F4 v;
+      std::memcpy(&v, logits + i0 + 4 * k, sizeof v);
+      const I4 take = v > vmax[k];
+      vmax[k] = take ? v : vmax[k];
+      vidx[k] = take ? at[k] : vidx[k];
+      at[k] += kLanes;
+    }
+  float lane_val[kLanes];
+  int32_t lane_idx[kLanes];
+  std::memcpy(lane_val, vmax, sizeof lane_val);
+  std::memcpy(lane_idx, vidx, sizeof lane_idx);
+  for (int32_t i = i0; i < n; ++i) {
+    const int32_t j = i - i0;
+    if (logits[i] > lane_val[j]) {
+      lane_val[j] = logits[i];
+      lane_idx[j] = i;
     }
   }
-  return best;
+  int32_t best = -1;
+  for (int32_t j = 0; j < kLanes; ++j) {
+    if (lane_idx[j] < 0) continue;
+    if (best < 0 || lane_val[j] > logits[best] ||
+        (lane_val[j] == logits[best] && lane_idx[j] < best))
+      best = lane_idx[j];
+  }
+  if (best >= 0) return best;
+  // Nothing above -inf: the first value that is not NaN (-inf), else 0.
+  for (int32_t i = 0; i < n; ++i)
+    if (!std::isnan(logits[i])) return i;
+  return 0;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -76,6 +76,37 @@ TEST(Argmax, IgnoresNaN) {
   EXPECT_EQ(argmax(all_nan, 2), 0);
 }
 
+// The definition, one element at a time: the lowest index of the largest value that is not NaN.
+int32_t argmax_one_by_one(const float* v, int32_t n) {
+  int32_t best = 0;
+  bool found = false;
+  for (int32_t i = 0; i < n; ++i) {
+    if (std::isnan(v[i])) continue;
+    if (!found || v[i] > v[best]) best = i, found = true;
+  }
+  return best;
+}
+
+// argmax works in 16 lanes: every length around the lane width and a vocabulary's, values drawn
+// from a few levels (many ties across and within lanes), with NaN, -inf and +inf mixed in.
+TEST(Argmax, EqualsOneByOneWithTiesNaNAndInfinities) {
+  std::mt19937 rng(5);
+  const float levels[] = {-INFINITY, -2.0f, 0.0f, -0.0f, 1.5f, 3.0f, INFINITY, NAN};
+  for (int32_t n : {1, 2, 15, 16, 17, 31, 32, 33, 47, 100, 1000, 49152}) {
+    for (int trial = 0; trial < 200; ++trial) {
+      std::vector<float> v(static_cast<size_t>(n));
+      // Trials draw from fewer levels as they go, down to only NaN and -inf.
+      const int n_levels = 8 - trial % 8;
+      for (float& x : v) x = levels[7 - rng() % n_levels];
+      ASSERT_EQ(argmax(v.data(), n), argmax_one_by_one(v.data(), n)) << "n " << n << " trial " << trial;
+      std::uniform_real_distribution<float> u(-10.0f, 10.0f);
+      for (float& x : v) x = u(rng);
+      if (trial % 3 == 0) v[rng() % n] = NAN;
+      ASSERT_EQ(argmax(v.data(), n), argmax_one_by_one(v.data(), n)) << "n " << n << " trial " << trial;
+    }
+  }
+}
+
 TEST(Sampler, GreedyIsArgmax) {
   for (float t : {0.0f, -1.0f}) {
     Sampler s(plain(t));

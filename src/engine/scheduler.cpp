@@ -515,9 +515,10 @@ void Scheduler::step() {
   const std::span<const float> logits = model_.forward_paged(batch, st.store, st.scratch, pool_);
   ++st.totals.n_steps;
 
-  // ---- 5. sample, register full blocks, finish ----
+  // ---- 5. register full blocks, sample, finish ----
   std::vector<Seq*> done;
   std::vector<FinishReason> why;
+  std::vector<size_t> ready;  // items whose sequence has computed all its pending tokens
   for (size_t b = 0; b < items.size(); ++b) {
     Seq& q = *items[b].seq;
     q.n_computed += items[b].n;
@@ -537,8 +538,39 @@ void Scheduler::step() {
         if (st.prefix.insert(key, parent, toks, blk)) st.blocks.mark_cached(blk);
       }
     }
-    if (q.pending() > 0) continue;  // prefill not finished: no token yet
-    const int32_t t = q.sampler->sample(logits.data() + b * mc.n_vocab, mc.n_vocab, q.tokens);
+    if (q.pending() == 0) ready.push_back(b);  // else prefill not finished: no token yet
+  }
+  // The samples, on the pool's threads when any of them draws at a temperature: each sampler,
+  // its logits row and its sequence's tokens belong to one item only, and what each draws does
+  // not depend on the thread (a sampler's random stream is its own). A draw with top-k 40 over a
+  // 49,152-token vocabulary takes ~150 us, so sixteen are ~2.5 ms of a ~20 ms pass; a greedy
+  // sample (~10 us) costs about what a hand-off does (docs/BENCHMARKS.md).
+  std::vector<int32_t> sampled(items.size(), -1);
+  std::vector<std::exception_ptr> errors(items.size());
+  auto sample = [&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const size_t b = ready[static_cast<size_t>(i)];
+      Seq& q = *items[b].seq;
+      try {
+        sampled[b] = q.sampler->sample(logits.data() + b * mc.n_vocab, mc.n_vocab, q.tokens);
+      } catch (...) {
+        errors[b] = std::current_exception();  // rethrown below, on the scheduler thread
+      }
+    }
+  };
+  const int64_t n_ready = static_cast<int64_t>(ready.size());
+  const bool costly = std::any_of(ready.begin(), ready.end(), [&](size_t b) {
+    const SamplingParams& sp = items[b].seq->sampler->params();
+    return sp.temperature > 0.0f || sp.repeat_penalty != 1.0f;
+  });
+  if (n_ready > 1 && costly)
+    pool_.parallel_for(n_ready, sample);
+  else
+    sample(0, n_ready, 0);
+  for (const size_t b : ready) {
+    if (errors[b]) std::rethrow_exception(errors[b]);
+    Seq& q = *items[b].seq;
+    const int32_t t = sampled[b];
     q.tokens.push_back(t);
     ++q.n_generated;
     ++st.totals.generated_tokens;

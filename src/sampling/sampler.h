@@ -36,6 +36,7 @@ class Sampler {
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> cand_;  // scratch [n_vocab]
+  std::vector<float> heap_;                       // scratch [top_k]: the k largest logits seen
 };
 
 // Index of the largest logit (lowest index wins ties).     logits: [n]

@@ -98,11 +98,13 @@ TEST(Argmax, EqualsOneByOneWithTiesNaNAndInfinities) {
       // Trials draw from fewer levels as they go, down to only NaN and -inf.
       const int n_levels = 8 - trial % 8;
       for (float& x : v) x = levels[7 - rng() % n_levels];
-      ASSERT_EQ(argmax(v.data(), n), argmax_one_by_one(v.data(), n)) << "n " << n << " trial " << trial;
+      ASSERT_EQ(argmax(v.data(), n), argmax_one_by_one(v.data(), n))
+          << "n " << n << " trial " << trial;
       std::uniform_real_distribution<float> u(-10.0f, 10.0f);
       for (float& x : v) x = u(rng);
       if (trial % 3 == 0) v[rng() % n] = NAN;
-      ASSERT_EQ(argmax(v.data(), n), argmax_one_by_one(v.data(), n)) << "n " << n << " trial " << trial;
+      ASSERT_EQ(argmax(v.data(), n), argmax_one_by_one(v.data(), n))
+          << "n " << n << " trial " << trial;
     }
   }
 }
@@ -172,6 +174,37 @@ TEST(Sampler, TopKRestrictsSupport) {
   p.top_k = 5;
   Sampler s(p);
   EXPECT_EQ(support(s, v, 5000), top5);
+}
+
+// Top-k without a penalty selects from the logits directly (no candidate per token); with one it
+// fills every candidate first. A penalty whose history holds only an id outside the vocabulary
+// changes no logit but takes the second path, so both must draw the same tokens from the same
+// seed: the same k candidates in the same order, whatever ties, NaN and infinities the logits
+// hold, with top-p, min-p and temperature after them.
+TEST(Sampler, TopKFromLogitsDrawsAsTheFullCandidateList) {
+  std::mt19937 rng(17);
+  const float levels[] = {-INFINITY, -3.0f, -1.0f, 0.0f, 0.5f, 2.0f, INFINITY, NAN};
+  const std::vector<int32_t> outside = {-1};
+  for (int32_t k : {1, 2, 5, 40, 300}) {
+    for (int trial = 0; trial < 12; ++trial) {
+      const int32_t n = 1000;
+      std::vector<float> v(n);
+      std::normal_distribution<float> nd(0.0f, 2.0f);
+      for (float& x : v) x = trial % 3 == 0 ? levels[rng() % 8] : nd(rng);
+      if (trial % 3 == 1)
+        for (int j = 0; j < 20; ++j) v[rng() % n] = levels[rng() % 8];
+      SamplingParams p = plain(trial % 2 ? 0.7f : 1.5f, 100 + trial);
+      p.top_k = k;
+      p.top_p = trial % 4 < 2 ? 0.9f : 1.0f;
+      p.min_p = trial % 4 == 1 ? 0.05f : 0.0f;
+      SamplingParams q = p;
+      q.repeat_penalty = 1.3f;
+      Sampler direct(p), full(q);
+      for (int draw = 0; draw < 50; ++draw)
+        ASSERT_EQ(direct.sample(v.data(), n, {}), full.sample(v.data(), n, outside))
+            << "k " << k << " trial " << trial << " draw " << draw;
+    }
+  }
 }
 
 TEST(Sampler, TopPSupportIsNucleus) {

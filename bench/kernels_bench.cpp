@@ -86,6 +86,31 @@ void BM_AttnF16(benchmark::State& state) {
 }
 BENCHMARK(BM_AttnF16)->Name("AttnF16")->ArgsProduct({{1, 3}, {0, 1, 2}});
 
+// AttnF32/<n_q>: kernels::attn_chunk over one 256-position chunk already in f32 tiles (as a
+// quantized cache's rows are dequantized once per job), the tiles hot in L1/L2: against AttnF16's
+// mode 0, the cost of converting f16 rows inside the kernel. Counter ns_per_qpos as AttnF16's.
+void BM_AttnF32(benchmark::State& state) {
+  const int64_t n_q = state.range(0);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k(static_cast<size_t>(kChunk * kHeadDim)), v(k.size());
+  for (float& x : k) x = fp16_to_fp32(fp32_to_fp16(nd(rng)));
+  for (float& x : v) x = fp16_to_fp32(fp32_to_fp16(nd(rng)));
+  std::vector<float> q(static_cast<size_t>(n_q * kHeadDim)), o(q.size()), m(n_q), l(n_q);
+  for (float& x : q) x = nd(rng) * 0.3f;
+  kernels::round_to_f16(q.data(), q.data(), n_q * kHeadDim);
+  std::vector<float> work(static_cast<size_t>(n_q * kChunk + 2 * kChunk * kHeadDim));
+  for (auto _ : state) {
+    kernels::attn_chunk(k.data(), v.data(), kChunk, kHeadDim, q.data(), n_q, 0.125f, m.data(),
+                        l.data(), o.data(), work.data());
+    benchmark::DoNotOptimize(o.data());
+  }
+  const double pairs = static_cast<double>(state.iterations()) * n_q * kChunk;
+  state.counters["ns_per_qpos"] =
+      benchmark::Counter(pairs, benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+BENCHMARK(BM_AttnF32)->Name("AttnF32")->Arg(3);
+
 // QMatmul/<type>/<n_tok>: kernels::matmul of a packed random SmolLM2 FFN-down-sized matrix (576 x
 // 1536; type 0 Q4_1, 1 Q8_0) with n_tok tokens on one thread, the whole matrix (0.5-0.9 MiB)
 // staying in L2 between calls, so the counter is the kernel's arithmetic rate, not memory's.

@@ -49,7 +49,10 @@ common prefix with the previous request (here the shared system prompt), its onl
 kvlm's GET /metrics (Prometheus text) is polled every --poll seconds during kvlm runs; every
 kvlm_* sample is parsed, absent ones are tolerated. Reported: KV peak (max kvlm_kv_blocks_used /
 kvlm_kv_blocks_total), prefix hit % (delta kvlm_prompt_tokens_cached_total / delta
-kvlm_prompt_tokens_total over the run), preemptions (delta kvlm_preemptions_total). Paged waste
+kvlm_prompt_tokens_total over the run), preemptions (delta kvlm_preemptions_total), and a
+"passes" line per kvlm run: forward passes, their mean wall time and tokens, and the scheduler's
+time per pass outside them (deltas of kvlm_scheduler_steps_total, kvlm_forward_seconds_total,
+kvlm_batch_tokens_total, kvlm_scheduler_host_seconds_total; older servers: no line). Paged waste
 (waste check run): at poll samples where no request is queued or in prefill and the server's
 running count equals the client's decoding requests, waste = kvlm_kv_blocks_used x block size -
 sum over those requests of (prompt tokens + tokens received so far); reported as the max per
@@ -703,6 +706,15 @@ def summarize(server, args, users, sequential, results, t0, wall, m_before, m_af
             d = delta(k)
             if d is not None:
                 s[k.replace("kvlm_", "server_").replace("_total", "")] = int(d)
+        # Where the server's scheduler thread spent the run (kvlm >= the metrics that count it):
+        # forward passes, their mean time and tokens, and the step time outside the passes
+        # (admission, sampling, handing tokens to the HTTP threads).
+        steps, fwd = delta("kvlm_scheduler_steps_total"), delta("kvlm_forward_seconds_total")
+        host, btok = delta("kvlm_scheduler_host_seconds_total"), delta("kvlm_batch_tokens_total")
+        if steps and fwd is not None and host is not None and btok is not None:
+            s["passes"] = {"n": int(steps), "forward_s": fwd, "host_s": host,
+                           "pass_ms_mean": 1e3 * fwd / steps, "host_ms_per_pass": 1e3 * host / steps,
+                           "tokens_per_pass": btok / steps}
         s["peak_running"] = max((m.get("kvlm_requests_running", 0) for m in all_m), default=None)
         s["peak_waiting"] = max((m.get("kvlm_requests_waiting", 0) for m in all_m), default=None)
         bs = m_after.get("kvlm_kv_block_size_tokens")
@@ -816,6 +828,13 @@ def print_goals(runs: list[dict], baseline_users: int) -> None:
         if s and s["ttft_ms_p99"] is not None:
             lines.append(f"TTFT p99 at {baseline_users} users, {s['label']}: {s['ttft_ms_p99']:.0f} ms"
                          f" (max {s['ttft_ms_max']:.0f} ms)")
+    for s in runs:
+        p = s.get("passes")
+        if p:
+            lines.append(f"passes ({s['label']}, {s['users']} users): {p['n']} in {p['forward_s']:.2f} s"
+                         f" of {s['wall_s']:.2f} s, {p['pass_ms_mean']:.1f} ms and "
+                         f"{p['tokens_per_pass']:.1f} tokens each, {p['host_ms_per_pass']:.2f} ms "
+                         f"per pass outside them")
     w = [s for s in runs if s["waste_tokens_per_seq_max"] is not None and s["prefix_cache"] is False]
     for s in w:
         lines.append(f"paged waste ({s['label']}, {s['users']} users, {s['waste_samples']} samples):"

@@ -1,6 +1,7 @@
 #include "engine/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 
 #include "base/error.h"
@@ -335,6 +336,8 @@ void Scheduler::step() {
   const ModelConfig& mc = model_.config();
   auto key_for = [&](const Seq& q) { return PrefixKey{st.cache_type, q.req.salt}; };
   const uint64_t step_no = ++st.n_step_calls;  // marks the sequences this step schedules
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point t_step = Clock::now();
 
   // Preempts the newest running sequence: its blocks go back (the registered ones stay cached,
   // so its recompute is often a prefix hit) and it waits at the front of the queue.
@@ -512,8 +515,11 @@ void Scheduler::step() {
     batch.push_back({{q.tokens.data() + q.n_computed, static_cast<size_t>(it.n)}, q.n_computed,
                      st.blocks.block_table(q.id), q.kivi_slot, q.n_sealed});
   }
+  const Clock::time_point t_pass = Clock::now();
   const std::span<const float> logits = model_.forward_paged(batch, st.store, st.scratch, pool_);
+  const Clock::time_point t_pass_end = Clock::now();
   ++st.totals.n_steps;
+  for (const Item& it : items) st.totals.batch_tokens += it.n;
 
   // ---- 5. register full blocks, sample, finish ----
   std::vector<Seq*> done;
@@ -595,6 +601,9 @@ void Scheduler::step() {
     finish(**it, why[i], "");
     st.running.erase(it);
   }
+  const std::chrono::duration<double> pass = t_pass_end - t_pass, whole = Clock::now() - t_step;
+  st.totals.forward_seconds += pass.count();
+  st.totals.step_host_seconds += whole.count() - pass.count();
 }
 
 }  // namespace kvlm

@@ -105,6 +105,13 @@ struct SchedulerStats {
   int64_t evicted_tokens = 0;       // dropped by the window or context shift
   int64_t n_steps = 0;
   int64_t requests_finished = 0;
+  // Where the scheduler thread's time goes, for GET /metrics: Δforward_seconds / Δn_steps is the
+  // mean pass time, Δbatch_tokens / Δn_steps the mean tokens per pass.
+  int64_t batch_tokens = 0;       // tokens computed by forward passes: decode tokens and prefill
+                                  // chunks, recomputation after a preemption included
+  double forward_seconds = 0;     // wall seconds inside forward passes
+  double step_host_seconds = 0;   // wall seconds of those steps outside the pass: admission,
+                                  // block bookkeeping, sampling, handing tokens to the callbacks
 };
 
 class Scheduler {

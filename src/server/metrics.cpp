@@ -83,6 +83,15 @@ std::string Metrics::render(const SchedulerStats& s) const {
          s.evicted_tokens);
   metric(out, "kvlm_scheduler_steps_total", "counter", "forward passes of the scheduler",
          s.n_steps);
+  metric(out, "kvlm_batch_tokens_total", "counter",
+         "tokens computed by the forward passes (decode tokens and prefill chunks)",
+         s.batch_tokens);
+  metric(out, "kvlm_forward_seconds_total", "counter",
+         "wall seconds inside the scheduler's batched forward passes", s.forward_seconds);
+  metric(out, "kvlm_scheduler_host_seconds_total", "counter",
+         "wall seconds of scheduler steps outside the forward pass (admission, blocks, sampling, "
+         "token hand-off)",
+         s.step_host_seconds);
 
   out +=
       "# HELP kvlm_requests_total generation requests finished, by finish reason\n"

@@ -116,9 +116,19 @@ void run_batch(const SchedulerConfig& cfg, int n_req, int n_gen, bool expect_pre
   EXPECT_EQ(st.running, 0);
   EXPECT_EQ(st.waiting, 0);
   EXPECT_EQ(st.generated_tokens, int64_t{n_req} * n_gen);
+  // Every prompt token not served by the prefix cache, and every generated token but the last,
+  // went through one forward pass (more when a preempted sequence is recomputed).
+  int64_t computed = 0;
+  for (int i = 0; i < n_req; ++i)
+    computed += cols[i]->last.n_prompt - cols[i]->last.n_cached + (n_gen - 1);
   if (expect_preemption) {
     EXPECT_GT(st.n_preemptions, 0);
+    EXPECT_GT(st.batch_tokens, computed);
+  } else {
+    EXPECT_EQ(st.batch_tokens, computed);
   }
+  EXPECT_GT(st.forward_seconds, 0.0);
+  EXPECT_GT(st.step_host_seconds, 0.0);
   std::printf("  %d requests: %lld steps, %lld preemptions\n", n_req,
               static_cast<long long>(st.n_steps), static_cast<long long>(st.n_preemptions));
 }

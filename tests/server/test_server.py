@@ -340,6 +340,9 @@ class Protocol(ServerCase):
                            ("kvlm_generated_tokens_total", "counter"),
                            ("kvlm_requests_running", "gauge"), ("kvlm_requests_waiting", "gauge"),
                            ("kvlm_preemptions_total", "counter"),
+                           ("kvlm_batch_tokens_total", "counter"),
+                           ("kvlm_forward_seconds_total", "counter"),
+                           ("kvlm_scheduler_host_seconds_total", "counter"),
                            ("kvlm_requests_total", "counter"),
                            ("kvlm_time_to_first_token_seconds", "histogram"),
                            ("kvlm_inter_token_latency_seconds", "histogram")]:
@@ -348,6 +351,11 @@ class Protocol(ServerCase):
         m = self.srv.metrics()
         self.assertGreater(m["kvlm_kv_blocks_total"], 0)
         self.assertGreater(m["kvlm_generated_tokens_total"], 0)
+        # Each generated token but the last of a request went through a pass, and at least one
+        # prompt token per request.
+        self.assertGreaterEqual(m["kvlm_batch_tokens_total"], m["kvlm_generated_tokens_total"])
+        self.assertGreater(m["kvlm_forward_seconds_total"], 0)
+        self.assertGreater(m["kvlm_scheduler_host_seconds_total"], 0)
         self.assertGreater(m['kvlm_time_to_first_token_seconds_bucket{le="+Inf"}'], 0)
         self.assertEqual(m['kvlm_time_to_first_token_seconds_bucket{le="+Inf"}'],
                          m["kvlm_time_to_first_token_seconds_count"])

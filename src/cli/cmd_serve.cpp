@@ -3,11 +3,13 @@
 // cleanly (exit 0), a second signal exits at once.
 #include <pthread.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -124,6 +126,17 @@ int run_serve(ServeArgs& a) {
     else
       cfg.kv_budget_bytes = static_cast<int64_t>(kDefaultBudgetCap);
   }
+  // The pool is mapped at start and fills as blocks are written (base/aligned.h), so a budget
+  // beyond the machine's memory would start and be killed later, mid-request, when the pool
+  // fills: refuse it here. (Total memory, not what is free now: the budget is a plan.)
+  const double pool_bytes = cfg.kv_budget_bytes > 0
+                                ? double(cfg.kv_budget_bytes)
+                                : double(cfg.kv_budget_tokens) * double(bytes_per_token);
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGESIZE);
+  const double ram = double(pages) * double(page_size);
+  if (pages > 0 && page_size > 0 && pool_bytes >= ram)
+    fail("--kv-budget {}: the KV pool would take {}, more than this machine's {} of memory",
+         a.kv_budget, human_bytes(pool_bytes), human_bytes(ram));
   SamplingParams defaults = a.sampling;
   validate(defaults);
 

@@ -603,6 +603,9 @@ void Scheduler::step() {
   }
   const std::chrono::duration<double> pass = t_pass_end - t_pass, whole = Clock::now() - t_step;
   st.totals.forward_seconds += pass.count();
+  const auto bucket = std::lower_bound(kPassSecondsBounds.begin(), kPassSecondsBounds.end(),
+                                       pass.count()) - kPassSecondsBounds.begin();
+  ++st.totals.pass_seconds_counts[static_cast<size_t>(bucket)];
   st.totals.step_host_seconds += whole.count() - pass.count();
 }
 

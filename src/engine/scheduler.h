@@ -22,6 +22,7 @@
 // greedy output of a request is the same alone, batched with others, or after a preemption.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -92,6 +93,12 @@ struct SchedulerConfig {
   bool prefix_cache = true;
 };
 
+// Upper bounds (seconds) of the forward-pass duration histogram in SchedulerStats: a small
+// model's decode pass (a few ms) up to a pass carrying a 512-token prefill chunk (~0.5 s on 2
+// cores) and beyond.
+inline constexpr std::array<double, 12> kPassSecondsBounds = {
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 10};
+
 struct SchedulerStats {
   int32_t blocks_total = 0, blocks_used = 0, blocks_cached = 0;  // cached: in the prefix index
   int32_t block_size = 0;
@@ -112,6 +119,9 @@ struct SchedulerStats {
   double forward_seconds = 0;     // wall seconds inside forward passes
   double step_host_seconds = 0;   // wall seconds of those steps outside the pass: admission,
                                   // block bookkeeping, sampling, handing tokens to the callbacks
+  // Passes by duration: [i] counts those with seconds <= kPassSecondsBounds[i] (and above the
+  // bound before), the last entry those above every bound. Not cumulative; they sum to n_steps.
+  std::array<int64_t, kPassSecondsBounds.size() + 1> pass_seconds_counts{};
 };
 
 class Scheduler {

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <span>
 
 #include "base/error.h"
 
@@ -11,6 +12,22 @@ namespace {
 
 void metric(std::string& out, const char* name, const char* type, const char* help, double v) {
   out += fmt::format("# HELP {} {}\n# TYPE {} {}\n{} {}\n", name, help, name, type, name, v);
+}
+
+// A Prometheus histogram from per-bucket counts (not cumulative; counts[bounds.size()] is above
+// every bound).
+template <class Count>
+void histogram(std::string& out, const char* name, const char* help, std::span<const double> bounds,
+               std::span<const Count> counts, double sum) {
+  out += fmt::format("# HELP {} {}\n# TYPE {} histogram\n", name, help, name);
+  uint64_t cum = 0;
+  for (size_t i = 0; i < bounds.size(); ++i) {
+    cum += static_cast<uint64_t>(counts[i]);
+    out += fmt::format("{}_bucket{{le=\"{}\"}} {}\n", name, bounds[i], cum);
+  }
+  cum += static_cast<uint64_t>(counts[bounds.size()]);
+  out += fmt::format("{}_bucket{{le=\"+Inf\"}} {}\n{}_sum {}\n{}_count {}\n", name, cum, name, sum,
+                     name, cum);
 }
 
 }  // namespace
@@ -30,14 +47,7 @@ void Histogram::observe(double v) {
 
 void Histogram::render(std::string& out, const char* name, const char* help) const {
   std::lock_guard<std::mutex> l(mu_);
-  out += fmt::format("# HELP {} {}\n# TYPE {} histogram\n", name, help, name);
-  uint64_t cum = 0;
-  for (size_t i = 0; i < bounds_.size(); ++i) {
-    cum += counts_[i];
-    out += fmt::format("{}_bucket{{le=\"{}\"}} {}\n", name, bounds_[i], cum);
-  }
-  out += fmt::format("{}_bucket{{le=\"+Inf\"}} {}\n{}_sum {}\n{}_count {}\n", name, count_, name,
-                     sum_, name, count_);
+  histogram<uint64_t>(out, name, help, bounds_, counts_, sum_);
 }
 
 // Buckets, seconds. TTFT spans a queued request behind a long prefill (tens of seconds on a CPU)
@@ -103,6 +113,10 @@ std::string Metrics::render(const SchedulerStats& s) const {
          "generation requests answered with an HTTP error",
          static_cast<double>(rejected_.load(std::memory_order_relaxed)));
 
+  histogram<int64_t>(out, "kvlm_forward_pass_seconds",
+                     "wall seconds of the scheduler's forward passes (decode tokens and prefill "
+                     "chunks of all running sequences together)",
+                     kPassSecondsBounds, s.pass_seconds_counts, s.forward_seconds);
   ttft_.render(out, "kvlm_time_to_first_token_seconds",
                "seconds from submission to the first generated token");
   itl_.render(out, "kvlm_inter_token_latency_seconds",

@@ -129,6 +129,9 @@ void run_batch(const SchedulerConfig& cfg, int n_req, int n_gen, bool expect_pre
   }
   EXPECT_GT(st.forward_seconds, 0.0);
   EXPECT_GT(st.step_host_seconds, 0.0);
+  int64_t passes = 0;
+  for (int64_t c : st.pass_seconds_counts) passes += c;
+  EXPECT_EQ(passes, st.n_steps);
   std::printf("  %d requests: %lld steps, %lld preemptions\n", n_req,
               static_cast<long long>(st.n_steps), static_cast<long long>(st.n_preemptions));
 }

@@ -345,7 +345,8 @@ class Protocol(ServerCase):
                            ("kvlm_scheduler_host_seconds_total", "counter"),
                            ("kvlm_requests_total", "counter"),
                            ("kvlm_time_to_first_token_seconds", "histogram"),
-                           ("kvlm_inter_token_latency_seconds", "histogram")]:
+                           ("kvlm_inter_token_latency_seconds", "histogram"),
+                           ("kvlm_forward_pass_seconds", "histogram")]:
             self.assertIn((name, kind), names)
             self.assertIn(f"# HELP {name} ", text)
         m = self.srv.metrics()
@@ -356,6 +357,11 @@ class Protocol(ServerCase):
         self.assertGreaterEqual(m["kvlm_batch_tokens_total"], m["kvlm_generated_tokens_total"])
         self.assertGreater(m["kvlm_forward_seconds_total"], 0)
         self.assertGreater(m["kvlm_scheduler_host_seconds_total"], 0)
+        self.assertEqual(m['kvlm_forward_pass_seconds_bucket{le="+Inf"}'],
+                         m["kvlm_scheduler_steps_total"])
+        self.assertEqual(m["kvlm_forward_pass_seconds_sum"], m["kvlm_forward_seconds_total"])
+        passes = [v for k, v in m.items() if k.startswith("kvlm_forward_pass_seconds_bucket")]
+        self.assertEqual(passes, sorted(passes), "histogram buckets must be cumulative")
         self.assertGreater(m['kvlm_time_to_first_token_seconds_bucket{le="+Inf"}'], 0)
         self.assertEqual(m['kvlm_time_to_first_token_seconds_bucket{le="+Inf"}'],
                          m["kvlm_time_to_first_token_seconds_count"])

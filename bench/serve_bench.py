@@ -713,7 +713,8 @@ def summarize(server, args, users, sequential, results, t0, wall, m_before, m_af
         host, btok = delta("kvlm_scheduler_host_seconds_total"), delta("kvlm_batch_tokens_total")
         if steps and fwd is not None and host is not None and btok is not None:
             s["passes"] = {"n": int(steps), "forward_s": fwd, "host_s": host,
-                           "pass_ms_mean": 1e3 * fwd / steps, "host_ms_per_pass": 1e3 * host / steps,
+                           "pass_ms_mean": 1e3 * fwd / steps,
+                           "host_ms_per_pass": 1e3 * host / steps,
                            "tokens_per_pass": btok / steps}
         s["peak_running"] = max((m.get("kvlm_requests_running", 0) for m in all_m), default=None)
         s["peak_waiting"] = max((m.get("kvlm_requests_waiting", 0) for m in all_m), default=None)
@@ -831,8 +832,9 @@ def print_goals(runs: list[dict], baseline_users: int) -> None:
     for s in runs:
         p = s.get("passes")
         if p:
-            lines.append(f"passes ({s['label']}, {s['users']} users): {p['n']} in {p['forward_s']:.2f} s"
-                         f" of {s['wall_s']:.2f} s, {p['pass_ms_mean']:.1f} ms and "
+            lines.append(f"passes ({s['label']}, {s['users']} users): {p['n']} in "
+                         f"{p['forward_s']:.2f} s of {s['wall_s']:.2f} s, "
+                         f"{p['pass_ms_mean']:.1f} ms and "
                          f"{p['tokens_per_pass']:.1f} tokens each, {p['host_ms_per_pass']:.2f} ms "
                          f"per pass outside them")
     w = [s for s in runs if s["waste_tokens_per_seq_max"] is not None and s["prefix_cache"] is False]

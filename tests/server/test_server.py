@@ -619,7 +619,8 @@ class Cli(unittest.TestCase):
         # More than any test machine's memory (the pool is mapped lazily, so it would otherwise
         # start and be killed when it fills), in bytes and in tokens.
         self.check_fails(["-m", TINY, "--kv-budget", "64TiB"], "more than this machine")
-        self.check_fails(["-m", TINY, "--kv-budget", "999999999999999tok"], "more than this machine")
+        self.check_fails(["-m", TINY, "--kv-budget", "999999999999999tok"],
+                         "more than this machine")
         self.check_fails(["-m", TINY, "-ctk", "q5_0"], "q5_0")
         self.check_fails(["-m", TINY, "--max-body", "-1"], "-1")
         self.check_fails(["-m", TINY, "--bogus"], "--bogus", codes=(2,))

@@ -546,7 +546,8 @@ void Scheduler::step() {
     }
     if (q.pending() == 0) ready.push_back(b);  // else prefill not finished: no token yet
   }
-  // The samples, on the pool's threads when any of them draws at a temperature: each sampler,
+  // The samples, on the pool's threads when any of them is more than an argmax (a draw at a
+  // temperature, a repetition penalty; Sampler::argmax_only): each sampler,
   // its logits row and its sequence's tokens belong to one item only, and what each draws does
   // not depend on the thread (a sampler's random stream is its own). A draw with top-k 40 over a
   // 49,152-token vocabulary takes ~150 us, so sixteen are ~2.5 ms of a ~20 ms pass; a greedy
@@ -565,10 +566,8 @@ void Scheduler::step() {
     }
   };
   const int64_t n_ready = static_cast<int64_t>(ready.size());
-  const bool costly = std::any_of(ready.begin(), ready.end(), [&](size_t b) {
-    const SamplingParams& sp = items[b].seq->sampler->params();
-    return sp.temperature > 0.0f || sp.repeat_penalty != 1.0f;
-  });
+  const bool costly = std::any_of(ready.begin(), ready.end(),
+                                  [&](size_t b) { return !items[b].seq->sampler->argmax_only(); });
   if (n_ready > 1 && costly)
     pool_.parallel_for(n_ready, sample);
   else

@@ -171,7 +171,7 @@ int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const in
   // Precondition: logits holds n_vocab > 0 values.
   assert(logits != nullptr && n_vocab > 0);
   const SamplingParams& p = params_;
-  const bool penalise = p.repeat_penalty != 1.0f && p.repeat_last_n > 0 && !history.empty();
+  const bool penalise = penalises() && !history.empty();
 
   if (p.temperature <= 0.0f && !penalise) return argmax(logits, n_vocab);
 

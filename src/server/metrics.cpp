@@ -42,7 +42,6 @@ void Histogram::observe(double v) {
   std::lock_guard<std::mutex> l(mu_);
   ++counts_[b];
   sum_ += v;
-  ++count_;
 }
 
 void Histogram::render(std::string& out, const char* name, const char* help) const {

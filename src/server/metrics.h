@@ -26,7 +26,6 @@ class Histogram {
   mutable std::mutex mu_;         // guards the fields below (one lock per token is cheap next to
   std::vector<uint64_t> counts_;  // a forward pass)  [bounds_.size() + 1], not cumulative
   double sum_ = 0;
-  uint64_t count_ = 0;
 };
 
 class Metrics {

@@ -119,6 +119,27 @@ TEST(Sampler, GreedyIsArgmax) {
   }
 }
 
+// argmax_only() (the scheduler's cue to sample on one thread) holds exactly when sample() is an
+// argmax whatever the history.
+TEST(Sampler, ArgmaxOnlyMeansArgmaxWithAnyHistory) {
+  const std::vector<float> v = random_logits(1000, 3);
+  const std::vector<int32_t> history = {argmax(v.data(), 1000), 5, 7};
+  SamplingParams greedy = plain(0.0f);
+  SamplingParams penalised = greedy;
+  penalised.repeat_penalty = 1.5f;
+  SamplingParams no_window = penalised;
+  no_window.repeat_last_n = 0;
+  for (const SamplingParams& p : {greedy, no_window}) {
+    Sampler s(p);
+    EXPECT_TRUE(s.argmax_only());
+    EXPECT_EQ(s.sample(v.data(), 1000, history), argmax(v.data(), 1000));
+  }
+  Sampler pen(penalised);
+  EXPECT_FALSE(pen.argmax_only());
+  EXPECT_NE(pen.sample(v.data(), 1000, history), argmax(v.data(), 1000));  // the max is penalised
+  EXPECT_FALSE(Sampler(plain(0.8f)).argmax_only());
+}
+
 TEST(Sampler, GreedyWithDefaultFiltersIsArgmax) {
   SamplingParams p;  // defaults: top-k/p, min-p on
   p.temperature = 0.0f;

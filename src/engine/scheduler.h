@@ -15,9 +15,9 @@
 //      with blocks another sequence is still prefilling waits until they are registered;
 //   4. prefill chunks of admitted sequences fill what is left of the n_batch token budget;
 //   5. one Model::forward_paged over all of it; each sequence whose pending tokens are all
-//      computed samples its next token (the samples on the pool's threads when any draws at a
-//      temperature); finished sequences release their blocks; newly full blocks are registered
-//      in the prefix index.
+//      computed samples its next token (the samples on the pool's threads when any is more
+//      than an argmax); finished sequences release their blocks; newly full blocks are
+//      registered in the prefix index.
 // A sequence's logits depend only on its own tokens (the kernels compute each row alone), so the
 // greedy output of a request is the same alone, batched with others, or after a preemption.
 #pragma once

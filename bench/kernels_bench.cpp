@@ -111,10 +111,11 @@ void BM_AttnF32(benchmark::State& state) {
 }
 BENCHMARK(BM_AttnF32)->Name("AttnF32")->Arg(3);
 
-// QMatmul/<type>/<n_tok>: kernels::matmul of a packed random SmolLM2 FFN-down-sized matrix (576 x
-// 1536; type 0 Q4_1, 1 Q8_0) with n_tok tokens on one thread, the whole matrix (0.5-0.9 MiB)
-// staying in L2 between calls, so the counter is the kernel's arithmetic rate, not memory's.
-// Counter gmac_per_s: 10^9 multiply-adds per second.
+// QMatmul/<type>/<n_tok>/<cold>: kernels::matmul of a packed random SmolLM2 FFN-down-sized matrix
+// (576 x 1536; type 0 Q4_1, 1 Q8_0) with n_tok tokens on one thread. cold 0: the same matrix every
+// call (0.5-0.9 MiB, staying in L2), so the counter is the kernel's arithmetic rate; cold 1: each
+// call the next of copies filling kArenaBytes, so the weights come from memory, as in a forward
+// pass (which reads each matrix once). Counter gmac_per_s: 10^9 multiply-adds per second.
 void BM_QMatmul(benchmark::State& state) {
   const DType t = state.range(0) == 0 ? DType::Q4_1 : DType::Q8_0;
   const int64_t n_tok = state.range(1), n_rows = 576, n_cols = 1536;
@@ -129,18 +130,23 @@ void BM_QMatmul(benchmark::State& state) {
   }
   TensorView w{t, bytes.data(), n_rows, n_cols, stride};
   const std::vector<uint8_t> packed = kernels::pack_weights(w);
-  w.packed = packed.data();
+  const int64_t n_copies =
+      state.range(2) == 0 ? 1 : kArenaBytes / static_cast<int64_t>(packed.size()) + 1;
+  std::vector<std::vector<uint8_t>> copies(static_cast<size_t>(n_copies), packed);
   std::vector<float> x(static_cast<size_t>(n_tok * n_cols)), y(static_cast<size_t>(n_tok * n_rows));
   for (float& v : x) v = nd(rng);
   ThreadPool pool(1);
+  int64_t c = 0;
   for (auto _ : state) {
+    w.packed = copies[static_cast<size_t>(c)].data();
+    c = c + 1 == n_copies ? 0 : c + 1;
     kernels::matmul(w, x.data(), y.data(), n_tok, pool);
     benchmark::DoNotOptimize(y.data());
   }
   const double macs = static_cast<double>(state.iterations()) * n_tok * n_rows * n_cols;
   state.counters["gmac_per_s"] = benchmark::Counter(macs * 1e-9, benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_QMatmul)->Name("QMatmul")->ArgsProduct({{0, 1}, {1, 4, 16, 64}});
+BENCHMARK(BM_QMatmul)->Name("QMatmul")->ArgsProduct({{0, 1}, {1, 4, 16, 64}, {0, 1}});
 
 }  // namespace
 }  // namespace kvlm

@@ -282,8 +282,29 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, const TensorView& w
         const bool pair = pairs[0] != nullptr && g + 1 < c1 && n_tok > 1;
         const int64_t rows = pair ? 2 * kGroupRows : kGroupRows;  // rows per kernel call
         const int64_t n_r = std::min(rows, n_out - r0);
+        // The next call's groups (the `step` after these), asked for into L2 a share before
+        // each of these tokens' calls, on the first token block over a chunk only (later blocks
+        // find the chunk in L2). Its weights come from memory, each matrix read once per forward
+        // pass, and the hardware prefetcher alone left the pair kernels waiting: +11-25% for 4
+        // and 16 tokens over a matrix not in cache (QMatmul/<type>/<n_tok>/1, docs/
+        // BENCHMARKS.md). Not for one token: a matrix-vector product waits on memory anyway, and
+        // there the extra requests measured slower. Prefetching changes no arithmetic.
+        const int64_t step = pair ? 2 : 1;
+        const uint8_t* next = nullptr;
+        size_t ahead_bytes = 0, share = 0;
+        if (k0 == 0 && n_tok > 1 && w.packed != nullptr && g + step < g_end) {
+          next = gp + static_cast<size_t>(step) * group_bytes;
+          ahead_bytes = static_cast<size_t>(std::min(step, g_end - g - step)) * group_bytes;
+          const size_t n_calls = static_cast<size_t>((k1 - k0 + kGroupToks - 1) / kGroupToks);
+          share = (ahead_bytes / 64 + n_calls - 1) / n_calls * 64;  // bytes, whole lines
+        }
         for (int64_t t0 = k0; t0 < k1; t0 += kGroupToks) {
           const int n_t = static_cast<int>(std::min<int64_t>(kGroupToks, k1 - t0));
+          if (next != nullptr) {
+            const size_t b0 = static_cast<size_t>((t0 - k0) / kGroupToks) * share;
+            for (size_t b = b0; b < std::min(ahead_bytes, b0 + share); b += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T1);
+          }
           alignas(64) float out[kGroupToks * 2 * kGroupRows];  // [n_t, rows]
           if (pair)
             pairs[n_t - 1](gp, gp + group_bytes, x, t0, out);
@@ -292,7 +313,7 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, const TensorView& w
           for (int t = 0; t < n_t; ++t)
             std::copy(out + t * rows, out + t * rows + n_r, y + (t0 + t) * n_out + r0);
         }
-        g += pair ? 2 : 1;
+        g += step;
       }
     }
   }

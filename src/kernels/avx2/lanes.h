@@ -37,6 +37,13 @@ inline float half(uint16_t h) {
   return _cvtsh_ss(h);
 }
 
+// f32 -> f16 bits with F16C, rounding to nearest even: the same bits as fp32_to_fp16 for every
+// input but NaN (F16C keeps the payload's top bits, fp32_to_fp16 gives sign | 0x7e00; for the
+// default NaN of an invalid operation, 0xffc00000, both give 0xfe00).
+inline uint16_t half_bits(float f) {
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+
 // Lane mask with the first k (0..8) lanes set, for masked loads of a row's last partial chunk.
 inline __m256i first_lanes(int64_t k) {
   alignas(32) static const int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,

@@ -106,11 +106,13 @@ void quant_act_blocks(const float* x, Block* blocks, int64_t n_blocks) {
     const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
     const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), order);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(blocks[ib].qs), p8);
-    blocks[ib].d = fp32_to_fp16(d);
+    // d is never NaN (amax skips NaN); s is NaN only as 0 x inf (every code 0 when amax is
+    // inf), the default NaN: half_bits gives fp32_to_fp16's bits for both.
+    blocks[ib].d = half_bits(d);
     if constexpr (std::is_same_v<Block, BlockQ8_1>) {
       const int sum =
           hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
-      blocks[ib].s = fp32_to_fp16(static_cast<float>(sum) * d);
+      blocks[ib].s = half_bits(static_cast<float>(sum) * d);
     }
   }
 }

@@ -286,8 +286,8 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, const TensorView& w
         const int64_t n_r = std::min(rows, n_out - r0);
         // The next call's groups (the `step` after these), asked for into L2 a share before
         // each of these tokens' calls, on the first token block over a chunk only (later blocks
-        // find the chunk in L2). Its weights come from memory, each matrix read once per forward
-        // pass, and the hardware prefetcher alone left the pair kernels waiting: +11-25% for 4
+        // find the chunk in L2). A forward pass reads each matrix from memory once, and with the
+        // hardware prefetcher alone the pair kernels waited on every new group: +11-25% for 4
         // and 16 tokens over a matrix not in cache (QMatmul/<type>/<n_tok>/1, docs/
         // BENCHMARKS.md). Not for one token: a matrix-vector product waits on memory anyway, and
         // there the extra requests measured slower. Prefetching changes no arithmetic.

@@ -199,8 +199,14 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
   struct Job {
     int64_t seg, g, ch, i0, i1, j0, j_end;
   };
-  std::vector<Segment> segs;  // [<= kAttnTokens] one pass's (a few per layer: no pool needed)
-  std::vector<Job> jobs;      // one pass's, in run order (a few hundred per layer)
+  // One pass's segments and work items, in run order (a few, and a few hundred, per layer): kept
+  // per calling thread and cleared per pass, so a forward pass allocates them once, not per layer.
+  // Used through references: the pool's threads must read the caller's lists, and a lambda that
+  // named a thread_local would find its own thread's.
+  thread_local std::vector<Segment> segs_of_thread;
+  thread_local std::vector<Job> jobs_of_thread;
+  std::vector<Segment>& segs = segs_of_thread;  // [<= kAttnTokens]
+  std::vector<Job>& jobs = jobs_of_thread;
   size_t next_seq = 0;
   int64_t next_t0 = 0;
   while (next_seq < seqs.size()) {

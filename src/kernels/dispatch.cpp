@@ -74,39 +74,56 @@ constexpr KernelTable kAvx2 = {"avx2",
                                avx2::add,
                                avx2::rope_rotate};
 
-// AVX2 with the VNNI group kernels for the quantized matmul; everything else is AVX2's.
-constexpr KernelTable with_vnni(KernelTable t) {
-  t.name = "avx2-vnni";
-  t.matmul = avx2::matmul_vnni;
-  t.matmul_multi = avx2::matmul_multi_vnni;
+// AVX2 with other quantized-matmul kernels; everything else is AVX2's.
+constexpr KernelTable with_matmul(KernelTable t, const char* name, decltype(t.matmul) matmul,
+                                  decltype(t.matmul_multi) matmul_multi) {
+  t.name = name;
+  t.matmul = matmul;
+  t.matmul_multi = matmul_multi;
   return t;
 }
-constexpr KernelTable kAvx2Vnni = with_vnni(kAvx2);
+// The VNNI group kernels; plus the AMX-INT8 tile kernels for a pair of groups and 16 tokens.
+constexpr KernelTable kAvx2Vnni =
+    with_matmul(kAvx2, "avx2-vnni", avx2::matmul_vnni, avx2::matmul_multi_vnni);
+constexpr KernelTable kAvx2Amx =
+    with_matmul(kAvx2, "avx2-amx", avx2::matmul_amx, avx2::matmul_multi_amx);
 
 }  // namespace
 
 // KVLM_KERNELS: unset, "" or "auto" picks the fastest variant the CPU runs; "scalar" forces the
 // reference (to compare speeds or results); "avx2" the AVX2 variant without the VNNI kernels;
-// "avx2-vnni" insists on those. A bad value only warns: the choice can happen on a pool thread,
-// where an exception would terminate the process. All variants give the same bits for the
-// quantized matmul; avx2 and avx2-vnni are identical everywhere.
-const char* choose_backend(const char* env, bool avx2_ok, bool vnni_ok) {
+// "avx2-vnni" insists on those, "avx2-amx" on those plus the AMX tile kernels. A bad value only
+// warns: the choice can happen on a pool thread, where an exception would terminate the process.
+// All variants give the same bits for the quantized matmul; the avx2 ones are identical
+// everywhere.
+const char* choose_backend(const char* env, bool avx2_ok, bool vnni_ok, bool amx_ok) {
   vnni_ok = vnni_ok && avx2_ok;
-  const char* best = vnni_ok ? kAvx2Vnni.name : avx2_ok ? kAvx2.name : kScalar.name;
+  amx_ok = amx_ok && vnni_ok;
+  const char* best = amx_ok    ? kAvx2Amx.name
+                     : vnni_ok ? kAvx2Vnni.name
+                     : avx2_ok ? kAvx2.name
+                               : kScalar.name;
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best;
   if (std::strcmp(env, "scalar") == 0) return kScalar.name;
-  if (std::strcmp(env, "avx2") == 0 || std::strcmp(env, "avx2-vnni") == 0) {
-    const bool vnni = std::strcmp(env, "avx2-vnni") == 0;
-    if (avx2_ok && (!vnni || vnni_ok)) return vnni ? kAvx2Vnni.name : kAvx2.name;
+  const struct {
+    const char* name;
+    bool ok;
+    const char* lacks;
+  } wants[] = {{kAvx2.name, avx2_ok, "AVX2, FMA or F16C"},
+               {kAvx2Vnni.name, vnni_ok, "AVX2, FMA, F16C, AVX512BW, AVX512VL or AVX512VNNI"},
+               {kAvx2Amx.name, amx_ok, "AVX512VNNI, AMX-TILE or AMX-INT8 (or the OS's grant)"}};
+  for (const auto& want : wants) {
+    if (std::strcmp(env, want.name) != 0) continue;
+    if (want.ok) return want.name;
     std::fprintf(stderr,
                  "kvlm: KVLM_KERNELS=%s, but this CPU lacks %s; using the %s kernels. Unset "
                  "KVLM_KERNELS to choose automatically.\n",
-                 env, avx2_ok ? "AVX512BW, AVX512VL or AVX512VNNI" : "AVX2, FMA or F16C", best);
+                 env, want.lacks, best);
     return best;
   }
   std::fprintf(stderr,
-               "kvlm: KVLM_KERNELS='%s' is not one of auto, scalar, avx2, avx2-vnni; choosing "
-               "automatically (%s).\n",
+               "kvlm: KVLM_KERNELS='%s' is not one of auto, scalar, avx2, avx2-vnni, avx2-amx; "
+               "choosing automatically (%s).\n",
                env, best);
   return best;
 }
@@ -115,7 +132,8 @@ namespace {
 
 const KernelTable& pick_table() {
   const char* name = choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported(),
-                                    avx2::vnni_supported());
+                                    avx2::vnni_supported(), avx2::amx_supported());
+  if (std::strcmp(name, kAvx2Amx.name) == 0) return kAvx2Amx;
   if (std::strcmp(name, kAvx2Vnni.name) == 0) return kAvx2Vnni;
   return std::strcmp(name, kAvx2.name) == 0 ? kAvx2 : kScalar;
 }

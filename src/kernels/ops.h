@@ -13,7 +13,9 @@
 
 namespace kvlm::kernels {
 
-// Kernel variant in use: "avx2-vnni" (AVX2 plus AVX-512 VNNI group kernels for the quantized
+// Kernel variant in use: "avx2-amx" (avx2-vnni plus AMX-INT8 tile kernels for a quantized matmul
+// of 16 tokens or more, chosen when the CPU has AMX-TILE + AMX-INT8 and the OS grants their use),
+// "avx2-vnni" (AVX2 plus AVX-512 VNNI group kernels for the quantized
 // matmul, chosen when the CPU has AVX512VL + AVX512VNNI), "avx2" (AVX2 + FMA + F16C) or "scalar"
 // (the reference; forced with the environment variable KVLM_KERNELS=scalar). Chosen once,
 // on the first kernel call, for the whole process. dequantize_row, dot_row, matmul, attention and

@@ -492,7 +492,7 @@ class Bench(unittest.TestCase):
                            "--shared", "20", "-r", "2", "--json")
         self.assertEqual(rc, 0, err)
         doc = json.loads(out)
-        self.assertIn(doc["kernels"], ("avx2-vnni", "avx2", "scalar"))
+        self.assertIn(doc["kernels"], ("avx2-amx", "avx2-vnni", "avx2", "scalar"))
         one, three = doc["tests"]
         self.assertEqual(one["name"], "tg4 @ d40")
         self.assertEqual((one["n_seq"], one["shared"], one["n_tokens_timed"]), (1, 0, 4))

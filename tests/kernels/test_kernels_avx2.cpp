@@ -115,21 +115,25 @@ void random_row(DType t, int64_t n, std::mt19937& rng, uint8_t* dst) {
 // ---- variant choice -----------------------------------------------------------------------------
 
 TEST(Avx2Dispatch, ChoiceFollowsEnvironmentAndCpu) {
-  EXPECT_STREQ(choose_backend(nullptr, true, false), "avx2");
-  EXPECT_STREQ(choose_backend("", true, false), "avx2");
-  EXPECT_STREQ(choose_backend("auto", true, false), "avx2");
-  EXPECT_STREQ(choose_backend(nullptr, true, true), "avx2-vnni");
-  EXPECT_STREQ(choose_backend("auto", true, true), "avx2-vnni");
-  EXPECT_STREQ(choose_backend("scalar", true, true), "scalar");
-  EXPECT_STREQ(choose_backend("avx2", true, true), "avx2");  // AVX2 without the VNNI kernels
-  EXPECT_STREQ(choose_backend("avx2-vnni", true, true), "avx2-vnni");
-  EXPECT_STREQ(choose_backend("avx2-vnni", true, false), "avx2");  // warns; cannot honour it
-  EXPECT_STREQ(choose_backend(nullptr, false, true), "scalar");     // VNNI needs AVX2 too
-  EXPECT_STREQ(choose_backend(nullptr, false, false), "scalar");
-  EXPECT_STREQ(choose_backend("avx2", false, false), "scalar");  // warns; cannot honour it
-  EXPECT_STREQ(choose_backend("bogus", true, false), "avx2");    // warns; chooses automatically
+  EXPECT_STREQ(choose_backend(nullptr, true, false, false), "avx2");
+  EXPECT_STREQ(choose_backend("", true, false, false), "avx2");
+  EXPECT_STREQ(choose_backend("auto", true, false, false), "avx2");
+  EXPECT_STREQ(choose_backend(nullptr, true, true, false), "avx2-vnni");
+  EXPECT_STREQ(choose_backend("auto", true, true, false), "avx2-vnni");
+  EXPECT_STREQ(choose_backend(nullptr, true, true, true), "avx2-amx");
+  EXPECT_STREQ(choose_backend("scalar", true, true, true), "scalar");
+  EXPECT_STREQ(choose_backend("avx2", true, true, true), "avx2");  // AVX2 without the VNNI kernels
+  EXPECT_STREQ(choose_backend("avx2-vnni", true, true, true), "avx2-vnni");  // without AMX
+  EXPECT_STREQ(choose_backend("avx2-amx", true, true, true), "avx2-amx");
+  EXPECT_STREQ(choose_backend("avx2-vnni", true, false, false), "avx2");  // warns; cannot honour it
+  EXPECT_STREQ(choose_backend("avx2-amx", true, true, false), "avx2-vnni");  // warns
+  EXPECT_STREQ(choose_backend(nullptr, true, false, true), "avx2");      // AMX needs VNNI too
+  EXPECT_STREQ(choose_backend(nullptr, false, true, true), "scalar");    // VNNI needs AVX2 too
+  EXPECT_STREQ(choose_backend(nullptr, false, false, false), "scalar");
+  EXPECT_STREQ(choose_backend("avx2", false, false, false), "scalar");  // warns; cannot honour it
+  EXPECT_STREQ(choose_backend("bogus", true, false, false), "avx2");    // warns; chooses automatically
   EXPECT_STREQ(kernels_backend(), choose_backend(std::getenv("KVLM_KERNELS"), avx2::cpu_supported(),
-                                                 avx2::vnni_supported()));
+                                                 avx2::vnni_supported(), avx2::amx_supported()));
 }
 
 // The choice is made once per process, so the environment is set in a fresh child process
@@ -386,19 +390,26 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
                                        size_t(dtype_info(t).type_size));
           TensorView wp = w;
           wp.packed = packed.data();
-          for (int64_t n_tok : {1, 2, 3, 4, 5, 8, 9, 15, 70}) {
-            if (n_tok == 70 && n_cols > 576) continue;
+          for (int64_t n_tok : {1, 2, 3, 4, 5, 8, 9, 15, 16, 33, 70}) {
+            if (n_tok > 16 && n_cols > 576) continue;
             const std::vector<float> x = random_floats(rng, n_tok * n_cols, 1.5f);
             std::vector<float> yr(n_tok * n_rows), yu(n_tok * n_rows, -1.0f),
                 yp(n_tok * n_rows, -2.0f);
             ref::matmul(w, x.data(), yr.data(), n_tok, pool1);
             avx2::matmul(w, x.data(), yu.data(), n_tok, n_tok % 2 ? pool1 : pool2);
             avx2::matmul(wp, x.data(), yp.data(), n_tok, n_tok % 2 ? pool2 : pool1);
-            std::vector<float> yv = yr;
+            std::vector<float> yv = yr, ya = yr;
             if (avx2::vnni_supported()) {
               avx2::matmul_vnni(n_tok % 3 ? wp : w, x.data(), yv.data(), n_tok, pool2);
             }
+            if (avx2::amx_supported()) {
+              avx2::matmul_amx(n_tok % 2 ? wp : w, x.data(), ya.data(), n_tok,
+                               n_tok % 3 ? pool2 : pool1);
+            }
             for (size_t k = 0; k < yr.size(); ++k) {
+              ASSERT_EQ(bits_of(ya[k]), bits_of(yr[k]))
+                  << dtype_name(t) << " " << n_rows << "x" << n_cols << " n_tok " << n_tok
+                  << " offset " << off << " element " << k << " (amx)";
               ASSERT_EQ(bits_of(yv[k]), bits_of(yr[k]))
                   << dtype_name(t) << " " << n_rows << "x" << n_cols << " n_tok " << n_tok
                   << " offset " << off << " element " << k << " (vnni)";
@@ -420,8 +431,9 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
 
 // The extremes of the integer sums: Q4 nibbles all 15 against codes all +-127 (each 16-bit lane
 // sums 8 maddubs pairs to 30,480 of 32,767), Q8_0 codes of -128 (a file may hold them; |w| = 128
-// is still exact in maddubs) against -127, and Q4_0's nibble 0 (value -8). Two row groups, so
-// the VNNI variant's pair kernels (two groups in 512-bit vectors) run them too.
+// is still exact in maddubs) against -127, and Q4_0's nibble 0 (value -8). Two row groups and 16
+// tokens, so the VNNI variant's pair kernels (two groups in 512-bit vectors) and the AMX tile
+// kernels run them too.
 TEST(Avx2Matmul, QuantizedExtremesAreExact) {
   SKIP_WITHOUT_AVX2();
   ThreadPool pool(1);
@@ -438,17 +450,25 @@ TEST(Avx2Matmul, QuantizedExtremesAreExact) {
           if (t == DType::Q4_1) std::memcpy(w.data() + b * bsize + 2, &m, 2);
         }
         const TensorView view{t, w.data(), n_rows, n, stride};
-        const std::vector<float> x(2 * n, xv);  // every code is +-127
-        std::vector<float> yr(2 * n_rows), yf(2 * n_rows);
-        ref::matmul(view, x.data(), yr.data(), 2, pool);
-        avx2::matmul(view, x.data(), yf.data(), 2, pool);
+        const int64_t n_tok = 16;                   // a whole tile for the AMX kernels
+        const std::vector<float> x(n_tok * n, xv);  // every code is +-127
+        std::vector<float> yr(n_tok * n_rows), yf(n_tok * n_rows);
+        ref::matmul(view, x.data(), yr.data(), n_tok, pool);
+        avx2::matmul(view, x.data(), yf.data(), n_tok, pool);
         for (size_t k = 0; k < yr.size(); ++k)
           ASSERT_EQ(bits_of(yf[k]), bits_of(yr[k])) << dtype_name(t) << " code " << int(code);
         if (avx2::vnni_supported()) {
           std::vector<float> yv(yr.size());
-          avx2::matmul_vnni(view, x.data(), yv.data(), 2, pool);
+          avx2::matmul_vnni(view, x.data(), yv.data(), n_tok, pool);
           for (size_t k = 0; k < yr.size(); ++k)
             ASSERT_EQ(bits_of(yv[k]), bits_of(yr[k])) << dtype_name(t) << " code " << int(code);
+        }
+        if (avx2::amx_supported()) {
+          std::vector<float> ya(yr.size());
+          avx2::matmul_amx(view, x.data(), ya.data(), n_tok, pool);
+          for (size_t k = 0; k < yr.size(); ++k)
+            ASSERT_EQ(bits_of(ya[k]), bits_of(yr[k]))
+                << dtype_name(t) << " code " << int(code) << " (amx)";
         }
         // And the value itself, exactly: d_w d_x sum(q_w q_x) (+ m s), d_x = 1/127.
         const int qx = xv > 0 ? 127 : -127;
@@ -668,7 +688,7 @@ TEST(Avx2Matmul, BatchThreadsSplitAndDotRowBitIdentical) {
 TEST(Avx2Matmul, PublicEntryPointsUseTheChosenVariant) {
   std::mt19937 rng(61);
   ThreadPool pool(2);
-  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2 or avx2-vnni
+  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2, avx2-vnni or avx2-amx
   Matrix w = random_matrix(DType::Q4_1, 19, 576, 0, 0, rng);
   const std::vector<float> x = random_floats(rng, 6 * 576, 1.0f);
   std::vector<float> y(6 * 19), want(6 * 19);
@@ -680,9 +700,10 @@ TEST(Avx2Matmul, PublicEntryPointsUseTheChosenVariant) {
             bits_of((fast ? avx2::dot_row : ref::dot_row)(DType::Q4_1, w.row(3), x.data(), 576)));
 }
 
-// matmul_multi is bit-identical to one matmul per part, for both variants: shared quantized
-// activations (same type), mixed types and f32 (the fallback), part sizes off the row grain,
-// decode and prefill token counts, 1 and 2 threads.
+// matmul_multi is bit-identical to one matmul per part, for every variant (AMX where the CPU has
+// it): shared quantized activations (same type), mixed types and f32 (the fallback), part sizes
+// off the row grain, decode and prefill token counts (whole 16-token tiles and a rest), 1 and 2
+// threads.
 TEST(Avx2Matmul, MultiEqualsSeparateCallsBitForBit) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(97);
@@ -698,11 +719,19 @@ TEST(Avx2Matmul, MultiEqualsSeparateCallsBitForBit) {
     const int64_t sizes[3] = {37, 16, 5};
     for (size_t k = 0; k < types.size(); ++k)
       ws.push_back(random_matrix(types[k], sizes[k], n_in, 2 * k, 2 * k, rng));
-    for (int64_t n_tok : {1, 3, 4, 7, 9}) {
+    for (int64_t n_tok : {1, 3, 4, 7, 9, 16, 33}) {
       const std::vector<float> x = random_floats(rng, n_tok * n_in, 1.0f);
       for (ThreadPool* pool : {&pool1, &pool2}) {
-        for (auto mm : {avx2::matmul_multi, ref::matmul_multi}) {
-          const bool fast = mm == avx2::matmul_multi;
+        struct Variant {
+          const char* name;
+          decltype(&avx2::matmul_multi) multi;
+          decltype(&avx2::matmul) single;
+        };
+        std::vector<Variant> variants = {{"avx2", avx2::matmul_multi, avx2::matmul},
+                                         {"ref", ref::matmul_multi, ref::matmul}};
+        if (avx2::amx_supported())
+          variants.push_back({"amx", avx2::matmul_multi_amx, avx2::matmul_amx});
+        for (const Variant& var : variants) {
           std::vector<TensorView> views;
           std::vector<std::vector<float>> got(ws.size()), want(ws.size());
           std::vector<MatmulPart> parts;
@@ -711,13 +740,13 @@ TEST(Avx2Matmul, MultiEqualsSeparateCallsBitForBit) {
             got[k].assign(n_tok * ws[k].n_rows, -1.0f);
             want[k].assign(n_tok * ws[k].n_rows, -2.0f);
             parts.push_back({&views[k], got[k].data()});
-            (fast ? avx2::matmul : ref::matmul)(views[k], x.data(), want[k].data(), n_tok, *pool);
+            var.single(views[k], x.data(), want[k].data(), n_tok, *pool);
           }
-          mm(parts.data(), static_cast<int>(parts.size()), x.data(), n_tok, *pool);
+          var.multi(parts.data(), static_cast<int>(parts.size()), x.data(), n_tok, *pool);
           for (size_t k = 0; k < ws.size(); ++k)
             for (size_t i = 0; i < got[k].size(); ++i)
               ASSERT_EQ(bits_of(got[k][i]), bits_of(want[k][i]))
-                  << (fast ? "avx2" : "ref") << " part " << k << " n_tok " << n_tok << " i " << i;
+                  << var.name << " part " << k << " n_tok " << n_tok << " i " << i;
         }
       }
     }
@@ -921,7 +950,7 @@ TEST(Avx2Attn, PublicEntryPointUsesTheChosenVariant) {
   const std::vector<float> q = random_floats(rng, n_q * hd, 1.0f);
   std::vector<float> m(n_q), l(n_q), o(n_q * hd), w(n_q * n), m2(n_q), l2(n_q), o2(n_q * hd);
   attn_chunk(k.data(), v.data(), n, hd, q.data(), n_q, 0.125f, m.data(), l.data(), o.data(), w.data());
-  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2 or avx2-vnni
+  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2, avx2-vnni or avx2-amx
   (fast ? avx2::attn_chunk : ref::attn_chunk)(k.data(), v.data(), n, hd, q.data(), n_q, 0.125f,
                                                m2.data(), l2.data(), o2.data(), w.data());
   for (int64_t a = 0; a < n_q; ++a) {
@@ -1242,7 +1271,7 @@ TEST(Avx2Elementwise, RopeRotateEqualsRopeBitForBit) {
 // The dispatched element-wise entry points are the chosen variant's, exactly.
 TEST(Avx2Elementwise, PublicEntryPointsUseTheChosenVariant) {
   std::mt19937 rng(108);
-  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2 or avx2-vnni
+  const bool fast = std::strncmp(kernels_backend(), "avx2", 4) == 0;  // avx2, avx2-vnni or avx2-amx
   const int64_t n = 45;
   const std::vector<float> x = random_floats(rng, n, 2.0f), w = random_floats(rng, n, 1.0f),
                            b = random_floats(rng, n, 1.0f);

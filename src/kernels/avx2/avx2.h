@@ -24,6 +24,9 @@ namespace kvlm::kernels::avx2 {
 bool cpu_supported();
 // True when the CPU also has AVX512F, AVX512VL and AVX512VNNI (the VNNI group kernels).
 bool vnni_supported();
+// True when vnni_supported() and the CPU has AMX-TILE and AMX-INT8, the OS saves the tile state
+// and (Linux) granted this process its use; the first call asks for that grant.
+bool amx_supported();
 
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
 void round_to_f16(const float* x, float* y, int64_t n);
@@ -39,6 +42,11 @@ void matmul_multi(const MatmulPart* parts, int n_parts, const float* x, int64_t 
 void matmul_vnni(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
 void matmul_multi_vnni(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
                        ThreadPool& pool);
+// The same plus the AMX-INT8 tile kernels for whole 16-token blocks (call only when
+// amx_supported()): the same bits again.
+void matmul_amx(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
+void matmul_multi_amx(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                      ThreadPool& pool);
 // Scores by 8-lane FMA dots, exp by exp_ps below, o by FMA: agrees with ref to rounding.
 void attn_chunk(const float* k, const float* v, int64_t n, int64_t hd, const float* q, int64_t n_q,
                 float scale, float* m, float* l, float* o, float* work);

@@ -68,10 +68,13 @@ float* thread_scratch(ScratchSlot slot, int64_t n) {
   return v.data();
 }
 
-uint8_t* thread_bytes(size_t n) {
-  thread_local std::vector<uint8_t> scratch;
-  if (scratch.size() < n) scratch.resize(n);
-  return scratch.data();
+// Per-thread byte scratch, as thread_scratch: slot 0 the quantized activations, slot 1 their
+// tile panels.
+uint8_t* thread_bytes(int slot, size_t n) {
+  thread_local std::vector<uint8_t> scratch[2];
+  std::vector<uint8_t>& v = scratch[slot];
+  if (v.size() < n) v.resize(n);
+  return v.data();
 }
 
 // ---- activation quantization (bit-identical to ref::quant_act_*) -------------------------------
@@ -186,7 +189,8 @@ constexpr int64_t kParallelActRows = 8;
 
 // Quantizes n_tok rows of x (each n wide) for weight type t into the calling thread's scratch
 // (the rows themselves on the pool's threads from kParallelActRows tokens).
-Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool& pool) {
+Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels,
+                  ThreadPool& pool) {
   const int64_t n_blocks = n / 32;
   const bool q8_1 = act_type(t) == DType::Q8_1;
   Acts a;
@@ -194,11 +198,17 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool&
   a.blk = q8_1 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0);
   a.qs_off = q8_1 ? offsetof(BlockQ8_1, qs) : offsetof(BlockQ8_0, qs);
   a.n_blocks = n_blocks;
-  uint8_t* q = thread_bytes(a.q_stride * static_cast<size_t>(n_tok));
-  float* ds = thread_scratch(kActSlot, 2 * n_tok * n_blocks);  // d, then s
+  uint8_t* q = thread_bytes(0, a.q_stride * static_cast<size_t>(n_tok));
+  const int64_t n_panel_tok = panels ? n_tok / kActTile * kActTile : 0;
+  int8_t* panel = n_panel_tok > 0
+                      ? reinterpret_cast<int8_t*>(thread_bytes(1, static_cast<size_t>(n_panel_tok * n)))
+                      : nullptr;
+  // d, s and c in act_at's order, for whole tiles of kActTile tokens.
+  const int64_t n_num = (n_tok + kActTile - 1) / kActTile * kActTile * n_blocks;
+  float* ds = thread_scratch(kActSlot, 2 * n_num);  // d, then s
   thread_local std::vector<int32_t> c;
-  if (t != DType::Q4_1 && c.size() < static_cast<size_t>(n_tok * n_blocks))
-    c.resize(static_cast<size_t>(n_tok * n_blocks));
+  if (t != DType::Q4_1 && c.size() < static_cast<size_t>(n_num))
+    c.resize(static_cast<size_t>(n_num));
   int32_t* cs = c.data();
   // Token i writes only its own row of q, ds and c (the buffers of the calling thread, sized
   // above), so the rows may go to any thread: the same bytes either way.
@@ -206,12 +216,17 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool&
     for (int64_t i = i0; i < i1; ++i) {
       uint8_t* qi = q + i * a.q_stride;
       quantize_act(t, x + i * n, qi, n);
+      if (i < n_panel_tok) {
+        int8_t* pi = panel + (i / kActTile) * kActTile * n + (i % kActTile) * 32;
+        for (int64_t ib = 0; ib < n_blocks; ++ib)
+          std::memcpy(pi + ib * kActTile * 32, qi + ib * a.blk + a.qs_off, 32);
+      }
       for (int64_t ib = 0; ib < n_blocks; ++ib) {
-        const int64_t o = i * n_blocks + ib;
+        const int64_t o = act_at(a, i, ib);
         if (q8_1) {
           const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
           ds[o] = half(b.d);
-          ds[n_tok * n_blocks + o] = half(b.s);
+          ds[n_num + o] = half(b.s);
         } else {
           const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
           ds[o] = half(b.d);
@@ -227,8 +242,9 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, ThreadPool&
   else
     rows(0, n_tok, 0);
   a.q = q;
+  a.panel = panel;
   a.d = ds;
-  a.s = ds + n_tok * n_blocks;
+  a.s = ds + n_num;
   a.c = c.data();
   return a;
 }
@@ -255,11 +271,13 @@ constexpr size_t kChunkBytes = 128 * 1024;
 constexpr int64_t kChunkToks = 64;
 
 // y rows of groups [g_begin, g_end) for all n_tok tokens.   y: [n_tok, w.n_rows]
-void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, const TensorView& w, const Acts& x,
-                    int64_t n_tok, float* y, int64_t g_begin, int64_t g_end) {
+void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const TensorView& w,
+                    const Acts& x, int64_t n_tok, float* y, int64_t g_begin, int64_t g_end) {
   const int64_t n_out = w.n_rows;
   const size_t group_bytes = packed_group_bytes(w);
-  const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / group_bytes));
+  // Groups per chunk: even where the variant has pair kernels, so no chunk ends in a group alone.
+  int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / group_bytes));
+  if (pairs[0] != nullptr && chunk > 1) chunk -= chunk % 2;
   thread_local std::vector<uint8_t> own;  // a chunk packed here (views without packed bytes)
   if (w.packed == nullptr && own.size() < group_bytes * static_cast<size_t>(chunk))
     own.resize(group_bytes * static_cast<size_t>(chunk));
@@ -294,13 +312,24 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, const TensorView& w
         const int64_t step = pair ? 2 : 1;
         const uint8_t* next = nullptr;
         size_t ahead_bytes = 0, share = 0;
-        if (k0 == 0 && n_tok > 1 && w.packed != nullptr && g + step < g_end) {
+        // A pair's whole 16-token blocks go to the tile kernel in one call where the variant has
+        // one (it prefetches the next groups itself, a block at a time), the rest 4 per call.
+        const int64_t n_tiled = pair && tile != nullptr ? (k1 - k0) / kTileToks * kTileToks : 0;
+        const bool ahead = k0 == 0 && n_tok > 1 && w.packed != nullptr && g + step < g_end;
+        const int n_ahead = ahead ? static_cast<int>(std::min(step, g_end - g - step)) : 0;
+        if (ahead) {
           next = gp + static_cast<size_t>(step) * group_bytes;
-          ahead_bytes = static_cast<size_t>(std::min(step, g_end - g - step)) * group_bytes;
+          ahead_bytes = static_cast<size_t>(n_ahead) * group_bytes;
           const size_t n_calls = static_cast<size_t>((k1 - k0 + kGroupToks - 1) / kGroupToks);
           share = (ahead_bytes / 64 + n_calls - 1) / n_calls * 64;  // bytes, whole lines
         }
-        for (int64_t t0 = k0; t0 < k1; t0 += kGroupToks) {
+        if (n_tiled > 0) {
+          alignas(64) float partial[kChunkToks * 2 * kGroupRows];  // [n_tiled, 16]
+          const TileDst dst{y + k0 * n_out + r0, n_out, static_cast<int>(n_r), partial};
+          tile(gp, gp + group_bytes, x, k0, n_tiled, next, n_ahead, dst);
+          next = nullptr;  // prefetched
+        }
+        for (int64_t t0 = k0 + n_tiled; t0 < k1; t0 += kGroupToks) {
           const int n_t = static_cast<int>(std::min<int64_t>(kGroupToks, k1 - t0));
           if (next != nullptr) {
             const size_t b0 = static_cast<size_t>((t0 - k0) / kGroupToks) * share;
@@ -326,7 +355,9 @@ void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t 
   const GroupFn* fns = w.dtype == DType::Q4_0 ? k.q4_0 : w.dtype == DType::Q4_1 ? k.q4_1 : k.q8_0;
   const PairFn* pairs =
       w.dtype == DType::Q4_0 ? k.q4_0x2 : w.dtype == DType::Q4_1 ? k.q4_1x2 : k.q8_0x2;
-  qmatmul_groups(fns, pairs, w, x, n_tok, y, g_begin, g_end);
+  const TileFn tile =
+      w.dtype == DType::Q4_0 ? k.q4_0x16 : w.dtype == DType::Q4_1 ? k.q4_1x16 : k.q8_0x16;
+  qmatmul_groups(fns, pairs, tile, w, x, n_tok, y, g_begin, g_end);
 }
 
 // ---- dequantization -----------------------------------------------------------------------------
@@ -524,7 +555,7 @@ void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, fl
     // Quantize every activation row once (into the calling thread's scratch, which outlives the
     // parallel section; a batch's rows on the pool's threads); each thread then runs its row
     // groups of W for all tokens.
-    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in, pool);
+    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in, gk.q4_1x16 != nullptr, pool);
     const int64_t ng = packed_groups(w);
     pool.parallel_for(
         ng,
@@ -569,7 +600,7 @@ void matmul_multi_with(const GroupKernels& gk, const MatmulPart* parts, int n_pa
   }
   const int64_t n_in = parts[0].w->n_cols;
   assert(n_in % 32 == 0);
-  const Acts xv = prepare_acts(t, x, n_tok, n_in, pool);
+  const Acts xv = prepare_acts(t, x, n_tok, n_in, gk.q4_1x16 != nullptr, pool);
   // Row groups of the parts laid end to end; each part's groups run as matmul would run them.
   int64_t total = 0;
   for (int k = 0; k < n_parts; ++k) total += packed_groups(*parts[k].w);
@@ -605,6 +636,13 @@ void matmul_vnni(const TensorView& w, const float* x, float* y, int64_t n_tok, T
 void matmul_multi_vnni(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
                        ThreadPool& pool) {
   matmul_multi_with(kVnniGroups, parts, n_parts, x, n_tok, pool);
+}
+void matmul_amx(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool) {
+  matmul_with(kAmxGroups, w, x, y, n_tok, pool);
+}
+void matmul_multi_amx(const MatmulPart* parts, int n_parts, const float* x, int64_t n_tok,
+                      ThreadPool& pool) {
+  matmul_multi_with(kAmxGroups, parts, n_parts, x, n_tok, pool);
 }
 
 }  // namespace kvlm::kernels::avx2

@@ -1,7 +1,7 @@
 // The quantized matmul's group kernels, shared by the AVX2 file (ops_avx2.cpp, which runs the
 // matmul) and the AVX-512 VNNI file (vnni_avx2.cpp, which supplies faster kernels of the same
-// arithmetic). Plain declarations only: no inline code, so nothing here is compiled with one
-// file's instruction set and picked by the linker for another (see ../CMakeLists.txt).
+// arithmetic). Plain declarations only, and act_at with internal linkage: no inline code that one
+// file's instruction set could compile and the linker pick for another (see ../CMakeLists.txt).
 #pragma once
 
 #include <cstddef>
@@ -18,15 +18,31 @@ struct Acts {
   size_t q_stride;
   size_t blk;        // bytes per block: 34 (Q8_0) or 36 (Q8_1)
   size_t qs_off;     // offset of the 32 codes in a block
-  const float* d;    // [n_tok, n_blocks] d
-  const float* s;    // [n_tok, n_blocks] Q8_1's s = d * sum(codes) (Q4_1 weights)
-  const int32_t* c;  // [n_tok, n_blocks] Q4_0 weights: 8 * sum(codes) (the nibbles' "+ 8");
+  // Per-block numbers, token t and block ib at [act_at(*this, t, ib)] (tokens in tiles of 16):
+  const float* d;    // d
+  const float* s;    // Q8_1's s = d * sum(codes) (Q4_1 weights)
+  const int32_t* c;  // Q4_0 weights: 8 * sum(codes) (the nibbles' "+ 8");
                      // Q8_0 weights: 128 * sum(codes) (the VNNI kernels' codes + 128)
   int64_t n_blocks;
+  // For the tile kernels (null when the variant has none or n_tok < 16): the codes again, block by
+  // block for each 16-token tile, so a tile's block is 512 contiguous bytes:
+  // [n_tok / 16, n_blocks, 16 tokens, 32] int8 (whole tiles only).
+  const int8_t* panel = nullptr;
 };
 
+// Tokens per tile of the per-block numbers: a block's numbers of 16 consecutive tokens (from a
+// multiple of 16) are adjacent, so a kernel reads them at constant offsets from one address.
+constexpr int64_t kActTile = 16;
+namespace {  // internal linkage: each file's copy is its own (see ../CMakeLists.txt)
+// Index of token t, block ib in Acts::d, s and c: [ceil(n_tok / 16), n_blocks, 16].
+inline int64_t act_at(const Acts& x, int64_t t, int64_t ib) {
+  return (t / kActTile) * (x.n_blocks * kActTile) + ib * kActTile + t % kActTile;
+}
+}  // namespace
+
 // A group kernel: out[t, k] = row k of one packed group (kernels/packed.h) dotted with token
-// t0 + t, t < T, in ref's arithmetic.   g: the group's n_blocks packed blocks;  out: [T, 8], 32-byte
+// t0 + t, t < T, in ref's arithmetic. t0 is a multiple of kGroupToks, so the call's tokens lie in
+// one tile of the per-block numbers (act_at).   g: the group's n_blocks packed blocks;  out: [T, 8], 32-byte
 // aligned.
 using GroupFn = void (*)(const uint8_t* g, const Acts& x, int64_t t0, float* out);
 // Two groups at once, g0's 8 rows then g1's in 512-bit vectors (each row still in its own 32-bit
@@ -34,6 +50,23 @@ using GroupFn = void (*)(const uint8_t* g, const Acts& x, int64_t t0, float* out
 using PairFn = void (*)(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0,
                         float* out);
 constexpr int kGroupToks = 4;  // kernels exist for T = 1 .. kGroupToks
+// Where a tile kernel writes: token t0 + t's n_r (<= 16) results at y + t * y_stride, as each
+// 16-token tile finishes (spread over the call: a burst of stores to rows not in cache stalls).
+// partial: [n_t, 16] floats, 64-byte aligned, for running sums between segments of blocks.
+struct TileDst {
+  float* y;
+  int64_t y_stride;
+  int n_r;
+  float* partial;
+};
+// Two groups against n_t tokens t0 .. t0 + n_t - 1 (n_t a multiple of kTileToks) with AMX tiles
+// (amx_avx2.cpp), the same arithmetic again (the tile unit computes the same exact integer block
+// dots). ahead: the next call's first group, n_ahead (0..2) of its groups are prefetched into L2
+// as the blocks go by.
+using TileFn = void (*)(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0,
+                        int64_t n_t, const uint8_t* ahead, int n_ahead, const TileDst& dst);
+constexpr int kTileToks = 16;
+static_assert(kActTile % kGroupToks == 0 && kActTile == kTileToks);  // a call stays in one tile
 
 // One variant's kernels, [T - 1] for T tokens. The pair kernels are optional (null: the variant
 // runs every group alone).
@@ -44,6 +77,10 @@ struct GroupKernels {
   PairFn q4_0x2[kGroupToks] = {};
   PairFn q4_1x2[kGroupToks] = {};
   PairFn q8_0x2[kGroupToks] = {};
+  // Optional (null: none) pair kernels for whole 16-token blocks.
+  TileFn q4_0x16 = nullptr;
+  TileFn q4_1x16 = nullptr;
+  TileFn q8_0x16 = nullptr;
 };
 
 // The AVX2 kernels (ops_avx2.cpp) and the AVX-512 VNNI ones (vnni_avx2.cpp: vpdpbusd on 256-bit
@@ -51,5 +88,15 @@ struct GroupKernels {
 // give ref's bits.
 extern const GroupKernels kAvx2Groups;
 extern const GroupKernels kVnniGroups;
+// kVnniGroups plus the AMX tile kernels below (call only when amx_supported()).
+extern const GroupKernels kAmxGroups;
+
+// The AMX-INT8 tile kernels (amx_avx2.cpp): TileFn for Q4_0, Q4_1 and Q8_0 pairs.
+void tile_q4_0(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, int64_t n_t,
+               const uint8_t* ahead, int n_ahead, const TileDst& dst);
+void tile_q4_1(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, int64_t n_t,
+               const uint8_t* ahead, int n_ahead, const TileDst& dst);
+void tile_q8_0(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, int64_t n_t,
+               const uint8_t* ahead, int n_ahead, const TileDst& dst);
 
 }  // namespace kvlm::kernels::avx2

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "kernels/avx2/lanes512.h"
 #include "kernels/avx2/qgroup.h"
 #include "kernels/avx2/qgroup_kernels.h"
 
@@ -33,21 +34,6 @@ struct DotVnni {
 // As keep() in qgroup_kernels.h, for a 512-bit register.
 inline void keep512(__m512i& v) { asm("" : "+v"(v)); }
 
-// 32 bytes at p (low half) and at q (high half).
-inline __m512i join(const void* p, const void* q) {
-  return _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(p))),
-      _mm256_loadu_si256(static_cast<const __m256i*>(q)), 1);
-}
-
-// 8 f16 values at p (lanes 0..7) and at q (lanes 8..15), as f32.
-inline __m512 join_f16(const uint16_t* p, const uint16_t* q) {
-  const __m256i h = _mm256_inserti128_si256(
-      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), 1);
-  return _mm512_cvtph_ps(h);
-}
-
 // 4 activation codes, broadcast to every 32-bit lane.
 inline __m512i bcast4_512(const int8_t* p) {
   int32_t v;
@@ -60,6 +46,7 @@ template <bool kMin, int T>
 void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
   using P = std::conditional_t<kMin, PackedQ4_1, PackedQ4_0>;
   const int64_t n_blocks = x.n_blocks;
+  const int64_t o0 = act_at(x, t0, 0);  // token t0 + t, block ib: o0 + 16 ib + t (one tile)
   const __m512i m4 = _mm512_set1_epi8(0x0f);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
@@ -92,7 +79,7 @@ void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
     }
     const __m512 dw = join_f16(a.d, b.d);
     for (int t = 0; t < T; ++t) {
-      const int64_t o = (t0 + t) * n_blocks + ib;
+      const int64_t o = o0 + ib * kActTile + t;
       __m512i s32 = s[t];
       if constexpr (!kMin) s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(x.c[o]));
       const __m512 f = _mm512_cvtepi32_ps(s32);  // exact: |sumi| <= 32 * 15 * 127
@@ -113,6 +100,7 @@ void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
 template <int T>
 void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
   const int64_t n_blocks = x.n_blocks;
+  const int64_t o0 = act_at(x, t0, 0);  // token t0 + t, block ib: o0 + 16 ib + t (one tile)
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
@@ -138,7 +126,7 @@ void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
     }
     const __m512 dw = join_f16(a.d, b.d);
     for (int t = 0; t < T; ++t) {
-      const int64_t o = (t0 + t) * n_blocks + ib;
+      const int64_t o = o0 + ib * kActTile + t;
       const __m512i sumi = _mm512_sub_epi32(s32[t], _mm512_set1_epi32(x.c[o]));
       const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[o]));
       acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), scale));
@@ -160,5 +148,19 @@ constexpr GroupKernels with_pairs(GroupKernels k, std::index_sequence<I...>) {
 const GroupKernels kVnniGroups =
     with_pairs(make_groups<DotVnni>(std::make_index_sequence<kGroupToks>()),
                std::make_index_sequence<kGroupToks>());
+
+// Built here, not from kVnniGroups in amx_avx2.cpp: a copy of another file's global could run
+// before that global is initialised.
+namespace {
+constexpr GroupKernels with_tiles(GroupKernels k) {
+  k.q4_0x16 = &tile_q4_0;
+  k.q4_1x16 = &tile_q4_1;
+  k.q8_0x16 = &tile_q8_0;
+  return k;
+}
+}  // namespace
+const GroupKernels kAmxGroups =
+    with_tiles(with_pairs(make_groups<DotVnni>(std::make_index_sequence<kGroupToks>()),
+                          std::make_index_sequence<kGroupToks>()));
 
 }  // namespace kvlm::kernels::avx2

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+import llama_repack
+
 kRepoRoot = Path(__file__).resolve().parent.parent
 kDefaultModelFile = "SmolLM2-135M-Instruct.Q4_1.gguf"
 kTokenSeed = 1234
@@ -119,7 +121,7 @@ class LlamaCpp:
     """llama.cpp through llama-cpp-python's ctypes bindings: one model, one context per test."""
 
     def __init__(self, model_path: Path, n_threads: int, n_batch: int, type_k: int, type_v: int,
-                 flash_attn: int, verbose: bool):
+                 flash_attn: int, repack: bool, verbose: bool):
         import llama_cpp
         self.lc = llama_cpp
         self.version = llama_cpp.__version__
@@ -130,6 +132,7 @@ class LlamaCpp:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = repack  # llama_repack.py
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
             sys.exit(f"compare_llamacpp: error: llama.cpp could not load {model_path}")
@@ -247,6 +250,7 @@ def main() -> int:
     ap.add_argument("--omp-passive", action="store_true",
                     help="OMP_WAIT_POLICY=PASSIVE for llama.cpp's OpenMP threads (use when other "
                          "work shares the CPUs: spinning threads then collapse; kvlm's pool sleeps)")
+    llama_repack.add_argument(ap)
     ap.add_argument("--pairs", type=int, default=5, help="A B pairs (>= 5)")
     ap.add_argument("--kvlm", type=Path, default=kRepoRoot / "build/bin/kvlm")
     ap.add_argument("--membw", type=Path, default=kRepoRoot / "build/bench/kvlm_membw")
@@ -270,8 +274,9 @@ def main() -> int:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when libgomp loads, i.e. at import
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     fa = {"auto": -1, "off": 0, "on": 1}[args.flash_attn]
+    repack = llama_repack.repack(args.llama_repack)
     llama = LlamaCpp(args.model, args.threads, args.batch_size, kGgmlTypes[args.ctk],
-                     kGgmlTypes[args.ctv], fa, args.verbose)
+                     kGgmlTypes[args.ctv], fa, repack, args.verbose)
 
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
@@ -337,7 +342,8 @@ def main() -> int:
         "cache_type_k": args.ctk, "cache_type_v": args.ctv,
         "pairs": args.pairs,
         "llama_cpp": {"package": "llama-cpp-python", "version": llama.version,
-                      "flash_attn": args.flash_attn, "system_info": llama.system_info,
+                      "flash_attn": args.flash_attn, "repack": llama_repack.describe(repack),
+                      "system_info": llama.system_info,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)")},
         "kvlm": {k: kvlm_doc.get(k) for k in ("model", "weight_bytes", "kv_bytes_per_token",
                                               "n_batch", "threads", "kernels")} if kvlm_doc else None,
@@ -353,7 +359,7 @@ def main() -> int:
     print(f"model: {args.model}  |  {args.threads} threads, batch {args.batch_size}, "
           f"K {args.ctk} / V {args.ctv}  |  {args.pairs} A/B pairs, medians")
     print(f"machine: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs, L3 {m.get('L3 cache', '?')}"
-          f"  |  llama-cpp-python {llama.version} (flash attn {args.flash_attn}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})  |  {doc['started']}")
+          f"  |  llama-cpp-python {llama.version} (flash attn {args.flash_attn}, repack {doc['llama_cpp']['repack']}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})  |  {doc['started']}")
     # What each engine runs on this CPU: kvlm's kernel variant (KVLM_KERNELS can force one) and
     # the instruction sets llama.cpp was compiled for (its system info, features "= 1").
     feats = [f.split("=")[0].strip() for f in llama.system_info.split("|") if f.strip().endswith("= 1")]

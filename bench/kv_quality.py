@@ -61,6 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
+import llama_repack
+
 kRepoRoot = Path(__file__).resolve().parent.parent
 kDefaultModelFile = "SmolLM2-135M-Instruct.Q4_1.gguf"
 kJargonGz = "/usr/share/doc/jargon-text/jargon.txt.gz"
@@ -165,7 +167,7 @@ class KvShape:
 class LlamaCpp:
     """llama.cpp through llama-cpp-python's ctypes bindings."""
 
-    def __init__(self, model_path: Path, n_threads: int, verbose: bool):
+    def __init__(self, model_path: Path, n_threads: int, repack: bool, verbose: bool):
         import llama_cpp
         self.lc = llama_cpp
         self.version = llama_cpp.__version__
@@ -175,6 +177,7 @@ class LlamaCpp:
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = repack  # llama_repack.py
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
         if not self.model:
             sys.exit(f"kv_quality: error: llama.cpp could not load {model_path}")
@@ -520,6 +523,7 @@ def main() -> int:
                     help="kvlm's KL: against the f16 run's top-32 base file (a lower bound), or "
                          "exact over the full vocabulary against an in-process f16 run (2x time)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp (kvlm rows only)")
+    llama_repack.add_argument(ap)
     ap.add_argument("--no-kvlm", action="store_true", help="skip kvlm (llama.cpp rows only)")
     ap.add_argument("--omp-passive", action="store_true",
                     help="OMP_WAIT_POLICY=PASSIVE for llama.cpp's OpenMP threads (shared machine)")
@@ -553,7 +557,7 @@ def main() -> int:
         raw = gzip.decompress(raw)
 
     # llama.cpp tokenizes both the whole text and (below) the prefix kvlm reads.
-    llama = LlamaCpp(args.model, args.threads, args.verbose)
+    llama = LlamaCpp(args.model, args.threads, llama_repack.repack(args.llama_repack), args.verbose)
     kv = llama.kv_shape()
     full = llama.tokenize(raw, llama.add_bos)
     if len(full) < n_used + kMarginTokens:
@@ -622,7 +626,7 @@ def main() -> int:
                  f"({n_chunks * (args.ctx - 1 - args.ctx // 2)} tokens), {args.threads} threads, "
                  f"batch {n_batch}")
     lines.append(f"machine: {lscpu_model_name()}, {platform.platform()}  |  "
-                 f"llama-cpp-python {llama.version}, kvlm {kvlm_version or '?'}  |  "
+                 f"llama-cpp-python {llama.version} (repack {llama_repack.describe(llama_repack.repack(args.llama_repack))}), kvlm {kvlm_version or '?'}  |  "
                  f"{started.isoformat(timespec='seconds')}")
     if token_check:
         lines.append("same tokens: " + ("yes (kvlm's KL base token hash "

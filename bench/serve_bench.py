@@ -99,6 +99,8 @@ import threading
 import time
 from pathlib import Path
 
+import llama_repack
+
 kRepoRoot = Path(__file__).resolve().parent.parent
 kDefaultModelFile = "SmolLM2-135M-Instruct.Q4_1.gguf"
 kLlamaCppPin = "0.3.36"
@@ -448,12 +450,14 @@ class KvlmServer(Server):
 class LlamaCppServer(Server):
     name = "llama_cpp.server"
 
-    def __init__(self, logdir, label, python, model, threads, ctx, extra):
+    def __init__(self, logdir, label, python, model, threads, ctx, repack, extra):
         super().__init__(logdir, label)
         self.np = 1
         self.prefix_cache = None
         self.port = free_port()
-        self._argv = [python, "-m", "llama_cpp.server", "--model", str(model),
+        # Repacking off: the launcher of llama_repack.py (the server has no option for it).
+        launch = ["-m", "llama_cpp.server"] if repack else ["-c", llama_repack.kServerLauncher]
+        self._argv = [python, *launch, "--model", str(model),
                       "--n_threads", str(threads), "--n_threads_batch", str(threads),
                       "--n_ctx", str(ctx), "--host", self.host, "--port", str(self.port),
                       "--interrupt_requests", "False"] + extra
@@ -987,6 +991,7 @@ def main() -> int:
     ap.add_argument("--waste-users", type=int, default=-1,
                     help="users of the --no-prefix-cache waste run (default: the baseline users; 0: skip)")
     ap.add_argument("--kvlm-args", default="", help="extra kvlm serve arguments, one string: --kvlm-args='-b 256 -ctk q8_0'")
+    llama_repack.add_argument(ap)
     ap.add_argument("--llama-args", default="", help="extra llama_cpp.server arguments, one string: --llama-args='--flash_attn True'")
     ap.add_argument("--ramp", type=float, default=0.0,
                     help="spread the users' first requests over this many seconds (default 0: "
@@ -1080,8 +1085,11 @@ def main() -> int:
 
     print(f"serve_bench: model {args.model.name}, {args.threads} threads, ctx {args.ctx}, "
           f"{args.turns} turns x {args.max_tokens} tokens per user, seed {args.seed}")
+    llama_repack_on = llama_repack.repack(args.llama_repack)
     print(f"serve_bench: kvlm {args.kvlm if 'kvlm' in engines else '-'}; llama_cpp.server via "
-          f"{args.python if 'llama' in engines else '-'}; logs in {logdir}")
+          f"{args.python if 'llama' in engines else '-'}"
+          f"{' (repack ' + llama_repack.describe(llama_repack_on) + ')' if 'llama' in engines else ''}"
+          f"; logs in {logdir}")
     la0 = loadavg()
     print(f"serve_bench: {len(plan)} runs; load average {la0}; {os.cpu_count()} CPUs")
     sys.stdout.flush()
@@ -1102,7 +1110,7 @@ def main() -> int:
                 srv.label = label
             else:
                 srv = LlamaCppServer(logdir, f"llama_cpp.server u{users}", args.python, args.model,
-                                     args.threads, args.ctx, llama_extra)
+                                     args.threads, args.ctx, llama_repack_on, llama_extra)
                 srv.label = "llama_cpp.server"
             t0 = time.monotonic()
             try:
@@ -1143,6 +1151,7 @@ def main() -> int:
         out = {
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "baseline_users": baseline_users, "waste_users": waste_users,
+            "llama_repack": llama_repack.describe(llama_repack_on),
             "system_prompt": kSystemPrompt,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "loadavg_before": la0, "loadavg_after": la1,

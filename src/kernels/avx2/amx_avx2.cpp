@@ -93,18 +93,18 @@ inline void build_b(const Packed<K>& a, const Packed<K>& b, uint8_t (*b_tile)[64
 // Block ib's integer dots on tiles C = P, A = 2 + P, B = 4 + P, stored to c_out: [16][16] int32.
 // (GCC's tile intrinsics paste the tile number into the instruction text, so it must be a literal:
 // hence one macro expansion per P.)
-#define KVLM_BLOCK_DOTS(P, C, A, B)                                                               \
-  template <Kind K>                                                                               \
+#define KVLM_BLOCK_DOTS(P, C, A, B)                                                              \
+  template <Kind K>                                                                              \
   inline void block_dots_##P(const int8_t* a_codes, size_t a_stride, const uint8_t(*b_tile)[64], \
-                             int32_t(*c_out)[16]) {                                               \
-    _tile_zero(C);                                                                                \
-    _tile_loadd(A, a_codes, static_cast<long>(a_stride));                                         \
-    _tile_loadd(B, b_tile, 64);                                                                   \
-    if constexpr (K == Kind::kQ8_0)                                                               \
-      _tile_dpbssd(C, A, B);                                                                      \
-    else                                                                                          \
-      _tile_dpbsud(C, A, B);                                                                      \
-    _tile_stored(C, c_out, 64);                                                                   \
+                             int32_t(*c_out)[16]) {                                              \
+    _tile_zero(C);                                                                               \
+    _tile_loadd(A, a_codes, static_cast<long>(a_stride));                                        \
+    _tile_loadd(B, b_tile, 64);                                                                  \
+    if constexpr (K == Kind::kQ8_0)                                                              \
+      _tile_dpbssd(C, A, B);                                                                     \
+    else                                                                                         \
+      _tile_dpbsud(C, A, B);                                                                     \
+    _tile_stored(C, c_out, 64);                                                                  \
   }
 KVLM_BLOCK_DOTS(0, 0, 2, 4)
 KVLM_BLOCK_DOTS(1, 1, 3, 5)
@@ -127,8 +127,8 @@ __attribute__((always_inline)) inline void scale_add(const Packed<K>& a, const P
     const __m512 f = _mm512_cvtepi32_ps(s32);
     const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[t]));
     if constexpr (K == Kind::kQ4_1) {
-      acc[t] = _mm512_add_ps(acc[t], _mm512_add_ps(_mm512_mul_ps(scale, f),
-                                                   _mm512_mul_ps(mw, _mm512_set1_ps(s[t]))));
+      acc[t] = _mm512_add_ps(
+          acc[t], _mm512_add_ps(_mm512_mul_ps(scale, f), _mm512_mul_ps(mw, _mm512_set1_ps(s[t]))));
     } else {
       acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(f, scale));
     }
@@ -182,7 +182,7 @@ void tile_pair(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, 
 #pragma GCC unroll 16
       for (int t = 0; t < kTileToks; ++t)
         acc[t] = s0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(o + 16 * t);
-      const float* d = x.d + act_at(x, tt, 0);  // block j's at d + 16 j
+      const float* d = x.d + act_at(x, tt, 0);  // block j's at d + 16 j (a whole tile)
       const float* sv = K == Kind::kQ4_1 ? x.s + act_at(x, tt, 0) : nullptr;
       const int32_t* ci = K == Kind::kQ4_0 ? x.c + act_at(x, tt, 0) : nullptr;
       auto sums = [&](int64_t j) { return c[static_cast<uint64_t>(j) % kLag1]; };  // block j's

@@ -17,8 +17,9 @@
 //    accumulator 3; then ((a0 + a1) + (a2 + a3)) and hsum. No alignment peeling: the order depends
 //    on n only, never on where the row lies in memory.
 //  * matmul runs one packed group of 8 rows against 1-4 tokens per kernel call, so a weight
-//    block is unpacked once for up to 4 tokens; prefill walks ~128 KiB chunks of groups with 64
-//    tokens at a time (see qmatmul_groups). The arithmetic of an element never depends on the
+//    block is unpacked once for up to 4 tokens (avx2-amx: a pair of groups against whole 16-token
+//    tiles, amx_avx2.cpp); prefill walks ~128 KiB chunks of groups with 64 tokens at a time (see
+//    qmatmul_groups). The arithmetic of an element never depends on the
 //    tiling, so y[i, r] is bit-identical whatever n_tok, thread count, row split or packing.
 #include <immintrin.h>
 
@@ -188,7 +189,8 @@ float dot_f16_impl(const uint16_t* a, const float* b, int64_t n) {
 constexpr int64_t kParallelActRows = 8;
 
 // Quantizes n_tok rows of x (each n wide) for weight type t into the calling thread's scratch
-// (the rows themselves on the pool's threads from kParallelActRows tokens).
+// (the rows themselves on the pool's threads from kParallelActRows tokens); with panels, also
+// lays the codes of whole 16-token tiles out for the tile kernels (Acts::panel).
 Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels,
                   ThreadPool& pool) {
   const int64_t n_blocks = n / 32;
@@ -200,11 +202,12 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
   a.n_blocks = n_blocks;
   uint8_t* q = thread_bytes(0, a.q_stride * static_cast<size_t>(n_tok));
   const int64_t n_panel_tok = panels ? n_tok / kActTile * kActTile : 0;
-  int8_t* panel = n_panel_tok > 0
-                      ? reinterpret_cast<int8_t*>(thread_bytes(1, static_cast<size_t>(n_panel_tok * n)))
-                      : nullptr;
-  // d, s and c in act_at's order, for whole tiles of kActTile tokens.
-  const int64_t n_num = (n_tok + kActTile - 1) / kActTile * kActTile * n_blocks;
+  int8_t* panel =
+      n_panel_tok > 0
+          ? reinterpret_cast<int8_t*>(thread_bytes(1, static_cast<size_t>(n_panel_tok * n)))
+          : nullptr;
+  a.n_tok = n_tok;
+  const int64_t n_num = n_tok * n_blocks;  // d, s and c each, in act_at's order
   float* ds = thread_scratch(kActSlot, 2 * n_num);  // d, then s
   thread_local std::vector<int32_t> c;
   if (t != DType::Q4_1 && c.size() < static_cast<size_t>(n_num))

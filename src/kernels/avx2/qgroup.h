@@ -18,32 +18,41 @@ struct Acts {
   size_t q_stride;
   size_t blk;        // bytes per block: 34 (Q8_0) or 36 (Q8_1)
   size_t qs_off;     // offset of the 32 codes in a block
-  // Per-block numbers, token t and block ib at [act_at(*this, t, ib)] (tokens in tiles of 16):
+  // Per-block numbers, token t and block ib at [act_at(*this, t, ib)] (tokens in tiles of 16;
+  // n_tok * n_blocks of each):
   const float* d;    // d
   const float* s;    // Q8_1's s = d * sum(codes) (Q4_1 weights)
   const int32_t* c;  // Q4_0 weights: 8 * sum(codes) (the nibbles' "+ 8");
                      // Q8_0 weights: 128 * sum(codes) (the VNNI kernels' codes + 128)
   int64_t n_blocks;
+  int64_t n_tok;
   // For the tile kernels (null when the variant has none or n_tok < 16): the codes again, block by
   // block for each 16-token tile, so a tile's block is 512 contiguous bytes:
   // [n_tok / 16, n_blocks, 16 tokens, 32] int8 (whole tiles only).
   const int8_t* panel = nullptr;
 };
 
-// Tokens per tile of the per-block numbers: a block's numbers of 16 consecutive tokens (from a
-// multiple of 16) are adjacent, so a kernel reads them at constant offsets from one address.
+// Tokens per tile of the per-block numbers: a block's numbers of up to 16 consecutive tokens (from
+// a multiple of 16) are adjacent, so a kernel reads them at constant offsets from one address. A
+// last tile of fewer tokens is as narrow as they are, so one token's numbers stay dense.
 constexpr int64_t kActTile = 16;
 namespace {  // internal linkage: each file's copy is its own (see ../CMakeLists.txt)
-// Index of token t, block ib in Acts::d, s and c: [ceil(n_tok / 16), n_blocks, 16].
+// Tokens in token t's tile: 16, or the rest of n_tok in a last, partial tile.
+inline int64_t act_width(const Acts& x, int64_t t) {
+  const int64_t rest = x.n_tok - t / kActTile * kActTile;
+  return rest < kActTile ? rest : kActTile;
+}
+// Index of token t, block ib in Acts::d, s and c: tile t / 16 at (t / 16) x 16 x n_blocks, in it
+// [n_blocks, act_width] numbers.
 inline int64_t act_at(const Acts& x, int64_t t, int64_t ib) {
-  return (t / kActTile) * (x.n_blocks * kActTile) + ib * kActTile + t % kActTile;
+  return (t / kActTile) * (x.n_blocks * kActTile) + ib * act_width(x, t) + t % kActTile;
 }
 }  // namespace
 
 // A group kernel: out[t, k] = row k of one packed group (kernels/packed.h) dotted with token
 // t0 + t, t < T, in ref's arithmetic. t0 is a multiple of kGroupToks, so the call's tokens lie in
-// one tile of the per-block numbers (act_at).   g: the group's n_blocks packed blocks;  out: [T, 8], 32-byte
-// aligned.
+// one tile of the per-block numbers (act_at).
+//   g: the group's n_blocks packed blocks;  out: [T, 8], 32-byte aligned.
 using GroupFn = void (*)(const uint8_t* g, const Acts& x, int64_t t0, float* out);
 // Two groups at once, g0's 8 rows then g1's in 512-bit vectors (each row still in its own 32-bit
 // lane, with the same operations as GroupFn's):   out: [T, 16], 64-byte aligned.

@@ -45,7 +45,8 @@ template <class Dot, bool kMin, int T>
 void group_q4(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
   using P = std::conditional_t<kMin, PackedQ4_1, PackedQ4_0>;
   const int64_t n_blocks = x.n_blocks;
-  const int64_t o0 = act_at(x, t0, 0);  // token t0 + t, block ib: o0 + 16 ib + t (one tile)
+  // Token t0 + t, block ib at o0 + aw ib + t (one tile of the per-block numbers).
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
   const __m256i m4 = _mm256_set1_epi8(0x0f);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
@@ -80,7 +81,7 @@ void group_q4(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.d)));
     for (int t = 0; t < T; ++t) {
-      const int64_t o = o0 + ib * kActTile + t;
+      const int64_t o = o0 + ib * aw + t;
       __m256i s32 = Dot::q4_sum(s[t]);
       if constexpr (!kMin) s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(x.c[o]));
       const __m256 f = _mm256_cvtepi32_ps(s32);  // exact: |sumi| <= 32 * 15 * 127
@@ -102,7 +103,8 @@ void group_q4(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
 template <class Dot, int T>
 void group_q8(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
   const int64_t n_blocks = x.n_blocks;
-  const int64_t o0 = act_at(x, t0, 0);  // token t0 + t, block ib: o0 + 16 ib + t (one tile)
+  // Token t0 + t, block ib at o0 + aw ib + t (one tile of the per-block numbers).
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
@@ -123,7 +125,7 @@ void group_q8(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.d)));
     for (int t = 0; t < T; ++t) {
-      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[o0 + ib * kActTile + t]));
+      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[o0 + ib * aw + t]));
       acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(s32[t]), scale));
     }
   }

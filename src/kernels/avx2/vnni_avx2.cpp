@@ -46,7 +46,8 @@ template <bool kMin, int T>
 void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
   using P = std::conditional_t<kMin, PackedQ4_1, PackedQ4_0>;
   const int64_t n_blocks = x.n_blocks;
-  const int64_t o0 = act_at(x, t0, 0);  // token t0 + t, block ib: o0 + 16 ib + t (one tile)
+  // Token t0 + t, block ib at o0 + aw ib + t (one tile of the per-block numbers).
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
   const __m512i m4 = _mm512_set1_epi8(0x0f);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
@@ -79,7 +80,7 @@ void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
     }
     const __m512 dw = join_f16(a.d, b.d);
     for (int t = 0; t < T; ++t) {
-      const int64_t o = o0 + ib * kActTile + t;
+      const int64_t o = o0 + ib * aw + t;
       __m512i s32 = s[t];
       if constexpr (!kMin) s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(x.c[o]));
       const __m512 f = _mm512_cvtepi32_ps(s32);  // exact: |sumi| <= 32 * 15 * 127
@@ -100,7 +101,8 @@ void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
 template <int T>
 void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
   const int64_t n_blocks = x.n_blocks;
-  const int64_t o0 = act_at(x, t0, 0);  // token t0 + t, block ib: o0 + 16 ib + t (one tile)
+  // Token t0 + t, block ib at o0 + aw ib + t (one tile of the per-block numbers).
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
@@ -126,7 +128,7 @@ void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
     }
     const __m512 dw = join_f16(a.d, b.d);
     for (int t = 0; t < T; ++t) {
-      const int64_t o = o0 + ib * kActTile + t;
+      const int64_t o = o0 + ib * aw + t;
       const __m512i sumi = _mm512_sub_epi32(s32[t], _mm512_set1_epi32(x.c[o]));
       const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[o]));
       acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), scale));

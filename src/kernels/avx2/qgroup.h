@@ -1,6 +1,6 @@
 // The quantized matmul's group kernels, shared by the AVX2 file (ops_avx2.cpp, which runs the
-// matmul) and the AVX-512 VNNI file (vnni_avx2.cpp, which supplies faster kernels of the same
-// arithmetic). Plain declarations only, and act_at with internal linkage: no inline code that one
+// matmul), the AVX-512 VNNI file (vnni_avx2.cpp) and the AMX file (amx_avx2.cpp), which supply
+// faster kernels of the same arithmetic. Plain declarations only, and act_at with internal linkage: no inline code that one
 // file's instruction set could compile and the linker pick for another (see ../CMakeLists.txt).
 #pragma once
 

@@ -475,6 +475,15 @@ class Protocol(ServerCase):
             except Exception as e:  # noqa: BLE001 (recorded, asserted below)
                 results[i] = (f"{type(e).__name__}: {e}", None, False)
 
+        # One stream through the openai client first, on this thread: the client's pydantic
+        # models are built on first use, and pydantic's model_rebuild is not thread-safe
+        # (pydantic/pydantic#11849, #13419): when the first uses raced in the threads below, one
+        # of them failed with "PydanticUserError: ... BaseModel cannot be instantiated directly"
+        # (seen once in a clean-clone CI run, 2026-12-03), a client-side error, not the server's.
+        with self.srv.client() as c:
+            for _ in c.completions.create(model=self.model, prompt="warm-up", max_tokens=2,
+                                          stream=True):
+                pass
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()

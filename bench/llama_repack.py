@@ -13,21 +13,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# Run as `python -c kServerLauncher ARGS...`: llama_cpp.server with repacking off. The server has
-# no option for it, so the launcher wraps the default model parameters its Llama class asks for;
-# the package itself is not changed.
-kServerLauncher = """
-import runpy, sys
-import llama_cpp.llama_cpp as lc
-_defaults = lc.llama_model_default_params
-def _no_repack():
-    p = _defaults()
-    p.use_extra_bufts = False
-    return p
-lc.llama_model_default_params = _no_repack
-sys.argv[0] = "llama_cpp.server"
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
+
+
+def turn_off_in_defaults() -> None:
+    """Makes llama-cpp-python's default model parameters, which its Llama class (and so
+    llama_cpp.server) asks for, carry repacking off. The package itself is not changed."""
+    import llama_cpp.llama_cpp as lc
+    defaults = lc.llama_model_default_params
+
+    def no_repack():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = no_repack
+
+
+def server_launcher() -> str:
+    """Code for `python -c CODE ARGS...` that runs llama_cpp.server ARGS with repacking off (the
+    server has no option for it)."""
+    return (f"import runpy, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "import llama_repack; llama_repack.turn_off_in_defaults(); "
+            "sys.argv[0] = 'llama_cpp.server'; "
+            "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
 
 
 def cpu_has_amx_int8() -> bool:

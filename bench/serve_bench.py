@@ -456,7 +456,7 @@ class LlamaCppServer(Server):
         self.prefix_cache = None
         self.port = free_port()
         # Repacking off: the launcher of llama_repack.py (the server has no option for it).
-        launch = ["-m", "llama_cpp.server"] if repack else ["-c", llama_repack.kServerLauncher]
+        launch = ["-m", "llama_cpp.server"] if repack else ["-c", llama_repack.server_launcher()]
         self._argv = [python, *launch, "--model", str(model),
                       "--n_threads", str(threads), "--n_threads_batch", str(threads),
                       "--n_ctx", str(ctx), "--host", self.host, "--port", str(self.port),

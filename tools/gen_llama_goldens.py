@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 kRepoRoot = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(kRepoRoot / "bench"))
+import llama_repack  # noqa: E402 (bench/llama_repack.py: repacking off on AMX CPUs)
 kDefaultModel = Path("/root/.cache/kvlm/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 kDefaultOut = kRepoRoot / "tests" / "data" / "llama_goldens_smollm2.json"
 
@@ -116,6 +118,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=kDefaultModel)
     ap.add_argument("--out", type=Path, default=kDefaultOut)
+    llama_repack.add_argument(ap)
     args = ap.parse_args()
 
     import gguf
@@ -125,6 +128,10 @@ def main() -> int:
         print(f"{args.model}: model file not found; pass --model PATH", file=sys.stderr)
         return 1
 
+    if not llama_repack.repack(args.llama_repack):
+        llama_repack.turn_off_in_defaults()
+    print(f"llama.cpp weight repacking: "
+          f"{llama_repack.describe(llama_repack.repack(args.llama_repack))}", file=sys.stderr)
     llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=kCtx, n_batch=kCtx, n_ubatch=kCtx,
                           logits_all=True, n_threads=kThreads, n_threads_batch=kThreads, seed=0,
                           verbose=False)

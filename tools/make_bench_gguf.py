@@ -34,6 +34,9 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import llama_repack  # noqa: E402 (bench/llama_repack.py: repacking off on AMX CPUs)
+
 kSeed = 20250101
 kStd = 0.02
 kDefaultSource = Path(os.environ.get("KVLM_MODELS") or Path.home() / ".cache/kvlm/models") / \
@@ -124,13 +127,14 @@ def open_writer(path: Path, qname: str, src: gguf.GGUFReader,
     return w, specs
 
 
-def check_with_llama_cpp(path: Path) -> None:
+def check_with_llama_cpp(path: Path, repack: bool) -> None:
     """Loads the file with llama.cpp and decodes a few tokens; logits must be finite."""
     import ctypes
     import llama_cpp
     cb = llama_cpp.llama_log_callback(lambda level, text, user: None)
     llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
     mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = repack  # llama_repack.py
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         sys.exit(f"make_bench_gguf: error: llama.cpp could not load {path}")
@@ -158,6 +162,7 @@ def main() -> int:
     ap.add_argument("--source", type=Path, default=kDefaultSource,
                     help="GGUF whose tokenizer.* keys are copied (default: SmolLM2-135M Q4_1)")
     ap.add_argument("--check", action="store_true", help="load each file with llama.cpp afterwards")
+    llama_repack.add_argument(ap)
     args = ap.parse_args()
     names = [t.strip() for t in args.types.split(",") if t.strip()]
     bad = [t for t in names if t not in kTypes]
@@ -200,7 +205,7 @@ def main() -> int:
         assert len(r.tensors) == len(specs), f"{p}: {len(r.tensors)} tensors, expected {len(specs)}"
         print(f"{p}: {p.stat().st_size / 1e9:.3f} GB, {len(r.tensors)} tensors")
         if args.check:
-            check_with_llama_cpp(p)
+            check_with_llama_cpp(p, llama_repack.repack(args.llama_repack))
     return 0
 
 

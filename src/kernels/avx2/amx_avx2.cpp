@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "kernels/avx2/lanes512.h"
@@ -111,7 +110,8 @@ KVLM_BLOCK_DOTS(1, 1, 3, 5)
 #undef KVLM_BLOCK_DOTS
 
 // acc[t] += block ib's contribution for tokens t0 + t, in the VNNI pair kernels' float
-// operations. d, s, c: the block's numbers of token t0 at act_at (the tile's 16 tokens adjacent).
+// operations (add_block*, lanes512.h). d, s, c: the block's numbers of token t0 at act_at (the
+// tile's 16 tokens adjacent).
 template <Kind K>
 __attribute__((always_inline)) inline void scale_add(const Packed<K>& a, const Packed<K>& b,
                                                      const int32_t (*c)[16], const float* d,
@@ -122,16 +122,13 @@ __attribute__((always_inline)) inline void scale_add(const Packed<K>& a, const P
   if constexpr (K == Kind::kQ4_1) mw = join_f16(a.m, b.m);
 #pragma GCC unroll 16
   for (int t = 0; t < kTileToks; ++t) {
-    __m512i s32 = _mm512_load_si512(c[t]);
-    if constexpr (K == Kind::kQ4_0) s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(ci[t]));
-    const __m512 f = _mm512_cvtepi32_ps(s32);
-    const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[t]));
-    if constexpr (K == Kind::kQ4_1) {
-      acc[t] = _mm512_add_ps(
-          acc[t], _mm512_add_ps(_mm512_mul_ps(scale, f), _mm512_mul_ps(mw, _mm512_set1_ps(s[t]))));
-    } else {
-      acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(f, scale));
-    }
+    const __m512i sumi = _mm512_load_si512(c[t]);
+    if constexpr (K == Kind::kQ4_1)
+      acc[t] = add_block_min(acc[t], sumi, dw, d[t], mw, s[t]);
+    else if constexpr (K == Kind::kQ4_0)
+      acc[t] = add_block(acc[t], _mm512_sub_epi32(sumi, _mm512_set1_epi32(ci[t])), dw, d[t]);
+    else
+      acc[t] = add_block(acc[t], sumi, dw, d[t]);
   }
 }
 

@@ -81,16 +81,11 @@ void pair_q4(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
     const __m512 dw = join_f16(a.d, b.d);
     for (int t = 0; t < T; ++t) {
       const int64_t o = o0 + ib * aw + t;
-      __m512i s32 = s[t];
-      if constexpr (!kMin) s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(x.c[o]));
-      const __m512 f = _mm512_cvtepi32_ps(s32);  // exact: |sumi| <= 32 * 15 * 127
-      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[o]));
       if constexpr (kMin) {
-        const __m512 mw = join_f16(a.m, b.m);
-        acc[t] = _mm512_add_ps(acc[t], _mm512_add_ps(_mm512_mul_ps(scale, f),
-                                                     _mm512_mul_ps(mw, _mm512_set1_ps(x.s[o]))));
+        acc[t] = add_block_min(acc[t], s[t], dw, x.d[o], join_f16(a.m, b.m), x.s[o]);
       } else {
-        acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(f, scale));
+        const __m512i sumi = _mm512_sub_epi32(s[t], _mm512_set1_epi32(x.c[o]));
+        acc[t] = add_block(acc[t], sumi, dw, x.d[o]);
       }
     }
   }
@@ -130,8 +125,7 @@ void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
     for (int t = 0; t < T; ++t) {
       const int64_t o = o0 + ib * aw + t;
       const __m512i sumi = _mm512_sub_epi32(s32[t], _mm512_set1_epi32(x.c[o]));
-      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[o]));
-      acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), scale));
+      acc[t] = add_block(acc[t], sumi, dw, x.d[o]);
     }
   }
   for (int t = 0; t < T; ++t) _mm512_store_ps(out + 16 * t, acc[t]);

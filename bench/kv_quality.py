@@ -557,7 +557,8 @@ def main() -> int:
         raw = gzip.decompress(raw)
 
     # llama.cpp tokenizes both the whole text and (below) the prefix kvlm reads.
-    llama = LlamaCpp(args.model, args.threads, llama_repack.repack(args.llama_repack), args.verbose)
+    repack = llama_repack.repack(args.llama_repack)
+    llama = LlamaCpp(args.model, args.threads, repack, args.verbose)
     kv = llama.kv_shape()
     full = llama.tokenize(raw, llama.add_bos)
     if len(full) < n_used + kMarginTokens:
@@ -626,7 +627,7 @@ def main() -> int:
                  f"({n_chunks * (args.ctx - 1 - args.ctx // 2)} tokens), {args.threads} threads, "
                  f"batch {n_batch}")
     lines.append(f"machine: {lscpu_model_name()}, {platform.platform()}  |  "
-                 f"llama-cpp-python {llama.version} (repack {llama_repack.describe(llama_repack.repack(args.llama_repack))}), kvlm {kvlm_version or '?'}  |  "
+                 f"llama-cpp-python {llama.version} (repack {llama_repack.describe(repack)}), kvlm {kvlm_version or '?'}  |  "
                  f"{started.isoformat(timespec='seconds')}")
     if token_check:
         lines.append("same tokens: " + ("yes (kvlm's KL base token hash "

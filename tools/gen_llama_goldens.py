@@ -128,10 +128,10 @@ def main() -> int:
         print(f"{args.model}: model file not found; pass --model PATH", file=sys.stderr)
         return 1
 
-    if not llama_repack.repack(args.llama_repack):
+    repack = llama_repack.repack(args.llama_repack)
+    if not repack:
         llama_repack.turn_off_in_defaults()
-    print(f"llama.cpp weight repacking: "
-          f"{llama_repack.describe(llama_repack.repack(args.llama_repack))}", file=sys.stderr)
+    print(f"llama.cpp weight repacking: {llama_repack.describe(repack)}", file=sys.stderr)
     llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=kCtx, n_batch=kCtx, n_ubatch=kCtx,
                           logits_all=True, n_threads=kThreads, n_threads_batch=kThreads, seed=0,
                           verbose=False)

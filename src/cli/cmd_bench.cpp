@@ -38,8 +38,7 @@
 #include "cli/common.h"
 #include "engine/session.h"
 #include "kernels/ops.h"
-#include "kv/block_pool.h"
-#include "kv/paged_kv.h"
+#include "kv_manager/kv_manager.h"
 #include "model/model.h"
 
 namespace kvlm::cli {
@@ -131,11 +130,12 @@ void time_reps(BenchResult& r, const BenchTest& t, int reps, Run&& run) {
   }
 }
 
-// The -np test: t.n_seq sequences over one paged store. Context: sequence 0 is prefilled with
-// t.depth tokens; each other one shares its first t.shared / 16 whole blocks (append_shared, as a
-// prefix-cache hit) and prefills the rest of its depth with tokens of its own. A repetition is
-// t.n_gen timed steps of one forward_paged over one token per sequence, after which every sequence
-// is truncated back to its context.
+// The -np test: t.n_seq sequences over one KV manager, as kvlm serve runs them. Context: sequence 0
+// is prefilled with t.depth tokens; each other one starts with its first t.shared / 16 whole
+// blocks of tokens (a prefix-cache hit on sequence 0's registered blocks) and prefills the rest of
+// its depth with tokens of its own. A repetition is t.n_gen timed steps of one forward_paged over
+// one token per sequence (with the manager's reserve and commit around it, as the scheduler's
+// step does), after which every sequence is truncated back to its context.
 BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs& a,
                         const KvOptions& kvo, ThreadPool& pool) {
   constexpr int32_t kBlock = 16;
@@ -147,57 +147,65 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
   const int64_t seq_blocks = (t.n_ctx() + kBlock - 1) / kBlock;
   const int64_t n_blocks = seq_blocks + (n_seq - 1) * (seq_blocks - shared_blocks);
   if (n_blocks > (int64_t{1} << 30)) fail("{}: {} KV blocks are too many", t.name(), n_blocks);
-  BlockPool blocks({.n_blocks = static_cast<int32_t>(n_blocks), .block_size = kBlock,
-                    .audit = false});
-  PagedKvStore store(shape, static_cast<int32_t>(n_blocks), kBlock);
+  KvManager kv({.shape = shape,
+                .block_size = kBlock,
+                .n_blocks = static_cast<int32_t>(n_blocks),
+                .rope = model.kv_rope()});
   Scratch scratch;
   std::mt19937 rng(kTokenSeed);
-  auto forward = [&](std::span<const PagedSeq> batch) {
-    model.forward_paged(batch, store, scratch, pool);
-  };
-  auto grow = [&](SeqId id, int64_t n) {
-    std::vector<BlockCopy> copies;
-    KVLM_CHECK(blocks.append(id, n, &copies) && copies.empty());  // sized above, nothing shared
-  };
-  // Context, untimed, in feeds of at most -b tokens.
+  // Every sequence's tokens: [depth] context, then the [n_gen] tokens its timed steps feed.
+  std::vector<std::vector<int32_t>> toks(static_cast<size_t>(n_seq));
   for (SeqId id = 0; id < n_seq; ++id) {
-    blocks.add_seq(id);
-    int64_t pos = 0;
-    if (id > 0 && shared_blocks > 0) {
-      blocks.append_shared(id, blocks.block_table(0).subspan(0, static_cast<size_t>(shared_blocks)));
-      pos = shared_blocks * kBlock;
-    }
-    const std::vector<int32_t> ctx = random_tokens(rng, depth - pos, n_vocab);
-    grow(id, depth - pos);
-    for (int64_t i = 0; i < static_cast<int64_t>(ctx.size()); i += a.n_batch) {
-      const int64_t n = std::min<int64_t>(a.n_batch, static_cast<int64_t>(ctx.size()) - i);
-      const PagedSeq q{{ctx.data() + i, static_cast<size_t>(n)}, pos + i, blocks.block_table(id)};
-      forward({&q, 1});
-    }
+    const int64_t own = id > 0 ? shared_blocks * kBlock : 0;
+    toks[id].assign(toks[0].begin(), toks[0].begin() + own);
+    const std::vector<int32_t> ctx = random_tokens(rng, depth - own, n_vocab);
+    toks[id].insert(toks[id].end(), ctx.begin(), ctx.end());
   }
   const std::vector<int32_t> gen = random_tokens(rng, t.n_gen * n_seq, n_vocab);  // [n_gen, n_seq]
+  for (SeqId id = 0; id < n_seq; ++id)
+    for (int64_t step = 0; step < t.n_gen; ++step) toks[id].push_back(gen[step * n_seq + id]);
+  auto forward = [&](std::span<const PagedSeq> batch) {
+    model.forward_paged(batch, kv.store(), scratch, pool);
+  };
+  // Context, untimed, in feeds of at most -b tokens. The pool is sized for every sequence's
+  // blocks (nothing is preempted here), so a refused admission or reservation is a bug.
+  for (SeqId id = 0; id < n_seq; ++id) {
+    const std::span<const int32_t> ctx(toks[id].data(), static_cast<size_t>(depth));
+    const KvHit hit = kv.lookup(ctx, "");
+    KVLM_CHECK(kv.admit(id, ctx, "", depth, hit));
+    for (int64_t pos = hit.n_tokens(); pos < depth;) {
+      const int64_t n = std::min<int64_t>(a.n_batch, depth - pos);
+      KVLM_CHECK(kv.reserve(id, n));
+      const PagedSeq q{ctx.subspan(pos, n), pos, kv.seq_cache(id)};
+      forward({&q, 1});
+      pos += n;
+      kv.commit(id, ctx, pos);
+    }
+  }
   std::vector<PagedSeq> batch(static_cast<size_t>(n_seq));
   auto run_once = [&](int64_t n_steps) {
     Timer timer;
     for (int64_t step = 0; step < n_steps; ++step) {
-      for (SeqId id = 0; id < n_seq; ++id) {
-        grow(id, 1);
-        batch[id] = {{gen.data() + step * n_seq + id, 1}, depth + step, blocks.block_table(id)};
-      }
+      const int64_t pos = depth + step;
+      for (SeqId id = 0; id < n_seq; ++id) KVLM_CHECK(kv.reserve(id, 1));
+      for (SeqId id = 0; id < n_seq; ++id)
+        batch[id] = {{toks[id].data() + pos, 1}, pos, kv.seq_cache(id)};
       forward(batch);
+      for (SeqId id = 0; id < n_seq; ++id) kv.commit(id, toks[id], pos + 1);
     }
     const double sec = timer.ms() / 1000.0;
-    for (SeqId id = 0; id < n_seq; ++id) blocks.truncate(id, depth);
+    for (SeqId id = 0; id < n_seq; ++id) kv.truncate(id, depth);
     return sec;
   };
   BenchResult r;
   r.test = t;
   time_reps(r, t, a.reps, run_once);
+  const KvManagerStats st = kv.stats();
   r.kv.n_tokens = n_seq * depth;
   r.kv.n_ctx = t.n_ctx();
-  r.kv.capacity = n_blocks * kBlock;
-  r.kv.bytes_allocated = store.bytes();
-  r.kv.bytes_used = static_cast<size_t>(blocks.stats().n_used) * PagedKvStore::block_bytes(shape, kBlock);
+  r.kv.capacity = kv.capacity_tokens();
+  r.kv.bytes_allocated = st.bytes_total;
+  r.kv.bytes_used = st.bytes_used;
   return r;
 }
 

@@ -5,9 +5,7 @@
 #include <exception>
 
 #include "base/error.h"
-#include "kv/block_pool.h"
-#include "kv/paged_kv.h"
-#include "prefix/prefix_cache.h"
+#include "kv_manager/kv_manager.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kvlm {
@@ -34,49 +32,25 @@ struct Scheduler::Seq {
   // `tokens` is pending: the prompt still to prefill, or the last sampled token to decode.
   int64_t n_computed = 0;
   int64_t n_cached = -1;       // prefix-cache hit at first admission (-1: not admitted yet)
-  int64_t n_registered = 0;    // leading full blocks known to the prefix index
   uint64_t admitted_at = 0;    // admission counter: the largest is the newest (preempted first)
-  bool in_pool = false;        // has a block table in the pool
-  // The window or context shift has moved rows: they no longer equal a fresh computation of
-  // `tokens`, so no more of its blocks go into the prefix index (reset by a preemption, whose
-  // recompute is fresh again).
-  bool evicted = false;
-  int32_t kivi_slot = -1;  // KIVI: the residual slot it holds while in the pool
-  int64_t n_sealed = 0;    // KIVI: positions [0, n_sealed) sealed in its blocks
   uint64_t step = 0;           // last step that scheduled it
   std::unique_ptr<Sampler> sampler;
 
   int64_t pending() const { return static_cast<int64_t>(tokens.size()) - n_computed; }
 };
 
-// Everything the scheduler thread owns.
+// Everything the scheduler thread owns. A sequence is in the KV manager (has blocks) from its
+// admission until it finishes or is preempted.
 struct Scheduler::State {
-  KvShape shape;
-  BlockPool blocks;
-  PrefixCache prefix;
-  PagedKvStore store;
+  KvManager kv;
   Scratch scratch;
-  uint64_t cache_type = 0;  // prefix key: hash of the cache shape and types
   std::deque<std::unique_ptr<Seq>> waiting;  // oldest (or preempted) first
   std::vector<std::unique_ptr<Seq>> running;  // admission order
   uint64_t n_admissions = 0;
   uint64_t n_step_calls = 0;
   SchedulerStats totals;  // counters (the gauges are filled at publish time)
 
-  std::vector<int32_t> free_slots;  // KIVI residual slots no sequence holds
-
-  State(const KvShape& s, int32_t n_blocks, int32_t bs, int32_t n_slots)
-      : shape(s),
-        blocks({.n_blocks = n_blocks, .block_size = bs, .audit = false}),
-        prefix({.n_blocks = n_blocks, .block_size = bs, .audit = false}),
-        store(s, n_blocks, bs, n_slots) {
-    for (int32_t i = n_slots - 1; i >= 0; --i) free_slots.push_back(i);
-    blocks.set_evict_hook([this](BlockId b) { prefix.erase(b); });
-    const int32_t key[] = {s.n_layer, s.n_kv_head, s.head_dim, static_cast<int32_t>(s.dtype_k),
-                           static_cast<int32_t>(s.dtype_v), bs, s.rotate ? 1 : 0,
-                           s.kivi_residual};
-    cache_type = prefix_hash_xxh3(key, sizeof(key));
-  }
+  explicit State(const KvManagerConfig& c) : kv(c) {}
 };
 
 namespace {
@@ -85,8 +59,8 @@ int32_t pool_blocks(const KvShape& shape, const SchedulerConfig& c, int32_t n_sl
   if (c.block_size <= 0) fail("--block-size must be positive, got {}", c.block_size);
   int64_t n = 0;
   if (c.kv_budget_bytes > 0) {
-    n = PagedKvStore::blocks_for_budget(shape, c.block_size,
-                                        static_cast<uint64_t>(c.kv_budget_bytes), n_slots);
+    n = KvManager::blocks_for_budget(shape, c.block_size,
+                                     static_cast<uint64_t>(c.kv_budget_bytes), n_slots);
     if (n <= 0)
       fail("--kv-budget of {} bytes holds no block of {} tokens ({} bytes each, after {} bytes "
            "of f16 residual slots)",
@@ -122,22 +96,18 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
   shape.rotate = config.rotate;
   shape.kivi_residual = config.kivi_residual;
   validate(shape);
-  int32_t n_slots = 0;
-  if (shape.kivi()) {
-    if (config.prefix_cache)
-      fail("the prefix cache does not apply to the KIVI cache (--kv-residual): a sealed block is "
-           "not what a fresh prompt of its tokens holds (--no-prefix-cache)");
-    if (config.block_size % shape.kivi_group != 0)
-      fail("the KIVI cache's K groups of {} tokens need a --block-size that is a multiple of {}, "
-           "got {}",
-           shape.kivi_group, shape.kivi_group, config.block_size);
-    n_slots = config.n_parallel;
-  }
-  const int32_t n_blocks = pool_blocks(shape, config, n_slots);
-  st_ = std::make_unique<State>(shape, n_blocks, config.block_size, n_slots);
-  stats_.blocks_total = n_blocks;
+  // KIVI: each running sequence owns one f16 residual slot.
+  const int32_t n_slots = shape.kivi() ? config.n_parallel : 0;
+  const KvManagerConfig kc{.shape = shape,
+                           .block_size = config.block_size,
+                           .n_blocks = pool_blocks(shape, config, n_slots),
+                           .n_slots = n_slots,
+                           .prefix_cache = config.prefix_cache,
+                           .rope = model.kv_rope()};
+  st_ = std::make_unique<State>(kc);
+  stats_.blocks_total = kc.n_blocks;
   stats_.block_size = config.block_size;
-  stats_.kv_bytes_total = st_->store.bytes();
+  stats_.kv_bytes_total = st_->kv.store().bytes();
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -150,9 +120,7 @@ Scheduler::~Scheduler() {
   if (thread_.joinable()) thread_.join();
 }
 
-int64_t Scheduler::capacity_tokens() const {
-  return int64_t{st_->blocks.n_blocks()} * config_.block_size;
-}
+int64_t Scheduler::capacity_tokens() const { return st_->kv.capacity_tokens(); }
 
 RequestId Scheduler::submit(Request req, EventFn on_event) {
   const ModelConfig& c = model_.config();
@@ -214,31 +182,7 @@ void Scheduler::wait_idle() {
 // ---- the scheduler thread -----------------------------------------------------------------------
 
 void Scheduler::release(Seq& q, bool keep_partial) {
-  if (!q.in_pool) return;
-  State& st = *st_;
-  const int64_t bs = config_.block_size;
-  const int64_t f = q.n_computed / bs, k = q.n_computed % bs;
-  if (keep_partial && config_.prefix_cache && !q.evicted && k > 0) {
-    // The partly filled last block holds the K/V of tokens [f * bs, n_computed): the end of the
-    // history a chat's next turn sends again. Registered as a leaf it stays in the pool's LRU
-    // after free_seq, and the next prompt copies it instead of recomputing up to bs - 1 tokens.
-    // Only a block this sequence holds alone, not already cached; insert_partial refuses it when
-    // the full block before it is not registered (its chain could not be verified).
-    const auto table = st.blocks.block_table(q.id);
-    KVLM_CHECK(static_cast<int64_t>(table.size()) > f);
-    const BlockId blk = table[static_cast<size_t>(f)];
-    if (!st.blocks.is_cached(blk) && st.blocks.ref_count(blk) == 1) {
-      const int32_t parent = f == 0 ? kNoParent : table[static_cast<size_t>(f - 1)];
-      const std::span<const int32_t> toks(q.tokens.data() + f * bs, static_cast<size_t>(k));
-      if (st.prefix.insert_partial(PrefixKey{st.cache_type, q.req.salt}, parent, toks, blk))
-        st.blocks.mark_cached(blk);
-    }
-  }
-  st.blocks.free_seq(q.id);
-  q.in_pool = false;
-  if (q.kivi_slot >= 0) st.free_slots.push_back(q.kivi_slot);
-  q.kivi_slot = -1;
-  q.n_sealed = 0;
+  if (st_->kv.has_seq(q.id)) st_->kv.release(q.id, q.tokens, q.n_computed, keep_partial);
 }
 
 void Scheduler::finish(Seq& q, FinishReason why, const std::string& error) {
@@ -259,17 +203,17 @@ void Scheduler::finish(Seq& q, FinishReason why, const std::string& error) {
 
 void Scheduler::publish() {
   State& st = *st_;
-  const BlockPoolStats b = st.blocks.stats();
-  const size_t per_block = PagedKvStore::block_bytes(st.shape, config_.block_size);
+  const KvManagerStats k = st.kv.stats();
   std::lock_guard lk(mu_);
   SchedulerStats& s = stats_;
   s = st.totals;
-  s.blocks_total = b.n_total;
-  s.blocks_used = b.n_used;
-  s.blocks_cached = b.n_cached;
-  s.block_size = config_.block_size;
-  s.kv_bytes_total = st.store.bytes();
-  s.kv_bytes_used = static_cast<uint64_t>(b.n_used) * per_block;
+  s.blocks_total = k.blocks.n_total;
+  s.blocks_used = k.blocks.n_used;
+  s.blocks_cached = k.blocks.n_cached;
+  s.block_size = k.block_size;
+  s.kv_bytes_total = k.bytes_total;
+  s.kv_bytes_used = k.bytes_used;
+  s.evicted_tokens = k.n_evicted_tokens;
   s.running = static_cast<int64_t>(st.running.size());
   s.waiting = n_active_ - s.running;
   if (n_active_ == 0) idle_cv_.notify_all();
@@ -332,9 +276,9 @@ void Scheduler::loop() {
 
 void Scheduler::step() {
   State& st = *st_;
+  KvManager& kv = st.kv;
   const int32_t bs = config_.block_size;
   const ModelConfig& mc = model_.config();
-  auto key_for = [&](const Seq& q) { return PrefixKey{st.cache_type, q.req.salt}; };
   const uint64_t step_no = ++st.n_step_calls;  // marks the sequences this step schedules
   using Clock = std::chrono::steady_clock;
   const Clock::time_point t_step = Clock::now();
@@ -346,10 +290,10 @@ void Scheduler::step() {
       return a->admitted_at < b->admitted_at;
     });
     Seq* q = it->get();
-    release(*q, /*keep_partial=*/true);  // its recompute starts with a partial hit
+    // Its recompute starts with a partial hit, from its (kept) tokens: fresh rows again, which
+    // the prefix index may register even if it had evicted before.
+    release(*q, /*keep_partial=*/true);
     q->n_computed = 0;
-    q->n_registered = 0;
-    q->evicted = false;  // recomputed from its (kept) tokens: fresh rows again
     st.waiting.push_front(std::move(*it));
     st.running.erase(it);
     ++st.totals.n_preemptions;
@@ -358,11 +302,8 @@ void Scheduler::step() {
   // Gives q blocks for n more tokens, preempting the newest sequences while the pool is short.
   // False if q itself was preempted.
   auto grow = [&](Seq& q, int64_t n) -> bool {
-    std::vector<BlockCopy> copies;
-    while (!st.blocks.append(q.id, n, &copies)) {
+    while (!kv.reserve(q.id, n))
       if (preempt_newest() == &q) return false;
-    }
-    for (const BlockCopy& cp : copies) st.store.copy_block(cp.src, cp.dst);
     return true;
   };
 
@@ -370,25 +311,15 @@ void Scheduler::step() {
   // Session::make_room uses too: a sequence evicts at the same positions alone or batched here).
   // The blocks the shift writes are made q's own first (copy-on-write of shared ones, preempting
   // the newest sequences while the pool is short). False if q itself was preempted.
-  const KvRope rope = model_.kv_rope();
   const int64_t kept_prefix = config_.eviction.kept();
   auto make_room = [&](Seq& q, int64_t m) -> bool {
     const int64_t count = config_.eviction.count(q.n_computed, m, config_.n_ctx);
     KVLM_CHECK(count >= 0);  // callers keep m <= n_ctx - kept_prefix
     if (count == 0) return true;
-    const int64_t begin = kept_prefix;
-    const int64_t n_after = q.n_computed - count;
-    std::vector<BlockCopy> copies;
-    while (!st.blocks.make_writable(q.id, begin / bs, (n_after + bs - 1) / bs, &copies))
+    while (!kv.evict(q.id, kept_prefix, count))
       if (preempt_newest() == &q) return false;
-    for (const BlockCopy& cp : copies) st.store.copy_block(cp.src, cp.dst);
-    st.store.shift_out(st.blocks.block_table(q.id), q.n_computed, begin, count, rope);
-    st.blocks.truncate(q.id, n_after);
-    q.tokens.erase(q.tokens.begin() + begin, q.tokens.begin() + begin + count);
-    q.n_computed = n_after;
-    q.n_registered = std::min(q.n_registered, begin / bs);
-    q.evicted = true;
-    st.totals.evicted_tokens += count;
+    q.tokens.erase(q.tokens.begin() + kept_prefix, q.tokens.begin() + kept_prefix + count);
+    q.n_computed -= count;
     return true;
   };
 
@@ -420,7 +351,8 @@ void Scheduler::step() {
   auto inflight_blocks = [&](const Seq& q) {
     int64_t best = 0;
     for (const auto& r : st.running) {
-      if (r->req.salt != q.req.salt || r->evicted) continue;  // evicted: registers nothing more
+      // Evicted: registers nothing more.
+      if (r->req.salt != q.req.salt || kv.evicted(r->id)) continue;
       const size_t n = std::min(q.tokens.size() - 1, r->tokens.size());
       size_t l = 0;
       while (l < n && q.tokens[l] == r->tokens[l]) ++l;
@@ -432,49 +364,18 @@ void Scheduler::step() {
   for (size_t wi = 0;
        wi < st.waiting.size() && static_cast<int32_t>(st.running.size()) < config_.n_parallel;) {
     Seq& q = *st.waiting[wi];
-    PrefixMatch m;
-    PrefixPartial part;  // rows of one more block to copy after the full blocks of m
-    if (config_.prefix_cache) {
-      m = st.prefix.match(key_for(q), q.tokens);
-      if (inflight_blocks(q) > static_cast<int64_t>(m.block_ids.size())) {
-        ++wi;  // try the next one; this one is admitted once the blocks are registered
-        continue;
-      }
-      part = st.prefix.match_partial(key_for(q), q.tokens, m);
+    const KvHit hit = kv.lookup(q.tokens, q.req.salt);
+    if (inflight_blocks(q) > static_cast<int64_t>(hit.full.block_ids.size())) {
+      ++wi;  // try the next one; this one is admitted once the blocks are registered
+      continue;
     }
     // An evicting sequence holds at most n_ctx positions at any time.
     const int64_t n_held = evicts() ? std::min<int64_t>(static_cast<int64_t>(q.tokens.size()),
                                                         config_.n_ctx)
                                     : static_cast<int64_t>(q.tokens.size());
-    const int64_t n_blocks_all = (n_held + bs - 1) / bs;
-    int64_t matched_free = 0;  // matched blocks that leave the free queue when shared
-    for (BlockId b : m.block_ids) matched_free += st.blocks.ref_count(b) == 0;
-    const int64_t need =
-        std::max<int64_t>(0, n_blocks_all - static_cast<int64_t>(m.block_ids.size()));
-    if (st.blocks.stats().n_free - matched_free < need) break;  // wait for blocks to come back
-    st.blocks.add_seq(q.id);
-    q.in_pool = true;
-    if (st.shape.kivi()) {
-      // At most n_parallel run, and there are n_parallel slots.
-      KVLM_CHECK(!st.free_slots.empty());
-      q.kivi_slot = st.free_slots.back();
-      st.free_slots.pop_back();
-    }
-    st.blocks.append_shared(q.id, m.block_ids);
-    q.n_computed = m.n_tokens;
-    q.n_registered = static_cast<int64_t>(m.block_ids.size());
-    if (part.block >= 0) {
-      // The partial hit goes into a fresh block of q's own (one of the `need` counted above, so
-      // append cannot fail), copied now: the source is cached-free or shared and stays as the
-      // index registered it, but this step's admissions may evict it and a forward overwrite it.
-      // When the pool hands out the source itself as the fresh block (it was the only free one),
-      // its rows are already in place and only its index entry goes.
-      std::vector<BlockCopy> copies;
-      const bool got = st.blocks.append(q.id, part.n_tokens, &copies);
-      KVLM_CHECK(got && copies.empty());
-      st.store.copy_block(part.block, st.blocks.block_table(q.id).back());
-      q.n_computed += part.n_tokens;
-    }
+    // At most n_parallel run, and KIVI has n_parallel residual slots.
+    if (!kv.admit(q.id, q.tokens, q.req.salt, n_held, hit)) break;  // wait for blocks
+    q.n_computed = hit.n_tokens();
     if (q.n_cached < 0) {
       q.n_cached = q.n_computed;
       st.totals.prompt_tokens += q.n_prompt;
@@ -503,7 +404,7 @@ void Scheduler::step() {
   // A prefill's grow() may have preempted a newer sequence that step 1 gave a decode token: its
   // blocks are gone (release() cleared in_pool), so it leaves this step.
   items.erase(std::remove_if(items.begin(), items.end(),
-                             [](const Item& it) { return !it.seq->in_pool; }),
+                             [&](const Item& it) { return !kv.has_seq(it.seq->id); }),
               items.end());
   if (items.empty()) return;
 
@@ -513,10 +414,10 @@ void Scheduler::step() {
   for (const Item& it : items) {
     Seq& q = *it.seq;
     batch.push_back({{q.tokens.data() + q.n_computed, static_cast<size_t>(it.n)}, q.n_computed,
-                     st.blocks.block_table(q.id), q.kivi_slot, q.n_sealed});
+                     kv.seq_cache(q.id)});
   }
   const Clock::time_point t_pass = Clock::now();
-  const std::span<const float> logits = model_.forward_paged(batch, st.store, st.scratch, pool_);
+  const std::span<const float> logits = model_.forward_paged(batch, kv.store(), st.scratch, pool_);
   const Clock::time_point t_pass_end = Clock::now();
   ++st.totals.n_steps;
   for (const Item& it : items) st.totals.batch_tokens += it.n;
@@ -528,22 +429,7 @@ void Scheduler::step() {
   for (size_t b = 0; b < items.size(); ++b) {
     Seq& q = *items[b].seq;
     q.n_computed += items[b].n;
-    if (st.shape.kivi())
-      q.n_sealed = kv_kivi_sealed(q.n_sealed, q.n_computed, st.shape.kivi_residual,
-                                  st.shape.kivi_group);
-    if (config_.prefix_cache && !q.evicted) {
-      const auto table = st.blocks.block_table(q.id);
-      const PrefixKey key = key_for(q);
-      const int64_t full = q.n_computed / bs;
-      for (; q.n_registered < full; ++q.n_registered) {
-        const int64_t bi = q.n_registered;
-        const BlockId blk = table[bi];
-        if (st.blocks.is_cached(blk)) continue;  // shared from the index already
-        const int32_t parent = bi == 0 ? kNoParent : table[bi - 1];
-        const std::span<const int32_t> toks(q.tokens.data() + bi * bs, bs);
-        if (st.prefix.insert(key, parent, toks, blk)) st.blocks.mark_cached(blk);
-      }
-    }
+    kv.commit(q.id, q.tokens, q.n_computed);
     if (q.pending() == 0) ready.push_back(b);  // else prefill not finished: no token yet
   }
   // The samples, on the pool's threads when any of them is more than an argmax (a draw at a

@@ -1,8 +1,8 @@
 // Many sequences at once over one paged KV cache: continuous batching with chunked prefill,
 // admission by free blocks, prefix reuse and preemption by recompute (vLLM's scheduler, on CPU).
 //
-// One scheduler thread owns the block pool, the prefix index, the paged storage and every running
-// sequence. Other threads (HTTP handlers) only submit(), cancel() and read stats(); those are
+// One scheduler thread owns the KV manager (block pool, prefix index, paged storage; kv_manager.h)
+// and every running sequence. Other threads (HTTP handlers) only submit(), cancel() and read stats(); those are
 // thread-safe and never wait for a forward pass.
 //
 // A step (docs/KV.md, "Serving"):

@@ -44,6 +44,14 @@
 
 namespace kvlm {
 
+// One sequence's cache in a store, as a forward pass reads and writes it (the KV manager hands it
+// out: KvManager::seq_cache).
+struct KvSeqCache {
+  std::span<const BlockId> blocks;  // [ceil(n_tokens / block_size)] the sequence's block table
+  int32_t kivi_slot = -1;           // KIVI: the sequence's residual slot
+  int64_t n_sealed = 0;             // KIVI: positions [0, n_sealed) sealed before this pass
+};
+
 class PagedKvStore {
  public:
   // Throws kvlm::Error for an invalid shape, n_blocks <= 0, block_size <= 0, a size that

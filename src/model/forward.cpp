@@ -580,25 +580,25 @@ struct PagedKv final : LayerKv {
     for (const PagedSeq& q : batch) {
       const int64_t n = static_cast<int64_t>(q.tokens.size());
       if (store.shape().kivi())
-        store.kivi_write(il, q.blocks, q.kivi_slot, q.n_sealed, q.pos0, n, k + row * KV,
+        store.kivi_write(il, q.kv.blocks, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV,
                          v + row * KV);
       else
-        store.write(il, q.blocks, q.pos0, n, k + row * KV, v + row * KV);
+        store.write(il, q.kv.blocks, q.pos0, n, k + row * KV, v + row * KV);
       row += n;
     }
   }
   void views(int32_t il, std::vector<AttnSeq>& seqs) override {
     for (size_t i = 0; i < batch.size(); ++i)
-      seqs[i].kv = store.view(il, batch[i].blocks,
+      seqs[i].kv = store.view(il, batch[i].kv.blocks,
                               batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()),
-                              batch[i].kivi_slot, batch[i].n_sealed);
+                              batch[i].kv.kivi_slot, batch[i].kv.n_sealed);
   }
   void finish(int32_t il, const float* k, const float* v) override {
     if (!store.shape().kivi()) return;
     int64_t row = 0;
     for (const PagedSeq& q : batch) {
       const int64_t n = static_cast<int64_t>(q.tokens.size());
-      store.kivi_finish_write(il, q.kivi_slot, q.n_sealed, q.pos0, n, k + row * KV, v + row * KV);
+      store.kivi_finish_write(il, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV, v + row * KV);
       row += n;
     }
   }
@@ -639,9 +639,9 @@ std::span<const float> Model::forward_paged(std::span<const PagedSeq> batch, Pag
   for (const PagedSeq& q : batch) {
     const int64_t n = static_cast<int64_t>(q.tokens.size());
     if (n <= 0) fail("forward: a sequence of the batch has no tokens");
-    if (q.pos0 < 0 || q.pos0 + n > static_cast<int64_t>(q.blocks.size()) * store.block_size())
+    if (q.pos0 < 0 || q.pos0 + n > static_cast<int64_t>(q.kv.blocks.size()) * store.block_size())
       fail("forward: positions [{}, {}) are not covered by the sequence's {} blocks", q.pos0,
-           q.pos0 + n, q.blocks.size());
+           q.pos0 + n, q.kv.blocks.size());
     check_tokens(c, q.tokens, q.pos0 + n);
     n_tok += n;
     max_ctx = std::max(max_ctx, q.pos0 + n);

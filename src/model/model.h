@@ -63,16 +63,12 @@ struct Scratch {
 };
 
 // One sequence's part of a paged forward pass: new tokens at positions [pos0, pos0 + n) of a
-// sequence whose positions [0, pos0) are already in the paged store, through block table
-// `blocks` (covering at least pos0 + n positions; blocks a pool handed out for them).
+// sequence whose positions [0, pos0) are already in the paged store, through its cache `kv` (the
+// KV manager's seq_cache: a block table covering at least pos0 + n positions, and KIVI's state).
 struct PagedSeq {
   std::span<const int32_t> tokens;  // [n] n >= 1
   int64_t pos0 = 0;
-  std::span<const BlockId> blocks;  // [>= ceil((pos0 + n) / block_size)]
-  // KIVI stores only (PagedKvStore's KIVI layout): the sequence's residual slot and the positions
-  // sealed before this pass (the caller advances it to kv_kivi_sealed(n_sealed, pos0 + n, ...)).
-  int32_t kivi_slot = -1;
-  int64_t n_sealed = 0;
+  KvSeqCache kv;                    // blocks: [>= ceil((pos0 + n) / block_size)]
 };
 
 class Model {

@@ -158,7 +158,7 @@ void expect_paged_kivi_equals_contiguous(int32_t bs, int n_prefill, int n_decode
     std::span<const int32_t> feed(toks.data() + pos, n);
     auto ref = m->forward(feed, pos, kv, s1, pool(), false);
     std::vector<float> want(ref.begin(), ref.end());
-    PagedSeq q{feed, pos, table, /*kivi_slot=*/2, n_sealed};
+    PagedSeq q{feed, pos, KvSeqCache{table, /*kivi_slot=*/2, n_sealed}};
     auto got = m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s2, pool());
     ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
         << "step " << step << " at position " << pos << ", block size " << bs;

@@ -1,0 +1,157 @@
+// The KV manager: the one owner of a paged KV cache. It holds the block pool (which blocks each
+// sequence has, refcounts, the free queue), the prefix index (which blocks hold which tokens; the
+// pool's eviction hook is wired to it here), the block storage (the K/V bytes) and every
+// sequence's cache state (how many of its full blocks are registered, whether eviction moved its
+// rows, its KIVI residual slot and sealed count). Nothing outside it touches the pool, the index
+// and the store together. vLLM v1's KVCacheManager and llama.cpp's llama_memory_i are the models.
+//
+// A sequence's life (docs/KV.md, "The KV manager"):
+//   lookup(tokens, salt)            what the prefix index already holds (read-only)
+//   admit(seq, tokens, salt, ...)   takes the hit's blocks, copies a partial hit; or refuses
+//   reserve(seq, n)                 room for n new positions (copy-on-write applied here)
+//   evict(seq, begin, count)        the window / context shift: rows move down, K re-rotated
+//   [forward pass: the model writes and reads through store() and seq_kv(seq)]
+//   commit(seq, tokens, n)          positions [0, n) are computed: KIVI seals, full blocks are
+//                                   registered in the prefix index
+//   release(seq, tokens, keep)      blocks back to the pool; keep: a partly filled last block
+//                                   stays as a prefix leaf
+// Running out of blocks is not an error (admit/reserve/evict return false and change nothing, so
+// a scheduler can preempt and try again); bad arguments throw kvlm::Error.
+//
+// Not thread-safe: one thread (the scheduler's, or a benchmark's) owns a manager.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "kv/block_pool.h"
+#include "kv/kv_cache.h"
+#include "kv/kv_shape.h"
+#include "kv/paged_kv.h"
+#include "prefix/prefix_cache.h"
+
+namespace kvlm {
+
+struct KvManagerConfig {
+  KvShape shape;             // validated by the constructor
+  int32_t block_size = 16;   // tokens per block (KIVI: a multiple of shape.kivi_group)
+  int32_t n_blocks = 0;      // > 0 (blocks_for_budget sizes it from bytes)
+  int32_t n_slots = 0;       // KIVI: f16 residual slots, one per sequence held at once (> 0)
+  bool prefix_cache = true;  // register and reuse blocks (not with KIVI)
+  bool audit = false;        // re-verify the pool and the index after every operation (tests)
+  KvRope rope{};             // how K was rotated, so evict() can re-rotate moved rows
+};
+
+// What the prefix index holds for a prompt (lookup): full blocks, then maybe a partial block.
+struct KvHit {
+  PrefixMatch full;
+  PrefixPartial partial;
+  int64_t n_tokens() const { return full.n_tokens + partial.n_tokens; }
+};
+
+struct KvManagerStats {
+  BlockPoolStats blocks;
+  int32_t block_size = 0;
+  uint64_t bytes_total = 0;  // the store's arenas (blocks and KIVI slots)
+  uint64_t bytes_used = 0;   // blocks in use x bytes per block
+  int64_t n_seqs = 0;
+  int64_t n_evicted_tokens = 0;  // positions dropped by evict(), since construction
+};
+
+class KvManager {
+ public:
+  // Throws kvlm::Error for an invalid shape, n_blocks or block_size <= 0, KIVI with the prefix
+  // cache, a KIVI block size that is not a multiple of its group, or KIVI without slots.
+  explicit KvManager(const KvManagerConfig& config);
+  ~KvManager();
+  KvManager(const KvManager&) = delete;
+  KvManager& operator=(const KvManager&) = delete;
+
+  // Blocks of block_size tokens that fit budget_bytes after n_slots KIVI residual slots (0: none).
+  static int64_t blocks_for_budget(const KvShape& shape, int32_t block_size, uint64_t budget_bytes,
+                                   int32_t n_slots);
+
+  const KvShape& shape() const { return shape_; }
+  int32_t block_size() const { return block_size_; }
+  int32_t n_blocks() const { return pool_.n_blocks(); }
+  int64_t capacity_tokens() const { return int64_t{n_blocks()} * block_size_; }
+  bool prefix_cache() const { return prefix_ != nullptr; }
+  KvManagerStats stats() const;
+
+  // ---- a sequence's life ------------------------------------------------------------------------
+  // What the prefix index holds of tokens under salt: never all of them (the last token is always
+  // recomputed: its logits give the next token). Empty when the prefix cache is off.
+  KvHit lookup(std::span<const int32_t> tokens, std::string_view salt) const;
+  // Adds sequence seq holding the hit's tokens (hit from lookup() of the same tokens and salt, with
+  // nothing admitted or released since): the full blocks are shared, a partial hit is copied into
+  // a fresh block of its own. Room for n_held tokens in all must be free, else returns false and
+  // changes nothing. Throws if seq exists.
+  [[nodiscard]] bool admit(SeqId seq, std::span<const int32_t> tokens, std::string_view salt,
+                           int64_t n_held, const KvHit& hit);
+  bool has_seq(SeqId seq) const { return seqs_.count(seq) != 0; }
+  int64_t seq_tokens(SeqId seq) const { return pool_.seq_tokens(seq); }  // positions held
+  // True once evict() moved its rows: they are no longer a fresh computation of its tokens, so
+  // none of its blocks are registered any more.
+  bool evicted(SeqId seq) const;
+
+  // Room for n more positions at the end (copy-on-write of a shared last block applied). False,
+  // changing nothing, when the pool is short.
+  [[nodiscard]] bool reserve(SeqId seq, int64_t n);
+  // Drops positions [begin, begin + count) of the seq_tokens(seq) held: later rows move down by
+  // count, K re-rotated (PagedKvStore::shift_out); the blocks written are made seq's own first.
+  // False, changing nothing, when the pool is short of blocks for those copies. Not with KIVI.
+  [[nodiscard]] bool evict(SeqId seq, int64_t begin, int64_t count);
+  // Positions [0, n_computed) of seq hold the K/V of tokens[0, n_computed) (after a forward pass):
+  // KIVI seals the groups that left the residual; full blocks not yet known to the prefix index
+  // are registered (unless evicted).
+  void commit(SeqId seq, std::span<const int32_t> tokens, int64_t n_computed);
+  // Forgets positions [n, seq_tokens(seq)); the blocks past ceil(n / block_size) go back to the
+  // pool (registered ones stay cached). KIVI: n >= the sealed positions.
+  void truncate(SeqId seq, int64_t n);
+  // Returns seq's blocks to the pool and forgets it. keep_partial: the partly filled last block of
+  // the n_computed tokens[0, n_computed) becomes a prefix leaf, so a prompt continuing them (a
+  // chat's next turn) reuses it.
+  void release(SeqId seq, std::span<const int32_t> tokens, int64_t n_computed, bool keep_partial);
+
+  // ---- a forward pass ---------------------------------------------------------------------------
+  PagedKvStore& store() { return store_; }
+  const PagedKvStore& store() const { return store_; }
+  KvSeqCache seq_cache(SeqId seq) const;
+
+  // Full verification of the pool's and the index's invariants; aborts on a violation.
+  void check_invariants() const;
+
+ private:
+  struct SeqState {
+    std::string salt;          // prefix-cache tenant
+    int64_t n_registered = 0;  // leading full blocks known to the prefix index
+    bool evicted = false;
+    int32_t kivi_slot = -1;
+    int64_t n_sealed = 0;
+  };
+  SeqState& state(SeqId seq);
+  const SeqState& state(SeqId seq) const;
+  PrefixKey key(const SeqState& s) const { return PrefixKey{cache_type_, s.salt}; }
+  void copy_blocks(const std::vector<BlockCopy>& copies);
+  void register_partial(SeqId seq, const SeqState& s, std::span<const int32_t> tokens,
+                        int64_t n_computed);
+
+  KvShape shape_;
+  int32_t block_size_;
+  BlockPool pool_;
+  std::unique_ptr<PrefixCache> prefix_;  // null: prefix cache off
+  PagedKvStore store_;
+  KvRope rope_;
+  uint64_t cache_type_ = 0;  // prefix key: hash of the shape, types and block size
+  std::unordered_map<SeqId, SeqState> seqs_;
+  std::vector<int32_t> free_slots_;  // KIVI residual slots no sequence holds
+  int64_t n_evicted_tokens_ = 0;
+  std::vector<BlockCopy> copies_;    // reused by reserve / evict
+};
+
+}  // namespace kvlm

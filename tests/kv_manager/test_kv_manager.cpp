@@ -1,0 +1,362 @@
+// The KV manager without a model: a sequence's life (admit, reserve, commit, release), prefix
+// reuse of full and partial blocks with the rows they hold, refusals that change nothing,
+// eviction with copy-on-write of shared blocks, truncation, KIVI's residual slots, and a random
+// workload that checks block conservation and the pool/index agreement after every operation.
+// Rows are written straight into the manager's store: position p of a sequence holds the values
+// of token tokens[p], so a wrong reuse shows up as rows that do not belong to the prompt.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "kv_manager/kv_manager.h"
+
+namespace kvlm {
+namespace {
+
+constexpr int32_t kBs = 4;
+constexpr int32_t kDim = 32;  // one layer, one KV head of 32 f32 values
+
+KvShape f32_shape() {
+  return KvShape{.n_layer = 1, .n_kv_head = 1, .head_dim = kDim, .dtype_k = DType::F32,
+                 .dtype_v = DType::F32};
+}
+
+KvManagerConfig config(int32_t n_blocks, bool prefix = true) {
+  return KvManagerConfig{.shape = f32_shape(), .block_size = kBs, .n_blocks = n_blocks,
+                         .prefix_cache = prefix, .audit = true};
+}
+
+std::vector<int32_t> iota_tokens(int n, int32_t first) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) t[static_cast<size_t>(i)] = first + i;
+  return t;
+}
+
+// The rows a token gets: K = token + d / 64, V = -(token + d / 64).
+void token_rows(std::span<const int32_t> toks, std::vector<float>& k, std::vector<float>& v) {
+  k.resize(toks.size() * kDim);
+  v.resize(toks.size() * kDim);
+  for (size_t i = 0; i < toks.size(); ++i)
+    for (int d = 0; d < kDim; ++d) {
+      k[i * kDim + d] = static_cast<float>(toks[i]) + static_cast<float>(d) / 64.0f;
+      v[i * kDim + d] = -k[i * kDim + d];
+    }
+}
+
+// Runs positions [from, to) of seq "through a model": reserve, write each token's rows, commit.
+void compute(KvManager& kv, SeqId seq, std::span<const int32_t> toks, int64_t from, int64_t to) {
+  ASSERT_EQ(kv.seq_tokens(seq), from);
+  ASSERT_TRUE(kv.reserve(seq, to - from));
+  std::vector<float> k, v;
+  token_rows(toks.subspan(from, to - from), k, v);
+  kv.store().write(0, kv.seq_cache(seq).blocks, from, to - from, k.data(), v.data());
+  kv.commit(seq, toks, to);
+  kv.check_invariants();
+}
+
+// Every position of seq holds its token's rows.
+void expect_rows(const KvManager& kv, SeqId seq, std::span<const int32_t> toks) {
+  const int64_t n = kv.seq_tokens(seq);
+  const KvLayerView view = kv.store().view(0, kv.seq_cache(seq).blocks, n);
+  std::vector<float> k, v;
+  token_rows(toks.subspan(0, n), k, v);
+  for (int64_t p = 0; p < n; ++p) {
+    ASSERT_EQ(0, std::memcmp(view.k_head(p, 0), k.data() + p * kDim, kDim * sizeof(float)))
+        << "K of position " << p;
+    ASSERT_EQ(0, std::memcmp(view.v_head(p, 0), v.data() + p * kDim, kDim * sizeof(float)))
+        << "V of position " << p;
+  }
+}
+
+// Admits seq with whatever the index holds of toks; returns the tokens it got from the cache.
+int64_t admit(KvManager& kv, SeqId seq, std::span<const int32_t> toks, std::string_view salt = "") {
+  const KvHit hit = kv.lookup(toks, salt);
+  EXPECT_TRUE(kv.admit(seq, toks, salt, static_cast<int64_t>(toks.size()), hit));
+  kv.check_invariants();
+  EXPECT_EQ(kv.seq_tokens(seq), hit.n_tokens());
+  return hit.n_tokens();
+}
+
+TEST(KvManager, RejectsBadConfig) {
+  EXPECT_THROW(KvManager{config(0)}, Error);
+  KvManagerConfig c = config(8);
+  c.block_size = 0;
+  EXPECT_THROW(KvManager{c}, Error);
+  c = config(8);
+  c.shape.head_dim = 0;
+  EXPECT_THROW(KvManager{c}, Error);
+  // KIVI: no prefix cache, blocks of whole K groups, a residual slot per sequence.
+  KvShape kivi = f32_shape();
+  kivi.dtype_k = DType::Q4_0;
+  kivi.kivi_residual = 8;
+  kivi.kivi_group = 32;
+  EXPECT_THROW(KvManager({.shape = kivi, .block_size = 32, .n_blocks = 4, .n_slots = 1}), Error);
+  EXPECT_THROW(KvManager({.shape = kivi, .block_size = 16, .n_blocks = 4, .n_slots = 1,
+                          .prefix_cache = false}),
+               Error);
+  EXPECT_THROW(KvManager({.shape = kivi, .block_size = 32, .n_blocks = 4, .n_slots = 0,
+                          .prefix_cache = false}),
+               Error);
+}
+
+TEST(KvManager, LifeOfASequenceConservesBlocks) {
+  KvManager kv(config(8));
+  const auto toks = iota_tokens(10, 100);
+  EXPECT_EQ(admit(kv, 1, toks), 0);
+  compute(kv, 1, toks, 0, 7);
+  compute(kv, 1, toks, 7, 10);
+  expect_rows(kv, 1, toks);
+  KvManagerStats s = kv.stats();
+  EXPECT_EQ(s.blocks.n_used, 3);          // ceil(10 / 4)
+  EXPECT_EQ(s.blocks.n_cached, 2);        // the two full blocks are registered
+  EXPECT_EQ(s.bytes_used, 3 * PagedKvStore::block_bytes(f32_shape(), kBs));
+  EXPECT_EQ(s.bytes_total, 8 * PagedKvStore::block_bytes(f32_shape(), kBs));
+  EXPECT_EQ(s.n_seqs, 1);
+  kv.release(1, toks, 10, /*keep_partial=*/false);
+  kv.check_invariants();
+  s = kv.stats();
+  EXPECT_EQ(s.blocks.n_used, 0);
+  EXPECT_EQ(s.blocks.n_free, 8);
+  EXPECT_EQ(s.blocks.n_cached_free, 2);  // registered blocks stay reusable
+  EXPECT_FALSE(kv.has_seq(1));
+  EXPECT_THROW((void)kv.reserve(1, 1), Error);
+  EXPECT_THROW(kv.commit(1, toks, 1), Error);
+}
+
+// A second prompt starting like a finished one gets its full blocks shared and its partial last
+// block copied, and the rows it reads are the first prompt's.
+TEST(KvManager, PrefixHitSharesFullBlocksAndCopiesThePartialOne) {
+  KvManager kv(config(16));
+  const auto first = iota_tokens(10, 100);  // blocks [100..103] [104..107], leaf [108, 109]
+  admit(kv, 1, first);
+  compute(kv, 1, first, 0, 10);
+  kv.release(1, first, 10, /*keep_partial=*/true);
+  kv.check_invariants();
+  EXPECT_EQ(kv.stats().blocks.n_cached, 3);
+
+  auto second = first;
+  second.push_back(7);
+  second.push_back(8);
+  EXPECT_EQ(admit(kv, 2, second), 10);  // 8 shared + 2 copied: only the new tokens remain
+  expect_rows(kv, 2, second);
+  compute(kv, 2, second, 10, 12);
+  expect_rows(kv, 2, second);
+  // Another tenant sees nothing.
+  EXPECT_EQ(kv.lookup(second, "other").n_tokens(), 0);
+  // The same prompt again shares what sequence 2 is still holding.
+  EXPECT_EQ(admit(kv, 3, second), 11);
+  expect_rows(kv, 3, second);
+}
+
+TEST(KvManager, RefusalsChangeNothing) {
+  KvManager kv(config(4));
+  const auto a = iota_tokens(12, 0);
+  admit(kv, 1, a);
+  compute(kv, 1, a, 0, 12);  // 3 of 4 blocks
+  const auto before = kv.stats();
+  EXPECT_FALSE(kv.reserve(1, 5));  // needs 2 more blocks
+  const auto b = iota_tokens(8, 500);
+  EXPECT_FALSE(kv.admit(2, b, "", 8, kv.lookup(b, "")));  // needs 2 blocks, 1 free
+  kv.check_invariants();
+  const auto after = kv.stats();
+  EXPECT_EQ(after.blocks.n_free, before.blocks.n_free);
+  EXPECT_EQ(after.blocks.n_used, before.blocks.n_used);
+  EXPECT_EQ(kv.seq_tokens(1), 12);
+  EXPECT_FALSE(kv.has_seq(2));
+  expect_rows(kv, 1, a);
+  EXPECT_TRUE(kv.reserve(1, 4));  // the last block
+  EXPECT_THROW((void)kv.admit(1, a, "", 12, KvHit{}), Error);  // already admitted
+}
+
+// Eviction moves later rows down (f32 rows, no rotation: bytes move unchanged) and copies a block
+// shared with another sequence first, so the other one keeps its rows.
+TEST(KvManager, EvictCopiesSharedBlocksAndStopsRegistering) {
+  KvManager kv(config(16));
+  const auto toks = iota_tokens(14, 10);
+  admit(kv, 1, toks);
+  compute(kv, 1, toks, 0, 14);
+  EXPECT_EQ(admit(kv, 2, toks), 12);  // shares the 3 full blocks
+  compute(kv, 2, toks, 12, 14);
+  const int64_t cached = kv.stats().blocks.n_cached;
+  ASSERT_TRUE(kv.evict(2, 2, 5));  // positions [2, 7) go: the 3 shared blocks are copied first
+  kv.check_invariants();
+  EXPECT_TRUE(kv.evicted(2));
+  EXPECT_FALSE(kv.evicted(1));
+  EXPECT_EQ(kv.seq_tokens(2), 9);
+  EXPECT_EQ(kv.stats().n_evicted_tokens, 5);
+  std::vector<int32_t> kept(toks.begin(), toks.begin() + 2);
+  kept.insert(kept.end(), toks.begin() + 7, toks.end());
+  expect_rows(kv, 2, kept);
+  expect_rows(kv, 1, toks);  // untouched
+  // An evicted sequence's rows are no function of its tokens: nothing more is registered.
+  kept.push_back(99);
+  kept.push_back(98);
+  kept.push_back(97);
+  compute(kv, 2, kept, 9, 12);
+  EXPECT_EQ(kv.stats().blocks.n_cached, cached);
+  EXPECT_THROW((void)kv.evict(2, 10, 5), Error);  // past the end
+}
+
+TEST(KvManager, EvictRefusedWhenThePoolCannotCopy) {
+  KvManager kv(config(4));
+  const auto toks = iota_tokens(8, 10);
+  admit(kv, 1, toks);
+  compute(kv, 1, toks, 0, 8);
+  EXPECT_EQ(admit(kv, 2, toks), 7);  // block 0 shared, 3 rows of block 1 copied (last token left)
+  ASSERT_TRUE(kv.reserve(1, 4));     // the last free block
+  const auto before = kv.stats();
+  EXPECT_EQ(before.blocks.n_free, 0);
+  EXPECT_FALSE(kv.evict(2, 0, 2));   // block 0 is shared: a copy needs a free block
+  kv.check_invariants();
+  EXPECT_EQ(kv.stats().blocks.n_used, before.blocks.n_used);
+  EXPECT_EQ(kv.seq_tokens(2), 7);
+  expect_rows(kv, 2, toks);
+  EXPECT_FALSE(kv.evicted(2));
+}
+
+// Truncating into a registered block and writing again drops the block's index entry first: the
+// index never names rows that changed.
+TEST(KvManager, TruncateThenRewriteForgetsTheBlock) {
+  KvManager kv(config(8));
+  const auto toks = iota_tokens(8, 10);
+  admit(kv, 1, toks);
+  compute(kv, 1, toks, 0, 8);
+  EXPECT_EQ(kv.stats().blocks.n_cached, 2);
+  kv.truncate(1, 6);
+  auto other = toks;
+  other[6] = 1000;
+  other[7] = 1001;
+  compute(kv, 1, other, 6, 8);
+  expect_rows(kv, 1, other);
+  EXPECT_EQ(kv.stats().blocks.n_cached, 2);  // block 1 dropped, then registered with new tokens
+  auto probe = other;
+  probe.push_back(5);
+  EXPECT_EQ(kv.lookup(probe, "").full.n_tokens, 8);
+  probe = toks;
+  probe.push_back(5);
+  EXPECT_EQ(kv.lookup(probe, "").full.n_tokens, 4);  // the old second block is gone
+}
+
+TEST(KvManager, KiviSlotsAndSealing) {
+  KvShape kivi = f32_shape();
+  kivi.dtype_k = DType::Q4_0;
+  kivi.kivi_residual = 8;
+  kivi.kivi_group = 32;
+  KvManager kv({.shape = kivi, .block_size = 32, .n_blocks = 8, .n_slots = 2,
+                .prefix_cache = false, .audit = true});
+  const auto toks = iota_tokens(100, 0);
+  ASSERT_TRUE(kv.admit(1, toks, "", 100, kv.lookup(toks, "")));
+  ASSERT_TRUE(kv.admit(2, toks, "", 100, kv.lookup(toks, "")));
+  EXPECT_THROW((void)kv.admit(3, toks, "", 100, KvHit{}), Error);  // both slots held
+  EXPECT_NE(kv.seq_cache(1).kivi_slot, kv.seq_cache(2).kivi_slot);
+  ASSERT_TRUE(kv.reserve(1, 70));
+  kv.commit(1, toks, 70);
+  EXPECT_EQ(kv.seq_cache(1).n_sealed, 32);  // 70 - 8 = 62: one whole group leaves the residual
+  ASSERT_TRUE(kv.reserve(1, 30));
+  kv.commit(1, toks, 100);
+  EXPECT_EQ(kv.seq_cache(1).n_sealed, 64);
+  EXPECT_THROW(kv.truncate(1, 50), Error);  // sealed tokens cannot be un-sealed
+  EXPECT_THROW((void)kv.evict(1, 0, 10), Error);
+  kv.check_invariants();
+  kv.release(1, toks, 100, true);
+  kv.check_invariants();
+  ASSERT_TRUE(kv.admit(3, toks, "", 100, KvHit{}));  // the freed slot
+  EXPECT_EQ(kv.seq_cache(3).n_sealed, 0);
+  kv.check_invariants();
+}
+
+// Random sequences of admissions, chunked computation, evictions, truncations and releases over a
+// small pool, with prompts that share prefixes: after every operation the pool and the index
+// agree and every block is free or used exactly once (check_invariants), and every running
+// sequence reads its own tokens' rows (expect_rows: a wrong share or a missed copy-on-write would
+// show here). At the end, with everything released, every block is free.
+TEST(KvManager, RandomWorkloadKeepsRowsAndBlocks) {
+  KvManager kv(config(12));
+  std::mt19937 rng(7);
+  const auto system = iota_tokens(9, 1);  // a shared system prompt
+  struct Live {
+    std::vector<int32_t> toks;
+    int64_t done = 0;
+  };
+  std::map<SeqId, Live> live;
+  SeqId next = 1;
+  int n_hits = 0, n_evictions = 0, n_truncations = 0, n_releases = 0, n_refusals = 0;
+  for (int op = 0; op < 400; ++op) {
+    const int what = static_cast<int>(rng() % 6);
+    if (what == 0 || live.empty()) {
+      Live l;
+      l.toks = system;
+      const int n_own = 1 + static_cast<int>(rng() % 10);
+      for (int i = 0; i < n_own; ++i) l.toks.push_back(static_cast<int32_t>(rng() % 5));
+      const KvHit hit = kv.lookup(l.toks, "");
+      if (!kv.admit(next, l.toks, "", static_cast<int64_t>(l.toks.size()), hit)) {
+        ++n_refusals;
+        continue;
+      }
+      l.done = hit.n_tokens();
+      n_hits += l.done > 0;
+      live[next++] = l;
+      continue;
+    }
+    auto it = live.begin();
+    std::advance(it, rng() % live.size());
+    const SeqId id = it->first;
+    Live& l = it->second;
+    if (what <= 2) {  // compute a chunk (or append a generated token once the prompt is done)
+      if (l.done == static_cast<int64_t>(l.toks.size()))
+        l.toks.push_back(static_cast<int32_t>(rng() % 5));
+      const int64_t n = std::min<int64_t>(1 + rng() % 6, l.toks.size() - l.done);
+      if (!kv.reserve(id, n)) {
+        ++n_refusals;
+        continue;
+      }
+      std::vector<float> k, v;
+      token_rows(std::span<const int32_t>(l.toks).subspan(l.done, n), k, v);
+      kv.store().write(0, kv.seq_cache(id).blocks, l.done, n, k.data(), v.data());
+      l.done += n;
+      kv.commit(id, l.toks, l.done);
+    } else if (what == 3 && l.done > 4) {  // evict a few positions after the first two
+      const int64_t count = 1 + rng() % (l.done - 3);
+      if (!kv.evict(id, 2, count)) {
+        ++n_refusals;
+        continue;
+      }
+      l.toks.erase(l.toks.begin() + 2, l.toks.begin() + 2 + count);
+      l.done -= count;
+      ++n_evictions;
+    } else if (what == 4 && l.done > 0) {
+      const int64_t n = rng() % l.done;
+      kv.truncate(id, n);
+      l.toks.resize(static_cast<size_t>(n));
+      l.done = n;
+      ++n_truncations;
+    } else if (what == 5) {
+      kv.release(id, l.toks, l.done, rng() % 2 == 0);
+      live.erase(it);
+      ++n_releases;
+    }
+    kv.check_invariants();
+    for (const auto& [sid, s] : live) {
+      ASSERT_EQ(kv.seq_tokens(sid), s.done) << "op " << op;
+      expect_rows(kv, sid, s.toks);
+    }
+  }
+  // The workload did what it is for: hits, refusals of a full pool, every operation.
+  EXPECT_GT(n_hits, 10);
+  EXPECT_GT(n_refusals, 5);
+  EXPECT_GT(n_evictions, 10);
+  EXPECT_GT(n_truncations, 10);
+  EXPECT_GT(n_releases, 10);
+  for (auto& [sid, s] : live) kv.release(sid, s.toks, s.done, true);
+  kv.check_invariants();
+  EXPECT_EQ(kv.stats().blocks.n_free, 12);
+  EXPECT_EQ(kv.stats().n_seqs, 0);
+}
+
+}  // namespace
+}  // namespace kvlm

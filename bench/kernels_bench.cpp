@@ -11,7 +11,7 @@
 // 64 MiB arena, so its rows come from memory, as in serving where every sequence reads its own
 // history once per layer; mode 2: the same but the blocks of a chunk are consecutive, as one
 // sequence's contiguous cache (decode at depth). Counter ns_per_qpos: nanoseconds per (query
-// head, position) pair, the unit docs/BENCHMARKS.md uses for attention.
+// head, position) pair, the unit the attention measurements of docs/bench-log/ use.
 #include <benchmark/benchmark.h>
 
 #include <cstdint>

@@ -21,10 +21,11 @@ class AlignedBuffer {
   // on a 2 MiB boundary and ask for transparent huge pages (madvise MADV_HUGEPAGE; Debian's
   // default THP mode is "madvise", which gives none otherwise). Decode streams ~92 MiB of weights
   // per token and attention reads scattered KV blocks: with 4 KiB pages both miss the TLB
-  // constantly (measured: docs/BENCHMARKS.md). Nothing writes them here, so resident memory
-  // follows use: a server's KV pool sized for 2,048 blocks costs memory only for the blocks its
-  // sequences have written (a block's first write faults its page in, zeroed by the kernel, one
-  // 2 MiB page at a time where THP gives them), and start-up does not clear the whole budget.
+  // constantly (measured: docs/bench-log/2026-12-02-zen4-avx512.md). Nothing writes them here, so
+  // resident memory follows use: a server's KV pool sized for 2,048 blocks costs memory only for
+  // the blocks its sequences have written (a block's first write faults its page in, zeroed by the
+  // kernel, one 2 MiB page at a time where THP gives them), and start-up does not clear the whole
+  // budget.
   // Smaller buffers come from aligned_alloc and are cleared here.
   static constexpr size_t kHugePage = size_t{2} << 20;
   AlignedBuffer() = default;

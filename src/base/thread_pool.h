@@ -21,10 +21,10 @@
 // streamed token) preempt the pool a few microseconds at a time and stay far below the bound;
 // a competing CPU-bound process costs tens of percent (measured on a 2-core VM, per check: a
 // quiet decode 0-3%, 16 streamed users mostly under 8%, a second 2-thread decoder or one
-// CPU-bound process ~30%; docs/BENCHMARKS.md). (An earlier check counted involuntary
-// context switches, which cannot tell the two apart: serving 16 users slept at most sections,
-// docs/BENCHMARKS.md. It remains the fallback where schedstat cannot be read.) KVLM_SPIN_US sets
-// the spin bound (default kSpinMicros; 0: never spin).
+// CPU-bound process ~30%; docs/bench-log/2026-12-02-zen4-avx512.md). (An earlier check counted
+// involuntary context switches, which cannot tell the two apart: serving 16 users slept at most
+// sections, docs/bench-log/2026-12-02-zen5-avx512.md. It remains the fallback where schedstat
+// cannot be read.) KVLM_SPIN_US sets the spin bound (default kSpinMicros; 0: never spin).
 #pragma once
 
 #include <atomic>

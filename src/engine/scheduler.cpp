@@ -437,7 +437,8 @@ void Scheduler::step() {
   // its logits row and its sequence's tokens belong to one item only, and what each draws does
   // not depend on the thread (a sampler's random stream is its own). A draw with top-k 40 over a
   // 49,152-token vocabulary takes ~150 us, so sixteen are ~2.5 ms of a ~20 ms pass; a greedy
-  // sample (~10 us) costs about what a hand-off does (docs/BENCHMARKS.md).
+  // sample (~10 us) costs about what a hand-off does
+  // (docs/bench-log/2026-12-03-zen4-session-10.md).
   std::vector<int32_t> sampled(items.size(), -1);
   std::vector<std::exception_ptr> errors(items.size());
   auto sample = [&](int64_t i0, int64_t i1, int) {

@@ -5,7 +5,7 @@
 // and every running sequence. Other threads (HTTP handlers) only submit(), cancel() and read stats(); those are
 // thread-safe and never wait for a forward pass.
 //
-// A step (docs/KV.md, "Serving"):
+// A step (docs/KV.md, "Paged storage and the scheduler"):
 //   1. drop cancelled requests (their blocks go back to the pool at once);
 //   2. every running sequence with one pending token (decode) contributes it; a decode that needs a
 //      fresh block and finds none preempts the newest running sequence (its blocks are released,

@@ -17,7 +17,8 @@
 // of kernels::quantize_row's (GGML's) encoding; tests/kv/test_kv_quant.cpp prints the gain on
 // Gaussian blocks (rotated K/V rows look like that). Cost: ~0.6 us a block of CPU time (SSE2
 // candidate loop; GGML's ~0.06 us); a SmolLM2 token writes 2 x 30 x 6 = 360 blocks, so ~0.2 ms a
-// token, on the thread that runs the layer (docs/BENCHMARKS.md has the decode and prefill cost).
+// token, on the thread that runs the layer (docs/bench-log/2026-12-01-first-vm.md, "KV scale
+// search", has the decode and prefill cost).
 // q8_0 and the float types go to kernels::quantize_row unchanged (q8_0's error is already ~1e-3
 // of the signal; measured, docs/KV.md).
 #pragma once

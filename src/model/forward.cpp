@@ -334,8 +334,9 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
         }
         // The next job's rows, asked for now: their memory latency then overlaps this job's
         // arithmetic instead of stalling the next job's first pass (+27-29% measured for decode
-        // at depth 4096 and for 16 sequences decoding together; docs/BENCHMARKS.md). An f16 next
-        // job keeps the gathered pointers (no second gather); other plain types only prefetch.
+        // at depth 4096 and for 16 sequences decoding together;
+        // docs/bench-log/2026-12-02-zen4-avx512.md). An f16 next job keeps the gathered pointers
+        // (no second gather); other plain types only prefetch.
         // A next job over the same rows (or a first part of them) keeps this job's pointers or
         // tiles: nothing to gather, load or prefetch.
         have = kept = false;

@@ -18,9 +18,9 @@
 // at most 32 x 15 x 127 (Q4) or 32 x 128 x 127 (Q8_0) in magnitude, exact in int32.
 //
 // The float work (6 operations per result for Q4_1, which ref's rounding fixes) now dominates: on
-// the Xeon of docs/BENCHMARKS.md a block's tile instructions took ~30 cycles and its float work
-// ~65 for 16 tokens, and the two did not overlap. Blocks' dots are issued kLag ahead of their
-// float work, on two alternating tile sets.
+// the Xeon of docs/bench-log/2026-12-03-xeon-amx.md a block's tile instructions took ~30 cycles
+// and its float work ~65 for 16 tokens, and the two did not overlap. Blocks' dots are issued kLag
+// ahead of their float work, on two alternating tile sets.
 //
 // Each thread that runs a kernel configures its tiles once (thread_local) and keeps them; Linux
 // must have granted the process the tile state first (amx_supported() in cpu_avx2.cpp asks).
@@ -167,7 +167,8 @@ void tile_pair(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, 
       float* o = dst.partial + (tt - t0) * 16;  // [16 tokens, 16 rows]
       // The rows of y this tile writes at its end, asked for now: a batch's y is larger than L2,
       // and stores that miss fill the store buffer and stall the tile loads and stores behind
-      // them (pp512 x1.27 on one thread, docs/BENCHMARKS.md). Changes no arithmetic.
+      // them (pp512 x1.27 on one thread, docs/bench-log/2026-12-03-xeon-amx.md). Changes no
+      // arithmetic.
       if (s1 == n_blocks) {
         for (int t = 0; t < kTileToks; ++t)
           _mm_prefetch(reinterpret_cast<const char*>(dst.y + (tt - t0 + t) * dst.y_stride),

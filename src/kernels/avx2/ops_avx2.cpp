@@ -298,7 +298,7 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
       // Two groups at a time where the variant has pair kernels, the chunk has two left and more
       // than one token goes by (the same numbers as one group at a time: every row's arithmetic
       // is its own lane's). Not in decode: one token's matrix-vector product waits on memory,
-      // and there one group at a time measured faster (docs/BENCHMARKS.md).
+      // and there one group at a time measured faster (docs/bench-log/2026-12-02-zen5-avx512.md).
       for (int64_t g = c0; g < c1;) {
         const uint8_t* gp = base + static_cast<size_t>(g - c0) * group_bytes;
         const int64_t r0 = g * kGroupRows;
@@ -309,9 +309,10 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
         // each of these tokens' calls, on the first token block over a chunk only (later blocks
         // find the chunk in L2). A forward pass reads each matrix from memory once, and with the
         // hardware prefetcher alone the pair kernels waited on every new group: +11-25% for 4
-        // and 16 tokens over a matrix not in cache (QMatmul/<type>/<n_tok>/1, docs/
-        // BENCHMARKS.md). Not for one token: a matrix-vector product waits on memory anyway, and
-        // there the extra requests measured slower. Prefetching changes no arithmetic.
+        // and 16 tokens over a matrix not in cache (QMatmul/<type>/<n_tok>/1,
+        // docs/bench-log/2026-12-03-zen4-session-11.md). Not for one token: a matrix-vector product
+        // waits on memory anyway, and there the extra requests measured slower. Prefetching changes
+        // no arithmetic.
         const int64_t step = pair ? 2 : 1;
         const uint8_t* next = nullptr;
         size_t ahead_bytes = 0, share = 0;

@@ -59,7 +59,7 @@ void BM_AttnF16(benchmark::State& state) {
   std::uniform_int_distribution<int64_t> pick(0, n_blocks - 1);
   for (int64_t t = 0; t < n_tables; ++t)
     for (int64_t b = 0; b < kChunk / kBlock; ++b) {
-      // mode 2: consecutive blocks, as one sequence's contiguous cache (KvCache) holds them.
+      // mode 2: consecutive blocks, as a one-block (contiguous) run of positions holds them.
       const int64_t blk = mode == 2 ? (t * kChunk / kBlock + b) % n_blocks : pick(rng);
       for (int64_t j = 0; j < kBlock; ++j) {
         const int64_t row = blk * kBlock + j, i = t * kChunk + b * kBlock + j;

@@ -11,7 +11,7 @@
 //                each holds D context tokens (untimed), the first --shared of them the same for
 //                all and stored once (the blocks a prefix-cache hit shares), then N timed steps,
 //                each one forward pass over one token of every sequence through the paged cache
-//                (Model::forward_paged, 16-token blocks; what the scheduler runs, without sampling
+//                (Model::forward, 16-token blocks; what the scheduler runs, without sampling
 //                or HTTP). tokens/s = S x N / time.
 // Token ids are uniform random over the vocabulary from a fixed seed (llama-bench also feeds
 // random ids); the ids never change the arithmetic, only which embedding rows are read.
@@ -133,7 +133,7 @@ void time_reps(BenchResult& r, const BenchTest& t, int reps, Run&& run) {
 // The -np test: t.n_seq sequences over one KV manager, as kvlm serve runs them. Context: sequence 0
 // is prefilled with t.depth tokens; each other one starts with its first t.shared / 16 whole
 // blocks of tokens (a prefix-cache hit on sequence 0's registered blocks) and prefills the rest of
-// its depth with tokens of its own. A repetition is t.n_gen timed steps of one forward_paged over
+// its depth with tokens of its own. A repetition is t.n_gen timed steps of one forward over
 // one token per sequence (with the manager's reserve and commit around it, as the scheduler's
 // step does), after which every sequence is truncated back to its context.
 BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs& a,
@@ -164,8 +164,8 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
   const std::vector<int32_t> gen = random_tokens(rng, t.n_gen * n_seq, n_vocab);  // [n_gen, n_seq]
   for (SeqId id = 0; id < n_seq; ++id)
     for (int64_t step = 0; step < t.n_gen; ++step) toks[id].push_back(gen[step * n_seq + id]);
-  auto forward = [&](std::span<const PagedSeq> batch) {
-    model.forward_paged(batch, kv.store(), scratch, pool);
+  auto forward = [&](std::span<const BatchSeq> batch) {
+    model.forward(batch, kv.store(), scratch, pool);
   };
   // Context, untimed, in feeds of at most -b tokens. The pool is sized for every sequence's
   // blocks (nothing is preempted here), so a refused admission or reservation is a bug.
@@ -176,13 +176,13 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
     for (int64_t pos = hit.n_tokens(); pos < depth;) {
       const int64_t n = std::min<int64_t>(a.n_batch, depth - pos);
       KVLM_CHECK(kv.reserve(id, n));
-      const PagedSeq q{ctx.subspan(pos, n), pos, kv.seq_cache(id)};
+      const BatchSeq q{ctx.subspan(pos, n), pos, kv.seq_cache(id)};
       forward({&q, 1});
       pos += n;
       kv.commit(id, ctx, pos);
     }
   }
-  std::vector<PagedSeq> batch(static_cast<size_t>(n_seq));
+  std::vector<BatchSeq> batch(static_cast<size_t>(n_seq));
   auto run_once = [&](int64_t n_steps) {
     Timer timer;
     for (int64_t step = 0; step < n_steps; ++step) {
@@ -222,7 +222,7 @@ BenchResult run_test(const Model& model, const BenchTest& t, const BenchArgs& a,
     time_reps(r, t, a.reps, [&](int64_t n_gen_run) {
       return run_once(session, t, n_gen_run, !a.no_cache, n_vocab);
     });
-    r.kv = session.kv().stats();
+    r.kv = session.kv_stats();
   }
   const double n = static_cast<double>(r.tps.size());
   for (double v : r.tps) r.mean += v / n;

@@ -38,7 +38,7 @@ struct ChatState {
 };
 
 void print_stats(const Session& s, const ChatState& st) {
-  const KvStats k = s.kv().stats();
+  const KvStats k = s.kv_stats();
   std::fprintf(stderr,
                "[stats] turns %d | cache %lld of %lld tokens | %s used, %s allocated | tokens "
                "reused %lld, prefilled %lld | evicted %lld\n",
@@ -56,7 +56,7 @@ void print_stats(const Session& s, const ChatState& st) {
 std::vector<int32_t> turn_tokens(const Tokenizer& tok, Session& s, const std::string& full,
                                  const std::string& held_text, ChatState& st) {
   if (!held_text.empty() && full.compare(0, held_text.size(), held_text) == 0) {
-    st.reused += s.kv().size();
+    st.reused += s.n_cached();
     return tok.encode(full.substr(held_text.size()), false, true);
   }
   std::vector<int32_t> ids = tok.encode(full, tok.add_bos_default(), true);
@@ -120,7 +120,7 @@ int run_chat(const ChatArgs& a) {
           for (const auto& m : st.messages) meta.push_back({{"role", m.role}, {"content", m.content}});
           session.save(arg, nlohmann::json{{"messages", meta}, {"held_text", held_text}}.dump());
           std::fprintf(stderr, "[saved %lld tokens to %s]\n",
-                       static_cast<long long>(session.kv().size()), arg.c_str());
+                       static_cast<long long>(session.n_cached()), arg.c_str());
         } else if (cmd == "/load") {
           if (arg.empty()) fail("/load needs a file name");
           const std::string meta_text = session.load(arg);
@@ -132,7 +132,7 @@ int run_chat(const ChatArgs& a) {
             st.messages.push_back({m.value("role", ""), m.value("content", "")});
           held_text = meta.value("held_text", "");
           std::fprintf(stderr, "[loaded %lld tokens, %zu messages]\n",
-                       static_cast<long long>(session.kv().size()), st.messages.size());
+                       static_cast<long long>(session.n_cached()), st.messages.size());
         } else {
           fail("unknown command '{}' (commands: /clear /stats /save FILE /load FILE /quit)", cmd);
         }

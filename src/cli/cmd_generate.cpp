@@ -70,7 +70,7 @@ int run_generate(const GenerateArgs& a) {
   opts.use_cache = !a.no_cache;
   opts.sampling = sp;
   opts.ignore_eos = a.ignore_eos;
-  if (a.trace) opts.on_step = [&](const StepTrace& t) { print_trace(session.kv().shape(), t); };
+  if (a.trace) opts.on_step = [&](const StepTrace& t) { print_trace(session.kv_shape(), t); };
 
   StreamDecoder dec(*tok);
   if (!a.chat) {
@@ -103,7 +103,7 @@ int run_generate(const GenerateArgs& a) {
                rate(st.n_prompt, st.prefill_ms));
   std::fprintf(stderr, "decode:           %.1f ms, %.1f tok/s (%lld forward passes)\n",
                st.decode_ms, rate(st.n_decode, st.decode_ms), static_cast<long long>(st.n_decode));
-  const KvShape shape = session.kv().shape();
+  const KvShape shape = session.kv_shape();
   if (opts.use_cache) {
     std::fprintf(stderr, "kv cache:         on, K %s / V %s, %lld of %lld tokens, %s allocation",
                  dtype_name(kvo.dtype_k), dtype_name(kvo.dtype_v),
@@ -118,8 +118,8 @@ int run_generate(const GenerateArgs& a) {
                    static_cast<long long>(kvo.n_keep), static_cast<long long>(st.kv.n_evicted));
     if (shape.kivi())
       std::fprintf(stderr, ", KIVI: K per channel in groups of %d, %lld sealed, %lld in f16 (residual %d)",
-                   shape.kivi_group, static_cast<long long>(session.kv().n_sealed()),
-                   static_cast<long long>(st.kv.n_tokens - session.kv().n_sealed()),
+                   shape.kivi_group, static_cast<long long>(session.n_sealed()),
+                   static_cast<long long>(st.kv.n_tokens - session.n_sealed()),
                    shape.kivi_residual);
     std::fprintf(stderr, "\n");
   } else {

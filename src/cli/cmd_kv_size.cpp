@@ -1,7 +1,8 @@
 // kvlm kv-size: the exact KV memory planner (src/kv/kv_plan.h) for a GGUF model, a Hugging Face
 // config.json or a shape given by flags: bytes per token for each cache type, the total for
 // --ctx tokens x --seqs sequences, and with --budget the longest context and the most sequences
-// that fit. The numbers are the ones KvCache allocates (the same kv_shape.h functions size both).
+// that fit. The numbers are the ones a Session's KV manager allocates (kv_plan.h: the same block
+// arithmetic sizes both).
 #include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
@@ -310,7 +311,8 @@ int run_kv_size(const KvSizeArgs& a) {
     for (const Row& r : rows)
       if (r.plan.bytes_per_token < smallest->plan.bytes_per_token) smallest = &r;
     if (*smallest->max_ctx == 0)
-      fail("budget {} ({} bytes) cannot hold one token of {} (needs {} bytes{})", a.budget, *budget,
+      fail("budget {} ({} bytes) cannot hold one block ({} tokens) of {} (needs {} bytes{})",
+           a.budget, *budget, kv_seq_block_size(smallest->plan.shape),
            a.n_seqs == 1 ? std::string("one sequence") : fmt::format("{} sequences", a.n_seqs),
            plan_kv(smallest->plan.shape, 1, a.n_seqs).bytes_total,
            rows.size() > 1 ? " with " + type_pair(smallest->plan.shape) + ", the smallest type"

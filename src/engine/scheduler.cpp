@@ -409,7 +409,7 @@ void Scheduler::step() {
   if (items.empty()) return;
 
   // ---- 4. one forward pass over every item ----
-  std::vector<PagedSeq> batch;
+  std::vector<BatchSeq> batch;
   batch.reserve(items.size());
   for (const Item& it : items) {
     Seq& q = *it.seq;
@@ -417,7 +417,7 @@ void Scheduler::step() {
                      kv.seq_cache(q.id)});
   }
   const Clock::time_point t_pass = Clock::now();
-  const std::span<const float> logits = model_.forward_paged(batch, kv.store(), st.scratch, pool_);
+  const std::span<const float> logits = model_.forward(batch, kv.store(), st.scratch, pool_);
   const Clock::time_point t_pass_end = Clock::now();
   ++st.totals.n_steps;
   for (const Item& it : items) st.totals.batch_tokens += it.n;

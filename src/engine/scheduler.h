@@ -14,7 +14,7 @@
 //      hold the rest of the prompt (after the prefix-cache match); a request whose prompt starts
 //      with blocks another sequence is still prefilling waits until they are registered;
 //   4. prefill chunks of admitted sequences fill what is left of the n_batch token budget;
-//   5. one Model::forward_paged over all of it; each sequence whose pending tokens are all
+//   5. one Model::forward over all of it; each sequence whose pending tokens are all
 //      computed samples its next token (the samples on the pool's threads when any is more
 //      than an argmax); finished sequences release their blocks; newly full blocks are
 //      registered in the prefix index.

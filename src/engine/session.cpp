@@ -23,6 +23,7 @@ KvShape cache_shape(const Model& model, const KvOptions& kv) {
   s.rotate = kv.rotate;
   return s;
 }
+
 }  // namespace
 
 Session::Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx, ThreadPool& pool,
@@ -55,19 +56,34 @@ Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int6
     : model_(model),
       pool_(pool),
       opts_(kv),
-      kv_(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope()),
+      kv_(kv_seq_config(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope())),
       n_batch_(std::max<int64_t>(1, n_batch)) {
   kv.eviction().validate(kv.n_ctx, kv.kivi_residual >= 0);
+  KVLM_CHECK(kv_.admit(kSeq, {}, "", 0, KvHit{}));
+}
+
+KvStats Session::kv_stats() const {
+  const KvManagerStats m = kv_.stats();
+  KvStats s;
+  s.n_tokens = n_cached();
+  s.n_ctx = opts_.n_ctx;
+  s.capacity = kv_.capacity_tokens();
+  s.bytes_used = m.bytes_used;
+  s.bytes_allocated = m.bytes_total;
+  s.n_evicted = n_evicted_;
+  return s;
 }
 
 bool Session::make_room(int64_t m) {
   const Eviction ev = opts_.eviction();
-  const int64_t count = ev.count(kv_.size(), m, kv_.n_ctx());
+  const int64_t count = ev.count(n_cached(), m, opts_.n_ctx);
   if (count <= 0) return count == 0;
   const int64_t begin = ev.kept();
-  kv_.shift_out(begin, count);
+  // One sequence shares no block, so the shift never needs a free block for a copy.
+  KVLM_CHECK(kv_.evict(kSeq, begin, count));
   tokens_.erase(tokens_.begin() + begin, tokens_.begin() + begin + count);
   last_evicted_ += count;
+  n_evicted_ += count;
   return true;
 }
 
@@ -75,24 +91,34 @@ std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_lo
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) fail("no tokens to run");
   last_evicted_ = 0;
-  if (!evicts() && kv_.size() + n > kv_.n_ctx())
+  if (!evicts() && n_cached() + n > opts_.n_ctx)
     fail("context full: {} tokens held + {} new exceed the context of {} tokens (raise -c)",
-         kv_.size(), n, kv_.n_ctx());
+         n_cached(), n, opts_.n_ctx);
   const int64_t n_vocab = model_.config().n_vocab;
   if (all_logits) all_logits_.resize(static_cast<size_t>(n * n_vocab));
   std::span<const float> last;
   for (int64_t i = 0, m = 0; i < n; i += m) {
     // An evicting cache can make room for at most what lies past the kept prefix (the sinks or
     // --keep tokens), so longer feeds go in pieces of that size.
-    const int64_t room = evicts() ? kv_.n_ctx() - opts_.eviction().kept() : n_batch_;
+    const int64_t room = evicts() ? opts_.n_ctx - opts_.eviction().kept() : n_batch_;
     m = std::min({n_batch_, room, n - i});
     if (!make_room(m))
       fail("context full: {} tokens held + {} new exceed the context of {} tokens and the "
            "eviction policy cannot free enough (raise -c or the window)",
-           kv_.size(), m, kv_.n_ctx());
+           n_cached(), m, opts_.n_ctx);
     auto chunk = tokens.subspan(i, m);
-    last = model_.forward(chunk, kv_.size(), kv_, scratch_, pool_, all_logits);
+    const int64_t pos0 = n_cached();
+    // The blocks hold n_ctx tokens (static), or grow to them (dynamic).
+    KVLM_CHECK(kv_.reserve(kSeq, m));
+    const BatchSeq q{chunk, pos0, kv_.seq_cache(kSeq), all_logits};
+    try {
+      last = model_.forward({&q, 1}, kv_.store(), scratch_, pool_);
+    } catch (...) {
+      kv_.truncate(kSeq, pos0);  // a refused pass (an id out of range) leaves the cache as it was
+      throw;
+    }
     tokens_.insert(tokens_.end(), chunk.begin(), chunk.end());
+    kv_.commit(kSeq, tokens_, pos0 + m);
     if (all_logits) std::copy(last.begin(), last.end(), all_logits_.begin() + i * n_vocab);
   }
   if (all_logits) return all_logits_;
@@ -115,8 +141,8 @@ std::span<const float> Session::recompute(std::span<const int32_t> tokens) {
 void Session::truncate(int64_t n) {
   KVLM_CHECK(n >= 0 && n <= static_cast<int64_t>(tokens_.size()));
   tokens_.resize(static_cast<size_t>(n));
-  if (n >= kv_.n_sealed()) {
-    kv_.truncate(n);
+  if (n >= kv_.seq_cache(kSeq).n_sealed) {
+    kv_.truncate(kSeq, n);
     return;
   }
   // KIVI: quantized groups cannot return to f16, so the kept prefix is recomputed (giving the
@@ -127,8 +153,10 @@ void Session::truncate(int64_t n) {
 }
 
 void Session::reset() {
-  kv_.clear();
+  kv_.release(kSeq, {}, 0, false);
+  KVLM_CHECK(kv_.admit(kSeq, {}, "", 0, KvHit{}));
   tokens_.clear();
+  n_evicted_ = 0;
 }
 
 const char* stop_reason_name(StopReason r) {
@@ -146,10 +174,10 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
   GenerateStats st;
   st.n_prompt = static_cast<int64_t>(prompt.size());
   if (prompt.empty()) fail("the prompt is empty (no tokens)");
-  const int64_t n_ctx = session.kv().n_ctx();
-  if (!session.evicts() && session.kv().size() + st.n_prompt > n_ctx)
+  const int64_t n_ctx = session.n_ctx();
+  if (!session.evicts() && session.n_cached() + st.n_prompt > n_ctx)
     fail("the prompt has {} tokens but the context holds {} (raise -c, at most the model's {})",
-         st.n_prompt, n_ctx - session.kv().size(), session.model().config().n_ctx_train);
+         st.n_prompt, n_ctx - session.n_cached(), session.model().config().n_ctx_train);
   Sampler sampler(opts.sampling);
   const int32_t n_vocab = session.model().config().n_vocab;
 
@@ -159,17 +187,17 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
     tr.step = step;
     tr.prefill = step == 0;
     tr.n_computed = n_computed;
-    tr.n_cached = session.kv().size();
+    tr.n_cached = session.n_cached();
     tr.n_evicted = session.last_evicted();
     tr.ms = ms;
-    tr.kv = session.kv().stats();
+    tr.kv = session.kv_stats();
     opts.on_step(tr);
   };
   Timer t;
   std::span<const float> logits =
       opts.use_cache ? session.feed(prompt) : session.recompute(prompt);
   st.prefill_ms = t.ms();
-  trace(0, opts.use_cache ? st.n_prompt : session.kv().size(), st.prefill_ms);
+  trace(0, opts.use_cache ? st.n_prompt : session.n_cached(), st.prefill_ms);
   t.reset();
   st.stop = StopReason::Length;
   for (int64_t i = 0; opts.n_predict < 0 || i < opts.n_predict; ++i) {
@@ -185,7 +213,7 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
       break;
     }
     if (opts.n_predict >= 0 && i + 1 == opts.n_predict) break;
-    if (!session.evicts() && session.kv().size() + 1 > n_ctx) {
+    if (!session.evicts() && session.n_cached() + 1 > n_ctx) {
       st.stop = StopReason::ContextFull;
       break;
     }
@@ -193,10 +221,10 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
     Timer ts;
     logits = opts.use_cache ? session.feed(one) : session.recompute(one);
     ++st.n_decode;
-    trace(st.n_decode, opts.use_cache ? 1 : session.kv().size(), ts.ms());
+    trace(st.n_decode, opts.use_cache ? 1 : session.n_cached(), ts.ms());
   }
   st.decode_ms = t.ms();
-  st.kv = session.kv().stats();
+  st.kv = session.kv_stats();
   return st;
 }
 

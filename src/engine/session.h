@@ -1,5 +1,6 @@
-// One sequence being generated: the model (shared, immutable), this sequence's KV cache and
-// scratch, and the token history. Prefill and decode both go through feed().
+// One sequence being generated: the model (shared, immutable), this sequence's KV cache (a KV
+// manager holding one sequence: kvlm generate, chat and perplexity run the cache kvlm serve runs)
+// and scratch, and the token history. Prefill and decode both go through feed().
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,7 @@
 
 #include "base/thread_pool.h"
 #include "kv/kv_cache.h"
+#include "kv_manager/kv_manager.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
 
@@ -45,6 +47,8 @@ struct KvOptions {
   DType dtype_k = DType::F16;
   DType dtype_v = DType::F16;
   int64_t n_ctx = 4096;               // maximum tokens held
+  // Static: every block of n_ctx tokens allocated at once (Hugging Face StaticCache); Dynamic:
+  // the blocks grow in chunks of kKvChunkTokens as tokens arrive (DynamicCache).
   KvAlloc alloc = KvAlloc::Static;
   // Sliding window with attention sinks (StreamingLLM): when full, keep the first n_sinks tokens
   // and the most recent ones, evicting from position n_sinks in chunks of window_chunk tokens.
@@ -67,14 +71,23 @@ struct KvOptions {
 
 class Session {
  public:
-  // n_ctx: cache capacity in tokens (the whole cache is allocated here, once).
+  // n_ctx: cache capacity in tokens (a static cache is allocated here, once). Throws kvlm::Error
+  // for a bad shape, n_ctx <= 0, options that do not fit the context, or a size that overflows.
   Session(const Model& model, DType dtype_k, DType dtype_v, int64_t n_ctx, ThreadPool& pool,
           int64_t n_batch = 512);
   Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int64_t n_batch = 512);
 
   const Model& model() const { return model_; }
-  const KvCache& kv() const { return kv_; }
   const KvOptions& kv_options() const { return opts_; }
+  const KvShape& kv_shape() const { return kv_.shape(); }
+  int64_t n_ctx() const { return opts_.n_ctx; }
+  int64_t n_cached() const { return kv_.seq_tokens(kSeq); }  // positions whose K/V are held
+  KvStats kv_stats() const;
+  // KIVI: positions [0, n_sealed()) are quantized, the rest f16. Plain layouts: 0.
+  int64_t n_sealed() const { return kv_.seq_cache(kSeq).n_sealed; }
+  // The cache itself, for inspection (tests, views): one sequence, kSeq.
+  const KvManager& kv() const { return kv_; }
+  static constexpr SeqId kSeq = 0;
   // True when a full cache evicts (window or context shift) instead of failing.
   bool evicts() const { return opts_.eviction().on(); }
   // Tokens evicted by the window or context shift during the last feed/recompute call.
@@ -113,10 +126,11 @@ class Session {
   ThreadPool& pool_;
   KvOptions opts_;
   int64_t last_evicted_ = 0;
-  KvCache kv_;
+  int64_t n_evicted_ = 0;  // since construction or reset()
+  KvManager kv_;           // one sequence, kSeq, always admitted
   Scratch scratch_;
   int64_t n_batch_;
-  std::vector<int32_t> tokens_;   // [kv.size()] history: prompt + generated
+  std::vector<int32_t> tokens_;   // [n_cached()] history: prompt + generated
   std::vector<float> all_logits_;  // [n_tok, n_vocab] gathered across chunks
 };
 

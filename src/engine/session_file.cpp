@@ -96,7 +96,7 @@ std::array<uint32_t, 5> shape_words(const KvShape& s) {
 void Session::save(const std::string& path, const std::string& meta) const {
   const KvShape& s = kv_.shape();
   if (s.kivi()) fail("{}: session files do not support the KIVI cache (--kv-residual)", path);
-  const int64_t n = kv_.size();
+  const int64_t n = n_cached();
   std::string out;
   out.append(kMagic, sizeof(kMagic));
   put<uint32_t>(out, kVersion);
@@ -106,10 +106,14 @@ void Session::save(const std::string& path, const std::string& meta) const {
   put<uint64_t>(out, meta.size());
   out += meta;
   out.append(reinterpret_cast<const char*>(tokens_.data()), tokens_.size() * sizeof(int32_t));
+  // Per layer, the K rows then the V rows of positions [0, n), token-major: the bytes the cache
+  // holds, whatever its block layout.
+  const size_t k_bytes = kv_k_row_bytes(s) * n, v_bytes = kv_v_row_bytes(s) * n;
   for (int32_t il = 0; il < s.n_layer; ++il) {
-    const KvLayerView v = kv_.view(il, n);
-    out.append(reinterpret_cast<const char*>(v.k), v.k_row_bytes * n);
-    out.append(reinterpret_cast<const char*>(v.v), v.v_row_bytes * n);
+    const size_t at = out.size();
+    out.resize(at + k_bytes + v_bytes);
+    auto* dst = reinterpret_cast<std::byte*>(out.data() + at);
+    kv_.store().read_rows(il, kv_.seq_cache(kSeq).blocks, 0, n, dst, dst + k_bytes);
   }
   put<uint64_t>(out, XXH64(out.data(), out.size(), 0));
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
@@ -119,7 +123,7 @@ void Session::save(const std::string& path, const std::string& meta) const {
 }
 
 std::string Session::load(const std::string& path) {
-  if (kv_.shape().kivi()) fail("{}: session files do not support the KIVI cache (--kv-residual)", path);
+  if (kv_shape().kivi()) fail("{}: session files do not support the KIVI cache (--kv-residual)", path);
   std::ifstream f(path, std::ios::binary);
   if (!f) fail("{}: cannot open session file", path);
   const std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
@@ -144,9 +148,9 @@ std::string Session::load(const std::string& path) {
            "and --kv-rotate)",
            path);
   const uint64_t n = r.get<uint64_t>("n_tokens");
-  if (n > static_cast<uint64_t>(kv_.n_ctx()))
+  if (n > static_cast<uint64_t>(opts_.n_ctx))
     fail("{}: the session holds {} tokens, more than this context ({}); raise -c", path, n,
-         kv_.n_ctx());
+         opts_.n_ctx);
   const uint64_t meta_len = r.get<uint64_t>("meta length");
   std::string meta(r.bytes(meta_len, "meta"), meta_len);
   std::vector<int32_t> toks(n);
@@ -159,13 +163,15 @@ std::string Session::load(const std::string& path) {
       r.pos() + rows_total != body.size())
     fail("{}: session file size does not match its {} tokens", path, n);
   // Validated: now replace the session's state.
+  reset();
+  KVLM_CHECK(kv_.reserve(kSeq, static_cast<int64_t>(n)));  // n <= n_ctx, checked above
   for (int32_t il = 0; il < s.n_layer; ++il) {
-    const auto* k = reinterpret_cast<const uint8_t*>(r.bytes(k_bytes, "K rows"));
-    const auto* v = reinterpret_cast<const uint8_t*>(r.bytes(v_bytes, "V rows"));
-    kv_.import_rows(il, static_cast<int64_t>(n), k, v);
+    const auto* k = reinterpret_cast<const std::byte*>(r.bytes(k_bytes, "K rows"));
+    const auto* v = reinterpret_cast<const std::byte*>(r.bytes(v_bytes, "V rows"));
+    kv_.store().write_rows(il, kv_.seq_cache(kSeq).blocks, 0, static_cast<int64_t>(n), k, v);
   }
-  kv_.commit(static_cast<int64_t>(n));
   tokens_ = std::move(toks);
+  kv_.commit(kSeq, tokens_, static_cast<int64_t>(n));
   return meta;
 }
 

@@ -14,6 +14,14 @@ BlockPool::BlockPool(const Config& config) : block_size_(config.block_size), aud
   after_op();
 }
 
+void BlockPool::grow(int32_t n_blocks) {
+  const int32_t n_old = this->n_blocks();
+  if (n_blocks < n_old) fail("block pool: cannot shrink from {} to {} blocks", n_old, n_blocks);
+  blocks_.resize(static_cast<size_t>(n_blocks));
+  for (BlockId id = n_blocks - 1; id >= n_old; --id) queue_push_front(id);
+  after_op();
+}
+
 BlockPoolStats BlockPool::stats() const {
   BlockPoolStats s;
   s.n_total = n_blocks();

@@ -74,6 +74,10 @@ class BlockPool {
   int32_t n_blocks() const { return static_cast<int32_t>(blocks_.size()); }
   BlockPoolStats stats() const;
   void set_evict_hook(EvictHook hook) { evict_hook_ = std::move(hook); }
+  // Adds blocks n_blocks() .. n_blocks - 1 as plain free blocks, handed out before any cached-free
+  // one, lowest id first (a dynamic cache growing; its storage grows to match). n_blocks >=
+  // n_blocks().
+  void grow(int32_t n_blocks);
 
   // ---- sequences --------------------------------------------------------------------------------
   // A new empty sequence. Throws if seq exists.

@@ -1,27 +1,8 @@
-// The contiguous KV cache: one sequence, at most n_ctx tokens.
-//
-// Layout (docs/KV.md): per layer il, two arenas
-//   k[il]: [capacity, n_kv_head * head_dim] of dtype_k   (row = one token; K stored after RoPE)
-//   v[il]: [capacity, n_kv_head * head_dim] of dtype_v
-// Positions are implicit: row p holds the token at cache position p, and the model rotates K for
-// position p. Evicting rows (shift_out) moves the later rows down and re-rotates their K so this
-// stays true. Bookkeeping (the length) is separate from the bytes, which attention reads through
-// KvLayerView.
-//
-// Allocation: Static reserves n_ctx rows up front (Hugging Face StaticCache); Dynamic grows the
-// arenas in chunks of kKvChunkTokens as tokens arrive (DynamicCache), copying the held rows.
-//
-// KIVI layout (shape.kivi(), docs/KV.md "KIVI"; storage code in kv_kivi.cpp): positions
-// [0, n_sealed) are sealed, [n_sealed, size()) stay f16 in a residual area:
-//   k[il]:  [n_sealed_cap / G] groups of kv_kivi_group_bytes: K per channel, 4-bit, G tokens each
-//   v[il]:  [n_sealed_cap, kv_dim] of dtype_v                  (V per token, row p = position p)
-//   rk[il]: [n_resid_cap, kv_dim] f16                          (row r = position n_sealed + r)
-//   rv[il]: [n_resid_cap, kv_dim] f16
-// A forward pass writes a layer in two steps around its attention: write() seals the groups the
-// batch completes (reading the old residual and the new rows) and leaves the residual alone, so
-// attention still finds every f16 row a query of the batch needs; finish_write() then moves the
-// residual on. Query p sees position j sealed iff j < kv_kivi_sealed(n_sealed, p + 1): exactly
-// what a decode step at p sees, so prefill(N) equals N decode steps.
+// What every user of the KV cache shares: how the model rotated K (so moved rows can be
+// re-rotated), the view attention reads one layer through, the statistics a cache reports and
+// the allocation strategies. The cache itself is paged: the blocks' bytes are a PagedKvStore
+// (paged_kv.h), owned with the block pool and the prefix index by the KV manager
+// (src/kv_manager/kv_manager.h); a single sequence is a manager holding one sequence.
 #pragma once
 
 #include <cstdint>
@@ -33,8 +14,6 @@
 #include "kv/kv_shape.h"
 
 namespace kvlm {
-
-enum class KvAlloc { Static, Dynamic };
 
 // How the model rotated K, so the cache can re-rotate rows it moves. n_rot == 0: K carries no
 // position (learned position embeddings), moving rows needs no rotation.
@@ -115,90 +94,19 @@ inline KvLayerView plain_layer_view(const KvShape& shape, const std::byte* k, co
   return out;
 }
 
+// One sequence's cache as kvlm generate / chat / bench report it.
 struct KvStats {
   int64_t n_tokens = 0;         // positions held
   int64_t n_ctx = 0;            // maximum tokens
-  int64_t capacity = 0;         // tokens the arenas hold now (== n_ctx when static)
-  size_t bytes_used = 0;        // kv_bytes(shape, n_tokens)
+  int64_t capacity = 0;         // tokens the blocks hold now (n_ctx rounded up to whole blocks
+                                // when static)
+  size_t bytes_used = 0;        // the blocks (and KIVI residual slot) in use
   size_t bytes_allocated = 0;   // summed from the arenas == kv_alloc_bytes(shape, alloc, ...)
-  int64_t n_evicted = 0;        // tokens shifted out since construction or clear()
+  int64_t n_evicted = 0;        // tokens shifted out since construction or reset
 };
 
-class KvCache {
- public:
-  // Static: allocates kv_bytes(shape, n_ctx) once. Dynamic: starts with one chunk. Throws
-  // kvlm::Error on a bad shape or n_ctx <= 0.
-  KvCache(const KvShape& shape, int64_t n_ctx, KvAlloc alloc = KvAlloc::Static,
-          KvRope rope = {});
-
-  const KvShape& shape() const { return shape_; }
-  KvAlloc alloc() const { return alloc_; }
-  int64_t n_ctx() const { return n_ctx_; }
-  int64_t size() const { return n_tokens_; }
-  int64_t free_tokens() const { return n_ctx_ - n_tokens_; }
-
-  // Makes room for n_tokens rows (Dynamic: grows to the next chunk multiple, copying held rows).
-  // Precondition: n_tokens <= n_ctx. Called at batch boundaries, never per element.
-  void reserve(int64_t n_tokens);
-
-  // Stores K and V rows for positions [pos, pos + n) of layer il, converting from f32.
-  //   k, v: [n, kv_dim] f32
-  // Precondition: 0 <= pos, pos + n <= capacity (reserve first); KIVI: pos == size().
-  void write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
-  // Second half of write(), called with the same arguments once attention has read layer il:
-  // KIVI moves the f16 residual on to the rows that stay unsealed; a no-op for plain layouts.
-  // k, v must still hold the rows given to write() (attention reads the new rows from them).
-  void finish_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
-  // Marks positions [0, n_tokens) as held, once every layer's rows are written.
-  void commit(int64_t n_tokens);
-  // View of layer il covering positions [0, n_visible) (rows past size() must already be written
-  // in this forward pass).
-  KvLayerView view(int32_t il, int64_t n_visible) const;
-
-  // Evicts positions [begin, begin + count): later rows move down by count and their K is rotated
-  // by -count positions (RoPE rotations compose), so row p again holds a key rotated for p. With
-  // a quantized K type the re-rotated rows are re-quantized (one more rounding).
-  // This is both the sliding window's eviction (begin = number of sink tokens) and chat's context
-  // shift (begin = tokens kept at the start).
-  void shift_out(int64_t begin, int64_t count);
-
-  // Replaces the content with n_tokens rows per layer copied from k, v ([n_tokens] rows of the
-  // cache's own row bytes, as view() exposes them), e.g. from a saved session.
-  // Precondition: n_tokens <= n_ctx; call once per layer, then commit(n_tokens).
-  void import_rows(int32_t il, int64_t n_tokens, const uint8_t* k, const uint8_t* v);
-
-  // Forgets positions >= n (no bytes move). KIVI: precondition n >= n_sealed() (sealed tokens
-  // cannot be un-sealed; Session recomputes instead).
-  void truncate(int64_t n);
-  void clear();
-
-  // KIVI: positions [0, n_sealed()) are quantized, the rest f16. Plain layouts: 0.
-  int64_t n_sealed() const { return n_sealed_; }
-
-  KvStats stats() const;
-
- private:
-  KvShape shape_;
-  KvAlloc alloc_;
-  KvRope rope_;
-  int64_t n_ctx_ = 0;
-  int64_t capacity_ = 0;
-  int64_t n_tokens_ = 0;
-  int64_t n_evicted_ = 0;
-  size_t k_row_bytes_ = 0, v_row_bytes_ = 0;
-  std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [capacity, kv_dim] dtype_k (KIVI: groups)
-  std::vector<AlignedBuffer> v_;  // [n_layer] arenas of [capacity, kv_dim] dtype_v (KIVI: sealed)
-
-  // ---- KIVI (kv_kivi.cpp) ----
-  void kivi_reserve(int64_t cap);
-  void kivi_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
-  void kivi_finish_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v);
-  int64_t n_sealed_ = 0;       // committed sealed tokens (a multiple of the group)
-  int64_t n_sealed_next_ = 0;  // sealed once the pass being written commits
-  int32_t n_layers_done_ = 0;  // layers finish_write()-ten in this pass (checked at commit)
-  std::vector<AlignedBuffer> rk_;  // [n_layer] arenas of [n_resid_cap, kv_dim] f16
-  std::vector<AlignedBuffer> rv_;  // [n_layer] arenas of [n_resid_cap, kv_dim] f16
-  std::vector<float> group_f32_;   // [group, kv_dim] one K group gathered for sealing
-};
+// Static: all of a sequence's blocks allocated at once (Hugging Face StaticCache); Dynamic: they
+// grow in chunks of kKvChunkTokens as tokens arrive (DynamicCache), copying the held rows.
+enum class KvAlloc { Static, Dynamic };
 
 }  // namespace kvlm

@@ -1,5 +1,5 @@
-// The KIVI layout of KvCache (kv_cache.h): sealing complete K groups per channel and V rows per
-// token, and moving the f16 residual on. Kept apart from kv_cache.cpp's plain rows.
+// The KIVI layout (kv_kivi.h): sealing complete K groups per channel and V rows per token, and
+// moving the f16 residual on; PagedKvStore's KIVI writes call these.
 #include "kv/kv_kivi.h"
 
 #include <algorithm>
@@ -52,29 +52,6 @@ void kv_kivi_dequantize_k_row(const uint8_t* grp, int64_t group, int64_t kv_dim,
 
 // ---- the cache's KIVI layout -------------------------------------------------------------------
 
-void KvCache::kivi_reserve(int64_t cap) {
-  const int64_t d = shape_.kv_dim();
-  const size_t group_bytes = kv_kivi_group_bytes(shape_);
-  const int64_t sealed_cap = kv_kivi_sealed_cap(shape_, cap);
-  const int64_t resid_cap = kv_kivi_residual_cap(shape_, cap);
-  const size_t resid_row_bytes = static_cast<size_t>(d) * sizeof(uint16_t);
-  const size_t n_groups_held = static_cast<size_t>(n_sealed_ / shape_.kivi_group);
-  const size_t n_resid_held = static_cast<size_t>(n_tokens_ - n_sealed_);
-  auto grow = [](AlignedBuffer& b, size_t n_bytes, size_t n_keep) {
-    AlignedBuffer nb(n_bytes);
-    if (n_keep > 0) std::memcpy(nb.data(), b.data(), n_keep);
-    b = std::move(nb);
-  };
-  for (int32_t il = 0; il < shape_.n_layer; ++il) {
-    grow(k_[il], group_bytes * static_cast<size_t>(sealed_cap / shape_.kivi_group),
-         group_bytes * n_groups_held);
-    grow(v_[il], v_row_bytes_ * static_cast<size_t>(sealed_cap), v_row_bytes_ * n_sealed_);
-    grow(rk_[il], resid_row_bytes * static_cast<size_t>(resid_cap), resid_row_bytes * n_resid_held);
-    grow(rv_[il], resid_row_bytes * static_cast<size_t>(resid_cap), resid_row_bytes * n_resid_held);
-  }
-  capacity_ = cap;
-}
-
 void kv_kivi_seal(const KvShape& s, const KiviSealed& out, const uint16_t* rk, const uint16_t* rv,
                   int64_t s0, int64_t s1, int64_t pos, const float* k, const float* v, float* x) {
   const int64_t d = s.kv_dim(), G = s.kivi_group;
@@ -102,31 +79,6 @@ void kv_kivi_move_residual(int64_t d, uint16_t* r, int64_t s0, int64_t s1, int64
   if (s1 > s0 && s1 < pos) std::memmove(r, r + (s1 - s0) * d, (pos - s1) * d * sizeof(uint16_t));
   for (int64_t j = std::max(s1, pos); j < pos + n; ++j)
     for (int64_t c = 0; c < d; ++c) r[(j - s1) * d + c] = fp32_to_fp16(in[(j - pos) * d + c]);
-}
-
-void KvCache::kivi_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
-  // The residual holds [n_sealed_, size()): new rows can only follow it.
-  KVLM_CHECK(pos == n_tokens_);
-  const int64_t s0 = n_sealed_;
-  const int64_t s1 = kv_kivi_sealed(s0, pos + n, shape_.kivi_residual, shape_.kivi_group);
-  n_sealed_next_ = s1;
-  KiviSealed out;
-  out.k = reinterpret_cast<uint8_t*>(k_[il].data());
-  out.v = reinterpret_cast<uint8_t*>(v_[il].data());
-  out.k_row_bytes = k_row_bytes_;
-  out.v_row_bytes = v_row_bytes_;
-  kv_kivi_seal(shape_, out, rk_[il].as<uint16_t>(), rv_[il].as<uint16_t>(), s0, s1, pos, k, v,
-               group_f32_.data());
-}
-
-void KvCache::kivi_finish_write(int32_t il, int64_t pos, int64_t n, const float* k, const float* v) {
-  const int64_t s0 = n_sealed_, s1 = n_sealed_next_;
-  KVLM_CHECK(pos == n_tokens_ &&
-             s1 == kv_kivi_sealed(s0, pos + n, shape_.kivi_residual, shape_.kivi_group));
-  KVLM_CHECK(pos + n - s1 <= kv_kivi_residual_cap(shape_, capacity_));
-  kv_kivi_move_residual(shape_.kv_dim(), rk_[il].as<uint16_t>(), s0, s1, pos, n, k);
-  kv_kivi_move_residual(shape_.kv_dim(), rv_[il].as<uint16_t>(), s0, s1, pos, n, v);
-  ++n_layers_done_;
 }
 
 }  // namespace kvlm

@@ -16,12 +16,19 @@ void check_counts(const char* what, int64_t n) {
   if (n <= 0) fail("KV plan: {} must be positive, got {}", what, n);
 }
 
-// Whether n_seqs caches of n_tokens tokens fit in budget bytes, by kv_bytes itself. Sizes past the
-// budget are rejected before kv_bytes multiplies them, so this never overflows or throws.
+// Whether n_seqs caches of n_tokens tokens fit in budget bytes, by kv_seq_bytes itself. Sizes past
+// the budget are rejected before anything multiplies them (a sequence's bytes are at least
+// n_tokens x kv_bytes_per_token), so this never overflows or throws.
 bool fits(const KvShape& s, int64_t n_tokens, int64_t n_seqs, uint64_t budget) {
+  if (n_tokens <= 0) return true;
   if (static_cast<uint64_t>(n_tokens) > budget / kv_bytes_per_token(s)) return false;
-  const uint64_t per_seq = kv_bytes(s, n_tokens);
-  return per_seq == 0 || static_cast<uint64_t>(n_seqs) <= budget / per_seq;
+  // kv_seq_bytes' sum, checked: rounding up to a whole block may pass 2^64 near the top.
+  uint64_t per_seq = 0;
+  if (!checked_mul(uint64_t(PagedKvStore::block_bytes(s, kv_seq_block_size(s))),
+                   static_cast<uint64_t>(kv_seq_blocks(s, false, n_tokens, n_tokens)), &per_seq) ||
+      !checked_add(per_seq, uint64_t(PagedKvStore::residual_slot_bytes(s)), &per_seq))
+    return false;
+  return static_cast<uint64_t>(n_seqs) <= budget / per_seq;
 }
 
 }  // namespace
@@ -42,7 +49,7 @@ KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs) {
   p.bytes_per_token = kv_bytes_per_token(shape);
   // The K/V split is ours; the sum must still be kv_shape's number.
   KVLM_CHECK(p.k_bytes_per_token + p.v_bytes_per_token == p.bytes_per_token);
-  p.bytes_per_seq = kv_bytes(shape, n_ctx);
+  p.bytes_per_seq = kv_seq_bytes(shape, n_ctx);
   if (!checked_mul(p.bytes_per_seq, static_cast<uint64_t>(n_seqs), &p.bytes_total))
     fail("KV cache size for {} sequences of {} tokens overflows", n_seqs, n_ctx);
   return p;
@@ -50,22 +57,30 @@ KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs) {
 
 size_t kv_alloc_bytes(const KvShape& shape, KvAlloc alloc, int64_t n_ctx, int64_t n_reserved) {
   KVLM_CHECK(n_reserved >= 0 && n_reserved <= n_ctx);
-  // KvCache's constructor reserves one token (a dynamic cache: its first chunk).
-  const int64_t n_tokens =
-      kv_alloc_tokens(alloc == KvAlloc::Dynamic, std::max<int64_t>(n_reserved, 1), n_ctx);
-  return kv_bytes(shape, n_tokens);
+  const int64_t n_blocks = kv_seq_blocks(shape, alloc == KvAlloc::Dynamic, n_ctx, n_reserved);
+  uint64_t out = 0;
+  if (!checked_mul(uint64_t(PagedKvStore::block_bytes(shape, kv_seq_block_size(shape))),
+                   static_cast<uint64_t>(n_blocks), &out) ||
+      !checked_add(out, uint64_t(PagedKvStore::residual_slot_bytes(shape)), &out))
+    fail("KV cache size of {} tokens overflows", n_ctx);
+  return out;
+}
+
+size_t kv_seq_bytes(const KvShape& shape, int64_t n_ctx) {
+  return kv_alloc_bytes(shape, KvAlloc::Static, n_ctx, n_ctx);
 }
 
 int64_t max_ctx_for_budget(const KvShape& shape, int64_t n_seqs, uint64_t budget_bytes) {
   validate(shape);
   check_counts("the number of sequences", n_seqs);
-  // n_seqs x n x bpt <= budget  <=>  n <= floor(floor(budget / n_seqs) / bpt) (integers). KIVI:
-  // only an upper bound (kv_bytes(n) >= n x bpt, its f16 residual costs more), so the largest n
-  // that fits is searched below it (kv_bytes grows with n).
+  // n_seqs x n x bpt <= budget  <=>  n <= floor(floor(budget / n_seqs) / bpt) (integers). Only an
+  // upper bound: a sequence holds whole blocks (and KIVI an f16 residual slot), so
+  // kv_seq_bytes(n) >= n x bpt, and the largest n that fits is searched below it (kv_seq_bytes
+  // grows with n).
   const uint64_t guess = budget_bytes / static_cast<uint64_t>(n_seqs) / kv_bytes_per_token(shape);
   int64_t n = static_cast<int64_t>(
       std::min<uint64_t>(guess, static_cast<uint64_t>(std::numeric_limits<int64_t>::max())));
-  if (shape.kivi() && !fits(shape, n, n_seqs, budget_bytes)) {
+  if (n > 0 && !fits(shape, n, n_seqs, budget_bytes)) {
     int64_t lo = 0, hi = n;  // fits(lo), !fits(hi)
     while (hi - lo > 1) {
       const int64_t mid = lo + (hi - lo) / 2;
@@ -83,7 +98,7 @@ int64_t max_seqs_for_budget(const KvShape& shape, int64_t n_ctx, uint64_t budget
   validate(shape);
   check_counts("the context (tokens per sequence)", n_ctx);
   if (!fits(shape, n_ctx, 1, budget_bytes)) return 0;
-  const uint64_t guess = budget_bytes / kv_bytes(shape, n_ctx);
+  const uint64_t guess = budget_bytes / kv_seq_bytes(shape, n_ctx);
   const int64_t n = static_cast<int64_t>(
       std::min<uint64_t>(guess, static_cast<uint64_t>(std::numeric_limits<int64_t>::max())));
   KVLM_CHECK(fits(shape, n_ctx, n, budget_bytes));

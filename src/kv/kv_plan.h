@@ -1,14 +1,16 @@
 // The exact KV memory planner: how many bytes a cache takes, and the inverse questions (the longest
 // context, or the most sequences, that fit a memory budget).
 //
-// Every number comes from kv_shape.h's kv_bytes_per_token / kv_bytes / kv_alloc_tokens, which are
-// also what KvCache sizes its arenas with, so a plan cannot disagree with what is allocated
+// Every number comes from kv_shape.h's per-token bytes and paged_kv.h's block arithmetic
+// (kv_seq_block_size, kv_seq_blocks, PagedKvStore::block_bytes), which are also what a Session's
+// KV manager sizes its blocks with, so a plan cannot disagree with what is allocated
 // (tests/kv/test_kv_plan.cpp checks it for every allocation strategy and storage type). Like the
 // cache, the planner knows only a KvShape, never the model.
 //
-// A sequence is one KvCache (each query owns its cache), so n_seqs sequences of n_ctx tokens take
-// n_seqs x kv_bytes(shape, n_ctx). Static caches allocate that up front; dynamic caches grow to it
-// in chunks (kv_alloc_bytes below), so a full cache takes the same bytes with either strategy.
+// A sequence holds whole blocks: n_seqs sequences of n_ctx tokens take n_seqs x
+// kv_seq_bytes(shape, n_ctx) = ceil(n_ctx / block) blocks (+ KIVI's f16 residual slot) each.
+// Static caches allocate that up front; dynamic caches grow to it in chunks (kv_alloc_bytes
+// below), so a full cache takes the same bytes with either strategy.
 #pragma once
 
 #include <cstddef>
@@ -18,6 +20,7 @@
 
 #include "kv/kv_cache.h"
 #include "kv/kv_shape.h"
+#include "kv/paged_kv.h"
 
 namespace kvlm {
 
@@ -31,7 +34,7 @@ struct KvPlan {
   size_t k_bytes_per_token_layer = 0, v_bytes_per_token_layer = 0, bytes_per_token_layer = 0;
   size_t k_bytes_per_token = 0, v_bytes_per_token = 0, bytes_per_token = 0;
 
-  size_t bytes_per_seq = 0;  // kv_bytes(shape, n_ctx): one full cache
+  size_t bytes_per_seq = 0;  // kv_seq_bytes(shape, n_ctx): one full cache
   size_t bytes_total = 0;    // n_seqs x bytes_per_seq
 };
 
@@ -41,8 +44,10 @@ KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs = 1);
 
 // Bytes a cache of n_ctx tokens with allocation strategy `alloc` has allocated once it has been
 // asked to hold n_reserved tokens (its high-water mark: caches never shrink). A new cache counts as
-// having reserved one token. Precondition: 0 <= n_reserved <= n_ctx.
+// having reserved one token. Precondition: 0 <= n_reserved <= n_ctx. Throws on overflow.
 size_t kv_alloc_bytes(const KvShape& shape, KvAlloc alloc, int64_t n_ctx, int64_t n_reserved);
+// One full sequence of n_ctx tokens: ceil(n_ctx / kv_seq_block_size) blocks, plus KIVI's slot.
+size_t kv_seq_bytes(const KvShape& shape, int64_t n_ctx);
 
 // ---- inverse questions ---------------------------------------------------------------------------
 // Both answer for full caches (n_seqs x kv_bytes(shape, n_ctx) <= budget_bytes) and are exact: one

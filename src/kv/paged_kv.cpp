@@ -11,6 +11,17 @@
 
 namespace kvlm {
 
+int32_t kv_seq_block_size(const KvShape& s) {
+  return s.kivi() ? std::max(s.kivi_group, kKvBlockTokens) : kKvBlockTokens;
+}
+
+int64_t kv_seq_blocks(const KvShape& s, bool dynamic, int64_t n_ctx, int64_t n_reserved) {
+  KVLM_CHECK(n_ctx > 0 && n_reserved >= 0 && n_reserved <= n_ctx);
+  const int64_t bs = kv_seq_block_size(s);
+  const int64_t tokens = kv_alloc_tokens(dynamic, std::max<int64_t>(n_reserved, 1), n_ctx);
+  return (tokens + bs - 1) / bs;
+}
+
 size_t PagedKvStore::block_bytes(const KvShape& shape, int32_t block_size) {
   if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
   if (!shape.kivi()) return kv_bytes(shape, block_size);
@@ -120,6 +131,50 @@ void PagedKvStore::copy_block(BlockId src, BlockId dst) {
     std::memcpy(block_k(il, dst), block_k(il, src), k_row_bytes_ * block_size_);
     std::memcpy(block_v(il, dst), block_v(il, src), v_row_bytes_ * block_size_);
   }
+}
+
+void PagedKvStore::grow(int32_t n_blocks) {
+  KVLM_CHECK(n_blocks >= n_blocks_);
+  uint64_t total = 0;
+  if (!checked_mul(block_bytes(shape_, block_size_), static_cast<uint64_t>(n_blocks), &total))
+    fail("a paged KV cache of {} blocks overflows", n_blocks);
+  const size_t rows = static_cast<size_t>(n_blocks) * static_cast<size_t>(block_size_);
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    for (auto [arena, row_bytes] : {std::pair{&k_, k_row_bytes_}, std::pair{&v_, v_row_bytes_}}) {
+      AlignedBuffer bigger(row_bytes * rows);
+      std::memcpy(bigger.data(), (*arena)[il].data(), (*arena)[il].size());
+      (*arena)[il] = std::move(bigger);
+    }
+  }
+  n_blocks_ = n_blocks;
+}
+
+void PagedKvStore::read_rows(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n,
+                             std::byte* k_rows, std::byte* v_rows) const {
+  KVLM_CHECK(!shape_.kivi() && il >= 0 && il < shape_.n_layer && pos >= 0 && n >= 0 &&
+             pos + n <= static_cast<int64_t>(table.size()) * block_size_);
+  const size_t kh = k_row_bytes_ / shape_.n_kv_head, vh = v_row_bytes_ / shape_.n_kv_head;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t g = 0; g < shape_.n_kv_head; ++g) {
+      const int64_t ko = kv_head_major_offset(table.data(), block_size_, pos + i, g, k_row_bytes_,
+                                              shape_.n_kv_head);
+      const int64_t vo = kv_head_major_offset(table.data(), block_size_, pos + i, g, v_row_bytes_,
+                                              shape_.n_kv_head);
+      std::memcpy(k_rows + i * k_row_bytes_ + g * kh, k_[il].data() + ko, kh);
+      std::memcpy(v_rows + i * v_row_bytes_ + g * vh, v_[il].data() + vo, vh);
+    }
+}
+
+void PagedKvStore::write_rows(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n,
+                              const std::byte* k_rows, const std::byte* v_rows) {
+  KVLM_CHECK(!shape_.kivi() && il >= 0 && il < shape_.n_layer && pos >= 0 && n >= 0 &&
+             pos + n <= static_cast<int64_t>(table.size()) * block_size_);
+  const size_t kh = k_row_bytes_ / shape_.n_kv_head, vh = v_row_bytes_ / shape_.n_kv_head;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t g = 0; g < shape_.n_kv_head; ++g) {
+      std::memcpy(head_k(il, table, pos + i, g), k_rows + i * k_row_bytes_ + g * kh, kh);
+      std::memcpy(head_v(il, table, pos + i, g), v_rows + i * v_row_bytes_ + g * vh, vh);
+    }
 }
 
 void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, int64_t begin,

@@ -12,9 +12,9 @@
 //                     would take), the same for v
 // so attention, which reads one KV head of a run of positions at a time, reads one contiguous run
 // of bs x 128 B per block (SmolLM2 f16) instead of 128 B out of every 384 B row (docs/KV.md,
-// "Paged block layout"). A head's bytes are exactly what KvCache stores for the same K/V (a cache
-// type's blocks never straddle heads), so attention over a block table gives the same numbers as
-// over a contiguous cache.
+// "Paged block layout"). A head's bytes are exactly what a token-major row stores for the same
+// K/V (a cache type's blocks never straddle heads), so attention over any block table gives the
+// same numbers as over one block of every position (a contiguous cache).
 //
 // KIVI layout (shape.kivi(), block_size a multiple of kivi_group): token-major rows (a K group
 // spans all heads of its positions); the arenas hold the sealed bytes at the sealed density
@@ -24,8 +24,8 @@
 // n_slots f16 residual slots, outside the blocks:
 //   rk[il], rv[il]: [n_slots, kv_kivi_residual_cap(R + G - 1), kv_dim] f16  (row r of slot s =
 //                   position n_sealed + r of the sequence holding s)
-// A pass writes a layer in two steps around its attention, as KvCache does: kivi_write seals the
-// groups the pass completes into the blocks, kivi_finish_write moves the residual on.
+// A pass writes a layer in two steps around its attention: kivi_write seals the groups the pass
+// completes into the blocks, kivi_finish_write moves the residual on.
 //
 // Accounting: one block takes block_bytes(shape, block_size) in all layers: kv_bytes(shape,
 // block_size) for plain rows (kv_shape.h, the one place that says how many bytes a cache takes),
@@ -51,6 +51,18 @@ struct KvSeqCache {
   int32_t kivi_slot = -1;           // KIVI: the sequence's residual slot
   int64_t n_sealed = 0;             // KIVI: positions [0, n_sealed) sealed before this pass
 };
+
+// ---- one sequence's cache (Session) ------------------------------------------------------------
+// A single sequence (kvlm generate, chat, perplexity) holds its cache in blocks too: the allocator
+// (KvManager, sized by Session) and the planner (kv_plan.h) both size it with these, so they agree.
+inline constexpr int32_t kKvBlockTokens = 16;  // tokens per block (vLLM's default; docs/KV.md)
+// Tokens per block of a one-sequence cache: kKvBlockTokens, or one K group for KIVI (a group
+// never straddles blocks; every KIVI group is at least 32 tokens).
+int32_t kv_seq_block_size(const KvShape& s);
+// Blocks a one-sequence cache of n_ctx tokens holds once asked for n_reserved tokens: all of
+// ceil(n_ctx / bs) when static; dynamic: kv_alloc_tokens' chunks of kKvChunkTokens, in blocks,
+// at least one chunk (a new cache counts as having reserved one token), at most ceil(n_ctx / bs).
+int64_t kv_seq_blocks(const KvShape& s, bool dynamic, int64_t n_ctx, int64_t n_reserved);
 
 class PagedKvStore {
  public:
@@ -78,16 +90,26 @@ class PagedKvStore {
   void write(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n, const float* k,
              const float* v);
   // Evicts positions [begin, begin + count) of a sequence holding n_tokens positions through
-  // `table` (the sliding window with sinks, context shift; KvCache::shift_out's paged twin):
+  // `table` (the sliding window with sinks, context shift; KvManager::evict):
   // the rows of positions [begin + count, n_tokens) move to [begin, n_tokens - count), K
   // re-rotated by -count positions (kv_rerotate_k_row), in every layer. Positions past
   // n_tokens - count keep stale rows; the caller then truncates the table. The blocks written,
   // [begin / bs, ceil((n_tokens - count) / bs)), must be this sequence's alone
-  // (BlockPool::make_writable). The rows get exactly the bytes KvCache::shift_out gives them.
+  // (BlockPool::make_writable).
   void shift_out(std::span<const BlockId> table, int64_t n_tokens, int64_t begin, int64_t count,
                  const KvRope& rope);
   // Copies block src's rows to dst in every layer (the pool's copy-on-write).
   void copy_block(BlockId src, BlockId dst);
+  // Grows the arenas to n_blocks (>= n_blocks()), keeping every block's bytes: a dynamic cache
+  // (KvManagerConfig::max_blocks).
+  void grow(int32_t n_blocks);
+  // Plain layouts: the stored bytes of positions [pos, pos + n) of layer il as token-major rows
+  // (k_rows: [n, kv_k_row_bytes], v_rows: [n, kv_v_row_bytes]; a row is its heads in order), and
+  // back. Session files save and load these: the bytes the cache holds, no conversion.
+  void read_rows(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n,
+                 std::byte* k_rows, std::byte* v_rows) const;
+  void write_rows(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n,
+                  const std::byte* k_rows, const std::byte* v_rows);
   // What attention reads for layer il of a sequence: positions [0, n_tokens) through `table`.
   // The view points at `table`, which must outlive it. KIVI: also the sequence's residual slot and
   // n_sealed, the positions sealed before this pass (those after are kv_kivi_sealed's).

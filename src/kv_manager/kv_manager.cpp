@@ -1,6 +1,7 @@
 #include "kv_manager/kv_manager.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "base/error.h"
 
@@ -14,6 +15,8 @@ const KvManagerConfig& checked(const KvManagerConfig& c) {
   validate(c.shape);
   if (c.block_size <= 0) fail("the KV block size must be positive, got {}", c.block_size);
   if (c.n_blocks <= 0) fail("the KV pool needs at least one block, got {}", c.n_blocks);
+  if (c.max_blocks > c.n_blocks && c.prefix_cache)
+    fail("a growing (dynamic) KV pool cannot have a prefix cache");
   if (c.shape.kivi() && c.prefix_cache)
     fail("the prefix cache does not apply to the KIVI cache (--kv-residual): a sealed block is "
          "not what a fresh prompt of its tokens holds (--no-prefix-cache)");
@@ -26,9 +29,28 @@ const KvManagerConfig& checked(const KvManagerConfig& c) {
 
 }  // namespace
 
+KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc,
+                              const KvRope& rope) {
+  validate(shape);
+  if (n_ctx <= 0) fail("the context must be positive, got {}", n_ctx);
+  kv_bytes(shape, n_ctx);  // throws on overflow before anything is sized
+  const int64_t max_blocks = kv_seq_blocks(shape, false, n_ctx, n_ctx);
+  if (max_blocks > std::numeric_limits<int32_t>::max())
+    fail("a context of {} tokens is too large", n_ctx);
+  return KvManagerConfig{
+      .shape = shape,
+      .block_size = kv_seq_block_size(shape),
+      .n_blocks = static_cast<int32_t>(kv_seq_blocks(shape, alloc == KvAlloc::Dynamic, n_ctx, 0)),
+      .max_blocks = static_cast<int32_t>(max_blocks),
+      .n_slots = shape.kivi() ? 1 : 0,
+      .prefix_cache = false,
+      .rope = rope};
+}
+
 KvManager::KvManager(const KvManagerConfig& config)
     : shape_(checked(config).shape),
       block_size_(config.block_size),
+      max_blocks_(std::max(config.max_blocks, config.n_blocks)),
       pool_({.n_blocks = config.n_blocks, .block_size = config.block_size, .audit = config.audit}),
       store_(config.shape, config.n_blocks, config.block_size, config.n_slots),
       rope_(config.rope) {
@@ -57,7 +79,10 @@ KvManagerStats KvManager::stats() const {
   s.blocks = pool_.stats();
   s.block_size = block_size_;
   s.bytes_total = store_.bytes();
-  s.bytes_used = uint64_t(s.blocks.n_used) * PagedKvStore::block_bytes(shape_, block_size_);
+  // Blocks in use, and the KIVI residual slots sequences hold.
+  s.bytes_used = uint64_t(s.blocks.n_used) * PagedKvStore::block_bytes(shape_, block_size_) +
+                 uint64_t(store_.n_slots() - static_cast<int32_t>(free_slots_.size())) *
+                     PagedKvStore::residual_slot_bytes(shape_);
   s.n_seqs = static_cast<int64_t>(seqs_.size());
   s.n_evicted_tokens = n_evicted_tokens_;
   return s;
@@ -95,7 +120,8 @@ KvHit KvManager::lookup(std::span<const int32_t> tokens, std::string_view salt) 
 bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_view salt,
                       int64_t n_held, const KvHit& hit) {
   if (seqs_.count(seq) != 0) fail("KV manager: sequence {} is already admitted", seq);
-  if (hit.n_tokens() >= static_cast<int64_t>(tokens.size()) || n_held < hit.n_tokens())
+  if ((hit.n_tokens() > 0 && hit.n_tokens() >= static_cast<int64_t>(tokens.size())) ||
+      n_held < hit.n_tokens())
     fail("KV manager: a prefix hit of {} tokens for {} tokens, {} held", hit.n_tokens(),
          tokens.size(), n_held);
   if (shape_.kivi() && free_slots_.empty())
@@ -133,7 +159,14 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
 
 bool KvManager::reserve(SeqId seq, int64_t n) {
   copies_.clear();
-  if (!pool_.append(seq, n, &copies_)) return false;
+  while (!pool_.append(seq, n, &copies_)) {
+    if (n_blocks() >= max_blocks_) return false;
+    // A dynamic cache's next chunk (kv_seq_blocks' arithmetic: kKvChunkTokens at a time).
+    const int64_t chunk = std::max<int64_t>(1, kKvChunkTokens / block_size_);
+    const auto to = static_cast<int32_t>(std::min<int64_t>(max_blocks_, n_blocks() + chunk));
+    store_.grow(to);
+    pool_.grow(to);
+  }
   copy_blocks(copies_);
   return true;
 }

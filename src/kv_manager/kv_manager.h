@@ -41,6 +41,10 @@ struct KvManagerConfig {
   KvShape shape;             // validated by the constructor
   int32_t block_size = 16;   // tokens per block (KIVI: a multiple of shape.kivi_group)
   int32_t n_blocks = 0;      // > 0 (blocks_for_budget sizes it from bytes)
+  // > n_blocks: a dynamic cache. reserve() grows the pool and the store by kKvChunkTokens of
+  // blocks at a time (kv_seq_blocks' arithmetic) up to max_blocks. Not with the prefix cache.
+  // 0: n_blocks, fixed.
+  int32_t max_blocks = 0;
   int32_t n_slots = 0;       // KIVI: f16 residual slots, one per sequence held at once (> 0)
   bool prefix_cache = true;  // register and reuse blocks (not with KIVI)
   bool audit = false;        // re-verify the pool and the index after every operation (tests)
@@ -54,11 +58,19 @@ struct KvHit {
   int64_t n_tokens() const { return full.n_tokens + partial.n_tokens; }
 };
 
+// The manager of one sequence's cache (Session: kvlm generate, chat, perplexity): blocks of
+// kv_seq_block_size, ceil(n_ctx / block) of them allocated at once (static) or grown in chunks up
+// to that (dynamic), the arithmetic the planner uses (kv_plan.h), a KIVI residual slot, no prefix
+// index (one sequence has nothing to share). Throws kvlm::Error for a bad shape, n_ctx <= 0 or a
+// size that overflows.
+KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc,
+                              const KvRope& rope);
+
 struct KvManagerStats {
   BlockPoolStats blocks;
   int32_t block_size = 0;
   uint64_t bytes_total = 0;  // the store's arenas (blocks and KIVI slots)
-  uint64_t bytes_used = 0;   // blocks in use x bytes per block
+  uint64_t bytes_used = 0;   // blocks in use x bytes per block, plus the KIVI slots held
   int64_t n_seqs = 0;
   int64_t n_evicted_tokens = 0;  // positions dropped by evict(), since construction
 };
@@ -99,8 +111,8 @@ class KvManager {
   // none of its blocks are registered any more.
   bool evicted(SeqId seq) const;
 
-  // Room for n more positions at the end (copy-on-write of a shared last block applied). False,
-  // changing nothing, when the pool is short.
+  // Room for n more positions at the end (copy-on-write of a shared last block applied; a dynamic
+  // cache grows first if it must). False, changing nothing, when the pool is short.
   [[nodiscard]] bool reserve(SeqId seq, int64_t n);
   // Drops positions [begin, begin + count) of the seq_tokens(seq) held: later rows move down by
   // count, K re-rotated (PagedKvStore::shift_out); the blocks written are made seq's own first.
@@ -143,6 +155,7 @@ class KvManager {
 
   KvShape shape_;
   int32_t block_size_;
+  int32_t max_blocks_;
   BlockPool pool_;
   std::unique_ptr<PrefixCache> prefix_;  // null: prefix cache off
   PagedKvStore store_;

@@ -408,18 +408,44 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
   }
 }
 
-// Where a forward pass's K/V go and what attention reads, per layer: the contiguous cache of one
-// sequence (Model::forward) or paged storage shared by many (Model::forward_paged).
-struct LayerKv {
-  virtual ~LayerKv() = default;
+// Where a forward pass's K/V go and what attention reads, per layer: every sequence's rows in the
+// store, through its block table (and KIVI's residual slot).
+struct PassKv {
+  PagedKvStore& store;
+  std::span<const BatchSeq> batch;
+  const int64_t KV;
   // Stores this pass's rows of layer il.   k, v: [n_rows, kv_dim] f32
-  virtual void write(int32_t il, const float* k, const float* v) = 0;
+  void write(int32_t il, const float* k, const float* v) {
+    int64_t row = 0;
+    for (const BatchSeq& q : batch) {
+      const int64_t n = static_cast<int64_t>(q.tokens.size());
+      if (store.shape().kivi())
+        store.kivi_write(il, q.kv.blocks, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV,
+                         v + row * KV);
+      else
+        store.write(il, q.kv.blocks, q.pos0, n, k + row * KV, v + row * KV);
+      row += n;
+    }
+  }
   // Fills every sequence's view of layer il (rows past the cache's length written above).
-  virtual void views(int32_t il, std::vector<AttnSeq>& seqs) = 0;
+  void views(int32_t il, std::vector<AttnSeq>& seqs) const {
+    for (size_t i = 0; i < batch.size(); ++i)
+      seqs[i].kv = store.view(il, batch[i].kv.blocks,
+                              batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()),
+                              batch[i].kv.kivi_slot, batch[i].kv.n_sealed);
+  }
   // Called once attention has read layer il (KIVI moves its residual on).
-  virtual void finish(int32_t il, const float* k, const float* v) = 0;
-  // The cache stores Hadamard-rotated rows (KvShape::rotate).
-  virtual bool rotated() const = 0;
+  void finish(int32_t il, const float* k, const float* v) {
+    if (!store.shape().kivi()) return;
+    int64_t row = 0;
+    for (const BatchSeq& q : batch) {
+      const int64_t n = static_cast<int64_t>(q.tokens.size());
+      store.kivi_finish_write(il, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV,
+                              v + row * KV);
+      row += n;
+    }
+  }
+  bool rotated() const { return store.shape().rotate; }
 };
 
 // The layers of one forward pass over n_rows tokens of one or more sequences: token i is
@@ -427,7 +453,7 @@ struct LayerKv {
 // the residual stream in s.x: [n_rows, n_embd]. Every step except attention treats rows alone,
 // so a row's result does not depend on which other rows share the pass.
 void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, const int64_t* pos,
-                int64_t n_tok, std::vector<AttnSeq>& seqs, LayerKv& io, Scratch& s,
+                int64_t n_tok, std::vector<AttnSeq>& seqs, PassKv& io, Scratch& s,
                 ThreadPool& pool) {
   const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   float* x = s.x.as<float>();     // [n_tok, E]
@@ -552,92 +578,17 @@ void check_tokens(const ModelConfig& c, std::span<const int32_t> tokens, int64_t
     if (t < 0 || t >= c.n_vocab) fail("token id {} is out of range [0, {})", t, c.n_vocab);
 }
 
-// One contiguous cache (one sequence).
-struct CacheKv final : LayerKv {
-  KvCache& kv;
-  int64_t pos0, n_tok;
-  CacheKv(KvCache& kv_, int64_t pos0_, int64_t n_tok_) : kv(kv_), pos0(pos0_), n_tok(n_tok_) {}
-  void write(int32_t il, const float* k, const float* v) override {
-    kv.write(il, pos0, n_tok, k, v);
-  }
-  void views(int32_t il, std::vector<AttnSeq>& seqs) override {
-    seqs[0].kv = kv.view(il, pos0 + n_tok);
-  }
-  void finish(int32_t il, const float* k, const float* v) override {
-    kv.finish_write(il, pos0, n_tok, k, v);
-  }
-  bool rotated() const override { return kv.shape().rotate; }
-};
-
-// Paged storage, one block table per sequence.
-struct PagedKv final : LayerKv {
-  PagedKvStore& store;
-  std::span<const PagedSeq> batch;
-  const int64_t KV;
-  PagedKv(PagedKvStore& st, std::span<const PagedSeq> b, int64_t kv_dim)
-      : store(st), batch(b), KV(kv_dim) {}
-  void write(int32_t il, const float* k, const float* v) override {
-    int64_t row = 0;
-    for (const PagedSeq& q : batch) {
-      const int64_t n = static_cast<int64_t>(q.tokens.size());
-      if (store.shape().kivi())
-        store.kivi_write(il, q.kv.blocks, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV,
-                         v + row * KV);
-      else
-        store.write(il, q.kv.blocks, q.pos0, n, k + row * KV, v + row * KV);
-      row += n;
-    }
-  }
-  void views(int32_t il, std::vector<AttnSeq>& seqs) override {
-    for (size_t i = 0; i < batch.size(); ++i)
-      seqs[i].kv = store.view(il, batch[i].kv.blocks,
-                              batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()),
-                              batch[i].kv.kivi_slot, batch[i].kv.n_sealed);
-  }
-  void finish(int32_t il, const float* k, const float* v) override {
-    if (!store.shape().kivi()) return;
-    int64_t row = 0;
-    for (const PagedSeq& q : batch) {
-      const int64_t n = static_cast<int64_t>(q.tokens.size());
-      store.kivi_finish_write(il, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV, v + row * KV);
-      row += n;
-    }
-  }
-  bool rotated() const override { return store.shape().rotate; }
-};
-
 }  // namespace
 
-std::span<const float> Model::forward(std::span<const int32_t> tokens, int64_t pos0, KvCache& kv,
-                                      Scratch& s, ThreadPool& pool, bool all_logits) const {
-  const ModelConfig& c = config_;
-  const int64_t n_tok = static_cast<int64_t>(tokens.size());
-  if (n_tok <= 0) fail("forward: no tokens");
-  if (pos0 != kv.size()) fail("forward: position {} does not follow the cache ({} tokens)", pos0, kv.size());
-  if (pos0 + n_tok > kv.n_ctx())
-    fail("context full: {} cached + {} new tokens exceed the context of {} tokens", pos0, n_tok,
-         kv.n_ctx());
-  check_tokens(c, tokens, pos0 + n_tok);
-  kv.reserve(pos0 + n_tok);
-
-  ensure_scratch(s, c, n_tok, kv.n_ctx(), pool.size());
-  for (int64_t i = 0; i < n_tok; ++i) s.pos[i] = pos0 + i;
-  std::vector<AttnSeq> seqs(1, AttnSeq{{}, 0, n_tok, pos0});
-  CacheKv io(kv, pos0, n_tok);
-  run_layers(c, weights_, tokens.data(), s.pos.data(), n_tok, seqs, io, s, pool);
-  kv.commit(pos0 + n_tok);
-  return output_logits(c, weights_, nullptr, all_logits ? n_tok : 1, n_tok, s, pool);
-}
-
-std::span<const float> Model::forward_paged(std::span<const PagedSeq> batch, PagedKvStore& store,
-                                            Scratch& s, ThreadPool& pool) const {
+std::span<const float> Model::forward(std::span<const BatchSeq> batch, PagedKvStore& store,
+                                      Scratch& s, ThreadPool& pool) const {
   const ModelConfig& c = config_;
   if (batch.empty()) fail("forward: no sequences");
   if (store.shape().n_layer != c.n_layer || store.shape().kv_dim() != c.kv_dim() ||
       store.shape().head_dim != c.head_dim)
-    fail("forward: the paged KV store's shape does not match the model");
+    fail("forward: the KV store's shape does not match the model");
   int64_t n_tok = 0, max_ctx = 0;
-  for (const PagedSeq& q : batch) {
+  for (const BatchSeq& q : batch) {
     const int64_t n = static_cast<int64_t>(q.tokens.size());
     if (n <= 0) fail("forward: a sequence of the batch has no tokens");
     if (q.pos0 < 0 || q.pos0 + n > static_cast<int64_t>(q.kv.blocks.size()) * store.block_size())
@@ -651,18 +602,18 @@ std::span<const float> Model::forward_paged(std::span<const PagedSeq> batch, Pag
   std::vector<AttnSeq> seqs;  // [n_seqs]
   std::vector<int32_t>& toks = s.tokens;
   toks.clear();
-  std::vector<int64_t> last(batch.size());  // [n_seqs] row of each sequence's last token
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const PagedSeq& q = batch[i];
+  std::vector<int64_t> out_rows;  // rows whose logits are returned, in batch order
+  for (const BatchSeq& q : batch) {
     const int64_t row0 = static_cast<int64_t>(toks.size()), n = static_cast<int64_t>(q.tokens.size());
     for (int64_t j = 0; j < n; ++j) s.pos[row0 + j] = q.pos0 + j;
     toks.insert(toks.end(), q.tokens.begin(), q.tokens.end());
     seqs.push_back(AttnSeq{{}, row0, n, q.pos0});
-    last[i] = row0 + n - 1;
+    for (int64_t j = q.all_logits ? 0 : n - 1; j < n; ++j) out_rows.push_back(row0 + j);
   }
-  PagedKv io(store, batch, c.kv_dim());
+  PassKv io{store, batch, c.kv_dim()};
   run_layers(c, weights_, toks.data(), s.pos.data(), n_tok, seqs, io, s, pool);
-  return output_logits(c, weights_, last.data(), static_cast<int64_t>(batch.size()), n_tok, s, pool);
+  return output_logits(c, weights_, out_rows.data(), static_cast<int64_t>(out_rows.size()), n_tok,
+                       s, pool);
 }
 
 }  // namespace kvlm

@@ -1,5 +1,5 @@
 // A loaded model: config, immutable weight views into the GGUF mapping, and the forward pass.
-// Weights never change after load; each sequence's state lives in its own KvCache and Scratch.
+// Weights never change after load; a sequence's state lives in a KV manager's blocks and a Scratch.
 #pragma once
 
 #include <cstdint>
@@ -62,13 +62,14 @@ struct Scratch {
   std::vector<int32_t> tokens;  // [n_rows] the batch's tokens, sequences end to end (paged)
 };
 
-// One sequence's part of a paged forward pass: new tokens at positions [pos0, pos0 + n) of a
-// sequence whose positions [0, pos0) are already in the paged store, through its cache `kv` (the
-// KV manager's seq_cache: a block table covering at least pos0 + n positions, and KIVI's state).
-struct PagedSeq {
+// One sequence's part of a forward pass: new tokens at positions [pos0, pos0 + n) of a sequence
+// whose positions [0, pos0) are already in the KV store, through its cache `kv` (the KV manager's
+// seq_cache: a block table covering at least pos0 + n positions, and KIVI's state).
+struct BatchSeq {
   std::span<const int32_t> tokens;  // [n] n >= 1
   int64_t pos0 = 0;
   KvSeqCache kv;                    // blocks: [>= ceil((pos0 + n) / block_size)]
+  bool all_logits = false;          // logits of every token (perplexity), else of the last one
 };
 
 class Model {
@@ -85,23 +86,17 @@ class Model {
   // How K is rotated, so the cache can re-rotate rows it moves (n_rot 0: learned positions).
   KvRope kv_rope() const;
 
-  // Runs tokens [n_tok] at positions [pos0, pos0 + n_tok) of one sequence whose cache holds
-  // exactly positions [0, pos0). Writes their K/V into `kv` and commits pos0 + n_tok.
-  // Returns logits: [n_tok, n_vocab] when all_logits, else [1, n_vocab] for the last token;
-  // the span lives in `scratch` until the next call.
-  // Prefill (n_tok > 1) and decode (n_tok == 1) are this same function.
-  // Throws kvlm::Error if the tokens do not fit in the cache or an id is out of range.
-  std::span<const float> forward(std::span<const int32_t> tokens, int64_t pos0, KvCache& kv,
-                                 Scratch& scratch, ThreadPool& pool, bool all_logits) const;
-
-  // Runs one step of many sequences over paged storage: every sequence's tokens in one pass
-  // (matrix products over all rows at once, attention per sequence through its block table).
-  // Returns logits [n_seqs, n_vocab]: row i for the last token of batch[i]; the span lives in
-  // `scratch` until the next call. Each row equals what forward() over a contiguous cache holding
-  // the same tokens gives (tests/model/test_paged.cpp). Throws kvlm::Error for ids out of range,
-  // positions not covered by a block table, or a store of another shape.
-  std::span<const float> forward_paged(std::span<const PagedSeq> batch, PagedKvStore& store,
-                                       Scratch& scratch, ThreadPool& pool) const;
+  // The forward pass: one step of one or many sequences (a single sequence is a batch of one).
+  // Every sequence's tokens go through the matrix products together, attention runs per sequence
+  // through its block table; K/V of the new tokens are written into `store`. Prefill (many
+  // tokens) and decode (one) are this same function. Returns the logits of each sequence's last
+  // token, or of all its tokens when all_logits, in batch order: [n_out, n_vocab]; the span lives
+  // in `scratch` until the next call. A sequence's rows do not depend on the other sequences of
+  // the batch (tests/model/test_paged.cpp). The caller (KvManager) has reserved the positions and
+  // commits them afterwards. Throws kvlm::Error for ids out of range, positions not covered by a
+  // block table, or a store of another shape.
+  std::span<const float> forward(std::span<const BatchSeq> batch, PagedKvStore& store,
+                                 Scratch& scratch, ThreadPool& pool) const;
 
   // Bytes of weights read per decoded token (all matrices once): for roofline estimates.
   uint64_t weight_bytes() const;

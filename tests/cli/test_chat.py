@@ -97,7 +97,7 @@ class GenerateCache(unittest.TestCase):
         self.assertIn("generated tokens: 600", err)
         self.assertIn("window 32 + 4 sinks", err)
         m = re.search(r"kv bytes: +\S+ \S+ used, (\S+ \S+) allocated", err)
-        self.assertEqual(m.group(1), "9.00 KiB")  # 36 tokens x 256 bytes: bounded
+        self.assertEqual(m.group(1), "12.00 KiB")  # 36 tokens in 3 blocks of 16 x 256 bytes: bounded
 
     def test_dynamic_allocation_allocates_less(self):
         base = ["generate", "-p", "Hi", "-n", "4", "--temp", "0"]

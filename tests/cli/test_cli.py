@@ -126,7 +126,7 @@ class RealRuns(unittest.TestCase):
         t = json.loads(out)["cache_types"]
         self.assertEqual(len(t), 1)
         self.assertEqual((t[0]["kivi_residual"], t[0]["bytes_per_token"], t[0]["bytes_per_seq"]),
-                         (32, 6480, 28316160))
+                         (32, 6480, 28730880))  # 64 blocks of 64 + a 95-row f16 slot
 
     def test_no_cache_gives_the_same_greedy_text(self):
         args = ["generate", "-p", "Water boils at", "-n", "16", "--temp", "0"]
@@ -225,7 +225,8 @@ class KvSize(unittest.TestCase):
         self.assertEqual(j["cache_types"][0]["bytes_total"], 512 << 20)  # 512 MiB at 1,024 tokens
 
     def test_budget_questions(self):
-        # 2 GiB holds 4,096 tokens for one user, or 4 users at 1,024 tokens; 3 users get 1,365.
+        # 2 GiB holds 4,096 tokens for one user, or 4 users at 1,024 tokens; 3 users get 1,360
+        # (85 whole blocks of 16 tokens).
         j = self.kv_size_json(*self.FLAGS_7B, "--ctx", "1024", "--budget", "2GiB", "-ctk", "f16",
                               "-ctv", "f16")
         t = j["cache_types"][0]
@@ -233,7 +234,7 @@ class KvSize(unittest.TestCase):
         self.assertEqual((t["max_ctx_for_budget"], t["max_seqs_for_budget"]), (4096, 4))
         t = self.kv_size_json(*self.FLAGS_7B, "--ctx", "512", "--seqs", "3", "--budget", "2GiB",
                               "-ctk", "f16", "-ctv", "f16")["cache_types"][0]
-        self.assertEqual((t["max_ctx_for_budget"], t["max_seqs_for_budget"]), (1365, 8))
+        self.assertEqual((t["max_ctx_for_budget"], t["max_seqs_for_budget"]), (1360, 8))
         self.assertEqual(t["bytes_total"], 3 * 512 * 524288)
         out = self.kv_size(*self.FLAGS_7B, "--ctx", "1024", "--budget", "2GiB", "-ctk", "f16",
                            "-ctv", "f16")
@@ -263,7 +264,7 @@ class KvSize(unittest.TestCase):
         j = self.kv_size_json("-m", tiny, "-ctk", "f16", "-ctv", "f16", "--ctx", "10")
         self.assertEqual(j["source"]["kind"], "gguf")
         self.assertEqual(j["cache_types"][0]["bytes_per_token"], per_token)
-        self.assertEqual(j["cache_types"][0]["bytes_total"], 10 * per_token)
+        self.assertEqual(j["cache_types"][0]["bytes_total"], 16 * per_token)  # one whole block
 
     def test_hf_config(self):
         j = self.kv_size_json("--hf-config", self.llama7b, "-ctk", "f16", "-ctv", "f16")
@@ -294,9 +295,9 @@ class KvSize(unittest.TestCase):
             (self.FLAGS_7B + ["--budget="], (2,), "--budget"),
             (self.FLAGS_7B + ["--budget=-1GiB"], (1,), "negative"),
             (self.FLAGS_7B + ["--budget", "99999999999TiB"], (1,), "2^64"),
-            (["--budget", "1KiB"] + f16, (1,), "budget 1KiB (1024 bytes) cannot hold one token of one sequence (needs 23040 bytes)"),
+            (["--budget", "1KiB"] + f16, (1,), "budget 1KiB (1024 bytes) cannot hold one block (16 tokens) of one sequence (needs 368640 bytes)"),
             # 2 x 524288 bytes is exactly 1MiB (a valid budget of one token each); one KiB less is not.
-            (self.FLAGS_7B + ["--budget", "1023KiB", "--seqs", "2"] + f16, (1,), "needs 1048576 bytes"),
+            (self.FLAGS_7B + ["--budget", "1023KiB", "--seqs", "2"] + f16, (1,), "needs 16777216 bytes"),
             (self.FLAGS_7B + ["-m", tiny], (2,), "excludes"),
             (self.FLAGS_7B + ["--hf-config", self.llama7b], (2,), "excludes"),
             (["-m", tiny, "--hf-config", self.llama7b], (2,), "excludes"),
@@ -466,7 +467,9 @@ class Bench(unittest.TestCase):
                 self.assertGreaterEqual(rate["sd"], 0)
                 n_ctx = t["depth"] + t["n_prompt"] + t["n_gen"]
                 self.assertEqual(t["kv_bytes"]["n_ctx"], n_ctx)
-                self.assertEqual(t["kv_bytes"]["allocated"], n_ctx * doc["kv_bytes_per_token"])
+                # Whole blocks of 16 tokens.
+                self.assertEqual(t["kv_bytes"]["allocated"],
+                                 (n_ctx + 15) // 16 * 16 * doc["kv_bytes_per_token"])
 
     def test_table_and_no_cache(self):
         rc, out, err = run("bench", "-m", TINY, "-p", "8", "-n", "4", "-d", "8", "-r", "1",
@@ -483,7 +486,8 @@ class Bench(unittest.TestCase):
         doc = json.loads(out)
         t = doc["tests"][0]
         self.assertEqual(t["name"], "tg8 @ d40")
-        self.assertEqual(t["kv_bytes"]["allocated"], 20 * doc["kv_bytes_per_token"])  # bounded
+        # Bounded: the 20 tokens of sinks + window, in whole blocks of 16.
+        self.assertEqual(t["kv_bytes"]["allocated"], 32 * doc["kv_bytes_per_token"])
 
     def test_parallel_sequences(self):
         """-np S: S sequences decode together over one paged store, --shared tokens stored once."""

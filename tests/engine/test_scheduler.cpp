@@ -362,7 +362,7 @@ std::vector<int32_t> alone_evicting(const Fixture& f, const std::vector<int32_t>
                                     const KvOptions& kv, int64_t n_batch) {
   Session s(*f.model, kv, pool(), n_batch);
   auto out = generate_greedy(s, f, prompt, n);
-  EXPECT_GT(s.kv().stats().n_evicted, 0) << "the reference never evicted";
+  EXPECT_GT(s.kv_stats().n_evicted, 0) << "the reference never evicted";
   return out;
 }
 

@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
 #include "base/error.h"
 #include "kv/kv_cache.h"
+#include "kv_manager/kv_manager.h"
 
 namespace kvlm {
 namespace {
@@ -115,6 +117,22 @@ TEST(KvKivi, PerChannelBeatsPerTokenOnOutlierChannels) {
   EXPECT_LT(err_channel, 0.5 * err_token);
 }
 
+constexpr SeqId kSeq = 0;
+
+// A one-sequence cache as Session holds it (kv_seq_config): blocks of one K group, one residual
+// slot.
+std::unique_ptr<KvManager> seq_cache(const KvShape& s, int64_t n_ctx,
+                                     KvAlloc alloc = KvAlloc::Static) {
+  auto kv = std::make_unique<KvManager>(kv_seq_config(s, n_ctx, alloc, KvRope{}));
+  EXPECT_TRUE(kv->admit(kSeq, {}, "", 0, KvHit{}));
+  return kv;
+}
+
+KvLayerView view_of(const KvManager& kv, int32_t il, int64_t n) {
+  const KvSeqCache c = kv.seq_cache(kSeq);
+  return kv.store().view(il, c.blocks, n, c.kivi_slot, c.n_sealed);
+}
+
 // Reads position p of layer view v as attention sees it after a commit.
 std::vector<float> read(const KvLayerView& v, bool is_k, int64_t p, int64_t d) {
   std::vector<float> out(d);
@@ -122,35 +140,38 @@ std::vector<float> read(const KvLayerView& v, bool is_k, int64_t p, int64_t d) {
     const uint16_t* r = (is_k ? v.k_resid : v.v_resid) + (p - v.n_sealed0) * d;
     for (int64_t c = 0; c < d; ++c) out[c] = fp16_to_fp32(r[c]);
   } else if (is_k) {
-    kv_kivi_dequantize_k_row(v.k + (p / v.kivi_group) * v.kivi_group_bytes, v.kivi_group, d,
+    // The group of position p starts at row(p - p % group) (KiviSealed, kv_kivi.h).
+    kv_kivi_dequantize_k_row(v.k + v.row(p - p % v.kivi_group) * v.k_row_bytes, v.kivi_group, d,
                              p % v.kivi_group, 0, d, out.data());
   } else {
-    kernels::dequantize_row(v.dtype_v, v.v + p * v.v_row_bytes, out.data(), d);
+    kernels::dequantize_row(v.dtype_v, v.v + v.row(p) * v.v_row_bytes, out.data(), d);
   }
   return out;
 }
 
 // Feeds n_total tokens in passes of the given sizes, as Model::forward does (write, attention,
 // finish_write per layer, then commit), checking the bookkeeping after every pass.
-void feed(KvCache& kv, const std::vector<float>& k, const std::vector<float>& v,
+void feed(KvManager& kv, const std::vector<float>& k, const std::vector<float>& v,
           const std::vector<int64_t>& passes) {
   const KvShape& s = kv.shape();
   const int64_t d = s.kv_dim();
   for (int64_t n : passes) {
-    const int64_t pos = kv.size();
-    kv.reserve(pos + n);
+    const int64_t pos = kv.seq_tokens(kSeq);
+    ASSERT_TRUE(kv.reserve(kSeq, n));
+    const KvSeqCache c = kv.seq_cache(kSeq);
     for (int32_t il = 0; il < s.n_layer; ++il) {
       // Layer il's rows differ per layer so a mix-up shows.
-      std::vector<float> kl(k.begin() + pos * d, k.begin() + (pos + n) * d), vl(v.begin() + pos * d, v.begin() + (pos + n) * d);
+      std::vector<float> kl(k.begin() + pos * d, k.begin() + (pos + n) * d),
+          vl(v.begin() + pos * d, v.begin() + (pos + n) * d);
       for (auto& x : kl) x += static_cast<float>(il);
-      kv.write(il, pos, n, kl.data(), vl.data());
-      const KvLayerView view = kv.view(il, pos + n);
-      EXPECT_EQ(view.n_sealed0, kv.n_sealed());
-      EXPECT_EQ(view.n_sealed1, kv_kivi_sealed(kv.n_sealed(), pos + n, s.kivi_residual, s.kivi_group));
-      kv.finish_write(il, pos, n, kl.data(), vl.data());
+      kv.store().kivi_write(il, c.blocks, c.kivi_slot, c.n_sealed, pos, n, kl.data(), vl.data());
+      const KvLayerView view = kv.store().view(il, c.blocks, pos + n, c.kivi_slot, c.n_sealed);
+      EXPECT_EQ(view.n_sealed0, c.n_sealed);
+      EXPECT_EQ(view.n_sealed1, kv_kivi_sealed(c.n_sealed, pos + n, s.kivi_residual, s.kivi_group));
+      kv.store().kivi_finish_write(il, c.kivi_slot, c.n_sealed, pos, n, kl.data(), vl.data());
     }
-    kv.commit(pos + n);
-    const int64_t held = kv.size(), sealed = kv.n_sealed();
+    kv.commit(kSeq, std::vector<int32_t>(static_cast<size_t>(pos + n), 0), pos + n);
+    const int64_t held = kv.seq_tokens(kSeq), sealed = kv.seq_cache(kSeq).n_sealed;
     EXPECT_EQ(sealed, kv_kivi_sealed(0, held, s.kivi_residual, s.kivi_group));
     EXPECT_EQ(sealed % s.kivi_group, 0);
     if (held >= s.kivi_residual) {
@@ -164,12 +185,12 @@ TEST(KvKivi, SealingBookkeepingAndReads) {
   const KvShape s = kivi_shape(2, 2, 32, /*residual=*/5, /*group=*/32);
   const int64_t d = s.kv_dim(), n_total = 150;
   const std::vector<float> k = k_like(n_total, d, 3), v = k_like(n_total, d, 4);
-  KvCache kv(s, 200);
-  feed(kv, k, v, {1, 1, 7, 40, 1, 33, 64, 3});
-  ASSERT_EQ(kv.size(), 150);
-  EXPECT_EQ(kv.n_sealed(), 128);  // 150 - 5 = 145 -> 4 groups of 32; 22 tokens in f16
+  auto kv = seq_cache(s, 200);
+  feed(*kv, k, v, {1, 1, 7, 40, 1, 33, 64, 3});
+  ASSERT_EQ(kv->seq_tokens(kSeq), 150);
+  EXPECT_EQ(kv->seq_cache(kSeq).n_sealed, 128);  // 150 - 5 = 145 -> 4 groups of 32; 22 in f16
   for (int32_t il = 0; il < 2; ++il) {
-    const KvLayerView view = kv.view(il, 150);
+    const KvLayerView view = view_of(*kv, il, 150);
     for (int64_t p = 0; p < n_total; ++p) {
       const auto kr = read(view, true, p, d), vr = read(view, false, p, d);
       for (int64_t c = 0; c < d; ++c) {
@@ -193,24 +214,32 @@ TEST(KvKivi, SealingBookkeepingAndReads) {
 }
 
 // The bytes a KIVI cache stores depend only on the tokens, not on how they were split into passes
-// (prefill in one go, decode one by one, or chunks): the basis of prefill == decode.
+// (prefill in one go, decode one by one, or chunks) or on a dynamic cache's growth: the basis of
+// prefill == decode.
 TEST(KvKivi, StoredBytesIndependentOfPasses) {
   for (int32_t residual : {0, 3, 40}) {
     const KvShape s = kivi_shape(2, 1, 64, residual, 32, DType::Q8_0);
-    const int64_t d = s.kv_dim(), n_total = 130;
+    const int64_t d = s.kv_dim(), n_total = 300;
     const std::vector<float> k = k_like(n_total, d, 5), v = k_like(n_total, d, 6);
-    KvCache a(s, n_total), b(s, n_total, KvAlloc::Dynamic), c(s, n_total);
-    feed(a, k, v, {n_total});
-    feed(b, k, v, std::vector<int64_t>(n_total, 1));
-    feed(c, k, v, {31, 2, 64, 33});
-    const int64_t sealed = a.n_sealed();
-    ASSERT_GT(sealed, 0);
-    for (KvCache* o : {&b, &c}) {
-      ASSERT_EQ(o->n_sealed(), sealed);
+    auto a = seq_cache(s, n_total), b = seq_cache(s, n_total, KvAlloc::Dynamic),
+         c = seq_cache(s, n_total);
+    feed(*a, k, v, {n_total});
+    feed(*b, k, v, std::vector<int64_t>(n_total, 1));
+    feed(*c, k, v, {31, 2, 64, 33, 170});
+    const int64_t sealed = a->seq_cache(kSeq).n_sealed;
+    ASSERT_GE(sealed, 256);  // sealed groups in both of the dynamic cache's chunks (300 > 256)
+    for (const KvManager* o : {b.get(), c.get()}) {
+      ASSERT_EQ(o->seq_cache(kSeq).n_sealed, sealed);
       for (int32_t il = 0; il < 2; ++il) {
-        const KvLayerView va = a.view(il, n_total), vo = o->view(il, n_total);
-        EXPECT_EQ(std::memcmp(va.k, vo.k, sealed / 32 * va.kivi_group_bytes), 0) << residual;
-        EXPECT_EQ(std::memcmp(va.v, vo.v, sealed * va.v_row_bytes), 0) << residual;
+        const KvLayerView va = view_of(*a, il, n_total), vo = view_of(*o, il, n_total);
+        for (int64_t g0 = 0; g0 < sealed; g0 += 32)
+          ASSERT_EQ(std::memcmp(va.k + va.row(g0) * va.k_row_bytes,
+                                vo.k + vo.row(g0) * vo.k_row_bytes, va.kivi_group_bytes), 0)
+              << residual << " group " << g0;
+        for (int64_t p = 0; p < sealed; ++p)
+          ASSERT_EQ(std::memcmp(va.v + va.row(p) * va.v_row_bytes,
+                                vo.v + vo.row(p) * vo.v_row_bytes, va.v_row_bytes), 0)
+              << residual << " position " << p;
         EXPECT_EQ(std::memcmp(va.k_resid, vo.k_resid, (n_total - sealed) * d * 2), 0) << residual;
         EXPECT_EQ(std::memcmp(va.v_resid, vo.v_resid, (n_total - sealed) * d * 2), 0) << residual;
       }
@@ -218,23 +247,25 @@ TEST(KvKivi, StoredBytesIndependentOfPasses) {
   }
 }
 
-TEST(KvKivi, TruncateWithinTheResidualAndClear) {
+TEST(KvKivi, TruncateWithinTheResidualAndRelease) {
   const KvShape s = kivi_shape(1, 1, 32, 4, 32);
   const int64_t d = s.kv_dim();
   const std::vector<float> k = k_like(100, d, 8), v = k_like(100, d, 9);
-  KvCache kv(s, 100);
-  feed(kv, k, v, {50});
-  ASSERT_EQ(kv.n_sealed(), 32);
-  kv.truncate(40);  // 8 f16 tokens remain: fewer than residual + group, nothing more seals yet
-  EXPECT_EQ(kv.size(), 40);
-  EXPECT_EQ(kv.n_sealed(), 32);
-  feed(kv, k, v, {10});  // positions 40..49 again
-  EXPECT_EQ(kv.size(), 50);
-  const KvLayerView view = kv.view(0, 50);
+  auto kv = seq_cache(s, 100);
+  feed(*kv, k, v, {50});
+  ASSERT_EQ(kv->seq_cache(kSeq).n_sealed, 32);
+  kv->truncate(kSeq, 40);  // 8 f16 tokens remain: fewer than residual + group, nothing more seals
+  EXPECT_EQ(kv->seq_tokens(kSeq), 40);
+  EXPECT_EQ(kv->seq_cache(kSeq).n_sealed, 32);
+  EXPECT_THROW(kv->truncate(kSeq, 31), Error);  // sealed tokens cannot return to f16
+  feed(*kv, k, v, {10});  // positions 40..49 again
+  EXPECT_EQ(kv->seq_tokens(kSeq), 50);
+  const KvLayerView view = view_of(*kv, 0, 50);
   for (int64_t p = 32; p < 50; ++p) EXPECT_EQ(read(view, true, p, d)[0], f16_round(k[p * d]));
-  kv.clear();
-  EXPECT_EQ(kv.size(), 0);
-  EXPECT_EQ(kv.n_sealed(), 0);
+  kv->release(kSeq, {}, 0, false);
+  ASSERT_TRUE(kv->admit(kSeq, {}, "", 0, KvHit{}));
+  EXPECT_EQ(kv->seq_tokens(kSeq), 0);
+  EXPECT_EQ(kv->seq_cache(kSeq).n_sealed, 0);
 }
 
 TEST(KvKivi, RefusalsAreErrors) {
@@ -246,11 +277,10 @@ TEST(KvKivi, RefusalsAreErrors) {
   EXPECT_THROW(validate(s), Error);
   s.kivi_group = 64;
   validate(s);
-  KvCache kv(s, 100);
+  auto kv = seq_cache(s, 100);
   const std::vector<float> k = k_like(10, 32, 1);
-  feed(kv, k, k, {10});
-  EXPECT_THROW(kv.shift_out(0, 2), Error);             // no eviction with KIVI
-  EXPECT_THROW(kv.import_rows(0, 1, nullptr, nullptr), Error);  // no session files
+  feed(*kv, k, k, {10});
+  EXPECT_THROW((void)kv->evict(kSeq, 0, 2), Error);  // no eviction with KIVI
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // The KV memory planner: the seeds' worked examples, exact inverse questions, byte-size parsing,
 // and "predicted == allocated": for every allocation strategy and storage type, the bytes the
-// planner predicts are the bytes real KvCache objects allocate.
+// planner predicts are the bytes a one-sequence KV manager (as Session holds it) allocates.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +13,7 @@
 #include "base/error.h"
 #include "kv/kv_cache.h"
 #include "kv/kv_plan.h"
+#include "kv_manager/kv_manager.h"
 
 namespace kvlm {
 namespace {
@@ -87,15 +88,20 @@ TEST(KvPlan, BadInputsAreErrors) {
 
 // ---- inverse questions -------------------------------------------------------------------------
 
+// A sequence holds whole blocks of 16 tokens, so a budget that holds n tokens holds the rest of
+// n's last block too: the answer is the longest context of those bytes, a multiple of 16; one
+// block less fits exactly a byte less.
 TEST(KvPlan, InverseQuestionsAreExactAtBoundaries) {
   for (DType t : kv_plan_types(shape(30, 3, 64))) {
     const KvShape s = shape(30, 3, 64, t, t);
     for (int64_t n_seqs : {1, 2, 7})
       for (int64_t n : {1, 2, 255, 256, 4096, 100000}) {
         const uint64_t exact = plan_kv(s, n, n_seqs).bytes_total;
-        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact), n);
-        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact - 1), n - 1);
-        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact + 1), n);
+        const int64_t whole = (n + 15) / 16 * 16;
+        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact), whole);
+        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact - 1), whole - 16);
+        EXPECT_EQ(max_ctx_for_budget(s, n_seqs, exact + 1), whole);
+        EXPECT_EQ(plan_kv(s, whole, n_seqs).bytes_total, exact);
         // The same budget seen from the other side: n_seqs sequences of n tokens.
         EXPECT_EQ(max_seqs_for_budget(s, n, exact), n_seqs);
         EXPECT_EQ(max_seqs_for_budget(s, n, exact - 1), n_seqs - 1);
@@ -104,20 +110,35 @@ TEST(KvPlan, InverseQuestionsAreExactAtBoundaries) {
 }
 
 TEST(KvPlan, InverseQuestionsAtTheEdges) {
-  const KvShape s = shape(30, 3, 64);  // 23,040 B/token
+  const KvShape s = shape(30, 3, 64);  // 23,040 B/token, blocks of 16 tokens: 368,640 B
   EXPECT_EQ(max_ctx_for_budget(s, 1, 0), 0);
   EXPECT_EQ(max_ctx_for_budget(s, 1, 1024), 0);
-  EXPECT_EQ(max_ctx_for_budget(s, 1, 23039), 0);
-  EXPECT_EQ(max_ctx_for_budget(s, 1, 23040), 1);
-  EXPECT_EQ(max_ctx_for_budget(s, 2, 23040), 0);
-  EXPECT_EQ(max_seqs_for_budget(s, 1, 23039), 0);
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 23040), 0);  // a token's bytes, not a block's
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 368639), 0);
+  EXPECT_EQ(max_ctx_for_budget(s, 1, 368640), 16);
+  EXPECT_EQ(max_ctx_for_budget(s, 2, 368640), 0);
+  EXPECT_EQ(max_seqs_for_budget(s, 1, 368639), 0);
   EXPECT_EQ(max_seqs_for_budget(s, int64_t{1} << 62, 1000 * kGiB), 0);  // kv_bytes would overflow
   const uint64_t all = std::numeric_limits<uint64_t>::max();
-  EXPECT_EQ(max_ctx_for_budget(s, 1, all), static_cast<int64_t>(all / 23040));
-  EXPECT_EQ(max_seqs_for_budget(s, 1, all), static_cast<int64_t>(all / 23040));
+  EXPECT_EQ(max_ctx_for_budget(s, 1, all), static_cast<int64_t>(all / 368640 * 16));
+  EXPECT_EQ(max_seqs_for_budget(s, 1, all), static_cast<int64_t>(all / 368640));
 }
 
 // ---- predicted == allocated --------------------------------------------------------------------
+
+// A one-sequence cache as Session allocates it (kv_seq_config): its arenas hold the planner's
+// bytes at construction, after every growth, and at full context.
+void expect_predicted_equals_allocated(const KvShape& s, KvAlloc alloc, int64_t n_ctx) {
+  KvManager kv(kv_seq_config(s, n_ctx, alloc, KvRope{}));
+  ASSERT_TRUE(kv.admit(0, {}, "", 0, KvHit{}));
+  EXPECT_EQ(kv.stats().bytes_total, kv_alloc_bytes(s, alloc, n_ctx, 0));
+  for (int64_t n : {int64_t{1}, n_ctx / 2, n_ctx - 1, n_ctx}) {
+    if (n <= kv.seq_tokens(0)) continue;
+    ASSERT_TRUE(kv.reserve(0, n - kv.seq_tokens(0)));
+    EXPECT_EQ(kv.stats().bytes_total, kv_alloc_bytes(s, alloc, n_ctx, n)) << n;
+  }
+  EXPECT_EQ(kv.stats().bytes_total, plan_kv(s, n_ctx).bytes_per_seq);
+}
 
 // For every strategy and storage type: the planner's bytes are the arenas' bytes, at construction,
 // after growth, and at full context (where both strategies hold plan_kv's bytes_per_seq).
@@ -135,14 +156,7 @@ TEST(KvPlan, PredictedEqualsAllocated) {
                                             << s.n_layer << "x" << s.n_kv_head << "x" << s.head_dim
                                             << (alloc == KvAlloc::Static ? " static" : " dynamic")
                                             << " n_ctx " << n_ctx);
-            KvCache kv(s, n_ctx, alloc);
-            EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, 0));
-            for (int64_t n : {int64_t{1}, n_ctx / 2, n_ctx - 1, n_ctx}) {
-              if (n < 1) continue;
-              kv.reserve(n);
-              EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, n)) << n;
-            }
-            EXPECT_EQ(kv.stats().bytes_allocated, plan_kv(s, n_ctx).bytes_per_seq);
+            expect_predicted_equals_allocated(s, alloc, n_ctx);
           }
 }
 
@@ -165,29 +179,22 @@ TEST(KvPlan, PredictedEqualsAllocatedKivi) {
                                               << " g" << group << " kv_dim " << s.kv_dim()
                                               << (alloc == KvAlloc::Static ? " static" : " dynamic")
                                               << " n_ctx " << n_ctx);
-              KvCache kv(s, n_ctx, alloc);
-              EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, 0));
-              for (int64_t n : {int64_t{1}, n_ctx / 2, n_ctx - 1, n_ctx}) {
-                if (n < 1) continue;
-                kv.reserve(n);
-                EXPECT_EQ(kv.stats().bytes_allocated, kv_alloc_bytes(s, alloc, n_ctx, n)) << n;
-              }
-              EXPECT_EQ(kv.stats().bytes_allocated, plan_kv(s, n_ctx).bytes_per_seq);
+              expect_predicted_equals_allocated(s, alloc, n_ctx);
             }
 }
 
-// SmolLM2 with --kv-residual 32 (docs/KV.md): sealed tokens cost q4_0's 6,480 B/token, plus the
-// f16 residual of up to 95 tokens (768 B per token and layer).
+// SmolLM2 with --kv-residual 32 (docs/KV.md): sealed tokens cost q4_0's 6,480 B/token in blocks of
+// one K group (64 tokens), plus the f16 residual slot of 95 tokens (768 B per token and layer).
 TEST(KvPlan, SmolLm2Kivi) {
   KvShape s = shape(30, 3, 64, DType::Q4_0, DType::Q4_0);
   s.kivi_residual = 32;
   EXPECT_EQ(kv_kivi_group_bytes(s), 192u * 36);
   EXPECT_EQ(plan_kv(s, 1).bytes_per_token, 6480u);
   EXPECT_EQ(kv_k_row_bytes(s), 108u);
-  // 4,096 tokens: 4,032 sealed (63 groups of 64) + 95 f16 rows, per layer.
-  EXPECT_EQ(plan_kv(s, 4096).bytes_per_seq, 30u * (63 * 6912 + 4032 * 108 + 95 * 768));
-  EXPECT_EQ(plan_kv(s, 4096).bytes_per_seq, 28316160u);
-  EXPECT_EQ(plan_kv(s, 10).bytes_per_seq, 30u * 10 * 768);  // all f16 while short
+  // 4,096 tokens: 64 blocks of 64 at the sealed density + 95 f16 rows, per layer.
+  EXPECT_EQ(plan_kv(s, 4096).bytes_per_seq, 30u * (64 * 6912 + 4096 * 108 + 95 * 768));
+  EXPECT_EQ(plan_kv(s, 4096).bytes_per_seq, 28730880u);
+  EXPECT_EQ(plan_kv(s, 10).bytes_per_seq, 30u * (6912 + 64 * 108 + 95 * 768));  // one block
 }
 
 // KIVI's bytes are a step function of the context (a group seals every 64 tokens), so the inverse
@@ -219,16 +226,18 @@ TEST(KvPlan, PredictedEqualsAllocatedForSeveralSequences) {
     for (int64_t n_seqs : {1, 2, 5}) {
       const KvShape s = shape(2, 2, 64, t, t);
       const int64_t n_ctx = 300;
-      std::vector<std::unique_ptr<KvCache>> caches;
+      std::vector<std::unique_ptr<KvManager>> caches;
       size_t allocated = 0;
       for (int64_t i = 0; i < n_seqs; ++i) {
-        caches.push_back(std::make_unique<KvCache>(s, n_ctx));
-        allocated += caches.back()->stats().bytes_allocated;
+        caches.push_back(
+            std::make_unique<KvManager>(kv_seq_config(s, n_ctx, KvAlloc::Static, KvRope{})));
+        allocated += caches.back()->stats().bytes_total;
       }
       EXPECT_EQ(allocated, plan_kv(s, n_ctx, n_seqs).bytes_total) << dtype_name(t) << " " << n_seqs;
-      // The budget that exactly holds them admits exactly these caches.
+      // The budget that exactly holds them admits exactly these caches, of up to 304 tokens each
+      // (19 whole blocks).
       EXPECT_EQ(max_seqs_for_budget(s, n_ctx, allocated), n_seqs);
-      EXPECT_EQ(max_ctx_for_budget(s, n_seqs, allocated), n_ctx);
+      EXPECT_EQ(max_ctx_for_budget(s, n_seqs, allocated), 304);
     }
 }
 

@@ -187,7 +187,7 @@ TEST(KvStrategies, KiviBeatsBlockwiseQ4) {
     tail.push_back(compare(ref_late, got.subspan(late * V), V));
     std::printf("  %-16s %5zu B/token: mean KL %.2e (positions >= %lld: %.2e), max KL %.2e, "
                 "top-1 %d/%d\n",
-                c.name, kv_bytes_per_token(s.kv().shape()), all.back().mean_kl,
+                c.name, kv_bytes_per_token(s.kv_shape()), all.back().mean_kl,
                 static_cast<long long>(late), tail.back().mean_kl, all.back().max_kl,
                 all.back().top1_agree, all.back().positions);
   }
@@ -217,7 +217,7 @@ TEST(KvStrategies, KiviDecodeEqualsPrefill) {
   Session batch(*m, o, pool());
   auto all = batch.feed_all_logits(ids);
   const std::vector<float> batched(all.begin(), all.end());
-  EXPECT_EQ(batch.kv().n_sealed(), 128);
+  EXPECT_EQ(batch.n_sealed(), 128);
   for (int64_t n_batch : {1, 37}) {
     Session inc(*m, o, pool(), n_batch);
     auto got = inc.feed_all_logits(ids);
@@ -227,7 +227,7 @@ TEST(KvStrategies, KiviDecodeEqualsPrefill) {
   }
   // Rewinding into the sealed part recomputes: the state is that of a fresh prefill.
   batch.truncate(100);
-  EXPECT_EQ(batch.kv().n_sealed(), 64);
+  EXPECT_EQ(batch.n_sealed(), 64);
   auto l = batch.feed(std::span<const int32_t>(ids.data() + 100, 1));
   for (int32_t v = 0; v < V; ++v) ASSERT_EQ(l[v], batched[100 * V + v]);
 }
@@ -293,7 +293,7 @@ TEST(KvStrategies, HadamardRotationImprovesQ4) {
     auto y = rot.feed_all_logits(feed);
     b.insert(b.end(), y.begin(), y.end());
   }
-  EXPECT_GT(rot.kv().stats().n_evicted, 0);
+  EXPECT_GT(rot.kv_stats().n_evicted, 0);
   const Metrics mw = compare(a, b, V);
   std::printf("  window f32 rotated vs plain: mean KL %.2e\n", mw.mean_kl);
   EXPECT_LE(mw.mean_kl, 0.015);

@@ -15,6 +15,7 @@
 
 #include "base/error.h"
 #include "engine/session.h"
+#include "kv/kv_plan.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
 #include "test_util.h"
@@ -131,7 +132,7 @@ TEST(Session, RejectsOverflowingContext) {
   Session s(*rm.model, DType::F16, DType::F16, 4, pool());
   std::vector<int32_t> ids = {1, 2, 3, 4, 5};
   EXPECT_THROW(s.feed(ids), Error);
-  EXPECT_EQ(s.kv().size(), 0);
+  EXPECT_EQ(s.n_cached(), 0);
   std::vector<int32_t> bad = {-1};
   EXPECT_THROW(s.feed(bad), Error);
   std::vector<int32_t> big = {rm.model->config().n_vocab};
@@ -152,11 +153,11 @@ std::vector<float> greedy_run(const Model& m, const KvOptions& o, std::vector<in
     auto nl = s.feed(std::span<const int32_t>(&t, 1));
     last.assign(nl.begin(), nl.end());
     if (o.window) {
-      EXPECT_LE(s.kv().size(), o.n_ctx);
-      EXPECT_EQ(s.kv().stats().bytes_allocated, kv_bytes(s.kv().shape(), o.n_ctx));
+      EXPECT_LE(s.n_cached(), o.n_ctx);
+      EXPECT_EQ(s.kv_stats().bytes_allocated, kv_seq_bytes(s.kv_shape(), o.n_ctx));
     }
   }
-  *stats = s.kv().stats();
+  *stats = s.kv_stats();
   return last;
 }
 
@@ -217,14 +218,14 @@ TEST(Window, PromptLongerThanTheWindow) {
   Session bulk(*m, o, pool(), 512);
   auto lb = bulk.feed(prompt);
   std::vector<float> last_bulk(lb.begin(), lb.end());
-  EXPECT_LE(bulk.kv().size(), o.n_ctx);
-  EXPECT_EQ(bulk.kv().stats().n_evicted, 100 - bulk.kv().size());
+  EXPECT_LE(bulk.n_cached(), o.n_ctx);
+  EXPECT_EQ(bulk.kv_stats().n_evicted, 100 - bulk.n_cached());
   KvOptions k;
   k.n_ctx = 30;
   k.n_keep = 5;
   Session shift(*m, k, pool(), 512);
   shift.feed(prompt);
-  EXPECT_LE(shift.kv().size(), 30);
+  EXPECT_LE(shift.n_cached(), 30);
 }
 
 TEST(ContextShift, KeepsGoingWhenFull) {
@@ -291,7 +292,7 @@ TEST(Session, SaveLoadRoundTrip) {
     std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), cut);
     Session c(*rm.model, DType::F16, DType::Q8_0, 64, pool());
     EXPECT_THROW(c.load(path), Error) << cut;
-    EXPECT_EQ(c.kv().size(), 0);
+    EXPECT_EQ(c.n_cached(), 0);
   }
   for (size_t at : {size_t{9}, size_t{60}, bytes.size() / 3, bytes.size() - 3}) {
     std::string bad = bytes;

@@ -1,7 +1,8 @@
 // Paged forward == contiguous forward: attention through a block table (scattered, out-of-order
 // block ids, block sizes that do and do not divide the attention chunk) gives bit-identical logits
-// to the contiguous KvCache, for every plain cache type; and a batch of many sequences in one
-// forward_paged gives each sequence exactly the logits it gets alone.
+// to a contiguous cache (one block holding every position, so positions are rows of one run), for
+// every cache type; and a batch of many sequences in one forward gives each sequence exactly the
+// logits it gets alone.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -24,6 +25,32 @@ ThreadPool& pool() {
   return p;
 }
 
+// The contiguous reference: one block that holds every position (rows of one run, as a contiguous
+// cache lays them out), a sequence alone in a forward pass.
+struct Contiguous {
+  PagedKvStore store;
+  const std::vector<BlockId> table = {0};
+  Scratch scratch;
+  int64_t n_sealed = 0;  // KIVI: positions sealed so far
+
+  // n_tokens: the most positions it will hold (KIVI: rounded up to whole K groups).
+  Contiguous(const KvShape& s, int64_t n_tokens)
+      : store(s, 1, static_cast<int32_t>(s.kivi() ? (n_tokens + s.kivi_group - 1) / s.kivi_group *
+                                                         s.kivi_group
+                                                   : n_tokens),
+              s.kivi() ? 1 : 0) {}
+  // Runs toks at positions [pos, pos + n): the last token's logits.
+  std::vector<float> run(const Model& m, std::span<const int32_t> toks, int64_t pos) {
+    const KvShape& s = store.shape();
+    const BatchSeq q{toks, pos, KvSeqCache{table, s.kivi() ? 0 : -1, n_sealed}};
+    const auto l = m.forward({&q, 1}, store, scratch, pool());
+    if (s.kivi())
+      n_sealed = kv_kivi_sealed(n_sealed, pos + static_cast<int64_t>(toks.size()), s.kivi_residual,
+                                s.kivi_group);
+    return {l.begin(), l.end()};
+  }
+};
+
 // Block ids handed out in a scrambled order, so consecutive positions never sit in consecutive
 // blocks.
 std::vector<BlockId> scrambled_blocks(int32_t n_blocks, uint32_t seed) {
@@ -44,8 +71,8 @@ void expect_paged_equals_contiguous(const std::string& model_file, DType dk, DTy
 
   KvShape shape = m->kv_shape(dk, dv);
   shape.rotate = rotate;
-  KvCache kv(shape, n_total);
-  Scratch s1, s2;
+  Contiguous ref(shape, n_total);
+  Scratch s2;
   const int32_t n_blocks = (n_total + bs - 1) / bs + 3;
   PagedKvStore store(shape, n_blocks, bs);
   const auto table = scrambled_blocks(n_blocks, 11);
@@ -54,10 +81,9 @@ void expect_paged_equals_contiguous(const std::string& model_file, DType dk, DTy
   for (int step = 0; step <= n_decode; ++step) {
     const int n = step == 0 ? n_prefill : 1;
     std::span<const int32_t> feed(toks.data() + pos, n);
-    auto ref = m->forward(feed, pos, kv, s1, pool(), false);
-    std::vector<float> want(ref.begin(), ref.end());
-    PagedSeq q{feed, pos, table};
-    auto got = m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s2, pool());
+    const std::vector<float> want = ref.run(*m, feed, pos);
+    BatchSeq q{feed, pos, {table}};
+    auto got = m->forward(std::span<const BatchSeq>(&q, 1), store, s2, pool());
     ASSERT_EQ(got.size(), want.size());
     ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
         << "step " << step << " at position " << pos << ", block size " << bs;
@@ -97,24 +123,22 @@ void expect_paged_shift_equals_contiguous(const std::string& model_file, DType d
   const auto toks = test::random_tokens(n_prefill + n_decode, c.n_vocab, 9);
   KvShape shape = m->kv_shape(dk, dv);
   shape.rotate = rotate;
-  KvCache kv(shape, n_prefill + n_decode, KvAlloc::Static, m->kv_rope());
-  Scratch s1, s2;
+  Contiguous ref(shape, n_prefill + n_decode);
+  Scratch s2;
   const int32_t n_blocks = (n_prefill + n_decode + bs - 1) / bs + 3;
   PagedKvStore store(shape, n_blocks, bs);
   const auto table = scrambled_blocks(n_blocks, 5);
-  m->forward({toks.data(), static_cast<size_t>(n_prefill)}, 0, kv, s1, pool(), false);
-  PagedSeq q0{{toks.data(), static_cast<size_t>(n_prefill)}, 0, table};
-  m->forward_paged(std::span<const PagedSeq>(&q0, 1), store, s2, pool());
-  kv.shift_out(begin, count);
+  ref.run(*m, {toks.data(), static_cast<size_t>(n_prefill)}, 0);
+  BatchSeq q0{{toks.data(), static_cast<size_t>(n_prefill)}, 0, {table}};
+  m->forward(std::span<const BatchSeq>(&q0, 1), store, s2, pool());
+  ref.store.shift_out(ref.table, n_prefill, begin, count, m->kv_rope());
   store.shift_out(table, n_prefill, begin, count, m->kv_rope());
   int pos = n_prefill - count;
-  ASSERT_EQ(kv.size(), pos);
   for (int i = 0; i < n_decode; ++i, ++pos) {
     std::span<const int32_t> feed(toks.data() + n_prefill + i, 1);
-    auto ref = m->forward(feed, pos, kv, s1, pool(), false);
-    std::vector<float> want(ref.begin(), ref.end());
-    PagedSeq q{feed, pos, table};
-    auto got = m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s2, pool());
+    const std::vector<float> want = ref.run(*m, feed, pos);
+    BatchSeq q{feed, pos, {table}};
+    auto got = m->forward(std::span<const BatchSeq>(&q, 1), store, s2, pool());
     ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
         << "decode " << i << " after evicting [" << begin << ", " << begin + count
         << "), block size " << bs << ", K " << dtype_name(dk);
@@ -146,8 +170,8 @@ void expect_paged_kivi_equals_contiguous(int32_t bs, int n_prefill, int n_decode
   const auto toks = test::random_tokens(n_total, c.n_vocab, 21);
   KvShape shape = m->kv_shape(DType::Q4_0, dv);
   shape.kivi_residual = resid;
-  KvCache kv(shape, n_total);
-  Scratch s1, s2;
+  Contiguous ref(shape, n_total);
+  Scratch s2;
   const int32_t n_blocks = (n_total + bs - 1) / bs + 2;
   PagedKvStore store(shape, n_blocks, bs, /*n_slots=*/3);
   const auto table = scrambled_blocks(n_blocks, 13);
@@ -156,15 +180,14 @@ void expect_paged_kivi_equals_contiguous(int32_t bs, int n_prefill, int n_decode
   for (int step = 0; step <= n_decode; ++step) {
     const int n = step == 0 ? n_prefill : 1;
     std::span<const int32_t> feed(toks.data() + pos, n);
-    auto ref = m->forward(feed, pos, kv, s1, pool(), false);
-    std::vector<float> want(ref.begin(), ref.end());
-    PagedSeq q{feed, pos, KvSeqCache{table, /*kivi_slot=*/2, n_sealed}};
-    auto got = m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s2, pool());
+    const std::vector<float> want = ref.run(*m, feed, pos);
+    BatchSeq q{feed, pos, KvSeqCache{table, /*kivi_slot=*/2, n_sealed}};
+    auto got = m->forward(std::span<const BatchSeq>(&q, 1), store, s2, pool());
     ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
         << "step " << step << " at position " << pos << ", block size " << bs;
     pos += n;
     n_sealed = kv_kivi_sealed(n_sealed, pos, resid, shape.kivi_group);
-    ASSERT_EQ(n_sealed, kv.n_sealed());
+    ASSERT_EQ(n_sealed, ref.n_sealed);
   }
   EXPECT_GE(n_sealed, 2 * shape.kivi_group);  // sealed by the prefill and by decode steps
 }
@@ -189,17 +212,15 @@ TEST(Paged, BatchedEqualsAlone) {
     bp.add_seq(i);
   }
   // Reference: each sequence alone, contiguous; the logits after every fed prefix length.
-  Scratch sa;
   auto alone = [&](int i, int n_done, int n) {
-    KvCache kv(shape, n_done + n);
-    if (n_done > 0) m->forward({toks[i].data(), static_cast<size_t>(n_done)}, 0, kv, sa, pool(), false);
-    auto l = m->forward({toks[i].data() + n_done, static_cast<size_t>(n)}, n_done, kv, sa, pool(), false);
-    return std::vector<float>(l.begin(), l.end());
+    Contiguous kv(shape, n_done + n);
+    if (n_done > 0) kv.run(*m, {toks[i].data(), static_cast<size_t>(n_done)}, 0);
+    return kv.run(*m, {toks[i].data() + n_done, static_cast<size_t>(n)}, n_done);
   };
   std::vector<int> done(n_seqs, 0);
   Scratch sb;
   for (int step = 0; step < 6; ++step) {
-    std::vector<PagedSeq> batch;
+    std::vector<BatchSeq> batch;
     std::vector<int> which, fed;
     for (int i = 0; i < n_seqs; ++i) {
       const int left = static_cast<int>(toks[i].size()) - done[i];
@@ -209,12 +230,12 @@ TEST(Paged, BatchedEqualsAlone) {
       std::vector<BlockCopy> copies;
       ASSERT_TRUE(bp.append(i, n, &copies));
       ASSERT_TRUE(copies.empty());
-      batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], bp.block_table(i)});
+      batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], {bp.block_table(i)}});
       which.push_back(i);
       fed.push_back(n);
     }
     ASSERT_FALSE(batch.empty());
-    auto got = m->forward_paged(batch, store, sb, pool());
+    auto got = m->forward(batch, store, sb, pool());
     std::vector<float> logits(got.begin(), got.end());
     for (size_t b = 0; b < which.size(); ++b) {
       const int i = which[b];
@@ -244,8 +265,8 @@ TEST(Paged, SharedPrefixBatchedEqualsAlone) {
     bp.add_seq(0);
     std::vector<BlockCopy> copies;
     ASSERT_TRUE(bp.append(0, n_prefix, &copies));
-    PagedSeq first{prefix, 0, bp.block_table(0)};
-    m->forward_paged(std::span<const PagedSeq>(&first, 1), store, sb, pool());
+    BatchSeq first{prefix, 0, {bp.block_table(0)}};
+    m->forward(std::span<const BatchSeq>(&first, 1), store, sb, pool());
     std::vector<std::vector<int32_t>> toks(n_seqs);
     for (int i = 0; i < n_seqs; ++i) {
       if (i > 0) bp.fork(0, i);
@@ -253,25 +274,23 @@ TEST(Paged, SharedPrefixBatchedEqualsAlone) {
       const auto own = test::random_tokens(6 + 4 * i, c.n_vocab, 50 + i);
       toks[i].insert(toks[i].end(), own.begin(), own.end());
     }
-    Scratch sa;
     std::vector<int> done(n_seqs, n_prefix);
     for (int step = 0; step < 4; ++step) {  // every suffix but 3 tokens, then 3 decode steps
-      std::vector<PagedSeq> batch;
+      std::vector<BatchSeq> batch;
       std::vector<int> fed;
       for (int i = 0; i < n_seqs; ++i) {
         const int n = step == 0 ? static_cast<int>(toks[i].size()) - n_prefix - 3 : 1;
         ASSERT_TRUE(bp.append(i, n, &copies));
         ASSERT_TRUE(copies.empty());
-        batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], bp.block_table(i)});
+        batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], {bp.block_table(i)}});
         fed.push_back(n);
       }
-      auto got = m->forward_paged(batch, store, sb, pool());
+      auto got = m->forward(batch, store, sb, pool());
       std::vector<float> logits(got.begin(), got.end());
       for (int i = 0; i < n_seqs; ++i) {
-        KvCache kv(shape, done[i] + fed[i]);
-        m->forward({toks[i].data(), static_cast<size_t>(done[i])}, 0, kv, sa, pool(), false);
-        auto l = m->forward({toks[i].data() + done[i], static_cast<size_t>(fed[i])}, done[i], kv,
-                            sa, pool(), false);
+        Contiguous kv(shape, done[i] + fed[i]);
+        kv.run(*m, {toks[i].data(), static_cast<size_t>(done[i])}, 0);
+        const auto l = kv.run(*m, {toks[i].data() + done[i], static_cast<size_t>(fed[i])}, done[i]);
         ASSERT_TRUE(std::equal(l.begin(), l.end(), logits.begin() + i * c.n_vocab))
             << "sequence " << i << " step " << step;
         done[i] += fed[i];
@@ -286,8 +305,8 @@ TEST(Paged, RejectsUncoveredPositions) {
   const std::vector<BlockId> table = {2};
   const std::vector<int32_t> toks(17, 1);
   Scratch s;
-  PagedSeq q{toks, 0, table};
-  EXPECT_THROW(m->forward_paged(std::span<const PagedSeq>(&q, 1), store, s, pool()), Error);
+  BatchSeq q{toks, 0, {table}};
+  EXPECT_THROW(m->forward(std::span<const BatchSeq>(&q, 1), store, s, pool()), Error);
 }
 
 TEST(PagedStore, AccountingAndCopy) {
@@ -330,9 +349,10 @@ TEST(PagedStore, AccountingAndCopy) {
   EXPECT_EQ(0, std::memcmp(a.v + 1 * 2 * a.v_row_bytes, b.v + 3 * 2 * b.v_row_bytes, 2 * a.v_row_bytes));
 }
 
-// The store alone (no model): every head of every position holds the bytes the contiguous cache
-// holds for it, for each cache type, before and after an eviction (shift_out re-rotates K); and a
-// block keeps each head's positions as one run (head-major).
+// The store alone (no model): through scrambled 16-token blocks every head of every position holds
+// the bytes a contiguous cache (one block of every position) holds for it, for each cache type,
+// before and after an eviction (shift_out re-rotates K); and a block keeps each head's positions
+// as one run (head-major).
 TEST(PagedStore, HeadsHoldTheContiguousCacheBytes) {
   for (DType t : kKvTypes) {
     SCOPED_TRACE(dtype_name(t));
@@ -340,7 +360,8 @@ TEST(PagedStore, HeadsHoldTheContiguousCacheBytes) {
     const KvRope rope{.n_rot = 64, .freq_base = 10000.0f};
     const int32_t bs = 16, n_blocks = 6;
     const int64_t n = 70, d = shape.kv_dim();
-    KvCache kv(shape, n, KvAlloc::Static, rope);
+    PagedKvStore one(shape, 1, static_cast<int32_t>(n));
+    const std::vector<BlockId> t0 = {0};
     PagedKvStore store(shape, n_blocks, bs);
     const auto table = scrambled_blocks(n_blocks, 5);
     std::mt19937 rng(3);
@@ -351,13 +372,12 @@ TEST(PagedStore, HeadsHoldTheContiguousCacheBytes) {
     for (int32_t il = 0; il < shape.n_layer; ++il)
       for (int64_t p0 : {int64_t{0}, int64_t{29}}) {  // two writes, the second mid-block
         const int64_t m = p0 == 0 ? 29 : n - 29;
-        kv.write(il, p0, m, k.data() + p0 * d, v.data() + p0 * d);
+        one.write(il, t0, p0, m, k.data() + p0 * d, v.data() + p0 * d);
         store.write(il, table, p0, m, k.data() + p0 * d, v.data() + p0 * d);
       }
-    kv.commit(n);
     auto expect_same = [&](int64_t n_tokens) {
       for (int32_t il = 0; il < shape.n_layer; ++il) {
-        const KvLayerView a = kv.view(il, n_tokens), b = store.view(il, table, n_tokens);
+        const KvLayerView a = one.view(il, t0, n_tokens), b = store.view(il, table, n_tokens);
         ASSERT_TRUE(b.head_major);
         const size_t kh = a.k_row_bytes / 3, vh = a.v_row_bytes / 3;
         for (int64_t p = 0; p < n_tokens; ++p)
@@ -372,7 +392,7 @@ TEST(PagedStore, HeadsHoldTheContiguousCacheBytes) {
       }
     };
     expect_same(n);
-    kv.shift_out(5, 23);
+    one.shift_out(t0, n, 5, 23, rope);
     store.shift_out(table, n, 5, 23, rope);
     expect_same(n - 23);
   }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/ops.h"
 
@@ -44,10 +45,17 @@ struct ModelConfig {
   float norm_eps = 1e-5f;
   float rope_freq_base = 10000.0f;
   bool tied_output = false;  // output projection shares token_embd
+  // Sliding-window attention per layer: layer il's query at position p sees keys at positions
+  // (p - layer_window[il], p] only; 0: every earlier position. [n_layer], from
+  // <arch>.attention.sliding_window and .sliding_window_pattern (read_layer_windows, model.cpp).
+  std::vector<int32_t> layer_window;
 
   int32_t n_gqa() const { return n_head / n_kv_head; }  // query heads per KV head
   int64_t q_dim() const { return int64_t{n_head} * head_dim; }
   int64_t kv_dim() const { return int64_t{n_kv_head} * head_dim; }
+  int32_t window(int32_t il) const {  // layer il's sliding window, 0: full attention
+    return layer_window.empty() ? 0 : layer_window[static_cast<size_t>(il)];
+  }
 };
 
 }  // namespace kvlm

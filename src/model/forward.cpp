@@ -89,7 +89,13 @@ struct AttnSeq {
   int64_t row0 = 0;
   int64_t n_tok = 0;
   int64_t pos0 = 0;
+  int64_t window = 0;  // the layer's sliding window: query p sees (p - window, p]; 0: all of [0, p]
 };
+
+// The first position query pos sees: pos - window + 1 with a sliding window, else 0.
+inline int64_t first_visible(int64_t pos, int64_t window) {
+  return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+}
 
 // Calls fn(j, n) for each run [j, j + n) of [j0, j1) that lies in one block (one run when
 // contiguous): inside a run a head's positions are a fixed stride apart (k_pos_stride,
@@ -253,9 +259,11 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
             jb.ch = ch;
             jb.i0 = sg.t0 + tb * sg.tok_block;
             jb.i1 = std::min(sg.t0 + sg.nt, jb.i0 + sg.tok_block);
-            // The block's last token sees the most: causal positions [0, pos0 + i1 - 1].
-            jb.j0 = ch * kAttnChunk;
-            jb.j_end = std::min(sg.seq->pos0 + jb.i1, jb.j0 + kAttnChunk);
+            // The block's last token sees the most: causal positions [0, pos0 + i1 - 1]; with a
+            // sliding window its first token sees the earliest, from first_visible.
+            jb.j0 = std::max(ch * kAttnChunk,
+                             first_visible(sg.seq->pos0 + jb.i0, sg.seq->window));
+            jb.j_end = std::min(sg.seq->pos0 + jb.i1, (ch + 1) * kAttnChunk);
             if (jb.j0 < jb.j_end) jobs.push_back(jb);
           }
         }
@@ -362,14 +370,19 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
           }
         }
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t n = std::min(pos0 + i + 1, j0 + kAttnChunk) - j0;  // causal: [0, pos]
+          // Token i sees [lo, end) of the rows loaded for [j0, j_end): causal up to its position,
+          // from its window's first position on. None: its partial for this chunk is never read.
+          const int64_t lo = std::max(j0, first_visible(pos0 + i, a.window));
+          const int64_t end = std::min(pos0 + i + 1, (ch + 1) * kAttnChunk);
+          const int64_t n = end - lo, off = lo - j0;
           if (n <= 0) continue;
           const float* qg = q + i * Q + g * gqa * hd;  // [gqa, head_dim] group g's heads
           if (in_place)  // work: scores, then (variants without an in-place path) tiles
-            kernels::attn_chunk_f16(k_rows, v_rows, n, hd, qg, gqa, scale, m_part, l_part, o_part,
-                                    ktile);
+            kernels::attn_chunk_f16(k_rows + off, v_rows + off, n, hd, qg, gqa, scale, m_part,
+                                    l_part, o_part, ktile);
           else
-            kernels::attn_chunk(ktile, vtile, n, hd, qg, gqa, scale, m_part, l_part, o_part, sc);
+            kernels::attn_chunk(ktile + off * hd, vtile + off * hd, n, hd, qg, gqa, scale, m_part,
+                                l_part, o_part, sc);
           for (int64_t h = 0; h < gqa; ++h) {
             float* p = parts + sg.part_off +
                        (((i - sg.t0) * c.n_head + g * gqa + h) * max_chunks + ch) * part_stride;
@@ -385,16 +398,18 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
     for (const Segment& sg : segs) {
       const AttnSeq& a = *sg.seq;
       for (int64_t i = sg.t0; i < sg.t0 + sg.nt; ++i) {
+        // The chunks token i sees: from its window's first position's to its own.
         const int64_t n_chunks = (a.pos0 + i + 1 + kAttnChunk - 1) / kAttnChunk;
+        const int64_t ch0 = first_visible(a.pos0 + i, a.window) / kAttnChunk;
         for (int64_t h = 0; h < c.n_head; ++h) {
           const float* p =
               parts + sg.part_off + ((i - sg.t0) * c.n_head + h) * sg.max_chunks * part_stride;
-          float m = p[0];
-          for (int64_t ch = 1; ch < n_chunks; ++ch) m = std::max(m, p[ch * part_stride]);
+          float m = p[ch0 * part_stride];
+          for (int64_t ch = ch0 + 1; ch < n_chunks; ++ch) m = std::max(m, p[ch * part_stride]);
           float* o = out_all + (a.row0 + i) * Q + h * hd;
           std::fill(o, o + hd, 0.0f);
           float l = 0;
-          for (int64_t ch = 0; ch < n_chunks; ++ch) {
+          for (int64_t ch = ch0; ch < n_chunks; ++ch) {
             const float* pc = p + ch * part_stride;
             const float f = std::exp(pc[0] - m);
             l += pc[1] * f;
@@ -523,6 +538,7 @@ void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, c
     // K is stored after RoPE (docs/KV.md): attention then needs no per-read rotation.
     io.write(il, k, v);
     io.views(il, seqs);
+    for (AttnSeq& a : seqs) a.window = c.window(il);
     attention(c, seqs, s, pool);
     io.finish(il, k, v);  // KIVI: the residual moves on once attention has read it
     if (rot) kernels::hadamard(att, n_tok * c.n_head, c.head_dim);

@@ -21,6 +21,24 @@ std::string shape_str(const std::vector<int64_t>& ne) {
   return fmt::format("[{}]", fmt::join(ne, ", "));
 }
 
+// Sliding-window attention (Mistral, Gemma 3): <arch>.attention.sliding_window W applies to every
+// layer, or, with <arch>.attention.sliding_window_pattern N, to every layer but each N-th: layer
+// il is windowed iff il % N < N - 1 (llama.cpp's reading; Gemma 3: N = 6, layers 5, 11, 17 attend
+// to everything). Refused, naming the key: W outside [1, context_length], a pattern without a
+// window, N outside [1, block_count].
+void read_layer_windows(const GgufFile& f, const std::string& a, ModelConfig& c) {
+  c.layer_window.assign(static_cast<size_t>(c.n_layer), 0);
+  const std::string wk = a + "attention.sliding_window", pk = a + "attention.sliding_window_pattern";
+  if (!f.find(wk)) {
+    if (f.find(pk)) fail("{}: '{}' is set but '{}' is missing", f.path(), pk, wk);
+    return;
+  }
+  const int32_t w = require_int(f, wk, 1, c.n_ctx_train);
+  const int32_t n = f.find(pk) ? require_int(f, pk, 1, c.n_layer) : 0;  // 0: every layer
+  for (int32_t il = 0; il < c.n_layer; ++il)
+    c.layer_window[static_cast<size_t>(il)] = n == 0 || il % n < n - 1 ? w : 0;
+}
+
 class TensorBinder {
  public:
   explicit TensorBinder(const GgufFile& f) : f_(f) {}
@@ -101,6 +119,7 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
                   : c.head_dim;
     if (c.n_rot % 2 != 0) fail("{}: rope.dimension_count {} is odd", path, c.n_rot);
   }
+  read_layer_windows(f, a, c);
 
   const GgufTensorInfo* te = f.tensor("token_embd.weight");
   if (!te) fail("{}: missing tensor 'token_embd.weight'", path);

@@ -1,0 +1,160 @@
+// Sliding-window attention (Mistral, Gemma 3): the layer windows read from GGUF metadata, bad
+// window metadata refused at load naming the key, and the attention mask itself:
+// - a sequence no longer than the window gives exactly the logits of full attention (the window
+//   keeps every position, the query's own included: an off-by-one shows here);
+// - with every layer windowed to W, the logits at position p depend only on the last L(W - 1) + 1
+//   tokens, so running just those (at other absolute positions: RoPE is relative) gives the same
+//   logits up to rounding (a window wider than W shows here);
+// - cached == recomputed and prefill == decode bit for bit, across the 256-position attention
+//   chunks, for any feed size; a batch of windowed sequences == each alone.
+// Models: tools/make_synthetic_gguf.py's tiny-llama weights with window metadata added.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "engine/session.h"
+#include "kv_manager/kv_manager.h"
+#include "model/model.h"
+#include "test_util.h"
+
+namespace kvlm {
+namespace {
+
+ThreadPool& pool() {
+  static ThreadPool p(2);
+  return p;
+}
+
+// Logits at every position of toks, fed in pieces of `step` tokens through a Session.
+std::vector<float> all_logits(const Model& m, const std::vector<int32_t>& toks, int step) {
+  KvOptions o;
+  o.dtype_k = o.dtype_v = DType::F32;
+  o.n_ctx = static_cast<int64_t>(toks.size());
+  Session s(m, o, pool(), step);
+  const auto l = s.feed_all_logits(toks);
+  return {l.begin(), l.end()};
+}
+
+TEST(Window, LayerWindowsFromMetadata) {
+  EXPECT_EQ(Model::load(test::data_path("tiny-llama-swa.gguf"))->config().layer_window,
+            (std::vector<int32_t>{24, 0}));  // pattern 2: every 2nd layer attends to everything
+  EXPECT_EQ(Model::load(test::data_path("tiny-llama-swa-all.gguf"))->config().layer_window,
+            (std::vector<int32_t>{8, 8}));
+  EXPECT_EQ(Model::load(test::data_path("tiny-llama.gguf"))->config().layer_window,
+            (std::vector<int32_t>{0, 0}));
+}
+
+TEST(Window, InconsistentMetadataIsRefusedNamingTheKey) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"tiny-swa-bad-window0.gguf", "'llama.attention.sliding_window' = 0"},
+      {"tiny-swa-bad-window-past-ctx.gguf", "'llama.attention.sliding_window' = 129"},
+      {"tiny-swa-bad-pattern-past-layers.gguf", "'llama.attention.sliding_window_pattern' = 3"},
+      {"tiny-swa-bad-pattern-without-window.gguf", "'llama.attention.sliding_window' is missing"},
+  };
+  for (const auto& [file, needle] : cases) {
+    try {
+      Model::load(test::data_path(file));
+      ADD_FAILURE() << file << " loaded";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(needle), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  }
+}
+
+TEST(Window, WithinTheWindowEqualsFullAttention) {
+  auto full = Model::load(test::data_path("tiny-llama.gguf"));
+  auto swa = Model::load(test::data_path("tiny-llama-swa.gguf"));  // same weights, window 24
+  const auto toks = test::random_tokens(40, full->config().n_vocab, 5);
+  const auto a = all_logits(*full, toks, 512), b = all_logits(*swa, toks, 512);
+  const size_t V = full->config().n_vocab;
+  // Positions 0..23 see at most 24 positions: identical bits. From 24 on the window drops
+  // position 0 and the logits move.
+  EXPECT_TRUE(std::equal(a.begin(), a.begin() + 24 * V, b.begin()));
+  for (size_t p = 24; p < 40; ++p)
+    EXPECT_FALSE(std::equal(a.begin() + p * V, a.begin() + (p + 1) * V, b.begin() + p * V)) << p;
+}
+
+TEST(Window, LogitsDependOnlyOnTheReceptiveField) {
+  auto m = Model::load(test::data_path("tiny-llama-swa-all.gguf"));  // 2 layers, window 8
+  const size_t V = m->config().n_vocab, R = 2 * (8 - 1) + 1;           // 15 tokens
+  const auto toks = test::random_tokens(300, static_cast<int32_t>(V), 9);
+  const auto whole = all_logits(*m, toks, 512);
+  double worst = 0;
+  for (size_t p : {size_t{20}, size_t{100}, size_t{257}, size_t{299}}) {
+    const std::vector<int32_t> tail(toks.begin() + (p + 1 - R), toks.begin() + p + 1);
+    const auto alone = all_logits(*m, tail, 512);
+    for (size_t v = 0; v < V; ++v)
+      worst = std::max(worst, std::fabs(double(whole[p * V + v]) - alone[(R - 1) * V + v]));
+    // One token fewer leaves the receptive field short: the logits move by far more.
+    const std::vector<int32_t> short_tail(tail.begin() + 1, tail.end());
+    const auto cut = all_logits(*m, short_tail, 512);
+    double moved = 0;
+    for (size_t v = 0; v < V; ++v)
+      moved = std::max(moved, std::fabs(double(whole[p * V + v]) - cut[(R - 2) * V + v]));
+    EXPECT_GT(moved, 1e-2) << p;
+  }
+  // The same tokens at other absolute positions: RoPE's angles round differently (measured
+  // ~1e-6 on these logits of magnitude ~1).
+  std::printf("receptive-field run vs whole sequence: max |dlogit| %.3g\n", worst);
+  EXPECT_LT(worst, 1e-4);
+}
+
+TEST(Window, PrefillEqualsDecodeAcrossChunks) {
+  auto m = Model::load(test::data_path("tiny-llama-swa.gguf"));
+  const auto toks = test::random_tokens(300, m->config().n_vocab, 3);
+  const auto one_pass = all_logits(*m, toks, 512);
+  for (int step : {1, 7, 100})
+    EXPECT_EQ(all_logits(*m, toks, step), one_pass) << "fed " << step << " tokens at a time";
+  // Recomputation (the no-cache baseline) agrees too.
+  KvOptions o;
+  o.dtype_k = o.dtype_v = DType::F32;
+  o.n_ctx = 300;
+  Session s(*m, o, pool());
+  s.feed(std::span<const int32_t>(toks.data(), 299));
+  const auto l = s.recompute(std::span<const int32_t>(toks.data() + 299, 1));
+  EXPECT_TRUE(std::equal(l.begin(), l.end(), one_pass.end() - m->config().n_vocab));
+}
+
+// Three windowed sequences at different depths (one prefilling a chunk, two decoding) in one
+// forward pass: each gets exactly the logits it gets alone.
+TEST(Window, BatchedEqualsAlone) {
+  auto m = Model::load(test::data_path("tiny-llama-swa.gguf"));
+  const int32_t V = m->config().n_vocab;
+  KvManager kv({.shape = m->kv_shape(DType::F16, DType::F16), .block_size = 16, .n_blocks = 64,
+                .prefix_cache = false, .rope = m->kv_rope()});
+  const int lens[] = {30, 270, 90};
+  std::vector<std::vector<int32_t>> toks;
+  Scratch scratch;
+  for (int i = 0; i < 3; ++i) {
+    toks.push_back(test::random_tokens(lens[i] + 20, V, 40 + i));
+    ASSERT_TRUE(kv.admit(i, toks[i], "", lens[i] + 20, KvHit{}));
+    ASSERT_TRUE(kv.reserve(i, lens[i]));
+    const BatchSeq q{{toks[i].data(), static_cast<size_t>(lens[i])}, 0, kv.seq_cache(i)};
+    m->forward({&q, 1}, kv.store(), scratch, pool());
+  }
+  const int64_t fed[] = {1, 1, 20};
+  std::vector<BatchSeq> batch;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(kv.reserve(i, fed[i]));
+    batch.push_back({{toks[i].data() + lens[i], static_cast<size_t>(fed[i])}, lens[i],
+                     kv.seq_cache(i)});
+  }
+  const auto got = m->forward(batch, kv.store(), scratch, pool());
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<int32_t> upto(toks[i].begin(), toks[i].begin() + lens[i] + fed[i]);
+    KvOptions o;
+    o.n_ctx = lens[i] + fed[i];  // f16, as the batch's cache
+    Session s(*m, o, pool());
+    const auto want = s.feed(upto);
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin() + i * V)) << "sequence " << i;
+  }
+}
+
+}  // namespace
+}  // namespace kvlm

@@ -11,12 +11,26 @@ namespace kvlm::server {
 namespace {
 
 constexpr size_t kMaxStops = 4;  // OpenAI's limit on "stop"
+// Bytes of nlohmann's parse error kept: its position and reason (~150 bytes) and the start of
+// the token it quotes.
+constexpr size_t kMaxParseError = 256;
 // OpenAI's default max_tokens for /v1/completions (chat's default is the rest of the context).
 constexpr int64_t kCompletionDefaultMaxTokens = 16;
 
 [[noreturn]] void bad(const std::string& param, const std::string& message,
                       const std::string& code = {}) {
   throw HttpError(400, message, param, code);
+}
+
+// A client's value for an error message: numbers in full (they are short), strings clipped,
+// arrays and objects by their type (dumping one would echo all of it, and recurse per level).
+std::string describe(const json& v) {
+  if (v.is_number_unsigned()) return fmt::format("{}", v.get<uint64_t>());
+  if (v.is_number_integer()) return fmt::format("{}", v.get<int64_t>());
+  if (v.is_number()) return fmt::format("{}", v.get<double>());
+  if (v.is_string()) return fmt::format("'{}'", clip(v.get_ref<const std::string&>()));
+  if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+  return v.type_name();
 }
 
 // ---- typed fields: absent and null both mean "not given" ----------------------------------------
@@ -48,7 +62,7 @@ std::optional<int64_t> get_int(const json& o, const char* key) {
   if (!v) return std::nullopt;
   if (!v->is_number_integer())
     bad(key, fmt::format("'{}' must be an integer, got {}", key,
-                         v->is_number() ? fmt::format("{}", v->get<double>()) : v->type_name()));
+                         v->is_number() ? describe(*v) : v->type_name()));
   if (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
     return std::numeric_limits<int64_t>::max();
   return v->get<int64_t>();
@@ -98,7 +112,8 @@ void check_model(const json& body, const ServedModel& m) {
   const auto model = get_string(body, "model");
   if (model && *model != m.id)
     throw HttpError(
-        404, fmt::format("The model '{}' does not exist; this server serves '{}'", *model, m.id),
+        404,
+        fmt::format("The model '{}' does not exist; this server serves '{}'", clip(*model), m.id),
         "model", "model_not_found");
 }
 
@@ -241,7 +256,8 @@ std::vector<int32_t> int_array(const json& a, const char* param) {
   for (const json& t : a) {
     if (!t.is_number_integer() || t.get<int64_t>() < std::numeric_limits<int32_t>::min() ||
         t.get<int64_t>() > std::numeric_limits<int32_t>::max())
-      bad(param, fmt::format("'{}' must hold 32-bit integer token ids, got {}", param, t.dump()));
+      bad(param,
+          fmt::format("'{}' must hold 32-bit integer token ids, got {}", param, describe(t)));
     ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
   }
   return ids;
@@ -269,7 +285,8 @@ std::string message_content(const json& msg, size_t i, const std::string& role) 
     const auto type = get_string(part, "type");
     if (type != "text")
       bad(pp,
-          fmt::format("'{}' has type '{}'; only text parts are supported", pp, type.value_or("")),
+          fmt::format("'{}' has type '{}'; only text parts are supported", pp,
+                      clip(type.value_or(""))),
           "unsupported_content_type");
     const auto t = get_string(part, "text");
     if (!t) bad(pp, fmt::format("'{}' is a text part without 'text'", pp));
@@ -298,7 +315,8 @@ std::vector<ChatMessage> parse_messages(const json& body) {
     if (role == "developer") role = "system";  // OpenAI's newer name for the system role
     if (role != "system" && role != "user" && role != "assistant")
       bad(param + ".role",
-          fmt::format("'{}.role' is '{}'; supported roles: system, user, assistant", param, role));
+          fmt::format("'{}.role' is '{}'; supported roles: system, user, assistant", param,
+                      clip(role)));
     out.push_back({role, message_content(msg, i, role)});
   }
   return out;
@@ -318,6 +336,13 @@ json finish_json(const std::string& finish) {
 }  // namespace
 
 // ---- errors and models --------------------------------------------------------------------------
+
+std::string clip(std::string_view s, size_t max_bytes) {
+  if (s.size() <= max_bytes) return std::string(s);
+  size_t n = max_bytes;
+  while (n > 0 && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;  // not mid-character
+  return fmt::format("{}... ({} bytes)", s.substr(0, n), s.size());
+}
 
 json error_body(const HttpError& e) {
   std::string type = e.type;
@@ -353,15 +378,47 @@ json models_list(const ServedModel& m) {
 // ---- requests -----------------------------------------------------------------------------------
 
 json parse_json_body(std::string_view body) {
+  // The body's field being parsed: the param of an error raised inside it.
+  std::string field;
+  auto in_field = [&field] { return field.empty() ? "" : fmt::format(" (in '{}')", clip(field)); };
+  // nlohmann's parser keeps its own stack on the heap, so nesting is cut off here, before any
+  // recursive walk sees it.
+  const json::parser_callback_t limit = [&](int depth, json::parse_event_t ev, json& parsed) {
+    if (ev == json::parse_event_t::key && depth == 1) field = parsed.get<std::string>();
+    if ((ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start) &&
+        depth >= kMaxJsonDepth)
+      throw HttpError(400,
+                      fmt::format("the request body nests arrays and objects deeper than {} "
+                                  "levels{}",
+                                  kMaxJsonDepth, in_field()),
+                      clip(field), "json_too_deep");
+    return true;
+  };
   json j;
   try {
-    j = json::parse(body);
+    j = json::parse(body, limit);
   } catch (const json::parse_error& e) {
     std::string what = e.what();
-    // "[json.exception.parse_error.101] parse error at line 1, ..." -> "parse error at line 1, ..."
+    // "[json.exception.parse_error.101] parse error at line 1, ..." -> "parse error at ...";
+    // clipped, as its "last read: '...'" quotes the client's token, which may be a whole string
+    // (the position and the reason come first and stay).
     if (auto p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
     std::replace(what.begin(), what.end(), '\n', ' ');
-    throw HttpError(400, "invalid JSON in the request body: " + what, "", "invalid_json");
+    throw HttpError(400, "invalid JSON in the request body: " + clip(what, kMaxParseError), "",
+                    "invalid_json");
+  } catch (const json::exception& e) {
+    // out_of_range.406: a number literal beyond a double (1e309), which nlohmann does not count
+    // as a parse error. Its text is not quoted: it may be a megabyte of digits.
+    if (e.id == 406)
+      throw HttpError(400,
+                      fmt::format("a number in the request body is out of range{}: JSON numbers "
+                                  "must be finite doubles (magnitude below 1.8e308)",
+                                  in_field()),
+                      clip(field), "number_out_of_range");
+    throw HttpError(400,
+                    fmt::format("invalid JSON in the request body{}: {}", in_field(),
+                                clip(e.what(), kMaxParseError)),
+                    clip(field), "invalid_json");
   }
   if (!j.is_object())
     throw HttpError(400,

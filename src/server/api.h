@@ -38,6 +38,11 @@ class HttpError : public std::runtime_error {
   std::string param, code, type;
 };
 
+// Client text quoted in an error message: at most max_bytes, cut at a character boundary with
+// "..." and the full size appended, so an error never echoes an attacker-sized string.
+inline constexpr size_t kMaxQuoted = 64;
+std::string clip(std::string_view s, size_t max_bytes = kMaxQuoted);
+
 // {"error": {"message", "type", "param", "code"}}; type "invalid_request_error" for 4xx,
 // "authentication_error" for 401, "server_error" for 5xx unless the error names one.
 json error_body(const HttpError& e);
@@ -80,7 +85,13 @@ struct GenerationRequest {
   bool include_usage = false;  // stream_options.include_usage
 };
 
-// The body as a JSON object; 400 for invalid JSON or another JSON type.
+// Arrays and objects nested deeper than this refuse the body. A request needs 4 levels
+// (messages[i].content[k]); a deeper value would only reach the recursive walks over a json
+// (dump, copy, compare: a stack frame per level), which 100,000 levels overflow.
+inline constexpr int kMaxJsonDepth = 64;
+
+// The body as a JSON object; 400 for invalid JSON, another JSON type, nesting deeper than
+// kMaxJsonDepth or a number beyond a double's range (param: the body's field holding it).
 json parse_json_body(std::string_view body);
 // random_seed: the seed when the request gives none (the server draws one per request).
 // HttpError 400 for wrong types, out-of-range values, unsupported features, prompts that do not

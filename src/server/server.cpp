@@ -254,10 +254,16 @@ httplib::Server::Handler Server::Impl::guarded(
       reply_error(res, e, generation);
     } catch (const Error& e) {
       reply_error(res, HttpError(400, e.what()), generation);
+    } catch (const json::exception& e) {
+      // api.cpp checks types before reading a value, so this is a check it missed; the request is
+      // still what is wrong (a value of a type or range it did not expect), not the server.
+      reply_error(res,
+                  HttpError(400, "invalid request: " + clip(e.what(), 256), "", "invalid_request"),
+                  generation);
     } catch (const std::bad_alloc&) {
       reply_error(res, HttpError(500, "out of memory"), generation);
     } catch (const std::exception& e) {
-      reply_error(res, HttpError(500, std::string("internal error: ") + e.what()), generation);
+      reply_error(res, HttpError(500, "internal error: " + clip(e.what(), 256)), generation);
     }
   };
 }
@@ -446,7 +452,7 @@ void Server::Impl::routes() {
              if (q.matches[1] != model.id)
                throw HttpError(404,
                                fmt::format("The model '{}' does not exist; this server serves '{}'",
-                                           q.matches[1].str(), model.id),
+                                           clip(q.matches[1].str()), model.id),
                                "model", "model_not_found");
              json_reply(r, model_object(model));
            },
@@ -483,8 +489,9 @@ void Server::Impl::routes() {
       r.set_header("Allow", allow);
       reply_error(
           r,
-          HttpError(405, fmt::format("{} {}: method not allowed (use {})", q.method, q.path, allow),
-                    "", "method_not_allowed"),
+          HttpError(
+              405, fmt::format("{} {}: method not allowed (use {})", q.method, clip(q.path), allow),
+              "", "method_not_allowed"),
           false);
     };
     const bool post = std::string_view(rt.method) == "POST";
@@ -506,7 +513,8 @@ void Server::Impl::routes() {
     if (!r.body.empty()) return HandlerResponse::Unhandled;
     const HttpError e =
         r.status == 404
-            ? HttpError(404, fmt::format("unknown route: {} {}", q.method, q.path), "", "not_found")
+            ? HttpError(404, fmt::format("unknown route: {} {}", q.method, clip(q.path)), "",
+                        "not_found")
         : r.status == 413
             ? HttpError(413,
                         fmt::format("the request body is larger than the limit of {} bytes (kvlm "

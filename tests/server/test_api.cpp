@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 
 #include "gguf/gguf.h"
@@ -254,6 +255,95 @@ TEST_F(Api, ParseJsonBody) {
     SCOPED_TRACE(bad);
     EXPECT_THROW(parse_json_body(bad), HttpError);
   }
+}
+
+// The HttpError f throws; status 0 when it throws none.
+template <class F>
+HttpError error_of(const F& f) {
+  try {
+    f();
+  } catch (const HttpError& e) {
+    return e;
+  }
+  return HttpError(0, "no error");
+}
+
+std::string nested(const std::string& key, int levels) {
+  return "{\"" + key + "\": " + std::string(levels, '[') + std::string(levels, ']') + "}";
+}
+
+TEST_F(Api, ParseJsonBodyLimitsNesting) {
+  // The body object is one level: kMaxJsonDepth - 1 arrays inside it are the most allowed.
+  EXPECT_NO_THROW(parse_json_body(nested("tokens", kMaxJsonDepth - 1)));
+  for (const std::string& body :
+       {nested("tokens", kMaxJsonDepth), nested("prompt", 200'000),
+        "{\"tokens\": " + std::string(100'000, '[')}) {  // never closed: refused before the end
+    SCOPED_TRACE(body.size());
+    const HttpError e = error_of([&] { parse_json_body(body); });
+    EXPECT_EQ(e.status, 400) << e.what();
+    EXPECT_EQ(e.code, "json_too_deep");
+    EXPECT_EQ(e.param, body.find("prompt") != std::string::npos ? "prompt" : "tokens");
+    EXPECT_NE(std::string(e.what()).find("deeper than 64 levels"), std::string::npos) << e.what();
+  }
+  const HttpError e = error_of([] { parse_json_body(std::string(100'000, '{')); });
+  EXPECT_EQ(e.status, 400);
+  EXPECT_EQ(e.param, "");
+}
+
+TEST_F(Api, ParseJsonBodyNumbersOutOfRange) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"messages": [], "temperature": 1e309})", "temperature"},
+      {R"({"top_p": -1e400})", "top_p"},
+      {R"({"max_tokens": 1e99999})", "max_tokens"},
+      {R"({"seed": 1)" + std::string(400, '0') + "}", "seed"},
+      {R"({"tokens": [1, 2, 1e309]})", "tokens"},
+      {R"({"prompt": [[1, 1e309]]})", "prompt"},
+      {"[1e309]", ""},
+  };
+  for (const auto& [body, param] : cases) {
+    SCOPED_TRACE(body.substr(0, 60));
+    const HttpError e = error_of([&] { parse_json_body(body); });
+    EXPECT_EQ(e.status, 400) << e.what();
+    EXPECT_EQ(e.param, param);
+    EXPECT_EQ(e.code, "number_out_of_range");
+    EXPECT_EQ(std::string(e.what()).find("000000"), std::string::npos) << "quotes the literal";
+  }
+  // Underflow is not an error: 1e-400 reads as 0, as any JSON parser reads it.
+  EXPECT_EQ(parse_json_body(R"({"temperature": 1e-400})")["temperature"], 0.0);
+}
+
+TEST_F(Api, ErrorMessagesQuoteClientTextBounded) {
+  const std::string big(100'000, 'x');
+  const std::vector<std::function<void()>> calls = {
+      [&] { chat({{"messages", kMsgs}, {"model", big}}); },
+      [&] { chat({{"messages", json::array({{{"role", big}, {"content", "x"}}})}}); },
+      [&] {
+        chat({{"messages", json::array({{{"role", "user"},
+                                         {"content", json::array({{{"type", big}}})}}})}});
+      },
+      [&] { detokenize_response({{"tokens", {1, big}}}, *tok_); },
+      [&] { detokenize_response({{"tokens", {1, json::parse(nested("x", 60))["x"]}}}, *tok_); },
+      [&] { complete({{"prompt", {1, json::parse(nested("x", 60))["x"]}}}); },
+      [&] { parse_json_body("{\"a\": \"" + big + "\u0001\"}"); },  // nlohmann quotes the token
+      [&] { parse_json_body("{\"" + big + "\": 1e309}"); },
+  };
+  for (size_t i = 0; i < calls.size(); ++i) {
+    SCOPED_TRACE(i);
+    const HttpError e = error_of(calls[i]);
+    EXPECT_EQ(e.status / 100, 4) << e.what();
+    EXPECT_LT(std::string(e.what()).size(), 400u) << std::string(e.what()).substr(0, 400);
+    EXPECT_LT(e.param.size(), 100u);
+    EXPECT_EQ(std::string(e.what()).find("[["), std::string::npos) << e.what();
+  }
+}
+
+TEST(Clip, CutsAtACharacterAndSaysTheSize) {
+  EXPECT_EQ(clip("short"), "short");
+  EXPECT_EQ(clip(std::string(64, 'a')), std::string(64, 'a'));
+  EXPECT_EQ(clip(std::string(65, 'a')), std::string(64, 'a') + "... (65 bytes)");
+  std::string accents = "a";
+  for (int i = 0; i < 50; ++i) accents += "\xc3\xa9";  // 2 bytes each: byte 64 is mid-character
+  EXPECT_EQ(clip(accents), accents.substr(0, 63) + "... (101 bytes)");
 }
 
 TEST_F(Api, StopStringsEmptyAreIgnored) {

@@ -453,6 +453,34 @@ class Protocol(ServerCase):
         self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
         self.assertEqual(self.complete(max_tokens=2).usage.completion_tokens, 2)
 
+    def test_hostile_json_is_a_400_and_the_server_stays_up(self):
+        chat, comp = "/v1/chat/completions", "/v1/completions"
+        msgs = b'"messages": [{"role": "user", "content": "hi"}]'
+        deep = b"[" * 100_000 + b"]" * 100_000  # 200 KB: overflowed the stack (issue 25)
+        cases = [
+            ("tokens 100,000 deep", "/detokenize", b'{"tokens": ' + deep + b"}", "tokens"),
+            ("prompt 100,000 deep", comp, b'{"prompt": ' + deep + b"}", "prompt"),
+            ("messages deep, unclosed", chat, b'{"messages": ' + b'[{"a": ' * 50_000, "messages"),
+            ("body 100,000 deep", "/tokenize", b"[" * 100_000, None),
+            ("temperature 1e309", chat, b"{" + msgs + b', "temperature": 1e309}', "temperature"),
+            ("top_p -1e400", chat, b"{" + msgs + b', "top_p": -1e400}', "top_p"),
+            ("max_tokens 1e309", comp, b'{"prompt": "a", "max_tokens": 1e309}', "max_tokens"),
+            ("seed of 400 digits", comp, b'{"prompt": "a", "seed": 1' + b"0" * 400 + b"}", "seed"),
+            ("token id 1e309", "/detokenize", b'{"tokens": [1, 1e309]}', "tokens"),
+            ("prompt id 1e309", comp, b'{"prompt": [1, 1e309]}', "prompt"),
+        ]
+        for name, path, body, param in cases:
+            with self.subTest(name):
+                status, headers, data = self.srv.request("POST", path, body)
+                self.assertEqual(status, 400, data[:300])
+                self.assertTrue(headers.get("content-type", "").startswith("application/json"))
+                err = json.loads(data)
+                is_openai_error(self, err, 400)
+                self.assertEqual(err["error"]["param"], param, err)
+                self.assertLess(len(data), 400, data[:400])
+        self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
+        self.assertEqual(self.complete(max_tokens=2).usage.completion_tokens, 2)
+
     def test_64_concurrent_streams(self):
         n = 64
         results = [None] * n

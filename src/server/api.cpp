@@ -367,6 +367,23 @@ std::string served_chat_template(const Tokenizer& tok) {
          "{{ '<|im_start|>assistant\\n' }}{% endif %}";
 }
 
+bool bearer_matches(std::string_view authorization, std::string_view key) {
+  const size_t space = authorization.find(' ');
+  if (space == std::string_view::npos) return false;
+  const std::string_view scheme = authorization.substr(0, space);
+  const bool bearer =
+      scheme.size() == 6 && std::equal(scheme.begin(), scheme.end(), "bearer", [](char a, char b) {
+        return (a | 0x20) == b;  // ASCII fold
+      });
+  std::string_view token = authorization.substr(space);
+  token.remove_prefix(std::min(token.find_first_not_of(' '), token.size()));
+  // Every byte is compared whatever the first difference, so the time says nothing of the key.
+  unsigned diff = token.size() != key.size() || key.empty();
+  for (size_t i = 0; i < token.size() && !key.empty(); ++i)
+    diff |= static_cast<unsigned char>(token[i] ^ key[i % key.size()]);
+  return bearer && diff == 0;
+}
+
 json model_object(const ServedModel& m) {
   return {{"id", m.id}, {"object", "model"}, {"created", m.created}, {"owned_by", "kvlm"}};
 }

@@ -71,6 +71,11 @@ struct ServedModel {
 // ChatML when the model has none (llama-server's fallback; tiny test models have none).
 std::string served_chat_template(const Tokenizer& tok);
 
+// Whether an Authorization header value carries `key` as a bearer token: "Bearer KEY", the scheme
+// in any case (RFC 7235: auth-scheme is case-insensitive) and one or more spaces before the token.
+// The token is compared in constant time (the time taken says nothing of the key).
+bool bearer_matches(std::string_view authorization, std::string_view key);
+
 json model_object(const ServedModel& m);  // {"id", "object": "model", "created", "owned_by"}
 json models_list(const ServedModel& m);   // {"object": "list", "data": [model_object]}
 

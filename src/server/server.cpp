@@ -232,13 +232,8 @@ void Server::Impl::check_auth(const httplib::Request& req) const {
         401,
         "missing API key: send the header 'Authorization: Bearer <key>' (kvlm serve --api-key)", "",
         "invalid_api_key");
-  const std::string auth = req.get_header_value("Authorization");
-  // Compared in full, whatever the first difference, so the time taken says nothing of the key.
-  const std::string want = "Bearer " + opts.api_key;
-  unsigned diff = auth.size() != want.size();
-  for (size_t i = 0; i < auth.size(); ++i)
-    diff |= static_cast<unsigned char>(auth[i] ^ want[i % want.size()]);
-  if (diff) throw HttpError(401, "incorrect API key", "", "invalid_api_key");
+  if (!bearer_matches(req.get_header_value("Authorization"), opts.api_key))
+    throw HttpError(401, "incorrect API key", "", "invalid_api_key");
 }
 
 httplib::Server::Handler Server::Impl::guarded(

@@ -447,6 +447,15 @@ TEST_F(Api, TokenizeDetokenize) {
   EXPECT_THROW(tokenize_response(json::object(), *tok_), HttpError);
 }
 
+TEST(Auth, BearerSchemeInAnyCase) {
+  for (const char* ok : {"Bearer s3cret", "bearer s3cret", "BEARER s3cret", "bEaReR   s3cret"})
+    EXPECT_TRUE(bearer_matches(ok, "s3cret")) << ok;
+  for (const char* no : {"", "Bearer", "Bearer ", "s3cret", "Bearers3cret", "Basic s3cret",
+                         "Bearer s3cre", "Bearer s3cretx", "Bearer S3CRET", "Bearer s3cret ",
+                         "Bearerx s3cret", "Bearer\ts3cret", "Bear s3cret"})
+    EXPECT_FALSE(bearer_matches(no, "s3cret")) << no;
+}
+
 TEST(Models, Objects) {
   ServedModel m;
   m.id = "x";

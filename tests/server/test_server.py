@@ -538,9 +538,13 @@ class ApiKey(unittest.TestCase):
         self.assertEqual(status, 401)
         # /health stays open (load balancers probe it without credentials).
         self.assertEqual(srv.json("GET", "/health"), (200, {"status": "ok"}))
-        status, body = srv.json("POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 2},
-                                {"Authorization": f"Bearer {key}"})
-        self.assertEqual(status, 200, body)
+        # RFC 7235: the scheme is case-insensitive.
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            with self.subTest(scheme=scheme):
+                status, body = srv.json("POST", "/v1/chat/completions",
+                                        {"messages": msgs, "max_tokens": 2},
+                                        {"Authorization": f"{scheme} {key}"})
+                self.assertEqual(status, 200, body)
         with srv.client(api_key="wrong") as c, self.assertRaises(openai.AuthenticationError):
             c.models.list()
         with srv.client(api_key=key) as c:

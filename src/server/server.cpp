@@ -182,6 +182,29 @@ bool client_gone(socket_t sock) {
   return got == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
+// The 413 httplib answered. It has two limits: --max-body (set_payload_max_length), checked
+// against Content-Length before the body is read, and, for a Content-Type starting with
+// application/x-www-form-urlencoded, CPPHTTPLIB_FORM_URL_ENCODED_PAYLOAD_MAX_LENGTH (8192 bytes,
+// compiled into Debian's library as in its header), checked after the body is read; only the
+// second leaves a body in the request.
+HttpError too_large(const httplib::Request& q, size_t max_body) {
+  const size_t form_max = CPPHTTPLIB_FORM_URL_ENCODED_PAYLOAD_MAX_LENGTH;
+  if (q.body.size() > form_max &&
+      q.get_header_value("Content-Type").starts_with("application/x-www-form-urlencoded"))
+    return HttpError(413,
+                     fmt::format("a form-encoded request body (Content-Type: "
+                                 "application/x-www-form-urlencoded) is limited to {} bytes, this "
+                                 "one has {}; this API reads JSON: send Content-Type: "
+                                 "application/json (bodies up to {} bytes, kvlm serve --max-body)",
+                                 form_max, q.body.size(), max_body),
+                     "", "payload_too_large");
+  return HttpError(
+      413,
+      fmt::format("the request body is larger than the limit of {} bytes (kvlm serve --max-body)",
+                  max_body),
+      "", "payload_too_large");
+}
+
 // How often a waiting request looks at its socket when no event comes (queued, prefilling, or a
 // non-streaming one generating): a client gone is noticed within this, or at the next token.
 constexpr auto kClientPoll = std::chrono::milliseconds(50);
@@ -510,13 +533,8 @@ void Server::Impl::routes() {
         r.status == 404
             ? HttpError(404, fmt::format("unknown route: {} {}", q.method, clip(q.path)), "",
                         "not_found")
-        : r.status == 413
-            ? HttpError(413,
-                        fmt::format("the request body is larger than the limit of {} bytes (kvlm "
-                                    "serve --max-body)",
-                                    opts.max_body),
-                        "", "payload_too_large")
-            : HttpError(r.status, fmt::format("HTTP {}: malformed request", r.status));
+        : r.status == 413 ? too_large(q, opts.max_body)
+                          : HttpError(r.status, fmt::format("HTTP {}: malformed request", r.status));
     r.set_content(dump(error_body(e)), "application/json");
     return HandlerResponse::Handled;
   }));

@@ -481,6 +481,29 @@ class Protocol(ServerCase):
         self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
         self.assertEqual(self.complete(max_tokens=2).usage.completion_tokens, 2)
 
+    def test_413_names_the_limit_that_applied(self):
+        form = {"Content-Type": "application/x-www-form-urlencoded"}  # curl -d's default
+        small = json.dumps({"prompt": "a", "max_tokens": 2}).encode()
+        status, _, data = self.srv.request("POST", "/v1/completions", small, form)
+        self.assertEqual(status, 200, data)  # the body is read as JSON whatever its type
+        padded = json.dumps({"prompt": "a", "max_tokens": 2, "pad": "x" * 10_000}).encode()
+        cases = [  # (body, headers, what the message must say, what it must not)
+            (padded, form, ["form-encoded", "8192 bytes", "application/json"], "larger than"),
+            (padded + b" " * (2 << 20), form, ["limit of 1048576 bytes", "--max-body"], "form"),
+            (padded + b" " * (2 << 20), {}, ["limit of 1048576 bytes", "--max-body"], "form"),
+        ]
+        for body, headers, says, not_says in cases:
+            with self.subTest(size=len(body), headers=headers):
+                status, _, data = self.srv.request("POST", "/v1/completions", body, headers)
+                self.assertEqual(status, 413, data[:300])
+                err = json.loads(data)
+                is_openai_error(self, err, 413)
+                for s in says:
+                    self.assertIn(s, err["error"]["message"])
+                self.assertNotIn(not_says, err["error"]["message"])
+        status, _, data = self.srv.request("POST", "/v1/completions", padded)  # as JSON: served
+        self.assertEqual(status, 200, data)
+
     def test_64_concurrent_streams(self):
         n = 64
         results = [None] * n

@@ -289,7 +289,7 @@ int run_bench(const BenchArgs& a) {
     fail("-np above 1 runs the paged cache with plain rows: it does not combine with --no-cache, "
          "a window, --keep or --kv-residual");
 
-  ThreadPool pool(a.threads);
+  ThreadPool pool(resolve_threads(a.threads));
   const KvShape shape = model->kv_shape(ctk, ctv);
   const std::string cache_desc =
       fmt::format("{}, {}", describe_cache(kvo),
@@ -408,8 +408,7 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("-r,--repetitions", b->reps, "timed repetitions per test")
       ->check(CLI::Range(1, 10000))
       ->capture_default_str();
-  cmd->add_option("-t,--threads", b->threads, "threads (default: all cores)")
-      ->check(CLI::Range(1, 1024));
+  add_threads_flag(cmd, b->threads);
   cmd->add_option("-b,--batch-size", b->n_batch, "prompt tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
       ->capture_default_str();

@@ -88,7 +88,7 @@ int run_chat(const ChatArgs& a) {
     kvo.n_keep = std::min<int64_t>(static_cast<int64_t>(tok->encode(sys_text, tok->add_bos_default(), true).size()),
                                    kvo.n_ctx / 2);
   }
-  ThreadPool pool(a.threads);
+  ThreadPool pool(resolve_threads(a.threads));
   Session session(*model, kvo, pool);
   std::string held_text;  // text whose tokens the cache holds (empty: unknown, compare tokens)
 
@@ -191,7 +191,7 @@ Command add_chat(CLI::App& app) {
   c->add_option("-n,--n-predict", a->n_predict, "max tokens per reply")->check(CLI::Range(1, 1 << 20));
   add_sampling_flags(c, a->sampling);
   c->add_option("--seed", a->seed, "random seed")->each([a](const std::string&) { a->seed_given = true; });
-  c->add_option("-t,--threads", a->threads, "threads (default: all cores)")->check(CLI::Range(1, 1024));
+  add_threads_flag(c, a->threads);
   add_cache_flags(c, a->cache);
   return {c, [a] { return run_chat(*a); }};
 }

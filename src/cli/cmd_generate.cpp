@@ -63,7 +63,7 @@ int run_generate(const GenerateArgs& a) {
          "generate (raise -c, at most {})",
          prompt.size(), n_ctx, c.n_ctx_train);
 
-  ThreadPool pool(a.threads);
+  ThreadPool pool(resolve_threads(a.threads));
   Session session(*model, kvo, pool, kvo.window ? std::min(a.n_batch, kvo.window_chunk) : a.n_batch);
   GenerateOptions opts;
   opts.n_predict = a.n_predict;
@@ -151,8 +151,7 @@ Command add_generate(CLI::App& app) {
   add_sampling_flags(gen, g->sampling);
   gen->add_option("--seed", g->seed, "random seed (default: random, printed)")
       ->each([g](const std::string&) { g->seed_given = true; });
-  gen->add_option("-t,--threads", g->threads, "threads (default: all cores)")
-      ->check(CLI::Range(1, 1024));
+  add_threads_flag(gen, g->threads);
   gen->add_option("-b,--batch-size", g->n_batch, "prompt tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   gen->add_flag("--trace", g->trace,

@@ -84,7 +84,7 @@ int run_perplexity(const PerplexityArgs& a) {
   const std::vector<int32_t> tokens = perplexity_tokens(*tok, text);
   const int32_t bos = tok->add_bos_default() ? tok->bos_id() : -1;
 
-  ThreadPool pool(a.threads);
+  ThreadPool pool(resolve_threads(a.threads));
   bool header_done = false;
   auto header = [&](int64_t n_chunks) {
     if (header_done) return;
@@ -163,8 +163,7 @@ Command add_perplexity(CLI::App& app) {
       ->check(CLI::Range(int64_t{4}, int64_t{1} << 24));
   ppl->add_option("--chunks", a->n_chunks, "chunks to evaluate (default: all, or the base's)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 32));
-  ppl->add_option("-t,--threads", a->threads, "threads (default: all cores)")
-      ->check(CLI::Range(1, 1024));
+  add_threads_flag(ppl, a->threads);
   ppl->add_option("-b,--batch-size", a->n_batch, "tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   add_cache_flags(ppl, a->cache, false);

@@ -140,7 +140,7 @@ int run_serve(ServeArgs& a) {
   SamplingParams defaults = a.sampling;
   validate(defaults);
 
-  ThreadPool pool(a.threads);
+  ThreadPool pool(resolve_threads(a.threads));
   Scheduler sched(*model, *tok, cfg, pool);
 
   server::ServedModel served;
@@ -222,8 +222,7 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("-b,--batch-size", a->sched.n_batch,
                   "tokens per forward pass: decode tokens plus prefill chunks (default 512)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
-  cmd->add_option("-t,--threads", a->threads, "compute threads (default: all cores)")
-      ->check(CLI::Range(1, 1024));
+  add_threads_flag(cmd, a->threads, "compute threads (default: all cores)");
   cmd->add_option("--threads-http", a->http_threads,
                   "connections served at once (default max(2 x -np, 64) + 8); more wait")
       ->check(CLI::Range(1, 4096));

@@ -1,8 +1,13 @@
 #include "cli/common.h"
 
-#include <cstdlib>
+#include <sched.h>
+
 #include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <thread>
 
 #include "base/error.h"
 #include "kv/kv_shape.h"
@@ -78,6 +83,39 @@ void add_cache_flags(CLI::App* app, CacheFlags& f, bool context_flag) {
                 "store K and V multiplied by a Hadamard matrix per head (q rotated alike, the "
                 "output rotated back): spreads outliers before quantization, same bytes; for "
                 "quantized caches (e.g. -ctk q4_0 -ctv q4_0 --kv-rotate)");
+}
+
+void add_threads_flag(CLI::App* app, int& threads, const std::string& help) {
+  const CLI::Validator at_least_one(
+      [](std::string& s) {
+        long long v = 0;
+        if (CLI::detail::lexical_cast(s, v) && v >= 1 && v <= INT_MAX) return std::string();
+        return fmt::format(
+            "must be a whole number from 1 to {} (more than the cores are "
+            "clamped to them), got {}",
+            INT_MAX, s.substr(0, 32));
+      },
+      "INT >= 1");
+  app->add_option("-t,--threads", threads, help)->check(at_least_one);
+}
+
+int available_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  // A mask wider than cpu_set_t (over 1024 CPUs) fails with EINVAL; the machine's count serves.
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+int resolve_threads(int requested) {
+  const int cores = available_cores();
+  if (requested <= 0) return cores;
+  if (requested > cores)
+    std::fprintf(stderr,
+                 "kvlm: note: -t %d is more than the %d cores this process may run on; "
+                 "using %d threads\n",
+                 requested, cores, cores);
+  return std::min(requested, cores);
 }
 
 void add_sampling_flags(CLI::App* app, SamplingParams& p) {

@@ -50,6 +50,18 @@ std::string describe_cache(const KvOptions& o);
 // Resolves the flags against a model into the session's KvOptions; kvlm::Error naming the flag.
 KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c);
 
+// -t/--threads of every command that runs the model: 0 (not given) is every core this process
+// may run on; 0 or negative given is refused; more than the cores is clamped (resolve_threads).
+void add_threads_flag(CLI::App* app, int& threads,
+                      const std::string& help = "threads (default: all cores)");
+// Cores this process may run on: its CPU affinity mask (taskset, cgroup cpusets), else
+// std::thread::hardware_concurrency(); at least 1.
+int available_cores();
+// The pool size for -t `requested`: 0 -> available_cores(); more than available_cores() -> that,
+// with a one-line note on stderr. A thread without a core of its own only waits: the pool hands
+// work out by spinning, and a 2-core VM ran -t 1000 at a few tokens per second.
+int resolve_threads(int requested);
+
 // --temp --top-k --top-p --min-p --repeat-penalty --repeat-last-n (generate, chat, later serve).
 void add_sampling_flags(CLI::App* app, SamplingParams& p);
 

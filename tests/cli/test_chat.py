@@ -73,6 +73,13 @@ class Chat(unittest.TestCase):
         self.assertGreater(s["evicted"], 0)
         self.assertLessEqual(s["cache"], 96)
 
+    def test_threads_above_the_cores_are_clamped(self):
+        cores = len(os.sched_getaffinity(0))
+        rc, _, err = run(["chat", "-t", "1000"], "/quit\n")
+        self.assertEqual(rc, 0, err)
+        self.assertIn(f"kvlm: note: -t 1000 is more than the {cores} cores this process may run "
+                      f"on; using {cores} threads", err)
+
     def test_unknown_command(self):
         rc, _, err = run(["chat"], "/frob\n/quit\n")
         self.assertEqual(rc, 0)

@@ -84,6 +84,9 @@ class BadInput(unittest.TestCase):
             (gen + ["-m", TINY, "--top-p", "1.5"], (2,), "top-p"),
             (gen + ["-m", TINY, "--min-p", "-0.1"], (2,), "min-p"),
             (gen + ["-m", TINY, "-t", "0"], (2,), "threads"),
+            (gen + ["-m", TINY, "-t", "-3"], (2,), "threads"),
+            (gen + ["-m", TINY, "-t", "two"], (2,), "threads"),
+            (gen + ["-m", TINY, "-t", "99999999999"], (2,), "threads"),
             (gen + ["-m", TINY, "-c", "0"], (2,), "ctx"),
             (["generate", "-m", TINY, "-p", "x", "-n", "abc"], (2,), "abc"),
             (gen + ["-m", TINY, "--bogus-flag"], (2,), "bogus"),
@@ -101,6 +104,64 @@ class BadInput(unittest.TestCase):
         for args, codes, needle in cases:
             with self.subTest(args=args):
                 self.check(args, codes, needle)
+
+
+class Threads(unittest.TestCase):
+    """-t above the cores this process may run on (its affinity mask) is clamped to them with one
+    note on stderr: a 1000-thread pool on 2 cores crawled (issue 25)."""
+
+    NOTE = re.compile(r"^kvlm: note: -t (\d+) is more than the (\d+) cores this process may run "
+                      r"on; using \2 threads$", re.M)
+
+    def clamped(self, err, asked, cores):
+        notes = [l for l in err.splitlines() if "note" in l]
+        self.assertEqual(len(notes), 1, err)
+        m = self.NOTE.match(notes[0])
+        self.assertTrue(m, notes[0])
+        self.assertEqual((int(m.group(1)), int(m.group(2))), (asked, cores))
+
+    def test_every_command_that_runs_the_model(self):
+        import json
+        cores = len(os.sched_getaffinity(0))
+        gen = ["generate", "-m", TINY, "-p", "hello", "-n", "4"]
+        rc, _, err = run(*gen, "-t", "1000", timeout=120)
+        self.assertEqual(rc, 0, err)
+        self.clamped(err, 1000, cores)
+        self.assertRegex(err, rf"threads:\s+{cores},")
+        rc, out, err = run("bench", "-m", TINY, "-p", "8", "-n", "4", "-r", "1", "--json", "-t",
+                           "1000", timeout=120)
+        self.assertEqual(rc, 0, err)
+        self.clamped(err, 1000, cores)
+        self.assertEqual(json.loads(out)["threads"], cores)
+        with tempfile.TemporaryDirectory() as d:
+            text = os.path.join(d, "text.txt")
+            open(text, "w").write("the quick brown fox jumps over the lazy dog " * 20)
+            rc, out, err = run("perplexity", "-m", TINY, "-f", text, "--ctx", "64", "--chunks",
+                               "1", "-t", "1000", timeout=120)
+        self.assertEqual(rc, 0, err)
+        self.clamped(err, 1000, cores)
+        self.assertIn(f", {cores} threads", out)
+        # As many as the cores, or fewer: no note.
+        rc, _, err = run(*gen, "-t", str(cores))
+        self.assertEqual(rc, 0, err)
+        self.assertNotIn("note", err)
+        self.assertRegex(err, rf"threads:\s+{cores},")
+
+    def test_the_affinity_mask_counts(self):
+        # Pinned to one CPU (taskset, a cgroup cpuset), the default and -t 2 use one thread.
+        cpu = min(os.sched_getaffinity(0))
+        for args, note in (([], False), (["-t", "2"], True)):
+            with self.subTest(args=args):
+                p = subprocess.run([KVLM, "generate", "-m", TINY, "-p", "hello", "-n", "4", *args],
+                                   capture_output=True, timeout=120,
+                                   preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+                err = p.stderr.decode()
+                self.assertEqual(p.returncode, 0, err)
+                self.assertRegex(err, r"threads:\s+1,")
+                if note:
+                    self.clamped(err, 2, 1)
+                else:
+                    self.assertNotIn("note", err)
 
 
 class RealRuns(unittest.TestCase):

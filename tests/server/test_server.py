@@ -689,6 +689,18 @@ class Cli(unittest.TestCase):
         self.check_fails(["-m", TINY, "--max-body", "-1"], "-1")
         self.check_fails(["-m", TINY, "--bogus"], "--bogus", codes=(2,))
 
+    def test_threads_above_the_cores_are_clamped(self):
+        cores = len(os.sched_getaffinity(0))
+        srv = Server("-m", TINY, "-t", "1000")
+        try:
+            text = "".join(srv.stderr)
+            self.assertIn(f"kvlm: note: -t 1000 is more than the {cores} cores this process may "
+                          f"run on; using {cores} threads", text)
+            self.assertIn(f", {cores} threads", text)
+            self.assertEqual(srv.json("GET", "/health"), (200, {"status": "ok"}))
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
     def test_port_in_use(self):
         srv = Server("-m", TINY)
         try:

@@ -69,6 +69,38 @@ std::vector<int32_t> turn_tokens(const Tokenizer& tok, Session& s, const std::st
   return {ids.begin() + static_cast<std::ptrdiff_t>(common), ids.end()};
 }
 
+// What /save stores beside the cache: {"messages": [{"role", "content"}, ...], "held_text"}.
+struct SavedChat {
+  std::vector<ChatMessage> messages;
+  std::string held_text;
+};
+
+// Every field and its type is checked (a checksum only says the file is as written, not that
+// kvlm wrote it); kvlm::Error naming the file and the field otherwise.
+SavedChat parse_saved_chat(const std::string& text, const std::string& path) {
+  using nlohmann::json;
+  const json meta = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (meta.is_discarded() || !meta.is_object())
+    fail("{}: session metadata is not a kvlm chat (not a JSON object)", path);
+  SavedChat out;
+  const auto msgs = meta.find("messages");
+  if (msgs == meta.end() || !msgs->is_array())
+    fail("{}: session metadata is not a kvlm chat ('messages' is not an array)", path);
+  for (size_t i = 0; i < msgs->size(); ++i) {
+    const json& m = (*msgs)[i];
+    const auto role = m.find("role"), content = m.find("content");  // end() unless an object
+    if (role == m.end() || !role->is_string() || content == m.end() || !content->is_string())
+      fail("{}: session metadata: messages[{}] is not {{\"role\": string, \"content\": string}}",
+           path, i);
+    out.messages.push_back({role->get<std::string>(), content->get<std::string>()});
+  }
+  if (const auto held = meta.find("held_text"); held != meta.end()) {
+    if (!held->is_string()) fail("{}: session metadata: 'held_text' is not a string", path);
+    out.held_text = held->get<std::string>();
+  }
+  return out;
+}
+
 int run_chat(const ChatArgs& a) {
   SamplingParams sp = a.sampling;
   sp.seed = a.seed_given ? a.seed : std::random_device{}();
@@ -123,14 +155,13 @@ int run_chat(const ChatArgs& a) {
                        static_cast<long long>(session.n_cached()), arg.c_str());
         } else if (cmd == "/load") {
           if (arg.empty()) fail("/load needs a file name");
-          const std::string meta_text = session.load(arg);
-          nlohmann::json meta = nlohmann::json::parse(meta_text, nullptr, false);
-          if (meta.is_discarded() || !meta.contains("messages"))
-            fail("{}: session metadata is not a kvlm chat", arg);
+          // The metadata is checked inside load, before the cache changes: a refused file leaves
+          // the conversation as it was.
+          SavedChat saved;
+          session.load(arg, [&](const std::string& meta) { saved = parse_saved_chat(meta, arg); });
           st = ChatState{};
-          for (const auto& m : meta["messages"])
-            st.messages.push_back({m.value("role", ""), m.value("content", "")});
-          held_text = meta.value("held_text", "");
+          st.messages = std::move(saved.messages);
+          held_text = std::move(saved.held_text);
           std::fprintf(stderr, "[loaded %lld tokens, %zu messages]\n",
                        static_cast<long long>(session.n_cached()), st.messages.size());
         } else {

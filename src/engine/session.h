@@ -113,9 +113,12 @@ class Session {
   // header carrying a model fingerprint, the cache shape and a checksum (session_file.cpp).
   // save: kvlm::Error if the file cannot be written. load: kvlm::Error, leaving the session
   // unchanged, if the file is unreadable, corrupt, for another model or another cache shape.
-  // `meta` is opaque text stored alongside (chat keeps its messages there).
+  // `meta` is opaque text stored alongside (chat keeps its messages there). load calls
+  // check_meta (if given) with it once the rest of the file is validated and before anything
+  // changes: a kvlm::Error from it refuses the file, leaving the session unchanged.
   void save(const std::string& path, const std::string& meta) const;
-  std::string load(const std::string& path);
+  std::string load(const std::string& path,
+                   const std::function<void(const std::string&)>& check_meta = {});
 
  private:
   std::span<const float> run(std::span<const int32_t> tokens, bool all_logits);

@@ -9,6 +9,7 @@
 #include <xxhash.h>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
@@ -91,6 +92,24 @@ std::array<uint32_t, 5> shape_words(const KvShape& s) {
           static_cast<uint32_t>(s.dtype_v)};
 }
 
+// The whole file. A directory, a FIFO or a device is refused before it is opened: reading a
+// directory throws std::ios_base::failure out of the stream, and /dev/zero never ends.
+std::string read_regular_file(const std::string& path) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(st)) fail("{}: cannot open session file", path);
+  if (!std::filesystem::is_regular_file(st))
+    fail("{}: {}, not a session file", path,
+         std::filesystem::is_directory(st) ? "a directory" : "not a regular file");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail("{}: cannot open session file", path);
+  try {
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  } catch (const std::ios_base::failure& e) {
+    fail("{}: cannot read session file ({})", path, e.what());
+  }
+}
+
 }  // namespace
 
 void Session::save(const std::string& path, const std::string& meta) const {
@@ -122,11 +141,10 @@ void Session::save(const std::string& path, const std::string& meta) const {
   if (!f.flush()) fail("{}: write failed", path);
 }
 
-std::string Session::load(const std::string& path) {
+std::string Session::load(const std::string& path,
+                          const std::function<void(const std::string&)>& check_meta) {
   if (kv_shape().kivi()) fail("{}: session files do not support the KIVI cache (--kv-residual)", path);
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail("{}: cannot open session file", path);
-  const std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const std::string data = read_regular_file(path);
   if (data.size() < kHeaderBytes + 8) fail("{}: not a kvlm session file (too short)", path);
   if (std::memcmp(data.data(), kMagic, sizeof(kMagic)) != 0)
     fail("{}: not a kvlm session file (bad magic)", path);
@@ -162,6 +180,7 @@ std::string Session::load(const std::string& path) {
   if (!checked_mul(k_bytes + v_bytes, static_cast<uint64_t>(s.n_layer), &rows_total) ||
       r.pos() + rows_total != body.size())
     fail("{}: session file size does not match its {} tokens", path, n);
+  if (check_meta) check_meta(meta);
   // Validated: now replace the session's state.
   reset();
   KVLM_CHECK(kv_.reserve(kSeq, static_cast<int64_t>(n)));  // n <= n_ctx, checked above

@@ -2,7 +2,9 @@
 """kvlm chat, the KV-cache features of generate (--trace, windows, context shift, dynamic
 allocation) end to end. Standard library only. Usage: test_chat.py KVLM_BINARY TEST_DATA_DIR"""
 import os
+import json
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,52 @@ def stats(err):
                          r"prefilled (\d+) \| evicted (\d+)", err):
         out.append(dict(zip(("turns", "cache", "ctx", "reused", "prefilled", "evicted"), map(int, m.groups()))))
     return out
+
+
+def xxh64(data: bytes, seed: int = 0) -> int:
+    """XXH64 (the session files' checksum), from its specification, standard library only."""
+    p1, p2, p3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
+    p4, p5, m = 0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5, (1 << 64) - 1
+
+    def rotl(x, r):
+        return ((x << r) | (x >> (64 - r))) & m
+
+    def rnd(acc, lane):
+        return (rotl((acc + lane * p2) & m, 31) * p1) & m
+
+    n, i = len(data), 0
+    if n >= 32:
+        v = [(seed + p1 + p2) & m, (seed + p2) & m, seed, (seed - p1) & m]
+        while i + 32 <= n:
+            v = [rnd(a, lane) for a, lane in zip(v, struct.unpack_from("<4Q", data, i))]
+            i += 32
+        h = (rotl(v[0], 1) + rotl(v[1], 7) + rotl(v[2], 12) + rotl(v[3], 18)) & m
+        for a in v:
+            h = ((h ^ rnd(0, a)) * p1 + p4) & m
+    else:
+        h = (seed + p5) & m
+    h = (h + n) & m
+    while i + 8 <= n:
+        h = (rotl(h ^ rnd(0, struct.unpack_from("<Q", data, i)[0]), 27) * p1 + p4) & m
+        i += 8
+    if i + 4 <= n:
+        h = (rotl(h ^ ((struct.unpack_from("<I", data, i)[0] * p1) & m), 23) * p2 + p3) & m
+        i += 4
+    for b in data[i:]:
+        h = (rotl(h ^ ((b * p5) & m), 11) * p1) & m
+    h = ((h ^ (h >> 33)) * p2) & m
+    h = ((h ^ (h >> 29)) * p3) & m
+    return h ^ (h >> 32)
+
+
+def with_meta(session: bytes, meta: bytes) -> bytes:
+    """The session file with its metadata replaced and the checksum recomputed (layout:
+    src/engine/session_file.cpp; the metadata length is the u64 at byte 48)."""
+    body = session[:-8]
+    assert struct.unpack("<Q", session[-8:])[0] == xxh64(body), "xxh64 disagrees with kvlm"
+    (meta_len,) = struct.unpack_from("<Q", body, 48)
+    body = body[:48] + struct.pack("<Q", len(meta)) + meta + body[56 + meta_len:]
+    return body + struct.pack("<Q", xxh64(body))
 
 
 class Chat(unittest.TestCase):
@@ -63,6 +111,51 @@ class Chat(unittest.TestCase):
             self.assertIn("cannot open session file", err)
             self.assertIn("not a kvlm session file", err)
             # (Another model's session: tests/model/test_model.cpp, Session.SaveLoad.)
+
+    def test_refused_load_leaves_the_conversation_as_it_was(self):
+        # Checksum-valid files whose metadata kvlm did not write, and paths that are no files:
+        # each is one error line, and the conversation (cache and messages) goes on untouched.
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s.kvs")
+            rc, _, err = run(["chat", "--temp", "0", "-n", "8"], f"Hello!\n/save {path}\n/quit\n")
+            self.assertEqual(rc, 0, err)
+            saved = open(path, "rb").read()
+            metas = [
+                b"not json", b"[1, 2]", b"{}", json.dumps({"messages": "hi"}).encode(),
+                json.dumps({"messages": [["user", "hi"]]}).encode(),
+                json.dumps({"messages": [{"role": 1, "content": "hi"}]}).encode(),
+                json.dumps({"messages": [{"role": "user"}]}).encode(),
+                json.dumps({"messages": [{"role": "user", "content": ["hi"]}]}).encode(),
+                json.dumps({"messages": [], "held_text": 5}).encode(),
+                b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            ]
+            bad = []
+            for k, meta in enumerate(metas):
+                bad.append(os.path.join(d, f"bad{k}.kvs"))
+                open(bad[-1], "wb").write(with_meta(saved, meta))
+            # The file's own metadata, rewritten the same way, loads: the rewrite is sound.
+            (meta_len,) = struct.unpack_from("<Q", saved, 48)
+            good = os.path.join(d, "good.kvs")
+            open(good, "wb").write(with_meta(saved, saved[56:56 + meta_len]))
+            n_saved = int(re.search(r"\[saved (\d+) tokens", err).group(1))
+            not_files = [d, "/dev/zero"]
+            loads = "".join(f"/load {p}\n" for p in [*bad, *not_files])
+            rc, _, err = run(["chat", "--temp", "0", "-n", "8"],
+                             f"Name a colour.\n/stats\n{loads}/stats\nAnother?\n/stats\n"
+                             f"/load {good}\n/quit\n")
+            self.assertEqual(rc, 0, err)
+            errors = [l for l in err.splitlines() if "error:" in l]
+            self.assertEqual(len(errors), len(bad) + len(not_files), err)
+            for line, p in zip(errors, [*bad, *not_files]):
+                self.assertIn(p, line)
+            self.assertIn("a directory", errors[-2])
+            s = stats(err)
+            self.assertEqual(s[1], s[0])  # the cache as it was
+            # The next turn reuses the whole cache and renders the same messages: it continues
+            # this conversation.
+            self.assertEqual(s[2]["turns"], 2)
+            self.assertEqual(s[2]["reused"] - s[1]["reused"], s[1]["cache"])
+            self.assertIn(f"[loaded {n_saved} tokens, 2 messages]", err)
 
     def test_context_shift_keeps_chatting(self):
         rc, out, err = run(["chat", "--temp", "0", "-n", "40", "-c", "96"],

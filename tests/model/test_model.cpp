@@ -304,5 +304,30 @@ TEST(Session, SaveLoadRoundTrip) {
   std::remove(path.c_str());
 }
 
+// A file refused by the caller's metadata check (kvlm chat's /load), or a path that is no file,
+// leaves the session exactly as it was: the check runs before the cache is touched.
+TEST(Session, RefusedLoadLeavesTheSessionAsItWas) {
+  auto m = Model::load(test::data_path("tiny-llama.gguf"));
+  const std::string path = ::testing::TempDir() + "/kvlm_refused.kvs";
+  Session a(*m, DType::F16, DType::F16, 64, pool());
+  a.feed(std::vector<int32_t>{1, 2, 3, 4, 5});
+  a.save(path, "meta text");
+  Session b(*m, DType::F16, DType::F16, 64, pool());
+  const std::vector<int32_t> held = {7, 8};
+  b.feed(held);
+  EXPECT_THROW(b.load(path,
+                      [](const std::string& meta) {
+                        EXPECT_EQ(meta, "meta text");
+                        fail("not a chat");
+                      }),
+               Error);
+  EXPECT_THROW(b.load(::testing::TempDir()), Error);  // a directory
+  EXPECT_EQ(b.tokens(), held);
+  EXPECT_EQ(b.kv().size(), 2);
+  EXPECT_EQ(b.load(path, [](const std::string&) {}), "meta text");
+  EXPECT_EQ(b.kv().size(), 5);
+  std::remove(path.c_str());
+}
+
 }  // namespace
 }  // namespace kvlm

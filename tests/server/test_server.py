@@ -481,6 +481,29 @@ class Protocol(ServerCase):
         self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
         self.assertEqual(self.complete(max_tokens=2).usage.completion_tokens, 2)
 
+    def test_errors_quote_client_text_clipped(self):
+        big = "x" * 100_000
+        msgs = [{"role": "user", "content": "hi"}]
+        cases = [
+            ("GET", "/" + "y" * 6000, None, 404),
+            ("GET", "/v1/models/" + "y" * 6000, None, 404),
+            ("PUT", "/v1/models/" + "y" * 6000, None, 405),
+            ("POST", "/v1/chat/completions", {"model": big, "messages": msgs}, 404),
+            ("POST", "/v1/chat/completions", {"messages": [{"role": big, "content": "x"}]}, 400),
+            ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                {"type": big}]}]}, 400),
+            ("POST", "/detokenize", {"tokens": [1, big]}, 400),
+            ("POST", "/detokenize", {"tokens": [1, [[[[[[[[2]]]]]]]]]}, 400),
+            ("POST", "/tokenize", b'{"content": "' + big.encode() + b'\x01"}', 400),
+        ]
+        for method, path, body, want in cases:
+            with self.subTest(method=method, path=path[:40], body=str(body)[:60]):
+                status, _, data = self.srv.request(method, path, body)
+                self.assertEqual(status, want, data[:300])
+                is_openai_error(self, json.loads(data), status)
+                self.assertLess(len(data), 500, data[:500])
+                self.assertNotIn(b"[[", data)
+
     def test_413_names_the_limit_that_applied(self):
         form = {"Content-Type": "application/x-www-form-urlencoded"}  # curl -d's default
         small = json.dumps({"prompt": "a", "max_tokens": 2}).encode()

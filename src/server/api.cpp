@@ -395,15 +395,18 @@ json models_list(const ServedModel& m) {
 // ---- requests -----------------------------------------------------------------------------------
 
 json parse_json_body(std::string_view body) {
-  // The body's field being parsed: the param of an error raised inside it.
+  // The body's field whose value is being parsed: the param of an error raised inside it (empty
+  // between fields).
   std::string field;
   auto in_field = [&field] { return field.empty() ? "" : fmt::format(" (in '{}')", clip(field)); };
   // nlohmann's parser keeps its own stack on the heap, so nesting is cut off here, before any
   // recursive walk sees it.
   const json::parser_callback_t limit = [&](int depth, json::parse_event_t ev, json& parsed) {
-    if (ev == json::parse_event_t::key && depth == 1) field = parsed.get<std::string>();
-    if ((ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start) &&
-        depth >= kMaxJsonDepth)
+    using Ev = json::parse_event_t;
+    if (depth == 1 && ev == Ev::key) field = parsed.get<std::string>();
+    if (depth == 1 && (ev == Ev::value || ev == Ev::object_end || ev == Ev::array_end))
+      field.clear();
+    if ((ev == Ev::object_start || ev == Ev::array_start) && depth >= kMaxJsonDepth)
       throw HttpError(400,
                       fmt::format("the request body nests arrays and objects deeper than {} "
                                   "levels{}",
@@ -421,8 +424,10 @@ json parse_json_body(std::string_view body) {
     // (the position and the reason come first and stay).
     if (auto p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
     std::replace(what.begin(), what.end(), '\n', ' ');
-    throw HttpError(400, "invalid JSON in the request body: " + clip(what, kMaxParseError), "",
-                    "invalid_json");
+    throw HttpError(400,
+                    fmt::format("invalid JSON in the request body{}: {}", in_field(),
+                                clip(what, kMaxParseError)),
+                    clip(field), "invalid_json");
   } catch (const json::exception& e) {
     // out_of_range.406: a number literal beyond a double (1e309), which nlohmann does not count
     // as a parse error. Its text is not quoted: it may be a megabyte of digits.

@@ -96,7 +96,7 @@ struct GenerationRequest {
 inline constexpr int kMaxJsonDepth = 64;
 
 // The body as a JSON object; 400 for invalid JSON, another JSON type, nesting deeper than
-// kMaxJsonDepth or a number beyond a double's range (param: the body's field holding it).
+// kMaxJsonDepth or a number beyond a double's range (param: the body's field where it is found).
 json parse_json_body(std::string_view body);
 // random_seed: the seed when the request gives none (the server draws one per request).
 // HttpError 400 for wrong types, out-of-range values, unsupported features, prompts that do not

@@ -106,6 +106,21 @@ TEST_F(Api, CompletionPromptForms) {
   EXPECT_EQ(complete({{"prompt", "hello"}, {"max_tokens", 100}}).req.max_tokens, 100);
 }
 
+// The HttpError f throws; status 0 when it throws none.
+template <class F>
+HttpError error_of(const F& f) {
+  try {
+    f();
+  } catch (const HttpError& e) {
+    return e;
+  }
+  return HttpError(0, "no error");
+}
+
+std::string nested(const std::string& key, int levels) {
+  return "{\"" + key + "\": " + std::string(levels, '[') + std::string(levels, ']') + "}";
+}
+
 struct BadCase {
   const char* name;
   bool chat;
@@ -255,21 +270,24 @@ TEST_F(Api, ParseJsonBody) {
     SCOPED_TRACE(bad);
     EXPECT_THROW(parse_json_body(bad), HttpError);
   }
-}
-
-// The HttpError f throws; status 0 when it throws none.
-template <class F>
-HttpError error_of(const F& f) {
-  try {
-    f();
-  } catch (const HttpError& e) {
-    return e;
+  // A syntax error inside a field's value names the field; between fields, none.
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"temperature": 1.2e})", "temperature"},
+      {R"({"temperature": 1.2.3})", ""},  // 1.2 is whole: the error is after it
+      {R"({"max_tokens": 1e})", "max_tokens"},
+      {R"({"messages": [{"role": "user", "content": "hi"})", "messages"},
+      {R"({"prompt": "a", "stop": ["x", ]})", "stop"},
+      {R"({"prompt": "a" "stop": 1})", ""},
+      {R"({"prompt": [1, 2], "stop)", ""},
+      {R"({"a": {"b": 1}, "c": tru})", "c"},
+  };
+  for (const auto& [body, param] : cases) {
+    SCOPED_TRACE(body);
+    const HttpError e = error_of([&] { parse_json_body(body); });
+    EXPECT_EQ(e.status, 400) << e.what();
+    EXPECT_EQ(e.code, "invalid_json");
+    EXPECT_EQ(e.param, param) << e.what();
   }
-  return HttpError(0, "no error");
-}
-
-std::string nested(const std::string& key, int levels) {
-  return "{\"" + key + "\": " + std::string(levels, '[') + std::string(levels, ']') + "}";
 }
 
 TEST_F(Api, ParseJsonBodyLimitsNesting) {

@@ -534,7 +534,13 @@ void Server::Impl::routes() {
             ? HttpError(404, fmt::format("unknown route: {} {}", q.method, clip(q.path)), "",
                         "not_found")
         : r.status == 413 ? too_large(q, opts.max_body)
-                          : HttpError(r.status, fmt::format("HTTP {}: malformed request", r.status));
+        : r.status == 414
+            ? HttpError(414,
+                        fmt::format("the request line (method, path and query) is longer than {} "
+                                    "bytes",
+                                    CPPHTTPLIB_REQUEST_URI_MAX_LENGTH),
+                        "", "uri_too_long")
+            : HttpError(r.status, fmt::format("HTTP {}: malformed request", r.status));
     r.set_content(dump(error_body(e)), "application/json");
     return HandlerResponse::Handled;
   }));

@@ -504,6 +504,14 @@ class Protocol(ServerCase):
                 self.assertLess(len(data), 500, data[:500])
                 self.assertNotIn(b"[[", data)
 
+    def test_414_names_the_limit(self):
+        status, _, data = self.srv.request("GET", "/v1/models/" + "y" * 9000)
+        self.assertEqual(status, 414, data[:300])
+        err = json.loads(data)
+        is_openai_error(self, err, 414)
+        self.assertIn("longer than 8192 bytes", err["error"]["message"])
+        self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
+
     def test_413_names_the_limit_that_applied(self):
         form = {"Content-Type": "application/x-www-form-urlencoded"}  # curl -d's default
         small = json.dumps({"prompt": "a", "max_tokens": 2}).encode()

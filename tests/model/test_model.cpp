@@ -323,9 +323,9 @@ TEST(Session, RefusedLoadLeavesTheSessionAsItWas) {
                Error);
   EXPECT_THROW(b.load(::testing::TempDir()), Error);  // a directory
   EXPECT_EQ(b.tokens(), held);
-  EXPECT_EQ(b.kv().size(), 2);
+  EXPECT_EQ(b.n_cached(), 2);
   EXPECT_EQ(b.load(path, [](const std::string&) {}), "meta text");
-  EXPECT_EQ(b.kv().size(), 5);
+  EXPECT_EQ(b.n_cached(), 5);
   std::remove(path.c_str());
 }
 

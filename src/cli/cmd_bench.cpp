@@ -176,7 +176,7 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
     for (int64_t pos = hit.n_tokens(); pos < depth;) {
       const int64_t n = std::min<int64_t>(a.n_batch, depth - pos);
       KVLM_CHECK(kv.reserve(id, n));
-      const BatchSeq q{ctx.subspan(pos, n), pos, kv.seq_cache(id)};
+      const BatchSeq q{ctx.subspan(pos, n), pos, kv.seq_caches(id)};
       forward({&q, 1});
       pos += n;
       kv.commit(id, ctx, pos);
@@ -189,7 +189,7 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
       const int64_t pos = depth + step;
       for (SeqId id = 0; id < n_seq; ++id) KVLM_CHECK(kv.reserve(id, 1));
       for (SeqId id = 0; id < n_seq; ++id)
-        batch[id] = {{toks[id].data() + pos, 1}, pos, kv.seq_cache(id)};
+        batch[id] = {{toks[id].data() + pos, 1}, pos, kv.seq_caches(id)};
       forward(batch);
       for (SeqId id = 0; id < n_seq; ++id) kv.commit(id, toks[id], pos + 1);
     }

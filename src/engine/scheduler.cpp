@@ -414,7 +414,7 @@ void Scheduler::step() {
   for (const Item& it : items) {
     Seq& q = *it.seq;
     batch.push_back({{q.tokens.data() + q.n_computed, static_cast<size_t>(it.n)}, q.n_computed,
-                     kv.seq_cache(q.id)});
+                     kv.seq_caches(q.id)});
   }
   const Clock::time_point t_pass = Clock::now();
   const std::span<const float> logits = model_.forward(batch, kv.store(), st.scratch, pool_);

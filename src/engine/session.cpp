@@ -56,9 +56,13 @@ Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int6
     : model_(model),
       pool_(pool),
       opts_(kv),
-      kv_(kv_seq_config(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope())),
+      kv_(kv_seq_config(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope(),
+                        model.config().layer_window, std::max<int64_t>(1, n_batch))),
       n_batch_(std::max<int64_t>(1, n_batch)) {
   kv.eviction().validate(kv.n_ctx, kv.kivi_residual >= 0);
+  if (kv.eviction().on() && kv_.n_groups() > 1)
+    fail("--kv-window / --keep evict tokens, which models with sliding-window layers do not "
+         "support yet");
   KVLM_CHECK(kv_.admit(kSeq, {}, "", 0, KvHit{}));
 }
 
@@ -110,7 +114,7 @@ std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_lo
     const int64_t pos0 = n_cached();
     // The blocks hold n_ctx tokens (static), or grow to them (dynamic).
     KVLM_CHECK(kv_.reserve(kSeq, m));
-    const BatchSeq q{chunk, pos0, kv_.seq_cache(kSeq), all_logits};
+    const BatchSeq q{chunk, pos0, kv_.seq_caches(kSeq), all_logits};
     try {
       last = model_.forward({&q, 1}, kv_.store(), scratch_, pool_);
     } catch (...) {
@@ -141,12 +145,12 @@ std::span<const float> Session::recompute(std::span<const int32_t> tokens) {
 void Session::truncate(int64_t n) {
   KVLM_CHECK(n >= 0 && n <= static_cast<int64_t>(tokens_.size()));
   tokens_.resize(static_cast<size_t>(n));
-  if (n >= kv_.seq_cache(kSeq).n_sealed) {
+  if (kv_.can_truncate(kSeq, n)) {
     kv_.truncate(kSeq, n);
     return;
   }
-  // KIVI: quantized groups cannot return to f16, so the kept prefix is recomputed (giving the
-  // state a fresh prefill of it has).
+  // KIVI: quantized groups cannot return to f16; a sliding window has released blocks position
+  // n reads. The kept prefix is recomputed (giving the state a fresh prefill of it has).
   std::vector<int32_t> keep = tokens_;
   reset();
   if (!keep.empty()) run(keep, false);

@@ -162,7 +162,7 @@ void BlockPool::release_tail(Seq& s, size_t n_keep) {
   // Last block first, so a sequence's deeper blocks sit nearer the head than its earlier ones and
   // are evicted first: a block is useful only while every block before it is still cached.
   while (s.table.size() > n_keep) {
-    release(s.table.back());
+    if (s.table.back() != kNoBlock) release(s.table.back());
     s.table.pop_back();
   }
 }
@@ -182,6 +182,7 @@ int32_t BlockPool::blocks_needed(SeqId seq, int64_t n_tokens) const {
   if (n_tokens > int64_t{n_blocks()} * block_size_) return n_blocks() + 1;
   int64_t n = blocks_for(s.n_tokens + n_tokens) - static_cast<int64_t>(s.table.size());
   if (s.n_tokens % block_size_ != 0) {
+    KVLM_CHECK(s.table.back() != kNoBlock);  // release_front keeps the last block
     const BlockMeta& last = blocks_[static_cast<size_t>(s.table.back())];
     if (last.ref_count > 1) ++n;  // copy-on-write of the partial last block
   }
@@ -226,8 +227,11 @@ bool BlockPool::make_writable(SeqId seq, int64_t first, int64_t last,
     fail("block pool: blocks [{}, {}) are not in sequence {}'s table of {}", first, last, seq,
          s.table.size());
   int64_t n_shared = 0;
-  for (int64_t i = first; i < last; ++i)
-    n_shared += blocks_[static_cast<size_t>(s.table[static_cast<size_t>(i)])].ref_count > 1;
+  for (int64_t i = first; i < last; ++i) {
+    const BlockId id = s.table[static_cast<size_t>(i)];
+    if (id == kNoBlock) fail("block pool: block {} of sequence {} was released", i, seq);
+    n_shared += blocks_[static_cast<size_t>(id)].ref_count > 1;
+  }
   if (n_shared > n_queued_) return false;  // nothing changed
   for (int64_t i = first; i < last; ++i) own(s.table[static_cast<size_t>(i)], copies);
   after_op();
@@ -261,8 +265,23 @@ void BlockPool::fork(SeqId src, SeqId dst) {
   Seq copy;
   copy.table = s.table;  // explicit copy of the ids; the blocks themselves are shared
   copy.n_tokens = s.n_tokens;
-  for (BlockId id : copy.table) acquire(id);
+  for (BlockId id : copy.table)
+    if (id != kNoBlock) acquire(id);
   seqs_.emplace(dst, std::move(copy));
+  after_op();
+}
+
+void BlockPool::release_front(SeqId seq, int64_t n_front) {
+  Seq& s = seq_or_fail(seq);
+  if (n_front < 0 || n_front >= static_cast<int64_t>(s.table.size()))
+    fail("block pool: cannot release the first {} of sequence {}'s {} blocks", n_front, seq,
+         s.table.size());
+  for (int64_t i = 0; i < n_front; ++i) {
+    BlockId& id = s.table[static_cast<size_t>(i)];
+    if (id == kNoBlock) continue;
+    release(id);
+    id = kNoBlock;
+  }
   after_op();
 }
 
@@ -307,7 +326,13 @@ void BlockPool::check_invariants() const {
   for (const auto& [id, s] : seqs_) {
     KVLM_CHECK(s.n_tokens >= 0);
     KVLM_CHECK(static_cast<int64_t>(s.table.size()) == blocks_for(s.n_tokens));
+    bool past_holes = false;
     for (BlockId b : s.table) {
+      if (b == kNoBlock) {  // released by a window: only at the front, never the last entry
+        KVLM_CHECK(!past_holes && &b != &s.table.back());
+        continue;
+      }
+      past_holes = true;
       KVLM_CHECK(b >= 0 && static_cast<size_t>(b) < n);
       ++refs[static_cast<size_t>(b)];
     }

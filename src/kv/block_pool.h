@@ -17,7 +17,7 @@
 // it calls the eviction hook first, so the index forgets the block before its bytes change.
 //
 // Invariants (KVLM_CHECK, on in release builds): n_free + n_used == n_total; a block's refcount
-// equals the number of block-table entries naming it; the free queue holds exactly the blocks
+// equals the number of block-table entries naming it (holes, kNoBlock, name none); the free queue holds exactly the blocks
 // with refcount 0; a table holds ceil(n_tokens / block_size) blocks. Each operation checks what it
 // touches; with Config::audit (default) the whole state is re-verified after every operation too,
 // O(n_blocks + table entries): affordable at batch boundaries for the pools this project runs, and
@@ -117,6 +117,12 @@ class BlockPool {
   // New sequence dst sharing every block of src (refcount++); the first write into a shared
   // block copies it (append). Throws if src is unknown or dst exists.
   void fork(SeqId src, SeqId dst);
+
+  // Releases the first n_front blocks of seq's table, which a sliding window no longer reads:
+  // their entries become kNoBlock (holes, always at the front; the table keeps its length, so
+  // position p is still entry p / block_size). Holes stay holes; 0 <= n_front <= table size - 1
+  // (the last block is never released: the next token is written there or after it).
+  void release_front(SeqId seq, int64_t n_front);
 
   // Keeps positions [0, n_tokens) and releases the blocks past ceil(n_tokens / block_size).
   // 0 <= n_tokens <= seq_tokens(seq).

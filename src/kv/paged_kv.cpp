@@ -61,7 +61,7 @@ int64_t PagedKvStore::blocks_for_budget(const KvShape& shape, int32_t block_size
 
 PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block_size,
                            int32_t n_slots)
-    : shape_(shape), n_blocks_(n_blocks), block_size_(block_size) {
+    : shape_(shape), block_size_(block_size) {
   validate(shape);
   if (n_blocks <= 0) fail("a paged KV cache needs at least one block, got {}", n_blocks);
   if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
@@ -74,19 +74,7 @@ PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block
     n_slots_ = n_slots;
     resid_cap_ = slot_rows(shape);
   }
-  // block_bytes checks the multiplication for overflow before anything is allocated.
-  const int64_t rows = int64_t{n_blocks} * block_size;
-  uint64_t total = 0;
-  if (!checked_mul(block_bytes(shape, block_size), static_cast<uint64_t>(n_blocks), &total))
-    fail("a paged KV cache of {} blocks overflows", n_blocks);
-  k_row_bytes_ = kv_k_row_bytes(shape);
-  v_row_bytes_ = kv_v_row_bytes(shape);
-  k_.reserve(shape.n_layer);
-  v_.reserve(shape.n_layer);
-  for (int32_t il = 0; il < shape.n_layer; ++il) {
-    k_.emplace_back(k_row_bytes_ * static_cast<size_t>(rows));
-    v_.emplace_back(v_row_bytes_ * static_cast<size_t>(rows));
-  }
+  allocate(std::vector<int32_t>(static_cast<size_t>(shape.n_layer), 0), {n_blocks});
   if (shape.kivi()) {
     const size_t slot_bytes = static_cast<size_t>(resid_cap_ * shape.kv_dim()) * sizeof(uint16_t);
     for (int32_t il = 0; il < shape.n_layer; ++il) {
@@ -94,6 +82,40 @@ PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block
       rv_.emplace_back(slot_bytes * static_cast<size_t>(n_slots));
     }
     group_f32_.resize(static_cast<size_t>(shape.kivi_group * shape.kv_dim()));
+  }
+}
+
+PagedKvStore::PagedKvStore(const KvShape& shape, int32_t block_size,
+                           std::vector<int32_t> layer_group, std::vector<int32_t> group_blocks)
+    : shape_(shape), block_size_(block_size) {
+  validate(shape);
+  if (shape.kivi()) fail("the KIVI cache (--kv-residual) has no layer groups");
+  if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
+  KVLM_CHECK(static_cast<int32_t>(layer_group.size()) == shape.n_layer && !group_blocks.empty());
+  for (int32_t g : layer_group)
+    KVLM_CHECK(g >= 0 && g < static_cast<int32_t>(group_blocks.size()));
+  for (int32_t n : group_blocks)
+    if (n <= 0) fail("a paged KV cache needs at least one block per layer group, got {}", n);
+  allocate(std::move(layer_group), std::move(group_blocks));
+}
+
+void PagedKvStore::allocate(std::vector<int32_t> layer_group, std::vector<int32_t> group_blocks) {
+  layer_group_ = std::move(layer_group);
+  group_blocks_ = std::move(group_blocks);
+  k_row_bytes_ = kv_k_row_bytes(shape_);
+  v_row_bytes_ = kv_v_row_bytes(shape_);
+  // block_bytes checks the multiplication for overflow before anything is allocated.
+  for (int32_t n : group_blocks_) {
+    uint64_t total = 0;
+    if (!checked_mul(block_bytes(shape_, block_size_), static_cast<uint64_t>(n), &total))
+      fail("a paged KV cache of {} blocks overflows", n);
+  }
+  k_.reserve(shape_.n_layer);
+  v_.reserve(shape_.n_layer);
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    const auto rows = static_cast<size_t>(int64_t{group_blocks_[layer_group_[il]]} * block_size_);
+    k_.emplace_back(k_row_bytes_ * rows);
+    v_.emplace_back(v_row_bytes_ * rows);
   }
 }
 
@@ -114,7 +136,7 @@ void PagedKvStore::write(int32_t il, std::span<const BlockId> table, int64_t pos
   for (int64_t i = 0; i < n; ++i) {
     const int64_t p = pos + i;
     const BlockId b = table[p / block_size_];
-    KVLM_CHECK(b >= 0 && b < n_blocks_);
+    KVLM_CHECK(b >= 0 && b < group_blocks_[layer_group_[il]]);
     // Head by head: the cache type's blocks divide head_dim, so each head gets the bytes the
     // whole row's quantization gives it.
     for (int64_t g = 0; g < shape_.n_kv_head; ++g) {
@@ -124,29 +146,32 @@ void PagedKvStore::write(int32_t il, std::span<const BlockId> table, int64_t pos
   }
 }
 
-void PagedKvStore::copy_block(BlockId src, BlockId dst) {
-  KVLM_CHECK(src >= 0 && src < n_blocks_ && dst >= 0 && dst < n_blocks_);
+void PagedKvStore::copy_block(BlockId src, BlockId dst, int32_t group) {
+  const int32_t n = n_blocks(group);
+  KVLM_CHECK(src >= 0 && src < n && dst >= 0 && dst < n);
   if (src == dst) return;
   for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    if (layer_group_[il] != group) continue;
     std::memcpy(block_k(il, dst), block_k(il, src), k_row_bytes_ * block_size_);
     std::memcpy(block_v(il, dst), block_v(il, src), v_row_bytes_ * block_size_);
   }
 }
 
-void PagedKvStore::grow(int32_t n_blocks) {
-  KVLM_CHECK(n_blocks >= n_blocks_);
+void PagedKvStore::grow(int32_t n_blocks, int32_t group) {
+  KVLM_CHECK(n_blocks >= group_blocks_[group]);
   uint64_t total = 0;
   if (!checked_mul(block_bytes(shape_, block_size_), static_cast<uint64_t>(n_blocks), &total))
     fail("a paged KV cache of {} blocks overflows", n_blocks);
   const size_t rows = static_cast<size_t>(n_blocks) * static_cast<size_t>(block_size_);
   for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    if (layer_group_[il] != group) continue;
     for (auto [arena, row_bytes] : {std::pair{&k_, k_row_bytes_}, std::pair{&v_, v_row_bytes_}}) {
       AlignedBuffer bigger(row_bytes * rows);
       std::memcpy(bigger.data(), (*arena)[il].data(), (*arena)[il].size());
       (*arena)[il] = std::move(bigger);
     }
   }
-  n_blocks_ = n_blocks;
+  group_blocks_[group] = n_blocks;
 }
 
 void PagedKvStore::read_rows(int32_t il, std::span<const BlockId> table, int64_t pos, int64_t n,
@@ -178,12 +203,12 @@ void PagedKvStore::write_rows(int32_t il, std::span<const BlockId> table, int64_
 }
 
 void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, int64_t begin,
-                             int64_t count, const KvRope& rope) {
+                             int64_t count, const KvRope& rope, int32_t group) {
   KVLM_CHECK(!shape_.kivi());  // KIVI does not evict (Session and Scheduler refuse it)
   KVLM_CHECK(begin >= 0 && count >= 0 && begin + count <= n_tokens &&
              n_tokens <= static_cast<int64_t>(table.size()) * block_size_);
   if (count == 0) return;
-  for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks_);
+  for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks(group));
   const int64_t n_after = n_tokens - count;
   const int64_t n_kv = shape_.n_kv_head;
   const size_t k_head = k_row_bytes_ / n_kv, v_head = v_row_bytes_ / n_kv;
@@ -192,6 +217,7 @@ void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, i
   std::vector<float> row(static_cast<size_t>(shape_.kv_dim()));
   std::vector<std::byte> k_row(k_row_bytes_);
   for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    if (layer_group_[il] != group) continue;
     // Ascending positions: a row is read (at p + count) before anything writes it (count > 0).
     for (int64_t p = begin; p < n_after; ++p) {
       for (int64_t g = 0; g < n_kv; ++g) {
@@ -232,7 +258,7 @@ void PagedKvStore::kivi_write(int32_t il, std::span<const BlockId> table, int32_
   KVLM_CHECK(shape_.kivi() && il >= 0 && il < shape_.n_layer && slot >= 0 && slot < n_slots_ &&
              n_sealed >= 0 && n_sealed <= pos && pos - n_sealed <= resid_cap_ && n >= 0 &&
              pos + n <= static_cast<int64_t>(table.size()) * block_size_);
-  for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks_);
+  for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks());
   const int64_t s1 = kv_kivi_sealed(n_sealed, pos + n, shape_.kivi_residual, shape_.kivi_group);
   KiviSealed out;
   out.k = reinterpret_cast<uint8_t*>(k_[il].data());

@@ -69,6 +69,12 @@ class PagedKvStore {
   // Throws kvlm::Error for an invalid shape, n_blocks <= 0, block_size <= 0, a size that
   // overflows; KIVI: a block size that is not a multiple of the group, or n_slots <= 0.
   PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block_size, int32_t n_slots = 0);
+  // Layer groups (per-layer cache groups: a sliding-window group's blocks are released while a
+  // full group keeps them): layer il's blocks are ids of group layer_group[il]'s own pool, which
+  // has group_blocks[g] blocks; a sequence has one block table per group. Not with KIVI.
+  //   layer_group: [n_layer] in [0, n_groups)    group_blocks: [n_groups] > 0
+  PagedKvStore(const KvShape& shape, int32_t block_size, std::vector<int32_t> layer_group,
+               std::vector<int32_t> group_blocks);
 
   // Blocks of block_size tokens that fit in budget_bytes after n_slots residual slots (KIVI)
   // (0 if not even one).
@@ -80,7 +86,9 @@ class PagedKvStore {
   static size_t residual_slot_bytes(const KvShape& shape);
 
   const KvShape& shape() const { return shape_; }
-  int32_t n_blocks() const { return n_blocks_; }
+  int32_t n_blocks(int32_t group = 0) const { return group_blocks_[group]; }
+  int32_t n_groups() const { return static_cast<int32_t>(group_blocks_.size()); }
+  int32_t layer_group(int32_t il) const { return layer_group_[il]; }
   int32_t block_size() const { return block_size_; }
   int32_t n_slots() const { return n_slots_; }
   size_t bytes() const;  // summed from the arenas: n_blocks x block_bytes + the residual slots
@@ -97,12 +105,12 @@ class PagedKvStore {
   // [begin / bs, ceil((n_tokens - count) / bs)), must be this sequence's alone
   // (BlockPool::make_writable).
   void shift_out(std::span<const BlockId> table, int64_t n_tokens, int64_t begin, int64_t count,
-                 const KvRope& rope);
-  // Copies block src's rows to dst in every layer (the pool's copy-on-write).
-  void copy_block(BlockId src, BlockId dst);
-  // Grows the arenas to n_blocks (>= n_blocks()), keeping every block's bytes: a dynamic cache
-  // (KvManagerConfig::max_blocks).
-  void grow(int32_t n_blocks);
+                 const KvRope& rope, int32_t group = 0);
+  // Copies block src's rows to dst in every layer of the group (the pool's copy-on-write).
+  void copy_block(BlockId src, BlockId dst, int32_t group = 0);
+  // Grows the group's arenas to n_blocks (>= n_blocks(group)), keeping every block's bytes: a
+  // dynamic cache (KvManagerConfig::max_blocks).
+  void grow(int32_t n_blocks, int32_t group = 0);
   // Plain layouts: the stored bytes of positions [pos, pos + n) of layer il as token-major rows
   // (k_rows: [n, kv_k_row_bytes], v_rows: [n, kv_v_row_bytes]; a row is its heads in order), and
   // back. Session files save and load these: the bytes the cache holds, no conversion.
@@ -125,6 +133,8 @@ class PagedKvStore {
                          const float* k, const float* v);
 
  private:
+  // Sizes the arenas: layer il holds group_blocks[layer_group[il]] blocks.
+  void allocate(std::vector<int32_t> layer_group, std::vector<int32_t> group_blocks);
   // Block b's first byte (any layout; KIVI's sealing addresses its rows through KiviSealed).
   std::byte* block_k(int32_t il, BlockId b) {
     return k_[il].data() + int64_t{b} * block_size_ * k_row_bytes_;
@@ -147,11 +157,13 @@ class PagedKvStore {
   }
 
   KvShape shape_;
-  int32_t n_blocks_ = 0, block_size_ = 0, n_slots_ = 0;
+  int32_t block_size_ = 0, n_slots_ = 0;
+  std::vector<int32_t> layer_group_;   // [n_layer] the group whose block ids layer il's arenas use
+  std::vector<int32_t> group_blocks_;  // [n_groups] blocks of each group's arenas
   int64_t resid_cap_ = 0;  // KIVI: rows per residual slot, kivi_residual + kivi_group - 1
   size_t k_row_bytes_ = 0, v_row_bytes_ = 0;
-  std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [n_blocks * block_size, kv_dim] dtype_k
-  std::vector<AlignedBuffer> v_;  // [n_layer] arenas of [n_blocks * block_size, kv_dim] dtype_v
+  std::vector<AlignedBuffer> k_;  // [n_layer] arenas of [n_blocks(group) * block_size, kv_dim]
+  std::vector<AlignedBuffer> v_;  // [n_layer] ... dtype_k, dtype_v
   std::vector<AlignedBuffer> rk_;  // KIVI: [n_layer] arenas of [n_slots, resid_cap, kv_dim] f16
   std::vector<AlignedBuffer> rv_;
   std::vector<float> group_f32_;   // KIVI: [group, kv_dim] one group gathered for sealing

@@ -9,14 +9,38 @@ namespace kvlm {
 
 namespace {
 
+// The groups a config describes: its own, or one full group of every layer.
+std::vector<KvGroupSpec> group_specs(const KvManagerConfig& c) {
+  if (!c.groups.empty()) return c.groups;
+  return {KvGroupSpec{0, c.n_blocks, c.max_blocks}};
+}
+
+std::vector<int32_t> layer_groups(const KvManagerConfig& c) {
+  if (!c.layer_group.empty()) return c.layer_group;
+  return std::vector<int32_t>(static_cast<size_t>(c.shape.n_layer), 0);
+}
+
 // Checks what the parts would otherwise check later, or not at all (a KIVI block is sealed: a
 // fresh prompt of its tokens holds something else, so it is never a prefix hit).
 const KvManagerConfig& checked(const KvManagerConfig& c) {
   validate(c.shape);
   if (c.block_size <= 0) fail("the KV block size must be positive, got {}", c.block_size);
-  if (c.n_blocks <= 0) fail("the KV pool needs at least one block, got {}", c.n_blocks);
-  if (c.max_blocks > c.n_blocks && c.prefix_cache)
-    fail("a growing (dynamic) KV pool cannot have a prefix cache");
+  for (const KvGroupSpec& g : group_specs(c)) {
+    if (g.n_blocks <= 0) fail("the KV pool needs at least one block, got {}", g.n_blocks);
+    if (g.window < 0) fail("a sliding window must be positive, got {}", g.window);
+    if (g.max_blocks > g.n_blocks && c.prefix_cache)
+      fail("a growing (dynamic) KV pool cannot have a prefix cache");
+  }
+  if (!c.groups.empty()) {
+    if (static_cast<int32_t>(c.layer_group.size()) != c.shape.n_layer)
+      fail("KV layer groups: {} layers named, the shape has {}", c.layer_group.size(),
+           c.shape.n_layer);
+    for (int32_t g : c.layer_group)
+      if (g < 0 || g >= static_cast<int32_t>(c.groups.size()))
+        fail("KV layer groups: group {} of {}", g, c.groups.size());
+    if (c.prefix_cache || c.shape.kivi())
+      fail("per-layer cache groups (sliding-window layers) do not take a prefix cache or KIVI yet");
+  }
   if (c.shape.kivi() && c.prefix_cache)
     fail("the prefix cache does not apply to the KIVI cache (--kv-residual): a sealed block is "
          "not what a fresh prompt of its tokens holds (--no-prefix-cache)");
@@ -27,37 +51,83 @@ const KvManagerConfig& checked(const KvManagerConfig& c) {
   return c;
 }
 
+PagedKvStore make_store(const KvManagerConfig& c) {
+  if (c.groups.empty()) return PagedKvStore(c.shape, c.n_blocks, c.block_size, c.n_slots);
+  std::vector<int32_t> blocks;
+  for (const KvGroupSpec& g : c.groups) blocks.push_back(g.n_blocks);
+  return PagedKvStore(c.shape, c.block_size, c.layer_group, std::move(blocks));
+}
+
+int32_t checked_blocks(int64_t n, int64_t n_ctx) {
+  if (n > std::numeric_limits<int32_t>::max()) fail("a context of {} tokens is too large", n_ctx);
+  return static_cast<int32_t>(n);
+}
+
 }  // namespace
 
+int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size) {
+  const int64_t bound = (window - 1 + n_batch + block_size - 1) / block_size + 1;
+  return std::min(bound, (n_ctx + block_size - 1) / block_size);
+}
+
 KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc,
-                              const KvRope& rope) {
+                              const KvRope& rope, std::span<const int32_t> layer_window,
+                              int64_t n_batch) {
   validate(shape);
   if (n_ctx <= 0) fail("the context must be positive, got {}", n_ctx);
   kv_bytes(shape, n_ctx);  // throws on overflow before anything is sized
-  const int64_t max_blocks = kv_seq_blocks(shape, false, n_ctx, n_ctx);
-  if (max_blocks > std::numeric_limits<int32_t>::max())
-    fail("a context of {} tokens is too large", n_ctx);
-  return KvManagerConfig{
-      .shape = shape,
-      .block_size = kv_seq_block_size(shape),
-      .n_blocks = static_cast<int32_t>(kv_seq_blocks(shape, alloc == KvAlloc::Dynamic, n_ctx, 0)),
-      .max_blocks = static_cast<int32_t>(max_blocks),
-      .n_slots = shape.kivi() ? 1 : 0,
-      .prefix_cache = false,
-      .rope = rope};
+  const int32_t bs = kv_seq_block_size(shape);
+  const int32_t max_blocks = checked_blocks(kv_seq_blocks(shape, false, n_ctx, n_ctx), n_ctx);
+  const int32_t n_blocks =
+      checked_blocks(kv_seq_blocks(shape, alloc == KvAlloc::Dynamic, n_ctx, 0), n_ctx);
+  KvManagerConfig c{.shape = shape,
+                    .block_size = bs,
+                    .n_blocks = n_blocks,
+                    .max_blocks = max_blocks,
+                    .n_slots = shape.kivi() ? 1 : 0,
+                    .prefix_cache = false,
+                    .rope = rope};
+  const bool windowed = std::any_of(layer_window.begin(), layer_window.end(),
+                                    [](int32_t w) { return w > 0; });
+  if (!windowed) return c;
+  // A group per distinct window, full attention first; a window group is static (bounded).
+  std::vector<int32_t> windows(layer_window.begin(), layer_window.end());
+  std::sort(windows.begin(), windows.end());
+  windows.erase(std::unique(windows.begin(), windows.end()), windows.end());
+  for (int32_t w : windows) {
+    if (w == 0) {
+      c.groups.push_back({0, n_blocks, max_blocks});
+    } else {
+      const auto n = checked_blocks(kv_window_blocks(w, n_batch, n_ctx, bs), n_ctx);
+      c.groups.push_back({w, n, n});
+    }
+  }
+  for (int32_t w : layer_window)
+    c.layer_group.push_back(static_cast<int32_t>(
+        std::find(windows.begin(), windows.end(), w) - windows.begin()));
+  return c;
 }
 
 KvManager::KvManager(const KvManagerConfig& config)
     : shape_(checked(config).shape),
       block_size_(config.block_size),
-      max_blocks_(std::max(config.max_blocks, config.n_blocks)),
-      pool_({.n_blocks = config.n_blocks, .block_size = config.block_size, .audit = config.audit}),
-      store_(config.shape, config.n_blocks, config.block_size, config.n_slots),
+      store_(make_store(config)),
       rope_(config.rope) {
+  const std::vector<int32_t> lg = layer_groups(config);
+  for (const KvGroupSpec& g : group_specs(config)) {
+    Group grp;
+    grp.window = g.window;
+    grp.max_blocks = std::max(g.max_blocks, g.n_blocks);
+    grp.n_layers = static_cast<int32_t>(
+        std::count(lg.begin(), lg.end(), static_cast<int32_t>(groups_.size())));
+    grp.pool = std::make_unique<BlockPool>(BlockPool::Config{
+        .n_blocks = g.n_blocks, .block_size = config.block_size, .audit = config.audit});
+    groups_.push_back(std::move(grp));
+  }
   if (config.prefix_cache) {
     prefix_ = std::make_unique<PrefixCache>(PrefixCache::Config{
         .n_blocks = config.n_blocks, .block_size = config.block_size, .audit = config.audit});
-    pool_.set_evict_hook([this](BlockId b) { prefix_->erase(b); });
+    pool0().set_evict_hook([this](BlockId b) { prefix_->erase(b); });
   }
   for (int32_t i = config.n_slots - 1; i >= 0; --i) free_slots_.push_back(i);
   const KvShape& s = shape_;
@@ -76,16 +146,40 @@ int64_t KvManager::blocks_for_budget(const KvShape& shape, int32_t block_size,
 
 KvManagerStats KvManager::stats() const {
   KvManagerStats s;
-  s.blocks = pool_.stats();
   s.block_size = block_size_;
   s.bytes_total = store_.bytes();
-  // Blocks in use, and the KIVI residual slots sequences hold.
-  s.bytes_used = uint64_t(s.blocks.n_used) * PagedKvStore::block_bytes(shape_, block_size_) +
-                 uint64_t(store_.n_slots() - static_cast<int32_t>(free_slots_.size())) *
-                     PagedKvStore::residual_slot_bytes(shape_);
+  // A block of every layer; a group's block spans only its layers.
+  const uint64_t per_layer_block =
+      PagedKvStore::block_bytes(shape_, block_size_) / static_cast<uint64_t>(shape_.n_layer);
+  for (const Group& g : groups_) {
+    KvGroupStats gs;
+    gs.window = g.window;
+    gs.n_layers = g.n_layers;
+    gs.blocks = g.pool->stats();
+    gs.bytes_total = uint64_t(gs.blocks.n_total) * per_layer_block * uint64_t(g.n_layers);
+    gs.bytes_used = uint64_t(gs.blocks.n_used) * per_layer_block * uint64_t(g.n_layers);
+    s.blocks.n_total += gs.blocks.n_total;
+    s.blocks.n_free += gs.blocks.n_free;
+    s.blocks.n_used += gs.blocks.n_used;
+    s.blocks.n_cached += gs.blocks.n_cached;
+    s.blocks.n_cached_free += gs.blocks.n_cached_free;
+    s.blocks.n_evicted += gs.blocks.n_evicted;
+    s.bytes_used += gs.bytes_used;
+    s.groups.push_back(gs);
+  }
+  // The KIVI residual slots sequences hold.
+  s.bytes_used += uint64_t(store_.n_slots() - static_cast<int32_t>(free_slots_.size())) *
+                  PagedKvStore::residual_slot_bytes(shape_);
   s.n_seqs = static_cast<int64_t>(seqs_.size());
   s.n_evicted_tokens = n_evicted_tokens_;
   return s;
+}
+
+int64_t KvManager::capacity_tokens() const {
+  int64_t out = std::numeric_limits<int64_t>::max();
+  for (const Group& g : groups_)
+    if (g.window == 0) out = std::min(out, int64_t{g.pool->n_blocks()} * block_size_);
+  return out;
 }
 
 KvManager::SeqState& KvManager::state(SeqId seq) {
@@ -102,8 +196,8 @@ const KvManager::SeqState& KvManager::state(SeqId seq) const {
 
 bool KvManager::evicted(SeqId seq) const { return state(seq).evicted; }
 
-void KvManager::copy_blocks(const std::vector<BlockCopy>& copies) {
-  for (const BlockCopy& cp : copies) store_.copy_block(cp.src, cp.dst);
+void KvManager::copy_blocks(const std::vector<BlockCopy>& copies, int32_t group) {
+  for (const BlockCopy& cp : copies) store_.copy_block(cp.src, cp.dst, group);
 }
 
 // ---- a sequence's life ---------------------------------------------------------------------------
@@ -127,21 +221,28 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
   if (shape_.kivi() && free_slots_.empty())
     fail("KV manager: all {} KIVI residual slots are held", store_.n_slots());
   // Matched blocks with no holder leave the free queue when shared: they do not count as free.
-  int64_t matched_free = 0;
-  for (BlockId b : hit.full.block_ids) matched_free += pool_.ref_count(b) == 0;
+  // A window group needs at most its bound (its pool's size) at once.
   const int64_t n_blocks_all = (n_held + block_size_ - 1) / block_size_;
-  const int64_t need =
-      std::max<int64_t>(0, n_blocks_all - static_cast<int64_t>(hit.full.block_ids.size()));
-  if (pool_.stats().n_free - matched_free < need) return false;
+  for (const Group& g : groups_) {
+    int64_t matched_free = 0, matched = 0;
+    if (&g == &groups_[0]) {
+      for (BlockId b : hit.full.block_ids) matched_free += g.pool->ref_count(b) == 0;
+      matched = static_cast<int64_t>(hit.full.block_ids.size());
+    }
+    const int64_t need = std::max<int64_t>(
+        0, std::min<int64_t>(n_blocks_all, g.window > 0 ? g.max_blocks : n_blocks_all) - matched);
+    if (g.pool->stats().n_free - matched_free < need) return false;
+  }
 
-  pool_.add_seq(seq);
+  for (const Group& g : groups_) g.pool->add_seq(seq);
   SeqState& s = seqs_[seq];
   s.salt = salt;
+  s.caches.resize(groups_.size());
   if (shape_.kivi()) {
     s.kivi_slot = free_slots_.back();
     free_slots_.pop_back();
   }
-  pool_.append_shared(seq, hit.full.block_ids);
+  pool0().append_shared(seq, hit.full.block_ids);
   s.n_registered = static_cast<int64_t>(hit.full.block_ids.size());
   if (hit.partial.block >= 0) {
     // The partial hit goes into a fresh block of seq's own (one of the `need` counted above, so
@@ -150,41 +251,68 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
     // pool hands out the source itself as the fresh block (it was the only free one), its rows
     // are already in place and only its index entry goes.
     copies_.clear();
-    const bool got = pool_.append(seq, hit.partial.n_tokens, &copies_);
+    const bool got = pool0().append(seq, hit.partial.n_tokens, &copies_);
     KVLM_CHECK(got && copies_.empty());
-    store_.copy_block(hit.partial.block, pool_.block_table(seq).back());
+    store_.copy_block(hit.partial.block, pool0().block_table(seq).back());
+  }
+  return true;
+}
+
+int64_t KvManager::unseen_blocks(const Group& g, int64_t pos) const {
+  if (g.window == 0) return 0;
+  return std::max<int64_t>(0, pos - g.window + 1) / block_size_;
+}
+
+bool KvManager::fits(SeqId seq, int64_t n) {
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    Group& g = groups_[gi];
+    while (g.pool->blocks_needed(seq, n) > g.pool->stats().n_free) {
+      if (g.pool->n_blocks() >= g.max_blocks) return false;
+      // A dynamic cache's next chunk (kv_seq_blocks' arithmetic: kKvChunkTokens at a time).
+      const int64_t chunk = std::max<int64_t>(1, kKvChunkTokens / block_size_);
+      const auto to =
+          static_cast<int32_t>(std::min<int64_t>(g.max_blocks, g.pool->n_blocks() + chunk));
+      store_.grow(to, static_cast<int32_t>(gi));
+      g.pool->grow(to);
+    }
   }
   return true;
 }
 
 bool KvManager::reserve(SeqId seq, int64_t n) {
-  copies_.clear();
-  while (!pool_.append(seq, n, &copies_)) {
-    if (n_blocks() >= max_blocks_) return false;
-    // A dynamic cache's next chunk (kv_seq_blocks' arithmetic: kKvChunkTokens at a time).
-    const int64_t chunk = std::max<int64_t>(1, kKvChunkTokens / block_size_);
-    const auto to = static_cast<int32_t>(std::min<int64_t>(max_blocks_, n_blocks() + chunk));
-    store_.grow(to);
-    pool_.grow(to);
+  state(seq);
+  const int64_t pos = seq_tokens(seq);
+  // Window groups first give back what no query from pos on reads (the last block always stays).
+  for (Group& g : groups_) {
+    const int64_t table = static_cast<int64_t>(g.pool->block_table(seq).size());
+    const int64_t unseen = std::min(unseen_blocks(g, pos), table - 1);
+    if (unseen > 0) g.pool->release_front(seq, unseen);
   }
-  copy_blocks(copies_);
+  if (!fits(seq, n)) return false;
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    copies_.clear();
+    const bool got = groups_[gi].pool->append(seq, n, &copies_);
+    KVLM_CHECK(got);  // fits() counted every group's free blocks
+    copy_blocks(copies_, static_cast<int32_t>(gi));
+  }
   return true;
 }
 
 bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
   SeqState& s = state(seq);
   if (shape_.kivi()) fail("KV manager: the KIVI cache cannot evict");
-  const int64_t n_tokens = pool_.seq_tokens(seq), n_after = n_tokens - count;
+  if (groups_.size() > 1) fail("KV manager: per-layer cache groups cannot evict yet");
+  const int64_t n_tokens = seq_tokens(seq), n_after = n_tokens - count;
   if (begin < 0 || count < 0 || begin + count > n_tokens)
     fail("KV manager: cannot evict [{}, {}) of {} positions", begin, begin + count, n_tokens);
   if (count == 0) return true;
   copies_.clear();
-  if (!pool_.make_writable(seq, begin / block_size_, (n_after + block_size_ - 1) / block_size_,
-                           &copies_))
+  if (!pool0().make_writable(seq, begin / block_size_, (n_after + block_size_ - 1) / block_size_,
+                             &copies_))
     return false;
-  copy_blocks(copies_);
-  store_.shift_out(pool_.block_table(seq), n_tokens, begin, count, rope_);
-  pool_.truncate(seq, n_after);
+  copy_blocks(copies_, 0);
+  store_.shift_out(pool0().block_table(seq), n_tokens, begin, count, rope_);
+  pool0().truncate(seq, n_after);
   s.n_registered = std::min(s.n_registered, begin / block_size_);
   s.evicted = true;
   n_evicted_tokens_ += count;
@@ -193,30 +321,44 @@ bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
 
 void KvManager::commit(SeqId seq, std::span<const int32_t> tokens, int64_t n_computed) {
   SeqState& s = state(seq);
-  KVLM_CHECK(n_computed <= pool_.seq_tokens(seq) &&
-             n_computed <= static_cast<int64_t>(tokens.size()));
+  KVLM_CHECK(n_computed <= seq_tokens(seq) && n_computed <= static_cast<int64_t>(tokens.size()));
   if (shape_.kivi())
     s.n_sealed = kv_kivi_sealed(s.n_sealed, n_computed, shape_.kivi_residual, shape_.kivi_group);
   if (!prefix_ || s.evicted) return;
-  const auto table = pool_.block_table(seq);
+  const auto table = pool0().block_table(seq);
   const PrefixKey k = key(s);
   for (const int64_t full = n_computed / block_size_; s.n_registered < full; ++s.n_registered) {
     const int64_t bi = s.n_registered;
     const BlockId blk = table[static_cast<size_t>(bi)];
-    if (pool_.is_cached(blk)) continue;  // shared from the index already
+    if (pool0().is_cached(blk)) continue;  // shared from the index already
     const int32_t parent = bi == 0 ? kNoParent : table[static_cast<size_t>(bi - 1)];
     if (prefix_->insert(k, parent, tokens.subspan(static_cast<size_t>(bi * block_size_),
                                                   static_cast<size_t>(block_size_)),
                         blk))
-      pool_.mark_cached(blk);
+      pool0().mark_cached(blk);
   }
+}
+
+bool KvManager::can_truncate(SeqId seq, int64_t n) const {
+  const SeqState& s = state(seq);
+  if (n < 0 || n > seq_tokens(seq) || n < s.n_sealed) return false;
+  for (const Group& g : groups_) {
+    const auto table = g.pool->block_table(seq);
+    const int64_t first = unseen_blocks(g, n);  // the window of position n starts in this block
+    for (int64_t b = first; b < (n + block_size_ - 1) / block_size_; ++b)
+      if (table[static_cast<size_t>(b)] == kNoBlock) return false;
+  }
+  return true;
 }
 
 void KvManager::truncate(SeqId seq, int64_t n) {
   SeqState& s = state(seq);
   if (n < s.n_sealed)
     fail("KV manager: cannot truncate to {} positions: {} are sealed (KIVI)", n, s.n_sealed);
-  pool_.truncate(seq, n);
+  if (!can_truncate(seq, n))
+    fail("KV manager: cannot truncate to {} positions: a sliding window released blocks it reads",
+         n);
+  for (Group& g : groups_) g.pool->truncate(seq, n);
   // A registered block cut in the middle is re-registered once full again (the pool drops its
   // index entry before anything is written into it).
   s.n_registered = std::min(s.n_registered, n / block_size_);
@@ -230,48 +372,52 @@ void KvManager::register_partial(SeqId seq, const SeqState& s, std::span<const i
   // block this sequence holds alone, not already cached; insert_partial refuses it when the full
   // block before it is not registered (its chain could not be verified).
   const int64_t f = n_computed / block_size_, k = n_computed % block_size_;
-  const auto table = pool_.block_table(seq);
+  const auto table = pool0().block_table(seq);
   KVLM_CHECK(static_cast<int64_t>(table.size()) > f);
   const BlockId blk = table[static_cast<size_t>(f)];
-  if (pool_.is_cached(blk) || pool_.ref_count(blk) != 1) return;
+  if (pool0().is_cached(blk) || pool0().ref_count(blk) != 1) return;
   const int32_t parent = f == 0 ? kNoParent : table[static_cast<size_t>(f - 1)];
   if (prefix_->insert_partial(key(s), parent,
                               tokens.subspan(static_cast<size_t>(f * block_size_),
                                              static_cast<size_t>(k)),
                               blk))
-    pool_.mark_cached(blk);
+    pool0().mark_cached(blk);
 }
 
 void KvManager::release(SeqId seq, std::span<const int32_t> tokens, int64_t n_computed,
                         bool keep_partial) {
   const SeqState& s = state(seq);
-  KVLM_CHECK(n_computed <= pool_.seq_tokens(seq) &&
-             n_computed <= static_cast<int64_t>(tokens.size()));
+  KVLM_CHECK(n_computed <= seq_tokens(seq) && n_computed <= static_cast<int64_t>(tokens.size()));
   if (keep_partial && prefix_ && !s.evicted && n_computed % block_size_ > 0)
     register_partial(seq, s, tokens, n_computed);
-  pool_.free_seq(seq);
+  for (Group& g : groups_) g.pool->free_seq(seq);
   if (s.kivi_slot >= 0) free_slots_.push_back(s.kivi_slot);
   seqs_.erase(seq);
 }
 
-KvSeqCache KvManager::seq_cache(SeqId seq) const {
+KvSeqCache KvManager::seq_cache(SeqId seq) const { return seq_caches(seq)[0]; }
+
+std::span<const KvSeqCache> KvManager::seq_caches(SeqId seq) const {
   const SeqState& s = state(seq);
-  return KvSeqCache{pool_.block_table(seq), s.kivi_slot, s.n_sealed};
+  for (size_t g = 0; g < groups_.size(); ++g)
+    s.caches[g] = KvSeqCache{groups_[g].pool->block_table(seq), s.kivi_slot, s.n_sealed};
+  return s.caches;
 }
 
 void KvManager::check_invariants() const {
-  pool_.check_invariants();
+  for (const Group& g : groups_) g.pool->check_invariants();
   if (prefix_) prefix_->check_invariants();
   // Every cached block is registered in the index and the other way round.
   int32_t n_cached = 0;
-  for (BlockId b = 0; b < pool_.n_blocks(); ++b) {
+  for (BlockId b = 0; b < pool0().n_blocks(); ++b) {
     const bool in_index = prefix_ && prefix_->contains(b);
-    KVLM_CHECK(pool_.is_cached(b) == in_index);
+    KVLM_CHECK(pool0().is_cached(b) == in_index);
     n_cached += in_index;
   }
   KVLM_CHECK(!prefix_ || n_cached == prefix_->n_cached());
-  KVLM_CHECK(static_cast<int64_t>(free_slots_.size()) + (shape_.kivi() ? pool_.n_seqs() : 0) ==
+  KVLM_CHECK(static_cast<int64_t>(free_slots_.size()) + (shape_.kivi() ? pool0().n_seqs() : 0) ==
              store_.n_slots());
+  for (const Group& g : groups_) KVLM_CHECK(g.pool->n_seqs() == static_cast<int64_t>(seqs_.size()));
 }
 
 }  // namespace kvlm

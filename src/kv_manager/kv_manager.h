@@ -15,6 +15,11 @@
 //                                   registered in the prefix index
 //   release(seq, tokens, keep)      blocks back to the pool; keep: a partly filled last block
 //                                   stays as a prefix leaf
+// Per-layer cache groups (KvManagerConfig::layer_window): layers with the same sliding window
+// share a group with its own block pool and one block table per sequence (vLLM's hybrid
+// allocator). A window group releases the blocks its window no longer sees as the sequence grows
+// (reserve), so its memory stays bounded; a full group keeps every block. The store holds each
+// layer's blocks in its group's id space (PagedKvStore's layer groups).
 // Running out of blocks is not an error (admit/reserve/evict return false and change nothing, so
 // a scheduler can preempt and try again); bad arguments throw kvlm::Error.
 //
@@ -37,6 +42,13 @@
 
 namespace kvlm {
 
+// One cache group: the sliding window of its layers (0: full attention) and its pool's blocks.
+struct KvGroupSpec {
+  int32_t window = 0;
+  int32_t n_blocks = 0;    // > 0
+  int32_t max_blocks = 0;  // > n_blocks: grows like a dynamic cache (0: n_blocks, fixed)
+};
+
 struct KvManagerConfig {
   KvShape shape;             // validated by the constructor
   int32_t block_size = 16;   // tokens per block (KIVI: a multiple of shape.kivi_group)
@@ -49,6 +61,11 @@ struct KvManagerConfig {
   bool prefix_cache = true;  // register and reuse blocks (not with KIVI)
   bool audit = false;        // re-verify the pool and the index after every operation (tests)
   KvRope rope{};             // how K was rotated, so evict() can re-rotate moved rows
+  // Per-layer cache groups: [n_layer] the group of each layer and [n_groups] the groups. Empty:
+  // one full group of every layer with n_blocks / max_blocks above. With groups: no prefix cache,
+  // no eviction, no KIVI (refused).
+  std::vector<int32_t> layer_group{};
+  std::vector<KvGroupSpec> groups{};
 };
 
 // What the prefix index holds for a prompt (lookup): full blocks, then maybe a partial block.
@@ -63,16 +80,32 @@ struct KvHit {
 // to that (dynamic), the arithmetic the planner uses (kv_plan.h), a KIVI residual slot, no prefix
 // index (one sequence has nothing to share). Throws kvlm::Error for a bad shape, n_ctx <= 0 or a
 // size that overflows.
+// layer_window ([n_layer], empty: all full) gives a window group per distinct window, sized for
+// passes of at most n_batch tokens: kv_window_blocks.
 KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc,
-                              const KvRope& rope);
+                              const KvRope& rope, std::span<const int32_t> layer_window = {},
+                              int64_t n_batch = 512);
+// Blocks a sequence's window group holds at most: a pass writing m <= n_batch tokens at p reads
+// positions [p - window + 1, p + m), which span at most ceil((window - 1 + n_batch) / bs) + 1
+// blocks; never more than a full cache of n_ctx.
+int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size);
+
+struct KvGroupStats {
+  int32_t window = 0;        // 0: full attention
+  int32_t n_layers = 0;
+  BlockPoolStats blocks;
+  uint64_t bytes_total = 0;  // its layers' arenas
+  uint64_t bytes_used = 0;   // its blocks in use
+};
 
 struct KvManagerStats {
-  BlockPoolStats blocks;
+  BlockPoolStats blocks;     // every group's blocks together
   int32_t block_size = 0;
   uint64_t bytes_total = 0;  // the store's arenas (blocks and KIVI slots)
   uint64_t bytes_used = 0;   // blocks in use x bytes per block, plus the KIVI slots held
   int64_t n_seqs = 0;
   int64_t n_evicted_tokens = 0;  // positions dropped by evict(), since construction
+  std::vector<KvGroupStats> groups;  // [n_groups]
 };
 
 class KvManager {
@@ -90,8 +123,11 @@ class KvManager {
 
   const KvShape& shape() const { return shape_; }
   int32_t block_size() const { return block_size_; }
-  int32_t n_blocks() const { return pool_.n_blocks(); }
-  int64_t capacity_tokens() const { return int64_t{n_blocks()} * block_size_; }
+  int32_t n_groups() const { return static_cast<int32_t>(groups_.size()); }
+  int32_t n_blocks(int32_t group = 0) const { return groups_[group].pool->n_blocks(); }
+  // Tokens a sequence can hold: the smallest full group's blocks (a window group holds any
+  // number of positions); the largest int64 when every group is windowed.
+  int64_t capacity_tokens() const;
   bool prefix_cache() const { return prefix_ != nullptr; }
   KvManagerStats stats() const;
 
@@ -106,13 +142,14 @@ class KvManager {
   [[nodiscard]] bool admit(SeqId seq, std::span<const int32_t> tokens, std::string_view salt,
                            int64_t n_held, const KvHit& hit);
   bool has_seq(SeqId seq) const { return seqs_.count(seq) != 0; }
-  int64_t seq_tokens(SeqId seq) const { return pool_.seq_tokens(seq); }  // positions held
+  int64_t seq_tokens(SeqId seq) const { return pool0().seq_tokens(seq); }  // positions held
   // True once evict() moved its rows: they are no longer a fresh computation of its tokens, so
   // none of its blocks are registered any more.
   bool evicted(SeqId seq) const;
 
   // Room for n more positions at the end (copy-on-write of a shared last block applied; a dynamic
-  // cache grows first if it must). False, changing nothing, when the pool is short.
+  // cache grows first if it must). False, changing nothing, when a pool is short (window groups
+  // have then still given back the blocks no query from the current position on reads).
   [[nodiscard]] bool reserve(SeqId seq, int64_t n);
   // Drops positions [begin, begin + count) of the seq_tokens(seq) held: later rows move down by
   // count, K re-rotated (PagedKvStore::shift_out); the blocks written are made seq's own first.
@@ -122,8 +159,11 @@ class KvManager {
   // KIVI seals the groups that left the residual; full blocks not yet known to the prefix index
   // are registered (unless evicted).
   void commit(SeqId seq, std::span<const int32_t> tokens, int64_t n_computed);
+  // Whether truncate(seq, n) can keep going from n: KIVI keeps sealed tokens sealed, and a window
+  // group must still hold the blocks position n's window reads.
+  bool can_truncate(SeqId seq, int64_t n) const;
   // Forgets positions [n, seq_tokens(seq)); the blocks past ceil(n / block_size) go back to the
-  // pool (registered ones stay cached). KIVI: n >= the sealed positions.
+  // pool (registered ones stay cached). Throws unless can_truncate(seq, n).
   void truncate(SeqId seq, int64_t n);
   // Returns seq's blocks to the pool and forgets it. keep_partial: the partly filled last block of
   // the n_computed tokens[0, n_computed) becomes a prefix leaf, so a prompt continuing them (a
@@ -133,7 +173,10 @@ class KvManager {
   // ---- a forward pass ---------------------------------------------------------------------------
   PagedKvStore& store() { return store_; }
   const PagedKvStore& store() const { return store_; }
+  // Group 0's cache of seq; seq_caches: every group's, [n_groups], valid until the next call of
+  // either for seq or the next operation on seq (what BatchSeq::kv takes).
   KvSeqCache seq_cache(SeqId seq) const;
+  std::span<const KvSeqCache> seq_caches(SeqId seq) const;
 
   // Full verification of the pool's and the index's invariants; aborts on a violation.
   void check_invariants() const;
@@ -145,18 +188,30 @@ class KvManager {
     bool evicted = false;
     int32_t kivi_slot = -1;
     int64_t n_sealed = 0;
+    mutable std::vector<KvSeqCache> caches;  // [n_groups] handed out by seq_caches
   };
+  struct Group {
+    int32_t window = 0;
+    int32_t max_blocks = 0;
+    int32_t n_layers = 0;
+    std::unique_ptr<BlockPool> pool;
+  };
+  BlockPool& pool0() { return *groups_[0].pool; }
+  const BlockPool& pool0() const { return *groups_[0].pool; }
+  // Blocks of a window group that no query from position pos on reads.
+  int64_t unseen_blocks(const Group& g, int64_t pos) const;
+  // Whether every group can take n more positions of seq (growing dynamic groups); then append.
+  bool fits(SeqId seq, int64_t n);
   SeqState& state(SeqId seq);
   const SeqState& state(SeqId seq) const;
   PrefixKey key(const SeqState& s) const { return PrefixKey{cache_type_, s.salt}; }
-  void copy_blocks(const std::vector<BlockCopy>& copies);
+  void copy_blocks(const std::vector<BlockCopy>& copies, int32_t group);
   void register_partial(SeqId seq, const SeqState& s, std::span<const int32_t> tokens,
                         int64_t n_computed);
 
   KvShape shape_;
   int32_t block_size_;
-  int32_t max_blocks_;
-  BlockPool pool_;
+  std::vector<Group> groups_;            // [n_groups]; group 0 carries the prefix index
   std::unique_ptr<PrefixCache> prefix_;  // null: prefix cache off
   PagedKvStore store_;
   KvRope rope_;

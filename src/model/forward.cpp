@@ -432,22 +432,27 @@ struct PassKv {
   // Stores this pass's rows of layer il.   k, v: [n_rows, kv_dim] f32
   void write(int32_t il, const float* k, const float* v) {
     int64_t row = 0;
+    const int32_t g = store.layer_group(il);
     for (const BatchSeq& q : batch) {
       const int64_t n = static_cast<int64_t>(q.tokens.size());
+      const KvSeqCache& c = q.kv[static_cast<size_t>(g)];
       if (store.shape().kivi())
-        store.kivi_write(il, q.kv.blocks, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV,
+        store.kivi_write(il, c.blocks, c.kivi_slot, c.n_sealed, q.pos0, n, k + row * KV,
                          v + row * KV);
       else
-        store.write(il, q.kv.blocks, q.pos0, n, k + row * KV, v + row * KV);
+        store.write(il, c.blocks, q.pos0, n, k + row * KV, v + row * KV);
       row += n;
     }
   }
   // Fills every sequence's view of layer il (rows past the cache's length written above).
   void views(int32_t il, std::vector<AttnSeq>& seqs) const {
-    for (size_t i = 0; i < batch.size(); ++i)
-      seqs[i].kv = store.view(il, batch[i].kv.blocks,
+    const auto g = static_cast<size_t>(store.layer_group(il));
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const KvSeqCache& c = batch[i].kv[g];
+      seqs[i].kv = store.view(il, c.blocks,
                               batch[i].pos0 + static_cast<int64_t>(batch[i].tokens.size()),
-                              batch[i].kv.kivi_slot, batch[i].kv.n_sealed);
+                              c.kivi_slot, c.n_sealed);
+    }
   }
   // Called once attention has read layer il (KIVI moves its residual on).
   void finish(int32_t il, const float* k, const float* v) {
@@ -455,7 +460,7 @@ struct PassKv {
     int64_t row = 0;
     for (const BatchSeq& q : batch) {
       const int64_t n = static_cast<int64_t>(q.tokens.size());
-      store.kivi_finish_write(il, q.kv.kivi_slot, q.kv.n_sealed, q.pos0, n, k + row * KV,
+      store.kivi_finish_write(il, q.kv[0].kivi_slot, q.kv[0].n_sealed, q.pos0, n, k + row * KV,
                               v + row * KV);
       row += n;
     }
@@ -594,6 +599,30 @@ void check_tokens(const ModelConfig& c, std::span<const int32_t> tokens, int64_t
     if (t < 0 || t >= c.n_vocab) fail("token id {} is out of range [0, {})", t, c.n_vocab);
 }
 
+// Each group's table covers the new positions and holds every block attention reads: those a
+// window released (kNoBlock, at the front) lie before the window of every layer of the group.
+void check_tables(const ModelConfig& c, const PagedKvStore& store, const BatchSeq& q) {
+  const int64_t n = static_cast<int64_t>(q.tokens.size()), bs = store.block_size();
+  if (static_cast<int32_t>(q.kv.size()) != store.n_groups())
+    fail("forward: {} block tables for a store of {} layer groups", q.kv.size(), store.n_groups());
+  if (q.pos0 < 0) fail("forward: negative position {}", q.pos0);
+  std::vector<int64_t> first_held(q.kv.size(), 0);  // [n_groups] first block that is not a hole
+  for (size_t g = 0; g < q.kv.size(); ++g) {
+    const auto blocks = q.kv[g].blocks;
+    if (q.pos0 + n > static_cast<int64_t>(blocks.size()) * bs)
+      fail("forward: positions [{}, {}) are not covered by the sequence's {} blocks", q.pos0,
+           q.pos0 + n, blocks.size());
+    while (first_held[g] < static_cast<int64_t>(blocks.size()) &&
+           blocks[static_cast<size_t>(first_held[g])] == kNoBlock)
+      ++first_held[g];
+  }
+  for (int32_t il = 0; il < c.n_layer; ++il)
+    if (first_visible(q.pos0, c.window(il)) < first_held[store.layer_group(il)] * bs)
+      fail("forward: layer {} reads positions from {}, but the sequence's blocks before {} were "
+           "released", il, first_visible(q.pos0, c.window(il)),
+           first_held[store.layer_group(il)] * bs);
+}
+
 }  // namespace
 
 std::span<const float> Model::forward(std::span<const BatchSeq> batch, PagedKvStore& store,
@@ -607,9 +636,7 @@ std::span<const float> Model::forward(std::span<const BatchSeq> batch, PagedKvSt
   for (const BatchSeq& q : batch) {
     const int64_t n = static_cast<int64_t>(q.tokens.size());
     if (n <= 0) fail("forward: a sequence of the batch has no tokens");
-    if (q.pos0 < 0 || q.pos0 + n > static_cast<int64_t>(q.kv.blocks.size()) * store.block_size())
-      fail("forward: positions [{}, {}) are not covered by the sequence's {} blocks", q.pos0,
-           q.pos0 + n, q.kv.blocks.size());
+    check_tables(c, store, q);
     check_tokens(c, q.tokens, q.pos0 + n);
     n_tok += n;
     max_ctx = std::max(max_ctx, q.pos0 + n);

@@ -63,12 +63,13 @@ struct Scratch {
 };
 
 // One sequence's part of a forward pass: new tokens at positions [pos0, pos0 + n) of a sequence
-// whose positions [0, pos0) are already in the KV store, through its cache `kv` (the KV manager's
-// seq_cache: a block table covering at least pos0 + n positions, and KIVI's state).
+// whose positions [0, pos0) are already in the KV store, through its caches `kv`, one per layer
+// group of the store (the KV manager's seq_caches: block tables covering at least pos0 + n
+// positions, a window group's with released blocks before its window, and KIVI's state).
 struct BatchSeq {
   std::span<const int32_t> tokens;  // [n] n >= 1
   int64_t pos0 = 0;
-  KvSeqCache kv;                    // blocks: [>= ceil((pos0 + n) / block_size)]
+  std::span<const KvSeqCache> kv;   // [n_groups] blocks: [>= ceil((pos0 + n) / block_size)]
   bool all_logits = false;          // logits of every token (perplexity), else of the last one
 };
 

@@ -270,6 +270,52 @@ TEST(KvManager, KiviSlotsAndSealing) {
   kv.check_invariants();
 }
 
+// Two cache groups over two layers: layer 1 attends to the last 8 positions. Its group gives
+// back the blocks no later query reads (holes at the front of its table) while group 0 keeps
+// every block; rows written before stay readable where the window still reads them; a
+// truncation back into released blocks is refused; release returns every block of both groups.
+TEST(KvManager, WindowGroupReleasesWhatItsWindowNoLongerSees) {
+  KvShape two = f32_shape();
+  two.n_layer = 2;
+  KvManager kv({.shape = two, .block_size = kBs, .n_blocks = 16, .prefix_cache = false,
+                .audit = true, .layer_group = {0, 1},
+                .groups = {{.window = 0, .n_blocks = 16}, {.window = 8, .n_blocks = 4}}});
+  ASSERT_EQ(kv.n_groups(), 2);
+  EXPECT_EQ(kv.capacity_tokens(), 64);  // the full group's blocks
+  const auto toks = iota_tokens(60, 0);
+  ASSERT_TRUE(kv.admit(1, toks, "", 60, KvHit{}));
+  std::vector<float> k, v;
+  for (int64_t pos = 0; pos < 60; pos += 3) {
+    ASSERT_TRUE(kv.reserve(1, 3)) << pos;
+    token_rows(std::span<const int32_t>(toks).subspan(pos, 3), k, v);
+    const auto caches = kv.seq_caches(1);
+    for (int32_t il = 0; il < 2; ++il)
+      kv.store().write(il, caches[il].blocks, pos, 3, k.data(), v.data());
+    kv.commit(1, toks, pos + 3);
+    kv.check_invariants();
+    const KvManagerStats st = kv.stats();
+    EXPECT_EQ(st.groups[0].blocks.n_used, (pos + 3 + kBs - 1) / kBs);
+    EXPECT_LE(st.groups[1].blocks.n_used, 4);  // (8 - 1 + 3) / 4 + 1 blocks at most
+  }
+  const auto caches = kv.seq_caches(1);
+  EXPECT_EQ(caches[1].blocks.size(), caches[0].blocks.size());  // holes keep the table's length
+  EXPECT_EQ(caches[1].blocks[0], kNoBlock);
+  // Layer 1 still reads positions 50..59 (the window of 57..59 and more): its rows are intact.
+  const KvLayerView view = kv.store().view(1, caches[1].blocks, 60);
+  std::vector<float> want_k, want_v;
+  token_rows(std::span<const int32_t>(toks).subspan(50, 10), want_k, want_v);
+  for (int64_t p = 50; p < 60; ++p)
+    EXPECT_EQ(0, std::memcmp(view.k_head(p, 0), want_k.data() + (p - 50) * kDim, kDim * 4)) << p;
+  EXPECT_FALSE(kv.can_truncate(1, 20));
+  EXPECT_THROW(kv.truncate(1, 20), Error);
+  EXPECT_TRUE(kv.can_truncate(1, 58));
+  kv.truncate(1, 58);
+  kv.check_invariants();
+  kv.release(1, toks, 58, false);
+  kv.check_invariants();
+  EXPECT_EQ(kv.stats().blocks.n_free, 20);
+}
+
 // Random sequences of admissions, chunked computation, evictions, truncations and releases over a
 // small pool, with prompts that share prefixes: after every operation the pool and the index
 // agree and every block is free or used exactly once (check_invariants), and every running

@@ -42,7 +42,8 @@ struct Contiguous {
   // Runs toks at positions [pos, pos + n): the last token's logits.
   std::vector<float> run(const Model& m, std::span<const int32_t> toks, int64_t pos) {
     const KvShape& s = store.shape();
-    const BatchSeq q{toks, pos, KvSeqCache{table, s.kivi() ? 0 : -1, n_sealed}};
+    const KvSeqCache c{table, s.kivi() ? 0 : -1, n_sealed};
+    const BatchSeq q{toks, pos, {&c, 1}};
     const auto l = m.forward({&q, 1}, store, scratch, pool());
     if (s.kivi())
       n_sealed = kv_kivi_sealed(n_sealed, pos + static_cast<int64_t>(toks.size()), s.kivi_residual,
@@ -82,7 +83,8 @@ void expect_paged_equals_contiguous(const std::string& model_file, DType dk, DTy
     const int n = step == 0 ? n_prefill : 1;
     std::span<const int32_t> feed(toks.data() + pos, n);
     const std::vector<float> want = ref.run(*m, feed, pos);
-    BatchSeq q{feed, pos, {table}};
+    const KvSeqCache c{table};
+    BatchSeq q{feed, pos, {&c, 1}};
     auto got = m->forward(std::span<const BatchSeq>(&q, 1), store, s2, pool());
     ASSERT_EQ(got.size(), want.size());
     ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
@@ -129,7 +131,8 @@ void expect_paged_shift_equals_contiguous(const std::string& model_file, DType d
   PagedKvStore store(shape, n_blocks, bs);
   const auto table = scrambled_blocks(n_blocks, 5);
   ref.run(*m, {toks.data(), static_cast<size_t>(n_prefill)}, 0);
-  BatchSeq q0{{toks.data(), static_cast<size_t>(n_prefill)}, 0, {table}};
+  const KvSeqCache c0{table};
+  BatchSeq q0{{toks.data(), static_cast<size_t>(n_prefill)}, 0, {&c0, 1}};
   m->forward(std::span<const BatchSeq>(&q0, 1), store, s2, pool());
   ref.store.shift_out(ref.table, n_prefill, begin, count, m->kv_rope());
   store.shift_out(table, n_prefill, begin, count, m->kv_rope());
@@ -137,7 +140,8 @@ void expect_paged_shift_equals_contiguous(const std::string& model_file, DType d
   for (int i = 0; i < n_decode; ++i, ++pos) {
     std::span<const int32_t> feed(toks.data() + n_prefill + i, 1);
     const std::vector<float> want = ref.run(*m, feed, pos);
-    BatchSeq q{feed, pos, {table}};
+    const KvSeqCache c{table};
+    BatchSeq q{feed, pos, {&c, 1}};
     auto got = m->forward(std::span<const BatchSeq>(&q, 1), store, s2, pool());
     ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
         << "decode " << i << " after evicting [" << begin << ", " << begin + count
@@ -181,7 +185,8 @@ void expect_paged_kivi_equals_contiguous(int32_t bs, int n_prefill, int n_decode
     const int n = step == 0 ? n_prefill : 1;
     std::span<const int32_t> feed(toks.data() + pos, n);
     const std::vector<float> want = ref.run(*m, feed, pos);
-    BatchSeq q{feed, pos, KvSeqCache{table, /*kivi_slot=*/2, n_sealed}};
+    const KvSeqCache c{table, /*kivi_slot=*/2, n_sealed};
+    BatchSeq q{feed, pos, {&c, 1}};
     auto got = m->forward(std::span<const BatchSeq>(&q, 1), store, s2, pool());
     ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
         << "step " << step << " at position " << pos << ", block size " << bs;
@@ -218,6 +223,7 @@ TEST(Paged, BatchedEqualsAlone) {
     return kv.run(*m, {toks[i].data() + n_done, static_cast<size_t>(n)}, n_done);
   };
   std::vector<int> done(n_seqs, 0);
+  std::vector<KvSeqCache> caches(n_seqs);  // [n_seqs] what each BatchSeq's span names
   Scratch sb;
   for (int step = 0; step < 6; ++step) {
     std::vector<BatchSeq> batch;
@@ -230,7 +236,9 @@ TEST(Paged, BatchedEqualsAlone) {
       std::vector<BlockCopy> copies;
       ASSERT_TRUE(bp.append(i, n, &copies));
       ASSERT_TRUE(copies.empty());
-      batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], {bp.block_table(i)}});
+      caches[i] = {bp.block_table(i)};
+      batch.push_back(
+          {{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], {&caches[i], 1}});
       which.push_back(i);
       fed.push_back(n);
     }
@@ -265,7 +273,8 @@ TEST(Paged, SharedPrefixBatchedEqualsAlone) {
     bp.add_seq(0);
     std::vector<BlockCopy> copies;
     ASSERT_TRUE(bp.append(0, n_prefix, &copies));
-    BatchSeq first{prefix, 0, {bp.block_table(0)}};
+    const KvSeqCache c0{bp.block_table(0)};
+    BatchSeq first{prefix, 0, {&c0, 1}};
     m->forward(std::span<const BatchSeq>(&first, 1), store, sb, pool());
     std::vector<std::vector<int32_t>> toks(n_seqs);
     for (int i = 0; i < n_seqs; ++i) {
@@ -275,6 +284,7 @@ TEST(Paged, SharedPrefixBatchedEqualsAlone) {
       toks[i].insert(toks[i].end(), own.begin(), own.end());
     }
     std::vector<int> done(n_seqs, n_prefix);
+    std::vector<KvSeqCache> caches(n_seqs);  // [n_seqs] what each BatchSeq's span names
     for (int step = 0; step < 4; ++step) {  // every suffix but 3 tokens, then 3 decode steps
       std::vector<BatchSeq> batch;
       std::vector<int> fed;
@@ -282,7 +292,9 @@ TEST(Paged, SharedPrefixBatchedEqualsAlone) {
         const int n = step == 0 ? static_cast<int>(toks[i].size()) - n_prefix - 3 : 1;
         ASSERT_TRUE(bp.append(i, n, &copies));
         ASSERT_TRUE(copies.empty());
-        batch.push_back({{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], {bp.block_table(i)}});
+        caches[i] = {bp.block_table(i)};
+        batch.push_back(
+            {{toks[i].data() + done[i], static_cast<size_t>(n)}, done[i], {&caches[i], 1}});
         fed.push_back(n);
       }
       auto got = m->forward(batch, store, sb, pool());
@@ -305,7 +317,8 @@ TEST(Paged, RejectsUncoveredPositions) {
   const std::vector<BlockId> table = {2};
   const std::vector<int32_t> toks(17, 1);
   Scratch s;
-  BatchSeq q{toks, 0, {table}};
+  const KvSeqCache c{table};
+  BatchSeq q{toks, 0, {&c, 1}};
   EXPECT_THROW(m->forward(std::span<const BatchSeq>(&q, 1), store, s, pool()), Error);
 }
 

@@ -17,6 +17,7 @@
 
 #include "base/error.h"
 #include "engine/session.h"
+#include "kv/kv_shape.h"
 #include "kv_manager/kv_manager.h"
 #include "model/model.h"
 #include "test_util.h"
@@ -135,7 +136,7 @@ TEST(Window, BatchedEqualsAlone) {
     toks.push_back(test::random_tokens(lens[i] + 20, V, 40 + i));
     ASSERT_TRUE(kv.admit(i, toks[i], "", lens[i] + 20, KvHit{}));
     ASSERT_TRUE(kv.reserve(i, lens[i]));
-    const BatchSeq q{{toks[i].data(), static_cast<size_t>(lens[i])}, 0, kv.seq_cache(i)};
+    const BatchSeq q{{toks[i].data(), static_cast<size_t>(lens[i])}, 0, kv.seq_caches(i)};
     m->forward({&q, 1}, kv.store(), scratch, pool());
   }
   const int64_t fed[] = {1, 1, 20};
@@ -143,7 +144,7 @@ TEST(Window, BatchedEqualsAlone) {
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(kv.reserve(i, fed[i]));
     batch.push_back({{toks[i].data() + lens[i], static_cast<size_t>(fed[i])}, lens[i],
-                     kv.seq_cache(i)});
+                     kv.seq_caches(i)});
   }
   const auto got = m->forward(batch, kv.store(), scratch, pool());
   for (int i = 0; i < 3; ++i) {
@@ -154,6 +155,80 @@ TEST(Window, BatchedEqualsAlone) {
     const auto want = s.feed(upto);
     EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin() + i * V)) << "sequence " << i;
   }
+}
+
+// Per-layer cache groups: the window layer's group gives back the blocks its window no longer
+// sees, and the logits stay those of a cache that keeps every block (the window only masked),
+// bit for bit, through prefill chunks and decode steps; a truncation into released blocks is
+// refused and the Session recomputes instead.
+TEST(Window, GroupsReleaseBlocksAndKeepTheLogits) {
+  auto m = Model::load(test::data_path("tiny-llama-swa.gguf"));  // layer 0: window 24
+  const auto toks = test::random_tokens(700, m->config().n_vocab, 11);
+  const KvShape shape = m->kv_shape(DType::F16, DType::F16);
+  KvManager grouped(kv_seq_config(shape, 700, KvAlloc::Static, m->kv_rope(),
+                                  m->config().layer_window, 37));
+  KvManager flat(kv_seq_config(shape, 700, KvAlloc::Static, m->kv_rope()));
+  ASSERT_EQ(grouped.n_groups(), 2);
+  ASSERT_EQ(flat.n_groups(), 1);
+  Scratch sa, sb;
+  for (KvManager* kv : {&grouped, &flat}) ASSERT_TRUE(kv->admit(0, {}, "", 0, KvHit{}));
+  int64_t pos = 0;
+  for (int step = 0; pos < 700; ++step) {
+    const int64_t n = std::min<int64_t>(step < 10 ? 37 : 1, 700 - pos);  // chunks, then decode
+    const std::span<const int32_t> feed(toks.data() + pos, static_cast<size_t>(n));
+    std::vector<float> got[2];
+    int i = 0;
+    for (KvManager* kv : {&grouped, &flat}) {
+      ASSERT_TRUE(kv->reserve(0, n));
+      const BatchSeq q{feed, pos, kv->seq_caches(0), true};
+      const auto l = m->forward({&q, 1}, kv->store(), i == 0 ? sa : sb, pool());
+      got[i++].assign(l.begin(), l.end());
+      kv->commit(0, toks, pos + n);
+    }
+    ASSERT_EQ(got[0], got[1]) << "positions [" << pos << ", " << pos + n << ")";
+    pos += n;
+    // The window group (group 1) holds the blocks of the last 24 + 37 positions at most.
+    const KvManagerStats st = grouped.stats();
+    ASSERT_EQ(st.groups[1].window, 24);
+    EXPECT_LE(st.groups[1].blocks.n_used, kv_window_blocks(24, 37, 700, 16));
+    EXPECT_EQ(st.groups[0].blocks.n_used, (pos + 15) / 16);  // the full group keeps every block
+  }
+  EXPECT_LT(grouped.stats().bytes_used, flat.stats().bytes_used * 3 / 4);
+  EXPECT_FALSE(grouped.can_truncate(0, 300));  // its window's blocks were released
+  EXPECT_TRUE(grouped.can_truncate(0, 695));  // its window (from 672) still held
+  EXPECT_THROW(grouped.truncate(0, 300), Error);
+}
+
+// A Session of a windowed model generating 10,000 tokens: the window group's memory stays at its
+// bound the whole time; truncating back recomputes (the window's blocks were released) and gives
+// the same logits as feeding the prefix fresh.
+TEST(Window, SessionMemoryStaysBoundedOverALongGeneration) {
+  auto m = Model::load(test::data_path("tiny-llama-swa-all.gguf"));  // every layer: window 8
+  KvOptions o;
+  o.n_ctx = 10000;
+  Session s(*m, o, pool(), 64);
+  ASSERT_EQ(s.kv().n_groups(), 1);
+  const auto toks = test::random_tokens(10000, m->config().n_vocab, 13);
+  s.feed(std::span<const int32_t>(toks.data(), 100));
+  const int64_t bound = kv_window_blocks(8, 64, 10000, 16);
+  for (int64_t p = 100; p < 10000; ++p) {
+    s.feed(std::span<const int32_t>(toks.data() + p, 1));
+    if (p % 1000 == 0) {
+      ASSERT_LE(s.kv().stats().groups[0].blocks.n_used, bound) << p;
+    }
+  }
+  EXPECT_EQ(s.n_cached(), 10000);
+  EXPECT_LE(s.kv_stats().bytes_used, static_cast<size_t>(bound) * 16 * 2 * kv_bytes_per_token(
+                                                                              s.kv_shape()));
+  s.truncate(5000);  // recomputed: the window of position 5000 was released long ago
+  const auto after = s.feed(std::span<const int32_t>(toks.data() + 5000, 1));
+  std::vector<float> want_vec;
+  {
+    Session fresh(*m, o, pool(), 64);
+    const auto w = fresh.feed(std::span<const int32_t>(toks.data(), 5001));
+    want_vec.assign(w.begin(), w.end());
+  }
+  EXPECT_TRUE(std::equal(want_vec.begin(), want_vec.end(), after.begin()));
 }
 
 }  // namespace

@@ -9,7 +9,8 @@
 namespace kvlm {
 
 namespace {
-// Sizes from the GGUF specification / ggml type traits.
+// Sizes from the GGUF specification / ggml type traits. Types without kernels are listed too, so
+// that any valid GGUF file parses, its tensor sizes checked.
 constexpr DTypeInfo kInfos[] = {
     {DType::F32, "f32", 1, 4, true},
     {DType::F16, "f16", 1, 2, true},
@@ -25,12 +26,24 @@ constexpr DTypeInfo kInfos[] = {
     {DType::Q5_K, "q5_k", 256, 176, false},
     {DType::Q6_K, "q6_k", 256, 210, true},
     {DType::Q8_K, "q8_k", 256, 292, false},
+    {DType::IQ2_XXS, "iq2_xxs", 256, 66, false},
+    {DType::IQ2_XS, "iq2_xs", 256, 74, false},
+    {DType::IQ3_XXS, "iq3_xxs", 256, 98, false},
+    {DType::IQ1_S, "iq1_s", 256, 50, false},
+    {DType::IQ4_NL, "iq4_nl", 32, 18, false},
+    {DType::IQ3_S, "iq3_s", 256, 110, false},
+    {DType::IQ2_S, "iq2_s", 256, 82, false},
+    {DType::IQ4_XS, "iq4_xs", 256, 136, false},
     {DType::I8, "i8", 1, 1, false},
     {DType::I16, "i16", 1, 2, false},
     {DType::I32, "i32", 1, 4, false},
     {DType::I64, "i64", 1, 8, false},
     {DType::F64, "f64", 1, 8, false},
+    {DType::IQ1_M, "iq1_m", 256, 56, false},
     {DType::BF16, "bf16", 1, 2, true},
+    {DType::TQ1_0, "tq1_0", 256, 54, false},
+    {DType::TQ2_0, "tq2_0", 256, 66, false},
+    {DType::MXFP4, "mxfp4", 32, 17, false},
 };
 }  // namespace
 
@@ -45,6 +58,8 @@ const DTypeInfo& dtype_info(DType t) {
   KVLM_CHECK(i != nullptr);
   return *i;
 }
+
+std::span<const DTypeInfo> dtype_infos() { return kInfos; }
 
 std::optional<DType> dtype_from_name(std::string_view name) {
   std::string lower(name);

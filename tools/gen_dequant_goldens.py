@@ -23,6 +23,13 @@ File format, all little-endian:
 For kind 0, `values` is gguf.quants.dequantize(raw); for kind 1, `raw` is
 gguf.quants.quantize(values). Every quantize record is followed by a dequantize record of the
 same bytes, so the synthetic types are covered by both directions.
+
+Every type kvlm computes with has a dequantize record of real-looking data (rows of the model,
+gguf's own quantization of random values, or random codes under small scales where gguf has no
+quantizer) and one named "hostile/<TYPE>": blocks a broken or malicious file may hold (zero,
+negative-zero, subnormal, largest-finite, infinite and NaN f16 scales and mins, sub-block scales
+at their extreme encodings, all codes zero under an infinite scale; NaN/inf bit patterns for the
+plain types). kvlm's dequantization must give gguf's values bit for bit, NaN where gguf has NaN.
 """
 
 import argparse
@@ -148,6 +155,104 @@ def synthetic_records(w: Writer):
     w.dequant("random_bytes/Q4_0", T.Q4_0, raw)
 
 
+# Byte offsets of each block type's f16 scale fields (super-block scale first, then the scale of
+# the mins where there is one) and of its sub-block scale bytes (start, end), from the GGML block
+# structs (src/tensor/dtype.h mirrors them).
+F16_FIELDS = {
+    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0],
+    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+    T.IQ4_XS: [0],
+}
+SUB_SCALES = {
+    T.Q2_K: (0, 16), T.Q3_K: (96, 108), T.Q4_K: (4, 16), T.Q5_K: (4, 16), T.Q6_K: (192, 208),
+    T.IQ4_XS: (2, 8),
+}
+# Types gguf can quantize but kvlm cannot (so no quantize records): their goldens dequantize
+# gguf's own quantization of random data, i.e. blocks as a real file has them.
+GGUF_QUANTIZED = (T.Q5_0, T.Q5_1)
+# Types gguf (0.19) has no quantizer for: real-looking rows are random codes and sub-block scales
+# under a small positive f16 super-block scale (and min scale), as a quantizer writes them.
+RANDOM_BLOCKS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
+# f16 bit patterns for hostile scales: zero, negative zero, the smallest subnormal, the largest
+# finite of either sign, both infinities, the default NaN, a NaN with a payload, a negative NaN.
+HOSTILE_F16 = [0x0000, 0x8000, 0x0001, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE00]
+
+
+def set_f16(block: np.ndarray, offset: int, bits: int):
+    block[offset:offset + 2] = np.array([bits], dtype="<u2").view(np.uint8)
+
+
+def realistic_blocks(rng, qtype: T, n_blocks: int) -> np.ndarray:
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, ts), dtype=np.uint8)
+    for b in range(n_blocks):
+        for off in F16_FIELDS[qtype]:
+            scale = rng.uniform(1e-4, 2e-2) * (1 if qtype not in (T.IQ4_NL, T.Q6_K) or b % 2 else -1)
+            set_f16(raw[b], off, int(np.float16(scale).view(np.uint16)))
+    return raw
+
+
+def hostile_blocks(rng, qtype: T) -> np.ndarray:
+    """Blocks a broken or malicious file may hold, each beside random codes: every f16 scale field
+    set to each HOSTILE_F16 pattern; only the last field (the mins' scale) non-finite; and, where
+    there are sub-block scales, all of them at their smallest or largest encoding, under a normal
+    and an infinite super-block scale (inf * 0 sub-scale or code gives NaN). Also all codes zero
+    under an infinite scale."""
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    fields = F16_FIELDS[qtype]
+    normal = int(np.float16(0.01).view(np.uint16))
+    blocks = []
+
+    def block(scales: list, sub: int | None = None, codes: int | None = None) -> np.ndarray:
+        b = rng.integers(0, 256, size=ts, dtype=np.uint8)
+        if codes is not None:
+            b[:] = codes
+        if sub is not None and qtype in SUB_SCALES:
+            lo, hi = SUB_SCALES[qtype]
+            b[lo:hi] = sub
+        for off, bits in zip(fields, scales):
+            set_f16(b, off, bits)
+        return b
+
+    for bits in HOSTILE_F16:
+        blocks.append(block([bits] * len(fields)))
+    if len(fields) == 2:
+        for bits in (0x7C00, 0x7E00, 0xFBFF):
+            blocks.append(block([normal, bits]))
+    if qtype in SUB_SCALES:
+        # 0x00 and 0xFF are every scale's smallest and largest 6-bit (or 4-bit) encoding; Q6_K's
+        # int8 scales add -128 and 127.
+        for sub in (0x00, 0xFF) + ((0x80, 0x7F) if qtype == T.Q6_K else ()):
+            for scale in (normal, 0x7C00):
+                blocks.append(block([scale] * len(fields), sub=sub))
+    blocks.append(block([0x7C00] * len(fields), codes=0))
+    return np.stack(blocks)
+
+
+def block_type_records(w: Writer):
+    """Every compute block type kvlm has only a reference kernel for, plus hostile blocks of the
+    others: real-looking rows and hostile blocks, dequantized by gguf."""
+    rng = np.random.default_rng(20261207)
+    for qtype in GGUF_QUANTIZED:
+        for i, scale in enumerate((0.02, 1.0)):
+            values = (rng.standard_normal(256) * scale).astype(np.float32)
+            w.dequant(f"gguf_quantized{i}/{qtype.name}", qtype, gguf.quants.quantize(values, qtype))
+    for qtype in RANDOM_BLOCKS:
+        bs, _ = gguf.GGML_QUANT_SIZES[qtype]
+        w.dequant(f"realistic/{qtype.name}", qtype, realistic_blocks(rng, qtype, max(2, 512 // bs)))
+    for qtype in F16_FIELDS:
+        w.dequant(f"hostile/{qtype.name}", qtype, hostile_blocks(rng, qtype))
+    # Plain types: NaN and inf bit patterns straight from a file (F16 and BF16 NaNs with and
+    # without payloads, both signs).
+    f16 = np.array(HOSTILE_F16 + [0x7FFF, 0xFFFF], dtype="<u2")
+    w.dequant("hostile/F16", T.F16, f16)
+    bf16 = np.array([0x7FC0, 0xFFC0, 0x7F81, 0x7F80, 0xFF80, 0x0001, 0x8000, 0x7F7F], dtype="<u2")
+    w.dequant("hostile/BF16", T.BF16, bf16)
+    f32 = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7F800000, 0xFF800000, 0x00000001,
+                    0x80000000, 0x7F7FFFFF], dtype="<u4")
+    w.dequant("hostile/F32", T.F32, f32)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default=default_model())
@@ -157,14 +262,16 @@ def main():
     if not os.path.exists(args.model):
         sys.exit(f"{args.model}: not found; run scripts/fetch-model.sh or pass the path")
 
-    np.seterr(over="ignore")  # the F16 cases overflow to inf on purpose
+    # The F16 cases overflow to inf on purpose, and the hostile blocks multiply inf by 0.
+    np.seterr(over="ignore", invalid="ignore")
     w = Writer()
     model_records(w, args.model)
     synthetic_records(w)
+    block_type_records(w)
     w.save(args.output)
     size = os.path.getsize(args.output)
     print(f"wrote {len(w.records)} records, {size} bytes to {os.path.normpath(args.output)}")
-    assert size < 300_000
+    assert size < 400_000
 
 
 if __name__ == "__main__":

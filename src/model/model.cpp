@@ -17,6 +17,14 @@ int32_t require_int(const GgufFile& f, const std::string& key, int64_t lo, int64
   return static_cast<int32_t>(*v);
 }
 
+// "f32, f16, q4_0, ...": the weight types kvlm has kernels for, for error messages.
+std::string compute_type_names() {
+  std::vector<const char*> names;
+  for (const DTypeInfo& i : dtype_infos())
+    if (i.compute) names.push_back(i.name);
+  return fmt::format("{}", fmt::join(names, ", "));
+}
+
 std::string shape_str(const std::vector<int64_t>& ne) {
   return fmt::format("[{}]", fmt::join(ne, ", "));
 }
@@ -55,7 +63,8 @@ class TensorBinder {
       fail("{}: tensor '{}' has shape {}, expected {}", f_.path(), name, shape_str(t->ne), shape_str(ne));
     const DTypeInfo& info = dtype_info(t->type);
     if (!info.compute)
-      fail("{}: tensor '{}' has type {}, which kvlm cannot compute with yet", f_.path(), name, info.name);
+      fail("{}: tensor '{}' has type {}, which kvlm cannot compute with yet (it can: {})", f_.path(),
+           name, info.name, compute_type_names());
     TensorView v;
     v.dtype = t->type;
     v.data = t->data;

@@ -40,8 +40,8 @@ class BadInput(unittest.TestCase):
         # general.architecture = "llama" -> "mamba" (same length: nothing else moves).
         cls.bad_arch = os.path.join(d, "bad-arch.gguf")
         open(cls.bad_arch, "wb").write(patched(tiny, gguf_string(b"llama"), gguf_string(b"mamba")))
-        # output.weight's type id -> q5_0 (6), which kvlm parses but has no kernels for. q5_0 rows
-        # are smaller than the original type's, so the file stays valid GGUF.
+        # output.weight's type id -> mxfp4 (39), which kvlm parses but has no kernels for. mxfp4
+        # rows are smaller than the original type's, so the file stays valid GGUF.
         name = gguf_string(b"output.weight")
         i = tiny.index(name) + len(name)
         n_dims = struct.unpack_from("<I", tiny, i)[0]
@@ -49,7 +49,7 @@ class BadInput(unittest.TestCase):
         orig = struct.unpack_from("<I", tiny, type_at)[0]
         assert orig in (0, 1, 8), f"output.weight has type {orig}"
         bad_type = bytearray(tiny)
-        struct.pack_into("<I", bad_type, type_at, 6)
+        struct.pack_into("<I", bad_type, type_at, 39)
         cls.bad_type = os.path.join(d, "bad-type.gguf")
         open(cls.bad_type, "wb").write(bad_type)
         cls.not_gguf = os.path.join(d, "not-a-model.gguf")
@@ -77,7 +77,7 @@ class BadInput(unittest.TestCase):
             (["generate", "-m", self.not_gguf, "-p", "x"], (1,), "magic"),
             (["generate", "-m", self.truncated, "-p", "x"], (1,), "truncated.gguf"),
             (["generate", "-m", self.bad_arch, "-p", "x"], (1,), "unsupported architecture 'mamba'"),
-            (["generate", "-m", self.bad_type, "-p", "x"], (1,), "q5_0"),
+            (["generate", "-m", self.bad_type, "-p", "x"], (1,), "'output.weight' has type mxfp4"),
             (["inspect", "-m", self.bad_arch], (1,), "mamba"),
             (["generate", "-m", TINY, "-c", "4", "-p", "one two three four five six seven"], (1,), "context"),
             (gen + ["-m", TINY, "--temp", "-1"], (2,), "temp"),

@@ -33,6 +33,7 @@
 #include "kernels/avx2/avx2.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops.h"
+#include "kernels/random_blocks.h"
 #include "kernels/ref/ref.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
@@ -78,38 +79,11 @@ std::vector<float> random_floats(std::mt19937& rng, int64_t n, float scale) {
 
 // A random row of type t with n elements written at dst. Quantized types get random codes over
 // their whole range (Q8_0 including -128, which a third-party quantizer may write) and f16
-// scales of either sign; float types get normal values.
+// scales of either sign (test::random_block_row); float types get normal values.
 void random_row(DType t, int64_t n, std::mt19937& rng, uint8_t* dst) {
-  std::uniform_int_distribution<int> byte(0, 255);
-  std::uniform_real_distribution<float> scale(-0.02f, 0.02f);
-  switch (t) {
-    case DType::Q4_0:
-    case DType::Q4_1:
-    case DType::Q8_0:
-    case DType::Q6_K: {
-      for (size_t i = 0; i < row_bytes(t, n); ++i) dst[i] = static_cast<uint8_t>(byte(rng));
-      const int64_t n_blocks = n / dtype_info(t).block_size;
-      const size_t bsize = static_cast<size_t>(dtype_info(t).type_size);
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        uint8_t* blk = dst + b * bsize;
-        const uint16_t d = fp32_to_fp16(scale(rng));
-        if (t == DType::Q6_K) {
-          std::memcpy(blk + offsetof(BlockQ6_K, d), &d, 2);
-        } else {
-          std::memcpy(blk, &d, 2);
-        }
-        if (t == DType::Q4_1) {
-          const uint16_t m = fp32_to_fp16(scale(rng) * 8);
-          std::memcpy(blk + 2, &m, 2);
-        }
-      }
-      return;
-    }
-    default: {
-      const std::vector<float> v = random_floats(rng, n, 1.0f);
-      quantize_row(t, v.data(), dst, n);
-    }
-  }
+  if (dtype_info(t).block_size > 1) return test::random_block_row(t, n, rng, dst);
+  const std::vector<float> v = random_floats(rng, n, 1.0f);
+  quantize_row(t, v.data(), dst, n);
 }
 
 // ---- variant choice -----------------------------------------------------------------------------
@@ -245,7 +219,7 @@ TEST(Avx2Dequant, F16ExhaustiveAndBf16BitIdentical) {
 TEST(Avx2Dequant, OtherTypesMatchRef) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(5);
-  for (DType t : {DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q6_K}) {
+  for (DType t : test::compute_types()) {
     const int64_t n = 512;
     std::vector<uint8_t> row(row_bytes(t, n));
     random_row(t, n, rng, row.data());
@@ -599,7 +573,11 @@ const std::vector<Case>& cases() {
       {DType::Q4_0, {32, 96, 576, 1536}},  {DType::Q4_1, {32, 64, 576, 1536}},
       {DType::Q8_0, {32, 160, 576, 4096}}, {DType::F32, {7, 33, 576}},
       {DType::F16, {5, 64, 576}},          {DType::BF16, {32, 47}},
-      {DType::Q6_K, {256, 512}},
+      {DType::Q5_0, {32, 576}},            {DType::Q5_1, {32, 576}},
+      {DType::IQ4_NL, {32, 576}},          {DType::Q2_K, {256, 512}},
+      {DType::Q3_K, {256, 512}},           {DType::Q4_K, {256, 512}},
+      {DType::Q5_K, {256, 512}},           {DType::Q6_K, {256, 512}},
+      {DType::IQ4_XS, {256, 512}},
   };
   return c;
 }

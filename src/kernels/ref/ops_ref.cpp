@@ -45,7 +45,8 @@ namespace {
       op, info ? info->name : "unknown", static_cast<uint32_t>(t), supported);
 }
 
-constexpr const char* kDequantTypes = "f32, f16, bf16, q4_0, q4_1, q8_0 and q6_k";
+constexpr const char* kDequantTypes =
+    "f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl and iq4_xs";
 constexpr const char* kQuantTypes = "f32, f16, bf16, q4_0, q4_1 and q8_0";
 
 // Element count must fill whole blocks of t (callers validated shapes when loading).
@@ -104,36 +105,6 @@ void dequant_q8_0(const BlockQ8_0* blocks, float* dst, int64_t n_blocks) {
     const float d = fp16_to_fp32(b.d);
     float* y = dst + ib * kQK8_0;  // [32]
     for (int j = 0; j < kQK8_0; ++j) y[j] = static_cast<float>(b.qs[j]) * d;
-  }
-}
-
-// Q6_K: a 256-element super-block in two halves of 128. In half h, for l in [0, 32):
-//   ql[64h + l]      low nibble -> element 128h + l,      high nibble -> 128h + l + 64
-//   ql[64h + l + 32] low nibble -> element 128h + l + 32, high nibble -> 128h + l + 96
-//   qh[32h + l] bits 0-1, 2-3, 4-5, 6-7 are the high 2 bits of elements +0, +32, +64, +96.
-// The 6-bit code q - 32 in [-32, 31] is scaled by d * scales[e / 16] (16 elements per scale),
-// evaluated as (d * scale) * q like GGML.
-void dequant_q6_k(const BlockQ6_K* blocks, float* dst, int64_t n_blocks) {
-  for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    const BlockQ6_K& b = blocks[ib];
-    const float d = fp16_to_fp32(b.d);
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* ql = b.ql + 64 * h;      // [64]
-      const uint8_t* qh = b.qh + 32 * h;      // [32]
-      const int8_t* sc = b.scales + 8 * h;    // [8]: one per 16 elements of this half
-      float* y = dst + ib * kQK_K + 128 * h;  // [128]
-      for (int l = 0; l < 32; ++l) {
-        const int is = l / 16;
-        const int q0 = ((ql[l] & 0x0f) | ((qh[l] >> 0) & 3) << 4) - 32;
-        const int q1 = ((ql[l + 32] & 0x0f) | ((qh[l] >> 2) & 3) << 4) - 32;
-        const int q2 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
-        const int q3 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
-        y[l + 0] = d * static_cast<float>(sc[is + 0]) * static_cast<float>(q0);
-        y[l + 32] = d * static_cast<float>(sc[is + 2]) * static_cast<float>(q1);
-        y[l + 64] = d * static_cast<float>(sc[is + 4]) * static_cast<float>(q2);
-        y[l + 96] = d * static_cast<float>(sc[is + 6]) * static_cast<float>(q3);
-      }
-    }
   }
 }
 
@@ -392,10 +363,9 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
       return dequant_q4_1(static_cast<const BlockQ4_1*>(src), dst, n / kQK4_1);
     case DType::Q8_0:
       return dequant_q8_0(static_cast<const BlockQ8_0*>(src), dst, n / kQK8_0);
-    case DType::Q6_K:
-      return dequant_q6_k(static_cast<const BlockQ6_K*>(src), dst, n / kQK_K);
     default:
-      fail_unsupported("dequantize_row", t, kDequantTypes);
+      if (!dequantize_row_blocks(t, src, dst, n))
+        fail_unsupported("dequantize_row", t, kDequantTypes);
   }
 }
 

@@ -49,5 +49,9 @@ float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks);
 float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks);
 // sum_c a[c] * b[c] in 16 lanes with a fixed pairwise fold.   a, b: [n]
 float dot_f32(const float* a, const float* b, int64_t n);
+// dequantize_row for the types only ref implements (Q5_0, Q5_1, Q2_K .. Q6_K, IQ4_NL, IQ4_XS;
+// ref/dequant_ref.cpp), which every variant's dequantize_row calls for them. Returns false, having
+// written nothing, for any other type.
+bool dequantize_row_blocks(DType t, const void* src, float* dst, int64_t n);
 
 }  // namespace kvlm::kernels::ref

@@ -1,7 +1,11 @@
-// kvlm inspect: metadata, tensor table, derived config and KV bytes per token.
+// kvlm inspect: metadata, tensor table, derived config and KV bytes per token. The first two come
+// from the GGUF reader alone, so a file kvlm cannot run still lists.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <memory>
+
+#include "base/error.h"
 #include "cli/common.h"
 #include "gguf/gguf.h"
 #include "kv/kv_shape.h"
@@ -30,24 +34,27 @@ std::string value_str(const GgufValue& v) {
   }
 }
 
-int run_inspect(const std::string& model_arg) {
-  const std::string path = resolve_model(model_arg);
-  auto model = Model::load(path);
-  const GgufFile& f = model->gguf();
-  const ModelConfig& c = model->config();
+// Metadata and tensor table, from the GGUF reader alone: any valid GGUF file lists, whatever its
+// architecture or tensor types.
+void print_file(const std::string& path, const GgufFile& f) {
   fmt::print("file: {} (GGUF v{}, {} bytes, alignment {})\n\n", path, f.version(), f.file_size(),
              f.alignment());
   fmt::print("metadata ({} keys):\n", f.metadata().size());
   for (const auto& [k, v] : f.metadata()) fmt::print("  {:<42} {}\n", k, value_str(v));
-  fmt::print("\ntensors ({}):\n  {:<32} {:<6} {:<16} {:>12}\n", f.tensors().size(), "name", "type",
-             "shape", "bytes");
+  fmt::print("\ntensors ({}):\n  {:<32} {:<7} {:<16} {:>12}\n", f.tensors().size(), "name",
+             "type", "shape", "bytes");
   uint64_t total = 0;
   for (const auto& t : f.tensors()) {
-    fmt::print("  {:<32} {:<6} {:<16} {:>12}\n", t.name, dtype_name(t.type),
+    fmt::print("  {:<32} {:<7} {:<16} {:>12}\n", t.name, dtype_name(t.type),
                fmt::format("[{}]", fmt::join(t.ne, ", ")), t.n_bytes);
     total += t.n_bytes;
   }
-  fmt::print("  {:<56} {:>12}\n", "total", total);
+  fmt::print("  {:<57} {:>12}\n", "total", total);
+}
+
+// The derived config and memory figures of a model kvlm can run.
+void print_model(const Model& model) {
+  const ModelConfig& c = model.config();
   fmt::print("\nconfig:\n");
   fmt::print("  architecture      {}\n  n_vocab           {}\n  n_ctx_train       {}\n", c.arch->name,
              c.n_vocab, c.n_ctx_train);
@@ -61,13 +68,28 @@ int run_inspect(const std::string& model_arg) {
   fmt::print("  output            {}\n", c.tied_output ? "tied to token_embd" : "separate");
   fmt::print("\nKV cache (per token = n_layer x n_kv_head x head_dim x 2 (K and V) x bytes):\n");
   for (DType t : {DType::F32, DType::F16}) {
-    KvShape s = model->kv_shape(t, t);
+    KvShape s = model.kv_shape(t, t);
     fmt::print("  {:<4} {:>8} bytes/token, {} at n_ctx_train={}\n", dtype_name(t),
                kv_bytes_per_token(s), human_bytes(kv_bytes(s, c.n_ctx_train)), c.n_ctx_train);
   }
-  fmt::print("weights read per decoded token: {}\n", human_bytes(model->weight_bytes()));
+  fmt::print("weights read per decoded token: {}\n", human_bytes(model.weight_bytes()));
   // The matmul's packed copies live in memory beside the mapped file (docs/ARCHITECTURE.md).
-  fmt::print("packed weight copies in memory: {}\n", human_bytes(model->packed_bytes()));
+  fmt::print("packed weight copies in memory: {}\n", human_bytes(model.packed_bytes()));
+}
+
+// A file that is not valid GGUF is an error (exit 1); a valid one kvlm cannot run (architecture,
+// tensor types, shapes) is still listed, followed by "cannot run: <why>" (exit 0).
+int run_inspect(const std::string& model_arg) {
+  const std::string path = resolve_model(model_arg);
+  print_file(path, *GgufFile::open(path));
+  std::unique_ptr<Model> model;
+  try {
+    model = Model::load(path);
+  } catch (const Error& e) {
+    fmt::print("\ncannot run: {}\n", e.what());
+    return 0;
+  }
+  print_model(*model);
   return 0;
 }
 

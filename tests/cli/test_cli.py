@@ -61,6 +61,18 @@ class BadInput(unittest.TestCase):
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
+    def test_inspect_lists_what_it_cannot_run(self):
+        # The listing comes from the GGUF reader alone; Model::load's refusal follows it.
+        for path, needles in ((self.bad_arch, ("general.architecture", '"mamba"', "output.weight",
+                                               "cannot run: ", "unsupported architecture 'mamba'")),
+                              (self.bad_type, ("output.weight", "mxfp4", "blk.0.attn_q.weight",
+                                               "cannot run: ", "'output.weight' has type mxfp4"))):
+            rc, out, err = run("inspect", "-m", path)
+            self.assertEqual(rc, 0, err)
+            for needle in needles:
+                self.assertIn(needle, out, path)
+            self.assertNotIn("config:", out)
+
     def check(self, args, codes, needle):
         rc, out, err = run(*args)
         self.assertGreaterEqual(rc, 0, f"killed by signal {-rc}: {args}")
@@ -78,7 +90,7 @@ class BadInput(unittest.TestCase):
             (["generate", "-m", self.truncated, "-p", "x"], (1,), "truncated.gguf"),
             (["generate", "-m", self.bad_arch, "-p", "x"], (1,), "unsupported architecture 'mamba'"),
             (["generate", "-m", self.bad_type, "-p", "x"], (1,), "'output.weight' has type mxfp4"),
-            (["inspect", "-m", self.bad_arch], (1,), "mamba"),
+            (["inspect", "-m", self.not_gguf], (1,), "magic"),
             (["generate", "-m", TINY, "-c", "4", "-p", "one two three four five six seven"], (1,), "context"),
             (gen + ["-m", TINY, "--temp", "-1"], (2,), "temp"),
             (gen + ["-m", TINY, "--top-p", "1.5"], (2,), "top-p"),

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iterator>
 #include <cmath>
+#include <set>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -102,12 +103,27 @@ TEST(CacheEquivalence, SmolLm2F32Cache) {
 }
 
 TEST(CacheEquivalence, TinyModels) {
-  for (const char* f : {"tiny-llama.gguf", "tiny-gpt2.gguf"}) {
+  for (const char* f : {"tiny-llama.gguf", "tiny-gpt2.gguf", "tiny-llama-kquants.gguf"}) {
     auto m = Model::load(test::data_path(f));
     std::vector<int32_t> prompt = {5, 17, 200, 31, 99, 260, 7};
     check_cache_equivalence(*m, prompt, 64, DType::F16);
     check_cache_equivalence(*m, prompt, 16, DType::F32);
   }
+}
+
+// The K-quant model (tools/make_synthetic_gguf.py) loads with a matrix in each of the types kvlm
+// multiplies through its reference kernels; only the types with packed kernels (Q4_0, Q4_1, Q8_0,
+// as in tiny-llama) get packed copies.
+TEST(Load, EveryWeightTypeAndPackingOnlyWherePackedKernelsAre) {
+  auto m = Model::load(test::data_path("tiny-llama-kquants.gguf"));
+  std::set<DType> types;
+  for (const GgufTensorInfo& t : m->gguf().tensors())
+    if (t.ne.size() == 2) types.insert(t.type);
+  const std::set<DType> want = {DType::Q5_0, DType::Q5_1, DType::Q2_K,   DType::Q3_K,  DType::Q4_K,
+                                DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS};
+  EXPECT_EQ(types, want);
+  EXPECT_EQ(m->packed_bytes(), 0u);
+  EXPECT_GT(Model::load(test::data_path("tiny-llama.gguf"))->packed_bytes(), 0u);
 }
 
 // Prefill of N tokens in one batch gives the same logits at every position as N decode steps.

@@ -8,6 +8,7 @@
 // Where a block has sub-block scales, the order is always (super scale * sub scale) * code, then
 // minus (super min * sub min): the grouping gguf and GGML use. Another grouping would round
 // differently, and turn an inf scale times a zero code into a different NaN-or-not.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -49,52 +50,12 @@ void dequant_q5(const Block* blocks, float* dst, int64_t n_blocks) {
   }
 }
 
-// The 2-bit codes of Q2_K and the low 2 bits of Q3_K's: element e of a super-block sits in byte
-// 32 * (e / 128) + e % 32, at bit 2 * ((e % 128) / 32).
-inline int two_bits(const uint8_t* qs, int e) {
-  return (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-}
-
-// Q2_K: 16 sub-blocks of 16; sub-block s has scale scales[s] & 15 and min scales[s] >> 4.
-// value = (d * scale) * q - dmin * min.
-void dequant_q2_k(const BlockQ2_K* blocks, float* dst, int64_t n_blocks) {
-  for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    const BlockQ2_K& b = blocks[ib];
-    const float d = fp16_to_fp32(b.d);
-    const float dmin = fp16_to_fp32(b.dmin);
-    float* y = dst + ib * kQK_K;  // [256]
-    for (int s = 0; s < kQK_K / 16; ++s) {
-      const float dl = d * static_cast<float>(b.scales[s] & 0x0f);
-      const float ml = dmin * static_cast<float>(b.scales[s] >> 4);
-      for (int e = 16 * s; e < 16 * s + 16; ++e)
-        y[e] = dl * static_cast<float>(two_bits(b.qs, e)) - ml;
-    }
-  }
-}
-
 // Q3_K's 16 six-bit scales (stored + 32): the low 4 bits of scale s are nibble s / 8 of byte
 // s % 8, the high 2 bits are bits 2 * (s / 4) of byte 8 + s % 4.
 inline int q3_k_scale(const uint8_t* scales, int s) {
   const int lo = (scales[s % 8] >> (4 * (s / 8))) & 0x0f;
   const int hi = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
   return (lo | hi << 4) - 32;
-}
-
-// Q3_K: 3-bit code = low 2 bits - (high bit clear ? 4 : 0), in [-4, 3]; the high bit of element
-// e is bit e / 32 of hmask[e % 32]. value = (d * scale) * code, 16 sub-blocks of 16.
-void dequant_q3_k(const BlockQ3_K* blocks, float* dst, int64_t n_blocks) {
-  for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    const BlockQ3_K& b = blocks[ib];
-    const float d = fp16_to_fp32(b.d);
-    float* y = dst + ib * kQK_K;  // [256]
-    for (int s = 0; s < kQK_K / 16; ++s) {
-      const float dl = d * static_cast<float>(q3_k_scale(b.scales, s));
-      for (int e = 16 * s; e < 16 * s + 16; ++e) {
-        const bool high = (b.hmask[e % 32] >> (e / 32)) & 1;
-        y[e] = dl * static_cast<float>(two_bits(b.qs, e) - (high ? 0 : 4));
-      }
-    }
-  }
 }
 
 // Q4_K/Q5_K's 8 six-bit scales and mins in 12 bytes: sub-blocks 0-3 keep scale and min in the
@@ -110,26 +71,61 @@ inline void k_scale_min(const uint8_t* q, int s, int* scale, int* min) {
   }
 }
 
-// Q4_K (kHigh false) and Q5_K (kHigh true): 8 sub-blocks of 32. Element e's nibble is in byte
+// IQ4_XS's 8 six-bit scales (stored + 32): low 4 bits in the nibbles of scales_l, high 2 bits in
+// scales_h, 2 bits each.
+inline int iq4_xs_scale(const BlockIQ4_XS& b, int s) {
+  const int lo = (b.scales_l[s / 2] >> (4 * (s % 2))) & 0x0f;
+  const int hi = (b.scales_h >> (2 * s)) & 3;
+  return (lo | hi << 4) - 32;
+}
+
+// The 2-bit codes of Q2_K and the low 2 bits of Q3_K's: element e of a super-block sits in byte
+// 32 * (e / 128) + e % 32, at bit 2 * ((e % 128) / 32).
+inline int two_bits(const uint8_t* qs, int e) {
+  return (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+}
+
+// Q2_K: 16 sub-blocks of 16, 2-bit codes. value = dl * q - ml (sub_block_scales).
+void dequant_q2_k(const BlockQ2_K* blocks, float* dst, int64_t n_blocks) {
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    float dl[16], ml[16];
+    sub_block_scales(DType::Q2_K, &blocks[ib], dl, ml);
+    float* y = dst + ib * kQK_K;  // [256]
+    for (int e = 0; e < kQK_K; ++e)
+      y[e] = dl[e / 16] * static_cast<float>(two_bits(blocks[ib].qs, e)) - ml[e / 16];
+  }
+}
+
+// Q3_K: 3-bit code = low 2 bits - (high bit clear ? 4 : 0), in [-4, 3]; the high bit of element
+// e is bit e / 32 of hmask[e % 32]. value = dl * code, 16 sub-blocks of 16.
+void dequant_q3_k(const BlockQ3_K* blocks, float* dst, int64_t n_blocks) {
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    const BlockQ3_K& b = blocks[ib];
+    float dl[16];
+    sub_block_scales(DType::Q3_K, &b, dl, nullptr);
+    float* y = dst + ib * kQK_K;  // [256]
+    for (int e = 0; e < kQK_K; ++e) {
+      const bool high = (b.hmask[e % 32] >> (e / 32)) & 1;
+      y[e] = dl[e / 16] * static_cast<float>(two_bits(b.qs, e) - (high ? 0 : 4));
+    }
+  }
+}
+
+// Q4_K and Q5_K (kType): 8 sub-blocks of 32. Element e's nibble is in byte
 // 32 * (e / 64) + e % 32 of qs, low for (e / 32) even, high for odd; Q5_K's fifth bit is bit
-// e / 32 of qh[e % 32]. value = (d * scale) * code - dmin * min.
-template <bool kHigh, class Block>
+// e / 32 of qh[e % 32]. value = dl * code - ml.
+template <DType kType, class Block>
 void dequant_q45_k(const Block* blocks, float* dst, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     const Block& b = blocks[ib];
-    const float d = fp16_to_fp32(b.d);
-    const float dmin = fp16_to_fp32(b.dmin);
+    float dl[8], ml[8];
+    sub_block_scales(kType, &b, dl, ml);
     float* y = dst + ib * kQK_K;  // [256]
-    for (int s = 0; s < kQK_K / 32; ++s) {
-      int scale, min;
-      k_scale_min(b.scales, s, &scale, &min);
-      const float dl = d * static_cast<float>(scale);
-      const float ml = dmin * static_cast<float>(min);
-      for (int e = 32 * s; e < 32 * s + 32; ++e) {
-        int q = (b.qs[32 * (e / 64) + e % 32] >> (4 * (s % 2))) & 0x0f;
-        if constexpr (kHigh) q |= ((b.qh[e % 32] >> s) & 1) << 4;
-        y[e] = dl * static_cast<float>(q) - ml;
-      }
+    for (int e = 0; e < kQK_K; ++e) {
+      const int s = e / 32;
+      int q = (b.qs[32 * (e / 64) + e % 32] >> (4 * (s % 2))) & 0x0f;
+      if constexpr (kType == DType::Q5_K) q |= ((b.qh[e % 32] >> s) & 1) << 4;
+      y[e] = dl[s] * static_cast<float>(q) - ml[s];
     }
   }
 }
@@ -138,16 +134,16 @@ void dequant_q45_k(const Block* blocks, float* dst, int64_t n_blocks) {
 //   ql[64h + l]      low nibble -> element 128h + l,      high nibble -> 128h + l + 64
 //   ql[64h + l + 32] low nibble -> element 128h + l + 32, high nibble -> 128h + l + 96
 //   qh[32h + l] bits 0-1, 2-3, 4-5, 6-7 are the high 2 bits of elements +0, +32, +64, +96.
-// The 6-bit code q - 32 in [-32, 31] is scaled by d * scales[e / 16] (16 elements per scale),
-// evaluated as (d * scale) * q like GGML.
+// The 6-bit code q - 32 in [-32, 31] is scaled by dl[e / 16] = d * scales[e / 16].
 void dequant_q6_k(const BlockQ6_K* blocks, float* dst, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     const BlockQ6_K& b = blocks[ib];
-    const float d = fp16_to_fp32(b.d);
+    float dl[16];
+    sub_block_scales(DType::Q6_K, &b, dl, nullptr);
     for (int h = 0; h < 2; ++h) {
       const uint8_t* ql = b.ql + 64 * h;      // [64]
       const uint8_t* qh = b.qh + 32 * h;      // [32]
-      const int8_t* sc = b.scales + 8 * h;    // [8]: one per 16 elements of this half
+      const float* sc = dl + 8 * h;           // [8]: one per 16 elements of this half
       float* y = dst + ib * kQK_K + 128 * h;  // [128]
       for (int l = 0; l < 32; ++l) {
         const int is = l / 16;
@@ -155,10 +151,10 @@ void dequant_q6_k(const BlockQ6_K* blocks, float* dst, int64_t n_blocks) {
         const int q1 = ((ql[l + 32] & 0x0f) | ((qh[l] >> 2) & 3) << 4) - 32;
         const int q2 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
         const int q3 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
-        y[l + 0] = d * static_cast<float>(sc[is + 0]) * static_cast<float>(q0);
-        y[l + 32] = d * static_cast<float>(sc[is + 2]) * static_cast<float>(q1);
-        y[l + 64] = d * static_cast<float>(sc[is + 4]) * static_cast<float>(q2);
-        y[l + 96] = d * static_cast<float>(sc[is + 6]) * static_cast<float>(q3);
+        y[l + 0] = sc[is + 0] * static_cast<float>(q0);
+        y[l + 32] = sc[is + 2] * static_cast<float>(q1);
+        y[l + 64] = sc[is + 4] * static_cast<float>(q2);
+        y[l + 96] = sc[is + 6] * static_cast<float>(q3);
       }
     }
   }
@@ -177,18 +173,13 @@ void dequant_iq4_nl(const BlockIQ4_NL* blocks, float* dst, int64_t n_blocks) {
     iq4_nibbles(blocks[ib].qs, fp16_to_fp32(blocks[ib].d), dst + ib * kQK4_NL);
 }
 
-// IQ4_XS: 8 sub-blocks of 32, each IQ4_NL's nibble layout over its 16 bytes of qs, scaled by
-// d * (scale - 32) with the 6-bit scale split into scales_l (low 4) and scales_h (high 2).
+// IQ4_XS: 8 sub-blocks of 32, each IQ4_NL's nibble layout over its 16 bytes of qs, times dl.
 void dequant_iq4_xs(const BlockIQ4_XS* blocks, float* dst, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    const BlockIQ4_XS& b = blocks[ib];
-    const float d = fp16_to_fp32(b.d);
-    for (int s = 0; s < kQK_K / 32; ++s) {
-      const int lo = (b.scales_l[s / 2] >> (4 * (s % 2))) & 0x0f;
-      const int hi = (b.scales_h >> (2 * s)) & 3;
-      const float dl = d * static_cast<float>((lo | hi << 4) - 32);
-      iq4_nibbles(b.qs + 16 * s, dl, dst + ib * kQK_K + 32 * s);
-    }
+    float dl[8];
+    sub_block_scales(DType::IQ4_XS, &blocks[ib], dl, nullptr);
+    for (int s = 0; s < kQK_K / 32; ++s)
+      iq4_nibbles(blocks[ib].qs + 16 * s, dl[s], dst + ib * kQK_K + 32 * s);
   }
 }
 
@@ -205,6 +196,55 @@ bool run(void (*f)(const Block*, float*, int64_t), const void* src, float* dst, 
 
 }  // namespace
 
+int sub_block_scales(DType t, const void* block, float* dl, float* ml) {
+  // One f32 product per scale, as GGML and gguf round it: d * scale, dmin * min.
+  switch (t) {
+    case DType::Q2_K: {
+      const auto& b = *static_cast<const BlockQ2_K*>(block);
+      const float d = fp16_to_fp32(b.d), dmin = fp16_to_fp32(b.dmin);
+      for (int s = 0; s < 16; ++s) {
+        dl[s] = d * static_cast<float>(b.scales[s] & 0x0f);
+        ml[s] = dmin * static_cast<float>(b.scales[s] >> 4);
+      }
+      return 16;
+    }
+    case DType::Q3_K: {
+      const auto& b = *static_cast<const BlockQ3_K*>(block);
+      const float d = fp16_to_fp32(b.d);
+      for (int s = 0; s < 16; ++s) dl[s] = d * static_cast<float>(q3_k_scale(b.scales, s));
+      return 16;
+    }
+    case DType::Q4_K:
+    case DType::Q5_K: {
+      // d, dmin and scales sit at the same offsets in both blocks.
+      static_assert(offsetof(BlockQ4_K, scales) == offsetof(BlockQ5_K, scales));
+      const auto& b = *static_cast<const BlockQ4_K*>(block);
+      const float d = fp16_to_fp32(b.d), dmin = fp16_to_fp32(b.dmin);
+      for (int s = 0; s < 8; ++s) {
+        int scale, min;
+        k_scale_min(b.scales, s, &scale, &min);
+        dl[s] = d * static_cast<float>(scale);
+        ml[s] = dmin * static_cast<float>(min);
+      }
+      return 8;
+    }
+    case DType::Q6_K: {
+      const auto& b = *static_cast<const BlockQ6_K*>(block);
+      const float d = fp16_to_fp32(b.d);
+      for (int s = 0; s < 16; ++s) dl[s] = d * static_cast<float>(b.scales[s]);
+      return 16;
+    }
+    case DType::IQ4_XS: {
+      const auto& b = *static_cast<const BlockIQ4_XS*>(block);
+      const float d = fp16_to_fp32(b.d);
+      for (int s = 0; s < 8; ++s) dl[s] = d * static_cast<float>(iq4_xs_scale(b, s));
+      return 8;
+    }
+    default:
+      return 0;
+  }
+}
+
 bool dequantize_row_blocks(DType t, const void* src, float* dst, int64_t n) {
   const int64_t nb = n / dtype_info(t).block_size;
   switch (t) {
@@ -217,9 +257,9 @@ bool dequantize_row_blocks(DType t, const void* src, float* dst, int64_t n) {
     case DType::Q3_K:
       return run(dequant_q3_k, src, dst, nb);
     case DType::Q4_K:
-      return run(dequant_q45_k<false, BlockQ4_K>, src, dst, nb);
+      return run(dequant_q45_k<DType::Q4_K, BlockQ4_K>, src, dst, nb);
     case DType::Q5_K:
-      return run(dequant_q45_k<true, BlockQ5_K>, src, dst, nb);
+      return run(dequant_q45_k<DType::Q5_K, BlockQ5_K>, src, dst, nb);
     case DType::Q6_K:
       return run(dequant_q6_k, src, dst, nb);
     case DType::IQ4_NL:

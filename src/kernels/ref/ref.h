@@ -53,5 +53,11 @@ float dot_f32(const float* a, const float* b, int64_t n);
 // ref/dequant_ref.cpp), which every variant's dequantize_row calls for them. Returns false, having
 // written nothing, for any other type.
 bool dequantize_row_blocks(DType t, const void* src, float* dst, int64_t n);
+// The f32 multipliers of the sub-blocks of one super-block of type t (Q2_K .. Q6_K, IQ4_XS) at
+// `block`: dl[s] = d * scale_s and, for the types with mins (Q2_K, Q4_K, Q5_K), ml[s] = dmin *
+// min_s, so that element e of sub-block s is dl[s] * code_e (- ml[s]). Returns the number of
+// sub-blocks (16 of 16 elements or 8 of 32; 0 for other types). Every variant's dequantization
+// takes its scales from here, so they are rounded alike.   dl, ml: [16]
+int sub_block_scales(DType t, const void* block, float* dl, float* ml);
 
 }  // namespace kvlm::kernels::ref

@@ -2,9 +2,11 @@
 // Only the avx2/*_avx2.cpp files are compiled with those instruction sets; call anything here
 // only after avx2::cpu_supported() returned true (dispatch.cpp does; the tests skip otherwise).
 //
-// Each function has the same contract as its twin in ref/ref.h. Activation quantization and the
-// quantized (Q4_0/Q4_1/Q8_0) matmul and dot_row are bit-identical to ref; f32/f16/bf16 dots sum
-// in a different (but fixed, n-only) order, so they agree with ref to rounding, not bitwise.
+// Each function has the same contract as its twin in ref/ref.h. Activation quantization, the
+// quantized (Q4_0/Q4_1/Q8_0) matmul and dot_row, and the dequantization of every type are
+// bit-identical to ref; the f32 dots (f32/f16/bf16 weights, and the other quantized types, whose
+// rows are dequantized first) sum in a different (but fixed, n-only) order, so they agree with
+// ref to rounding, not bitwise.
 // Within this variant, matmul's y[i, r] is bit-identical whatever n_tok, the thread count, the
 // row split or the packing, and equals dot_row bit for bit.
 #pragma once

@@ -374,35 +374,131 @@ void dequant_f16(const uint16_t* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = half(src[i]);
 }
 
-// Quantized rows, bit-identical to ref: each value is one f32 product (and, for Q4_1, one f32
-// add), exactly as ref computes it, just 8 lanes at a time (no FMA: ref rounds twice).
-void dequant_q8_0(const BlockQ8_0* b, float* dst, int64_t n_blocks) {
-  for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    const __m256 d = _mm256_set1_ps(half(b[ib].d));
-    const __m256i q = load32(b[ib].qs);
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int k = 0; k < 4; ++k)
-      _mm256_storeu_ps(dst + ib * 32 + 8 * k,
-                       _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])), d));
+// ---- quantized rows, bit-identical to ref: each value is ref's one f32 product (then, for Q4_1,
+// Q5_1 one f32 add, for Q4_K, Q5_K one f32 subtract), just 8 lanes at a time (no FMA: ref rounds
+// twice), with the K-quants' f32 sub-block scales from ref::sub_block_scales itself.
+
+enum class Offset { kNone, kAdd, kSub };
+
+// 32 signed byte codes q -> dst[32] = code * scale (codes 16..31: * scale_hi, for sub-blocks of
+// 16), then + or - off as kOff says.
+template <Offset kOff = Offset::kNone>
+inline void store_codes(__m256i q, float scale, float scale_hi, float off, float* dst) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int k = 0; k < 4; ++k) {
+    const __m256 m = _mm256_set1_ps(k < 2 ? scale : scale_hi);
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])), m);
+    if constexpr (kOff == Offset::kAdd) v = _mm256_add_ps(v, _mm256_set1_ps(off));
+    if constexpr (kOff == Offset::kSub) v = _mm256_sub_ps(v, _mm256_set1_ps(off));
+    _mm256_storeu_ps(dst + 8 * k, v);
   }
 }
 
-// Q4_0 (kMin false): (nibble - 8) * d;  Q4_1 (kMin true): nibble * d + m.
-template <bool kMin, class Block>
-void dequant_q4(const Block* b, float* dst, int64_t n_blocks) {
+void dequant_q8_0(const BlockQ8_0* b, float* dst, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    const __m256 d = _mm256_set1_ps(half(b[ib].d));
+    const float d = half(b[ib].d);
+    store_codes(load32(b[ib].qs), d, d, 0.0f, dst + ib * 32);
+  }
+}
+
+// Byte j = 16 where bit j of the little-endian u32 at qh is set, else 0: Q5's fifth bits.
+inline __m256i q5_high_bits(const uint8_t* qh) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  // Byte j takes byte j / 8 of h (bytes 0..3 of each 128-bit lane are h), then its bit j % 8.
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(h)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                       3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+// Q4_0: (nibble - 8) * d;  Q4_1: nibble * d + m;  Q5_0: (code - 16) * d;  Q5_1: code * d + m,
+// a Q5 code being nibble | fifth bit << 4.
+template <DType kType, class Block>
+void dequant_q45(const Block* b, float* dst, int64_t n_blocks) {
+  constexpr bool kQ5 = kType == DType::Q5_0 || kType == DType::Q5_1;
+  constexpr bool kMin = kType == DType::Q4_1 || kType == DType::Q5_1;
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    const float d = half(b[ib].d);
     __m256i q = unpack_nibbles(b[ib].qs);  // bytes 0..15: low nibbles, 16..31: high
-    if constexpr (!kMin) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int k = 0; k < 4; ++k) {
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])), d);
-      if constexpr (kMin) {
-        v = _mm256_add_ps(v, _mm256_set1_ps(half(b[ib].m)));
+    if constexpr (kQ5) q = _mm256_or_si256(q, q5_high_bits(b[ib].qh));
+    if constexpr (kMin) {
+      store_codes<Offset::kAdd>(q, d, d, half(b[ib].m), dst + ib * 32);
+    } else {
+      store_codes(_mm256_sub_epi8(q, _mm256_set1_epi8(kQ5 ? 16 : 8)), d, d, 0.0f, dst + ib * 32);
+    }
+  }
+}
+
+// 16 bytes of IQ4 nibbles (Q4_0's order) -> their 32 table values as signed bytes.
+inline __m256i iq4_codes(const uint8_t* qs) {
+  const __m256i table = _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4nlValues)));
+  return _mm256_shuffle_epi8(table, unpack_nibbles(qs));
+}
+
+void dequant_iq4_nl(const BlockIQ4_NL* b, float* dst, int64_t n_blocks) {
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    const float d = half(b[ib].d);
+    store_codes(iq4_codes(b[ib].qs), d, d, 0.0f, dst + ib * 32);
+  }
+}
+
+void dequant_iq4_xs(const BlockIQ4_XS* b, float* dst, int64_t n_blocks) {
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    float dl[16], ml[16];
+    ref::sub_block_scales(DType::IQ4_XS, &b[ib], dl, ml);
+    for (int s = 0; s < 8; ++s)
+      store_codes(iq4_codes(b[ib].qs + 16 * s), dl[s], dl[s], 0.0f, dst + ib * kQK_K + 32 * s);
+  }
+}
+
+// Q4_K / Q5_K: sub-block s's 32 codes are the low (s even) or high (s odd) nibbles of
+// qs[32 * (s / 2) ..], Q5_K's fifth bits bit s of qh[0 .. 32); value = dl * code - ml.
+template <DType kType, class Block>
+void dequant_q45_k(const Block* b, float* dst, int64_t n_blocks) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    float dl[16], ml[16];
+    ref::sub_block_scales(kType, &b[ib], dl, ml);
+    for (int s = 0; s < 8; ++s) {
+      const auto* qs = reinterpret_cast<const __m256i*>(b[ib].qs + 32 * (s / 2));
+      const __m256i raw = _mm256_loadu_si256(qs);
+      __m256i q = _mm256_and_si256(s % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+      if constexpr (kType == DType::Q5_K) {
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[ib].qh));
+        const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), one);
+        q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));  // bit <= 1: stays in its byte
       }
-      _mm256_storeu_ps(dst + ib * 32 + 8 * k, v);
+      store_codes<Offset::kSub>(q, dl[s], dl[s], ml[s], dst + ib * kQK_K + 32 * s);
+    }
+  }
+}
+
+// Q6_K (layout in ref): in half h, codes 32k .. 32k + 31 are nibble k / 2 of ql[64h + 32 (k % 2)
+// ..] with bits 2k, 2k + 1 of qh[32h ..] above them, minus 32; sub-blocks of 16.
+void dequant_q6_k(const BlockQ6_K* b, float* dst, int64_t n_blocks) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3);
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    float dl[16];
+    ref::sub_block_scales(DType::Q6_K, &b[ib], dl, nullptr);
+    for (int h = 0; h < 2; ++h) {
+      const auto* base = reinterpret_cast<const __m256i*>(b[ib].ql + 64 * h);
+      const __m256i ql[2] = {_mm256_loadu_si256(base), _mm256_loadu_si256(base + 1)};
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[ib].qh + 32 * h));
+      for (int k = 0; k < 4; ++k) {
+        const __m256i nib = k / 2 ? _mm256_srli_epi16(ql[k % 2], 4) : ql[k % 2];
+        const __m256i lo = _mm256_and_si256(nib, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), two);
+        const __m256i q =
+            _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+        store_codes(q, dl[8 * h + 2 * k], dl[8 * h + 2 * k + 1], 0.0f,
+                    dst + ib * kQK_K + 128 * h + 32 * k);
+      }
     }
   }
 }
@@ -427,7 +523,8 @@ const float* row_as_f32(DType t, const void* row, int64_t n, float* scratch) {
 }
 
 // f32-path matmul: kRowTile weight rows dequantized into per-thread scratch, every token dotted
-// with them (as ref; the weight types here are not the hot ones for quantized models).
+// with them (as ref). Hot for the weight types without packed kernels (Q5_x, K-quants, IQ4):
+// their rows are dequantized at every call, by the twins above.
 constexpr int64_t kRowTile = 4;
 // Rows per parallel_for grain: enough work per chunk to amortise the wake-up; a multiple of both
 // tile heights so that only a chunk's last tile is partial.
@@ -480,12 +577,27 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
     case DType::Q8_0:
       return dequant_q8_0(static_cast<const BlockQ8_0*>(src), dst, n / 32);
     case DType::Q4_0:
-      return dequant_q4<false>(static_cast<const BlockQ4_0*>(src), dst, n / 32);
+      return dequant_q45<DType::Q4_0>(static_cast<const BlockQ4_0*>(src), dst, n / 32);
     case DType::Q4_1:
-      return dequant_q4<true>(static_cast<const BlockQ4_1*>(src), dst, n / 32);
+      return dequant_q45<DType::Q4_1>(static_cast<const BlockQ4_1*>(src), dst, n / 32);
+    // Hot for the weights matmul multiplies as f32 rows (every row, every call).
+    case DType::Q5_0:
+      return dequant_q45<DType::Q5_0>(static_cast<const BlockQ5_0*>(src), dst, n / 32);
+    case DType::Q5_1:
+      return dequant_q45<DType::Q5_1>(static_cast<const BlockQ5_1*>(src), dst, n / 32);
+    case DType::IQ4_NL:
+      return dequant_iq4_nl(static_cast<const BlockIQ4_NL*>(src), dst, n / 32);
+    case DType::IQ4_XS:
+      return dequant_iq4_xs(static_cast<const BlockIQ4_XS*>(src), dst, n / kQK_K);
+    case DType::Q4_K:
+      return dequant_q45_k<DType::Q4_K>(static_cast<const BlockQ4_K*>(src), dst, n / kQK_K);
+    case DType::Q5_K:
+      return dequant_q45_k<DType::Q5_K>(static_cast<const BlockQ5_K*>(src), dst, n / kQK_K);
+    case DType::Q6_K:
+      return dequant_q6_k(static_cast<const BlockQ6_K*>(src), dst, n / kQK_K);
     default:
-      // Other types are not hot (embedding lookups, one row per token): ref's loops are
-      // bit-exact with GGML, and it reports unsupported types.
+      // F32 and the rarer Q2_K, Q3_K: ref's loops are bit-exact with GGML, and it reports
+      // unsupported types.
       return ref::dequantize_row(t, src, dst, n);
   }
 }

@@ -1,9 +1,10 @@
 // Scalar dequantization of the weight types only the reference variant implements: Q5_0, Q5_1,
 // the K-quants (Q2_K .. Q6_K) and IQ4_NL / IQ4_XS. Every value is GGML's dequantize_row_* formula
-// evaluated operation for operation in f32 (compiled with -ffp-contract=off, see ../CMakeLists.txt),
-// so the results equal the `gguf` Python package's bit for bit, NaN and inf included (tested
-// against tools/gen_dequant_goldens.py's goldens, hostile blocks among them). The matmul over these
-// types dequantizes a row with these and dots in f32 (ops_ref.cpp).
+// evaluated operation for operation in f32 (compiled with -ffp-contract=off, see
+// ../CMakeLists.txt), so the results equal the `gguf` Python package's bit for bit, NaN and inf
+// included (tested against tools/gen_dequant_goldens.py's goldens, hostile blocks among them). The
+// matmul over these types dequantizes a row and dots in f32 (ops_ref.cpp); the AVX2 variant has
+// bit-identical twins of all but Q2_K and Q3_K (avx2/ops_avx2.cpp).
 //
 // Where a block has sub-block scales, the order is always (super scale * sub scale) * code, then
 // minus (super min * sub min): the grouping gguf and GGML use. Another grouping would round

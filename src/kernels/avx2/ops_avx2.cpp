@@ -380,17 +380,19 @@ void dequant_f16(const uint16_t* src, float* dst, int64_t n) {
 
 enum class Offset { kNone, kAdd, kSub };
 
-// 32 signed byte codes q -> dst[32] = code * scale (codes 16..31: * scale_hi, for sub-blocks of
-// 16), then + or - off as kOff says.
+// 32 signed byte codes q -> dst[32] = code * scale, then + or - off as kOff says; codes 0..15
+// take scale0 and off0, codes 16..31 scale1 and off1 (different for sub-blocks of 16).
 template <Offset kOff = Offset::kNone>
-inline void store_codes(__m256i q, float scale, float scale_hi, float off, float* dst) {
+inline void store_codes(__m256i q, float scale0, float scale1, float off0, float off1,
+                        float* dst) {
   const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
   const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
   for (int k = 0; k < 4; ++k) {
-    const __m256 m = _mm256_set1_ps(k < 2 ? scale : scale_hi);
+    const __m256 m = _mm256_set1_ps(k < 2 ? scale0 : scale1);
     __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])), m);
-    if constexpr (kOff == Offset::kAdd) v = _mm256_add_ps(v, _mm256_set1_ps(off));
-    if constexpr (kOff == Offset::kSub) v = _mm256_sub_ps(v, _mm256_set1_ps(off));
+    const __m256 o = _mm256_set1_ps(k < 2 ? off0 : off1);
+    if constexpr (kOff == Offset::kAdd) v = _mm256_add_ps(v, o);
+    if constexpr (kOff == Offset::kSub) v = _mm256_sub_ps(v, o);
     _mm256_storeu_ps(dst + 8 * k, v);
   }
 }
@@ -398,7 +400,7 @@ inline void store_codes(__m256i q, float scale, float scale_hi, float off, float
 void dequant_q8_0(const BlockQ8_0* b, float* dst, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     const float d = half(b[ib].d);
-    store_codes(load32(b[ib].qs), d, d, 0.0f, dst + ib * 32);
+    store_codes(load32(b[ib].qs), d, d, 0.0f, 0.0f, dst + ib * 32);
   }
 }
 
@@ -427,9 +429,11 @@ void dequant_q45(const Block* b, float* dst, int64_t n_blocks) {
     __m256i q = unpack_nibbles(b[ib].qs);  // bytes 0..15: low nibbles, 16..31: high
     if constexpr (kQ5) q = _mm256_or_si256(q, q5_high_bits(b[ib].qh));
     if constexpr (kMin) {
-      store_codes<Offset::kAdd>(q, d, d, half(b[ib].m), dst + ib * 32);
+      const float m = half(b[ib].m);
+      store_codes<Offset::kAdd>(q, d, d, m, m, dst + ib * 32);
     } else {
-      store_codes(_mm256_sub_epi8(q, _mm256_set1_epi8(kQ5 ? 16 : 8)), d, d, 0.0f, dst + ib * 32);
+      q = _mm256_sub_epi8(q, _mm256_set1_epi8(kQ5 ? 16 : 8));
+      store_codes(q, d, d, 0.0f, 0.0f, dst + ib * 32);
     }
   }
 }
@@ -444,7 +448,7 @@ inline __m256i iq4_codes(const uint8_t* qs) {
 void dequant_iq4_nl(const BlockIQ4_NL* b, float* dst, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     const float d = half(b[ib].d);
-    store_codes(iq4_codes(b[ib].qs), d, d, 0.0f, dst + ib * 32);
+    store_codes(iq4_codes(b[ib].qs), d, d, 0.0f, 0.0f, dst + ib * 32);
   }
 }
 
@@ -453,8 +457,14 @@ void dequant_iq4_xs(const BlockIQ4_XS* b, float* dst, int64_t n_blocks) {
     float dl[16], ml[16];
     ref::sub_block_scales(DType::IQ4_XS, &b[ib], dl, ml);
     for (int s = 0; s < 8; ++s)
-      store_codes(iq4_codes(b[ib].qs + 16 * s), dl[s], dl[s], 0.0f, dst + ib * kQK_K + 32 * s);
+      store_codes(iq4_codes(b[ib].qs + 16 * s), dl[s], dl[s], 0.0f, 0.0f,
+                  dst + ib * kQK_K + 32 * s);
   }
+}
+
+// (x >> n) & mask in every byte of x, for a mask that keeps only bits that were in that byte.
+inline __m256i byte_bits(__m256i x, int n, __m256i mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(x, _mm_cvtsi32_si128(n)), mask);
 }
 
 // Q4_K / Q5_K: sub-block s's 32 codes are the low (s even) or high (s odd) nibbles of
@@ -466,15 +476,41 @@ void dequant_q45_k(const Block* b, float* dst, int64_t n_blocks) {
     float dl[16], ml[16];
     ref::sub_block_scales(kType, &b[ib], dl, ml);
     for (int s = 0; s < 8; ++s) {
-      const auto* qs = reinterpret_cast<const __m256i*>(b[ib].qs + 32 * (s / 2));
-      const __m256i raw = _mm256_loadu_si256(qs);
-      __m256i q = _mm256_and_si256(s % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+      const __m256i raw = load32(reinterpret_cast<const int8_t*>(b[ib].qs + 32 * (s / 2)));
+      __m256i q = byte_bits(raw, 4 * (s % 2), low4);
       if constexpr (kType == DType::Q5_K) {
-        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[ib].qh));
-        const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), one);
+        const __m256i bit = byte_bits(load32(reinterpret_cast<const int8_t*>(b[ib].qh)), s, one);
         q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));  // bit <= 1: stays in its byte
       }
-      store_codes<Offset::kSub>(q, dl[s], dl[s], ml[s], dst + ib * kQK_K + 32 * s);
+      store_codes<Offset::kSub>(q, dl[s], dl[s], ml[s], ml[s], dst + ib * kQK_K + 32 * s);
+    }
+  }
+}
+
+// Q2_K / Q3_K (layouts in ref): in half h, codes 32j .. 32j + 31 are bits 2j, 2j + 1 of
+// qs[32h ..]; Q3_K subtracts 4 where bit 4h + j of hmask[0 .. 32) is clear. Sub-blocks of 16:
+// value = dl * code (Q2_K: - ml).
+template <DType kType, class Block>
+void dequant_q23_k(const Block* b, float* dst, int64_t n_blocks) {
+  const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    float dl[16], ml[16];
+    ref::sub_block_scales(kType, &b[ib], dl, ml);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i qs = load32(reinterpret_cast<const int8_t*>(b[ib].qs + 32 * h));
+      for (int j = 0; j < 4; ++j) {
+        const int s = 8 * h + 2 * j;
+        float* y = dst + ib * kQK_K + 128 * h + 32 * j;
+        __m256i q = byte_bits(qs, 2 * j, three);
+        if constexpr (kType == DType::Q2_K) {
+          store_codes<Offset::kSub>(q, dl[s], dl[s + 1], ml[s], ml[s + 1], y);
+        } else {
+          const __m256i hm = load32(reinterpret_cast<const int8_t*>(b[ib].hmask));
+          const __m256i high4 = _mm256_slli_epi16(byte_bits(hm, 4 * h + j, one), 2);
+          q = _mm256_add_epi8(_mm256_sub_epi8(q, _mm256_set1_epi8(4)), high4);  // -4 .. 3
+          store_codes(q, dl[s], dl[s + 1], 0.0f, 0.0f, y);
+        }
+      }
     }
   }
 }
@@ -482,7 +518,7 @@ void dequant_q45_k(const Block* b, float* dst, int64_t n_blocks) {
 // Q6_K (layout in ref): in half h, codes 32k .. 32k + 31 are nibble k / 2 of ql[64h + 32 (k % 2)
 // ..] with bits 2k, 2k + 1 of qh[32h ..] above them, minus 32; sub-blocks of 16.
 void dequant_q6_k(const BlockQ6_K* b, float* dst, int64_t n_blocks) {
-  const __m256i low4 = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3);
+  const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3);
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     float dl[16];
     ref::sub_block_scales(DType::Q6_K, &b[ib], dl, nullptr);
@@ -491,12 +527,11 @@ void dequant_q6_k(const BlockQ6_K* b, float* dst, int64_t n_blocks) {
       const __m256i ql[2] = {_mm256_loadu_si256(base), _mm256_loadu_si256(base + 1)};
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[ib].qh + 32 * h));
       for (int k = 0; k < 4; ++k) {
-        const __m256i nib = k / 2 ? _mm256_srli_epi16(ql[k % 2], 4) : ql[k % 2];
-        const __m256i lo = _mm256_and_si256(nib, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), two);
+        const __m256i lo = byte_bits(ql[k % 2], 4 * (k / 2), low4);
+        const __m256i hi = byte_bits(qh, 2 * k, three);
         const __m256i q =
             _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-        store_codes(q, dl[8 * h + 2 * k], dl[8 * h + 2 * k + 1], 0.0f,
+        store_codes(q, dl[8 * h + 2 * k], dl[8 * h + 2 * k + 1], 0.0f, 0.0f,
                     dst + ib * kQK_K + 128 * h + 32 * k);
       }
     }
@@ -595,9 +630,12 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
       return dequant_q45_k<DType::Q5_K>(static_cast<const BlockQ5_K*>(src), dst, n / kQK_K);
     case DType::Q6_K:
       return dequant_q6_k(static_cast<const BlockQ6_K*>(src), dst, n / kQK_K);
+    case DType::Q2_K:
+      return dequant_q23_k<DType::Q2_K>(static_cast<const BlockQ2_K*>(src), dst, n / kQK_K);
+    case DType::Q3_K:
+      return dequant_q23_k<DType::Q3_K>(static_cast<const BlockQ3_K*>(src), dst, n / kQK_K);
     default:
-      // F32 and the rarer Q2_K, Q3_K: ref's loops are bit-exact with GGML, and it reports
-      // unsupported types.
+      // F32 (copied): ref reports unsupported types.
       return ref::dequantize_row(t, src, dst, n);
   }
 }

@@ -4,7 +4,7 @@
 // ../CMakeLists.txt), so the results equal the `gguf` Python package's bit for bit, NaN and inf
 // included (tested against tools/gen_dequant_goldens.py's goldens, hostile blocks among them). The
 // matmul over these types dequantizes a row and dots in f32 (ops_ref.cpp); the AVX2 variant has
-// bit-identical twins of all but Q2_K and Q3_K (avx2/ops_avx2.cpp).
+// bit-identical twins of them all (avx2/ops_avx2.cpp).
 //
 // Where a block has sub-block scales, the order is always (super scale * sub scale) * code, then
 // minus (super min * sub min): the grouping gguf and GGML use. Another grouping would round

@@ -15,6 +15,8 @@ File format, all little-endian:
     header:  char magic[4] = "KVDG"; u32 version = 1; u32 n_records
     record:  u32 kind            0 = dequantize: raw bytes -> expected f32 values
                                  1 = quantize:   f32 values -> expected raw bytes
+                                 2 = layout:     one block of type_id: n = elements per block,
+                                                 n_bytes = bytes per block (raw and values 0)
              u32 name_len; char name[name_len]   (tensor name + row, or a synthetic label)
              u32 type_id                          (GGML type number, = kvlm::DType)
              u32 n                                (elements in the row)
@@ -43,6 +45,7 @@ from gguf import GGMLQuantizationType as T
 
 KIND_DEQUANT = 0
 KIND_QUANT = 1
+KIND_LAYOUT = 2
 
 # Rows taken from the default model: a few of each type it contains.
 MODEL_TENSORS = [
@@ -82,6 +85,10 @@ class Writer:
         raw = np.ascontiguousarray(gguf.quants.quantize(values, qtype)).view(np.uint8).reshape(-1)
         self.add(KIND_QUANT, name, qtype, raw, values)
         self.dequant(name + "/dequant", qtype, raw)
+
+    def layout(self, qtype: T):
+        bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+        self.add(KIND_LAYOUT, qtype.name, qtype, np.zeros(ts, np.uint8), np.zeros(bs, np.float32))
 
     def save(self, path: str):
         with open(path, "wb") as f:
@@ -253,6 +260,16 @@ def block_type_records(w: Writer):
     w.dequant("hostile/F32", T.F32, f32)
 
 
+def layout_records(w: Writer):
+    """Every type gguf knows, so that kvlm parses (and `kvlm inspect` lists) any file gguf can
+    write. Not Q8_1: gguf's size for it (40 bytes, from when its d and s were f32) is stale;
+    ggml's block_q8_1 has been 36 bytes since they became f16, and it is an activation type that
+    no model file holds."""
+    for qtype in T:
+        if qtype in gguf.GGML_QUANT_SIZES and qtype != T.Q8_1:
+            w.layout(qtype)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default=default_model())
@@ -268,6 +285,7 @@ def main():
     model_records(w, args.model)
     synthetic_records(w)
     block_type_records(w)
+    layout_records(w)
     w.save(args.output)
     size = os.path.getsize(args.output)
     print(f"wrote {len(w.records)} records, {size} bytes to {os.path.normpath(args.output)}")

@@ -44,6 +44,8 @@ constexpr DTypeInfo kInfos[] = {
     {DType::TQ1_0, "tq1_0", 256, 54, false},
     {DType::TQ2_0, "tq2_0", 256, 66, false},
     {DType::MXFP4, "mxfp4", 32, 17, false},
+    {DType::NVFP4, "nvfp4", 64, 36, false},
+    {DType::Q1_0, "q1_0", 128, 18, false},
 };
 }  // namespace
 

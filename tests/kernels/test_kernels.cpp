@@ -43,7 +43,7 @@ std::vector<float> random_floats(std::mt19937& rng, int64_t n, float scale) {
 
 // One record of tests/data/dequant_goldens.bin; the format is documented in the generator.
 struct Golden {
-  enum Kind : uint32_t { kDequantize = 0, kQuantize = 1 };
+  enum Kind : uint32_t { kDequantize = 0, kQuantize = 1, kLayout = 2 };
   Kind kind;
   std::string name;
   DType type;
@@ -76,6 +76,7 @@ std::vector<Golden> load_goldens() {
     g.values.resize(static_cast<size_t>(g.n));
     f.read(reinterpret_cast<char*>(g.values.data()), g.n * 4);
     if (!f) throw Error(path + ": truncated at record '" + g.name + "'");
+    if (g.kind == Golden::kLayout) continue;  // checked by Goldens.LayoutOfEveryGgufType
     if (dtype_info(static_cast<uint32_t>(g.type)) == nullptr ||
         g.raw.size() != row_bytes(g.type, g.n))
       throw Error(path + ": record '" + g.name + "' has an inconsistent type or size");
@@ -108,6 +109,22 @@ TEST(Goldens, CoverEveryComputeType) {
     }
   EXPECT_GT(n_nan, 1000);
   EXPECT_GT(n_inf, 1000);
+}
+
+// kvlm knows every type gguf does (so it parses, and `kvlm inspect` lists, any file gguf
+// writes), under the same name, with the same block size and bytes per block.
+TEST(Goldens, LayoutOfEveryGgufType) {
+  int n_checked = 0;
+  for (const Golden& g : load_goldens()) {
+    if (g.kind != Golden::kLayout) continue;
+    const DTypeInfo* info = dtype_info(static_cast<uint32_t>(g.type));
+    ASSERT_NE(info, nullptr) << g.name << " (GGML type " << static_cast<uint32_t>(g.type) << ")";
+    EXPECT_EQ(dtype_from_name(g.name), g.type) << g.name;
+    EXPECT_EQ(info->block_size, g.n) << g.name;
+    EXPECT_EQ(info->type_size, static_cast<int64_t>(g.raw.size())) << g.name;
+    ++n_checked;
+  }
+  EXPECT_GE(n_checked, 30);
 }
 
 // Bit-exact: kvlm and gguf evaluate the same f32 formula operation for operation (no FMA), so

@@ -33,6 +33,7 @@ struct KvSizeArgs {
   int64_t n_ctx = 0;                                 // 0: the model's context, else kDefaultCtx
   int64_t n_seqs = 1;
   int64_t kv_residual = -1;  // KIVI layout (--kv-residual); -1: plain rows
+  int32_t kv_window = 0, kv_window_pattern = 0;  // flags source: sliding-window layers
   bool json = false;
   bool budget_given = false;  // --budget "" is an error, not "no budget"
 };
@@ -45,7 +46,16 @@ struct KvSource {
   std::string arch;  // GGUF general.architecture / config.json model_type, may be empty
   KvShape shape;
   int64_t n_ctx_model = 0;  // 0: unknown
+  std::vector<int32_t> layer_window{};  // [n_layer] sliding window per layer (0: full); empty: none
 };
+
+// Architectures whose GGUF files give a sliding window but not its layer pattern (llama.cpp
+// knows it per architecture): Gemma 2 alternates, Gemma 3 has one global layer in 6.
+int32_t default_window_pattern(const std::string& arch) {
+  if (arch == "gemma3") return 6;
+  if (arch == "gemma2") return 2;
+  return 0;
+}
 
 // ---- sources -----------------------------------------------------------------------------------
 
@@ -85,7 +95,42 @@ KvSource from_gguf(const std::string& path) {
     fail("{}: K heads of {} and V heads of {} values; kvlm's cache stores one head size for both",
          path, src.shape.head_dim, *value_length);
   src.n_ctx_model = get(a + "context_length", false).value_or(0);
+  // The model's own reading (model.cpp) without its range checks against the context: a planner
+  // shows what the file says.
+  if (const auto w = get(a + "attention.sliding_window", false))
+    src.layer_window = kv_layer_windows(
+        src.shape.n_layer, *w,
+        get(a + "attention.sliding_window_pattern", false).value_or(default_window_pattern(*arch)));
   return src;
+}
+
+// A config's sliding window: "sliding_window" W (null or "use_sliding_window": false: none) on
+// the layers "layer_types" marks "sliding_attention", or every layer but each
+// "sliding_window_pattern"-th, or every layer.
+void read_hf_windows(const nlohmann::json& c, const std::string& path, KvSource& src) {
+  auto w = c.find("sliding_window");
+  if (w == c.end() || w->is_null()) return;
+  if (auto use = c.find("use_sliding_window"); use != c.end() && use->is_boolean() && !*use) return;
+  if (!w->is_number_integer() || w->get<int64_t>() <= 0 || w->get<int64_t>() > (int64_t{1} << 30))
+    fail("{}: field 'sliding_window' must be a positive integer", path);
+  const auto window = static_cast<int32_t>(w->get<int64_t>());
+  const int32_t n_layer = src.shape.n_layer;
+  if (auto types = c.find("layer_types"); types != c.end() && types->is_array()) {
+    if (static_cast<int32_t>(types->size()) != n_layer)
+      fail("{}: 'layer_types' names {} layers, the model has {}", path, types->size(), n_layer);
+    for (const auto& t : *types) {
+      if (!t.is_string()) fail("{}: 'layer_types' holds a non-string", path);
+      src.layer_window.push_back(t.get<std::string>() == "sliding_attention" ? window : 0);
+    }
+    return;
+  }
+  int32_t pattern = 0;
+  if (auto p = c.find("sliding_window_pattern"); p != c.end() && !p->is_null()) {
+    if (!p->is_number_integer() || p->get<int64_t>() <= 0 || p->get<int64_t>() > n_layer)
+      fail("{}: field 'sliding_window_pattern' must be an integer in [1, {}]", path, n_layer);
+    pattern = static_cast<int32_t>(p->get<int64_t>());
+  }
+  src.layer_window = kv_layer_windows(n_layer, window, pattern);
 }
 
 // A Hugging Face config.json. Multimodal configs keep the language model's under "text_config".
@@ -135,6 +180,7 @@ KvSource from_hf_config(const std::string& path) {
     src.shape.head_dim = n_embd / n_head;
   }
   src.n_ctx_model = get("max_position_embeddings", false).value_or(0);
+  read_hf_windows(*c, path, src);
   return src;
 }
 
@@ -145,6 +191,8 @@ KvSource resolve_source(const KvSizeArgs& a) {
     src.shape.n_layer = a.n_layer;
     src.shape.n_kv_head = a.n_kv_head;
     src.shape.head_dim = a.head_dim;
+    if (a.kv_window > 0)
+      src.layer_window = kv_layer_windows(a.n_layer, a.kv_window, a.kv_window_pattern);
     return src;
   }
   return from_gguf(resolve_model(a.model));
@@ -180,6 +228,42 @@ void print_table(const std::vector<std::vector<std::string>>& rows) {
   }
 }
 
+// The layers of a group, "0-29" or "5, 11, 17".
+std::string group_layers(const KvSource& src, int32_t window) {
+  std::vector<int32_t> ls;
+  for (int32_t il = 0; il < src.shape.n_layer; ++il)
+    if ((src.layer_window.empty() ? 0 : src.layer_window[static_cast<size_t>(il)]) == window)
+      ls.push_back(il);
+  if (ls.size() == 1) return fmt::format("{}", ls.front());
+  if (ls.back() - ls.front() + 1 == static_cast<int32_t>(ls.size()))
+    return fmt::format("{}-{}", ls.front(), ls.back());
+  return fmt::format("{}", fmt::join(ls, ", "));
+}
+
+// Per-layer cache groups (sliding-window layers) for the first cache type, and what llama.cpp's
+// interleaved-SWA cache would allocate for the same sequence.
+void print_groups(const KvSource& src, const KvPlan& p, int64_t n_ctx) {
+  if (p.groups.size() == 1 && p.groups[0].window == 0) {
+    fmt::print("groups:  1 (every layer attends to the whole context)\n");
+    return;
+  }
+  fmt::print("groups:  {} cache groups, one sequence of {} with {}:\n", p.groups.size(),
+             plural(n_ctx, "token", "tokens"), type_pair(p.shape));
+  for (const KvGroupPlan& g : p.groups)
+    fmt::print("         {:<24} {:>9} ({}): {} tokens held, {} ({})\n",
+               g.window == 0 ? std::string("full attention")
+                             : fmt::format("sliding window {}", g.window),
+               plural(g.n_layers, "layer", "layers"), group_layers(src, g.window),
+               g.tokens_per_seq, g.bytes_per_seq,
+               human_bytes(static_cast<double>(g.bytes_per_seq)));
+  const size_t all_full = plan_kv(p.shape, n_ctx).bytes_per_seq;
+  const size_t llama = llama_cpp_iswa_bytes(p.shape, n_ctx, src.layer_window);
+  fmt::print("         every layer full would take {} ({}); llama.cpp's interleaved-SWA cache "
+             "{} ({})\n",
+             all_full, human_bytes(static_cast<double>(all_full)), llama,
+             human_bytes(static_cast<double>(llama)));
+}
+
 void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
                 std::optional<uint64_t> budget, const std::vector<Row>& rows) {
   const KvShape& s = src.shape;
@@ -187,10 +271,10 @@ void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
                                   ? std::string("flags")
                                   : fmt::format("{} ({}{}{})", src.path, src.kind,
                                                 src.arch.empty() ? "" : ", ", src.arch));
-  // KvShape gives every layer the same shape: one layer group.
-  fmt::print("shape:   1 layer group: layers 0-{} ({}), {} x {} dims (kv_dim {})\n", s.n_layer - 1,
+  fmt::print("shape:   layers 0-{} ({}), {} x {} dims (kv_dim {})\n", s.n_layer - 1,
              plural(s.n_layer, "layer", "layers"), plural(s.n_kv_head, "KV head", "KV heads"),
              s.head_dim, s.kv_dim());
+  print_groups(src, rows.front().plan, n_ctx);
   fmt::print("request: {} x {}", plural(n_ctx, "token", "tokens"),
              plural(a.n_seqs, "sequence", "sequences"));
   if (budget) fmt::print(", budget {} ({} bytes)", a.budget, *budget);
@@ -232,6 +316,16 @@ void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
                rows.front().plan.shape.kivi_group, rows.front().plan.shape.kivi_group - 1);
 }
 
+nlohmann::json groups_json(const KvPlan& p) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const KvGroupPlan& g : p.groups)
+    out.push_back({{"window", g.window},
+                   {"n_layer", g.n_layers},
+                   {"tokens_per_seq", g.tokens_per_seq},
+                   {"bytes_per_seq", g.bytes_per_seq}});
+  return out;
+}
+
 void print_json(const KvSource& src, int64_t n_ctx, int64_t n_seqs, std::optional<uint64_t> budget,
                 const std::vector<Row>& rows) {
   using nlohmann::json;
@@ -244,10 +338,15 @@ void print_json(const KvSource& src, int64_t n_ctx, int64_t n_seqs, std::optiona
   j["n_ctx_model"] = src.n_ctx_model > 0 ? json(src.n_ctx_model) : json(nullptr);
   j["n_seqs"] = n_seqs;
   j["budget_bytes"] = opt(budget);
-  j["layer_groups"] = json::array({{{"first_layer", 0},
-                                    {"n_layer", src.shape.n_layer},
-                                    {"n_kv_head", src.shape.n_kv_head},
-                                    {"head_dim", src.shape.head_dim}}});
+  j["layer_windows"] = src.layer_window.empty()
+                           ? json(std::vector<int32_t>(static_cast<size_t>(src.shape.n_layer), 0))
+                           : json(src.layer_window);
+  j["layer_groups"] = json::array();
+  for (const KvGroupPlan& g : rows.front().plan.groups)
+    j["layer_groups"].push_back({{"window", g.window},
+                                 {"n_layer", g.n_layers},
+                                 {"n_kv_head", src.shape.n_kv_head},
+                                 {"head_dim", src.shape.head_dim}});
   j["cache_types"] = json::array();
   for (const Row& r : rows) {
     const KvPlan& p = r.plan;
@@ -263,7 +362,10 @@ void print_json(const KvSource& src, int64_t n_ctx, int64_t n_seqs, std::optiona
                                 {"bytes_per_seq", p.bytes_per_seq},
                                 {"bytes_total", p.bytes_total},
                                 {"max_ctx_for_budget", opt(r.max_ctx)},
-                                {"max_seqs_for_budget", opt(r.max_seqs)}});
+                                {"max_seqs_for_budget", opt(r.max_seqs)},
+                                {"groups", groups_json(p)},
+                                {"llama_cpp_iswa_bytes_per_seq",
+                                 llama_cpp_iswa_bytes(p.shape, n_ctx, src.layer_window)}});
   }
   fmt::print("{}\n", j.dump(2));
 }
@@ -297,10 +399,10 @@ int run_kv_size(const KvSizeArgs& a) {
     s.dtype_k = k;
     s.dtype_v = v;
     s.kivi_residual = static_cast<int32_t>(a.kv_residual);
-    Row r{plan_kv(s, n_ctx, a.n_seqs), std::nullopt, std::nullopt};
+    Row r{plan_kv(s, n_ctx, a.n_seqs, src.layer_window), std::nullopt, std::nullopt};
     if (budget) {
-      r.max_ctx = max_ctx_for_budget(s, a.n_seqs, *budget);
-      r.max_seqs = max_seqs_for_budget(s, n_ctx, *budget);
+      r.max_ctx = max_ctx_for_budget(s, a.n_seqs, *budget, src.layer_window);
+      r.max_seqs = max_seqs_for_budget(s, n_ctx, *budget, src.layer_window);
     }
     rows.push_back(r);
   }
@@ -314,7 +416,7 @@ int run_kv_size(const KvSizeArgs& a) {
       fail("budget {} ({} bytes) cannot hold one block ({} tokens) of {} (needs {} bytes{})",
            a.budget, *budget, kv_seq_block_size(smallest->plan.shape),
            a.n_seqs == 1 ? std::string("one sequence") : fmt::format("{} sequences", a.n_seqs),
-           plan_kv(smallest->plan.shape, 1, a.n_seqs).bytes_total,
+           plan_kv(smallest->plan.shape, 1, a.n_seqs, src.layer_window).bytes_total,
            rows.size() > 1 ? " with " + type_pair(smallest->plan.shape) + ", the smallest type"
                            : std::string());
   }
@@ -338,11 +440,18 @@ Byte sizes: 1000000, 512MiB, 2GiB, 1.5GB, 64k (KiB/MiB/GiB/TiB and bare K/M/G/T 
 --json prints one object; byte counts are integers, absent values null:
   source        {kind: "gguf"|"hf-config"|"flags", path, arch}
   n_ctx, n_ctx_model, n_seqs, budget_bytes
-  layer_groups  [{first_layer, n_layer, n_kv_head, head_dim}]
+  layer_windows [n_layer] each layer's sliding window, 0: full attention
+  layer_groups  [{window, n_layer, n_kv_head, head_dim}]
   cache_types   [{type_k, type_v, kivi_residual, k_bytes_per_token_layer, v_bytes_per_token_layer,
                   bytes_per_token_layer, k_bytes_per_token, v_bytes_per_token, bytes_per_token,
                   bytes_per_seq (one cache of n_ctx), bytes_total (n_seqs caches),
-                  max_ctx_for_budget, max_seqs_for_budget}])";
+                  max_ctx_for_budget, max_seqs_for_budget,
+                  groups [{window, n_layer, tokens_per_seq, bytes_per_seq}],
+                  llama_cpp_iswa_bytes_per_seq}]
+Sliding windows: a GGUF's <arch>.attention.sliding_window (+ _pattern, or the architecture's:
+gemma3 6, gemma2 2), a config's sliding_window with layer_types or sliding_window_pattern, or
+--kv-window W [--kv-window-pattern N]. A window group holds the blocks of W - 1 + 512 tokens (a
+pass of -b 512) at most; the planner and the allocator share that arithmetic.)";
 
 }  // namespace
 
@@ -379,6 +488,14 @@ Command add_kv_size(CLI::App& app) {
                   "only the KIVI cache keeping R recent tokens in f16 (K per channel; -ctk/-ctv "
                   "default to q4_0)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  auto* window = cmd->add_option("--kv-window", a->kv_window,
+                                 "with --layers: sliding-window attention of W tokens")
+                     ->check(CLI::PositiveNumber);
+  cmd->add_option("--kv-window-pattern", a->kv_window_pattern,
+                  "with --kv-window: every N-th layer attends to everything (Gemma 3: 6)")
+      ->check(CLI::PositiveNumber)
+      ->needs(window);
+  window->needs(layers);
   cmd->add_flag("--json", a->json, "print one JSON object (keys below) instead of the table");
   return {cmd, [a, budget] {
             a->budget_given = budget->count() > 0;

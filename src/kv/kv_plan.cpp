@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -16,24 +17,57 @@ void check_counts(const char* what, int64_t n) {
   if (n <= 0) fail("KV plan: {} must be positive, got {}", what, n);
 }
 
-// Whether n_seqs caches of n_tokens tokens fit in budget bytes, by kv_seq_bytes itself. Sizes past
-// the budget are rejected before anything multiplies them (a sequence's bytes are at least
-// n_tokens x kv_bytes_per_token), so this never overflows or throws.
-bool fits(const KvShape& s, int64_t n_tokens, int64_t n_seqs, uint64_t budget) {
+// One sequence's groups and their bytes when full (kv_seq_groups: the allocator's arithmetic), or
+// nothing when a sum passes 2^64 (rounding up to whole blocks may, near the top).
+std::optional<std::vector<KvGroupPlan>> group_plans(const KvShape& s, int64_t n_ctx,
+                                                    std::span<const int32_t> layer_window) {
+  const KvSeqGroups sg = kv_seq_groups(s, n_ctx, false, layer_window, kKvPlanBatch);
+  const int32_t bs = kv_seq_block_size(s);
+  // A block of every layer; a group's block spans only its layers.
+  const uint64_t per_layer =
+      PagedKvStore::block_bytes(s, bs) / static_cast<uint64_t>(s.n_layer);
+  std::vector<KvGroupPlan> out;
+  for (const KvSeqGroup& g : sg.groups) {
+    KvGroupPlan p{g.window, g.n_layers, g.max_blocks * bs, 0};
+    uint64_t b = 0;
+    if (!checked_mul(per_layer * static_cast<uint64_t>(g.n_layers),
+                     static_cast<uint64_t>(g.max_blocks), &b))
+      return std::nullopt;
+    p.bytes_per_seq = b;
+    out.push_back(p);
+  }
+  return out;
+}
+
+// One full sequence's bytes (groups + KIVI's slot), or nothing past 2^64.
+std::optional<uint64_t> seq_bytes(const KvShape& s, int64_t n_ctx,
+                                  std::span<const int32_t> layer_window) {
+  const auto groups = group_plans(s, n_ctx, layer_window);
+  if (!groups) return std::nullopt;
+  uint64_t sum = PagedKvStore::residual_slot_bytes(s);
+  for (const KvGroupPlan& g : *groups)
+    if (!checked_add(sum, g.bytes_per_seq, &sum)) return std::nullopt;
+  return sum;
+}
+
+// Whether n_seqs caches of n_tokens tokens fit in budget bytes. Sizes past the budget are
+// rejected before anything multiplies them (a sequence's bytes are at least n_tokens x the bytes
+// of a token in its full layers, or its bytes at the window), so this never overflows or throws.
+bool fits(const KvShape& s, int64_t n_tokens, int64_t n_seqs, uint64_t budget,
+          std::span<const int32_t> layer_window) {
   if (n_tokens <= 0) return true;
-  if (static_cast<uint64_t>(n_tokens) > budget / kv_bytes_per_token(s)) return false;
-  // kv_seq_bytes' sum, checked: rounding up to a whole block may pass 2^64 near the top.
-  uint64_t per_seq = 0;
-  if (!checked_mul(uint64_t(PagedKvStore::block_bytes(s, kv_seq_block_size(s))),
-                   static_cast<uint64_t>(kv_seq_blocks(s, false, n_tokens, n_tokens)), &per_seq) ||
-      !checked_add(per_seq, uint64_t(PagedKvStore::residual_slot_bytes(s)), &per_seq))
+  if (layer_window.empty() &&
+      static_cast<uint64_t>(n_tokens) > budget / kv_bytes_per_token(s))
     return false;
-  return static_cast<uint64_t>(n_seqs) <= budget / per_seq;
+  const auto per_seq = seq_bytes(s, n_tokens, layer_window);
+  if (!per_seq) return false;
+  return *per_seq == 0 || static_cast<uint64_t>(n_seqs) <= budget / *per_seq;
 }
 
 }  // namespace
 
-KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs) {
+KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs,
+               std::span<const int32_t> layer_window) {
   validate(shape);
   check_counts("the context (tokens per sequence)", n_ctx);
   check_counts("the number of sequences", n_seqs);
@@ -49,7 +83,13 @@ KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs) {
   p.bytes_per_token = kv_bytes_per_token(shape);
   // The K/V split is ours; the sum must still be kv_shape's number.
   KVLM_CHECK(p.k_bytes_per_token + p.v_bytes_per_token == p.bytes_per_token);
-  p.bytes_per_seq = kv_seq_bytes(shape, n_ctx);
+  if (!layer_window.empty() && static_cast<int32_t>(layer_window.size()) != shape.n_layer)
+    fail("KV plan: {} layer windows for {} layers", layer_window.size(), shape.n_layer);
+  if (shape.kivi() && std::any_of(layer_window.begin(), layer_window.end(),
+                                  [](int32_t w) { return w > 0; }))
+    fail("KV plan: the KIVI cache (--kv-residual) has no sliding-window groups");
+  p.bytes_per_seq = kv_seq_bytes(shape, n_ctx, layer_window);
+  p.groups = *group_plans(shape, n_ctx, layer_window);  // kv_seq_bytes checked the sums
   if (!checked_mul(p.bytes_per_seq, static_cast<uint64_t>(n_seqs), &p.bytes_total))
     fail("KV cache size for {} sequences of {} tokens overflows", n_seqs, n_ctx);
   return p;
@@ -66,43 +106,75 @@ size_t kv_alloc_bytes(const KvShape& shape, KvAlloc alloc, int64_t n_ctx, int64_
   return out;
 }
 
-size_t kv_seq_bytes(const KvShape& shape, int64_t n_ctx) {
-  return kv_alloc_bytes(shape, KvAlloc::Static, n_ctx, n_ctx);
+size_t kv_seq_bytes(const KvShape& shape, int64_t n_ctx, std::span<const int32_t> layer_window) {
+  if (layer_window.empty()) return kv_alloc_bytes(shape, KvAlloc::Static, n_ctx, n_ctx);
+  const auto b = seq_bytes(shape, n_ctx, layer_window);
+  if (!b) fail("KV cache size of {} tokens overflows", n_ctx);
+  return *b;
 }
 
-int64_t max_ctx_for_budget(const KvShape& shape, int64_t n_seqs, uint64_t budget_bytes) {
+size_t llama_cpp_iswa_bytes(const KvShape& shape, int64_t n_ctx,
+                            std::span<const int32_t> layer_window) {
+  constexpr int64_t kUbatch = 512, kPad = 256;
+  uint64_t cells = 0;  // summed over layers
+  for (int32_t il = 0; il < shape.n_layer; ++il) {
+    const int32_t w = layer_window.empty() ? 0 : layer_window[static_cast<size_t>(il)];
+    cells += w == 0 ? static_cast<uint64_t>(n_ctx)
+                    : static_cast<uint64_t>((std::min(n_ctx, w + kUbatch) + kPad - 1) / kPad * kPad);
+  }
+  uint64_t out = 0;
+  if (!checked_mul(cells, kv_bytes_per_token_layer(shape), &out))
+    fail("KV cache size of {} tokens overflows", n_ctx);
+  return out;
+}
+
+int64_t max_ctx_for_budget(const KvShape& shape, int64_t n_seqs, uint64_t budget_bytes,
+                           std::span<const int32_t> layer_window) {
   validate(shape);
   check_counts("the number of sequences", n_seqs);
-  // n_seqs x n x bpt <= budget  <=>  n <= floor(floor(budget / n_seqs) / bpt) (integers). Only an
-  // upper bound: a sequence holds whole blocks (and KIVI an f16 residual slot), so
-  // kv_seq_bytes(n) >= n x bpt, and the largest n that fits is searched below it (kv_seq_bytes
-  // grows with n).
-  const uint64_t guess = budget_bytes / static_cast<uint64_t>(n_seqs) / kv_bytes_per_token(shape);
+  // n_seqs x n x bpt <= budget  <=>  n <= floor(floor(budget / n_seqs) / bpt) (integers), bpt the
+  // bytes of a token in the full-attention layers (window layers are bounded). Only an upper
+  // bound: a sequence holds whole blocks (and KIVI an f16 residual slot, window layers their
+  // window's blocks), so the largest n that fits is searched below it (the bytes grow with n).
+  // Without a full layer the bytes stop growing: contexts up to 2^40 are considered.
+  const int64_t n_full = layer_window.empty()
+                             ? shape.n_layer
+                             : std::count(layer_window.begin(), layer_window.end(), 0);
+  const uint64_t bpt_full = kv_bytes_per_token_layer(shape) * static_cast<uint64_t>(n_full);
+  constexpr uint64_t kMaxCtx = uint64_t{1} << 40;
+  const uint64_t guess =
+      bpt_full == 0 ? kMaxCtx
+                    : budget_bytes / static_cast<uint64_t>(n_seqs) /
+                          (layer_window.empty() ? kv_bytes_per_token(shape) : bpt_full);
   int64_t n = static_cast<int64_t>(
-      std::min<uint64_t>(guess, static_cast<uint64_t>(std::numeric_limits<int64_t>::max())));
-  if (n > 0 && !fits(shape, n, n_seqs, budget_bytes)) {
+      std::min<uint64_t>(guess, layer_window.empty() ? uint64_t(std::numeric_limits<int64_t>::max())
+                                                     : kMaxCtx));
+  if (n > 0 && !fits(shape, n, n_seqs, budget_bytes, layer_window)) {
     int64_t lo = 0, hi = n;  // fits(lo), !fits(hi)
     while (hi - lo > 1) {
       const int64_t mid = lo + (hi - lo) / 2;
-      (fits(shape, mid, n_seqs, budget_bytes) ? lo : hi) = mid;
+      (fits(shape, mid, n_seqs, budget_bytes, layer_window) ? lo : hi) = mid;
     }
     n = lo;
   }
-  // The division is only a shortcut: kv_bytes is the definition, and the answer must be exact.
-  KVLM_CHECK(n == 0 || fits(shape, n, n_seqs, budget_bytes));
-  KVLM_CHECK(n == std::numeric_limits<int64_t>::max() || !fits(shape, n + 1, n_seqs, budget_bytes));
+  // The division is only a shortcut: the bytes are the definition, and the answer must be exact.
+  KVLM_CHECK(n == 0 || fits(shape, n, n_seqs, budget_bytes, layer_window));
+  KVLM_CHECK(n == std::numeric_limits<int64_t>::max() || static_cast<uint64_t>(n) == kMaxCtx ||
+             !fits(shape, n + 1, n_seqs, budget_bytes, layer_window));
   return n;
 }
 
-int64_t max_seqs_for_budget(const KvShape& shape, int64_t n_ctx, uint64_t budget_bytes) {
+int64_t max_seqs_for_budget(const KvShape& shape, int64_t n_ctx, uint64_t budget_bytes,
+                            std::span<const int32_t> layer_window) {
   validate(shape);
   check_counts("the context (tokens per sequence)", n_ctx);
-  if (!fits(shape, n_ctx, 1, budget_bytes)) return 0;
-  const uint64_t guess = budget_bytes / kv_seq_bytes(shape, n_ctx);
+  if (!fits(shape, n_ctx, 1, budget_bytes, layer_window)) return 0;
+  const uint64_t guess = budget_bytes / kv_seq_bytes(shape, n_ctx, layer_window);
   const int64_t n = static_cast<int64_t>(
       std::min<uint64_t>(guess, static_cast<uint64_t>(std::numeric_limits<int64_t>::max())));
-  KVLM_CHECK(fits(shape, n_ctx, n, budget_bytes));
-  KVLM_CHECK(n == std::numeric_limits<int64_t>::max() || !fits(shape, n_ctx, n + 1, budget_bytes));
+  KVLM_CHECK(fits(shape, n_ctx, n, budget_bytes, layer_window));
+  KVLM_CHECK(n == std::numeric_limits<int64_t>::max() ||
+             !fits(shape, n_ctx, n + 1, budget_bytes, layer_window));
   return n;
 }
 

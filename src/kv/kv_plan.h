@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -23,6 +24,18 @@
 #include "kv/paged_kv.h"
 
 namespace kvlm {
+
+// One cache group of a sequence (per-layer cache groups: kv_seq_groups, the allocator's
+// arithmetic): its layers' window and the blocks it holds when full.
+struct KvGroupPlan {
+  int32_t window = 0;          // 0: full attention
+  int32_t n_layers = 0;
+  int64_t tokens_per_seq = 0;  // blocks x block size a sequence holds at most
+  size_t bytes_per_seq = 0;    // those blocks in the group's layers, K and V
+};
+
+// The default tokens per forward pass a Session feeds (-b), which bounds a window group.
+inline constexpr int64_t kKvPlanBatch = 512;
 
 struct KvPlan {
   KvShape shape;
@@ -36,18 +49,28 @@ struct KvPlan {
 
   size_t bytes_per_seq = 0;  // kv_seq_bytes(shape, n_ctx): one full cache
   size_t bytes_total = 0;    // n_seqs x bytes_per_seq
+  std::vector<KvGroupPlan> groups;  // [n_groups] summing to bytes_per_seq (without KIVI's slot)
 };
 
 // Throws kvlm::Error for an invalid shape (validate()), n_ctx <= 0, n_seqs <= 0, or a total that
 // overflows size_t.
-KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs = 1);
+// layer_window: [n_layer] each layer's sliding window (0: full attention), empty: every layer full.
+KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs = 1,
+               std::span<const int32_t> layer_window = {});
 
 // Bytes a cache of n_ctx tokens with allocation strategy `alloc` has allocated once it has been
 // asked to hold n_reserved tokens (its high-water mark: caches never shrink). A new cache counts as
 // having reserved one token. Precondition: 0 <= n_reserved <= n_ctx. Throws on overflow.
 size_t kv_alloc_bytes(const KvShape& shape, KvAlloc alloc, int64_t n_ctx, int64_t n_reserved);
 // One full sequence of n_ctx tokens: ceil(n_ctx / kv_seq_block_size) blocks, plus KIVI's slot.
-size_t kv_seq_bytes(const KvShape& shape, int64_t n_ctx);
+size_t kv_seq_bytes(const KvShape& shape, int64_t n_ctx, std::span<const int32_t> layer_window = {});
+
+// What llama.cpp's interleaved sliding-window cache (llama_kv_cache_iswa, recent versions)
+// allocates for one sequence of n_ctx tokens, for comparison: every full layer n_ctx cells, every
+// window layer min(n_ctx, window + n_ubatch) cells padded to 256 (n_ubatch 512). Cells x bytes
+// per token and layer.
+size_t llama_cpp_iswa_bytes(const KvShape& shape, int64_t n_ctx,
+                            std::span<const int32_t> layer_window);
 
 // ---- inverse questions ---------------------------------------------------------------------------
 // Both answer for full caches (n_seqs x kv_bytes(shape, n_ctx) <= budget_bytes) and are exact: one
@@ -55,9 +78,11 @@ size_t kv_seq_bytes(const KvShape& shape, int64_t n_ctx);
 // Throw kvlm::Error for an invalid shape or a non-positive n_seqs / n_ctx.
 
 // Longest context n_ctx such that n_seqs caches of n_ctx tokens fit in budget_bytes.
-int64_t max_ctx_for_budget(const KvShape& shape, int64_t n_seqs, uint64_t budget_bytes);
+int64_t max_ctx_for_budget(const KvShape& shape, int64_t n_seqs, uint64_t budget_bytes,
+                           std::span<const int32_t> layer_window = {});
 // Most sequences of n_ctx tokens that fit in budget_bytes.
-int64_t max_seqs_for_budget(const KvShape& shape, int64_t n_ctx, uint64_t budget_bytes);
+int64_t max_seqs_for_budget(const KvShape& shape, int64_t n_ctx, uint64_t budget_bytes,
+                            std::span<const int32_t> layer_window = {});
 
 // ---- storage types -------------------------------------------------------------------------------
 // Types a cache of this shape can store (K and V both of that type), from the largest per token to

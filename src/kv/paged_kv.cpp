@@ -22,6 +22,49 @@ int64_t kv_seq_blocks(const KvShape& s, bool dynamic, int64_t n_ctx, int64_t n_r
   return (tokens + bs - 1) / bs;
 }
 
+int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size) {
+  const int64_t bound = (window - 1 + n_batch + block_size - 1) / block_size + 1;
+  return std::min(bound, (n_ctx + block_size - 1) / block_size);
+}
+
+std::vector<int32_t> kv_layer_windows(int32_t n_layer, int32_t window, int32_t pattern) {
+  if (pattern < 0 || pattern > n_layer)
+    fail("sliding window pattern {} must be in [1, {} layers]", pattern, n_layer);
+  std::vector<int32_t> out(static_cast<size_t>(n_layer), 0);
+  for (int32_t il = 0; il < n_layer && window > 0; ++il)
+    out[static_cast<size_t>(il)] = pattern == 0 || il % pattern < pattern - 1 ? window : 0;
+  return out;
+}
+
+KvSeqGroups kv_seq_groups(const KvShape& s, int64_t n_ctx, bool dynamic,
+                          std::span<const int32_t> layer_window, int64_t n_batch) {
+  const int32_t bs = kv_seq_block_size(s);
+  const KvSeqGroup full{0, s.n_layer, kv_seq_blocks(s, dynamic, n_ctx, 0),
+                        kv_seq_blocks(s, false, n_ctx, n_ctx)};
+  KvSeqGroups out;
+  if (std::none_of(layer_window.begin(), layer_window.end(), [](int32_t w) { return w > 0; })) {
+    out.groups.push_back(full);
+    return out;
+  }
+  KVLM_CHECK(static_cast<int32_t>(layer_window.size()) == s.n_layer);
+  std::vector<int32_t> windows(layer_window.begin(), layer_window.end());
+  std::sort(windows.begin(), windows.end());
+  windows.erase(std::unique(windows.begin(), windows.end()), windows.end());
+  for (int32_t w : windows) {
+    KvSeqGroup g = full;
+    if (w > 0) {
+      g.window = w;
+      g.n_blocks = g.max_blocks = kv_window_blocks(w, n_batch, n_ctx, bs);
+    }
+    g.n_layers = static_cast<int32_t>(std::count(layer_window.begin(), layer_window.end(), w));
+    out.groups.push_back(g);
+  }
+  for (int32_t w : layer_window)
+    out.layer_group.push_back(
+        static_cast<int32_t>(std::find(windows.begin(), windows.end(), w) - windows.begin()));
+  return out;
+}
+
 size_t PagedKvStore::block_bytes(const KvShape& shape, int32_t block_size) {
   if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
   if (!shape.kivi()) return kv_bytes(shape, block_size);

@@ -64,6 +64,32 @@ int32_t kv_seq_block_size(const KvShape& s);
 // at least one chunk (a new cache counts as having reserved one token), at most ceil(n_ctx / bs).
 int64_t kv_seq_blocks(const KvShape& s, bool dynamic, int64_t n_ctx, int64_t n_reserved);
 
+// Blocks a sequence's sliding-window group holds at most: a pass writing m <= n_batch tokens at p
+// reads positions [p - window + 1, p + m), which span at most ceil((window - 1 + n_batch) / bs) + 1
+// blocks; never more than a full cache of n_ctx.
+int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size);
+
+// Layer windows from a model's metadata: every layer windowed (pattern 0), or every layer but
+// each pattern-th (layer il windowed iff il % pattern < pattern - 1, llama.cpp's reading;
+// Gemma 3: 6). window 0: every layer full. [n_layer]. Throws for pattern < 0 or > n_layer.
+std::vector<int32_t> kv_layer_windows(int32_t n_layer, int32_t window, int32_t pattern);
+
+// One sequence's cache groups (per-layer cache groups, the allocator's and the planner's
+// arithmetic): full attention first (kv_seq_blocks, growing when dynamic), then one group per
+// distinct window, static at kv_window_blocks. layer_window empty or all 0: one full group.
+struct KvSeqGroup {
+  int32_t window = 0;      // 0: full attention
+  int32_t n_layers = 0;
+  int64_t n_blocks = 0;    // at start
+  int64_t max_blocks = 0;  // when full
+};
+struct KvSeqGroups {
+  std::vector<KvSeqGroup> groups;   // [n_groups]
+  std::vector<int32_t> layer_group;  // [n_layer]; empty with one group
+};
+KvSeqGroups kv_seq_groups(const KvShape& s, int64_t n_ctx, bool dynamic,
+                          std::span<const int32_t> layer_window, int64_t n_batch);
+
 class PagedKvStore {
  public:
   // Throws kvlm::Error for an invalid shape, n_blocks <= 0, block_size <= 0, a size that

@@ -65,46 +65,26 @@ int32_t checked_blocks(int64_t n, int64_t n_ctx) {
 
 }  // namespace
 
-int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size) {
-  const int64_t bound = (window - 1 + n_batch + block_size - 1) / block_size + 1;
-  return std::min(bound, (n_ctx + block_size - 1) / block_size);
-}
-
 KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc,
                               const KvRope& rope, std::span<const int32_t> layer_window,
                               int64_t n_batch) {
   validate(shape);
   if (n_ctx <= 0) fail("the context must be positive, got {}", n_ctx);
   kv_bytes(shape, n_ctx);  // throws on overflow before anything is sized
-  const int32_t bs = kv_seq_block_size(shape);
-  const int32_t max_blocks = checked_blocks(kv_seq_blocks(shape, false, n_ctx, n_ctx), n_ctx);
-  const int32_t n_blocks =
-      checked_blocks(kv_seq_blocks(shape, alloc == KvAlloc::Dynamic, n_ctx, 0), n_ctx);
+  const KvSeqGroups sg =
+      kv_seq_groups(shape, n_ctx, alloc == KvAlloc::Dynamic, layer_window, n_batch);
   KvManagerConfig c{.shape = shape,
-                    .block_size = bs,
-                    .n_blocks = n_blocks,
-                    .max_blocks = max_blocks,
+                    .block_size = kv_seq_block_size(shape),
+                    .n_blocks = checked_blocks(sg.groups[0].n_blocks, n_ctx),
+                    .max_blocks = checked_blocks(sg.groups[0].max_blocks, n_ctx),
                     .n_slots = shape.kivi() ? 1 : 0,
                     .prefix_cache = false,
                     .rope = rope};
-  const bool windowed = std::any_of(layer_window.begin(), layer_window.end(),
-                                    [](int32_t w) { return w > 0; });
-  if (!windowed) return c;
-  // A group per distinct window, full attention first; a window group is static (bounded).
-  std::vector<int32_t> windows(layer_window.begin(), layer_window.end());
-  std::sort(windows.begin(), windows.end());
-  windows.erase(std::unique(windows.begin(), windows.end()), windows.end());
-  for (int32_t w : windows) {
-    if (w == 0) {
-      c.groups.push_back({0, n_blocks, max_blocks});
-    } else {
-      const auto n = checked_blocks(kv_window_blocks(w, n_batch, n_ctx, bs), n_ctx);
-      c.groups.push_back({w, n, n});
-    }
-  }
-  for (int32_t w : layer_window)
-    c.layer_group.push_back(static_cast<int32_t>(
-        std::find(windows.begin(), windows.end(), w) - windows.begin()));
+  if (sg.groups.size() == 1 && sg.groups[0].window == 0) return c;  // one full group
+  for (const KvSeqGroup& g : sg.groups)
+    c.groups.push_back({g.window, checked_blocks(g.n_blocks, n_ctx),
+                        checked_blocks(g.max_blocks, n_ctx)});
+  c.layer_group = sg.layer_group;
   return c;
 }
 

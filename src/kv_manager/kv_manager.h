@@ -81,14 +81,11 @@ struct KvHit {
 // index (one sequence has nothing to share). Throws kvlm::Error for a bad shape, n_ctx <= 0 or a
 // size that overflows.
 // layer_window ([n_layer], empty: all full) gives a window group per distinct window, sized for
-// passes of at most n_batch tokens: kv_window_blocks.
+// passes of at most n_batch tokens (kv_seq_groups, paged_kv.h: the planner's arithmetic too).
 KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc,
                               const KvRope& rope, std::span<const int32_t> layer_window = {},
                               int64_t n_batch = 512);
-// Blocks a sequence's window group holds at most: a pass writing m <= n_batch tokens at p reads
-// positions [p - window + 1, p + m), which span at most ceil((window - 1 + n_batch) / bs) + 1
-// blocks; never more than a full cache of n_ctx.
-int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size);
+
 
 struct KvGroupStats {
   int32_t window = 0;        // 0: full attention

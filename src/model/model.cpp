@@ -43,8 +43,7 @@ void read_layer_windows(const GgufFile& f, const std::string& a, ModelConfig& c)
   }
   const int32_t w = require_int(f, wk, 1, c.n_ctx_train);
   const int32_t n = f.find(pk) ? require_int(f, pk, 1, c.n_layer) : 0;  // 0: every layer
-  for (int32_t il = 0; il < c.n_layer; ++il)
-    c.layer_window[static_cast<size_t>(il)] = n == 0 || il % n < n - 1 ? w : 0;
+  c.layer_window = kv_layer_windows(c.n_layer, w, n);
 }
 
 class TensorBinder {

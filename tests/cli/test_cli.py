@@ -285,8 +285,9 @@ class KvSize(unittest.TestCase):
         j = self.kv_size_json(*self.FLAGS_7B, "--ctx", "4096", "-ctk", "f16", "-ctv", "f16")
         self.assertEqual(j["source"]["kind"], "flags")
         self.assertEqual((j["n_ctx"], j["n_seqs"], j["budget_bytes"]), (4096, 1, None))
-        self.assertEqual(j["layer_groups"], [{"first_layer": 0, "n_layer": 32, "n_kv_head": 32,
+        self.assertEqual(j["layer_groups"], [{"window": 0, "n_layer": 32, "n_kv_head": 32,
                                               "head_dim": 128}])
+        self.assertEqual(j["layer_windows"], [0] * 32)
         self.assertEqual(len(j["cache_types"]), 1)
         t = j["cache_types"][0]
         self.assertEqual((t["type_k"], t["type_v"]), ("f16", "f16"))
@@ -326,6 +327,52 @@ class KvSize(unittest.TestCase):
         out = self.kv_size()
         for needle in ("23040", "46080", "f16/f16", "f32/f32", "layers 0-29", "3 KV heads x 64"):
             self.assertIn(needle, out)
+
+    def test_sliding_window_groups(self):
+        # Gemma 3 270M's shape: 18 layers, 1 KV head x 256, window 512, every 6th layer global.
+        j = self.kv_size_json("--layers", "18", "--kv-heads", "1", "--head-dim", "256",
+                              "--kv-window", "512", "--kv-window-pattern", "6", "--ctx", "32768",
+                              "-ctk", "f16", "-ctv", "f16")
+        self.assertEqual(j["layer_windows"], [0 if il % 6 == 5 else 512 for il in range(18)])
+        t = j["cache_types"][0]
+        # 3 global layers x 32,768 tokens x 1,024 B = 96 MiB; 15 window layers hold the blocks of
+        # 511 + 512 tokens (65 blocks of 16) each; every layer full would be 576 MiB.
+        self.assertEqual(t["groups"], [
+            {"window": 0, "n_layer": 3, "tokens_per_seq": 32768, "bytes_per_seq": 100663296},
+            {"window": 512, "n_layer": 15, "tokens_per_seq": 1040, "bytes_per_seq": 15974400}])
+        self.assertEqual(t["bytes_per_seq"], 100663296 + 15974400)
+        # llama.cpp: 15 x 1,024 SWA cells (512 + n_ubatch 512, padded to 256) beside 3 x 32,768.
+        self.assertEqual(t["llama_cpp_iswa_bytes_per_seq"], (3 * 32768 + 15 * 1024) * 1024)
+        out = self.kv_size("--layers", "18", "--kv-heads", "1", "--head-dim", "256",
+                           "--kv-window", "512", "--kv-window-pattern", "6", "--ctx", "32768",
+                           "-ctk", "f16", "-ctv", "f16")
+        for needle in ("sliding window 512", "5, 11, 17", "576.00 MiB", "96.00 MiB"):
+            self.assertIn(needle, out)
+
+    def test_sliding_window_sources(self):
+        # The GGUF's keys (tests/data/tiny-llama-swa.gguf: window 24, pattern 2) and a config's
+        # layer_types give the same groups.
+        j = self.kv_size_json("-m", os.path.join(DATA, "tiny-llama-swa.gguf"), "-ctk", "f16",
+                              "-ctv", "f16", "--ctx", "1000")
+        self.assertEqual(j["layer_windows"], [24, 0])
+        import json, tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+                       "hidden_size": 512, "sliding_window": 128,
+                       "layer_types": ["sliding_attention", "full_attention"] * 2}, f)
+        try:
+            j = self.kv_size_json("--hf-config", f.name, "-ctk", "f16", "-ctv", "f16")
+            self.assertEqual(j["layer_windows"], [128, 0, 128, 0])
+            with open(f.name, "w") as g:
+                json.dump({"num_hidden_layers": 4, "num_attention_heads": 8, "hidden_size": 512,
+                           "sliding_window": 128, "use_sliding_window": False}, g)
+            self.assertEqual(self.kv_size_json("--hf-config", f.name)["layer_windows"], [0] * 4)
+            with open(f.name, "w") as g:
+                json.dump({"num_hidden_layers": 4, "num_attention_heads": 8, "hidden_size": 512,
+                           "sliding_window": "wide"}, g)
+            self.check_error(["--hf-config", f.name], (1,), "'sliding_window' must be")
+        finally:
+            os.unlink(f.name)
 
     def test_gguf_agrees_with_inspect(self):
         # kv-size reads only the metadata; inspect goes through Model::load. They must agree.

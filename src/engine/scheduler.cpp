@@ -20,38 +20,33 @@ const char* finish_reason_name(FinishReason r) {
   return "?";
 }
 
-// One request as the scheduler thread sees it.
-struct Scheduler::Seq {
-  RequestId id = 0;
+// One request as the scheduler thread sees it: what the planner sees (step_plan.h), and the
+// request's own parts.
+struct Scheduler::Seq : StepSeq {
   Request req;
   EventFn on_event;
-  std::vector<int32_t> tokens;  // [n_prompt + n_generated] prompt, then generated tokens
-  int64_t n_prompt = 0;
   int64_t n_generated = 0;
-  // Tokens whose K/V are in this sequence's blocks (positions [0, n_computed)); the rest of
-  // `tokens` is pending: the prompt still to prefill, or the last sampled token to decode.
-  int64_t n_computed = 0;
-  int64_t n_cached = -1;       // prefix-cache hit at first admission (-1: not admitted yet)
-  uint64_t admitted_at = 0;    // admission counter: the largest is the newest (preempted first)
-  uint64_t step = 0;           // last step that scheduled it
   std::unique_ptr<Sampler> sampler;
-
-  int64_t pending() const { return static_cast<int64_t>(tokens.size()) - n_computed; }
 };
 
 // Everything the scheduler thread owns. A sequence is in the KV manager (has blocks) from its
 // admission until it finishes or is preempted.
 struct Scheduler::State {
   KvManager kv;
+  StepPlanner planner;
   Scratch scratch;
-  std::deque<std::unique_ptr<Seq>> waiting;  // oldest (or preempted) first
-  std::vector<std::unique_ptr<Seq>> running;  // admission order
-  uint64_t n_admissions = 0;
+  StepQueue waiting;    // Seqs, oldest (or preempted) first
+  StepRunning running;  // Seqs, admission order
+  StepCounters counters;
   uint64_t n_step_calls = 0;
   SchedulerStats totals;  // counters (the gauges are filled at publish time)
 
-  explicit State(const KvManagerConfig& c) : kv(c) {}
+  State(const KvManagerConfig& c, const StepLimits& limits) : kv(c), planner(limits, kv) {}
 };
+
+namespace {
+Scheduler::Seq& as_seq(StepSeq& q) { return static_cast<Scheduler::Seq&>(q); }
+}  // namespace
 
 namespace {
 
@@ -104,7 +99,8 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
                            .n_slots = n_slots,
                            .prefix_cache = config.prefix_cache,
                            .rope = model.kv_rope()};
-  st_ = std::make_unique<State>(kc);
+  st_ = std::make_unique<State>(kc, StepLimits{config.n_parallel, config.n_batch, config.n_ctx,
+                                                config.eviction});
   stats_.blocks_total = kc.n_blocks;
   stats_.block_size = config.block_size;
   stats_.kv_bytes_total = st_->kv.store().bytes();
@@ -142,6 +138,7 @@ RequestId Scheduler::submit(Request req, EventFn on_event) {
   seq->req = std::move(req);
   seq->on_event = std::move(on_event);
   seq->tokens = seq->req.prompt;
+  seq->salt = seq->req.salt;
   seq->n_prompt = n_prompt;
   seq->sampler = std::make_unique<Sampler>(seq->req.sampling);
   RequestId id;
@@ -214,6 +211,9 @@ void Scheduler::publish() {
   s.kv_bytes_total = k.bytes_total;
   s.kv_bytes_used = k.bytes_used;
   s.evicted_tokens = k.n_evicted_tokens;
+  s.n_preemptions = st.counters.n_preemptions;
+  s.prompt_tokens = st.counters.prompt_tokens;
+  s.prompt_tokens_cached = st.counters.prompt_tokens_cached;
   s.running = static_cast<int64_t>(st.running.size());
   s.waiting = n_active_ - s.running;
   if (n_active_ == 0) idle_cv_.notify_all();
@@ -241,7 +241,7 @@ void Scheduler::loop() {
       auto drop = [&](auto& list) {
         for (auto it = list.begin(); it != list.end(); ++it)
           if ((*it)->id == id) {
-            finish(**it, FinishReason::Cancelled, "");
+            finish(as_seq(**it), FinishReason::Cancelled, "");
             list.erase(it);
             return true;
           }
@@ -251,8 +251,8 @@ void Scheduler::loop() {
     }
     // Every request, running or waiting, gets its final event.
     auto finish_all = [&](FinishReason why, const std::string& error) {
-      for (auto& q : st.running) finish(*q, why, error);
-      for (auto& q : st.waiting) finish(*q, why, error);
+      for (auto& q : st.running) finish(as_seq(*q), why, error);
+      for (auto& q : st.waiting) finish(as_seq(*q), why, error);
       st.running.clear();
       st.waiting.clear();
     };
@@ -277,142 +277,21 @@ void Scheduler::loop() {
 void Scheduler::step() {
   State& st = *st_;
   KvManager& kv = st.kv;
-  const int32_t bs = config_.block_size;
   const ModelConfig& mc = model_.config();
   const uint64_t step_no = ++st.n_step_calls;  // marks the sequences this step schedules
   using Clock = std::chrono::steady_clock;
   const Clock::time_point t_step = Clock::now();
 
-  // Preempts the newest running sequence: its blocks go back (the registered ones stay cached,
-  // so its recompute is often a prefix hit) and it waits at the front of the queue.
-  auto preempt_newest = [&]() -> Seq* {
-    auto it = std::max_element(st.running.begin(), st.running.end(), [](auto& a, auto& b) {
-      return a->admitted_at < b->admitted_at;
-    });
-    Seq* q = it->get();
-    // Its recompute starts with a partial hit, from its (kept) tokens: fresh rows again, which
-    // the prefix index may register even if it had evicted before.
-    release(*q, /*keep_partial=*/true);
-    q->n_computed = 0;
-    st.waiting.push_front(std::move(*it));
-    st.running.erase(it);
-    ++st.totals.n_preemptions;
-    return q;
-  };
-  // Gives q blocks for n more tokens, preempting the newest sequences while the pool is short.
-  // False if q itself was preempted.
-  auto grow = [&](Seq& q, int64_t n) -> bool {
-    while (!kv.reserve(q.id, n))
-      if (preempt_newest() == &q) return false;
-    return true;
-  };
-
-  // Room for m more positions within q's n_ctx by the eviction policy (Eviction::count, which
-  // Session::make_room uses too: a sequence evicts at the same positions alone or batched here).
-  // The blocks the shift writes are made q's own first (copy-on-write of shared ones, preempting
-  // the newest sequences while the pool is short). False if q itself was preempted.
-  const int64_t kept_prefix = config_.eviction.kept();
-  auto make_room = [&](Seq& q, int64_t m) -> bool {
-    const int64_t count = config_.eviction.count(q.n_computed, m, config_.n_ctx);
-    KVLM_CHECK(count >= 0);  // callers keep m <= n_ctx - kept_prefix
-    if (count == 0) return true;
-    while (!kv.evict(q.id, kept_prefix, count))
-      if (preempt_newest() == &q) return false;
-    q.tokens.erase(q.tokens.begin() + kept_prefix, q.tokens.begin() + kept_prefix + count);
-    q.n_computed -= count;
-    return true;
-  };
-
-  // ---- 1. decode tokens of running sequences (oldest first) ----
-  struct Item {
-    Seq* seq;
-    int64_t n;
-  };
-  std::vector<Item> items;
-  int64_t budget = config_.n_batch;
-  std::sort(st.running.begin(), st.running.end(),
-            [](auto& a, auto& b) { return a->admitted_at < b->admitted_at; });
-  for (size_t i = 0; i < st.running.size(); ++i) {
-    Seq* q = st.running[i].get();
-    if (q->pending() != 1 || q->n_computed == 0) continue;  // prefilling: step 3
-    if (evicts() && !make_room(*q, 1)) break;  // q was the newest (as for grow)
-    if (!grow(*q, 1)) break;  // q was the newest: everything older is already in items
-    q->step = step_no;
-    items.push_back({q, 1});
-    --budget;
-  }
-  // (A decode's grow() preempts only sequences newer than itself, not yet visited: every item
-  // still runs here.)
-
-  // ---- 2. admission: oldest waiting first, while the pool holds the rest of its tokens ----
-  // A request whose prompt shares full blocks with a sequence still prefilling them (a shared
-  // system prompt arriving in a burst) waits until those blocks are computed and registered, then
-  // reuses them, instead of computing the same prefix again in parallel.
-  auto inflight_blocks = [&](const Seq& q) {
-    int64_t best = 0;
-    for (const auto& r : st.running) {
-      // Evicted: registers nothing more.
-      if (r->req.salt != q.req.salt || kv.evicted(r->id)) continue;
-      const size_t n = std::min(q.tokens.size() - 1, r->tokens.size());
-      size_t l = 0;
-      while (l < n && q.tokens[l] == r->tokens[l]) ++l;
-      const int64_t blocks = static_cast<int64_t>(l) / bs;
-      if (r->n_computed < blocks * bs) best = std::max(best, blocks);  // not all computed yet
-    }
-    return best;
-  };
-  for (size_t wi = 0;
-       wi < st.waiting.size() && static_cast<int32_t>(st.running.size()) < config_.n_parallel;) {
-    Seq& q = *st.waiting[wi];
-    const KvHit hit = kv.lookup(q.tokens, q.req.salt);
-    if (inflight_blocks(q) > static_cast<int64_t>(hit.full.block_ids.size())) {
-      ++wi;  // try the next one; this one is admitted once the blocks are registered
-      continue;
-    }
-    // An evicting sequence holds at most n_ctx positions at any time.
-    const int64_t n_held = evicts() ? std::min<int64_t>(static_cast<int64_t>(q.tokens.size()),
-                                                        config_.n_ctx)
-                                    : static_cast<int64_t>(q.tokens.size());
-    // At most n_parallel run, and KIVI has n_parallel residual slots.
-    if (!kv.admit(q.id, q.tokens, q.req.salt, n_held, hit)) break;  // wait for blocks
-    q.n_computed = hit.n_tokens();
-    if (q.n_cached < 0) {
-      q.n_cached = q.n_computed;
-      st.totals.prompt_tokens += q.n_prompt;
-      st.totals.prompt_tokens_cached += q.n_computed;
-    }
-    q.admitted_at = ++st.n_admissions;
-    st.running.push_back(std::move(st.waiting[wi]));
-    st.waiting.erase(st.waiting.begin() + static_cast<std::ptrdiff_t>(wi));
-  }
-
-  // ---- 3. prefill chunks within the rest of the token budget ----
-  for (size_t i = 0; i < st.running.size() && budget > 0; ++i) {
-    Seq* q = st.running[i].get();
-    if (q->step == step_no) continue;  // decoding: step 1
-    int64_t n = std::min(q->pending(), budget);
-    // An evicting sequence frees room for at most what lies past its kept prefix at once (as
-    // Session::run feeds a long prompt).
-    if (evicts()) n = std::min(n, config_.n_ctx - kept_prefix);
-    if (n <= 0) continue;
-    if (evicts() && !make_room(*q, n)) break;
-    if (!grow(*q, n)) break;
-    q->step = step_no;
-    items.push_back({q, n});
-    budget -= n;
-  }
-  // A prefill's grow() may have preempted a newer sequence that step 1 gave a decode token: its
-  // blocks are gone (release() cleared in_pool), so it leaves this step.
-  items.erase(std::remove_if(items.begin(), items.end(),
-                             [&](const Item& it) { return !kv.has_seq(it.seq->id); }),
-              items.end());
+  // ---- 1-3. decode tokens, admissions, prefill chunks (step_plan.h) ----
+  const std::vector<StepItem> items =
+      st.planner.plan(step_no, st.waiting, st.running, st.counters);
   if (items.empty()) return;
 
   // ---- 4. one forward pass over every item ----
   std::vector<BatchSeq> batch;
   batch.reserve(items.size());
-  for (const Item& it : items) {
-    Seq& q = *it.seq;
+  for (const StepItem& it : items) {
+    const Seq& q = as_seq(*it.seq);
     batch.push_back({{q.tokens.data() + q.n_computed, static_cast<size_t>(it.n)}, q.n_computed,
                      kv.seq_caches(q.id)});
   }
@@ -420,14 +299,14 @@ void Scheduler::step() {
   const std::span<const float> logits = model_.forward(batch, kv.store(), st.scratch, pool_);
   const Clock::time_point t_pass_end = Clock::now();
   ++st.totals.n_steps;
-  for (const Item& it : items) st.totals.batch_tokens += it.n;
+  for (const StepItem& it : items) st.totals.batch_tokens += it.n;
 
   // ---- 5. register full blocks, sample, finish ----
   std::vector<Seq*> done;
   std::vector<FinishReason> why;
   std::vector<size_t> ready;  // items whose sequence has computed all its pending tokens
   for (size_t b = 0; b < items.size(); ++b) {
-    Seq& q = *items[b].seq;
+    Seq& q = as_seq(*items[b].seq);
     q.n_computed += items[b].n;
     kv.commit(q.id, q.tokens, q.n_computed);
     if (q.pending() == 0) ready.push_back(b);  // else prefill not finished: no token yet
@@ -444,7 +323,7 @@ void Scheduler::step() {
   auto sample = [&](int64_t i0, int64_t i1, int) {
     for (int64_t i = i0; i < i1; ++i) {
       const size_t b = ready[static_cast<size_t>(i)];
-      Seq& q = *items[b].seq;
+      Seq& q = as_seq(*items[b].seq);
       try {
         sampled[b] = q.sampler->sample(logits.data() + b * mc.n_vocab, mc.n_vocab, q.tokens);
       } catch (...) {
@@ -454,14 +333,14 @@ void Scheduler::step() {
   };
   const int64_t n_ready = static_cast<int64_t>(ready.size());
   const bool costly = std::any_of(ready.begin(), ready.end(),
-                                  [&](size_t b) { return !items[b].seq->sampler->argmax_only(); });
+                                  [&](size_t b) { return !as_seq(*items[b].seq).sampler->argmax_only(); });
   if (n_ready > 1 && costly)
     pool_.parallel_for(n_ready, sample);
   else
     sample(0, n_ready, 0);
   for (const size_t b : ready) {
     if (errors[b]) std::rethrow_exception(errors[b]);
-    Seq& q = *items[b].seq;
+    Seq& q = as_seq(*items[b].seq);
     const int32_t t = sampled[b];
     q.tokens.push_back(t);
     ++q.n_generated;
@@ -484,7 +363,7 @@ void Scheduler::step() {
   for (size_t i = 0; i < done.size(); ++i) {
     auto it = std::find_if(st.running.begin(), st.running.end(),
                            [&](auto& r) { return r.get() == done[i]; });
-    finish(**it, why[i], "");
+    finish(as_seq(**it), why[i], "");
     st.running.erase(it);
   }
   const std::chrono::duration<double> pass = t_pass_end - t_pass, whole = Clock::now() - t_step;

@@ -2,10 +2,11 @@
 // admission by free blocks, prefix reuse and preemption by recompute (vLLM's scheduler, on CPU).
 //
 // One scheduler thread owns the KV manager (block pool, prefix index, paged storage; kv_manager.h)
-// and every running sequence. Other threads (HTTP handlers) only submit(), cancel() and read stats(); those are
-// thread-safe and never wait for a forward pass.
+// and every running sequence. Other threads (HTTP handlers) only submit(), cancel() and read
+// stats(); those are thread-safe and never wait for a forward pass.
 //
-// A step (docs/KV.md, "Paged storage and the scheduler"):
+// A step (docs/KV.md, "Paged storage and the scheduler"; steps 2-4 are the plan, StepPlanner in
+// step_plan.h, tested without a model):
 //   1. drop cancelled requests (their blocks go back to the pool at once);
 //   2. every running sequence with one pending token (decode) contributes it; a decode that needs a
 //      fresh block and finds none preempts the newest running sequence (its blocks are released,
@@ -36,6 +37,7 @@
 
 #include "base/thread_pool.h"
 #include "engine/session.h"
+#include "engine/step_plan.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
 
@@ -156,8 +158,10 @@ class Scheduler {
   // Blocks until no request is waiting or running (tests).
   void wait_idle();
 
+ public:
+  struct Seq;  // a request on the scheduler thread (scheduler.cpp)
+
  private:
-  struct Seq;
   struct State;
   void loop();
   void step();

@@ -52,6 +52,7 @@ const KvManagerConfig& checked(const KvManagerConfig& c) {
 }
 
 PagedKvStore make_store(const KvManagerConfig& c) {
+  if (!c.bytes) return PagedKvStore(c.shape, 1, c.block_size, c.n_slots);  // never written
   if (c.groups.empty()) return PagedKvStore(c.shape, c.n_blocks, c.block_size, c.n_slots);
   std::vector<int32_t> blocks;
   for (const KvGroupSpec& g : c.groups) blocks.push_back(g.n_blocks);
@@ -91,6 +92,7 @@ KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc
 KvManager::KvManager(const KvManagerConfig& config)
     : shape_(checked(config).shape),
       block_size_(config.block_size),
+      bytes_(config.bytes),
       store_(make_store(config)),
       rope_(config.rope) {
   const std::vector<int32_t> lg = layer_groups(config);
@@ -177,6 +179,7 @@ const KvManager::SeqState& KvManager::state(SeqId seq) const {
 bool KvManager::evicted(SeqId seq) const { return state(seq).evicted; }
 
 void KvManager::copy_blocks(const std::vector<BlockCopy>& copies, int32_t group) {
+  if (!bytes_) return;
   for (const BlockCopy& cp : copies) store_.copy_block(cp.src, cp.dst, group);
 }
 
@@ -233,7 +236,7 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
     copies_.clear();
     const bool got = pool0().append(seq, hit.partial.n_tokens, &copies_);
     KVLM_CHECK(got && copies_.empty());
-    store_.copy_block(hit.partial.block, pool0().block_table(seq).back());
+    if (bytes_) store_.copy_block(hit.partial.block, pool0().block_table(seq).back());
   }
   return true;
 }
@@ -252,7 +255,7 @@ bool KvManager::fits(SeqId seq, int64_t n) {
       const int64_t chunk = std::max<int64_t>(1, kKvChunkTokens / block_size_);
       const auto to =
           static_cast<int32_t>(std::min<int64_t>(g.max_blocks, g.pool->n_blocks() + chunk));
-      store_.grow(to, static_cast<int32_t>(gi));
+      if (bytes_) store_.grow(to, static_cast<int32_t>(gi));
       g.pool->grow(to);
     }
   }
@@ -291,7 +294,7 @@ bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
                              &copies_))
     return false;
   copy_blocks(copies_, 0);
-  store_.shift_out(pool0().block_table(seq), n_tokens, begin, count, rope_);
+  if (bytes_) store_.shift_out(pool0().block_table(seq), n_tokens, begin, count, rope_);
   pool0().truncate(seq, n_after);
   s.n_registered = std::min(s.n_registered, begin / block_size_);
   s.evicted = true;

@@ -60,6 +60,9 @@ struct KvManagerConfig {
   int32_t n_slots = 0;       // KIVI: f16 residual slots, one per sequence held at once (> 0)
   bool prefix_cache = true;  // register and reuse blocks (not with KIVI)
   bool audit = false;        // re-verify the pool and the index after every operation (tests)
+  // false: bookkeeping only (planning tests without a model): the store behind the blocks is a
+  // token one and nothing is copied or moved in it; store() must not be used.
+  bool bytes = true;
   KvRope rope{};             // how K was rotated, so evict() can re-rotate moved rows
   // Per-layer cache groups: [n_layer] the group of each layer and [n_groups] the groups. Empty:
   // one full group of every layer with n_blocks / max_blocks above. With groups: no prefix cache,
@@ -208,6 +211,7 @@ class KvManager {
 
   KvShape shape_;
   int32_t block_size_;
+  bool bytes_;
   std::vector<Group> groups_;            // [n_groups]; group 0 carries the prefix index
   std::unique_ptr<PrefixCache> prefix_;  // null: prefix cache off
   PagedKvStore store_;

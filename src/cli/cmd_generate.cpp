@@ -18,6 +18,7 @@ struct GenerateArgs {
   CacheFlags cache;
   int32_t n_predict = 128;
   bool chat = false, no_cache = false, trace = false, ignore_eos = false;
+  std::vector<int32_t> stop_tokens;
   SamplingParams sampling;
   int threads = 0;
   int64_t n_batch = 512;
@@ -25,8 +26,32 @@ struct GenerateArgs {
   bool seed_given = false;
 };
 
-// --trace: the seeds' walk-through made real, one line per forward pass.
-void print_trace(const KvShape& shape, const StepTrace& t) {
+// The text of a pass's tokens for --trace, newlines shown as \n, long runs cut in the middle.
+std::string trace_text(const Tokenizer& tok, std::span<const int32_t> ids) {
+  std::string s = tok.decode(std::vector<int32_t>(ids.begin(), ids.end()));
+  std::string out;
+  for (char ch : s) out += ch == '\n' ? std::string("\\n") : std::string(1, ch);
+  constexpr size_t kMax = 60;
+  if (out.size() <= kMax) return out;
+  // Cut on UTF-8 character boundaries: never before a continuation byte (10xxxxxx).
+  auto boundary = [&](size_t i) {
+    while (i < out.size() && (static_cast<unsigned char>(out[i]) & 0xC0) == 0x80) ++i;
+    return i;
+  };
+  return out.substr(0, boundary(kMax / 2)) + " ... " + out.substr(boundary(out.size() - kMax / 2));
+}
+
+// --trace: the seeds' walk-through made real, one line per forward pass: which tokens at which
+// positions were computed, what the cache holds per layer, and what an eviction dropped.
+void print_trace(const Tokenizer& tok, const KvShape& shape, const StepTrace& t) {
+  std::fprintf(stderr, "[trace] step %lld positions [%lld, %lld) \"%s\"", static_cast<long long>(t.step),
+               static_cast<long long>(t.pos0), static_cast<long long>(t.pos0 + t.tokens.size()),
+               trace_text(tok, t.tokens).c_str());
+  if (t.n_evicted > 0)
+    std::fprintf(stderr, " | evicted positions [%lld, %lld) (later ones moved down)",
+                 static_cast<long long>(t.evict_begin),
+                 static_cast<long long>(t.evict_begin + t.n_evicted));
+  std::fprintf(stderr, "\n");
   const size_t k_layer = kv_k_row_bytes(shape) * t.n_cached;
   const size_t v_layer = kv_v_row_bytes(shape) * t.n_cached;
   std::fprintf(stderr,
@@ -70,7 +95,11 @@ int run_generate(const GenerateArgs& a) {
   opts.use_cache = !a.no_cache;
   opts.sampling = sp;
   opts.ignore_eos = a.ignore_eos;
-  if (a.trace) opts.on_step = [&](const StepTrace& t) { print_trace(session.kv_shape(), t); };
+  opts.stop_tokens = a.stop_tokens;
+  for (int32_t id : a.stop_tokens)
+    if (id < 0 || id >= c.n_vocab) fail("--stop-token {} is not in the vocabulary [0, {})", id, c.n_vocab);
+  if (a.trace)
+    opts.on_step = [&](const StepTrace& t) { print_trace(*tok, session.kv_shape(), t); };
 
   StreamDecoder dec(*tok);
   if (!a.chat) {
@@ -158,6 +187,8 @@ Command add_generate(CLI::App& app) {
                 "print each forward pass: phase, tokens computed, cache length, per-layer K/V "
                 "shape and bytes, evictions");
   gen->add_flag("--ignore-eos", g->ignore_eos, "keep generating past end-of-generation tokens");
+  gen->add_option("--stop-token", g->stop_tokens,
+                  "stop after sampling this token id (repeatable; e.g. 198, GPT-2's newline)");
   add_cache_flags(gen, g->cache);
   return {gen, [g] { return run_generate(*g); }};
 }

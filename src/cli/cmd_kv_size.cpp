@@ -228,6 +228,15 @@ void print_table(const std::vector<std::vector<std::string>>& rows) {
   }
 }
 
+// A type's bytes per token against f16's for the same shape: what the cache type saves.
+double pct_of_f16(const KvPlan& p) {
+  KvShape f16 = p.shape;
+  f16.dtype_k = f16.dtype_v = DType::F16;
+  f16.kivi_residual = -1;
+  return 100.0 * static_cast<double>(p.bytes_per_token) /
+         static_cast<double>(kv_bytes_per_token(f16));
+}
+
 // The layers of a group, "0-29" or "5, 11, 17".
 std::string group_layers(const KvSource& src, int32_t window) {
   std::vector<int32_t> ls;
@@ -285,7 +294,7 @@ void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
   fmt::print("\n");
 
   std::vector<std::vector<std::string>> table;
-  std::vector<std::string> head = {"K/V type", "bytes/token/layer", "bytes/token",
+  std::vector<std::string> head = {"K/V type", "bytes/token/layer", "bytes/token", "% of f16",
                                    fmt::format("total: {} x {}", plural(n_ctx, "token", "tokens"),
                                                plural(a.n_seqs, "seq", "seqs"))};
   if (budget) {
@@ -297,7 +306,7 @@ void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
     const KvPlan& p = r.plan;
     std::vector<std::string> row = {
         type_pair(p.shape), fmt::format("{}", p.bytes_per_token_layer),
-        fmt::format("{}", p.bytes_per_token),
+        fmt::format("{}", p.bytes_per_token), fmt::format("{:.1f}%", pct_of_f16(p)),
         fmt::format("{} ({})", p.bytes_total, human_bytes(static_cast<double>(p.bytes_total)))};
     if (budget) {
       row.push_back(fmt::format("{}", *r.max_ctx));
@@ -314,6 +323,24 @@ void print_text(const KvSource& src, const KvSizeArgs& a, int64_t n_ctx,
     fmt::print("KIVI: bytes/token are a sealed token's (K per channel in groups of {}); the total adds "
                "the f16 residual of up to R + {} tokens (docs/KV.md).\n",
                rows.front().plan.shape.kivi_group, rows.front().plan.shape.kivi_group - 1);
+}
+
+// One sequence of the plan, layer by layer: the K and V bytes each layer holds (its group's
+// tokens x its row bytes).
+nlohmann::json layers_json(const KvSource& src, const KvPlan& p) {
+  nlohmann::json out = nlohmann::json::array();
+  for (int32_t il = 0; il < p.shape.n_layer; ++il) {
+    const int32_t w = src.layer_window.empty() ? 0 : src.layer_window[static_cast<size_t>(il)];
+    const auto g = std::find_if(p.groups.begin(), p.groups.end(),
+                                [&](const KvGroupPlan& x) { return x.window == w; });
+    const auto tokens = static_cast<uint64_t>(g->tokens_per_seq);
+    out.push_back({{"layer", il},
+                   {"window", w},
+                   {"tokens", tokens},
+                   {"k_bytes", tokens * kv_k_row_bytes(p.shape)},
+                   {"v_bytes", tokens * kv_v_row_bytes(p.shape)}});
+  }
+  return out;
 }
 
 nlohmann::json groups_json(const KvPlan& p) {
@@ -363,7 +390,9 @@ void print_json(const KvSource& src, int64_t n_ctx, int64_t n_seqs, std::optiona
                                 {"bytes_total", p.bytes_total},
                                 {"max_ctx_for_budget", opt(r.max_ctx)},
                                 {"max_seqs_for_budget", opt(r.max_seqs)},
+                                {"pct_of_f16", pct_of_f16(p)},
                                 {"groups", groups_json(p)},
+                                {"layers", layers_json(src, p)},
                                 {"llama_cpp_iswa_bytes_per_seq",
                                  llama_cpp_iswa_bytes(p.shape, n_ctx, src.layer_window)}});
   }
@@ -446,7 +475,9 @@ Byte sizes: 1000000, 512MiB, 2GiB, 1.5GB, 64k (KiB/MiB/GiB/TiB and bare K/M/G/T 
                   bytes_per_token_layer, k_bytes_per_token, v_bytes_per_token, bytes_per_token,
                   bytes_per_seq (one cache of n_ctx), bytes_total (n_seqs caches),
                   max_ctx_for_budget, max_seqs_for_budget,
+                  pct_of_f16 (bytes per token against an f16 cache's),
                   groups [{window, n_layer, tokens_per_seq, bytes_per_seq}],
+                  layers [{layer, window, tokens, k_bytes, v_bytes}] (one sequence),
                   llama_cpp_iswa_bytes_per_seq}]
 Sliding windows: a GGUF's <arch>.attention.sliding_window (+ _pattern, or the architecture's:
 gemma3 6, gemma2 2), a config's sliding_window with layer_types or sliding_window_pattern, or

@@ -169,6 +169,7 @@ const char* stop_reason_name(StopReason r) {
     case StopReason::Length: return "length";
     case StopReason::ContextFull: return "context full";
     case StopReason::Callback: return "stopped";
+    case StopReason::StopToken: return "stop token";
   }
   return "?";
 }
@@ -193,6 +194,13 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
     tr.n_computed = n_computed;
     tr.n_cached = session.n_cached();
     tr.n_evicted = session.last_evicted();
+    if (tr.n_evicted > 0) tr.evict_begin = session.kv_options().eviction().kept();
+    // The computed tokens are the history's last n_computed (all of it when recomputing; a long
+    // prompt under eviction: the part still held).
+    const std::vector<int32_t>& hist = session.tokens();
+    tr.pos0 = static_cast<int64_t>(hist.size()) -
+              std::min<int64_t>(n_computed, static_cast<int64_t>(hist.size()));
+    tr.tokens = std::span<const int32_t>(hist).subspan(static_cast<size_t>(tr.pos0));
     tr.ms = ms;
     tr.kv = session.kv_stats();
     opts.on_step(tr);
@@ -210,6 +218,10 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
     const bool go_on = on_token(id);
     if (!opts.ignore_eos && tok.is_eog(id)) {
       st.stop = StopReason::Eog;
+      break;
+    }
+    if (std::find(opts.stop_tokens.begin(), opts.stop_tokens.end(), id) != opts.stop_tokens.end()) {
+      st.stop = StopReason::StopToken;
       break;
     }
     if (!go_on) {

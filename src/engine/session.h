@@ -141,6 +141,7 @@ struct GenerateOptions {
   int32_t n_predict = 128;  // max new tokens; < 0: until end of generation or context full
   bool use_cache = true;    // false: recompute the whole prefix at every step
   bool ignore_eos = false;  // keep generating past end-of-generation tokens (benchmarks, tests)
+  std::vector<int32_t> stop_tokens;  // generation also stops after sampling one of these
   SamplingParams sampling;
   // Called after every forward pass (prefill and each decode step), e.g. for --trace.
   std::function<void(const struct StepTrace&)> on_step;
@@ -153,11 +154,14 @@ struct StepTrace {
   int64_t n_computed = 0;  // tokens run through the model in this pass
   int64_t n_cached = 0;    // cache length after the pass
   int64_t n_evicted = 0;   // tokens evicted (window / context shift) during the pass
+  int64_t evict_begin = 0; // the evicted positions were [evict_begin, evict_begin + n_evicted)
+  int64_t pos0 = 0;        // the computed tokens' positions: [pos0, pos0 + n_computed)
+  std::span<const int32_t> tokens;  // [n_computed] the tokens computed (valid during the call)
   double ms = 0;
   KvStats kv;
 };
 
-enum class StopReason { Eog, Length, ContextFull, Callback };
+enum class StopReason { Eog, Length, ContextFull, Callback, StopToken };
 const char* stop_reason_name(StopReason r);
 
 struct GenerateStats {

@@ -183,11 +183,37 @@ class GenerateCache(unittest.TestCase):
     def test_trace(self):
         rc, _, err = run(["generate", "-p", "Hi", "-n", "3", "--temp", "0", "--trace"])
         self.assertEqual(rc, 0, err)
-        lines = [l for l in err.splitlines() if l.startswith("[trace]")]
-        self.assertEqual(len(lines), 3)  # prefill + 2 decode passes
-        self.assertIn("prefill", lines[0])
-        self.assertIn("per layer K [", lines[1])
-        self.assertIn("x 30 layers", lines[1])
+        lines = [l for l in err.splitlines() if "[trace]" in l]
+        self.assertEqual(len(lines), 6)  # prefill + 2 decode passes, two lines each
+        # What each pass computed, at which positions, as text; then the cache as it stands.
+        self.assertRegex(lines[0], r'\[trace\] step 0 positions \[0, (\d+)\) "Hi"$')
+        n = int(re.search(r"\[0, (\d+)\)", lines[0]).group(1))
+        self.assertRegex(lines[2], rf'\[trace\] step 1 positions \[{n}, {n + 1}\) ".+"$')
+        self.assertIn("prefill", lines[1])
+        self.assertIn("per layer K [", lines[3])
+        self.assertIn("x 30 layers", lines[3])
+
+    def test_trace_shows_what_an_eviction_dropped(self):
+        rc, _, err = run(["generate", "-m", TINY, "-p", "the", "-n", "40", "--kv-window", "16",
+                          "--kv-sinks", "4", "--kv-evict-chunk", "4", "--seed", "3",
+                          "--ignore-eos", "--trace"])
+        self.assertEqual(rc, 0, err)
+        dropped = re.findall(r"evicted positions \[(\d+), (\d+)\)", err)
+        self.assertTrue(dropped, err[-2000:])
+        self.assertTrue(all((a, b) == ("4", "8") for a, b in dropped))  # after the 4 sinks
+
+    def test_stop_token(self):
+        # Greedy SmolLM2 lists colors one per line: the newline (198) ends it after the first.
+        args = ["generate", "-p", "List three colors, one per line:", "-n", "60", "--temp", "0"]
+        rc, out, err = run(args + ["--stop-token", "198"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("(stop: stop token)", err)
+        rc2, out2, _ = run(args)
+        self.assertGreater(len(out2), len(out))
+        self.assertTrue(out2.startswith(out.rstrip("\n")))
+        rc, _, err = run(args + ["--stop-token", "9999999"])
+        self.assertEqual(rc, 1)
+        self.assertIn("--stop-token 9999999 is not in the vocabulary", err)
 
     def test_window_runs_past_the_training_context(self):
         # tiny-llama was trained for 128 positions; 600 tokens with a 32 + 4 window.

@@ -325,8 +325,13 @@ class KvSize(unittest.TestCase):
 
     def test_default_model_text(self):
         out = self.kv_size()
-        for needle in ("23040", "46080", "f16/f16", "f32/f32", "layers 0-29", "3 KV heads x 64"):
+        for needle in ("23040", "46080", "f16/f16", "f32/f32", "layers 0-29", "3 KV heads x 64",
+                       "% of f16", "200.0%", "53.1%"):  # f32 twice f16; q8_0 12,240 / 23,040
             self.assertIn(needle, out)
+        t = self.kv_size_json("-ctk", "q8_0", "-ctv", "q4_0", "--ctx", "100")["cache_types"][0]
+        self.assertEqual(t["pct_of_f16"], 100.0 * (204 + 108) / 768)
+        self.assertEqual(t["layers"][0], {"layer": 0, "window": 0, "tokens": 112,  # 7 blocks
+                                          "k_bytes": 112 * 204, "v_bytes": 112 * 108})
 
     def test_sliding_window_groups(self):
         # Gemma 3 270M's shape: 18 layers, 1 KV head x 256, window 512, every 6th layer global.
@@ -341,6 +346,12 @@ class KvSize(unittest.TestCase):
             {"window": 0, "n_layer": 3, "tokens_per_seq": 32768, "bytes_per_seq": 100663296},
             {"window": 512, "n_layer": 15, "tokens_per_seq": 1040, "bytes_per_seq": 15974400}])
         self.assertEqual(t["bytes_per_seq"], 100663296 + 15974400)
+        # Layer by layer, K and V apart: the global layers hold 32,768 tokens, the others 1,040.
+        self.assertEqual(len(t["layers"]), 18)
+        self.assertEqual(t["layers"][5], {"layer": 5, "window": 0, "tokens": 32768,
+                                          "k_bytes": 32768 * 512, "v_bytes": 32768 * 512})
+        self.assertEqual(t["layers"][0]["tokens"], 1040)
+        self.assertEqual(sum(l["k_bytes"] + l["v_bytes"] for l in t["layers"]), t["bytes_per_seq"])
         # llama.cpp: 15 x 1,024 SWA cells (512 + n_ubatch 512, padded to 256) beside 3 x 32,768.
         self.assertEqual(t["llama_cpp_iswa_bytes_per_seq"], (3 * 32768 + 15 * 1024) * 1024)
         out = self.kv_size("--layers", "18", "--kv-heads", "1", "--head-dim", "256",

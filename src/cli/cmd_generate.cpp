@@ -17,7 +17,7 @@ struct GenerateArgs {
   std::string model, prompt;
   CacheFlags cache;
   int32_t n_predict = 128;
-  bool chat = false, no_cache = false, trace = false, ignore_eos = false;
+  bool chat = false, no_cache = false, trace = false, ignore_eos = false, compare = false;
   std::vector<int32_t> stop_tokens;
   SamplingParams sampling;
   int threads = 0;
@@ -68,6 +68,58 @@ void print_trace(const Tokenizer& tok, const KvShape& shape, const StepTrace& t)
                human_bytes(t.kv.bytes_allocated).c_str(), static_cast<long long>(t.n_evicted), t.ms);
 }
 
+// One run of --compare-cache: the text, the stats and every pass's computed tokens.
+struct CompareRun {
+  std::string text;
+  GenerateStats st;
+  int64_t n_passes = 0, n_computed = 0;
+};
+
+CompareRun compare_run(const Model& model, const Tokenizer& tok, const KvOptions& kvo,
+                       ThreadPool& pool, int64_t n_batch, std::span<const int32_t> prompt,
+                       GenerateOptions opts) {
+  CompareRun r;
+  Session session(model, kvo, pool, n_batch);
+  opts.on_step = [&](const StepTrace& t) {
+    ++r.n_passes;
+    r.n_computed += t.n_computed;
+  };
+  StreamDecoder dec(tok);
+  r.st = generate(session, tok, prompt, opts, [&](int32_t id) {
+    if (opts.ignore_eos || !tok.is_eog(id)) r.text += dec.push(id);
+    return true;
+  });
+  r.text += dec.flush();
+  return r;
+}
+
+// --compare-cache: the same prompt with the cache and without it (every step recomputing the
+// whole history), side by side: what the cache buys, and that it changes no token.
+int run_compare(const GenerateArgs& a, const Model& model, const Tokenizer& tok,
+                const KvOptions& kvo, ThreadPool& pool, std::span<const int32_t> prompt,
+                GenerateOptions opts) {
+  opts.use_cache = true;
+  const CompareRun on = compare_run(model, tok, kvo, pool, a.n_batch, prompt, opts);
+  opts.use_cache = false;
+  const CompareRun off = compare_run(model, tok, kvo, pool, a.n_batch, prompt, opts);
+  std::fputs((on.text + "\n\n").c_str(), stdout);
+  auto ms = [](const CompareRun& r) { return r.st.prefill_ms + r.st.decode_ms; };
+  auto tps = [&](const CompareRun& r) { return ms(r) > 0 ? r.st.n_generated * 1000.0 / ms(r) : 0.0; };
+  auto ratio = [](double x, double y) { return y > 0 ? x / y : 0.0; };
+  std::printf("%-28s %14s %14s %9s\n", "", "with cache", "without cache", "ratio");
+  std::printf("%-28s %14lld %14lld\n", "forward passes", static_cast<long long>(on.n_passes),
+              static_cast<long long>(off.n_passes));
+  std::printf("%-28s %14lld %14lld %8.1fx\n", "tokens computed",
+              static_cast<long long>(on.n_computed), static_cast<long long>(off.n_computed),
+              ratio(static_cast<double>(off.n_computed), static_cast<double>(on.n_computed)));
+  std::printf("%-28s %14.1f %14.1f %8.1fx\n", "time (ms)", ms(on), ms(off), ratio(ms(off), ms(on)));
+  std::printf("%-28s %14.1f %14.1f %8.1fx\n", "generated tokens per second", tps(on), tps(off),
+              ratio(tps(on), tps(off)));
+  std::printf("texts identical: %s (%lld tokens generated each way)\n",
+              on.text == off.text ? "yes" : "NO", static_cast<long long>(on.st.n_generated));
+  return 0;
+}
+
 int run_generate(const GenerateArgs& a) {
   SamplingParams sp = a.sampling;
   sp.seed = a.seed_given ? a.seed : std::random_device{}();
@@ -98,6 +150,11 @@ int run_generate(const GenerateArgs& a) {
   opts.stop_tokens = a.stop_tokens;
   for (int32_t id : a.stop_tokens)
     if (id < 0 || id >= c.n_vocab) fail("--stop-token {} is not in the vocabulary [0, {})", id, c.n_vocab);
+  if (a.compare) {
+    if (a.no_cache || a.trace)
+      fail("--compare-cache runs with and without the cache itself: drop --no-cache / --trace");
+    return run_compare(a, *model, *tok, kvo, pool, prompt, opts);
+  }
   if (a.trace)
     opts.on_step = [&](const StepTrace& t) { print_trace(*tok, session.kv_shape(), t); };
 
@@ -177,6 +234,8 @@ Command add_generate(CLI::App& app) {
       ->check(CLI::Range(-1, 1 << 30));
   gen->add_flag("--chat", g->chat, "wrap the prompt in the model's chat template");
   gen->add_flag("--no-cache", g->no_cache, "recompute the whole prefix at every step (baseline)");
+  gen->add_flag("--compare-cache", g->compare,
+                "run with and without the cache and print both side by side (same seed)");
   add_sampling_flags(gen, g->sampling);
   gen->add_option("--seed", g->seed, "random seed (default: random, printed)")
       ->each([g](const std::string&) { g->seed_given = true; });

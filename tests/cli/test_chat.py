@@ -202,6 +202,20 @@ class GenerateCache(unittest.TestCase):
         self.assertTrue(dropped, err[-2000:])
         self.assertTrue(all((a, b) == ("4", "8") for a, b in dropped))  # after the 4 sinks
 
+    def test_compare_cache(self):
+        rc, out, err = run(["generate", "-m", TINY, "-p", "the cat", "-n", "20", "--seed", "4",
+                            "--ignore-eos", "--compare-cache"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("texts identical: yes (20 tokens generated each way)", out)
+        m = re.search(r"tokens computed +(\d+) +(\d+)", out)
+        on, off = int(m.group(1)), int(m.group(2))
+        p = on - 19  # the prompt's tokens: the cached run computes them, then one per decode
+        self.assertEqual(off, sum(p + i for i in range(20)))  # recomputing the history each step
+        self.assertRegex(out, r"forward passes +20 +20")
+        rc, _, err = run(["generate", "-p", "x", "--compare-cache", "--no-cache"])
+        self.assertEqual(rc, 1)
+        self.assertIn("drop --no-cache", err)
+
     def test_stop_token(self):
         # Greedy SmolLM2 lists colors one per line: the newline (198) ends it after the first.
         args = ["generate", "-p", "List three colors, one per line:", "-n", "60", "--temp", "0"]

@@ -34,6 +34,7 @@ constexpr uint64_t kDefaultBudgetCap = uint64_t{1} << 30;
 
 struct ServeArgs {
   std::string model, host = "127.0.0.1", kv_budget, max_body = "1MiB", api_key;
+  std::vector<std::string> aliases;  // --alias: served model names
   int port = 8080;
   SchedulerConfig sched;  // n_parallel, block_size, n_batch, max_queue from the flags
   int threads = 0;
@@ -151,6 +152,7 @@ int run_serve(ServeArgs& a) {
   served.evicts = sched.evicts();
   served.chat_template = server::served_chat_template(*tok);
   served.defaults = defaults;
+  served.aliases = a.aliases;
   server::ServerOptions so;
   so.host = a.host;
   so.port = a.port;
@@ -206,6 +208,15 @@ Command add_serve(CLI::App& app) {
       "/v1/models, /health, /metrics, /tokenize, /detokenize");
   cmd->add_option("-m,--model", a->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
   cmd->add_option("--host", a->host, "address to listen on (default 127.0.0.1: this machine only)");
+  cmd->add_option("-a,--alias,--served-model-name", a->aliases,
+                  "a name the model is served under (repeatable; /v1/models lists them; the first "
+                  "names responses; default: the file's stem)")
+      ->check([](const std::string& s) -> std::string {
+        if (s.empty() || s.size() > 256) return "a model name of 1 to 256 characters";
+        for (unsigned char ch : s)
+          if (ch < 0x20 || ch == 0x7f) return "a model name without control characters";
+        return {};
+      });
   cmd->add_option("--port", a->port, "port (default 8080; 0: any free port, printed)")
       ->check(CLI::Range(0, 65535));
   cmd->add_option("--parallel", a->sched.n_parallel,

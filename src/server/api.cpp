@@ -110,10 +110,11 @@ bool valid_utf8(std::string_view s) {
 
 void check_model(const json& body, const ServedModel& m) {
   const auto model = get_string(body, "model");
-  if (model && *model != m.id)
+  if (model && !serves(m, *model))
     throw HttpError(
         404,
-        fmt::format("The model '{}' does not exist; this server serves '{}'", clip(*model), m.id),
+        fmt::format("The model '{}' does not exist; this server serves '{}'", clip(*model),
+                    clip(m.name())),
         "model", "model_not_found");
 }
 
@@ -384,12 +385,19 @@ bool bearer_matches(std::string_view authorization, std::string_view key) {
   return bearer && diff == 0;
 }
 
-json model_object(const ServedModel& m) {
-  return {{"id", m.id}, {"object", "model"}, {"created", m.created}, {"owned_by", "kvlm"}};
+bool serves(const ServedModel& m, std::string_view name) {
+  const auto n = m.names();
+  return std::find(n.begin(), n.end(), name) != n.end();
+}
+
+json model_object(const ServedModel& m, const std::string& name) {
+  return {{"id", name}, {"object", "model"}, {"created", m.created}, {"owned_by", "kvlm"}};
 }
 
 json models_list(const ServedModel& m) {
-  return {{"object", "list"}, {"data", {model_object(m)}}};
+  json data = json::array();
+  for (const std::string& n : m.names()) data.push_back(model_object(m, n));
+  return {{"object", "list"}, {"data", data}};
 }
 
 // ---- requests -----------------------------------------------------------------------------------

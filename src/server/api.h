@@ -57,6 +57,14 @@ inline constexpr int64_t kMaxEvictingTokens = int64_t{1} << 20;
 // What this server serves, as the API describes it.
 struct ServedModel {
   std::string id;               // the model file's stem: "SmolLM2-135M-Instruct.Q4_1"
+  // --alias (llama-server's -a, vLLM's --served-model-name): the names the model is served
+  // under, listed by /v1/models and accepted in "model"; the first is the one responses name.
+  // Empty: id.
+  std::vector<std::string> aliases;
+  std::vector<std::string> names() const {
+    return aliases.empty() ? std::vector<std::string>{id} : aliases;
+  }
+  const std::string& name() const { return aliases.empty() ? id : aliases.front(); }
   int64_t created = 0;          // unix seconds (the file's modification time)
   int64_t n_ctx = 0;            // per-sequence context (prompt + generated), tokens
   int64_t capacity_tokens = 0;  // tokens the whole KV pool holds (blocks x block size)
@@ -67,6 +75,9 @@ struct ServedModel {
   SamplingParams defaults;      // the server's --temp/--top-k/... (seed unused)
 };
 
+// Whether `name` is one the model is served under (ServedModel::names).
+bool serves(const ServedModel& m, std::string_view name);
+
 // The template chat requests are rendered with: the model's tokenizer.chat_template, or plain
 // ChatML when the model has none (llama-server's fallback; tiny test models have none).
 std::string served_chat_template(const Tokenizer& tok);
@@ -76,8 +87,9 @@ std::string served_chat_template(const Tokenizer& tok);
 // The token is compared in constant time (the time taken says nothing of the key).
 bool bearer_matches(std::string_view authorization, std::string_view key);
 
-json model_object(const ServedModel& m);  // {"id", "object": "model", "created", "owned_by"}
-json models_list(const ServedModel& m);   // {"object": "list", "data": [model_object]}
+// {"id": name, "object": "model", "created", "owned_by"}
+json model_object(const ServedModel& m, const std::string& name);
+json models_list(const ServedModel& m);  // {"object": "list", "data": [a model_object per name]}
 
 enum class Endpoint { Chat, Completion };
 

@@ -295,7 +295,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
                             ? parse_chat_request(body, tok, model, random_u64())
                             : parse_completion_request(body, tok, model, random_u64());
   ResponseMeta meta{ep, new_id(ep == Endpoint::Chat ? "chatcmpl-" : "cmpl-"),
-                    static_cast<int64_t>(std::time(nullptr)), model.id};
+                    static_cast<int64_t>(std::time(nullptr)), model.name()};
   auto job = std::make_shared<Job>(tok, g, std::move(meta));
   job->client = find_client_socket(req);
   job->t_submit = Clock::now();
@@ -467,12 +467,12 @@ void Server::Impl::routes() {
       {"GET", "/v1/models/(.+)",
        guarded(
            [this, json_reply](const Req& q, Res& r) {
-             if (q.matches[1] != model.id)
+             if (!serves(model, q.matches[1].str()))
                throw HttpError(404,
                                fmt::format("The model '{}' does not exist; this server serves '{}'",
-                                           clip(q.matches[1].str()), model.id),
+                                           clip(q.matches[1].str()), clip(model.name())),
                                "model", "model_not_found");
-             json_reply(r, model_object(model));
+             json_reply(r, model_object(model, q.matches[1].str()));
            },
            false)},
       {"GET", "/health",

@@ -480,6 +480,24 @@ TEST(Models, Objects) {
   m.created = 5;
   EXPECT_EQ(models_list(m)["data"][0],
             json({{"id", "x"}, {"object", "model"}, {"created", 5}, {"owned_by", "kvlm"}}));
+  EXPECT_TRUE(serves(m, "x"));
+  EXPECT_FALSE(serves(m, "y"));
+}
+
+// --alias: every name is listed and accepted, the file's stem no longer is; the first names the
+// responses.
+TEST(Models, Aliases) {
+  ServedModel m;
+  m.id = "file-stem";
+  m.aliases = {"smol", "gpt-4o-mini"};
+  const json list = models_list(m);
+  ASSERT_EQ(list["data"].size(), 2u);
+  EXPECT_EQ(list["data"][0]["id"], "smol");
+  EXPECT_EQ(list["data"][1]["id"], "gpt-4o-mini");
+  EXPECT_EQ(m.name(), "smol");
+  EXPECT_TRUE(serves(m, "gpt-4o-mini"));
+  EXPECT_TRUE(serves(m, "smol"));
+  EXPECT_FALSE(serves(m, "file-stem"));  // the stem is not served under aliases
 }
 
 }  // namespace

@@ -620,6 +620,33 @@ class ApiKey(unittest.TestCase):
             self.assertEqual(srv.stop(), 0)
 
 
+class Aliases(unittest.TestCase):
+    """--alias (llama-server's -a): /v1/models lists every name, requests may use any of them,
+    responses name the first, the file's stem is no longer served, a bad name is refused."""
+
+    def test_aliases(self):
+        srv = Server("-m", TINY, "-a", "smol", "--alias", "gpt-4o-mini")
+        try:
+            with srv.client() as c:
+                self.assertEqual([m.id for m in c.models.list().data], ["smol", "gpt-4o-mini"])
+                r = c.completions.create(model="gpt-4o-mini", prompt="a", max_tokens=2)
+                self.assertEqual(r.model, "smol")
+                self.assertEqual(c.models.retrieve("gpt-4o-mini").id, "gpt-4o-mini")
+            status, body = srv.json("POST", "/v1/completions",
+                                    {"model": "tiny-llama", "prompt": "a", "max_tokens": 2})
+            self.assertEqual(status, 404)
+            is_openai_error(self, body, 404)
+            self.assertEqual(srv.json("GET", "/v1/models/tiny-llama")[0], 404)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_bad_alias(self):
+        p = subprocess.run([KVLM, "serve", "-m", TINY, "--alias", ""], capture_output=True,
+                           text=True, timeout=60)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("model name", p.stderr)
+
+
 class Evicting(unittest.TestCase):
     """--kv-window / --keep served paged: prompts and completions longer than the context, the
     evicted tokens counted in /metrics, every block back at the end."""

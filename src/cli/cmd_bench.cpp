@@ -409,6 +409,7 @@ Command add_bench(CLI::App& app) {
       ->check(CLI::Range(1, 10000))
       ->capture_default_str();
   add_threads_flag(cmd, b->threads);
+  add_llama_cpp_flags(cmd);
   cmd->add_option("-b,--batch-size", b->n_batch, "prompt tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
       ->capture_default_str();

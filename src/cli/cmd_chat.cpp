@@ -223,6 +223,7 @@ Command add_chat(CLI::App& app) {
   add_sampling_flags(c, a->sampling);
   c->add_option("--seed", a->seed, "random seed")->each([a](const std::string&) { a->seed_given = true; });
   add_threads_flag(c, a->threads);
+  add_llama_cpp_flags(c);
   add_cache_flags(c, a->cache);
   return {c, [a] { return run_chat(*a); }};
 }

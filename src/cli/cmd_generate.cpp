@@ -14,7 +14,7 @@ namespace kvlm::cli {
 namespace {
 
 struct GenerateArgs {
-  std::string model, prompt;
+  std::string model, prompt, prompt_file;
   CacheFlags cache;
   int32_t n_predict = 128;
   bool chat = false, no_cache = false, trace = false, ignore_eos = false, compare = false;
@@ -131,7 +131,7 @@ int run_generate(const GenerateArgs& a) {
   const KvOptions kvo = to_kv_options(a.cache, c);
   const int64_t n_ctx = kvo.n_ctx;
 
-  std::string text = a.prompt;
+  std::string text = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file);
   if (a.chat) text = apply_chat_template(tok->chat_template(), {{"user", a.prompt}}, true);
   std::vector<int32_t> prompt = tok->encode(text, tok->add_bos_default(), /*parse_special=*/true);
   if (prompt.empty()) fail("the prompt is empty: nothing to generate from");
@@ -229,7 +229,9 @@ Command add_generate(CLI::App& app) {
   auto g = std::make_shared<GenerateArgs>();
   auto* gen = app.add_subcommand("generate", "generate text from a prompt, streaming to stdout");
   gen->add_option("-m,--model", g->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
-  gen->add_option("-p,--prompt", g->prompt, "prompt text")->required();
+  auto* prompt = gen->add_option("-p,--prompt", g->prompt, "prompt text");
+  auto* file = gen->add_option("-f,--file", g->prompt_file, "read the prompt from a file (-: stdin)");
+  prompt->excludes(file);
   gen->add_option("-n,--n-predict", g->n_predict, "tokens to generate (-1: until end)")
       ->check(CLI::Range(-1, 1 << 30));
   gen->add_flag("--chat", g->chat, "wrap the prompt in the model's chat template");
@@ -240,6 +242,7 @@ Command add_generate(CLI::App& app) {
   gen->add_option("--seed", g->seed, "random seed (default: random, printed)")
       ->each([g](const std::string&) { g->seed_given = true; });
   add_threads_flag(gen, g->threads);
+  add_llama_cpp_flags(gen);
   gen->add_option("-b,--batch-size", g->n_batch, "prompt tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   gen->add_flag("--trace", g->trace,
@@ -249,7 +252,14 @@ Command add_generate(CLI::App& app) {
   gen->add_option("--stop-token", g->stop_tokens,
                   "stop after sampling this token id (repeatable; e.g. 198, GPT-2's newline)");
   add_cache_flags(gen, g->cache);
-  return {gen, [g] { return run_generate(*g); }};
+  return {gen, [g, prompt, file] {
+            if (prompt->count() == 0 && file->count() == 0) {  // a usage error, as CLI11's are
+              std::fprintf(stderr,
+                           "kvlm: error: give the prompt with -p TEXT or -f FILE (see kvlm --help)\n");
+              return 2;
+            }
+            return run_generate(*g);
+          }};
 }
 
 }  // namespace kvlm::cli

@@ -33,30 +33,6 @@ struct PerplexityArgs {
   int threads = 0;
 };
 
-// The whole file ("-": stdin). A gzip file gets a hint instead of a PPL over compressed bytes.
-std::string read_text(const std::string& path) {
-  std::string text;
-  if (path == "-") {
-    text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
-  } else {
-    std::error_code ec;
-    if (std::filesystem::is_directory(path, ec)) fail("{}: is a directory, not a text file", path);
-    std::FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) fail("{}: cannot open the text ({})", path, std::strerror(errno));
-    char buf[1 << 16];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
-    const bool err = std::ferror(f);
-    std::fclose(f);
-    if (err) fail("{}: read failed", path);
-  }
-  if (text.size() >= 2 && static_cast<unsigned char>(text[0]) == 0x1f &&
-      static_cast<unsigned char>(text[1]) == 0x8b)
-    fail("{}: gzip-compressed; decompress it first (zcat {} > text.txt) or pipe it in with -f -",
-         path == "-" ? "stdin" : path, path == "-" ? "FILE" : path);
-  if (text.empty()) fail("{}: empty text", path == "-" ? "stdin" : path);
-  return text;
-}
 
 int run_perplexity(const PerplexityArgs& a) {
   PerplexityOptions opts;
@@ -66,7 +42,7 @@ int run_perplexity(const PerplexityArgs& a) {
   opts.kl_base = a.kl_base;
   opts.kl_base_out = a.kl_base_out;
 
-  const std::string text = read_text(a.file);
+  const std::string text = read_text_file(a.file);
   auto model = Model::load(resolve_model(a.model));
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ModelConfig& c = model->config();
@@ -164,6 +140,7 @@ Command add_perplexity(CLI::App& app) {
   ppl->add_option("--chunks", a->n_chunks, "chunks to evaluate (default: all, or the base's)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 32));
   add_threads_flag(ppl, a->threads);
+  add_llama_cpp_flags(ppl);
   ppl->add_option("-b,--batch-size", a->n_batch, "tokens per forward pass")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   add_cache_flags(ppl, a->cache, false);

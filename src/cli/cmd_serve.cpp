@@ -234,6 +234,7 @@ Command add_serve(CLI::App& app) {
                   "tokens per forward pass: decode tokens plus prefill chunks (default 512)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   add_threads_flag(cmd, a->threads, "compute threads (default: all cores)");
+  add_llama_cpp_flags(cmd);
   cmd->add_option("--threads-http", a->http_threads,
                   "connections served at once (default max(2 x -np, 64) + 8); more wait")
       ->check(CLI::Range(1, 4096));

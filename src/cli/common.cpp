@@ -5,6 +5,10 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <iterator>
+#include <iostream>
+#include <cstring>
+#include <cerrno>
 #include <cstdlib>
 #include <filesystem>
 #include <thread>
@@ -97,6 +101,53 @@ void add_threads_flag(CLI::App* app, int& threads, const std::string& help) {
       },
       "INT >= 1");
   app->add_option("-t,--threads", threads, help)->check(at_least_one);
+}
+
+// The whole file ("-": stdin). A gzip file gets a hint instead of a PPL over compressed bytes.
+std::string read_text_file(const std::string& path) {
+  std::string text;
+  if (path == "-") {
+    text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  } else {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) fail("{}: is a directory, not a text file", path);
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) fail("{}: cannot open the text ({})", path, std::strerror(errno));
+    char buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+    const bool err = std::ferror(f);
+    std::fclose(f);
+    if (err) fail("{}: read failed", path);
+  }
+  if (text.size() >= 2 && static_cast<unsigned char>(text[0]) == 0x1f &&
+      static_cast<unsigned char>(text[1]) == 0x8b)
+    fail("{}: gzip-compressed; decompress it first (zcat {} > text.txt) or pipe it in with -f -",
+         path == "-" ? "stdin" : path, path == "-" ? "FILE" : path);
+  if (text.empty()) fail("{}: empty text", path == "-" ? "stdin" : path);
+  return text;
+}
+
+void add_llama_cpp_flags(CLI::App* app) {
+  app->add_option_function<std::string>(
+         "--gpu-layers,--n-gpu-layers",  // and -ngl (main.cpp)
+         [](const std::string& n) {
+           std::fprintf(stderr, "kvlm: note: kvlm runs on the CPU only; -ngl %s is ignored\n",
+                        n.substr(0, 32).c_str());
+         },
+         "llama.cpp's GPU offload: accepted and ignored (CPU only)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option_function<std::string>(
+         "--flash-attn",  // and -fa (main.cpp)
+         [](const std::string&) {
+           std::fprintf(stderr,
+                        "kvlm: note: attention is always one chunked online-softmax pass (what "
+                        "-fa turns on in llama.cpp); -fa changes nothing\n");
+         },
+         "llama.cpp's flash attention switch: accepted (on|off|auto); kvlm has only that mode")
+      ->expected(0, 1)
+      ->default_str("on")
+      ->check(CLI::IsMember({"on", "off", "auto"}));
 }
 
 int available_cores() {

@@ -54,6 +54,13 @@ KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c);
 // may run on; 0 or negative given is refused; more than the cores is clamped (resolve_threads).
 void add_threads_flag(CLI::App* app, int& threads,
                       const std::string& help = "threads (default: all cores)");
+// The whole text file at path ("-": stdin); kvlm::Error for a directory, an unreadable file, or
+// gzip-compressed bytes (with a hint to decompress).
+std::string read_text_file(const std::string& path);
+// llama.cpp's spellings that mean nothing different here, accepted so scripts written for it run:
+// -ngl/--n-gpu-layers N (a one-line note: CPU only, ignored) and -fa/--flash-attn [on|off|auto]
+// (a note: kvlm's attention is always the chunked online-softmax pass flash attention is).
+void add_llama_cpp_flags(CLI::App* app);
 // Cores this process may run on: its CPU affinity mask (taskset, cgroup cpusets), else
 // std::thread::hardware_concurrency(); at least 1.
 int available_cores();

@@ -40,6 +40,8 @@ int main_impl(int argc, char** argv) {
     if (s == "-ctk") s = "--cache-type-k";
     if (s == "-ctv") s = "--cache-type-v";
     if (s == "-np") s = "--parallel";
+    if (s == "-ngl") s = "--n-gpu-layers";
+    if (s == "-fa") s = "--flash-attn";
     args.push_back(s);
   }
   try {

@@ -202,6 +202,29 @@ class GenerateCache(unittest.TestCase):
         self.assertTrue(dropped, err[-2000:])
         self.assertTrue(all((a, b) == ("4", "8") for a, b in dropped))  # after the 4 sinks
 
+    def test_llama_cpp_spellings(self):
+        # -f FILE for the prompt; -ngl and -fa accepted with a one-line note each.
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("Water boils at")
+        try:
+            a = run(["generate", "-f", f.name, "-n", "4", "--temp", "0", "-ngl", "99", "-fa"])
+            b = run(["generate", "-p", "Water boils at", "-n", "4", "--temp", "0"])
+            self.assertEqual((a[0], b[0]), (0, 0), a[2])
+            self.assertEqual(a[1], b[1])
+            self.assertIn("CPU only; -ngl 99 is ignored", a[2])
+            self.assertIn("-fa changes nothing", a[2])
+            rc, _, err = run(["generate", "-p", "x", "-f", f.name])
+            self.assertEqual(rc, 2)
+            self.assertIn("excludes", err)
+        finally:
+            os.unlink(f.name)
+        rc, _, err = run(["generate", "-n", "2"])
+        self.assertEqual(rc, 2)
+        self.assertIn("-p TEXT or -f FILE", err)
+        rc, _, err = run(["generate", "-p", "x", "-fa", "maybe"])
+        self.assertEqual(rc, 2)
+        self.assertIn("flash-attn", err)
+
     def test_compare_cache(self):
         rc, out, err = run(["generate", "-m", TINY, "-p", "the cat", "-n", "20", "--seed", "4",
                             "--ignore-eos", "--compare-cache"])

@@ -11,10 +11,12 @@ all: build
 
 deps:
 	@bash scripts/setup.sh
-	@bash scripts/setup-python.sh
+	@VENV=$(BUILD)/venv bash scripts/setup-python.sh
 
+# The Python tests run with the venv's interpreter (scripts/setup-python.sh), never the system's.
 build: deps
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DPython3_EXECUTABLE=$(abspath $(BUILD))/venv/bin/python $(CMAKE_FLAGS)
 	cmake --build $(BUILD) -j $(JOBS)
 
 model:

@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# Installs the pinned PyPI packages the end-to-end tests use (tests/server: the official `openai`
-# client) into the `python3` on PATH, only those missing or at another version. Prints what it
-# installs. The C++ build needs none of them.
+# Creates the virtual environment the end-to-end tests use (tests/server: the official `openai`
+# client) and installs the pinned PyPI packages into it, only those missing or at another
+# version. Debian's Python refuses system-wide pip installs (PEP 668), so the packages never go
+# into the system: the venv lives in the build folder (VENV, default build/venv) and CMake runs
+# the Python tests with its interpreter. Prints what it does. The C++ build needs none of it.
 set -euo pipefail
 
-PY=${PYTHON:-python3}
+VENV=${VENV:-build/venv}
+# Debian's interpreter (stock Debian 12 has only that one); PYTHON overrides it.
+PY=${PYTHON:-/usr/bin/python3}
+[ -x "$PY" ] || PY=$(command -v python3)
 PINS=(
   openai==3.51.0
 )
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup-python: creating $VENV with $("$PY" --version 2>&1) ($PY)"
+  if ! "$PY" -m venv "$VENV"; then
+    echo "setup-python: $PY cannot create a venv; install python3-venv (scripts/setup.sh)" >&2
+    exit 1
+  fi
+fi
+VPY="$VENV/bin/python"
 
 missing=()
 for pin in "${PINS[@]}"; do
   name=${pin%%==*}
   want=${pin#*==}
-  have=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" \
+  have=$("$VPY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" \
     2>/dev/null || true)
   if [ "$have" != "$want" ]; then
     missing+=("$pin")
   fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup-python: all Python test packages present ($("$PY" --version 2>&1))"
+  echo "setup-python: all Python test packages present in $VENV"
   exit 0
 fi
-if ! "$PY" -m pip --version >/dev/null 2>&1; then
-  echo "setup-python: $PY has no pip; install python3-pip (scripts/setup.sh) or set PYTHON" >&2
-  exit 1
-fi
-echo "setup-python: installing ${missing[*]} for $("$PY" --version 2>&1) ($(command -v "$PY"))"
-"$PY" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+echo "setup-python: installing ${missing[*]} into $VENV"
+"$VPY" -m pip install --quiet --disable-pip-version-check "${missing[@]}"

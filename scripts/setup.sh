@@ -8,7 +8,7 @@ PACKAGES=(
   libfmt-dev libcli11-dev nlohmann-json3-dev libcpp-httplib-dev libxxhash-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libutf8proc-dev
-  python3 python3-pip curl
+  python3 python3-pip python3-venv curl
   jargon-text  # the shared text for kvlm perplexity: /usr/share/doc/jargon-text/jargon.txt.gz
 )
 

@@ -12,17 +12,28 @@ namespace kvlm {
 
 enum class NormKind { Rms, Layer };
 enum class PosKind { Rope, Learned };
-enum class FfnKind { SwiGlu, Gelu };
+enum class FfnKind { SwiGlu, GeGlu, Gelu };
 
 struct ArchInfo {
   const char* name;      // general.architecture
   NormKind norm;         // RMSNorm (weight only) or LayerNorm (weight + bias)
   PosKind pos;           // RoPE on Q/K, or a learned position embedding added to the input
   kernels::RopeMode rope_mode;
-  FfnKind ffn;           // gate/up/down with SiLU, or up/down with GELU
+  FfnKind ffn;           // gate/up/down with SiLU(gate) or GELU(gate), or up/down with GELU
   bool fused_qkv;        // one attn_qkv matrix [3 * n_embd, n_embd] instead of q, k, v
   bool biases;           // every linear layer and norm has a bias
   const char* eps_key;   // "<arch>.attention.layer_norm_rms_epsilon" or "..._epsilon" suffix
+  bool qk_norm;          // each head of Q and K is RMS-normed (attn_q_norm, attn_k_norm
+                         //   [head_dim]) before RoPE
+  bool post_norms;       // the attention and FFN outputs are normed (post_attention_norm,
+                         //   post_ffw_norm [n_embd]) before their residual adds
+  bool embed_scale;      // token embeddings are multiplied by sqrt(n_embd)
+  int32_t swa_pattern;   // sliding_window_pattern when the file has a window but no pattern
+                         //   key (0: every layer windowed)
+  float swa_rope_base;   // RoPE base of the windowed layers (0: the file's rope.freq_base);
+                         //   Gemma 3 trains its local layers with 10000, its global ones with
+                         //   the file's (llama.cpp's rope_freq_base_train_swa; a
+                         //   <arch>.rope.freq_base_swa key overrides it)
 };
 
 // nullptr when kvlm does not support the architecture.
@@ -39,11 +50,12 @@ struct ModelConfig {
   int32_t n_layer = 0;
   int32_t n_head = 0;
   int32_t n_kv_head = 0;     // < n_head with grouped-query attention
-  int32_t head_dim = 0;      // n_embd / n_head
+  int32_t head_dim = 0;      // <arch>.attention.key_length, else n_embd / n_head
   int32_t n_ff = 0;
   int32_t n_rot = 0;         // dims of each head that RoPE rotates
   float norm_eps = 1e-5f;
   float rope_freq_base = 10000.0f;
+  float rope_freq_base_swa = 10000.0f;  // the windowed layers' base (ArchInfo::swa_rope_base)
   bool tied_output = false;  // output projection shares token_embd
   // Sliding-window attention per layer: layer il's query at position p sees keys at positions
   // (p - layer_window[il], p] only; 0: every earlier position. [n_layer], from
@@ -55,6 +67,9 @@ struct ModelConfig {
   int64_t kv_dim() const { return int64_t{n_kv_head} * head_dim; }
   int32_t window(int32_t il) const {  // layer il's sliding window, 0: full attention
     return layer_window.empty() ? 0 : layer_window[static_cast<size_t>(il)];
+  }
+  float rope_base(int32_t il) const {  // layer il's RoPE base
+    return window(il) > 0 ? rope_freq_base_swa : rope_freq_base;
   }
 };
 

@@ -468,6 +468,114 @@ struct PassKv {
   bool rotated() const { return store.shape().rotate; }
 };
 
+// Token embeddings (plus learned positions) of n_tok tokens into x: [n_tok, n_embd]; h: [n_embd]
+// scratch. With embed_scale they are multiplied by sqrt(n_embd), in float as llama.cpp does.
+void embed(const ModelConfig& c, const Weights& w, const int32_t* tokens, const int64_t* pos,
+           int64_t n_tok, float* x, float* h) {
+  const int64_t E = c.n_embd;
+  const float scale = std::sqrt(static_cast<float>(E));
+  for (int64_t i = 0; i < n_tok; ++i) {
+    float* xi = x + i * E;
+    kernels::dequantize_row(w.tok_embd.dtype, w.tok_embd.row(tokens[i]), xi, E);
+    if (c.arch->pos == PosKind::Learned) {
+      kernels::dequantize_row(w.pos_embd.dtype, w.pos_embd.row(pos[i]), h, E);
+      kernels::add(xi, h, E);
+    }
+    if (c.arch->embed_scale)
+      for (int64_t j = 0; j < E; ++j) xi[j] *= scale;
+  }
+}
+
+// A RoPE table for one base, once per forward pass and shared by every layer of that base and
+// every Q and K head: [n_tok, 2, n_rot / 2] cos, then sin, of token i's angles (rope_rotate
+// equals kernels::rope bit for bit, so a token gets the same numbers in prefill and decode).
+std::vector<double> rope_table(const ModelConfig& c, float base, const int64_t* pos,
+                               int64_t n_tok) {
+  const int64_t n_pairs = c.n_rot / 2;
+  std::vector<double> inv_freq(static_cast<size_t>(n_pairs));  // [n_rot / 2]
+  kernels::rope_freqs(c.n_rot, base, inv_freq.data());
+  std::vector<double> cs(static_cast<size_t>(n_tok * c.n_rot));
+  for (int64_t i = 0; i < n_tok; ++i)
+    kernels::rope_cos_sin(inv_freq.data(), n_pairs, pos[i], cs.data() + i * c.n_rot);
+  return cs;
+}
+
+// RMS-normalizes each head_dim slice of x: [n_rows, n_heads, head_dim] in place by w: [head_dim]
+// (Gemma 3's Q and K norms).
+void norm_heads(const ModelConfig& c, float* x, const TensorView& w, int64_t n_rows,
+                int64_t n_heads) {
+  for (int64_t r = 0; r < n_rows * n_heads; ++r)
+    kernels::rms_norm(x + r * c.head_dim, w.f32(), x + r * c.head_dim, c.head_dim, c.norm_eps);
+}
+
+// Q, K and V of the normed input h: [n_tok, n_embd] into s.q: [n_tok, Q], s.k, s.v:
+// [n_tok, KV]; Q and K per-head normed when the layer has those norms (before RoPE).
+void project_qkv(const ModelConfig& c, const LayerWeights& l, const float* h, int64_t n_tok,
+                 Scratch& s, ThreadPool& pool) {
+  const int64_t Q = c.q_dim(), KV = c.kv_dim();
+  float* q = s.q.as<float>();
+  float* k = s.k.as<float>();
+  float* v = s.v.as<float>();
+  if (c.arch->fused_qkv) {
+    const int64_t QKV = Q + 2 * KV;
+    float* qkv = s.qkv.as<float>();  // [n_tok, Q + 2 KV]: q | k | v per row
+    kernels::matmul(l.wqkv, h, qkv, n_tok, pool);
+    add_bias(qkv, l.bqkv, n_tok, QKV);
+    for (int64_t i = 0; i < n_tok; ++i) {
+      std::copy_n(qkv + i * QKV, Q, q + i * Q);
+      std::copy_n(qkv + i * QKV + Q, KV, k + i * KV);
+      std::copy_n(qkv + i * QKV + Q + KV, KV, v + i * KV);
+    }
+  } else {
+    const kernels::MatmulPart qkv[3] = {{&l.wq, q}, {&l.wk, k}, {&l.wv, v}};
+    kernels::matmul_multi(qkv, 3, h, n_tok, pool);
+  }
+  if (!l.q_norm.empty()) {
+    norm_heads(c, q, l.q_norm, n_tok, c.n_head);
+    norm_heads(c, k, l.k_norm, n_tok, c.n_kv_head);
+  }
+}
+
+// The feed-forward block of the normed input h: [n_tok, n_embd]; its output goes to h.
+void feed_forward(const ModelConfig& c, const LayerWeights& l, float* h, int64_t n_tok,
+                  Scratch& s, ThreadPool& pool) {
+  const int64_t F = c.n_ff;
+  float* gate = s.gate.as<float>();  // [n_tok, F]
+  float* up = s.up.as<float>();      // [n_tok, F]
+  float* act = up;                   // [n_tok, F] input of ffn_down
+  if (c.arch->ffn != FfnKind::Gelu) {
+    const kernels::MatmulPart gate_up[2] = {{&l.ffn_gate, gate}, {&l.ffn_up, up}};
+    kernels::matmul_multi(gate_up, 2, h, n_tok, pool);
+    add_bias(up, l.ffn_up_b, n_tok, F);
+    const bool silu = c.arch->ffn == FfnKind::SwiGlu;
+    rows_on_pool(n_tok, pool, [&](int64_t i0, int64_t i1) {
+      float* g = gate + i0 * F;
+      const float* u = up + i0 * F;
+      const int64_t n = (i1 - i0) * F;
+      if (silu) return kernels::swiglu(g, u, n);
+      kernels::gelu(g, n);  // GeGLU: gelu(gate) * up
+      for (int64_t j = 0; j < n; ++j) g[j] *= u[j];
+    });
+    act = gate;
+  } else {
+    kernels::matmul(l.ffn_up, h, up, n_tok, pool);
+    add_bias(up, l.ffn_up_b, n_tok, F);
+    rows_on_pool(n_tok, pool, [&](int64_t i0, int64_t i1) {
+      kernels::gelu(up + i0 * F, (i1 - i0) * F);
+    });
+  }
+  kernels::matmul(l.ffn_down, act, h, n_tok, pool);
+  add_bias(h, l.ffn_down_b, n_tok, c.n_embd);
+}
+
+// Adds a block's output h: [n_tok, n_embd] to the residual stream x, normed first when the
+// layer has a post-norm (Gemma 3's post_attention_norm, post_ffw_norm).
+void add_residual(const ModelConfig& c, const TensorView& post_norm, float* x, float* h,
+                  int64_t n_tok) {
+  if (!post_norm.empty()) norm_rows(c, h, post_norm, TensorView{}, h, n_tok);
+  kernels::add(x, h, n_tok * c.n_embd);
+}
+
 // The layers of one forward pass over n_rows tokens of one or more sequences: token i is
 // tokens[i] at position pos[i]; attention of each sequence reads its own cache (seqs, io). Leaves
 // the residual stream in s.x: [n_rows, n_embd]. Every step except attention treats rows alone,
@@ -475,59 +583,34 @@ struct PassKv {
 void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, const int64_t* pos,
                 int64_t n_tok, std::vector<AttnSeq>& seqs, PassKv& io, Scratch& s,
                 ThreadPool& pool) {
-  const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
+  const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim();
   float* x = s.x.as<float>();     // [n_tok, E]
   float* h = s.h.as<float>();     // [n_tok, E]
   float* q = s.q.as<float>();     // [n_tok, Q]
   float* k = s.k.as<float>();     // [n_tok, KV]
   float* v = s.v.as<float>();     // [n_tok, KV]
   float* att = s.attn.as<float>();  // [n_tok, Q]
-  float* gate = s.gate.as<float>();  // [n_tok, F]
-  float* up = s.up.as<float>();      // [n_tok, F]
+  embed(c, w, tokens, pos, n_tok, x, h);
 
-  // ---- embeddings ----
-  for (int64_t i = 0; i < n_tok; ++i) {
-    kernels::dequantize_row(w.tok_embd.dtype, w.tok_embd.row(tokens[i]), x + i * E, E);
-    if (c.arch->pos == PosKind::Learned) {
-      kernels::dequantize_row(w.pos_embd.dtype, w.pos_embd.row(pos[i]), h, E);
-      kernels::add(x + i * E, h, E);
-    }
-  }
-
-  // RoPE tables, once per forward pass and shared by every layer and every Q and K head:
-  // rope_cs: [n_tok, 2, n_rot / 2] cos, then sin, of token i's angles (rope_rotate equals
-  // kernels::rope bit for bit, so a token gets the same numbers in prefill and decode).
-  std::vector<double> rope_cs;
+  // [n_tok, 2, n_rot / 2] each: the global layers' table, and the windowed layers' when their
+  // base differs (Gemma 3).
+  std::vector<double> rope_cs, rope_cs_swa;
   if (c.arch->pos == PosKind::Rope) {
-    const int64_t n_pairs = c.n_rot / 2;
-    std::vector<double> inv_freq(static_cast<size_t>(n_pairs));  // [n_rot / 2]
-    kernels::rope_freqs(c.n_rot, c.rope_freq_base, inv_freq.data());
-    rope_cs.resize(static_cast<size_t>(n_tok * c.n_rot));
-    for (int64_t i = 0; i < n_tok; ++i)
-      kernels::rope_cos_sin(inv_freq.data(), n_pairs, pos[i], rope_cs.data() + i * c.n_rot);
+    rope_cs = rope_table(c, c.rope_freq_base, pos, n_tok);
+    if (c.rope_freq_base_swa != c.rope_freq_base)
+      rope_cs_swa = rope_table(c, c.rope_freq_base_swa, pos, n_tok);
   }
 
   for (int32_t il = 0; il < c.n_layer; ++il) {
     const LayerWeights& l = w.layers[il];
     // ---- attention block ----
     norm_rows(c, x, l.attn_norm, l.attn_norm_b, h, n_tok);
-    if (c.arch->fused_qkv) {
-      const int64_t QKV = Q + 2 * KV;
-      float* qkv = s.qkv.as<float>();  // [n_tok, Q + 2 KV]: q | k | v per row
-      kernels::matmul(l.wqkv, h, qkv, n_tok, pool);
-      add_bias(qkv, l.bqkv, n_tok, QKV);
-      for (int64_t i = 0; i < n_tok; ++i) {
-        std::copy_n(qkv + i * QKV, Q, q + i * Q);
-        std::copy_n(qkv + i * QKV + Q, KV, k + i * KV);
-        std::copy_n(qkv + i * QKV + Q + KV, KV, v + i * KV);
-      }
-    } else {
-      const kernels::MatmulPart qkv[3] = {{&l.wq, q}, {&l.wk, k}, {&l.wv, v}};
-      kernels::matmul_multi(qkv, 3, h, n_tok, pool);
-    }
+    project_qkv(c, l, h, n_tok, s, pool);
     if (c.arch->pos == PosKind::Rope) {
+      const std::vector<double>& table =
+          c.rope_base(il) == c.rope_freq_base ? rope_cs : rope_cs_swa;
       for (int64_t i = 0; i < n_tok; ++i) {
-        const double* cs = rope_cs.data() + i * c.n_rot;  // [2, n_rot / 2]
+        const double* cs = table.data() + i * c.n_rot;  // [2, n_rot / 2]
         kernels::rope_rotate(q + i * Q, c.n_head, c.head_dim, c.n_rot, cs, c.arch->rope_mode);
         kernels::rope_rotate(k + i * KV, c.n_kv_head, c.head_dim, c.n_rot, cs, c.arch->rope_mode);
       }
@@ -549,29 +632,12 @@ void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, c
     if (rot) kernels::hadamard(att, n_tok * c.n_head, c.head_dim);
     kernels::matmul(l.wo, att, h, n_tok, pool);
     add_bias(h, l.bo, n_tok, E);
-    kernels::add(x, h, n_tok * E);
+    add_residual(c, l.attn_post_norm, x, h, n_tok);
 
     // ---- feed-forward block ----
     norm_rows(c, x, l.ffn_norm, l.ffn_norm_b, h, n_tok);
-    float* act = up;  // [n_tok, F] input of ffn_down
-    if (c.arch->ffn == FfnKind::SwiGlu) {
-      const kernels::MatmulPart gate_up[2] = {{&l.ffn_gate, gate}, {&l.ffn_up, up}};
-      kernels::matmul_multi(gate_up, 2, h, n_tok, pool);
-      add_bias(up, l.ffn_up_b, n_tok, F);
-      rows_on_pool(n_tok, pool, [&](int64_t i0, int64_t i1) {
-        kernels::swiglu(gate + i0 * F, up + i0 * F, (i1 - i0) * F);
-      });
-      act = gate;
-    } else {
-      kernels::matmul(l.ffn_up, h, up, n_tok, pool);
-      add_bias(up, l.ffn_up_b, n_tok, F);
-      rows_on_pool(n_tok, pool, [&](int64_t i0, int64_t i1) {
-        kernels::gelu(up + i0 * F, (i1 - i0) * F);
-      });
-    }
-    kernels::matmul(l.ffn_down, act, h, n_tok, pool);
-    add_bias(h, l.ffn_down_b, n_tok, E);
-    kernels::add(x, h, n_tok * E);
+    feed_forward(c, l, h, n_tok, s, pool);
+    add_residual(c, l.ffn_post_norm, x, h, n_tok);
   }
 }
 

@@ -42,8 +42,29 @@ void read_layer_windows(const GgufFile& f, const std::string& a, ModelConfig& c)
     return;
   }
   const int32_t w = require_int(f, wk, 1, c.n_ctx_train);
-  const int32_t n = f.find(pk) ? require_int(f, pk, 1, c.n_layer) : 0;  // 0: every layer
+  // Without the key, the architecture's pattern (0: every layer); one longer than the model
+  // windows every layer, as llama.cpp's does.
+  const int32_t dflt = c.arch->swa_pattern <= c.n_layer ? c.arch->swa_pattern : 0;
+  const int32_t n = f.find(pk) ? require_int(f, pk, 1, c.n_layer) : dflt;
   c.layer_window = kv_layer_windows(c.n_layer, w, n);
+}
+
+// Head size: <arch>.attention.key_length when present (Gemma 3 270M: 256 with n_embd 640 and 4
+// heads), else n_embd / n_head. kvlm's cache holds K and V rows of one head size, so a different
+// value_length is refused.
+void read_head_dim(const GgufFile& f, const std::string& a, ModelConfig& c) {
+  const std::string kk = a + "attention.key_length", vk = a + "attention.value_length";
+  if (f.find(kk)) {
+    c.head_dim = require_int(f, kk, 1, 1 << 16);
+  } else {
+    if (c.n_embd % c.n_head != 0)
+      fail("{}: embedding_length {} is not a multiple of head_count {}", f.path(), c.n_embd,
+           c.n_head);
+    c.head_dim = c.n_embd / c.n_head;
+  }
+  if (f.find(vk) && require_int(f, vk, 1, 1 << 16) != c.head_dim)
+    fail("{}: '{}' = {} differs from the head size {}; kvlm needs them equal", f.path(), vk,
+         *f.get_int(vk), c.head_dim);
 }
 
 class TensorBinder {
@@ -110,11 +131,9 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
                     ? require_int(f, a + "attention.head_count_kv", 1, c.n_head)
                     : c.n_head;
   c.n_ctx_train = require_int(f, a + "context_length", 1, 1 << 24);
-  if (c.n_embd % c.n_head != 0)
-    fail("{}: embedding_length {} is not a multiple of head_count {}", path, c.n_embd, c.n_head);
   if (c.n_head % c.n_kv_head != 0)
     fail("{}: head_count {} is not a multiple of head_count_kv {}", path, c.n_head, c.n_kv_head);
-  c.head_dim = c.n_embd / c.n_head;
+  read_head_dim(f, a, c);
   if (c.n_head / c.n_kv_head > 16)
     fail("{}: {} query heads per KV head; kvlm supports at most 16", path, c.n_head / c.n_kv_head);
   auto eps = f.get_float(a + arch.eps_key);
@@ -126,7 +145,17 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
                   ? require_int(f, a + "rope.dimension_count", 2, c.head_dim)
                   : c.head_dim;
     if (c.n_rot % 2 != 0) fail("{}: rope.dimension_count {} is odd", path, c.n_rot);
+    // An architecture with its own windowed-layer base lets <arch>.rope.freq_base_swa override
+    // it, as llama.cpp does for gemma3; the others rotate every layer alike.
+    c.rope_freq_base_swa =
+        arch.swa_rope_base > 0
+            ? static_cast<float>(f.get_float(a + "rope.freq_base_swa").value_or(arch.swa_rope_base))
+            : c.rope_freq_base;
   }
+  // llama.cpp reads this for Gemma 3 (tanh-capped logits); kvlm has no capping, so a file that
+  // asks for it is refused rather than run wrong.
+  if (f.get_float(a + "final_logit_softcapping").value_or(0.0) != 0.0)
+    fail("{}: '{}final_logit_softcapping' is set; kvlm does not cap logits yet", path, a);
   read_layer_windows(f, a, c);
 
   const GgufTensorInfo* te = f.tensor("token_embd.weight");
@@ -160,10 +189,18 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
       l.wk = b.get(n("attn_k.weight"), {E, KV});
       l.wv = b.get(n("attn_v.weight"), {E, KV});
     }
+    if (arch.qk_norm) {
+      l.q_norm = b.get_f32(n("attn_q_norm.weight"), c.head_dim);
+      l.k_norm = b.get_f32(n("attn_k_norm.weight"), c.head_dim);
+    }
     l.wo = b.get(n("attn_output.weight"), {Q, E});
-    if (arch.ffn == FfnKind::SwiGlu) l.ffn_gate = b.get(n("ffn_gate.weight"), {E, F});
+    if (arch.ffn != FfnKind::Gelu) l.ffn_gate = b.get(n("ffn_gate.weight"), {E, F});
     l.ffn_up = b.get(n("ffn_up.weight"), {E, F});
     l.ffn_down = b.get(n("ffn_down.weight"), {F, E});
+    if (arch.post_norms) {
+      l.attn_post_norm = b.get_f32(n("post_attention_norm.weight"), E);
+      l.ffn_post_norm = b.get_f32(n("post_ffw_norm.weight"), E);
+    }
     if (arch.biases) {
       l.attn_norm_b = b.get_f32(n("attn_norm.bias"), E);
       l.ffn_norm_b = b.get_f32(n("ffn_norm.bias"), E);

@@ -22,11 +22,14 @@ struct LayerWeights {
   TensorView attn_norm, attn_norm_b;  // [n_embd]
   TensorView wq, wk, wv;              // [q_dim, n_embd], [kv_dim, n_embd], [kv_dim, n_embd]
   TensorView wqkv, bqkv;              // fused: [q_dim + 2 * kv_dim, n_embd], bias [q_dim + 2 kv_dim]
+  TensorView q_norm, k_norm;          // [head_dim] per-head RMSNorm (ArchInfo::qk_norm)
   TensorView wo, bo;                  // [n_embd, q_dim], bias [n_embd]
+  TensorView attn_post_norm;          // [n_embd] (ArchInfo::post_norms)
   TensorView ffn_norm, ffn_norm_b;    // [n_embd]
-  TensorView ffn_gate;                // [n_ff, n_embd] (SwiGLU only)
+  TensorView ffn_gate;                // [n_ff, n_embd] (gated FFNs only)
   TensorView ffn_up, ffn_up_b;        // [n_ff, n_embd], bias [n_ff]
   TensorView ffn_down, ffn_down_b;    // [n_embd, n_ff], bias [n_embd]
+  TensorView ffn_post_norm;           // [n_embd] (ArchInfo::post_norms)
 };
 
 struct Weights {

@@ -103,7 +103,8 @@ TEST(CacheEquivalence, SmolLm2F32Cache) {
 }
 
 TEST(CacheEquivalence, TinyModels) {
-  for (const char* f : {"tiny-llama.gguf", "tiny-gpt2.gguf", "tiny-llama-kquants.gguf"}) {
+  for (const char* f :
+       {"tiny-llama.gguf", "tiny-gpt2.gguf", "tiny-llama-kquants.gguf", "tiny-gemma3.gguf"}) {
     auto m = Model::load(test::data_path(f));
     std::vector<int32_t> prompt = {5, 17, 200, 31, 99, 260, 7};
     check_cache_equivalence(*m, prompt, 64, DType::F16);
@@ -124,6 +125,35 @@ TEST(Load, EveryWeightTypeAndPackingOnlyWherePackedKernelsAre) {
   EXPECT_EQ(types, want);
   EXPECT_EQ(m->packed_bytes(), 0u);
   EXPECT_GT(Model::load(test::data_path("tiny-llama.gguf"))->packed_bytes(), 0u);
+}
+
+// tiny-gemma3 (tools/make_synthetic_gguf.py): the head size comes from key_length (32, not
+// n_embd / n_head = 16), gemma3's default window pattern 6 applies without a pattern key, the
+// windowed layers rotate with base 10000 and the global one with the file's, the head is tied.
+TEST(Load, Gemma3ConfigFromMetadata) {
+  auto m = Model::load(test::data_path("tiny-gemma3.gguf"));
+  const ModelConfig& c = m->config();
+  EXPECT_EQ(c.head_dim, 32);
+  EXPECT_EQ(c.q_dim(), 128);
+  EXPECT_EQ(c.kv_dim(), 32);
+  EXPECT_EQ(c.n_rot, 32);
+  EXPECT_EQ(c.layer_window, (std::vector<int32_t>{8, 8, 8, 8, 8, 0}));
+  EXPECT_EQ(c.rope_base(0), 10000.0f);
+  EXPECT_EQ(c.rope_base(5), 1e6f);
+  EXPECT_TRUE(c.tied_output);
+  // llama's windowed layers keep the file's base.
+  EXPECT_EQ(Model::load(test::data_path("tiny-llama-swa.gguf"))->config().rope_base(0), 10000.0f);
+}
+
+TEST(Load, Gemma3WithoutAQkNormIsRefusedNamingTheTensor) {
+  try {
+    Model::load(test::data_path("tiny-gemma3-no-q-norm.gguf"));
+    ADD_FAILURE() << "loaded";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("missing tensor 'blk.0.attn_q_norm.weight'"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  }
 }
 
 // Prefill of N tokens in one batch gives the same logits at every position as N decode steps.

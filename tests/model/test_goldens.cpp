@@ -110,12 +110,15 @@ void check_tiny_goldens(const json& g) {
       auto all = s.feed_all_logits(ids);
       const TinyBounds bound = tiny_bounds(pj, all, V);
       double worst = 0;
+      size_t agree = 0;
       for (size_t i = 0; i < ids.size(); ++i) {
         std::vector<float> ref = pj["logits"][i];
         auto row = all.subspan(i * V, V);
         for (int32_t t = 0; t < V; ++t)
           worst = std::max(worst, std::fabs(double{row[t]} - ref[t]));
-        if (argmax(row.data(), V) != pj["argmax"][i].get<int32_t>()) {
+        if (argmax(row.data(), V) == pj["argmax"][i].get<int32_t>()) {
+          ++agree;
+        } else {
           EXPECT_LT(top2_gap(ref), bound.near_tie) << file << " position " << i;
         }
       }
@@ -136,16 +139,24 @@ void check_tiny_goldens(const json& g) {
       if (k < want.size()) {
         EXPECT_LT(gaps[k], bound.near_tie) << file << " greedy step " << k;
       }
-      std::printf("  %s: %zu positions, max |dlogit| %.3g, greedy identical for %zu/%zu\n",
-                  file.c_str(), ids.size(), worst, k, want.size());
+      std::printf("  %s: %zu positions, top-1 agreement %zu, max |dlogit| %.3g, greedy identical "
+                  "for %zu/%zu\n", file.c_str(), ids.size(), agree, worst, k, want.size());
     }
   }
 }
 
 // tiny_kquant_goldens.json: a model whose matrices are in Q5_0, Q5_1, Q2_K .. Q6_K, IQ4_NL and
-// IQ4_XS, quantized by llama.cpp itself.
+// IQ4_XS, quantized by llama.cpp itself. tiny_gemma3_goldens.json: Gemma 3's structure (per-head
+// Q/K norms, post-norms, GeGLU, sqrt(n_embd) embeddings, key_length 32 != n_embd / n_head, five
+// layers windowed to 8 positions with RoPE base 10000 and one global with base 1e6, tied head)
+// over prompts of 20-40 tokens, past the window. It holds to the same bounds: measured max
+// |dlogit| 0.080 against llama.cpp (llama.cpp is 0.084 from a float64 numpy pass of the same
+// structure, kvlm 0.094), top-1 agreement at 89 of 91 positions (the other two at llama.cpp
+// near-ties) and greedy continuations identical for all 32 steps of each prompt. Without the
+// post-norms, or with base 1e6 on every layer, it fails.
 TEST(LlamaCppGoldens, TinyModelsLogitsAndGreedy) {
-  for (const char* goldens : {"tiny_goldens.json", "tiny_kquant_goldens.json"}) {
+  for (const char* goldens :
+       {"tiny_goldens.json", "tiny_kquant_goldens.json", "tiny_gemma3_goldens.json"}) {
     SCOPED_TRACE(goldens);
     check_tiny_goldens(load_json(goldens));
   }

@@ -21,6 +21,7 @@
 #include "cli/common.h"
 #include "gguf/gguf.h"
 #include "kv/kv_plan.h"
+#include "model/config.h"
 
 namespace kvlm::cli {
 namespace {
@@ -50,11 +51,13 @@ struct KvSource {
 };
 
 // Architectures whose GGUF files give a sliding window but not its layer pattern (llama.cpp
-// knows it per architecture): Gemma 2 alternates, Gemma 3 has one global layer in 6.
-int32_t default_window_pattern(const std::string& arch) {
-  if (arch == "gemma3") return 6;
-  if (arch == "gemma2") return 2;
-  return 0;
+// knows it per architecture): the architecture table's (Gemma 3: one global layer in 6), Gemma 2
+// (not run by kvlm yet) alternates. A pattern longer than the model windows every layer, as the
+// model loader and llama.cpp read it.
+int32_t default_window_pattern(const std::string& arch, int32_t n_layer) {
+  const ArchInfo* info = find_arch(arch);
+  const int32_t p = info ? info->swa_pattern : arch == "gemma2" ? 2 : 0;
+  return p <= n_layer ? p : 0;
 }
 
 // ---- sources -----------------------------------------------------------------------------------
@@ -100,7 +103,8 @@ KvSource from_gguf(const std::string& path) {
   if (const auto w = get(a + "attention.sliding_window", false))
     src.layer_window = kv_layer_windows(
         src.shape.n_layer, *w,
-        get(a + "attention.sliding_window_pattern", false).value_or(default_window_pattern(*arch)));
+        get(a + "attention.sliding_window_pattern", false)
+            .value_or(default_window_pattern(*arch, src.shape.n_layer)));
   return src;
 }
 

@@ -87,6 +87,11 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
          config.n_ctx, c.n_ctx_train);
   if (config.max_queue < 0) fail("--max-queue must be >= 0, got {}", config.max_queue);
   config.eviction.validate(config.n_ctx, config.kivi_residual >= 0);
+  // Evicting re-rotates K with one RoPE base, and a window's released positions cannot move.
+  if (config.eviction.on() && std::any_of(c.layer_window.begin(), c.layer_window.end(),
+                                          [](int32_t w) { return w > 0; }))
+    fail("--kv-window / --keep evict tokens, which models with sliding-window layers do not "
+         "support yet");
   KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
   shape.rotate = config.rotate;
   shape.kivi_residual = config.kivi_residual;

@@ -60,7 +60,8 @@ Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int6
                         model.config().layer_window, std::max<int64_t>(1, n_batch))),
       n_batch_(std::max<int64_t>(1, n_batch)) {
   kv.eviction().validate(kv.n_ctx, kv.kivi_residual >= 0);
-  if (kv.eviction().on() && kv_.n_groups() > 1)
+  if (kv.eviction().on() && !model.config().layer_window.empty() &&
+      *std::max_element(model.config().layer_window.begin(), model.config().layer_window.end()) > 0)
     fail("--kv-window / --keep evict tokens, which models with sliding-window layers do not "
          "support yet");
   KVLM_CHECK(kv_.admit(kSeq, {}, "", 0, KvHit{}));

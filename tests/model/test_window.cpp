@@ -16,11 +16,13 @@
 #include <vector>
 
 #include "base/error.h"
+#include "engine/scheduler.h"
 #include "engine/session.h"
 #include "kv/kv_shape.h"
 #include "kv_manager/kv_manager.h"
 #include "model/model.h"
 #include "test_util.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kvlm {
 namespace {
@@ -229,6 +231,28 @@ TEST(Window, SessionMemoryStaysBoundedOverALongGeneration) {
     want_vec.assign(w.begin(), w.end());
   }
   EXPECT_TRUE(std::equal(want_vec.begin(), want_vec.end(), after.begin()));
+}
+
+// Eviction (--kv-window / --keep) moves rows and re-rotates K with one RoPE base: refused on a
+// model with sliding-window layers, by a Session and by the scheduler, with one line.
+TEST(Window, EvictionIsRefusedOnWindowedModels) {
+  auto m = Model::load(test::data_path("tiny-llama-swa-all.gguf"));
+  KvOptions o;
+  o.n_ctx = 64;
+  o.window = true;
+  o.n_sinks = 4;
+  EXPECT_THROW(Session(*m, o, pool()), Error);
+  o.window = false;
+  o.n_keep = 4;
+  EXPECT_THROW(Session(*m, o, pool()), Error);
+  auto tok = Tokenizer::from_gguf(m->gguf());
+  SchedulerConfig sc;
+  sc.n_ctx = 64;
+  sc.kv_budget_tokens = 1024;
+  sc.eviction.n_keep = 4;
+  EXPECT_THROW(Scheduler(*m, *tok, sc, pool()), Error);
+  sc.eviction.n_keep = -1;
+  EXPECT_NO_THROW(Scheduler(*m, *tok, sc, pool()));
 }
 
 }  // namespace

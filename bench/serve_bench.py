@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Serving benchmark: `kvlm serve` against llama-cpp-python's OpenAI server, same GGUF, same threads.
+"""Serving benchmark: `kvlm serve` against llama.cpp's llama-server and llama-cpp-python's OpenAI
+server, same GGUF, same threads.
 
 Set-up (once; installs only the pinned PyPI packages that are missing, never rebuilds
 llama-cpp-python when 0.3.36 is already there):
   scripts/setup-bench.sh
+  scripts/build-llama-server.sh     # llama-server from the same pinned llama.cpp (engines llama-server*)
 
 Usage (from the repository root, with a kvlm that has `serve`):
   python3 bench/serve_bench.py --quick                       # smoke test, ~1 minute
   python3 bench/serve_bench.py --json serve.json             # full: users 1,4,16,64, 4 turns, 64 tokens
   python3 bench/serve_bench.py --engines llama --quick       # llama_cpp.server only (no kvlm needed)
+  python3 bench/serve_bench.py --engines kvlm,llama-server,llama-server-best -t 2 --users 16,64
   python3 bench/serve_bench.py --kvlm build/bin/kvlm -t 2 --users 16 --turns 4 --max-tokens 64
   python3 bench/serve_bench.py --kvlm build-server/bin/kvlm -t 2 --multi-turn 5   # TTFT by turn
   python3 bench/serve_bench.py --kvlm build/bin/kvlm -t 2 --engines kvlm --users 16 \
@@ -34,8 +37,8 @@ tokens of the run / wall time of the run (first send to last byte).
 
 Runs, each against a freshly started server (so caches and counters start empty), after one
 short untimed warm-up request that shares nothing with the workload:
-  * for every --users level: kvlm (`kvlm serve -np N`, N = users unless --np is given: every user
-    is batched, none queue) and llama_cpp.server, alternating which goes first;
+  * for every --users level: every engine of --engines (kvlm: `kvlm serve -np N`, N = users
+    unless --np is given: every user is batched, none queue), alternating the order;
   * "kvlm 1-at-a-time": `kvlm serve -np 1` with the workload of the --baseline-users level (16)
     but the users served one after another: the baseline of the "16 users >= 3x" goal;
   * "kvlm waste check": kvlm at --waste-users (16) with --no-prefix-cache, for the paged-waste
@@ -44,6 +47,23 @@ short untimed warm-up request that shares nothing with the workload:
     one-at-a-time baseline, alternating which goes first (baseline first in odd rounds). The goal
     line then gives each pair's ratio and their median: on a machine whose speed drifts between
     minutes (a shared VM), one pair can land its two runs in different phases.
+
+Engines (--engines, run in this order at even --users levels, reversed at odd ones):
+  * kvlm: `kvlm serve -np N -c CTX` (N = users unless --np);
+  * llama-server: llama.cpp's own server (scripts/build-llama-server.sh builds it from the
+    llama.cpp of the pinned llama-cpp-python sdist), with its defaults except the sizes:
+    `llama-server -m MODEL -t T -tb T -np N -c N x CTX --metrics` (N slots batched
+    continuously, each with CTX tokens of the -c total; prompt caching on, its default;
+    --metrics only turns its /metrics endpoint on; -nr where repacking is off, see
+    llama_repack.py);
+  * llama-server-best: the same plus the flags that make it fastest here (--llama-server-best-args,
+    default "-fa on --cache-reuse 256 -b 2048 -ub 512 --kv-unified"): flash attention, reuse of
+    cached prompt chunks by KV shifting, explicit batch sizes, one KV buffer shared by all slots
+    (then --kv-unified-per-slot CTX keeps the per-sequence limit);
+  * llama (alias llama-cpp-python): llama_cpp.server, below.
+The exact llama-server command lines are printed before the runs. llama-server's /metrics
+(llamacpp:* samples) is polled like kvlm's and kept in --json; the KV and prefix columns are
+kvlm's only.
 
 llama_cpp.server (llama-cpp-python[server]==0.3.36) holds one llama.cpp context and serves ONE
 request at a time: an asyncio lock around the model queues the others. Its default
@@ -89,6 +109,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import signal
 import socket
 import statistics
@@ -355,8 +376,28 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    # Servers told their port on the command line: spawned with stdout and stderr into the log,
+    # ready when the first of ready_paths answers 200.
+    ready_paths = ["/v1/models"]
+
+    def start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._spawn(self._argv, stdout="log", stderr=subprocess.STDOUT)
+        self._wait_http_ready(self.ready_paths, deadline)
+        self.fetch_model_id()
+
     def metrics(self) -> dict[str, float] | None:
         return None
+
+    def _scrape(self, prefix: str) -> dict[str, float] | None:
+        """GET /metrics (Prometheus text), the samples named prefix*; None when unavailable."""
+        try:
+            st, body = http_get(self.host, self.port, "/metrics", timeout=10)
+        except (OSError, http.client.HTTPException):
+            return None
+        if st != 200:
+            return None
+        return parse_prometheus(body.decode(errors="replace"), prefix)
 
     def stop(self) -> None:
         p = self.proc
@@ -438,13 +479,7 @@ class KvlmServer(Server):
         self.fetch_model_id()
 
     def metrics(self) -> dict[str, float] | None:
-        try:
-            st, body = http_get(self.host, self.port, "/metrics", timeout=10)
-        except (OSError, http.client.HTTPException):
-            return None
-        if st != 200:
-            return None
-        return parse_prometheus(body.decode(errors="replace"))
+        return self._scrape("kvlm_")
 
 
 class LlamaCppServer(Server):
@@ -462,10 +497,42 @@ class LlamaCppServer(Server):
                       "--n_ctx", str(ctx), "--host", self.host, "--port", str(self.port),
                       "--interrupt_requests", "False"] + extra
 
-    def start(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        self._spawn(self._argv, stdout="log", stderr=subprocess.STDOUT)
-        self._wait_http_ready(["/v1/models"], deadline)
+
+# llama-server-best: the flags that make llama-server fastest for this workload on CPU (see the
+# module doc); --llama-server-best-args replaces them.
+kLlamaServerBestArgs = "-fa on --cache-reuse 256 -b 2048 -ub 512 --kv-unified"
+
+
+def default_llama_server() -> Path:
+    """Where scripts/build-llama-server.sh puts llama-server."""
+    cache = Path(os.environ.get("KVLM_BENCH_CACHE", Path.home() / ".cache/kvlm/bench"))
+    return cache / f"llama.cpp-{kLlamaCppPin}" / "build/bin/llama-server"
+
+
+class LlamaServer(Server):
+    """llama.cpp's llama-server: -np slots batched continuously, -c = slots x per-sequence
+    context, prompt caching on (its default). best: the extra flags of llama-server-best; with
+    --kv-unified, --kv-unified-per-slot keeps each sequence's limit at the per-sequence ctx."""
+    ready_paths = ["/health"]  # 503 while the model loads, 200 once the slots are ready
+
+    def __init__(self, logdir, label, binary, model, threads, np_, ctx, repack, best: list[str],
+                 extra):
+        super().__init__(logdir, label)
+        self.name = "llama-server-best" if best else "llama-server"
+        self.np = np_
+        self.prefix_cache = None
+        self.port = free_port()
+        self._argv = [str(binary), "-m", str(model), "--host", self.host, "--port", str(self.port),
+                      "-t", str(threads), "-tb", str(threads), "-np", str(np_),
+                      "-c", str(np_ * ctx), "--metrics"] + best
+        if "--kv-unified" in best or "-kvu" in best:
+            self._argv += ["--kv-unified-per-slot", str(ctx)]
+        if not repack:
+            self._argv += ["-nr"]
+        self._argv += extra
+
+    def metrics(self) -> dict[str, float] | None:
+        return self._scrape("llamacpp:")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -806,7 +873,7 @@ def print_table(runs: list[dict]) -> None:
         if s["waste_tokens_per_seq_max"] is not None:
             waste = f"{s['waste_tokens_per_seq_max']:.1f} (bs {s['block_size']}, n={s['waste_samples']})"
         row = [s["label"], str(s["users"]) + (" seq" if s["sequential"] else ""),
-               str(s["np"]) if s["engine"] == "kvlm" else "1 (lock)",
+               "1 (lock)" if s["engine"] == "llama_cpp.server" else str(s["np"]),
                str(s["requests"]), str(s["errors"]), str(s["output_tokens"]), fmt(s["wall_s"], ".1f"),
                fmt(s["output_tok_s"], ".1f"), fmt(s["ttft_ms_p50"]), fmt(s["ttft_ms_p99"]),
                fmt(s["itl_ms_p50"], ".1f"), fmt(s["itl_ms_p99"], ".1f"), kv,
@@ -823,7 +890,8 @@ def print_goals(runs: list[dict], baseline_users: int) -> None:
         found = all_of(engine, users, seq)
         return found[0] if found else None
     kv = find("kvlm", baseline_users)
-    ll = find("llama_cpp.server", baseline_users)
+    peers = [p for p in (find(e, baseline_users) for e in ("llama-server-best", "llama-server",
+                                                           "llama_cpp.server")) if p]
     lines = []
     # Pairs in plan order (--ratio-rounds): the i-th users run with the i-th baseline run.
     pairs = [(a, b) for a, b in zip(all_of("kvlm", baseline_users),
@@ -842,11 +910,12 @@ def print_goals(runs: list[dict], baseline_users: int) -> None:
         lines.append(f"kvlm {baseline_users} users / kvlm one user at a time: {r:.2f}x "
                      f"({a['output_tok_s']:.1f} / {b['output_tok_s']:.1f} tok/s; goal >= 3x: "
                      f"{'met' if r >= 3 else 'NOT met'})")
-    if kv and ll and ll["output_tok_s"]:
-        r = kv["output_tok_s"] / ll["output_tok_s"]
-        lines.append(f"kvlm {baseline_users} users / llama_cpp.server {baseline_users} users: "
-                     f"{r:.2f}x ({kv['output_tok_s']:.1f} / {ll['output_tok_s']:.1f} tok/s)")
-    for s in (kv, ll):
+    for ll in peers:
+        if kv and ll["output_tok_s"]:
+            r = kv["output_tok_s"] / ll["output_tok_s"]
+            lines.append(f"kvlm {baseline_users} users / {ll['label']} {baseline_users} users: "
+                         f"{r:.2f}x ({kv['output_tok_s']:.1f} / {ll['output_tok_s']:.1f} tok/s)")
+    for s in [kv] + peers:
         if s and s["ttft_ms_p99"] is not None:
             lines.append(f"TTFT p99 at {baseline_users} users, {s['label']}: {s['ttft_ms_p99']:.0f} ms"
                          f" (max {s['ttft_ms_max']:.0f} ms)")
@@ -964,6 +1033,22 @@ def check_llama_cpp_server(python: str) -> None:
         warn(f"llama-cpp-python is {v}, the benchmark pins {kLlamaCppPin}")
 
 
+kEngines = ("kvlm", "llama", "llama-server", "llama-server-best")
+kEngineAlias = {"llama-cpp-python": "llama", "llama_cpp.server": "llama"}
+
+
+def check_llama_server(binary: Path) -> None:
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        die(f"llama-server not found at {binary}; run scripts/build-llama-server.sh or pass "
+            "--llama-server PATH", 2)
+    try:
+        p = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        die(f"{binary} --help failed: {e}", 2)
+    if p.returncode != 0 or "--parallel" not in p.stdout + p.stderr:
+        die(f"{binary}: not a llama-server (--help has no --parallel)", 2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -973,7 +1058,15 @@ def main() -> int:
     ap.add_argument("--kvlm", type=Path, help="kvlm binary with `serve` (default: build-server/bin "
                     "or build/bin, whichever has it)")
     ap.add_argument("--python", default=sys.executable, help="Python that runs llama_cpp.server")
-    ap.add_argument("--engines", default="kvlm,llama", help="comma list of kvlm, llama")
+    ap.add_argument("--engines", default="kvlm,llama",
+                    help="comma list of " + ", ".join(kEngines) + " (llama-cpp-python = llama)")
+    ap.add_argument("--llama-server", type=Path, default=default_llama_server(),
+                    help="llama-server binary (default: scripts/build-llama-server.sh's, %(default)s)")
+    ap.add_argument("--llama-server-args", default="",
+                    help="extra arguments of both llama-server engines, one string")
+    ap.add_argument("--llama-server-best-args", default=kLlamaServerBestArgs,
+                    help="the flags of llama-server-best on top of llama-server's (default: "
+                    "'%(default)s')")
     ap.add_argument("--users", type=int_list, help="concurrency levels (default 1,4,16,64)")
     ap.add_argument("--turns", type=int, help="turns per user (default 4)")
     ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 64)")
@@ -1017,9 +1110,10 @@ def main() -> int:
                  "positive")
     if args.ramp < 0:
         ap.error("--ramp must be >= 0")
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if not engines or any(e not in ("kvlm", "llama") for e in engines):
-        ap.error("--engines: a comma list of kvlm, llama")
+    engines = [kEngineAlias.get(e.strip(), e.strip()) for e in args.engines.split(",") if e.strip()]
+    if not engines or any(e not in kEngines for e in engines):
+        ap.error("--engines: a comma list of " + ", ".join(kEngines))
+    engines = list(dict.fromkeys(engines))
     if not args.model.is_file():
         die(f"model {args.model} not found (scripts/fetch-model.sh fetches it)", 2)
     if "kvlm" in engines:
@@ -1034,6 +1128,8 @@ def main() -> int:
         engines = ["kvlm"]
     if "llama" in engines:
         check_llama_cpp_server(args.python)
+    if {"llama-server", "llama-server-best"} & set(engines):
+        check_llama_server(args.llama_server)
     if args.no_baseline or "kvlm" not in engines:
         baseline_users = 0
     elif args.baseline_users:
@@ -1045,6 +1141,7 @@ def main() -> int:
     if "kvlm" not in engines:
         waste_users = 0
     kvlm_extra, llama_extra = args.kvlm_args.split(), args.llama_args.split()
+    ls_extra, ls_best = args.llama_server_args.split(), args.llama_server_best_args.split()
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -1090,6 +1187,12 @@ def main() -> int:
           f"{args.python if 'llama' in engines else '-'}"
           f"{' (repack ' + llama_repack.describe(llama_repack_on) + ')' if 'llama' in engines else ''}"
           f"; logs in {logdir}")
+    for e in ("llama-server", "llama-server-best"):
+        if e in engines:  # the command line of the first run (its -np, -c and port vary by run)
+            srv = LlamaServer(logdir, e, args.llama_server, args.model, args.threads,
+                              args.np or args.users[0], args.ctx, llama_repack_on,
+                              ls_best if e == "llama-server-best" else [], ls_extra)
+            print(f"serve_bench: {e}: {shlex.join(srv._argv)}")
     la0 = loadavg()
     print(f"serve_bench: {len(plan)} runs; load average {la0}; {os.cpu_count()} CPUs")
     sys.stdout.flush()
@@ -1108,10 +1211,15 @@ def main() -> int:
                 srv = KvlmServer(logdir, f"{label} u{users}", args.kvlm, args.model, args.threads,
                                  np_, args.ctx, args.kv_budget, prefix, kvlm_extra)
                 srv.label = label
-            else:
+            elif engine == "llama":
                 srv = LlamaCppServer(logdir, f"llama_cpp.server u{users}", args.python, args.model,
                                      args.threads, args.ctx, llama_repack_on, llama_extra)
                 srv.label = "llama_cpp.server"
+            else:
+                srv = LlamaServer(logdir, f"{engine} u{users}", args.llama_server, args.model,
+                                  args.threads, args.np or users, args.ctx, llama_repack_on,
+                                  ls_best if engine == "llama-server-best" else [], ls_extra)
+                srv.label = engine
             t0 = time.monotonic()
             try:
                 srv.start(args.start_timeout)

@@ -62,8 +62,9 @@ Engines (--engines, run in this order at even --users levels, reversed at odd on
     (then --kv-unified-per-slot CTX keeps the per-sequence limit);
   * llama (alias llama-cpp-python): llama_cpp.server, below.
 The exact llama-server command lines are printed before the runs. llama-server's /metrics
-(llamacpp:* samples) is polled like kvlm's and kept in --json; the KV and prefix columns are
-kvlm's only.
+(llamacpp:* samples) is polled like kvlm's and kept in --json; its prefix hit % is delta
+prompt_tokens_cached_total / (that + delta prompt_tokens_total, which counts evaluated tokens
+only); the KV columns are kvlm's only.
 
 llama_cpp.server (llama-cpp-python[server]==0.3.36) holds one llama.cpp context and serves ONE
 request at a time: an asyncio lock around the model queues the others. Its default
@@ -775,6 +776,12 @@ def summarize(server, args, users, sequential, results, t0, wall, m_before, m_af
             s["prefix_hit_pct"] = 100.0 * cached / prompt
         elif "kvlm_prefix_cache_hit_rate" in m_after:
             s["prefix_hit_pct"] = 100.0 * m_after["kvlm_prefix_cache_hit_rate"]
+        # llama-server: its prompt_tokens_total counts the evaluated tokens only, without the
+        # cached ones (2 users x 2 turns: 511 + 503 + 25 + 23 evaluated, 1050 cached).
+        cached, evald = (delta("llamacpp:prompt_tokens_cached_total"),
+                         delta("llamacpp:prompt_tokens_total"))
+        if cached is not None and evald is not None and cached + evald > 0:
+            s["prefix_hit_pct"] = 100.0 * cached / (cached + evald)
         pre = delta("kvlm_preemptions_total")
         if pre is not None:
             s["preemptions"] = int(pre)

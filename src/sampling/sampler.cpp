@@ -68,6 +68,10 @@ void validate(const SamplingParams& p) {
   if (p.repeat_last_n < 0) {
     fail("repeat_last_n must be >= 0, got {}", p.repeat_last_n);
   }
+  if (!std::isfinite(p.presence_penalty)) fail("presence_penalty must be a finite number");
+  if (!std::isfinite(p.frequency_penalty)) fail("frequency_penalty must be a finite number");
+  for (const auto& [id, bias] : p.logit_bias)
+    if (!std::isfinite(bias)) fail("logit_bias of token {} must be a finite number", id);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,13 +171,45 @@ Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.se
   validate(params_);
 }
 
+void Sampler::apply_bias(Cand* c, int32_t n_vocab) const {
+  for (const auto& [id, bias] : params_.logit_bias) {
+    if (id < 0 || id >= n_vocab) continue;  // checked when the request was read
+    float& l = c[id].first;
+    if (l > -INFINITY) l = std::clamp(l + bias, -FLT_MAX, FLT_MAX);  // stays finite
+  }
+}
+
+// Over the last repeat_last_n history tokens, each distinct id once: llama.cpp's multiplicative
+// repetition penalty, then OpenAI's presence and frequency penalties with the id's count there.
+// Ids outside [0, n_vocab) (should not happen) are ignored rather than trusted.
+void Sampler::apply_penalties(Cand* c, int32_t n_vocab, std::span<const int32_t> history) {
+  const SamplingParams& p = params_;
+  if (counts_.size() < static_cast<size_t>(n_vocab)) counts_.resize(static_cast<size_t>(n_vocab), 0);
+  const size_t n_window = std::min(history.size(), static_cast<size_t>(p.repeat_last_n));
+  const std::span<const int32_t> window = history.last(n_window);
+  for (int32_t t : window)
+    if (t >= 0 && t < n_vocab) ++counts_[static_cast<size_t>(t)];
+  for (int32_t t : window) {
+    if (t < 0 || t >= n_vocab || counts_[static_cast<size_t>(t)] == 0) continue;
+    float& l = c[t].first;
+    // Finite logits stay finite, so every later (l - max) is a number.
+    if (l > -INFINITY) {
+      l = std::clamp(l > 0.0f ? l / p.repeat_penalty : l * p.repeat_penalty, -FLT_MAX, FLT_MAX);
+      const float n = static_cast<float>(counts_[static_cast<size_t>(t)]);
+      l = std::clamp(l - p.presence_penalty - n * p.frequency_penalty, -FLT_MAX, FLT_MAX);
+    }
+    counts_[static_cast<size_t>(t)] = 0;  // each id once; the scratch is zero again after
+  }
+}
+
 int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history) {
   // Precondition: logits holds n_vocab > 0 values.
   assert(logits != nullptr && n_vocab > 0);
   const SamplingParams& p = params_;
   const bool penalise = penalises() && !history.empty();
+  const bool biased = !p.logit_bias.empty();
 
-  if (p.temperature <= 0.0f && !penalise) return argmax(logits, n_vocab);
+  if (p.temperature <= 0.0f && !penalise && !biased) return argmax(logits, n_vocab);
 
   // Reallocates only when n_vocab grows past what an earlier call saw.
   cand_.resize(static_cast<size_t>(n_vocab));
@@ -183,7 +219,7 @@ int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const in
 
   // --- top-k without a penalty (what most requests ask for): from the logits, without a
   // candidate for every token. Otherwise every token becomes a candidate, penalised and cut below.
-  if (!penalise && p.top_k > 0 && static_cast<size_t>(p.top_k) < n_cand &&
+  if (!penalise && !biased && p.top_k > 0 && static_cast<size_t>(p.top_k) < n_cand &&
       static_cast<size_t>(p.top_k) <= kPartialSortMaxK &&
       top_k_from_logits(logits, n_vocab, static_cast<size_t>(p.top_k), heap_, c)) {
     n_cand = n_sorted = static_cast<size_t>(p.top_k);
@@ -197,25 +233,8 @@ int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const in
       c[i] = {std::min(l, FLT_MAX), i};
     }
     if (!any_drawable) return argmax(logits, n_vocab);
-
-    // --- repetition penalty over the last repeat_last_n history tokens, each distinct id once.
-    // Ids outside [0, n_vocab) (should not happen) are ignored rather than trusted.
-    if (penalise) {
-      const size_t n_window = std::min(history.size(), static_cast<size_t>(p.repeat_last_n));
-      const std::span<const int32_t> window = history.last(n_window);
-      for (int32_t t : window) {
-        if (t < 0 || t >= n_vocab || c[t].second < 0) continue;
-        float& l = c[t].first;
-        // Finite logits stay finite, so every later (l - max) is a number.
-        if (l > -INFINITY) {
-          l = std::clamp(l > 0.0f ? l / p.repeat_penalty : l * p.repeat_penalty, -FLT_MAX, FLT_MAX);
-        }
-        c[t].second = -1 - t;  // mark seen; restored below
-      }
-      for (int32_t t : window) {
-        if (t >= 0 && t < n_vocab) c[t].second = t;
-      }
-    }
+    if (biased) apply_bias(c, n_vocab);
+    if (penalise) apply_penalties(c, n_vocab, history);
 
     if (p.temperature <= 0.0f) {
       int32_t best = 0;

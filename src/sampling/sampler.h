@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <random>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace kvlm {
@@ -15,33 +16,52 @@ struct SamplingParams {
   float top_p = 0.95f;         // >= 1: off
   float min_p = 0.05f;         // <= 0: off
   float repeat_penalty = 1.0f; // 1: off; as llama.cpp: logit > 0 ? logit / p : logit * p
-  int32_t repeat_last_n = 64;  // how many recent tokens the penalty looks at
+  int32_t repeat_last_n = 64;  // how many recent tokens the penalties look at
+  // OpenAI's additive penalties over the same window: a token seen c > 0 times loses
+  // presence_penalty + c x frequency_penalty from its logit. 0: off.
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  // OpenAI's logit_bias: (token id, bias) pairs added to those logits before anything else.
+  std::vector<std::pair<int32_t, float>> logit_bias;
   uint64_t seed = 0;
 };
 
 // Throws kvlm::Error naming the parameter for out-of-range values (negative temperature is
-// allowed and means greedy; top_p/min_p outside [0, 1], repeat_penalty <= 0, repeat_last_n < 0).
+// allowed and means greedy; top_p/min_p outside [0, 1], repeat_penalty <= 0, repeat_last_n < 0,
+// presence/frequency penalties or biases that are not finite).
 void validate(const SamplingParams& p);
 
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& params);
   // logits: [n_vocab]; history: tokens so far (prompt + generated), newest last.
-  // Order as llama.cpp's default chain: penalties -> top-k -> top-p -> min-p -> temperature ->
-  // draw. Allocation-free after the first call for a given n_vocab.
+  // Order as llama.cpp's default chain: logit bias -> penalties -> top-k -> top-p -> min-p ->
+  // temperature -> draw. Allocation-free after the first call for a given n_vocab.
   int32_t sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history);
   const SamplingParams& params() const { return params_; }
   // True when sample() is an argmax of the logits whatever the history (greedy, no penalty):
   // ~10 us over a 49,152-token vocabulary, where a draw or a penalty costs ~50-500 us.
-  bool argmax_only() const { return params_.temperature <= 0.0f && !penalises(); }
+  bool argmax_only() const {
+    return params_.temperature <= 0.0f && !penalises() && params_.logit_bias.empty();
+  }
 
  private:
-  bool penalises() const { return params_.repeat_penalty != 1.0f && params_.repeat_last_n > 0; }
+  bool penalises() const {
+    return (params_.repeat_penalty != 1.0f || params_.presence_penalty != 0.0f ||
+            params_.frequency_penalty != 0.0f) &&
+           params_.repeat_last_n > 0;
+  }
+  // Adds the logit biases to c (every token a candidate, in id order).
+  void apply_bias(std::pair<float, int32_t>* c, int32_t n_vocab) const;
+  // The penalties over the window of history, each distinct id once (with its count).
+  void apply_penalties(std::pair<float, int32_t>* c, int32_t n_vocab,
+                       std::span<const int32_t> history);
 
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> cand_;  // scratch [n_vocab]
   std::vector<float> heap_;                       // scratch [top_k]: the k largest logits seen
+  std::vector<int32_t> counts_;                   // scratch [n_vocab]: 0 between calls
 };
 
 // Index of the largest logit (lowest index wins ties).     logits: [n]

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <charconv>
 #include <limits>
 
 #include "base/error.h"
@@ -118,7 +119,31 @@ void check_model(const json& body, const ServedModel& m) {
         "model", "model_not_found");
 }
 
-SamplingParams parse_sampling(const json& body, const ServedModel& m, uint64_t random_seed) {
+// OpenAI's logit_bias: {"token id": bias in [-100, 100]}, at most kMaxLogitBias entries, ids of
+// this vocabulary.
+constexpr size_t kMaxLogitBias = 1024;
+std::vector<std::pair<int32_t, float>> parse_logit_bias(const json& lb, int32_t n_vocab) {
+  if (!lb.is_object())
+    bad("logit_bias", fmt::format("'logit_bias' must be an object, got {}", lb.type_name()));
+  if (lb.size() > kMaxLogitBias)
+    bad("logit_bias", fmt::format("'logit_bias' has {} entries, at most {}", lb.size(),
+                                  kMaxLogitBias));
+  std::vector<std::pair<int32_t, float>> out;
+  for (const auto& [key, value] : lb.items()) {
+    int64_t id = -1;
+    const auto [end, ec] = std::from_chars(key.data(), key.data() + key.size(), id);
+    if (ec != std::errc() || end != key.data() + key.size() || id < 0 || id >= n_vocab)
+      bad("logit_bias", fmt::format("'logit_bias' key '{}' is not a token id in [0, {})",
+                                    clip(key), n_vocab));
+    if (!value.is_number() || !(value.get<double>() >= -100.0 && value.get<double>() <= 100.0))
+      bad("logit_bias", fmt::format("'logit_bias' of token {} must be a number in [-100, 100]", id));
+    out.emplace_back(static_cast<int32_t>(id), static_cast<float>(value.get<double>()));
+  }
+  return out;
+}
+
+SamplingParams parse_sampling(const json& body, const ServedModel& m, uint64_t random_seed,
+                              int32_t n_vocab) {
   SamplingParams p = m.defaults;
   p.temperature = static_cast<float>(in_range(body, "temperature", 0.0, 2.0, p.temperature));
   p.top_p = static_cast<float>(in_range(body, "top_p", 0.0, 1.0, p.top_p));
@@ -138,21 +163,12 @@ SamplingParams parse_sampling(const json& body, const ServedModel& m, uint64_t r
   // Any 64-bit integer; negative seeds are their two's complement.
   const auto seed = get_int(body, "seed");
   p.seed = seed ? static_cast<uint64_t>(*seed) : random_seed;
-  // OpenAI's additive penalties are not in kvlm's sampler; 0 (their default) is accepted.
-  for (const char* key : {"presence_penalty", "frequency_penalty"}) {
-    const double v = in_range(body, key, -2.0, 2.0, 0.0);
-    if (v != 0)
-      bad(key,
-          fmt::format("'{}' is not supported (only 0); use 'repeat_penalty' (llama.cpp's "
-                      "multiplicative penalty) instead",
-                      key),
-          "unsupported_parameter");
-  }
-  if (const json* lb = field(body, "logit_bias")) {
-    if (!lb->is_object())
-      bad("logit_bias", fmt::format("'logit_bias' must be an object, got {}", lb->type_name()));
-    refuse_if(!lb->empty(), "logit_bias", "kvlm's sampler has no per-token bias");
-  }
+  // OpenAI's additive penalties, over the same window as repeat_penalty (repeat_last_n).
+  p.presence_penalty =
+      static_cast<float>(in_range(body, "presence_penalty", -2.0, 2.0, p.presence_penalty));
+  p.frequency_penalty =
+      static_cast<float>(in_range(body, "frequency_penalty", -2.0, 2.0, p.frequency_penalty));
+  if (const json* lb = field(body, "logit_bias")) p.logit_bias = parse_logit_bias(*lb, n_vocab);
   try {
     validate(p);
   } catch (const Error& e) {
@@ -478,7 +494,7 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
     const auto type = get_string(*rf, "type").value_or("text");
     refuse_if(type != "text", "response_format", "kvlm generates free text only (type 'text')");
   }
-  g.req.sampling = parse_sampling(body, m, random_seed);
+  g.req.sampling = parse_sampling(body, m, random_seed, tok.n_vocab());
   g.stop = parse_stop(body);
   parse_stream(body, &g);
   g.req.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
@@ -536,7 +552,7 @@ GenerationRequest parse_completion_request(const json& body, const Tokenizer& to
     refuse_if(
         !(lp->is_boolean() ? !lp->get<bool>() : lp->is_number_integer() && lp->get<int64_t>() == 0),
         "logprobs", "kvlm returns no log-probabilities");
-  g.req.sampling = parse_sampling(body, m, random_seed);
+  g.req.sampling = parse_sampling(body, m, random_seed, tok.n_vocab());
   g.stop = parse_stop(body);
   parse_stream(body, &g);
   g.req.ignore_eos = get_bool(body, "ignore_eos").value_or(false);

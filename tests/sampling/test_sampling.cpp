@@ -429,6 +429,47 @@ TEST(Sampler, RepeatPenaltyAppliesBeforeTopK) {
   EXPECT_EQ(s.sample(v.data(), 3, hist), 1);
 }
 
+// OpenAI's additive penalties: a token seen c times in the window loses presence + c x frequency.
+TEST(Sampler, PresenceAndFrequencyPenaltiesSubtract) {
+  SamplingParams p = plain(0.0f);
+  p.presence_penalty = 0.5f;
+  Sampler presence(p);
+  const std::vector<float> v = {2.0f, 1.6f, 0.0f};
+  const int32_t once[] = {0}, thrice[] = {0, 0, 0};
+  EXPECT_EQ(presence.sample(v.data(), 3, once), 1);    // 2.0 - 0.5 = 1.5 < 1.6
+  EXPECT_EQ(presence.sample(v.data(), 3, thrice), 1);  // the same: presence ignores the count
+  EXPECT_FALSE(presence.argmax_only());
+  p.presence_penalty = 0.0f;
+  p.frequency_penalty = 0.15f;
+  Sampler frequency(p);
+  EXPECT_EQ(frequency.sample(v.data(), 3, once), 0);    // 2.0 - 0.15 = 1.85 > 1.6
+  EXPECT_EQ(frequency.sample(v.data(), 3, thrice), 1);  // 2.0 - 0.45 = 1.55 < 1.6
+  EXPECT_EQ(frequency.sample(v.data(), 3, thrice), 1);  // the counts were reset
+  p.frequency_penalty = -1.0f;  // negative: encourages repetition
+  Sampler encourage(p);
+  const std::vector<float> w = {1.0f, 1.5f};
+  const int32_t zero[] = {0};
+  EXPECT_EQ(encourage.sample(w.data(), 2, zero), 0);  // 1.0 + 1.0 = 2.0 > 1.5
+}
+
+TEST(Sampler, LogitBiasAddsBeforeEverything) {
+  SamplingParams p = plain(0.0f);
+  p.logit_bias = {{2, 5.0f}};
+  Sampler s(p);
+  EXPECT_FALSE(s.argmax_only());
+  const std::vector<float> v = {2.0f, 1.9f, -2.0f};
+  EXPECT_EQ(s.sample(v.data(), 3, {}), 2);  // -2 + 5 = 3
+  p.logit_bias = {{0, -100.0f}, {9, 50.0f}};  // an id past the vocabulary is ignored
+  Sampler ban(p);
+  EXPECT_EQ(ban.sample(v.data(), 3, {}), 1);
+  // At a temperature, -100 leaves the banned token all but undrawable.
+  p = plain(1.0f);
+  p.top_k = 0;
+  p.logit_bias = {{0, -100.0f}};
+  Sampler drawn(p);
+  for (int i = 0; i < 200; ++i) EXPECT_NE(drawn.sample(v.data(), 3, {}), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // validate
 

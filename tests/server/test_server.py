@@ -420,7 +420,8 @@ class Protocol(ServerCase):
             ("stream not bool", "POST", chat, {"messages": msgs, "stream": "yes"}, 400),
             ("n = 2", "POST", chat, {"messages": msgs, "n": 2}, 400),
             ("logprobs", "POST", chat, {"messages": msgs, "logprobs": True}, 400),
-            ("presence_penalty", "POST", chat, {"messages": msgs, "presence_penalty": 1}, 400),
+            ("presence_penalty 3", "POST", chat, {"messages": msgs, "presence_penalty": 3}, 400),
+            ("logit_bias id", "POST", chat, {"messages": msgs, "logit_bias": {"999999": 1}}, 400),
             ("five stop strings", "POST", chat, {"messages": msgs, "stop": list("abcde")}, 400),
             ("stop not strings", "POST", chat, {"messages": msgs, "stop": [1]}, 400),
             ("unknown model", "POST", chat, {"model": "gpt-4o", "messages": msgs}, 404),
@@ -616,6 +617,29 @@ class ApiKey(unittest.TestCase):
         srv = Server("-m", TINY, env={"KVLM_API_KEY": "from-env"})
         try:
             self.check(srv, "from-env")
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+
+class Penalties(unittest.TestCase):
+    """presence_penalty, frequency_penalty and logit_bias through the official client: a bias of
+    +100 on one token makes greedy decoding repeat it, -100 on it leaves a +100 rival alone; the
+    penalties are accepted."""
+
+    def test_logit_bias_and_penalties(self):
+        srv = Server("-m", TINY)
+        try:
+            with srv.client() as c:
+                def complete(**kw):
+                    return c.completions.create(model="tiny-llama", prompt="the cat",
+                                                max_tokens=12, temperature=0, **kw)
+                # Tokens 65 and 66 are the bytes 'A' and 'B' (the tiny vocabulary's first 256).
+                forced = complete(logit_bias={"65": 100})
+                self.assertEqual(forced.choices[0].text, "A" * 12)
+                banned = complete(logit_bias={"65": -100, "66": 100})
+                self.assertEqual(banned.choices[0].text, "B" * 12)
+                strong = complete(presence_penalty=2, frequency_penalty=2)
+                self.assertEqual(strong.usage.completion_tokens, 12)
         finally:
             self.assertEqual(srv.stop(), 0)
 

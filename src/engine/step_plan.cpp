@@ -88,7 +88,8 @@ void StepPlanner::admit_waiting() {
        wi < waiting.size() && static_cast<int32_t>(running_->size()) < lim_.n_parallel;) {
     StepSeq& q = *waiting[wi];
     const KvHit hit = kv_.lookup(q.tokens, q.salt);
-    if (inflight_blocks(q) > static_cast<int64_t>(hit.full.block_ids.size())) {
+    if (kv_.prefix_cache() &&
+        inflight_blocks(q) > static_cast<int64_t>(hit.full.block_ids.size())) {
       ++wi;  // try the next one; this one is admitted once the blocks are registered
       continue;
     }

@@ -290,7 +290,9 @@ TEST(Scheduler, BurstSharesAPrefixStillBeingComputed) {
   int64_t hits = 0;
   for (int i = 0; i < 8; ++i) {
     ASSERT_TRUE(cols[i]->done);
-    hits += cols[i]->last.n_cached == 96;
+    // The 6 full blocks of the system prompt (96 tokens), and 4 more from the first request's
+    // partial last block when it had already finished (a slow submitting thread).
+    hits += cols[i]->last.n_cached == 96 || cols[i]->last.n_cached == 100;
     EXPECT_EQ(cols[i]->tokens, alone(f, prompts[i], 6, DType::F16)) << i;
   }
   EXPECT_GE(hits, 7);  // all but the first (which may itself hit if it ran last)

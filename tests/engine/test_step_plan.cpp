@@ -119,6 +119,19 @@ TEST(StepPlan, ABurstWaitsForTheBlocksItsTwinIsPrefilling) {
   EXPECT_EQ(sim.counters.prompt_tokens_cached, 2 * 96);
 }
 
+// Without a prefix cache there is nothing to wait for: the burst is admitted at once.
+TEST(StepPlan, WithoutAPrefixCacheABurstDoesNotWait) {
+  KvManager kv = bookkeeping(64, /*prefix=*/false);
+  StepPlanner planner({.n_parallel = 4, .n_batch = 32, .n_ctx = 512}, kv);
+  Sim sim;
+  std::mt19937 rng(5);
+  const auto prompt = tokens(rng, 100);
+  for (int i = 0; i < 3; ++i) sim.submit(prompt, 2);
+  sim.step(planner, kv, 1);
+  EXPECT_EQ(sim.running.size(), 3u);
+  EXPECT_TRUE(sim.waiting.empty());
+}
+
 // A sliding window with sinks: sequences generate past their context, never holding more than it.
 TEST(StepPlan, EvictingSequencesStayWithinTheirContext) {
   KvManager kv = bookkeeping(40);

@@ -95,13 +95,12 @@ CompareRun compare_run(const Model& model, const Tokenizer& tok, const KvOptions
 
 // --compare-cache: the same prompt with the cache and without it (every step recomputing the
 // whole history), side by side: what the cache buys, and that it changes no token.
-int run_compare(const GenerateArgs& a, const Model& model, const Tokenizer& tok,
-                const KvOptions& kvo, ThreadPool& pool, std::span<const int32_t> prompt,
-                GenerateOptions opts) {
+int run_compare(const Model& model, const Tokenizer& tok, const KvOptions& kvo, ThreadPool& pool,
+                int64_t n_batch, std::span<const int32_t> prompt, GenerateOptions opts) {
   opts.use_cache = true;
-  const CompareRun on = compare_run(model, tok, kvo, pool, a.n_batch, prompt, opts);
+  const CompareRun on = compare_run(model, tok, kvo, pool, n_batch, prompt, opts);
   opts.use_cache = false;
-  const CompareRun off = compare_run(model, tok, kvo, pool, a.n_batch, prompt, opts);
+  const CompareRun off = compare_run(model, tok, kvo, pool, n_batch, prompt, opts);
   std::fputs((on.text + "\n\n").c_str(), stdout);
   auto ms = [](const CompareRun& r) { return r.st.prefill_ms + r.st.decode_ms; };
   auto tps = [&](const CompareRun& r) { return ms(r) > 0 ? r.st.n_generated * 1000.0 / ms(r) : 0.0; };
@@ -131,8 +130,9 @@ int run_generate(const GenerateArgs& a) {
   const KvOptions kvo = to_kv_options(a.cache, c);
   const int64_t n_ctx = kvo.n_ctx;
 
-  std::string text = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file);
-  if (a.chat) text = apply_chat_template(tok->chat_template(), {{"user", a.prompt}}, true);
+  const std::string user = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file);
+  const std::string text =
+      a.chat ? apply_chat_template(tok->chat_template(), {{"user", user}}, true) : user;
   std::vector<int32_t> prompt = tok->encode(text, tok->add_bos_default(), /*parse_special=*/true);
   if (prompt.empty()) fail("the prompt is empty: nothing to generate from");
   if (!kvo.window && kvo.n_keep < 0 && static_cast<int64_t>(prompt.size()) >= n_ctx)
@@ -141,7 +141,7 @@ int run_generate(const GenerateArgs& a) {
          prompt.size(), n_ctx, c.n_ctx_train);
 
   ThreadPool pool(resolve_threads(a.threads));
-  Session session(*model, kvo, pool, kvo.window ? std::min(a.n_batch, kvo.window_chunk) : a.n_batch);
+  const int64_t n_batch = kvo.window ? std::min(a.n_batch, kvo.window_chunk) : a.n_batch;
   GenerateOptions opts;
   opts.n_predict = a.n_predict;
   opts.use_cache = !a.no_cache;
@@ -153,8 +153,9 @@ int run_generate(const GenerateArgs& a) {
   if (a.compare) {
     if (a.no_cache || a.trace)
       fail("--compare-cache runs with and without the cache itself: drop --no-cache / --trace");
-    return run_compare(a, *model, *tok, kvo, pool, prompt, opts);
+    return run_compare(*model, *tok, kvo, pool, n_batch, prompt, opts);
   }
+  Session session(*model, kvo, pool, n_batch);
   if (a.trace)
     opts.on_step = [&](const StepTrace& t) { print_trace(*tok, session.kv_shape(), t); };
 

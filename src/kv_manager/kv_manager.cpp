@@ -263,7 +263,7 @@ bool KvManager::fits(SeqId seq, int64_t n) {
 }
 
 bool KvManager::reserve(SeqId seq, int64_t n) {
-  state(seq);
+  state(seq);  // an unknown sequence is an error, before any pool changes
   const int64_t pos = seq_tokens(seq);
   // Window groups first give back what no query from pos on reads (the last block always stays).
   for (Group& g : groups_) {

@@ -213,6 +213,10 @@ class GenerateCache(unittest.TestCase):
             self.assertEqual(a[1], b[1])
             self.assertIn("CPU only; -ngl 99 is ignored", a[2])
             self.assertIn("-fa changes nothing", a[2])
+            # --chat wraps the file's text as it wraps -p's.
+            c1 = run(["generate", "--chat", "-f", f.name, "-n", "4", "--temp", "0"])
+            c2 = run(["generate", "--chat", "-p", "Water boils at", "-n", "4", "--temp", "0"])
+            self.assertEqual((c1[0], c1[1]), (0, c2[1]), c1[2])
             rc, _, err = run(["generate", "-p", "x", "-f", f.name])
             self.assertEqual(rc, 2)
             self.assertIn("excludes", err)

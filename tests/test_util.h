@@ -30,6 +30,20 @@ inline std::string model_path() {
   return dir + "/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
+// llama.cpp's own reference data (vocab-only GGUFs with .inp/.out pairs, templates/*.jinja), as
+// scripts/fetch-refdata.sh places it; `make test` fetches it first, so missing data is a set-up
+// error and the tests that need it fail.
+inline std::string refdata_dir() {
+  std::string dir;
+  if (const char* d = std::getenv("KVLM_REFDATA"); d && *d) {
+    dir = d;
+  } else {
+    const char* home = std::getenv("HOME");
+    dir = std::string(home ? home : ".") + "/.cache/kvlm/refdata";
+  }
+  return dir + "/llama.cpp-0.3.36";
+}
+
 // n token ids in [0, n_vocab), the same for the same seed.
 inline std::vector<int32_t> random_tokens(int n, int32_t n_vocab, uint32_t seed) {
   std::mt19937 rng(seed);

@@ -139,18 +139,25 @@ void time_reps(BenchResult& r, const BenchTest& t, int reps, Run&& run) {
 BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs& a,
                         const KvOptions& kvo, ThreadPool& pool) {
   constexpr int32_t kBlock = 16;
-  const int32_t n_vocab = model.config().n_vocab;
+  const ModelConfig& mc = model.config();
+  const int32_t n_vocab = mc.n_vocab;
   KvShape shape = model.kv_shape(kvo.dtype_k, kvo.dtype_v);
   shape.rotate = kvo.rotate;
   const int64_t n_seq = t.n_seq, depth = t.depth;
-  const int64_t shared_blocks = std::min(t.shared, depth) / kBlock;
+  // Sliding-window layers take no prefix cache (scheduler.h), so nothing is shared there.
+  const bool windowed = std::any_of(mc.layer_window.begin(), mc.layer_window.end(),
+                                    [](int32_t w) { return w > 0; });
+  const int64_t shared_blocks = windowed ? 0 : std::min(t.shared, depth) / kBlock;
   const int64_t seq_blocks = (t.n_ctx() + kBlock - 1) / kBlock;
   const int64_t n_blocks = seq_blocks + (n_seq - 1) * (seq_blocks - shared_blocks);
   if (n_blocks > (int64_t{1} << 30)) fail("{}: {} KV blocks are too many", t.name(), n_blocks);
-  KvManager kv({.shape = shape,
-                .block_size = kBlock,
-                .n_blocks = static_cast<int32_t>(n_blocks),
-                .rope = model.kv_rope()});
+  const KvPoolSpec spec{.shape = shape,
+                        .block_size = kBlock,
+                        .n_parallel = n_seq,
+                        .n_batch = std::max<int64_t>(a.n_batch, 1),
+                        .n_ctx = t.n_ctx(),
+                        .layer_window = mc.layer_window};
+  KvManager kv(kv_pool_config(spec, n_blocks, 0, !windowed, model.kv_rope()));
   Scratch scratch;
   std::mt19937 rng(kTokenSeed);
   // Every sequence's tokens: [depth] context, then the [n_gen] tokens its timed steps feed.
@@ -169,19 +176,33 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
   };
   // Context, untimed, in feeds of at most -b tokens. The pool is sized for every sequence's
   // blocks (nothing is preempted here), so a refused admission or reservation is a bug.
-  for (SeqId id = 0; id < n_seq; ++id) {
-    const std::span<const int32_t> ctx(toks[id].data(), static_cast<size_t>(depth));
-    const KvHit hit = kv.lookup(ctx, "");
-    KVLM_CHECK(kv.admit(id, ctx, "", depth, hit));
-    for (int64_t pos = hit.n_tokens(); pos < depth;) {
-      const int64_t n = std::min<int64_t>(a.n_batch, depth - pos);
-      KVLM_CHECK(kv.reserve(id, n));
-      const BatchSeq q{ctx.subspan(pos, n), pos, kv.seq_caches(id)};
-      forward({&q, 1});
-      pos += n;
-      kv.commit(id, ctx, pos);
+  auto prefill = [&] {
+    for (SeqId id = 0; id < n_seq; ++id) {
+      const std::span<const int32_t> ctx(toks[id].data(), static_cast<size_t>(depth));
+      const KvHit hit = kv.lookup(ctx, "");
+      KVLM_CHECK(kv.admit(id, ctx, "", depth, hit));
+      for (int64_t pos = hit.n_tokens(); pos < depth;) {
+        const int64_t n = std::min<int64_t>(a.n_batch, depth - pos);
+        KVLM_CHECK(kv.reserve(id, n));
+        const BatchSeq q{ctx.subspan(pos, n), pos, kv.seq_caches(id)};
+        forward({&q, 1});
+        pos += n;
+        kv.commit(id, ctx, pos);
+      }
     }
-  }
+  };
+  // Back to the contexts after a repetition: truncated, or (a window group no longer holding
+  // what position depth reads) released and computed again, untimed.
+  auto rewind = [&] {
+    bool can = true;
+    for (SeqId id = 0; id < n_seq; ++id) can = can && kv.can_truncate(id, depth);
+    for (SeqId id = 0; id < n_seq; ++id) {
+      if (can) kv.truncate(id, depth);
+      else kv.release(id, toks[id], depth, /*keep_partial=*/false);
+    }
+    if (!can) prefill();
+  };
+  prefill();
   std::vector<BatchSeq> batch(static_cast<size_t>(n_seq));
   auto run_once = [&](int64_t n_steps) {
     Timer timer;
@@ -194,7 +215,7 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
       for (SeqId id = 0; id < n_seq; ++id) kv.commit(id, toks[id], pos + 1);
     }
     const double sec = timer.ms() / 1000.0;
-    for (SeqId id = 0; id < n_seq; ++id) kv.truncate(id, depth);
+    rewind();
     return sec;
   };
   BenchResult r;

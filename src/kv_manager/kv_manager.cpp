@@ -83,9 +83,78 @@ KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc
                     .rope = rope};
   if (sg.groups.size() == 1 && sg.groups[0].window == 0) return c;  // one full group
   for (const KvSeqGroup& g : sg.groups)
-    c.groups.push_back({g.window, checked_blocks(g.n_blocks, n_ctx),
-                        checked_blocks(g.max_blocks, n_ctx)});
+    c.groups.push_back({.window = g.window,
+                        .n_blocks = checked_blocks(g.n_blocks, n_ctx),
+                        .max_blocks = checked_blocks(g.max_blocks, n_ctx)});
   c.layer_group = sg.layer_group;
+  return c;
+}
+
+namespace {
+
+// Layers of each distinct window, in first-seen order (the groups' order after the full group).
+std::vector<std::pair<int32_t, int32_t>> window_layers(std::span<const int32_t> layer_window) {
+  std::vector<std::pair<int32_t, int32_t>> out;  // (window, n_layers)
+  for (int32_t w : layer_window) {
+    if (w <= 0) continue;
+    auto it = std::find_if(out.begin(), out.end(), [&](auto& p) { return p.first == w; });
+    if (it == out.end()) out.push_back({w, 1}); else ++it->second;
+  }
+  return out;
+}
+
+// Bytes of one block of one layer (a block spans every layer of its group).
+uint64_t layer_block_bytes(const KvPoolSpec& spec) {
+  return PagedKvStore::block_bytes(spec.shape, spec.block_size) /
+         static_cast<uint64_t>(spec.shape.n_layer);
+}
+
+int64_t window_group_blocks(const KvPoolSpec& spec, int32_t window) {
+  return spec.n_parallel * kv_window_blocks(window, spec.n_batch, spec.n_ctx, spec.block_size);
+}
+
+}  // namespace
+
+uint64_t kv_window_groups_bytes(const KvPoolSpec& spec) {
+  uint64_t out = 0;
+  for (const auto& [w, n_layers] : window_layers(spec.layer_window))
+    out += uint64_t(window_group_blocks(spec, w)) * uint64_t(n_layers) * layer_block_bytes(spec);
+  return out;
+}
+
+uint64_t kv_full_block_bytes(const KvPoolSpec& spec) {
+  const auto windowed = static_cast<int64_t>(std::count_if(
+      spec.layer_window.begin(), spec.layer_window.end(), [](int32_t w) { return w > 0; }));
+  return uint64_t(spec.shape.n_layer - windowed) * layer_block_bytes(spec);
+}
+
+KvManagerConfig kv_pool_config(const KvPoolSpec& spec, int64_t full_blocks, int32_t n_slots,
+                               bool prefix_cache, const KvRope& rope) {
+  const auto windows = window_layers(spec.layer_window);
+  KvManagerConfig c{.shape = spec.shape,
+                    .block_size = spec.block_size,
+                    .n_blocks = checked_blocks(full_blocks, spec.n_ctx),
+                    .n_slots = n_slots,
+                    .prefix_cache = prefix_cache,
+                    .rope = rope};
+  if (windows.empty()) return c;
+  std::vector<int32_t> group_window;  // [n_groups]
+  if (kv_full_block_bytes(spec) > 0) {
+    group_window.push_back(0);
+    c.groups.push_back({.window = 0, .n_blocks = c.n_blocks});
+  }
+  for (const auto& [w, n_layers] : windows) {
+    group_window.push_back(w);
+    c.groups.push_back(
+        {.window = w,
+         .n_blocks = checked_blocks(window_group_blocks(spec, w), spec.n_ctx),
+         .seq_blocks = checked_blocks(
+             kv_window_blocks(w, spec.n_batch, spec.n_ctx, spec.block_size), spec.n_ctx)});
+  }
+  for (int32_t w : spec.layer_window)
+    c.layer_group.push_back(static_cast<int32_t>(
+        std::find(group_window.begin(), group_window.end(), std::max(w, 0)) -
+        group_window.begin()));
   return c;
 }
 
@@ -100,6 +169,7 @@ KvManager::KvManager(const KvManagerConfig& config)
     Group grp;
     grp.window = g.window;
     grp.max_blocks = std::max(g.max_blocks, g.n_blocks);
+    grp.seq_blocks = g.seq_blocks > 0 ? g.seq_blocks : grp.max_blocks;
     grp.n_layers = static_cast<int32_t>(
         std::count(lg.begin(), lg.end(), static_cast<int32_t>(groups_.size())));
     grp.pool = std::make_unique<BlockPool>(BlockPool::Config{
@@ -213,7 +283,7 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
       matched = static_cast<int64_t>(hit.full.block_ids.size());
     }
     const int64_t need = std::max<int64_t>(
-        0, std::min<int64_t>(n_blocks_all, g.window > 0 ? g.max_blocks : n_blocks_all) - matched);
+        0, std::min<int64_t>(n_blocks_all, g.window > 0 ? g.seq_blocks : n_blocks_all) - matched);
     if (g.pool->stats().n_free - matched_free < need) return false;
   }
 

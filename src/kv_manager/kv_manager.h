@@ -47,6 +47,9 @@ struct KvGroupSpec {
   int32_t window = 0;
   int32_t n_blocks = 0;    // > 0
   int32_t max_blocks = 0;  // > n_blocks: grows like a dynamic cache (0: n_blocks, fixed)
+  // A window group: the most blocks one sequence holds at once (kv_window_blocks), what admit()
+  // asks to be free. 0: the pool's size (one sequence's cache).
+  int32_t seq_blocks = 0;
 };
 
 struct KvManagerConfig {
@@ -88,6 +91,27 @@ struct KvHit {
 KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc,
                               const KvRope& rope, std::span<const int32_t> layer_window = {},
                               int64_t n_batch = 512);
+
+// The manager of many sequences (kvlm serve, bench -np): at most n_parallel sequences of at most
+// n_ctx positions each, fed at most n_batch tokens per pass. Full-attention layers share one pool
+// of full_blocks blocks (the budget); each distinct window of layer_window ([n_layer], empty: all
+// full) gets a group of n_parallel x kv_window_blocks blocks, so a window never runs short before
+// the full pool does and the budget decides admission and preemption alone. With windows: no
+// prefix cache and no KIVI (refused).
+struct KvPoolSpec {
+  KvShape shape;
+  int32_t block_size = 16;
+  int64_t n_parallel = 1;
+  int64_t n_batch = 512;
+  int64_t n_ctx = 4096;
+  std::span<const int32_t> layer_window{};
+};
+// Blocks the window groups of spec take, in bytes (0 without windows), and the bytes of one
+// full-group block (the layers of full attention only).
+uint64_t kv_window_groups_bytes(const KvPoolSpec& spec);
+uint64_t kv_full_block_bytes(const KvPoolSpec& spec);
+KvManagerConfig kv_pool_config(const KvPoolSpec& spec, int64_t full_blocks, int32_t n_slots,
+                               bool prefix_cache, const KvRope& rope);
 
 
 struct KvGroupStats {
@@ -193,6 +217,7 @@ class KvManager {
   struct Group {
     int32_t window = 0;
     int32_t max_blocks = 0;
+    int32_t seq_blocks = 0;  // a window group: the most one sequence holds (admit)
     int32_t n_layers = 0;
     std::unique_ptr<BlockPool> pool;
   };

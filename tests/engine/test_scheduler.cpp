@@ -504,6 +504,65 @@ TEST(Scheduler, EvictingConfigIsValidated) {
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
 }
 
+// ---- per-layer cache groups (sliding-window layers) ----------------------------------------------
+
+// Models with sliding-window layers (2 of 1 windowed at 24, Gemma 3's 5 of 6 at 8, every layer at
+// 8): their window layers run in groups of n_parallel x kv_window_blocks blocks that give back
+// what the window no longer sees; batched, chunked and (with a full group) preempted, every
+// request's tokens equal its run alone in a Session.
+SchedulerConfig window_groups_config(int64_t budget_tokens) {
+  SchedulerConfig cfg;
+  cfg.prefix_cache = false;  // not with window layers yet
+  cfg.kv_budget_tokens = budget_tokens;
+  cfg.n_parallel = 8;
+  cfg.n_batch = 16;  // prefill in chunks: the window groups release blocks between them
+  cfg.n_ctx = 128;
+  return cfg;
+}
+
+TEST(Scheduler, WindowGroupsBatchedEqualAlone) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf", "tiny-llama-swa-all.gguf"}) {
+    SCOPED_TRACE(name);
+    Fixture f(test::data_path(name));
+    run_batch(window_groups_config(8 * 128), 8, 30, false, f);
+  }
+}
+
+TEST(Scheduler, WindowGroupsPreemptedEqualAlone) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf"}) {
+    SCOPED_TRACE(name);
+    Fixture f(test::data_path(name));
+    run_batch(window_groups_config(160), 8, 30, true, f);  // 10 full blocks for up to 7 each
+  }
+}
+
+// The window groups' memory is what n_parallel sequences hold at most, whatever the budget; the
+// full group gets the rest of a byte budget.
+TEST(Scheduler, WindowGroupsAreBoundedAndTheBudgetHoldsThem) {
+  Fixture f(test::data_path("tiny-gemma3.gguf"));
+  SchedulerConfig cfg = window_groups_config(0);
+  const KvShape shape = f.model->kv_shape(cfg.dtype_k, cfg.dtype_v);
+  const uint64_t layer_block = PagedKvStore::block_bytes(shape, cfg.block_size) / shape.n_layer;
+  const uint64_t windows = uint64_t(cfg.n_parallel) * 5 *
+                           uint64_t(kv_window_blocks(8, cfg.n_batch, cfg.n_ctx, cfg.block_size)) *
+                           layer_block;
+  cfg.kv_budget_bytes = static_cast<int64_t>(windows + 20 * layer_block);  // 20 full blocks
+  {
+    Scheduler sch(*f.model, *f.tok, cfg, pool());
+    EXPECT_EQ(sch.capacity_tokens(), 20 * cfg.block_size);
+    EXPECT_EQ(sch.stats().kv_bytes_total, cfg.kv_budget_bytes);
+  }
+  cfg.kv_budget_bytes = static_cast<int64_t>(windows);  // no room for a full block
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg.kv_budget_bytes = 0;
+  cfg.kv_budget_tokens = 256;
+  cfg.prefix_cache = true;  // refused with window layers, as eviction and KIVI are
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg.prefix_cache = false;
+  cfg.eviction.n_keep = 4;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+}
+
 // ---- KIVI served paged ---------------------------------------------------------------------------
 
 Fixture& smollm2() {

@@ -249,6 +249,7 @@ TEST(Window, EvictionIsRefusedOnWindowedModels) {
   SchedulerConfig sc;
   sc.n_ctx = 64;
   sc.kv_budget_tokens = 1024;
+  sc.prefix_cache = false;  // refused with window layers too (Scheduler.WindowGroups*)
   sc.eviction.n_keep = 4;
   EXPECT_THROW(Scheduler(*m, *tok, sc, pool()), Error);
   sc.eviction.n_keep = -1;

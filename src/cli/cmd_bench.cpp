@@ -144,7 +144,8 @@ BenchResult run_batched(const Model& model, const BenchTest& t, const BenchArgs&
   KvShape shape = model.kv_shape(kvo.dtype_k, kvo.dtype_v);
   shape.rotate = kvo.rotate;
   const int64_t n_seq = t.n_seq, depth = t.depth;
-  // Sliding-window layers take no prefix cache (scheduler.h), so nothing is shared there.
+  // With sliding-window layers nothing is shared: a hit also needs window twins (docs/KV.md),
+  // which the block count below does not plan for.
   const bool windowed = std::any_of(mc.layer_window.begin(), mc.layer_window.end(),
                                     [](int32_t w) { return w > 0; });
   const int64_t shared_blocks = windowed ? 0 : std::min(t.shared, depth) / kBlock;

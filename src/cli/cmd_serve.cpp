@@ -119,12 +119,13 @@ int run_serve(ServeArgs& a) {
     a.no_prefix_cache = true;  // the listening line says "prefix cache off"
   }
   cfg.prefix_cache = !a.no_prefix_cache;
-  // Sliding-window layers (Gemma 3) run without the prefix cache for now (docs/KV.md): said in
-  // the listening line rather than refused, since it is on by default.
-  const bool windowed = std::any_of(c.layer_window.begin(), c.layer_window.end(),
-                                    [](int32_t w) { return w > 0; });
-  const char* prefix_note = cfg.prefix_cache && windowed ? " (sliding-window layers)" : "";
-  if (windowed) cfg.prefix_cache = false;
+  // A model whose every layer is windowed has no full-attention blocks to index a prefix by
+  // (docs/KV.md): said in the listening line rather than refused, since it is on by default.
+  const bool all_windowed =
+      !c.layer_window.empty() &&
+      std::all_of(c.layer_window.begin(), c.layer_window.end(), [](int32_t w) { return w > 0; });
+  const char* prefix_note = cfg.prefix_cache && all_windowed ? " (every layer windowed)" : "";
+  if (all_windowed) cfg.prefix_cache = false;
   const size_t bytes_per_token = kv_bytes_per_token(model->kv_shape(cfg.dtype_k, cfg.dtype_v));
   if (!a.kv_budget.empty()) {
     parse_budget(a.kv_budget, &cfg);

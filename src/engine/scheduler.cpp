@@ -101,10 +101,11 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
   if (config.eviction.on() && windowed)
     fail("--kv-window / --keep evict tokens, which models with sliding-window layers do not "
          "support yet");
-  // A prefix hit would also need the window layers' blocks of the tokens before it, which their
-  // groups do not index yet (docs/KV.md).
-  if (windowed && config.prefix_cache)
-    fail("the prefix cache does not work with sliding-window layers yet (--no-prefix-cache)");
+  // A hit is indexed by the full-attention layers' blocks (their window groups keep twins).
+  if (config.prefix_cache && std::all_of(c.layer_window.begin(), c.layer_window.end(),
+                                         [](int32_t w) { return w > 0; }) && windowed)
+    fail("the prefix cache needs full-attention layers; this model windows every layer "
+         "(--no-prefix-cache)");
   if (windowed && config.kivi_residual >= 0)
     fail("the KIVI cache (--kv-residual) does not work with sliding-window layers yet");
   KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);

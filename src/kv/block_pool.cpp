@@ -1,5 +1,7 @@
 #include "kv/block_pool.h"
 
+#include <algorithm>
+
 #include "base/error.h"
 
 namespace kvlm {
@@ -245,14 +247,23 @@ void BlockPool::append_shared(SeqId seq, std::span<const BlockId> ids) {
         "block pool: sequence {} holds {} tokens, not a multiple of the block size {}; shared "
         "blocks can only follow full blocks",
         seq, s.n_tokens, block_size_);
-  for (BlockId id : ids) {
+  const bool any_block =
+      std::any_of(s.table.begin(), s.table.end(), [](BlockId b) { return b != kNoBlock; });
+  bool past_holes = false;
+  for (const BlockId& id : ids) {
+    if (id == kNoBlock) {
+      if (past_holes || any_block || &id == &ids.back())
+        fail("block pool: holes can only lead a sequence's table, never end it");
+      continue;
+    }
+    past_holes = true;
     const BlockMeta& b = block_or_fail(id);
     if (b.ref_count == 0 && !b.cached)
       fail("block pool: block {} is free and not cached, so it holds no tokens to share", id);
   }
   s.table.reserve(s.table.size() + ids.size());
   for (BlockId id : ids) {
-    acquire(id);
+    if (id != kNoBlock) acquire(id);
     s.table.push_back(id);
   }
   s.n_tokens += static_cast<int64_t>(ids.size()) * block_size_;
@@ -308,6 +319,20 @@ void BlockPool::mark_cached(BlockId id) {
   if (b.cached) fail("block pool: block {} is already cached", id);
   b.cached = true;
   ++n_cached_;
+  after_op();
+}
+
+void BlockPool::forget_cached(BlockId id) {
+  block_or_fail(id);
+  BlockMeta& b = blocks_[static_cast<size_t>(id)];
+  if (!b.cached) fail("block pool: block {} is not cached", id);
+  b.cached = false;
+  --n_cached_;
+  if (b.ref_count == 0) {  // plain free blocks come before cached ones: it is handed out next
+    --n_cached_free_;
+    queue_remove(id);
+    queue_push_front(id);
+  }
   after_op();
 }
 

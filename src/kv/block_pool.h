@@ -111,7 +111,8 @@ class BlockPool {
   // Appends already-filled blocks (a prefix-cache hit) to a sequence whose length is a multiple
   // of block_size: refcount++ each (a cached-free block leaves the free queue), length +=
   // ids.size() * block_size. Each block must be cached or in use (a plain free block holds
-  // garbage). Never fails for lack of blocks.
+  // garbage). Leading kNoBlock entries are holes (a window group's hit starts at its window), on
+  // a table that has no block yet, and never last. Never fails for lack of blocks.
   void append_shared(SeqId seq, std::span<const BlockId> ids);
 
   // New sequence dst sharing every block of src (refcount++); the first write into a shared
@@ -135,6 +136,9 @@ class BlockPool {
   // The index registered block id's contents; it keeps them while its refcount is 0. The block
   // must be in use and not already cached.
   void mark_cached(BlockId id);
+  // Clears the flag of a cached block whose index entry went away elsewhere (no eviction hook);
+  // a cached-free block becomes a plain free one.
+  void forget_cached(BlockId id);
   bool is_cached(BlockId id) const;
   int32_t ref_count(BlockId id) const;
 

@@ -38,8 +38,10 @@ const KvManagerConfig& checked(const KvManagerConfig& c) {
     for (int32_t g : c.layer_group)
       if (g < 0 || g >= static_cast<int32_t>(c.groups.size()))
         fail("KV layer groups: group {} of {}", g, c.groups.size());
-    if (c.prefix_cache || c.shape.kivi())
-      fail("per-layer cache groups (sliding-window layers) do not take a prefix cache or KIVI yet");
+    if (c.shape.kivi()) fail("per-layer cache groups (sliding-window layers) do not take KIVI yet");
+    if (c.prefix_cache && c.groups[0].window != 0)
+      fail("the prefix cache needs a full-attention layer group first (a model whose every layer "
+           "is windowed runs without it)");
   }
   if (c.shape.kivi() && c.prefix_cache)
     fail("the prefix cache does not apply to the KIVI cache (--kv-residual): a sealed block is "
@@ -179,7 +181,12 @@ KvManager::KvManager(const KvManagerConfig& config)
   if (config.prefix_cache) {
     prefix_ = std::make_unique<PrefixCache>(PrefixCache::Config{
         .n_blocks = config.n_blocks, .block_size = config.block_size, .audit = config.audit});
-    pool0().set_evict_hook([this](BlockId b) { prefix_->erase(b); });
+    pool0().set_evict_hook([this](BlockId b) {
+      prefix_->erase(b);
+      unpair_full(b);
+    });
+    for (size_t gi = 1; gi < groups_.size(); ++gi)
+      groups_[gi].pool->set_evict_hook([this, gi](BlockId b) { unpair_window(groups_[gi], b); });
   }
   for (int32_t i = config.n_slots - 1; i >= 0; --i) free_slots_.push_back(i);
   const KvShape& s = shape_;
@@ -260,6 +267,22 @@ KvHit KvManager::lookup(std::span<const int32_t> tokens, std::string_view salt) 
   if (!prefix_) return hit;
   const PrefixKey k{cache_type_, salt};
   hit.full = prefix_->match(k, tokens);
+  if (windowed_prefix()) {
+    // The longest run of full blocks whose window groups still hold the twins the next query's
+    // windows read; no partial hit (its window rows would need a copy in every group too).
+    std::vector<BlockId> ids;
+    size_t n = hit.full.block_ids.size();
+    for (; n > 0; --n) {
+      const std::span<const BlockId> head(hit.full.block_ids.data(), n);
+      bool all = true;
+      for (size_t gi = 1; gi < groups_.size() && all; ++gi)
+        all = window_hit(groups_[gi], head, &ids);
+      if (all) break;
+    }
+    hit.full.block_ids.resize(n);
+    hit.full.n_tokens = static_cast<int64_t>(n) * block_size_;
+    return hit;
+  }
   hit.partial = prefix_->match_partial(k, tokens, hit.full);
   return hit;
 }
@@ -276,11 +299,17 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
   // Matched blocks with no holder leave the free queue when shared: they do not count as free.
   // A window group needs at most its bound (its pool's size) at once.
   const int64_t n_blocks_all = (n_held + block_size_ - 1) / block_size_;
+  std::vector<std::vector<BlockId>> shared(groups_.size());  // [n_groups] the hit's blocks
+  shared[0].assign(hit.full.block_ids.begin(), hit.full.block_ids.end());
+  for (size_t gi = 1; gi < groups_.size() && windowed_prefix(); ++gi)
+    if (!window_hit(groups_[gi], hit.full.block_ids, &shared[gi]))
+      fail("KV manager: a prefix hit whose window blocks are gone (not from lookup())");
   for (const Group& g : groups_) {
     int64_t matched_free = 0, matched = 0;
-    if (&g == &groups_[0]) {
-      for (BlockId b : hit.full.block_ids) matched_free += g.pool->ref_count(b) == 0;
-      matched = static_cast<int64_t>(hit.full.block_ids.size());
+    for (BlockId b : shared[static_cast<size_t>(&g - groups_.data())]) {
+      if (b == kNoBlock) continue;
+      matched_free += g.pool->ref_count(b) == 0;
+      ++matched;
     }
     const int64_t need = std::max<int64_t>(
         0, std::min<int64_t>(n_blocks_all, g.window > 0 ? g.seq_blocks : n_blocks_all) - matched);
@@ -295,8 +324,9 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
     s.kivi_slot = free_slots_.back();
     free_slots_.pop_back();
   }
-  pool0().append_shared(seq, hit.full.block_ids);
+  for (size_t gi = 0; gi < groups_.size(); ++gi) groups_[gi].pool->append_shared(seq, shared[gi]);
   s.n_registered = static_cast<int64_t>(hit.full.block_ids.size());
+  s.canon = shared[0];
   if (hit.partial.block >= 0) {
     // The partial hit goes into a fresh block of seq's own (one of the `need` counted above, so
     // append cannot fail), copied now: the source is cached-free or shared and stays as the index
@@ -367,6 +397,7 @@ bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
   if (bytes_) store_.shift_out(pool0().block_table(seq), n_tokens, begin, count, rope_);
   pool0().truncate(seq, n_after);
   s.n_registered = std::min(s.n_registered, begin / block_size_);
+  s.canon.resize(static_cast<size_t>(s.n_registered));
   s.evicted = true;
   n_evicted_tokens_ += count;
   return true;
@@ -383,12 +414,20 @@ void KvManager::commit(SeqId seq, std::span<const int32_t> tokens, int64_t n_com
   for (const int64_t full = n_computed / block_size_; s.n_registered < full; ++s.n_registered) {
     const int64_t bi = s.n_registered;
     const BlockId blk = table[static_cast<size_t>(bi)];
-    if (pool0().is_cached(blk)) continue;  // shared from the index already
-    const int32_t parent = bi == 0 ? kNoParent : table[static_cast<size_t>(bi - 1)];
-    if (prefix_->insert(k, parent, tokens.subspan(static_cast<size_t>(bi * block_size_),
-                                                  static_cast<size_t>(block_size_)),
-                        blk))
-      pool0().mark_cached(blk);
+    const auto toks =
+        tokens.subspan(static_cast<size_t>(bi * block_size_), static_cast<size_t>(block_size_));
+    BlockId canon = blk;  // a block shared from the index is the registered one
+    if (!pool0().is_cached(blk)) {
+      const BlockId parent = bi == 0 ? kNoParent : s.canon[static_cast<size_t>(bi - 1)];
+      if (bi > 0 && parent < 0)
+        canon = -1;  // the chain ended before: nothing after it can be verified
+      else if (prefix_->insert(k, parent, toks, blk))
+        pool0().mark_cached(blk);
+      else
+        canon = prefix_->registered(k, parent, toks);  // computed twice: continue from the first
+    }
+    s.canon.push_back(canon);
+    if (canon >= 0 && windowed_prefix()) pair_twins(seq, bi, canon);
   }
 }
 
@@ -415,6 +454,7 @@ void KvManager::truncate(SeqId seq, int64_t n) {
   // A registered block cut in the middle is re-registered once full again (the pool drops its
   // index entry before anything is written into it).
   s.n_registered = std::min(s.n_registered, n / block_size_);
+  s.canon.resize(static_cast<size_t>(s.n_registered));
 }
 
 void KvManager::register_partial(SeqId seq, const SeqState& s, std::span<const int32_t> tokens,
@@ -441,11 +481,57 @@ void KvManager::release(SeqId seq, std::span<const int32_t> tokens, int64_t n_co
                         bool keep_partial) {
   const SeqState& s = state(seq);
   KVLM_CHECK(n_computed <= seq_tokens(seq) && n_computed <= static_cast<int64_t>(tokens.size()));
-  if (keep_partial && prefix_ && !s.evicted && n_computed % block_size_ > 0)
+  if (keep_partial && prefix_ && !windowed_prefix() && !s.evicted && n_computed % block_size_ > 0)
     register_partial(seq, s, tokens, n_computed);
   for (Group& g : groups_) g.pool->free_seq(seq);
   if (s.kivi_slot >= 0) free_slots_.push_back(s.kivi_slot);
   seqs_.erase(seq);
+}
+
+// ---- window groups with the prefix cache -------------------------------------------------------
+
+bool KvManager::window_hit(const Group& g, std::span<const BlockId> full_ids,
+                           std::vector<BlockId>* ids) const {
+  const auto n = static_cast<int64_t>(full_ids.size());
+  // The last block always stays (as release_front keeps it): the next token may read it.
+  const int64_t first = std::min(unseen_blocks(g, n * block_size_), std::max<int64_t>(n - 1, 0));
+  ids->assign(static_cast<size_t>(first), kNoBlock);
+  for (int64_t b = first; b < n; ++b) {
+    const auto it = g.of_full.find(full_ids[static_cast<size_t>(b)]);
+    if (it == g.of_full.end()) return false;
+    ids->push_back(it->second);
+  }
+  return true;
+}
+
+void KvManager::pair_twins(SeqId seq, int64_t bi, BlockId full) {
+  for (size_t gi = 1; gi < groups_.size(); ++gi) {
+    Group& g = groups_[gi];
+    const BlockId blk = g.pool->block_table(seq)[static_cast<size_t>(bi)];
+    if (blk == kNoBlock || g.of_full.count(full) != 0 || g.pool->is_cached(blk)) continue;
+    g.pool->mark_cached(blk);
+    g.of_full[full] = blk;
+    g.full_of[blk] = full;
+  }
+}
+
+void KvManager::unpair_full(BlockId full) {
+  for (size_t gi = 1; gi < groups_.size(); ++gi) {
+    Group& g = groups_[gi];
+    const auto it = g.of_full.find(full);
+    if (it == g.of_full.end()) continue;
+    const BlockId blk = it->second;
+    g.full_of.erase(blk);
+    g.of_full.erase(it);
+    g.pool->forget_cached(blk);  // no hit can reach it any more
+  }
+}
+
+void KvManager::unpair_window(Group& g, BlockId blk) {
+  const auto it = g.full_of.find(blk);
+  if (it == g.full_of.end()) return;
+  g.of_full.erase(it->second);
+  g.full_of.erase(it);
 }
 
 KvSeqCache KvManager::seq_cache(SeqId seq) const { return seq_caches(seq)[0]; }
@@ -468,6 +554,16 @@ void KvManager::check_invariants() const {
     n_cached += in_index;
   }
   KVLM_CHECK(!prefix_ || n_cached == prefix_->n_cached());
+  // A window group's cached blocks are exactly the twins of registered group-0 blocks.
+  for (size_t gi = 1; gi < groups_.size(); ++gi) {
+    const Group& g = groups_[gi];
+    KVLM_CHECK(g.of_full.size() == g.full_of.size());
+    for (const auto& [full, blk] : g.of_full) {
+      KVLM_CHECK(prefix_ && prefix_->contains(full) && g.pool->is_cached(blk));
+      KVLM_CHECK(g.full_of.at(blk) == full);
+    }
+    KVLM_CHECK(g.pool->stats().n_cached == static_cast<int32_t>(g.of_full.size()));
+  }
   KVLM_CHECK(static_cast<int64_t>(free_slots_.size()) + (shape_.kivi() ? pool0().n_seqs() : 0) ==
              store_.n_slots());
   for (const Group& g : groups_) KVLM_CHECK(g.pool->n_seqs() == static_cast<int64_t>(seqs_.size()));

@@ -209,6 +209,10 @@ class KvManager {
   struct SeqState {
     std::string salt;          // prefix-cache tenant
     int64_t n_registered = 0;  // leading full blocks known to the prefix index
+    // [n_registered] the registered block holding each of them: its own, the hit's, or the
+    // block an equal one computed earlier was registered in (its chain continues from there).
+    // -1: none (the chain ended, nothing after it registers).
+    std::vector<BlockId> canon;
     bool evicted = false;
     int32_t kivi_slot = -1;
     int64_t n_sealed = 0;
@@ -218,6 +222,10 @@ class KvManager {
     int32_t window = 0;
     int32_t max_blocks = 0;
     int32_t seq_blocks = 0;  // a window group: the most one sequence holds (admit)
+    // With the prefix cache, a window group's cached blocks are twins of group 0's registered
+    // ones (same tokens, this group's layers): of_full[group-0 block] = its block, full_of the
+    // other way. A hit uses them for the blocks its window reads.
+    std::unordered_map<BlockId, BlockId> of_full, full_of;
     int32_t n_layers = 0;
     std::unique_ptr<BlockPool> pool;
   };
@@ -233,6 +241,17 @@ class KvManager {
   void copy_blocks(const std::vector<BlockCopy>& copies, int32_t group);
   void register_partial(SeqId seq, const SeqState& s, std::span<const int32_t> tokens,
                         int64_t n_computed);
+  // ---- window groups with the prefix cache ----
+  bool windowed_prefix() const { return prefix_ && groups_.size() > 1; }
+  // Group g's blocks for a hit of group-0 blocks full_ids: holes before the block position
+  // full_ids.size() * block_size's window starts in, then twins; false when a twin is missing.
+  bool window_hit(const Group& g, std::span<const BlockId> full_ids,
+                  std::vector<BlockId>* ids) const;
+  // Makes seq's blocks at table index bi of every window group the twins of the registered
+  // group-0 block full (when they are seq's, not holes, and neither side has a twin yet).
+  void pair_twins(SeqId seq, int64_t bi, BlockId full);
+  void unpair_full(BlockId full);             // group 0's block is evicted from the index
+  void unpair_window(Group& g, BlockId blk);  // group g's cached block is handed out again
 
   KvShape shape_;
   int32_t block_size_;

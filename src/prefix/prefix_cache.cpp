@@ -237,6 +237,22 @@ bool PrefixCache::insert(const PrefixKey& key, int32_t parent, std::span<const i
   return true;
 }
 
+int32_t PrefixCache::registered(const PrefixKey& key, int32_t parent,
+                                std::span<const int32_t> tokens) const {
+  if (tokens.size() != static_cast<size_t>(block_size_)) return -1;
+  uint64_t parent_hash = 0, parent_gen = 0;
+  if (parent != kNoParent) {
+    check_block_id(parent);
+    const Entry& p = entries_[static_cast<size_t>(parent)];
+    if (p.gen == 0 || p.n_tokens != block_size_ || p.cache_type != key.cache_type) return -1;
+    parent_hash = p.hash;
+    parent_gen = p.gen;
+  }
+  const uint64_t salt_hash = hash_fn_(key.salt.data(), key.salt.size());
+  std::vector<uint64_t> buf;
+  return find(key, hash_block_into(key, salt_hash, parent_hash, tokens, &buf), parent_gen, tokens);
+}
+
 bool PrefixCache::insert_partial(const PrefixKey& key, int32_t parent,
                                  std::span<const int32_t> tokens, int32_t block) {
   check_block_id(block);

@@ -127,6 +127,11 @@ class PrefixCache {
   bool insert_partial(const PrefixKey& key, int32_t parent, std::span<const int32_t> tokens,
                       int32_t block);
 
+  // The registered block holding the full block `tokens` after block `parent` (kNoParent: a
+  // first block) under key, or -1: where a sequence that computed a duplicate continues its
+  // chain (its own copy stays unregistered). -1 too when parent is not a registered full block.
+  int32_t registered(const PrefixKey& key, int32_t parent, std::span<const int32_t> tokens) const;
+
   // Forgets `block` (the pool's eviction hook). Returns false if it was not registered. Blocks
   // registered after it become unreachable (their parent entry is gone); they age out of the
   // pool's LRU like any cached-free block.

@@ -556,11 +556,41 @@ TEST(Scheduler, WindowGroupsAreBoundedAndTheBudgetHoldsThem) {
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
   cfg.kv_budget_bytes = 0;
   cfg.kv_budget_tokens = 256;
-  cfg.prefix_cache = true;  // refused with window layers, as eviction and KIVI are
+  cfg.eviction.n_keep = 4;  // refused with window layers, as KIVI is
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
-  cfg.prefix_cache = false;
-  cfg.eviction.n_keep = 4;
-  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg.eviction.n_keep = -1;
+  cfg.prefix_cache = true;  // indexed by the full layers' blocks
+  EXPECT_NO_THROW(Scheduler(*f.model, *f.tok, cfg, pool()));
+  Fixture all(test::data_path("tiny-llama-swa-all.gguf"));  // no full layer to index by
+  EXPECT_THROW(Scheduler(*all.model, *all.tok, cfg, pool()), Error);
+}
+
+// The prefix cache on windowed models: a second request with the first one's prompt and answer
+// and a new turn (a chat's next turn) reuses full blocks (their window groups' twins for the
+// last window) and generates what it generates alone.
+TEST(Scheduler, WindowGroupsPrefixHitGivesSameTokens) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf"}) {
+    SCOPED_TRACE(name);
+    Fixture f(test::data_path(name));
+    SchedulerConfig cfg = window_groups_config(8 * 128);
+    cfg.prefix_cache = true;
+    Scheduler sch(*f.model, *f.tok, cfg, pool());
+    const int32_t n_vocab = f.model->config().n_vocab;
+    const auto first = test::random_tokens(50, n_vocab, 5);
+    Collector a;
+    sch.submit(greedy_request(first, 20), a.fn());
+    sch.wait_idle();
+    std::vector<int32_t> second = first;
+    second.insert(second.end(), a.tokens.begin(), a.tokens.end());
+    for (int32_t t : test::random_tokens(9, n_vocab, 6)) second.push_back(t);
+    Collector b;
+    sch.submit(greedy_request(second, 20), b.fn());
+    sch.wait_idle();
+    ASSERT_TRUE(b.done);
+    EXPECT_GE(b.last.n_cached, 64);  // 4 of the first turn's 4 full blocks at least
+    EXPECT_EQ(b.tokens, alone(f, second, 20, cfg.dtype_k));
+    EXPECT_EQ(sch.stats().blocks_used, 0);
+  }
 }
 
 // ---- KIVI served paged ---------------------------------------------------------------------------

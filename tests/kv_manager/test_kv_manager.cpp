@@ -316,6 +316,63 @@ TEST(KvManager, WindowGroupReleasesWhatItsWindowNoLongerSees) {
   EXPECT_EQ(kv.stats().blocks.n_free, 20);
 }
 
+// The prefix cache with a window group: group 0's registered blocks index the hit, the window
+// group keeps twins of them (cached, same tokens, its layer). A hit takes group 0's blocks and the
+// twins of the blocks its window reads (holes before), whose rows are the tokens'; once the window
+// pool hands the twins out again the hit shrinks to what it can still serve, and never breaks the
+// invariants (audit after every operation).
+TEST(KvManager, WindowGroupPrefixHitTakesTwins) {
+  KvShape two = f32_shape();
+  two.n_layer = 2;
+  KvManager kv({.shape = two, .block_size = kBs, .n_blocks = 16, .prefix_cache = true,
+                .audit = true, .layer_group = {0, 1},
+                .groups = {{.window = 0, .n_blocks = 16}, {.window = 8, .n_blocks = 4}}});
+  const auto toks = iota_tokens(40, 0);
+  ASSERT_TRUE(kv.admit(1, toks, "", 40, KvHit{}));
+  std::vector<float> k, v;
+  for (int64_t pos = 0; pos < 40; pos += 4) {
+    ASSERT_TRUE(kv.reserve(1, 4)) << pos;
+    token_rows(std::span<const int32_t>(toks).subspan(pos, 4), k, v);
+    const auto caches = kv.seq_caches(1);
+    for (int32_t il = 0; il < 2; ++il)
+      kv.store().write(il, caches[il].blocks, pos, 4, k.data(), v.data());
+    kv.commit(1, toks, pos + 4);
+  }
+  kv.release(1, toks, 40, true);
+  kv.check_invariants();
+
+  // 44 tokens continuing the 40: all 10 blocks hit; the window of position 40 starts in block 8.
+  std::vector<int32_t> more = toks;
+  for (int32_t t : iota_tokens(4, 100)) more.push_back(t);
+  const KvHit hit = kv.lookup(more, "");
+  ASSERT_EQ(hit.n_tokens(), 40);
+  EXPECT_LT(hit.partial.block, 0);
+  ASSERT_TRUE(kv.admit(2, more, "", 44, hit));
+  const auto caches = kv.seq_caches(2);
+  ASSERT_EQ(caches[1].blocks.size(), 10u);
+  EXPECT_EQ(caches[1].blocks[7], kNoBlock);
+  ASSERT_NE(caches[1].blocks[8], kNoBlock);
+  const KvLayerView view = kv.store().view(1, caches[1].blocks, 40);
+  std::vector<float> want_k, want_v;
+  token_rows(std::span<const int32_t>(toks).subspan(32, 8), want_k, want_v);
+  for (int64_t p = 32; p < 40; ++p)
+    EXPECT_EQ(0, std::memcmp(view.k_head(p, 0), want_k.data() + (p - 32) * kDim, kDim * 4)) << p;
+  kv.release(2, more, 40, false);
+  kv.check_invariants();
+
+  // Blocks 0..6 of group 0 are still registered, but the window pool (4 blocks) handed their
+  // twins out again while sequence 1 went on: a prompt sharing 28 tokens gets no more than the
+  // window group can serve, and admitting it is fine.
+  std::vector<int32_t> part(toks.begin(), toks.begin() + 28);
+  for (int32_t t : iota_tokens(8, 200)) part.push_back(t);
+  const KvHit short_hit = kv.lookup(part, "");
+  EXPECT_LT(short_hit.n_tokens(), 28);
+  ASSERT_TRUE(kv.admit(3, part, "", 36, short_hit));
+  kv.check_invariants();
+  kv.release(3, part, short_hit.n_tokens(), false);
+  kv.check_invariants();
+}
+
 // Random sequences of admissions, chunked computation, evictions, truncations and releases over a
 // small pool, with prompts that share prefixes: after every operation the pool and the index
 // agree and every block is free or used exactly once (check_invariants), and every running

@@ -136,6 +136,7 @@ Scheduler::~Scheduler() {
     stop_ = true;
   }
   cv_.notify_all();
+  kv_snap_cv_.notify_all();
   if (thread_.joinable()) thread_.join();
 }
 
@@ -246,13 +247,16 @@ void Scheduler::loop() {
   State& st = *st_;
   for (;;) {
     std::vector<RequestId> cancels;
-    bool stopping;
+    bool stopping, want_snapshot;
+    std::shared_ptr<KvEventFn> watcher;
     {
       std::unique_lock lk(mu_);
       cv_.wait(lk, [&] {
         return stop_ || !incoming_.empty() || !cancels_.empty() || !st.running.empty() ||
-               !st.waiting.empty();
+               !st.waiting.empty() || kv_snap_wanted_;
       });
+      want_snapshot = kv_snap_wanted_;
+      watcher = kv_watcher_;
       while (!incoming_.empty()) {
         st.waiting.push_back(std::move(incoming_.front()));
         incoming_.pop_front();
@@ -294,7 +298,46 @@ void Scheduler::loop() {
       // Finished sequences were removed inside step(); their final events are sent there.
     }
     publish();
+    serve_views(want_snapshot, watcher);
   }
+}
+
+std::shared_ptr<const KvSnapshot> Scheduler::kv_snapshot(std::chrono::milliseconds max_wait) {
+  std::unique_lock lk(mu_);
+  if (stop_) return nullptr;
+  const uint64_t want = kv_snap_no_ + 1;
+  kv_snap_wanted_ = true;
+  cv_.notify_all();
+  if (!kv_snap_cv_.wait_for(lk, max_wait, [&] { return stop_ || kv_snap_no_ >= want; }) || stop_)
+    return nullptr;
+  return kv_snap_;
+}
+
+void Scheduler::watch_kv(KvEventFn fn) {
+  std::lock_guard lk(mu_);
+  kv_watcher_ = fn ? std::make_shared<KvEventFn>(std::move(fn)) : nullptr;
+}
+
+void Scheduler::serve_views(bool want_snapshot, const std::shared_ptr<KvEventFn>& watcher) {
+  State& st = *st_;
+  if (watcher) {
+    std::vector<KvEvent> events;
+    kv_tracker_.diff(st.kv, st.running, st.waiting, events);
+    if (!events.empty()) (*watcher)(events);
+  } else {
+    kv_tracker_.reset();  // a later watcher is told of every running sequence afresh
+  }
+  if (!want_snapshot) return;
+  auto snap = std::make_shared<KvSnapshot>(kvlm::kv_snapshot(st.kv, st.running, st.waiting));
+  snap->n_head = model_.config().n_head;
+  snap->layer_window = model_.config().layer_window;
+  {
+    std::lock_guard lk(mu_);
+    kv_snap_ = std::move(snap);
+    kv_snap_wanted_ = false;
+    ++kv_snap_no_;
+  }
+  kv_snap_cv_.notify_all();
 }
 
 void Scheduler::step() {

@@ -25,6 +25,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -36,6 +37,7 @@
 #include <vector>
 
 #include "base/thread_pool.h"
+#include "engine/kv_view.h"
 #include "engine/session.h"
 #include "engine/step_plan.h"
 #include "model/model.h"
@@ -158,6 +160,16 @@ class Scheduler {
   // Blocks until no request is waiting or running (tests).
   void wait_idle();
 
+  // ---- views of the cache (engine/kv_view.h: `kvlm serve`'s /kv/state and /kv/events) -----------
+  // The pool and the sequences as the scheduler thread sees them at the end of its current step
+  // (at once when idle); callers asking during one step share one snapshot. Null when none came
+  // within max_wait or the scheduler is stopping.
+  std::shared_ptr<const KvSnapshot> kv_snapshot(std::chrono::milliseconds max_wait);
+  // fn receives each step's events on the scheduler thread (quick: push into a queue) until
+  // watch_kv({}); none are tracked while no one watches.
+  using KvEventFn = std::function<void(const std::vector<KvEvent>&)>;
+  void watch_kv(KvEventFn fn);
+
  public:
   struct Seq;  // a request on the scheduler thread (scheduler.cpp)
 
@@ -170,6 +182,8 @@ class Scheduler {
   void release(Seq& q, bool keep_partial);
   void finish(Seq& q, FinishReason why, const std::string& error);  // final event + release
   void publish();        // stats_ from the scheduler thread's state
+  // The views asked for since the last call (the loop, after publish()).
+  void serve_views(bool want_snapshot, const std::shared_ptr<KvEventFn>& watcher);
 
   const Model& model_;
   const Tokenizer& tok_;
@@ -186,6 +200,12 @@ class Scheduler {
   RequestId next_id_ = 1;
   int64_t n_active_ = 0;  // submitted and not yet finished
   bool stop_ = false;
+  bool kv_snap_wanted_ = false;                // a kv_snapshot() caller waits
+  uint64_t kv_snap_no_ = 0;                    // snapshots built
+  std::shared_ptr<const KvSnapshot> kv_snap_;  // the latest
+  std::condition_variable kv_snap_cv_;         // kv_snapshot() callers
+  std::shared_ptr<KvEventFn> kv_watcher_;      // null: no one watches
+  KvEventTracker kv_tracker_;                  // scheduler thread only
   std::thread thread_;
 };
 

@@ -154,6 +154,9 @@ class KvManager {
   int64_t capacity_tokens() const;
   bool prefix_cache() const { return prefix_ != nullptr; }
   KvManagerStats stats() const;
+  // Group g's pool, read-only: every block's refcount and cached flag and each sequence's table
+  // in that group (the KV view of `kvlm serve`, engine/kv_view.h).
+  const BlockPool& pool(int32_t g) const { return *groups_[static_cast<size_t>(g)].pool; }
 
   // ---- a sequence's life ------------------------------------------------------------------------
   // What the prefix index holds of tokens under salt: never all of them (the last token is always

@@ -12,6 +12,7 @@ PY=${PYTHON:-/usr/bin/python3}
 [ -x "$PY" ] || PY=$(command -v python3)
 PINS=(
   openai==3.51.0
+  selenium==4.40.0  # tests/server/test_web.py drives Debian's chromium through chromium-driver
 )
 
 if [ ! -x "$VENV/bin/python" ]; then

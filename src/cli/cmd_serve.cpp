@@ -221,7 +221,8 @@ Command add_serve(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "serve",
       "OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (streaming too), "
-      "/v1/models, /health, /metrics, /tokenize, /detokenize");
+      "/v1/models, /health, /metrics, /tokenize, /detokenize; a chat page with a live KV cache view "
+      "at / (GET /kv/state, /kv/events)");
   cmd->add_option("-m,--model", a->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
   cmd->add_option("--host", a->host, "address to listen on (default 127.0.0.1: this machine only)");
   cmd->add_option("-a,--alias,--served-model-name", a->aliases,

@@ -21,7 +21,9 @@
 #include <unordered_set>
 
 #include "base/error.h"
+#include "server/kv_api.h"
 #include "server/metrics.h"
+#include "server/web_assets.h"
 
 namespace kvlm::server {
 namespace {
@@ -97,7 +99,7 @@ struct Job {
   std::shared_ptr<Channel> ch = std::make_shared<Channel>();
   TextStream text;
   RequestId id = 0;
-  Clock::time_point t_submit, t_last_token;
+  Clock::time_point t_submit, t_first_token, t_last_token;
   Usage usage;             // completion_tokens: token events taken so far
   bool done = false;       // no more text: final event, stop string or client gone
   std::string finish;      // when done: "stop", "length", "cancelled", "error"
@@ -226,8 +228,14 @@ struct Server::Impl {
   socket_t listen_sock = INVALID_SOCKET;  // recorded by the socket-options hook (bind())
   std::mutex active_mu;                  // guards active
   std::unordered_set<RequestId> active;  // submitted, not yet ended (cancelled on stop())
+  const Clock::time_point t_start = Clock::now();  // events carry seconds since then
+  std::shared_ptr<KvEventHub> hub;  // /kv/events subscribers (shared with the scheduler's watcher)
 
   void routes();
+  void kv_state(httplib::Response& res);
+  void kv_events(httplib::Response& res);
+  void publish_finished(const Job& job);
+  void serve_asset(httplib::Response& res, const std::string& name);
   void reply_error(httplib::Response& res, const HttpError& e, bool generation);
   // Wraps a handler: auth, shutdown, and every exception turned into a JSON error.
   httplib::Server::Handler guarded(
@@ -312,6 +320,8 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
     active.insert(job->id);
     if (stopping) sched.cancel(job->id);  // stop() may have swept `active` before the insert
   }
+  // Ties the response to its sequence in GET /kv/state and /kv/events (the web page's KV view).
+  res.set_header("X-Kvlm-Request-Id", std::to_string(job->id));
 
   if (!job->stream) {
     std::string text;
@@ -365,10 +375,12 @@ std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
   job.usage.cached_tokens = e.n_cached;
   std::string out;
   if (e.token >= 0) {
-    if (job.usage.completion_tokens == 0)
+    if (job.usage.completion_tokens == 0) {
       metrics.observe_ttft(seconds(te.at - job.t_submit));
-    else
+      job.t_first_token = te.at;
+    } else {
       metrics.observe_itl(seconds(te.at - job.t_last_token));
+    }
     job.t_last_token = te.at;
     ++job.usage.completion_tokens;
     out = job.text.push(e.token);
@@ -438,8 +450,76 @@ void Server::Impl::end(Job& job) {
   if (job.ended) return;
   job.ended = true;
   metrics.count_finish(job.finish);
+  publish_finished(job);
   std::lock_guard<std::mutex> l(active_mu);
   active.erase(job.id);
+}
+
+// ---- the KV view (docs/SERVER.md) ----------------------------------------------------------------
+
+// How long GET /kv/state waits for the scheduler thread to finish its step and build the
+// snapshot: a step with a long prefill chunk takes up to ~1 s on a loaded 2-core machine.
+constexpr auto kSnapshotWait = std::chrono::seconds(10);
+// How often an idle /kv/events stream writes a comment: a client gone is noticed by the failed
+// write within this, and a stream ends within it once the server stops.
+constexpr auto kEventsHeartbeat = std::chrono::milliseconds(1000);
+
+void Server::Impl::kv_state(httplib::Response& res) {
+  const auto snap = sched.kv_snapshot(kSnapshotWait);
+  if (!snap)
+    throw HttpError(503, "the scheduler did not answer in time (or is stopping); retry", "",
+                    "busy");
+  res.set_header("Cache-Control", "no-cache");
+  res.set_content(dump(kv_state_json(*snap, sched.stats(), model)), "application/json");
+}
+
+void Server::Impl::kv_events(httplib::Response& res) {
+  auto sub = hub->subscribe();
+  if (!sub)
+    throw HttpError(503,
+                    fmt::format("too many /kv/events streams: at most {} at once",
+                                hub->max_subscribers()),
+                    "", "too_many_streams");
+  res.set_header("Cache-Control", "no-cache");
+  auto first = std::make_shared<bool>(true);
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [this, sub, first](size_t, httplib::DataSink& sink) {
+        // A comment first, so the client sees the stream open before any event.
+        std::string out = *first ? std::string(": kvlm kv events\n\n") : sub->take(kEventsHeartbeat);
+        *first = false;
+        if (stopping || sub->closed()) {
+          sink.done();
+          return true;
+        }
+        if (out.empty()) out = ": idle\n\n";
+        return sink.write(out.data(), out.size());
+      },
+      [hub = hub, sub](bool) { hub->unsubscribe(sub); });
+}
+
+void Server::Impl::serve_asset(httplib::Response& res, const std::string& name) {
+  const WebAsset* a = find_web_asset(name);
+  if (!a) throw HttpError(404, fmt::format("no such page file: {}", clip(name)), "", "not_found");
+  res.set_content(reinterpret_cast<const char*>(a->data), a->size, a->content_type);
+}
+
+void Server::Impl::publish_finished(const Job& job) {
+  if (!hub->watched() || job.id == 0) return;
+  const bool any = job.usage.completion_tokens > 0;
+  const double ttft = any ? seconds(job.t_first_token - job.t_submit) : 0;
+  const double decode = any ? seconds(job.t_last_token - job.t_first_token) : 0;
+  hub->publish({{"type", "finished"},
+                {"id", job.id},
+                {"t", seconds(Clock::now() - t_start)},
+                {"finish", job.finish},
+                {"prompt_tokens", job.usage.prompt_tokens},
+                {"cached_tokens", job.usage.cached_tokens},
+                {"completion_tokens", job.usage.completion_tokens},
+                {"ttft_s", ttft},
+                // Decode speed: the tokens after the first over the time since the first.
+                {"tokens_per_s",
+                 decode > 0 ? double(job.usage.completion_tokens - 1) / decode : 0.0}});
 }
 
 // ---- routes
@@ -488,6 +568,13 @@ void Server::Impl::routes() {
                            "text/plain; version=0.0.4; charset=utf-8");
            },
            false)},
+      {"GET", "/kv/state", guarded([this](const Req&, Res& r) { kv_state(r); }, false)},
+      {"GET", "/kv/events", guarded([this](const Req&, Res& r) { kv_events(r); }, false)},
+      // The web page: static files with no data in them, open like /health; the page asks for
+      // the API key and sends it with every request it makes.
+      {"GET", "/", guarded([this](const Req&, Res& r) { serve_asset(r, "index.html"); }, false, true)},
+      {"GET", "/web/(.+)",
+       guarded([this](const Req& q, Res& r) { serve_asset(r, q.matches[1].str()); }, false, true)},
       {"POST", "/tokenize",
        guarded(
            [this, json_reply](const Req& q, Res& r) {
@@ -565,6 +652,9 @@ void Server::Impl::routes() {
 // --------------------------------------------------------------------------------------
 
 constexpr int kListenBacklog = 1024;  // pending connections the kernel queues before accept()
+// /kv/events streams at once: each holds one of the HTTP threads while it lasts (a page open is
+// one), so a few cannot starve generation requests of threads.
+constexpr int kMaxEventStreams = 8;
 
 Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, ServerOptions opts)
     : impl_(std::make_unique<Impl>(scheduler, tok, std::move(model), std::move(opts))) {
@@ -585,10 +675,28 @@ Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, Se
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
     s.listen_sock = sock;
   });
+  // Event tracking costs the scheduler only while someone watches /kv/events.
+  s.hub = std::make_shared<KvEventHub>(kMaxEventStreams, [&s](bool on) {
+    if (!on) return s.sched.watch_kv({});
+    std::weak_ptr<KvEventHub> weak = s.hub;
+    s.sched.watch_kv([weak, t0 = s.t_start](const std::vector<KvEvent>& events) {
+      const auto hub = weak.lock();
+      if (!hub) return;
+      const double t = seconds(Clock::now() - t0);
+      for (const KvEvent& e : events) {
+        json j = kv_event_json(e);
+        j["t"] = t;
+        hub->publish(j);
+      }
+    });
+  });
   s.routes();
 }
 
-Server::~Server() = default;
+Server::~Server() {
+  impl_->hub->close();
+  impl_->sched.watch_kv({});
+}
 
 int Server::bind() {
   Impl& s = *impl_;
@@ -622,6 +730,7 @@ void Server::run() {
 void Server::stop() {
   Impl& s = *impl_;
   s.stopping = true;
+  s.hub->close();  // event streams end, so httplib's threads can be joined
   {
     std::lock_guard<std::mutex> l(s.active_mu);
     for (RequestId id : s.active) s.sched.cancel(id);

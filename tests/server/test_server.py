@@ -621,6 +621,144 @@ class ApiKey(unittest.TestCase):
             self.assertEqual(srv.stop(), 0)
 
 
+class KvView(unittest.TestCase):
+    """GET /kv/state and /kv/events (docs/SERVER.md): behind the API key, what they report while
+    requests run and after, the bound on event streams and their end at shutdown."""
+    KEY = {"Authorization": "Bearer k3y"}
+
+    def setUp(self):
+        # A long context, so a generation lasts long enough (~1 s) to be seen running.
+        self.srv = Server("-m", TINY, "--api-key", "k3y", "-np", "4", "-t", "2", "-c", "4096",
+                          "--kv-budget", "8192tok")
+
+    def tearDown(self):
+        self.assertEqual(self.srv.stop(), 0)
+
+    def open_events(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=60)
+        conn.request("GET", "/kv/events", headers=self.KEY)
+        return conn, conn.getresponse()
+
+    def test_state(self):
+        self.assertEqual(self.srv.request("GET", "/kv/state")[0], 401)
+        self.assertEqual(self.srv.request("GET", "/kv/events")[0], 401)
+        status, s = self.srv.json("GET", "/kv/state", headers=self.KEY)
+        self.assertEqual(status, 200, s)
+        g = s["groups"][0]
+        self.assertEqual(len(g["states"]), g["n_blocks"])
+        self.assertEqual(set(g["states"]), {"f"})
+        self.assertEqual(g["n_blocks"] * s["cache"]["block_size"], 8192)
+        self.assertEqual(s["running"], [])
+        self.assertEqual(s["cache"]["type_k"], "f16")
+        self.assertGreater(s["cache"]["bytes_per_token"], 0)
+        # A long generation is seen running, with its block table; two requests sharing a
+        # 40-token prompt share its 2 full blocks.
+        prompt = list(range(1, 41))
+        stream_ids, seen = [], threading.Event()
+
+        def gen():
+            def on(ev):
+                seen.set()
+            sse_stream_key(self.srv, {"prompt": prompt, "max_tokens": 4000,
+                                                     "ignore_eos": True, "stream": True},
+                                          self.KEY, on, stream_ids)
+        threads = [threading.Thread(target=gen) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            s = self.srv.json("GET", "/kv/state", headers=self.KEY)[1]
+            if len(s["running"]) == 2 and s["groups"][0]["n_shared"] >= 2:
+                break
+        self.assertEqual(len(s["running"]), 2, s["running"])
+        self.assertGreaterEqual(s["groups"][0]["n_shared"], 2)
+        self.assertEqual(s["groups"][0]["states"].count("s"), s["groups"][0]["n_shared"])
+        for q in s["running"]:
+            table = q["tables"][0]
+            self.assertEqual(len(table), -(-q["n_held"] // 16))
+            for b in table:
+                self.assertNotEqual(s["groups"][0]["states"][b], "f")
+        self.assertEqual(s["running"][0]["tables"][0][:2], s["running"][1]["tables"][0][:2])
+        self.assertEqual(sorted(int(i) for i in stream_ids),
+                         sorted(q["id"] for q in s["running"]))
+        self.srv.stop()  # the two streams are cancelled; the server exits 0 (tearDown)
+        for t in threads:
+            t.join(60)
+
+    def test_events(self):
+        conn, r = self.open_events()
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.getheader("Content-Type"), "text/event-stream")
+        status, body = self.srv.json("POST", "/v1/completions",
+                                     {"prompt": list(range(1, 41)), "max_tokens": 20,
+                                      "ignore_eos": True}, self.KEY)
+        self.assertEqual(status, 200, body)
+        status, body = self.srv.json("POST", "/v1/completions",
+                                     {"prompt": list(range(1, 41)), "max_tokens": 3}, self.KEY)
+        events = []
+        while not sum(e["type"] == "finished" for e in events) == 2:
+            line = r.fp.readline().decode()
+            self.assertTrue(line, events)
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+        types = [e["type"] for e in events]
+        self.assertIn("admit", types)
+        self.assertIn("release", types)
+        admits = [e for e in events if e["type"] == "admit"]
+        self.assertEqual(admits[0]["n_cached"], 0)
+        self.assertEqual(admits[-1]["n_cached"], 39)  # the first request's blocks: a prefix hit
+        fin = [e for e in events if e["type"] == "finished"]
+        self.assertEqual(fin[0]["completion_tokens"], 20)
+        self.assertEqual(fin[1]["cached_tokens"], 39)
+        self.assertGreater(fin[0]["tokens_per_s"], 0)
+        self.assertGreater(fin[0]["ttft_s"], 0)
+        conn.close()
+
+    def test_streams_bounded_and_ended_by_shutdown(self):
+        streams = [self.open_events() for _ in range(8)]
+        for _, r in streams:
+            self.assertEqual(r.status, 200)
+        status, body = self.srv.json("GET", "/kv/events", headers=self.KEY)
+        self.assertEqual(status, 503, body)
+        self.assertEqual(body["error"]["code"], "too_many_streams")
+        # Generation still has threads; a stream closed by its client frees its place.
+        streams.pop()[0].close()
+        deadline = time.time() + 30
+        while True:
+            conn, r = self.open_events()
+            if r.status == 200 or time.time() > deadline:
+                break
+            conn.close()
+            time.sleep(0.1)
+        self.assertEqual(r.status, 200)
+        streams.append((conn, r))
+        status, body = self.srv.json("POST", "/v1/completions",
+                                     {"prompt": "a", "max_tokens": 2}, self.KEY)
+        self.assertEqual(status, 200, body)
+        t0 = time.time()
+        self.assertEqual(self.srv.stop(), 0)
+        self.assertLess(time.time() - t0, 20)
+        for c, r in streams:
+            r.read()  # the stream ended (chunked body complete) rather than hanging
+            c.close()
+
+
+def sse_stream_key(server, body, headers, on_event, ids_out):
+    """A streaming completion with headers; records the X-Kvlm-Request-Id in ids_out."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json", **headers})
+        r = conn.getresponse()
+        ids_out.append(r.getheader("X-Kvlm-Request-Id"))
+        for raw in r:
+            if raw.startswith(b"data: "):
+                on_event(raw)
+        return r.status, None, None
+    finally:
+        conn.close()
+
+
 class Penalties(unittest.TestCase):
     """presence_penalty, frequency_penalty and logit_bias through the official client: a bias of
     +100 on one token makes greedy decoding repeat it, -100 on it leaves a +100 rival alone; the

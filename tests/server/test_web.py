@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""The web page of `kvlm serve` in a real browser: Debian's chromium, headless, driven through
+chromium-driver by selenium (scripts/setup.sh, scripts/setup-python.sh). One server on the default
+SmolLM2 model with an API key; the page asks for the key, chats with streaming, shows the KV
+pool's blocks in use rise, a second conversation with the same system prompt sharing the first
+one's blocks, and the blocks freed when both generations are stopped (the server cancels them).
+
+Every check waits for its condition (a loaded 2-core machine is slow); nothing sleeps as an
+assertion. Usage: test_web.py KVLM_BINARY TEST_DATA_DIR [unittest arguments]
+"""
+import json
+import os
+import shutil
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_server import MODEL, Server  # noqa: E402  (reads KVLM and DATA from sys.argv)
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    sys.exit("test_web.py: the `selenium` package is missing; run scripts/setup-python.sh")
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+KEY = "page-key"
+# Long enough to fill several 16-token blocks, so a second chat's prompt shares full blocks.
+SYSTEM = ("You are a patient teacher of computer science. You explain how transformer language "
+          "models run inference: tokens, attention, the key-value cache, its memory per token, "
+          "prefill and decode. Answer at length, with examples.")
+
+
+def start_browser(width=1500, height=950):
+    if not CHROMIUM or not os.path.exists(CHROMEDRIVER):
+        sys.exit("test_web.py: chromium and chromium-driver are missing; run scripts/setup.sh")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={width},{height}", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def start_server(*extra):
+    return Server("-m", MODEL, "--api-key", KEY, "-np", "4", "-t", "2", "--kv-budget", "4096tok",
+                  *extra)
+
+
+class Page:
+    """The page's elements and the waits the tests and tools/screenshots.py share."""
+
+    def __init__(self, driver, base, timeout=60):
+        self.d = driver
+        self.base = base
+        self.timeout = timeout
+
+    def el(self, css):
+        return self.d.find_element(By.CSS_SELECTOR, css)
+
+    def until(self, what, pred, timeout=None):
+        """Waits for pred() to be truthy; fails naming `what` and showing the page's text and
+        console. Returns pred's value."""
+        try:
+            return WebDriverWait(self.d, timeout or self.timeout, poll_frequency=0.05).until(
+                lambda _: pred())
+        except TimeoutException:
+            logs = self.d.get_log("browser") if hasattr(self.d, "get_log") else []
+            raise AssertionError(f"waited for {what}; the page: {self.text('body')[-3000:]!r}; "
+                                 f"console: {logs}") from None
+
+    def open(self):
+        self.d.get(self.base + "/")
+        # The first call the page makes gets 401: it asks for the key once.
+        self.until("the API key dialog", lambda: self.el("#key-dialog").get_attribute("open"))
+        self.el("#key-input").send_keys(KEY)
+        self.el("#key-save").click()
+        self.until("the KV view connected", lambda: "ok" in self.el("#conn").get_attribute("class"))
+
+    def text(self, css):
+        """An element's rendered text, read in one script (the page re-renders parts of itself
+        every second, so a found element can go stale before its text is read)."""
+        return self.d.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
+
+    def grid(self):
+        return {k: int(v) for k, v in json.loads(self.d.execute_script(
+            "return JSON.stringify(document.getElementById('kv-grid-0').dataset)")).items()}
+
+    def set_field(self, css, value):
+        self.d.execute_script(
+            "const e = document.querySelector(arguments[0]); e.value = arguments[1];"
+            "e.dispatchEvent(new Event('change'));", css, value)
+
+    def settings(self, system, max_tokens, temperature=0, ignore_eos=True):
+        self.set_field("#system", system)
+        self.set_field("#max-tokens", str(max_tokens))
+        self.set_field("#temperature", str(temperature))
+        if self.el("#ignore-eos").is_selected() != ignore_eos:
+            self.el("#ignore-eos").click()
+
+    def send(self, text):
+        self.el("#input").send_keys(text)
+        self.el("#send").click()
+
+    def reply(self):
+        """The last assistant message's text (its meta line aside)."""
+        return self.d.execute_script(
+            "const m = [...document.querySelectorAll('#messages .msg.assistant')].pop();"
+            "return m && m.firstChild && m.firstChild.nodeType === 3 ? m.firstChild.nodeValue : '';")
+
+    def streaming(self):
+        return bool(self.d.find_elements(By.CSS_SELECTOR, "#messages .msg.streaming"))
+
+
+class WebPage(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = start_server()
+        cls.driver = start_browser()
+        cls.page = Page(cls.driver, cls.srv.base)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.driver.quit()
+        rc = cls.srv.stop()
+        assert rc == 0, f"kvlm serve exited {rc} on SIGTERM: {''.join(cls.srv.stderr)}"
+
+    def state(self):
+        status, s = self.srv.json("GET", "/kv/state", headers={"Authorization": "Bearer " + KEY})
+        self.assertEqual(status, 200, s)
+        return s
+
+    def test_chat_grid_share_and_stop(self):
+        p = self.page
+        t0 = time.time()
+        p.open()
+        self.assertEqual(p.grid()["used"], 0)
+        p.settings(SYSTEM, 1500)
+        p.send("What is stored in the KV cache?")
+        # Streamed: text is seen while the reply is still being generated, and it grows.
+        first = p.until("the first streamed text", lambda: p.streaming() and p.reply())
+        p.until(f"more streamed text than {len(first)} characters",
+                lambda: p.streaming() and len(p.reply()) > len(first))
+        # The grid shows this chat's blocks in use.
+        p.until("blocks in use in the grid", lambda: p.grid()["used"] > 0 and p.grid()["mine"] > 0)
+        used_one = p.grid()["used"]
+
+        # A second conversation with the same system prompt, while the first still generates:
+        # its prompt's full blocks are the first one's (shared: refcount 2).
+        self.el_click("#new-conv")
+        p.send("And why does it grow with every token?")
+        p.until("shared blocks in the grid", lambda: p.grid()["shared"] > 0, timeout=90)
+        cached_blocks = p.until("the second chat's sequence", lambda: self.driver.execute_script(
+            "const e = document.querySelector('#kv-seqs .seq.mine');"
+            "return e && Number(e.dataset.cachedBlocks) + 1;")) - 1
+        self.assertGreater(cached_blocks, 0)
+        self.assertGreater(p.grid()["used"], used_one - p.grid()["shared"])
+        s = self.state()
+        self.assertEqual(len(s["running"]), 2, s["running"])
+
+        # Stop both: aborting the fetches cancels the requests server-side and frees the blocks.
+        p.until("a stop button to press", lambda: p.el("#stop").is_enabled())
+        self.el_click("#stop")
+        self.d_click_conv(1)
+        p.until("the first chat's stop button", lambda: p.el("#stop").is_enabled())
+        self.el_click("#stop")
+        p.until("the blocks freed", lambda: p.grid()["used"] == 0)
+        s = self.state()
+        self.assertEqual(s["running"], [])
+        self.assertGreater(s["groups"][0]["n_cached_free"], 0)  # the prefix stays reusable
+        status, _, metrics = self.srv.request("GET", "/metrics",
+                                              headers={"Authorization": "Bearer " + KEY})
+        self.assertIn('kvlm_requests_total{finish_reason="cancelled"} 2\n', metrics.decode())
+        self.assertFalse(p.streaming())
+        self.assertIn("stopped", p.text("#messages"))
+        # The per-layer view shows this conversation's K/V shapes ([positions, kv_heads x dim]).
+        layers = p.text("#kv-layers")
+        self.assertIn("Grouped-query attention", layers)
+        self.assertRegex(layers, r"\[\d+, 3×64\]")
+        # Conversations survive a reload (localStorage).
+        self.driver.refresh()
+        p.until("the two conversations after a reload",
+                lambda: len(self.driver.find_elements(By.CSS_SELECTOR, "#conv-list li")) == 2)
+        print(f"test_web: {time.time() - t0:.1f} s in the browser", file=sys.stderr)
+
+    def el_click(self, css):
+        self.page.el(css).click()
+
+    def d_click_conv(self, index):
+        self.driver.find_elements(By.CSS_SELECTOR, "#conv-list li span")[index].click()
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0]] + sys.argv[3:], verbosity=2)

@@ -433,7 +433,7 @@ class Protocol(ServerCase):
             ("echo", "POST", comp, {"prompt": "a", "echo": True}, 400),
             ("oversize body", "POST", chat, b"{\"messages\": \"" + b"x" * (2 << 20) + b"\"}", 413),
             ("unknown route", "POST", "/v1/nothing", {"a": 1}, 404),
-            ("unknown route GET", "GET", "/", None, 404),
+            ("unknown route GET", "GET", "/nothing", None, 404),
             ("wrong method", "GET", chat, None, 405),
             ("wrong method on health", "POST", "/health", {}, 405),
             ("tokenize without content", "POST", "/tokenize", {}, 400),
@@ -638,6 +638,19 @@ class KvView(unittest.TestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=60)
         conn.request("GET", "/kv/events", headers=self.KEY)
         return conn, conn.getresponse()
+
+    def test_page_files_are_open(self):
+        # The page holds no data: served without the key (it asks for the key itself).
+        for path, ctype, text in (("/", "text/html", b"<!doctype html>"),
+                                  ("/web/app.js", "text/javascript", b"/kv/state"),
+                                  ("/web/style.css", "text/css", b"--f:")):
+            status, headers, body = self.srv.request("GET", path)
+            self.assertEqual(status, 200, path)
+            self.assertTrue(headers["content-type"].startswith(ctype), headers)
+            self.assertIn(text, body)
+        status, body = self.srv.json("GET", "/web/nothing.js")
+        self.assertEqual(status, 404, body)
+        self.assertEqual(body["error"]["code"], "not_found")
 
     def test_state(self):
         self.assertEqual(self.srv.request("GET", "/kv/state")[0], 401)

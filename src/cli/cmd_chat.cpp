@@ -22,6 +22,7 @@ namespace {
 
 struct ChatArgs {
   std::string model, system;
+  std::string chat_template;  // --chat-template FILE ("" : the model's)
   CacheFlags cache;
   int32_t n_predict = 512;
   SamplingParams sampling;
@@ -107,7 +108,7 @@ int run_chat(const ChatArgs& a) {
   validate(sp);
   auto model = Model::load(resolve_model(a.model));
   auto tok = Tokenizer::from_gguf(model->gguf());
-  const std::string& tmpl = tok->chat_template();
+  const ChatTemplate tmpl = load_chat_template(*tok, a.chat_template);
   KvOptions kvo = to_kv_options(a.cache, model->config());
   ChatState st;
   if (!a.system.empty()) st.messages.push_back({"system", a.system});
@@ -115,7 +116,7 @@ int run_chat(const ChatArgs& a) {
   // The KIVI cache does not evict: a full context is then an error, as in generate.
   if (!kvo.window && kvo.n_keep < 0 && kvo.kivi_residual < 0) {
     std::vector<ChatMessage> sys = st.messages;
-    const std::string head = apply_chat_template(tmpl, sys.empty() ? std::vector<ChatMessage>{{"user", ""}} : sys, false);
+    const std::string head = tmpl.apply(sys.empty() ? std::vector<ChatMessage>{{"user", ""}} : sys, false);
     const std::string sys_text = sys.empty() ? head.substr(0, head.find("<|im_start|>user")) : head;
     kvo.n_keep = std::min<int64_t>(static_cast<int64_t>(tok->encode(sys_text, tok->add_bos_default(), true).size()),
                                    kvo.n_ctx / 2);
@@ -173,7 +174,7 @@ int run_chat(const ChatArgs& a) {
       continue;
     }
     st.messages.push_back({"user", line});
-    const std::string full = apply_chat_template(tmpl, st.messages, true);
+    const std::string full = tmpl.apply(st.messages, true);
     std::vector<int32_t> ids = turn_tokens(*tok, session, full, held_text, st);
     st.prefilled += static_cast<int64_t>(ids.size());
     GenerateOptions opts;
@@ -219,6 +220,7 @@ Command add_chat(CLI::App& app) {
   auto* c = app.add_subcommand("chat", "interactive multi-turn chat on stdin/stdout, cache kept between turns");
   c->add_option("-m,--model", a->model, "GGUF model (default: SmolLM2-135M-Instruct Q4_1)");
   c->add_option("--system", a->system, "system prompt (default: the template's)");
+  add_chat_template_flag(c, a->chat_template);
   c->add_option("-n,--n-predict", a->n_predict, "max tokens per reply")->check(CLI::Range(1, 1 << 20));
   add_sampling_flags(c, a->sampling);
   c->add_option("--seed", a->seed, "random seed")->each([a](const std::string&) { a->seed_given = true; });

@@ -15,6 +15,7 @@ namespace {
 
 struct GenerateArgs {
   std::string model, prompt, prompt_file;
+  std::string chat_template;  // --chat-template FILE ("": the model's)
   CacheFlags cache;
   int32_t n_predict = 128;
   bool chat = false, no_cache = false, trace = false, ignore_eos = false, compare = false;
@@ -131,8 +132,9 @@ int run_generate(const GenerateArgs& a) {
   const int64_t n_ctx = kvo.n_ctx;
 
   const std::string user = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file);
+  if (!a.chat_template.empty() && !a.chat) fail("--chat-template needs --chat");
   const std::string text =
-      a.chat ? apply_chat_template(tok->chat_template(), {{"user", user}}, true) : user;
+      a.chat ? load_chat_template(*tok, a.chat_template).apply({{"user", user}}, true) : user;
   std::vector<int32_t> prompt = tok->encode(text, tok->add_bos_default(), /*parse_special=*/true);
   if (prompt.empty()) fail("the prompt is empty: nothing to generate from");
   if (!kvo.window && kvo.n_keep < 0 && static_cast<int64_t>(prompt.size()) >= n_ctx)
@@ -236,6 +238,7 @@ Command add_generate(CLI::App& app) {
   gen->add_option("-n,--n-predict", g->n_predict, "tokens to generate (-1: until end)")
       ->check(CLI::Range(-1, 1 << 30));
   gen->add_flag("--chat", g->chat, "wrap the prompt in the model's chat template");
+  add_chat_template_flag(gen, g->chat_template);
   gen->add_flag("--no-cache", g->no_cache, "recompute the whole prefix at every step (baseline)");
   gen->add_flag("--compare-cache", g->compare,
                 "run with and without the cache and print both side by side (same seed)");

@@ -36,6 +36,7 @@ constexpr uint64_t kDefaultBudgetCap = uint64_t{1} << 30;
 
 struct ServeArgs {
   std::string model, host = "127.0.0.1", kv_budget, max_body = "1MiB", api_key;
+  std::string chat_template;  // --chat-template FILE ("": the model's, or ChatML)
   std::vector<std::string> aliases;  // --alias: served model names
   int port = 8080;
   SchedulerConfig sched;  // n_parallel, block_size, n_batch, max_queue from the flags
@@ -48,6 +49,26 @@ struct ServeArgs {
   std::vector<std::pair<std::string, const CLI::Option*>> no_serve_flags;
   const CLI::Option* block_size_opt = nullptr;  // given or not (KIVI picks its own default)
 };
+
+// The template chat requests are rendered with, checked before anything is allocated: a
+// template that cannot render a plain [user] or [system, user] conversation stops kvlm serve with
+// one line naming the problem, instead of every chat request failing with a 500.
+std::shared_ptr<const ChatTemplate> serve_chat_template(const Tokenizer& tok,
+                                                        const std::string& path) {
+  const std::string origin = chat_template_origin(path);
+  std::shared_ptr<const ChatTemplate> chat;
+  std::string note;
+  try {
+    chat = server::served_chat_template(tok, path.empty() ? "" : read_text_file(path));
+    note = chat->check();
+  } catch (const Error& e) {
+    fail("{} cannot render a plain conversation, so chat requests would fail: {} (give another "
+         "with --chat-template FILE)",
+         origin, e.what());
+  }
+  if (!note.empty()) std::fprintf(stderr, "kvlm serve: note: %s\n", note.c_str());
+  return chat;
+}
 
 // "--kv-budget 512MiB" (parse_bytes' units) or "--kv-budget 32768tok" / "32768 tokens".
 void parse_budget(const std::string& text, SchedulerConfig* cfg) {
@@ -101,6 +122,7 @@ int run_serve(ServeArgs& a) {
   const std::string path = resolve_model(a.model);
   auto model = Model::load(path);
   auto tok = Tokenizer::from_gguf(model->gguf());
+  const auto chat = serve_chat_template(*tok, a.chat_template);
   const ModelConfig& c = model->config();
   const KvOptions kvo = to_kv_options(a.cache, c);
 
@@ -159,7 +181,7 @@ int run_serve(ServeArgs& a) {
   served.n_ctx = cfg.n_ctx;
   served.capacity_tokens = sched.capacity_tokens();
   served.evicts = sched.evicts();
-  served.chat_template = server::served_chat_template(*tok);
+  served.chat_template = chat;
   served.defaults = defaults;
   served.aliases = a.aliases;
   server::ServerOptions so;
@@ -259,6 +281,7 @@ Command add_serve(CLI::App& app) {
                   "waiting requests beyond which new ones get 503 (default 256)")
       ->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--max-body", a->max_body, "largest request body (default 1MiB); larger get 413");
+  add_chat_template_flag(cmd, a->chat_template);
   cmd->add_option("--api-key", a->api_key,
                   "require 'Authorization: Bearer KEY' on every route but /health (default: "
                   "$KVLM_API_KEY, else none)");

@@ -15,6 +15,7 @@
 
 #include "base/error.h"
 #include "kv/kv_shape.h"
+#include "server/api.h"
 
 namespace kvlm::cli {
 
@@ -126,6 +127,26 @@ std::string read_text_file(const std::string& path) {
          path == "-" ? "stdin" : path, path == "-" ? "FILE" : path);
   if (text.empty()) fail("{}: empty text", path == "-" ? "stdin" : path);
   return text;
+}
+
+void add_chat_template_flag(CLI::App* app, std::string& path) {
+  app->add_option("--chat-template,--chat-template-file", path,
+                  "Jinja chat template file used instead of the model's tokenizer.chat_template");
+}
+
+std::string chat_template_origin(const std::string& path) {
+  return path.empty() ? "the model's chat template" : "--chat-template " + path;
+}
+
+ChatTemplate load_chat_template(const Tokenizer& tok, const std::string& path) {
+  const std::string source = path.empty() ? tok.chat_template() : read_text_file(path);
+  if (!path.empty() && source.empty()) fail("--chat-template {}: the file is empty", path);
+  try {
+    return ChatTemplate(source, server::chat_env(tok));
+  } catch (const Error& e) {
+    if (path.empty()) throw;
+    fail("--chat-template {}: {}", path, e.what());
+  }
 }
 
 void add_llama_cpp_flags(CLI::App* app) {

@@ -9,7 +9,9 @@
 #include "engine/session.h"
 #include "model/config.h"
 #include "sampling/sampler.h"
+#include "template/chat_template.h"
 #include "tensor/dtype.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kvlm::cli {
 
@@ -68,6 +70,15 @@ int available_cores();
 // with a one-line note on stderr. A thread without a core of its own only waits: the pool hands
 // work out by spinning, and a 2-core VM ran -t 1000 at a few tokens per second.
 int resolve_threads(int requested);
+
+// --chat-template FILE and llama.cpp's spelling --chat-template-file FILE (generate, chat,
+// serve): a Jinja chat template that replaces the model's tokenizer.chat_template.
+void add_chat_template_flag(CLI::App* app, std::string& path);
+// The text of --chat-template's file (path not empty) or the model's template; parsed with the
+// tokenizer's BOS/EOS texts. kvlm::Error naming the file or the model's template.
+ChatTemplate load_chat_template(const Tokenizer& tok, const std::string& path);
+// Where a chat template came from, for messages: the file, or "the model's chat template".
+std::string chat_template_origin(const std::string& path);
 
 // --temp --top-k --top-p --min-p --repeat-penalty --repeat-last-n (generate, chat, later serve).
 void add_sampling_flags(CLI::App* app, SamplingParams& p);

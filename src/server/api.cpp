@@ -377,11 +377,21 @@ std::string dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-std::string served_chat_template(const Tokenizer& tok) {
-  if (!tok.chat_template().empty()) return tok.chat_template();
-  return "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-         "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-         "{{ '<|im_start|>assistant\\n' }}{% endif %}";
+ChatEnv chat_env(const Tokenizer& tok) {
+  ChatEnv env;
+  if (tok.bos_id() >= 0) env.bos_token = tok.token_text(tok.bos_id());
+  if (tok.eos_id() >= 0) env.eos_token = tok.token_text(tok.eos_id());
+  return env;
+}
+
+std::shared_ptr<const ChatTemplate> served_chat_template(const Tokenizer& tok,
+                                                         const std::string& source) {
+  std::string text = !source.empty() ? source : tok.chat_template();
+  if (text.empty())
+    text = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+           "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+           "{{ '<|im_start|>assistant\\n' }}{% endif %}";
+  return std::make_shared<const ChatTemplate>(text, chat_env(tok));
 }
 
 bool bearer_matches(std::string_view authorization, std::string_view key) {
@@ -508,7 +518,11 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
 
   std::string text;
   try {
-    text = apply_chat_template(m.chat_template, messages, /*add_generation_prompt=*/true);
+    text = m.chat_template->apply(messages, /*add_generation_prompt=*/true);
+  } catch (const tmpl::TemplateRaised& e) {
+    // The template refuses this conversation (roles out of order, a system turn it does not
+    // take): the client's messages are what to change.
+    bad("messages", e.what());
   } catch (const Error& e) {
     // The template is the model's, not the client's: a server-side limitation.
     throw HttpError(500, e.what(), "", "chat_template_unsupported");

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <stdexcept>
@@ -17,6 +18,7 @@
 
 #include "engine/scheduler.h"
 #include "sampling/sampler.h"
+#include "template/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kvlm::server {
@@ -71,16 +73,22 @@ struct ServedModel {
   // The cache evicts when a sequence's context is full (--kv-window, --keep): prompts and
   // completions are then not bounded by n_ctx, only max_tokens by kMaxEvictingTokens.
   bool evicts = false;
-  std::string chat_template;    // the model's, or plain ChatML when it has none
+  // The model's template, --chat-template's, or plain ChatML when the model has none.
+  std::shared_ptr<const ChatTemplate> chat_template;
   SamplingParams defaults;      // the server's --temp/--top-k/... (seed unused)
 };
 
 // Whether `name` is one the model is served under (ServedModel::names).
 bool serves(const ServedModel& m, std::string_view name);
 
-// The template chat requests are rendered with: the model's tokenizer.chat_template, or plain
-// ChatML when the model has none (llama-server's fallback; tiny test models have none).
-std::string served_chat_template(const Tokenizer& tok);
+// The template chat requests are rendered with: `source` (--chat-template FILE's text) when not
+// empty, else the model's tokenizer.chat_template, else plain ChatML (llama-server's fallback;
+// tiny test models have none); bos_token and eos_token are the tokenizer's token texts.
+// Throws kvlm::Error for a template kvlm cannot parse.
+std::shared_ptr<const ChatTemplate> served_chat_template(const Tokenizer& tok,
+                                                         const std::string& source = "");
+// The tokenizer's BOS and EOS token texts ("" where it has none) for rendering chat templates.
+ChatEnv chat_env(const Tokenizer& tok);
 
 // Whether an Authorization header value carries `key` as a bearer token: "Bearer KEY", the scheme
 // in any case (RFC 7235: auth-scheme is case-insensitive) and one or more spaces before the token.

@@ -685,7 +685,8 @@ const std::map<std::string, Value, std::less<>>& globals() {
          for (const auto& [k, v] : a.kw) d.dict->set(k, v);
          return d; })},
       {"raise_exception", Value::callable("raise_exception", [](Interp& in, const Args& a) -> Value {
-         in.error("raise_exception: {}", a.pos.empty() ? "" : to_str(a.pos[0])); })},
+         throw TemplateRaised(fmt::format("template line {}: raise_exception: {}", in.line,
+                                          a.pos.empty() ? "" : to_str(a.pos[0]))); })},
   };
   return table;
 }

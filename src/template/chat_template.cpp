@@ -57,14 +57,21 @@ std::string ChatTemplate::apply(const std::vector<ChatMessage>& messages,
   ctx.dict->set("strftime_now", strftime_fn(env_.now));
   try {
     return tmpl_.render(ctx);
+  } catch (const tmpl::TemplateRaised& e) {
+    throw tmpl::TemplateRaised(std::string("chat template: ") + e.what());
   } catch (const Error& e) {
     fail("chat template: {}", e.what());
   }
 }
 
-void ChatTemplate::check() const {
-  apply({{"system", "You are a helpful assistant."}, {"user", "Hello"}}, true);
+std::string ChatTemplate::check() const {
   apply({{"user", "Hello"}}, true);
+  try {
+    apply({{"system", "You are a helpful assistant."}, {"user", "Hello"}}, true);
+  } catch (const tmpl::TemplateRaised& e) {
+    return fmt::format("the chat template refuses a system message: {}", e.what());
+  }
+  return "";
 }
 
 std::string apply_chat_template(const std::string& tmpl, const std::vector<ChatMessage>& messages,

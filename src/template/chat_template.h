@@ -28,12 +28,15 @@ class ChatTemplate {
   // Parses the template; throws kvlm::Error "chat template: template line N: ..." for syntax it
   // cannot read, and for an empty template (a model without tokenizer.chat_template).
   ChatTemplate(const std::string& source, ChatEnv env);
-  // Throws kvlm::Error "chat template: template line N: ..." when rendering fails (the
-  // template's raise_exception, undefined values, unsupported filters, exceeded limits).
+  // Throws kvlm::Error "chat template: template line N: ..." when rendering fails (undefined
+  // values, unsupported filters, exceeded limits), tmpl::TemplateRaised when the template's
+  // raise_exception refuses the conversation.
   std::string apply(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const;
-  // Renders the conversations every chat front end needs, [system, user] and [user] with the
-  // generation prompt; throws the first failure (kvlm serve refuses to start on it).
-  void check() const;
+  // Renders the conversations every chat front end needs, [user] and [system, user] with the
+  // generation prompt. Throws when the template cannot render them (kvlm serve refuses to start);
+  // returns a note when the template itself refuses only the system turn with raise_exception
+  // (Gemma 2's "System role not supported"), "" when both render.
+  std::string check() const;
 
  private:
   tmpl::Template tmpl_;

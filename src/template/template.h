@@ -12,6 +12,7 @@
 #include <string>
 #include <string_view>
 
+#include "base/error.h"
 #include "template/value.h"
 
 namespace kvlm::tmpl {
@@ -25,6 +26,13 @@ struct Limits {
   int max_depth = 200;                  // nested statements/expressions when parsing, and calls
   int64_t max_steps = 20'000'000;       // expression evaluations and loop iterations per render
   size_t max_output = size_t(16) << 20;  // bytes of output, and of any one string or list value
+};
+
+// What raise_exception() throws: the template refusing its input (a conversation it does not
+// accept), as opposed to a template kvlm cannot render.
+class TemplateRaised : public Error {
+ public:
+  using Error::Error;
 };
 
 struct Node;

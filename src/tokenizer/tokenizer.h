@@ -1,6 +1,6 @@
 // Byte-level BPE tokenizer built from GGUF metadata (tokenizer.ggml.*), as llama.cpp's "gpt2"
 // tokenizer model with the "gpt2" and "smollm" pre-tokenizers; special/control tokens; UTF-8-safe
-// incremental decoding; chat templates of the ChatML family.
+// incremental decoding. Chat templates are rendered by src/template (chat_template.h).
 #pragma once
 
 #include <cstdint>
@@ -79,16 +79,5 @@ class StreamDecoder {
   bool render_special_;
   std::string pending_;
 };
-
-struct ChatMessage {
-  std::string role;  // "system", "user", "assistant"
-  std::string content;
-};
-
-// Renders messages with the model's chat template. Supported: the ChatML family
-// (<|im_start|>role\ncontent<|im_end|>\n), including SmolLM2's default system prompt when the
-// first message is not a system message. Throws kvlm::Error for templates kvlm cannot render.
-std::string apply_chat_template(const std::string& tmpl, const std::vector<ChatMessage>& messages,
-                                bool add_generation_prompt);
 
 }  // namespace kvlm

@@ -27,6 +27,13 @@ def patched(data: bytes, old: bytes, new: bytes) -> bytes:
     return data.replace(old, new)
 
 
+def write_file(d, name, text):
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def gguf_string(s: bytes) -> bytes:
     return struct.pack("<Q", len(s)) + s
 
@@ -251,10 +258,7 @@ class KvSize(unittest.TestCase):
         d = cls.tmp.name
 
         def write(name, text):
-            path = os.path.join(d, name)
-            with open(path, "w") as f:
-                f.write(text)
-            return path
+            return write_file(d, name, text)
 
         # LLaMA-7B's config.json, trimmed to what the planner reads (and a field it ignores).
         cls.llama7b = write("llama7b.json", '{"model_type": "llama", "num_hidden_layers": 32, '
@@ -665,6 +669,84 @@ class Bench(unittest.TestCase):
                 lines = [l for l in err.splitlines() if l.strip()]
                 self.assertEqual(len(lines), 1, f"{args}: expected one stderr line, got {err!r}")
                 self.assertIn(needle.lower(), lines[0].lower())
+
+
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+
+class ChatTemplateFlag(unittest.TestCase):
+    """--chat-template FILE / --chat-template-file FILE on generate, chat and serve."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        def write(name, text):
+            return write_file(cls.tmp.name, name, text)
+        cls.llama3 = write("llama3.jinja", LLAMA3)
+        # The user's text once, and five times: the prompt grows about fivefold.
+        cls.plain = write("plain.jinja", "{% for m in messages %}{{ m.content ~ ' ' }}{% endfor %}")
+        cls.repeat = write("repeat.jinja", "{% for m in messages %}{{ (m.content ~ ' ') * 5 }}{% endfor %}")
+        cls.raising = write("raise.jinja", "{{ raise_exception('this template refuses everything') }}")
+        cls.broken = write("broken.jinja", "line one\n{% for m in messages %}\n{{ m.content | frobnicate }}\n{% endfor %}")
+        cls.syntax = write("syntax.jinja", "{% if %}")
+        cls.no_system = write("no-system.jinja",
+                              "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}"
+                              "{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def prompt_tokens(self, *args):
+        rc, out, err = run("generate", "-m", TINY, "-p", "hello world", "-n", "1", "--temp", "0", "--chat", *args)
+        self.assertEqual(rc, 0, err)
+        m = re.search(r"prompt tokens:\s+(\d+)", err)
+        self.assertIsNotNone(m, err)
+        return int(m.group(1))
+
+    def test_generate_uses_the_file(self):
+        for flag in ("--chat-template", "--chat-template-file"):
+            with self.subTest(flag=flag):
+                once = self.prompt_tokens(flag, self.plain)
+                five = self.prompt_tokens(flag, self.repeat)
+                self.assertGreaterEqual(five, 4 * once, (once, five))
+                self.assertGreater(self.prompt_tokens(flag, self.llama3), once)
+
+    def one_line_error(self, args, needle, code=1, timeout=120):
+        rc, out, err = run(*args, timeout=timeout)
+        self.assertEqual(rc, code, f"{args}: stderr {err!r}")
+        lines = [l for l in err.splitlines() if l.strip()]
+        self.assertEqual(len(lines), 1, f"{args}: expected one stderr line, got {err!r}")
+        self.assertIn(needle, lines[0])
+        return lines[0]
+
+    def test_generate_errors(self):
+        gen = ["generate", "-m", TINY, "-p", "hi", "-n", "1", "--chat"]
+        self.one_line_error(gen + ["--chat-template", self.raising], "this template refuses everything")
+        self.one_line_error(gen + ["--chat-template", self.broken], "template line 3: unknown filter 'frobnicate'")
+        self.one_line_error(gen + ["--chat-template", self.syntax], self.syntax)
+        self.one_line_error(gen + ["--chat-template", "/nonexistent/t.jinja"], "/nonexistent/t.jinja")
+        self.one_line_error(["generate", "-m", TINY, "-p", "hi", "--chat-template", self.llama3], "--chat")
+
+    def test_chat_uses_the_file(self):
+        p = subprocess.run([KVLM, "chat", "-m", TINY, "-n", "2", "--temp", "0", "--chat-template", self.raising],
+                           input=b"hi\n", capture_output=True, timeout=120)
+        self.assertIn(b"this template refuses everything", p.stderr)
+
+    def test_serve_refuses_a_template_that_cannot_render(self):
+        serve = ["serve", "-m", TINY, "--port", "0"]
+        for path, needle in ((self.broken, "unknown filter 'frobnicate'"),
+                             (self.raising, "this template refuses everything")):
+            with self.subTest(path=path):
+                line = self.one_line_error(serve + ["--chat-template", path], needle, timeout=60)
+                self.assertIn("cannot render a plain conversation", line)
+                self.assertIn(path, line)
+        self.one_line_error(serve + ["--chat-template-file", self.syntax], "template line 1", timeout=60)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,35 @@ Tokenizer* Api::tok_ = nullptr;
 
 const json kMsgs = json::array({{{"role", "user"}, {"content", "hi"}}});
 
+// A template's raise_exception refuses the client's conversation (400 naming messages); a
+// template kvlm cannot render is the server's problem (500).
+TEST_F(Api, ChatTemplateErrors) {
+  ServedModel m = model();
+  m.chat_template = served_chat_template(
+      *tok_,
+      "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}"
+      "{% endif %}{{ messages[0].content }}{{ messages[0].content | frobnicate if "
+      "messages[0].content == 'boom' }}");
+  const json sys = json::array({{{"role", "system"}, {"content", "s"}}, {{"role", "user"}, {"content", "x"}}});
+  try {
+    parse_chat_request({{"messages", sys}}, *tok_, m, 7);
+    FAIL();
+  } catch (const HttpError& e) {
+    EXPECT_EQ(e.status, 400);
+    EXPECT_EQ(e.param, "messages");
+    EXPECT_NE(std::string(e.what()).find("System role not supported"), std::string::npos);
+  }
+  const json boom = json::array({{{"role", "user"}, {"content", "boom"}}});
+  try {
+    parse_chat_request({{"messages", boom}}, *tok_, m, 7);
+    FAIL();
+  } catch (const HttpError& e) {
+    EXPECT_EQ(e.status, 500);
+    EXPECT_NE(std::string(e.what()).find("unknown filter 'frobnicate'"), std::string::npos);
+  }
+  EXPECT_FALSE(parse_chat_request({{"messages", kMsgs}}, *tok_, m, 7).req.prompt.empty());
+}
+
 TEST_F(Api, ChatDefaults) {
   const GenerationRequest g = chat({{"messages", kMsgs}});
   const std::string text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";

@@ -217,7 +217,7 @@ TEST(ChatTemplate, RendersWithTokensAndDate) {
       env);
   EXPECT_EQ(t.apply({{"user", "hi"}}, true), "<s>[user]hi</s>[assistant]2024True");
   EXPECT_EQ(t.apply({{"user", "hi"}}, false), "<s>[user]hi</s>2024True");
-  t.check();
+  EXPECT_EQ(t.check(), "");
 }
 
 TEST(ChatTemplate, ErrorsAreOneLineNamingTheTemplate) {
@@ -234,12 +234,19 @@ TEST(ChatTemplate, ErrorsAreOneLineNamingTheTemplate) {
       {});
   EXPECT_EQ(strict.apply({{"user", "x"}}, true), "ok");
   try {
-    strict.check();
+    strict.apply({{"system", "s"}, {"user", "x"}}, true);
     FAIL();
-  } catch (const Error& e) {
+  } catch (const TemplateRaised& e) {
     EXPECT_EQ(std::string(e.what()),
               "chat template: template line 1: raise_exception: System role not supported");
   }
+  // Refusing the system turn is the template's choice: a note, not a failure.
+  EXPECT_NE(strict.check().find("refuses a system message"), std::string::npos);
+  // A template that cannot render a plain [user] turn fails the check.
+  const ChatTemplate broken("{{ messages[0].content.nosuchmethod() }}", {});
+  EXPECT_THROW(broken.check(), Error);
+  const ChatTemplate undefined_var("{{ messages | frob }}", {});
+  EXPECT_THROW(undefined_var.check(), Error);
 }
 
 }  // namespace

@@ -529,48 +529,6 @@ TEST(Tokenizer, LargeTextIsFastAndMatchesLlamaCpp) {
   EXPECT_LT(ms_runs, 1500.0 * ms_small + 50.0);  // + 50 ms: timer noise when the small runs are fast
 }
 
-// ---- chat templates ----------------------------------------------------------------------------
-
-TEST(ChatTemplate, MatchesJinja2) {
-  const json& chat = goldens()["chat"];
-  EXPECT_EQ(model().tok->chat_template(), chat["templates"]["model"].get<std::string>());
-  size_t n = 0;
-  for (const json& c : chat["cases"]) {
-    std::vector<ChatMessage> messages;
-    for (const json& m : c["messages"]) messages.push_back({m["role"], m["content"]});
-    const std::string tmpl = chat["templates"][c["template"].get<std::string>()];
-    EXPECT_EQ(apply_chat_template(tmpl, messages, c["add_generation_prompt"]),
-              c["expected"].get<std::string>())
-        << c["template"] << " " << c["messages"].dump();
-    ++n;
-  }
-  EXPECT_GE(n, 40u);
-}
-
-TEST(ChatTemplate, SmolLM2DefaultSystemPrompt) {
-  const std::string out = apply_chat_template(model().tok->chat_template(), {{"user", "Hi"}}, true);
-  EXPECT_EQ(out,
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
-            "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
-}
-
-TEST(ChatTemplate, RejectsUnknownTemplates) {
-  const std::string llama3 =
-      "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-      "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}";
-  EXPECT_THROW(apply_chat_template(llama3, {{"user", "hi"}}, true), Error);
-  EXPECT_THROW(apply_chat_template("", {{"user", "hi"}}, true), Error);
-  const std::string trimming =
-      "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-      "message['content'] | trim + '<|im_end|>\\n'}}{% endfor %}";
-  EXPECT_THROW(apply_chat_template(trimming, {{"user", "hi"}}, true), Error);
-  try {
-    apply_chat_template(llama3, {}, false);
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("ChatML"), std::string::npos) << e.what();
-  }
-}
-
 // ---- small vocabularies ------------------------------------------------------------------------
 
 TEST(TinyVocab, MergesApplyByRankNotPosition) {

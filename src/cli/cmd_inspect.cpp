@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "base/error.h"
@@ -63,8 +64,16 @@ void print_model(const Model& model) {
   fmt::print("  n_kv_head         {} (GQA: {} query heads per KV head)\n", c.n_kv_head, c.n_gqa());
   fmt::print("  head_dim          {}\n  n_ff              {}\n  norm_eps          {}\n", c.head_dim,
              c.n_ff, c.norm_eps);
-  if (c.arch->pos == PosKind::Rope)
-    fmt::print("  rope              {} dims, freq_base {}\n", c.n_rot, c.rope_freq_base);
+  if (c.arch->pos == PosKind::Rope) {
+    fmt::print("  rope              {} dims, freq_base {}", c.n_rot, c.rope_freq_base);
+    if (c.rope_freq_scale != 1.0f) fmt::print(", linear scaling x{}", c.rope_freq_scale);
+    if (!c.rope_freq_factors.empty()) {
+      const auto [lo, hi] =
+          std::minmax_element(c.rope_freq_factors.begin(), c.rope_freq_factors.end());
+      fmt::print(", rope_freqs factors {}..{}", *lo, *hi);
+    }
+    fmt::print("\n");
+  }
   fmt::print("  output            {}\n", c.tied_output ? "tied to token_embd" : "separate");
   fmt::print("\nKV cache (per token = n_layer x n_kv_head x head_dim x 2 (K and V) x bytes):\n");
   for (DType t : {DType::F32, DType::F16}) {

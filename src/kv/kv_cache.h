@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "base/aligned.h"
@@ -21,7 +22,16 @@ struct KvRope {
   int32_t n_rot = 0;
   float freq_base = 10000.0f;
   kernels::RopeMode mode = kernels::RopeMode::Normal;
+  float freq_scale = 1.0f;            // linear RoPE scaling: every angle times this
+  std::vector<float> freq_factors{};  // [n_rot / 2] Llama 3's rope_freqs (pair i's frequency
+                                      //   divided by factor i), or empty
 };
+
+// RoPE frequencies as llama.cpp computes them (in double here): inv_freq[i] = freq_scale *
+// freq_base^(-2i / n_rot) / factors[i] (factors empty: 1), for kernels::rope_cos_sin.
+//   factors: [n_rot / 2] or empty; inv_freq: [n_rot / 2]
+void rope_inv_freq(int64_t n_rot, float freq_base, float freq_scale, std::span<const float> factors,
+                   double* inv_freq);
 
 // Re-rotates one stored K row (kv_dim values in shape.dtype_k, as the cache stores them) by
 // `delta` positions: R(p + delta) = R(delta) R(p), so a row moved from position p to p + delta

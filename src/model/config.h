@@ -20,8 +20,10 @@ struct ArchInfo {
   PosKind pos;           // RoPE on Q/K, or a learned position embedding added to the input
   kernels::RopeMode rope_mode;
   FfnKind ffn;           // gate/up/down with SiLU(gate) or GELU(gate), or up/down with GELU
-  bool fused_qkv;        // one attn_qkv matrix [3 * n_embd, n_embd] instead of q, k, v
+  bool fused_gate_up;    // gated FFN whose ffn_up [2 * n_ff, n_embd] holds the gate rows, then
+                         //   the up rows (Phi-3), instead of ffn_gate and ffn_up [n_ff, n_embd]
   bool biases;           // every linear layer and norm has a bias
+  bool qkv_bias;         // Q, K and V (only) have biases: attn_q/k/v.bias (Qwen2)
   const char* eps_key;   // "<arch>.attention.layer_norm_rms_epsilon" or "..._epsilon" suffix
   bool qk_norm;          // each head of Q and K is RMS-normed (attn_q_norm, attn_k_norm
                          //   [head_dim]) before RoPE
@@ -30,6 +32,8 @@ struct ArchInfo {
   bool embed_scale;      // token embeddings are multiplied by sqrt(n_embd)
   int32_t swa_pattern;   // sliding_window_pattern when the file has a window but no pattern
                          //   key (0: every layer windowed)
+  bool swa_keys;         // <arch>.attention.sliding_window is honoured; Phi-3 files carry one
+                         //   that llama.cpp ignores (its Phi SWA is disabled), and so does kvlm
   float swa_rope_base;   // RoPE base of the windowed layers (0: the file's rope.freq_base);
                          //   Gemma 3 trains its local layers with 10000, its global ones with
                          //   the file's (llama.cpp's rope_freq_base_train_swa; a
@@ -56,6 +60,10 @@ struct ModelConfig {
   float norm_eps = 1e-5f;
   float rope_freq_base = 10000.0f;
   float rope_freq_base_swa = 10000.0f;  // the windowed layers' base (ArchInfo::swa_rope_base)
+  // Linear RoPE scaling (<arch>.rope.scaling.factor F with type linear): every angle times 1 / F.
+  float rope_freq_scale = 1.0f;
+  // Llama-3 frequency factors (rope_freqs.weight): pair i's frequency divided by factor i.
+  std::vector<float> rope_freq_factors;  // [n_rot / 2], or empty
   bool tied_output = false;  // output projection shares token_embd
   // Sliding-window attention per layer: layer il's query at position p sees keys at positions
   // (p - layer_window[il], p] only; 0: every earlier position. [n_layer], from

@@ -39,7 +39,6 @@ void ensure_scratch(Scratch& s, const ModelConfig& c, int64_t n_tok, int64_t n_c
   grow(s.q16, B * c.q_dim());
   grow(s.k, B * c.kv_dim());
   grow(s.v, B * c.kv_dim());
-  if (c.arch->fused_qkv) grow(s.qkv, B * (c.q_dim() + 2 * c.kv_dim()));
   grow(s.attn, B * c.q_dim());
   grow(s.gate, B * c.n_ff);
   grow(s.up, B * c.n_ff);
@@ -486,14 +485,14 @@ void embed(const ModelConfig& c, const Weights& w, const int32_t* tokens, const 
   }
 }
 
-// A RoPE table for one base, once per forward pass and shared by every layer of that base and
+// A RoPE table for one base (frequencies scaled as rope_inv_freq does), once per forward pass and shared by every layer of that base and
 // every Q and K head: [n_tok, 2, n_rot / 2] cos, then sin, of token i's angles (rope_rotate
 // equals kernels::rope bit for bit, so a token gets the same numbers in prefill and decode).
 std::vector<double> rope_table(const ModelConfig& c, float base, const int64_t* pos,
                                int64_t n_tok) {
   const int64_t n_pairs = c.n_rot / 2;
   std::vector<double> inv_freq(static_cast<size_t>(n_pairs));  // [n_rot / 2]
-  kernels::rope_freqs(c.n_rot, base, inv_freq.data());
+  rope_inv_freq(c.n_rot, base, c.rope_freq_scale, c.rope_freq_factors, inv_freq.data());
   std::vector<double> cs(static_cast<size_t>(n_tok * c.n_rot));
   for (int64_t i = 0; i < n_tok; ++i)
     kernels::rope_cos_sin(inv_freq.data(), n_pairs, pos[i], cs.data() + i * c.n_rot);
@@ -501,7 +500,7 @@ std::vector<double> rope_table(const ModelConfig& c, float base, const int64_t* 
 }
 
 // RMS-normalizes each head_dim slice of x: [n_rows, n_heads, head_dim] in place by w: [head_dim]
-// (Gemma 3's Q and K norms).
+// (Gemma 3's and Qwen 3's Q and K norms).
 void norm_heads(const ModelConfig& c, float* x, const TensorView& w, int64_t n_rows,
                 int64_t n_heads) {
   for (int64_t r = 0; r < n_rows * n_heads; ++r)
@@ -509,27 +508,18 @@ void norm_heads(const ModelConfig& c, float* x, const TensorView& w, int64_t n_r
 }
 
 // Q, K and V of the normed input h: [n_tok, n_embd] into s.q: [n_tok, Q], s.k, s.v:
-// [n_tok, KV]; Q and K per-head normed when the layer has those norms (before RoPE).
+// [n_tok, KV], plus their biases; Q and K per-head normed when the layer has those norms (before
+// RoPE).
 void project_qkv(const ModelConfig& c, const LayerWeights& l, const float* h, int64_t n_tok,
                  Scratch& s, ThreadPool& pool) {
-  const int64_t Q = c.q_dim(), KV = c.kv_dim();
   float* q = s.q.as<float>();
   float* k = s.k.as<float>();
   float* v = s.v.as<float>();
-  if (c.arch->fused_qkv) {
-    const int64_t QKV = Q + 2 * KV;
-    float* qkv = s.qkv.as<float>();  // [n_tok, Q + 2 KV]: q | k | v per row
-    kernels::matmul(l.wqkv, h, qkv, n_tok, pool);
-    add_bias(qkv, l.bqkv, n_tok, QKV);
-    for (int64_t i = 0; i < n_tok; ++i) {
-      std::copy_n(qkv + i * QKV, Q, q + i * Q);
-      std::copy_n(qkv + i * QKV + Q, KV, k + i * KV);
-      std::copy_n(qkv + i * QKV + Q + KV, KV, v + i * KV);
-    }
-  } else {
-    const kernels::MatmulPart qkv[3] = {{&l.wq, q}, {&l.wk, k}, {&l.wv, v}};
-    kernels::matmul_multi(qkv, 3, h, n_tok, pool);
-  }
+  const kernels::MatmulPart qkv[3] = {{&l.wq, q}, {&l.wk, k}, {&l.wv, v}};
+  kernels::matmul_multi(qkv, 3, h, n_tok, pool);
+  add_bias(q, l.bq, n_tok, c.q_dim());
+  add_bias(k, l.bk, n_tok, c.kv_dim());
+  add_bias(v, l.bv, n_tok, c.kv_dim());
   if (!l.q_norm.empty()) {
     norm_heads(c, q, l.q_norm, n_tok, c.n_head);
     norm_heads(c, k, l.k_norm, n_tok, c.n_kv_head);
@@ -654,6 +644,7 @@ std::span<const float> output_logits(const ModelConfig& c, const Weights& w, con
   }
   float* logits = s.logits.as<float>();  // [n_out, n_vocab]
   kernels::matmul(w.output, h, logits, n_out, pool);
+  add_bias(logits, w.output_b, n_out, c.n_vocab);
   return {logits, static_cast<size_t>(n_out * c.n_vocab)};
 }
 

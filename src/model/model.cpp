@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+
 #include "base/error.h"
 #include "kernels/ops.h"
 
@@ -36,6 +38,7 @@ std::string shape_str(const std::vector<int64_t>& ne) {
 // window, N outside [1, block_count].
 void read_layer_windows(const GgufFile& f, const std::string& a, ModelConfig& c) {
   c.layer_window.assign(static_cast<size_t>(c.n_layer), 0);
+  if (!c.arch->swa_keys) return;
   const std::string wk = a + "attention.sliding_window", pk = a + "attention.sliding_window_pattern";
   if (!f.find(wk)) {
     if (f.find(pk)) fail("{}: '{}' is set but '{}' is missing", f.path(), pk, wk);
@@ -94,9 +97,9 @@ class TensorBinder {
     return v;
   }
   // Norm weights and biases are used as plain float arrays.
-  TensorView get_f32(const std::string& name, int64_t n) {
-    TensorView v = get(name, {n});
-    if (v.dtype != DType::F32)
+  TensorView get_f32(const std::string& name, int64_t n, bool optional = false) {
+    TensorView v = get(name, {n}, optional);
+    if (!v.empty() && v.dtype != DType::F32)
       fail("{}: tensor '{}' has type {}, expected f32", f_.path(), name, dtype_name(v.dtype));
     return v;
   }
@@ -104,6 +107,137 @@ class TensorBinder {
  private:
   const GgufFile& f_;
 };
+
+// Rows [r0, r0 + n) of matrix t: a view into the same mapping (fused tensors are split at load,
+// so the forward pass sees separate Q, K, V and gate, up matrices and packs each on its own).
+TensorView row_range(const TensorView& t, int64_t r0, int64_t n) {
+  TensorView v = t;
+  v.data = t.row(r0);
+  v.n_rows = n;
+  return v;
+}
+
+// Elements [i0, i0 + n) of an f32 vector (a fused bias).
+TensorView f32_range(const TensorView& t, int64_t i0, int64_t n) {
+  if (t.empty()) return t;
+  TensorView v = t;
+  v.data = t.f32() + i0;
+  v.n_cols = n;
+  v.row_stride = static_cast<size_t>(n) * sizeof(float);
+  return v;
+}
+
+// RoPE as llama.cpp reads it: <arch>.rope.freq_base (10000), .rope.dimension_count (head_dim),
+// linear scaling (.rope.scaling.type linear, the default, with .rope.scaling.factor F, or the old
+// .rope.scale_linear: angles times 1 / F; type none: no scaling), and Llama 3's frequency factors
+// (rope_freqs.weight [n_rot / 2]). YaRN, LongRoPE (Phi-3 128k's rope_factors_long/short) and
+// attention factors are refused, naming the key or tensor.
+void read_rope(const GgufFile& f, const std::string& a, ModelConfig& c) {
+  c.rope_freq_base = static_cast<float>(f.get_float(a + "rope.freq_base").value_or(10000.0));
+  c.n_rot = f.find(a + "rope.dimension_count")
+                ? require_int(f, a + "rope.dimension_count", 2, c.head_dim)
+                : c.head_dim;
+  if (c.n_rot % 2 != 0) fail("{}: rope.dimension_count {} is odd", f.path(), c.n_rot);
+  // An architecture with its own windowed-layer base lets <arch>.rope.freq_base_swa override
+  // it, as llama.cpp does for gemma3; the others rotate every layer alike.
+  c.rope_freq_base_swa =
+      c.arch->swa_rope_base > 0
+          ? static_cast<float>(f.get_float(a + "rope.freq_base_swa").value_or(c.arch->swa_rope_base))
+          : c.rope_freq_base;
+
+  const std::string tk = a + "rope.scaling.type";
+  const std::string type = f.find(tk) ? f.get_string(tk).value_or("?") : "linear";
+  if (type != "none" && type != "linear")
+    fail("{}: '{}' = '{}' is not supported (kvlm runs 'none' and 'linear' RoPE scaling)", f.path(),
+         tk, type);
+  double factor = f.get_float(a + "rope.scaling.factor").value_or(0.0);
+  if (factor == 0.0) factor = f.get_float(a + "rope.scale_linear").value_or(0.0);
+  if (!(factor >= 0.0) || !std::isfinite(factor))
+    fail("{}: '{}rope.scaling.factor' = {} is not a positive number", f.path(), a, factor);
+  c.rope_freq_scale = type == "linear" && factor > 0.0 ? static_cast<float>(1.0 / factor) : 1.0f;
+  const double attn_factor = f.get_float(a + "rope.scaling.attn_factor").value_or(1.0);
+  if (attn_factor != 1.0)
+    fail("{}: '{}rope.scaling.attn_factor' = {} is not supported (kvlm needs 1)", f.path(), a,
+         attn_factor);
+
+  for (const char* t : {"rope_factors_long.weight", "rope_factors_short.weight"})
+    if (f.tensor(t))
+      fail("{}: tensor '{}' (LongRoPE, as in Phi-3 128k) is not supported; kvlm runs 'none' and "
+           "'linear' RoPE scaling and Llama 3's rope_freqs", f.path(), t);
+  c.rope_freq_factors.clear();
+  if (f.tensor("rope_freqs.weight")) {
+    const TensorView ff = TensorBinder(f).get_f32("rope_freqs.weight", c.n_rot / 2);
+    c.rope_freq_factors.assign(ff.f32(), ff.f32() + c.n_rot / 2);
+    for (float x : c.rope_freq_factors)
+      if (!(x > 0.0f) || !std::isfinite(x))
+        fail("{}: tensor 'rope_freqs.weight' holds {}, not a positive frequency factor", f.path(),
+             x);
+  }
+}
+
+// Q, K and V of layer il: attn_q/k/v, or the row ranges of a fused attn_qkv [q | k | v]; their
+// biases where the file has them (required by ArchInfo::biases for a fused matrix and by
+// ::qkv_bias for separate ones; optional otherwise, as in llama.cpp).
+void bind_qkv(const GgufFile& f, TensorBinder& b, const ModelConfig& c, int32_t il,
+              LayerWeights& l) {
+  auto n = [&](const char* s) { return fmt::format("blk.{}.{}", il, s); };
+  const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim();
+  if (f.tensor(n("attn_qkv.weight"))) {
+    const TensorView w = b.get(n("attn_qkv.weight"), {E, Q + 2 * KV});
+    l.wq = row_range(w, 0, Q);
+    l.wk = row_range(w, Q, KV);
+    l.wv = row_range(w, Q + KV, KV);
+    const TensorView bias = b.get_f32(n("attn_qkv.bias"), Q + 2 * KV, !c.arch->biases);
+    l.bq = f32_range(bias, 0, Q);
+    l.bk = f32_range(bias, Q, KV);
+    l.bv = f32_range(bias, Q + KV, KV);
+    return;
+  }
+  l.wq = b.get(n("attn_q.weight"), {E, Q});
+  l.wk = b.get(n("attn_k.weight"), {E, KV});
+  l.wv = b.get(n("attn_v.weight"), {E, KV});
+  const bool opt = !c.arch->qkv_bias;
+  l.bq = b.get_f32(n("attn_q.bias"), Q, opt);
+  l.bk = b.get_f32(n("attn_k.bias"), KV, opt);
+  l.bv = b.get_f32(n("attn_v.bias"), KV, opt);
+}
+
+// The rest of layer il's tensors, by the architecture's flags.
+void bind_layer(const GgufFile& f, TensorBinder& b, const ModelConfig& c, int32_t il,
+                LayerWeights& l) {
+  auto n = [&](const char* s) { return fmt::format("blk.{}.{}", il, s); };
+  const ArchInfo& arch = *c.arch;
+  const int64_t E = c.n_embd, Q = c.q_dim(), F = c.n_ff;
+  l.attn_norm = b.get_f32(n("attn_norm.weight"), E);
+  l.ffn_norm = b.get_f32(n("ffn_norm.weight"), E);
+  bind_qkv(f, b, c, il, l);
+  if (arch.qk_norm) {
+    l.q_norm = b.get_f32(n("attn_q_norm.weight"), c.head_dim);
+    l.k_norm = b.get_f32(n("attn_k_norm.weight"), c.head_dim);
+  }
+  l.wo = b.get(n("attn_output.weight"), {Q, E});
+  if (arch.fused_gate_up) {
+    // llama.cpp's swiglu of the fused product: silu(first n_ff) * (second n_ff).
+    const TensorView gate_up = b.get(n("ffn_up.weight"), {E, 2 * F});
+    l.ffn_gate = row_range(gate_up, 0, F);
+    l.ffn_up = row_range(gate_up, F, F);
+  } else {
+    if (arch.ffn != FfnKind::Gelu) l.ffn_gate = b.get(n("ffn_gate.weight"), {E, F});
+    l.ffn_up = b.get(n("ffn_up.weight"), {E, F});
+  }
+  l.ffn_down = b.get(n("ffn_down.weight"), {F, E});
+  if (arch.post_norms) {
+    l.attn_post_norm = b.get_f32(n("post_attention_norm.weight"), E);
+    l.ffn_post_norm = b.get_f32(n("post_ffw_norm.weight"), E);
+  }
+  if (arch.biases) {
+    l.attn_norm_b = b.get_f32(n("attn_norm.bias"), E);
+    l.ffn_norm_b = b.get_f32(n("ffn_norm.bias"), E);
+    l.bo = b.get_f32(n("attn_output.bias"), E);
+    l.ffn_up_b = b.get_f32(n("ffn_up.bias"), F);
+    l.ffn_down_b = b.get_f32(n("ffn_down.bias"), E);
+  }
+}
 
 }  // namespace
 
@@ -139,19 +273,7 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
   auto eps = f.get_float(a + arch.eps_key);
   if (!eps) fail("{}: missing metadata key '{}{}'", path, a, arch.eps_key);
   c.norm_eps = static_cast<float>(*eps);
-  if (arch.pos == PosKind::Rope) {
-    c.rope_freq_base = static_cast<float>(f.get_float(a + "rope.freq_base").value_or(10000.0));
-    c.n_rot = f.find(a + "rope.dimension_count")
-                  ? require_int(f, a + "rope.dimension_count", 2, c.head_dim)
-                  : c.head_dim;
-    if (c.n_rot % 2 != 0) fail("{}: rope.dimension_count {} is odd", path, c.n_rot);
-    // An architecture with its own windowed-layer base lets <arch>.rope.freq_base_swa override
-    // it, as llama.cpp does for gemma3; the others rotate every layer alike.
-    c.rope_freq_base_swa =
-        arch.swa_rope_base > 0
-            ? static_cast<float>(f.get_float(a + "rope.freq_base_swa").value_or(arch.swa_rope_base))
-            : c.rope_freq_base;
-  }
+  if (arch.pos == PosKind::Rope) read_rope(f, a, c);
   // llama.cpp reads this for Gemma 3 (tanh-capped logits); kvlm has no capping, so a file that
   // asks for it is refused rather than run wrong.
   if (f.get_float(a + "final_logit_softcapping").value_or(0.0) != 0.0)
@@ -167,7 +289,7 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
 
   TensorBinder b(f);
   Weights& w = m->weights_;
-  const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff, V = c.n_vocab;
+  const int64_t E = c.n_embd, V = c.n_vocab;
   w.tok_embd = b.get("token_embd.weight", {E, V});
   if (arch.pos == PosKind::Learned) w.pos_embd = b.get("position_embd.weight", {E, c.n_ctx_train});
   w.output_norm = b.get_f32("output_norm.weight", E);
@@ -175,41 +297,10 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
   w.output = b.get("output.weight", {E, V}, /*optional=*/true);
   c.tied_output = w.output.empty();
   if (c.tied_output) w.output = w.tok_embd;
+  w.output_b = b.get_f32("output.bias", V, /*optional=*/true);
 
   w.layers.resize(c.n_layer);
-  for (int32_t il = 0; il < c.n_layer; ++il) {
-    LayerWeights& l = w.layers[il];
-    auto n = [&](const char* s) { return fmt::format("blk.{}.{}", il, s); };
-    l.attn_norm = b.get_f32(n("attn_norm.weight"), E);
-    l.ffn_norm = b.get_f32(n("ffn_norm.weight"), E);
-    if (arch.fused_qkv) {
-      l.wqkv = b.get(n("attn_qkv.weight"), {E, Q + 2 * KV});
-    } else {
-      l.wq = b.get(n("attn_q.weight"), {E, Q});
-      l.wk = b.get(n("attn_k.weight"), {E, KV});
-      l.wv = b.get(n("attn_v.weight"), {E, KV});
-    }
-    if (arch.qk_norm) {
-      l.q_norm = b.get_f32(n("attn_q_norm.weight"), c.head_dim);
-      l.k_norm = b.get_f32(n("attn_k_norm.weight"), c.head_dim);
-    }
-    l.wo = b.get(n("attn_output.weight"), {Q, E});
-    if (arch.ffn != FfnKind::Gelu) l.ffn_gate = b.get(n("ffn_gate.weight"), {E, F});
-    l.ffn_up = b.get(n("ffn_up.weight"), {E, F});
-    l.ffn_down = b.get(n("ffn_down.weight"), {F, E});
-    if (arch.post_norms) {
-      l.attn_post_norm = b.get_f32(n("post_attention_norm.weight"), E);
-      l.ffn_post_norm = b.get_f32(n("post_ffw_norm.weight"), E);
-    }
-    if (arch.biases) {
-      l.attn_norm_b = b.get_f32(n("attn_norm.bias"), E);
-      l.ffn_norm_b = b.get_f32(n("ffn_norm.bias"), E);
-      l.bqkv = b.get_f32(n("attn_qkv.bias"), Q + 2 * KV);
-      l.bo = b.get_f32(n("attn_output.bias"), E);
-      l.ffn_up_b = b.get_f32(n("ffn_up.bias"), F);
-      l.ffn_down_b = b.get_f32(n("ffn_down.bias"), E);
-    }
-  }
+  for (int32_t il = 0; il < c.n_layer; ++il) bind_layer(f, b, c, il, w.layers[il]);
   m->pack_matrices();
   return m;
 }
@@ -223,7 +314,7 @@ void Model::pack_matrices() {
   };
   add(weights_.output);
   for (LayerWeights& l : weights_.layers)
-    for (TensorView* v : {&l.wq, &l.wk, &l.wv, &l.wqkv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down})
+    for (TensorView* v : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down})
       add(*v);
   // One arena for all of them, each matrix at a 64-byte boundary: an AlignedBuffer this large
   // sits on transparent huge pages, so decode's stream through the weights misses the TLB once
@@ -270,6 +361,8 @@ KvRope Model::kv_rope() const {
     r.n_rot = config_.n_rot;
     r.freq_base = config_.rope_freq_base;
     r.mode = config_.arch->rope_mode;
+    r.freq_scale = config_.rope_freq_scale;
+    r.freq_factors = config_.rope_freq_factors;
   }
   return r;
 }
@@ -280,7 +373,7 @@ uint64_t Model::weight_bytes() const {
   };
   uint64_t total = bytes(weights_.output);  // the embedding lookup reads one row only
   for (const auto& l : weights_.layers) {
-    total += bytes(l.wq) + bytes(l.wk) + bytes(l.wv) + bytes(l.wqkv) + bytes(l.wo);
+    total += bytes(l.wq) + bytes(l.wk) + bytes(l.wv) + bytes(l.wo);
     total += bytes(l.ffn_gate) + bytes(l.ffn_up) + bytes(l.ffn_down);
   }
   return total;

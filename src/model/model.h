@@ -20,13 +20,17 @@ namespace kvlm {
 
 struct LayerWeights {
   TensorView attn_norm, attn_norm_b;  // [n_embd]
-  TensorView wq, wk, wv;              // [q_dim, n_embd], [kv_dim, n_embd], [kv_dim, n_embd]
-  TensorView wqkv, bqkv;              // fused: [q_dim + 2 * kv_dim, n_embd], bias [q_dim + 2 kv_dim]
+  TensorView wq, wk, wv;              // [q_dim, n_embd], [kv_dim, n_embd], [kv_dim, n_embd]; a
+                                      //   fused attn_qkv's row ranges (q | k | v) when the file
+                                      //   has one
+  TensorView bq, bk, bv;              // [q_dim], [kv_dim], [kv_dim] biases (gpt2's are attn_qkv
+                                      //   .bias's ranges; qwen2: attn_q/k/v.bias), or empty
   TensorView q_norm, k_norm;          // [head_dim] per-head RMSNorm (ArchInfo::qk_norm)
   TensorView wo, bo;                  // [n_embd, q_dim], bias [n_embd]
   TensorView attn_post_norm;          // [n_embd] (ArchInfo::post_norms)
   TensorView ffn_norm, ffn_norm_b;    // [n_embd]
-  TensorView ffn_gate;                // [n_ff, n_embd] (gated FFNs only)
+  TensorView ffn_gate;                // [n_ff, n_embd] (gated FFNs only; Phi-3: the first n_ff
+                                      //   rows of its fused ffn_up [2 * n_ff, n_embd])
   TensorView ffn_up, ffn_up_b;        // [n_ff, n_embd], bias [n_ff]
   TensorView ffn_down, ffn_down_b;    // [n_embd, n_ff], bias [n_embd]
   TensorView ffn_post_norm;           // [n_embd] (ArchInfo::post_norms)
@@ -37,6 +41,8 @@ struct Weights {
   TensorView pos_embd;                    // [n_ctx_train, n_embd] (learned positions only)
   TensorView output_norm, output_norm_b;  // [n_embd]
   TensorView output;                      // [n_vocab, n_embd]; == tok_embd when tied
+  TensorView output_b;                    // [n_vocab] optional bias of the head (llama.cpp reads
+                                          //   it for qwen2 and phi3)
   std::vector<LayerWeights> layers;       // [n_layer]
 };
 
@@ -50,7 +56,6 @@ struct Scratch {
   AlignedBuffer q16;     // [n_batch, q_dim]         q rounded to f16 (attention over an f16 K)
   AlignedBuffer k;       // [n_batch, kv_dim]
   AlignedBuffer v;       // [n_batch, kv_dim]
-  AlignedBuffer qkv;     // [n_batch, q_dim + 2 * kv_dim]  fused projection output
   AlignedBuffer attn;    // [n_batch, q_dim]         attention output, heads concatenated
   AlignedBuffer gate;    // [n_batch, n_ff]
   AlignedBuffer up;      // [n_batch, n_ff]

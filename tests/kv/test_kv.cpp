@@ -45,5 +45,33 @@ TEST(KvAccounting, OverflowIsAnError) {
   EXPECT_THROW(kv_bytes(s, -1), Error);
 }
 
+// Eviction re-rotates K with the model's RoPE scaling: frequencies halved by Llama-3-style factors
+// of 2 (or a linear scale of 0.5) turn a shift of 2d positions into the plain rotation by d, bit
+// for bit (halving is exact in double); without them the shift would be 2d.
+TEST(KvRerotate, CarriesFrequencyFactorsAndLinearScale) {
+  const KvShape shape{.n_layer = 1, .n_kv_head = 2, .head_dim = 16, .dtype_k = DType::F32,
+                      .dtype_v = DType::F32};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist;
+  std::vector<float> k(32), scratch(32);
+  for (float& x : k) x = dist(rng);
+  const KvRope plain{.n_rot = 16, .freq_base = 10000.0f};
+  KvRope factors = plain;
+  factors.freq_factors.assign(8, 2.0f);
+  KvRope linear = plain;
+  linear.freq_scale = 0.5f;
+  std::vector<float> want = k;
+  kv_rerotate_k_row(shape, plain, -5, reinterpret_cast<std::byte*>(want.data()), scratch.data());
+  for (const KvRope* r : {&factors, &linear}) {
+    std::vector<float> got = k;
+    kv_rerotate_k_row(shape, *r, -10, reinterpret_cast<std::byte*>(got.data()), scratch.data());
+    EXPECT_EQ(got, want);
+    std::vector<float> unscaled = k;
+    kv_rerotate_k_row(shape, plain, -10, reinterpret_cast<std::byte*>(unscaled.data()),
+                      scratch.data());
+    EXPECT_NE(got, unscaled);
+  }
+}
+
 }  // namespace
 }  // namespace kvlm

@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 KVLM := $(BUILD)/bin/kvlm
 DEMO_PROMPT ?= The KV cache makes decoding fast because
 
-.PHONY: all deps build model refdata demo test clean
+.PHONY: all deps build model refdata synthetic demo test clean
 
 all: build
 
@@ -26,11 +26,16 @@ model:
 refdata:
 	@bash scripts/fetch-refdata.sh
 
+# Random-weight models of each family at real dimensions (~0.7 GB in ~/.cache/kvlm/synthetic),
+# rewritten only when missing or not the bytes tests/data/family_goldens.json was made from.
+synthetic: deps refdata
+	$(BUILD)/venv/bin/python tools/make_family_ggufs.py
+
 demo: build model
 	$(KVLM) generate -p "$(DEMO_PROMPT)" -n 64 --temp 0
 	$(KVLM) generate --chat -p "What is a KV cache? Answer in two sentences." -n 96 --temp 0
 
-test: build model refdata
+test: build model refdata synthetic
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 clean:

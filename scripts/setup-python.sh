@@ -13,6 +13,10 @@ PY=${PYTHON:-/usr/bin/python3}
 PINS=(
   openai==3.51.0
   selenium==4.40.0  # tests/server/test_web.py drives Debian's chromium through chromium-driver
+  # tools/make_family_ggufs.py (make synthetic): the generated models are byte-identical only
+  # with these versions
+  gguf==0.19.0
+  numpy==2.4.6
 )
 
 if [ ! -x "$VENV/bin/python" ]; then

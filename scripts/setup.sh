@@ -8,6 +8,7 @@ PACKAGES=(
   libfmt-dev libcli11-dev nlohmann-json3-dev libcpp-httplib-dev libxxhash-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libutf8proc-dev
+  libssl-dev  # SHA-256 of the generated test models (tests/model/test_families.cpp)
   python3 python3-pip python3-venv curl
   chromium chromium-driver  # tests/server/test_web.py: the web page in a real (headless) browser
   jargon-text  # the shared text for kvlm perplexity: /usr/share/doc/jargon-text/jargon.txt.gz

@@ -44,6 +44,14 @@ inline std::string refdata_dir() {
   return dir + "/llama.cpp-0.3.36";
 }
 
+// Generated models too large to commit (tools/make_family_ggufs.py writes them; `make test` runs
+// it first through `make synthetic`), checked by sha256 against their goldens.
+inline std::string synthetic_dir() {
+  if (const char* d = std::getenv("KVLM_SYNTHETIC"); d && *d) return d;
+  const char* home = std::getenv("HOME");
+  return std::string(home ? home : ".") + "/.cache/kvlm/synthetic";
+}
+
 // n token ids in [0, n_vocab), the same for the same seed.
 inline std::vector<int32_t> random_tokens(int n, int32_t n_vocab, uint32_t seed) {
   std::mt19937 rng(seed);

@@ -278,7 +278,7 @@ TEST(KvManager, WindowGroupReleasesWhatItsWindowNoLongerSees) {
   KvShape two = f32_shape();
   two.n_layer = 2;
   KvManager kv({.shape = two, .block_size = kBs, .n_blocks = 16, .prefix_cache = false,
-                .audit = true, .layer_group = {0, 1},
+                .audit = true, .rope = KvRope{}, .layer_group = {0, 1},
                 .groups = {{.window = 0, .n_blocks = 16}, {.window = 8, .n_blocks = 4}}});
   ASSERT_EQ(kv.n_groups(), 2);
   EXPECT_EQ(kv.capacity_tokens(), 64);  // the full group's blocks
@@ -325,7 +325,7 @@ TEST(KvManager, WindowGroupPrefixHitTakesTwins) {
   KvShape two = f32_shape();
   two.n_layer = 2;
   KvManager kv({.shape = two, .block_size = kBs, .n_blocks = 16, .prefix_cache = true,
-                .audit = true, .layer_group = {0, 1},
+                .audit = true, .rope = KvRope{}, .layer_group = {0, 1},
                 .groups = {{.window = 0, .n_blocks = 16}, {.window = 8, .n_blocks = 4}}});
   const auto toks = iota_tokens(40, 0);
   ASSERT_TRUE(kv.admit(1, toks, "", 40, KvHit{}));

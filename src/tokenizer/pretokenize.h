@@ -3,11 +3,24 @@
 // llama.cpp applies a list of regexes in sequence; each one re-splits every piece the previous
 // one produced, and the text between matches becomes pieces of its own. Lookaheads therefore
 // never see past the end of the current piece. These hand-written splitters reproduce that, for
-// the regex lists below (the regexes are quoted from llama.cpp's llama-vocab.cpp):
+// the regex lists below (quoted from llama.cpp's llama-vocab.cpp; "C" stands for contractions,
+// (?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])):
 //
 //   Gpt2:    's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
 //   Smollm:  \p{N}   then the Gpt2 regex
 //   Default: [\p{P}\$\+<=>\^~\|]+   then Gpt2, then \p{N}+, then [0-9][0-9][0-9]
+//   Falcon:  [\p{P}\$\+<=>\^~\|`]+  then Gpt2, then [0-9][0-9][0-9]
+//   Llama3:  C|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//   ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ Qwen2:   the Llama3 regex with \p{N} for
+//   \p{N}{1,3} Qwen35:  the Qwen2 regex with marks (\p{M}) counted as letters in both letter
+//   classes DeepseekLlm:   [\r\n]   then \s?[Latin, Greek, Cyrillic... letters]+   then
+//                  \s?[!-/:-~！-／：-～‘-‟　-。]+   then \s+$   then [一-龥ࠀ-一가-퟿]+   then
+//                  \p{N}+
+//   DeepseekCoder: [\r\n]   then \s?\p{L}+   then \s?\p{P}+   then [一-龥ࠀ-一가-퟿]+   then
+//   \p{N} Newlines (Gemma 4):  [^\n]+|[\n]+
+//
+// The regexes without \p{..} classes run in llama.cpp on std::wregex, where non-ASCII whitespace
+// is first replaced by U+000B; so U+3000 (a space) is not in DeepseekLlm's punctuation range.
 #pragma once
 
 #include <cstddef>
@@ -16,7 +29,18 @@
 
 namespace kvlm::tok {
 
-enum class PreKind { Gpt2, Smollm, Default };
+enum class PreKind {
+  Gpt2,
+  Smollm,
+  Default,
+  Falcon,
+  Llama3,
+  Qwen2,
+  Qwen35,
+  DeepseekLlm,
+  DeepseekCoder,
+  Newlines,
+};
 
 // Splits `n` codepoints (with their cpt_flags) into words; appends each word's length in
 // codepoints to `word_lens`, which then sum to n. `scratch` is reused between calls.

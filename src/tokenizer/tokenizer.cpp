@@ -1,7 +1,11 @@
-// Byte-level BPE as llama.cpp's "gpt2" tokenizer model (llama-vocab.cpp) does it:
+// The tokenizer models of llama.cpp (llama-vocab.cpp) that kvlm implements:
 //
-//   text -> special-token partition -> pre-tokenizer words -> bytes mapped to printable chars
-//        -> merges by rank within each word -> token ids
+//   BPE ("gpt2"): text -> special-token partition -> pre-tokenizer words -> bytes mapped to
+//        printable chars -> merges by rank within each word -> token ids
+//   BPE on raw UTF-8 ("gemma4"): spaces become U+2581, words are runs of newlines and of other
+//        text, merges start from characters, bytes without a token become <0xXX> tokens
+//   SentencePiece ("llama"): a space prefix, spaces become U+2581, adjacent pieces merge while
+//        their concatenation is a token, highest score first; leftover bytes become <0xXX>
 //
 // Loading also reproduces llama.cpp's adjustments to the vocabulary that change tokenization:
 // end-of-generation and fill-in-the-middle tokens recognised by their text are forced to CONTROL
@@ -11,6 +15,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
+#include <functional>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
@@ -29,21 +35,73 @@ constexpr std::string_view kKeyPre = "tokenizer.ggml.pre";
 constexpr std::string_view kKeyTokens = "tokenizer.ggml.tokens";
 constexpr std::string_view kKeyTypes = "tokenizer.ggml.token_type";
 constexpr std::string_view kKeyMerges = "tokenizer.ggml.merges";
+constexpr std::string_view kKeyScores = "tokenizer.ggml.scores";
 
-// Pre-tokenizer names llama.cpp maps to each regex list (see pretokenize.h). "gpt2" is not a name
-// llama.cpp knows (its converter writes "gpt-2"); kvlm accepts it as the same thing.
+// Pre-tokenizer names llama.cpp maps to each regex list (see pretokenize.h), with the options it
+// sets alongside: ignore_merges (a word that is a whole token skips merging), clean_spaces (decode
+// removes spaces before punctuation and some contractions) and add_bos (the default when the file
+// has no tokenizer.ggml.add_bos_token). "gpt2" is not a name llama.cpp knows (its converter writes
+// "gpt-2"); kvlm accepts it as the same thing.
 struct PreName {
   std::string_view name;
   tok::PreKind kind;
+  bool ignore_merges = false;
+  bool clean_spaces = true;
+  bool add_bos = false;
 };
+constexpr bool kNoClean = false;
 constexpr PreName kPreNames[] = {
-    {"gpt2", tok::PreKind::Gpt2},         {"gpt-2", tok::PreKind::Gpt2},
-    {"phi-2", tok::PreKind::Gpt2},        {"mpt", tok::PreKind::Gpt2},
-    {"olmo", tok::PreKind::Gpt2},         {"jais", tok::PreKind::Gpt2},
-    {"smollm", tok::PreKind::Smollm},     {"starcoder", tok::PreKind::Smollm},
-    {"refact", tok::PreKind::Smollm},     {"codeshell", tok::PreKind::Smollm},
-    {"command-r", tok::PreKind::Smollm},  {"exaone", tok::PreKind::Smollm},
-    {"minerva-7b", tok::PreKind::Smollm}, {"default", tok::PreKind::Default},
+    {"default", tok::PreKind::Default},
+    {"gpt2", tok::PreKind::Gpt2},
+    {"gpt-2", tok::PreKind::Gpt2},
+    {"phi-2", tok::PreKind::Gpt2},
+    {"mpt", tok::PreKind::Gpt2},
+    {"olmo", tok::PreKind::Gpt2},
+    {"jais", tok::PreKind::Gpt2},
+    {"jina-es", tok::PreKind::Gpt2},
+    {"jina-de", tok::PreKind::Gpt2},
+    {"jina-v2-es", tok::PreKind::Gpt2},
+    {"jina-v2-de", tok::PreKind::Gpt2},
+    {"gigachat", tok::PreKind::Gpt2},
+    {"a.x-4.0", tok::PreKind::Gpt2},
+    {"mellum", tok::PreKind::Gpt2},
+    {"modern-bert", tok::PreKind::Gpt2},
+    {"exaone4", tok::PreKind::Gpt2},
+    {"trillion", tok::PreKind::Gpt2, false, kNoClean},
+    {"granite-docling", tok::PreKind::Gpt2, false, kNoClean},
+    {"smollm", tok::PreKind::Smollm, false, kNoClean},
+    {"starcoder", tok::PreKind::Smollm},
+    {"refact", tok::PreKind::Smollm},
+    {"codeshell", tok::PreKind::Smollm},
+    {"command-r", tok::PreKind::Smollm, false, kNoClean},
+    {"exaone", tok::PreKind::Smollm},
+    {"minerva-7b", tok::PreKind::Smollm},
+    {"mellum2", tok::PreKind::Smollm},
+    {"falcon", tok::PreKind::Falcon},
+    {"llama3", tok::PreKind::Llama3, true, true, true},
+    {"llama-v3", tok::PreKind::Llama3, true, true, true},
+    {"llama-bpe", tok::PreKind::Llama3, true, true, true},
+    {"falcon3", tok::PreKind::Llama3, true, true, true},
+    {"falcon-h1", tok::PreKind::Llama3, true, true, true},
+    {"pixtral", tok::PreKind::Llama3, true, true, true},
+    {"midm-2.0", tok::PreKind::Llama3, true, true, true},
+    {"lfm2", tok::PreKind::Llama3, true, true, true},
+    {"jina-v5-nano", tok::PreKind::Llama3, true, true, true},
+    {"dbrx", tok::PreKind::Llama3},
+    {"smaug-bpe", tok::PreKind::Llama3},
+    {"qwen2", tok::PreKind::Qwen2, false, kNoClean},
+    {"deepseek-r1-qwen", tok::PreKind::Qwen2, false, kNoClean},
+    {"kormo", tok::PreKind::Qwen2, false, kNoClean},
+    {"f2llmv2", tok::PreKind::Qwen2, false, kNoClean},
+    {"hunyuan", tok::PreKind::Qwen2, false, kNoClean},
+    {"grok-2", tok::PreKind::Qwen2, false, kNoClean},
+    {"solar-open", tok::PreKind::Qwen2, false, kNoClean},
+    {"stablelm2", tok::PreKind::Qwen2},
+    {"megrez", tok::PreKind::Qwen2},
+    {"qwen35", tok::PreKind::Qwen35, false, kNoClean},
+    {"deepseek-llm", tok::PreKind::DeepseekLlm, false, kNoClean},
+    {"deepseek-coder", tok::PreKind::DeepseekCoder, false, kNoClean},
+    {"gemma4", tok::PreKind::Newlines},
 };
 
 // Token texts llama.cpp treats as end of generation (llama_vocab::impl::load).
@@ -132,6 +190,13 @@ bool one_of(std::string_view s, const std::string_view (&list)[N]) {
   return std::find(std::begin(list), std::end(list), s) != std::end(list);
 }
 
+// Hashing for maps keyed by text that are looked up with string_views (no allocation per lookup).
+struct TextHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+using TextMap = std::unordered_map<std::string, int32_t, TextHash, std::equal_to<>>;
+
 // One merge rule: the pair (left, right) of symbols becomes `result` with priority `rank`
 // (lower first).
 struct Merge {
@@ -151,8 +216,8 @@ struct Symbol {
   uint32_t len;    // bytes; 0 once merged into its left neighbour
 };
 
-// A candidate merge of two adjacent symbols. Entries go stale when either side changes; they are
-// checked when popped rather than removed from the heap.
+// A candidate BPE merge of two adjacent symbols. Entries go stale when either side changes; they
+// are checked when popped rather than removed from the heap.
 struct Candidate {
   int32_t rank;
   int32_t left, right;        // symbol indices
@@ -166,6 +231,20 @@ struct CandidateAfter {
   }
 };
 
+// A candidate SentencePiece merge: the two symbols' concatenation is a token with this score.
+// Stale once either side has changed length (lengths only grow, so the sum identifies the pair).
+struct SpmCandidate {
+  float score;
+  int32_t left, right;  // symbol indices
+  uint32_t len;         // bytes of the concatenation when queued
+};
+// Pops the highest score first, then the leftmost pair (llama.cpp's order).
+struct SpmCandidateAfter {
+  bool operator()(const SpmCandidate& a, const SpmCandidate& b) const {
+    return a.score < b.score || (a.score == b.score && a.left > b.left);
+  }
+};
+
 // Per-call buffers, reused across the words of one encode() call.
 struct Scratch {
   std::vector<uint32_t> cpts;
@@ -173,31 +252,133 @@ struct Scratch {
   std::vector<uint32_t> word_lens;
   std::vector<uint32_t> split_scratch;
   std::string word;
+  std::string mapped;  // the fragment with spaces escaped
+  std::string lookup;  // a word in the vocabulary's spelling
   std::vector<Symbol> symbols;
   std::vector<Candidate> heap;
+  std::vector<SpmCandidate> spm_heap;
 };
+
+// Bytes of the UTF-8 character a lead byte starts, as llama.cpp counts them (by the high nibble,
+// without validation; a stray continuation byte counts as one).
+size_t utf8_len(uint8_t lead) {
+  static constexpr uint8_t kLen[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
+  return kLen[lead >> 4];
+}
+
+// Appends one symbol per UTF-8 character of `text` (llama.cpp's character split), with the id
+// id_of(character), each linked to its neighbours.
+template <class IdOf>
+void push_char_symbols(std::string_view text, std::vector<Symbol>* sym, IdOf id_of) {
+  const auto n = static_cast<uint32_t>(text.size());
+  for (uint32_t i = 0; i < n;) {
+    const auto len =
+        std::min<uint32_t>(static_cast<uint32_t>(utf8_len(static_cast<uint8_t>(text[i]))), n - i);
+    const auto k = static_cast<int32_t>(sym->size());
+    sym->push_back(Symbol{id_of(text.substr(i, len)), k - 1, k + 1, i, len});
+    i += len;
+  }
+  if (!sym->empty()) sym->back().next = -1;
+}
+
+// Symbol `left` takes over the next live symbol's bytes; that one leaves the chain.
+void absorb_next(std::vector<Symbol>& sym, int32_t left) {
+  Symbol& l = sym[left];
+  Symbol& r = sym[l.next];
+  l.len += r.len;
+  r.len = 0;
+  l.next = r.next;
+  if (r.next >= 0) sym[r.next].prev = left;
+}
+
+constexpr std::string_view kSpaceMark = "\xe2\x96\x81";  // U+2581, SentencePiece's space
+
+// Replaces every ' ' with U+2581 (appends to `out`).
+void escape_spaces_into(std::string_view text, std::string* out) {
+  for (char c : text) {
+    if (c == ' ')
+      out->append(kSpaceMark);
+    else
+      out->push_back(c);
+  }
+}
+
+// True when `piece` has a U+2581 that follows some other character: such a piece can span the
+// start of a word, so text cannot be cut before its space marks.
+bool has_inner_space_mark(std::string_view piece) {
+  for (size_t at = piece.find(kSpaceMark, 1); at != std::string_view::npos;
+       at = piece.find(kSpaceMark, at + 1)) {
+    if (at < kSpaceMark.size() ||
+        piece.compare(at - kSpaceMark.size(), kSpaceMark.size(), kSpaceMark) != 0)
+      return true;
+  }
+  return false;
+}
+
+// Calls f(segment) for the pieces of `text` cut before every U+2581 that follows other bytes
+// (the starts of words; runs of spaces stay together). Cuts fall only between the characters
+// that merging starts from, which invalid UTF-8 can shift: a lead byte takes the next bytes
+// whatever they are.
+template <class F>
+void for_each_space_word(std::string_view text, F f) {
+  auto mark_at = [&](size_t i) { return text.compare(i, kSpaceMark.size(), kSpaceMark) == 0; };
+  size_t begin = 0;
+  for (size_t i = 0; i < text.size();) {
+    if (i > begin && mark_at(i) && !(i >= kSpaceMark.size() && mark_at(i - kSpaceMark.size()))) {
+      f(text.substr(begin, i - begin));
+      begin = i;
+    }
+    i += std::min(utf8_len(static_cast<uint8_t>(text[i])), text.size() - i);
+  }
+  if (begin < text.size()) f(text.substr(begin));
+}
+
+std::string byte_token_text(uint8_t b) {
+  return fmt::format("<0x{:02X}>", b);
+}
+
+bool is_ascii_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
+}
 
 }  // namespace
 
 struct Tokenizer::Impl {
+  enum class Model { Bpe, Spm };
+
   std::vector<std::string> texts;   // [n_vocab] as stored, "[EMPTY_<id>]" for empty ones
   std::vector<TokenType> types;     // [n_vocab] after llama.cpp's overrides
+  std::vector<float> scores;        // [n_vocab] SentencePiece merge priorities (higher first)
   std::vector<std::string> pieces;  // [n_vocab] bytes of each token, special ones as their text
-  std::unordered_map<std::string, int32_t> token_to_id;
+  TextMap token_to_id;
 
   // Symbols for BPE: ids below n_vocab are tokens; ids from n_vocab on are strings that occur in
   // merges without being tokens themselves.
-  std::unordered_map<std::string, int32_t> extra_symbols;
+  TextMap extra_symbols;
   std::unordered_map<uint64_t, Merge> merges;  // pair_key(left, right) -> merge
   std::array<int32_t, 256> byte_symbol{};      // symbol of each byte's printable character
+  std::array<int32_t, 256> byte_token{};       // token "<0xXX>" of each byte, -1 when none
 
   std::vector<int32_t> special_ids;  // control/user-defined/unknown, longest text first
   std::vector<bool> eog;             // [n_vocab]
+  // [n_vocab] whitespace a special token swallows on its left / right when matched in text
+  // (llama.cpp's LSTRIP / RSTRIP attributes, which it sets by model name).
+  std::vector<bool> lstrip, rstrip;
 
+  Model model = Model::Bpe;
   tok::PreKind pre_kind = tok::PreKind::Gpt2;
   std::string pre_name;
   std::string chat_template;
-  int32_t bos = -1, eos = -1;
+  bool byte_encode = true;        // BPE over GPT-2's printable byte mapping (false: raw UTF-8)
+  bool escape_spaces = false;     // ' ' -> U+2581 before BPE (SentencePiece always does)
+  bool ignore_merges = false;     // a word that is a token is taken whole
+  bool clean_spaces = false;      // decode drops the space before ?!., and some contractions
+  bool add_space_prefix = false;  // SentencePiece: ' ' before text that follows BOS/special/start
+  // No token (SentencePiece) or merge result (BPE on UTF-8) has a space mark after another
+  // character, so no merge crosses the start of a word: text is merged word by word, with the
+  // same result as merging it whole, but with small heaps (a long text as one piece is slow).
+  bool merge_by_word = false;
+  int32_t bos = -1, eos = -1, unk = -1;
   bool add_bos = false, add_eos = false;
 
   int32_t n_vocab() const { return static_cast<int32_t>(texts.size()); }
@@ -208,14 +389,27 @@ struct Tokenizer::Impl {
         extra_symbols.try_emplace(s, n_vocab() + static_cast<int32_t>(extra_symbols.size()));
     return it->second;
   }
-  int32_t symbol_of(const std::string& s) const {
+  int32_t symbol_of(std::string_view s) const {
     if (auto it = token_to_id.find(s); it != token_to_id.end()) return it->second;
     if (auto it = extra_symbols.find(s); it != extra_symbols.end()) return it->second;
     return -1;
   }
+  int32_t token_of(std::string_view s) const {
+    auto it = token_to_id.find(s);
+    return it == token_to_id.end() ? -1 : it->second;
+  }
+
+  void load_model(const GgufFile& f);
+  void load_tokens(const GgufFile& f);
+  void load_merges(const GgufFile& f);
+  void load_special_ids(const GgufFile& f);
+  void recognise_special_texts(const GgufFile& f);
+  void set_strip_attributes(const GgufFile& f);
 
   void bpe_word(std::string_view word, Scratch& s, std::vector<int32_t>* out) const;
-  void encode_text(std::string_view text, Scratch& s, std::vector<int32_t>* out) const;
+  void bpe_fallback(std::string_view text, std::vector<int32_t>* out) const;
+  void encode_bpe(std::string_view text, Scratch& s, std::vector<int32_t>* out) const;
+  void encode_spm(std::string_view text, Scratch& s, std::vector<int32_t>* out) const;
   std::string make_piece(int32_t id) const;
 };
 
@@ -224,9 +418,12 @@ struct Tokenizer::Impl {
 namespace {
 
 // An optional token id key; out-of-range ids are errors rather than llama.cpp's silent fallback.
-int32_t read_token_id(const GgufFile& f, std::string_view key, int32_t n_vocab) {
+// `fallback` (llama.cpp's default for the tokenizer model) applies when the key is absent and the
+// id is inside the vocabulary.
+int32_t read_token_id(const GgufFile& f, std::string_view key, int32_t n_vocab,
+                      int32_t fallback = -1) {
   auto v = f.get_int(key);
-  if (!v) return -1;
+  if (!v) return fallback < n_vocab ? fallback : -1;
   if (*v < 0 || *v >= n_vocab)
     fail("{}: {} is {}, outside the vocabulary (0..{}); the file's tokenizer metadata is broken",
          f.path(), key, *v, n_vocab - 1);
@@ -238,105 +435,159 @@ int32_t read_token_id(const GgufFile& f, std::string_view key, int32_t n_vocab) 
 Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
 Tokenizer::~Tokenizer() = default;
 
-std::unique_ptr<Tokenizer> Tokenizer::from_gguf(const GgufFile& f) {
-  std::unique_ptr<Tokenizer> tok(new Tokenizer());
-  Impl& m = *tok->impl_;
-
-  const auto model = f.get_string(kKeyModel);
-  if (!model) fail("{}: no {} key; the file has no tokenizer", f.path(), kKeyModel);
-  if (*model != "gpt2")
-    fail("{}: {} is '{}'; kvlm supports only byte-level BPE tokenizers ('gpt2')", f.path(),
-         kKeyModel, *model);
-
-  // A missing pre-tokenizer means llama.cpp's "default" regex list, as in llama.cpp.
-  m.pre_name = f.get_string(kKeyPre).value_or("default");
-  if (m.pre_name.empty()) m.pre_name = "default";
-  const PreName* pre = nullptr;
-  for (const PreName& p : kPreNames)
-    if (p.name == m.pre_name) pre = &p;
-  if (!pre)
+// tokenizer.ggml.model and .pre: which algorithm, which pre-tokenizer and their options.
+void Tokenizer::Impl::load_model(const GgufFile& f) {
+  const auto name = f.get_string(kKeyModel);
+  if (!name) fail("{}: no {} key; the file has no tokenizer", f.path(), kKeyModel);
+  if (*name == "llama") {
+    // SentencePiece: no pre-tokenizer; tokenizer.ggml.pre ("default" when written) is ignored.
+    model = Model::Spm;
+    pre_name = "default";
+    escape_spaces = true;
+    add_space_prefix = true;
+    add_bos = true;
+  } else if (*name == "gpt2" || *name == "gemma4") {
+    model = Model::Bpe;
+    // Gemma 4's model name implies its pre-tokenizer, whatever the file says.
+    pre_name = *name == "gemma4" ? "gemma4" : f.get_string(kKeyPre).value_or("default");
+    if (pre_name.empty()) pre_name = "default";  // as llama.cpp, with its quality warning
+    const PreName* pre = nullptr;
+    for (const PreName& p : kPreNames)
+      if (p.name == pre_name) pre = &p;
+    if (!pre)
+      fail(
+          "{}: {} is '{}', a pre-tokenizer kvlm does not implement (kvlm knows the llama.cpp "
+          "names of the gpt-2, smollm, default, falcon, llama3, qwen2, qwen35, deepseek-llm, "
+          "deepseek-coder and gemma4 regex lists)",
+          f.path(), kKeyPre, pre_name);
+    pre_kind = pre->kind;
+    ignore_merges = pre->ignore_merges;
+    clean_spaces = pre->clean_spaces;
+    add_bos = pre->add_bos;
+    if (pre_kind == tok::PreKind::Newlines) {
+      byte_encode = false;
+      escape_spaces = true;
+    }
+  } else {
     fail(
-        "{}: {} is '{}', a pre-tokenizer kvlm does not implement (supported: smollm, gpt2/gpt-2, "
-        "default and the llama.cpp names sharing their regexes)",
-        f.path(), kKeyPre, m.pre_name);
-  m.pre_kind = pre->kind;
+        "{}: {} is '{}'; kvlm supports the tokenizer models 'gpt2' (byte-level BPE), 'gemma4' "
+        "(BPE on UTF-8) and 'llama' (SentencePiece), not WordPiece ('bert'), Unigram ('t5'), "
+        "RWKV or others",
+        f.path(), kKeyModel, *name);
+  }
+  // SentencePiece's own switch; the BPE models above never add the prefix in llama.cpp unless
+  // the file asks.
+  add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix").value_or(add_space_prefix);
+}
 
+void Tokenizer::Impl::load_tokens(const GgufFile& f) {
   const auto* tokens = f.get_string_array(kKeyTokens);
   if (!tokens || tokens->empty())
     fail("{}: no {} array; the file has no vocabulary", f.path(), kKeyTokens);
   if (tokens->size() > static_cast<size_t>(INT32_MAX / 2))
     fail("{}: {} has {} entries, too many for 32-bit token ids", f.path(), kKeyTokens,
          tokens->size());
-  const int32_t n_vocab = static_cast<int32_t>(tokens->size());
+  const int32_t n = static_cast<int32_t>(tokens->size());
 
-  const auto* types = f.get_number_array(kKeyTypes);
-  if (types && types->size() < tokens->size())
-    fail("{}: {} has {} entries for {} tokens", f.path(), kKeyTypes, types->size(), n_vocab);
+  const auto* types_in = f.get_number_array(kKeyTypes);
+  if (types_in && types_in->size() < tokens->size())
+    fail("{}: {} has {} entries for {} tokens", f.path(), kKeyTypes, types_in->size(), n);
+  const auto* scores_in = f.get_number_array(kKeyScores);
+  if (scores_in && scores_in->size() < tokens->size())
+    fail("{}: {} has {} entries for {} tokens", f.path(), kKeyScores, scores_in->size(), n);
 
-  m.texts.resize(n_vocab);
-  m.types.resize(n_vocab, TokenType::Normal);
-  m.token_to_id.reserve(n_vocab);
-  for (int32_t id = 0; id < n_vocab; ++id) {
+  texts.resize(n);
+  types.resize(n, TokenType::Normal);
+  scores.assign(n, 0.0f);
+  token_to_id.reserve(n);
+  for (int32_t id = 0; id < n; ++id) {
     std::string text = (*tokens)[id];
     if (text.empty()) text = fmt::format("[EMPTY_{}]", id);  // as llama.cpp, so it can't match ""
-    auto [it, inserted] = m.token_to_id.try_emplace(text, id);
+    auto [it, inserted] = token_to_id.try_emplace(text, id);
     if (!inserted)
       fail("{}: {} has '{}' twice (ids {} and {})", f.path(), kKeyTokens, text, it->second, id);
-    m.texts[id] = std::move(text);
-    if (types) {
-      const double t = (*types)[id];
-      m.types[id] = (t >= 0 && t <= 6 && t == static_cast<int>(t))
-                        ? static_cast<TokenType>(static_cast<int>(t))
-                        : TokenType::Undefined;
+    texts[id] = std::move(text);
+    if (types_in) {
+      const double t = (*types_in)[id];
+      types[id] = (t >= 0 && t <= 6 && t == static_cast<int>(t))
+                      ? static_cast<TokenType>(static_cast<int>(t))
+                      : TokenType::Undefined;
     }
+    if (scores_in) scores[id] = static_cast<float>((*scores_in)[id]);
   }
+  if (model == Model::Spm)
+    merge_by_word = std::none_of(texts.begin(), texts.end(), has_inner_space_mark);
+  // Byte fallback tokens; SentencePiece falls back to a token of the byte's own text when a
+  // vocabulary has no "<0xXX>" for it.
+  for (int b = 0; b < 256; ++b) {
+    byte_token[b] = token_of(byte_token_text(static_cast<uint8_t>(b)));
+    if (byte_token[b] < 0 && model == Model::Spm)
+      byte_token[b] = token_of(std::string(1, static_cast<char>(b)));
+  }
+}
 
-  const auto* merges = f.get_string_array(kKeyMerges);
-  if (!merges) fail("{}: no {} array; BPE needs its merge rules", f.path(), kKeyMerges);
-  m.merges.reserve(merges->size());
-  for (size_t i = 0; i < merges->size(); ++i) {
-    const std::string& rule = (*merges)[i];
+void Tokenizer::Impl::load_merges(const GgufFile& f) {
+  const auto* rules = f.get_string_array(kKeyMerges);
+  if (!rules) fail("{}: no {} array; BPE needs its merge rules", f.path(), kKeyMerges);
+  merges.reserve(rules->size());
+  bool inner_space_marks = false;
+  for (size_t i = 0; i < rules->size(); ++i) {
+    const std::string& rule = (*rules)[i];
     // The separator is the first space after the first byte: a pair's left side is never empty.
     const size_t sp = rule.find(' ', 1);
     if (sp == std::string::npos)
       fail("{}: {}[{}] is '{}', not two symbols separated by a space", f.path(), kKeyMerges, i,
            rule);
     std::string left = rule.substr(0, sp), right = rule.substr(sp + 1);
-    const int32_t l = m.intern(left), r = m.intern(right);
-    const int32_t result = m.intern(left + right);
+    const int32_t l = intern(left), r = intern(right);
+    const int32_t result = intern(left + right);
+    if (!byte_encode && has_inner_space_mark(left + right)) inner_space_marks = true;
     // A repeated pair keeps its first (best) rank, as llama.cpp's map emplace does.
-    m.merges.try_emplace(pair_key(l, r), Merge{static_cast<int32_t>(i), result});
+    merges.try_emplace(pair_key(l, r), Merge{static_cast<int32_t>(i), result});
   }
   for (int b = 0; b < 256; ++b)
-    m.byte_symbol[b] = m.symbol_of(tok::byte_to_unicode(static_cast<uint8_t>(b)));
+    byte_symbol[b] = symbol_of(tok::byte_to_unicode(static_cast<uint8_t>(b)));
+  merge_by_word = !byte_encode && !inner_space_marks;
+}
 
-  m.bos = read_token_id(f, "tokenizer.ggml.bos_token_id", n_vocab);
-  m.eos = read_token_id(f, "tokenizer.ggml.eos_token_id", n_vocab);
-  int32_t eot = read_token_id(f, "tokenizer.ggml.eot_token_id", n_vocab);
-  int32_t eom = read_token_id(f, "tokenizer.ggml.eom_token_id", n_vocab);
-  read_token_id(f, "tokenizer.ggml.unknown_token_id", n_vocab);
-  read_token_id(f, "tokenizer.ggml.padding_token_id", n_vocab);
-  m.add_bos = f.get_bool("tokenizer.ggml.add_bos_token").value_or(false);
-  m.add_eos = f.get_bool("tokenizer.ggml.add_eos_token").value_or(false);
-  if (m.add_bos && m.bos < 0)
+void Tokenizer::Impl::load_special_ids(const GgufFile& f) {
+  const int32_t n = n_vocab();
+  // llama.cpp's SentencePiece defaults: <unk> 0, <s> 1, </s> 2.
+  const bool spm = model == Model::Spm;
+  bos = read_token_id(f, "tokenizer.ggml.bos_token_id", n, spm ? 1 : -1);
+  eos = read_token_id(f, "tokenizer.ggml.eos_token_id", n, spm ? 2 : -1);
+  unk = read_token_id(f, "tokenizer.ggml.unknown_token_id", n, spm ? 0 : -1);
+  read_token_id(f, "tokenizer.ggml.padding_token_id", n);
+  const auto add_bos_key = f.get_bool("tokenizer.ggml.add_bos_token");
+  add_bos = add_bos_key.value_or(add_bos);
+  add_eos = f.get_bool("tokenizer.ggml.add_eos_token").value_or(false);
+  // Gemma 4 always starts with BOS in llama.cpp, whatever the file says.
+  const bool forced_bos = pre_kind == tok::PreKind::Newlines && model == Model::Bpe;
+  if (forced_bos) add_bos = true;
+  // A default (Llama 3's) without a BOS id quietly adds nothing; an explicit request is an error.
+  if (add_bos && bos < 0 && !add_bos_key && !forced_bos) add_bos = false;
+  if (add_bos && bos < 0)
     fail("{}: tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is not set",
          f.path());
-  if (m.add_eos && m.eos < 0)
+  if (add_eos && eos < 0)
     fail("{}: tokenizer.ggml.add_eos_token is true but tokenizer.ggml.eos_token_id is not set",
          f.path());
+}
 
-  // llama.cpp recognises special tokens by text and forces them to CONTROL. It scans an
-  // unordered_map, so which of several EOT candidates it picks is unspecified; the choice does not
-  // matter here (all of them end generation), so take the lowest id.
-  auto force_control = [&](int32_t id) {
-    if (m.types[id] != TokenType::Control) m.types[id] = TokenType::Control;
-  };
-  m.eog.assign(n_vocab, false);
+// llama.cpp recognises special tokens by text and forces them to CONTROL. It scans an
+// unordered_map, so which of several EOT candidates it picks is unspecified; the choice does not
+// matter here (all of them end generation), so take the lowest id.
+void Tokenizer::Impl::recognise_special_texts(const GgufFile& f) {
+  const int32_t n = n_vocab();
+  int32_t eot = read_token_id(f, "tokenizer.ggml.eot_token_id", n);
+  int32_t eom = read_token_id(f, "tokenizer.ggml.eom_token_id", n);
+  auto force_control = [&](int32_t id) { types[id] = TokenType::Control; };
+  eog.assign(n, false);
   std::array<int32_t, 6> fim_ids;
   for (size_t k = 0; k < fim_kinds().size(); ++k)
-    fim_ids[k] = read_token_id(f, fim_kinds()[k].key, n_vocab);
-  for (int32_t id = 0; id < n_vocab; ++id) {
-    const std::string& t = m.texts[id];
+    fim_ids[k] = read_token_id(f, fim_kinds()[k].key, n);
+  for (int32_t id = 0; id < n; ++id) {
+    const std::string& t = texts[id];
     if (t.size() < 3 || t.size() > 40) continue;  // none of the recognised texts is outside this
     if (eot < 0 && one_of(t, kEotTexts)) {
       eot = id;
@@ -347,26 +598,77 @@ std::unique_ptr<Tokenizer> Tokenizer::from_gguf(const GgufFile& f) {
       force_control(id);
     }
     for (size_t k = 0; k < fim_kinds().size(); ++k) {
-      const auto& texts = fim_kinds()[k].texts;
-      if (fim_ids[k] < 0 && std::find(texts.begin(), texts.end(), t) != texts.end()) {
+      const auto& fim_texts = fim_kinds()[k].texts;
+      if (fim_ids[k] < 0 && std::find(fim_texts.begin(), fim_texts.end(), t) != fim_texts.end()) {
         fim_ids[k] = id;
         force_control(id);
       }
     }
   }
   for (size_t k = 0; k < fim_kinds().size(); ++k)
-    if (fim_kinds()[k].eog && fim_ids[k] >= 0) m.eog[fim_ids[k]] = true;
-  for (int32_t id = 0; id < n_vocab; ++id) {
-    const std::string& t = m.texts[id];
+    if (fim_kinds()[k].eog && fim_ids[k] >= 0) eog[fim_ids[k]] = true;
+  for (int32_t id = 0; id < n; ++id) {
+    const std::string& t = texts[id];
     if (t.size() >= 3 && t.size() <= 40 && one_of(t, kEogTexts)) {
-      m.eog[id] = true;
+      eog[id] = true;
       force_control(id);
     }
+    // gpt-oss's channel markers always render (llama.cpp makes them user-defined).
+    if (t == "<|channel|>" || t == "<|message|>" || t == "<|start|>" || t == "<|constrain|>")
+      types[id] = TokenType::UserDefined;
   }
-  for (int32_t id : {m.eos, eot, eom})
-    if (id >= 0) m.eog[id] = true;
+  for (int32_t id : {eos, eot, eom})
+    if (id >= 0) eog[id] = true;
 
-  for (int32_t id = 0; id < n_vocab; ++id) {
+  // Gemma 4 (and PLaMo 2) have a "</s>" that is ordinary text; llama.cpp recognises them by their
+  // own end markers and undoes the override.
+  const int32_t s_id = token_of("</s>");
+  for (std::string_view marker : {"<|tool_response>", "<|plamo:eos|>"}) {
+    const int32_t m = token_of(marker);
+    if (m >= 0 && eog[m] && s_id >= 0 && eog[s_id]) {
+      eog[s_id] = false;
+      types[s_id] = TokenType::Normal;
+    }
+  }
+  // o200k_harmony / solar-open: "<|end|>" ends a message, not the generation, when the
+  // vocabulary has the return/call (or calls/flush) markers.
+  auto eog_text = [&](std::string_view t) {
+    const int32_t id = token_of(t);
+    return id >= 0 && eog[id];
+  };
+  const int32_t end_id = token_of("<|end|>");
+  if (end_id >= 0 && eog[end_id] &&
+      ((eog_text("<|return|>") && (eog_text("<|call|>") || eog_text("<|calls|>"))) ||
+       (eog_text("<|calls|>") && eog_text("<|flush|>")))) {
+    eog[end_id] = false;
+    types[end_id] = TokenType::UserDefined;
+  }
+}
+
+// Phi-3's special tokens swallow the whitespace after them when matched in text (llama.cpp keys
+// this on general.name); <unk>, <s> and <|endoftext|> do not.
+void Tokenizer::Impl::set_strip_attributes(const GgufFile& f) {
+  lstrip.assign(n_vocab(), false);
+  rstrip.assign(n_vocab(), false);
+  std::string name = f.get_string("general.name").value_or("");
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (name.find("phi-3") == std::string::npos && name.find("phi3") == std::string::npos) return;
+  for (int32_t id : special_ids) rstrip[id] = true;
+  if (int32_t id = token_of("</s>"); id >= 0) rstrip[id] = true;
+  for (std::string_view t : {"<unk>", "<s>", "<|endoftext|>"})
+    if (int32_t id = token_of(t); id >= 0) rstrip[id] = false;
+}
+
+std::unique_ptr<Tokenizer> Tokenizer::from_gguf(const GgufFile& f) {
+  std::unique_ptr<Tokenizer> tok(new Tokenizer());
+  Impl& m = *tok->impl_;
+  m.load_model(f);
+  m.load_tokens(f);
+  if (m.model == Impl::Model::Bpe) m.load_merges(f);
+  m.load_special_ids(f);
+  m.recognise_special_texts(f);
+
+  for (int32_t id = 0; id < m.n_vocab(); ++id) {
     const TokenType t = m.types[id];
     if (t == TokenType::Control || t == TokenType::UserDefined || t == TokenType::Unknown)
       m.special_ids.push_back(id);
@@ -375,17 +677,19 @@ std::unique_ptr<Tokenizer> Tokenizer::from_gguf(const GgufFile& f) {
   // deterministic order (llama.cpp's std::sort leaves ties unspecified).
   std::stable_sort(m.special_ids.begin(), m.special_ids.end(),
                    [&](int32_t a, int32_t b) { return m.texts[a].size() > m.texts[b].size(); });
+  m.set_strip_attributes(f);
 
-  m.pieces.resize(n_vocab);
-  for (int32_t id = 0; id < n_vocab; ++id) m.pieces[id] = m.make_piece(id);
+  m.pieces.resize(m.n_vocab());
+  for (int32_t id = 0; id < m.n_vocab(); ++id) m.pieces[id] = m.make_piece(id);
 
   m.chat_template = f.get_string("tokenizer.chat_template").value_or("");
   return tok;
 }
 
 // Bytes of a token as llama.cpp's token_to_piece renders it with special=true: control, unknown
-// and user-defined tokens verbatim, normal tokens with the byte mapping undone, byte tokens
-// ("<0xAB>") as their byte, anything else (unused, undefined) as nothing.
+// and user-defined tokens verbatim, normal tokens with the byte mapping undone (or U+2581 turned
+// back into a space), byte tokens ("<0xAB>") as their byte, anything else (unused, undefined) as
+// nothing.
 std::string Tokenizer::Impl::make_piece(int32_t id) const {
   const std::string& text = texts[id];
   switch (types[id]) {
@@ -395,6 +699,17 @@ std::string Tokenizer::Impl::make_piece(int32_t id) const {
       return text;
     case TokenType::Normal: {
       std::string out;
+      if (escape_spaces) {
+        for (size_t i = 0; i < text.size();) {
+          if (text.compare(i, kSpaceMark.size(), kSpaceMark) == 0) {
+            out.push_back(' ');
+            i += kSpaceMark.size();
+          } else {
+            out.push_back(text[i++]);
+          }
+        }
+        return out;
+      }
       std::vector<uint32_t> cpts;
       tok::decode_utf8_lenient(text, &cpts);
       std::string ch;
@@ -432,17 +747,24 @@ std::string Tokenizer::Impl::make_piece(int32_t id) const {
 
 // ---- encoding ----------------------------------------------------------------------------------
 
+// Merges the symbols of one word by rank. With byte_encode the word is raw bytes, each one symbol
+// (its printable character); otherwise the word is UTF-8 and each character is a symbol.
 void Tokenizer::Impl::bpe_word(std::string_view word, Scratch& s, std::vector<int32_t>* out) const {
   auto& sym = s.symbols;
   auto& heap = s.heap;
   sym.clear();
   heap.clear();
   const int32_t n = static_cast<int32_t>(word.size());
-  // One initial symbol per byte: after the byte mapping each byte is one character.
-  for (int32_t i = 0; i < n; ++i) {
-    const int32_t id = byte_symbol[static_cast<uint8_t>(word[i])];
-    sym.push_back(Symbol{id, i - 1, i + 1 < n ? i + 1 : -1, static_cast<uint32_t>(i), 1});
+  if (byte_encode) {
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t id = byte_symbol[static_cast<uint8_t>(word[i])];
+      sym.push_back(Symbol{id, i - 1, i + 1 < n ? i + 1 : -1, static_cast<uint32_t>(i), 1});
+    }
+  } else {
+    push_char_symbols(word, &sym, [&](std::string_view ch) { return symbol_of(ch); });
   }
+  const int32_t n_sym = static_cast<int32_t>(sym.size());
+
   auto try_queue = [&](int32_t left, int32_t right) {
     if (left < 0 || right < 0) return;
     const int32_t l = sym[left].id, r = sym[right].id;
@@ -452,7 +774,7 @@ void Tokenizer::Impl::bpe_word(std::string_view word, Scratch& s, std::vector<in
     heap.push_back(Candidate{it->second.rank, left, right, l, r, it->second.result});
     std::push_heap(heap.begin(), heap.end(), CandidateAfter{});
   };
-  for (int32_t i = 0; i + 1 < n; ++i) try_queue(i, i + 1);
+  for (int32_t i = 0; i + 1 < n_sym; ++i) try_queue(i, i + 1);
 
   while (!heap.empty()) {
     std::pop_heap(heap.begin(), heap.end(), CandidateAfter{});
@@ -464,34 +786,43 @@ void Tokenizer::Impl::bpe_word(std::string_view word, Scratch& s, std::vector<in
     if (l.len == 0 || r.len == 0 || l.next != c.right || l.id != c.left_id || r.id != c.right_id)
       continue;
     l.id = c.result;
-    l.len += r.len;
-    r.len = 0;
-    l.next = r.next;
-    if (r.next >= 0) sym[r.next].prev = c.left;
+    absorb_next(sym, c.left);
     try_queue(l.prev, c.left);
     try_queue(c.left, l.next);
   }
 
-  for (int32_t i = 0; i >= 0 && i < n; i = sym[i].next) {
+  for (int32_t i = 0; i >= 0 && i < n_sym; i = sym[i].next) {
     const Symbol& x = sym[i];
     if (x.id >= 0 && x.id < n_vocab()) {
       out->push_back(x.id);
-      continue;
-    }
-    // Not a token (a merge result missing from the vocabulary, or a byte with no token): llama.cpp
-    // falls back to the single bytes of its mapped text that are tokens and drops the rest.
-    std::string mapped;
-    for (uint32_t k = 0; k < x.len; ++k)
-      mapped += tok::byte_to_unicode(static_cast<uint8_t>(word[x.begin + k]));
-    for (char ch : mapped) {
-      auto it = token_to_id.find(std::string(1, ch));
-      if (it != token_to_id.end()) out->push_back(it->second);
+    } else {
+      bpe_fallback(word.substr(x.begin, x.len), out);
     }
   }
 }
 
-void Tokenizer::Impl::encode_text(std::string_view text, Scratch& s,
-                                  std::vector<int32_t>* out) const {
+// A merged symbol that is not a token (a merge result missing from the vocabulary, or a character
+// with no token). llama.cpp emits the tokens of its single bytes and drops bytes without one:
+// with the byte mapping, the single bytes of the mapped text; on raw UTF-8, the <0xXX> tokens.
+void Tokenizer::Impl::bpe_fallback(std::string_view text, std::vector<int32_t>* out) const {
+  if (!byte_encode) {
+    for (char ch : text)
+      if (const int32_t id = byte_token[static_cast<uint8_t>(ch)]; id >= 0) out->push_back(id);
+    return;
+  }
+  std::string mapped;
+  for (char ch : text) mapped += tok::byte_to_unicode(static_cast<uint8_t>(ch));
+  for (char ch : mapped)
+    if (const int32_t id = token_of(std::string_view(&ch, 1)); id >= 0) out->push_back(id);
+}
+
+void Tokenizer::Impl::encode_bpe(std::string_view text, Scratch& s,
+                                 std::vector<int32_t>* out) const {
+  if (escape_spaces) {
+    s.mapped.clear();
+    escape_spaces_into(text, &s.mapped);
+    text = s.mapped;
+  }
   s.cpts.clear();
   tok::decode_utf8_lenient(text, &s.cpts);
   const size_t n = s.cpts.size();
@@ -506,20 +837,98 @@ void Tokenizer::Impl::encode_text(std::string_view text, Scratch& s,
     s.word.clear();
     for (size_t i = pos; i < pos + len; ++i) tok::append_utf8(s.cpts[i], &s.word);
     pos += len;
-    bpe_word(s.word, s, out);
+    if (ignore_merges) {
+      // Looked up in the vocabulary's own (mapped) spelling.
+      s.lookup.clear();
+      for (char ch : s.word) s.lookup += tok::byte_to_unicode(static_cast<uint8_t>(ch));
+      if (const int32_t id = token_of(byte_encode ? s.lookup : s.word); id >= 0) {
+        out->push_back(id);
+        continue;
+      }
+    }
+    // Gemma 4: a run of newlines that is a token stays whole.
+    if (pre_kind == tok::PreKind::Newlines && s.word.find_first_not_of('\n') == std::string::npos) {
+      if (const int32_t id = token_of(s.word); id >= 0) {
+        out->push_back(id);
+        continue;
+      }
+    }
+    if (merge_by_word) {
+      for_each_space_word(s.word, [&](std::string_view w) { bpe_word(w, s, out); });
+    } else {
+      bpe_word(s.word, s, out);
+    }
   }
 }
+
+// SentencePiece on one fragment (spaces already U+2581): every UTF-8 character starts as a
+// symbol; the adjacent pair whose concatenation is the highest-scored token merges first.
+void Tokenizer::Impl::encode_spm(std::string_view text, Scratch& s,
+                                 std::vector<int32_t>* out) const {
+  auto& sym = s.symbols;
+  auto& heap = s.spm_heap;
+  sym.clear();
+  heap.clear();
+  push_char_symbols(text, &sym, [](std::string_view) { return -1; });  // ids unused
+  const int32_t n_sym = static_cast<int32_t>(sym.size());
+
+  auto try_queue = [&](int32_t left, int32_t right) {
+    if (left < 0 || right < 0) return;
+    const uint32_t len = sym[left].len + sym[right].len;
+    const int32_t id = token_of(text.substr(sym[left].begin, len));
+    if (id < 0) return;
+    heap.push_back(SpmCandidate{scores[id], left, right, len});
+    std::push_heap(heap.begin(), heap.end(), SpmCandidateAfter{});
+  };
+  for (int32_t i = 0; i + 1 < n_sym; ++i) try_queue(i, i + 1);
+
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), SpmCandidateAfter{});
+    const SpmCandidate c = heap.back();
+    heap.pop_back();
+    Symbol& l = sym[c.left];
+    Symbol& r = sym[c.right];
+    if (l.len == 0 || r.len == 0 || l.len + r.len != c.len) continue;
+    absorb_next(sym, c.left);
+    try_queue(l.prev, c.left);
+    try_queue(c.left, l.next);
+  }
+
+  for (int32_t i = 0; i >= 0 && i < n_sym; i = sym[i].next) {
+    const std::string_view piece = text.substr(sym[i].begin, sym[i].len);
+    if (const int32_t id = token_of(piece); id >= 0) {
+      out->push_back(id);
+      continue;
+    }
+    // Byte fallback. llama.cpp throws for a byte with no token at all; kvlm emits <unk> (or
+    // nothing when the vocabulary has none).
+    for (char ch : piece) {
+      const int32_t id = byte_token[static_cast<uint8_t>(ch)];
+      if (id >= 0)
+        out->push_back(id);
+      else if (unk >= 0)
+        out->push_back(unk);
+    }
+  }
+}
+
+namespace {
+
+// A piece of the text being encoded: raw text or a special token.
+struct Fragment {
+  int32_t id;  // -1 for raw text
+  size_t begin, len;
+};
+
+}  // namespace
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos,
                                        bool parse_special) const {
   const Impl& m = *impl_;
   // Partition into raw-text fragments and special tokens: each special token in turn (longest
   // first) is cut out of every remaining raw fragment, leftmost occurrences first. Without
-  // parse_special only user-defined tokens are cut out, as in llama.cpp.
-  struct Fragment {
-    int32_t id;  // -1 for raw text
-    size_t begin, len;
-  };
+  // parse_special only user-defined tokens are cut out, as in llama.cpp. A token with lstrip /
+  // rstrip also takes the ASCII whitespace next to it.
   std::vector<Fragment> frags, next;
   if (!text.empty()) frags.push_back({-1, 0, text.size()});
   for (int32_t id : m.special_ids) {
@@ -542,9 +951,15 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos,
       }
       const std::string_view raw = text.substr(fr.begin, fr.len);
       size_t from = 0;
-      for (size_t at; (at = raw.find(st, from)) != std::string_view::npos; from = at + st.size()) {
-        if (at > from) next.push_back({-1, fr.begin + from, at - from});
+      for (size_t at; (at = raw.find(st, from)) != std::string_view::npos;) {
+        size_t left_end = at;
+        if (m.lstrip[id])
+          while (left_end > from && is_ascii_space(raw[left_end - 1])) --left_end;
+        if (left_end > from) next.push_back({-1, fr.begin + from, left_end - from});
         next.push_back({id, 0, 0});
+        from = at + st.size();
+        if (m.rstrip[id])
+          while (from < raw.size() && is_ascii_space(raw[from])) ++from;
       }
       if (from < raw.size()) next.push_back({-1, fr.begin + from, raw.size() - from});
     }
@@ -556,12 +971,28 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos,
   // add_bos is llama.cpp's add_special: BOS/EOS are added only where the vocabulary asks for them.
   if (add_bos && m.add_bos) out.push_back(m.bos);
   Scratch s;
+  // SentencePiece puts a space before text at the start and after each special token.
+  bool after_special = true;
   for (const Fragment& fr : frags) {
     if (fr.id >= 0) {
       out.push_back(fr.id);
-    } else {
-      m.encode_text(text.substr(fr.begin, fr.len), s, &out);
+      after_special = true;
+      continue;
     }
+    const std::string_view raw = text.substr(fr.begin, fr.len);
+    if (m.model == Impl::Model::Spm) {
+      s.mapped.clear();
+      if (m.add_space_prefix && after_special) s.mapped.append(kSpaceMark);
+      escape_spaces_into(raw, &s.mapped);
+      if (m.merge_by_word) {
+        for_each_space_word(s.mapped, [&](std::string_view w) { m.encode_spm(w, s, &out); });
+      } else {
+        m.encode_spm(s.mapped, s, &out);
+      }
+    } else {
+      m.encode_bpe(raw, s, &out);
+    }
+    after_special = false;
   }
   if (add_bos && m.add_eos) out.push_back(m.eos);
   return out;
@@ -589,6 +1020,51 @@ const std::string& Tokenizer::pre() const {
 }
 
 namespace {
+
+// llama.cpp's clean-up of decoded BPE text (clean_spaces): no space before ?!., , a lone
+// apostrophe between spaces loses both spaces, and " 's", " 'm", " 're", " 've" lose the space.
+std::string clean_up_spaces(const std::string& in) {
+  std::string a;
+  a.reserve(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    const char x = in[i];
+    if (i > 0 && in[i - 1] == ' ' && (x == '?' || x == '!' || x == '.' || x == ',') && !a.empty())
+      a.pop_back();
+    a.push_back(x);
+  }
+  std::string b;
+  b.reserve(a.size());
+  // llama.cpp blanks the dropped space in place, so the character after it never sees a space
+  // before it.
+  bool prev_blanked = false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const char x = a[i];
+    const bool prev_space = i > 0 && a[i - 1] == ' ' && !prev_blanked;
+    prev_blanked = false;
+    if (x == '\'' && i + 1 < a.size() && prev_space && a[i + 1] == ' ') {
+      b.pop_back();
+      b.push_back(x);
+      ++i;  // the space after it
+      prev_blanked = true;
+      continue;
+    }
+    b.push_back(x);
+  }
+  std::string c;
+  c.reserve(b.size());
+  for (size_t i = 0; i < b.size(); ++i) {
+    const char x = b[i];
+    if (i > 0 && b[i - 1] == ' ' && x == '\'' && i + 1 < b.size()) {
+      const char x1 = b[i + 1];
+      const char x2 = i + 2 < b.size() ? b[i + 2] : '\0';
+      if (x1 == 's' || x1 == 'm' || (x1 == 'r' && x2 == 'e') || (x1 == 'v' && x2 == 'e'))
+        c.pop_back();
+    }
+    c.push_back(x);
+  }
+  return c;
+}
+
 void check_id(int32_t id, int32_t n_vocab) {
   if (id < 0 || id >= n_vocab)
     fail("token id {} is outside the vocabulary (0..{})", id, n_vocab - 1);
@@ -617,14 +1093,21 @@ std::string Tokenizer::token_bytes(int32_t id, bool render_special) const {
 }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool render_special) const {
+  const Impl& m = *impl_;
   std::string out;
+  // As llama_detokenize: the space that add_space_prefix put before the text comes off the first
+  // piece (at most one), then clean_spaces tidies the whole text.
+  bool strip_space = m.add_space_prefix;
   for (int32_t id : ids) {
     check_id(id, n_vocab());
-    const TokenType t = impl_->types[id];
-    if (!render_special && (t == TokenType::Control || t == TokenType::Unknown)) continue;
-    out += impl_->pieces[id];
+    const TokenType t = m.types[id];
+    const bool skip = !render_special && (t == TokenType::Control || t == TokenType::Unknown);
+    static const std::string kNothing;
+    const std::string& piece = skip ? kNothing : m.pieces[id];
+    out.append(piece, strip_space && !piece.empty() && piece[0] == ' ' ? 1 : 0);
+    strip_space = false;
   }
-  return out;
+  return m.clean_spaces ? clean_up_spaces(out) : out;
 }
 
 std::string StreamDecoder::push(int32_t id) {

@@ -1,6 +1,8 @@
-// Byte-level BPE tokenizer built from GGUF metadata (tokenizer.ggml.*), as llama.cpp's "gpt2"
-// tokenizer model with the "gpt2" and "smollm" pre-tokenizers; special/control tokens; UTF-8-safe
-// incremental decoding. Chat templates are rendered by src/template (chat_template.h).
+// Tokenizers built from GGUF metadata (tokenizer.ggml.*) as llama.cpp builds them: byte-level BPE
+// ("gpt2", with llama.cpp's pre-tokenizers for GPT-2, SmolLM/StarCoder, Llama 3, Qwen 2/3.5,
+// DeepSeek, Falcon and the default list), Gemma 4's BPE on UTF-8 ("gemma4") and SentencePiece
+// ("llama": Llama 2, Mistral, Phi-3, Gemma 1-3); special/control tokens; UTF-8-safe incremental
+// decoding. Chat templates are rendered by src/template (chat_template.h).
 #pragma once
 
 #include <cstdint>
@@ -27,13 +29,14 @@ enum class TokenType : int32_t {
 class Tokenizer {
  public:
   // Throws kvlm::Error naming the key for missing/unsupported metadata (tokenizer.ggml.model other
-  // than "gpt2", an unknown tokenizer.ggml.pre, malformed merges, ids out of range).
+  // than "gpt2", "gemma4" or "llama", an unknown tokenizer.ggml.pre, malformed merges, ids out of
+  // range).
   static std::unique_ptr<Tokenizer> from_gguf(const GgufFile& file);
   ~Tokenizer();
 
   int32_t n_vocab() const;
-  int32_t bos_id() const;  // -1 when absent (llama.cpp would fall back to id 11 for "gpt2")
-  int32_t eos_id() const;  // -1 when absent
+  int32_t bos_id() const;        // -1 when absent (llama.cpp would fall back to id 11 for "gpt2")
+  int32_t eos_id() const;        // -1 when absent
   bool add_bos_default() const;  // tokenizer.ggml.add_bos_token (llama.cpp's default when absent)
   // End of generation, as llama.cpp's llama_vocab_is_eog: EOS, EOT, tokens that end a turn by
   // their text ("<|im_end|>", "<|endoftext|>", ...) and the fill-in-the-middle repo/file/pad
@@ -41,19 +44,25 @@ class Tokenizer {
   bool is_eog(int32_t id) const;
   TokenType token_type(int32_t id) const;
   const std::string& token_text(int32_t id) const;  // as stored in the vocabulary
-  const std::string& chat_template() const;        // tokenizer.chat_template, may be empty
-  const std::string& pre() const;                  // pre-tokenizer name, "default" when absent
+  const std::string& chat_template() const;         // tokenizer.chat_template, may be empty
+  const std::string& pre() const;                   // pre-tokenizer name, "default" when absent
 
   // Text -> ids, exactly as llama.cpp's llama_tokenize(text, add_special=add_bos,
   // parse_special): with parse_special, control token texts in `text` become their single ids
   // (user-defined ones always do). add_bos adds BOS (and EOS) only where the vocabulary asks for
-  // it (tokenizer.ggml.add_bos_token / add_eos_token), as llama.cpp's add_special does; SmolLM2
-  // asks for neither. Invalid UTF-8 in `text` is tokenized as U+FFFD.
+  // it (tokenizer.ggml.add_bos_token / add_eos_token, or llama.cpp's default for the tokenizer:
+  // yes for SentencePiece, Llama 3 and Gemma 4), as llama.cpp's add_special does; SmolLM2 asks for
+  // neither. Invalid UTF-8 in `text` is tokenized as U+FFFD by BPE; SentencePiece falls back to
+  // the bytes' <0xXX> tokens.
   std::vector<int32_t> encode(std::string_view text, bool add_bos, bool parse_special) const;
   // Bytes of one token (byte-level BPE mapping undone). Control tokens give their text when
   // render_special is true and nothing otherwise.
   // Throws kvlm::Error for ids outside the vocabulary (as do token_type, token_text and decode).
   std::string token_bytes(int32_t id, bool render_special = true) const;
+  // The text of `ids` as llama.cpp's llama_detokenize (remove_special=false): the token bytes
+  // joined, less the space a SentencePiece prefix put before the first piece, with llama.cpp's
+  // space clean-up for the BPE vocabularies that ask for it (" ," -> ","). Streaming output uses
+  // token_bytes / StreamDecoder, which never strip anything, as llama.cpp's generation does.
   std::string decode(const std::vector<int32_t>& ids, bool render_special = true) const;
 
  private:

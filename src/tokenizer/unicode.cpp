@@ -44,6 +44,11 @@ uint8_t compute_flags(uint32_t c) {
     case UTF8PROC_CATEGORY_PO:
       f |= kCptPunct;
       break;
+    case UTF8PROC_CATEGORY_MN:
+    case UTF8PROC_CATEGORY_MC:
+    case UTF8PROC_CATEGORY_ME:
+      f |= kCptMark;
+      break;
     default:
       break;
   }

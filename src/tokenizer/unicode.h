@@ -18,6 +18,7 @@ enum CptFlag : uint8_t {
   kCptNumber = 1 << 1,      // \p{N}: Nd Nl No
   kCptWhitespace = 1 << 2,  // \s: the Unicode White_Space property
   kCptPunct = 1 << 3,       // \p{P}: Pc Pd Ps Pe Pi Pf Po
+  kCptMark = 1 << 4,        // \p{M}: Mn Mc Me
 };
 
 // Flags of one codepoint; codepoints past U+10FFFF have none.

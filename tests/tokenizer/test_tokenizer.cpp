@@ -603,9 +603,11 @@ std::string load_error(Setup setup, const std::string& model = "gpt2",
 TEST(TinyVocab, MetadataErrorsNameTheKey) {
   auto nothing = [](TinyVocab&) {};
   EXPECT_EQ(load_error(nothing), "");
-  EXPECT_NE(load_error(nothing, "llama").find("tokenizer.ggml.model"), std::string::npos);
+  EXPECT_NE(load_error(nothing, "rwkv").find("tokenizer.ggml.model"), std::string::npos);
   EXPECT_NE(load_error(nothing, "bert").find("'bert'"), std::string::npos);
-  EXPECT_NE(load_error(nothing, "gpt2", "qwen2").find("tokenizer.ggml.pre"), std::string::npos);
+  EXPECT_NE(load_error(nothing, "gpt2", "no-such-pre").find("tokenizer.ggml.pre"),
+            std::string::npos);
+  EXPECT_NE(load_error(nothing, "gpt2", "no-such-pre").find("'no-such-pre'"), std::string::npos);
   EXPECT_NE(load_error([](TinyVocab& v) {
               v.merges.push_back("nospace");
             }).find("tokenizer.ggml.merges[1]"),

@@ -247,6 +247,51 @@ class RealRuns(unittest.TestCase):
         self.assertIn("'Hello'", out)
 
 
+def refdata_dir():
+    """llama.cpp's reference data, as tests/test_util.h's refdata_dir() finds it."""
+    base = os.environ.get("KVLM_REFDATA") or os.path.join(os.path.expanduser("~"), ".cache", "kvlm", "refdata")
+    return os.path.join(base, "llama.cpp-0.3.36")
+
+
+class VocabOnly(unittest.TestCase):
+    """`kvlm tokenize` on llama.cpp's vocab-only test GGUFs (no tensors), against llama.cpp's ids
+    (tests/data/llama_vocab_goldens.json, tools/gen_vocab_goldens.py)."""
+
+    def test_tokenize_matches_llama_cpp(self):
+        import json
+        with open(os.path.join(DATA, "llama_vocab_goldens.json")) as f:
+            goldens = json.load(f)
+        corpus = [c["name"] for c in goldens["corpus"]]
+        for vocab in ("llama-spm", "gemma-4", "llama-bpe", "qwen2"):
+            for name in ("hello_punct", "special_turn", "chinese"):
+                text = goldens["corpus"][corpus.index(name)]["text"]
+                case = next(c for c in goldens["vocabs"][vocab]
+                            if corpus[c["corpus"]] == name and c["add_special"] and c["parse_special"])
+                path = os.path.join(refdata_dir(), f"ggml-vocab-{vocab}.gguf")
+                rc, out, err = run("tokenize", "-m", path, "-p", text)
+                self.assertEqual(rc, 0, err)
+                ids = [int(line.split()[0]) for line in out.splitlines() if line.strip()]
+                self.assertEqual(ids, case["ids"], f"{vocab}: {name}")
+
+    def test_unsupported_vocabulary_is_one_line(self):
+        for vocab, model in (("bert-bge", "bert"), ("nomic-bert-moe", "t5")):
+            path = os.path.join(refdata_dir(), f"ggml-vocab-{vocab}.gguf")
+            for cmd in (["tokenize", "-m", path, "-p", "x"], ["generate", "-m", path, "-p", "x", "-n", "1"]):
+                rc, out, err = run(*cmd)
+                self.assertIn(rc, (1, 2), err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                if cmd[0] == "tokenize":
+                    self.assertIn(f"tokenizer.ggml.model is '{model}'", err)
+
+    def test_generate_on_vocab_only_file_is_an_error(self):
+        path = os.path.join(refdata_dir(), "ggml-vocab-llama-spm.gguf")
+        rc, out, err = run("generate", "-m", path, "-p", "x", "-n", "1")
+        self.assertIn(rc, (1, 2), err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        rc, out, err = run("inspect", "-m", path)
+        self.assertIn(rc, (0, 1), err)
+
+
 class KvSize(unittest.TestCase):
     """kvlm kv-size, the KV memory planner: the seeds' worked example, its three sources, bad input."""
 

@@ -303,28 +303,31 @@ void escape_spaces_into(std::string_view text, std::string* out) {
   }
 }
 
-// True when `piece` has a U+2581 that follows some other character: such a piece can span the
-// start of a word, so text cannot be cut before its space marks.
-bool has_inner_space_mark(std::string_view piece) {
+// Bytes after which text must not be cut before a space mark (see for_each_space_word): for each
+// U+2581 in `piece` past its start and not inside a run of them, the byte before it.
+using CutBlockers = std::array<bool, 256>;
+void add_cut_blockers(std::string_view piece, CutBlockers* blockers) {
   for (size_t at = piece.find(kSpaceMark, 1); at != std::string_view::npos;
        at = piece.find(kSpaceMark, at + 1)) {
     if (at < kSpaceMark.size() ||
         piece.compare(at - kSpaceMark.size(), kSpaceMark.size(), kSpaceMark) != 0)
-      return true;
+      (*blockers)[static_cast<uint8_t>(piece[at - 1])] = true;
   }
-  return false;
 }
 
-// Calls f(segment) for the pieces of `text` cut before every U+2581 that follows other bytes
-// (the starts of words; runs of spaces stay together). Cuts fall only between the characters
-// that merging starts from, which invalid UTF-8 can shift: a lead byte takes the next bytes
-// whatever they are.
+// Calls f(segment) for the pieces of `text` cut before the U+2581 that starts a word (runs of
+// them stay together). A merge never crosses such a cut unless some token or merge result has a
+// space mark after the byte before it (`blockers`), so merging the pieces one by one gives what
+// merging the whole text gives, with small heaps instead of one the size of the text. Cuts fall
+// only between the characters merging starts from, which invalid UTF-8 can shift: a lead byte
+// takes the next bytes whatever they are.
 template <class F>
-void for_each_space_word(std::string_view text, F f) {
+void for_each_space_word(std::string_view text, const CutBlockers& blockers, F f) {
   auto mark_at = [&](size_t i) { return text.compare(i, kSpaceMark.size(), kSpaceMark) == 0; };
   size_t begin = 0;
   for (size_t i = 0; i < text.size();) {
-    if (i > begin && mark_at(i) && !(i >= kSpaceMark.size() && mark_at(i - kSpaceMark.size()))) {
+    if (i > begin && mark_at(i) && !(i >= kSpaceMark.size() && mark_at(i - kSpaceMark.size())) &&
+        !blockers[static_cast<uint8_t>(text[i - 1])]) {
       f(text.substr(begin, i - begin));
       begin = i;
     }
@@ -374,10 +377,9 @@ struct Tokenizer::Impl {
   bool ignore_merges = false;     // a word that is a token is taken whole
   bool clean_spaces = false;      // decode drops the space before ?!., and some contractions
   bool add_space_prefix = false;  // SentencePiece: ' ' before text that follows BOS/special/start
-  // No token (SentencePiece) or merge result (BPE on UTF-8) has a space mark after another
-  // character, so no merge crosses the start of a word: text is merged word by word, with the
-  // same result as merging it whole, but with small heaps (a long text as one piece is slow).
-  bool merge_by_word = false;
+  // SentencePiece and BPE on UTF-8 merge word by word where no token (SentencePiece) or merge
+  // result (BPE) can span the start of a word (for_each_space_word).
+  CutBlockers cut_blockers{};
   int32_t bos = -1, eos = -1, unk = -1;
   bool add_bos = false, add_eos = false;
 
@@ -516,7 +518,7 @@ void Tokenizer::Impl::load_tokens(const GgufFile& f) {
     if (scores_in) scores[id] = static_cast<float>((*scores_in)[id]);
   }
   if (model == Model::Spm)
-    merge_by_word = std::none_of(texts.begin(), texts.end(), has_inner_space_mark);
+    for (const std::string& t : texts) add_cut_blockers(t, &cut_blockers);
   // Byte fallback tokens; SentencePiece falls back to a token of the byte's own text when a
   // vocabulary has no "<0xXX>" for it.
   for (int b = 0; b < 256; ++b) {
@@ -530,7 +532,6 @@ void Tokenizer::Impl::load_merges(const GgufFile& f) {
   const auto* rules = f.get_string_array(kKeyMerges);
   if (!rules) fail("{}: no {} array; BPE needs its merge rules", f.path(), kKeyMerges);
   merges.reserve(rules->size());
-  bool inner_space_marks = false;
   for (size_t i = 0; i < rules->size(); ++i) {
     const std::string& rule = (*rules)[i];
     // The separator is the first space after the first byte: a pair's left side is never empty.
@@ -541,13 +542,12 @@ void Tokenizer::Impl::load_merges(const GgufFile& f) {
     std::string left = rule.substr(0, sp), right = rule.substr(sp + 1);
     const int32_t l = intern(left), r = intern(right);
     const int32_t result = intern(left + right);
-    if (!byte_encode && has_inner_space_mark(left + right)) inner_space_marks = true;
+    if (!byte_encode) add_cut_blockers(left + right, &cut_blockers);
     // A repeated pair keeps its first (best) rank, as llama.cpp's map emplace does.
     merges.try_emplace(pair_key(l, r), Merge{static_cast<int32_t>(i), result});
   }
   for (int b = 0; b < 256; ++b)
     byte_symbol[b] = symbol_of(tok::byte_to_unicode(static_cast<uint8_t>(b)));
-  merge_by_word = !byte_encode && !inner_space_marks;
 }
 
 void Tokenizer::Impl::load_special_ids(const GgufFile& f) {
@@ -853,8 +853,8 @@ void Tokenizer::Impl::encode_bpe(std::string_view text, Scratch& s,
         continue;
       }
     }
-    if (merge_by_word) {
-      for_each_space_word(s.word, [&](std::string_view w) { bpe_word(w, s, out); });
+    if (!byte_encode) {
+      for_each_space_word(s.word, cut_blockers, [&](std::string_view w) { bpe_word(w, s, out); });
     } else {
       bpe_word(s.word, s, out);
     }
@@ -984,11 +984,8 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos,
       s.mapped.clear();
       if (m.add_space_prefix && after_special) s.mapped.append(kSpaceMark);
       escape_spaces_into(raw, &s.mapped);
-      if (m.merge_by_word) {
-        for_each_space_word(s.mapped, [&](std::string_view w) { m.encode_spm(w, s, &out); });
-      } else {
-        m.encode_spm(s.mapped, s, &out);
-      }
+      for_each_space_word(s.mapped, m.cut_blockers,
+                          [&](std::string_view w) { m.encode_spm(w, s, &out); });
     } else {
       m.encode_bpe(raw, s, &out);
     }

@@ -7,10 +7,12 @@ whitespace runs, many scripts, combining marks, special-token text, invalid UTF-
 vocabulary kvlm supports, with llama.cpp (llama-cpp-python, vocab_only) as the reference:
 
   corpus       the texts once: {name, text} or {name, hex} for invalid UTF-8
-  vocabs       per vocabulary, per corpus entry and flags (False, False) and (True, True):
+  vocabs       per vocabulary, "off" (add_special and parse_special false) and "on" (both
+               true), a list with one entry per corpus text:
     ids        llama_tokenize(text, add_special, parse_special)
-    detok_hex  llama_detokenize(ids, remove_special=False, unparse_special=True), when != input
-    plain_hex  the same with unparse_special=False, when != detok
+    detok      llama_detokenize(ids, remove_special=False, unparse_special=True), when != input
+               (detok_hex instead when it is not valid UTF-8)
+    plain      the same with unparse_special=False, when != detok (or plain_hex)
   big          the valid-UTF-8 corpus texts joined by "\n" and repeated (one long fragment, as
                SentencePiece sees a prompt): per vocabulary the id count and an FNV-1a 64 hash of
                the ids (u32 little-endian), add_special and parse_special off
@@ -26,6 +28,7 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import sys
 
 import llama_cpp
@@ -80,6 +83,28 @@ def detokenize(vocab, ids, unparse_special):
         size = -n
 
 
+# Random strings over characters the pre-tokenizers treat differently (contraction letters, ASCII
+# and Unicode spaces, digits and other numbers, punctuation and symbols, combining marks, CJK,
+# Hangul, the space mark, special-token text), fixed seed. Valid UTF-8 only: on some invalid
+# input (an overlong space) llama.cpp's Gemma 4 tokenizer aborts.
+FUZZ_ALPHABET = (
+    list("aZ'sStTmMdDlLrReEvV 0123456789.,!?-_/\\\"$+<=>^~|`()[]{}@#%&*:;\t\n\r\x0b\x0c")
+    + ["\u00a0", "\u0085", "\u2000", "\u3000", "\u2028", "\u180e", "\u200b", "\u00e9", "e\u0301",
+       "\u0301", "\u0915", "\u094d", "\u093f", "\u0e01", "\u0e48", "\u4e16", "\u754c", "\uac00",
+       "\u0800", "\u3042", "\u0661", "\u00b2", "\u2160", "\uff11", "\uff21", "\uff01", "\u2018",
+       "\u201c", "\u3001", "\u3002", "\u2581", "\U0001F600", "\u200d", "\ufe0f", "\u00b5", "\u01bb",
+       "\u0391", "\u03b1", "\u0416", "\u10a0", "\u212a", "\u0130", "\u017f", "\U0001d400", "\u00bd",
+       "\u2013", "\u00ab", "\u2026", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<unk>",
+       "<|end|>", "  ", "\n\n", "'re", "'LL"])
+FUZZ_COUNT = 40
+
+
+def fuzz_corpus():
+    rng = random.Random(23)
+    return [("fuzz_%02d" % i, "".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(1, 30))))
+            for i in range(FUZZ_COUNT)]
+
+
 BIG_REPEAT = 20
 BIG_SEPARATOR = "\n"
 
@@ -88,7 +113,7 @@ FNV_PRIME = 0x100000001B3
 
 
 def big_text():
-    texts = [as_bytes(t) for _, t in CORPUS + EXTRA if is_utf8(as_bytes(t))]
+    texts = [as_bytes(t) for _, t in CORPUS + EXTRA + fuzz_corpus() if is_utf8(as_bytes(t))]
     sep = BIG_SEPARATOR.encode()
     return (sep.join(texts) + sep) * BIG_REPEAT
 
@@ -102,9 +127,17 @@ def ids_fnv(ids):
     return "%016x" % h
 
 
+def put_bytes(case, key, data):
+    """Text as itself when it is valid UTF-8 (the common case, half the size), else as hex."""
+    if is_utf8(data):
+        case[key] = data.decode("utf-8")
+    else:
+        case[key + "_hex"] = data.hex()
+
+
 def corpus_entries():
     out = []
-    for name, text in CORPUS + EXTRA:
+    for name, text in CORPUS + EXTRA + fuzz_corpus():
         data = as_bytes(text)
         out.append({"name": name, "text": data.decode("utf-8")} if is_utf8(data)
                    else {"name": name, "hex": data.hex()})
@@ -114,20 +147,20 @@ def corpus_entries():
 def vocab_cases(path):
     llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
     vocab = llm._model.vocab
-    cases = []
-    for index, (_, text) in enumerate(CORPUS + EXTRA):
-        data = as_bytes(text)
-        for add_special, parse_special in FLAGS:
+    cases = {}
+    for key, (add_special, parse_special) in zip(("off", "on"), FLAGS):
+        cases[key] = []
+        for _, text in CORPUS + EXTRA + fuzz_corpus():
+            data = as_bytes(text)
             ids = tokenize(vocab, data, add_special, parse_special)
-            case = {"corpus": index, "add_special": add_special, "parse_special": parse_special,
-                    "ids": ids}
+            case = {"ids": ids}
             detok = detokenize(vocab, ids, True)
             plain = detokenize(vocab, ids, False)
             if detok != data:
-                case["detok_hex"] = detok.hex()
+                put_bytes(case, "detok", detok)
             if plain != detok:
-                case["plain_hex"] = plain.hex()
-            cases.append(case)
+                put_bytes(case, "plain", plain)
+            cases[key].append(case)
     big = tokenize(vocab, big_text(), False, False)
     return cases, {"n_ids": len(big), "ids_fnv": ids_fnv(big)}
 
@@ -148,7 +181,7 @@ def main():
     for name in VOCABS:
         path = os.path.join(args.refdata, "ggml-vocab-%s.gguf" % name)
         out["vocabs"][name], out["big"]["vocabs"][name] = vocab_cases(path)
-        print("%-15s %d cases" % (name, len(out["vocabs"][name])), file=sys.stderr)
+        print("%-15s done" % name, file=sys.stderr)
     with open(args.out, "w") as f:
         json.dump(out, f, ensure_ascii=False, indent=None, separators=(",", ":"))
         f.write("\n")

@@ -265,8 +265,7 @@ class VocabOnly(unittest.TestCase):
         for vocab in ("llama-spm", "gemma-4", "llama-bpe", "qwen2"):
             for name in ("hello_punct", "special_turn", "chinese"):
                 text = goldens["corpus"][corpus.index(name)]["text"]
-                case = next(c for c in goldens["vocabs"][vocab]
-                            if corpus[c["corpus"]] == name and c["add_special"] and c["parse_special"])
+                case = goldens["vocabs"][vocab]["on"][corpus.index(name)]  # add/parse special
                 path = os.path.join(refdata_dir(), f"ggml-vocab-{vocab}.gguf")
                 rc, out, err = run("tokenize", "-m", path, "-p", text)
                 self.assertEqual(rc, 0, err)

@@ -26,7 +26,7 @@
 namespace kvlm {
 namespace {
 
-// Vocabularies kvlm tokenizes; pairs_expected says whether the sdist ships .inp/.out for them.
+// Vocabularies kvlm tokenizes; has_pairs says whether the sdist ships .inp/.out for them.
 struct Supported {
   std::string_view name;
   bool has_pairs;
@@ -200,38 +200,47 @@ TEST(LlamaVocabs, CorpusMatchesLlamaCpp) {
                                         : from_hex(c["hex"].get<std::string>()));
   for (const Supported& v : kSupported) {
     SCOPED_TRACE(std::string(v.name));
-    const json& cases = goldens["vocabs"][std::string(v.name)];
-    ASSERT_FALSE(cases.empty()) << "no goldens for " << v.name
-                                << "; rerun tools/gen_vocab_goldens.py";
+    const json& per_vocab = goldens["vocabs"][std::string(v.name)];
+    ASSERT_FALSE(per_vocab.empty())
+        << "no goldens for " << v.name << "; rerun tools/gen_vocab_goldens.py";
     const Tokenizer* tok = &vocab(v.name);
-    size_t n_enc = 0, n_dec = 0, n_failed = 0;
-    for (const json& c : cases) {
-      const std::string& text = corpus.at(c["corpus"].get<size_t>());
-      const auto expected = c["ids"].get<std::vector<int32_t>>();
-      const auto ids =
-          tok->encode(text, c["add_special"].get<bool>(), c["parse_special"].get<bool>());
-      const std::string detok = c.contains("detok_hex") ? from_hex(c["detok_hex"]) : text;
-      const std::string plain = c.contains("plain_hex") ? from_hex(c["plain_hex"]) : detok;
-      const bool enc_ok = ids == expected;
-      const bool dec_ok =
-          tok->decode(expected, true) == detok && tok->decode(expected, false) == plain;
-      n_enc += enc_ok;
-      n_dec += dec_ok;
-      if ((!enc_ok || !dec_ok) && n_failed++ < 3)
-        ADD_FAILURE() << v.name << ", corpus entry "
-                      << goldens["corpus"][c["corpus"].get<size_t>()]["name"]
-                      << " (add_special=" << c["add_special"]
-                      << ", parse_special=" << c["parse_special"] << "):\n  expected "
-                      << show_ids(expected) << "\n  got      " << show_ids(ids) << "\n  decode "
-                      << (dec_ok ? "ok" : "differs: '" + tok->decode(expected, true) + "'");
+    size_t n_cases = 0, n_enc = 0, n_dec = 0, n_failed = 0;
+    // "off": add_special and parse_special false; "on": both true. One case per corpus text.
+    for (const bool on : {false, true}) {
+      const json& cases = per_vocab[on ? "on" : "off"];
+      ASSERT_EQ(cases.size(), corpus.size());
+      for (size_t i = 0; i < cases.size(); ++i) {
+        const json& c = cases[i];
+        const std::string& text = corpus[i];
+        const auto expected = c["ids"].get<std::vector<int32_t>>();
+        const auto ids = tok->encode(text, on, on);
+        // Decoded texts: "detok"/"plain" as text, or "..._hex" when not valid UTF-8; absent when
+        // equal to the input / to detok.
+        auto field = [&](const std::string& key, const std::string& fallback) -> std::string {
+          if (c.contains(key)) return c[key].get<std::string>();
+          if (c.contains(key + "_hex")) return from_hex(c[key + "_hex"]);
+          return fallback;
+        };
+        const std::string detok = field("detok", text);
+        const std::string plain = field("plain", detok);
+        const bool enc_ok = ids == expected;
+        const bool dec_ok =
+            tok->decode(expected, true) == detok && tok->decode(expected, false) == plain;
+        ++n_cases;
+        n_enc += enc_ok;
+        n_dec += dec_ok;
+        if ((!enc_ok || !dec_ok) && n_failed++ < 3)
+          ADD_FAILURE() << v.name << ", corpus entry " << goldens["corpus"][i]["name"]
+                        << (on ? " (add_special, parse_special)" : "") << ":\n  expected "
+                        << show_ids(expected) << "\n  got      " << show_ids(ids) << "\n  decode "
+                        << (dec_ok ? "ok" : "differs: '" + tok->decode(expected, true) + "'");
+      }
     }
     std::printf("%-15s encode %3zu / %3zu, decode %3zu / %3zu\n", std::string(v.name).c_str(),
-                n_enc, cases.size(), n_dec, cases.size());
+                n_enc, n_cases, n_dec, n_cases);
   }
 }
 
-// The corpus as one long text: SentencePiece merges a fragment as a whole, which kvlm cuts into
-// words where no token can span the cut; the ids must be the same as llama.cpp's.
 TEST(LlamaVocabs, LongTextMatchesLlamaCpp) {
   using nlohmann::json;
   std::ifstream in(test::data_path("llama_vocab_goldens.json"));

@@ -35,7 +35,9 @@ class Tokenizer {
   ~Tokenizer();
 
   int32_t n_vocab() const;
-  int32_t bos_id() const;        // -1 when absent (llama.cpp would fall back to id 11 for "gpt2")
+  // -1 when absent; SentencePiece defaults to 1 (and EOS to 2) as in llama.cpp, BPE has none
+  // (llama.cpp would fall back to id 11 for "gpt2").
+  int32_t bos_id() const;
   int32_t eos_id() const;        // -1 when absent
   bool add_bos_default() const;  // tokenizer.ggml.add_bos_token (llama.cpp's default when absent)
   // End of generation, as llama.cpp's llama_vocab_is_eog: EOS, EOT, tokens that end a turn by

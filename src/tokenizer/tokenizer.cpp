@@ -69,6 +69,9 @@ constexpr PreName kPreNames[] = {
     {"exaone4", tok::PreKind::Gpt2},
     {"trillion", tok::PreKind::Gpt2, false, kNoClean},
     {"granite-docling", tok::PreKind::Gpt2, false, kNoClean},
+    {"jina-v1-en", tok::PreKind::Gpt2},
+    {"jina-v2-code", tok::PreKind::Gpt2},
+    {"roberta-bpe", tok::PreKind::Gpt2},
     {"smollm", tok::PreKind::Smollm, false, kNoClean},
     {"starcoder", tok::PreKind::Smollm},
     {"refact", tok::PreKind::Smollm},
@@ -89,6 +92,9 @@ constexpr PreName kPreNames[] = {
     {"jina-v5-nano", tok::PreKind::Llama3, true, true, true},
     {"dbrx", tok::PreKind::Llama3},
     {"smaug-bpe", tok::PreKind::Llama3},
+    {"chatglm-bpe", tok::PreKind::Llama3},
+    {"glm4", tok::PreKind::Llama3, true},
+    {"glm5", tok::PreKind::Llama3, true},
     {"qwen2", tok::PreKind::Qwen2, false, kNoClean},
     {"deepseek-r1-qwen", tok::PreKind::Qwen2, false, kNoClean},
     {"kormo", tok::PreKind::Qwen2, false, kNoClean},
@@ -102,6 +108,7 @@ constexpr PreName kPreNames[] = {
     {"deepseek-llm", tok::PreKind::DeepseekLlm, false, kNoClean},
     {"deepseek-coder", tok::PreKind::DeepseekCoder, false, kNoClean},
     {"gemma4", tok::PreKind::Newlines},
+    {"granite-embed-multi-311m", tok::PreKind::Newlines},
 };
 
 // Token texts llama.cpp treats as end of generation (llama_vocab::impl::load).

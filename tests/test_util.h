@@ -18,8 +18,8 @@ inline std::string data_path(const std::string& name) {
 
 // The default model, as scripts/fetch-model.sh places it. `make test` fetches it first, so a
 // missing model is a set-up error and the tests that need it fail (they do not skip).
-inline std::string model_path() {
-  if (const char* m = std::getenv("KVLM_MODEL"); m && *m) return m;
+// `file` in the models directory (KVLM_MODELS, else ~/.cache/kvlm/models).
+inline std::string models_file(const std::string& file) {
   std::string dir;
   if (const char* d = std::getenv("KVLM_MODELS"); d && *d) {
     dir = d;
@@ -27,8 +27,16 @@ inline std::string model_path() {
     const char* home = std::getenv("HOME");
     dir = std::string(home ? home : ".") + "/.cache/kvlm/models";
   }
-  return dir + "/SmolLM2-135M-Instruct.Q4_1.gguf";
+  return dir + "/" + file;
 }
+
+inline std::string model_path() {
+  if (const char* m = std::getenv("KVLM_MODEL"); m && *m) return m;
+  return models_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+}
+
+// The second real model (scripts/fetch-model.sh gemma3-270m; `make test` fetches it too).
+inline std::string gemma3_270m_path() { return models_file("gemma-3-270m-q4_k_m.gguf"); }
 
 // llama.cpp's own reference data (vocab-only GGUFs with .inp/.out pairs, templates/*.jinja), as
 // scripts/fetch-refdata.sh places it; `make test` fetches it first, so missing data is a set-up

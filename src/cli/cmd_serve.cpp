@@ -23,6 +23,7 @@
 #include "cli/common.h"
 #include "engine/scheduler.h"
 #include "kv/kv_plan.h"
+#include "kv_manager/kv_manager.h"
 #include "kv/kv_shape.h"
 #include "model/model.h"
 #include "server/server.h"
@@ -148,12 +149,21 @@ int run_serve(ServeArgs& a) {
       std::all_of(c.layer_window.begin(), c.layer_window.end(), [](int32_t w) { return w > 0; });
   const char* prefix_note = cfg.prefix_cache && all_windowed ? " (every layer windowed)" : "";
   if (all_windowed) cfg.prefix_cache = false;
-  const size_t bytes_per_token = kv_bytes_per_token(model->kv_shape(cfg.dtype_k, cfg.dtype_v));
+  // What the pool costs: a block of the full-attention layers per 16 tokens of budget, plus the
+  // window groups' fixed share (kv_pool_config). The default budget holds -np full contexts.
+  const KvPoolSpec spec{.shape = model->kv_shape(cfg.dtype_k, cfg.dtype_v),
+                        .block_size = std::max(cfg.block_size, 1),
+                        .n_parallel = cfg.n_parallel,
+                        .n_batch = std::max<int64_t>(cfg.n_batch, 1),
+                        .n_ctx = cfg.n_ctx,
+                        .layer_window = c.layer_window};
+  const double full_per_token = double(kv_full_block_bytes(spec)) / spec.block_size;
+  const double windows = double(kv_window_groups_bytes(spec));
   if (!a.kv_budget.empty()) {
     parse_budget(a.kv_budget, &cfg);
   } else {
     const uint64_t tokens = uint64_t(cfg.n_parallel) * uint64_t(cfg.n_ctx);
-    if (tokens * bytes_per_token <= kDefaultBudgetCap)
+    if (double(tokens) * full_per_token + windows <= double(kDefaultBudgetCap))
       cfg.kv_budget_tokens = static_cast<int64_t>(tokens);
     else
       cfg.kv_budget_bytes = static_cast<int64_t>(kDefaultBudgetCap);
@@ -163,7 +173,7 @@ int run_serve(ServeArgs& a) {
   // fills: refuse it here. (Total memory, not what is free now: the budget is a plan.)
   const double pool_bytes = cfg.kv_budget_bytes > 0
                                 ? double(cfg.kv_budget_bytes)
-                                : double(cfg.kv_budget_tokens) * double(bytes_per_token);
+                                : double(cfg.kv_budget_tokens) * full_per_token + windows;
   const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGESIZE);
   const double ram = double(pages) * double(page_size);
   if (pages > 0 && page_size > 0 && pool_bytes >= ram)

@@ -1,12 +1,14 @@
-// Repacking of Q4_0 / Q4_1 / Q8_0 matrices into interleaved row groups (layout in packed.h).
+// Repacking of Q4_0 / Q4_1 / Q8_0 and Q4_K / Q5_K / Q6_K / IQ4_XS matrices into interleaved row groups (layout in packed.h).
 // Plain byte moves, compiled for any x86-64 (and any CPU): the same bytes whichever kernel
 // variant later reads them.
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "base/error.h"
 #include "kernels/ops.h"
 #include "kernels/packed.h"
+#include "kernels/ref/ref.h"
 
 namespace kvlm::kernels {
 
@@ -35,7 +37,90 @@ void pack_blocks(const TensorView& w, int64_t g, Packed* dst) {
   }
 }
 
+// Low 4 bits of 32 codes into row k's lanes of the Q4 layout (qs[v][4 k + j]: column 4 v + j low,
+// 16 + 4 v + j high).
+void put_nibbles(uint8_t (&qs)[4][32], int k, const int* c) {
+  for (int v = 0; v < 4; ++v)
+    for (int j = 0; j < 4; ++j)
+      qs[v][4 * k + j] = static_cast<uint8_t>((c[4 * v + j] & 15) | (c[16 + 4 * v + j] & 15) << 4);
+}
+
+// Row k's 32 codes of sub-block b of a K-type super-block, as the packed layout stores them.
+void sub_codes(DType t, const ref::KInts& ki, int b, int* c) {
+  for (int j = 0; j < 32; ++j) {
+    const int q = ki.q[32 * b + j];
+    if (t == DType::Q6_K) {
+      c[j] = q + 32;  // 0..63
+    } else if (t == DType::IQ4_XS) {
+      int idx = 0;  // the table index whose value is q (k_block_ints read it from there)
+      while (kIq4nlValues[idx] != q) ++idx;
+      c[j] = idx;
+    } else {
+      c[j] = q;
+    }
+  }
+}
+
+// Sub-block b of row k (codes c) into packed super-block P.
+template <class P>
+void put_sub(P& p, int k, int b, const ref::KInts& ki, const int* c) {
+  auto& s = p.b[b];
+  put_nibbles(s.qs, k, c);
+  if constexpr (std::is_same_v<P, PackedIQ4_XS>) {
+    s.sc[k] = ki.sc[2 * b];
+  } else if constexpr (std::is_same_v<P, PackedQ6_K>) {
+    s.sc[k][0] = ki.sc[2 * b];
+    s.sc[k][1] = ki.sc[2 * b + 1];
+    for (int u = 0; u < 2; ++u)
+      for (int j = 0; j < 4; ++j) {
+        int h = 0;
+        for (int i = 0; i < 4; ++i) h |= ((c[16 * u + 4 * i + j] >> 4) & 3) << (2 * i);
+        s.qh[u][4 * k + j] = static_cast<uint8_t>(h);
+      }
+  } else {
+    s.sm[k][0] = static_cast<uint8_t>(ki.sc[2 * b]);
+    s.sm[k][1] = ki.m[b];
+    if constexpr (std::is_same_v<P, PackedQ5_K>)
+      for (int j = 0; j < 4; ++j) {
+        int h = 0;
+        for (int i = 0; i < 4; ++i)
+          h |= ((c[4 * i + j] >> 4) & 1) << i | ((c[16 + 4 * i + j] >> 4) & 1) << (4 + i);
+        s.qh[4 * k + j] = static_cast<uint8_t>(h);
+      }
+  }
+}
+
+// The K types: each row's super-block read as integers (rows past the end: all zero), then laid
+// out as packed.h says.
+template <class P>
+void pack_k_blocks(const TensorView& w, int64_t g, P* dst) {
+  const int64_t n_sb = w.n_cols / kQK_K;
+  const size_t sb_bytes = row_bytes(w.dtype, kQK_K);
+  for (int64_t ib = 0; ib < n_sb; ++ib) {
+    P& p = dst[ib];
+    std::memset(&p, 0, sizeof(P));
+    for (int k = 0; k < 8; ++k) {
+      const int64_t r = g * kGroupRows + k;
+      ref::KInts ki{};
+      if (r < w.n_rows) ref::k_block_ints(w.dtype, w.row(r) + ib * sb_bytes, &ki);
+      if (r >= w.n_rows && w.dtype == DType::Q6_K) std::memset(ki.q, -32, sizeof(ki.q));
+      if (r >= w.n_rows && w.dtype == DType::IQ4_XS) std::memset(ki.q, -127, sizeof(ki.q));
+      p.d[k] = ki.d;
+      if constexpr (requires { p.dmin; }) p.dmin[k] = ki.dmin;
+      for (int b = 0; b < 8; ++b) {
+        int c[32];
+        sub_codes(w.dtype, ki, b, c);
+        put_sub(p, k, b, ki, c);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+int64_t packed_block_cols(DType t) {
+  return ref::k_packed_type(t) ? kQK_K : 32;
+}
 
 size_t packed_block_bytes(DType t) {
   switch (t) {
@@ -45,6 +130,14 @@ size_t packed_block_bytes(DType t) {
       return sizeof(PackedQ4_1);
     case DType::Q8_0:
       return sizeof(PackedQ8_0);
+    case DType::Q4_K:
+      return sizeof(PackedQ4_K);
+    case DType::Q5_K:
+      return sizeof(PackedQ5_K);
+    case DType::Q6_K:
+      return sizeof(PackedQ6_K);
+    case DType::IQ4_XS:
+      return sizeof(PackedIQ4_XS);
     default:
       return 0;
   }
@@ -58,13 +151,21 @@ void pack_group(const TensorView& w, int64_t g, uint8_t* dst) {
       return pack_blocks<BlockQ4_1>(w, g, reinterpret_cast<PackedQ4_1*>(dst));
     case DType::Q8_0:
       return pack_blocks<BlockQ8_0>(w, g, reinterpret_cast<PackedQ8_0*>(dst));
+    case DType::Q4_K:
+      return pack_k_blocks(w, g, reinterpret_cast<PackedQ4_K*>(dst));
+    case DType::Q5_K:
+      return pack_k_blocks(w, g, reinterpret_cast<PackedQ5_K*>(dst));
+    case DType::Q6_K:
+      return pack_k_blocks(w, g, reinterpret_cast<PackedQ6_K*>(dst));
+    case DType::IQ4_XS:
+      return pack_k_blocks(w, g, reinterpret_cast<PackedIQ4_XS*>(dst));
     default:
       fail("pack_group: {} has no packed layout", dtype_name(w.dtype));
   }
 }
 
 size_t packed_group_bytes(const TensorView& w) {
-  return static_cast<size_t>(w.n_cols / 32) * packed_block_bytes(w.dtype);
+  return static_cast<size_t>(w.n_cols / packed_block_cols(w.dtype)) * packed_block_bytes(w.dtype);
 }
 
 int64_t packed_groups(const TensorView& w) {
@@ -76,7 +177,7 @@ bool packable(DType t) {
 }
 
 size_t packed_bytes(const TensorView& w) {
-  if (!packable(w.dtype) || w.n_rows <= 0 || w.n_cols % 32 != 0) return 0;
+  if (!packable(w.dtype) || w.n_rows <= 0 || w.n_cols % packed_block_cols(w.dtype) != 0) return 0;
   return packed_group_bytes(w) * static_cast<size_t>(packed_groups(w));
 }
 

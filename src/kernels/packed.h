@@ -44,10 +44,61 @@ struct PackedQ8_0 {
 };
 static_assert(sizeof(PackedQ8_0) == 8 * sizeof(BlockQ8_0));
 
-// Bytes of one packed block (8 rows x 32 columns) of type t; 0 when t has no packed layout.
-size_t packed_block_bytes(DType t);
+// The K types (Q4_K, Q5_K, Q6_K, IQ4_XS) pack one 256-column super-block of the 8 rows per packed
+// block, read as integers (ref::k_block_ints: value = d * sc[e / 16] * q[e] - dmin * m[e / 32]).
+// Each 32-column sub-block b keeps the Q4 layout above for the low 4 bits of its codes (Q6_K's
+// codes stored as q + 32, 0..63; IQ4_XS's as their table index) and, per row k, its two 16-column
+// scales (or scale and min) as a pair of bytes [k][2], so one 16-byte load widens to 8 lanes of
+// int16 pairs. Q6_K's 2 high bits: qh[u][4 k + j] bits 2 i, 2 i + 1 = high bits of column
+// 16 u + 4 i + j. Q5_K's fifth bits: qh[4 k + j] bit i = column 4 i + j, bit 4 + i = 16 + 4 i + j.
+struct PackedQ4_K {
+  uint16_t d[8];     // f16 super-block scales of rows 0..7
+  uint16_t dmin[8];  // f16 scales of the mins
+  struct Sub {
+    uint8_t sm[8][2];  // [row][scale, min], 0..63
+    uint8_t qs[4][32];
+  } b[8];
+};
+// The 6-bit scales and mins unpacked to bytes: 32 bytes more than the 8 GGUF blocks (+2.8%).
+static_assert(sizeof(PackedQ4_K) == 8 * sizeof(BlockQ4_K) + 32);
 
-// Bytes of one packed group of w (n_cols / 32 packed blocks).
+struct PackedQ5_K {
+  uint16_t d[8];
+  uint16_t dmin[8];
+  struct Sub {
+    uint8_t sm[8][2];
+    uint8_t qs[4][32];
+    uint8_t qh[32];  // fifth bits, as above
+  } b[8];
+};
+static_assert(sizeof(PackedQ5_K) == 8 * sizeof(BlockQ5_K) + 32);  // as Q4_K
+
+struct PackedQ6_K {
+  uint16_t d[8];
+  struct Sub {
+    int8_t sc[8][2];  // [row][scale of columns 0..15, of 16..31]
+    uint8_t qs[4][32];  // low 4 bits
+    uint8_t qh[2][32];  // high 2 bits, as above
+  } b[8];
+};
+static_assert(sizeof(PackedQ6_K) == 8 * sizeof(BlockQ6_K));
+
+struct PackedIQ4_XS {
+  uint16_t d[8];
+  struct Sub {
+    int8_t sc[8];  // [row] scale, -32..31 (one per 32 columns: no pair)
+    uint8_t qs[4][32];
+  } b[8];
+};
+static_assert(sizeof(PackedIQ4_XS) == 8 * sizeof(BlockIQ4_XS) + 16);  // scales unpacked
+
+// Bytes of one packed block (8 rows x packed_block_cols(t) columns) of type t; 0 when t has no
+// packed layout.
+size_t packed_block_bytes(DType t);
+// Columns per packed block: 256 for the K types, 32 for the others.
+int64_t packed_block_cols(DType t);
+
+// Bytes of one packed group of w (n_cols / packed_block_cols packed blocks).
 size_t packed_group_bytes(const TensorView& w);
 // Row groups of w: ceil(n_rows / 8).
 int64_t packed_groups(const TensorView& w);
@@ -55,7 +106,7 @@ int64_t packed_groups(const TensorView& w);
 // and an inline copy they emitted could be the one the linker keeps; see ../CMakeLists.txt.)
 
 // Packs rows [8 g, 8 g + 8) of w (zero blocks past the last row) into dst[packed_group_bytes(w)].
-// w.dtype must be packable; w.n_cols a multiple of 32.
+// w.dtype must be packable; w.n_cols a multiple of packed_block_cols.
 void pack_group(const TensorView& w, int64_t g, uint8_t* dst);
 
 }  // namespace kvlm::kernels

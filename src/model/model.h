@@ -114,7 +114,7 @@ class Model {
 
  private:
   Model() = default;
-  // Packs every Q4_0/Q4_1/Q8_0 matrix that matmul reads (kernels::pack_weights), points its
+  // Packs every matrix of a packed type that matmul reads (kernels::pack_weights), points its
   // view's `packed` at the copy (packed_bytes() in all) and releases the mapped pages of the
   // original (GgufFile::release_pages), except a tied output head's, which the embedding lookup
   // still reads: resident memory holds one copy of the weights, plus that head twice.

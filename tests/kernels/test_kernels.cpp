@@ -14,6 +14,7 @@
 
 #include "base/error.h"
 #include "base/thread_pool.h"
+#include "kernels/act_blocks.h"
 #include "kernels/ops.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
@@ -305,7 +306,7 @@ void naive_matmul(const Weights& w, const float* x, int64_t n_tok, std::vector<d
 // bit, not quantize_row's (1 / d, ties away from zero): the two differ in a code now and then,
 // and one code is far outside the dot's rounding bound.
 std::vector<float> quantized_activations(DType t, const std::vector<float>& x) {
-  if (t != DType::Q4_0 && t != DType::Q4_1 && t != DType::Q8_0) return x;
+  if (act_type(t) == DType::F32) return x;
   const int64_t n = static_cast<int64_t>(x.size());
   std::vector<BlockQ8_0> q(static_cast<size_t>(n / kQK8_0));
   ref::quant_act_q8_0(x.data(), q.data(), n / kQK8_0);
@@ -367,10 +368,29 @@ void expect_matmul_near(const Weights& w, const std::vector<float>& x, int64_t n
         q8_1_terms[i * n_rows + r] = wmax * xsum;
       }
   }
+  // The packed K types multiply integers (ref::dot_k_q8_0), not the dequantized weights, whose
+  // d * sc and (d sc) q - dmin m are rounded: up to 3 roundings of |d sc q| + |dmin m| per weight
+  // (beyond |w|, which the subtraction can cancel), times |x|.
+  std::vector<double> k_terms(ref.size(), 0.0);
+  if (ref::k_packed_type(w.type)) {
+    const size_t sb = row_bytes(w.type, kQK_K);
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t c0 = 0; c0 < n_cols; c0 += kQK_K) {
+        ref::KInts k;
+        ref::k_block_ints(w.type, w.raw.data() + r * w.row_stride + c0 / kQK_K * sb, &k);
+        for (int e = 0; e < kQK_K; ++e) {
+          const double a = std::fabs(double(fp16_to_fp32(k.d)) * k.sc[e / 16] * k.q[e]) +
+                           std::fabs(double(fp16_to_fp32(k.dmin)) * k.m[e / 32]);
+          for (int64_t i = 0; i < n_tok; ++i)
+            k_terms[i * n_rows + r] += a * std::fabs(double(xq[i * n_cols + c0 + e]));
+        }
+      }
+  }
   std::vector<float> y(static_cast<size_t>(n_tok * n_rows), NAN);
   matmul(w.view(), x.data(), y.data(), n_tok, pool);
   for (size_t k = 0; k < y.size(); ++k)
-    ASSERT_NEAR(y[k], ref[k], matmul_tolerance(n_cols, ref_abs[k], q8_1_terms[k]))
+    ASSERT_NEAR(y[k], ref[k],
+                matmul_tolerance(n_cols, ref_abs[k], q8_1_terms[k]) + 4 * kEpsF32 * k_terms[k])
         << dtype_name(w.type) << " " << n_rows << "x" << n_cols << " n_tok " << n_tok
         << " threads " << pool.size() << " element " << k << " (kernels " << kernels_backend()
         << ")";

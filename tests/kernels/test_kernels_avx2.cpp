@@ -28,10 +28,13 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "base/thread_pool.h"
 #include "kernels/act_blocks.h"
 #include "kernels/avx2/avx2.h"
 #include "kernels/dispatch.h"
+#include "kernels/packed.h"
 #include "kernels/ops.h"
 #include "kernels/random_blocks.h"
 #include "kernels/ref/ref.h"
@@ -306,6 +309,16 @@ double quantized_abs_terms(DType t, const uint8_t* w, const uint8_t* xq, int64_t
         ints += std::abs(((wb->qs[j] >> 4) - 8) * x0->qs[j + 16]);
       }
       sum += std::fabs(double(fp16_to_fp32(wb->d)) * fp16_to_fp32(x0->d)) * ints;
+    } else if (ref::k_packed_type(t)) {
+      // The K types: |d sc_j q_j p_j dx| and |dmin m p_j dx| from the integers (ref::KInts).
+      ref::KInts k;
+      ref::k_block_ints(t, w + (b / 8) * row_bytes(t, kQK_K), &k);
+      const double dx = fp16_to_fp32(x0->d);
+      for (int j = 0; j < 32; ++j) {
+        const int e = 32 * int(b % 8) + j;
+        sum += std::fabs(double(fp16_to_fp32(k.d)) * dx) * std::abs(k.sc[e / 16] * k.q[e] * x0->qs[j]);
+        sum += std::fabs(double(fp16_to_fp32(k.dmin)) * dx) * std::abs(k.m[e / 32] * x0->qs[j]);
+      }
     } else {
       const auto* wb = reinterpret_cast<const BlockQ4_1*>(w) + b;
       for (int j = 0; j < 16; ++j) {
@@ -403,6 +416,99 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
   }
 }
 
+// The packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_0's
+// arithmetic for 8 rows at once, so every variant equals ref bit for bit: every token count from
+// 1 to 70 (the 1..4-token kernels, 64-token chunks and their tails), 1 and 2 threads, groups short
+// of 8 rows, packed at load or on the fly, unaligned rows, dot_row too.
+TEST(Avx2Matmul, KQuantsEqualRefBitForBit) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(22);
+  ThreadPool pool1(1), pool2(2);
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
+    for (auto [n_rows, n_cols] : {std::pair<int64_t, int64_t>{1, 256}, {7, 512}, {9, 256},
+                                  {8, 1024}, {37, 768}}) {
+      const size_t off = 2 * static_cast<size_t>(n_rows % 3);
+      const size_t stride = row_bytes(t, n_cols) + (n_rows % 2 ? 0 : 6);
+      Buffer buf(stride * n_rows, off);
+      for (int64_t r = 0; r < n_rows; ++r) random_row(t, n_cols, rng, buf.data() + r * stride);
+      TensorView w{t, buf.data(), n_rows, n_cols, stride};
+      const std::vector<uint8_t> packed = pack_weights(w);
+      ASSERT_EQ(packed.size(), size_t((n_rows + 7) / 8) * (n_cols / 256) * packed_block_bytes(t));
+      TensorView wp = w;
+      wp.packed = packed.data();
+      for (int64_t n_tok = 1; n_tok <= 70; n_tok += (n_tok < 20 ? 1 : 7)) {
+        const std::vector<float> x = random_floats(rng, n_tok * n_cols, 1.5f);
+        const size_t ny = static_cast<size_t>(n_tok * n_rows);
+        std::vector<float> yr(ny), yu(ny, -1.0f), yp(ny, -2.0f), yv(ny, -3.0f), ya(ny, -4.0f);
+        ref::matmul(w, x.data(), yr.data(), n_tok, pool1);
+        avx2::matmul(w, x.data(), yu.data(), n_tok, n_tok % 2 ? pool1 : pool2);
+        avx2::matmul(wp, x.data(), yp.data(), n_tok, n_tok % 2 ? pool2 : pool1);
+        if (avx2::vnni_supported())
+          avx2::matmul_vnni(wp, x.data(), yv.data(), n_tok, pool2);
+        else
+          yv = yr;
+        if (avx2::amx_supported())
+          avx2::matmul_amx(n_tok % 2 ? wp : w, x.data(), ya.data(), n_tok, pool2);
+        else
+          ya = yr;
+        for (size_t k = 0; k < ny; ++k) {
+          const auto where = [&](const char* v) {
+            return fmt::format("{} {}x{} n_tok {} element {} ({})", dtype_name(t), n_rows, n_cols,
+                               n_tok, k, v);
+          };
+          ASSERT_EQ(bits_of(yu[k]), bits_of(yr[k])) << where("unpacked") << " " << yu[k] << " " << yr[k];
+          ASSERT_EQ(bits_of(yp[k]), bits_of(yr[k])) << where("packed");
+          ASSERT_EQ(bits_of(yv[k]), bits_of(yr[k])) << where("vnni");
+          ASSERT_EQ(bits_of(ya[k]), bits_of(yr[k])) << where("amx");
+        }
+        ASSERT_EQ(bits_of(avx2::dot_row(t, w.row(n_rows - 1), x.data(), n_cols)),
+                  bits_of(yr[n_rows - 1]));
+      }
+    }
+  }
+}
+
+// The extremes of the K kernels' 16-bit stages: every code at its largest magnitude (Q4_K 15,
+// Q5_K 31, Q6_K -32 and 31, IQ4_XS -127 and 113) and the largest scales, against codes all +-127.
+TEST(Avx2Matmul, KQuantExtremesAreExact) {
+  SKIP_WITHOUT_AVX2();
+  ThreadPool pool(1);
+  const int64_t n = 512, n_rows = 9, n_tok = 5;
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
+    for (uint8_t fill : {uint8_t(0xff), uint8_t(0x00), uint8_t(0x80), uint8_t(0x7f)}) {
+      for (float xv : {1.0f, -1.0f}) {
+        const size_t stride = row_bytes(t, n);
+        std::vector<uint8_t> w(stride * n_rows, fill);  // codes, scales and mins all `fill`
+        for (size_t b = 0; b < w.size() / row_bytes(t, kQK_K); ++b)
+          for (size_t off : test::f16_scale_offsets(t)) {
+            const uint16_t h = fp32_to_fp16(off == 0 ? 0.5f : 0.25f);
+            std::memcpy(w.data() + b * row_bytes(t, kQK_K) + off, &h, 2);
+          }
+        const TensorView view{t, w.data(), n_rows, n, stride};
+        std::vector<float> x(n_tok * n, xv);
+        for (int64_t i = 0; i < n_tok * n; i += 3) x[i] = -xv;
+        std::vector<float> yr(n_tok * n_rows), yf(n_tok * n_rows);
+        ref::matmul(view, x.data(), yr.data(), n_tok, pool);
+        avx2::matmul(view, x.data(), yf.data(), n_tok, pool);
+        for (size_t k = 0; k < yr.size(); ++k)
+          ASSERT_EQ(bits_of(yf[k]), bits_of(yr[k])) << dtype_name(t) << " fill " << int(fill);
+        // And the scalar twin against the exact value of its own integers (no saturation there).
+        ref::KInts ki;
+        ref::k_block_ints(t, w.data(), &ki);
+        std::vector<BlockQ8_0> xq(n / 32);
+        ref::quant_act_q8_0(x.data(), xq.data(), n / 32);
+        double want = 0;
+        for (int64_t e = 0; e < n; ++e) {
+          const double dx = fp16_to_fp32(xq[e / 32].d), p = xq[e / 32].qs[e % 32];
+          want += double(fp16_to_fp32(ki.d)) * ki.sc[e % 256 / 16] * ki.q[e % 256] * p * dx -
+                  double(fp16_to_fp32(ki.dmin)) * ki.m[e % 256 / 32] * p * dx;
+        }
+        ASSERT_NEAR(yr[0], want, 1e-5 * std::fabs(want) + 1e-6) << dtype_name(t) << " " << int(fill);
+      }
+    }
+  }
+}
+
 // The extremes of the integer sums: Q4 nibbles all 15 against codes all +-127 (each 16-bit lane
 // sums 8 maddubs pairs to 30,480 of 32,767), Q8_0 codes of -128 (a file may hold them; |w| = 128
 // is still exact in maddubs) against -127, and Q4_0's nibble 0 (value -8). Two row groups and 16
@@ -494,7 +600,8 @@ TEST(Pack, LayoutIsTheDocumentedInterleave) {
     }
   }
   EXPECT_TRUE(pack_weights({DType::F16, nullptr, 4, 32, 64}).empty());
-  EXPECT_FALSE(packable(DType::Q6_K));
+  EXPECT_FALSE(packable(DType::Q2_K));
+  EXPECT_TRUE(packable(DType::Q6_K));
 }
 
 TEST(Avx2Dot, F32AndF16DotsMatchRef) {

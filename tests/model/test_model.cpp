@@ -17,6 +17,7 @@
 #include "base/error.h"
 #include "engine/session.h"
 #include "kv/kv_plan.h"
+#include "kernels/ops.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
 #include "test_util.h"
@@ -114,7 +115,8 @@ TEST(CacheEquivalence, TinyModels) {
 
 // The K-quant model (tools/make_synthetic_gguf.py) loads with a matrix in each of the types kvlm
 // multiplies through its reference kernels; only the types with packed kernels (Q4_0, Q4_1, Q8_0,
-// as in tiny-llama) get packed copies.
+// as in tiny-llama, and Q4_K, Q5_K, Q6_K, IQ4_XS) get packed copies, the embedding table none
+// (unless it is also the output head).
 TEST(Load, EveryWeightTypeAndPackingOnlyWherePackedKernelsAre) {
   auto m = Model::load(test::data_path("tiny-llama-kquants.gguf"));
   std::set<DType> types;
@@ -123,7 +125,17 @@ TEST(Load, EveryWeightTypeAndPackingOnlyWherePackedKernelsAre) {
   const std::set<DType> want = {DType::Q5_0, DType::Q5_1, DType::Q2_K,   DType::Q3_K,  DType::Q4_K,
                                 DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS};
   EXPECT_EQ(types, want);
-  EXPECT_EQ(m->packed_bytes(), 0u);
+  const bool tied = m->gguf().tensor("output.weight") == nullptr;
+  size_t want_packed = 0;
+  for (const GgufTensorInfo& t : m->gguf().tensors()) {
+    if (t.ne.size() != 2 || (t.name == "token_embd.weight" && !tied)) continue;
+    const int64_t rows = static_cast<int64_t>(t.ne[1]), cols = static_cast<int64_t>(t.ne[0]);
+    const size_t n = kernels::packed_bytes({t.type, nullptr, rows, cols, row_bytes(t.type, cols)});
+    EXPECT_EQ(n > 0, kernels::packable(t.type)) << t.name;
+    want_packed += n;
+  }
+  EXPECT_GT(want_packed, 0u);
+  EXPECT_EQ(m->packed_bytes(), want_packed);
   EXPECT_GT(Model::load(test::data_path("tiny-llama.gguf"))->packed_bytes(), 0u);
 }
 

@@ -195,6 +195,7 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
                   ThreadPool& pool) {
   const int64_t n_blocks = n / 32;
   const bool q8_1 = act_type(t) == DType::Q8_1;
+  const bool ksum = k_group_kernels(t) != nullptr;  // c: the halves' sums (qgroup.h)
   Acts a;
   a.q_stride = act_row_bytes(t, n);
   a.blk = q8_1 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0);
@@ -230,6 +231,16 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
           const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
           ds[o] = half(b.d);
           ds[n_num + o] = half(b.s);
+        } else if (ksum) {
+          const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
+          ds[o] = half(b.d);
+          int32_t lo = 0, hi = 0;
+          for (int j = 0; j < 16; ++j) {
+            lo += b.qs[j];
+            hi += b.qs[j + 16];
+          }
+          cs[o] = static_cast<int32_t>(static_cast<uint32_t>(lo & 0xffff) |
+                                       static_cast<uint32_t>(hi) << 16);
         } else {
           const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
           ds[o] = half(b.d);
@@ -356,6 +367,10 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
 
 void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
              int64_t g_begin, int64_t g_end) {
+  if (const GroupFn* kf = k_group_kernels(w.dtype)) {  // K types: AVX2 kernels, one group a call
+    static constexpr PairFn kNoPairs[kGroupToks] = {};
+    return qmatmul_groups(kf, kNoPairs, nullptr, w, x, n_tok, y, g_begin, g_end);
+  }
   const GroupFn* fns = w.dtype == DType::Q4_0 ? k.q4_0 : w.dtype == DType::Q4_1 ? k.q4_1 : k.q8_0;
   const PairFn* pairs =
       w.dtype == DType::Q4_0 ? k.q4_0x2 : w.dtype == DType::Q4_1 ? k.q4_1x2 : k.q8_0x2;
@@ -677,6 +692,10 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
     case DType::Q4_0:
     case DType::Q4_1:
     case DType::Q8_0:
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K:
+    case DType::IQ4_XS:
       // matmul's arithmetic is ref's here (one row: the scalar loop is as good as any).
       return ref::dot_row(t, row, x, n);
     case DType::F16:
@@ -709,7 +728,8 @@ void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, fl
     // Quantize every activation row once (into the calling thread's scratch, which outlives the
     // parallel section; a batch's rows on the pool's threads); each thread then runs its row
     // groups of W for all tokens.
-    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in, gk.q4_1x16 != nullptr, pool);
+    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in,
+                                 gk.q4_1x16 != nullptr && k_group_kernels(w.dtype) == nullptr, pool);
     const int64_t ng = packed_groups(w);
     pool.parallel_for(
         ng,
@@ -754,7 +774,8 @@ void matmul_multi_with(const GroupKernels& gk, const MatmulPart* parts, int n_pa
   }
   const int64_t n_in = parts[0].w->n_cols;
   assert(n_in % 32 == 0);
-  const Acts xv = prepare_acts(t, x, n_tok, n_in, gk.q4_1x16 != nullptr, pool);
+  const Acts xv =
+      prepare_acts(t, x, n_tok, n_in, gk.q4_1x16 != nullptr && k_group_kernels(t) == nullptr, pool);
   // Row groups of the parts laid end to end; each part's groups run as matmul would run them.
   int64_t total = 0;
   for (int k = 0; k < n_parts; ++k) total += packed_groups(*parts[k].w);

@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "tensor/dtype.h"
+
 namespace kvlm::kernels::avx2 {
 
 // Quantized activations as the group kernels read them: the blocks (bytes identical to ref's)
@@ -99,6 +101,11 @@ extern const GroupKernels kAvx2Groups;
 extern const GroupKernels kVnniGroups;
 // kVnniGroups plus the AMX tile kernels below (call only when amx_supported()).
 extern const GroupKernels kAmxGroups;
+
+// The group kernels of the packed K types (kquant_avx2.cpp: Q4_K, Q5_K, Q6_K, IQ4_XS, AVX2 only,
+// used by every variant), [T - 1] for T tokens; null for other types. Their Acts: Q8_0 blocks,
+// and c = the int16 pair (sum of codes 0..15, sum of codes 16..31) of each block.
+const GroupFn* k_group_kernels(DType t);
 
 // The AMX-INT8 tile kernels (amx_avx2.cpp): TileFn for Q4_0, Q4_1 and Q8_0 pairs.
 void tile_q4_0(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, int64_t n_t,

@@ -246,6 +246,66 @@ int sub_block_scales(DType t, const void* block, float* dl, float* ml) {
   }
 }
 
+bool k_block_ints(DType t, const void* block, KInts* out) {
+  KInts& k = *out;
+  k.dmin = 0;
+  std::memset(k.m, 0, sizeof(k.m));
+  switch (t) {
+    case DType::Q4_K:
+    case DType::Q5_K: {
+      // Same offsets of d, dmin and scales in both blocks (sub_block_scales relies on it too).
+      const auto& b4 = *static_cast<const BlockQ4_K*>(block);
+      const auto& b5 = *static_cast<const BlockQ5_K*>(block);
+      k.d = b4.d;
+      k.dmin = b4.dmin;
+      for (int s = 0; s < 8; ++s) {
+        int scale, min;
+        k_scale_min(b4.scales, s, &scale, &min);
+        k.sc[2 * s] = k.sc[2 * s + 1] = static_cast<int8_t>(scale);  // 0..63
+        k.m[s] = static_cast<uint8_t>(min);
+      }
+      const uint8_t* qs = t == DType::Q4_K ? b4.qs : b5.qs;
+      for (int e = 0; e < kQK_K; ++e) {
+        const int s = e / 32;
+        int q = (qs[32 * (e / 64) + e % 32] >> (4 * (s % 2))) & 0x0f;
+        if (t == DType::Q5_K) q |= ((b5.qh[e % 32] >> s) & 1) << 4;
+        k.q[e] = static_cast<int8_t>(q);
+      }
+      return true;
+    }
+    case DType::Q6_K: {
+      const auto& b = *static_cast<const BlockQ6_K*>(block);
+      k.d = b.d;
+      std::memcpy(k.sc, b.scales, 16);
+      for (int h = 0; h < 2; ++h)  // the layout of dequant_q6_k
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t* ql = b.ql + 64 * h;
+          const uint8_t qh = b.qh[32 * h + l];
+          int8_t* q = k.q + 128 * h + l;
+          q[0] = static_cast<int8_t>(((ql[l] & 0x0f) | (qh & 3) << 4) - 32);
+          q[32] = static_cast<int8_t>(((ql[l + 32] & 0x0f) | ((qh >> 2) & 3) << 4) - 32);
+          q[64] = static_cast<int8_t>(((ql[l] >> 4) | ((qh >> 4) & 3) << 4) - 32);
+          q[96] = static_cast<int8_t>(((ql[l + 32] >> 4) | ((qh >> 6) & 3) << 4) - 32);
+        }
+      return true;
+    }
+    case DType::IQ4_XS: {
+      const auto& b = *static_cast<const BlockIQ4_XS*>(block);
+      k.d = b.d;
+      for (int s = 0; s < 8; ++s) {
+        k.sc[2 * s] = k.sc[2 * s + 1] = static_cast<int8_t>(iq4_xs_scale(b, s));  // -32..31
+        for (int j = 0; j < 16; ++j) {
+          k.q[32 * s + j] = kIq4nlValues[b.qs[16 * s + j] & 0x0f];
+          k.q[32 * s + j + 16] = kIq4nlValues[b.qs[16 * s + j] >> 4];
+        }
+      }
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
 bool dequantize_row_blocks(DType t, const void* src, float* dst, int64_t n) {
   const int64_t nb = n / dtype_info(t).block_size;
   switch (t) {

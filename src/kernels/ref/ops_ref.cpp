@@ -293,6 +293,35 @@ float dot_q8_0_q8_0_impl(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_block
   return sum;
 }
 
+// The K types (ref::dot_k_q8_0's contract in ref.h): each super-block read as integers
+// (k_block_ints), then one exact integer dot per 32-element activation block, scaled once.
+float dot_k_q8_0_impl(DType t, const void* w, const BlockQ8_0* x, int64_t n_blocks) {
+  const bool mins = t == DType::Q4_K || t == DType::Q5_K;
+  const size_t sb_bytes = row_bytes(t, kQK_K);
+  ref::KInts k;
+  float sum = 0.0f;
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    const int b = static_cast<int>(ib % 8);
+    if (b == 0) ref::k_block_ints(t, static_cast<const uint8_t*>(w) + (ib / 8) * sb_bytes, &k);
+    const int8_t* q = k.q + 32 * b;  // [32]
+    const int8_t* p = x[ib].qs;      // [32]
+    int lo = 0, hi = 0, sump = 0;
+    for (int j = 0; j < 16; ++j) {
+      lo += q[j] * p[j];
+      hi += q[j + 16] * p[j + 16];
+      sump += p[j] + p[j + 16];
+    }
+    const int isum = k.sc[2 * b] * lo + k.sc[2 * b + 1] * hi;
+    const float dx = fp16_to_fp32(x[ib].d);
+    const float a = static_cast<float>(isum) * (fp16_to_fp32(k.d) * dx);
+    if (mins)
+      sum += a - static_cast<float>(k.m[b] * sump) * (fp16_to_fp32(k.dmin) * dx);
+    else
+      sum += a;
+  }
+  return sum;
+}
+
 // Dot of a weight row of type t with an activation row already quantized by quantize_act(t).
 float dot_quantized(DType t, const void* w, const void* xq, int64_t n) {
   switch (t) {
@@ -302,9 +331,11 @@ float dot_quantized(DType t, const void* w, const void* xq, int64_t n) {
     case DType::Q4_1:
       return dot_q4_1_q8_1_impl(static_cast<const BlockQ4_1*>(w), static_cast<const BlockQ8_1*>(xq),
                                 n / 32);
-    default:
+    case DType::Q8_0:
       return dot_q8_0_q8_0_impl(static_cast<const BlockQ8_0*>(w), static_cast<const BlockQ8_0*>(xq),
                                 n / 32);
+    default:  // the K types
+      return dot_k_q8_0_impl(t, w, static_cast<const BlockQ8_0*>(xq), n / 32);
   }
 }
 
@@ -345,6 +376,9 @@ float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
   return dot_q8_0_q8_0_impl(w, x, n_blocks);
 }
 float dot_f32(const float* a, const float* b, int64_t n) { return kernels::dot_f32(a, b, n); }
+float dot_k_q8_0(DType t, const void* w, const BlockQ8_0* x, int64_t n_blocks) {
+  return dot_k_q8_0_impl(t, w, x, n_blocks);
+}
 
 void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
   // Precondition: n fills whole blocks of t.

@@ -60,4 +60,32 @@ bool dequantize_row_blocks(DType t, const void* src, float* dst, int64_t n);
 // takes its scales from here, so they are rounded alike.   dl, ml: [16]
 int sub_block_scales(DType t, const void* block, float* dl, float* ml);
 
+
+// ---- K-quant super-blocks as integers: the packed K kernels' layout source and arithmetic ------
+// One 256-element super-block of Q4_K, Q5_K, Q6_K or IQ4_XS with every factor an integer:
+//   value of element e = d * sc[e / 16] * q[e] - dmin * m[e / 32]
+// (the dequantized value up to f32 rounding: dequantize_row rounds d * sc first).
+//   Q4_K: q 0..15, sc 0..63 (twice per 32), m 0..63     Q5_K: as Q4_K with q 0..31
+//   Q6_K: q -32..31, sc -128..127, no mins              IQ4_XS: q the IQ4 table value, sc -32..31
+struct KInts {
+  uint16_t d;     // f16 super-block scale
+  uint16_t dmin;  // f16 super-block scale of the mins (0 for the types without)
+  int8_t q[256];  // [256] integer codes
+  int8_t sc[16];  // [16] sub-block scales, one per 16 elements
+  uint8_t m[8];   // [8] sub-block mins, one per 32 elements (0 for the types without)
+};
+// Fills *out from the super-block at `block` of type t; false (nothing written) for other types.
+bool k_block_ints(DType t, const void* block, KInts* out);
+// True for the types k_block_ints reads (the K types with packed kernels).
+inline bool k_packed_type(DType t) {
+  return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K || t == DType::IQ4_XS;
+}
+// Dot of n_blocks / 8 super-blocks of type t (k_packed_type) with n_blocks Q8_0 activation
+// blocks, per 32-element activation block b (sub-blocks 2b, 2b + 1 of 16, min m[b]):
+//   isum = sc[2b] * sum_{j<16} q p + sc[2b + 1] * sum_{j>=16} q p      (exact integers)
+//   acc += float(isum) * (d * dx) - float(m[b] * sum p) * (dmin * dx)   (types with mins)
+//   acc += float(isum) * (d * dx)                                       (the others)
+// Every float op rounded once, in this order; the packed twins compute exactly this.
+float dot_k_q8_0(DType t, const void* w, const BlockQ8_0* x, int64_t n_blocks);
+
 }  // namespace kvlm::kernels::ref

@@ -93,6 +93,19 @@ def copy_tokenizer(w: gguf.GGUFWriter, src: gguf.GGUFReader) -> int:
     return n_vocab
 
 
+def add_llama_hparams(w: gguf.GGUFWriter, hp: dict) -> None:
+    """The llama.* keys of hp (kHp's fields); also used by tools/make_kquant_bench_gguf.py."""
+    w.add_context_length(hp["n_ctx"])
+    w.add_embedding_length(hp["n_embd"])
+    w.add_block_count(hp["n_layer"])
+    w.add_feed_forward_length(hp["n_ff"])
+    w.add_head_count(hp["n_head"])
+    w.add_head_count_kv(hp["n_head_kv"])
+    w.add_rope_freq_base(hp["rope_freq_base"])
+    w.add_layer_norm_rms_eps(hp["norm_rms_eps"])
+    w.add_rope_dimension_count(hp["n_embd"] // hp["n_head"])
+
+
 def open_writer(path: Path, qname: str, src: gguf.GGUFReader,
                 specs_fn) -> tuple[gguf.GGUFWriter, list]:
     qtype, ftype = kTypes[qname]
@@ -100,15 +113,7 @@ def open_writer(path: Path, qname: str, src: gguf.GGUFReader,
     w.add_name(f"random TinyLlama-1.1B dims {qname.upper()}")
     w.add_description(f"random N(0, {kStd}^2) weights, numpy seed {kSeed}, for benchmarks only; "
                       "written by kvlm tools/make_bench_gguf.py")
-    w.add_context_length(kHp["n_ctx"])
-    w.add_embedding_length(kHp["n_embd"])
-    w.add_block_count(kHp["n_layer"])
-    w.add_feed_forward_length(kHp["n_ff"])
-    w.add_head_count(kHp["n_head"])
-    w.add_head_count_kv(kHp["n_head_kv"])
-    w.add_rope_freq_base(kHp["rope_freq_base"])
-    w.add_layer_norm_rms_eps(kHp["norm_rms_eps"])
-    w.add_rope_dimension_count(kHp["n_embd"] // kHp["n_head"])
+    add_llama_hparams(w, kHp)
     w.add_file_type(ftype)
     n_vocab = copy_tokenizer(w, src)
     w.add_vocab_size(n_vocab)

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Write random-weight Llama-3.2-1B-shaped GGUFs in the mixes people download, for benchmarks only.
+
+  16 layers, n_embd 2048, 32 query heads / 8 KV heads (head_dim 64), n_ff 8192, vocab 128256
+  (Llama 3's tokenizer, copied from llama.cpp's vocab-only test file ggml-vocab-llama-bpe.gguf in
+  the pinned sdist, which scripts/fetch-refdata.sh unpacks), tied embeddings (no output.weight),
+  as Llama-3.2-1B (1.24 B parameters). The pre-tokenizer name is rewritten from 'llama-bpe',
+  which kvlm does not implement yet, to 'starcoder' (same length, so in place; both engines know
+  it): token ids, not text, drive the benchmarks, and both engines see the same regex.
+
+First an F16 file written with the gguf package (the same N(0, 0.02^2) numpy weights as
+tools/make_bench_gguf.py, norms ~1 in F32), then llama.cpp's own quantizer
+(llama_cpp.llama_model_quantize from the pinned llama-cpp-python) turns it into each requested
+ftype, so the per-tensor type mixes (Q4_K_M: Q4_K with Q6_K for some tensors, etc.) are exactly
+llama.cpp's. The weights are noise: these files measure speed, never quality.
+
+Output goes to ~/.cache/kvlm/bench/ (or --out), built once: an existing file is kept.
+
+Usage (with the llama-cpp-python venv, e.g. /work/venv-ref):
+  python3 tools/make_kquant_bench_gguf.py                         # F16 + Q4_K_M Q5_K_M Q6_K IQ4_XS
+  python3 tools/make_kquant_bench_gguf.py --ftypes q4_k_m --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_bench_gguf as mb  # noqa: E402 (copy_tokenizer, check_with_llama_cpp, seeds)
+
+kRefdata = Path.home() / ".cache/kvlm/refdata/llama.cpp-0.3.36"
+kDefaultVocab = kRefdata / "ggml-vocab-llama-bpe.gguf"
+
+# Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json); context cut to 8192 (no rope scaling: the
+# weights are random, only the shapes matter).
+kHp = {"n_layer": 16, "n_embd": 2048, "n_head": 32, "n_head_kv": 8, "n_ff": 8192, "n_ctx": 8192,
+       "rope_freq_base": 500000.0, "norm_rms_eps": 1e-5}
+
+kFtypes = {  # name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* (llama.h)
+    "q4_k_m": 15,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "iq4_xs": 30,
+}
+
+
+def tensor_specs() -> list[tuple[str, tuple[int, ...]]]:
+    """(name, numpy shape [rows, cols]) in llama.cpp's converter order; 1-D tensors are norms."""
+    E, F, L, V = kHp["n_embd"], kHp["n_ff"], kHp["n_layer"], kHp["n_vocab"]
+    kv_dim = E // kHp["n_head"] * kHp["n_head_kv"]
+    specs = [("token_embd.weight", (V, E))]
+    for il in range(L):
+        b = f"blk.{il}."
+        specs += [(b + "attn_norm.weight", (E,)), (b + "attn_q.weight", (E, E)),
+                  (b + "attn_k.weight", (kv_dim, E)), (b + "attn_v.weight", (kv_dim, E)),
+                  (b + "attn_output.weight", (E, E)), (b + "ffn_norm.weight", (E,)),
+                  (b + "ffn_gate.weight", (F, E)), (b + "ffn_up.weight", (F, E)),
+                  (b + "ffn_down.weight", (E, F))]
+    specs += [("output_norm.weight", (E,))]  # tied: the output reuses token_embd
+    return specs
+
+
+def write_f16(path: Path, vocab: Path) -> None:
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("random Llama-3.2-1B dims F16")
+    w.add_description(f"random N(0, {mb.kStd}^2) weights, numpy seed {mb.kSeed}, for benchmarks "
+                      "only; written by kvlm tools/make_kquant_bench_gguf.py")
+    mb.add_llama_hparams(w, kHp)
+    w.add_file_type(1)  # LLAMA_FTYPE_MOSTLY_F16
+    kHp["n_vocab"] = mb.copy_tokenizer(w, gguf.GGUFReader(vocab))
+    w.add_vocab_size(kHp["n_vocab"])
+    specs = tensor_specs()
+    for name, shape in specs:
+        dt = np.float32 if len(shape) == 1 else np.float16
+        w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    t0 = time.time()
+    for idx, (name, shape) in enumerate(specs):
+        rng = np.random.default_rng([mb.kSeed, idx])
+        if len(shape) == 1:
+            w.write_tensor_data((1.0 + 0.01 * rng.standard_normal(shape, dtype=np.float32))
+                                .astype(np.float32))
+        else:
+            w.write_tensor_data((rng.standard_normal(shape, dtype=np.float32) * mb.kStd)
+                                .astype(np.float16))
+    w.close()
+    print(f"{path}: {path.stat().st_size / 1e9:.3f} GB in {time.time() - t0:.0f} s", flush=True)
+
+
+def set_pre_tokenizer(path: Path, old: str = "llama-bpe", new: str = "starcoder") -> None:
+    """Rewrites the tokenizer.ggml.pre string in place (equal lengths: no offset moves)."""
+    assert len(old) == len(new)
+    key = b"tokenizer.ggml.pre"
+    with open(path, "r+b") as f:
+        head = f.read(1 << 20)  # the key sits among the first keys, before the vocabulary arrays
+        i = head.find(key)
+        if i < 0:
+            sys.exit(f"make_kquant_bench_gguf: error: {path} has no {key.decode()}")
+        # key, then u32 value type (8 = string), u64 length, the bytes
+        at = i + len(key) + 4 + 8
+        n = int.from_bytes(head[at - 8:at], "little")
+        value = head[at:at + n].decode()
+        if value == new:
+            return
+        if value != old:
+            sys.exit(f"make_kquant_bench_gguf: error: {path}: pre-tokenizer {value!r}, not {old!r}")
+        f.seek(at)
+        f.write(new.encode())
+
+
+def quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
+    import llama_cpp
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = threads
+    t0 = time.time()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
+    if rc != 0:
+        sys.exit(f"make_kquant_bench_gguf: error: llama_model_quantize({dst.name}) returned {rc}")
+    print(f"{dst}: {dst.stat().st_size / 1e9:.3f} GB in {time.time() - t0:.0f} s", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=mb.kDefaultOut)
+    ap.add_argument("--ftypes", default=",".join(kFtypes), help=f"comma list of {', '.join(kFtypes)}")
+    ap.add_argument("--vocab", type=Path, default=kDefaultVocab,
+                    help="GGUF whose tokenizer.* keys are copied (llama.cpp's Llama 3 vocab file)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--check", action="store_true", help="load each file with llama.cpp afterwards")
+    args = ap.parse_args()
+    names = [t.strip() for t in args.ftypes.split(",") if t.strip()]
+    bad = [t for t in names if t not in kFtypes]
+    if bad:
+        ap.error(f"--ftypes: unknown {bad} (choose from {', '.join(kFtypes)})")
+    if not args.vocab.exists():
+        ap.error(f"--vocab {args.vocab} not found (scripts/fetch-refdata.sh unpacks it)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    f16 = args.out / "llama3.2-1b-dims-random.F16.gguf"
+    if not f16.exists():
+        tmp = f16.with_suffix(".tmp")
+        write_f16(tmp, args.vocab)
+        tmp.rename(f16)
+    set_pre_tokenizer(f16)
+    for q in names:
+        dst = args.out / f"llama3.2-1b-dims-random.{q.upper()}.gguf"
+        if dst.exists():
+            print(f"{dst}: exists, kept")
+        else:
+            tmp = dst.with_suffix(".tmp")
+            quantize(f16, tmp, kFtypes[q], args.threads)
+            tmp.rename(dst)
+        set_pre_tokenizer(dst)
+        if args.check:
+            mb.check_with_llama_cpp(dst, repack=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,11 @@
 // Quantized-activation formats shared by the kernel variants (internal to src/kernels).
 //
-// For Q4_0, Q4_1, Q8_0 weights and the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS), matmul and dot_row first quantize each f32 activation row to
-// 8 bits in blocks of 32 (Q8_0, or Q8_1 for Q4_1 weights) and then run integer block dots, as
-// llama.cpp's CPU backend does. Every variant must produce the same codes and scales here (the
-// fast ones are tested bit-identical against ref), so both variants' dots see the same inputs.
+// For Q4_0, Q4_1, Q5_0, Q8_0 weights and the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS), matmul
+// and dot_row first quantize each f32 activation row to 8 bits in blocks of 32 (Q8_0, or Q8_1
+// for Q4_1 weights) and then run integer block dots, as llama.cpp's CPU backend does (for the K
+// types with a 32-element activation block where llama.cpp uses 256). Every variant must produce
+// the same codes and scales here (the fast ones are tested bit-identical against ref), so both
+// variants' dots see the same inputs.
 #pragma once
 
 #include <cstddef>
@@ -25,6 +27,7 @@ static_assert(sizeof(BlockQ8_1) == 36);
 inline DType act_type(DType t) {
   switch (t) {
     case DType::Q4_0:
+    case DType::Q5_0:
     case DType::Q8_0:
     case DType::Q4_K:  // the K types with packed kernels (ref::k_packed_type)
     case DType::Q5_K:

@@ -43,10 +43,10 @@ void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows
 // BF16, Q8_0, Q4_0, Q4_1.
 void quantize_row(DType t, const float* src, void* dst, int64_t n);
 
-// Dot product of one row of type t (n elements) with f32 x[n]. For Q4_0/Q4_1/Q8_0 rows and the
-// packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS), x is first quantized to 8 bits per 32-element block
-// (Q8_0, or Q8_1 for Q4_1) and the dot is an integer sum per block, scaled once (ref/ref.h's
-// dot_k_q8_0 for the K types); other types dequantize the row and dot in f32.
+// Dot product of one row of type t (n elements) with f32 x[n]. For Q4_0/Q4_1/Q5_0/Q8_0 rows and
+// the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS), x is first quantized to 8 bits per 32-element
+// block (Q8_0, or Q8_1 for Q4_1) and the dot is an integer sum per block, scaled once
+// (ref/ref.h's dot_k_q8_0 for the K types); other types dequantize the row and dot in f32.
 float dot_row(DType t, const void* row, const float* x, int64_t n);
 
 // Linear layer: y[i, r] = sum_c W[r, c] * x[i, c]
@@ -59,9 +59,9 @@ float dot_row(DType t, const void* row, const float* x, int64_t n);
 // cached-vs-recomputed equivalence relies on this).
 void matmul(const TensorView& w, const float* x, float* y, int64_t n_tok, ThreadPool& pool);
 
-// Packing for matmul: Q4_0, Q4_1 and Q8_0 matrices (n_cols a multiple of 32) and Q4_K, Q5_K, Q6_K
-// and IQ4_XS matrices (whole 256-column super-blocks) can be repacked once
-// into groups of 8 rows whose blocks are interleaved (kernels/packed.h), so that one vector dot
+// Packing for matmul: Q4_0, Q4_1, Q5_0 and Q8_0 matrices (n_cols a multiple of 32) and Q4_K,
+// Q5_K, Q6_K and IQ4_XS matrices (whole 256-column super-blocks) can be repacked once into
+// groups of 8 rows whose blocks are interleaved (kernels/packed.h), so that one vector dot
 // computes 8 rows' block sums at once. Set TensorView::packed to the returned bytes' address
 // (they must outlive the view). matmul's results are bit-identical with or without packing: the
 // fast variant packs small row groups on the fly when a view has none; packing at load only

@@ -1,4 +1,5 @@
-// Repacking of Q4_0 / Q4_1 / Q8_0 and Q4_K / Q5_K / Q6_K / IQ4_XS matrices into interleaved row groups (layout in packed.h).
+// Repacking of Q4_0 / Q4_1 / Q5_0 / Q8_0 and Q4_K / Q5_K / Q6_K / IQ4_XS matrices into
+// interleaved row groups (layout in packed.h).
 // Plain byte moves, compiled for any x86-64 (and any CPU): the same bytes whichever kernel
 // variant later reads them.
 #include <cstring>
@@ -61,6 +62,38 @@ void sub_codes(DType t, const ref::KInts& ki, int b, int* c) {
   }
 }
 
+// Fifth bits of 32 codes into row k's lanes (PackedQ5_0 / PackedQ5_K's qh).
+void put_fifth_bits(uint8_t* qh, int k, const int* c) {
+  for (int j = 0; j < 4; ++j) {
+    int h = 0;
+    for (int i = 0; i < 4; ++i)
+      h |= ((c[4 * i + j] >> 4) & 1) << i | ((c[16 + 4 * i + j] >> 4) & 1) << (4 + i);
+    qh[4 * k + j] = static_cast<uint8_t>(h);
+  }
+}
+
+// Q5_0: each row's 5-bit codes (ref's dequant_q5 layout) re-laid as PackedQ5_0.
+void pack_q5_0(const TensorView& w, int64_t g, PackedQ5_0* dst) {
+  for (int64_t ib = 0; ib < w.n_cols / 32; ++ib) {
+    PackedQ5_0& p = dst[ib];
+    for (int k = 0; k < 8; ++k) {
+      const int64_t r = g * kGroupRows + k;
+      BlockQ5_0 b{};
+      if (r < w.n_rows) std::memcpy(&b, w.row(r) + ib * sizeof(BlockQ5_0), sizeof(b));
+      uint32_t h;
+      std::memcpy(&h, b.qh, 4);
+      int c[32];
+      for (int j = 0; j < 16; ++j) {
+        c[j] = (b.qs[j] & 0x0f) | static_cast<int>((h >> j) & 1) << 4;
+        c[j + 16] = (b.qs[j] >> 4) | static_cast<int>((h >> (j + 16)) & 1) << 4;
+      }
+      p.d[k] = b.d;
+      put_nibbles(p.qs, k, c);
+      put_fifth_bits(p.qh, k, c);
+    }
+  }
+}
+
 // Sub-block b of row k (codes c) into packed super-block P.
 template <class P>
 void put_sub(P& p, int k, int b, const ref::KInts& ki, const int* c) {
@@ -80,13 +113,7 @@ void put_sub(P& p, int k, int b, const ref::KInts& ki, const int* c) {
   } else {
     s.sm[k][0] = static_cast<uint8_t>(ki.sc[2 * b]);
     s.sm[k][1] = ki.m[b];
-    if constexpr (std::is_same_v<P, PackedQ5_K>)
-      for (int j = 0; j < 4; ++j) {
-        int h = 0;
-        for (int i = 0; i < 4; ++i)
-          h |= ((c[4 * i + j] >> 4) & 1) << i | ((c[16 + 4 * i + j] >> 4) & 1) << (4 + i);
-        s.qh[4 * k + j] = static_cast<uint8_t>(h);
-      }
+    if constexpr (std::is_same_v<P, PackedQ5_K>) put_fifth_bits(s.qh, k, c);
   }
 }
 
@@ -130,6 +157,8 @@ size_t packed_block_bytes(DType t) {
       return sizeof(PackedQ4_1);
     case DType::Q8_0:
       return sizeof(PackedQ8_0);
+    case DType::Q5_0:
+      return sizeof(PackedQ5_0);
     case DType::Q4_K:
       return sizeof(PackedQ4_K);
     case DType::Q5_K:
@@ -151,6 +180,8 @@ void pack_group(const TensorView& w, int64_t g, uint8_t* dst) {
       return pack_blocks<BlockQ4_1>(w, g, reinterpret_cast<PackedQ4_1*>(dst));
     case DType::Q8_0:
       return pack_blocks<BlockQ8_0>(w, g, reinterpret_cast<PackedQ8_0*>(dst));
+    case DType::Q5_0:
+      return pack_q5_0(w, g, reinterpret_cast<PackedQ5_0*>(dst));
     case DType::Q4_K:
       return pack_k_blocks(w, g, reinterpret_cast<PackedQ4_K*>(dst));
     case DType::Q5_K:

@@ -44,6 +44,16 @@ struct PackedQ8_0 {
 };
 static_assert(sizeof(PackedQ8_0) == 8 * sizeof(BlockQ8_0));
 
+// Q5_0: Q4_0's layout for the low 4 bits of the 5-bit codes (0..31, value (code - 16) * d), and
+// the fifth bits as PackedQ5_K's qh below: qh[4 k + j] bit i = column 4 i + j, bit 4 + i =
+// column 16 + 4 i + j.
+struct PackedQ5_0 {
+  uint16_t d[8];      // f16 scales of rows 0..7
+  uint8_t qh[32];     // fifth bits
+  uint8_t qs[4][32];  // as PackedQ4_0
+};
+static_assert(sizeof(PackedQ5_0) == 8 * sizeof(BlockQ5_0));
+
 // The K types (Q4_K, Q5_K, Q6_K, IQ4_XS) pack one 256-column super-block of the 8 rows per packed
 // block, read as integers (ref::k_block_ints: value = d * sc[e / 16] * q[e] - dmin * m[e / 32]).
 // Each 32-column sub-block b keeps the Q4 layout above for the low 4 bits of its codes (Q6_K's

@@ -309,6 +309,12 @@ double quantized_abs_terms(DType t, const uint8_t* w, const uint8_t* xq, int64_t
         ints += std::abs(((wb->qs[j] >> 4) - 8) * x0->qs[j + 16]);
       }
       sum += std::fabs(double(fp16_to_fp32(wb->d)) * fp16_to_fp32(x0->d)) * ints;
+    } else if (t == DType::Q5_0) {
+      // (code - 16) d is exact in f32 (an f16 times a 5-bit integer): the dequantized values.
+      float wv[32];
+      ref::dequantize_row(t, w + b * sizeof(BlockQ5_0), wv, 32);
+      for (int j = 0; j < 32; ++j)
+        sum += std::fabs(double(wv[j]) * x0->qs[j] * fp16_to_fp32(x0->d));
     } else if (ref::k_packed_type(t)) {
       // The K types: |d sc_j q_j p_j dx| and |dmin m p_j dx| from the integers (ref::KInts).
       ref::KInts k;
@@ -417,23 +423,26 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
 }
 
 // The packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_0's
-// arithmetic for 8 rows at once, so every variant equals ref bit for bit: every token count from
-// 1 to 70 (the 1..4-token kernels, 64-token chunks and their tails), 1 and 2 threads, groups short
-// of 8 rows, packed at load or on the fly, unaligned rows, dot_row too.
+// arithmetic (Q5_0: ref's dot_q5_0_q8_0) for 8 rows at once, so every variant equals ref bit
+// for bit: every token count from 1 to 70 (the 1..4-token kernels, 64-token chunks and their
+// tails), 1 and 2 threads, groups short of 8 rows, packed at load or on the fly, unaligned rows,
+// dot_row too.
 TEST(Avx2Matmul, KQuantsEqualRefBitForBit) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(22);
   ThreadPool pool1(1), pool2(2);
-  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS, DType::Q5_0}) {
     for (auto [n_rows, n_cols] : {std::pair<int64_t, int64_t>{1, 256}, {7, 512}, {9, 256},
-                                  {8, 1024}, {37, 768}}) {
+                                  {8, 1024}, {37, 768}, {5, 32}, {17, 96}}) {
+      if (n_cols % packed_block_cols(t) != 0) continue;
       const size_t off = 2 * static_cast<size_t>(n_rows % 3);
       const size_t stride = row_bytes(t, n_cols) + (n_rows % 2 ? 0 : 6);
       Buffer buf(stride * n_rows, off);
       for (int64_t r = 0; r < n_rows; ++r) random_row(t, n_cols, rng, buf.data() + r * stride);
       TensorView w{t, buf.data(), n_rows, n_cols, stride};
       const std::vector<uint8_t> packed = pack_weights(w);
-      ASSERT_EQ(packed.size(), size_t((n_rows + 7) / 8) * (n_cols / 256) * packed_block_bytes(t));
+      ASSERT_EQ(packed.size(),
+                size_t((n_rows + 7) / 8) * (n_cols / packed_block_cols(t)) * packed_block_bytes(t));
       TensorView wp = w;
       wp.packed = packed.data();
       for (int64_t n_tok = 1; n_tok <= 70; n_tok += (n_tok < 20 ? 1 : 7)) {
@@ -601,6 +610,7 @@ TEST(Pack, LayoutIsTheDocumentedInterleave) {
   }
   EXPECT_TRUE(pack_weights({DType::F16, nullptr, 4, 32, 64}).empty());
   EXPECT_FALSE(packable(DType::Q2_K));
+  EXPECT_TRUE(packable(DType::Q5_0));
   EXPECT_TRUE(packable(DType::Q6_K));
 }
 

@@ -1,5 +1,6 @@
 // AVX2 group kernels for the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS; layout in ../packed.h),
-// the fast twins of ref::dot_k_q8_0 (ref/ref.h), bit for bit. Compiled with the AVX2 file's flags
+// the fast twins of ref::dot_k_q8_0 (ref/ref.h), bit for bit, and for Q5_0 (ref's
+// dot_q5_0_q8_0). Compiled with the AVX2 file's flags
 // (../CMakeLists.txt) and used by every AVX2 variant (avx2, avx2-vnni, avx2-amx): these have no
 // VNNI or AMX versions yet.
 //
@@ -67,8 +68,8 @@ struct Sub {
   __m256i sm;      // Q4_K / Q5_K: (min, min);  Q6_K: (scale 0..15, scale 16..31)
 };
 
-template <class P>
-inline void nibbles(const typename P::Sub& s, Sub& u) {
+template <class P, class S>
+inline void nibbles(const S& s, Sub& u) {
   const __m256i m4 = _mm256_set1_epi8(0x0f);
   for (int v = 0; v < 4; ++v) {
     const __m256i raw = load(s.qs[v]);
@@ -84,9 +85,9 @@ inline void unpack(const PackedQ4_K::Sub& s, Sub& u) {
   u.sm = pair_hi(sm);
 }
 
-inline void unpack(const PackedQ5_K::Sub& s, Sub& u) {
-  nibbles<PackedQ5_K>(s, u);
-  const __m256i h = load(s.qh), b4 = _mm256_set1_epi8(0x10);
+// Q5's fifth bits (packed.h) onto the nibbles in u.
+inline void fifth_bits(__m256i h, Sub& u) {
+  const __m256i b4 = _mm256_set1_epi8(0x10);
   // Bit i -> bit 4 of column vector i; bit 4 + i -> bit 4 of vector 4 + i.
   u.c[0] = _mm256_or_si256(u.c[0], shift_and<-4>(h, b4));
   u.c[1] = _mm256_or_si256(u.c[1], shift_and<-3>(h, b4));
@@ -96,6 +97,11 @@ inline void unpack(const PackedQ5_K::Sub& s, Sub& u) {
   u.c[5] = _mm256_or_si256(u.c[5], shift_and<1>(h, b4));
   u.c[6] = _mm256_or_si256(u.c[6], shift_and<2>(h, b4));
   u.c[7] = _mm256_or_si256(u.c[7], shift_and<3>(h, b4));
+}
+
+inline void unpack(const PackedQ5_K::Sub& s, Sub& u) {
+  nibbles<PackedQ5_K>(s, u);
+  fifth_bits(load(s.qh), u);
   const __m256i sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sm)));
   u.s0 = u.s1 = pair_lo(sm);
   u.sm = pair_hi(sm);
@@ -207,6 +213,45 @@ void group_k(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
   for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
 }
 
+// Q5_0 (PackedQ5_0), per 32-column block: float(sum (code - 16) p) * (d * dx), as ref's
+// dot_q5_0_q8_0. Codes 0..31: 4 vpmaddubsw pairs (<= 7874 each) per 16-bit sum, so each half of
+// the block widens on its own; the "- 16" is 16 (sum p[0..16) + sum p[16..32)) from Acts::c.
+template <int T>
+void group_q5_0(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
+  const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t ib = 0; ib < x.n_blocks; ++ib) {
+    const PackedQ5_0& p = reinterpret_cast<const PackedQ5_0*>(g)[ib];
+    Sub u;
+    nibbles<PackedQ5_0>(p, u);
+    fifth_bits(load(p.qh), u);
+    const __m256 d = halfs(p.d);
+    for (int t = 0; t < T; ++t) {
+      const int8_t* xq =
+          reinterpret_cast<const int8_t*>(x.q + (t0 + t) * x.q_stride + ib * x.blk + x.qs_off);
+      const int64_t o = o0 + ib * aw + t;
+      __m256i s = mub(u.c[0], xq), h = mub(u.c[4], xq + 16);
+      for (int v = 1; v < 4; ++v) {
+        s = _mm256_add_epi16(s, mub(u.c[v], xq + 4 * v));
+        h = _mm256_add_epi16(h, mub(u.c[4 + v], xq + 16 + 4 * v));
+      }
+      __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_madd_epi16(h, ones));
+      isum = _mm256_sub_epi32(isum, _mm256_madd_epi16(sixteen, _mm256_set1_epi32(x.c[o])));
+      keep(isum);
+      const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[o]));
+      acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
+}
+
+template <size_t... I>
+constexpr std::array<GroupFn, kGroupToks> make_q5_0(std::index_sequence<I...>) {
+  return {&group_q5_0<static_cast<int>(I) + 1>...};
+}
+
 template <class P, size_t... I>
 constexpr std::array<GroupFn, kGroupToks> make(std::index_sequence<I...>) {
   return {&group_k<P, static_cast<int>(I) + 1>...};
@@ -217,6 +262,7 @@ constexpr std::array<GroupFn, kGroupToks> kQ4K = make<PackedQ4_K>(kSeq);
 constexpr std::array<GroupFn, kGroupToks> kQ5K = make<PackedQ5_K>(kSeq);
 constexpr std::array<GroupFn, kGroupToks> kQ6K = make<PackedQ6_K>(kSeq);
 constexpr std::array<GroupFn, kGroupToks> kIQ4XS = make<PackedIQ4_XS>(kSeq);
+constexpr std::array<GroupFn, kGroupToks> kQ50 = make_q5_0(kSeq);
 
 }  // namespace
 
@@ -230,6 +276,8 @@ const GroupFn* k_group_kernels(DType t) {
       return kQ6K.data();
     case DType::IQ4_XS:
       return kIQ4XS.data();
+    case DType::Q5_0:
+      return kQ50.data();
     default:
       return nullptr;
   }

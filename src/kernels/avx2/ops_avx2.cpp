@@ -692,6 +692,7 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
     case DType::Q4_0:
     case DType::Q4_1:
     case DType::Q8_0:
+    case DType::Q5_0:
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
@@ -728,8 +729,8 @@ void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, fl
     // Quantize every activation row once (into the calling thread's scratch, which outlives the
     // parallel section; a batch's rows on the pool's threads); each thread then runs its row
     // groups of W for all tokens.
-    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in,
-                                 gk.q4_1x16 != nullptr && k_group_kernels(w.dtype) == nullptr, pool);
+    const bool panels = gk.q4_1x16 != nullptr && k_group_kernels(w.dtype) == nullptr;
+    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in, panels, pool);
     const int64_t ng = packed_groups(w);
     pool.parallel_for(
         ng,

@@ -102,9 +102,9 @@ extern const GroupKernels kVnniGroups;
 // kVnniGroups plus the AMX tile kernels below (call only when amx_supported()).
 extern const GroupKernels kAmxGroups;
 
-// The group kernels of the packed K types (kquant_avx2.cpp: Q4_K, Q5_K, Q6_K, IQ4_XS, AVX2 only,
-// used by every variant), [T - 1] for T tokens; null for other types. Their Acts: Q8_0 blocks,
-// and c = the int16 pair (sum of codes 0..15, sum of codes 16..31) of each block.
+// The group kernels of Q5_0 and the packed K types (kquant_avx2.cpp: Q4_K, Q5_K, Q6_K, IQ4_XS;
+// AVX2 only, used by every variant), [T - 1] for T tokens; null for other types. Their Acts:
+// Q8_0 blocks, and c = the int16 pair (sum of codes 0..15, sum of codes 16..31) of each block.
 const GroupFn* k_group_kernels(DType t);
 
 // The AMX-INT8 tile kernels (amx_avx2.cpp): TileFn for Q4_0, Q4_1 and Q8_0 pairs.

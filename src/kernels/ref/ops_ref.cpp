@@ -283,6 +283,23 @@ float dot_q4_1_q8_1_impl(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_block
   return sum;
 }
 
+// Q5_0: the 5-bit codes (nibble | fifth bit << 4) minus 16, as Q4_0's nibbles minus 8.
+float dot_q5_0_q8_0_impl(const BlockQ5_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+  float sum = 0.0f;
+  for (int64_t ib = 0; ib < n_blocks; ++ib) {
+    uint32_t h;
+    std::memcpy(&h, w[ib].qh, 4);
+    int sumi = 0;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (w[ib].qs[j] & 0x0f) | static_cast<int>((h >> j) & 1) << 4;
+      const int hi = (w[ib].qs[j] >> 4) | static_cast<int>((h >> (j + 16)) & 1) << 4;
+      sumi += (lo - 16) * x[ib].qs[j] + (hi - 16) * x[ib].qs[j + 16];
+    }
+    sum += static_cast<float>(sumi) * (fp16_to_fp32(w[ib].d) * fp16_to_fp32(x[ib].d));
+  }
+  return sum;
+}
+
 float dot_q8_0_q8_0_impl(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
   float sum = 0.0f;
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
@@ -330,6 +347,9 @@ float dot_quantized(DType t, const void* w, const void* xq, int64_t n) {
                                 n / 32);
     case DType::Q4_1:
       return dot_q4_1_q8_1_impl(static_cast<const BlockQ4_1*>(w), static_cast<const BlockQ8_1*>(xq),
+                                n / 32);
+    case DType::Q5_0:
+      return dot_q5_0_q8_0_impl(static_cast<const BlockQ5_0*>(w), static_cast<const BlockQ8_0*>(xq),
                                 n / 32);
     case DType::Q8_0:
       return dot_q8_0_q8_0_impl(static_cast<const BlockQ8_0*>(w), static_cast<const BlockQ8_0*>(xq),

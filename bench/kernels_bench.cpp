@@ -112,12 +112,14 @@ void BM_AttnF32(benchmark::State& state) {
 BENCHMARK(BM_AttnF32)->Name("AttnF32")->Arg(3);
 
 // QMatmul/<type>/<n_tok>/<cold>: kernels::matmul of a packed random SmolLM2 FFN-down-sized matrix
-// (576 x 1536; type 0 Q4_1, 1 Q8_0) with n_tok tokens on one thread. cold 0: the same matrix every
-// call (0.5-0.9 MiB, staying in L2), so the counter is the kernel's arithmetic rate; cold 1: each
-// call the next of copies filling kArenaBytes, so the weights come from memory, as in a forward
+// (576 x 1536; type 0 Q4_1, 1 Q8_0, 2 Q4_K, 3 Q6_K, 4 IQ4_XS) with n_tok tokens on one thread.
+// cold 0: the same matrix every call (0.5-0.9 MiB, staying in L2), so the counter is the
+// kernel's arithmetic rate; cold 1: each call the next of copies filling kArenaBytes, so the
+// weights come from memory, as in a forward
 // pass (which reads each matrix once). Counter gmac_per_s: 10^9 multiply-adds per second.
 void BM_QMatmul(benchmark::State& state) {
-  const DType t = state.range(0) == 0 ? DType::Q4_1 : DType::Q8_0;
+  const DType types[] = {DType::Q4_1, DType::Q8_0, DType::Q4_K, DType::Q6_K, DType::IQ4_XS};
+  const DType t = types[state.range(0)];
   const int64_t n_tok = state.range(1), n_rows = 576, n_cols = 1536;
   const size_t stride = row_bytes(t, n_cols);
   std::vector<uint8_t> bytes(stride * n_rows);
@@ -126,7 +128,11 @@ void BM_QMatmul(benchmark::State& state) {
   std::vector<float> row(n_cols);
   for (int64_t r = 0; r < n_rows; ++r) {
     for (float& x : row) x = nd(rng);
-    kernels::quantize_row(t, row.data(), bytes.data() + r * stride, n_cols);
+    if (state.range(0) < 2) {
+      kernels::quantize_row(t, row.data(), bytes.data() + r * stride, n_cols);
+    } else {  // no quantizer for the K types: random codes and scales (the speed is the same)
+      for (size_t i = 0; i < stride; ++i) bytes[r * stride + i] = static_cast<uint8_t>(rng());
+    }
   }
   TensorView w{t, bytes.data(), n_rows, n_cols, stride};
   const std::vector<uint8_t> packed = kernels::pack_weights(w);
@@ -146,7 +152,7 @@ void BM_QMatmul(benchmark::State& state) {
   const double macs = static_cast<double>(state.iterations()) * n_tok * n_rows * n_cols;
   state.counters["gmac_per_s"] = benchmark::Counter(macs * 1e-9, benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_QMatmul)->Name("QMatmul")->ArgsProduct({{0, 1}, {1, 4, 16, 64}, {0, 1}});
+BENCHMARK(BM_QMatmul)->Name("QMatmul")->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4, 16, 64}, {0, 1}});
 
 }  // namespace
 }  // namespace kvlm

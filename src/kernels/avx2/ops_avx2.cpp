@@ -241,6 +241,7 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
           }
           cs[o] = static_cast<int32_t>(static_cast<uint32_t>(lo & 0xffff) |
                                        static_cast<uint32_t>(hi) << 16);
+          ds[n_num + o] = static_cast<float>(lo + hi) * ds[o];  // xs (ref::dot_k_q8_0)
         } else {
           const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
           ds[o] = half(b.d);
@@ -367,7 +368,7 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
 
 void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
              int64_t g_begin, int64_t g_end) {
-  if (const GroupFn* kf = k_group_kernels(w.dtype)) {  // K types: AVX2 kernels, one group a call
+  if (const GroupFn* kf = k.k_groups(w.dtype)) {  // Q5_0 and the K types: one group a call
     static constexpr PairFn kNoPairs[kGroupToks] = {};
     return qmatmul_groups(kf, kNoPairs, nullptr, w, x, n_tok, y, g_begin, g_end);
   }

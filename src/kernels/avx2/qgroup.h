@@ -79,6 +79,13 @@ using TileFn = void (*)(const uint8_t* g0, const uint8_t* g1, const Acts& x, int
 constexpr int kTileToks = 16;
 static_assert(kActTile % kGroupToks == 0 && kActTile == kTileToks);  // a call stays in one tile
 
+// The group kernels of Q5_0 and the packed K types (kquant_kernels.h: Q4_K, Q5_K, Q6_K, IQ4_XS),
+// [T - 1] for T tokens; null for other types: AVX2's (kquant_avx2.cpp) and VNNI's (vnni_avx2.cpp;
+// call only when vnni_supported()). Their Acts: Q8_0 blocks, c = the int16 pair (sum of codes
+// 0..15, sum of codes 16..31) of each block, and s = float(sum of codes) * d.
+const GroupFn* k_group_kernels(DType t);
+const GroupFn* k_group_kernels_vnni(DType t);
+
 // One variant's kernels, [T - 1] for T tokens. The pair kernels are optional (null: the variant
 // runs every group alone).
 struct GroupKernels {
@@ -92,6 +99,8 @@ struct GroupKernels {
   TileFn q4_0x16 = nullptr;
   TileFn q4_1x16 = nullptr;
   TileFn q8_0x16 = nullptr;
+  // Q5_0 and the K types: k_group_kernels or k_group_kernels_vnni.
+  const GroupFn* (*k_groups)(DType) = &k_group_kernels;
 };
 
 // The AVX2 kernels (ops_avx2.cpp) and the AVX-512 VNNI ones (vnni_avx2.cpp: vpdpbusd on 256-bit
@@ -101,11 +110,6 @@ extern const GroupKernels kAvx2Groups;
 extern const GroupKernels kVnniGroups;
 // kVnniGroups plus the AMX tile kernels below (call only when amx_supported()).
 extern const GroupKernels kAmxGroups;
-
-// The group kernels of Q5_0 and the packed K types (kquant_avx2.cpp: Q4_K, Q5_K, Q6_K, IQ4_XS;
-// AVX2 only, used by every variant), [T - 1] for T tokens; null for other types. Their Acts:
-// Q8_0 blocks, and c = the int16 pair (sum of codes 0..15, sum of codes 16..31) of each block.
-const GroupFn* k_group_kernels(DType t);
 
 // The AMX-INT8 tile kernels (amx_avx2.cpp): TileFn for Q4_0, Q4_1 and Q8_0 pairs.
 void tile_q4_0(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, int64_t n_t,

@@ -19,6 +19,7 @@
 
 #include "kernels/avx2/lanes512.h"
 #include "kernels/avx2/qgroup.h"
+#include "kernels/avx2/kquant_kernels.h"
 #include "kernels/avx2/qgroup_kernels.h"
 
 namespace kvlm::kernels::avx2 {
@@ -136,10 +137,13 @@ constexpr GroupKernels with_pairs(GroupKernels k, std::index_sequence<I...>) {
   ((k.q4_0x2[I] = &pair_q4<false, static_cast<int>(I) + 1>), ...);
   ((k.q4_1x2[I] = &pair_q4<true, static_cast<int>(I) + 1>), ...);
   ((k.q8_0x2[I] = &pair_q8<static_cast<int>(I) + 1>), ...);
+  k.k_groups = &k_group_kernels_vnni;
   return k;
 }
 
 }  // namespace
+
+const GroupFn* k_group_kernels_vnni(DType t) { return k_groups<true>(t); }
 
 const GroupKernels kVnniGroups =
     with_pairs(make_groups<DotVnni>(std::make_index_sequence<kGroupToks>()),

@@ -316,10 +316,13 @@ float dot_k_q8_0_impl(DType t, const void* w, const BlockQ8_0* x, int64_t n_bloc
   const bool mins = t == DType::Q4_K || t == DType::Q5_K;
   const size_t sb_bytes = row_bytes(t, kQK_K);
   ref::KInts k;
-  float sum = 0.0f;
+  float acc = 0.0f, s = 0.0f, mn = 0.0f;
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     const int b = static_cast<int>(ib % 8);
-    if (b == 0) ref::k_block_ints(t, static_cast<const uint8_t*>(w) + (ib / 8) * sb_bytes, &k);
+    if (b == 0) {
+      ref::k_block_ints(t, static_cast<const uint8_t*>(w) + (ib / 8) * sb_bytes, &k);
+      s = mn = 0.0f;
+    }
     const int8_t* q = k.q + 32 * b;  // [32]
     const int8_t* p = x[ib].qs;      // [32]
     int lo = 0, hi = 0, sump = 0;
@@ -330,13 +333,14 @@ float dot_k_q8_0_impl(DType t, const void* w, const BlockQ8_0* x, int64_t n_bloc
     }
     const int isum = k.sc[2 * b] * lo + k.sc[2 * b + 1] * hi;
     const float dx = fp16_to_fp32(x[ib].d);
-    const float a = static_cast<float>(isum) * (fp16_to_fp32(k.d) * dx);
-    if (mins)
-      sum += a - static_cast<float>(k.m[b] * sump) * (fp16_to_fp32(k.dmin) * dx);
-    else
-      sum += a;
+    s = std::fma(static_cast<float>(isum), dx, s);
+    if (mins) mn = std::fma(static_cast<float>(k.m[b]), static_cast<float>(sump) * dx, mn);
+    if (b == 7) {
+      acc = std::fma(fp16_to_fp32(k.d), s, acc);
+      if (mins) acc = std::fma(-fp16_to_fp32(k.dmin), mn, acc);
+    }
   }
-  return sum;
+  return acc;
 }
 
 // Dot of a weight row of type t with an activation row already quantized by quantize_act(t).

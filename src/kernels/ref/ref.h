@@ -81,11 +81,14 @@ inline bool k_packed_type(DType t) {
   return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K || t == DType::IQ4_XS;
 }
 // Dot of n_blocks / 8 super-blocks of type t (k_packed_type) with n_blocks Q8_0 activation
-// blocks, per 32-element activation block b (sub-blocks 2b, 2b + 1 of 16, min m[b]):
+// blocks. Per super-block, over its 32-element activation blocks b (sub-blocks 2b, 2b + 1 of 16,
+// min m[b]), from s = mn = 0:
 //   isum = sc[2b] * sum_{j<16} q p + sc[2b + 1] * sum_{j>=16} q p      (exact integers)
-//   acc += float(isum) * (d * dx) - float(m[b] * sum p) * (dmin * dx)   (types with mins)
-//   acc += float(isum) * (d * dx)                                       (the others)
-// Every float op rounded once, in this order; the packed twins compute exactly this.
+//   s  = fma(float(isum), dx_b, s)
+//   mn = fma(float(m[b]), xs_b, mn),   xs_b = float(sum p) * dx_b       (types with mins)
+// then acc = fma(d, s, acc) and acc = fma(-dmin, mn, acc) (types with mins). Each fma rounds once
+// (std::fma here, vfmadd in the twins), in this order: the packed twins compute exactly this,
+// with the per-token products (dx, xs) shared by 8 rows and d, dmin applied once per 256.
 float dot_k_q8_0(DType t, const void* w, const BlockQ8_0* x, int64_t n_blocks);
 
 }  // namespace kvlm::kernels::ref

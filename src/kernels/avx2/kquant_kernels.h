@@ -1,0 +1,347 @@
+// The group kernels of Q5_0 and the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS; layout in
+// ../packed.h), the fast twins of ref::dot_k_q8_0 and ref's dot_q5_0_q8_0 (ref/ref.h), bit for
+// bit. Included by kquant_avx2.cpp (AVX2: vpmaddubsw) and vnni_avx2.cpp (kVnni: AVX-512 VNNI's
+// vpdpbusd on 256-bit vectors), each compiling its own copy: everything here has internal linkage,
+// so no copy built with one file's instruction set can be picked by the linker for the other
+// (see ../CMakeLists.txt).
+//
+// Per 32-column sub-block b of 8 rows (one row per 32-bit lane) and token t:
+//   the codes' exact integer dot with the activation codes, weighted by the sub-block scales
+//   inside the integer sum (vpmaddwd with the lane's (scale, scale) int16 pair does the multiply
+//   for free), then s = fma(float(isum), dx, s) and, for Q4_K / Q5_K, mn = fma(m, xs, mn); per
+//   super-block acc = fma(d, s, acc) (and fma(-dmin, mn, acc)): ref's operations, each rounded
+//   once, in ref's order.
+// Bounds on the 16-bit stages (vpmaddubsw pairs, summed before widening): Q4_K codes 0..15,
+// pairs <= 3810, 8 summed <= 30480; Q5_K 0..31, pairs <= 7874, 4 summed; Q6_K 0..63, pairs
+// <= 16002, 2 summed; IQ4_XS |value| <= 127, pairs <= 32258, widened at once. None saturates.
+// The VNNI kernels sum in 32 bits and scale after the conversion (sub_isum_vnni): the same value.
+#pragma once
+
+#include <immintrin.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "kernels/avx2/qgroup.h"
+#include "kernels/avx2/qgroup_kernels.h"
+#include "kernels/packed.h"
+
+namespace kvlm::kernels::avx2 {
+namespace {  // internal linkage: each including file compiles its own copy
+
+// bcast4 and keep: qgroup_kernels.h
+
+inline __m256i load(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
+
+inline __m256 halfs(const uint16_t* h) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+}
+
+// A lane's int16 pair (a, b) -> (a, a) and (b, b).
+inline __m256i pair_lo(__m256i v) {
+  return _mm256_or_si256(_mm256_slli_epi32(v, 16), _mm256_and_si256(v, _mm256_set1_epi32(0xffff)));
+}
+inline __m256i pair_hi(__m256i v) {
+  return _mm256_or_si256(_mm256_srli_epi32(v, 16),
+                         _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// (x >> n) or (x << -n) in 16-bit lanes, then & mask (a mask that keeps only bits from x's own
+// byte for |n| <= 4).
+template <int kN>
+inline __m256i shift_and(__m256i x, __m256i mask) {
+  if constexpr (kN > 0) return _mm256_and_si256(_mm256_srli_epi16(x, kN), mask);
+  if constexpr (kN < 0) return _mm256_and_si256(_mm256_slli_epi16(x, -kN), mask);
+  return _mm256_and_si256(x, mask);
+}
+
+// One sub-block's codes for all 8 rows: c[v] columns 4 v + j, c[4 + v] columns 16 + 4 v + j
+// (unsigned codes; IQ4_XS: signed table values), and its scales as int16 pairs per lane.
+struct Sub {
+  __m256i c[8];
+  __m256i s0, s1;  // (scale, scale) of columns 0..15 and 16..31
+  __m256i sm;      // Q4_K / Q5_K: (min, min);  Q6_K: (scale 0..15, scale 16..31)
+};
+
+template <class P, class S>
+inline void nibbles(const S& s, Sub& u) {
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  for (int v = 0; v < 4; ++v) {
+    const __m256i raw = load(s.qs[v]);
+    u.c[v] = _mm256_and_si256(raw, m4);
+    u.c[4 + v] = shift_and<4>(raw, m4);
+  }
+}
+
+inline void unpack(const PackedQ4_K::Sub& s, Sub& u) {
+  nibbles<PackedQ4_K>(s, u);
+  const __m256i sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sm)));
+  u.s0 = u.s1 = pair_lo(sm);
+  u.sm = pair_hi(sm);
+}
+
+// Q5's fifth bits (packed.h) onto the nibbles in u.
+inline void fifth_bits(__m256i h, Sub& u) {
+  const __m256i b4 = _mm256_set1_epi8(0x10);
+  // Bit i -> bit 4 of column vector i; bit 4 + i -> bit 4 of vector 4 + i.
+  u.c[0] = _mm256_or_si256(u.c[0], shift_and<-4>(h, b4));
+  u.c[1] = _mm256_or_si256(u.c[1], shift_and<-3>(h, b4));
+  u.c[2] = _mm256_or_si256(u.c[2], shift_and<-2>(h, b4));
+  u.c[3] = _mm256_or_si256(u.c[3], shift_and<-1>(h, b4));
+  u.c[4] = _mm256_or_si256(u.c[4], shift_and<0>(h, b4));
+  u.c[5] = _mm256_or_si256(u.c[5], shift_and<1>(h, b4));
+  u.c[6] = _mm256_or_si256(u.c[6], shift_and<2>(h, b4));
+  u.c[7] = _mm256_or_si256(u.c[7], shift_and<3>(h, b4));
+}
+
+inline void unpack(const PackedQ5_K::Sub& s, Sub& u) {
+  nibbles<PackedQ5_K>(s, u);
+  fifth_bits(load(s.qh), u);
+  const __m256i sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sm)));
+  u.s0 = u.s1 = pair_lo(sm);
+  u.sm = pair_hi(sm);
+}
+
+inline void unpack(const PackedQ6_K::Sub& s, Sub& u) {
+  const __m256i m4 = _mm256_set1_epi8(0x0f), b45 = _mm256_set1_epi8(0x30);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i h = load(s.qh[half]);
+    const __m256i hb[4] = {shift_and<-4>(h, b45), shift_and<-2>(h, b45), shift_and<0>(h, b45),
+                           shift_and<2>(h, b45)};
+    for (int v = 0; v < 4; ++v) {
+      const __m256i raw = load(s.qs[v]);
+      const __m256i lo = half == 0 ? _mm256_and_si256(raw, m4) : shift_and<4>(raw, m4);
+      u.c[4 * half + v] = _mm256_or_si256(lo, hb[v]);
+    }
+  }
+  u.sm = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc)));
+  u.s0 = pair_lo(u.sm);
+  u.s1 = pair_hi(u.sm);
+}
+
+inline void unpack(const PackedIQ4_XS::Sub& s, Sub& u) {
+  nibbles<PackedIQ4_XS>(s, u);
+  const __m256i table = _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4nlValues)));
+  for (int v = 0; v < 8; ++v) u.c[v] = _mm256_shuffle_epi8(table, u.c[v]);
+  int64_t sc8;
+  std::memcpy(&sc8, s.sc, 8);
+  const __m256i sc = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(sc8));  // one per lane
+  u.s0 = u.s1 = _mm256_or_si256(_mm256_slli_epi32(sc, 16),
+                                _mm256_and_si256(sc, _mm256_set1_epi32(0xffff)));
+}
+
+inline __m256i mub(__m256i w, const int8_t* p) { return _mm256_maddubs_epi16(w, bcast4(p)); }
+
+// The weighted integer sum isum of one token (codes p: 32 int8, pair: Acts::c) over a sub-block.
+// VNNI (kVnni): vpdpbusd sums 4 products straight into 32 bits, and the scales multiply in f32
+// instead, after the conversion: every partial is an integer below 2^24 there, so float(sumi) *
+// float(sc) and the sum of two such products are exact, the same value as float(isum).
+template <bool kVnni>
+inline __m256i dp(__m256i acc, __m256i w, const int8_t* p) {
+  if constexpr (kVnni) return _mm256_dpbusd_epi32(acc, w, bcast4(p));
+  return acc;  // not reached: the AVX2 kernels take the vpmaddubsw path
+}
+
+template <bool kVnni>
+inline __m256i dp8(const __m256i* c, const int8_t* p) {  // columns 0..15: c[0..4), 16..31: c[4..8)
+  __m256i s = _mm256_setzero_si256();
+  for (int v = 0; v < 4; ++v) s = dp<kVnni>(s, c[v], p + 4 * v);
+  for (int v = 0; v < 4; ++v) s = dp<kVnni>(s, c[4 + v], p + 16 + 4 * v);
+  return s;
+}
+
+// float(isum) of one token over a sub-block with the VNNI dots (codes p: 32 int8, pair:
+// Acts::c). u.c holds IQ4_XS's values + 128 here (vpdpbusd wants unsigned weights).
+template <class P>
+inline __m256 sub_isum_vnni(const Sub& u, const int8_t* p, int32_t pair) {
+  const __m256 s0 = _mm256_cvtepi32_ps(u.s0);  // one scale per lane (the pair's low half)
+  if constexpr (std::is_same_v<P, PackedQ6_K>) {
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    for (int v = 0; v < 4; ++v) {
+      lo = dp<true>(lo, u.c[v], p + 4 * v);
+      hi = dp<true>(hi, u.c[4 + v], p + 16 + 4 * v);
+    }
+    const int32_t plo = static_cast<int16_t>(pair & 0xffff), phi = pair >> 16;
+    lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(32 * plo));  // codes stored + 32
+    hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(32 * phi));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), s0),
+                         _mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_cvtepi32_ps(u.s1)));
+  } else {
+    __m256i s = dp8<true>(u.c, p);
+    if constexpr (std::is_same_v<P, PackedIQ4_XS>) {
+      const int32_t sum = static_cast<int16_t>(pair & 0xffff) + (pair >> 16);
+      s = _mm256_sub_epi32(s, _mm256_set1_epi32(128 * sum));
+    }
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(s), s0);
+  }
+}
+
+template <class P>
+inline __m256i sub_isum(const Sub& u, const int8_t* p, int32_t pair) {
+  if constexpr (std::is_same_v<P, PackedQ4_K>) {
+    __m256i s = mub(u.c[0], p);
+    for (int v = 1; v < 4; ++v) s = _mm256_add_epi16(s, mub(u.c[v], p + 4 * v));
+    for (int v = 0; v < 4; ++v) s = _mm256_add_epi16(s, mub(u.c[4 + v], p + 16 + 4 * v));
+    return _mm256_madd_epi16(s, u.s0);
+  } else if constexpr (std::is_same_v<P, PackedQ5_K>) {
+    __m256i s = mub(u.c[0], p), t = mub(u.c[4], p + 16);
+    for (int v = 1; v < 4; ++v) {
+      s = _mm256_add_epi16(s, mub(u.c[v], p + 4 * v));
+      t = _mm256_add_epi16(t, mub(u.c[4 + v], p + 16 + 4 * v));
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(s, u.s0), _mm256_madd_epi16(t, u.s1));
+  } else if constexpr (std::is_same_v<P, PackedQ6_K>) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int v = 0; v < 8; v += 2) {
+      const int8_t* q = p + (v < 4 ? 4 * v : 16 + 4 * (v - 4));
+      const __m256i s = _mm256_add_epi16(mub(u.c[v], q), mub(u.c[v + 1], q + 4));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, v < 4 ? u.s0 : u.s1));
+    }
+    // Codes are stored + 32: minus 32 (sc0 sum p[0..16) + sc1 sum p[16..32)).
+    const __m256i off = _mm256_madd_epi16(u.sm, _mm256_set1_epi32(pair));
+    return _mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5));
+  } else {  // IQ4_XS: |value| against the codes signed by the value
+    __m256i acc = _mm256_setzero_si256();
+    for (int v = 0; v < 8; ++v) {
+      const __m256i w = u.c[v];
+      const __m256i x = _mm256_sign_epi8(bcast4(p + (v < 4 ? 4 * v : 16 + 4 * (v - 4))), w);
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), x),
+                                                    u.s0));
+    }
+    return acc;
+  }
+}
+
+// T tokens from t0 against one packed group of K type P, in ref::dot_k_q8_0's order: per
+// super-block s and mn per token, then d and dmin once.   out: [T, 8]
+template <class P, bool kVnni, int T>
+void group_k(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
+  constexpr bool kMins = requires(P p) { p.dmin; };
+  const int64_t n_sb = x.n_blocks / 8;
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < n_sb; ++sb) {
+    const P& p = reinterpret_cast<const P*>(g)[sb];
+    __m256 s[T], mn[T];
+    for (int t = 0; t < T; ++t) s[t] = mn[t] = _mm256_setzero_ps();
+    for (int b = 0; b < 8; ++b) {
+      const int64_t ib = sb * 8 + b;
+      Sub u;
+      unpack(p.b[b], u);
+      __m256 mf = _mm256_setzero_ps();
+      if constexpr (kMins) mf = _mm256_cvtepi32_ps(_mm256_srli_epi32(u.sm, 16));  // m per lane
+      if constexpr (kVnni) {  // one scale per lane in s0 / s1 (sub_isum_vnni converts them)
+        u.s0 = _mm256_srai_epi32(_mm256_slli_epi32(u.s0, 16), 16);
+        u.s1 = _mm256_srai_epi32(_mm256_slli_epi32(u.s1, 16), 16);
+        if constexpr (std::is_same_v<P, PackedIQ4_XS>)
+          for (int v = 0; v < 8; ++v) u.c[v] = _mm256_xor_si256(u.c[v], _mm256_set1_epi8(-128));
+      }
+      for (int t = 0; t < T; ++t) {
+        const int8_t* xq = reinterpret_cast<const int8_t*>(x.q + (t0 + t) * x.q_stride +
+                                                           ib * x.blk + x.qs_off);
+        const int64_t o = o0 + ib * aw + t;
+        __m256 fsum;
+        if constexpr (kVnni) {
+          fsum = sub_isum_vnni<P>(u, xq, x.c[o]);
+        } else {
+          __m256i isum = sub_isum<P>(u, xq, x.c[o]);
+          keep(isum);
+          fsum = _mm256_cvtepi32_ps(isum);
+        }
+        s[t] = _mm256_fmadd_ps(fsum, _mm256_set1_ps(x.d[o]), s[t]);
+        if constexpr (kMins) mn[t] = _mm256_fmadd_ps(mf, _mm256_set1_ps(x.s[o]), mn[t]);
+      }
+    }
+    const __m256 d = halfs(p.d);
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(d, s[t], acc[t]);
+    if constexpr (kMins) {
+      const __m256 ndmin = _mm256_sub_ps(_mm256_setzero_ps(), halfs(p.dmin));  // -dmin, exact
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(ndmin, mn[t], acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
+}
+
+// Q5_0 (PackedQ5_0), per 32-column block: float(sum (code - 16) p) * (d * dx), as ref's
+// dot_q5_0_q8_0. Codes 0..31: 4 vpmaddubsw pairs (<= 7874 each) per 16-bit sum, so each half of
+// the block widens on its own; the "- 16" is 16 (sum p[0..16) + sum p[16..32)) from Acts::c.
+template <bool kVnni, int T>
+void group_q5_0(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
+  const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t ib = 0; ib < x.n_blocks; ++ib) {
+    const PackedQ5_0& p = reinterpret_cast<const PackedQ5_0*>(g)[ib];
+    Sub u;
+    nibbles<PackedQ5_0>(p, u);
+    fifth_bits(load(p.qh), u);
+    const __m256 d = halfs(p.d);
+    for (int t = 0; t < T; ++t) {
+      const int8_t* xq =
+          reinterpret_cast<const int8_t*>(x.q + (t0 + t) * x.q_stride + ib * x.blk + x.qs_off);
+      const int64_t o = o0 + ib * aw + t;
+      __m256i isum;
+      if constexpr (kVnni) {
+        isum = dp8<true>(u.c, xq);
+      } else {
+        __m256i s = mub(u.c[0], xq), h = mub(u.c[4], xq + 16);
+        for (int v = 1; v < 4; ++v) {
+          s = _mm256_add_epi16(s, mub(u.c[v], xq + 4 * v));
+          h = _mm256_add_epi16(h, mub(u.c[4 + v], xq + 16 + 4 * v));
+        }
+        isum = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_madd_epi16(h, ones));
+      }
+      isum = _mm256_sub_epi32(isum, _mm256_madd_epi16(sixteen, _mm256_set1_epi32(x.c[o])));
+      keep(isum);
+      const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[o]));
+      acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
+}
+
+template <bool kVnni, size_t... I>
+constexpr std::array<GroupFn, kGroupToks> make_q5_0(std::index_sequence<I...>) {
+  return {&group_q5_0<kVnni, static_cast<int>(I) + 1>...};
+}
+
+template <class P, bool kVnni, size_t... I>
+constexpr std::array<GroupFn, kGroupToks> make(std::index_sequence<I...>) {
+  return {&group_k<P, kVnni, static_cast<int>(I) + 1>...};
+}
+
+// The kernels of type t (null for the others), AVX2's or VNNI's.
+template <bool kVnni>
+const GroupFn* k_groups(DType t) {
+  constexpr auto kSeq = std::make_index_sequence<kGroupToks>();
+  static constexpr std::array<GroupFn, kGroupToks> kQ4K = make<PackedQ4_K, kVnni>(kSeq);
+  static constexpr std::array<GroupFn, kGroupToks> kQ5K = make<PackedQ5_K, kVnni>(kSeq);
+  static constexpr std::array<GroupFn, kGroupToks> kQ6K = make<PackedQ6_K, kVnni>(kSeq);
+  static constexpr std::array<GroupFn, kGroupToks> kIQ4XS = make<PackedIQ4_XS, kVnni>(kSeq);
+  static constexpr std::array<GroupFn, kGroupToks> kQ50 = make_q5_0<kVnni>(kSeq);
+  switch (t) {
+    case DType::Q4_K:
+      return kQ4K.data();
+    case DType::Q5_K:
+      return kQ5K.data();
+    case DType::Q6_K:
+      return kQ6K.data();
+    case DType::IQ4_XS:
+      return kIQ4XS.data();
+    case DType::Q5_0:
+      return kQ50.data();
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace
+}  // namespace kvlm::kernels::avx2

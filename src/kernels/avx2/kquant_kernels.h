@@ -218,6 +218,15 @@ inline __m256i sub_isum(const Sub& u, const int8_t* p, int32_t pair) {
   }
 }
 
+// u as sub_isum_vnni reads it: one scale per lane in s0 / s1, IQ4_XS's values + 128.
+template <class P>
+inline void for_vnni(Sub& u) {
+  u.s0 = _mm256_srai_epi32(_mm256_slli_epi32(u.s0, 16), 16);
+  u.s1 = _mm256_srai_epi32(_mm256_slli_epi32(u.s1, 16), 16);
+  if constexpr (std::is_same_v<P, PackedIQ4_XS>)
+    for (int v = 0; v < 8; ++v) u.c[v] = _mm256_xor_si256(u.c[v], _mm256_set1_epi8(-128));
+}
+
 // T tokens from t0 against one packed group of K type P, in ref::dot_k_q8_0's order: per
 // super-block s and mn per token, then d and dmin once.   out: [T, 8]
 template <class P, bool kVnni, int T>
@@ -237,12 +246,7 @@ void group_k(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
       unpack(p.b[b], u);
       __m256 mf = _mm256_setzero_ps();
       if constexpr (kMins) mf = _mm256_cvtepi32_ps(_mm256_srli_epi32(u.sm, 16));  // m per lane
-      if constexpr (kVnni) {  // one scale per lane in s0 / s1 (sub_isum_vnni converts them)
-        u.s0 = _mm256_srai_epi32(_mm256_slli_epi32(u.s0, 16), 16);
-        u.s1 = _mm256_srai_epi32(_mm256_slli_epi32(u.s1, 16), 16);
-        if constexpr (std::is_same_v<P, PackedIQ4_XS>)
-          for (int v = 0; v < 8; ++v) u.c[v] = _mm256_xor_si256(u.c[v], _mm256_set1_epi8(-128));
-      }
+      if constexpr (kVnni) for_vnni<P>(u);
       for (int t = 0; t < T; ++t) {
         const int8_t* xq = reinterpret_cast<const int8_t*>(x.q + (t0 + t) * x.q_stride +
                                                            ib * x.blk + x.qs_off);
@@ -318,29 +322,34 @@ constexpr std::array<GroupFn, kGroupToks> make(std::index_sequence<I...>) {
   return {&group_k<P, kVnni, static_cast<int>(I) + 1>...};
 }
 
+// Index of t among the types with these kernels (Q4_K, Q5_K, Q6_K, IQ4_XS, then Q5_0); -1 for
+// the others.
+inline int k_index(DType t) {
+  switch (t) {
+    case DType::Q4_K:
+      return 0;
+    case DType::Q5_K:
+      return 1;
+    case DType::Q6_K:
+      return 2;
+    case DType::IQ4_XS:
+      return 3;
+    case DType::Q5_0:
+      return 4;
+    default:
+      return -1;
+  }
+}
+
 // The kernels of type t (null for the others), AVX2's or VNNI's.
 template <bool kVnni>
 const GroupFn* k_groups(DType t) {
   constexpr auto kSeq = std::make_index_sequence<kGroupToks>();
-  static constexpr std::array<GroupFn, kGroupToks> kQ4K = make<PackedQ4_K, kVnni>(kSeq);
-  static constexpr std::array<GroupFn, kGroupToks> kQ5K = make<PackedQ5_K, kVnni>(kSeq);
-  static constexpr std::array<GroupFn, kGroupToks> kQ6K = make<PackedQ6_K, kVnni>(kSeq);
-  static constexpr std::array<GroupFn, kGroupToks> kIQ4XS = make<PackedIQ4_XS, kVnni>(kSeq);
-  static constexpr std::array<GroupFn, kGroupToks> kQ50 = make_q5_0<kVnni>(kSeq);
-  switch (t) {
-    case DType::Q4_K:
-      return kQ4K.data();
-    case DType::Q5_K:
-      return kQ5K.data();
-    case DType::Q6_K:
-      return kQ6K.data();
-    case DType::IQ4_XS:
-      return kIQ4XS.data();
-    case DType::Q5_0:
-      return kQ50.data();
-    default:
-      return nullptr;
-  }
+  static constexpr std::array<std::array<GroupFn, kGroupToks>, 5> kAll = {
+      make<PackedQ4_K, kVnni>(kSeq), make<PackedQ5_K, kVnni>(kSeq),
+      make<PackedQ6_K, kVnni>(kSeq), make<PackedIQ4_XS, kVnni>(kSeq), make_q5_0<kVnni>(kSeq)};
+  const int i = k_index(t);
+  return i < 0 ? nullptr : kAll[static_cast<size_t>(i)].data();
 }
 
 }  // namespace

@@ -368,9 +368,11 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
 
 void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
              int64_t g_begin, int64_t g_end) {
-  if (const GroupFn* kf = k.k_groups(w.dtype)) {  // Q5_0 and the K types: one group a call
+  if (const GroupFn* kf = k.k_groups(w.dtype)) {  // Q5_0 and the K types: no tile kernels
     static constexpr PairFn kNoPairs[kGroupToks] = {};
-    return qmatmul_groups(kf, kNoPairs, nullptr, w, x, n_tok, y, g_begin, g_end);
+    const PairFn* kp = k.k_pairs != nullptr ? k.k_pairs(w.dtype) : nullptr;
+    return qmatmul_groups(kf, kp != nullptr ? kp : kNoPairs, nullptr, w, x, n_tok, y, g_begin,
+                          g_end);
   }
   const GroupFn* fns = w.dtype == DType::Q4_0 ? k.q4_0 : w.dtype == DType::Q4_1 ? k.q4_1 : k.q8_0;
   const PairFn* pairs =

@@ -85,6 +85,8 @@ static_assert(kActTile % kGroupToks == 0 && kActTile == kTileToks);  // a call s
 // 0..15, sum of codes 16..31) of each block, and s = float(sum of codes) * d.
 const GroupFn* k_group_kernels(DType t);
 const GroupFn* k_group_kernels_vnni(DType t);
+// Two groups at once in 512-bit vectors (vnni_avx2.cpp, the K types only; null for the others).
+const PairFn* k_pair_kernels_vnni(DType t);
 
 // One variant's kernels, [T - 1] for T tokens. The pair kernels are optional (null: the variant
 // runs every group alone).
@@ -101,6 +103,7 @@ struct GroupKernels {
   TileFn q8_0x16 = nullptr;
   // Q5_0 and the K types: k_group_kernels or k_group_kernels_vnni.
   const GroupFn* (*k_groups)(DType) = &k_group_kernels;
+  const PairFn* (*k_pairs)(DType) = nullptr;  // their pair kernels (null: none)
 };
 
 // The AVX2 kernels (ops_avx2.cpp) and the AVX-512 VNNI ones (vnni_avx2.cpp: vpdpbusd on 256-bit

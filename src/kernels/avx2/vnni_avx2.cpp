@@ -14,8 +14,10 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <array>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "kernels/avx2/lanes512.h"
 #include "kernels/avx2/qgroup.h"
@@ -132,18 +134,106 @@ void pair_q8(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, fl
   for (int t = 0; t < T; ++t) _mm512_store_ps(out + 16 * t, acc[t]);
 }
 
+// 256-bit a (lanes 0..7) and b (lanes 8..15).
+inline __m512i join(__m256i a, __m256i b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+}
+
+// group_k<P, true, T> (kquant_kernels.h) for groups g0 and g1 at once: every lane through the
+// same integer and float operations, in 512-bit vectors.   out: [T, 16]
+template <class P, int T>
+void pair_k(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, float* out) {
+  constexpr bool kMins = requires(P p) { p.dmin; };
+  const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < x.n_blocks / 8; ++sb) {
+    const P& pa = reinterpret_cast<const P*>(g0)[sb];
+    const P& pb = reinterpret_cast<const P*>(g1)[sb];
+    __m512 s[T], mn[T];
+    for (int t = 0; t < T; ++t) s[t] = mn[t] = _mm512_setzero_ps();
+    for (int b = 0; b < 8; ++b) {
+      const int64_t ib = sb * 8 + b;
+      Sub ua, ub;
+      unpack(pa.b[b], ua);
+      unpack(pb.b[b], ub);
+      __m512 mf = _mm512_setzero_ps();
+      if constexpr (kMins)
+        mf = _mm512_cvtepi32_ps(join(_mm256_srli_epi32(ua.sm, 16), _mm256_srli_epi32(ub.sm, 16)));
+      for_vnni<P>(ua);
+      for_vnni<P>(ub);
+      __m512i c[8];
+      for (int v = 0; v < 8; ++v) c[v] = join(ua.c[v], ub.c[v]);
+      const __m512 s0 = _mm512_cvtepi32_ps(join(ua.s0, ub.s0));
+      const __m512 s1 = _mm512_cvtepi32_ps(join(ua.s1, ub.s1));
+      for (int t = 0; t < T; ++t) {
+        const int8_t* xq = codes(x, t0 + t, ib);
+        const int64_t o = o0 + ib * aw + t;
+        __m512 fsum;
+        if constexpr (std::is_same_v<P, PackedQ6_K>) {  // as sub_isum_vnni
+          __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+          for (int v = 0; v < 4; ++v) {
+            lo = _mm512_dpbusd_epi32(lo, c[v], bcast4_512(xq + 4 * v));
+            hi = _mm512_dpbusd_epi32(hi, c[4 + v], bcast4_512(xq + 16 + 4 * v));
+          }
+          const int32_t plo = static_cast<int16_t>(x.c[o] & 0xffff), phi = x.c[o] >> 16;
+          lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(32 * plo));
+          hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(32 * phi));
+          fsum = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), s0),
+                               _mm512_mul_ps(_mm512_cvtepi32_ps(hi), s1));
+        } else {
+          __m512i si = _mm512_setzero_si512();
+          for (int v = 0; v < 4; ++v) {
+            si = _mm512_dpbusd_epi32(si, c[v], bcast4_512(xq + 4 * v));
+            si = _mm512_dpbusd_epi32(si, c[4 + v], bcast4_512(xq + 16 + 4 * v));
+          }
+          if constexpr (std::is_same_v<P, PackedIQ4_XS>) {
+            const int32_t sum = static_cast<int16_t>(x.c[o] & 0xffff) + (x.c[o] >> 16);
+            si = _mm512_sub_epi32(si, _mm512_set1_epi32(128 * sum));
+          }
+          fsum = _mm512_mul_ps(_mm512_cvtepi32_ps(si), s0);
+        }
+        s[t] = _mm512_fmadd_ps(fsum, _mm512_set1_ps(x.d[o]), s[t]);
+        if constexpr (kMins) mn[t] = _mm512_fmadd_ps(mf, _mm512_set1_ps(x.s[o]), mn[t]);
+      }
+    }
+    const __m512 d = join_f16(pa.d, pb.d);
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(d, s[t], acc[t]);
+    if constexpr (kMins) {
+      const __m512 ndmin = _mm512_sub_ps(_mm512_setzero_ps(), join_f16(pa.dmin, pb.dmin));
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(ndmin, mn[t], acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_store_ps(out + 16 * t, acc[t]);
+}
+
+template <class P, size_t... I>
+constexpr std::array<PairFn, kGroupToks> make_pair_k(std::index_sequence<I...>) {
+  return {&pair_k<P, static_cast<int>(I) + 1>...};
+}
+
 template <size_t... I>
 constexpr GroupKernels with_pairs(GroupKernels k, std::index_sequence<I...>) {
   ((k.q4_0x2[I] = &pair_q4<false, static_cast<int>(I) + 1>), ...);
   ((k.q4_1x2[I] = &pair_q4<true, static_cast<int>(I) + 1>), ...);
   ((k.q8_0x2[I] = &pair_q8<static_cast<int>(I) + 1>), ...);
   k.k_groups = &k_group_kernels_vnni;
+  k.k_pairs = &k_pair_kernels_vnni;
   return k;
 }
 
 }  // namespace
 
 const GroupFn* k_group_kernels_vnni(DType t) { return k_groups<true>(t); }
+
+const PairFn* k_pair_kernels_vnni(DType t) {  // the K types (k_index 0..3), not Q5_0
+  constexpr auto kSeq = std::make_index_sequence<kGroupToks>();
+  static constexpr std::array<std::array<PairFn, kGroupToks>, 4> kAll = {
+      make_pair_k<PackedQ4_K>(kSeq), make_pair_k<PackedQ5_K>(kSeq), make_pair_k<PackedQ6_K>(kSeq),
+      make_pair_k<PackedIQ4_XS>(kSeq)};
+  const int i = k_index(t);
+  return i < 0 || i >= 4 ? nullptr : kAll[static_cast<size_t>(i)].data();
+}
 
 const GroupKernels kVnniGroups =
     with_pairs(make_groups<DotVnni>(std::make_index_sequence<kGroupToks>()),

@@ -65,14 +65,14 @@ double top2_gap(const std::vector<float>& row) {
 
 // The K-quant model's goldens also hold float64 logits (tools/make_synthetic_gguf.py: numpy over
 // gguf's dequantization of the same weights, Q, K and V rounded to f16 as both engines round them
-// with an f16 cache). kvlm multiplies the exactly dequantized rows in f32, so only f32 rounding
-// separates it from them: measured 6e-6 on one prompt and 3e-4 and 8e-4 on the others, where some
-// q, k or v element's f32 value rounds to the other f16 neighbour than its float64 value. 5e-3
-// leaves room for more such flips and is still 70x below llama.cpp's distance: llama.cpp
-// quantizes the activations to 8 bits for these types and lands 0.35-0.45 away from float64. So
-// against llama.cpp the bound is its own distance from float64 plus kF64MaxAbsLogit (triangle
-// inequality), and a near-tie is a top-2 gap below twice that.
-constexpr double kF64MaxAbsLogit = 5e-3;
+// with an f16 cache). Both engines quantize the activations to 8 bits for most of its types
+// (llama.cpp per 256 elements for the K-quants, kvlm per 32 for Q5_0, Q4_K, Q5_K, Q6_K and IQ4_XS:
+// the packed integer kernels), so both land ~0.2-0.45 from float64 (measured: kvlm 0.24, llama.cpp
+// 0.35). kvlm must be no farther from float64 than llama.cpp is (times kF64Ratio: its errors are
+// the same kind, only smaller blocks), and against llama.cpp the bound is the sum of the two
+// distances (triangle inequality); a near-tie is a top-2 gap below twice that. Before the packed
+// kernels kvlm multiplied exact f32 rows and stayed within 8e-4 of float64.
+constexpr double kF64Ratio = 1.0;
 
 struct TinyBounds {
   double max_abs;   // max |kvlm - llama.cpp| over a prompt's logits
@@ -91,9 +91,9 @@ TinyBounds tiny_bounds(const json& pj, std::span<const float> all, int32_t V) {
       worst = std::max(worst, std::fabs(double{all[i * V + t]} - exact[t]));
     }
   }
-  EXPECT_LE(worst, kF64MaxAbsLogit) << "kvlm against float64";
+  EXPECT_LE(worst, kF64Ratio * llama_far) << "kvlm against float64";
   std::printf("  max |dlogit| against float64 %.3g (llama.cpp %.3g)\n", worst, llama_far);
-  return {llama_far + kF64MaxAbsLogit, 2 * (llama_far + kF64MaxAbsLogit)};
+  return {llama_far + worst, 2 * (llama_far + worst)};
 }
 
 // Every model of one tiny goldens file: logits within the bound at every prompt position, argmax

@@ -38,10 +38,17 @@ struct ArchInfo {
                          //   Gemma 3 trains its local layers with 10000, its global ones with
                          //   the file's (llama.cpp's rope_freq_base_train_swa; a
                          //   <arch>.rope.freq_base_swa key overrides it)
+  int32_t embd_scale_layers;  // with this many layers the attention scale is
+                              //   1/sqrt(n_embd / n_head) instead of 1/sqrt(head_dim) (0: never):
+                              //   Gemma 3 27B's query_pre_attn_scalar, which llama.cpp (and so
+                              //   the GGUF) knows only from the 62-layer model type
 };
 
 // nullptr when kvlm does not support the architecture.
 const ArchInfo* find_arch(const std::string& name);
+// The factor attention scores are scaled by, q . k times this (ArchInfo::embd_scale_layers).
+float attention_scale(const ArchInfo& arch, int32_t n_layer, int32_t n_embd, int32_t n_head,
+                      int32_t head_dim);
 // Comma-separated list of supported architecture names, for error messages.
 std::string supported_archs();
 
@@ -60,6 +67,7 @@ struct ModelConfig {
   float norm_eps = 1e-5f;
   float rope_freq_base = 10000.0f;
   float rope_freq_base_swa = 10000.0f;  // the windowed layers' base (ArchInfo::swa_rope_base)
+  float attn_scale = 0;      // attention_scale(): 1/sqrt(head_dim) for most models
   // Linear RoPE scaling (<arch>.rope.scaling.factor F with type linear): every angle times 1 / F.
   float rope_freq_scale = 1.0f;
   // Llama-3 frequency factors (rope_freqs.weight): pair i's frequency divided by factor i.

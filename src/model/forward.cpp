@@ -181,7 +181,7 @@ bool same_rows(const KvLayerView& a, const KvLayerView& b, int64_t j0, int64_t j
 void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, ThreadPool& pool) {
   const int64_t hd = c.head_dim, n_kv = c.n_kv_head, gqa = c.n_gqa(), KV = c.kv_dim(),
                 Q = c.q_dim();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale = c.attn_scale;  // 1/sqrt(hd), or Gemma 3 27B's (attention_scale)
   const int64_t part_stride = hd + 2;  // per (token, head, chunk): m, l, o[hd]
   float* parts = s.attn_part.as<float>();
   const float* q_all = s.q.as<float>();  // [n_rows, Q]

@@ -268,6 +268,7 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
   if (c.n_head % c.n_kv_head != 0)
     fail("{}: head_count {} is not a multiple of head_count_kv {}", path, c.n_head, c.n_kv_head);
   read_head_dim(f, a, c);
+  c.attn_scale = attention_scale(arch, c.n_layer, c.n_embd, c.n_head, c.head_dim);
   if (c.n_head / c.n_kv_head > 16)
     fail("{}: {} query heads per KV head; kvlm supports at most 16", path, c.n_head / c.n_kv_head);
   auto eps = f.get_float(a + arch.eps_key);

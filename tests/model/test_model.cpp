@@ -155,6 +155,18 @@ TEST(Load, Gemma3ConfigFromMetadata) {
   EXPECT_TRUE(c.tied_output);
   // llama's windowed layers keep the file's base.
   EXPECT_EQ(Model::load(test::data_path("tiny-llama-swa.gguf"))->config().rope_base(0), 10000.0f);
+  EXPECT_EQ(c.attn_scale, 1.0f / std::sqrt(32.0f));
+}
+
+// Gemma 3 scales attention by 1/sqrt(query_pre_attn_scalar): the head size (256) in every size
+// but 27B, whose 62 layers take n_embd / n_head = 5376 / 32 = 168 (head size 128), as llama.cpp
+// derives it from the model type; other architectures always by the head size.
+TEST(Load, AttentionScaleFollowsGemma3sQueryPreAttnScalar) {
+  const ArchInfo& gemma3 = *find_arch("gemma3");
+  EXPECT_EQ(attention_scale(gemma3, 62, 5376, 32, 128), 1.0f / std::sqrt(168.0f));
+  EXPECT_EQ(attention_scale(gemma3, 18, 640, 4, 256), 1.0f / std::sqrt(256.0f));
+  EXPECT_EQ(attention_scale(gemma3, 34, 2560, 8, 256), 1.0f / std::sqrt(256.0f));
+  EXPECT_EQ(attention_scale(*find_arch("llama"), 62, 5376, 32, 128), 1.0f / std::sqrt(128.0f));
 }
 
 TEST(Load, Gemma3WithoutAQkNormIsRefusedNamingTheTensor) {

@@ -99,34 +99,12 @@ int64_t file_mtime(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_mtime) : 0;
 }
 
-int run_serve(ServeArgs& a) {
-  // Before any thread exists, so every thread inherits the mask and only the waiter below sees
-  // SIGINT/SIGTERM. SIGPIPE: a client that hung up must fail a write, not kill the server.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
-
-  for (const auto& [flag, o] : a.no_serve_flags)
-    if (o->count() > 0)
-      fail(
-          "{} does not apply to kvlm serve: the paged cache's pool is allocated once (--kv-budget); "
-          "drop it",
-          flag);
-  if (a.api_key.empty())
-    if (const char* k = std::getenv("KVLM_API_KEY"); k && *k) a.api_key = k;
-  const uint64_t max_body = parse_bytes(a.max_body);
-  if (max_body == 0) fail("--max-body '{}': expected more than 0 bytes", a.max_body);
-
-  const std::string path = resolve_model(a.model);
-  auto model = Model::load(path);
-  auto tok = Tokenizer::from_gguf(model->gguf());
-  const auto chat = serve_chat_template(*tok, a.chat_template);
-  const ModelConfig& c = model->config();
-  const KvOptions kvo = to_kv_options(a.cache, c);
-
+// The scheduler's configuration from the flags: cache types, KIVI's block size, the prefix cache
+// (off, with a note, for a model whose every layer is windowed) and the KV budget, checked
+// against the machine's memory.
+SchedulerConfig scheduler_config(ServeArgs& a, const Model& model, const KvOptions& kvo,
+                                 const char** prefix_note) {
+  const ModelConfig& c = model.config();
   SchedulerConfig cfg = a.sched;
   cfg.dtype_k = kvo.dtype_k;
   cfg.dtype_v = kvo.dtype_v;
@@ -147,11 +125,11 @@ int run_serve(ServeArgs& a) {
   const bool all_windowed =
       !c.layer_window.empty() &&
       std::all_of(c.layer_window.begin(), c.layer_window.end(), [](int32_t w) { return w > 0; });
-  const char* prefix_note = cfg.prefix_cache && all_windowed ? " (every layer windowed)" : "";
+  *prefix_note = cfg.prefix_cache && all_windowed ? " (every layer windowed)" : "";
   if (all_windowed) cfg.prefix_cache = false;
   // What the pool costs: a block of the full-attention layers per 16 tokens of budget, plus the
   // window groups' fixed share (kv_pool_config). The default budget holds -np full contexts.
-  const KvPoolSpec spec{.shape = model->kv_shape(cfg.dtype_k, cfg.dtype_v),
+  const KvPoolSpec spec{.shape = model.kv_shape(cfg.dtype_k, cfg.dtype_v),
                         .block_size = std::max(cfg.block_size, 1),
                         .n_parallel = cfg.n_parallel,
                         .n_batch = std::max<int64_t>(cfg.n_batch, 1),
@@ -179,6 +157,60 @@ int run_serve(ServeArgs& a) {
   if (pages > 0 && page_size > 0 && pool_bytes >= ram)
     fail("--kv-budget {}: the KV pool would take {}, more than this machine's {} of memory",
          a.kv_budget, human_bytes(pool_bytes), human_bytes(ram));
+  return cfg;
+}
+
+// The listening line: where, which model, the pool (the full-attention pool's blocks, then those
+// of the window groups, whose blocks span only their layers; bytes: every group's), the cache.
+void print_listening(const ServeArgs& a, int port, const std::string& id,
+                     const SchedulerConfig& cfg, const KvOptions& kvo, Scheduler& sched,
+                     const char* prefix_note, int n_threads) {
+  const SchedulerStats st = sched.stats();
+  const int64_t cap = sched.capacity_tokens();
+  const int64_t full = cap < std::numeric_limits<int64_t>::max() ? cap / cfg.block_size : 0;
+  const std::string window_blocks =
+      st.blocks_total > full ? fmt::format(" + {} for window layers", st.blocks_total - full) : "";
+  std::fprintf(
+      stderr,
+      "kvlm serve: listening on http://%s:%d (model %s, -np %d, ctx %lld per sequence, %s, "
+      "%lld blocks%s x %d tokens = %s, prefix cache %s%s, %d threads%s)\n",
+      a.host.c_str(), port, id.c_str(), cfg.n_parallel, static_cast<long long>(cfg.n_ctx),
+      describe_cache(kvo).c_str(), static_cast<long long>(full), window_blocks.c_str(),
+      cfg.block_size, human_bytes(double(st.kv_bytes_total)).c_str(),
+      cfg.prefix_cache ? "on" : "off", prefix_note, n_threads,
+      a.api_key.empty() ? "" : ", API key required");
+  std::fflush(stderr);
+}
+
+int run_serve(ServeArgs& a) {
+  // Before any thread exists, so every thread inherits the mask and only the waiter below sees
+  // SIGINT/SIGTERM. SIGPIPE: a client that hung up must fail a write, not kill the server.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  for (const auto& [flag, o] : a.no_serve_flags)
+    if (o->count() > 0)
+      fail(
+          "{} does not apply to kvlm serve: the paged cache's pool is allocated once (--kv-budget); "
+          "drop it",
+          flag);
+  if (a.api_key.empty())
+    if (const char* k = std::getenv("KVLM_API_KEY"); k && *k) a.api_key = k;
+  const uint64_t max_body = parse_bytes(a.max_body);
+  if (max_body == 0) fail("--max-body '{}': expected more than 0 bytes", a.max_body);
+
+  const std::string path = resolve_model(a.model);
+  auto model = Model::load(path);
+  auto tok = Tokenizer::from_gguf(model->gguf());
+  const auto chat = serve_chat_template(*tok, a.chat_template);
+  const KvOptions kvo = to_kv_options(a.cache, model->config());
+
+  const char* prefix_note = "";
+  const SchedulerConfig cfg = scheduler_config(a, *model, kvo, &prefix_note);
   SamplingParams defaults = a.sampling;
   validate(defaults);
 
@@ -203,23 +235,7 @@ int run_serve(ServeArgs& a) {
   server::Server srv(sched, *tok, served, so);
   const int port = srv.bind();
 
-  // The full-attention pool's blocks, then those of the window groups (a window group's blocks
-  // span only its layers; bytes: every group's).
-  const SchedulerStats st = sched.stats();
-  const int64_t cap = sched.capacity_tokens();
-  const int64_t full = cap < std::numeric_limits<int64_t>::max() ? cap / cfg.block_size : 0;
-  const std::string window_blocks =
-      st.blocks_total > full ? fmt::format(" + {} for window layers", st.blocks_total - full) : "";
-  std::fprintf(
-      stderr,
-      "kvlm serve: listening on http://%s:%d (model %s, -np %d, ctx %lld per sequence, %s, "
-      "%lld blocks%s x %d tokens = %s, prefix cache %s%s, %d threads%s)\n",
-      a.host.c_str(), port, served.id.c_str(), cfg.n_parallel, static_cast<long long>(cfg.n_ctx),
-      describe_cache(kvo).c_str(), static_cast<long long>(full), window_blocks.c_str(),
-      cfg.block_size, human_bytes(double(st.kv_bytes_total)).c_str(),
-      cfg.prefix_cache ? "on" : "off", prefix_note, pool.size(),
-      a.api_key.empty() ? "" : ", API key required");
-  std::fflush(stderr);
+  print_listening(a, port, served.id, cfg, kvo, sched, prefix_note, pool.size());
 
   std::atomic<bool> served_out{false};
   std::thread waiter([&] {

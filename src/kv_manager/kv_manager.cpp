@@ -327,6 +327,7 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
   for (size_t gi = 0; gi < groups_.size(); ++gi) groups_[gi].pool->append_shared(seq, shared[gi]);
   s.n_registered = static_cast<int64_t>(hit.full.block_ids.size());
   s.canon = shared[0];
+  for (BlockId b : s.canon) s.canon_gen.push_back(prefix_ ? prefix_->generation(b) : 0);
   if (hit.partial.block >= 0) {
     // The partial hit goes into a fresh block of seq's own (one of the `need` counted above, so
     // append cannot fail), copied now: the source is cached-free or shared and stays as the index
@@ -398,6 +399,7 @@ bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
   pool0().truncate(seq, n_after);
   s.n_registered = std::min(s.n_registered, begin / block_size_);
   s.canon.resize(static_cast<size_t>(s.n_registered));
+  s.canon_gen.resize(static_cast<size_t>(s.n_registered));
   s.evicted = true;
   n_evicted_tokens_ += count;
   return true;
@@ -418,15 +420,17 @@ void KvManager::commit(SeqId seq, std::span<const int32_t> tokens, int64_t n_com
         tokens.subspan(static_cast<size_t>(bi * block_size_), static_cast<size_t>(block_size_));
     BlockId canon = blk;  // a block shared from the index is the registered one
     if (!pool0().is_cached(blk)) {
-      const BlockId parent = bi == 0 ? kNoParent : s.canon[static_cast<size_t>(bi - 1)];
-      if (bi > 0 && parent < 0)
-        canon = -1;  // the chain ended before: nothing after it can be verified
+      const auto prev = static_cast<size_t>(bi - 1);
+      const BlockId parent = bi == 0 ? kNoParent : s.canon[prev];
+      if (bi > 0 && (parent < 0 || prefix_->generation(parent) != s.canon_gen[prev]))
+        canon = -1;  // the chain ended before (or its block was registered anew): unverifiable
       else if (prefix_->insert(k, parent, toks, blk))
         pool0().mark_cached(blk);
       else
         canon = prefix_->registered(k, parent, toks);  // computed twice: continue from the first
     }
     s.canon.push_back(canon);
+    s.canon_gen.push_back(canon >= 0 ? prefix_->generation(canon) : 0);
     if (canon >= 0 && windowed_prefix()) pair_twins(seq, bi, canon);
   }
 }
@@ -455,6 +459,7 @@ void KvManager::truncate(SeqId seq, int64_t n) {
   // index entry before anything is written into it).
   s.n_registered = std::min(s.n_registered, n / block_size_);
   s.canon.resize(static_cast<size_t>(s.n_registered));
+  s.canon_gen.resize(static_cast<size_t>(s.n_registered));
 }
 
 void KvManager::register_partial(SeqId seq, const SeqState& s, std::span<const int32_t> tokens,

@@ -214,8 +214,11 @@ class KvManager {
     int64_t n_registered = 0;  // leading full blocks known to the prefix index
     // [n_registered] the registered block holding each of them: its own, the hit's, or the
     // block an equal one computed earlier was registered in (its chain continues from there).
-    // -1: none (the chain ended, nothing after it registers).
+    // -1: none (the chain ended, nothing after it registers). canon_gen: its registration
+    // (PrefixCache::generation): a block of another sequence may be evicted and registered again
+    // with other tokens, and is then no parent of this sequence's next block.
     std::vector<BlockId> canon;
+    std::vector<uint64_t> canon_gen;
     bool evicted = false;
     int32_t kivi_slot = -1;
     int64_t n_sealed = 0;

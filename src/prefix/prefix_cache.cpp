@@ -163,6 +163,11 @@ bool PrefixCache::contains(int32_t block) const {
   return entries_[static_cast<size_t>(block)].gen != 0;
 }
 
+uint64_t PrefixCache::generation(int32_t block) const {
+  check_block_id(block);
+  return entries_[static_cast<size_t>(block)].gen;
+}
+
 bool PrefixCache::is_partial(int32_t block) const {
   if (!contains(block)) fail("prefix cache: block {} is not registered", block);
   return entries_[static_cast<size_t>(block)].n_tokens != block_size_;

@@ -138,6 +138,9 @@ class PrefixCache {
   bool erase(int32_t block);
 
   bool contains(int32_t block) const;
+  // The registration number of block's entry, never reused (0: not registered): a holder of a
+  // block id it does not own checks it is still the same registration before relying on it.
+  uint64_t generation(int32_t block) const;
   bool is_partial(int32_t block) const;      // registered by insert_partial; contains(block)
   uint64_t block_hash(int32_t block) const;  // h[i]; contains(block) and a full block
   // [block_size] for a full block, [n] for a partial leaf of n tokens; contains(block)

@@ -373,6 +373,35 @@ TEST(KvManager, WindowGroupPrefixHitTakesTwins) {
   kv.check_invariants();
 }
 
+// A sequence that computed a block already registered by another continues its chain from that
+// block, which it does not hold: when that block is evicted and registered again with other
+// tokens, it is no longer a parent (its registration number changed), so nothing registers under
+// it. Without the check, sequence 2's second block would chain to sequence 3's block and a prompt
+// of sequence 3's tokens followed by sequence 2's would get a false hit.
+TEST(KvManager, ADuplicatesChainEndsWhenItsRegisteredTwinIsReused) {
+  KvManager kv(config(6));
+  const auto t = iota_tokens(16, 0);
+  ASSERT_TRUE(kv.admit(1, std::span(t).first(12), "", 12, KvHit{}));
+  ASSERT_TRUE(kv.reserve(1, 12));
+  kv.commit(1, t, 12);
+  ASSERT_TRUE(kv.admit(2, t, "", 8, KvHit{}));  // no hit taken: it computes block 0 again
+  ASSERT_TRUE(kv.reserve(2, 8));
+  kv.commit(2, t, 4);  // a duplicate: its chain continues from sequence 1's block 0
+  kv.release(1, t, 12, false);
+  const auto u = iota_tokens(16, 500);
+  ASSERT_TRUE(kv.admit(3, u, "", 16, KvHit{}));
+  ASSERT_TRUE(kv.reserve(3, 16));  // every free block: sequence 1's cached ones too
+  kv.commit(3, u, 16);
+  kv.commit(2, t, 8);
+  kv.check_invariants();
+  for (int j = 0; j < 4; ++j) {
+    std::vector<int32_t> p(u.begin(), u.begin() + 4 * (j + 1));
+    p.insert(p.end(), t.begin() + 4, t.begin() + 8);
+    p.push_back(999);
+    EXPECT_LE(kv.lookup(p, "").n_tokens(), 4 * (j + 1)) << j;
+  }
+}
+
 // Random sequences of admissions, chunked computation, evictions, truncations and releases over a
 // small pool, with prompts that share prefixes: after every operation the pool and the index
 // agree and every block is free or used exactly once (check_invariants), and every running

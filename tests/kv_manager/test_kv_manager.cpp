@@ -373,6 +373,89 @@ TEST(KvManager, WindowGroupPrefixHitTakesTwins) {
   kv.check_invariants();
 }
 
+// The random workload with a window group and the prefix cache: two layers, layer 1 attends to
+// the last 6 positions. Admissions with hits (full blocks and their window twins), chunks,
+// truncations where the window still holds what they keep, releases; after every operation the
+// invariants hold (twins exactly the window pool's cached blocks), layer 0 holds every position's
+// rows and layer 1 the rows of the window the next position reads.
+TEST(KvManager, RandomWorkloadWithAWindowGroupKeepsRows) {
+  constexpr int32_t kWindow = 6;
+  KvShape two = f32_shape();
+  two.n_layer = 2;
+  KvManager kv({.shape = two, .block_size = kBs, .n_blocks = 16, .prefix_cache = true,
+                .audit = true, .rope = KvRope{}, .layer_group = {0, 1},
+                .groups = {{.window = 0, .n_blocks = 16},
+                           {.window = kWindow, .n_blocks = 10, .seq_blocks = 4}}});
+  std::mt19937 rng(11);
+  const auto system = iota_tokens(13, 1);
+  std::map<SeqId, std::vector<int32_t>> toks;  // per live sequence; seq_tokens are computed
+  SeqId next = 1;
+  int n_hits = 0, n_truncations = 0, n_releases = 0, n_refusals = 0;
+  for (int op = 0; op < 500; ++op) {
+    const int what = static_cast<int>(rng() % 5);
+    if (what == 0 || toks.empty()) {
+      std::vector<int32_t> t = system;
+      for (int i = 0, n = 1 + static_cast<int>(rng() % 10); i < n; ++i)
+        t.push_back(static_cast<int32_t>(rng() % 3));
+      const KvHit hit = kv.lookup(t, "");
+      if (!kv.admit(next, t, "", static_cast<int64_t>(t.size()), hit)) {
+        ++n_refusals;
+        continue;
+      }
+      n_hits += hit.n_tokens() > 0;
+      toks[next++] = std::move(t);
+      continue;
+    }
+    auto it = toks.begin();
+    std::advance(it, rng() % toks.size());
+    const SeqId id = it->first;
+    std::vector<int32_t>& t = it->second;
+    const int64_t done = kv.seq_tokens(id);
+    if (what <= 2) {  // a chunk, or a generated token once the prompt is done
+      if (done == static_cast<int64_t>(t.size())) t.push_back(static_cast<int32_t>(rng() % 3));
+      const int64_t n = std::min<int64_t>(1 + rng() % 6, static_cast<int64_t>(t.size()) - done);
+      if (!kv.reserve(id, n)) {
+        ++n_refusals;
+        continue;
+      }
+      std::vector<float> k, v;
+      token_rows(std::span<const int32_t>(t).subspan(done, n), k, v);
+      const auto caches = kv.seq_caches(id);
+      for (int32_t il = 0; il < 2; ++il)
+        kv.store().write(il, caches[il].blocks, done, n, k.data(), v.data());
+      kv.commit(id, t, done + n);
+    } else if (what == 3 && done > 0) {
+      const int64_t n = rng() % done;
+      if (!kv.can_truncate(id, n)) continue;
+      kv.truncate(id, n);
+      t.resize(static_cast<size_t>(n));
+      ++n_truncations;
+    } else if (what == 4) {
+      kv.release(id, t, done, rng() % 2 == 0);
+      toks.erase(it);
+      ++n_releases;
+    }
+    kv.check_invariants();
+    for (const auto& [sid, st] : toks) {
+      const int64_t n = kv.seq_tokens(sid);
+      expect_rows(kv, sid, st);  // layer 0: every position
+      const KvLayerView view = kv.store().view(1, kv.seq_caches(sid)[1].blocks, n);
+      std::vector<float> k, v;
+      token_rows(std::span<const int32_t>(st).first(static_cast<size_t>(n)), k, v);
+      for (int64_t p = std::max<int64_t>(0, n - kWindow + 1); p < n; ++p)
+        ASSERT_EQ(0, std::memcmp(view.k_head(p, 0), k.data() + p * kDim, kDim * 4))
+            << "op " << op << " layer 1 position " << p;
+    }
+  }
+  EXPECT_GT(n_hits, 10);
+  EXPECT_GT(n_refusals, 5);
+  EXPECT_GT(n_truncations, 10);
+  EXPECT_GT(n_releases, 10);
+  for (auto& [sid, st] : toks) kv.release(sid, st, kv.seq_tokens(sid), true);
+  kv.check_invariants();
+  EXPECT_EQ(kv.stats().n_seqs, 0);
+}
+
 // A sequence that computed a block already registered by another continues its chain from that
 // block, which it does not hold: when that block is evicted and registered again with other
 // tokens, it is no longer a parent (its registration number changed), so nothing registers under

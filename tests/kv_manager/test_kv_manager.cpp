@@ -439,12 +439,15 @@ TEST(KvManager, RandomWorkloadWithAWindowGroupKeepsRows) {
     for (const auto& [sid, st] : toks) {
       const int64_t n = kv.seq_tokens(sid);
       expect_rows(kv, sid, st);  // layer 0: every position
-      const KvLayerView view = kv.store().view(1, kv.seq_caches(sid)[1].blocks, n);
+      const auto blocks = kv.seq_caches(sid)[1].blocks;
+      const KvLayerView view = kv.store().view(1, blocks, n);
       std::vector<float> k, v;
       token_rows(std::span<const int32_t>(st).first(static_cast<size_t>(n)), k, v);
-      for (int64_t p = std::max<int64_t>(0, n - kWindow + 1); p < n; ++p)
+      for (int64_t p = std::max<int64_t>(0, n - kWindow + 1); p < n; ++p) {
+        ASSERT_NE(blocks[static_cast<size_t>(p / kBs)], kNoBlock) << "op " << op << " position " << p;
         ASSERT_EQ(0, std::memcmp(view.k_head(p, 0), k.data() + p * kDim, kDim * 4))
             << "op " << op << " layer 1 position " << p;
+      }
     }
   }
   EXPECT_GT(n_hits, 10);

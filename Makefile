@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 KVLM := $(BUILD)/bin/kvlm
 DEMO_PROMPT ?= The KV cache makes decoding fast because
 
-.PHONY: all deps build model models refdata synthetic demo test clean
+.PHONY: all deps build model models refdata synthetic demo test fuzz clean
 
 all: build
 
@@ -41,6 +41,16 @@ demo: build model
 
 test: build models refdata synthetic
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+# libFuzzer targets (fuzz/), built with clang, ASan and UBSan in build-fuzz, each run for
+# FUZZ_SECONDS on a corpus in build-fuzz/corpus (seeded from tests/data and the reference data).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := fuzz_gguf fuzz_template fuzz_request fuzz_tokenize
+fuzz: deps refdata
+	cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
+	  -DKVLM_FUZZ=ON -DKVLM_BUILD_TESTS=OFF
+	cmake --build build-fuzz -j $(JOBS) --target $(FUZZ_TARGETS)
+	@bash scripts/run-fuzz.sh build-fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf $(BUILD)

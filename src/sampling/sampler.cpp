@@ -72,6 +72,8 @@ void validate(const SamplingParams& p) {
   if (!std::isfinite(p.frequency_penalty)) fail("frequency_penalty must be a finite number");
   for (const auto& [id, bias] : p.logit_bias)
     if (!std::isfinite(bias)) fail("logit_bias of token {} must be a finite number", id);
+  if (p.n_logprobs > kMaxLogprobs)
+    fail("n_logprobs must be at most {}, got {}", kMaxLogprobs, p.n_logprobs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,14 +204,68 @@ void Sampler::apply_penalties(Cand* c, int32_t n_vocab, std::span<const int32_t>
   }
 }
 
-int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history) {
+int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history,
+                        StepLogprobs* lp) {
+  const bool want = lp != nullptr && params_.n_logprobs >= 0;
+  const int32_t t = draw(logits, n_vocab, history, want);
+  if (want) fill_logprobs(t, lp);
+  return t;
+}
+
+// Log-sum-exp over adjusted_ (the max subtracted first, so no term overflows), then each
+// reported logprob as (logit - lse) in double. The top list is kept sorted by insertion: past the
+// first n, a token costs one compare with the list's last.
+void Sampler::fill_logprobs(int32_t chosen, StepLogprobs* lp) const {
+  const size_t n = adjusted_.size();
+  const float* a = adjusted_.data();
+  // The max over 8 lanes in registers (one running std::max went through memory, ~5 cycles a
+  // token, most of this function's time).
+  float lane[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                   -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (size_t j = 0; j < 8; ++j) lane[j] = a[i + j] > lane[j] ? a[i + j] : lane[j];
+  for (; i < n; ++i) lane[0] = a[i] > lane[0] ? a[i] : lane[0];
+  const float l_max = *std::max_element(lane, lane + 8);
+  // Each term in float (relative error ~1e-7), summed in double over 8 independent partial sums
+  // (one chain of dependent double adds over 49,152 terms cost ~50 us).
+  double part[8] = {};
+  i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (size_t j = 0; j < 8; ++j) part[j] += std::exp(a[i + j] - l_max);
+  for (; i < n; ++i) part[0] += std::exp(a[i] - l_max);
+  const double sum =
+      ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  // Nothing drawable (every logit -inf or NaN): each logprob is then -inf rather than NaN.
+  const double lse = l_max > -INFINITY ? l_max + std::log(sum) : 0.0;
+  auto logprob = [&](int32_t id) { return static_cast<float>(static_cast<double>(a[id]) - lse); };
+  lp->chosen = {chosen, logprob(chosen)};
+  const size_t k = std::min(static_cast<size_t>(params_.n_logprobs), n);
+  std::vector<TokenLogprob>& top = lp->top;
+  top.clear();
+  top.reserve(k + 1);
+  float kth = -INFINITY;  // the list's last value once it holds k
+  for (size_t t = 0; t < n && k > 0; ++t) {
+    if (top.size() == k && !(a[t] > kth)) continue;  // ties keep the lower id
+    auto at = std::upper_bound(top.begin(), top.end(), a[t],
+                               [&](float v, const TokenLogprob& x) { return v > a[x.id]; });
+    top.insert(at, {static_cast<int32_t>(t), 0.0f});
+    if (top.size() > k) top.pop_back();
+    if (top.size() == k) kth = a[top.back().id];
+  }
+  for (TokenLogprob& x : top) x.logprob = logprob(x.id);
+}
+
+int32_t Sampler::draw(const float* logits, int32_t n_vocab, std::span<const int32_t> history,
+                      bool keep_adjusted) {
   // Precondition: logits holds n_vocab > 0 values.
   assert(logits != nullptr && n_vocab > 0);
   const SamplingParams& p = params_;
   const bool penalise = penalises() && !history.empty();
   const bool biased = !p.logit_bias.empty();
 
-  if (p.temperature <= 0.0f && !penalise && !biased) return argmax(logits, n_vocab);
+  if (p.temperature <= 0.0f && !penalise && !biased && !keep_adjusted)
+    return argmax(logits, n_vocab);
 
   // Reallocates only when n_vocab grows past what an earlier call saw.
   cand_.resize(static_cast<size_t>(n_vocab));
@@ -219,8 +275,8 @@ int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const in
 
   // --- top-k without a penalty (what most requests ask for): from the logits, without a
   // candidate for every token. Otherwise every token becomes a candidate, penalised and cut below.
-  if (!penalise && !biased && p.top_k > 0 && static_cast<size_t>(p.top_k) < n_cand &&
-      static_cast<size_t>(p.top_k) <= kPartialSortMaxK &&
+  if (!penalise && !biased && !keep_adjusted && p.top_k > 0 &&
+      static_cast<size_t>(p.top_k) < n_cand && static_cast<size_t>(p.top_k) <= kPartialSortMaxK &&
       top_k_from_logits(logits, n_vocab, static_cast<size_t>(p.top_k), heap_, c)) {
     n_cand = n_sorted = static_cast<size_t>(p.top_k);
   } else {
@@ -232,9 +288,14 @@ int32_t Sampler::sample(const float* logits, int32_t n_vocab, std::span<const in
       any_drawable |= l > -INFINITY;
       c[i] = {std::min(l, FLT_MAX), i};
     }
-    if (!any_drawable) return argmax(logits, n_vocab);
+    // Neither turns a drawable logit into -inf nor the reverse, so any_drawable still holds.
     if (biased) apply_bias(c, n_vocab);
     if (penalise) apply_penalties(c, n_vocab, history);
+    if (keep_adjusted) {
+      adjusted_.resize(static_cast<size_t>(n_vocab));
+      for (int32_t i = 0; i < n_vocab; ++i) adjusted_[static_cast<size_t>(i)] = c[i].first;
+    }
+    if (!any_drawable) return argmax(logits, n_vocab);
 
     if (p.temperature <= 0.0f) {
       int32_t best = 0;

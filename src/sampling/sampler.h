@@ -24,11 +24,29 @@ struct SamplingParams {
   // OpenAI's logit_bias: (token id, bias) pairs added to those logits before anything else.
   std::vector<std::pair<int32_t, float>> logit_bias;
   uint64_t seed = 0;
+  // < 0: off. Else sample() also reports log-probabilities (StepLogprobs): the chosen token's and
+  // those of the n_logprobs most likely tokens, at most kMaxLogprobs.
+  int32_t n_logprobs = -1;
+};
+
+inline constexpr int32_t kMaxLogprobs = 20;  // OpenAI's limit on top_logprobs
+
+struct TokenLogprob {
+  int32_t id = -1;
+  float logprob = 0.0f;  // natural log; -inf for a token that cannot be drawn
+};
+
+// One step's log-probabilities: the log-softmax of the logits after logit bias and penalties and
+// before temperature and the top-k/top-p/min-p cuts (what OpenAI documents): exp in float, the
+// log-sum-exp and each (logit - lse) in double.
+struct StepLogprobs {
+  TokenLogprob chosen;            // the sampled token
+  std::vector<TokenLogprob> top;  // [n_logprobs] most likely first (lower id first on ties)
 };
 
 // Throws kvlm::Error naming the parameter for out-of-range values (negative temperature is
 // allowed and means greedy; top_p/min_p outside [0, 1], repeat_penalty <= 0, repeat_last_n < 0,
-// presence/frequency penalties or biases that are not finite).
+// presence/frequency penalties or biases that are not finite, n_logprobs > kMaxLogprobs).
 void validate(const SamplingParams& p);
 
 class Sampler {
@@ -37,12 +55,16 @@ class Sampler {
   // logits: [n_vocab]; history: tokens so far (prompt + generated), newest last.
   // Order as llama.cpp's default chain: logit bias -> penalties -> top-k -> top-p -> min-p ->
   // temperature -> draw. Allocation-free after the first call for a given n_vocab.
-  int32_t sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history);
+  // With n_logprobs >= 0 and lp given, also fills *lp (then every token is a candidate and the
+  // log-softmax costs a pass of exp over the vocabulary; nothing of it is done otherwise).
+  int32_t sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history,
+                 StepLogprobs* lp = nullptr);
   const SamplingParams& params() const { return params_; }
   // True when sample() is an argmax of the logits whatever the history (greedy, no penalty):
   // ~10 us over a 49,152-token vocabulary, where a draw or a penalty costs ~50-500 us.
   bool argmax_only() const {
-    return params_.temperature <= 0.0f && !penalises() && params_.logit_bias.empty();
+    return params_.temperature <= 0.0f && !penalises() && params_.logit_bias.empty() &&
+           params_.n_logprobs < 0;
   }
 
  private:
@@ -56,12 +78,19 @@ class Sampler {
   // The penalties over the window of history, each distinct id once (with its count).
   void apply_penalties(std::pair<float, int32_t>* c, int32_t n_vocab,
                        std::span<const int32_t> history);
+  // The draw (sample() without the log-probabilities); keeps the adjusted logits in adjusted_
+  // when keep_adjusted.
+  int32_t draw(const float* logits, int32_t n_vocab, std::span<const int32_t> history,
+               bool keep_adjusted);
+  // *lp from adjusted_ for the chosen token.
+  void fill_logprobs(int32_t chosen, StepLogprobs* lp) const;
 
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> cand_;  // scratch [n_vocab]
   std::vector<float> heap_;                       // scratch [top_k]: the k largest logits seen
   std::vector<int32_t> counts_;                   // scratch [n_vocab]: 0 between calls
+  std::vector<float> adjusted_;  // scratch [n_vocab]: logits after bias and penalties (logprobs)
 };
 
 // Index of the largest logit (lowest index wins ties).     logits: [n]

@@ -470,6 +470,72 @@ TEST(Sampler, LogitBiasAddsBeforeEverything) {
   for (int i = 0; i < 200; ++i) EXPECT_NE(drawn.sample(v.data(), 3, {}), 0);
 }
 
+// Log-probabilities: the log-softmax of the logits after bias and penalties, whatever the
+// temperature and cuts, against a double-precision reference over a random row.
+TEST(Sampler, LogprobsAreTheLogSoftmaxOfTheAdjustedLogits) {
+  constexpr int32_t kVocab = 5000;
+  const std::vector<float> logits = random_logits(kVocab, 7, 3.0f);
+  const std::vector<int32_t> history = {3, 3, 17, 42, 42, 42, 4999, 0};
+  SamplingParams p;  // the server's defaults: top-k 40, top-p 0.95, min-p 0.05
+  p.temperature = 0.7f;
+  p.repeat_penalty = 1.3f;
+  p.presence_penalty = 0.5f;
+  p.frequency_penalty = 0.25f;
+  p.logit_bias = {{10, 4.0f}, {11, -100.0f}, {42, 2.0f}};
+  p.n_logprobs = 20;
+  p.seed = 3;
+  // The reference: bias, then per distinct history id its count's penalties, in double.
+  std::vector<double> ref(logits.begin(), logits.end());
+  for (const auto& [id, b] : p.logit_bias) ref[static_cast<size_t>(id)] += b;
+  std::vector<int> count(kVocab, 0);
+  for (int32_t t : history) ++count[static_cast<size_t>(t)];
+  for (int32_t t = 0; t < kVocab; ++t) {
+    if (count[static_cast<size_t>(t)] == 0) continue;
+    double& l = ref[static_cast<size_t>(t)];
+    l = l > 0 ? l / p.repeat_penalty : l * p.repeat_penalty;
+    l -= p.presence_penalty + count[static_cast<size_t>(t)] * p.frequency_penalty;
+  }
+  const double l_max = *std::max_element(ref.begin(), ref.end());
+  double sum = 0.0;
+  for (double l : ref) sum += std::exp(l - l_max);
+  const double lse = l_max + std::log(sum);
+  std::vector<int32_t> order(kVocab);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return ref[static_cast<size_t>(a)] > ref[static_cast<size_t>(b)];
+  });
+
+  for (const float temperature : {0.7f, 0.0f}) {
+    p.temperature = temperature;
+    Sampler s(p);
+    EXPECT_FALSE(s.argmax_only());
+    StepLogprobs lp;
+    const int32_t t = s.sample(logits.data(), kVocab, history, &lp);
+    EXPECT_EQ(lp.chosen.id, t);
+    EXPECT_NEAR(lp.chosen.logprob, ref[static_cast<size_t>(t)] - lse, 1e-5);
+    ASSERT_EQ(lp.top.size(), 20u);
+    double mass = 0.0;
+    for (size_t i = 0; i < lp.top.size(); ++i) {
+      EXPECT_EQ(lp.top[i].id, order[i]) << i;
+      EXPECT_NEAR(lp.top[i].logprob, ref[static_cast<size_t>(order[i])] - lse, 1e-5) << i;
+      mass += std::exp(lp.top[i].logprob);
+    }
+    EXPECT_LE(mass, 1.0 + 1e-6);
+    if (temperature == 0.0f) {
+      EXPECT_EQ(t, lp.top[0].id);  // greedy: the chosen token leads
+    }
+  }
+  // n_logprobs 0: the chosen token alone; no lp asked for: nothing filled, same draw.
+  p.n_logprobs = 0;
+  Sampler zero(p);
+  StepLogprobs lp;
+  const int32_t t0 = zero.sample(logits.data(), kVocab, history, &lp);
+  EXPECT_TRUE(lp.top.empty());
+  EXPECT_NEAR(lp.chosen.logprob, ref[static_cast<size_t>(t0)] - lse, 1e-5);
+  p.n_logprobs = 21;
+  EXPECT_THROW(validate(p), Error);
+}
+
 // ---------------------------------------------------------------------------------------------
 // validate
 

@@ -385,13 +385,16 @@ void Scheduler::step() {
   // sample (~10 us) costs about what a hand-off does
   // (docs/bench-log/2026-12-03-zen4-session-10.md).
   std::vector<int32_t> sampled(items.size(), -1);
+  std::vector<std::optional<StepLogprobs>> logprobs(items.size());  // where asked for
   std::vector<std::exception_ptr> errors(items.size());
   auto sample = [&](int64_t i0, int64_t i1, int) {
     for (int64_t i = i0; i < i1; ++i) {
       const size_t b = ready[static_cast<size_t>(i)];
       Seq& q = as_seq(*items[b].seq);
       try {
-        sampled[b] = q.sampler->sample(logits.data() + b * mc.n_vocab, mc.n_vocab, q.tokens);
+        if (q.req.sampling.n_logprobs >= 0) logprobs[b].emplace();
+        sampled[b] = q.sampler->sample(logits.data() + b * mc.n_vocab, mc.n_vocab, q.tokens,
+                                       logprobs[b] ? &*logprobs[b] : nullptr);
       } catch (...) {
         errors[b] = std::current_exception();  // rethrown below, on the scheduler thread
       }
@@ -416,6 +419,7 @@ void Scheduler::step() {
     ev.n_prompt = q.n_prompt;
     ev.n_cached = q.n_cached;
     ev.n_generated = q.n_generated;
+    ev.logprobs = std::move(logprobs[b]);
     q.on_event(ev);
     if (!q.req.ignore_eos && tok_.is_eog(t)) {
       done.push_back(&q);

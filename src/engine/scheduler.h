@@ -32,6 +32,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -68,6 +69,8 @@ struct RequestEvent {
   int64_t n_prompt = 0;     // prompt tokens
   int64_t n_cached = 0;     // prompt tokens served from the prefix cache at first admission
   int64_t n_generated = 0;  // generated so far, this token included
+  // With the token, when the request asked (sampling.n_logprobs >= 0): logprobs.chosen.id == token.
+  std::optional<StepLogprobs> logprobs;
 };
 using RequestId = int64_t;
 using EventFn = std::function<void(const RequestEvent&)>;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <limits>
 
 #include "base/error.h"
@@ -90,21 +91,38 @@ void refuse_if(bool given, const char* key, const char* why) {
   if (given) bad(key, fmt::format("'{}' is not supported: {}", key, why), "unsupported_parameter");
 }
 
-// Structure only (lead and continuation bytes); the JSON writer replaces anything subtler.
+// The length of the UTF-8 sequence starting at s[i] when its structure (lead and continuation
+// bytes) is whole, else 0; the JSON writer replaces anything subtler.
+size_t utf8_seq(std::string_view s, size_t i) {
+  const auto c = static_cast<unsigned char>(s[i]);
+  const size_t n = c < 0x80           ? 1
+                   : (c >> 5) == 0x6  ? 2
+                   : (c >> 4) == 0xE  ? 3
+                   : (c >> 3) == 0x1E ? 4
+                                      : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
+  return n;
+}
+
 bool valid_utf8(std::string_view s) {
-  for (size_t i = 0; i < s.size();) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    const size_t n = c < 0x80           ? 1
-                     : (c >> 5) == 0x6  ? 2
-                     : (c >> 4) == 0xE  ? 3
-                     : (c >> 3) == 0x1E ? 4
-                                        : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    for (size_t k = 1; k < n; ++k)
-      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
-    i += n;
-  }
+  for (size_t i = 0, n = 0; i < s.size(); i += n)
+    if ((n = utf8_seq(s, i)) == 0) return false;
   return true;
+}
+
+// s with each byte that starts no whole sequence as U+FFFD: a token that is part of a character
+// gets text of its own, and tokens that differ only there share it (one key in a completion's
+// top_logprobs, rather than JSON keys the writer would make equal).
+std::string lossy_utf8(std::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = utf8_seq(s, i);
+    out += n ? s.substr(i, n) : std::string_view("\xEF\xBF\xBD");
+    i += n ? n : 1;
+  }
+  return out;
 }
 
 // ---- the parts chat and completions share -------------------------------------------------------
@@ -140,6 +158,31 @@ std::vector<std::pair<int32_t, float>> parse_logit_bias(const json& lb, int32_t 
     out.emplace_back(static_cast<int32_t>(id), static_cast<float>(value.get<double>()));
   }
   return out;
+}
+
+// Chat: "logprobs" (boolean) and "top_logprobs" (0..kMaxLogprobs, only with logprobs) as
+// SamplingParams::n_logprobs (-1: off).
+int32_t parse_chat_logprobs(const json& body) {
+  const bool on = get_bool(body, "logprobs").value_or(false);
+  const auto top = get_int(body, "top_logprobs");
+  if (top && !on) bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+  if (top && !(*top >= 0 && *top <= kMaxLogprobs))
+    bad("top_logprobs",
+        fmt::format("'top_logprobs' must be in [0, {}], got {}", kMaxLogprobs, *top));
+  return on ? static_cast<int32_t>(top.value_or(0)) : -1;
+}
+
+// Completions: "logprobs" N in [0, 5] (OpenAI's legacy limit): the sampled token's logprob and
+// the N most likely; absent, null or false: off.
+constexpr int64_t kMaxCompletionLogprobs = 5;
+int32_t parse_completion_logprobs(const json& body) {
+  const json* lp = field(body, "logprobs");
+  if (!lp || (lp->is_boolean() && !lp->get<bool>())) return -1;
+  const int64_t n = *get_int(body, "logprobs");  // `true` fails here: it is not an integer
+  if (!(n >= 0 && n <= kMaxCompletionLogprobs))
+    bad("logprobs",
+        fmt::format("'logprobs' must be in [0, {}], got {}", kMaxCompletionLogprobs, n));
+  return static_cast<int32_t>(n);
 }
 
 SamplingParams parse_sampling(const json& body, const ServedModel& m, uint64_t random_seed,
@@ -489,10 +532,6 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
   check_model(body, m);
   const std::vector<ChatMessage> messages = parse_messages(body);
   check_n(body);
-  refuse_if(get_bool(body, "logprobs").value_or(false), "logprobs",
-            "kvlm returns no log-probabilities");
-  refuse_if(get_int(body, "top_logprobs").value_or(0) != 0, "top_logprobs",
-            "kvlm returns no log-probabilities");
   for (const char* key : {"tools", "functions"}) {
     const json* v = field(body, key);
     refuse_if(v && !(v->is_array() && v->empty()), key, "kvlm has no tool calling");
@@ -505,6 +544,7 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
     refuse_if(type != "text", "response_format", "kvlm generates free text only (type 'text')");
   }
   g.req.sampling = parse_sampling(body, m, random_seed, tok.n_vocab());
+  g.req.sampling.n_logprobs = parse_chat_logprobs(body);
   g.stop = parse_stop(body);
   parse_stream(body, &g);
   g.req.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
@@ -562,11 +602,8 @@ GenerationRequest parse_completion_request(const json& body, const Tokenizer& to
   refuse_if(get_bool(body, "echo").value_or(false), "echo", "the prompt is not echoed");
   refuse_if(field(body, "suffix") != nullptr, "suffix", "kvlm does not fill in the middle");
   refuse_if(get_int(body, "best_of").value_or(1) != 1, "best_of", "one candidate per request");
-  if (const json* lp = field(body, "logprobs"))
-    refuse_if(
-        !(lp->is_boolean() ? !lp->get<bool>() : lp->is_number_integer() && lp->get<int64_t>() == 0),
-        "logprobs", "kvlm returns no log-probabilities");
   g.req.sampling = parse_sampling(body, m, random_seed, tok.n_vocab());
+  g.req.sampling.n_logprobs = parse_completion_logprobs(body);
   g.stop = parse_stop(body);
   parse_stream(body, &g);
   g.req.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
@@ -664,10 +701,54 @@ json usage_json(const Usage& u) {
           {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens}}}};
 }
 
+void LogprobsBuilder::clear() {
+  n_ = 0;
+  if (ep_ == Endpoint::Chat)
+    acc_ = {{"content", json::array()}};
+  else
+    acc_ = {{"tokens", json::array()},
+            {"token_logprobs", json::array()},
+            {"top_logprobs", json::array()},
+            {"text_offset", json::array()}};
+}
+
+void LogprobsBuilder::add(const StepLogprobs& lp, int64_t text_offset) {
+  // -9999.0 where a logprob is -inf: JSON has no infinity.
+  auto value = [](float v) { return std::isfinite(v) ? static_cast<double>(v) : -9999.0; };
+  auto entry = [&](const TokenLogprob& t) {
+    const std::string text = tok_.token_bytes(t.id, /*render_special=*/true);
+    json bytes = json::array();
+    for (char c : text) bytes.push_back(static_cast<unsigned char>(c));
+    return json{{"token", lossy_utf8(text)}, {"logprob", value(t.logprob)}, {"bytes", bytes}};
+  };
+  ++n_;
+  if (ep_ == Endpoint::Chat) {
+    json e = entry(lp.chosen);
+    json top = json::array();
+    for (const TokenLogprob& t : lp.top) top.push_back(entry(t));
+    e["top_logprobs"] = std::move(top);
+    acc_["content"].push_back(std::move(e));
+    return;
+  }
+  json top = json::object();  // tokens of equal text keep the likelier one (listed first)
+  for (const TokenLogprob& t : lp.top)
+    top.emplace(lossy_utf8(tok_.token_bytes(t.id, true)), value(t.logprob));
+  acc_["tokens"].push_back(lossy_utf8(tok_.token_bytes(lp.chosen.id, true)));
+  acc_["token_logprobs"].push_back(value(lp.chosen.logprob));
+  acc_["top_logprobs"].push_back(std::move(top));
+  acc_["text_offset"].push_back(text_offset);
+}
+
+json LogprobsBuilder::take() {
+  json out = std::move(acc_);
+  clear();
+  return out;
+}
+
 json render_response(const ResponseMeta& m, const std::string& text, const std::string& finish,
-                     const Usage& u) {
+                     const Usage& u, const json& logprobs) {
   json j = base_object(m, false);
-  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_json(finish)}};
+  json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish_json(finish)}};
   if (m.endpoint == Endpoint::Chat)
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   else
@@ -678,9 +759,9 @@ json render_response(const ResponseMeta& m, const std::string& text, const std::
 }
 
 json render_chunk(const ResponseMeta& m, const std::string& text, const std::string& finish,
-                  bool role_delta, bool usage_null) {
+                  bool role_delta, bool usage_null, const json& logprobs) {
   json j = base_object(m, true);
-  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_json(finish)}};
+  json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish_json(finish)}};
   if (m.endpoint == Endpoint::Chat) {
     json delta = json::object();
     if (role_delta) delta["role"] = "assistant";

@@ -188,14 +188,36 @@ struct ResponseMeta {
   std::string model;
 };
 
-// chat.completion / text_completion with one choice.
+// A request's log-probabilities in OpenAI's shapes, added token by token and taken as one
+// choice's "logprobs": chat's {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
+// "logprob", "bytes"}]}]}, completions' {"tokens", "token_logprobs", "top_logprobs": [{token:
+// logprob}], "text_offset"}. token: the token's text (specials rendered); bytes: its UTF-8 bytes;
+// a logprob of -inf (a token that cannot be drawn) is -9999.0, as OpenAI writes it.
+class LogprobsBuilder {
+ public:
+  LogprobsBuilder(const Tokenizer& tok, Endpoint ep) : tok_(tok), ep_(ep) { clear(); }
+  // text_offset (completions): the characters of the completion shown before this token.
+  void add(const StepLogprobs& lp, int64_t text_offset);
+  bool empty() const { return n_ == 0; }
+  json take();  // what was added since the last take()
+
+ private:
+  void clear();
+  const Tokenizer& tok_;
+  Endpoint ep_;
+  json acc_;
+  size_t n_ = 0;
+};
+
+// chat.completion / text_completion with one choice; logprobs: the choice's (null: not asked).
 json render_response(const ResponseMeta& m, const std::string& text, const std::string& finish,
-                     const Usage& u);
+                     const Usage& u, const json& logprobs = nullptr);
 // chat.completion.chunk / text_completion chunk with one choice. Chat: role_delta puts the
 // assistant role in the delta (the first chunk); finish empty: "finish_reason": null.
 // usage_null adds "usage": null (OpenAI does so on every chunk when include_usage is on).
+// logprobs: those of the chunk's tokens (null: none).
 json render_chunk(const ResponseMeta& m, const std::string& text, const std::string& finish,
-                  bool role_delta, bool usage_null);
+                  bool role_delta, bool usage_null, const json& logprobs = nullptr);
 // The last chunk with include_usage: "choices": [] and the usage.
 json render_usage_chunk(const ResponseMeta& m, const Usage& u);
 // "data: {json}\n\n"

@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -16,6 +17,7 @@
 #include <ctime>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <unordered_set>
@@ -91,13 +93,20 @@ struct Job {
       : meta(std::move(meta)),
         stream(g.stream),
         include_usage(g.include_usage),
-        text(tok, g.stop, g.req.ignore_eos) {
+        text(tok, g.stop, g.req.ignore_eos),
+        ignore_eos(g.req.ignore_eos) {
     usage.prompt_tokens = static_cast<int64_t>(g.req.prompt.size());
+    if (g.req.sampling.n_logprobs >= 0) logprobs.emplace(tok, this->meta.endpoint);
   }
   ResponseMeta meta;
   bool stream, include_usage;
   std::shared_ptr<Channel> ch = std::make_shared<Channel>();
   TextStream text;
+  bool ignore_eos;
+  // When the request asked for logprobs: its tokens' not yet sent (end-of-generation tokens left
+  // out, as from the text, unless ignore_eos).
+  std::optional<LogprobsBuilder> logprobs;
+  int64_t shown_chars = 0;  // characters of text consume() has returned (text_offset)
   RequestId id = 0;
   Clock::time_point t_submit, t_first_token, t_last_token;
   Usage usage;             // completion_tokens: token events taken so far
@@ -348,7 +357,8 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
     if (job->finish == "cancelled")
       throw HttpError(503, "the server is shutting down", "", "shutting_down");
     if (job->finish == "error") throw HttpError(500, job->error);
-    res.set_content(dump(render_response(job->meta, text, job->finish, job->usage)),
+    const json logprobs = job->logprobs ? job->logprobs->take() : json(nullptr);
+    res.set_content(dump(render_response(job->meta, text, job->finish, job->usage, logprobs)),
                     "application/json");
     return;
   }
@@ -383,6 +393,8 @@ std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
     }
     job.t_last_token = te.at;
     ++job.usage.completion_tokens;
+    if (job.logprobs && e.logprobs && (job.ignore_eos || !tok.is_eog(e.token)))
+      job.logprobs->add(*e.logprobs, job.shown_chars);
     out = job.text.push(e.token);
     if (job.text.stopped()) {
       job.done = true;
@@ -397,6 +409,10 @@ std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
     out += job.text.finish();
   }
   if (job.done) metrics.observe_e2e(seconds(te.at - job.t_submit));
+  // Characters, not bytes: the lead bytes (a text offset as a client's string indexes it).
+  job.shown_chars += std::count_if(out.begin(), out.end(), [](char c) {
+    return (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  });
   return out;
 }
 
@@ -421,8 +437,12 @@ bool Server::Impl::stream_step(Job& job, httplib::DataSink& sink) {
       }
       for (const TimedEvent& te : events) {
         const std::string piece = consume(job, te);
-        if (!piece.empty())
-          out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage));
+        // Each chunk carries its tokens' logprobs; a token whose text is held back (a stop
+        // string's start, a split character) still gets its chunk.
+        const bool lp = job.logprobs && !job.logprobs->empty();
+        if (!piece.empty() || lp)
+          out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage,
+                                        lp ? job.logprobs->take() : json(nullptr)));
         if (job.done) break;
       }
       if (job.done) {

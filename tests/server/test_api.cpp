@@ -113,6 +113,58 @@ TEST_F(Api, ChatParameters) {
   EXPECT_EQ(g.stop, std::vector<std::string>{"x"});
   EXPECT_TRUE(g.stream);
   EXPECT_TRUE(g.include_usage);
+  EXPECT_EQ(g.req.sampling.n_logprobs, -1);  // logprobs: false
+}
+
+TEST_F(Api, LogprobsParameters) {
+  const json m = json::array({{{"role", "user"}, {"content", "hi"}}});
+  EXPECT_EQ(chat({{"messages", m}}).req.sampling.n_logprobs, -1);
+  EXPECT_EQ(chat({{"messages", m}, {"logprobs", true}}).req.sampling.n_logprobs, 0);
+  const json top20 = {{"messages", m}, {"logprobs", true}, {"top_logprobs", 20}};
+  EXPECT_EQ(chat(top20).req.sampling.n_logprobs, 20);
+  EXPECT_EQ(complete({{"prompt", "a"}, {"logprobs", 5}}).req.sampling.n_logprobs, 5);
+  EXPECT_EQ(complete({{"prompt", "a"}, {"logprobs", 0}}).req.sampling.n_logprobs, 0);
+  EXPECT_EQ(complete({{"prompt", "a"}, {"logprobs", false}}).req.sampling.n_logprobs, -1);
+  EXPECT_EQ(complete({{"prompt", "a"}, {"logprobs", nullptr}}).req.sampling.n_logprobs, -1);
+}
+
+// OpenAI's shapes: chat's content entries, completions' parallel arrays; -inf as -9999.
+TEST_F(Api, LogprobsShapes) {
+  StepLogprobs lp;
+  lp.chosen = {65, -0.25f};                          // 'A' (the tiny vocabulary's bytes first)
+  lp.top = {{65, -0.25f}, {66, -2.0f}, {67, -INFINITY}};
+  LogprobsBuilder chat_lp(*tok_, Endpoint::Chat);
+  EXPECT_TRUE(chat_lp.empty());
+  chat_lp.add(lp, 0);
+  EXPECT_FALSE(chat_lp.empty());
+  const json c = chat_lp.take();
+  EXPECT_TRUE(chat_lp.empty());
+  ASSERT_EQ(c["content"].size(), 1u);
+  const json& e = c["content"][0];
+  EXPECT_EQ(e["token"], tok_->token_bytes(65));
+  EXPECT_EQ(e["bytes"], json::array({static_cast<unsigned char>(tok_->token_bytes(65)[0])}));
+  EXPECT_DOUBLE_EQ(e["logprob"].get<double>(), -0.25);
+  ASSERT_EQ(e["top_logprobs"].size(), 3u);
+  EXPECT_DOUBLE_EQ(e["top_logprobs"][1]["logprob"].get<double>(), -2.0);
+  EXPECT_DOUBLE_EQ(e["top_logprobs"][2]["logprob"].get<double>(), -9999.0);
+  EXPECT_EQ(chat_lp.take(), json({{"content", json::array()}}));
+
+  LogprobsBuilder comp_lp(*tok_, Endpoint::Completion);
+  // Two tokens that are pieces of characters (bytes 0xC3, 0xA9) share the text U+FFFD: one key.
+  lp.top.push_back({0xC3, -5.0f});
+  lp.top.push_back({0xA9, -6.0f});
+  comp_lp.add(lp, 0);
+  comp_lp.add(lp, 1);
+  const json k = comp_lp.take();
+  EXPECT_EQ(k["tokens"], json::array({tok_->token_bytes(65), tok_->token_bytes(65)}));
+  EXPECT_EQ(k["token_logprobs"], json::array({-0.25, -0.25}));
+  EXPECT_EQ(k["text_offset"], json::array({0, 1}));
+  EXPECT_EQ(k["top_logprobs"][0].size(), 4u);
+  EXPECT_DOUBLE_EQ(k["top_logprobs"][0]["\xEF\xBF\xBD"].get<double>(), -5.0);
+  EXPECT_DOUBLE_EQ(k["top_logprobs"][0][tok_->token_bytes(66)].get<double>(), -2.0);
+  const ResponseMeta meta{Endpoint::Completion, "cmpl-1", 100, "m"};
+  EXPECT_EQ(render_response(meta, "AA", "length", Usage{}, k)["choices"][0]["logprobs"], k);
+  EXPECT_EQ(render_chunk(meta, "A", "", false, false, k)["choices"][0]["logprobs"], k);
 }
 
 TEST_F(Api, ContentPartsJoinWithNewlines) {
@@ -231,8 +283,27 @@ TEST_F(Api, BadRequestsTable) {
        "stream_options"},
       {"n 2", true, {{"messages", m}, {"n", 2}}, 400, "n"},
       {"n 0", true, {{"messages", m}, {"n", 0}}, 400, "n"},
-      {"logprobs", true, {{"messages", m}, {"logprobs", true}}, 400, "logprobs"},
-      {"top_logprobs", true, {{"messages", m}, {"top_logprobs", 2}}, 400, "top_logprobs"},
+      {"logprobs string", true, {{"messages", m}, {"logprobs", "yes"}}, 400, "logprobs"},
+      {"top_logprobs without logprobs",
+       true,
+       {{"messages", m}, {"top_logprobs", 2}},
+       400,
+       "top_logprobs"},
+      {"top_logprobs 21",
+       true,
+       {{"messages", m}, {"logprobs", true}, {"top_logprobs", 21}},
+       400,
+       "top_logprobs"},
+      {"top_logprobs -1",
+       true,
+       {{"messages", m}, {"logprobs", true}, {"top_logprobs", -1}},
+       400,
+       "top_logprobs"},
+      {"top_logprobs 2.5",
+       true,
+       {{"messages", m}, {"logprobs", true}, {"top_logprobs", 2.5}},
+       400,
+       "top_logprobs"},
       {"presence_penalty 3",
        true,
        {{"messages", m}, {"presence_penalty", 3}},
@@ -287,7 +358,10 @@ TEST_F(Api, BadRequestsTable) {
       {"echo", false, {{"prompt", "a"}, {"echo", true}}, 400, "echo"},
       {"suffix", false, {{"prompt", "a"}, {"suffix", "b"}}, 400, "suffix"},
       {"best_of", false, {{"prompt", "a"}, {"best_of", 2}}, 400, "best_of"},
-      {"completion logprobs", false, {{"prompt", "a"}, {"logprobs", 2}}, 400, "logprobs"},
+      {"completion logprobs 6", false, {{"prompt", "a"}, {"logprobs", 6}}, 400, "logprobs"},
+      {"completion logprobs -1", false, {{"prompt", "a"}, {"logprobs", -1}}, 400, "logprobs"},
+      {"completion logprobs true", false, {{"prompt", "a"}, {"logprobs", true}}, 400, "logprobs"},
+      {"completion logprobs 1.5", false, {{"prompt", "a"}, {"logprobs", 1.5}}, 400, "logprobs"},
       {"completion unknown model", false, {{"prompt", "a"}, {"model", "x"}}, 404, "model"},
   };
   for (const BadCase& c : cases) {

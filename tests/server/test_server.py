@@ -12,6 +12,7 @@ Needs the pinned `openai` package (scripts/setup-python.sh) and curl.
 """
 import http.client
 import json
+import math
 import os
 import re
 import signal
@@ -419,7 +420,8 @@ class Protocol(ServerCase):
             ("top_p > 1", "POST", chat, {"messages": msgs, "top_p": 1.5}, 400),
             ("stream not bool", "POST", chat, {"messages": msgs, "stream": "yes"}, 400),
             ("n = 2", "POST", chat, {"messages": msgs, "n": 2}, 400),
-            ("logprobs", "POST", chat, {"messages": msgs, "logprobs": True}, 400),
+            ("top_logprobs 21", "POST", chat,
+             {"messages": msgs, "logprobs": True, "top_logprobs": 21}, 400),
             ("presence_penalty 3", "POST", chat, {"messages": msgs, "presence_penalty": 3}, 400),
             ("logit_bias id", "POST", chat, {"messages": msgs, "logit_bias": {"999999": 1}}, 400),
             ("five stop strings", "POST", chat, {"messages": msgs, "stop": list("abcde")}, 400),
@@ -791,6 +793,117 @@ class Penalties(unittest.TestCase):
                 self.assertEqual(banned.choices[0].text, "B" * 12)
                 strong = complete(presence_penalty=2, frequency_penalty=2)
                 self.assertEqual(strong.usage.completion_tokens, 12)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+
+class Logprobs(unittest.TestCase):
+    """logprobs through the official client, chat (logprobs + top_logprobs) and completions
+    (logprobs N), streaming and not: one entry per token, greedy's token the most likely of its
+    list, the listed probabilities summing to at most 1, bytes decoding to the token text, a
+    stream's chunks carrying what the whole response does, and the bad values refused."""
+
+    def check_bytes(self, token, bytes_):
+        decoded = bytes(bytes_).decode("utf-8", "replace")
+        if "\ufffd" not in decoded:  # a piece of a character has no text of its own
+            self.assertEqual(decoded, token)
+
+    def check_entry(self, token, logprob, bytes_, top, n_top):
+        self.assertEqual(len(top), n_top)
+        self.assertLessEqual(logprob, 0.0)
+        if bytes_ is not None:
+            self.check_bytes(token, bytes_)
+        lps = [t[1] for t in top]
+        self.assertEqual(lps, sorted(lps, reverse=True))
+        self.assertLessEqual(sum(math.exp(x) for x in lps), 1.0 + 1e-5)
+        # Greedy: the sampled token is the most likely one.
+        self.assertAlmostEqual(logprob, lps[0], places=5)
+        self.assertEqual(token, top[0][0])
+
+    def test_chat_and_completions(self):
+        srv = Server("-m", TINY)
+        try:
+            with srv.client() as c:
+                msgs = [{"role": "user", "content": "the cat"}]
+                kw = dict(model="tiny-llama", messages=msgs, max_tokens=8, temperature=0,
+                          logprobs=True, top_logprobs=5)
+                r = c.chat.completions.create(**kw)
+                content = r.choices[0].logprobs.content
+                # An end-of-generation token is left out, as from the text.
+                eog = r.choices[0].finish_reason == "stop"
+                self.assertEqual(len(content), r.usage.completion_tokens - eog)
+                if not any("\ufffd" in e.token for e in content):
+                    self.assertEqual("".join(e.token for e in content),
+                                     r.choices[0].message.content)
+                for e in content:
+                    self.check_entry(e.token, e.logprob, e.bytes,
+                                     [(t.token, t.logprob) for t in e.top_logprobs], 5)
+                    for t in e.top_logprobs:
+                        self.check_bytes(t.token, t.bytes)
+                streamed = []
+                for chunk in c.chat.completions.create(stream=True, **kw):
+                    if chunk.choices and chunk.choices[0].logprobs:
+                        streamed += chunk.choices[0].logprobs.content
+                self.assertEqual([(e.token, e.logprob) for e in streamed],
+                                 [(e.token, e.logprob) for e in content])
+                # Without top_logprobs: the sampled token alone.
+                r0 = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3,
+                                               temperature=0, logprobs=True)
+                self.assertEqual([e.top_logprobs for e in r0.choices[0].logprobs.content],
+                                 [[]] * 3)
+                # Without logprobs: null.
+                rn = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3)
+                self.assertIsNone(rn.choices[0].logprobs)
+
+                ckw = dict(model="tiny-llama", prompt="the cat", max_tokens=8, temperature=0,
+                           logprobs=3)
+                k = c.completions.create(**ckw)
+                lp = k.choices[0].logprobs
+                self.assertEqual(len(lp.tokens),
+                                 k.usage.completion_tokens - (k.choices[0].finish_reason == "stop"))
+                if not any("\ufffd" in t for t in lp.tokens):
+                    self.assertEqual("".join(lp.tokens), k.choices[0].text)
+                    offsets = [0]
+                    for t in lp.tokens[:-1]:
+                        offsets.append(offsets[-1] + len(t))
+                    self.assertEqual(lp.text_offset, offsets)
+                for tok, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+                    pairs = sorted(top.items(), key=lambda kv: -kv[1])
+                    self.check_entry(tok, logprob, None, pairs, len(top))
+                    self.assertGreaterEqual(len(top), 1)
+                tokens, token_lps, offsets_s = [], [], []
+                for chunk in c.completions.create(stream=True, **ckw):
+                    if chunk.choices and chunk.choices[0].logprobs:
+                        tokens += chunk.choices[0].logprobs.tokens
+                        token_lps += chunk.choices[0].logprobs.token_logprobs
+                        offsets_s += chunk.choices[0].logprobs.text_offset
+                self.assertEqual(tokens, lp.tokens)
+                self.assertEqual(token_lps, lp.token_logprobs)
+                self.assertEqual(offsets_s, lp.text_offset)
+                # A temperature draw: the logprobs are still those before the temperature, so
+                # the sampled token's logprob is one of the distribution, at most the top one.
+                d = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=8,
+                                              temperature=1.5, extra_body={"top_k": 0}, seed=5, logprobs=True,
+                                              top_logprobs=20)
+                for e in d.choices[0].logprobs.content:
+                    self.assertLessEqual(e.logprob, e.top_logprobs[0].logprob + 1e-6)
+                    self.assertLessEqual(sum(math.exp(t.logprob) for t in e.top_logprobs),
+                                         1.0 + 1e-5)
+
+                for bad, param in [(dict(top_logprobs=2), "top_logprobs"),
+                                   (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+                                   (dict(logprobs=True, top_logprobs=-1), "top_logprobs"),
+                                   (dict(logprobs=True, top_logprobs=1.5), "top_logprobs"),
+                                   (dict(logprobs="yes"), "logprobs")]:
+                    with self.assertRaises(openai.BadRequestError) as cm:
+                        c.chat.completions.create(model="tiny-llama", messages=msgs,
+                                                  max_tokens=2, **bad)
+                    self.assertEqual(cm.exception.body["param"], param, bad)
+                for n in (6, -1, 1.5, True):
+                    with self.assertRaises(openai.BadRequestError) as cm:
+                        c.completions.create(model="tiny-llama", prompt="a", max_tokens=2,
+                                             logprobs=n)
+                    self.assertEqual(cm.exception.body["param"], "logprobs", n)
         finally:
             self.assertEqual(srv.stop(), 0)
 

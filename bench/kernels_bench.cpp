@@ -111,6 +111,26 @@ void BM_AttnF32(benchmark::State& state) {
 }
 BENCHMARK(BM_AttnF32)->Name("AttnF32")->Arg(3);
 
+// n_rows rows of type t, n_cols wide, back to back: N(0, 1) rows quantized where quantize_row
+// has t, else (the K types) random codes and scales (the speed is the same).
+std::vector<uint8_t> random_rows(DType t, int64_t n_rows, int64_t n_cols, std::mt19937& rng) {
+  const size_t stride = row_bytes(t, n_cols);
+  std::vector<uint8_t> bytes(stride * n_rows);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> row(n_cols);
+  const bool quantizer = t == DType::Q4_1 || t == DType::Q8_0 || t == DType::F16 ||
+                         t == DType::BF16;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (float& x : row) x = nd(rng);
+    if (quantizer) {
+      kernels::quantize_row(t, row.data(), bytes.data() + r * stride, n_cols);
+    } else {
+      for (size_t i = 0; i < stride; ++i) bytes[r * stride + i] = static_cast<uint8_t>(rng());
+    }
+  }
+  return bytes;
+}
+
 // QMatmul/<type>/<n_tok>/<cold>: kernels::matmul of a packed random SmolLM2 FFN-down-sized matrix
 // (576 x 1536; type 0 Q4_1, 1 Q8_0, 2 Q4_K, 3 Q6_K, 4 IQ4_XS) with n_tok tokens on one thread.
 // cold 0: the same matrix every call (0.5-0.9 MiB, staying in L2), so the counter is the
@@ -122,18 +142,9 @@ void BM_QMatmul(benchmark::State& state) {
   const DType t = types[state.range(0)];
   const int64_t n_tok = state.range(1), n_rows = 576, n_cols = 1536;
   const size_t stride = row_bytes(t, n_cols);
-  std::vector<uint8_t> bytes(stride * n_rows);
   std::mt19937 rng(11);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> row(n_cols);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    for (float& x : row) x = nd(rng);
-    if (state.range(0) < 2) {
-      kernels::quantize_row(t, row.data(), bytes.data() + r * stride, n_cols);
-    } else {  // no quantizer for the K types: random codes and scales (the speed is the same)
-      for (size_t i = 0; i < stride; ++i) bytes[r * stride + i] = static_cast<uint8_t>(rng());
-    }
-  }
+  std::vector<uint8_t> bytes = random_rows(t, n_rows, n_cols, rng);
   TensorView w{t, bytes.data(), n_rows, n_cols, stride};
   const std::vector<uint8_t> packed = kernels::pack_weights(w);
   const int64_t n_copies =
@@ -153,6 +164,29 @@ void BM_QMatmul(benchmark::State& state) {
   state.counters["gmac_per_s"] = benchmark::Counter(macs * 1e-9, benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_QMatmul)->Name("QMatmul")->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4, 16, 64}, {0, 1}});
+
+// HalfMatmul/<type>/<n_tok>: kernels::matmul of a random F16 (type 0) or BF16 (type 1) matrix of
+// Llama-3.2-1B's attention shape (2048 x 2048, 8 MiB: from L3 or memory, as in a forward pass)
+// with n_tok tokens on one thread. Counter gmac_per_s as QMatmul's.
+void BM_HalfMatmul(benchmark::State& state) {
+  const DType t = state.range(0) == 0 ? DType::F16 : DType::BF16;
+  const int64_t n_tok = state.range(1), n_rows = 2048, n_cols = 2048;
+  const size_t stride = row_bytes(t, n_cols);
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const std::vector<uint8_t> bytes = random_rows(t, n_rows, n_cols, rng);
+  const TensorView w{t, bytes.data(), n_rows, n_cols, stride};
+  std::vector<float> x(static_cast<size_t>(n_tok * n_cols)), y(static_cast<size_t>(n_tok * n_rows));
+  for (float& v : x) v = nd(rng);
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    kernels::matmul(w, x.data(), y.data(), n_tok, pool);
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double macs = static_cast<double>(state.iterations()) * n_tok * n_rows * n_cols;
+  state.counters["gmac_per_s"] = benchmark::Counter(macs * 1e-9, benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_HalfMatmul)->Name("HalfMatmul")->ArgsProduct({{0, 1}, {1, 4, 16, 64}});
 
 }  // namespace
 }  // namespace kvlm

@@ -5,8 +5,8 @@
 // Each function has the same contract as its twin in ref/ref.h. Activation quantization, the
 // quantized (Q4_0/Q4_1/Q8_0) matmul and dot_row, and the dequantization of every type are
 // bit-identical to ref; the f32 dots (f32/f16/bf16 weights, and the other quantized types, whose
-// rows are dequantized first) sum in a different (but fixed, n-only) order, so they agree with
-// ref to rounding, not bitwise.
+// rows are dequantized first) sum in a different (but fixed, n-only) order or fuse ref's
+// product-adds (f16/bf16 matmul), so they agree with ref to rounding, not bitwise.
 // Within this variant, matmul's y[i, r] is bit-identical whatever n_tok, the thread count, the
 // row split or the packing, and equals dot_row bit for bit.
 #pragma once
@@ -87,5 +87,12 @@ float dot_f32(const float* a, const float* b, int64_t n);
 // sum_c f16 a[c] * b[c] without a dequantized copy; equals dot_f32 of the dequantized row bit for
 // bit (same lanes and order; f16 -> f32 is exact).   a: [n] f16, b: [n]
 float dot_f16(const uint16_t* a, const float* b, int64_t n);
+// F16 and BF16 weights (half_avx2.cpp): rows [r_begin, r_end) of y = W x for n_tok tokens, f32
+// activations, ref's 16-lane summation order with fused product-adds (bound in that file).
+//   w: [n_out, n_in] F16 or BF16;  x: [n_tok, n_in];  y: [n_tok, n_out]
+void matmul_half_rows(const TensorView& w, const float* x, float* y, int64_t n_tok,
+                      int64_t r_begin, int64_t r_end);
+// One row of it (t: F16 or BF16): matmul_half_rows's y element bit for bit.   a: [n], b: [n]
+float dot_half(DType t, const uint16_t* a, const float* b, int64_t n);
 
 }  // namespace kvlm::kernels::avx2

@@ -12,6 +12,9 @@
 //    The speed comes from the layout, not from reordering: weights are packed in groups of 8 rows
 //    (kernels/packed.h) so that each vector instruction works on 8 rows' codes at once and every
 //    row's sum sits in its own lane; no horizontal sums, one scale product per 8 rows.
+//  * F16/BF16 weights in matmul and dot_row: register-tiled FMA kernels in half_avx2.cpp (ref's
+//    16-lane order, fused). The dots below are for f32 weights, the dequantized types and
+//    dot_f16 (f16 attention rows).
 //  * f32 and f16 dots: 4 accumulators x 8 lanes over 32-column steps, FMA (one rounding per
 //    product-add), leftover 8-column chunks into accumulators 0, 1, 2 and a masked final chunk into
 //    accumulator 3; then ((a0 + a1) + (a2 + a3)) and hsum. No alignment peeling: the order depends
@@ -576,8 +579,8 @@ const float* row_as_f32(DType t, const void* row, int64_t n, float* scratch) {
 }
 
 // f32-path matmul: kRowTile weight rows dequantized into per-thread scratch, every token dotted
-// with them (as ref). Hot for the weight types without packed kernels (Q5_x, K-quants, IQ4):
-// their rows are dequantized at every call, by the twins above.
+// with them (as ref). Hot for the weight types without packed or half kernels (Q5_1, Q2_K, Q3_K,
+// IQ4_NL): their rows are dequantized at every call, by the twins above.
 constexpr int64_t kRowTile = 4;
 // Rows per parallel_for grain: enough work per chunk to amortise the wake-up; a multiple of both
 // tile heights so that only a chunk's last tile is partial.
@@ -703,8 +706,8 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
       // matmul's arithmetic is ref's here (one row: the scalar loop is as good as any).
       return ref::dot_row(t, row, x, n);
     case DType::F16:
-      // The attention's K . q over an f16 cache: no dequantized copy of the row.
-      return dot_f16_impl(static_cast<const uint16_t*>(row), x, n);
+    case DType::BF16:
+      return dot_half(t, static_cast<const uint16_t*>(row), x, n);
     case DType::F32:
       if (reinterpret_cast<uintptr_t>(row) % alignof(float) == 0)
         return dot_f32_impl(static_cast<const float*>(row), x, n);
@@ -739,6 +742,15 @@ void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, fl
         ng,
         [&](int64_t g_begin, int64_t g_end, int) { qmatmul(gk, w, xv, n_tok, y, g_begin, g_end); },
         group_grain(ng, double(n_out) * n_in * n_tok));
+    return;
+  }
+  if (w.dtype == DType::F16 || w.dtype == DType::BF16) {
+    pool.parallel_for(
+        n_out,
+        [&](int64_t r_begin, int64_t r_end, int) {
+          matmul_half_rows(w, x, y, n_tok, r_begin, r_end);
+        },
+        row_grain(n_out, double(n_out) * n_in * n_tok));
     return;
   }
 

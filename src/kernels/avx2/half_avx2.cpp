@@ -1,0 +1,141 @@
+// F16 and BF16 weight matmul for the AVX2 variant: the weights are widened to f32 in registers
+// (F16C's vcvtph2ps for f16; a 16-bit shift for bf16, whose bits are an f32's top half) and
+// multiplied by f32 activations with FMA, R rows by T tokens per kernel call, so that each
+// weight vector is loaded and converted once for up to T tokens and each activation vector once
+// for R rows (register tiling; no dequantized copy of a row is written or read back).
+//
+// Numerics: activations stay f32. llama.cpp instead rounds the activations to the weight type
+// (f16: 11 significant bits, bf16: 8) before its dot; kvlm's products are the exact f32 product
+// of the exact weight value and the f32 activation, so its results are at least as accurate.
+// Per (row, token) the sum keeps ref's order (ref/ops_ref.cpp's dot_f32): 16 lanes (two 8-lane
+// accumulators, columns c % 16 < 8 and >= 8), the last n % 16 columns into the first lanes, then
+// ref's pairwise fold (hsum of lo + hi is exactly that fold). The one difference from ref is that
+// each product-add is fused (one rounding instead of two), so |avx2 - ref| <= 2 (ceil(n / 16) + 5)
+// 2^-24 sum |w x| (each is within half that of the exact sum); tests/kernels/test_kernels_avx2.cpp
+// checks this bound and reports the worst ratio it saw. Every element's operations are the same
+// whatever the tile shape, n_tok, thread count or row split, so matmul is batch-independent and
+// equals dot_row bit for bit.
+// Compiled with -mavx2 -mfma -mf16c -ffp-contract=off (../CMakeLists.txt); same COMDAT hazard as
+// ops_avx2.cpp: this file must emit no weak symbols (check with nm -C after changes).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/avx2/avx2.h"
+#include "kernels/avx2/lanes.h"
+
+namespace kvlm::kernels::avx2 {
+
+namespace {
+
+// 8 weights at p as f32 (exact for every f16 and bf16 value, NaN and Inf included).
+template <DType kT>
+inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (kT == DType::F16)
+    return _mm256_cvtph_ps(h);
+  else
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The first k (1..8) weights at p, zero beyond (both types' bits 0 are +0.0f), without reading
+// past the row.
+template <DType kT>
+inline __m256 load_first(const uint16_t* p, int64_t k) {
+  alignas(16) uint16_t buf[8] = {};
+  std::memcpy(buf, p, static_cast<size_t>(k) * sizeof(uint16_t));
+  return load8<kT>(buf);
+}
+
+// acc[r][t] += w rows' 8 columns at c times token t's 8 columns at c (k < 8: the first k only).
+template <DType kT, int R, int T>
+inline void step(const uint16_t* const* w, const float* x, int64_t n, int64_t c, int64_t k,
+                 __m256 (&acc)[R][T]) {
+  __m256 wv[R];
+  for (int r = 0; r < R; ++r) wv[r] = k == 8 ? load8<kT>(w[r] + c) : load_first<kT>(w[r] + c, k);
+  for (int t = 0; t < T; ++t) {
+    const float* xt = x + t * n + c;
+    const __m256 xv = k == 8 ? _mm256_loadu_ps(xt) : _mm256_maskload_ps(xt, first_lanes(k));
+    for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+  }
+}
+
+// y[t * y_stride + r] = sum_c W[r, c] x[t, c] for R rows (w[r]: [n]) and T tokens (x: [T, n]).
+template <DType kT, int R, int T>
+void tile(const uint16_t* const* w, const float* x, int64_t n, float* y, int64_t y_stride) {
+  __m256 lo[R][T], hi[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) lo[r][t] = hi[r][t] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    step<kT, R, T>(w, x, n, c, 8, lo);
+    step<kT, R, T>(w, x, n, c + 8, 8, hi);
+  }
+  const int64_t rest = n - c;  // 0..15, into the first lanes as ref's tail
+  if (rest > 0) step<kT, R, T>(w, x, n, c, std::min<int64_t>(rest, 8), lo);
+  if (rest > 8) step<kT, R, T>(w, x, n, c + 8, rest - 8, hi);
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) y[t * y_stride + r] = hsum(_mm256_add_ps(lo[r][t], hi[r][t]));
+}
+
+using TileFn = void (*)(const uint16_t* const*, const float*, int64_t, float*, int64_t);
+
+// Tile shapes: one token takes 4 rows per call (8 accumulators + 4 weight vectors: a
+// matrix-vector product waits on memory, more rows keep more loads in flight); more tokens take
+// 2 rows x 3 tokens (12 accumulators + 2 weight + 1 activation register of AVX2's 16), 12 FMAs
+// per 5 loads. Smaller shapes for the edges.
+constexpr int64_t kRows = 2, kToks = 3, kDecodeRows = 4;
+
+template <DType kT>
+TileFn tile_fn(int64_t rows, int64_t toks) {
+  static constexpr TileFn kFns[kDecodeRows][kToks] = {
+      {tile<kT, 1, 1>, tile<kT, 1, 2>, tile<kT, 1, 3>},
+      {tile<kT, 2, 1>, tile<kT, 2, 2>, tile<kT, 2, 3>},
+      {tile<kT, 3, 1>, nullptr, nullptr},
+      {tile<kT, 4, 1>, nullptr, nullptr}};
+  return kFns[rows - 1][toks - 1];
+}
+
+// Rows whose weights stay in L2 while every token passes them: each activation triple (in L1)
+// is multiplied with a block of this many rows before the next triple.
+constexpr int64_t kBlockRows = 16;
+
+template <DType kT>
+void rows_impl(const TensorView& w, const float* x, float* y, int64_t n_tok, int64_t r_begin,
+               int64_t r_end) {
+  const int64_t n = w.n_cols, n_out = w.n_rows;
+  const int64_t step_rows = n_tok == 1 ? kDecodeRows : kRows;
+  for (int64_t b0 = r_begin; b0 < r_end; b0 += kBlockRows) {
+    const int64_t b1 = std::min(r_end, b0 + kBlockRows);
+    for (int64_t t0 = 0; t0 < n_tok; t0 += kToks) {
+      const int64_t nt = std::min(kToks, n_tok - t0);
+      for (int64_t r0 = b0; r0 < b1; r0 += step_rows) {
+        const int64_t nr = std::min(step_rows, b1 - r0);
+        const uint16_t* rows[kDecodeRows];
+        for (int64_t r = 0; r < nr; ++r)
+          rows[r] = reinterpret_cast<const uint16_t*>(w.row(r0 + r));
+        tile_fn<kT>(nr, nt)(rows, x + t0 * n, n, y + t0 * n_out + r0, n_out);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void matmul_half_rows(const TensorView& w, const float* x, float* y, int64_t n_tok,
+                      int64_t r_begin, int64_t r_end) {
+  if (w.dtype == DType::F16)
+    rows_impl<DType::F16>(w, x, y, n_tok, r_begin, r_end);
+  else
+    rows_impl<DType::BF16>(w, x, y, n_tok, r_begin, r_end);
+}
+
+float dot_half(DType t, const uint16_t* a, const float* b, int64_t n) {
+  float y;
+  (t == DType::F16 ? tile<DType::F16, 1, 1> : tile<DType::BF16, 1, 1>)(&a, b, n, &y, 1);
+  return y;
+}
+
+}  // namespace kvlm::kernels::avx2

@@ -783,8 +783,8 @@ TEST(Avx2Matmul, BatchThreadsSplitAndDotRowBitIdentical) {
 // every element is within 2 (ceil(n / 16) + 5) 2^-24 sum |w x| of ref's (each is within half of
 // that of the exact sum). Checked for 1..70 tokens (every tile and token tail), 1 and 2 threads,
 // every column tail mod 16 and row counts that leave partial row tiles; within the variant, each
-// token count gives the 70-token batch's bits and dot_row gives matmul's. Prints the worst
-// |avx2 - ref| / (2^-24 sum |w x|) seen.
+// token count gives the 70-token batch's bits (the VNNI variants' matmul too) and dot_row gives
+// matmul's. Prints the worst |avx2 - ref| / (2^-24 sum |w x|) seen.
 TEST(Avx2Matmul, HalfMatchesRefForEveryTokenCountAndTail) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(71);
@@ -814,11 +814,20 @@ TEST(Avx2Matmul, HalfMatchesRefForEveryTokenCountAndTail) {
         }
       }
       for (int64_t m = 1; m <= n_tok; ++m) {
-        std::vector<float> part(m * n_rows);
+        std::vector<float> part(m * n_rows), partv(m * n_rows);
         avx2::matmul(w.view(), x.data(), part.data(), m, m % 2 ? pool1 : pool2);
-        for (int64_t k = 0; k < m * n_rows; ++k)
+        // The VNNI variants run the same tiles: the same bits.
+        if (avx2::vnni_supported())
+          avx2::matmul_vnni(w.view(), x.data(), partv.data(), m, m % 2 ? pool2 : pool1);
+        for (int64_t k = 0; k < m * n_rows; ++k) {
           ASSERT_EQ(bits_of(part[k]), bits_of(batch[k]))
               << dtype_name(t) << " n_cols " << n_cols << " n_tok " << m << " element " << k;
+          if (avx2::vnni_supported()) {
+            ASSERT_EQ(bits_of(partv[k]), bits_of(batch[k]))
+                << "vnni " << dtype_name(t) << " n_cols " << n_cols << " n_tok " << m
+                << " element " << k;
+          }
+        }
       }
     }
   }

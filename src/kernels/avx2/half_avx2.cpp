@@ -24,6 +24,7 @@
 #include <cstring>
 
 #include "kernels/avx2/avx2.h"
+#include "kernels/avx2/half_rows.h"
 #include "kernels/avx2/lanes.h"
 
 namespace kvlm::kernels::avx2 {
@@ -63,13 +64,20 @@ inline void step(const uint16_t* const* w, const float* x, int64_t n, int64_t c,
 }
 
 // y[t * y_stride + r] = sum_c W[r, c] x[t, c] for R rows (w[r]: [n]) and T tokens (x: [T, n]).
+// next (null: none): R rows of n weights the caller reads next, asked for into L1 a line per 32
+// columns as these rows go by. Each row is a short stream (4 KiB for 2048 columns, about one
+// page, where the hardware prefetchers stop), so without this every new row starts on a miss.
 template <DType kT, int R, int T>
-void tile(const uint16_t* const* w, const float* x, int64_t n, float* y, int64_t y_stride) {
+void tile(const uint16_t* const* w, const float* x, int64_t n, float* y, int64_t y_stride,
+          const uint16_t* const* next) {
   __m256 lo[R][T], hi[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) lo[r][t] = hi[r][t] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
+    if (next != nullptr && c % 32 == 0)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(next[r] + c), _MM_HINT_T0);
     step<kT, R, T>(w, x, n, c, 8, lo);
     step<kT, R, T>(w, x, n, c + 8, 8, hi);
   }
@@ -79,8 +87,6 @@ void tile(const uint16_t* const* w, const float* x, int64_t n, float* y, int64_t
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) y[t * y_stride + r] = hsum(_mm256_add_ps(lo[r][t], hi[r][t]));
 }
-
-using TileFn = void (*)(const uint16_t* const*, const float*, int64_t, float*, int64_t);
 
 // Tile shapes: one token takes 4 rows per call (8 accumulators + 4 weight vectors: a
 // matrix-vector product waits on memory, more rows keep more loads in flight); more tokens take
@@ -98,43 +104,27 @@ TileFn tile_fn(int64_t rows, int64_t toks) {
   return kFns[rows - 1][toks - 1];
 }
 
-// Rows whose weights stay in L2 while every token passes them: each activation triple (in L1)
-// is multiplied with a block of this many rows before the next triple.
-constexpr int64_t kBlockRows = 16;
-
-template <DType kT>
-void rows_impl(const TensorView& w, const float* x, float* y, int64_t n_tok, int64_t r_begin,
-               int64_t r_end) {
-  const int64_t n = w.n_cols, n_out = w.n_rows;
-  const int64_t step_rows = n_tok == 1 ? kDecodeRows : kRows;
-  for (int64_t b0 = r_begin; b0 < r_end; b0 += kBlockRows) {
-    const int64_t b1 = std::min(r_end, b0 + kBlockRows);
-    for (int64_t t0 = 0; t0 < n_tok; t0 += kToks) {
-      const int64_t nt = std::min(kToks, n_tok - t0);
-      for (int64_t r0 = b0; r0 < b1; r0 += step_rows) {
-        const int64_t nr = std::min(step_rows, b1 - r0);
-        const uint16_t* rows[kDecodeRows];
-        for (int64_t r = 0; r < nr; ++r)
-          rows[r] = reinterpret_cast<const uint16_t*>(w.row(r0 + r));
-        tile_fn<kT>(nr, nt)(rows, x + t0 * n, n, y + t0 * n_out + r0, n_out);
-      }
-    }
+struct Avx2Tiles {
+  static constexpr int64_t kRows = avx2::kRows, kToks = avx2::kToks, kDecodeRows = avx2::kDecodeRows;
+  template <DType kT>
+  static TileFn fn(int64_t rows, int64_t toks) {
+    return tile_fn<kT>(rows, toks);
   }
-}
+};
 
 }  // namespace
 
 void matmul_half_rows(const TensorView& w, const float* x, float* y, int64_t n_tok,
                       int64_t r_begin, int64_t r_end) {
   if (w.dtype == DType::F16)
-    rows_impl<DType::F16>(w, x, y, n_tok, r_begin, r_end);
+    half_rows<Avx2Tiles, DType::F16>(w, x, y, n_tok, r_begin, r_end);
   else
-    rows_impl<DType::BF16>(w, x, y, n_tok, r_begin, r_end);
+    half_rows<Avx2Tiles, DType::BF16>(w, x, y, n_tok, r_begin, r_end);
 }
 
 float dot_half(DType t, const uint16_t* a, const float* b, int64_t n) {
   float y;
-  (t == DType::F16 ? tile<DType::F16, 1, 1> : tile<DType::BF16, 1, 1>)(&a, b, n, &y, 1);
+  (t == DType::F16 ? tile<DType::F16, 1, 1> : tile<DType::BF16, 1, 1>)(&a, b, n, &y, 1, nullptr);
   return y;
 }
 

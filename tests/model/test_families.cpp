@@ -20,6 +20,7 @@
 #include "base/error.h"
 #include "engine/session.h"
 #include "model/model.h"
+#include "greedy_check.h"
 #include "sampling/sampler.h"
 #include "test_util.h"
 
@@ -98,14 +99,7 @@ size_t check_greedy(Session& s, const json& pj, std::span<const float> last_row,
                     double bound) {
   const std::vector<int32_t> want = pj["generated"];
   const std::vector<double> gaps = pj["generated_top2_gap"];
-  std::vector<float> last(last_row.begin(), last_row.end());
-  size_t k = 0;
-  for (; k < want.size(); ++k) {
-    int32_t t = argmax(last.data(), V);
-    if (t != want[k]) break;
-    auto nl = s.feed(std::span<const int32_t>(&t, 1));
-    last.assign(nl.begin(), nl.end());
-  }
+  const size_t k = test::greedy_steps_matching(s, last_row, V, want);
   if (k < want.size()) {
     EXPECT_LT(gaps[k], bound) << "greedy step " << k;
   }

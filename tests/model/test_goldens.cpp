@@ -13,6 +13,7 @@
 #include "base/error.h"
 #include "engine/session.h"
 #include "model/model.h"
+#include "greedy_check.h"
 #include "sampling/sampler.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
@@ -127,15 +128,8 @@ void check_tiny_goldens(const json& g) {
       // near-tie; after that the sequences legitimately differ.
       std::vector<int32_t> want = pj["generated"];
       std::vector<double> gaps = pj["generated_top2_gap"];
-      auto l = all.subspan((ids.size() - 1) * V, V);
-      std::vector<float> last(l.begin(), l.end());
-      size_t k = 0;
-      for (; k < want.size(); ++k) {
-        int32_t t = argmax(last.data(), V);
-        if (t != want[k]) break;
-        auto nl = s.feed(std::span<const int32_t>(&t, 1));
-        last.assign(nl.begin(), nl.end());
-      }
+      const size_t k =
+          test::greedy_steps_matching(s, all.subspan((ids.size() - 1) * V, V), V, want);
       if (k < want.size()) {
         EXPECT_LT(gaps[k], bound.near_tie) << file << " greedy step " << k;
       }

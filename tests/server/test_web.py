@@ -8,6 +8,7 @@ one's blocks, and the blocks freed when both generations are stopped (the server
 Every check waits for its condition (a loaded 2-core machine is slow); nothing sleeps as an
 assertion. Usage: test_web.py KVLM_BINARY TEST_DATA_DIR [unittest arguments]
 """
+import re
 import json
 import os
 import shutil
@@ -141,7 +142,7 @@ class WebPage(unittest.TestCase):
         t0 = time.time()
         p.open()
         self.assertEqual(p.grid()["used"], 0)
-        p.settings(SYSTEM, 1500)
+        p.settings(SYSTEM, 3900)  # long enough to be still generating when stopped, usually
         p.send("What is stored in the KV cache?")
         # Streamed: text is seen while the reply is still being generated, and it grows.
         first = p.until("the first streamed text", lambda: p.streaming() and p.reply())
@@ -176,7 +177,14 @@ class WebPage(unittest.TestCase):
         self.assertGreater(s["groups"][0]["n_cached_free"], 0)  # the prefix stays reusable
         status, _, metrics = self.srv.request("GET", "/metrics",
                                               headers={"Authorization": "Bearer " + KEY})
-        self.assertIn('kvlm_requests_total{finish_reason="cancelled"} 2\n', metrics.decode())
+        # Both were stopped; the first may have reached its max tokens first on a fast machine
+        # (it generates while the second is set up), so it counts as cancelled or as length.
+        def count(reason):
+            m = re.search(r'kvlm_requests_total\{finish_reason="%s"\} (\d+)\n' % reason,
+                          metrics.decode())
+            return int(m.group(1)) if m else 0
+        self.assertGreaterEqual(count("cancelled"), 1, metrics.decode())
+        self.assertEqual(count("cancelled") + count("length"), 2, metrics.decode())
         self.assertFalse(p.streaming())
         self.assertIn("stopped", p.text("#messages"))
         # The per-layer view shows this conversation's K/V shapes ([positions, kv_heads x dim]).

@@ -73,6 +73,17 @@ void expect_rows(const KvManager& kv, SeqId seq, std::span<const int32_t> toks) 
   }
 }
 
+// Writes the rows of toks[pos, pos + n) into every layer of seq's groups (room reserved before)
+// and commits them: one computed chunk of a multi-group cache.
+void write_chunk(KvManager& kv, SeqId seq, std::span<const int32_t> toks, int64_t pos, int64_t n) {
+  std::vector<float> k, v;
+  token_rows(toks.subspan(static_cast<size_t>(pos), static_cast<size_t>(n)), k, v);
+  const auto caches = kv.seq_caches(seq);
+  for (int32_t il = 0; il < kv.shape().n_layer; ++il)
+    kv.store().write(il, caches[static_cast<size_t>(il)].blocks, pos, n, k.data(), v.data());
+  kv.commit(seq, toks, pos + n);
+}
+
 // Admits seq with whatever the index holds of toks; returns the tokens it got from the cache.
 int64_t admit(KvManager& kv, SeqId seq, std::span<const int32_t> toks, std::string_view salt = "") {
   const KvHit hit = kv.lookup(toks, salt);
@@ -284,14 +295,9 @@ TEST(KvManager, WindowGroupReleasesWhatItsWindowNoLongerSees) {
   EXPECT_EQ(kv.capacity_tokens(), 64);  // the full group's blocks
   const auto toks = iota_tokens(60, 0);
   ASSERT_TRUE(kv.admit(1, toks, "", 60, KvHit{}));
-  std::vector<float> k, v;
   for (int64_t pos = 0; pos < 60; pos += 3) {
     ASSERT_TRUE(kv.reserve(1, 3)) << pos;
-    token_rows(std::span<const int32_t>(toks).subspan(pos, 3), k, v);
-    const auto caches = kv.seq_caches(1);
-    for (int32_t il = 0; il < 2; ++il)
-      kv.store().write(il, caches[il].blocks, pos, 3, k.data(), v.data());
-    kv.commit(1, toks, pos + 3);
+    write_chunk(kv, 1, toks, pos, 3);
     kv.check_invariants();
     const KvManagerStats st = kv.stats();
     EXPECT_EQ(st.groups[0].blocks.n_used, (pos + 3 + kBs - 1) / kBs);
@@ -329,14 +335,9 @@ TEST(KvManager, WindowGroupPrefixHitTakesTwins) {
                 .groups = {{.window = 0, .n_blocks = 16}, {.window = 8, .n_blocks = 4}}});
   const auto toks = iota_tokens(40, 0);
   ASSERT_TRUE(kv.admit(1, toks, "", 40, KvHit{}));
-  std::vector<float> k, v;
   for (int64_t pos = 0; pos < 40; pos += 4) {
     ASSERT_TRUE(kv.reserve(1, 4)) << pos;
-    token_rows(std::span<const int32_t>(toks).subspan(pos, 4), k, v);
-    const auto caches = kv.seq_caches(1);
-    for (int32_t il = 0; il < 2; ++il)
-      kv.store().write(il, caches[il].blocks, pos, 4, k.data(), v.data());
-    kv.commit(1, toks, pos + 4);
+    write_chunk(kv, 1, toks, pos, 4);
   }
   kv.release(1, toks, 40, true);
   kv.check_invariants();
@@ -418,12 +419,7 @@ TEST(KvManager, RandomWorkloadWithAWindowGroupKeepsRows) {
         ++n_refusals;
         continue;
       }
-      std::vector<float> k, v;
-      token_rows(std::span<const int32_t>(t).subspan(done, n), k, v);
-      const auto caches = kv.seq_caches(id);
-      for (int32_t il = 0; il < 2; ++il)
-        kv.store().write(il, caches[il].blocks, done, n, k.data(), v.data());
-      kv.commit(id, t, done + n);
+      write_chunk(kv, id, t, done, n);
     } else if (what == 3 && done > 0) {
       const int64_t n = rng() % done;
       if (!kv.can_truncate(id, n)) continue;

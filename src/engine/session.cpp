@@ -92,7 +92,8 @@ bool Session::make_room(int64_t m) {
   return true;
 }
 
-std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_logits) {
+std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_logits,
+                                    AttnProbe* probe) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) fail("no tokens to run");
   last_evicted_ = 0;
@@ -115,7 +116,7 @@ std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_lo
     const int64_t pos0 = n_cached();
     // The blocks hold n_ctx tokens (static), or grow to them (dynamic).
     KVLM_CHECK(kv_.reserve(kSeq, m));
-    const BatchSeq q{chunk, pos0, kv_.seq_caches(kSeq), all_logits};
+    const BatchSeq q{chunk, pos0, kv_.seq_caches(kSeq), all_logits, probe};
     try {
       last = model_.forward({&q, 1}, kv_.store(), scratch_, pool_);
     } catch (...) {
@@ -134,6 +135,15 @@ std::span<const float> Session::feed(std::span<const int32_t> tokens) { return r
 
 std::span<const float> Session::feed_all_logits(std::span<const int32_t> tokens) {
   return run(tokens, true);
+}
+
+std::span<const float> Session::feed_probed(std::span<const int32_t> tokens, AttnProbe& probe) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n > n_batch_) fail("attention map: {} tokens exceed one pass of {}", n, n_batch_);
+  if (n_cached() + n > opts_.n_ctx)
+    fail("attention map: {} tokens held + {} new exceed the context of {} tokens", n_cached(), n,
+         opts_.n_ctx);
+  return run(tokens, false, &probe);
 }
 
 std::span<const float> Session::recompute(std::span<const int32_t> tokens) {

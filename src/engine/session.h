@@ -101,6 +101,9 @@ class Session {
   std::span<const float> feed(std::span<const int32_t> tokens);
   // Like feed, but returns logits for every fed token: [n_tok, n_vocab].
   std::span<const float> feed_all_logits(std::span<const int32_t> tokens);
+  // Like feed, in one forward pass (at most n_batch tokens, no eviction), filling `probe` with
+  // the attention map of the tokens fed (AttnProbe).
+  std::span<const float> feed_probed(std::span<const int32_t> tokens, AttnProbe& probe);
   // The "no cache" baseline: appends tokens, then forgets all cached K/V and recomputes the whole
   // history from position 0. Returns the last token's logits.
   std::span<const float> recompute(std::span<const int32_t> tokens);
@@ -121,7 +124,8 @@ class Session {
                    const std::function<void(const std::string&)>& check_meta = {});
 
  private:
-  std::span<const float> run(std::span<const int32_t> tokens, bool all_logits);
+  std::span<const float> run(std::span<const int32_t> tokens, bool all_logits,
+                             AttnProbe* probe = nullptr);
   // Frees room for m more tokens by the window or context-shift policy; false if none applies.
   bool make_room(int64_t m);
 

@@ -422,6 +422,38 @@ void attention(const ModelConfig& c, std::span<const AttnSeq> seqs, Scratch& s, 
   }
 }
 
+// The attention map a sequence's probe asks for (AttnProbe), after `attention` ran its layer: the
+// scores q . k x scale over the positions each token sees, softmaxed, from the same q (rounded to
+// f16 for an f16 K, as attention reads it) and the same cached K rows. Not the kernel's arithmetic
+// order, so equal to its weights up to rounding (tests/model/test_attention_map.cpp checks that
+// the weights times V give attention's output).
+void probe_weights(const ModelConfig& c, const AttnSeq& a, const Scratch& s, AttnProbe& p) {
+  const int64_t hd = c.head_dim, Q = c.q_dim(), n_pos = a.pos0 + a.n_tok;
+  const int64_t g = p.head / c.n_gqa();
+  const float* q = (a.kv.dtype_k == DType::F16 ? s.q16.as<float>() : s.q.as<float>()) +
+                   a.row0 * Q + p.head * hd;  // [n_tok, Q] rows, this head's slice
+  // K rows of head g, from the first position any of the pass's tokens sees.
+  const int64_t j_lo = first_visible(a.pos0, a.window);
+  std::vector<float> k(static_cast<size_t>((n_pos - j_lo) * hd));  // [n_pos - j_lo, head_dim]
+  load_rows(a.kv, true, g, j_lo, n_pos, k.data(), hd);
+  p.weights.assign(static_cast<size_t>(a.n_tok * n_pos), 0.0f);
+  for (int64_t i = 0; i < a.n_tok; ++i) {
+    const int64_t lo = first_visible(a.pos0 + i, a.window), end = a.pos0 + i + 1;
+    float* w = p.weights.data() + i * n_pos;  // [n_pos]
+    float m = -INFINITY;
+    for (int64_t j = lo; j < end; ++j) {
+      const float* kj = k.data() + (j - j_lo) * hd;
+      float dot = 0;
+      for (int64_t d = 0; d < hd; ++d) dot += q[i * Q + d] * kj[d];
+      w[j] = dot * c.attn_scale;
+      m = std::max(m, w[j]);
+    }
+    float sum = 0;
+    for (int64_t j = lo; j < end; ++j) sum += (w[j] = std::exp(w[j] - m));
+    for (int64_t j = lo; j < end; ++j) w[j] /= sum;
+  }
+}
+
 // Where a forward pass's K/V go and what attention reads, per layer: every sequence's rows in the
 // store, through its block table (and KIVI's residual slot).
 struct PassKv {
@@ -618,6 +650,8 @@ void run_layers(const ModelConfig& c, const Weights& w, const int32_t* tokens, c
     io.views(il, seqs);
     for (AttnSeq& a : seqs) a.window = c.window(il);
     attention(c, seqs, s, pool);
+    for (size_t si = 0; si < seqs.size(); ++si)
+      if (AttnProbe* p = io.batch[si].probe; p && p->layer == il) probe_weights(c, seqs[si], s, *p);
     io.finish(il, k, v);  // KIVI: the residual moves on once attention has read it
     if (rot) kernels::hadamard(att, n_tok * c.n_head, c.head_dim);
     kernels::matmul(l.wo, att, h, n_tok, pool);
@@ -680,6 +714,15 @@ void check_tables(const ModelConfig& c, const PagedKvStore& store, const BatchSe
            first_held[store.layer_group(il)] * bs);
 }
 
+void check_probe(const ModelConfig& c, const PagedKvStore& store, const BatchSeq& q) {
+  if (!q.probe) return;
+  if (q.probe->layer < 0 || q.probe->layer >= c.n_layer)
+    fail("attention map: layer {} is out of range [0, {})", q.probe->layer, c.n_layer);
+  if (q.probe->head < 0 || q.probe->head >= c.n_head)
+    fail("attention map: head {} is out of range [0, {})", q.probe->head, c.n_head);
+  if (store.shape().kivi()) fail("attention map: not with a KIVI cache (--kv-residual)");
+}
+
 }  // namespace
 
 std::span<const float> Model::forward(std::span<const BatchSeq> batch, PagedKvStore& store,
@@ -694,6 +737,7 @@ std::span<const float> Model::forward(std::span<const BatchSeq> batch, PagedKvSt
     const int64_t n = static_cast<int64_t>(q.tokens.size());
     if (n <= 0) fail("forward: a sequence of the batch has no tokens");
     check_tables(c, store, q);
+    check_probe(c, store, q);
     check_tokens(c, q.tokens, q.pos0 + n);
     n_tok += n;
     max_ctx = std::max(max_ctx, q.pos0 + n);

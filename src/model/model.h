@@ -70,6 +70,17 @@ struct Scratch {
   std::vector<int32_t> tokens;  // [n_rows] the batch's tokens, sequences end to end (paged)
 };
 
+// An attention map asked of a forward pass (kvlm serve's POST /kv/attention): the softmax weights
+// of one layer's query head for a sequence's tokens of the pass, over every position each sees.
+// A side computation from the pass's q and the cached K (the fast attention never forms the
+// weights); not for KIVI caches.
+struct AttnProbe {
+  int32_t layer = 0;
+  int32_t head = 0;             // query head; it reads K/V head head / (n_head / n_kv_head)
+  std::vector<float> weights;   // [n, pos0 + n] filled by forward: row i is the token at pos0 + i,
+                                //   0 where it sees nothing (the future, outside its window)
+};
+
 // One sequence's part of a forward pass: new tokens at positions [pos0, pos0 + n) of a sequence
 // whose positions [0, pos0) are already in the KV store, through its caches `kv`, one per layer
 // group of the store (the KV manager's seq_caches: block tables covering at least pos0 + n
@@ -79,6 +90,7 @@ struct BatchSeq {
   int64_t pos0 = 0;
   std::span<const KvSeqCache> kv;   // [n_groups] blocks: [>= ceil((pos0 + n) / block_size)]
   bool all_logits = false;          // logits of every token (perplexity), else of the last one
+  AttnProbe* probe = nullptr;       // optional: filled with this sequence's attention map
 };
 
 class Model {

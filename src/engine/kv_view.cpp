@@ -52,6 +52,8 @@ KvSnapshot kv_snapshot(const KvManager& kv, const StepRunning& running, const St
     v.n_computed = q->n_computed;
     v.n_held = kv.seq_tokens(q->id);
     v.n_cached = std::max<int64_t>(q->n_cached, 0);
+    v.evict_begin = kv.dropped(q->id).begin;
+    v.n_evicted = kv.dropped(q->id).count;
     for (int32_t g = 0; g < kv.n_groups(); ++g) {
       const auto t = kv.pool(g).block_table(q->id);
       v.tables.emplace_back(t.begin(), t.end());

@@ -36,6 +36,10 @@ struct KvViewSeq {
   int64_t n_held = 0;      // positions the blocks hold (n_computed minus evicted ones, plus
                            // room reserved for this step's tokens)
   int64_t n_cached = 0;    // prompt tokens the prefix cache served at first admission
+  // Positions a window or context shift dropped: [evict_begin, evict_begin + n_evicted)
+  // (KvManager::dropped); evict_begin -1: none.
+  int64_t evict_begin = -1;
+  int64_t n_evicted = 0;
   std::vector<std::vector<BlockId>> tables;  // [n_groups][ceil(n_held / block_size)], kNoBlock:
                                              // a block a sliding window released
 };

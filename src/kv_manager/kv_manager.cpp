@@ -255,6 +255,8 @@ const KvManager::SeqState& KvManager::state(SeqId seq) const {
 
 bool KvManager::evicted(SeqId seq) const { return state(seq).evicted; }
 
+KvManager::Dropped KvManager::dropped(SeqId seq) const { return state(seq).dropped; }
+
 void KvManager::copy_blocks(const std::vector<BlockCopy>& copies, int32_t group) {
   if (!bytes_) return;
   for (const BlockCopy& cp : copies) store_.copy_block(cp.src, cp.dst, group);
@@ -401,6 +403,10 @@ bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
   s.canon.resize(static_cast<size_t>(s.n_registered));
   s.canon_gen.resize(static_cast<size_t>(s.n_registered));
   s.evicted = true;
+  // Later rows moved down by count: an eviction at the same begin drops the positions right
+  // after the ones dropped before.
+  if (s.dropped.count == 0) s.dropped.begin = begin;
+  s.dropped.count += count;
   n_evicted_tokens_ += count;
   return true;
 }

@@ -173,6 +173,14 @@ class KvManager {
   // True once evict() moved its rows: they are no longer a fresh computation of its tokens, so
   // none of its blocks are registered any more.
   bool evicted(SeqId seq) const;
+  // The positions evict() dropped from seq, counted in the sequence's own positions (as it had
+  // them before any eviction): [begin, begin + count), one range when every eviction starts at
+  // the same position (the window's sinks, --keep), as the eviction policies do. {-1, 0}: none.
+  struct Dropped {
+    int64_t begin = -1;
+    int64_t count = 0;
+  };
+  Dropped dropped(SeqId seq) const;
 
   // Room for n more positions at the end (copy-on-write of a shared last block applied; a dynamic
   // cache grows first if it must). False, changing nothing, when a pool is short (window groups
@@ -220,6 +228,7 @@ class KvManager {
     std::vector<BlockId> canon;
     std::vector<uint64_t> canon_gen;
     bool evicted = false;
+    Dropped dropped;  // what evict() dropped (dropped())
     int32_t kivi_slot = -1;
     int64_t n_sealed = 0;
     mutable std::vector<KvSeqCache> caches;  // [n_groups] handed out by seq_caches

@@ -211,6 +211,17 @@ TEST(KvManager, EvictCopiesSharedBlocksAndStopsRegistering) {
   compute(kv, 2, kept, 9, 12);
   EXPECT_EQ(kv.stats().blocks.n_cached, cached);
   EXPECT_THROW((void)kv.evict(2, 10, 5), Error);  // past the end
+  // What was dropped, in the sequence's own positions: [2, 7), then 3 more from position 2 of the
+  // rows left, which were positions 7..9: [2, 10) in all.
+  EXPECT_EQ(kv.dropped(2).begin, 2);
+  EXPECT_EQ(kv.dropped(2).count, 5);
+  ASSERT_TRUE(kv.evict(2, 2, 3));
+  EXPECT_EQ(kv.dropped(2).begin, 2);
+  EXPECT_EQ(kv.dropped(2).count, 8);
+  kept.erase(kept.begin() + 2, kept.begin() + 5);
+  expect_rows(kv, 2, kept);
+  EXPECT_EQ(kv.dropped(1).begin, -1);
+  EXPECT_EQ(kv.dropped(1).count, 0);
 }
 
 TEST(KvManager, EvictRefusedWhenThePoolCannotCopy) {
@@ -228,6 +239,7 @@ TEST(KvManager, EvictRefusedWhenThePoolCannotCopy) {
   EXPECT_EQ(kv.seq_tokens(2), 7);
   expect_rows(kv, 2, toks);
   EXPECT_FALSE(kv.evicted(2));
+  EXPECT_EQ(kv.dropped(2).count, 0);  // a refused eviction drops nothing
 }
 
 // Truncating into a registered block and writing again drops the block's index entry first: the

@@ -143,6 +143,7 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   const SchedulerConfig& config() const { return config_; }
+  const Model& model() const { return model_; }
   // Tokens the pool holds in all (blocks x block_size).
   int64_t capacity_tokens() const;
 

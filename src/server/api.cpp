@@ -525,6 +525,26 @@ json parse_json_body(std::string_view body) {
   return j;
 }
 
+std::vector<ChatMessage> chat_messages(const json& body) { return parse_messages(body); }
+
+std::vector<int32_t> render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                                 const ServedModel& m, bool add_generation_prompt) {
+  std::string text;
+  try {
+    text = m.chat_template->apply(messages, add_generation_prompt);
+  } catch (const tmpl::TemplateRaised& e) {
+    // The template refuses this conversation (roles out of order, a system turn it does not
+    // take): the client's messages are what to change.
+    bad("messages", e.what());
+  } catch (const Error& e) {
+    // The template is the model's, not the client's: a server-side limitation.
+    throw HttpError(500, e.what(), "", "chat_template_unsupported");
+  }
+  std::vector<int32_t> ids = tok.encode(text, tok.add_bos_default(), /*parse_special=*/true);
+  if (ids.empty()) bad("messages", "the rendered conversation has no tokens");
+  return ids;
+}
+
 GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, const ServedModel& m,
                                      uint64_t random_seed) {
   GenerationRequest g;
@@ -556,19 +576,7 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
     max_key = "max_completion_tokens";
   }
 
-  std::string text;
-  try {
-    text = m.chat_template->apply(messages, /*add_generation_prompt=*/true);
-  } catch (const tmpl::TemplateRaised& e) {
-    // The template refuses this conversation (roles out of order, a system turn it does not
-    // take): the client's messages are what to change.
-    bad("messages", e.what());
-  } catch (const Error& e) {
-    // The template is the model's, not the client's: a server-side limitation.
-    throw HttpError(500, e.what(), "", "chat_template_unsupported");
-  }
-  g.req.prompt = tok.encode(text, tok.add_bos_default(), /*parse_special=*/true);
-  if (g.req.prompt.empty()) bad("messages", "the rendered conversation has no tokens");
+  g.req.prompt = render_chat(messages, tok, m, /*add_generation_prompt=*/true);
   g.req.max_tokens = resolve_max_tokens(
       max_tokens, max_key, static_cast<int64_t>(g.req.prompt.size()), "messages", m, 0);
   return g;

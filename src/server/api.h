@@ -124,6 +124,13 @@ json parse_json_body(std::string_view body);
 // template cannot be rendered.
 GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, const ServedModel& m,
                                      uint64_t random_seed);
+// A chat body's "messages", validated (400 naming the message and field).
+std::vector<ChatMessage> chat_messages(const json& body);
+// The conversation rendered by the served template and tokenized, as a chat request's prompt;
+// without the generation prompt it ends with the last message. 400 (messages) when the template
+// refuses it or it has no tokens, 500 when the template cannot be rendered.
+std::vector<int32_t> render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                                 const ServedModel& m, bool add_generation_prompt);
 GenerationRequest parse_completion_request(const json& body, const Tokenizer& tok,
                                            const ServedModel& m, uint64_t random_seed);
 

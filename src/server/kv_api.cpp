@@ -1,6 +1,11 @@
 #include "server/kv_api.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include <fmt/format.h>
 
 #include "tensor/dtype.h"
 
@@ -45,6 +50,8 @@ json seq_json(const KvViewSeq& q, int32_t block_size) {
           {"n_held", q.n_held},
           {"n_cached", q.n_cached},
           {"n_cached_blocks", q.n_cached / block_size},
+          {"evict_begin", q.evict_begin},
+          {"n_evicted", q.n_evicted},
           {"last_block_fill", n_blocks > 0 ? q.n_held - (n_blocks - 1) * block_size : 0},
           {"tables", std::move(tables)}};
 }
@@ -86,6 +93,72 @@ json kv_state_json(const KvSnapshot& snap, const SchedulerStats& st, const Serve
                    {"requests_finished", st.requests_finished},
                    {"steps", st.n_steps}};
   return j;
+}
+
+namespace {
+
+// An integer field in [lo, hi], or `fallback` when absent or null; 400 naming it otherwise.
+int64_t int_field(const json& body, const char* key, int64_t lo, int64_t hi,
+                  std::optional<int64_t> fallback = std::nullopt) {
+  const auto it = body.find(key);
+  if (it == body.end() || it->is_null()) {
+    if (fallback) return *fallback;
+    throw HttpError(400, fmt::format("'{}' is missing", key), key);
+  }
+  if (!it->is_number_integer())
+    throw HttpError(400, fmt::format("'{}' must be an integer, got {}", key, it->type_name()), key);
+  const int64_t v = it->is_number_unsigned() && it->get<uint64_t>() > uint64_t{INT64_MAX}
+                        ? INT64_MAX
+                        : it->get<int64_t>();
+  if (v < lo || v > hi)
+    throw HttpError(400, fmt::format("'{}' must be in [{}, {}], got {}", key, lo, hi, v), key);
+  return v;
+}
+
+}  // namespace
+
+AttentionQuery parse_attention_request(const json& body, const Tokenizer& tok,
+                                       const ServedModel& m, const ModelConfig& c) {
+  AttentionQuery a;
+  const bool has_messages = body.contains("messages"), has_prompt = body.contains("prompt");
+  if (has_messages == has_prompt)
+    throw HttpError(400, "give either 'messages' (a chat) or 'prompt' (a text)", "messages");
+  const char* param = has_messages ? "messages" : "prompt";
+  if (has_messages) {
+    a.tokens = render_chat(chat_messages(body), tok, m, /*add_generation_prompt=*/false);
+  } else {
+    const json& p = body["prompt"];
+    if (!p.is_string())
+      throw HttpError(400, fmt::format("'prompt' must be a string, got {}", p.type_name()), param);
+    a.tokens = tok.encode(p.get_ref<const std::string&>(), tok.add_bos_default(), true);
+    if (a.tokens.empty()) throw HttpError(400, "the prompt has no tokens", param);
+  }
+  if (static_cast<int64_t>(a.tokens.size()) > m.n_ctx)
+    throw HttpError(400,
+                    fmt::format("the text has {} tokens, more than the context of {}",
+                                a.tokens.size(), m.n_ctx),
+                    param, "context_length_exceeded");
+  a.layer = static_cast<int32_t>(int_field(body, "layer", 0, c.n_layer - 1));
+  a.head = static_cast<int32_t>(int_field(body, "head", 0, c.n_head - 1));
+  a.n_query = std::min<int64_t>(int_field(body, "last", 1, kMaxAttentionRows, 32),
+                                static_cast<int64_t>(a.tokens.size()));
+  return a;
+}
+
+json attention_map_json(const AttentionMap& map, std::span<const int32_t> tokens,
+                        const Tokenizer& tok) {
+  json pieces = json::array();
+  for (int32_t id : tokens) pieces.push_back(tok.token_bytes(id, /*render_special=*/true));
+  json rows = json::array();
+  for (int64_t i = 0; i < map.n_pos - map.q0; ++i) {
+    std::vector<double> row(static_cast<size_t>(map.n_pos));
+    for (int64_t j = 0; j < map.n_pos; ++j)
+      row[j] = std::round(map.weights[i * map.n_pos + j] * 1e5) / 1e5;
+    rows.push_back(std::move(row));
+  }
+  return {{"layer", map.layer}, {"head", map.head}, {"kv_head", map.kv_head},
+          {"window", map.window}, {"q0", map.q0},     {"n_pos", map.n_pos},
+          {"tokens", std::move(pieces)}, {"weights", std::move(rows)}};
 }
 
 json kv_event_json(const KvEvent& e) {

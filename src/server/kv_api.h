@@ -10,9 +10,11 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "engine/attention_map.h"
 #include "engine/scheduler.h"
 #include "server/api.h"
 
@@ -22,6 +24,24 @@ namespace kvlm::server {
 json kv_state_json(const KvSnapshot& snap, const SchedulerStats& stats, const ServedModel& model);
 // One event as the stream's JSON object: {"type": kv_event_name, "id", ...}.
 json kv_event_json(const KvEvent& e);
+
+// POST /kv/attention: which text, which layer's query head, how many of its last tokens as rows.
+struct AttentionQuery {
+  std::vector<int32_t> tokens;  // [n] the text: at most the server's context
+  int32_t layer = 0;
+  int32_t head = 0;
+  int64_t n_query = 0;  // rows: the last n_query tokens
+};
+// {"messages": [...]} (rendered as /v1/chat/completions renders them, without the generation
+// prompt: the map covers the conversation as it stands) or {"prompt": "text"}, with "layer",
+// "head" and "last" (rows, default 32, at most kMaxAttentionRows; more than the text has: all).
+// HttpError 400 naming the parameter for anything else.
+AttentionQuery parse_attention_request(const json& body, const Tokenizer& tok,
+                                       const ServedModel& m, const ModelConfig& c);
+// {"layer", "head", "kv_head", "window", "q0", "n_pos", "tokens": [piece per position],
+//  "weights": [[n_pos weights] per row, rounded to 5 decimals]}
+json attention_map_json(const AttentionMap& map, std::span<const int32_t> tokens,
+                        const Tokenizer& tok);
 
 // One /kv/events client's queue: filled by publishers, drained by its HTTP thread.
 class KvSubscriber {

@@ -243,6 +243,11 @@ struct Server::Impl {
   void routes();
   void kv_state(httplib::Response& res);
   void kv_events(httplib::Response& res);
+  void kv_attention(const httplib::Request& req, httplib::Response& res);
+  // One attention map at a time (each is a prefill of its text, on one thread of its own, beside
+  // the scheduler's): a second one meanwhile gets a 503.
+  std::mutex map_mu;
+  std::unique_ptr<ThreadPool> map_pool;  // created by the first map, under map_mu
   void publish_finished(const Job& job);
   void serve_asset(httplib::Response& res, const std::string& name);
   void reply_error(httplib::Response& res, const HttpError& e, bool generation);
@@ -493,6 +498,17 @@ void Server::Impl::kv_state(httplib::Response& res) {
   res.set_content(dump(kv_state_json(*snap, sched.stats(), model)), "application/json");
 }
 
+void Server::Impl::kv_attention(const httplib::Request& req, httplib::Response& res) {
+  const AttentionQuery a =
+      parse_attention_request(parse_json_body(req.body), tok, model, sched.model().config());
+  std::unique_lock<std::mutex> l(map_mu, std::try_to_lock);
+  if (!l) throw HttpError(503, "another attention map is being computed; retry", "", "busy");
+  if (!map_pool) map_pool = std::make_unique<ThreadPool>(1);
+  const AttentionMap map =
+      attention_map(sched.model(), a.tokens, a.layer, a.head, a.n_query, *map_pool);
+  res.set_content(dump(attention_map_json(map, a.tokens, tok)), "application/json");
+}
+
 void Server::Impl::kv_events(httplib::Response& res) {
   auto sub = hub->subscribe();
   if (!sub)
@@ -590,6 +606,8 @@ void Server::Impl::routes() {
            false)},
       {"GET", "/kv/state", guarded([this](const Req&, Res& r) { kv_state(r); }, false)},
       {"GET", "/kv/events", guarded([this](const Req&, Res& r) { kv_events(r); }, false)},
+      {"POST", "/kv/attention",
+       guarded([this](const Req& q, Res& r) { kv_attention(q, r); }, false)},
       // The web page: static files with no data in them, open like /health; the page asks for
       // the API key and sends it with every request it makes.
       {"GET", "/", guarded([this](const Req&, Res& r) { serve_asset(r, "index.html"); }, false, true)},

@@ -654,6 +654,44 @@ class KvView(unittest.TestCase):
         self.assertEqual(status, 404, body)
         self.assertEqual(body["error"]["code"], "not_found")
 
+    def test_attention_map(self):
+        text = "one two three four five six seven eight nine ten"
+        body = {"prompt": text, "layer": 1, "head": 3, "last": 5}
+        self.assertEqual(self.srv.request("POST", "/kv/attention", body)[0], 401)
+        status, m = self.srv.json("POST", "/kv/attention", body, headers=self.KEY)
+        self.assertEqual(status, 200, m)
+        status, t = self.srv.json("POST", "/tokenize", {"content": text, "add_special": True},
+                                  headers=self.KEY)
+        n = len(t["tokens"])
+        self.assertEqual((m["n_pos"], m["q0"], m["layer"], m["head"]), (n, n - 5, 1, 3))
+        self.assertEqual(len(m["tokens"]), n)
+        self.assertEqual(len(m["weights"]), 5)
+        for i, row in enumerate(m["weights"]):
+            self.assertEqual(len(row), n)
+            self.assertAlmostEqual(sum(row), 1.0, delta=1e-3)
+            self.assertEqual(row[m["q0"] + i + 1:], [0.0] * (n - m["q0"] - i - 1))  # causal
+        # The last row again, computed after a longer cached prefix: the same weights.
+        status, last = self.srv.json("POST", "/kv/attention", dict(body, last=1),
+                                     headers=self.KEY)
+        for a, b in zip(last["weights"][0], m["weights"][-1]):
+            self.assertAlmostEqual(a, b, delta=2e-5)
+        # A chat, rendered as the chat endpoint renders it, without the generation prompt.
+        status, c = self.srv.json("POST", "/kv/attention", {
+            "messages": [{"role": "user", "content": "hi"}], "layer": 0, "head": 0},
+            headers=self.KEY)
+        self.assertEqual(status, 200, c)
+        self.assertEqual(len(c["weights"]), min(32, c["n_pos"]))
+        for bad, param in (({"layer": 2}, "layer"), ({"head": -1}, "head"), ({"last": 0}, "last"),
+                           ({"last": 129}, "last"), ({"layer": "1"}, "layer"),
+                           ({"messages": []}, "messages"), ({"prompt": 5}, "prompt")):
+            status, err = self.srv.json("POST", "/kv/attention", dict(body, **bad),
+                                        headers=self.KEY)
+            self.assertEqual(status, 400, (bad, err))
+            self.assertEqual(err["error"]["param"], param, err)
+        status, err = self.srv.json("POST", "/kv/attention", {"layer": 0, "head": 0},
+                                    headers=self.KEY)
+        self.assertEqual((status, err["error"]["param"]), (400, "messages"), err)
+
     def test_state(self):
         self.assertEqual(self.srv.request("GET", "/kv/state")[0], 401)
         self.assertEqual(self.srv.request("GET", "/kv/events")[0], 401)

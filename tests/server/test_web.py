@@ -48,8 +48,8 @@ def start_browser(width=1500, height=950):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def start_server(*extra):
-    return Server("-m", MODEL, "--api-key", KEY, "-np", "4", "-t", "2", "--kv-budget", "4096tok",
+def start_server(*extra, budget="4096tok"):
+    return Server("-m", MODEL, "--api-key", KEY, "-np", "4", "-t", "2", "--kv-budget", budget,
                   *extra)
 
 
@@ -72,7 +72,8 @@ class Page:
                 lambda _: pred())
         except TimeoutException:
             logs = self.d.get_log("browser") if hasattr(self.d, "get_log") else []
-            raise AssertionError(f"waited for {what}; the page: {self.text('body')[-3000:]!r}; "
+            raise AssertionError(f"waited for {what}; the chat: {self.text('#chat')[-1500:]!r}; "
+                                 f"the page: {self.text('body')[-2000:]!r}; "
                                  f"console: {logs}") from None
 
     def open(self):
@@ -119,12 +120,16 @@ class Page:
         return bool(self.d.find_elements(By.CSS_SELECTOR, "#messages .msg.streaming"))
 
 
-class WebPage(unittest.TestCase):
+class BrowserCase(unittest.TestCase):
+    """One server (its KV budget BUDGET) and one browser for the class's tests."""
+    BUDGET = "4096tok"
+    TIMEOUT = 60
+
     @classmethod
     def setUpClass(cls):
-        cls.srv = start_server()
+        cls.srv = start_server(budget=cls.BUDGET)
         cls.driver = start_browser()
-        cls.page = Page(cls.driver, cls.srv.base)
+        cls.page = Page(cls.driver, cls.srv.base, timeout=cls.TIMEOUT)
 
     @classmethod
     def tearDownClass(cls):
@@ -132,6 +137,8 @@ class WebPage(unittest.TestCase):
         rc = cls.srv.stop()
         assert rc == 0, f"kvlm serve exited {rc} on SIGTERM: {''.join(cls.srv.stderr)}"
 
+
+class WebPage(BrowserCase):
     def state(self):
         status, s = self.srv.json("GET", "/kv/state", headers={"Authorization": "Bearer " + KEY})
         self.assertEqual(status, 200, s)
@@ -197,17 +204,75 @@ class WebPage(unittest.TestCase):
         layers = p.text("#kv-layers")
         self.assertIn("Grouped-query attention", layers)
         self.assertRegex(layers, r"\[\d+, 3×64\]")
+        # The attention heatmap of the conversation shown: one head of the last layer over its
+        # positions, drawn into the canvas; the note names the positions most attended.
+        self.driver.execute_script(
+            "const s = document.querySelector('#attn-layer'); s.value = s.options.length - 1;")
+        self.set_rows(16)
+        self.el_click("#attn-go")
+        note = p.until("the attention map", lambda: "Most attended" in p.text("#attn-note")
+                       and p.text("#attn-note"))
+        self.assertRegex(note, r"layer 29 \(full attention\), head 0 \(reads K/V head 0\): "
+                               r"rows are positions (\d+)–(\d+)")
+        size = self.driver.execute_script(
+            "const c = document.querySelector('#attn-map'); return [c.width, c.height];")
+        self.assertEqual(size[1], 16 * 8)  # 16 rows of 8 pixels
+        self.assertGreater(size[0], 16)
         # Conversations survive a reload (localStorage).
         self.driver.refresh()
         p.until("the two conversations after a reload",
                 lambda: len(self.driver.find_elements(By.CSS_SELECTOR, "#conv-list li")) == 2)
         print(f"test_web: {time.time() - t0:.1f} s in the browser", file=sys.stderr)
 
+    def set_rows(self, n):
+        e = self.page.el("#attn-rows")
+        e.clear()
+        e.send_keys(str(n))
+
     def el_click(self, css):
         self.page.el(css).click()
 
     def d_click_conv(self, index):
         self.driver.find_elements(By.CSS_SELECTOR, "#conv-list li span")[index].click()
+
+
+class WebPageFullPool(BrowserCase):
+    """A pool too small for two long chats: one waits (preempted, or not admitted) and the page
+    shows it queued, with no error in either chat."""
+    BUDGET = "2048tok"
+    TIMEOUT = 120
+
+    def test_a_full_pool_shows_queued_requests(self):
+        p = self.page
+        p.open()
+        # Each chat fits the 2048-token pool alone (prompt ~30 + 1900); both together do not:
+        # once they fill it, the newer one gives its blocks back and waits for the other (several
+        # hundred tokens: seconds, so the page's one-second refresh sees it).
+        p.settings("", 1900)
+        p.send("Count.")
+        p.until("the first chat streaming", lambda: p.streaming() and p.reply())
+        p.el("#new-conv").click()
+        p.until("a second conversation", lambda: len(
+            self.driver.find_elements(By.CSS_SELECTOR, "#conv-list li")) == 2
+            and p.el("#send").is_enabled())
+        p.send("Count again.")
+        p.until("the second chat sent", lambda: "Count again." in p.text("#messages"))
+        p.until("a request queued while the pool is full",
+                lambda: "queued #" in p.text("#kv-seqs"), timeout=180)
+        self.assertRegex(p.text("#kv-seqs"),
+                         r"queued #\d+: \d+ prompt tokens \((preempted|waiting)")
+        grid = p.grid()
+        self.assertEqual(p.text("#chat-status"), "")
+        self.assertNotIn("error", p.text("#messages"))
+        # Stopping both frees the pool (the one running may have finished meanwhile: a loaded
+        # machine can take longer to show the queue than it takes to generate the rest).
+        p.until("a stop button to press", lambda: p.el("#stop").is_enabled())
+        p.el("#stop").click()
+        self.driver.find_elements(By.CSS_SELECTOR, "#conv-list li span")[1].click()
+        if p.el("#stop").is_enabled():
+            p.el("#stop").click()
+        p.until("the blocks freed", lambda: p.grid()["used"] == 0, timeout=180)
+        self.assertGreater(grid["used"], 0)
 
 
 if __name__ == "__main__":

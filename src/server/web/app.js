@@ -372,14 +372,101 @@ function renderLayers(s) {
     (group > 1 ? `Grouped-query attention: the ${m.n_head} query heads share ${m.n_kv_head} K/V heads (${group} each), ` +
       `so the cache holds ${m.n_kv_head * m.head_dim} values per token and layer for K, and as many for V, instead of ${m.n_head * m.head_dim}.`
       : `Every query head has its own K/V head (no grouped-query attention).`) + `</p>`;
-  html += "<table><thead><tr><th>layer</th><th>K</th><th>V</th><th>attends to</th><th>bytes</th></tr></thead><tbody>";
+  // Positions a window or context shift dropped from every layer (kvlm serve --kv-window, --keep):
+  // the sequence's, kept with the conversation once its turn ends.
+  if (c && q) c.dropped = q.n_evicted > 0 ? { begin: q.evict_begin, n: q.n_evicted } : null;
+  const ev = c && c.dropped;
+  if (ev) html += `<p class="note">The cache evicted positions ${span(ev.begin, ev.begin + ev.n)} from every layer ` +
+    `(window with sinks, or context shift): the ${positions} positions held are 0–${ev.begin - 1} and ` +
+    `${ev.begin + ev.n}–${positions + ev.n - 1}.</p>`;
+  html += "<table><thead><tr><th>layer</th><th>K</th><th>V</th><th>attends to</th><th>dropped</th><th>bytes</th></tr></thead><tbody>";
   for (let il = 0; il < m.n_layer; ++il) {
     const w = (m.layer_window && m.layer_window[il]) || 0;
     const p = w ? Math.min(w, positions) : positions;
     const shape = `[${p}, ${m.n_kv_head}×${m.head_dim}]`;
-    html += `<tr><td>${il}</td><td>${shape}</td><td>${shape}</td><td>${w ? "last " + w : "all"}</td><td>${human(perLayer * p)}</td></tr>`;
+    // A window layer's blocks before its window go back to the pool: the next token cannot see them.
+    const gone = [w && positions > w ? span(0, positions - w) : "", ev ? span(ev.begin, ev.begin + ev.n) : ""];
+    html += `<tr><td>${il}</td><td>${shape}</td><td>${shape}</td><td>${w ? "last " + w : "all"}</td>` +
+      `<td>${gone.filter((x) => x).join(", ") || "none"}</td><td>${human(perLayer * p)}</td></tr>`;
   }
   box.innerHTML = html + "</tbody></table>";
+  fillAttnSelects(m);
+}
+
+// Positions [a, b) as "a–(b-1)".
+function span(a, b) { return b - a === 1 ? `${a}` : `${a}–${b - 1}`; }
+
+// ---- the attention heatmap (POST /kv/attention) ---------------------------------------------------
+
+function fillAttnSelects(m) {
+  const fill = (sel, n, label) => {
+    if (sel.options.length === n) return;
+    sel.textContent = "";
+    for (let i = 0; i < n; ++i) { const o = document.createElement("option"); o.value = i; o.textContent = label(i); sel.append(o); }
+  };
+  const group = m.n_head / m.n_kv_head;
+  fill($("attn-layer"), m.n_layer, (i) => `${i}${m.layer_window && m.layer_window[i] ? " (window " + m.layer_window[i] + ")" : ""}`);
+  fill($("attn-head"), m.n_head, (h) => group > 1 ? `${h} (K/V ${Math.floor(h / group)})` : `${h}`);
+}
+
+let attnMap = null;  // the map drawn: its tokens and weights, for the hover text
+
+async function showAttention() {
+  const c = conv();
+  const note = $("attn-note");
+  if (!c || !c.messages.some((m) => m.content)) { note.textContent = "send a message first"; return; }
+  const req = { messages: chatBody(c).messages.filter((m) => m.content !== ""),
+                layer: Number($("attn-layer").value), head: Number($("attn-head").value),
+                last: Number($("attn-rows").value) };
+  note.textContent = "computing…";
+  const res = await api("/kv/attention", { method: "POST", body: JSON.stringify(req) });
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) { note.textContent = "error: " + ((body.error && body.error.message) || "HTTP " + res.status); return; }
+  attnMap = body;
+  drawAttention(body);
+}
+
+// Rows: the last tokens (queries), columns: every position (keys); darker is more weight
+// (sqrt, so small weights stay visible). Columns beyond the canvas's pixels share one (their max).
+function drawAttention(m) {
+  const cv = $("attn-map");
+  const rows = m.weights.length, cols = Math.min(m.n_pos, 1024), per = m.n_pos / cols;
+  const rowPx = Math.max(2, Math.min(8, Math.floor(240 / rows)));
+  cv.width = cols; cv.height = rows * rowPx;
+  const ctx = cv.getContext("2d");
+  const img = ctx.createImageData(cols, rows * rowPx);
+  const colMass = new Float64Array(m.n_pos);
+  for (let i = 0; i < rows; ++i) {
+    const w = m.weights[i];
+    for (let j = 0; j < m.n_pos; ++j) colMass[j] += w[j] / rows;
+    for (let x = 0; x < cols; ++x) {
+      let v = 0;
+      for (let j = Math.floor(x * per); j < Math.max(Math.floor((x + 1) * per), Math.floor(x * per) + 1); ++j) v = Math.max(v, w[j]);
+      const t = Math.sqrt(v), r = 255 - 230 * t, g = 255 - 200 * t, b = 255 - 90 * t;
+      for (let y = 0; y < rowPx; ++y) {
+        const o = ((i * rowPx + y) * cols + x) * 4;
+        img.data[o] = r; img.data[o + 1] = g; img.data[o + 2] = b; img.data[o + 3] = 255;
+      }
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+  const top = [...colMass.keys()].sort((a, b) => colMass[b] - colMass[a]).slice(0, 3);
+  const tok = (j) => JSON.stringify(m.tokens[j]);
+  $("attn-note").textContent =
+    `layer ${m.layer} (${m.window ? "window " + m.window : "full attention"}), head ${m.head} (reads K/V head ${m.kv_head}): ` +
+    `rows are positions ${m.q0}–${m.n_pos - 1}, columns positions 0–${m.n_pos - 1}. ` +
+    `Most attended: ${top.map((j) => `${j} ${tok(j)} ${(100 * colMass[j]).toFixed(0)}%`).join(", ")}` +
+    (top[0] === 0 ? " — the first token gets far more than its words deserve: an attention sink." : ".");
+}
+
+function attentionHover(e) {
+  const m = attnMap, cv = $("attn-map");
+  if (!m) return;
+  const r = cv.getBoundingClientRect();
+  const i = Math.floor((e.clientY - r.top) / r.height * m.weights.length);
+  const j = Math.floor((e.clientX - r.left) / r.width * m.n_pos);
+  if (i < 0 || j < 0 || i >= m.weights.length || j >= m.n_pos) return;
+  cv.title = `${m.q0 + i} ${JSON.stringify(m.tokens[m.q0 + i])} → ${j} ${JSON.stringify(m.tokens[j])}: ${m.weights[i][j]}`;
 }
 
 function renderKv() {
@@ -464,3 +551,5 @@ render();
 loadModels().then(() => { refreshKv(); watchEvents(); });
 setInterval(refreshKv, 1000);
 window.addEventListener("resize", renderKv);
+$("attn-go").addEventListener("click", showAttention);
+$("attn-map").addEventListener("mousemove", attentionHover);

@@ -635,6 +635,44 @@ class MetricsPoller(threading.Thread):
             self.stop_ev.wait(max(0.0, self.interval - (t1 - t0)))
 
 
+class KvWatcher(threading.Thread):
+    """What the web page costs the server while open (--watch-kv S): GET /kv/state every S
+    seconds and one /kv/events stream read to its end, as the page does."""
+
+    def __init__(self, server: Server, interval: float, timeout: float):
+        super().__init__(daemon=True)
+        self.server, self.interval, self.timeout = server, interval, timeout
+        self.n_ok = self.n_bad = self.n_events = 0
+        self.stop_ev = threading.Event()
+        threading.Thread(target=self.events, daemon=True).start()
+
+    def events(self):
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=self.timeout)
+        try:
+            conn.request("GET", "/kv/events")
+            resp = conn.getresponse()
+            while not self.stop_ev.is_set():
+                line = resp.readline()
+                if not line:
+                    return
+                self.n_events += line.startswith(b"data:")
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+
+    def run(self):
+        while not self.stop_ev.wait(self.interval):
+            try:
+                st, _ = http_get(self.server.host, self.server.port, "/kv/state", self.timeout)
+            except (OSError, http.client.HTTPException):
+                st = 0
+            if st == 200:
+                self.n_ok += 1
+            else:
+                self.n_bad += 1
+
+
 def run_workload(server: Server, args, users: int, sequential: bool) -> dict:
     server.fetch_model_id()
     common = {"max_tokens": args.max_tokens, "temperature": 0, "repeat_penalty": 1.0,
@@ -684,9 +722,13 @@ def run_workload(server: Server, args, users: int, sequential: bool) -> dict:
         for u in u_list:
             one_user(u)
 
+    watcher = (KvWatcher(server, args.watch_kv, args.timeout)
+               if args.watch_kv > 0 and isinstance(server, KvlmServer) else None)
     cpu0 = os.times()
     if poller:
         poller.start()
+    if watcher:
+        watcher.start()
     t_start = time.perf_counter()
     if sequential:
         threads = [threading.Thread(target=worker, args=(list(range(users)),), daemon=True)]
@@ -707,12 +749,21 @@ def run_workload(server: Server, args, users: int, sequential: bool) -> dict:
     if poller:
         poller.stop_ev.set()
         poller.join(5)
+    if watcher:
+        watcher.stop_ev.set()
+        watcher.join(5)
     m_after = server.metrics()
     wall = max((r["t_end"] for r in results), default=t_stop) - t_start
 
-    return summarize(server, args, users, sequential, results, t_start, wall, m_before, m_after,
-                     poller.samples if poller else [],
-                     (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+    s = summarize(server, args, users, sequential, results, t_start, wall, m_before, m_after,
+                  poller.samples if poller else [],
+                  (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+    if watcher:
+        s["kv_watch"] = {"interval_s": args.watch_kv, "state_ok": watcher.n_ok,
+                         "state_failed": watcher.n_bad, "events": watcher.n_events}
+        print(f"  /kv/state every {args.watch_kv} s: {watcher.n_ok} answered, {watcher.n_bad} "
+              f"failed; /kv/events: {watcher.n_events} events", file=sys.stderr)
+    return s
 
 
 def summarize(server, args, users, sequential, results, t0, wall, m_before, m_after, samples,
@@ -1098,6 +1149,9 @@ def main() -> int:
                     "all at once, the worst case for TTFT and for prefix sharing)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--poll", type=float, default=0.1, help="kvlm /metrics poll interval, s")
+    ap.add_argument("--watch-kv", type=float, default=0, metavar="S",
+                    help="during kvlm runs, GET /kv/state every S seconds and hold a /kv/events "
+                         "stream open, as the web page does (0: off)")
     ap.add_argument("--timeout", type=float, default=900, help="per-request socket timeout, s")
     ap.add_argument("--start-timeout", type=float, default=180, help="server readiness timeout, s")
     ap.add_argument("--quick", action="store_true",

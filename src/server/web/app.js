@@ -426,11 +426,12 @@ async function showAttention() {
   drawAttention(body);
 }
 
-// Rows: the last tokens (queries), columns: every position (keys); darker is more weight
-// (sqrt, so small weights stay visible). Columns beyond the canvas's pixels share one (their max).
+// Rows: the last tokens (queries), columns: every position (keys); darker is more weight, relative
+// to the row's largest (sqrt, so small weights stay visible). Positions beyond the canvas's
+// pixels share one column (their max): a narrow column such as the sink's is never scaled away.
 function drawAttention(m) {
   const cv = $("attn-map");
-  const rows = m.weights.length, cols = Math.min(m.n_pos, 1024), per = m.n_pos / cols;
+  const rows = m.weights.length, cols = Math.min(m.n_pos, Math.max(64, cv.clientWidth || 600)), per = m.n_pos / cols;
   const rowPx = Math.max(2, Math.min(8, Math.floor(240 / rows)));
   cv.width = cols; cv.height = rows * rowPx;
   const ctx = cv.getContext("2d");
@@ -438,11 +439,12 @@ function drawAttention(m) {
   const colMass = new Float64Array(m.n_pos);
   for (let i = 0; i < rows; ++i) {
     const w = m.weights[i];
-    for (let j = 0; j < m.n_pos; ++j) colMass[j] += w[j] / rows;
+    let top = 0;
+    for (let j = 0; j < m.n_pos; ++j) { colMass[j] += w[j] / rows; top = Math.max(top, w[j]); }
     for (let x = 0; x < cols; ++x) {
       let v = 0;
       for (let j = Math.floor(x * per); j < Math.max(Math.floor((x + 1) * per), Math.floor(x * per) + 1); ++j) v = Math.max(v, w[j]);
-      const t = Math.sqrt(v), r = 255 - 230 * t, g = 255 - 200 * t, b = 255 - 90 * t;
+      const t = Math.sqrt(v / (top || 1)), r = 255 - 230 * t, g = 255 - 200 * t, b = 255 - 90 * t;
       for (let y = 0; y < rowPx; ++y) {
         const o = ((i * rowPx + y) * cols + x) * 4;
         img.data[o] = r; img.data[o + 1] = g; img.data[o + 2] = b; img.data[o + 3] = 255;

@@ -344,6 +344,21 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
   return true;
 }
 
+void KvManager::fork(SeqId src, SeqId dst) {
+  const SeqState& s = state(src);
+  if (seqs_.count(dst) != 0) fail("KV manager: fork target sequence {} already exists", dst);
+  if (shape_.kivi()) fail("KV manager: the KIVI cache cannot fork a sequence");
+  for (const Group& g : groups_) g.pool->fork(src, dst);
+  SeqState& d = seqs_[dst];
+  d.salt = s.salt;
+  d.n_registered = s.n_registered;
+  d.canon = s.canon;
+  d.canon_gen = s.canon_gen;
+  d.evicted = s.evicted;
+  d.n_sealed = s.n_sealed;
+  d.caches.resize(groups_.size());
+}
+
 int64_t KvManager::unseen_blocks(const Group& g, int64_t pos) const {
   if (g.window == 0) return 0;
   return std::max<int64_t>(0, pos - g.window + 1) / block_size_;

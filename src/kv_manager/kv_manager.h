@@ -8,6 +8,7 @@
 // A sequence's life (docs/KV.md, "The KV manager"):
 //   lookup(tokens, salt)            what the prefix index already holds (read-only)
 //   admit(seq, tokens, salt, ...)   takes the hit's blocks, copies a partial hit; or refuses
+//   fork(src, dst)                  dst shares src's blocks (n choices of one prompt)
 //   reserve(seq, n)                 room for n new positions (copy-on-write applied here)
 //   evict(seq, begin, count)        the window / context shift: rows move down, K re-rotated
 //   [forward pass: the model writes and reads through store() and seq_kv(seq)]
@@ -169,6 +170,14 @@ class KvManager {
   [[nodiscard]] bool admit(SeqId seq, std::span<const int32_t> tokens, std::string_view salt,
                            int64_t n_held, const KvHit& hit);
   bool has_seq(SeqId seq) const { return seqs_.count(seq) != 0; }
+  // New sequence dst holding what src holds (n > 1 choices of one prompt: the prompt is computed
+  // once): every group's block table is shared (refcounts raised, holes kept), so a full block
+  // stays shared while neither writes into it, and the first write into the shared, partly filled
+  // last block copies it (reserve: copy-on-write). dst continues src's prefix chain (its
+  // registered blocks and salt) and eviction state. Needs no free block, so it never fails for
+  // lack of them. Throws if src is unknown, dst exists, or the cache is KIVI (its f16 residual
+  // is not in blocks, and a sealed block would be written by both).
+  void fork(SeqId src, SeqId dst);
   int64_t seq_tokens(SeqId seq) const { return pool0().seq_tokens(seq); }  // positions held
   // True once evict() moved its rows: they are no longer a fresh computation of its tokens, so
   // none of its blocks are registered any more.

@@ -496,6 +496,129 @@ TEST(KvManager, ADuplicatesChainEndsWhenItsRegisteredTwinIsReused) {
   }
 }
 
+// n choices of one prompt: fork shares every block (refcounts raised, no block taken); the first
+// write into the shared, partly filled last block copies it, and the parent's rows stay as they
+// were; full blocks stay shared; the last writer owns the original and writes in place. The
+// audit runs after every operation (compute), and everything comes back at release.
+TEST(KvManager, ForkSharesBlocksAndCopiesTheLastOnWrite) {
+  KvManager kv(config(12));
+  const auto prompt = iota_tokens(10, 100);  // 2 full blocks of 4 and 2 rows in the third
+  EXPECT_EQ(admit(kv, 1, prompt), 0);
+  compute(kv, 1, prompt, 0, 10);
+  const std::vector<BlockId> table(kv.seq_cache(1).blocks.begin(), kv.seq_cache(1).blocks.end());
+  ASSERT_EQ(table.size(), 3u);
+  kv.fork(1, 2);
+  kv.fork(1, 3);
+  kv.check_invariants();
+  EXPECT_THROW(kv.fork(1, 2), Error);   // exists
+  EXPECT_THROW(kv.fork(9, 10), Error);  // unknown
+  EXPECT_EQ(kv.stats().blocks.n_used, 3);  // nothing taken
+  for (BlockId b : table) EXPECT_EQ(kv.pool(0).ref_count(b), 3);
+  for (SeqId s : {2, 3}) {
+    EXPECT_EQ(kv.seq_tokens(s), 10);
+    expect_rows(kv, s, prompt);
+  }
+  // Each choice appends its own token; the parent's rows must survive the children's writes.
+  std::vector<std::vector<int32_t>> toks(4, prompt);
+  for (SeqId s : {2, 1, 3}) toks[static_cast<size_t>(s)].push_back(static_cast<int32_t>(900 + s));
+  compute(kv, 2, toks[2], 10, 11);  // shared last block: copied first
+  EXPECT_NE(kv.seq_cache(2).blocks[2], table[2]);
+  EXPECT_EQ(kv.pool(0).ref_count(table[2]), 2);
+  expect_rows(kv, 1, prompt);  // untouched by 2's write
+  compute(kv, 1, toks[1], 10, 11);  // still shared with 3: copied too
+  EXPECT_NE(kv.seq_cache(1).blocks[2], table[2]);
+  compute(kv, 3, toks[3], 10, 11);  // 3 holds the original alone now: written in place
+  EXPECT_EQ(kv.seq_cache(3).blocks[2], table[2]);
+  EXPECT_EQ(kv.stats().blocks.n_used, 5);  // 2 shared full blocks + 3 last blocks
+  for (int b = 0; b < 2; ++b) EXPECT_EQ(kv.pool(0).ref_count(table[static_cast<size_t>(b)]), 3);
+  // Grow each past the shared blocks: one more block each, the full ones still shared.
+  for (SeqId s : {1, 2, 3}) {
+    auto& t = toks[static_cast<size_t>(s)];
+    for (int i = 0; i < 5; ++i) t.push_back(static_cast<int32_t>(1000 + 10 * s + i));
+    compute(kv, s, t, 11, 16);
+  }
+  for (SeqId s : {1, 2, 3}) expect_rows(kv, s, toks[static_cast<size_t>(s)]);
+  EXPECT_EQ(kv.stats().blocks.n_used, 2 + 3 * 2);
+  for (SeqId s : {1, 2, 3}) {
+    kv.release(s, toks[static_cast<size_t>(s)], 16, true);
+    kv.check_invariants();
+  }
+  EXPECT_EQ(kv.stats().blocks.n_used, 0);
+  EXPECT_EQ(kv.stats().n_seqs, 0);
+}
+
+// A fork continues the parent's prefix chain: its next full block registers (a later prompt
+// continuing the child's tokens hits it), and a fork of a multi-group cache forks every group's
+// table, holes included; KIVI refuses to fork.
+TEST(KvManager, ForkContinuesThePrefixChainAndForksEveryGroup) {
+  KvManager kv(config(12));
+  const auto prompt = iota_tokens(6, 0);
+  EXPECT_EQ(admit(kv, 1, prompt), 0);
+  compute(kv, 1, prompt, 0, 6);
+  kv.fork(1, 2);
+  auto t2 = prompt;
+  for (int i = 0; i < 4; ++i) t2.push_back(50 + i);
+  compute(kv, 2, t2, 6, 10);  // fills block 1: registered under block 0
+  auto probe = t2;
+  probe.push_back(7);
+  EXPECT_EQ(kv.lookup(probe, "").full.n_tokens, 8);
+  kv.release(2, t2, 10, false);
+  kv.release(1, prompt, 6, false);
+  kv.check_invariants();
+
+  KvShape two = f32_shape();
+  two.n_layer = 2;
+  KvManager kw({.shape = two, .block_size = kBs, .n_blocks = 16, .prefix_cache = false,
+                .audit = true, .rope = KvRope{}, .layer_group = {0, 1},
+                .groups = {{.window = 0, .n_blocks = 16}, {.window = 8, .n_blocks = 8}}});
+  auto toks = iota_tokens(22, 0);
+  ASSERT_TRUE(kw.admit(1, toks, "", 22, KvHit{}));
+  for (int64_t pos = 0; pos < 18; pos += 6) {
+    ASSERT_TRUE(kw.reserve(1, 6));
+    write_chunk(kw, 1, toks, pos, 6);
+  }
+  kw.fork(1, 2);
+  kw.check_invariants();
+  for (int32_t g = 0; g < 2; ++g) {
+    const auto a = kw.seq_caches(1)[static_cast<size_t>(g)].blocks;
+    const std::vector<BlockId> pa(a.begin(), a.end());
+    const auto b = kw.seq_caches(2)[static_cast<size_t>(g)].blocks;
+    EXPECT_EQ(pa, std::vector<BlockId>(b.begin(), b.end())) << "group " << g;
+  }
+  EXPECT_EQ(kw.seq_caches(2)[1].blocks[0], kNoBlock);  // the window's hole, forked as a hole
+  auto t2w = toks;
+  t2w[18] = 77;  // the child's own token at position 18, in the shared partial block
+  ASSERT_TRUE(kw.reserve(2, 1));
+  write_chunk(kw, 2, t2w, 18, 1);
+  ASSERT_TRUE(kw.reserve(1, 1));
+  write_chunk(kw, 1, toks, 18, 1);
+  kw.check_invariants();
+  // Layer 1 (the window group) of each reads its own position 18 and the shared 11..17.
+  for (SeqId s : {1, 2}) {
+    const auto& want = s == 1 ? toks : t2w;
+    const KvLayerView view = kw.store().view(1, kw.seq_caches(s)[1].blocks, 19);
+    std::vector<float> k, v;
+    token_rows(std::span<const int32_t>(want).subspan(11, 8), k, v);
+    for (int64_t p = 11; p < 19; ++p)
+      EXPECT_EQ(0, std::memcmp(view.k_head(p, 0), k.data() + (p - 11) * kDim, kDim * 4))
+          << "seq " << s << " position " << p;
+  }
+  kw.release(1, toks, 19, false);
+  kw.release(2, t2w, 19, false);
+  kw.check_invariants();
+  EXPECT_EQ(kw.stats().blocks.n_used, 0);
+
+  KvShape kivi = f32_shape();
+  kivi.dtype_k = DType::Q4_0;
+  kivi.kivi_residual = 8;
+  kivi.kivi_group = 32;
+  KvManager kk({.shape = kivi, .block_size = 32, .n_blocks = 8, .n_slots = 2,
+                .prefix_cache = false, .audit = true});
+  ASSERT_TRUE(kk.admit(1, toks, "", 22, KvHit{}));
+  EXPECT_THROW(kk.fork(1, 2), Error);
+  kk.check_invariants();
+}
+
 // Random sequences of admissions, chunked computation, evictions, truncations and releases over a
 // small pool, with prompts that share prefixes: after every operation the pool and the index
 // agree and every block is free or used exactly once (check_invariants), and every running

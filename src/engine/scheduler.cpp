@@ -25,8 +25,21 @@ const char* finish_reason_name(FinishReason r) {
 struct Scheduler::Seq : StepSeq {
   Request req;
   EventFn on_event;
+  RequestId request = 0;  // the request's id (choice i runs as sequence request + i)
+  int32_t index = 0;      // the choice
+  // The request's choices not yet finished (shared by its sequences): the request is done at 0.
+  std::shared_ptr<int32_t> n_open;
   int64_t n_generated = 0;
   std::unique_ptr<Sampler> sampler;
+};
+
+// A token to draw after a pass: the sequence and the row of the pass's logits it draws from.
+struct Scheduler::Draw {
+  Seq* q = nullptr;
+  size_t row = 0;
+  int32_t token = -1;
+  std::optional<StepLogprobs> logprobs;  // where asked for
+  std::exception_ptr error;
 };
 
 // Everything the scheduler thread owns. A sequence is in the KV manager (has blocks) from its
@@ -79,6 +92,11 @@ int64_t full_blocks(const KvPoolSpec& spec, const SchedulerConfig& c, int32_t n_
 }
 
 }  // namespace
+
+int64_t choices_pool_tokens(int64_t n_prompt, int64_t n_held, int32_t n, int32_t block_size) {
+  const int64_t bs = block_size, shared = std::min(n_prompt, n_held) / bs;
+  return (shared + int64_t{n} * ((n_held + bs - 1) / bs - shared)) * bs;
+}
 
 Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerConfig& config,
                      ThreadPool& pool)
@@ -150,14 +168,19 @@ RequestId Scheduler::submit(Request req, EventFn on_event) {
     if (t < 0 || t >= c.n_vocab) fail("token id {} is out of range [0, {})", t, c.n_vocab);
   if (req.max_tokens <= 0) fail("max_tokens must be at least 1, got {}", req.max_tokens);
   validate(req.sampling);
+  check_choices(req.n);
   const int64_t n_total = n_prompt + req.max_tokens;
   if (!evicts() && n_total > config_.n_ctx)
     fail("the prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens", n_prompt,
          req.max_tokens, config_.n_ctx);
-  // An evicting sequence never holds more than n_ctx positions.
-  if (std::min(n_total, evicts() ? config_.n_ctx : n_total) > capacity_tokens())
-    fail("the prompt ({} tokens) plus max_tokens ({}) exceeds the KV cache pool of {} tokens",
-         n_prompt, req.max_tokens, capacity_tokens());
+  // An evicting sequence never holds more than n_ctx positions. The choices share the prompt's
+  // full blocks; each holds its own blocks from the prompt's partial last one on.
+  const int64_t held = std::min(n_total, evicts() ? config_.n_ctx : n_total);
+  if (choices_pool_tokens(n_prompt, held, req.n, config_.block_size) > capacity_tokens())
+    fail("the prompt ({} tokens) plus max_tokens ({}){} exceeds the KV cache pool of {} tokens",
+         n_prompt, req.max_tokens,
+         req.n > 1 ? fmt::format(" for each of n = {} choices", req.n) : std::string(),
+         capacity_tokens());
   auto seq = std::make_unique<Seq>();
   seq->req = std::move(req);
   seq->on_event = std::move(on_event);
@@ -165,27 +188,40 @@ RequestId Scheduler::submit(Request req, EventFn on_event) {
   seq->salt = seq->req.salt;
   seq->n_prompt = n_prompt;
   seq->sampler = std::make_unique<Sampler>(seq->req.sampling);
+  seq->n_forks = seq->req.n - 1;
+  seq->n_open = std::make_shared<int32_t>(seq->req.n);
   RequestId id;
   {
     std::lock_guard lk(mu_);
     if (stop_) fail("the scheduler is stopping");
-    const int64_t queued = n_active_ - stats_.running;
+    const int64_t queued = stats_.waiting;
     if (queued >= config_.max_queue)
       fail("queue full: {} requests are waiting (--max-queue {})", queued, config_.max_queue);
-    id = next_id_++;
+    id = next_id_;
+    next_id_ += seq->req.n;  // the ids of its choices' sequences
     seq->id = id;
+    seq->request = id;
     incoming_.push_back(std::move(seq));
     ++n_active_;
-    stats_.waiting = n_active_ - stats_.running;
+    ++stats_.waiting;
   }
   cv_.notify_all();
   return id;
 }
 
-void Scheduler::cancel(RequestId id) {
+void Scheduler::check_choices(int32_t n) const {
+  if (n < 1 || n > config_.n_parallel)
+    fail("n must be in [1, {}] (choices run as sequences at once, -np {}), got {}",
+         config_.n_parallel, config_.n_parallel, n);
+  if (n > 1 && config_.kivi_residual >= 0)
+    fail("n > 1 shares the prompt's blocks between choices, which the KIVI cache (--kv-residual) "
+         "cannot");
+}
+
+void Scheduler::cancel(RequestId id, int32_t choice) {
   {
     std::lock_guard lk(mu_);
-    cancels_.push_back(id);
+    cancels_.emplace_back(id, choice);
   }
   cv_.notify_all();
 }
@@ -216,7 +252,15 @@ void Scheduler::finish(Seq& q, FinishReason why, const std::string& error) {
   ev.n_prompt = q.n_prompt;
   ev.n_cached = std::max<int64_t>(q.n_cached, 0);
   ev.n_generated = q.n_generated;
-  q.on_event(ev);
+  // A sequence that has not forked yet ends its choices to come too (they have no tokens).
+  for (int32_t i = 0; i <= q.n_forks; ++i) {
+    ev.index = q.index + i;
+    ev.n_generated = i == 0 ? q.n_generated : 0;
+    q.on_event(ev);
+  }
+  *q.n_open -= 1 + q.n_forks;
+  q.n_forks = 0;
+  if (*q.n_open > 0) return;
   ++st_->totals.requests_finished;
   std::lock_guard lk(mu_);
   --n_active_;
@@ -238,15 +282,16 @@ void Scheduler::publish() {
   s.n_preemptions = st.counters.n_preemptions;
   s.prompt_tokens = st.counters.prompt_tokens;
   s.prompt_tokens_cached = st.counters.prompt_tokens_cached;
+  s.prompt_tokens_forked = st.counters.prompt_tokens_forked;
   s.running = static_cast<int64_t>(st.running.size());
-  s.waiting = n_active_ - s.running;
+  s.waiting = static_cast<int64_t>(st.waiting.size() + incoming_.size());
   if (n_active_ == 0) idle_cv_.notify_all();
 }
 
 void Scheduler::loop() {
   State& st = *st_;
   for (;;) {
-    std::vector<RequestId> cancels;
+    std::vector<std::pair<RequestId, int32_t>> cancels;
     bool stopping, want_snapshot;
     std::shared_ptr<KvEventFn> watcher;
     {
@@ -264,17 +309,21 @@ void Scheduler::loop() {
       cancels.swap(cancels_);
       stopping = stop_;
     }
-    for (RequestId id : cancels) {
+    for (const auto& [id, choice] : cancels) {
+      // Every sequence of the request (choice < 0), or the one of that choice.
       auto drop = [&](auto& list) {
-        for (auto it = list.begin(); it != list.end(); ++it)
-          if ((*it)->id == id) {
-            finish(as_seq(**it), FinishReason::Cancelled, "");
-            list.erase(it);
-            return true;
+        for (auto it = list.begin(); it != list.end();) {
+          Seq& q = as_seq(**it);
+          if (q.request == id && (choice < 0 || q.index == choice)) {
+            finish(q, FinishReason::Cancelled, "");
+            it = list.erase(it);
+          } else {
+            ++it;
           }
-        return false;
+        }
       };
-      if (!drop(st.running)) drop(st.waiting);
+      drop(st.running);
+      drop(st.waiting);
     }
     // Every request, running or waiting, gets its final event.
     auto finish_all = [&](FinishReason why, const std::string& error) {
@@ -343,7 +392,6 @@ void Scheduler::serve_views(bool want_snapshot, const std::shared_ptr<KvEventFn>
 void Scheduler::step() {
   State& st = *st_;
   KvManager& kv = st.kv;
-  const ModelConfig& mc = model_.config();
   const uint64_t step_no = ++st.n_step_calls;  // marks the sequences this step schedules
   using Clock = std::chrono::steady_clock;
   const Clock::time_point t_step = Clock::now();
@@ -367,81 +415,124 @@ void Scheduler::step() {
   ++st.totals.n_steps;
   for (const StepItem& it : items) st.totals.batch_tokens += it.n;
 
-  // ---- 5. register full blocks, sample, finish ----
-  std::vector<Seq*> done;
-  std::vector<FinishReason> why;
-  std::vector<size_t> ready;  // items whose sequence has computed all its pending tokens
+  // ---- 5. register full blocks, fork choices, sample, finish ----
+  std::vector<Draw> draws;  // sequences whose pending tokens are all computed
   for (size_t b = 0; b < items.size(); ++b) {
     Seq& q = as_seq(*items[b].seq);
     q.n_computed += items[b].n;
     kv.commit(q.id, q.tokens, q.n_computed);
-    if (q.pending() == 0) ready.push_back(b);  // else prefill not finished: no token yet
+    if (q.pending() == 0) draws.push_back(Draw{.q = &q, .row = b, .token = -1, .logprobs = {}, .error = {}});  // else prefill not finished
   }
-  // The samples, on the pool's threads when any of them is more than an argmax (a draw at a
-  // temperature, a repetition penalty; Sampler::argmax_only): each sampler,
-  // its logits row and its sequence's tokens belong to one item only, and what each draws does
-  // not depend on the thread (a sampler's random stream is its own). A draw with top-k 40 over a
-  // 49,152-token vocabulary takes ~150 us, so sixteen are ~2.5 ms of a ~20 ms pass; a greedy
-  // sample (~10 us) costs about what a hand-off does
-  // (docs/bench-log/2026-12-03-zen4-session-10.md).
-  std::vector<int32_t> sampled(items.size(), -1);
-  std::vector<std::optional<StepLogprobs>> logprobs(items.size());  // where asked for
-  std::vector<std::exception_ptr> errors(items.size());
-  auto sample = [&](int64_t i0, int64_t i1, int) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const size_t b = ready[static_cast<size_t>(i)];
-      Seq& q = as_seq(*items[b].seq);
-      try {
-        if (q.req.sampling.n_logprobs >= 0) logprobs[b].emplace();
-        sampled[b] = q.sampler->sample(logits.data() + b * mc.n_vocab, mc.n_vocab, q.tokens,
-                                       logprobs[b] ? &*logprobs[b] : nullptr);
-      } catch (...) {
-        errors[b] = std::current_exception();  // rethrown below, on the scheduler thread
-      }
-    }
-  };
-  const int64_t n_ready = static_cast<int64_t>(ready.size());
-  const bool costly = std::any_of(ready.begin(), ready.end(),
-                                  [&](size_t b) { return !as_seq(*items[b].seq).sampler->argmax_only(); });
-  if (n_ready > 1 && costly)
-    pool_.parallel_for(n_ready, sample);
-  else
-    sample(0, n_ready, 0);
-  for (const size_t b : ready) {
-    if (errors[b]) std::rethrow_exception(errors[b]);
-    Seq& q = as_seq(*items[b].seq);
-    const int32_t t = sampled[b];
-    q.tokens.push_back(t);
-    ++q.n_generated;
-    ++st.totals.generated_tokens;
-    RequestEvent ev;
-    ev.token = t;
-    ev.n_prompt = q.n_prompt;
-    ev.n_cached = q.n_cached;
-    ev.n_generated = q.n_generated;
-    ev.logprobs = std::move(logprobs[b]);
-    q.on_event(ev);
-    if (!q.req.ignore_eos && tok_.is_eog(t)) {
-      done.push_back(&q);
-      why.push_back(FinishReason::Stop);
-    } else if (q.n_generated >= q.req.max_tokens ||
-               (!evicts() && static_cast<int64_t>(q.tokens.size()) >= config_.n_ctx)) {
-      done.push_back(&q);
-      why.push_back(FinishReason::Length);
-    }
-  }
-  for (size_t i = 0; i < done.size(); ++i) {
-    auto it = std::find_if(st.running.begin(), st.running.end(),
-                           [&](auto& r) { return r.get() == done[i]; });
-    finish(as_seq(**it), why[i], "");
-    st.running.erase(it);
-  }
+  fork_choices(draws, step_no);
+  sample_draws(draws, logits);
+  deliver(draws);
   const std::chrono::duration<double> pass = t_pass_end - t_pass, whole = Clock::now() - t_step;
   st.totals.forward_seconds += pass.count();
   const auto bucket = std::lower_bound(kPassSecondsBounds.begin(), kPassSecondsBounds.end(),
                                        pass.count()) - kPassSecondsBounds.begin();
   ++st.totals.pass_seconds_counts[static_cast<size_t>(bucket)];
   st.totals.step_host_seconds += whole.count() - pass.count();
+}
+
+// Requests of n > 1 whose prompt this pass finished fork into their other choices here, after
+// commit (their full prompt blocks are registered, so the children continue the chain) and
+// before sampling: each child draws its first token from the parent's logits row, as a request
+// of its seed alone would from its own prefill.
+void Scheduler::fork_choices(std::vector<Draw>& draws, uint64_t step_no) {
+  State& st = *st_;
+  const size_t n_draws = draws.size();
+  for (size_t d = 0; d < n_draws; ++d) {
+    Seq& q = *draws[d].q;
+    if (q.n_forks == 0) continue;
+    for (int32_t i = 1; i <= q.n_forks; ++i) {
+      auto c = std::make_unique<Seq>();
+      c->id = q.id + i;
+      c->request = q.request;
+      c->index = q.index + i;
+      c->req = q.req;  // an explicit copy: the choice's own parameters
+      c->req.prompt.clear();  // `tokens` holds it
+      c->req.sampling.seed = q.req.sampling.seed + static_cast<uint64_t>(i);  // wraps
+      c->on_event = q.on_event;
+      c->n_open = q.n_open;
+      c->salt = q.salt;
+      c->tokens = q.tokens;
+      c->n_prompt = q.n_prompt;
+      c->n_computed = q.n_computed;
+      c->n_cached = q.n_cached;
+      c->step = step_no;
+      c->admitted_at = ++st.counters.n_admissions;
+      c->sampler = std::make_unique<Sampler>(c->req.sampling);
+      st.kv.fork(q.id, c->id);
+      st.counters.prompt_tokens_forked += q.n_prompt;
+      draws.push_back(
+          Draw{.q = c.get(), .row = draws[d].row, .token = -1, .logprobs = {}, .error = {}});
+      st.running.push_back(std::move(c));
+    }
+    q.n_forks = 0;
+  }
+}
+
+// The samples, on the pool's threads when any of them is more than an argmax (a draw at a
+// temperature, a repetition penalty; Sampler::argmax_only): each sampler and its sequence's
+// tokens belong to one draw only, several draws may read one logits row, and what each draws
+// does not depend on the thread (a sampler's random stream is its own). A draw with top-k 40 over
+// a 49,152-token vocabulary takes ~150 us, so sixteen are ~2.5 ms of a ~20 ms pass; a greedy
+// sample (~10 us) costs about what a hand-off does
+// (docs/bench-log/2026-12-03-zen4-session-10.md).
+void Scheduler::sample_draws(std::vector<Draw>& draws, std::span<const float> logits) {
+  const int32_t n_vocab = model_.config().n_vocab;
+  auto sample = [&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; ++i) {
+      Draw& d = draws[static_cast<size_t>(i)];
+      try {
+        if (d.q->req.sampling.n_logprobs >= 0) d.logprobs.emplace();
+        d.token = d.q->sampler->sample(logits.data() + d.row * static_cast<size_t>(n_vocab),
+                                       n_vocab, d.q->tokens, d.logprobs ? &*d.logprobs : nullptr);
+      } catch (...) {
+        d.error = std::current_exception();  // rethrown by deliver, on the scheduler thread
+      }
+    }
+  };
+  const auto n = static_cast<int64_t>(draws.size());
+  const bool costly = std::any_of(draws.begin(), draws.end(),
+                                  [](const Draw& d) { return !d.q->sampler->argmax_only(); });
+  if (n > 1 && costly)
+    pool_.parallel_for(n, sample);
+  else
+    sample(0, n, 0);
+}
+
+// Each drawn token to its sequence and its request's callback; sequences that reached an
+// end-of-generation token, max_tokens or the context finish.
+void Scheduler::deliver(std::vector<Draw>& draws) {
+  State& st = *st_;
+  std::vector<std::pair<Seq*, FinishReason>> done;
+  for (Draw& d : draws) {
+    if (d.error) std::rethrow_exception(d.error);
+    Seq& q = *d.q;
+    q.tokens.push_back(d.token);
+    ++q.n_generated;
+    ++st.totals.generated_tokens;
+    RequestEvent ev;
+    ev.index = q.index;
+    ev.token = d.token;
+    ev.n_prompt = q.n_prompt;
+    ev.n_cached = q.n_cached;
+    ev.n_generated = q.n_generated;
+    ev.logprobs = std::move(d.logprobs);
+    q.on_event(ev);
+    if (!q.req.ignore_eos && tok_.is_eog(d.token))
+      done.emplace_back(&q, FinishReason::Stop);
+    else if (q.n_generated >= q.req.max_tokens ||
+             (!evicts() && static_cast<int64_t>(q.tokens.size()) >= config_.n_ctx))
+      done.emplace_back(&q, FinishReason::Length);
+  }
+  for (const auto& [q, why] : done) {
+    auto it = std::find_if(st.running.begin(), st.running.end(),
+                           [&](auto& r) { return r.get() == q; });
+    finish(as_seq(**it), why, "");
+    st.running.erase(it);
+  }
 }
 
 }  // namespace kvlm

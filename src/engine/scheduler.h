@@ -33,8 +33,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "base/thread_pool.h"
@@ -57,13 +59,19 @@ struct Request {
   SamplingParams sampling;
   bool ignore_eos = false;      // keep going past end-of-generation tokens
   std::string salt;             // prefix-cache tenant: requests only reuse blocks of equal salt
+  // Choices (OpenAI's n), 1..n_parallel: the prompt is computed once, then the sequence forks into
+  // n sequences sharing its blocks (KvManager::fork, copy-on-write). Choice i samples with seed
+  // sampling.seed + i (wrapping), so it draws what a request with that seed draws alone.
+  int32_t n = 1;
 };
 
 // Delivered on the scheduler thread, in order, for one request. Callbacks must be quick (push into
 // a queue): the whole batch waits for them.
 struct RequestEvent {
+  int32_t index = 0;    // the choice (0 .. Request::n - 1) the event is about
   int32_t token = -1;   // a generated token (>= 0), or -1 in the final event
-  bool done = false;    // the final event: no more events follow
+  bool done = false;    // the choice's final event: no more events follow for it (a request
+                        // with n choices gets n final events)
   FinishReason finish = FinishReason::Length;  // when done
   std::string error;    // when finish == Error
   int64_t n_prompt = 0;     // prompt tokens
@@ -115,6 +123,9 @@ struct SchedulerStats {
   int64_t n_preemptions = 0;
   int64_t prompt_tokens = 0;        // prompt tokens of admitted requests (first admission)
   int64_t prompt_tokens_cached = 0; // of which served by the prefix cache
+  // Prompt tokens that choices 1..n-1 of n > 1 requests got by forking choice 0's blocks instead
+  // of computing them (prompt_tokens counts such a prompt once).
+  int64_t prompt_tokens_forked = 0;
   int64_t generated_tokens = 0;
   int64_t evicted_tokens = 0;       // dropped by the window or context shift
   int64_t n_steps = 0;
@@ -130,6 +141,11 @@ struct SchedulerStats {
   // bound before), the last entry those above every bound. Not cumulative; they sum to n_steps.
   std::array<int64_t, kPassSecondsBounds.size() + 1> pass_seconds_counts{};
 };
+
+// Pool tokens the n choices of one prompt of n_prompt tokens hold at most when each holds n_held
+// positions: the prompt's full blocks once (shared), each choice's blocks from the prompt's
+// partial last block on its own. submit() refuses a request beyond the pool by this.
+int64_t choices_pool_tokens(int64_t n_prompt, int64_t n_held, int32_t n, int32_t block_size);
 
 class Scheduler {
  public:
@@ -151,14 +167,17 @@ class Scheduler {
   bool evicts() const { return config_.eviction.on(); }
 
   // Queues a request. Throws kvlm::Error (nothing queued) when the prompt is empty or has an id out
-  // of range, when prompt + max_tokens exceeds n_ctx (unless evicts()) or the whole pool, or when
-  // the queue is full
+  // of range, when prompt + max_tokens exceeds n_ctx (unless evicts()), when the n choices'
+  // blocks (the prompt's shared, each choice's own after it) exceed the whole pool, when n is
+  // outside [1, n_parallel] (or above 1 with KIVI), or when the queue is full
   // (message starts with "queue full"; a server answers 503). on_event is then called from the
-  // scheduler thread until an event with done == true.
+  // scheduler thread until every choice has had an event with done == true. The request's
+  // choices run as sequences id, id + 1, ..., id + n - 1 (the ids GET /kv/state shows).
   RequestId submit(Request req, EventFn on_event);
-  // Stops a request: it gets a final event with FinishReason::Cancelled (unless already done) and
-  // its blocks are released at the start of the next step. Unknown or finished ids are ignored.
-  void cancel(RequestId id);
+  // Stops a request (every choice, choice < 0) or one choice of it: it gets a final event with
+  // FinishReason::Cancelled (unless already done) and its blocks are released at the start of the
+  // next step. Unknown or finished ids are ignored.
+  void cancel(RequestId id, int32_t choice = -1);
 
   SchedulerStats stats() const;
   // Blocks until no request is waiting or running (tests).
@@ -184,7 +203,14 @@ class Scheduler {
   // Blocks back to the pool (cached ones stay reusable); keep_partial also registers the partly
   // filled last block as a prefix-cache leaf, so a prompt continuing q's tokens reuses it.
   void release(Seq& q, bool keep_partial);
+  void check_choices(int32_t n) const;  // Request::n; kvlm::Error naming it
   void finish(Seq& q, FinishReason why, const std::string& error);  // final event + release
+  // Step 5's parts: forks the choices of requests whose prompt was just computed (the draws of
+  // their first tokens use the parent's logits row), samples every draw, hands tokens out.
+  struct Draw;
+  void fork_choices(std::vector<Draw>& draws, uint64_t step_no);
+  void sample_draws(std::vector<Draw>& draws, std::span<const float> logits);
+  void deliver(std::vector<Draw>& draws);
   void publish();        // stats_ from the scheduler thread's state
   // The views asked for since the last call (the loop, after publish()).
   void serve_views(bool want_snapshot, const std::shared_ptr<KvEventFn>& watcher);
@@ -199,10 +225,10 @@ class Scheduler {
   std::condition_variable cv_;       // wakes the loop: new request, cancel, stop
   std::condition_variable idle_cv_;  // wait_idle
   std::deque<std::unique_ptr<Seq>> incoming_;  // submitted, not yet seen by the loop
-  std::vector<RequestId> cancels_;
+  std::vector<std::pair<RequestId, int32_t>> cancels_;  // (request, choice or -1: all)
   SchedulerStats stats_;  // snapshot published after every step
   RequestId next_id_ = 1;
-  int64_t n_active_ = 0;  // submitted and not yet finished
+  int64_t n_active_ = 0;  // requests submitted and not yet finished (every choice)
   bool stop_ = false;
   bool kv_snap_wanted_ = false;                // a kv_snapshot() caller waits
   uint64_t kv_snap_no_ = 0;                    // snapshots built

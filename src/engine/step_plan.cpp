@@ -81,12 +81,19 @@ int64_t StepPlanner::inflight_blocks(const StepSeq& q) const {
   return best;
 }
 
-// Step 2: admission, oldest waiting first, while the pool holds the rest of its tokens.
+int64_t StepPlanner::slots_held() const {
+  int64_t n = 0;
+  for (const auto& r : *running_) n += 1 + r->n_forks;
+  return n;
+}
+
+// Step 2: admission, oldest waiting first, while the pool holds the rest of its tokens and the
+// running slots its choices (a request of n > 1 that does not fit blocks those behind it).
 void StepPlanner::admit_waiting() {
   StepQueue& waiting = *waiting_;
-  for (size_t wi = 0;
-       wi < waiting.size() && static_cast<int32_t>(running_->size()) < lim_.n_parallel;) {
+  for (size_t wi = 0; wi < waiting.size();) {
     StepSeq& q = *waiting[wi];
+    if (slots_held() + 1 + q.n_forks > lim_.n_parallel) break;
     const KvHit hit = kv_.lookup(q.tokens, q.salt);
     if (kv_.prefix_cache() &&
         inflight_blocks(q) > static_cast<int64_t>(hit.full.block_ids.size())) {

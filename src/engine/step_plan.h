@@ -30,6 +30,9 @@ struct StepSeq {
   int64_t n_cached = -1;     // prefix-cache hit at first admission (-1: not admitted yet)
   uint64_t admitted_at = 0;  // admission counter: the largest is the newest (preempted first)
   uint64_t step = 0;         // last step that scheduled it
+  // Choices still to fork from this sequence once its prompt is computed (Request::n - 1 until
+  // then, 0 after): admission keeps a running slot (-np) for each.
+  int32_t n_forks = 0;
 
   int64_t pending() const { return static_cast<int64_t>(tokens.size()) - n_computed; }
 };
@@ -53,6 +56,7 @@ struct StepCounters {
   int64_t n_preemptions = 0;
   int64_t prompt_tokens = 0;         // prompt tokens of first admissions
   int64_t prompt_tokens_cached = 0;  // of which served by the prefix cache
+  int64_t prompt_tokens_forked = 0;  // got by choices 1..n-1 from choice 0 (Scheduler's fork)
 };
 
 using StepQueue = std::deque<std::unique_ptr<StepSeq>>;     // waiting, oldest (or preempted) first
@@ -65,8 +69,9 @@ class StepPlanner {
   // Plans step step_no:
   //   1. every running sequence with one pending token decodes it (oldest first); a decode that
   //      needs a block and finds none preempts the newest running sequence;
-  //   2. waiting requests are admitted oldest first while fewer than n_parallel run and the free
-  //      blocks hold the rest of the prompt after the prefix match; a request whose prompt starts
+  //   2. waiting requests are admitted oldest first while fewer than n_parallel run (counting
+  //      the choices each running request will still fork) and the free blocks hold the rest of
+  //      the prompt after the prefix match; a request whose prompt starts
   //      with blocks another sequence is still prefilling waits until they are registered;
   //   3. prefill chunks of admitted sequences fill what is left of the n_batch token budget.
   // Reserves every item's positions in the manager (evicting first when the policy says so) and
@@ -81,6 +86,7 @@ class StepPlanner {
   bool make_room(StepSeq& q, int64_t m);
   void decode_items(uint64_t step_no, std::vector<StepItem>& items, int64_t& budget);
   void admit_waiting();
+  int64_t slots_held() const;  // running sequences and the forks they will make
   int64_t inflight_blocks(const StepSeq& q) const;
   void prefill_items(uint64_t step_no, std::vector<StepItem>& items, int64_t& budget);
 

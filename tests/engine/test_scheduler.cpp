@@ -677,6 +677,215 @@ TEST(Scheduler, KiviConfigIsValidated) {
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
 }
 
+// ---- n choices of one prompt (Request::n) -------------------------------------------------------
+
+// One request's events by choice.
+struct ChoiceCollector {
+  std::mutex mu;
+  std::vector<std::vector<int32_t>> tokens;  // [n] per choice
+  std::vector<int> n_done;                   // [n] final events per choice (must end at 1)
+  std::vector<RequestEvent> last;            // [n]
+  explicit ChoiceCollector(int n) : tokens(n), n_done(n, 0), last(n) {}
+  EventFn fn() {
+    return [this](const RequestEvent& e) {
+      std::lock_guard lk(mu);
+      const auto i = static_cast<size_t>(e.index);
+      ASSERT_LT(i, tokens.size());
+      ASSERT_EQ(n_done[i], 0) << "an event after choice " << i << "'s final one";
+      if (e.done) {
+        ++n_done[i];
+        last[i] = e;
+      } else {
+        tokens[i].push_back(e.token);
+      }
+    };
+  }
+};
+
+SamplingParams seeded(uint64_t seed) {
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_k = 0;
+  p.top_p = 1.0f;
+  p.min_p = 0.0f;
+  p.seed = seed;
+  return p;
+}
+
+// The tokens of every choice of one request (n choices, seed or greedy) through sch.
+std::vector<std::vector<int32_t>> run_choices(Scheduler& sch, const std::vector<int32_t>& prompt,
+                                              int n, int n_gen, const SamplingParams& sp) {
+  ChoiceCollector c(n);
+  Request r = greedy_request(prompt, n_gen);
+  r.sampling = sp;
+  r.n = n;
+  sch.submit(r, c.fn());
+  sch.wait_idle();
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(c.n_done[i], 1) << "choice " << i;
+    EXPECT_EQ(c.last[i].finish, FinishReason::Length) << "choice " << i;
+    EXPECT_EQ(c.last[i].n_generated, n_gen) << "choice " << i;
+    EXPECT_EQ(c.last[i].n_prompt, static_cast<int64_t>(prompt.size()));
+  }
+  return c.tokens;
+}
+
+// n = 4 at temperature 0: the prompt is computed once (prompt_tokens counts it once, the three
+// forks got it from the first choice, the passes computed it once), and every choice is the
+// request's greedy text alone. With a seed, choice i is the request with seed + i alone, and the
+// choices differ.
+TEST(Scheduler, ChoicesShareThePromptAndEqualTheirSeedAlone) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 2048;
+  cfg.n_parallel = 8;
+  cfg.n_ctx = 256;
+  cfg.prefix_cache = false;  // the sharing seen here is the fork's alone
+  const auto prompt = test::random_tokens(37, f.model->config().n_vocab, 5);
+  const int n_gen = 12;
+  {
+    Scheduler sch(*f.model, *f.tok, cfg, pool());
+    const auto out = run_choices(sch, prompt, 4, n_gen, greedy());
+    const auto ref = alone(f, prompt, n_gen, cfg.dtype_k);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(out[i], ref) << "choice " << i;
+    const SchedulerStats st = sch.stats();
+    EXPECT_EQ(st.prompt_tokens, 37);
+    EXPECT_EQ(st.prompt_tokens_forked, 3 * 37);
+    EXPECT_EQ(st.batch_tokens, 37 + 4 * (n_gen - 1));  // the prompt once, then 4 decodes a step
+    EXPECT_EQ(st.generated_tokens, 4 * n_gen);
+    EXPECT_EQ(st.requests_finished, 1);
+    EXPECT_EQ(st.blocks_used, 0);
+    EXPECT_EQ(st.running, 0);
+    EXPECT_EQ(st.waiting, 0);
+  }
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  const uint64_t seed = 1234;
+  const auto out = run_choices(sch, prompt, 3, n_gen, seeded(seed));
+  for (int i = 0; i < 3; ++i)
+    EXPECT_EQ(out[i], run_choices(sch, prompt, 1, n_gen, seeded(seed + i))[0]) << "choice " << i;
+  EXPECT_NE(out[0], out[1]);
+  EXPECT_NE(out[1], out[2]);
+  EXPECT_EQ(run_choices(sch, prompt, 3, n_gen, seeded(seed)), out);  // reproducible
+  EXPECT_EQ(sch.stats().blocks_used, 0);
+}
+
+// n choices forced through preemption (a pool that cannot hold every choice's growth, other
+// requests beside them, the prefix cache on so a preempted choice comes back by a hit or not):
+// every choice gives the tokens it gives with a pool large enough never to preempt.
+TEST(Scheduler, PreemptedChoicesEqualNotPreempted) {
+  Fixture& f = tiny();
+  const int32_t n_vocab = f.model->config().n_vocab;
+  auto run = [&](int64_t budget_tokens, int64_t* n_preempt) {
+    SchedulerConfig cfg;
+    cfg.kv_budget_tokens = budget_tokens;
+    cfg.n_parallel = 9;  // all 9 sequences at once
+    cfg.n_batch = 64;
+    cfg.n_ctx = 256;
+    Scheduler sch(*f.model, *f.tok, cfg, pool());
+    std::vector<std::unique_ptr<ChoiceCollector>> cols;
+    for (int r = 0; r < 3; ++r) {
+      const int n = r == 1 ? 1 : 4;
+      cols.push_back(std::make_unique<ChoiceCollector>(n));
+      Request q = greedy_request(test::random_tokens(30 + 17 * r, n_vocab, 70 + r), 40);
+      if (r != 0) q.sampling = seeded(99 + r);
+      q.n = n;
+      sch.submit(q, cols.back()->fn());
+    }
+    sch.wait_idle();
+    *n_preempt = sch.stats().n_preemptions;
+    EXPECT_EQ(sch.stats().blocks_used, 0);
+    std::vector<std::vector<int32_t>> all;
+    for (auto& c : cols)
+      for (size_t i = 0; i < c->tokens.size(); ++i) {
+        EXPECT_EQ(c->n_done[i], 1);
+        all.push_back(c->tokens[i]);
+      }
+    return all;
+  };
+  int64_t p_big = 0, p_small = 0;
+  const auto ref = run(4096, &p_big);
+  // 20 blocks of 16: each request fits alone (17, 6 and 16 blocks), not all three together.
+  const auto got = run(20 * 16, &p_small);
+  EXPECT_EQ(p_big, 0);
+  EXPECT_GT(p_small, 0);
+  ASSERT_EQ(ref.size(), got.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_EQ(ref[i].size(), 40u);
+    EXPECT_EQ(got[i], ref[i]) << "sequence " << i;
+  }
+}
+
+// Cancelling the request ends every choice (one final event each) and frees every block;
+// cancelling one choice ends that one only. Bad n is refused at submit.
+TEST(Scheduler, CancelEndsEveryChoiceAndNIsBounded) {
+  Fixture& f = tiny();
+  SchedulerConfig cfg;
+  cfg.kv_budget_tokens = 4096;
+  cfg.n_parallel = 4;
+  cfg.n_ctx = 2048;
+  Scheduler sch(*f.model, *f.tok, cfg, pool());
+  const auto prompt = test::random_tokens(20, f.model->config().n_vocab, 9);
+  for (int mode = 0; mode < 2; ++mode) {  // 0: the whole request, 1: choice 2 alone
+    ChoiceCollector c(4);
+    std::atomic<int> n_tokens{0};
+    Request r = greedy_request(prompt, mode == 0 ? 900 : 30);
+    r.n = 4;
+    auto inner = c.fn();
+    std::atomic<RequestId> id{0};
+    std::atomic<bool> sent{false};
+    // Cancelled from the callback (the scheduler thread), so it lands before the next step; once
+    // submit() has returned the id (the tiny model may have run a few steps before).
+    id = sch.submit(r, [&](const RequestEvent& e) {
+      if (!e.done && ++n_tokens >= 12 && id != 0 && !sent.exchange(true))
+        sch.cancel(id, mode == 0 ? -1 : 2);
+      inner(e);
+    });
+    sch.wait_idle();
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(c.n_done[i], 1);
+      const bool cancelled = mode == 0 || i == 2;
+      EXPECT_EQ(c.last[i].finish, cancelled ? FinishReason::Cancelled : FinishReason::Length)
+          << "mode " << mode << " choice " << i;
+      if (!cancelled) {
+        EXPECT_EQ(c.tokens[i].size(), 30u);
+      }
+    }
+    EXPECT_EQ(sch.stats().blocks_used, 0);
+    EXPECT_EQ(sch.stats().running, 0);
+  }
+  // Cancelled while still queued behind a request that holds every slot: each choice ends.
+  {
+    ChoiceCollector busy(4), queued(3);
+    Request r = greedy_request(prompt, 900);
+    r.n = 4;
+    const RequestId a = sch.submit(r, busy.fn());
+    r.n = 3;
+    const RequestId b = sch.submit(r, queued.fn());
+    for (int i = 0; i < 5000 && sch.stats().running < 4; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    EXPECT_EQ(sch.stats().running, 4);  // a's choices hold every slot
+    EXPECT_EQ(sch.stats().waiting, 1);
+    sch.cancel(b);
+    sch.cancel(a);
+    sch.wait_idle();
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(queued.n_done[i], 1);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(busy.n_done[i], 1);
+  }
+  Request r = greedy_request(prompt, 8);
+  for (int n : {0, -1, 5}) {  // 5 > -np
+    r.n = n;
+    EXPECT_THROW(sch.submit(r, [](const RequestEvent&) {}), Error) << n;
+  }
+  // The choices' own blocks must fit the pool together: 4 x 1024 tokens do not fit 4096 with a
+  // 20-token prompt's blocks.
+  r.n = 4;
+  r.max_tokens = 1020;
+  EXPECT_THROW(sch.submit(r, [](const RequestEvent&) {}), Error);
+  r.n = 3;
+  EXPECT_NO_THROW(sch.submit(r, [](const RequestEvent&) {}));
+  sch.wait_idle();
+}
+
 // Requests submitted from many threads while others run: all finish, the pool ends whole.
 TEST(Scheduler, ManyThreadsSubmitting) {
   Fixture& f = tiny();

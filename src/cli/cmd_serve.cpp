@@ -222,6 +222,9 @@ int run_serve(ServeArgs& a) {
   served.created = file_mtime(path);
   served.n_ctx = cfg.n_ctx;
   served.capacity_tokens = sched.capacity_tokens();
+  served.block_size = cfg.block_size;
+  // n choices run as n sequences at once and share blocks, which the KIVI cache cannot.
+  served.max_choices = cfg.kivi_residual >= 0 ? 1 : std::min(server::kMaxChoices, cfg.n_parallel);
   served.evicts = sched.evicts();
   served.chat_template = chat;
   served.defaults = defaults;

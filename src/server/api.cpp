@@ -245,10 +245,39 @@ std::vector<std::string> parse_stop(const json& body) {
   return out;
 }
 
-void check_n(const json& body) {
-  if (auto n = get_int(body, "n"); n && *n != 1)
-    bad("n", fmt::format("'n' must be 1 (one choice per request), got {}", *n),
-        "unsupported_parameter");
+int32_t parse_n(const json& body, const ServedModel& m) {
+  const int64_t n = get_int(body, "n").value_or(1);
+  if (n < 1 || n > m.max_choices)
+    bad("n", fmt::format("'n' must be in [1, {}] on this server (choices run at once: at most "
+                         "{}, at most kvlm serve -np, 1 with the KIVI cache), got {}",
+                         m.max_choices, kMaxChoices, n));
+  return static_cast<int32_t>(n);
+}
+
+// n > 1: the choices share the prompt's full blocks and each holds its own after them, so the
+// pool must hold choices_pool_tokens of them. A max_tokens given that does not fit is refused
+// naming n; the default (the rest of the context) shrinks to what fits.
+int32_t fit_choices(int32_t max_tokens, bool given, int32_t n, int64_t n_prompt,
+                    const ServedModel& m) {
+  auto fits = [&](int64_t mt) {
+    const int64_t held = m.evicts ? std::min(n_prompt + mt, m.n_ctx) : n_prompt + mt;
+    return choices_pool_tokens(n_prompt, held, n, m.block_size) <= m.capacity_tokens;
+  };
+  if (n == 1 || fits(max_tokens)) return max_tokens;
+  if (given || !fits(1))
+    bad("n", fmt::format("n = {} choices of {} tokens each after the {}-token prompt need more KV "
+                         "cache than the {} tokens the whole pool holds (kvlm serve "
+                         "--kv-budget); lower n or max_tokens",
+                         n, given ? max_tokens : 1, n_prompt, m.capacity_tokens));
+  int64_t lo = 1, hi = max_tokens;  // fits(lo), !fits(hi): the largest default that fits
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (fits(mid))
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return static_cast<int32_t>(lo);
 }
 
 // max_tokens: given -> checked against the context and the pool; absent -> the rest of the
@@ -551,7 +580,7 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
   g.endpoint = Endpoint::Chat;
   check_model(body, m);
   const std::vector<ChatMessage> messages = parse_messages(body);
-  check_n(body);
+  g.req.n = parse_n(body, m);
   for (const char* key : {"tools", "functions"}) {
     const json* v = field(body, key);
     refuse_if(v && !(v->is_array() && v->empty()), key, "kvlm has no tool calling");
@@ -579,6 +608,8 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
   g.req.prompt = render_chat(messages, tok, m, /*add_generation_prompt=*/true);
   g.req.max_tokens = resolve_max_tokens(
       max_tokens, max_key, static_cast<int64_t>(g.req.prompt.size()), "messages", m, 0);
+  g.req.max_tokens = fit_choices(g.req.max_tokens, max_tokens.has_value(), g.req.n,
+                                 static_cast<int64_t>(g.req.prompt.size()), m);
   return g;
 }
 
@@ -606,7 +637,7 @@ GenerationRequest parse_completion_request(const json& body, const Tokenizer& to
         fmt::format("'prompt' must be a string or an array of token ids, got {}", p->type_name()));
   }
   if (g.req.prompt.empty()) bad("prompt", "'prompt' is empty: nothing to complete");
-  check_n(body);
+  g.req.n = parse_n(body, m);
   refuse_if(get_bool(body, "echo").value_or(false), "echo", "the prompt is not echoed");
   refuse_if(field(body, "suffix") != nullptr, "suffix", "kvlm does not fill in the middle");
   refuse_if(get_int(body, "best_of").value_or(1) != 1, "best_of", "one candidate per request");
@@ -615,9 +646,12 @@ GenerationRequest parse_completion_request(const json& body, const Tokenizer& to
   g.stop = parse_stop(body);
   parse_stream(body, &g);
   g.req.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
-  g.req.max_tokens = resolve_max_tokens(get_int(body, "max_tokens"), "max_tokens",
+  const auto max_tokens = get_int(body, "max_tokens");
+  g.req.max_tokens = resolve_max_tokens(max_tokens, "max_tokens",
                                         static_cast<int64_t>(g.req.prompt.size()), "prompt", m,
                                         kCompletionDefaultMaxTokens);
+  g.req.max_tokens = fit_choices(g.req.max_tokens, max_tokens.has_value(), g.req.n,
+                                 static_cast<int64_t>(g.req.prompt.size()), m);
   return g;
 }
 
@@ -753,23 +787,34 @@ json LogprobsBuilder::take() {
   return out;
 }
 
-json render_response(const ResponseMeta& m, const std::string& text, const std::string& finish,
-                     const Usage& u, const json& logprobs) {
+json render_response(const ResponseMeta& m, const std::vector<ChoiceText>& choices,
+                     const Usage& u) {
   json j = base_object(m, false);
-  json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish_json(finish)}};
-  if (m.endpoint == Endpoint::Chat)
-    choice["message"] = {{"role", "assistant"}, {"content", text}};
-  else
-    choice["text"] = text;
-  j["choices"] = json::array({choice});
+  j["choices"] = json::array();
+  for (size_t i = 0; i < choices.size(); ++i) {
+    const ChoiceText& c = choices[i];
+    json choice = {
+        {"index", i}, {"logprobs", c.logprobs}, {"finish_reason", finish_json(c.finish)}};
+    if (m.endpoint == Endpoint::Chat)
+      choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+    else
+      choice["text"] = c.text;
+    j["choices"].push_back(std::move(choice));
+  }
   j["usage"] = usage_json(u);
   return j;
 }
 
+json render_response(const ResponseMeta& m, const std::string& text, const std::string& finish,
+                     const Usage& u, const json& logprobs) {
+  return render_response(m, std::vector<ChoiceText>{{text, finish, logprobs}}, u);
+}
+
 json render_chunk(const ResponseMeta& m, const std::string& text, const std::string& finish,
-                  bool role_delta, bool usage_null, const json& logprobs) {
+                  bool role_delta, bool usage_null, const json& logprobs, int32_t index) {
   json j = base_object(m, true);
-  json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish_json(finish)}};
+  json choice = {
+      {"index", index}, {"logprobs", logprobs}, {"finish_reason", finish_json(finish)}};
   if (m.endpoint == Endpoint::Chat) {
     json delta = json::object();
     if (role_delta) delta["role"] = "assistant";

@@ -52,6 +52,9 @@ json error_body(const HttpError& e);
 // throwing.
 std::string dump(const json& j);
 
+// OpenAI's n: choices of one request, at most this many (and at most -np).
+inline constexpr int32_t kMaxChoices = 16;
+
 // The largest max_tokens of a server whose cache evicts (no context bound applies): 2^20 tokens,
 // about an hour and a half of decoding at 200 tokens/s.
 inline constexpr int64_t kMaxEvictingTokens = int64_t{1} << 20;
@@ -70,6 +73,8 @@ struct ServedModel {
   int64_t created = 0;          // unix seconds (the file's modification time)
   int64_t n_ctx = 0;            // per-sequence context (prompt + generated), tokens
   int64_t capacity_tokens = 0;  // tokens the whole KV pool holds (blocks x block size)
+  int32_t block_size = 16;      // tokens per KV block (the pool's arithmetic for n choices)
+  int32_t max_choices = 16;     // n's bound: min(kMaxChoices, -np); 1 with KIVI
   // The cache evicts when a sequence's context is full (--kv-window, --keep): prompts and
   // completions are then not bounded by n_ctx, only max_tokens by kMaxEvictingTokens.
   bool evicts = false;
@@ -216,15 +221,25 @@ class LogprobsBuilder {
   size_t n_ = 0;
 };
 
-// chat.completion / text_completion with one choice; logprobs: the choice's (null: not asked).
+// One choice of a response: its text, finish reason and logprobs (null: not asked).
+struct ChoiceText {
+  std::string text;
+  std::string finish;
+  json logprobs = nullptr;
+};
+// chat.completion / text_completion with choices[i].index = i; usage counts the prompt once and
+// the completion tokens of every choice (OpenAI's usage for n > 1).
+json render_response(const ResponseMeta& m, const std::vector<ChoiceText>& choices,
+                     const Usage& u);
 json render_response(const ResponseMeta& m, const std::string& text, const std::string& finish,
                      const Usage& u, const json& logprobs = nullptr);
 // chat.completion.chunk / text_completion chunk with one choice. Chat: role_delta puts the
 // assistant role in the delta (the first chunk); finish empty: "finish_reason": null.
 // usage_null adds "usage": null (OpenAI does so on every chunk when include_usage is on).
-// logprobs: those of the chunk's tokens (null: none).
+// logprobs: those of the chunk's tokens (null: none). index: the choice (n > 1).
 json render_chunk(const ResponseMeta& m, const std::string& text, const std::string& finish,
-                  bool role_delta, bool usage_null, const json& logprobs = nullptr);
+                  bool role_delta, bool usage_null, const json& logprobs = nullptr,
+                  int32_t index = 0);
 // The last chunk with include_usage: "choices": [] and the usage.
 json render_usage_chunk(const ResponseMeta& m, const Usage& u);
 // "data: {json}\n\n"

@@ -83,6 +83,10 @@ std::string Metrics::render(const SchedulerStats& s) const {
          s.prompt_tokens);
   metric(out, "kvlm_prompt_tokens_cached_total", "counter",
          "prompt tokens served by the prefix cache", s.prompt_tokens_cached);
+  metric(out, "kvlm_prompt_tokens_forked_total", "counter",
+         "prompt tokens the choices 2..n of n > 1 requests shared by fork instead of computing "
+         "(prompt_tokens counts such a prompt once)",
+         s.prompt_tokens_forked);
   metric(out, "kvlm_prefix_cache_hit_rate", "gauge",
          "prompt_tokens_cached_total / prompt_tokens_total (0 before any prompt)",
          s.prompt_tokens > 0 ? double(s.prompt_tokens_cached) / double(s.prompt_tokens) : 0.0);

@@ -87,33 +87,52 @@ class Channel {
   std::deque<TimedEvent> q_;
 };
 
+// One choice of a request being served (OpenAI's n: each has its own text, stop strings, logprobs
+// and finish reason).
+struct Choice {
+  Choice(const Tokenizer& tok, const GenerationRequest& g, Endpoint ep)
+      : text(tok, g.stop, g.req.ignore_eos) {
+    if (g.req.sampling.n_logprobs >= 0) logprobs.emplace(tok, ep);
+  }
+  TextStream text;
+  // When the request asked for logprobs: its tokens' not yet sent (end-of-generation tokens left
+  // out, as from the text, unless ignore_eos).
+  std::optional<LogprobsBuilder> logprobs;
+  std::string shown;        // non-streaming: the text so far
+  int64_t shown_chars = 0;  // characters of text consume() has returned (text_offset)
+  int64_t n_tokens = 0;     // token events taken
+  Clock::time_point t_last_token;
+  bool done = false;        // no more text: final event or stop string
+  std::string finish;       // when done: "stop", "length", "cancelled", "error"
+};
+
 // One generation request being served. Touched only by its HTTP thread (the channel aside).
 struct Job {
   Job(const Tokenizer& tok, const GenerationRequest& g, ResponseMeta meta)
       : meta(std::move(meta)),
         stream(g.stream),
         include_usage(g.include_usage),
-        text(tok, g.stop, g.req.ignore_eos),
         ignore_eos(g.req.ignore_eos) {
     usage.prompt_tokens = static_cast<int64_t>(g.req.prompt.size());
-    if (g.req.sampling.n_logprobs >= 0) logprobs.emplace(tok, this->meta.endpoint);
+    choices.reserve(static_cast<size_t>(g.req.n));
+    for (int32_t i = 0; i < g.req.n; ++i) choices.emplace_back(tok, g, this->meta.endpoint);
+    n_open = g.req.n;
   }
   ResponseMeta meta;
   bool stream, include_usage;
   std::shared_ptr<Channel> ch = std::make_shared<Channel>();
-  TextStream text;
   bool ignore_eos;
-  // When the request asked for logprobs: its tokens' not yet sent (end-of-generation tokens left
-  // out, as from the text, unless ignore_eos).
-  std::optional<LogprobsBuilder> logprobs;
-  int64_t shown_chars = 0;  // characters of text consume() has returned (text_offset)
+  std::vector<Choice> choices;  // [n]
+  int32_t n_open = 0;           // choices not done
   RequestId id = 0;
   Clock::time_point t_submit, t_first_token, t_last_token;
-  Usage usage;             // completion_tokens: token events taken so far
-  bool done = false;       // no more text: final event, stop string or client gone
-  std::string finish;      // when done: "stop", "length", "cancelled", "error"
+  Usage usage;             // completion_tokens: token events taken so far, every choice's
+  bool done = false;       // no more text: every choice is done, or the client is gone
+  // When done: "cancelled" or "error" when a choice ended so (the request failed), else the
+  // last choice's "stop" or "length".
+  std::string finish;
   std::string error;       // when finish == "error"
-  bool role_sent = false;  // chat streams: the first chunk carries the assistant role
+  bool role_sent = false;  // chat streams: the first chunks carry the assistant role
   bool ended = false;      // end() ran
   // The connection's socket (find_client_socket), watched while no event comes: INVALID_SOCKET
   // when it could not be found (then only a failed write notices a client gone).
@@ -258,7 +277,9 @@ struct Server::Impl {
   void check_auth(const httplib::Request& req) const;
 
   void generate(const httplib::Request& req, httplib::Response& res, Endpoint ep);
+  // Takes one event into its choice; returns the text now safe to show for that choice.
   std::string consume(Job& job, const TimedEvent& te);
+  std::string stream_events(Job& job, const std::deque<TimedEvent>& events);
   bool stream_step(Job& job, httplib::DataSink& sink);
   void end(Job& job);
 };
@@ -338,10 +359,12 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   res.set_header("X-Kvlm-Request-Id", std::to_string(job->id));
 
   if (!job->stream) {
-    std::string text;
     bool client_left = false;
     while (!job->done) {
-      for (const TimedEvent& te : job->ch->take_for(kClientPoll)) text += consume(*job, te);
+      for (const TimedEvent& te : job->ch->take_for(kClientPoll)) {
+        const std::string piece = consume(*job, te);
+        if (!piece.empty()) job->choices[static_cast<size_t>(te.ev.index)].shown += piece;
+      }
       if (!job->done && job->client != INVALID_SOCKET && client_gone(job->client)) {
         sched.cancel(job->id);  // its blocks go back at the next step, not at max_tokens
         job->done = true;
@@ -362,9 +385,10 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
     if (job->finish == "cancelled")
       throw HttpError(503, "the server is shutting down", "", "shutting_down");
     if (job->finish == "error") throw HttpError(500, job->error);
-    const json logprobs = job->logprobs ? job->logprobs->take() : json(nullptr);
-    res.set_content(dump(render_response(job->meta, text, job->finish, job->usage, logprobs)),
-                    "application/json");
+    std::vector<ChoiceText> out;
+    for (Choice& c : job->choices)
+      out.push_back({std::move(c.shown), c.finish, c.logprobs ? c.logprobs->take() : json(nullptr)});
+    res.set_content(dump(render_response(job->meta, out, job->usage)), "application/json");
     return;
   }
   res.set_header("Cache-Control", "no-cache");
@@ -384,8 +408,10 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
 }
 
 std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
-  if (job.done) return {};
   const RequestEvent& e = te.ev;
+  if (job.done || e.index < 0 || e.index >= static_cast<int32_t>(job.choices.size())) return {};
+  Choice& c = job.choices[static_cast<size_t>(e.index)];
+  if (c.done) return {};  // tokens in flight after a stop string
   job.usage.prompt_tokens = e.n_prompt > 0 ? e.n_prompt : job.usage.prompt_tokens;
   job.usage.cached_tokens = e.n_cached;
   std::string out;
@@ -393,32 +419,73 @@ std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
     if (job.usage.completion_tokens == 0) {
       metrics.observe_ttft(seconds(te.at - job.t_submit));
       job.t_first_token = te.at;
-    } else {
-      metrics.observe_itl(seconds(te.at - job.t_last_token));
     }
-    job.t_last_token = te.at;
+    if (c.n_tokens > 0) metrics.observe_itl(seconds(te.at - c.t_last_token));  // per choice
+    c.t_last_token = job.t_last_token = te.at;
+    ++c.n_tokens;
     ++job.usage.completion_tokens;
-    if (job.logprobs && e.logprobs && (job.ignore_eos || !tok.is_eog(e.token)))
-      job.logprobs->add(*e.logprobs, job.shown_chars);
-    out = job.text.push(e.token);
-    if (job.text.stopped()) {
-      job.done = true;
-      job.finish = "stop";
-      sched.cancel(job.id);  // tokens already in flight are ignored (job.done)
+    if (c.logprobs && e.logprobs && (job.ignore_eos || !tok.is_eog(e.token)))
+      c.logprobs->add(*e.logprobs, c.shown_chars);
+    out = c.text.push(e.token);
+    if (c.text.stopped()) {
+      c.done = true;
+      c.finish = "stop";
+      sched.cancel(job.id, e.index);  // this choice only; its tokens in flight are ignored
     }
   }
-  if (e.done && !job.done) {
-    job.done = true;
-    job.finish = finish_reason_name(e.finish);
-    job.error = e.error.empty() ? "generation failed" : e.error;
-    out += job.text.finish();
+  if (e.done && !c.done) {
+    c.done = true;
+    c.finish = finish_reason_name(e.finish);
+    out += c.text.finish();
+    if (c.finish == "error") job.error = e.error.empty() ? "generation failed" : e.error;
   }
-  if (job.done) metrics.observe_e2e(seconds(te.at - job.t_submit));
+  if (c.done) {
+    // A failed or cancelled choice fails the request; else it ends as its last choice did.
+    if (job.finish != "error" && job.finish != "cancelled") job.finish = c.finish;
+    if (--job.n_open == 0) {
+      job.done = true;
+      metrics.observe_e2e(seconds(te.at - job.t_submit));
+    }
+  }
   // Characters, not bytes: the lead bytes (a text offset as a client's string indexes it).
-  job.shown_chars += std::count_if(out.begin(), out.end(), [](char c) {
-    return (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  c.shown_chars += std::count_if(out.begin(), out.end(), [](char ch) {
+    return (static_cast<unsigned char>(ch) & 0xC0) != 0x80;
   });
   return out;
+}
+
+// The SSE chunks of the events taken: each choice's text and logprobs, its finish chunk when it
+// ends; once every choice has, the usage chunk (include_usage) and [DONE], or an error event
+// when the request failed or was cancelled.
+std::string Server::Impl::stream_events(Job& job, const std::deque<TimedEvent>& events) {
+  std::string out;
+  for (const TimedEvent& te : events) {
+    const int32_t i = te.ev.index;
+    const bool was_done = i >= 0 && i < static_cast<int32_t>(job.choices.size()) &&
+                          job.choices[static_cast<size_t>(i)].done;
+    const std::string piece = consume(job, te);
+    if (was_done || i < 0 || i >= static_cast<int32_t>(job.choices.size())) continue;
+    Choice& c = job.choices[static_cast<size_t>(i)];
+    // Each chunk carries its tokens' logprobs; a token whose text is held back (a stop
+    // string's start, a split character) still gets its chunk.
+    const bool lp = c.logprobs && !c.logprobs->empty();
+    if (!piece.empty() || lp)
+      out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage,
+                                    lp ? c.logprobs->take() : json(nullptr), i));
+    if (c.done && c.finish != "cancelled" && c.finish != "error")
+      out += sse_event(render_chunk(job.meta, "", c.finish, false, job.include_usage, nullptr, i));
+    if (job.done) break;
+  }
+  if (!job.done) return out;
+  if (job.finish == "cancelled" || job.finish == "error") {
+    out += sse_event(
+        error_body(job.finish == "error"
+                       ? HttpError(500, job.error)
+                       : HttpError(503, "the server is shutting down", "", "shutting_down")));
+  } else if (job.include_usage) {
+    out += sse_event(render_usage_chunk(job.meta, job.usage));
+  }
+  return out + "data: [DONE]\n\n";
 }
 
 bool Server::Impl::stream_step(Job& job, httplib::DataSink& sink) {
@@ -426,9 +493,11 @@ bool Server::Impl::stream_step(Job& job, httplib::DataSink& sink) {
     std::string out;
     if (job.meta.endpoint == Endpoint::Chat && !job.role_sent) {
       // Sent before any token so the client sees the response begin while the prompt is queued
-      // or prefilled.
+      // or prefilled: one per choice.
       job.role_sent = true;
-      out = sse_event(render_chunk(job.meta, "", "", true, job.include_usage));
+      for (size_t i = 0; i < job.choices.size(); ++i)
+        out += sse_event(render_chunk(job.meta, "", "", true, job.include_usage, nullptr,
+                                      static_cast<int32_t>(i)));
     } else {
       // Nothing is written while the request is queued or prefilling, so no failed write would
       // tell that the client left: watch the socket meanwhile. Returning false ends the response;
@@ -440,28 +509,7 @@ bool Server::Impl::stream_step(Job& job, httplib::DataSink& sink) {
         while ((events = job.ch->take_for(kClientPoll)).empty())
           if (client_gone(job.client)) return false;
       }
-      for (const TimedEvent& te : events) {
-        const std::string piece = consume(job, te);
-        // Each chunk carries its tokens' logprobs; a token whose text is held back (a stop
-        // string's start, a split character) still gets its chunk.
-        const bool lp = job.logprobs && !job.logprobs->empty();
-        if (!piece.empty() || lp)
-          out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage,
-                                        lp ? job.logprobs->take() : json(nullptr)));
-        if (job.done) break;
-      }
-      if (job.done) {
-        if (job.finish == "cancelled" || job.finish == "error") {
-          out += sse_event(
-              error_body(job.finish == "error"
-                             ? HttpError(500, job.error)
-                             : HttpError(503, "the server is shutting down", "", "shutting_down")));
-        } else {
-          out += sse_event(render_chunk(job.meta, "", job.finish, false, job.include_usage));
-          if (job.include_usage) out += sse_event(render_usage_chunk(job.meta, job.usage));
-        }
-        out += "data: [DONE]\n\n";
-      }
+      out = stream_events(job, events);
     }
     if (!out.empty() && !sink.write(out.data(), out.size())) return false;
     if (job.done) sink.done();

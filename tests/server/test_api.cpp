@@ -167,6 +167,51 @@ TEST_F(Api, LogprobsShapes) {
   EXPECT_EQ(render_chunk(meta, "A", "", false, false, k)["choices"][0]["logprobs"], k);
 }
 
+// n: parsed into the request, bounded by max_choices (-np), and the choices' blocks must fit the
+// pool together: a max_tokens given that does not fit is refused naming n, the default (the rest
+// of the context) shrinks to the largest that fits.
+TEST_F(Api, ChoicesParameters) {
+  ServedModel m = model();
+  m.capacity_tokens = 512;  // 32 blocks of 16
+  m.max_choices = 8;
+  auto complete = [&](json body) {
+    body["prompt"] = {1, 2, 3};
+    return parse_completion_request(body, *tok_, m, 7);
+  };
+  EXPECT_EQ(complete({}).req.n, 1);
+  const GenerationRequest g = complete({{"n", 8}, {"max_tokens", 8}});
+  EXPECT_EQ(g.req.n, 8);
+  EXPECT_EQ(g.req.max_tokens, 8);
+  for (int n : {9, 0}) {
+    try {
+      complete({{"n", n}});
+      ADD_FAILURE() << n;
+    } catch (const HttpError& e) {
+      EXPECT_EQ(e.status, 400);
+      EXPECT_EQ(e.param, "n");
+    }
+  }
+  // 3 prompt tokens: nothing shared; 64 positions (4 blocks) a choice fit 8 choices in 32
+  // blocks, 65 do not.
+  EXPECT_EQ(complete({{"n", 8}, {"max_tokens", 61}}).req.max_tokens, 61);
+  try {
+    complete({{"n", 8}, {"max_tokens", 62}});
+    ADD_FAILURE();
+  } catch (const HttpError& e) {
+    EXPECT_EQ(e.param, "n");
+    EXPECT_NE(std::string(e.what()).find("512"), std::string::npos) << e.what();
+  }
+  // Chat's default max_tokens (the rest of the context) shrinks to what fits: the prompt's full
+  // blocks once, then (32 - shared) / 8 blocks a choice.
+  const GenerationRequest c = parse_chat_request({{"messages", kMsgs}, {"n", 8}}, *tok_, m, 7);
+  const auto n_prompt = static_cast<int64_t>(c.req.prompt.size());
+  const int64_t shared = n_prompt / 16, own = (32 - shared) / 8;
+  ASSERT_GT((shared + own) * 16, n_prompt);
+  EXPECT_EQ(c.req.max_tokens, (shared + own) * 16 - n_prompt);
+  EXPECT_EQ(parse_chat_request({{"messages", kMsgs}, {"n", 2}}, *tok_, m, 7).req.max_tokens,
+            m.n_ctx - n_prompt);
+}
+
 TEST_F(Api, ContentPartsJoinWithNewlines) {
   const json parts =
       json::array({{{"type", "text"}, {"text", "a"}}, {{"type", "text"}, {"text", "b"}}});
@@ -281,8 +326,11 @@ TEST_F(Api, BadRequestsTable) {
        {{"messages", m}, {"stream_options", json::array()}},
        400,
        "stream_options"},
-      {"n 2", true, {{"messages", m}, {"n", 2}}, 400, "n"},
+      {"n 17", true, {{"messages", m}, {"n", 17}}, 400, "n"},
       {"n 0", true, {{"messages", m}, {"n", 0}}, 400, "n"},
+      {"n -1", false, {{"prompt", "a"}, {"n", -1}}, 400, "n"},
+      {"n float", true, {{"messages", m}, {"n", 1.5}}, 400, "n"},
+      {"n string", false, {{"prompt", "a"}, {"n", "2"}}, 400, "n"},
       {"logprobs string", true, {{"messages", m}, {"logprobs", "yes"}}, 400, "logprobs"},
       {"top_logprobs without logprobs",
        true,

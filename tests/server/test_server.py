@@ -419,7 +419,8 @@ class Protocol(ServerCase):
             ("temperature negative", "POST", chat, {"messages": msgs, "temperature": -1}, 400),
             ("top_p > 1", "POST", chat, {"messages": msgs, "top_p": 1.5}, 400),
             ("stream not bool", "POST", chat, {"messages": msgs, "stream": "yes"}, 400),
-            ("n = 2", "POST", chat, {"messages": msgs, "n": 2}, 400),
+            ("n = 17", "POST", chat, {"messages": msgs, "n": 17}, 400),
+            ("n = 0", "POST", comp, {"prompt": "a", "n": 0}, 400),
             ("top_logprobs 21", "POST", chat,
              {"messages": msgs, "logprobs": True, "top_logprobs": 21}, 400),
             ("presence_penalty 3", "POST", chat, {"messages": msgs, "presence_penalty": 3}, 400),
@@ -452,7 +453,7 @@ class Protocol(ServerCase):
         with self.assertRaises(openai.BadRequestError):
             self.chat(max_tokens=0)
         with self.assertRaises(openai.BadRequestError):
-            self.chat(n=2)
+            self.chat(n=17)
         self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
         self.assertEqual(self.complete(max_tokens=2).usage.completion_tokens, 2)
 
@@ -942,6 +943,116 @@ class Logprobs(unittest.TestCase):
                         c.completions.create(model="tiny-llama", prompt="a", max_tokens=2,
                                              logprobs=n)
                     self.assertEqual(cm.exception.body["param"], "logprobs", n)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+
+class Choices(unittest.TestCase):
+    """n > 1 through the official client, chat and completions, streaming and not: the choices
+    share the prompt (computed once: /metrics' forked-prompt counter, usage counting the prompt
+    once and every choice's completion tokens), are equal at temperature 0, follow seed + index
+    with a seed, stream with their index and a finish_reason each, end all at a cancel with every
+    block back, and bad values of n are refused naming it."""
+
+    def test_choices(self):
+        srv = Server("-m", TINY, "-np", "8", "-c", "2048", "--kv-budget", "4096tok", "-t", "2")
+        try:
+            with srv.client() as c:
+                msgs = [{"role": "user", "content": "the cat sat on the mat"}]
+                one = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=10,
+                                                temperature=0, extra_body={"ignore_eos": True})
+                before = srv.metrics()
+                r = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=10,
+                                              temperature=0, n=4, extra_body={"ignore_eos": True})
+                after = srv.metrics()
+                self.assertEqual([ch.index for ch in r.choices], [0, 1, 2, 3])
+                for ch in r.choices:
+                    self.assertEqual(ch.message.content, one.choices[0].message.content)
+                    self.assertEqual(ch.finish_reason, "length")
+                p = one.usage.prompt_tokens
+                self.assertEqual(r.usage.prompt_tokens, p)
+                self.assertEqual(r.usage.completion_tokens, 40)
+                self.assertEqual(r.usage.total_tokens, p + 40)
+                # The prompt is admitted once (a prefix hit of the single request's blocks) and
+                # the other three choices get it by fork.
+                self.assertEqual(after["kvlm_prompt_tokens_total"] -
+                                 before["kvlm_prompt_tokens_total"], p)
+                self.assertEqual(after["kvlm_prompt_tokens_forked_total"] -
+                                 before["kvlm_prompt_tokens_forked_total"], 3 * p)
+                self.assertEqual(r.usage.prompt_tokens_details.cached_tokens,
+                                 after["kvlm_prompt_tokens_cached_total"] -
+                                 before["kvlm_prompt_tokens_cached_total"])
+
+                # A seed: choice i is the request with seed + i; reproducible; they differ.
+                kw = dict(model="tiny-llama", prompt="once upon a time", max_tokens=12,
+                          temperature=1.0, extra_body={"top_k": 0, "ignore_eos": True})
+                k = c.completions.create(n=3, seed=41, **kw)
+                texts = [ch.text for ch in sorted(k.choices, key=lambda ch: ch.index)]
+                for i in range(3):
+                    self.assertEqual(c.completions.create(seed=41 + i, **kw).choices[0].text,
+                                     texts[i], i)
+                self.assertEqual(len(set(texts)), 3, texts)
+                self.assertEqual([ch.text for ch in c.completions.create(n=3, seed=41, **kw).choices],
+                                 texts)
+
+                # Streaming, through the client: each index's chunks make its text, one finish
+                # each, the usage chunk counting every choice.
+                got, finishes, usage = {}, {}, None
+                for chunk in c.completions.create(n=3, seed=41, stream=True,
+                                                  stream_options={"include_usage": True}, **kw):
+                    if chunk.usage:
+                        usage = chunk.usage
+                    for ch in chunk.choices:
+                        got[ch.index] = got.get(ch.index, "") + ch.text
+                        if ch.finish_reason:
+                            self.assertNotIn(ch.index, finishes)
+                            finishes[ch.index] = ch.finish_reason
+                self.assertEqual([got[i] for i in range(3)], texts)
+                self.assertEqual(finishes, {0: "length", 1: "length", 2: "length"})
+                self.assertEqual(usage.completion_tokens, 36)
+                chat_got, roles = {}, set()
+                for chunk in c.chat.completions.create(model="tiny-llama", messages=msgs,
+                                                       max_tokens=10, temperature=0, n=2,
+                                                       stream=True,
+                                                       extra_body={"ignore_eos": True}):
+                    for ch in chunk.choices:
+                        if ch.delta.role:
+                            roles.add(ch.index)
+                        chat_got[ch.index] = chat_got.get(ch.index, "") + (ch.delta.content or "")
+                self.assertEqual(roles, {0, 1})
+                self.assertEqual(chat_got, {0: one.choices[0].message.content,
+                                            1: one.choices[0].message.content})
+                # The raw stream: [DONE] once, at the end.
+                status, events, done = sse_stream(srv, "/v1/completions",
+                                                  {"prompt": "abc", "n": 3, "max_tokens": 5,
+                                                   "ignore_eos": True, "stream": True})
+                self.assertEqual((status, done), (200, True))
+                self.assertEqual(sorted(e["choices"][0]["index"] for e in events
+                                        if e["choices"][0]["finish_reason"]), [0, 1, 2])
+
+                # Cancelled by the client: every choice stops, every block comes back.
+                cancelled = 'kvlm_requests_total{finish_reason="cancelled"}'
+                n_cancelled = srv.metrics()[cancelled]
+                status, events, _ = sse_stream(
+                    srv, "/v1/completions",
+                    {"prompt": "abc", "n": 4, "max_tokens": 900, "ignore_eos": True,
+                     "stream": True},
+                    on_event=lambda e: False)
+                self.assertEqual(status, 200)
+                self.assertEqual(srv.wait_metric("kvlm_requests_running", lambda v: v == 0), 0)
+                self.assertEqual(srv.wait_metric("kvlm_kv_blocks_used", lambda v: v == 0), 0)
+                self.assertEqual(srv.wait_metric(cancelled, lambda v: v > n_cancelled),
+                                 n_cancelled + 1)
+
+                for bad in (0, 17, 9, -1, 1.5, "2"):  # 9 > -np 8
+                    with self.assertRaises(openai.BadRequestError) as cm:
+                        c.chat.completions.create(model="tiny-llama", messages=msgs,
+                                                  max_tokens=2, n=bad)
+                    self.assertEqual(cm.exception.body["param"], "n", bad)
+                # 8 choices of 600 tokens need more than the 4096-token pool.
+                with self.assertRaises(openai.BadRequestError) as cm:
+                    c.completions.create(model="tiny-llama", prompt="a", max_tokens=600, n=8)
+                self.assertEqual(cm.exception.body["param"], "n")
         finally:
             self.assertEqual(srv.stop(), 0)
 

@@ -983,6 +983,23 @@ class Choices(unittest.TestCase):
                                  after["kvlm_prompt_tokens_cached_total"] -
                                  before["kvlm_prompt_tokens_cached_total"])
 
+                # Logprobs per choice; a stop string ends each choice at its own text.
+                lp = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=5,
+                                               temperature=0, n=2, logprobs=True,
+                                               extra_body={"ignore_eos": True})
+                self.assertEqual([len(ch.logprobs.content) for ch in lp.choices], [5, 5])
+                self.assertEqual([e.token for e in lp.choices[0].logprobs.content],
+                                 [e.token for e in lp.choices[1].logprobs.content])
+                text = one.choices[0].message.content
+                self.assertGreaterEqual(len(text), 8, text)
+                stop = text[4:7]
+                st = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=10,
+                                               temperature=0, n=3, stop=[stop],
+                                               extra_body={"ignore_eos": True})
+                for ch in st.choices:
+                    self.assertEqual(ch.message.content, text[:text.find(stop)])
+                    self.assertEqual(ch.finish_reason, "stop")
+
                 # A seed: choice i is the request with seed + i; reproducible; they differ.
                 kw = dict(model="tiny-llama", prompt="once upon a time", max_tokens=12,
                           temperature=1.0, extra_body={"top_k": 0, "ignore_eos": True})

@@ -815,6 +815,49 @@ TEST(Scheduler, PreemptedChoicesEqualNotPreempted) {
   }
 }
 
+// Choices of models with sliding-window layers: the fork shares every group's table (holes
+// included) and each window group releases the shared blocks on its own as its choice moves on;
+// at temperature 0 every choice is the request's text alone, with a seed choice i is the request
+// with seed + i. Generation runs well past the windows.
+TEST(Scheduler, WindowGroupChoicesEqualAlone) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf", "tiny-llama-swa-all.gguf"}) {
+    SCOPED_TRACE(name);
+    Fixture f(test::data_path(name));
+    Scheduler sch(*f.model, *f.tok, window_groups_config(8 * 128), pool());
+    const auto prompt = test::random_tokens(37, f.model->config().n_vocab, 11);
+    const auto ref = alone(f, prompt, 60, DType::F16);
+    for (const auto& out : run_choices(sch, prompt, 4, 60, greedy())) EXPECT_EQ(out, ref);
+    const auto seeded_out = run_choices(sch, prompt, 3, 60, seeded(7));
+    for (int i = 0; i < 3; ++i)
+      EXPECT_EQ(seeded_out[i], run_choices(sch, prompt, 1, 60, seeded(7 + i))[0]) << i;
+    EXPECT_EQ(sch.stats().blocks_used, 0);
+  }
+}
+
+// Choices that evict (the window with sinks, context shift) far past the context: the shifts
+// write into blocks the choices share, so each copies them first; every choice equals the request
+// alone in a Session.
+TEST(Scheduler, EvictingChoicesEqualAlone) {
+  Fixture& f = tiny();
+  for (const KvOptions& kv : {window_options(4, 44, 8), [] {
+                                KvOptions o;
+                                o.n_ctx = 48;
+                                o.n_keep = 10;
+                                return o;
+                              }()}) {
+    SchedulerConfig cfg = evicting_config(kv);
+    cfg.kv_budget_tokens = 4 * 64;
+    cfg.n_parallel = 4;
+    cfg.n_batch = 64;
+    Scheduler sch(*f.model, *f.tok, cfg, pool());
+    const auto prompt = test::random_tokens(30, f.model->config().n_vocab, 21);
+    const auto ref = alone_evicting(f, prompt, 90, kv, cfg.n_batch);
+    for (const auto& out : run_choices(sch, prompt, 4, 90, greedy())) EXPECT_EQ(out, ref);
+    EXPECT_GT(sch.stats().evicted_tokens, 0);
+    EXPECT_EQ(sch.stats().blocks_used, 0);
+  }
+}
+
 // Cancelling the request ends every choice (one final event each) and frees every block;
 // cancelling one choice ends that one only. Bad n is refused at submit.
 TEST(Scheduler, CancelEndsEveryChoiceAndNIsBounded) {

@@ -5,6 +5,12 @@
 //   zcat /usr/share/doc/jargon-text/jargon.txt.gz > /tmp/jargon.txt
 //   build/bin/kvlm_tokenize_bench ~/.cache/kvlm/models/SmolLM2-135M-Instruct.Q4_1.gguf
 //   /tmp/jargon.txt
+//
+// Long runs of one character must stay linear (a BPE that re-scans its pieces is quadratic):
+// 100x the characters should take ~100x the time, never ~10,000x:
+//
+//   for n in 2000 200000; do printf '%*s' $n '' > /tmp/spaces-$n.txt; \
+//     build/bin/kvlm_tokenize_bench MODEL.gguf /tmp/spaces-$n.txt; done
 #include <fmt/format.h>
 
 #include <algorithm>

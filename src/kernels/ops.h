@@ -43,10 +43,11 @@ void dequantize_rows(DType t, const void* src, size_t src_stride, int64_t n_rows
 // BF16, Q8_0, Q4_0, Q4_1.
 void quantize_row(DType t, const float* src, void* dst, int64_t n);
 
-// Dot product of one row of type t (n elements) with f32 x[n]. For Q4_0/Q4_1/Q5_0/Q8_0 rows and
-// the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS), x is first quantized to 8 bits per 32-element
-// block (Q8_0, or Q8_1 for Q4_1) and the dot is an integer sum per block, scaled once
-// (ref/ref.h's dot_k_q8_0 for the K types); other types dequantize the row and dot in f32.
+// Dot product of one row of type t (n elements) with f32 x[n]. For Q4_0/Q4_1/Q5_0/Q8_0 rows, x is
+// first quantized to 8 bits per 32-element block (Q8_0, or Q8_1 for Q4_1) and the dot is an
+// integer sum per block, scaled once; for the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS) per
+// 256-element super-block with an f32 scale (act_blocks.h's BlockQ8_K, ref/ref.h's dot_k_q8_k);
+// other types dequantize the row and dot in f32.
 float dot_row(DType t, const void* row, const float* x, int64_t n);
 
 // Linear layer: y[i, r] = sum_c W[r, c] * x[i, c]

@@ -301,13 +301,20 @@ void naive_matmul(const Weights& w, const float* x, int64_t n_tok, std::vector<d
 
 // Q4_0/Q4_1/Q8_0 weights multiply 8-bit activations (llama.cpp's vec_dot_type path): the reference
 // then multiplies by the activations as the kernel quantized them (Q8_0 codes and scales; Q8_1
-// has the same ones), so the comparison still isolates the dot's arithmetic. That is
+// has the same ones; the K types' Q8_K super-blocks), so the comparison still isolates the dot's arithmetic. That is
 // ref::quant_act_q8_0's rounding (127 / amax, ties to even), which every variant reproduces bit for
 // bit, not quantize_row's (1 / d, ties away from zero): the two differ in a code now and then,
 // and one code is far outside the dot's rounding bound.
 std::vector<float> quantized_activations(DType t, const std::vector<float>& x) {
   if (act_type(t) == DType::F32) return x;
   const int64_t n = static_cast<int64_t>(x.size());
+  if (act_type(t) == DType::Q8_K) {  // the K types: super-blocks of 256 (ref::quant_act_q8_k)
+    std::vector<BlockQ8_K> q(static_cast<size_t>(n / 256));
+    ref::quant_act_q8_k(x.data(), q.data(), n / 256);
+    std::vector<float> out(x.size());
+    for (int64_t e = 0; e < n; ++e) out[e] = q[e / 256].d * q[e / 256].qs[e % 256];
+    return out;
+  }
   std::vector<BlockQ8_0> q(static_cast<size_t>(n / kQK8_0));
   ref::quant_act_q8_0(x.data(), q.data(), n / kQK8_0);
   std::vector<float> out(x.size());
@@ -368,7 +375,7 @@ void expect_matmul_near(const Weights& w, const std::vector<float>& x, int64_t n
         q8_1_terms[i * n_rows + r] = wmax * xsum;
       }
   }
-  // The packed K types multiply integers (ref::dot_k_q8_0), not the dequantized weights, whose
+  // The packed K types multiply integers (ref::dot_k_q8_k), not the dequantized weights, whose
   // d * sc and (d sc) q - dmin m are rounded: up to 3 roundings of |d sc q| + |dmin m| per weight
   // (beyond |w|, which the subtraction can cancel), times |x|.
   std::vector<double> k_terms(ref.size(), 0.0);

@@ -194,6 +194,46 @@ TEST(Avx2Quant, ActivationBlocksBitIdentical) {
   }
 }
 
+// The K types' activation super-blocks (BlockQ8_K): codes, the 16-sums and d = 1 / id the same
+// bytes as ref's, over random rows of several scales with the tricky 32-value blocks (ties,
+// NaN, inf, zeros, tiny values) put into some sub-blocks, so a super-block's amax sometimes comes
+// from one of them; and all-zero super-blocks (d = 0).
+TEST(Avx2Quant, ActivationSuperBlocksBitIdentical) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(12);
+  for (int64_t n : {256, 512, 768, 2048, 4608}) {
+    const int64_t n_sb = n / 256;
+    for (int rep = 0; rep < 24; ++rep) {
+      Buffer xbuf(n * 4, static_cast<size_t>(4 * (rep % 4)));
+      float* x = xbuf.as<float>();
+      const std::vector<float> v = random_floats(rng, n, rep % 3 == 0 ? 30.0f : 0.7f);
+      std::memcpy(x, v.data(), n * 4);
+      for (int64_t b = 0; b < n / 32; ++b)
+        if ((b + rep) % 5 == 1) {
+          const std::vector<float> t = tricky_block(static_cast<int>((b + rep) % 8), rng);
+          std::memcpy(x + b * 32, t.data(), 32 * 4);
+        }
+      if (rep % 6 == 5) std::fill(x, x + 256, 0.0f);
+      std::vector<BlockQ8_K> r(n_sb), f(n_sb);
+      ref::quant_act_q8_k(x, r.data(), n_sb);
+      avx2::quant_act_q8_k(x, f.data(), n_sb);
+      for (int64_t b = 0; b < n_sb; ++b) {
+        ASSERT_EQ(0, std::memcmp(&r[b], &f[b], sizeof(BlockQ8_K)))
+            << "n " << n << " rep " << rep << " super-block " << b;
+        int sum = 0;
+        for (int e = 0; e < 256; ++e) {
+          ASSERT_LE(std::abs(r[b].qs[e]), 127);
+          sum += r[b].qs[e];
+          if (e % 16 == 15) {
+            ASSERT_EQ(r[b].sums[e / 16], sum);
+            sum = 0;
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---- dequantization: bit-identical --------------------------------------------------------------
 
 TEST(Avx2Dequant, F16ExhaustiveAndBf16BitIdentical) {
@@ -317,14 +357,16 @@ double quantized_abs_terms(DType t, const uint8_t* w, const uint8_t* xq, int64_t
       for (int j = 0; j < 32; ++j)
         sum += std::fabs(double(wv[j]) * x0->qs[j] * fp16_to_fp32(x0->d));
     } else if (ref::k_packed_type(t)) {
-      // The K types: |d sc_j q_j p_j dx| and |dmin m p_j dx| from the integers (ref::KInts).
+      // The K types: |d sc_e q_e p_e dx| and |dmin m p_e dx| from the integers (ref::KInts),
+      // against the activation super-block (BlockQ8_K) that holds block b.
       ref::KInts k;
       ref::k_block_ints(t, w + (b / 8) * row_bytes(t, kQK_K), &k);
-      const double dx = fp16_to_fp32(x0->d);
+      const BlockQ8_K& xk = reinterpret_cast<const BlockQ8_K*>(xq)[b / 8];
+      const double dx = xk.d;
       for (int j = 0; j < 32; ++j) {
         const int e = 32 * int(b % 8) + j;
-        sum += std::fabs(double(fp16_to_fp32(k.d)) * dx) * std::abs(k.sc[e / 16] * k.q[e] * x0->qs[j]);
-        sum += std::fabs(double(fp16_to_fp32(k.dmin)) * dx) * std::abs(k.m[e / 32] * x0->qs[j]);
+        sum += std::fabs(double(fp16_to_fp32(k.d)) * dx) * std::abs(k.sc[e / 16] * k.q[e] * xk.qs[e]);
+        sum += std::fabs(double(fp16_to_fp32(k.dmin)) * dx) * std::abs(k.m[e / 32] * xk.qs[e]);
       }
     } else {
       const auto* wb = reinterpret_cast<const BlockQ4_1*>(w) + b;
@@ -423,7 +465,7 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
   }
 }
 
-// The packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_0's
+// The packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_k's
 // arithmetic (Q5_0: ref's dot_q5_0_q8_0) for 8 rows at once, so every variant equals ref bit
 // for bit: every token count from 1 to 70 (the 1..4-token kernels, 64-token chunks and their
 // tails), 1 and 2 threads, groups short of 8 rows, packed at load or on the fly, unaligned rows,
@@ -505,11 +547,11 @@ TEST(Avx2Matmul, KQuantExtremesAreExact) {
         // And the scalar twin against the exact value of its own integers (no saturation there).
         ref::KInts ki;
         ref::k_block_ints(t, w.data(), &ki);
-        std::vector<BlockQ8_0> xq(n / 32);
-        ref::quant_act_q8_0(x.data(), xq.data(), n / 32);
+        std::vector<BlockQ8_K> xq(n / 256);
+        ref::quant_act_q8_k(x.data(), xq.data(), n / 256);
         double want = 0;
         for (int64_t e = 0; e < n; ++e) {
-          const double dx = fp16_to_fp32(xq[e / 32].d), p = xq[e / 32].qs[e % 32];
+          const double dx = xq[e / 256].d, p = xq[e / 256].qs[e % 256];
           want += double(fp16_to_fp32(ki.d)) * ki.sc[e % 256 / 16] * ki.q[e % 256] * p * dx -
                   double(fp16_to_fp32(ki.dmin)) * ki.m[e % 256 / 32] * p * dx;
         }
@@ -671,6 +713,8 @@ double element_tolerance(DType t, const uint8_t* row, const float* x, int64_t n)
     std::vector<uint8_t> xq(act_row_bytes(t, n));
     if (t == DType::Q4_1)
       ref::quant_act_q8_1(x, reinterpret_cast<BlockQ8_1*>(xq.data()), n / 32);
+    else if (act_type(t) == DType::Q8_K)
+      ref::quant_act_q8_k(x, reinterpret_cast<BlockQ8_K*>(xq.data()), n / 256);
     else
       ref::quant_act_q8_0(x, reinterpret_cast<BlockQ8_0*>(xq.data()), n / 32);
     return quantized_tolerance(n / 32, quantized_abs_terms(t, row, xq.data(), n / 32));

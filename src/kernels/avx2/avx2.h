@@ -82,6 +82,7 @@ void exp_f32_full(const float* x, float* y, int64_t n);
 // ---- building blocks (see ref/ref.h) ------------------------------------------------------------
 void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks);
 void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks);
+void quant_act_q8_k(const float* x, BlockQ8_K* dst, int64_t n_sb);
 // sum_c a[c] * b[c]   a, b: [n], any n >= 0, any alignment
 float dot_f32(const float* a, const float* b, int64_t n);
 // sum_c f16 a[c] * b[c] without a dequantized copy; equals dot_f32 of the dequantized row bit for

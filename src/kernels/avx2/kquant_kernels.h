@@ -1,20 +1,21 @@
 // The group kernels of Q5_0 and the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS; layout in
-// ../packed.h), the fast twins of ref::dot_k_q8_0 and ref's dot_q5_0_q8_0 (ref/ref.h), bit for
+// ../packed.h), the fast twins of ref::dot_k_q8_k and ref's dot_q5_0_q8_0 (ref/ref.h), bit for
 // bit. Included by kquant_avx2.cpp (AVX2: vpmaddubsw) and vnni_avx2.cpp (kVnni: AVX-512 VNNI's
 // vpdpbusd on 256-bit vectors), each compiling its own copy: everything here has internal linkage,
 // so no copy built with one file's instruction set can be picked by the linker for the other
 // (see ../CMakeLists.txt).
 //
-// Per 32-column sub-block b of 8 rows (one row per 32-bit lane) and token t:
-//   the codes' exact integer dot with the activation codes, weighted by the sub-block scales
-//   inside the integer sum (vpmaddwd with the lane's (scale, scale) int16 pair does the multiply
-//   for free), then s = fma(float(isum), dx, s) and, for Q4_K / Q5_K, mn = fma(m, xs, mn); per
-//   super-block acc = fma(d, s, acc) (and fma(-dmin, mn, acc)): ref's operations, each rounded
-//   once, in ref's order.
+// The K types take activation super-blocks (BlockQ8_K: 256 codes, one f32 scale). Per 32-column
+// sub-block b of 8 rows (one row per 32-bit lane) and token t: the codes' exact integer dot with
+// the activation codes, weighted by the sub-block scales inside the integer sum (vpmaddwd with the
+// lane's (scale, scale) int16 pair does the multiply for free; VNNI multiplies the 32-bit sums by
+// the scale, vpmulld), added to the super-block's isum; Q4_K / Q5_K add m * (the activation's two
+// 16-sums) to msum the same way. Per super-block acc = fma(d * dx, float(isum), acc) (and
+// fma(-dmin * dx, float(msum), acc)): ref's operations, each rounded once, in ref's order.
 // Bounds on the 16-bit stages (vpmaddubsw pairs, summed before widening): Q4_K codes 0..15,
 // pairs <= 3810, 8 summed <= 30480; Q5_K 0..31, pairs <= 7874, 4 summed; Q6_K 0..63, pairs
 // <= 16002, 2 summed; IQ4_XS |value| <= 127, pairs <= 32258, widened at once. None saturates.
-// The VNNI kernels sum in 32 bits and scale after the conversion (sub_isum_vnni): the same value.
+// A super-block's isum stays below 2^28 (ref/ref.h).
 #pragma once
 
 #include <immintrin.h>
@@ -156,11 +157,11 @@ inline __m256i dp8(const __m256i* c, const int8_t* p) {  // columns 0..15: c[0..
   return s;
 }
 
-// float(isum) of one token over a sub-block with the VNNI dots (codes p: 32 int8, pair:
-// Acts::c). u.c holds IQ4_XS's values + 128 here (vpdpbusd wants unsigned weights).
+// isum of one token over a sub-block with the VNNI dots (codes p: 32 int8, pair: Acts::c): the
+// unweighted 32-bit sums times the scales (vpmulld), the same integer as sub_isum's. u.c holds
+// IQ4_XS's values + 128 here (vpdpbusd wants unsigned weights), u.s0 / u.s1 one scale per lane.
 template <class P>
-inline __m256 sub_isum_vnni(const Sub& u, const int8_t* p, int32_t pair) {
-  const __m256 s0 = _mm256_cvtepi32_ps(u.s0);  // one scale per lane (the pair's low half)
+inline __m256i sub_isum_vnni(const Sub& u, const int8_t* p, int32_t pair) {
   if constexpr (std::is_same_v<P, PackedQ6_K>) {
     __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
     for (int v = 0; v < 4; ++v) {
@@ -170,15 +171,14 @@ inline __m256 sub_isum_vnni(const Sub& u, const int8_t* p, int32_t pair) {
     const int32_t plo = static_cast<int16_t>(pair & 0xffff), phi = pair >> 16;
     lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(32 * plo));  // codes stored + 32
     hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(32 * phi));
-    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), s0),
-                         _mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_cvtepi32_ps(u.s1)));
+    return _mm256_add_epi32(_mm256_mullo_epi32(lo, u.s0), _mm256_mullo_epi32(hi, u.s1));
   } else {
     __m256i s = dp8<true>(u.c, p);
     if constexpr (std::is_same_v<P, PackedIQ4_XS>) {
       const int32_t sum = static_cast<int16_t>(pair & 0xffff) + (pair >> 16);
       s = _mm256_sub_epi32(s, _mm256_set1_epi32(128 * sum));
     }
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(s), s0);
+    return _mm256_mullo_epi32(s, u.s0);
   }
 }
 
@@ -227,8 +227,14 @@ inline void for_vnni(Sub& u) {
     for (int v = 0; v < 8; ++v) u.c[v] = _mm256_xor_si256(u.c[v], _mm256_set1_epi8(-128));
 }
 
-// T tokens from t0 against one packed group of K type P, in ref::dot_k_q8_0's order: per
-// super-block s and mn per token, then d and dmin once.   out: [T, 8]
+// The 32 activation codes of token t, sub-block ib (of 32 columns) in a row of BlockQ8_K.
+inline const int8_t* k_codes(const Acts& x, int64_t t, int64_t ib) {
+  return reinterpret_cast<const int8_t*>(x.q + t * x.q_stride + (ib / 8) * x.blk + x.qs_off) +
+         32 * (ib % 8);
+}
+
+// T tokens from t0 against one packed group of K type P, in ref::dot_k_q8_k's order: per
+// super-block isum and msum per token, then d * dx and dmin * dx once.   out: [T, 8]
 template <class P, bool kVnni, int T>
 void group_k(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
   constexpr bool kMins = requires(P p) { p.dmin; };
@@ -238,36 +244,36 @@ void group_k(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t sb = 0; sb < n_sb; ++sb) {
     const P& p = reinterpret_cast<const P*>(g)[sb];
-    __m256 s[T], mn[T];
-    for (int t = 0; t < T; ++t) s[t] = mn[t] = _mm256_setzero_ps();
+    __m256i is[T], ms[T];
+    for (int t = 0; t < T; ++t) is[t] = ms[t] = _mm256_setzero_si256();
     for (int b = 0; b < 8; ++b) {
       const int64_t ib = sb * 8 + b;
       Sub u;
       unpack(p.b[b], u);
-      __m256 mf = _mm256_setzero_ps();
-      if constexpr (kMins) mf = _mm256_cvtepi32_ps(_mm256_srli_epi32(u.sm, 16));  // m per lane
       if constexpr (kVnni) for_vnni<P>(u);
       for (int t = 0; t < T; ++t) {
-        const int8_t* xq = reinterpret_cast<const int8_t*>(x.q + (t0 + t) * x.q_stride +
-                                                           ib * x.blk + x.qs_off);
-        const int64_t o = o0 + ib * aw + t;
-        __m256 fsum;
-        if constexpr (kVnni) {
-          fsum = sub_isum_vnni<P>(u, xq, x.c[o]);
-        } else {
-          __m256i isum = sub_isum<P>(u, xq, x.c[o]);
-          keep(isum);
-          fsum = _mm256_cvtepi32_ps(isum);
-        }
-        s[t] = _mm256_fmadd_ps(fsum, _mm256_set1_ps(x.d[o]), s[t]);
-        if constexpr (kMins) mn[t] = _mm256_fmadd_ps(mf, _mm256_set1_ps(x.s[o]), mn[t]);
+        const int8_t* xq = k_codes(x, t0 + t, ib);
+        const int32_t pair = x.c[o0 + ib * aw + t];
+        __m256i isum;
+        if constexpr (kVnni)
+          isum = sub_isum_vnni<P>(u, xq, pair);
+        else
+          isum = sub_isum<P>(u, xq, pair);
+        is[t] = _mm256_add_epi32(is[t], isum);
+        keep(is[t]);
+        // (m, m) . (sum of codes 0..15, of 16..31): m times the sub-block's code sum.
+        if constexpr (kMins)
+          ms[t] = _mm256_add_epi32(ms[t], _mm256_madd_epi16(u.sm, _mm256_set1_epi32(pair)));
       }
     }
     const __m256 d = halfs(p.d);
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(d, s[t], acc[t]);
-    if constexpr (kMins) {
-      const __m256 ndmin = _mm256_sub_ps(_mm256_setzero_ps(), halfs(p.dmin));  // -dmin, exact
-      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(ndmin, mn[t], acc[t]);
+    __m256 ndmin = _mm256_setzero_ps();
+    if constexpr (kMins) ndmin = _mm256_sub_ps(ndmin, halfs(p.dmin));  // -dmin, exact
+    for (int t = 0; t < T; ++t) {
+      const __m256 dx = _mm256_set1_ps(x.d[o0 + sb * 8 * aw + t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(is[t]), acc[t]);
+      if constexpr (kMins)
+        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(ndmin, dx), _mm256_cvtepi32_ps(ms[t]), acc[t]);
     }
   }
   for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);

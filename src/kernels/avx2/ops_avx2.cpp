@@ -3,8 +3,8 @@
 // only on CPUs that have all three.
 //
 // Arithmetic (deviations from ref, all fixed by n alone):
-//  * Activation quantization is bit-identical to ref's quant_act_blocks: same amax (max ignoring
-//    NaN), same d = amax / 127 and id = 127 / amax in scalar f32, same f32 product x * id, the
+//  * Activation quantization is bit-identical to ref's quant_act_*: same amax (max ignoring
+//    NaN), same d = amax / 127 (Q8_K: 1 / id) and id = 127 / amax in scalar f32, same f32 product x * id, the
 //    same round-half-even (vroundps nearest), same NaN -> 0 and clamp to [-127, 127].
 //  * Quantized matmul (Q4_0/Q4_1/Q8_0 weights) is bit-identical to ref: per (row, token), block
 //    by block in order, the exact integer block dot, converted once, times the rounded scale
@@ -83,36 +83,44 @@ uint8_t* thread_bytes(int slot, size_t n) {
 
 // ---- activation quantization (bit-identical to ref::quant_act_*) -------------------------------
 
-template <class Block>
-void quant_act_blocks(const float* x, Block* blocks, int64_t n_blocks) {
+// max |x[j]| over 32 j, skipping NaN. maxps returns its second operand when either is NaN: with
+// the running max second, a NaN element is skipped, as std::fmax skips it in ref. Max is exact,
+// so the order is free.
+inline __m256 abs_max32(const float* x, __m256 m) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int k = 0; k < 4; ++k)
+    m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + 8 * k), abs_mask), m);
+  return m;
+}
+
+// 32 codes of x * id into dst (round half to even, NaN -> 0, clamped to [-127, 127]); q receives
+// them as 4 x 8 int32 in element order.
+inline void codes32(const float* x, __m256 vid, int8_t* dst, __m256i q[4]) {
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int k = 0; k < 4; ++k) {
+    __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), vid),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));  // NaN -> 0
+    r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+    q[k] = _mm256_cvtps_epi32(r);  // exact: r is integral and in range
+  }
+  // Saturating packs interleave the 128-bit lanes; the permute restores element order.
+  const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
+  const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
+  const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), order);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), p8);
+}
+
+template <class Block>
+void quant_act_blocks(const float* x, Block* blocks, int64_t n_blocks) {
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     const float* xb = x + ib * 32;  // [32]
-    __m256 v[4];
-    for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_ps(xb + 8 * k);
-    // maxps returns its second operand when either is NaN: with the running max second, a NaN
-    // element is skipped, as std::fmax skips it in ref. Max is exact, so the order is free.
-    __m256 m = _mm256_setzero_ps();
-    for (int k = 0; k < 4; ++k) m = _mm256_max_ps(_mm256_and_ps(v[k], abs_mask), m);
-    const float amax = hmax(m);
+    const float amax = hmax(abs_max32(xb, _mm256_setzero_ps()));
     const float d = amax / 127.0f;
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-    const __m256 vid = _mm256_set1_ps(id);
     __m256i q[4];
-    for (int k = 0; k < 4; ++k) {
-      __m256 r =
-          _mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));  // NaN -> 0
-      r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
-      q[k] = _mm256_cvtps_epi32(r);  // exact: r is integral and in range
-    }
-    // Saturating packs interleave the 128-bit lanes; the permute restores element order.
-    const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
-    const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
-    const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), order);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blocks[ib].qs), p8);
+    codes32(xb, _mm256_set1_ps(id), blocks[ib].qs, q);
     // d is never NaN (amax skips NaN); s is NaN only as 0 x inf (every code 0 when amax is
     // inf), the default NaN: half_bits gives fp32_to_fp16's bits for both.
     blocks[ib].d = half_bits(d);
@@ -124,11 +132,35 @@ void quant_act_blocks(const float* x, Block* blocks, int64_t n_blocks) {
   }
 }
 
+// ref::quant_act_q8_k's super-blocks: the same amax, id, codes and d = 1 / id in scalar f32.
+void quant_act_k_blocks(const float* x, BlockQ8_K* blocks, int64_t n_sb) {
+  for (int64_t is = 0; is < n_sb; ++is) {
+    const float* xb = x + is * 256;  // [256]
+    BlockQ8_K& b = blocks[is];
+    __m256 m = _mm256_setzero_ps();
+    for (int c = 0; c < 8; ++c) m = abs_max32(xb + 32 * c, m);
+    const float amax = hmax(m);
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id);
+    for (int c = 0; c < 8; ++c) {
+      __m256i q[4];
+      codes32(xb + 32 * c, vid, b.qs + 32 * c, q);
+      b.sums[2 * c] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(q[0], q[1])));
+      b.sums[2 * c + 1] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(q[2], q[3])));
+    }
+    b.d = amax != 0.0f ? 1.0f / id : 0.0f;
+  }
+}
+
 void quantize_act(DType w_type, const float* x, void* dst, int64_t n) {
-  if (act_type(w_type) == DType::Q8_1)
-    quant_act_blocks(x, static_cast<BlockQ8_1*>(dst), n / 32);
-  else
-    quant_act_blocks(x, static_cast<BlockQ8_0*>(dst), n / 32);
+  switch (act_type(w_type)) {
+    case DType::Q8_1:
+      return quant_act_blocks(x, static_cast<BlockQ8_1*>(dst), n / 32);
+    case DType::Q8_K:
+      return quant_act_k_blocks(x, static_cast<BlockQ8_K*>(dst), n / 256);
+    default:
+      return quant_act_blocks(x, static_cast<BlockQ8_0*>(dst), n / 32);
+  }
 }
 
 // ---- f32 and f16 dots ---------------------------------------------------------------------------
@@ -194,24 +226,63 @@ constexpr int64_t kParallelActRows = 8;
 // Quantizes n_tok rows of x (each n wide) for weight type t into the calling thread's scratch
 // (the rows themselves on the pool's threads from kParallelActRows tokens); with panels, also
 // lays the codes of whole 16-token tiles out for the tile kernels (Acts::panel).
+// Token i's per-block numbers (qgroup.h's Acts::d, s, c at act_at) from its quantized row qi.
+//   ds: d at [o], s at [n_num + o];  cs: c at [o]
+void block_numbers(DType t, const Acts& a, int64_t i, const uint8_t* qi, int64_t n_num, float* ds,
+                   int32_t* cs) {
+  // The int16 pair (lo, hi) in one int32, as the K kernels' vpmaddwd reads it.
+  auto pair = [](int32_t lo, int32_t hi) {
+    return static_cast<int32_t>(static_cast<uint32_t>(lo & 0xffff) | static_cast<uint32_t>(hi) << 16);
+  };
+  for (int64_t ib = 0; ib < a.n_blocks; ++ib) {
+    const int64_t o = act_at(a, i, ib);
+    if (act_type(t) == DType::Q8_K) {  // the K types: d of the super-block, the 16-sums
+      const auto& b = reinterpret_cast<const BlockQ8_K*>(qi)[ib / 8];
+      ds[o] = b.d;
+      cs[o] = pair(b.sums[2 * (ib % 8)], b.sums[2 * (ib % 8) + 1]);
+    } else if (t == DType::Q4_1) {
+      const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
+      ds[o] = half(b.d);
+      ds[n_num + o] = half(b.s);
+    } else if (t == DType::Q5_0) {  // c: the halves' sums, as the K kernels'
+      const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
+      ds[o] = half(b.d);
+      int32_t lo = 0, hi = 0;
+      for (int j = 0; j < 16; ++j) {
+        lo += b.qs[j];
+        hi += b.qs[j + 16];
+      }
+      cs[o] = pair(lo, hi);
+    } else {
+      const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
+      ds[o] = half(b.d);
+      int32_t sum = 0;
+      for (int8_t v : b.qs) sum += v;
+      cs[o] = (t == DType::Q4_0 ? 8 : 128) * sum;
+    }
+  }
+}
+
 Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels,
                   ThreadPool& pool) {
-  const int64_t n_blocks = n / 32;
-  const bool q8_1 = act_type(t) == DType::Q8_1;
-  const bool ksum = k_group_kernels(t) != nullptr;  // c: the halves' sums (qgroup.h)
+  const DType at = act_type(t);
   Acts a;
   a.q_stride = act_row_bytes(t, n);
-  a.blk = q8_1 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0);
-  a.qs_off = q8_1 ? offsetof(BlockQ8_1, qs) : offsetof(BlockQ8_0, qs);
-  a.n_blocks = n_blocks;
+  // K types: blk is a super-block (kquant_kernels.h's k_codes finds a sub-block's codes in it).
+  a.blk = at == DType::Q8_1 ? sizeof(BlockQ8_1) : at == DType::Q8_K ? sizeof(BlockQ8_K)
+                                                                    : sizeof(BlockQ8_0);
+  a.qs_off = at == DType::Q8_1 ? offsetof(BlockQ8_1, qs) : at == DType::Q8_K ? offsetof(BlockQ8_K, qs)
+                                                                            : offsetof(BlockQ8_0, qs);
+  a.n_blocks = n / 32;
   uint8_t* q = thread_bytes(0, a.q_stride * static_cast<size_t>(n_tok));
-  const int64_t n_panel_tok = panels ? n_tok / kActTile * kActTile : 0;
+  // Tile panels for the 32-column types only (the K types have no tile kernels).
+  const int64_t n_panel_tok = panels && at != DType::Q8_K ? n_tok / kActTile * kActTile : 0;
   int8_t* panel =
       n_panel_tok > 0
           ? reinterpret_cast<int8_t*>(thread_bytes(1, static_cast<size_t>(n_panel_tok * n)))
           : nullptr;
   a.n_tok = n_tok;
-  const int64_t n_num = n_tok * n_blocks;  // d, s and c each, in act_at's order
+  const int64_t n_num = n_tok * a.n_blocks;  // d, s and c each, in act_at's order
   float* ds = thread_scratch(kActSlot, 2 * n_num);  // d, then s
   thread_local std::vector<int32_t> c;
   if (t != DType::Q4_1 && c.size() < static_cast<size_t>(n_num))
@@ -225,34 +296,10 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
       quantize_act(t, x + i * n, qi, n);
       if (i < n_panel_tok) {
         int8_t* pi = panel + (i / kActTile) * kActTile * n + (i % kActTile) * 32;
-        for (int64_t ib = 0; ib < n_blocks; ++ib)
+        for (int64_t ib = 0; ib < a.n_blocks; ++ib)
           std::memcpy(pi + ib * kActTile * 32, qi + ib * a.blk + a.qs_off, 32);
       }
-      for (int64_t ib = 0; ib < n_blocks; ++ib) {
-        const int64_t o = act_at(a, i, ib);
-        if (q8_1) {
-          const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
-          ds[o] = half(b.d);
-          ds[n_num + o] = half(b.s);
-        } else if (ksum) {
-          const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
-          ds[o] = half(b.d);
-          int32_t lo = 0, hi = 0;
-          for (int j = 0; j < 16; ++j) {
-            lo += b.qs[j];
-            hi += b.qs[j + 16];
-          }
-          cs[o] = static_cast<int32_t>(static_cast<uint32_t>(lo & 0xffff) |
-                                       static_cast<uint32_t>(hi) << 16);
-          ds[n_num + o] = static_cast<float>(lo + hi) * ds[o];  // xs (ref::dot_k_q8_0)
-        } else {
-          const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
-          ds[o] = half(b.d);
-          int32_t sum = 0;
-          for (int8_t v : b.qs) sum += v;
-          cs[o] = (t == DType::Q4_0 ? 8 : 128) * sum;
-        }
-      }
+      block_numbers(t, a, i, qi, n_num, ds, cs);
     }
   };
   if (n_tok >= kParallelActRows)
@@ -615,6 +662,7 @@ void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks) {
 void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks) {
   quant_act_blocks(x, dst, n_blocks);
 }
+void quant_act_q8_k(const float* x, BlockQ8_K* dst, int64_t n_sb) { quant_act_k_blocks(x, dst, n_sb); }
 
 float dot_f32(const float* a, const float* b, int64_t n) {
   return dot_f32_impl(a, b, n);

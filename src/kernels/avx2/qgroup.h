@@ -16,7 +16,7 @@ namespace kvlm::kernels::avx2 {
 // converting a half for every (block, token). Codes of token t, block ib: q + t * q_stride +
 // ib * blk + qs_off (32 int8).
 struct Acts {
-  const uint8_t* q;  // [n_tok, q_stride] bytes: Q8_0 or Q8_1 blocks
+  const uint8_t* q;  // [n_tok, q_stride] bytes: Q8_0, Q8_1 or Q8_K blocks
   size_t q_stride;
   size_t blk;        // bytes per block: 34 (Q8_0) or 36 (Q8_1)
   size_t qs_off;     // offset of the 32 codes in a block
@@ -81,8 +81,9 @@ static_assert(kActTile % kGroupToks == 0 && kActTile == kTileToks);  // a call s
 
 // The group kernels of Q5_0 and the packed K types (kquant_kernels.h: Q4_K, Q5_K, Q6_K, IQ4_XS),
 // [T - 1] for T tokens; null for other types: AVX2's (kquant_avx2.cpp) and VNNI's (vnni_avx2.cpp;
-// call only when vnni_supported()). Their Acts: Q8_0 blocks, c = the int16 pair (sum of codes
-// 0..15, sum of codes 16..31) of each block, and s = float(sum of codes) * d.
+// call only when vnni_supported()). Their Acts: c = the int16 pair (sum of codes 0..15, sum of
+// codes 16..31) of each 32-column block; Q5_0: Q8_0 blocks; the K types: BlockQ8_K super-blocks
+// (blk = 292 bytes per 256 columns), d = the super-block's scale at each of its 8 blocks; s unused.
 const GroupFn* k_group_kernels(DType t);
 const GroupFn* k_group_kernels_vnni(DType t);
 // Two groups at once in 512-bit vectors (vnni_avx2.cpp, the K types only; null for the others).

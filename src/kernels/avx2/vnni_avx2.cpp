@@ -150,37 +150,33 @@ void pair_k(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, flo
   for (int64_t sb = 0; sb < x.n_blocks / 8; ++sb) {
     const P& pa = reinterpret_cast<const P*>(g0)[sb];
     const P& pb = reinterpret_cast<const P*>(g1)[sb];
-    __m512 s[T], mn[T];
-    for (int t = 0; t < T; ++t) s[t] = mn[t] = _mm512_setzero_ps();
+    __m512i is[T], ms[T];
+    for (int t = 0; t < T; ++t) is[t] = ms[t] = _mm512_setzero_si512();
     for (int b = 0; b < 8; ++b) {
       const int64_t ib = sb * 8 + b;
       Sub ua, ub;
       unpack(pa.b[b], ua);
       unpack(pb.b[b], ub);
-      __m512 mf = _mm512_setzero_ps();
-      if constexpr (kMins)
-        mf = _mm512_cvtepi32_ps(join(_mm256_srli_epi32(ua.sm, 16), _mm256_srli_epi32(ub.sm, 16)));
+      const __m512i mm = join(ua.sm, ub.sm);  // Q4_K / Q5_K: (m, m) pairs
       for_vnni<P>(ua);
       for_vnni<P>(ub);
       __m512i c[8];
       for (int v = 0; v < 8; ++v) c[v] = join(ua.c[v], ub.c[v]);
-      const __m512 s0 = _mm512_cvtepi32_ps(join(ua.s0, ub.s0));
-      const __m512 s1 = _mm512_cvtepi32_ps(join(ua.s1, ub.s1));
+      const __m512i s0 = join(ua.s0, ub.s0), s1 = join(ua.s1, ub.s1);
       for (int t = 0; t < T; ++t) {
-        const int8_t* xq = codes(x, t0 + t, ib);
-        const int64_t o = o0 + ib * aw + t;
-        __m512 fsum;
+        const int8_t* xq = k_codes(x, t0 + t, ib);
+        const int32_t pair = x.c[o0 + ib * aw + t];
+        __m512i isum;
         if constexpr (std::is_same_v<P, PackedQ6_K>) {  // as sub_isum_vnni
           __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
           for (int v = 0; v < 4; ++v) {
             lo = _mm512_dpbusd_epi32(lo, c[v], bcast4_512(xq + 4 * v));
             hi = _mm512_dpbusd_epi32(hi, c[4 + v], bcast4_512(xq + 16 + 4 * v));
           }
-          const int32_t plo = static_cast<int16_t>(x.c[o] & 0xffff), phi = x.c[o] >> 16;
+          const int32_t plo = static_cast<int16_t>(pair & 0xffff), phi = pair >> 16;
           lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(32 * plo));
           hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(32 * phi));
-          fsum = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), s0),
-                               _mm512_mul_ps(_mm512_cvtepi32_ps(hi), s1));
+          isum = _mm512_add_epi32(_mm512_mullo_epi32(lo, s0), _mm512_mullo_epi32(hi, s1));
         } else {
           __m512i si = _mm512_setzero_si512();
           for (int v = 0; v < 4; ++v) {
@@ -188,20 +184,25 @@ void pair_k(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, flo
             si = _mm512_dpbusd_epi32(si, c[4 + v], bcast4_512(xq + 16 + 4 * v));
           }
           if constexpr (std::is_same_v<P, PackedIQ4_XS>) {
-            const int32_t sum = static_cast<int16_t>(x.c[o] & 0xffff) + (x.c[o] >> 16);
+            const int32_t sum = static_cast<int16_t>(pair & 0xffff) + (pair >> 16);
             si = _mm512_sub_epi32(si, _mm512_set1_epi32(128 * sum));
           }
-          fsum = _mm512_mul_ps(_mm512_cvtepi32_ps(si), s0);
+          isum = _mm512_mullo_epi32(si, s0);
         }
-        s[t] = _mm512_fmadd_ps(fsum, _mm512_set1_ps(x.d[o]), s[t]);
-        if constexpr (kMins) mn[t] = _mm512_fmadd_ps(mf, _mm512_set1_ps(x.s[o]), mn[t]);
+        is[t] = _mm512_add_epi32(is[t], isum);
+        keep512(is[t]);
+        if constexpr (kMins)
+          ms[t] = _mm512_add_epi32(ms[t], _mm512_madd_epi16(mm, _mm512_set1_epi32(pair)));
       }
     }
     const __m512 d = join_f16(pa.d, pb.d);
-    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(d, s[t], acc[t]);
-    if constexpr (kMins) {
-      const __m512 ndmin = _mm512_sub_ps(_mm512_setzero_ps(), join_f16(pa.dmin, pb.dmin));
-      for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(ndmin, mn[t], acc[t]);
+    __m512 ndmin = _mm512_setzero_ps();
+    if constexpr (kMins) ndmin = _mm512_sub_ps(ndmin, join_f16(pa.dmin, pb.dmin));  // exact
+    for (int t = 0; t < T; ++t) {
+      const __m512 dx = _mm512_set1_ps(x.d[o0 + sb * 8 * aw + t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(is[t]), acc[t]);
+      if constexpr (kMins)
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(ndmin, dx), _mm512_cvtepi32_ps(ms[t]), acc[t]);
     }
   }
   for (int t = 0; t < T; ++t) _mm512_store_ps(out + 16 * t, acc[t]);

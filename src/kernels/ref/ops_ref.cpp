@@ -248,11 +248,41 @@ void quant_act_blocks(const float* x, Block* blocks, int64_t n_blocks) {
   }
 }
 
+// Activation super-blocks for the K types (BlockQ8_K), rounded as llama.cpp's quantize_row_q8_K
+// rounds them: id = 127 / amax, codes round-half-to-even(x * id), and d = 1 / id (not amax / 127:
+// the two differ in the last bit, and d multiplies every dot). llama.cpp takes the sign of id from
+// the element of largest magnitude; that flips codes and d together, so every product d * code,
+// and with it every dot, is the same as with a positive id. Codes stay in [-127, 127].
+void quant_act_q8_k_impl(const float* x, BlockQ8_K* blocks, int64_t n_sb) {
+  for (int64_t is = 0; is < n_sb; ++is) {
+    const float* xb = x + is * 256;  // [256]
+    BlockQ8_K& b = blocks[is];
+    float amax = 0.0f;
+    for (int j = 0; j < 256; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    for (int j = 0; j < 256; ++j) {
+      float q = std::nearbyint(xb[j] * id);  // default rounding mode: half to even
+      if (std::isnan(q)) q = 0.0f;
+      b.qs[j] = static_cast<int8_t>(std::fmin(127.0f, std::fmax(-127.0f, q)));
+    }
+    for (int j = 0; j < 16; ++j) {
+      int sum = 0;
+      for (int e = 0; e < 16; ++e) sum += b.qs[16 * j + e];
+      b.sums[j] = static_cast<int16_t>(sum);
+    }
+    b.d = amax != 0.0f ? 1.0f / id : 0.0f;
+  }
+}
+
 void quantize_act(DType w_type, const float* x, void* dst, int64_t n) {
-  if (act_type(w_type) == DType::Q8_1)
-    quant_act_blocks(x, static_cast<BlockQ8_1*>(dst), n / 32);
-  else
-    quant_act_blocks(x, static_cast<BlockQ8_0*>(dst), n / 32);
+  switch (act_type(w_type)) {
+    case DType::Q8_1:
+      return quant_act_blocks(x, static_cast<BlockQ8_1*>(dst), n / 32);
+    case DType::Q8_K:
+      return quant_act_q8_k_impl(x, static_cast<BlockQ8_K*>(dst), n / 256);
+    default:
+      return quant_act_blocks(x, static_cast<BlockQ8_0*>(dst), n / 32);
+  }
 }
 
 float dot_q4_0_q8_0_impl(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
@@ -310,35 +340,26 @@ float dot_q8_0_q8_0_impl(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_block
   return sum;
 }
 
-// The K types (ref::dot_k_q8_0's contract in ref.h): each super-block read as integers
-// (k_block_ints), then one exact integer dot per 32-element activation block, scaled once.
-float dot_k_q8_0_impl(DType t, const void* w, const BlockQ8_0* x, int64_t n_blocks) {
+// The K types (ref::dot_k_q8_k's contract in ref.h): each super-block read as integers
+// (k_block_ints), one exact integer dot over its 256 columns, scaled once.
+float dot_k_q8_k_impl(DType t, const void* w, const BlockQ8_K* x, int64_t n_sb) {
   const bool mins = t == DType::Q4_K || t == DType::Q5_K;
   const size_t sb_bytes = row_bytes(t, kQK_K);
   ref::KInts k;
-  float acc = 0.0f, s = 0.0f, mn = 0.0f;
-  for (int64_t ib = 0; ib < n_blocks; ++ib) {
-    const int b = static_cast<int>(ib % 8);
-    if (b == 0) {
-      ref::k_block_ints(t, static_cast<const uint8_t*>(w) + (ib / 8) * sb_bytes, &k);
-      s = mn = 0.0f;
-    }
-    const int8_t* q = k.q + 32 * b;  // [32]
-    const int8_t* p = x[ib].qs;      // [32]
-    int lo = 0, hi = 0, sump = 0;
+  float acc = 0.0f;
+  for (int64_t is = 0; is < n_sb; ++is) {
+    ref::k_block_ints(t, static_cast<const uint8_t*>(w) + is * sb_bytes, &k);
+    const int8_t* p = x[is].qs;  // [256]
+    int32_t isum = 0, msum = 0;
     for (int j = 0; j < 16; ++j) {
-      lo += q[j] * p[j];
-      hi += q[j + 16] * p[j + 16];
-      sump += p[j] + p[j + 16];
+      int32_t part = 0;
+      for (int e = 16 * j; e < 16 * j + 16; ++e) part += k.q[e] * p[e];
+      isum += k.sc[j] * part;
     }
-    const int isum = k.sc[2 * b] * lo + k.sc[2 * b + 1] * hi;
-    const float dx = fp16_to_fp32(x[ib].d);
-    s = std::fma(static_cast<float>(isum), dx, s);
-    if (mins) mn = std::fma(static_cast<float>(k.m[b]), static_cast<float>(sump) * dx, mn);
-    if (b == 7) {
-      acc = std::fma(fp16_to_fp32(k.d), s, acc);
-      if (mins) acc = std::fma(-fp16_to_fp32(k.dmin), mn, acc);
-    }
+    for (int b = 0; b < 8; ++b) msum += k.m[b] * (x[is].sums[2 * b] + x[is].sums[2 * b + 1]);
+    const float dx = x[is].d;
+    acc = std::fma(fp16_to_fp32(k.d) * dx, static_cast<float>(isum), acc);
+    if (mins) acc = std::fma(-fp16_to_fp32(k.dmin) * dx, static_cast<float>(msum), acc);
   }
   return acc;
 }
@@ -359,7 +380,7 @@ float dot_quantized(DType t, const void* w, const void* xq, int64_t n) {
       return dot_q8_0_q8_0_impl(static_cast<const BlockQ8_0*>(w), static_cast<const BlockQ8_0*>(xq),
                                 n / 32);
     default:  // the K types
-      return dot_k_q8_0_impl(t, w, static_cast<const BlockQ8_0*>(xq), n / 32);
+      return dot_k_q8_k_impl(t, w, static_cast<const BlockQ8_K*>(xq), n / 256);
   }
 }
 
@@ -400,8 +421,11 @@ float dot_q8_0_q8_0(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
   return dot_q8_0_q8_0_impl(w, x, n_blocks);
 }
 float dot_f32(const float* a, const float* b, int64_t n) { return kernels::dot_f32(a, b, n); }
-float dot_k_q8_0(DType t, const void* w, const BlockQ8_0* x, int64_t n_blocks) {
-  return dot_k_q8_0_impl(t, w, x, n_blocks);
+void quant_act_q8_k(const float* x, BlockQ8_K* dst, int64_t n_sb) {
+  quant_act_q8_k_impl(x, dst, n_sb);
+}
+float dot_k_q8_k(DType t, const void* w, const BlockQ8_K* x, int64_t n_sb) {
+  return dot_k_q8_k_impl(t, w, x, n_sb);
 }
 
 void dequantize_row(DType t, const void* src, float* dst, int64_t n) {

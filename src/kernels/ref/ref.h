@@ -43,6 +43,9 @@ void rope_rotate(float* x, int64_t n_head, int64_t head_dim, int64_t n_dims, con
 // even). The fast variants must produce these bytes exactly.
 void quant_act_q8_0(const float* x, BlockQ8_0* dst, int64_t n_blocks);
 void quant_act_q8_1(const float* x, BlockQ8_1* dst, int64_t n_blocks);
+// f32 x[256 * n_sb] -> activation super-blocks for the K types (act_blocks.h's BlockQ8_K):
+// id = 127 / amax, codes round-half-to-even(x * id) in [-127, 127], d = 1 / id, and the sums.
+void quant_act_q8_k(const float* x, BlockQ8_K* dst, int64_t n_sb);
 // Integer block dots of n_blocks weight blocks with n_blocks activation blocks.
 float dot_q4_0_q8_0(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks);
 float dot_q4_1_q8_1(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_blocks);
@@ -80,15 +83,13 @@ bool k_block_ints(DType t, const void* block, KInts* out);
 inline bool k_packed_type(DType t) {
   return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K || t == DType::IQ4_XS;
 }
-// Dot of n_blocks / 8 super-blocks of type t (k_packed_type) with n_blocks Q8_0 activation
-// blocks. Per super-block, over its 32-element activation blocks b (sub-blocks 2b, 2b + 1 of 16,
-// min m[b]), from s = mn = 0:
-//   isum = sc[2b] * sum_{j<16} q p + sc[2b + 1] * sum_{j>=16} q p      (exact integers)
-//   s  = fma(float(isum), dx_b, s)
-//   mn = fma(float(m[b]), xs_b, mn),   xs_b = float(sum p) * dx_b       (types with mins)
-// then acc = fma(d, s, acc) and acc = fma(-dmin, mn, acc) (types with mins). Each fma rounds once
-// (std::fma here, vfmadd in the twins), in this order: the packed twins compute exactly this,
-// with the per-token products (dx, xs) shared by 8 rows and d, dmin applied once per 256.
-float dot_k_q8_0(DType t, const void* w, const BlockQ8_0* x, int64_t n_blocks);
+// Dot of n_sb super-blocks of type t (k_packed_type) with n_sb activation super-blocks
+// (quant_act_q8_k). Per super-block, with exact integers
+//   isum = sum_{j<16} sc[j] * sum_{e in 16 j .. 16 j + 16} q[e] p[e]
+//   msum = sum_{b<8} m[b] * (sums[2b] + sums[2b + 1])                 (types with mins)
+// then acc = fma(d * dx, float(isum), acc) and acc = fma(-dmin * dx, float(msum), acc), each
+// product and fma rounded once (std::fma here, vfmadd in the twins), in this order: the packed
+// twins compute exactly this. |isum| < 2^28 (Q6_K: 256 x 32 x 127 x 128), so int32 holds it.
+float dot_k_q8_k(DType t, const void* w, const BlockQ8_K* x, int64_t n_sb);
 
 }  // namespace kvlm::kernels::ref

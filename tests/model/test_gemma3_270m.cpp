@@ -2,9 +2,9 @@
 // tools/gen_gemma3_goldens.py (pinned llama-cpp-python and llama.cpp's own llama-perplexity);
 // llama.cpp is not needed here. `make test` fetches the model (scripts/fetch-model.sh gemma3-270m).
 //   - the tokenizer gives llama.cpp's ids for every prompt;
-//   - teacher-forced top-1 over 20 prompts x 48 tokens agrees with llama.cpp (flash attention
-//     off) nearly as often as llama.cpp's own flash-on and flash-off runs agree, and only at
-//     near-ties (see kAgreementSlack);
+//   - teacher-forced top-1 over 20 prompts x 48 tokens agrees with llama.cpp's flash-attention run
+//     at least as often as llama.cpp's own flash-on and flash-off runs agree, with its
+//     non-flash run within 0.5% of that and only at near-ties (see kAgreementSlack);
 //   - perplexity on the Jargon File within 1% of llama-perplexity's, with 512-token chunks and
 //     with 2048-token chunks (past the 512-token window of the 15 local layers).
 #include <gtest/gtest.h>
@@ -63,24 +63,28 @@ TEST(Gemma3_270m, TokenizesPromptsLikeLlamaCpp) {
   }
 }
 
-// kvlm quantizes the activations of its K-quant and Q5_0 matmuls to 8 bits in blocks of 32 with
-// an f16 scale; llama.cpp uses blocks of 256 with an f32 scale (Q8_K) for the K types. Both are
-// exact integer dots over slightly different inputs, so near-tie argmaxes fall differently.
-// Measured on this file (Zen 5, avx2-vnni): 930 of 960 agree (0.969) with the packed kernels,
-// 937 (0.976) when kvlm multiplied exact f32 rows, and llama.cpp agrees with itself (flash
-// attention on vs off) on 937. The goal (at least llama.cpp's own agreement) is therefore
-// not met by the packed kernels; this test allows 1% below it, and requires every disagreement to
-// be a near-tie: llama.cpp's own flips have top-2 gaps up to 0.59, kvlm's measured up to 0.65; a
-// real error (a wrong layer, a wrong scale) flips tokens with gaps of several logits.
-constexpr double kAgreementSlack = 0.01;
+// kvlm quantizes the activations of its K-quant matmuls as llama.cpp does (super-blocks of 256 with
+// an f32 scale, Q8_K's rounding; Q5_0 and Q8_0 in blocks of 32), so the same codes go into exact
+// integer dots; what remains is f32 summation order and the attention's roundings, and near-tie
+// argmaxes still fall differently now and then. Measured on this file (Zen 5, avx2-vnni; every
+// variant gives the same bits), teacher-forced over the 960 tokens:
+//   llama.cpp flash attention on vs off:   937 (0.976), the yardstick;
+//   kvlm vs llama.cpp's flash-attention run: 937 (0.976): kvlm's attention is the same algorithm
+//     (one pass, running max and sum; kvlm has no other mode), so this is the like-for-like
+//     comparison, and the goal (at least llama.cpp's own agreement) is required with no slack;
+//   kvlm vs llama.cpp's non-flash run: 935 (0.974; 930 when kvlm used blocks of 32 for the K
+//     types), allowed kAgreementSlack below the yardstick, every disagreement a near-tie: llama.cpp's
+//     own flips have top-2 gaps up to 0.59, kvlm's measured up to 0.59; a real error (a wrong
+//     layer, a wrong scale) flips tokens with gaps of several logits.
+constexpr double kAgreementSlack = 0.005;
 constexpr double kNearTieGap = 1.0;
 
-TEST(Gemma3_270m, TeacherForcedTop1NearLlamaCppsOwnAgreement) {
+TEST(Gemma3_270m, TeacherForcedTop1AtLlamaCppsOwnAgreement) {
   const int32_t n_vocab = model().config().n_vocab;
-  int64_t agree = 0, total = 0;
+  int64_t agree = 0, agree_flash = 0, total = 0;
   for (const json& p : goldens()["prompts"]) {
     const std::vector<int32_t> prompt = ids(p["prompt_ids"]), cont = ids(p["continuation"]);
-    const std::vector<int32_t> want = ids(p["argmax_no_flash"]);
+    const std::vector<int32_t> want = ids(p["argmax_no_flash"]), flash = ids(p["argmax_flash"]);
     const auto gaps = p["top2_gap"].get<std::vector<double>>();
     std::vector<int32_t> seq = prompt;
     seq.insert(seq.end(), cont.begin(), cont.end() - 1);
@@ -90,6 +94,7 @@ TEST(Gemma3_270m, TeacherForcedTop1NearLlamaCppsOwnAgreement) {
       const float* row = logits.data() + (prompt.size() - 1 + i) * n_vocab;
       const auto got = static_cast<int32_t>(std::max_element(row, row + n_vocab) - row);
       agree += got == want[i];
+      agree_flash += got == flash[i];
       if (got == want[i]) continue;
       EXPECT_LT(gaps[i], kNearTieGap) << p["name"] << " token " << i;
       std::printf("  %s token %zu: kvlm %d, llama.cpp %d (its top-2 gap %.4f)\n",
@@ -99,9 +104,12 @@ TEST(Gemma3_270m, TeacherForcedTop1NearLlamaCppsOwnAgreement) {
   }
   const double ours = double(agree) / double(total);
   const double theirs = goldens()["agreement_flash_vs_no_flash"].get<double>();
-  std::printf("  top-1 agreement with llama.cpp: %.4f (%lld/%lld); llama.cpp flash on vs off: %.4f\n",
-              ours, static_cast<long long>(agree), static_cast<long long>(total), theirs);
-  EXPECT_GE(ours, theirs - kAgreementSlack);
+  std::printf("  top-1 agreement with llama.cpp: %.4f (%lld/%lld; with its flash-attention run "
+              "%lld); llama.cpp flash on vs off: %.4f\n",
+              ours, static_cast<long long>(agree), static_cast<long long>(total),
+              static_cast<long long>(agree_flash), theirs);
+  EXPECT_GE(double(agree_flash) / double(total), theirs) << "against llama.cpp's flash run";
+  EXPECT_GE(ours, theirs - kAgreementSlack) << "against llama.cpp's non-flash run";
 }
 
 // The Jargon File's first bytes (enough for every chunk), as Debian's jargon-text ships it.

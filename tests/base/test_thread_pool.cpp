@@ -160,11 +160,12 @@ TEST(ThreadPool, StopsSpinningWhenEveryCoreIsTaken) {
   // At least 100 checks (64 sections each); under ctest -j a section can take several time
   // slices, so give up after 30 s.
   const auto t0 = std::chrono::steady_clock::now();
-  std::atomic<int64_t> sink{0};
+  // Unsigned: the busy work wraps around (signed, it overflowed: UBSan stopped the test).
+  std::atomic<uint64_t> sink{0};
   while (pool.n_checks() < 100 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30))
     pool.parallel_for(64, [&](int64_t b, int64_t e, int) {
-      int64_t acc = 0;
-      for (int64_t i = b * 1000; i < e * 1000; ++i) acc += i ^ (acc >> 3);
+      uint64_t acc = 0;
+      for (int64_t i = b * 1000; i < e * 1000; ++i) acc += static_cast<uint64_t>(i) ^ (acc >> 3);
       sink.fetch_add(acc, std::memory_order_relaxed);
     });
   stop.store(true);

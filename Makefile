@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 KVLM := $(BUILD)/bin/kvlm
 DEMO_PROMPT ?= The KV cache makes decoding fast because
 
-.PHONY: all deps build model models refdata synthetic demo test fuzz clean
+.PHONY: all deps build model models refdata synthetic demo test test-asan test-tsan fuzz clean
 
 all: build
 
@@ -41,6 +41,28 @@ demo: build model
 
 test: build models refdata synthetic
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+# The test suite under sanitizers (.ci/run runs both after make test), each in its own build
+# folder with the Python tests on $(BUILD)'s venv; they spawn that folder's (sanitized) kvlm.
+# test-asan: every test under AddressSanitizer + UndefinedBehaviorSanitizer but those labelled
+# no_asan (each label says why). test-tsan: the threaded parts (thread pool, scheduler, server,
+# label tsan) under ThreadSanitizer. A finding stops its test (halt_on_error, and UBSan is built
+# with -fno-sanitize-recover); the child processes inherit the options.
+SAN_CMAKE = -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DPython3_EXECUTABLE=$(abspath $(BUILD))/venv/bin/python $(CMAKE_FLAGS)
+SAN_ENV = ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:strict_string_checks=1 \
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+TSAN_TARGETS := kvlm test_thread_pool test_scheduler test_step_plan test_kv_view test_api
+test-asan: deps models refdata synthetic
+	cmake -S . -B build-asan $(SAN_CMAKE) -DKVLM_SANITIZE=address,undefined
+	cmake --build build-asan -j $(JOBS)
+	cd build-asan && $(SAN_ENV) ctest --output-on-failure -j $(JOBS) -LE no_asan
+
+test-tsan: deps models
+	cmake -S . -B build-tsan $(SAN_CMAKE) -DKVLM_SANITIZE=thread
+	cmake --build build-tsan -j $(JOBS) --target $(TSAN_TARGETS)
+	cd build-tsan && $(SAN_ENV) ctest --output-on-failure -j $(JOBS) -L tsan
 
 # libFuzzer targets (fuzz/), built with clang, ASan and UBSan in build-fuzz, each run for
 # FUZZ_SECONDS on a corpus in build-fuzz/corpus (seeded from tests/data and the reference data).

@@ -172,7 +172,10 @@ std::string Session::load(const std::string& path,
   const uint64_t meta_len = r.get<uint64_t>("meta length");
   std::string meta(r.bytes(meta_len, "meta"), meta_len);
   std::vector<int32_t> toks(n);
-  std::memcpy(toks.data(), r.bytes(n * sizeof(int32_t), "tokens"), n * sizeof(int32_t));
+  const char* tok_bytes = r.bytes(n * sizeof(int32_t), "tokens");
+  // An empty session (saved after /clear) has no tokens: memcpy's pointers must not be null even
+  // for 0 bytes, and toks.data() is (UBSan stopped on the fuzz seed empty-after-clear.kvs).
+  if (n > 0) std::memcpy(toks.data(), tok_bytes, n * sizeof(int32_t));
   for (int32_t t : toks)
     if (t < 0 || t >= model_.config().n_vocab) fail("{}: token id {} out of range", path, t);
   const uint64_t k_bytes = kv_k_row_bytes(s) * n, v_bytes = kv_v_row_bytes(s) * n;

@@ -12,6 +12,7 @@ PY=${PYTHON:-/usr/bin/python3}
 [ -x "$PY" ] || PY=$(command -v python3)
 PINS=(
   openai==3.51.0
+  jsonschema==4.26.0  # tests/server/test_structured.py validates constrained output
   selenium==4.40.0  # tests/server/test_web.py drives Debian's chromium through chromium-driver
   # tools/make_family_ggufs.py (make synthetic): the generated models are byte-identical only
   # with these versions

@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "base/error.h"
+#include "grammar/matcher.h"
 #include "kv_manager/kv_manager.h"
 #include "tokenizer/tokenizer.h"
 
@@ -31,6 +32,8 @@ struct Scheduler::Seq : StepSeq {
   std::shared_ptr<int32_t> n_open;
   int64_t n_generated = 0;
   std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<GrammarMatcher> matcher;  // with req.grammar
+  std::vector<uint32_t> mask;               // [ceil(n_vocab / 32)]: the matcher's, this step
 };
 
 // A token to draw after a pass: the sequence and the row of the pass's logits it draws from.
@@ -158,6 +161,26 @@ Scheduler::~Scheduler() {
   if (thread_.joinable()) thread_.join();
 }
 
+const TokenTrie& Scheduler::token_trie() {
+  std::call_once(trie_once_, [&] {
+    // Control tokens (and unused ones) are never text a grammar could take; the ends of
+    // generation are allowed apart, once the grammar is complete.
+    std::vector<std::string> bytes(static_cast<size_t>(tok_.n_vocab()));
+    std::vector<int32_t> ends;
+    for (int32_t id = 0; id < tok_.n_vocab(); ++id) {
+      const TokenType t = tok_.token_type(id);
+      if (tok_.is_eog(id)) {
+        ends.push_back(id);  // never text, even where the vocabulary types it so
+        continue;
+      }
+      if (t == TokenType::Normal || t == TokenType::Byte || t == TokenType::UserDefined)
+        bytes[static_cast<size_t>(id)] = tok_.token_bytes(id, false);
+    }
+    trie_ = std::make_unique<TokenTrie>(bytes, std::move(ends));
+  });
+  return *trie_;
+}
+
 int64_t Scheduler::capacity_tokens() const { return st_->kv.capacity_tokens(); }
 
 RequestId Scheduler::submit(Request req, EventFn on_event) {
@@ -190,6 +213,10 @@ RequestId Scheduler::submit(Request req, EventFn on_event) {
   seq->sampler = std::make_unique<Sampler>(seq->req.sampling);
   seq->n_forks = seq->req.n - 1;
   seq->n_open = std::make_shared<int32_t>(seq->req.n);
+  if (seq->req.grammar) {
+    seq->matcher = std::make_unique<GrammarMatcher>(seq->req.grammar, token_trie());
+    seq->mask.resize((static_cast<size_t>(std::max(c.n_vocab, tok_.n_vocab())) + 31) / 32);
+  }
   RequestId id;
   {
     std::lock_guard lk(mu_);
@@ -462,6 +489,10 @@ void Scheduler::fork_choices(std::vector<Draw>& draws, uint64_t step_no) {
       c->step = step_no;
       c->admitted_at = ++st.counters.n_admissions;
       c->sampler = std::make_unique<Sampler>(c->req.sampling);
+      if (q.matcher) {  // the parent's state before its first token: every choice starts there
+        c->matcher = std::make_unique<GrammarMatcher>(*q.matcher);
+        c->mask.resize(q.mask.size());
+      }
       st.kv.fork(q.id, c->id);
       st.counters.prompt_tokens_forked += q.n_prompt;
       draws.push_back(
@@ -485,9 +516,12 @@ void Scheduler::sample_draws(std::vector<Draw>& draws, std::span<const float> lo
     for (int64_t i = i0; i < i1; ++i) {
       Draw& d = draws[static_cast<size_t>(i)];
       try {
-        if (d.q->req.sampling.n_logprobs >= 0) d.logprobs.emplace();
-        d.token = d.q->sampler->sample(logits.data() + d.row * static_cast<size_t>(n_vocab),
-                                       n_vocab, d.q->tokens, d.logprobs ? &*d.logprobs : nullptr);
+        Seq& q = *d.q;
+        if (q.req.sampling.n_logprobs >= 0) d.logprobs.emplace();
+        if (q.matcher) q.matcher->fill_mask(q.mask);
+        d.token = q.sampler->sample(logits.data() + d.row * static_cast<size_t>(n_vocab), n_vocab,
+                                    q.tokens, d.logprobs ? &*d.logprobs : nullptr,
+                                    q.matcher ? q.mask.data() : nullptr);
       } catch (...) {
         d.error = std::current_exception();  // rethrown by deliver, on the scheduler thread
       }
@@ -495,7 +529,9 @@ void Scheduler::sample_draws(std::vector<Draw>& draws, std::span<const float> lo
   };
   const auto n = static_cast<int64_t>(draws.size());
   const bool costly = std::any_of(draws.begin(), draws.end(),
-                                  [](const Draw& d) { return !d.q->sampler->argmax_only(); });
+                                  [](const Draw& d) {
+                                    return d.q->matcher || !d.q->sampler->argmax_only();
+                                  });
   if (n > 1 && costly)
     pool_.parallel_for(n, sample);
   else
@@ -521,7 +557,10 @@ void Scheduler::deliver(std::vector<Draw>& draws) {
     ev.n_generated = q.n_generated;
     ev.logprobs = std::move(d.logprobs);
     q.on_event(ev);
-    if (!q.req.ignore_eos && tok_.is_eog(d.token))
+    const bool eog = tok_.is_eog(d.token);
+    if (q.matcher && !eog && !q.matcher->accept_token(d.token))  // the mask allowed it: a bug
+      done.emplace_back(&q, FinishReason::Error);
+    else if ((eog && (!q.req.ignore_eos || q.matcher)) || (q.matcher && q.matcher->finished()))
       done.emplace_back(&q, FinishReason::Stop);
     else if (q.n_generated >= q.req.max_tokens ||
              (!evicts() && static_cast<int64_t>(q.tokens.size()) >= config_.n_ctx))
@@ -530,7 +569,8 @@ void Scheduler::deliver(std::vector<Draw>& draws) {
   for (const auto& [q, why] : done) {
     auto it = std::find_if(st.running.begin(), st.running.end(),
                            [&](auto& r) { return r.get() == q; });
-    finish(as_seq(**it), why, "");
+    finish(as_seq(**it), why,
+           why == FinishReason::Error ? "the grammar refused a token its mask allowed" : "");
     st.running.erase(it);
   }
 }

@@ -43,12 +43,14 @@
 #include "engine/kv_view.h"
 #include "engine/session.h"
 #include "engine/step_plan.h"
+#include "grammar/grammar.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
 
 namespace kvlm {
 
 class Tokenizer;
+class TokenTrie;
 
 enum class FinishReason { Stop, Length, Cancelled, Error };
 const char* finish_reason_name(FinishReason r);  // "stop", "length", "cancelled", "error"
@@ -63,6 +65,10 @@ struct Request {
   // n sequences sharing its blocks (KvManager::fork, copy-on-write). Choice i samples with seed
   // sampling.seed + i (wrapping), so it draws what a request with that seed draws alone.
   int32_t n = 1;
+  // Constrained sampling (grammar/matcher.h): each step draws only tokens the grammar allows
+  // next, end of generation only once it is complete; the request stops (Stop) when nothing
+  // can follow. Null: unconstrained.
+  std::shared_ptr<const Grammar> grammar;
 };
 
 // Delivered on the scheduler thread, in order, for one request. Callbacks must be quick (push into
@@ -214,6 +220,8 @@ class Scheduler {
   void publish();        // stats_ from the scheduler thread's state
   // The views asked for since the last call (the loop, after publish()).
   void serve_views(bool want_snapshot, const std::shared_ptr<KvEventFn>& watcher);
+  // The vocabulary's byte trie for grammar masks, built by the first request with a grammar.
+  const TokenTrie& token_trie();
 
   const Model& model_;
   const Tokenizer& tok_;
@@ -236,6 +244,8 @@ class Scheduler {
   std::condition_variable kv_snap_cv_;         // kv_snapshot() callers
   std::shared_ptr<KvEventFn> kv_watcher_;      // null: no one watches
   KvEventTracker kv_tracker_;                  // scheduler thread only
+  std::once_flag trie_once_;
+  std::unique_ptr<TokenTrie> trie_;
   std::thread thread_;
 };
 

@@ -25,6 +25,15 @@ TokenTrie::TokenTrie(const std::vector<std::string>& token_bytes, std::vector<in
   build(0, 0, static_cast<uint32_t>(order_.size()), 0);
 }
 
+const TokenTrie& TokenTrie::single_bytes() {
+  static const TokenTrie trie = [] {
+    std::vector<std::string> v;
+    for (int b = 0; b < 256; ++b) v.emplace_back(1, static_cast<char>(b));
+    return TokenTrie(v, {});
+  }();
+  return trie;
+}
+
 // Node `node` holds the tokens order_[lo, hi), which share their first `depth` bytes.
 uint32_t TokenTrie::build(uint32_t node, uint32_t lo, uint32_t hi, size_t depth) {
   auto at = [&](uint32_t k) -> const std::string& { return bytes_[static_cast<size_t>(order_[k])]; };

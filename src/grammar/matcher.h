@@ -30,6 +30,9 @@ class TokenTrie {
   // token_bytes[id]: the bytes token id stands for; empty for tokens the grammar never allows
   // (control tokens). end_ids: the end-of-generation tokens, allowed once the grammar is complete.
   TokenTrie(const std::vector<std::string>& token_bytes, std::vector<int32_t> end_ids);
+  // The 256 single bytes as tokens 0..255 and no end token: a matcher over it checks any text
+  // (GrammarMatcher::accept_bytes) without a model's vocabulary.
+  static const TokenTrie& single_bytes();
 
   int32_t n_vocab() const { return n_vocab_; }
   size_t n_nodes() const { return nodes_.size(); }

@@ -36,8 +36,8 @@ struct TokenLogprob {
   float logprob = 0.0f;  // natural log; -inf for a token that cannot be drawn
 };
 
-// One step's log-probabilities: the log-softmax of the logits after logit bias and penalties and
-// before temperature and the top-k/top-p/min-p cuts (what OpenAI documents): exp in float, the
+// One step's log-probabilities: the log-softmax of the logits after logit bias, penalties and a
+// grammar's mask (disallowed tokens at -inf) and before temperature and the top-k/top-p/min-p cuts (what OpenAI documents): exp in float, the
 // log-sum-exp and each (logit - lse) in double.
 struct StepLogprobs {
   TokenLogprob chosen;            // the sampled token
@@ -57,8 +57,13 @@ class Sampler {
   // temperature -> draw. Allocation-free after the first call for a given n_vocab.
   // With n_logprobs >= 0 and lp given, also fills *lp (then every token is a candidate and the
   // log-softmax costs a pass of exp over the vocabulary; nothing of it is done otherwise).
+  // allowed: null, or a bitmask ([ceil(n_vocab / 32)] words, bit id of word id / 32) of the
+  // tokens that may be drawn (a grammar's, grammar/matcher.h): the others are treated as logits
+  // of -inf before anything else, so they are never drawn and their logprobs are -inf (the
+  // log-softmax is over the allowed tokens). The mask must allow some token with a logit above
+  // -inf, else the draw falls back to the unmasked argmax.
   int32_t sample(const float* logits, int32_t n_vocab, std::span<const int32_t> history,
-                 StepLogprobs* lp = nullptr);
+                 StepLogprobs* lp = nullptr, const uint32_t* allowed = nullptr);
   const SamplingParams& params() const { return params_; }
   // True when sample() is an argmax of the logits whatever the history (greedy, no penalty):
   // ~10 us over a 49,152-token vocabulary, where a draw or a penalty costs ~50-500 us.
@@ -82,6 +87,7 @@ class Sampler {
   // when keep_adjusted.
   int32_t draw(const float* logits, int32_t n_vocab, std::span<const int32_t> history,
                bool keep_adjusted);
+  const float* apply_mask(const float* logits, int32_t n_vocab, const uint32_t* allowed);
   // *lp from adjusted_ for the chosen token.
   void fill_logprobs(int32_t chosen, StepLogprobs* lp) const;
 
@@ -91,6 +97,7 @@ class Sampler {
   std::vector<float> heap_;                       // scratch [top_k]: the k largest logits seen
   std::vector<int32_t> counts_;                   // scratch [n_vocab]: 0 between calls
   std::vector<float> adjusted_;  // scratch [n_vocab]: logits after bias and penalties (logprobs)
+  std::vector<float> masked_;    // scratch [n_vocab]: the logits with disallowed tokens at -inf
 };
 
 // Index of the largest logit (lowest index wins ties).     logits: [n]

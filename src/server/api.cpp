@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "base/error.h"
+#include "grammar/json_schema.h"
 
 namespace kvlm::server {
 namespace {
@@ -126,6 +127,43 @@ std::string lossy_utf8(std::string_view s) {
 }
 
 // ---- the parts chat and completions share -------------------------------------------------------
+
+// response_format: "text" (or absent) is free text; "json_object" any JSON object (or, as
+// llama-server takes it, the object's "schema"); "json_schema" OpenAI's {"json_schema": {"name",
+// "schema", "strict"}}. Output is then constrained by the compiled grammar whatever "strict"
+// says. Null for free text.
+std::shared_ptr<const Grammar> parse_response_format(const json& body) {
+  const json* rf = field(body, "response_format");
+  if (!rf) return nullptr;
+  if (!rf->is_object())
+    bad("response_format",
+        fmt::format("'response_format' must be an object, got {}", rf->type_name()));
+  const auto type = get_string(*rf, "type");
+  if (!type) bad("response_format", "'response_format.type' is missing");
+  const json* schema = nullptr;
+  if (*type == "text") return nullptr;
+  if (*type == "json_object") {
+    schema = field(*rf, "schema");
+  } else if (*type == "json_schema") {
+    const json* js = field(*rf, "json_schema");
+    if (!js || !js->is_object())
+      bad("response_format", "'response_format.json_schema' must be an object");
+    const json* name = field(*js, "name");
+    if (!name || !name->is_string())
+      bad("response_format", "'response_format.json_schema.name' must be a string");
+    if (const json* strict = field(*js, "strict"); strict && !strict->is_boolean())
+      bad("response_format", "'response_format.json_schema.strict' must be a boolean");
+    schema = field(*js, "schema");
+  } else {
+    bad("response_format", fmt::format("'response_format.type' must be 'text', 'json_object' or "
+                                       "'json_schema', got '{}'", clip(*type)));
+  }
+  try {
+    return schema ? compile_json_schema(*schema) : json_object_grammar();
+  } catch (const Error& e) {
+    bad("response_format", fmt::format("response_format: {}", e.what()), "unsupported_schema");
+  }
+}
 
 void check_model(const json& body, const ServedModel& m) {
   const auto model = get_string(body, "model");
@@ -585,13 +623,7 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
     const json* v = field(body, key);
     refuse_if(v && !(v->is_array() && v->empty()), key, "kvlm has no tool calling");
   }
-  if (const json* rf = field(body, "response_format")) {
-    if (!rf->is_object())
-      bad("response_format",
-          fmt::format("'response_format' must be an object, got {}", rf->type_name()));
-    const auto type = get_string(*rf, "type").value_or("text");
-    refuse_if(type != "text", "response_format", "kvlm generates free text only (type 'text')");
-  }
+  g.req.grammar = parse_response_format(body);
   g.req.sampling = parse_sampling(body, m, random_seed, tok.n_vocab());
   g.req.sampling.n_logprobs = parse_chat_logprobs(body);
   g.stop = parse_stop(body);
@@ -641,6 +673,7 @@ GenerationRequest parse_completion_request(const json& body, const Tokenizer& to
   refuse_if(get_bool(body, "echo").value_or(false), "echo", "the prompt is not echoed");
   refuse_if(field(body, "suffix") != nullptr, "suffix", "kvlm does not fill in the middle");
   refuse_if(get_int(body, "best_of").value_or(1) != 1, "best_of", "one candidate per request");
+  g.req.grammar = parse_response_format(body);
   g.req.sampling = parse_sampling(body, m, random_seed, tok.n_vocab());
   g.req.sampling.n_logprobs = parse_completion_logprobs(body);
   g.stop = parse_stop(body);

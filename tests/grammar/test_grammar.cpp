@@ -14,18 +14,8 @@ namespace {
 
 using json = nlohmann::json;
 
-// A vocabulary of the 256 single bytes: any string can be fed byte by byte.
-const TokenTrie& byte_trie() {
-  static const TokenTrie trie = [] {
-    std::vector<std::string> v;
-    for (int b = 0; b < 256; ++b) v.emplace_back(1, static_cast<char>(b));
-    return TokenTrie(v, {});
-  }();
-  return trie;
-}
-
 bool takes(const std::shared_ptr<const Grammar>& g, std::string_view text) {
-  GrammarMatcher m(g, byte_trie());
+  GrammarMatcher m(g, TokenTrie::single_bytes());
   return m.accept_bytes(text) && m.complete();
 }
 
@@ -95,7 +85,7 @@ TEST(JsonGrammar, RefsAndRecursion) {
   // Nesting past the matcher's stack bound dies instead of growing without end.
   std::string deep;
   for (int i = 0; i < 200; ++i) deep += R"({"kids":[)";
-  GrammarMatcher m(g, byte_trie());
+  GrammarMatcher m(g, TokenTrie::single_bytes());
   EXPECT_FALSE(m.accept_bytes(deep));
 }
 

@@ -539,6 +539,44 @@ TEST(Sampler, LogprobsAreTheLogSoftmaxOfTheAdjustedLogits) {
 // ---------------------------------------------------------------------------------------------
 // validate
 
+// A grammar's mask: only allowed tokens are drawn, greedy or not, with or without the filters,
+// and logprobs are the log-softmax over the allowed tokens (the others -inf).
+TEST(Sampler, MaskAllowsOnlyItsTokens) {
+  constexpr int32_t kVocab = 300;
+  const std::vector<float> logits = random_logits(kVocab, 11, 3.0f);
+  std::vector<uint32_t> mask((kVocab + 31) / 32, 0);
+  std::set<int32_t> allowed;
+  for (int32_t id = 5; id < kVocab; id += 37) {
+    mask[static_cast<size_t>(id) / 32] |= 1u << (id % 32);
+    allowed.insert(id);
+  }
+  int32_t best = *allowed.begin();
+  for (int32_t id : allowed)
+    if (logits[static_cast<size_t>(id)] > logits[static_cast<size_t>(best)]) best = id;
+  Sampler greedy(plain(0.0f));
+  EXPECT_EQ(greedy.sample(logits.data(), kVocab, {}, nullptr, mask.data()), best);
+  for (SamplingParams p : {plain(1.0f, 5), SamplingParams{}}) {
+    p.seed = 5;
+    Sampler s(p);
+    std::set<int32_t> seen;
+    for (int i = 0; i < 400; ++i) seen.insert(s.sample(logits.data(), kVocab, {}, nullptr, mask.data()));
+    for (int32_t id : seen) EXPECT_TRUE(allowed.count(id)) << id;
+  }
+  SamplingParams p = plain(1.0f, 9);
+  p.n_logprobs = 3;
+  Sampler s(p);
+  StepLogprobs lp;
+  const int32_t t = s.sample(logits.data(), kVocab, {}, &lp, mask.data());
+  EXPECT_TRUE(allowed.count(t));
+  double mass = 0.0;
+  for (int32_t id : allowed) mass += std::exp(static_cast<double>(logits[static_cast<size_t>(id)]));
+  const double lse = std::log(mass);
+  EXPECT_NEAR(lp.chosen.logprob, logits[static_cast<size_t>(t)] - lse, 1e-4);
+  ASSERT_EQ(lp.top.size(), 3u);
+  EXPECT_EQ(lp.top[0].id, best);
+  for (const TokenLogprob& x : lp.top) EXPECT_TRUE(allowed.count(x.id)) << x.id;
+}
+
 void expect_rejected(const SamplingParams& p, const std::string& name) {
   try {
     validate(p);

@@ -380,9 +380,37 @@ TEST_F(Api, BadRequestsTable) {
        400,
        "logit_bias"},
       {"tools", true, {{"messages", m}, {"tools", json::array({json::object()})}}, 400, "tools"},
-      {"json mode",
+      {"response_format a string", true, {{"messages", m}, {"response_format", "json"}}, 400,
+       "response_format"},
+      {"response_format type unknown",
        true,
-       {{"messages", m}, {"response_format", {{"type", "json_object"}}}},
+       {{"messages", m}, {"response_format", {{"type", "xml"}}}},
+       400,
+       "response_format"},
+      {"json_schema missing",
+       true,
+       {{"messages", m}, {"response_format", {{"type", "json_schema"}}}},
+       400,
+       "response_format"},
+      {"json_schema without a name",
+       true,
+       {{"messages", m},
+        {"response_format", {{"type", "json_schema"}, {"json_schema", {{"schema", json::object()}}}}}},
+       400,
+       "response_format"},
+      {"json_schema unsupported keyword",
+       true,
+       {{"messages", m},
+        {"response_format",
+         {{"type", "json_schema"},
+          {"json_schema", {{"name", "x"}, {"schema", {{"type", "string"}, {"pattern", "^a"}}}}}}}},
+       400,
+       "response_format"},
+      {"completion json_schema bad type",
+       false,
+       {{"prompt", "a"},
+        {"response_format",
+         {{"type", "json_schema"}, {"json_schema", {{"name", "x"}, {"schema", {{"type", "date"}}}}}}}},
        400,
        "response_format"},
       {"stop a number", true, {{"messages", m}, {"stop", 5}}, 400, "stop"},
@@ -429,6 +457,30 @@ TEST_F(Api, BadRequestsTable) {
       EXPECT_TRUE(std::string(e.what()).find('\n') == std::string::npos) << "one line";
     }
   }
+}
+
+TEST_F(Api, ResponseFormat) {
+  const json m = json::array({{{"role", "user"}, {"content", "hi"}}});
+  EXPECT_EQ(chat({{"messages", m}}).req.grammar, nullptr);
+  EXPECT_EQ(chat({{"messages", m}, {"response_format", {{"type", "text"}}}}).req.grammar, nullptr);
+  EXPECT_NE(chat({{"messages", m}, {"response_format", {{"type", "json_object"}}}}).req.grammar,
+            nullptr);
+  const json schema = {{"type", "json_schema"},
+                       {"json_schema",
+                        {{"name", "p"},
+                         {"strict", true},
+                         {"schema", {{"type", "object"}, {"properties", {{"a", {{"type", "integer"}}}}}}}}}};
+  EXPECT_NE(chat({{"messages", m}, {"response_format", schema}}).req.grammar, nullptr);
+  EXPECT_NE(complete({{"prompt", "a"}, {"response_format", schema}}).req.grammar, nullptr);
+  // The 400 names the keyword kvlm does not support.
+  json bad = schema;
+  bad["json_schema"]["schema"]["properties"]["a"]["minimum"] = 0;
+  const HttpError e = error_of([&] { chat({{"messages", m}, {"response_format", bad}}); });
+  EXPECT_EQ(e.status, 400);
+  EXPECT_EQ(e.param, "response_format");
+  EXPECT_NE(std::string(e.what()).find("'minimum' is not supported (at /properties/a)"),
+            std::string::npos)
+      << e.what();
 }
 
 TEST_F(Api, ParseJsonBody) {

@@ -1,5 +1,6 @@
 #include "grammar/json_schema.h"
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -69,6 +70,8 @@ class SchemaCompiler {
   uint32_t object_rule(const json& s, const std::string& path, int depth);
   uint32_t array_rule(const json& s, const std::string& path, int depth);
   uint32_t ref_rule(const std::string& ref, const std::string& path);
+  uint32_t literals_rule(std::vector<std::string> lits);  // one of the texts (non-empty list)
+  uint32_t literal_node(const std::vector<std::string>& lits, size_t lo, size_t hi, size_t depth);
 
   GrammarBuilder b_;
   const json& root_;
@@ -199,6 +202,48 @@ int64_t count_keyword(const json& s, const char* key, const std::string& path) {
   return n;
 }
 
+// A value of enum or const as the bytes the output must hold: JSON, compact.
+std::string literal_of(const json& v, const char* key, const std::string& path) {
+  std::string text = v.dump();
+  if (text.size() > kJsonSchemaMaxLiteral)
+    fail("JSON schema keyword '{}' holds a value of {} bytes; at most {} are supported ({})", key,
+         text.size(), kJsonSchemaMaxLiteral, at(path));
+  return text;
+}
+
+// Alternatives of literal texts as a trie of rules: one rule per distinct prefix, so the matcher
+// holds one stack per next byte rather than one per literal (an enum of 1,000 names would
+// otherwise be 1,000 stacks to advance and deduplicate per byte).
+uint32_t SchemaCompiler::literals_rule(std::vector<std::string> lits) {
+  std::sort(lits.begin(), lits.end());
+  lits.erase(std::unique(lits.begin(), lits.end()), lits.end());
+  return literal_node(lits, 0, lits.size(), 0);
+}
+
+uint32_t SchemaCompiler::literal_node(const std::vector<std::string>& lits, size_t lo, size_t hi,
+                                      size_t depth) {
+  const uint32_t r = b_.new_rule();
+  std::vector<Alt> alts;
+  if (lits[lo].size() == depth) {  // sorted: the literal that ends here comes first
+    alts.emplace_back();
+    ++lo;
+  }
+  while (lo < hi) {
+    size_t end = lo + 1;
+    while (end < hi && lits[end][depth] == lits[lo][depth]) ++end;
+    Alt a;
+    if (end - lo == 1) {  // one literal left: its remaining bytes in a row
+      b_.append_literal(a, std::string_view(lits[lo]).substr(depth));
+    } else {
+      a = {b_.byte(lits[lo][depth]), GrammarBuilder::ref(literal_node(lits, lo, end, depth + 1))};
+    }
+    alts.push_back(std::move(a));
+    lo = end;
+  }
+  b_.define(r, std::move(alts));
+  return r;
+}
+
 uint32_t SchemaCompiler::schema(const json& s, const std::string& path, int depth) {
   if (depth > kJsonSchemaMaxDepth)
     fail("the JSON schema nests deeper than {} levels ({})", kJsonSchemaMaxDepth, at(path));
@@ -222,6 +267,9 @@ uint32_t SchemaCompiler::schema(const json& s, const std::string& path, int dept
   if (const auto it = s.find("anyOf"); it != s.end()) {
     if (!it->is_array() || it->empty())
       fail("JSON schema keyword 'anyOf' must be a non-empty array ({})", at(path));
+    if (it->size() > kJsonSchemaMaxAnyOf)
+      fail("JSON schema keyword 'anyOf' lists {} schemas; at most {} are supported ({})",
+           it->size(), kJsonSchemaMaxAnyOf, at(path));
     if (asserts)
       fail("JSON schema keyword 'anyOf' beside other constraints is not supported ({})", at(path));
     std::vector<Alt> alts;
@@ -232,18 +280,14 @@ uint32_t SchemaCompiler::schema(const json& s, const std::string& path, int dept
     b_.define(r, std::move(alts));
     return r;
   }
-  if (const auto it = s.find("const"); it != s.end()) return literal_rule(it->dump());
+  if (const auto it = s.find("const"); it != s.end())
+    return literals_rule({literal_of(*it, "const", path)});
   if (const auto it = s.find("enum"); it != s.end()) {
     if (!it->is_array() || it->empty())
       fail("JSON schema keyword 'enum' must be a non-empty array ({})", at(path));
-    std::vector<Alt> alts;
-    for (const json& v : *it) {
-      alts.emplace_back();
-      b_.append_literal(alts.back(), v.dump());
-    }
-    const uint32_t r = b_.new_rule();
-    b_.define(r, std::move(alts));
-    return r;
+    std::vector<std::string> lits;
+    for (const json& v : *it) lits.push_back(literal_of(v, "enum", path));
+    return literals_rule(std::move(lits));
   }
   const auto type = s.find("type");
   if (type == s.end()) {

@@ -26,6 +26,8 @@ inline constexpr uint16_t kJsonMaxWhitespace = 16;  // bytes between two tokens 
 inline constexpr int kJsonSchemaMaxDepth = 32;      // nested schemas (not counting $ref)
 inline constexpr int64_t kJsonSchemaMaxItems = 1024;     // bound on minItems / maxItems
 inline constexpr size_t kJsonSchemaMaxProperties = 256;  // per object
+inline constexpr size_t kJsonSchemaMaxAnyOf = 64;        // schemas in one anyOf
+inline constexpr size_t kJsonSchemaMaxLiteral = 1024;    // bytes of one enum / const value
 
 // Throws kvlm::Error naming the keyword and where it is ("at /properties/age") for what is not
 // supported or not a valid schema.

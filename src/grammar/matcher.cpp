@@ -102,6 +102,7 @@ bool GrammarMatcher::same_stack(uint32_t a, uint32_t b) const {
 }
 
 void GrammarMatcher::add_top(uint32_t id, std::vector<uint32_t>& out) const {
+  if (out.size() >= kMaxStacks) return;
   for (uint32_t x : out)
     if (same_stack(x, id)) return;
   out.push_back(id);

@@ -104,6 +104,11 @@ class GrammarMatcher {
   std::vector<uint32_t> tmp_;
 };
 
+// Stacks a state may hold: past it further alternatives are dropped, which narrows what the
+// grammar takes but never widens it (the JSON compiler keeps states far smaller: an enum is a
+// trie, anyOf and properties are bounded).
+inline constexpr size_t kMaxStacks = 1024;
+
 // Frames a stack may hold: a deeper nesting dies (inputs nest at most ~kMaxStackDepth / 3 levels).
 inline constexpr uint16_t kMaxStackDepth = 192;
 

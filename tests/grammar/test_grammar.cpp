@@ -65,6 +65,24 @@ TEST(JsonGrammar, EnumConstAnyOfTypeLists) {
   EXPECT_FALSE(takes(schema(R"({"type":"boolean"})"), "null"));
 }
 
+TEST(JsonGrammar, LargeEnumIsATrie) {
+  json names = json::array();
+  for (int i = 0; i < 3000; ++i) names.push_back("name" + std::to_string(i * 7));
+  const auto g = compile_json_schema({{"enum", names}});
+  EXPECT_TRUE(takes(g, R"("name0")"));
+  EXPECT_TRUE(takes(g, R"("name20993")"));
+  EXPECT_FALSE(takes(g, R"("name1")"));
+  EXPECT_FALSE(takes(g, R"("name")"));
+  // Past the prefix all values share, the digits may follow.
+  GrammarMatcher m(g, TokenTrie::single_bytes());
+  ASSERT_TRUE(m.accept_bytes("\"name"));
+  std::vector<uint32_t> mask(8);
+  m.fill_mask(mask);
+  int n_allowed = 0;
+  for (uint32_t w : mask) n_allowed += __builtin_popcount(w);
+  EXPECT_EQ(n_allowed, 10);  // the digits
+}
+
 TEST(JsonGrammar, ArrayBounds) {
   const auto g = schema(R"({"type":"array","items":{"type":"integer"},"minItems":2,"maxItems":3})");
   for (const char* ok : {"[1,2]", "[1, 2, 3]"}) EXPECT_TRUE(takes(g, ok)) << ok;
@@ -119,6 +137,10 @@ TEST(JsonGrammar, UnsupportedKeywordsAreNamed) {
   expect_error(R"({"type":"array","minItems":3,"maxItems":2})", "'minItems'");
   expect_error(R"({"anyOf":[{"type":"string"}],"type":"string"})", "'anyOf'");
   expect_error("false", "admits no value");
+  json any = {{"anyOf", json::array()}};
+  for (int i = 0; i < 65; ++i) any["anyOf"].push_back({{"const", i}});
+  expect_error(any.dump().c_str(), "'anyOf' lists 65");
+  expect_error(json({{"const", std::string(2000, 'x')}}).dump().c_str(), "'const'");
   std::string deep = R"({"type":"array","items":)";
   std::string text;
   for (int i = 0; i < 40; ++i) text += deep;

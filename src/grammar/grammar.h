@@ -51,8 +51,8 @@ struct Grammar {
 };
 
 // Grammar sizes beyond which a grammar is refused (it comes from client input).
-inline constexpr size_t kMaxGrammarRules = 20000;
-inline constexpr size_t kMaxGrammarElems = 400000;
+inline constexpr size_t kMaxGrammarRules = 200000;
+inline constexpr size_t kMaxGrammarElems = 1000000;
 
 class GrammarBuilder {
  public:

@@ -70,8 +70,12 @@ class SchemaCompiler {
   uint32_t object_rule(const json& s, const std::string& path, int depth);
   uint32_t array_rule(const json& s, const std::string& path, int depth);
   uint32_t ref_rule(const std::string& ref, const std::string& path);
-  uint32_t literals_rule(std::vector<std::string> lits);  // one of the texts (non-empty list)
-  uint32_t literal_node(const std::vector<std::string>& lits, size_t lo, size_t hi, size_t depth);
+  struct Literal {
+    std::string text;  // bytes the output holds
+    Alt tail;          // what follows them
+  };
+  uint32_t literals_rule(std::vector<std::string> texts);  // one of the texts (non-empty list)
+  uint32_t literal_node(const std::vector<Literal>& lits, size_t lo, size_t hi, size_t depth);
 
   GrammarBuilder b_;
   const json& root_;
@@ -211,31 +215,36 @@ std::string literal_of(const json& v, const char* key, const std::string& path) 
   return text;
 }
 
-// Alternatives of literal texts as a trie of rules: one rule per distinct prefix, so the matcher
+// Alternatives of literal texts as a trie of rules: one rule per branching prefix, so the matcher
 // holds one stack per next byte rather than one per literal (an enum of 1,000 names would
 // otherwise be 1,000 stacks to advance and deduplicate per byte).
-uint32_t SchemaCompiler::literals_rule(std::vector<std::string> lits) {
-  std::sort(lits.begin(), lits.end());
-  lits.erase(std::unique(lits.begin(), lits.end()), lits.end());
+uint32_t SchemaCompiler::literals_rule(std::vector<std::string> texts) {
+  std::sort(texts.begin(), texts.end());
+  texts.erase(std::unique(texts.begin(), texts.end()), texts.end());
+  std::vector<Literal> lits;
+  for (std::string& t : texts) lits.push_back({std::move(t), {}});
   return literal_node(lits, 0, lits.size(), 0);
 }
 
-uint32_t SchemaCompiler::literal_node(const std::vector<std::string>& lits, size_t lo, size_t hi,
+// lits[lo, hi): distinct texts, sorted, sharing their first `depth` bytes; each is followed by
+// its tail.
+uint32_t SchemaCompiler::literal_node(const std::vector<Literal>& lits, size_t lo, size_t hi,
                                       size_t depth) {
   const uint32_t r = b_.new_rule();
   std::vector<Alt> alts;
-  if (lits[lo].size() == depth) {  // sorted: the literal that ends here comes first
-    alts.emplace_back();
+  if (lits[lo].text.size() == depth) {  // sorted: the text that ends here comes first
+    alts.push_back(lits[lo].tail);
     ++lo;
   }
   while (lo < hi) {
     size_t end = lo + 1;
-    while (end < hi && lits[end][depth] == lits[lo][depth]) ++end;
+    while (end < hi && lits[end].text[depth] == lits[lo].text[depth]) ++end;
     Alt a;
-    if (end - lo == 1) {  // one literal left: its remaining bytes in a row
-      b_.append_literal(a, std::string_view(lits[lo]).substr(depth));
+    if (end - lo == 1) {  // one text left: its remaining bytes in a row, then its tail
+      b_.append_literal(a, std::string_view(lits[lo].text).substr(depth));
+      a.insert(a.end(), lits[lo].tail.begin(), lits[lo].tail.end());
     } else {
-      a = {b_.byte(lits[lo][depth]), GrammarBuilder::ref(literal_node(lits, lo, end, depth + 1))};
+      a = {b_.byte(lits[lo].text[depth]), GrammarBuilder::ref(literal_node(lits, lo, end, depth + 1))};
     }
     alts.push_back(std::move(a));
     lo = end;
@@ -384,24 +393,29 @@ uint32_t SchemaCompiler::object_rule(const json& s, const std::string& path, int
   for (size_t i = n; i-- > 0;) first_req[i] = is_req[i] ? i : first_req[i + 1];
   std::vector<uint32_t> rest(n + 1);
   for (size_t i = 0; i <= n; ++i) rest[i] = b_.new_rule();
-  auto entry = [&](size_t j, bool comma) {
-    Alt a;
-    if (comma) a = {b_.byte(','), ws()};
-    b_.append_literal(a, json(names[j]).dump());
-    a.insert(a.end(), {ws(), b_.byte(':'), ws(), GrammarBuilder::ref(values[j]), ws(),
-                       GrammarBuilder::ref(rest[j + 1])});
-    return a;
+  // The keys that may come next from i (up to the first required one) as one trie, each key
+  // followed by its value and rest[j + 1]: with many optional properties the matcher then holds
+  // one stack per next byte of a key, not one per property.
+  auto next_entry = [&](size_t i) {
+    std::vector<Literal> keys;
+    for (size_t j = i; j < n && j <= first_req[i]; ++j)
+      keys.push_back({json(names[j]).dump(),
+                      {ws(), b_.byte(':'), ws(), GrammarBuilder::ref(values[j]), ws(),
+                       GrammarBuilder::ref(rest[j + 1])}});
+    std::sort(keys.begin(), keys.end(),
+              [](const Literal& a, const Literal& b) { return a.text < b.text; });
+    return literal_node(keys, 0, keys.size(), 0);
   };
   for (size_t i = 0; i <= n; ++i) {
     std::vector<Alt> alts;
     if (first_req[i] == n) alts.push_back({b_.byte('}')});
-    for (size_t j = i; j < n && j <= first_req[i]; ++j) alts.push_back(entry(j, true));
+    if (i < n) alts.push_back({b_.byte(','), ws(), GrammarBuilder::ref(next_entry(i))});
     b_.define(rest[i], std::move(alts));
   }
   const uint32_t body = b_.new_rule(), obj = b_.new_rule();
   std::vector<Alt> alts;
   if (first_req[0] == n) alts.push_back({b_.byte('}')});
-  for (size_t j = 0; j < n && j <= first_req[0]; ++j) alts.push_back(entry(j, false));
+  alts.push_back({GrammarBuilder::ref(next_entry(0))});
   b_.define(body, std::move(alts));
   b_.define(obj, {{b_.byte('{'), ws(), GrammarBuilder::ref(body)}});
   return obj;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <fmt/format.h>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
@@ -139,6 +140,30 @@ TEST(Constrained, SeededDrawsGiveJsonThatParses) {
 
 TEST(Constrained, MaxTokensFirstEndsWithLength) { run_cases(0.0f, 0, 3); }
 
+// Feeds text one token at a time as the tokenizer splits it, timing each step's mask.
+void time_masks(const char* what, const std::shared_ptr<const Grammar>& g, const TokenTrie& trie,
+                const Tokenizer& tok, const std::string& text) {
+  GrammarMatcher m(g, trie);
+  std::vector<uint32_t> mask((static_cast<size_t>(trie.n_vocab()) + 31) / 32);
+  std::vector<double> times_us;
+  for (int32_t id : tok.encode(text, false, false)) {
+    const auto a = std::chrono::steady_clock::now();
+    m.fill_mask(mask);
+    const double us =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+    times_us.push_back(us);
+    if (getenv("KVLM_MASK_TRACE")) std::printf("    %6.0f us before '%s'\n", us, tok.token_bytes(id).c_str());
+    ASSERT_TRUE((mask[static_cast<size_t>(id) / 32] >> (id % 32)) & 1) << tok.token_bytes(id);
+    ASSERT_TRUE(m.accept_token(id));
+  }
+  EXPECT_TRUE(m.finished());
+  // The median and the 90th percentile: on a loaded machine a few steps lose the CPU for ms.
+  std::sort(times_us.begin(), times_us.end());
+  const size_t n = times_us.size();
+  std::printf("  mask, %s: %zu steps, median %.0f us, p90 %.0f us, max %.0f us per token\n", what,
+              n, times_us[n / 2], times_us[n * 9 / 10], times_us.back());
+}
+
 // The mask's cost over the real vocabulary in the states a JSON output passes through (keys,
 // strings, numbers), fed as the tokenizer splits a text; KVLM_MASK_TRACE=1 prints every step.
 TEST(Constrained, MaskCostPerToken) {
@@ -155,26 +180,14 @@ TEST(Constrained, MaskCostPerToken) {
   std::printf("  trie: %zu nodes, built in %.1f ms\n", trie.n_nodes(), build_ms);
   const std::string text =
       R"({"name": "Ada Lovelace, the first programmer \"ever\"", "age": 36, "colours": ["red", "green", "blue"], "verdict": true, "confidence": 0.93, "note": null, "children": []})";
-  const auto g = json_object_grammar();
-  GrammarMatcher m(g, trie);
-  std::vector<uint32_t> mask((static_cast<size_t>(trie.n_vocab()) + 31) / 32);
-  std::vector<double> times_us;
-  // Feed the text one token at a time as the tokenizer splits it, timing each step's mask.
-  for (int32_t id : s.tok->encode(text, false, false)) {
-    const auto a = std::chrono::steady_clock::now();
-    m.fill_mask(mask);
-    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
-    times_us.push_back(us);
-    if (getenv("KVLM_MASK_TRACE")) std::printf("    %6.0f us before '%s'\n", us, s.tok->token_bytes(id).c_str());
-    ASSERT_TRUE((mask[static_cast<size_t>(id) / 32] >> (id % 32)) & 1) << s.tok->token_bytes(id);
-    ASSERT_TRUE(m.accept_token(id));
-  }
-  EXPECT_TRUE(m.finished());
-  // The median and the 90th percentile: on a loaded machine a few steps lose the CPU for ms.
-  std::sort(times_us.begin(), times_us.end());
-  const size_t n = times_us.size();
-  std::printf("  mask: %zu steps, median %.0f us, p90 %.0f us, max %.0f us per token\n", n,
-              times_us[n / 2], times_us[n * 9 / 10], times_us.back());
+  time_masks("json_object", json_object_grammar(), trie, *s.tok, text);
+  // The costly shape: an object of many optional properties, where every comma may be followed
+  // by any of the remaining keys (one stack each).
+  json props = json::object();
+  for (int i = 0; i < 64; ++i) props[fmt::format("field_{:02}", i)] = {{"type", "integer"}};
+  time_masks("64 optional properties",
+             compile_json_schema({{"type", "object"}, {"properties", props}}), trie, *s.tok,
+             R"({"field_03": 1, "field_20": 22, "field_21": 3, "field_63": 4})");
 }
 
 }  // namespace

@@ -351,7 +351,7 @@ uint32_t SchemaCompiler::array_rule(const json& s, const std::string& path, int 
   return list_rule(item, min_items, max_items);
 }
 
-// Declared properties in the schema's order, each optional one skippable: rest[i] is what may
+// Declared properties in key order, each optional one skippable: rest[i] is what may
 // follow once the properties before i are settled (a comma and one of the next ones up to the
 // first required one, or the closing brace when no required one is left).
 uint32_t SchemaCompiler::object_rule(const json& s, const std::string& path, int depth) {

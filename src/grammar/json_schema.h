@@ -7,8 +7,9 @@
 // ignored. Any other keyword is refused, naming it.
 //
 // What the grammar produces always validates against the schema; it is narrower than the schema
-// where that keeps it simple: properties come in the schema's order, none beyond `properties`
-// (whatever additionalProperties says), required ones always, optional ones may be left out;
+// where that keeps it simple: properties come in key order (the parser sorts them), none beyond
+// `properties` (whatever additionalProperties says), required ones always, optional ones may be
+// left out;
 // numbers have at most 16 integer and 16 fraction digits; whitespace between tokens is at most
 // kJsonMaxWhitespace bytes of space, tab, newline, carriage return. Strings hold any byte but
 // the quote, the backslash, control bytes and bytes that never occur in UTF-8 (0xC0, 0xC1,

@@ -35,7 +35,7 @@ const TokenTrie& TokenTrie::single_bytes() {
 }
 
 // Node `node` holds the tokens order_[lo, hi), which share their first `depth` bytes.
-uint32_t TokenTrie::build(uint32_t node, uint32_t lo, uint32_t hi, size_t depth) {
+void TokenTrie::build(uint32_t node, uint32_t lo, uint32_t hi, size_t depth) {
   auto at = [&](uint32_t k) -> const std::string& { return bytes_[static_cast<size_t>(order_[k])]; };
   uint32_t n_end = 0;
   while (lo + n_end < hi && at(lo + n_end).size() == depth) ++n_end;
@@ -60,7 +60,6 @@ uint32_t TokenTrie::build(uint32_t node, uint32_t lo, uint32_t hi, size_t depth)
     for (int w = 0; w < 4; ++w) below.w[static_cast<size_t>(w)] |= nodes_[c].below.w[static_cast<size_t>(w)];
   }
   nodes_[node].below = below;
-  return node;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class TokenTrie {
     uint8_t byte = 0;          // the edge from the parent
     ByteSet below;             // every byte on an edge below this node
   };
-  uint32_t build(uint32_t node, uint32_t lo, uint32_t hi, size_t depth);
+  void build(uint32_t node, uint32_t lo, uint32_t hi, size_t depth);
 
   int32_t n_vocab_ = 0;
   std::vector<std::string> bytes_;  // [n_vocab] (kept for building only while building)
@@ -90,7 +90,7 @@ class GrammarMatcher {
   void normalise(uint32_t id, std::vector<uint32_t>& out, int& budget);
   void add_top(uint32_t id, std::vector<uint32_t>& out) const;
   bool same_stack(uint32_t a, uint32_t b) const;
-  // out: the stacks after byte b from stacks in[0, n). Returns the number of stacks.
+  // out: the stacks after byte b from stacks in[0, n).
   void advance(const uint32_t* in, size_t n, uint8_t b, std::vector<uint32_t>& out);
   void walk(uint32_t node, size_t lo, size_t hi, uint32_t* mask);
   void accept_subtree(const TokenTrie::Node& n, uint32_t from, uint32_t* mask) const;

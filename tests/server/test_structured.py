@@ -111,6 +111,16 @@ class Structured(ServerCase):
             if r.choices[0].finish_reason == "stop":
                 self.assertIsInstance(json.loads(r.choices[0].message.content), dict)
 
+    def test_n_choices_each_validate(self):
+        # Each choice forks the parent's grammar state with its blocks.
+        r = self.chat("Describe a person.", response_format(PERSON), 5, n=3)
+        self.assertEqual(len(r.choices), 3)
+        for c in r.choices:
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.message.content), PERSON)
+            else:
+                self.assertEqual(c.finish_reason, "length")
+
     def test_streaming(self):
         stream = self.chat("Describe a person.", response_format(PERSON), 3, stream=True)
         text, finish = "", None

@@ -9,8 +9,8 @@
 // Long runs of one character must stay linear (a BPE that re-scans its pieces is quadratic):
 // 100x the characters should take ~100x the time, never ~10,000x:
 //
-//   for n in 2000 200000; do printf '%*s' $n '' > /tmp/spaces-$n.txt; \
-//     build/bin/kvlm_tokenize_bench MODEL.gguf /tmp/spaces-$n.txt; done
+//   for n in 2000 200000; do printf '%*s' $n '' > /tmp/spaces-$n.txt;
+//     build/bin/kvlm_tokenize_bench MODEL.gguf /tmp/spaces-$n.txt; done   (one line)
 #include <fmt/format.h>
 
 #include <algorithm>

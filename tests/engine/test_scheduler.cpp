@@ -876,10 +876,13 @@ TEST(Scheduler, CancelEndsEveryChoiceAndNIsBounded) {
     auto inner = c.fn();
     std::atomic<RequestId> id{0};
     std::atomic<bool> sent{false};
-    // Cancelled from the callback (the scheduler thread), so it lands before the next step; once
-    // submit() has returned the id (the tiny model may have run a few steps before).
+    // Cancelled from the callback (the scheduler thread), so it lands before the next step. The
+    // callback waits for submit() to have returned the id: on a loaded machine the tiny model can
+    // run every choice to max_tokens before the submitting thread is scheduled again. Waiting is
+    // safe: submit() does not need the scheduler thread to return, and no lock is held here.
     id = sch.submit(r, [&](const RequestEvent& e) {
-      if (!e.done && ++n_tokens >= 12 && id != 0 && !sent.exchange(true))
+      while (id == 0) std::this_thread::yield();
+      if (!e.done && ++n_tokens >= 12 && !sent.exchange(true))
         sch.cancel(id, mode == 0 ? -1 : 2);
       inner(e);
     });

@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake pkg-config
-  libfmt-dev libcli11-dev nlohmann-json3-dev libcpp-httplib-dev libxxhash-dev libpcre2-dev
+  libfmt-dev libcli11-dev nlohmann-json3-dev libboost1.81-dev libxxhash-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libutf8proc-dev
   libssl-dev  # SHA-256 of the generated test models (tests/model/test_families.cpp)

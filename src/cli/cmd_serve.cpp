@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cctype>
 #include <csignal>
 #include <cstdint>
@@ -42,7 +43,11 @@ struct ServeArgs {
   int port = 8080;
   SchedulerConfig sched;  // n_parallel, block_size, n_batch, max_queue from the flags
   int threads = 0;
-  int http_threads = 0;  // 0: max(2 x n_parallel, 64) + 8
+  int http_threads = 2;  // I/O threads and worker threads
+  int max_connections = 1024;
+  double header_timeout = 10, body_timeout = 30, shutdown_grace = 5;  // seconds
+  std::string cors_origin;
+  std::string log_format = "text";
   bool no_prefix_cache = false;
   CacheFlags cache;
   SamplingParams sampling;
@@ -182,6 +187,10 @@ void print_listening(const ServeArgs& a, int port, const std::string& id,
   std::fflush(stderr);
 }
 
+std::chrono::milliseconds to_ms(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
+}
+
 int run_serve(ServeArgs& a) {
   // Before any thread exists, so every thread inherits the mask and only the waiter below sees
   // SIGINT/SIGTERM. SIGPIPE: a client that hung up must fail a write, not kill the server.
@@ -233,8 +242,14 @@ int run_serve(ServeArgs& a) {
   so.host = a.host;
   so.port = a.port;
   so.api_key = a.api_key;
-  so.max_body = static_cast<size_t>(max_body);
-  so.n_http_threads = a.http_threads > 0 ? a.http_threads : std::max(2 * cfg.n_parallel, 64) + 8;
+  so.n_http_threads = a.http_threads;
+  so.limits.max_body = static_cast<size_t>(max_body);
+  so.limits.max_connections = a.max_connections;
+  so.limits.header_timeout = to_ms(a.header_timeout);
+  so.limits.body_timeout = to_ms(a.body_timeout);
+  so.cors_origin = a.cors_origin;
+  so.shutdown_grace_s = a.shutdown_grace;
+  so.log_format = a.log_format;
   server::Server srv(sched, *tok, served, so);
   const int port = srv.bind();
 
@@ -304,12 +319,36 @@ Command add_serve(CLI::App& app) {
   add_threads_flag(cmd, a->threads, "compute threads (default: all cores)");
   add_llama_cpp_flags(cmd);
   cmd->add_option("--threads-http", a->http_threads,
-                  "connections served at once (default max(2 x -np, 64) + 8); more wait")
-      ->check(CLI::Range(1, 4096));
+                  "HTTP I/O threads, each serving many connections, and as many threads for "
+                  "parsing requests (default 2)")
+      ->check(CLI::Range(1, 256));
+  cmd->add_option("--max-connections", a->max_connections,
+                  "open connections at once (default 1024); one more gets 503 and is closed")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--header-timeout", a->header_timeout,
+                  "seconds a request's line and headers may take, and an idle keep-alive "
+                  "connection may wait (default 10); then 408 / close")
+      ->check(CLI::Range(0.05, 3600.0));
+  cmd->add_option("--body-timeout", a->body_timeout,
+                  "seconds a request body may take once the headers are in (default 30); then 408")
+      ->check(CLI::Range(0.05, 3600.0));
+  cmd->add_option("--shutdown-grace", a->shutdown_grace,
+                  "on SIGTERM/SIGINT, seconds running requests may still finish (default 5); then "
+                  "streams end with finish_reason \"cancelled\" and [DONE]")
+      ->check(CLI::Range(0.0, 3600.0));
+  cmd->add_option("--log-format", a->log_format,
+                  "the access log on stderr, one line per request (id, method, path, status, "
+                  "tokens, time to first token, total ms): text (default), json or off")
+      ->check(CLI::IsMember({"text", "json", "off"}));
+  cmd->add_option("--cors-origin", a->cors_origin,
+                  "allow browsers on this origin (e.g. http://localhost:3000, or *) to call the "
+                  "API: CORS headers and OPTIONS preflight (default: off)");
   cmd->add_option("--max-queue", a->sched.max_queue,
                   "waiting requests beyond which new ones get 503 (default 256)")
       ->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--max-body", a->max_body, "largest request body (default 1MiB); larger get 413");
+  cmd->add_option("--max-body", a->max_body,
+                  "largest request body (default 1MiB), whatever its transfer coding; larger get "
+                  "413");
   add_chat_template_flag(cmd, a->chat_template);
   cmd->add_option("--api-key", a->api_key,
                   "require 'Authorization: Bearer KEY' on every route but /health (default: "

@@ -1,28 +1,25 @@
 #include "server/server.h"
 
 #include <fmt/format.h>
-#include <dirent.h>
-#include <httplib.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <condition_variable>
-#include <cstring>
 #include <ctime>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <thread>
-#include <unordered_set>
+#include <unordered_map>
 
 #include "base/error.h"
+#include "server/http.h"
 #include "server/kv_api.h"
 #include "server/metrics.h"
 #include "server/web_assets.h"
@@ -31,7 +28,7 @@ namespace kvlm::server {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using HandlerResponse = httplib::Server::HandlerResponse;
+using ExchangePtr = std::shared_ptr<http::Exchange>;
 
 double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
@@ -52,30 +49,42 @@ struct TimedEvent {
   Clock::time_point at;  // when the scheduler delivered it (TTFT and inter-token latency)
 };
 
-// One request's events, from the scheduler thread to the request's HTTP thread.
+// One request's events, from the scheduler thread to the request's connection. The scheduler
+// never waits for HTTP: push() queues and, when the queue was not already due to be read, calls
+// the wake function, which posts the reading onto the connection's strand.
 class Channel {
  public:
   // Scheduler thread: a short critical section, never a wait.
   void push(const RequestEvent& e) {
-    TimedEvent te{e, Clock::now()};
+    std::function<void()> wake;
     {
       std::lock_guard<std::mutex> l(mu_);
-      q_.push_back(std::move(te));
+      q_.push_back({e, Clock::now()});
+      if (!scheduled_ && wake_) {
+        scheduled_ = true;
+        wake = wake_;
+      }
     }
-    cv_.notify_one();
+    if (wake) wake();
   }
-  // HTTP thread: waits for at least one event and takes all there are.
+  // Set once the response can be written (events before it wait); null drops it (the request
+  // ended: breaks the job -> channel -> wake -> job cycle).
+  void set_wake(std::function<void()> w) {
+    std::function<void()> call;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      wake_ = std::move(w);
+      if (wake_ && !q_.empty() && !scheduled_) {
+        scheduled_ = true;
+        call = wake_;
+      }
+    }
+    if (call) call();
+  }
+  // The connection's strand: every event queued (possibly none).
   std::deque<TimedEvent> take() {
-    std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [&] { return !q_.empty(); });
-    std::deque<TimedEvent> out;
-    out.swap(q_);
-    return out;
-  }
-  // HTTP thread: as take(), but gives up after `max_wait` (then the result may be empty).
-  std::deque<TimedEvent> take_for(Clock::duration max_wait) {
-    std::unique_lock<std::mutex> l(mu_);
-    cv_.wait_for(l, max_wait, [&] { return !q_.empty(); });
+    std::lock_guard<std::mutex> l(mu_);
+    scheduled_ = false;
     std::deque<TimedEvent> out;
     out.swap(q_);
     return out;
@@ -83,8 +92,9 @@ class Channel {
 
  private:
   std::mutex mu_;
-  std::condition_variable cv_;
   std::deque<TimedEvent> q_;
+  std::function<void()> wake_;
+  bool scheduled_ = false;  // a wake is posted and has not taken the queue yet
 };
 
 // One choice of a request being served (OpenAI's n: each has its own text, stop strings, logprobs
@@ -102,11 +112,12 @@ struct Choice {
   int64_t shown_chars = 0;  // characters of text consume() has returned (text_offset)
   int64_t n_tokens = 0;     // token events taken
   Clock::time_point t_last_token;
-  bool done = false;        // no more text: final event or stop string
+  bool done = false;        // no more text: final event, stop string or shutdown
   std::string finish;       // when done: "stop", "length", "cancelled", "error"
 };
 
-// One generation request being served. Touched only by its HTTP thread (the channel aside).
+// One generation request being served. After submission touched only on its connection's strand
+// (the channel aside).
 struct Job {
   Job(const Tokenizer& tok, const GenerationRequest& g, ResponseMeta meta)
       : meta(std::move(meta)),
@@ -121,125 +132,62 @@ struct Job {
   ResponseMeta meta;
   bool stream, include_usage;
   std::shared_ptr<Channel> ch = std::make_shared<Channel>();
+  ExchangePtr ex;  // the response
   bool ignore_eos;
   std::vector<Choice> choices;  // [n]
   int32_t n_open = 0;           // choices not done
   RequestId id = 0;
   Clock::time_point t_submit, t_first_token, t_last_token;
-  Usage usage;             // completion_tokens: token events taken so far, every choice's
-  bool done = false;       // no more text: every choice is done, or the client is gone
-  // When done: "cancelled" or "error" when a choice ended so (the request failed), else the
-  // last choice's "stop" or "length".
+  Usage usage;        // completion_tokens: token events taken so far, every choice's
+  bool done = false;  // no more text: every choice is done, or the client is gone
+  // When done: "cancelled" or "error" when a choice ended so, else the last choice's "stop" or
+  // "length".
   std::string finish;
-  std::string error;       // when finish == "error"
-  bool role_sent = false;  // chat streams: the first chunks carry the assistant role
-  bool ended = false;      // end() ran
-  // The connection's socket (find_client_socket), watched while no event comes: INVALID_SOCKET
-  // when it could not be found (then only a failed write notices a client gone).
-  socket_t client = INVALID_SOCKET;
+  std::string error;   // when finish == "error"
+  bool ended = false;  // end() ran
 };
 
-// ---- the client's socket ------------------------------------------------------------------------
-
-// A non-streaming response is written only once generation ends, so no failed write can tell that
-// its client left; the handler watches the socket instead. httplib 0.11.4 gives a handler no
-// socket (no Request::is_connection_closed; the Stream stays inside httplib), only the
-// connection's two addresses, filled from getpeername() and getsockname() (Request::remote_addr,
-// remote_port, local_addr, local_port). A connected TCP socket is the only one with its address
-// pair, and httplib closes it only after the handler returns and the response is written, so the
-// descriptor found here stays this request's connection while the handler waits.
-
-// The numeric host, as httplib writes Request::remote_addr and local_addr (getnameinfo,
-// NI_NUMERICHOST); "" if it has none.
-std::string numeric_host(const sockaddr_storage& a, socklen_t len) {
-  char host[NI_MAXHOST] = {};
-  if (getnameinfo(reinterpret_cast<const sockaddr*>(&a), len, host, sizeof(host), nullptr, 0,
-                  NI_NUMERICHOST) != 0)
-    return {};
-  return host;
+http::Response json_response(int status, const std::string& body) {
+  return http::Response{status, {{"Content-Type", "application/json"}}, body};
 }
 
-int port_of(const sockaddr_storage& a) {
-  if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
-  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
-  return -1;
+http::Response error_response(const HttpError& e) {
+  http::Response r = json_response(e.status, dump(error_body(e)));
+  if (e.status == 503) r.headers.emplace_back("Retry-After", "1");
+  return r;
 }
 
-// The descriptor of the connection `req` came on, or INVALID_SOCKET (not found: the request is
-// then not watched). Scans this process's descriptors (Linux /proc): tens to a few hundred of
-// them, two syscalls each, once per non-streaming request.
-socket_t find_client_socket(const httplib::Request& req) {
-  if (req.remote_port < 0 || req.local_port < 0) return INVALID_SOCKET;
-  DIR* dir = opendir("/proc/self/fd");
-  if (!dir) return INVALID_SOCKET;
-  socket_t found = INVALID_SOCKET;
-  while (const dirent* e = readdir(dir)) {
-    char* end = nullptr;
-    const long fd = std::strtol(e->d_name, &end, 10);
-    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
-    sockaddr_storage peer{}, local{};
-    socklen_t peer_len = sizeof(peer), local_len = sizeof(local);
-    const socket_t sock = static_cast<socket_t>(fd);
-    if (getpeername(sock, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
-        port_of(peer) != req.remote_port)
-      continue;
-    if (getsockname(sock, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
-        port_of(local) != req.local_port)
-      continue;
-    if (numeric_host(peer, peer_len) == req.remote_addr &&
-        numeric_host(local, local_len) == req.local_addr) {
-      found = sock;
-      break;
-    }
-  }
-  closedir(dir);
-  return found;
+HttpError shutting_down() {
+  return HttpError(503, "the server is shutting down", "", "shutting_down");
 }
 
-// Whether httplib would refuse to write the response: Debian's 0.11.4 checks, before each write
-// (SocketStream::write and is_writable, through detail::is_socket_alive), that the socket is not
-// readable or that a 1-byte MSG_PEEK still finds data; a read side at its end (the client closed
-// or reset the connection) fails the write. The same test, without reading anything: a pipelined
-// request waiting in the socket keeps the connection alive, as it does for httplib.
-bool client_gone(socket_t sock) {
-  pollfd p{sock, POLLIN, 0};
-  const int n = ::poll(&p, 1, 0);
-  if (n == 0 || (n < 0 && errno == EINTR)) return false;
-  if (n < 0 || (p.revents & POLLNVAL)) return true;
-  char byte;
-  const ssize_t got = ::recv(sock, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-  if (got > 0) return false;
-  return got == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-}
+// ---- the KV view timing ---------------------------------------------------------------------------
 
-// The 413 httplib answered. It has two limits: --max-body (set_payload_max_length), checked
-// against Content-Length before the body is read, and, for a Content-Type starting with
-// application/x-www-form-urlencoded, CPPHTTPLIB_FORM_URL_ENCODED_PAYLOAD_MAX_LENGTH (8192 bytes,
-// compiled into Debian's library as in its header), checked after the body is read; only the
-// second leaves a body in the request.
-HttpError too_large(const httplib::Request& q, size_t max_body) {
-  const size_t form_max = CPPHTTPLIB_FORM_URL_ENCODED_PAYLOAD_MAX_LENGTH;
-  if (q.body.size() > form_max &&
-      q.get_header_value("Content-Type").starts_with("application/x-www-form-urlencoded"))
-    return HttpError(413,
-                     fmt::format("a form-encoded request body (Content-Type: "
-                                 "application/x-www-form-urlencoded) is limited to {} bytes, this "
-                                 "one has {}; this API reads JSON: send Content-Type: "
-                                 "application/json (bodies up to {} bytes, kvlm serve --max-body)",
-                                 form_max, q.body.size(), max_body),
-                     "", "payload_too_large");
-  return HttpError(
-      413,
-      fmt::format("the request body is larger than the limit of {} bytes (kvlm serve --max-body)",
-                  max_body),
-      "", "payload_too_large");
-}
-
-// How often a waiting request looks at its socket when no event comes (queued, prefilling, or a
-// non-streaming one generating): a client gone is noticed within this, or at the next token.
-constexpr auto kClientPoll = std::chrono::milliseconds(50);
+// How long GET /kv/state waits for the scheduler thread to finish its step and build the
+// snapshot: a step with a long prefill chunk takes up to ~1 s on a loaded 2-core machine.
+constexpr auto kSnapshotWait = std::chrono::seconds(10);
+// How often a /kv/events stream looks for new events, and after how many looks with none it
+// writes a comment (a client gone is then noticed by the failed write, besides the socket watch).
+constexpr auto kEventsPoll = std::chrono::milliseconds(50);
+constexpr int kEventsHeartbeatPolls = 20;  // 1 s
+// /kv/events streams at once (a page open is one).
+constexpr int kMaxEventStreams = 8;
+// After the grace period, the streams' final chunks are written within this; then run() returns
+// even if some client does not read them.
+constexpr auto kShutdownFlush = std::chrono::seconds(5);
 
 }  // namespace
+
+// One route: a path (exact, or a prefix ending in '/' whose rest is the argument), its method.
+struct Route {
+  const char* method;
+  const char* path;
+  bool prefix;      // path is a prefix; the rest of the request's path is `arg`
+  bool generation;  // errors count as rejected generation requests
+  bool open;        // no API key needed
+  bool fast;        // answered on the I/O thread (no parsing of a body, no waiting)
+  std::function<void(const http::Request&, const ExchangePtr&, const std::string& arg)> fn;
+};
 
 struct Server::Impl {
   Impl(Scheduler& s, const Tokenizer& t, ServedModel m, ServerOptions o)
@@ -249,90 +197,131 @@ struct Server::Impl {
   const Tokenizer& tok;
   const ServedModel model;
   const ServerOptions opts;
-  httplib::Server http;
+  std::unique_ptr<http::HttpServer> http;
+  std::vector<Route> table;
   Metrics metrics;
   std::atomic<bool> stopping{false};
-  std::atomic<bool> in_run{false};
-  socket_t listen_sock = INVALID_SOCKET;  // recorded by the socket-options hook (bind())
-  std::mutex active_mu;                  // guards active
-  std::unordered_set<RequestId> active;  // submitted, not yet ended (cancelled on stop())
+  std::atomic<bool> grace_over{false};  // shutdown: running requests are being ended
+  std::mutex active_mu;                 // guards active
+  std::condition_variable active_cv;    // notified when a job ends
+  std::unordered_map<RequestId, std::shared_ptr<Job>> active;  // submitted, not yet ended
+  std::thread shutdown_thread;          // stop()'s grace period, then the end of every request
+  std::mutex run_mu;
+  std::condition_variable run_cv;
+  bool run_done = false;
   const Clock::time_point t_start = Clock::now();  // events carry seconds since then
   std::shared_ptr<KvEventHub> hub;  // /kv/events subscribers (shared with the scheduler's watcher)
 
   void routes();
-  void kv_state(httplib::Response& res);
-  void kv_events(httplib::Response& res);
-  void kv_attention(const httplib::Request& req, httplib::Response& res);
+  void handle(http::Request&& req, const ExchangePtr& ex);
+  void guarded(const Route& rt, const http::Request& req, const ExchangePtr& ex,
+               const std::string& arg);
+  void check_auth(const http::Request& req) const;
+  void reply_error(const ExchangePtr& ex, const HttpError& e, bool generation);
+
+  void kv_state(const ExchangePtr& ex);
+  void kv_attention(const http::Request& req, const ExchangePtr& ex);
   // One attention map at a time (each is a prefill of its text, on one thread of its own, beside
-  // the scheduler's): a second one meanwhile gets a 503.
+  // the scheduler's; the worker thread running the route waits for it): a second one meanwhile
+  // gets a 503.
   std::mutex map_mu;
   std::unique_ptr<ThreadPool> map_pool;  // created by the first map, under map_mu
+  void kv_events(const ExchangePtr& ex);
+  void events_tick(const ExchangePtr& ex, const std::shared_ptr<KvSubscriber>& sub, int idle);
   void publish_finished(const Job& job);
-  void serve_asset(httplib::Response& res, const std::string& name);
-  void reply_error(httplib::Response& res, const HttpError& e, bool generation);
-  // Wraps a handler: auth, shutdown, and every exception turned into a JSON error.
-  httplib::Server::Handler guarded(
-      std::function<void(const httplib::Request&, httplib::Response&)> f, bool generation,
-      bool open = false);
-  void check_auth(const httplib::Request& req) const;
+  void serve_asset(const ExchangePtr& ex, const std::string& name);
 
-  void generate(const httplib::Request& req, httplib::Response& res, Endpoint ep);
+  void generate(const http::Request& req, const ExchangePtr& ex, Endpoint ep);
   // Takes one event into its choice; returns the text now safe to show for that choice.
   std::string consume(Job& job, const TimedEvent& te);
   std::string stream_events(Job& job, const std::deque<TimedEvent>& events);
-  bool stream_step(Job& job, httplib::DataSink& sink);
+  void drain(Job& job);
+  std::string stream_tail(Job& job);
+  void end_by_shutdown(Job& job);
   void end(Job& job);
+  void shutdown_sequence();
 };
 
-void Server::Impl::reply_error(httplib::Response& res, const HttpError& e, bool generation) {
-  res.status = e.status;
-  if (e.status == 503) res.set_header("Retry-After", "1");
-  res.set_content(dump(error_body(e)), "application/json");
+void Server::Impl::reply_error(const ExchangePtr& ex, const HttpError& e, bool generation) {
+  if (e.status >= 500) ex->note("error", clip(e.what(), 200));  // the access log says why
+  ex->reply(error_response(e));
   if (generation) metrics.count_rejected();
 }
 
-void Server::Impl::check_auth(const httplib::Request& req) const {
+void Server::Impl::check_auth(const http::Request& req) const {
   if (opts.api_key.empty()) return;
   if (!req.has_header("Authorization"))
     throw HttpError(
         401,
         "missing API key: send the header 'Authorization: Bearer <key>' (kvlm serve --api-key)", "",
         "invalid_api_key");
-  if (!bearer_matches(req.get_header_value("Authorization"), opts.api_key))
+  if (!bearer_matches(req.header("Authorization"), opts.api_key))
     throw HttpError(401, "incorrect API key", "", "invalid_api_key");
 }
 
-httplib::Server::Handler Server::Impl::guarded(
-    std::function<void(const httplib::Request&, httplib::Response&)> f, bool generation,
-    bool open) {
-  return [this, f = std::move(f), generation, open](const httplib::Request& req,
-                                                    httplib::Response& res) {
-    try {
-      if (stopping) throw HttpError(503, "the server is shutting down", "", "shutting_down");
-      if (!open) check_auth(req);
-      f(req, res);
-    } catch (const HttpError& e) {
-      reply_error(res, e, generation);
-    } catch (const Error& e) {
-      reply_error(res, HttpError(400, e.what()), generation);
-    } catch (const json::exception& e) {
-      // api.cpp checks types before reading a value, so this is a check it missed; the request is
-      // still what is wrong (a value of a type or range it did not expect), not the server.
-      reply_error(res,
-                  HttpError(400, "invalid request: " + clip(e.what(), 256), "", "invalid_request"),
-                  generation);
-    } catch (const std::bad_alloc&) {
-      reply_error(res, HttpError(500, "out of memory"), generation);
-    } catch (const std::exception& e) {
-      reply_error(res, HttpError(500, "internal error: " + clip(e.what(), 256)), generation);
-    }
-  };
+// Runs a route: auth, shutdown, and every exception turned into a JSON error.
+void Server::Impl::guarded(const Route& rt, const http::Request& req, const ExchangePtr& ex,
+                           const std::string& arg) {
+  const bool generation = rt.generation;
+  try {
+    if (stopping) throw shutting_down();
+    if (!rt.open) check_auth(req);
+    rt.fn(req, ex, arg);
+  } catch (const HttpError& e) {
+    reply_error(ex, e, generation);
+  } catch (const Error& e) {
+    reply_error(ex, HttpError(400, e.what()), generation);
+  } catch (const json::exception& e) {
+    // api.cpp checks types before reading a value, so this is a check it missed; the request is
+    // still what is wrong (a value of a type or range it did not expect), not the server.
+    reply_error(ex, HttpError(400, "invalid request: " + clip(e.what(), 256), "", "invalid_request"),
+                generation);
+  } catch (const std::bad_alloc&) {
+    reply_error(ex, HttpError(500, "out of memory"), generation);
+  } catch (const std::exception& e) {
+    reply_error(ex, HttpError(500, "internal error: " + clip(e.what(), 256)), generation);
+  }
 }
 
-// ---- generation
-// ----------------------------------------------------------------------------------
+// The transport's handler (an I/O thread): finds the route; slow routes go to a worker thread.
+void Server::Impl::handle(http::Request&& req, const ExchangePtr& ex) {
+  const Route* found = nullptr;
+  std::string allow, arg;
+  for (const Route& rt : table) {
+    const std::string_view p = rt.path;
+    const bool match = rt.prefix ? req.path.size() > p.size() && req.path.starts_with(p)
+                                 : req.path == p;
+    if (!match) continue;
+    if (req.method == rt.method) {
+      found = &rt;
+      if (rt.prefix) arg = req.path.substr(p.size());
+      break;
+    }
+    allow = rt.method;
+  }
+  if (!found) {
+    if (allow.empty())
+      return reply_error(ex,
+                         HttpError(404,
+                                   fmt::format("unknown route: {} {}", clip(req.method),
+                                               clip(req.path)),
+                                   "", "not_found"),
+                         false);
+    http::Response r = error_response(HttpError(
+        405,
+        fmt::format("{} {}: method not allowed (use {})", clip(req.method), clip(req.path), allow),
+        "", "method_not_allowed"));
+    r.headers.emplace_back("Allow", allow);
+    return ex->reply(std::move(r));
+  }
+  if (found->fast) return guarded(*found, req, ex, arg);
+  auto owned = std::make_shared<http::Request>(std::move(req));
+  http->offload([this, found, owned, ex, arg] { guarded(*found, *owned, ex, arg); });
+}
 
-void Server::Impl::generate(const httplib::Request& req, httplib::Response& res, Endpoint ep) {
+// ---- generation ------------------------------------------------------------------------------------
+
+void Server::Impl::generate(const http::Request& req, const ExchangePtr& ex, Endpoint ep) {
   const json body = parse_json_body(req.body);
   GenerationRequest g = ep == Endpoint::Chat
                             ? parse_chat_request(body, tok, model, random_u64())
@@ -340,7 +329,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   ResponseMeta meta{ep, new_id(ep == Endpoint::Chat ? "chatcmpl-" : "cmpl-"),
                     static_cast<int64_t>(std::time(nullptr)), model.name()};
   auto job = std::make_shared<Job>(tok, g, std::move(meta));
-  job->client = find_client_socket(req);
+  job->ex = ex;
   job->t_submit = Clock::now();
   try {
     job->id =
@@ -352,59 +341,229 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   }
   {
     std::lock_guard<std::mutex> l(active_mu);
-    active.insert(job->id);
-    if (stopping) sched.cancel(job->id);  // stop() may have swept `active` before the insert
+    active[job->id] = job;
   }
+  // A client gone (the connection watches its socket, so also while queued or prefilling, when
+  // nothing is written): cancelled at once, so its blocks go back now rather than at max_tokens.
+  ex->on_gone([this, job] {
+    const bool cancel = !job->done;
+    if (cancel) {
+      job->done = true;
+      job->finish = "cancelled";
+    }
+    end(*job);  // counted before the scheduler can drop it: /metrics never shows it neither way
+    if (cancel) sched.cancel(job->id);
+  });
   // Ties the response to its sequence in GET /kv/state and /kv/events (the web page's KV view).
-  res.set_header("X-Kvlm-Request-Id", std::to_string(job->id));
+  const std::string rid = std::to_string(job->id);
+  if (job->stream) {
+    ex->begin_stream(http::Response{200,
+                                    {{"Content-Type", "text/event-stream"},
+                                     {"Cache-Control", "no-cache"},
+                                     {"X-Kvlm-Request-Id", rid}},
+                                    {}});
+    // Sent before any token so the client sees the response begin while the prompt is queued or
+    // prefilled: one per choice.
+    if (ep == Endpoint::Chat) {
+      std::string roles;
+      for (size_t i = 0; i < job->choices.size(); ++i)
+        roles += sse_event(render_chunk(job->meta, "", "", true, job->include_usage, nullptr,
+                                        static_cast<int32_t>(i)));
+      ex->write(std::move(roles));
+    }
+  }
+  job->ch->set_wake([this, job] { job->ex->post([this, job] { drain(*job); }); });
+  // stop() may have swept `active` before this job was in it.
+  if (grace_over) ex->post([this, job] { end_by_shutdown(*job); });
+}
 
-  if (!job->stream) {
-    bool client_left = false;
-    while (!job->done) {
-      for (const TimedEvent& te : job->ch->take_for(kClientPoll)) {
-        const std::string piece = consume(*job, te);
-        if (!piece.empty()) job->choices[static_cast<size_t>(te.ev.index)].shown += piece;
-      }
-      if (!job->done && job->client != INVALID_SOCKET && client_gone(job->client)) {
-        sched.cancel(job->id);  // its blocks go back at the next step, not at max_tokens
-        job->done = true;
-        job->finish = "cancelled";
-        client_left = true;
-      }
+// The connection's strand, woken by the channel: the events so far become text, stream chunks, or
+// (non-streaming, once done) the response.
+void Server::Impl::drain(Job& job) {
+  if (job.ended) return;
+  if (job.stream) {
+    std::string out = stream_events(job, job.ch->take());
+    if (job.done) out += stream_tail(job);
+    if (!out.empty()) job.ex->write(std::move(out));
+    if (job.done) {
+      job.ex->end();
+      end(job);
     }
-    end(*job);
-    if (client_left) {
-      // Never delivered (httplib will not write to this socket); not a 200, and counted as
-      // cancelled (end()) rather than rejected.
-      reply_error(res,
-                  HttpError(499, "the client closed the connection before the response was ready",
-                            "", "client_closed"),
-                  false);
-      return;
-    }
-    if (job->finish == "cancelled")
-      throw HttpError(503, "the server is shutting down", "", "shutting_down");
-    if (job->finish == "error") throw HttpError(500, job->error);
-    std::vector<ChoiceText> out;
-    for (Choice& c : job->choices)
-      out.push_back({std::move(c.shown), c.finish, c.logprobs ? c.logprobs->take() : json(nullptr)});
-    res.set_content(dump(render_response(job->meta, out, job->usage)), "application/json");
     return;
   }
-  res.set_header("Cache-Control", "no-cache");
-  res.set_chunked_content_provider(
-      "text/event-stream",
-      [this, job](size_t, httplib::DataSink& sink) { return stream_step(*job, sink); },
-      [this, job](bool) {
-        // Runs once the response is over, written or not: a stream cut short (client gone,
-        // write failed) is cancelled here, so its blocks are freed now rather than at max_tokens.
-        if (!job->done) {
-          sched.cancel(job->id);
-          job->done = true;
-          job->finish = "cancelled";
-        }
-        end(*job);
-      });
+  for (const TimedEvent& te : job.ch->take()) {
+    const std::string piece = consume(job, te);
+    if (!piece.empty()) job.choices[static_cast<size_t>(te.ev.index)].shown += piece;
+    if (job.done) break;
+  }
+  if (!job.done) return;
+  if (job.finish == "cancelled") {
+    job.ex->reply(error_response(shutting_down()));
+  } else if (job.finish == "error") {
+    job.ex->reply(error_response(HttpError(500, job.error)));
+  } else {
+    std::vector<ChoiceText> out;
+    for (Choice& c : job.choices)
+      out.push_back({std::move(c.shown), c.finish, c.logprobs ? c.logprobs->take() : json(nullptr)});
+    http::Response r = json_response(200, dump(render_response(job.meta, out, job.usage)));
+    r.headers.emplace_back("X-Kvlm-Request-Id", std::to_string(job.id));
+    job.ex->reply(std::move(r));
+  }
+  end(job);
+}
+
+// The SSE chunks of the events taken: each choice's text and logprobs, and its finish chunk when
+// it ends (stream_tail adds the usage and [DONE] once every choice has).
+std::string Server::Impl::stream_events(Job& job, const std::deque<TimedEvent>& events) {
+  std::string out;
+  const auto n = static_cast<int32_t>(job.choices.size());
+  for (const TimedEvent& te : events) {
+    const int32_t i = te.ev.index;
+    const bool was_done = i < 0 || i >= n || job.choices[static_cast<size_t>(i)].done;
+    const std::string piece = consume(job, te);
+    if (was_done) continue;
+    Choice& c = job.choices[static_cast<size_t>(i)];
+    // Each chunk carries its tokens' logprobs; a token whose text is held back (a stop
+    // string's start, a split character) still gets its chunk.
+    const bool lp = c.logprobs && !c.logprobs->empty();
+    if (!piece.empty() || lp)
+      out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage,
+                                    lp ? c.logprobs->take() : json(nullptr), i));
+    if (c.done && c.finish != "error")
+      out += sse_event(render_chunk(job.meta, "", c.finish, false, job.include_usage, nullptr, i));
+    if (job.done) break;
+  }
+  return out;
+}
+
+// A finished stream's last events, once: the usage chunk when asked (every choice's finish chunk
+// came before), or an error event when a choice failed; then [DONE].
+std::string Server::Impl::stream_tail(Job& job) {
+  std::string out;
+  if (job.finish == "error")
+    out += sse_event(error_body(HttpError(500, job.error)));
+  else if (job.include_usage)
+    out += sse_event(render_usage_chunk(job.meta, job.usage));
+  return out + "data: [DONE]\n\n";
+}
+
+// Shutdown, once the grace period is over (the strand): a stream gets its held text, a final
+// chunk with finish_reason "cancelled" and [DONE]; a non-streaming request a 503.
+void Server::Impl::end_by_shutdown(Job& job) {
+  if (job.ended) return;
+  if (!job.done) {
+    sched.cancel(job.id);  // every choice
+    std::string out;
+    // Events already queued first (text the client has not seen; they may end the request),
+    // then every open choice's held text and a final chunk.
+    if (job.stream) out = stream_events(job, job.ch->take());
+    for (size_t k = 0; k < job.choices.size() && !job.done; ++k) {
+      Choice& c = job.choices[k];
+      if (c.done) continue;
+      c.done = true;
+      const auto i = static_cast<int32_t>(k);
+      if (const std::string held = c.text.finish(); job.stream && !held.empty())
+        out += sse_event(render_chunk(job.meta, held, "", false, job.include_usage, nullptr, i));
+      if (job.stream)
+        out += sse_event(render_chunk(job.meta, "", "cancelled", false, job.include_usage,
+                                      nullptr, i));
+    }
+    if (!job.done && job.finish != "error") job.finish = "cancelled";
+    job.done = true;
+    if (job.stream) job.ex->write(out + stream_tail(job));
+  }
+  if (job.stream)
+    job.ex->end();
+  else
+    job.ex->reply(error_response(shutting_down()));
+  end(job);
+}
+
+void Server::Impl::end(Job& job) {
+  if (job.ended) return;
+  job.ended = true;
+  job.ch->set_wake(nullptr);
+  // The request's access-log line (written once its answer is).
+  const bool any = job.usage.completion_tokens > 0;
+  job.ex->note("prompt_tokens", std::to_string(job.usage.prompt_tokens));
+  job.ex->note("cached_tokens", std::to_string(job.usage.cached_tokens));
+  job.ex->note("completion_tokens", std::to_string(job.usage.completion_tokens));
+  job.ex->note("ttft_ms", any ? fmt::format("{:.1f}", seconds(job.t_first_token - job.t_submit) * 1e3)
+                              : std::string("-"));
+  job.ex->note("finish", job.finish);
+  if (job.finish == "error") job.ex->note("error", clip(job.error, 200));
+  metrics.count_finish(job.finish);
+  publish_finished(job);
+  std::lock_guard<std::mutex> l(active_mu);
+  active.erase(job.id);
+  active_cv.notify_all();
+}
+
+// ---- the KV view (docs/SERVER.md) ----------------------------------------------------------------
+
+void Server::Impl::kv_state(const ExchangePtr& ex) {
+  const auto snap = sched.kv_snapshot(kSnapshotWait);
+  if (!snap)
+    throw HttpError(503, "the scheduler did not answer in time (or is stopping); retry", "",
+                    "busy");
+  http::Response r = json_response(200, dump(kv_state_json(*snap, sched.stats(), model)));
+  r.headers.emplace_back("Cache-Control", "no-cache");
+  ex->reply(std::move(r));
+}
+
+void Server::Impl::kv_attention(const http::Request& req, const ExchangePtr& ex) {
+  const AttentionQuery a =
+      parse_attention_request(parse_json_body(req.body), tok, model, sched.model().config());
+  std::unique_lock<std::mutex> l(map_mu, std::try_to_lock);
+  if (!l) throw HttpError(503, "another attention map is being computed; retry", "", "busy");
+  if (!map_pool) map_pool = std::make_unique<ThreadPool>(1);
+  const AttentionMap map =
+      attention_map(sched.model(), a.tokens, a.layer, a.head, a.n_query, *map_pool);
+  ex->reply(json_response(200, dump(attention_map_json(map, a.tokens, tok))));
+}
+
+void Server::Impl::kv_events(const ExchangePtr& ex) {
+  auto sub = hub->subscribe();
+  if (!sub)
+    throw HttpError(503,
+                    fmt::format("too many /kv/events streams: at most {} at once",
+                                hub->max_subscribers()),
+                    "", "too_many_streams");
+  ex->on_gone([hub = hub, sub] { hub->unsubscribe(sub); });
+  ex->begin_stream(http::Response{
+      200, {{"Content-Type", "text/event-stream"}, {"Cache-Control", "no-cache"}}, {}});
+  // A comment first, so the client sees the stream open before any event.
+  ex->write(": kvlm kv events\n\n");
+  events_tick(ex, sub, 0);
+}
+
+// Every kEventsPoll on the connection's strand: the events queued, or a comment when idle; the
+// stream ends once the server stops.
+void Server::Impl::events_tick(const ExchangePtr& ex, const std::shared_ptr<KvSubscriber>& sub,
+                               int idle) {
+  ex->post_after(kEventsPoll, [this, ex, sub, idle] {
+    if (stopping || sub->closed()) {
+      ex->end();
+      hub->unsubscribe(sub);
+      return;
+    }
+    std::string out = sub->take(std::chrono::milliseconds(0));
+    int next = out.empty() ? idle + 1 : 0;
+    if (next >= kEventsHeartbeatPolls) {
+      out = ": idle\n\n";
+      next = 0;
+    }
+    if (!out.empty()) ex->write(std::move(out));
+    events_tick(ex, sub, next);
+  });
+}
+
+void Server::Impl::serve_asset(const ExchangePtr& ex, const std::string& name) {
+  const WebAsset* a = find_web_asset(name);
+  if (!a) throw HttpError(404, fmt::format("no such page file: {}", clip(name)), "", "not_found");
+  ex->reply(http::Response{200,
+                           {{"Content-Type", a->content_type}},
+                           std::string(reinterpret_cast<const char*>(a->data), a->size)});
 }
 
 std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
@@ -454,140 +613,6 @@ std::string Server::Impl::consume(Job& job, const TimedEvent& te) {
   return out;
 }
 
-// The SSE chunks of the events taken: each choice's text and logprobs, its finish chunk when it
-// ends; once every choice has, the usage chunk (include_usage) and [DONE], or an error event
-// when the request failed or was cancelled.
-std::string Server::Impl::stream_events(Job& job, const std::deque<TimedEvent>& events) {
-  std::string out;
-  for (const TimedEvent& te : events) {
-    const int32_t i = te.ev.index;
-    const bool was_done = i >= 0 && i < static_cast<int32_t>(job.choices.size()) &&
-                          job.choices[static_cast<size_t>(i)].done;
-    const std::string piece = consume(job, te);
-    if (was_done || i < 0 || i >= static_cast<int32_t>(job.choices.size())) continue;
-    Choice& c = job.choices[static_cast<size_t>(i)];
-    // Each chunk carries its tokens' logprobs; a token whose text is held back (a stop
-    // string's start, a split character) still gets its chunk.
-    const bool lp = c.logprobs && !c.logprobs->empty();
-    if (!piece.empty() || lp)
-      out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage,
-                                    lp ? c.logprobs->take() : json(nullptr), i));
-    if (c.done && c.finish != "cancelled" && c.finish != "error")
-      out += sse_event(render_chunk(job.meta, "", c.finish, false, job.include_usage, nullptr, i));
-    if (job.done) break;
-  }
-  if (!job.done) return out;
-  if (job.finish == "cancelled" || job.finish == "error") {
-    out += sse_event(
-        error_body(job.finish == "error"
-                       ? HttpError(500, job.error)
-                       : HttpError(503, "the server is shutting down", "", "shutting_down")));
-  } else if (job.include_usage) {
-    out += sse_event(render_usage_chunk(job.meta, job.usage));
-  }
-  return out + "data: [DONE]\n\n";
-}
-
-bool Server::Impl::stream_step(Job& job, httplib::DataSink& sink) {
-  try {
-    std::string out;
-    if (job.meta.endpoint == Endpoint::Chat && !job.role_sent) {
-      // Sent before any token so the client sees the response begin while the prompt is queued
-      // or prefilled: one per choice.
-      job.role_sent = true;
-      for (size_t i = 0; i < job.choices.size(); ++i)
-        out += sse_event(render_chunk(job.meta, "", "", true, job.include_usage, nullptr,
-                                      static_cast<int32_t>(i)));
-    } else {
-      // Nothing is written while the request is queued or prefilling, so no failed write would
-      // tell that the client left: watch the socket meanwhile. Returning false ends the response;
-      // the release callback then cancels the request and its blocks go back.
-      std::deque<TimedEvent> events;
-      if (job.client == INVALID_SOCKET) {
-        events = job.ch->take();
-      } else {
-        while ((events = job.ch->take_for(kClientPoll)).empty())
-          if (client_gone(job.client)) return false;
-      }
-      out = stream_events(job, events);
-    }
-    if (!out.empty() && !sink.write(out.data(), out.size())) return false;
-    if (job.done) sink.done();
-    return true;
-  } catch (...) {
-    return false;  // an exception must not leave httplib's worker thread
-  }
-}
-
-void Server::Impl::end(Job& job) {
-  if (job.ended) return;
-  job.ended = true;
-  metrics.count_finish(job.finish);
-  publish_finished(job);
-  std::lock_guard<std::mutex> l(active_mu);
-  active.erase(job.id);
-}
-
-// ---- the KV view (docs/SERVER.md) ----------------------------------------------------------------
-
-// How long GET /kv/state waits for the scheduler thread to finish its step and build the
-// snapshot: a step with a long prefill chunk takes up to ~1 s on a loaded 2-core machine.
-constexpr auto kSnapshotWait = std::chrono::seconds(10);
-// How often an idle /kv/events stream writes a comment: a client gone is noticed by the failed
-// write within this, and a stream ends within it once the server stops.
-constexpr auto kEventsHeartbeat = std::chrono::milliseconds(1000);
-
-void Server::Impl::kv_state(httplib::Response& res) {
-  const auto snap = sched.kv_snapshot(kSnapshotWait);
-  if (!snap)
-    throw HttpError(503, "the scheduler did not answer in time (or is stopping); retry", "",
-                    "busy");
-  res.set_header("Cache-Control", "no-cache");
-  res.set_content(dump(kv_state_json(*snap, sched.stats(), model)), "application/json");
-}
-
-void Server::Impl::kv_attention(const httplib::Request& req, httplib::Response& res) {
-  const AttentionQuery a =
-      parse_attention_request(parse_json_body(req.body), tok, model, sched.model().config());
-  std::unique_lock<std::mutex> l(map_mu, std::try_to_lock);
-  if (!l) throw HttpError(503, "another attention map is being computed; retry", "", "busy");
-  if (!map_pool) map_pool = std::make_unique<ThreadPool>(1);
-  const AttentionMap map =
-      attention_map(sched.model(), a.tokens, a.layer, a.head, a.n_query, *map_pool);
-  res.set_content(dump(attention_map_json(map, a.tokens, tok)), "application/json");
-}
-
-void Server::Impl::kv_events(httplib::Response& res) {
-  auto sub = hub->subscribe();
-  if (!sub)
-    throw HttpError(503,
-                    fmt::format("too many /kv/events streams: at most {} at once",
-                                hub->max_subscribers()),
-                    "", "too_many_streams");
-  res.set_header("Cache-Control", "no-cache");
-  auto first = std::make_shared<bool>(true);
-  res.set_chunked_content_provider(
-      "text/event-stream",
-      [this, sub, first](size_t, httplib::DataSink& sink) {
-        // A comment first, so the client sees the stream open before any event.
-        std::string out = *first ? std::string(": kvlm kv events\n\n") : sub->take(kEventsHeartbeat);
-        *first = false;
-        if (stopping || sub->closed()) {
-          sink.done();
-          return true;
-        }
-        if (out.empty()) out = ": idle\n\n";
-        return sink.write(out.data(), out.size());
-      },
-      [hub = hub, sub](bool) { hub->unsubscribe(sub); });
-}
-
-void Server::Impl::serve_asset(httplib::Response& res, const std::string& name) {
-  const WebAsset* a = find_web_asset(name);
-  if (!a) throw HttpError(404, fmt::format("no such page file: {}", clip(name)), "", "not_found");
-  res.set_content(reinterpret_cast<const char*>(a->data), a->size, a->content_type);
-}
-
 void Server::Impl::publish_finished(const Job& job) {
   if (!hub->watched() || job.id == 0) return;
   const bool any = job.usage.completion_tokens > 0;
@@ -606,161 +631,138 @@ void Server::Impl::publish_finished(const Job& job) {
                  decode > 0 ? double(job.usage.completion_tokens - 1) / decode : 0.0}});
 }
 
-// ---- routes
-// --------------------------------------------------------------------------------------
+// ---- routes --------------------------------------------------------------------------------------
 
 void Server::Impl::routes() {
-  using Req = httplib::Request;
-  using Res = httplib::Response;
-  auto json_reply = [](Res& res, const json& j) { res.set_content(dump(j), "application/json"); };
-
-  // method -> path -> handler; every other method on a known path answers 405.
-  struct Route {
-    const char* method;
-    const char* path;  // a regex, matched in full
-    httplib::Server::Handler handler;
+  using Req = http::Request;
+  auto reply_json = [](const ExchangePtr& ex, const json& j) {
+    ex->reply(json_response(200, dump(j)));
   };
-  std::vector<Route> table = {
-      {"POST", "/v1/chat/completions",
-       guarded([this](const Req& q, Res& r) { generate(q, r, Endpoint::Chat); }, true)},
-      {"POST", "/v1/completions",
-       guarded([this](const Req& q, Res& r) { generate(q, r, Endpoint::Completion); }, true)},
-      {"GET", "/v1/models",
-       guarded([this, json_reply](const Req&, Res& r) { json_reply(r, models_list(model)); },
-               false)},
-      {"GET", "/v1/models/(.+)",
-       guarded(
-           [this, json_reply](const Req& q, Res& r) {
-             if (!serves(model, q.matches[1].str()))
-               throw HttpError(404,
-                               fmt::format("The model '{}' does not exist; this server serves '{}'",
-                                           clip(q.matches[1].str()), clip(model.name())),
-                               "model", "model_not_found");
-             json_reply(r, model_object(model, q.matches[1].str()));
-           },
-           false)},
-      {"GET", "/health",
-       guarded(
-           [json_reply](const Req&, Res& r) {
-             json_reply(r, {{"status", "ok"}});
-           },
-           false, true)},
-      {"GET", "/metrics",
-       guarded(
-           [this](const Req&, Res& r) {
-             r.set_content(metrics.render(sched.stats()),
-                           "text/plain; version=0.0.4; charset=utf-8");
-           },
-           false)},
-      {"GET", "/kv/state", guarded([this](const Req&, Res& r) { kv_state(r); }, false)},
-      {"GET", "/kv/events", guarded([this](const Req&, Res& r) { kv_events(r); }, false)},
-      {"POST", "/kv/attention",
-       guarded([this](const Req& q, Res& r) { kv_attention(q, r); }, false)},
+  auto gen = [this](Endpoint ep) {
+    return [this, ep](const Req& q, const ExchangePtr& ex, const std::string&) {
+      generate(q, ex, ep);
+    };
+  };
+  table = {
+      {"POST", "/v1/chat/completions", false, true, false, false, gen(Endpoint::Chat)},
+      {"POST", "/v1/completions", false, true, false, false, gen(Endpoint::Completion)},
+      {"GET", "/v1/models", false, false, false, true,
+       [this, reply_json](const Req&, const ExchangePtr& ex, const std::string&) {
+         reply_json(ex, models_list(model));
+       }},
+      {"GET", "/v1/models/", true, false, false, true,
+       [this, reply_json](const Req&, const ExchangePtr& ex, const std::string& name) {
+         if (!serves(model, name))
+           throw HttpError(404,
+                           fmt::format("The model '{}' does not exist; this server serves '{}'",
+                                       clip(name), clip(model.name())),
+                           "model", "model_not_found");
+         reply_json(ex, model_object(model, name));
+       }},
+      {"GET", "/health", false, false, true, true,
+       [reply_json](const Req&, const ExchangePtr& ex, const std::string&) {
+         reply_json(ex, {{"status", "ok"}});
+       }},
+      {"GET", "/metrics", false, false, false, true,
+       [this](const Req&, const ExchangePtr& ex, const std::string&) {
+         ex->reply(http::Response{200,
+                                  {{"Content-Type", "text/plain; version=0.0.4; charset=utf-8"}},
+                                  metrics.render(sched.stats())});
+       }},
+      {"GET", "/kv/state", false, false, false, false,
+       [this](const Req&, const ExchangePtr& ex, const std::string&) { kv_state(ex); }},
+      {"GET", "/kv/events", false, false, false, true,
+       [this](const Req&, const ExchangePtr& ex, const std::string&) { kv_events(ex); }},
+      // Not fast: a worker thread waits for the map (the I/O threads never do).
+      {"POST", "/kv/attention", false, false, false, false,
+       [this](const Req& q, const ExchangePtr& ex, const std::string&) { kv_attention(q, ex); }},
       // The web page: static files with no data in them, open like /health; the page asks for
       // the API key and sends it with every request it makes.
-      {"GET", "/", guarded([this](const Req&, Res& r) { serve_asset(r, "index.html"); }, false, true)},
-      {"GET", "/web/(.+)",
-       guarded([this](const Req& q, Res& r) { serve_asset(r, q.matches[1].str()); }, false, true)},
-      {"POST", "/tokenize",
-       guarded(
-           [this, json_reply](const Req& q, Res& r) {
-             json_reply(r, tokenize_response(parse_json_body(q.body), tok));
-           },
-           false)},
-      {"POST", "/detokenize",
-       guarded(
-           [this, json_reply](const Req& q, Res& r) {
-             json_reply(r, detokenize_response(parse_json_body(q.body), tok));
-           },
-           false)},
+      {"GET", "/", false, false, true, true,
+       [this](const Req&, const ExchangePtr& ex, const std::string&) {
+         serve_asset(ex, "index.html");
+       }},
+      {"GET", "/web/", true, false, true, true,
+       [this](const Req&, const ExchangePtr& ex, const std::string& name) {
+         serve_asset(ex, name);
+       }},
+      {"POST", "/tokenize", false, false, false, false,
+       [this, reply_json](const Req& q, const ExchangePtr& ex, const std::string&) {
+         reply_json(ex, tokenize_response(parse_json_body(q.body), tok));
+       }},
+      {"POST", "/detokenize", false, false, false, false,
+       [this, reply_json](const Req& q, const ExchangePtr& ex, const std::string&) {
+         reply_json(ex, detokenize_response(parse_json_body(q.body), tok));
+       }},
   };
-  for (const Route& rt : table) {
-    const std::string allow = rt.method;
-    auto not_allowed = [this, allow](const Req& q, Res& r) {
-      r.set_header("Allow", allow);
-      reply_error(
-          r,
-          HttpError(
-              405, fmt::format("{} {}: method not allowed (use {})", q.method, clip(q.path), allow),
-              "", "method_not_allowed"),
-          false);
-    };
-    const bool post = std::string_view(rt.method) == "POST";
-    if (post) {
-      http.Post(rt.path, rt.handler);
-      http.Get(rt.path, not_allowed);
-    } else {
-      http.Get(rt.path, rt.handler);
-      http.Post(rt.path, not_allowed);
-    }
-    http.Put(rt.path, not_allowed);
-    http.Patch(rt.path, not_allowed);
-    http.Delete(rt.path, not_allowed);
-  }
-
-  // Errors httplib answers itself (unknown route, body too large, malformed request) get the
-  // same JSON shape; responses our handlers already filled are left alone.
-  http.set_error_handler(httplib::Server::HandlerWithResponse([this](const Req& q, Res& r) {
-    if (!r.body.empty()) return HandlerResponse::Unhandled;
-    const HttpError e =
-        r.status == 404
-            ? HttpError(404, fmt::format("unknown route: {} {}", q.method, clip(q.path)), "",
-                        "not_found")
-        : r.status == 413 ? too_large(q, opts.max_body)
-        : r.status == 414
-            ? HttpError(414,
-                        fmt::format("the request line (method, path and query) is longer than {} "
-                                    "bytes",
-                                    CPPHTTPLIB_REQUEST_URI_MAX_LENGTH),
-                        "", "uri_too_long")
-            : HttpError(r.status, fmt::format("HTTP {}: malformed request", r.status));
-    r.set_content(dump(error_body(e)), "application/json");
-    return HandlerResponse::Handled;
-  }));
-  http.set_exception_handler([this](const Req&, Res& r, std::exception_ptr) {
-    reply_error(r, HttpError(500, "internal error"), false);
-  });
-  // httplib enforces --max-body only on bodies with a Content-Length; a chunked upload would grow
-  // without bound, so it is refused before it is read.
-  http.set_pre_routing_handler([this](const Req& q, Res& r) {
-    if (q.get_header_value("Transfer-Encoding").find("chunked") == std::string::npos)
-      return HandlerResponse::Unhandled;
-    r.set_header("Connection", "close");  // the unread body must not be parsed as a request
-    reply_error(r,
-                HttpError(411, "chunked request bodies are not accepted: send a Content-Length", "",
-                          "length_required"),
-                false);
-    return HandlerResponse::Handled;
-  });
 }
 
-// ---- Server
-// --------------------------------------------------------------------------------------
+// ---- shutdown --------------------------------------------------------------------------------------
 
-constexpr int kListenBacklog = 1024;  // pending connections the kernel queues before accept()
-// /kv/events streams at once: each holds one of the HTTP threads while it lasts (a page open is
-// one), so a few cannot starve generation requests of threads.
-constexpr int kMaxEventStreams = 8;
+// stop()'s thread: the grace period for running requests, then the end of those still running,
+// then the transport's end (forced if a client does not read its last bytes).
+void Server::Impl::shutdown_sequence() {
+  const auto grace = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(std::max(0.0, opts.shutdown_grace_s)));
+  std::unique_lock<std::mutex> l(active_mu);
+  active_cv.wait_for(l, grace, [&] { return active.empty(); });
+  grace_over = true;
+  for (const auto& [id, job] : active) job->ex->post([this, job = job] { end_by_shutdown(*job); });
+  active_cv.wait_for(l, kShutdownFlush, [&] { return active.empty(); });
+  l.unlock();
+  http->stop_when_idle();
+  std::unique_lock<std::mutex> r(run_mu);
+  if (!run_cv.wait_for(r, kShutdownFlush, [&] { return run_done; })) http->force_stop();
+}
+
+// One line per request on stderr: "kvlm serve: ID METHOD PATH STATUS key=value... total_ms=N", or
+// the same fields as one JSON object.
+void write_access_log(const http::AccessRecord& r, bool as_json) {
+  static std::mutex mu;
+  std::string line;
+  if (as_json) {
+    json j = {{"id", r.id}, {"method", r.method}, {"path", r.path}, {"status", r.status}};
+    if (r.client_gone) j["client_gone"] = true;
+    for (const auto& [k, v] : r.notes) {
+      char* end = nullptr;
+      const double d = std::strtod(v.c_str(), &end);
+      j[k] = !v.empty() && *end == '\0' ? json(d) : json(v);
+    }
+    j["total_ms"] = std::round(r.total_ms * 10) / 10;
+    line = dump(j);
+  } else {
+    line = fmt::format("kvlm serve: {} {} {} {}", r.id, r.method, r.path, r.status);
+    if (r.client_gone) line += " client_gone";
+    for (const auto& [k, v] : r.notes)
+      line += fmt::format(" {}={}", k, v.find(' ') == std::string::npos ? v : dump(json(v)));
+    line += fmt::format(" total_ms={:.1f}", r.total_ms);
+  }
+  line += '\n';
+  std::lock_guard<std::mutex> l(mu);
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+// ---- Server ------------------------------------------------------------------------------------
 
 Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, ServerOptions opts)
     : impl_(std::make_unique<Impl>(scheduler, tok, std::move(model), std::move(opts))) {
   Impl& s = *impl_;
-  const size_t n_threads = static_cast<size_t>(std::max(1, s.opts.n_http_threads));
-  s.http.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
-  s.http.set_payload_max_length(s.opts.max_body);
-  // Nagle off (accepted sockets inherit it from the listening one on Linux): a stream is many
-  // small writes, and Nagle holds each one back until the previous segment is acknowledged, which
-  // a client delaying its ACKs (Linux: up to 40 ms) turns into a stall. Measured on a keep-alive
-  // connection, a streamed request after a non-streamed one: its first SSE line came 48 ms after
-  // the headers with Nagle, 1 ms without; a non-streamed body 44 ms after its headers.
-  s.http.set_tcp_nodelay(true);
-  // httplib's default also sets SO_REUSEPORT, which would let a second server bind the same port
-  // and silently take half its connections; SO_REUSEADDR alone still allows a quick restart.
-  s.http.set_socket_options([&s](socket_t sock) {
-    int yes = 1;
-    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-    s.listen_sock = sock;
-  });
+  http::Options ho;
+  ho.host = s.opts.host;
+  ho.port = s.opts.port;
+  ho.n_threads = std::max(1, s.opts.n_http_threads);
+  ho.n_workers = std::max(1, s.opts.n_http_threads);
+  ho.cors_origin = s.opts.cors_origin;
+  ho.limits = s.opts.limits;
+  if (s.opts.log_format != "off")
+    ho.access_log = [as_json = s.opts.log_format == "json"](const http::AccessRecord& r) {
+      write_access_log(r, as_json);
+    };
+  s.http = std::make_unique<http::HttpServer>(
+      ho, [&s](http::Request&& req, ExchangePtr ex) { s.handle(std::move(req), ex); },
+      [](int status, const std::string& message, const std::string& code) {
+        return dump(error_body(HttpError(status, message, "", code)));
+      });
   // Event tracking costs the scheduler only while someone watches /kv/events.
   s.hub = std::make_shared<KvEventHub>(kMaxEventStreams, [&s](bool on) {
     if (!on) return s.sched.watch_kv({});
@@ -780,56 +782,34 @@ Server::Server(Scheduler& scheduler, const Tokenizer& tok, ServedModel model, Se
 }
 
 Server::~Server() {
-  impl_->hub->close();
-  impl_->sched.watch_kv({});
+  Impl& s = *impl_;
+  s.hub->close();
+  s.sched.watch_kv({});
+  if (s.shutdown_thread.joinable()) s.shutdown_thread.join();
+  // Jobs a forced stop left: their channels stop waking connections.
+  std::lock_guard<std::mutex> l(s.active_mu);
+  for (const auto& [id, job] : s.active) job->ch->set_wake(nullptr);
 }
 
-int Server::bind() {
-  Impl& s = *impl_;
-  errno = 0;
-  int port = s.opts.port;
-  if (port == 0)
-    port = s.http.bind_to_any_port(s.opts.host);
-  else if (!s.http.bind_to_port(s.opts.host, port))
-    port = -1;
-  if (port <= 0)
-    fail("cannot listen on {}:{}{}; choose another --host/--port", s.opts.host, s.opts.port,
-         errno ? fmt::format(" ({})", std::strerror(errno)) : std::string());
-  // Debian's compiled httplib listens with a backlog of 5 (CPPHTTPLIB_LISTEN_BACKLOG): a burst of
-  // 16 or 64 clients connecting at once overflowed it and one got a connection reset
-  // (bench/serve_bench.py). listen() again on the bound socket raises the backlog (Linux; capped
-  // by net.core.somaxconn).
-  if (s.listen_sock != INVALID_SOCKET) ::listen(s.listen_sock, kListenBacklog);
-  return port;
-}
+int Server::bind() { return impl_->http->bind(); }
 
 void Server::run() {
   Impl& s = *impl_;
-  s.in_run = true;
-  const bool ok = s.stopping || s.http.listen_after_bind();
-  s.in_run = false;
-  if (!ok && !s.stopping)
-    fail("serving on {}:{} failed: accepting connections stopped ({})", s.opts.host, s.opts.port,
-         std::strerror(errno));
+  s.http->run();
+  {
+    std::lock_guard<std::mutex> l(s.run_mu);
+    s.run_done = true;
+  }
+  s.run_cv.notify_all();
+  if (s.shutdown_thread.joinable()) s.shutdown_thread.join();
 }
 
 void Server::stop() {
   Impl& s = *impl_;
-  s.stopping = true;
-  s.hub->close();  // event streams end, so httplib's threads can be joined
-  {
-    std::lock_guard<std::mutex> l(s.active_mu);
-    for (RequestId id : s.active) s.sched.cancel(id);
-  }
-  // httplib's stop() does nothing until listen has started: wait for run() to get there (or to
-  // see `stopping` and return).
-  while (s.in_run) {
-    if (s.http.is_running()) {
-      s.http.stop();
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  if (s.stopping.exchange(true)) return;
+  s.hub->close();  // event streams end
+  s.http->stop_accepting();
+  s.shutdown_thread = std::thread([&s] { s.shutdown_sequence(); });
 }
 
 }  // namespace kvlm::server

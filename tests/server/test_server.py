@@ -517,27 +517,21 @@ class Protocol(ServerCase):
         self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
 
     def test_413_names_the_limit_that_applied(self):
+        # The body is read as JSON whatever its Content-Type; the one limit is --max-body (a
+        # form-encoded body had a second, 8 KiB one under cpp-httplib, issue 25).
         form = {"Content-Type": "application/x-www-form-urlencoded"}  # curl -d's default
-        small = json.dumps({"prompt": "a", "max_tokens": 2}).encode()
-        status, _, data = self.srv.request("POST", "/v1/completions", small, form)
-        self.assertEqual(status, 200, data)  # the body is read as JSON whatever its type
         padded = json.dumps({"prompt": "a", "max_tokens": 2, "pad": "x" * 10_000}).encode()
-        cases = [  # (body, headers, what the message must say, what it must not)
-            (padded, form, ["form-encoded", "8192 bytes", "application/json"], "larger than"),
-            (padded + b" " * (2 << 20), form, ["limit of 1048576 bytes", "--max-body"], "form"),
-            (padded + b" " * (2 << 20), {}, ["limit of 1048576 bytes", "--max-body"], "form"),
-        ]
-        for body, headers, says, not_says in cases:
-            with self.subTest(size=len(body), headers=headers):
-                status, _, data = self.srv.request("POST", "/v1/completions", body, headers)
+        for headers in (form, {}):
+            with self.subTest(headers=headers):
+                status, _, data = self.srv.request("POST", "/v1/completions", padded, headers)
+                self.assertEqual(status, 200, data)
+                status, _, data = self.srv.request("POST", "/v1/completions",
+                                                   padded + b" " * (2 << 20), headers)
                 self.assertEqual(status, 413, data[:300])
                 err = json.loads(data)
                 is_openai_error(self, err, 413)
-                for s in says:
-                    self.assertIn(s, err["error"]["message"])
-                self.assertNotIn(not_says, err["error"]["message"])
-        status, _, data = self.srv.request("POST", "/v1/completions", padded)  # as JSON: served
-        self.assertEqual(status, 200, data)
+                self.assertIn("limit of 1048576 bytes", err["error"]["message"])
+                self.assertIn("--max-body", err["error"]["message"])
 
     def test_64_concurrent_streams(self):
         n = 64
@@ -1237,6 +1231,313 @@ class Cli(unittest.TestCase):
         self.assertEqual(srv.stop(signal.SIGINT), 0)
         t.join(60)
         self.assertFalse(t.is_alive())
+
+
+# ---- the transport: limits, deadlines, pipelining, CORS, shutdown (issue 25) --------------------
+
+def read_response(f):
+    """One HTTP/1.1 response with a Content-Length from a socket's file -> (status, headers, body)."""
+    line = f.readline()
+    if not line:
+        return None, {}, b""
+    status = int(line.split()[1])
+    headers = {}
+    while True:
+        h = f.readline().decode("latin-1").rstrip("\r\n")
+        if not h:
+            break
+        k, v = h.split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, f.read(int(headers.get("content-length", "0")))
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class Transport(ServerCase):
+    ARGS = ("-m", TINY, "-np", "4", "-t", "2", "--header-timeout", "1", "--body-timeout", "2",
+            "--max-body", "64KiB", "--max-connections", "400", "--cors-origin",
+            "http://app.example")
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+
+    def timed_health(self):
+        t0 = time.monotonic()
+        self.assertEqual(self.srv.json("GET", "/health"), (200, {"status": "ok"}))
+        return time.monotonic() - t0
+
+    def test_slow_headers_get_408_while_health_answers(self):
+        slow = [self.connect() for _ in range(100)]  # more than any thread pool the server has
+        for s in slow:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        for _ in range(6):  # one header byte every 0.2 s: never finishes within the deadline
+            for s in slow:
+                s.sendall(b"X")
+            self.assertLess(self.timed_health(), 0.5)
+            time.sleep(0.2)
+        answers = []
+        for s in slow:
+            f = s.makefile("rb")
+            status, _, body = read_response(f)
+            answers.append(status)
+            if status == 408:
+                self.assertIn("headers did not arrive within 1 s", json.loads(body)["error"]["message"])
+            s.close()
+        self.assertEqual(answers, [408] * len(slow))
+        self.assertLess(time.monotonic() - t0, 10)
+        # A body that stops halfway: 408 after the body deadline.
+        s = self.connect()
+        s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"con")
+        status, _, body = read_response(s.makefile("rb"))
+        self.assertEqual(status, 408, body)
+        self.assertIn("body did not arrive within 2 s", json.loads(body)["error"]["message"])
+        s.close()
+
+    def test_idle_connections_do_not_stop_health_or_chat(self):
+        idle = [self.connect() for _ in range(200)]
+        try:
+            self.assertLess(self.timed_health(), 0.5)
+            status, body = self.srv.json("POST", "/v1/chat/completions", {
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(body["usage"]["completion_tokens"], 4)
+        finally:
+            for s in idle:
+                s.close()
+        # Idle keep-alive connections are closed after the header deadline, silently.
+        s = self.connect()
+        s.settimeout(10)
+        t0 = time.monotonic()
+        self.assertEqual(s.recv(100), b"")
+        self.assertLess(time.monotonic() - t0, 5)
+        s.close()
+
+    def test_oversized_headers_are_431(self):
+        for name, head in (("one long header", b"X-Big: " + b"a" * 40_000 + b"\r\n"),
+                           ("many headers", b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 100)
+                                                     for i in range(400))),
+                           ("no newline", b"X-Big: " + b"a" * 2_000_000)):
+            with self.subTest(name):
+                s = self.connect()
+                try:
+                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + head)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                status, _, body = read_response(s.makefile("rb"))
+                self.assertEqual(status, 431, body)
+                is_openai_error(self, json.loads(body), 431)
+                self.assertIn("larger than 16384 bytes", json.loads(body)["error"]["message"])
+                s.close()
+        self.assertLess(self.timed_health(), 0.5)
+
+    def test_body_limits_whatever_the_coding(self):
+        pid = self.srv.proc.pid
+        before = rss_kib(pid)
+        # Chunked, 16 MiB in 64 KiB chunks against a 64 KiB limit: refused after the limit, the
+        # rest read and dropped, never buffered.
+        s = self.connect()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: Chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        try:
+            for _ in range(256):
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, _, body = read_response(s.makefile("rb"))
+        s.close()
+        self.assertEqual(status, 413, body)
+        self.assertIn("limit of 65536 bytes (kvlm serve --max-body)",
+                      json.loads(body)["error"]["message"])
+        grown = rss_kib(pid) - before
+        print(f"\n[chunked 16 MiB body] server RSS grew {grown} KiB", file=sys.stderr)
+        self.assertLess(grown, 8 * 1024, "the refused body was buffered")
+        cases = [  # (headers, body, status)
+            ({"Content-Length": "100000000"}, b"", 413),  # refused before the body is read
+            ({"Content-Encoding": "gzip"}, b"\x1f\x8b\x08\x00", 415),
+            ({"Content-Encoding": "identity"}, b'{"content": "a"}', 200),
+            ({"Transfer-Encoding": "chunked"}, b"10\r\n" + b'{"content": "ab"}'[:16] +
+             b"\r\n1\r\n}\r\n0\r\n\r\n", 200),
+        ]
+        for headers, data, want in cases:
+            with self.subTest(headers=headers):
+                s = self.connect()
+                head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                if "Content-Length" not in headers and "Transfer-Encoding" not in headers:
+                    head += f"Content-Length: {len(data)}\r\n"
+                s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\n" + head.encode() + b"\r\n" + data)
+                status, _, body = read_response(s.makefile("rb"))
+                self.assertEqual(status, want, body)
+                if want != 200:
+                    is_openai_error(self, json.loads(body), want)
+                s.close()
+
+    def test_pipelined_requests_are_all_answered_in_order(self):
+        body = json.dumps({"prompt": "hello", "max_tokens": 3}).encode()
+        req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        tok = b'POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n{"content": "ab"}'
+        s = self.connect()
+        s.sendall(req + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + tok + req)
+        f = s.makefile("rb")
+        got = [read_response(f) for _ in range(4)]
+        s.close()
+        self.assertEqual([g[0] for g in got], [200, 200, 200, 200], got)
+        self.assertEqual(json.loads(got[0][2])["usage"]["completion_tokens"], 3)
+        self.assertEqual(json.loads(got[1][2]), {"status": "ok"})
+        self.assertIn("tokens", json.loads(got[2][2]))
+        self.assertEqual(json.loads(got[3][2])["object"], "text_completion")
+        # Keep-alive: many requests on one connection.
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=30)
+        for _ in range(20):
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            self.assertEqual((r.status, r.read()), (200, b'{"status":"ok"}'))
+        conn.close()
+
+    def test_cors(self):
+        status, headers, body = self.srv.request("OPTIONS", "/v1/chat/completions", None, {
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        self.assertEqual(status, 204, body)
+        self.assertEqual(headers["access-control-allow-origin"], "http://app.example")
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertEqual(headers["access-control-allow-headers"], "authorization, content-type")
+        status, headers, _ = self.srv.request("GET", "/health", None, {"Origin": "http://app.example"})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["access-control-allow-origin"], "http://app.example")
+
+
+    def test_access_log_and_request_id(self):
+        status, headers, body = self.srv.request("POST", "/v1/completions",
+                                                 {"prompt": "hi", "max_tokens": 3},
+                                                 {"X-Request-Id": "req-abc-123"})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(headers["x-request-id"], "req-abc-123")
+        status, headers, _ = self.srv.request("GET", "/health")
+        self.assertRegex(headers["x-request-id"], "^[0-9a-f]{16}$")
+        deadline = time.time() + 10
+        while not [l for l in self.srv.stderr if headers["x-request-id"] in l]:
+            self.assertLess(time.time(), deadline)
+            time.sleep(0.05)
+        lines = [l for l in self.srv.stderr if "req-abc-123" in l]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"^kvlm serve: req-abc-123 POST /v1/completions 200 "
+                         r"prompt_tokens=\d+ cached_tokens=\d+ completion_tokens=3 "
+                         r"ttft_ms=[\d.]+ finish=length total_ms=[\d.]+$")
+
+
+class TransportLimits(unittest.TestCase):
+    """The connection cap, CORS off by default, and graceful shutdown: each on its own server."""
+
+    def test_connection_cap(self):
+        srv = Server("-m", TINY, "--max-connections", "8")
+        try:
+            held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(8)]
+            time.sleep(0.2)
+            extra = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+            status, headers, body = read_response(extra.makefile("rb"))
+            self.assertEqual(status, 503, body)
+            self.assertEqual(headers.get("connection"), "close")
+            is_openai_error(self, json.loads(body), 503)
+            self.assertIn("--max-connections", json.loads(body)["error"]["message"])
+            extra.close()
+            held.pop().close()
+            deadline = time.time() + 10
+            while True:  # the freed place is seen once the server notices the close
+                try:
+                    if srv.json("GET", "/health") == (200, {"status": "ok"}):
+                        break
+                except (ConnectionError, json.JSONDecodeError, http.client.HTTPException):
+                    pass
+                self.assertLess(time.time(), deadline)
+                time.sleep(0.05)
+            for s in held:
+                s.close()
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_cors_off_by_default(self):
+        srv = Server("-m", TINY)
+        try:
+            status, headers, _ = srv.request("GET", "/health", None, {"Origin": "http://x"})
+            self.assertEqual(status, 200)
+            self.assertNotIn("access-control-allow-origin", headers)
+            status, _, _ = srv.request("OPTIONS", "/v1/chat/completions", None,
+                                       {"Origin": "http://x"})
+            self.assertEqual(status, 405)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_access_log_json(self):
+        srv = Server("-m", TINY, "--log-format", "json")
+        try:
+            status, headers, _ = srv.request("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})
+            self.assertEqual(status, 200)
+            srv.request("GET", "/nothing")
+            time.sleep(0.5)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+        logs = [json.loads(l) for l in srv.stderr if l.startswith("{")]
+        self.assertEqual([(l["method"], l["path"], l["status"]) for l in logs],
+                         [("POST", "/v1/completions", 200), ("GET", "/nothing", 404)])
+        self.assertEqual(logs[0]["id"], headers["x-request-id"])
+        self.assertEqual(logs[0]["completion_tokens"], 2)
+        self.assertGreater(logs[0]["total_ms"], 0)
+
+    def test_sigterm_ends_streams_with_a_final_chunk(self):
+        # The window has no context bound: these requests would run for a long time.
+        srv = Server("-m", TINY, "-t", "2", "-np", "6", "--kv-window", "40", "--kv-sinks", "4",
+                     "--shutdown-grace", "1")
+        results = {}
+        endless = {"prompt": "hello", "max_tokens": 1 << 20, "ignore_eos": True}
+
+        def stream(key, path, body):
+            results[key] = sse_stream(srv, path, {**body, "stream": True}, timeout=60)
+
+        def plain():
+            results["plain"] = srv.request("POST", "/v1/completions", endless, timeout=60)
+
+        threads = [threading.Thread(target=stream, args=("comp", "/v1/completions", endless)),
+                   threading.Thread(target=stream, args=("chat", "/v1/chat/completions", {
+                       "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1 << 20,
+                       "n": 2, "ignore_eos": True, "stream_options": {"include_usage": True}})),
+                   threading.Thread(target=plain),
+                   threading.Thread(target=stream, args=("short", "/v1/completions", {
+                       "prompt": "hello", "max_tokens": 8}))]
+        for t in threads:
+            t.start()
+        self.assertGreaterEqual(srv.wait_metric("kvlm_requests_running", lambda v: v >= 3), 3)
+        t0 = time.monotonic()
+        self.assertEqual(srv.stop(), 0)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(30)
+        self.assertGreaterEqual(took, 0.9, "the grace period was not given")
+        self.assertLess(took, 10)
+        for key in ("comp", "chat"):
+            status, events, done = results[key]
+            self.assertEqual(status, 200)
+            self.assertTrue(done, f"{key}: no data: [DONE]")
+            finals = [e["choices"][0] for e in events
+                      if e.get("choices") and e["choices"][0]["finish_reason"]]
+            # One final chunk per choice (the chat stream has n = 2).
+            self.assertEqual(sorted(f["index"] for f in finals),
+                             [0, 1] if key == "chat" else [0], events[-4:])
+            self.assertEqual({f["finish_reason"] for f in finals}, {"cancelled"})
+        self.assertEqual(results["chat"][1][-1]["choices"], [])  # the usage chunk, last
+        self.assertGreater(results["chat"][1][-1]["usage"]["completion_tokens"], 0)
+        self.assertEqual(results["short"][1][-1]["choices"][0]["finish_reason"], "length")
+        status, _, body = results["plain"]
+        self.assertEqual(status, 503, body)
+        self.assertEqual(json.loads(body)["error"]["code"], "shutting_down")
 
 
 # ---- the real model ----------------------------------------------------------------------------

@@ -101,8 +101,14 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void do_begin_stream(uint64_t seq, Response head);
   void do_write(uint64_t seq, std::string data);
   void do_end(uint64_t seq);
+  // The handler registers on_gone from its worker thread, so the client may already have left
+  // (gone() ran with nothing to call): then it is called now, else the request would run on for
+  // no one (a queued stream would stay queued).
   void do_on_gone(uint64_t seq, std::function<void()> fn) {
-    if (current(seq)) on_gone_ = std::move(fn);
+    if (current(seq))
+      on_gone_ = std::move(fn);
+    else if (closed_ && seq == left_seq_ && fn)
+      fn();
   }
   void do_note(uint64_t seq, std::string k, std::string v) {
     if (seq == seq_ && !logged_) log_.notes.emplace_back(std::move(k), std::move(v));
@@ -152,6 +158,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool watching_ = false;       // an async_wait for readability is pending
   bool want_next_ = false;      // read the next request once the wait is cancelled
   std::function<void()> on_gone_;
+  uint64_t left_seq_ = 0;  // the request its client left unfinished before on_gone was set
   std::string pending_, writing_;  // queued bytes; bytes being written
   bool write_busy_ = false;
   std::vector<char> scratch_;  // drain()'s buffer
@@ -411,6 +418,7 @@ void Connection::gone() {
   auto fn = std::move(on_gone_);
   on_gone_ = nullptr;
   const bool unfinished = in_exchange_ && !ended_;
+  if (unfinished && !fn) left_seq_ = seq_;
   close();
   if (fn && unfinished) fn();
   if (in_exchange_) write_log(true);

@@ -74,7 +74,8 @@ class Exchange {
   // Runs fn on the strand after `delay`, unless the exchange is over by then.
   void post_after(std::chrono::milliseconds delay, std::function<void()> fn);
   // fn runs once on the strand if the client goes away (or a write fails) before the response
-  // ended; set it before the first write. Not run when the response ends normally.
+  // ended; set it before the first write. Not run when the response ends normally. Set after the
+  // client already left (a handler on a worker thread can be that late), it runs at once.
   void on_gone(std::function<void()> fn);
   // A field for this request's access-log line (AccessRecord::notes), in the order noted.
   void note(std::string key, std::string value);

@@ -1033,6 +1033,28 @@ class Choices(unittest.TestCase):
                 self.assertEqual(roles, {0, 1})
                 self.assertEqual(chat_got, {0: one.choices[0].message.content,
                                             1: one.choices[0].message.content})
+                # Streamed logprobs with several seeded choices: each index's chunks carry the
+                # entries (token, logprob, top list) of that choice in the whole response.
+                lkw = dict(model="tiny-llama", messages=msgs, max_tokens=6, temperature=1.0,
+                           seed=7, n=3, logprobs=True, top_logprobs=3,
+                           extra_body={"ignore_eos": True, "top_k": 0})
+                whole = c.chat.completions.create(**lkw)
+                streamed = {}
+                for chunk in c.chat.completions.create(stream=True, **lkw):
+                    for ch in chunk.choices:
+                        if ch.logprobs and ch.logprobs.content:
+                            streamed.setdefault(ch.index, []).extend(ch.logprobs.content)
+                def entries(content):
+                    return [(e.token, round(e.logprob, 4),
+                             [(t.token, round(t.logprob, 4)) for t in e.top_logprobs])
+                            for e in content]
+                self.assertEqual(sorted(streamed), [0, 1, 2])
+                for ch in whole.choices:
+                    self.assertEqual(len(ch.logprobs.content), 6)
+                    self.assertEqual(entries(streamed[ch.index]), entries(ch.logprobs.content),
+                                     ch.index)
+                self.assertGreater(len({tuple(e[0] for e in entries(ch.logprobs.content))
+                                        for ch in whole.choices}), 1)  # seed + i: they differ
                 # The raw stream: [DONE] once, at the end.
                 status, events, done = sse_stream(srv, "/v1/completions",
                                                   {"prompt": "abc", "n": 3, "max_tokens": 5,

@@ -35,7 +35,7 @@ try:
 except ImportError:
     sys.exit("test_server.py: the `openai` package is missing; run scripts/setup-python.sh")
 
-LISTENING = re.compile(r"kvlm serve: listening on http://127\.0\.0\.1:(\d+) ")
+LISTENING = re.compile(r"kvlm serve: listening on http://[0-9.]+:(\d+) ")
 
 
 class Server:

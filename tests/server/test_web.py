@@ -12,6 +12,7 @@ import re
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import unittest
@@ -121,15 +122,21 @@ class Page:
 
 
 class BrowserCase(unittest.TestCase):
-    """One server (its KV budget BUDGET) and one browser for the class's tests."""
+    """One server (its KV budget BUDGET, more flags SERVER_ARGS) and one browser for the class's
+    tests; the page is opened at the server's base URL."""
     BUDGET = "4096tok"
     TIMEOUT = 60
+    SERVER_ARGS = ()
+
+    @classmethod
+    def base_url(cls, srv):
+        return srv.base
 
     @classmethod
     def setUpClass(cls):
-        cls.srv = start_server(budget=cls.BUDGET)
+        cls.srv = start_server(*cls.SERVER_ARGS, budget=cls.BUDGET)
         cls.driver = start_browser()
-        cls.page = Page(cls.driver, cls.srv.base, timeout=cls.TIMEOUT)
+        cls.page = Page(cls.driver, cls.base_url(cls.srv), timeout=cls.TIMEOUT)
 
     @classmethod
     def tearDownClass(cls):
@@ -283,6 +290,42 @@ class WebPageFullPool(BrowserCase):
             p.el("#stop").click()
         p.until("the blocks freed", lambda: p.grid()["used"] == 0, timeout=180)
         self.assertGreater(grid["used"], 0)
+
+
+def own_address():
+    """This machine's address on its outward interface (a UDP socket's connect sends nothing),
+    else 127.0.0.2: either way not 127.0.0.1, where a server bound to loopback only listens."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1
+            addr = s.getsockname()[0]
+            if not addr.startswith("127."):
+                return addr
+    except OSError:
+        pass
+    return "127.0.0.2"
+
+
+class WebPageAllInterfaces(BrowserCase):
+    """--host 0.0.0.0 with the page opened at another address than 127.0.0.1: every call the
+    page makes goes to the origin it came from (no address of the server's own written into it)."""
+    SERVER_ARGS = ("--host", "0.0.0.0")
+
+    @classmethod
+    def base_url(cls, srv):
+        return f"http://{own_address()}:{srv.port}"
+
+    def test_chat_and_kv_view_at_another_address(self):
+        p = self.page
+        p.open()  # the key dialog, then /kv/state answered: "connected"
+        self.assertFalse(p.base.startswith("http://127.0.0.1"), p.base)
+        p.settings("", 24)
+        p.send("Say hello.")
+        p.until("the reply finished", lambda: not p.streaming() and p.reply())
+        p.until("the request's end in the KV view's event stream",
+                lambda: re.search(r"#\d+ (length|stop): \d+ prompt", p.text("#kv-events")))
+        self.assertEqual(p.text("#chat-status"), "")
+        self.assertNotIn("error", p.text("#messages"))
 
 
 if __name__ == "__main__":

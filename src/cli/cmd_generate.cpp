@@ -7,6 +7,8 @@
 #include "base/thread_pool.h"
 #include "cli/common.h"
 #include "engine/session.h"
+#include "grammar/json_schema.h"
+#include "server/api.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 
@@ -20,6 +22,8 @@ struct GenerateArgs {
   int32_t n_predict = 128;
   bool chat = false, no_cache = false, trace = false, ignore_eos = false, compare = false;
   std::vector<int32_t> stop_tokens;
+  bool json = false;                          // --json: any JSON object
+  std::string json_schema, json_schema_file;  // --json-schema TEXT / --json-schema-file FILE
   SamplingParams sampling;
   int threads = 0;
   int64_t n_batch = 512;
@@ -120,6 +124,23 @@ int run_compare(const Model& model, const Tokenizer& tok, const KvOptions& kvo, 
   return 0;
 }
 
+// --json / --json-schema / --json-schema-file as a grammar (grammar/json_schema.h's subset);
+// null when none is given.
+std::shared_ptr<const Grammar> output_grammar(const GenerateArgs& a) {
+  if (a.json) return json_object_grammar();
+  if (a.json_schema.empty() && a.json_schema_file.empty()) return nullptr;
+  const bool from_file = !a.json_schema_file.empty();
+  const char* flag = from_file ? "--json-schema-file" : "--json-schema";
+  const std::string text = from_file ? read_text_file(a.json_schema_file) : a.json_schema;
+  try {  // the server's reading of a request body: an object, nesting and numbers bounded
+    return compile_json_schema(server::parse_json_body(text));
+  } catch (const server::HttpError& e) {
+    fail("{}: {}", flag, e.what());
+  } catch (const Error& e) {
+    fail("{}: {}", flag, e.what());
+  }
+}
+
 int run_generate(const GenerateArgs& a) {
   SamplingParams sp = a.sampling;
   sp.seed = a.seed_given ? a.seed : std::random_device{}();
@@ -150,6 +171,7 @@ int run_generate(const GenerateArgs& a) {
   opts.sampling = sp;
   opts.ignore_eos = a.ignore_eos;
   opts.stop_tokens = a.stop_tokens;
+  opts.grammar = output_grammar(a);
   for (int32_t id : a.stop_tokens)
     if (id < 0 || id >= c.n_vocab) fail("--stop-token {} is not in the vocabulary [0, {})", id, c.n_vocab);
   if (a.compare) {
@@ -255,6 +277,16 @@ Command add_generate(CLI::App& app) {
   gen->add_flag("--ignore-eos", g->ignore_eos, "keep generating past end-of-generation tokens");
   gen->add_option("--stop-token", g->stop_tokens,
                   "stop after sampling this token id (repeatable; e.g. 198, GPT-2's newline)");
+  auto* json = gen->add_flag("--json", g->json,
+                             "constrain the output to one JSON object (as response_format "
+                             "json_object)");
+  auto* schema = gen->add_option("--json-schema", g->json_schema,
+                                 "constrain the output to JSON valid under this schema (JSON text; "
+                                 "the subset docs/SERVER.md lists for response_format)");
+  auto* schema_file = gen->add_option("--json-schema-file", g->json_schema_file,
+                                      "as --json-schema, the schema read from a file");
+  json->excludes(schema)->excludes(schema_file);
+  schema->excludes(schema_file);
   add_cache_flags(gen, g->cache);
   return {gen, [g, prompt, file] {
             if (prompt->count() == 0 && file->count() == 0) {  // a usage error, as CLI11's are

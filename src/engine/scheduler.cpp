@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "base/error.h"
+#include "engine/vocab_trie.h"
 #include "grammar/matcher.h"
 #include "kv_manager/kv_manager.h"
 #include "tokenizer/tokenizer.h"
@@ -162,22 +163,7 @@ Scheduler::~Scheduler() {
 }
 
 const TokenTrie& Scheduler::token_trie() {
-  std::call_once(trie_once_, [&] {
-    // Control tokens (and unused ones) are never text a grammar could take; the ends of
-    // generation are allowed apart, once the grammar is complete.
-    std::vector<std::string> bytes(static_cast<size_t>(tok_.n_vocab()));
-    std::vector<int32_t> ends;
-    for (int32_t id = 0; id < tok_.n_vocab(); ++id) {
-      const TokenType t = tok_.token_type(id);
-      if (tok_.is_eog(id)) {
-        ends.push_back(id);  // never text, even where the vocabulary types it so
-        continue;
-      }
-      if (t == TokenType::Normal || t == TokenType::Byte || t == TokenType::UserDefined)
-        bytes[static_cast<size_t>(id)] = tok_.token_bytes(id, false);
-    }
-    trie_ = std::make_unique<TokenTrie>(bytes, std::move(ends));
-  });
+  std::call_once(trie_once_, [&] { trie_ = vocab_token_trie(tok_); });
   return *trie_;
 }
 

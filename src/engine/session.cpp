@@ -4,6 +4,8 @@
 
 #include "base/error.h"
 #include "base/timer.h"
+#include "engine/vocab_trie.h"
+#include "grammar/matcher.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kvlm {
@@ -181,9 +183,42 @@ const char* stop_reason_name(StopReason r) {
     case StopReason::ContextFull: return "context full";
     case StopReason::Callback: return "stopped";
     case StopReason::StopToken: return "stop token";
+    case StopReason::GrammarDone: return "grammar complete";
   }
   return "?";
 }
+
+namespace {
+
+// GenerateOptions::grammar over one generation: the mask before each draw, the state after it.
+class Constraint {
+ public:
+  Constraint(std::shared_ptr<const Grammar> g, const Tokenizer& tok, int32_t n_vocab) {
+    if (!g) return;
+    trie_ = vocab_token_trie(tok);
+    matcher_ = std::make_unique<GrammarMatcher>(std::move(g), *trie_);
+    mask_.resize((static_cast<size_t>(std::max(n_vocab, tok.n_vocab())) + 31) / 32);
+  }
+  bool on() const { return matcher_ != nullptr; }
+  const uint32_t* mask() {
+    if (!matcher_) return nullptr;
+    matcher_->fill_mask(mask_);
+    return mask_.data();
+  }
+  // A drawn token that is not an end of generation; the mask allowed it.
+  void accept(int32_t id) {
+    if (matcher_ && !matcher_->accept_token(id))
+      fail("the grammar refused token {}, which its mask allowed", id);
+  }
+  bool finished() const { return matcher_ && matcher_->finished(); }
+
+ private:
+  std::unique_ptr<TokenTrie> trie_;
+  std::unique_ptr<GrammarMatcher> matcher_;
+  std::vector<uint32_t> mask_;  // [ceil(n_vocab / 32)]
+};
+
+}  // namespace
 
 GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const int32_t> prompt,
                        const GenerateOptions& opts, const std::function<bool(int32_t)>& on_token) {
@@ -196,6 +231,7 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
          st.n_prompt, n_ctx - session.n_cached(), session.model().config().n_ctx_train);
   Sampler sampler(opts.sampling);
   const int32_t n_vocab = session.model().config().n_vocab;
+  Constraint constraint(opts.grammar, tok, n_vocab);
 
   auto trace = [&](int64_t step, int64_t n_computed, double ms) {
     if (!opts.on_step) return;
@@ -224,11 +260,18 @@ GenerateStats generate(Session& session, const Tokenizer& tok, std::span<const i
   t.reset();
   st.stop = StopReason::Length;
   for (int64_t i = 0; opts.n_predict < 0 || i < opts.n_predict; ++i) {
-    const int32_t id = sampler.sample(logits.data(), n_vocab, session.tokens());
+    const int32_t id =
+        sampler.sample(logits.data(), n_vocab, session.tokens(), nullptr, constraint.mask());
     ++st.n_generated;
     const bool go_on = on_token(id);
-    if (!opts.ignore_eos && tok.is_eog(id)) {
+    const bool eog = tok.is_eog(id);
+    if (eog && (!opts.ignore_eos || constraint.on())) {  // a grammar's mask allows it when whole
       st.stop = StopReason::Eog;
+      break;
+    }
+    if (!eog) constraint.accept(id);
+    if (constraint.finished()) {
+      st.stop = StopReason::GrammarDone;
       break;
     }
     if (std::find(opts.stop_tokens.begin(), opts.stop_tokens.end(), id) != opts.stop_tokens.end()) {

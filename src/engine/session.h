@@ -5,11 +5,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "base/thread_pool.h"
+#include "grammar/grammar.h"
 #include "kv/kv_cache.h"
 #include "kv_manager/kv_manager.h"
 #include "model/model.h"
@@ -147,6 +149,10 @@ struct GenerateOptions {
   bool ignore_eos = false;  // keep generating past end-of-generation tokens (benchmarks, tests)
   std::vector<int32_t> stop_tokens;  // generation also stops after sampling one of these
   SamplingParams sampling;
+  // Constrains the output to the grammar's sentences (kvlm generate --json / --json-schema):
+  // each draw is masked to the tokens it takes; generation ends when the sentence can take no
+  // more bytes, or with an end-of-generation token once it is whole. Null: unconstrained.
+  std::shared_ptr<const Grammar> grammar;
   // Called after every forward pass (prefill and each decode step), e.g. for --trace.
   std::function<void(const struct StepTrace&)> on_step;
 };
@@ -165,7 +171,7 @@ struct StepTrace {
   KvStats kv;
 };
 
-enum class StopReason { Eog, Length, ContextFull, Callback, StopToken };
+enum class StopReason { Eog, Length, ContextFull, Callback, StopToken, GrammarDone };
 const char* stop_reason_name(StopReason r);
 
 struct GenerateStats {

@@ -256,6 +256,49 @@ class GenerateCache(unittest.TestCase):
         self.assertEqual(rc, 1)
         self.assertIn("--stop-token 9999999 is not in the vocabulary", err)
 
+    def test_json_output(self):
+        # --json-schema on SmolLM2: greedy and seeded draws print JSON with the schema's fields
+        # and types, and end when the object is whole (stdout is the output alone with --chat).
+        schema = {"type": "object", "properties": {
+            "name": {"type": "string"}, "age": {"type": "integer"},
+            "pet": {"enum": ["cat", "dog", "none"]}}, "required": ["name", "age", "pet"],
+            "additionalProperties": False}
+        args = ["generate", "--chat", "-p", "Describe a person as JSON.", "-n", "200",
+                "--json-schema", json.dumps(schema)]
+        for extra in (["--temp", "0"], ["--temp", "1", "--seed", "3"], ["--temp", "1", "--seed", "4"]):
+            rc, out, err = run(args + extra)
+            self.assertEqual(rc, 0, err)
+            if "(stop: length)" in err:
+                continue
+            self.assertRegex(err, r"\(stop: (grammar complete|end of generation)\)")
+            obj = json.loads(out)
+            self.assertEqual(sorted(obj), ["age", "name", "pet"], out)
+            self.assertIsInstance(obj["name"], str)
+            self.assertIsInstance(obj["age"], int)
+            self.assertIn(obj["pet"], ("cat", "dog", "none"))
+        rc, out, err = run(["generate", "--chat", "-p", "A cat as JSON.", "-n", "200", "--temp", "0",
+                            "--json"])
+        self.assertEqual(rc, 0, err)
+        if "(stop: length)" not in err:
+            self.assertIsInstance(json.loads(out), dict)
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            f.write(json.dumps(schema))
+            f.flush()
+            rc, out, err = run(["generate", "--chat", "-p", "A person as JSON.", "-n", "200",
+                                "--temp", "0", "--json-schema-file", f.name])
+            self.assertEqual(rc, 0, err)
+        # Bad schemas: one line naming the flag (and the keyword); two sources: a usage error.
+        for bad, needle in (('{"type": "string", "pattern": "a+"}', "pattern"), ("{", "JSON"),
+                            ('[1, 2]', "object")):
+            rc, _, err = run(["generate", "-p", "x", "--json-schema", bad])
+            self.assertEqual(rc, 1, err)
+            lines = [l for l in err.splitlines() if l.strip()]
+            self.assertEqual(len(lines), 1, err)
+            self.assertIn("--json-schema:", lines[0])
+            self.assertIn(needle.lower(), lines[0].lower())
+        rc, _, err = run(["generate", "-p", "x", "--json", "--json-schema", "{}"])
+        self.assertEqual(rc, 2, err)
+
     def test_window_runs_past_the_training_context(self):
         # tiny-llama was trained for 128 positions; 600 tokens with a 32 + 4 window.
         rc, _, err = run(["generate", "-m", TINY, "-p", "the", "-n", "600", "--kv-window", "32",

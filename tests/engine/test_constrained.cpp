@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/scheduler.h"
+#include "engine/session.h"
 #include "grammar/json_schema.h"
 #include "grammar/matcher.h"
 #include "test_util.h"
@@ -73,6 +74,39 @@ std::shared_ptr<const Grammar> grammar_of(const Case& c) {
   return c.schema ? compile_json_schema(json::parse(c.schema)) : json_object_grammar();
 }
 
+// The generated text, ends of generation left out.
+std::string text_of(const Tokenizer& tok, const std::vector<int32_t>& tokens) {
+  std::vector<int32_t> text_ids;
+  for (int32_t t : tokens)
+    if (!tok.is_eog(t)) text_ids.push_back(t);
+  return tok.decode(text_ids, false);
+}
+
+// A whole output of case i: it parses, the case's grammar takes all of it, and its fields have
+// the schema's types.
+void check_output(size_t i, const std::string& text) {
+  json parsed;
+  ASSERT_NO_THROW(parsed = json::parse(text)) << "case " << i << ": " << text;
+  EXPECT_TRUE(parsed.is_object()) << text;
+  GrammarMatcher m(grammar_of(kCases[i]), TokenTrie::single_bytes());
+  EXPECT_TRUE(m.accept_bytes(text) && m.complete()) << text;
+  std::printf("  [%zu] %s\n", i, text.c_str());
+  if (i == 1) {
+    EXPECT_TRUE(parsed["name"].is_string());
+    EXPECT_TRUE(parsed["age"].is_number_integer());
+    EXPECT_EQ(parsed.size(), 2u);
+  }
+  if (i == 2) {
+    ASSERT_TRUE(parsed["colours"].is_array());
+    EXPECT_EQ(parsed["colours"].size(), 3u);
+  }
+  if (i == 3) {
+    EXPECT_TRUE(parsed["verdict"].is_boolean());
+    EXPECT_TRUE(parsed["confidence"].is_number());
+    EXPECT_TRUE(parsed["note"].is_string() || parsed["note"].is_null());
+  }
+}
+
 // Every case at once through one scheduler (batched), greedy or at temperature 1.
 void run_cases(float temperature, uint64_t seed, int32_t max_tokens) {
   Smol& s = smol();
@@ -100,35 +134,13 @@ void run_cases(float temperature, uint64_t seed, int32_t max_tokens) {
   sch.wait_idle();
   for (size_t i = 0; i < results.size(); ++i) {
     const Result& r = *results[i];
-    std::vector<int32_t> text_ids;
-    for (int32_t t : r.tokens)
-      if (!s.tok->is_eog(t)) text_ids.push_back(t);
-    const std::string text = s.tok->decode(text_ids, false);
+    const std::string text = text_of(*s.tok, r.tokens);
     if (r.last.finish == FinishReason::Length) {
       EXPECT_EQ(r.last.n_generated, max_tokens) << text;
       continue;
     }
     ASSERT_EQ(r.last.finish, FinishReason::Stop) << "case " << i << ": " << r.last.error;
-    json parsed;
-    ASSERT_NO_THROW(parsed = json::parse(text)) << "case " << i << ": " << text;
-    EXPECT_TRUE(parsed.is_object()) << text;
-    GrammarMatcher m(grammar_of(kCases[i]), TokenTrie::single_bytes());
-    EXPECT_TRUE(m.accept_bytes(text) && m.complete()) << text;
-    std::printf("  [%zu] %s\n", i, text.c_str());
-    if (i == 1) {
-      EXPECT_TRUE(parsed["name"].is_string());
-      EXPECT_TRUE(parsed["age"].is_number_integer());
-      EXPECT_EQ(parsed.size(), 2u);
-    }
-    if (i == 2) {
-      ASSERT_TRUE(parsed["colours"].is_array());
-      EXPECT_EQ(parsed["colours"].size(), 3u);
-    }
-    if (i == 3) {
-      EXPECT_TRUE(parsed["verdict"].is_boolean());
-      EXPECT_TRUE(parsed["confidence"].is_number());
-      EXPECT_TRUE(parsed["note"].is_string() || parsed["note"].is_null());
-    }
+    check_output(i, text);
   }
 }
 
@@ -139,6 +151,38 @@ TEST(Constrained, SeededDrawsGiveJsonThatParses) {
 }
 
 TEST(Constrained, MaxTokensFirstEndsWithLength) { run_cases(0.0f, 0, 3); }
+
+// kvlm generate's path (Session + generate() with GenerateOptions::grammar): every case greedy
+// and at temperature 1 ends with the grammar complete (or an end of generation once it is), and
+// its text passes the same checks; a max_tokens reached first ends with Length.
+TEST(Constrained, GenerateFollowsTheGrammar) {
+  Smol& s = smol();
+  for (size_t i = 0; i < std::size(kCases); ++i) {
+    for (const float temperature : {0.0f, 1.0f}) {
+      GenerateOptions opts;
+      opts.n_predict = 200;
+      opts.sampling.temperature = temperature;
+      opts.sampling.seed = 5;
+      opts.grammar = grammar_of(kCases[i]);
+      Session session(*s.model, DType::F16, DType::F16, 1024, pool());
+      std::vector<int32_t> out;
+      const GenerateStats st = generate(session, *s.tok, chat_prompt(*s.tok, kCases[i].ask), opts,
+                                        [&](int32_t id) { out.push_back(id); return true; });
+      if (st.stop == StopReason::Length) continue;
+      EXPECT_TRUE(st.stop == StopReason::GrammarDone || st.stop == StopReason::Eog)
+          << stop_reason_name(st.stop);
+      check_output(i, text_of(*s.tok, out));
+    }
+  }
+  GenerateOptions opts;
+  opts.n_predict = 3;
+  opts.grammar = grammar_of(kCases[1]);
+  Session session(*s.model, DType::F16, DType::F16, 1024, pool());
+  const GenerateStats st = generate(session, *s.tok, chat_prompt(*s.tok, kCases[1].ask), opts,
+                                    [](int32_t) { return true; });
+  EXPECT_EQ(st.stop, StopReason::Length);
+  EXPECT_EQ(st.n_generated, 3);
+}
 
 // Feeds text one token at a time as the tokenizer splits it, timing each step's mask.
 void time_masks(const char* what, const std::shared_ptr<const Grammar>& g, const TokenTrie& trie,

@@ -9,6 +9,11 @@ environment Hugging Face's apply_chat_template builds:
   - tojson as json.dumps(x, ensure_ascii=False, indent=indent, ...) (HF overrides jinja2's);
   - raise_exception(msg) raising TemplateError, strftime_now(fmt) formatting a fixed date;
   - variables messages, tools=None, documents=None, add_generation_prompt, bos_token, eos_token.
+Conversations with tools (OpenAI's request shapes: "tools", assistant "tool_calls" with the
+arguments as a JSON string, "tool" messages with "tool_call_id") are rendered as llama.cpp's
+server and transformers pass them: tools as the list, each call's arguments parsed into an object,
+and firefunction-v2's `functions` (json.dumps(tools, indent=2)) and `datetime` ("%b %d %Y
+%H:%M:%S GMT" of the fixed date). The goldens keep the request shapes (arguments as strings).
 A rendering that raises is recorded with the exception's type and message: kvlm must raise too.
 
 Writes tests/data/template_goldens.json. Never edit it by hand; rerun:
@@ -46,6 +51,60 @@ CONVERSATIONS = [
     ("user_user", [("user", "first"), ("user", "second")], True),
 ]
 
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "description": "City, e.g. Paris"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["location"]}}},
+    {"type": "function", "function": {
+        "name": "search", "description": "Cherche sur le web — 世界.",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string"}, "limit": {"type": "integer"}},
+            "required": ["query", "limit"]}}},
+]
+
+
+def call(id_, name, arguments):
+    return {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+WEATHER_CALL = call("call_1", "get_weather", '{"location": "Paris", "unit": "celsius"}')
+SEARCH_CALL = call("call_2", "search", '{"query": "kvlm \u00e9t\u00e9", "limit": 3}')
+# (name, messages as a request sends them, add_generation_prompt, tools)
+TOOL_CONVERSATIONS = [
+    ("tools_user", [{"role": "user", "content": "What is the weather in Paris?"}], True, TOOLS),
+    ("tools_system_user", [{"role": "system", "content": SYSTEM},
+                           {"role": "user", "content": "Weather in Paris?"}], True, TOOLS),
+    ("tool_call_and_result", [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21.5}'}], True, TOOLS),
+    ("two_calls_then_answer", [
+        {"role": "user", "content": "Weather in Paris, and search for kvlm."},
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL, SEARCH_CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21.5 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "3 results"},
+        {"role": "assistant", "content": "It is 21.5 C in Paris."},
+        {"role": "user", "content": "Thanks!"}], True, TOOLS),
+    ("tool_result_no_tools", [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], True, None),
+]
+
+
+def plain(messages):
+    return [{"role": r, "content": c} for r, c in messages]
+
+
+def all_conversations():
+    """(name, messages, add_generation_prompt, tools) of every golden conversation."""
+    return ([(n, plain(m), g, None) for n, m, g in CONVERSATIONS] +
+            [(n, m, g, t) for n, m, g, t in TOOL_CONVERSATIONS])
+
 
 class Generation(jinja2.ext.Extension):
     """{% generation %}...{% endgeneration %}: renders the body, as HF's AssistantTracker does
@@ -78,12 +137,28 @@ def make_env():
     return env
 
 
-def render(env, source, messages, add_generation_prompt):
+def template_messages(messages):
+    """The messages as templates see them: each call's arguments an object."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if "tool_calls" in m:
+            m["tool_calls"] = [dict(c, function=dict(c["function"], arguments=json.loads(
+                c["function"]["arguments"]))) for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def render(env, source, messages, add_generation_prompt, tools):
+    extra = {}
+    if tools is not None:
+        extra = {"functions": json.dumps(tools, ensure_ascii=False, indent=2),
+                 "datetime": DATE.strftime("%b %d %Y %H:%M:%S GMT")}
     try:
         tmpl = env.from_string(source)
-        text = tmpl.render(messages=[{"role": r, "content": c} for r, c in messages], tools=None,
-                           documents=None, add_generation_prompt=add_generation_prompt,
-                           bos_token=BOS, eos_token=EOS)
+        text = tmpl.render(messages=template_messages(messages), tools=tools, documents=None,
+                           add_generation_prompt=add_generation_prompt, bos_token=BOS,
+                           eos_token=EOS, **extra)
         return {"text": text}
     except Exception as e:  # noqa: BLE001 - every failure is a golden: kvlm must fail too
         return {"error": type(e).__name__, "message": str(e)}
@@ -101,21 +176,26 @@ def main():
     for path in sorted(glob.glob(os.path.join(args.templates, "*.jinja"))):
         with open(path, encoding="utf-8") as f:
             source = f.read()
-        templates[os.path.basename(path)] = [render(env, source, m, g) for _, m, g in CONVERSATIONS]
+        templates[os.path.basename(path)] = [render(env, source, m, g, t)
+                                             for _, m, g, t in all_conversations()]
     out = {
         "notes": "written by tools/gen_template_goldens.py; do not edit",
         "jinja2": jinja2.__version__,
         "env": {"bos_token": BOS, "eos_token": EOS, "date": DATE.isoformat(),
                 "trim_blocks": True, "lstrip_blocks": True, "tools": None, "documents": None},
-        "conversations": [{"name": n, "messages": [{"role": r, "content": c} for r, c in m],
-                           "add_generation_prompt": g} for n, m, g in CONVERSATIONS],
+        # tools as JSON text: this file is written with sorted keys, and a tool's properties
+        # must reach the template in the order the request wrote them.
+        "conversations": [dict({"name": n, "messages": m, "add_generation_prompt": g},
+                               **({"tools": json.dumps(t, ensure_ascii=False)}
+                                  if t is not None else {}))
+                          for n, m, g, t in all_conversations()],
         "templates": templates,
     }
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=1, sort_keys=True)
         f.write("\n")
     n_err = sum(1 for t in templates.values() for r in t if "error" in r)
-    print(f"{len(templates)} templates x {len(CONVERSATIONS)} conversations, {n_err} raise; "
+    print(f"{len(templates)} templates x {len(all_conversations())} conversations, {n_err} raise; "
           f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
 
 

@@ -12,7 +12,7 @@ namespace kvlm {
 
 namespace {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 using Alt = GrammarBuilder::Alt;
 
 const std::set<std::string>& known_keywords() {
@@ -35,10 +35,14 @@ class SchemaCompiler {
  public:
   explicit SchemaCompiler(const json& root) : root_(root) {}
 
-  std::shared_ptr<const Grammar> compile(bool any_object) {
+  std::shared_ptr<const Grammar> compile(bool any_object, std::string_view prefix = {},
+                                         std::string_view suffix = {}) {
     const uint32_t top = b_.new_rule();
-    Alt alt = {ws()};
+    Alt alt;
+    b_.append_literal(alt, prefix);
+    alt.push_back(ws());
     alt.push_back(GrammarBuilder::ref(any_object ? any_object_rule() : schema(root_, "", 0)));
+    b_.append_literal(alt, suffix);
     b_.define(top, {alt});
     return std::make_shared<const Grammar>(b_.finish(top));
   }
@@ -351,7 +355,7 @@ uint32_t SchemaCompiler::array_rule(const json& s, const std::string& path, int 
   return list_rule(item, min_items, max_items);
 }
 
-// Declared properties in key order, each optional one skippable: rest[i] is what may
+// Declared properties in the schema's order, each optional one skippable: rest[i] is what may
 // follow once the properties before i are settled (a comma and one of the next ones up to the
 // first required one, or the closing brace when no required one is left).
 uint32_t SchemaCompiler::object_rule(const json& s, const std::string& path, int depth) {
@@ -378,8 +382,7 @@ uint32_t SchemaCompiler::object_rule(const json& s, const std::string& path, int
   if (props->size() > kJsonSchemaMaxProperties)
     fail("JSON schema keyword 'properties' lists {} properties; at most {} are supported ({})",
          props->size(), kJsonSchemaMaxProperties, at(path));
-  // nlohmann's object iterates its keys sorted; the schema's order is not kept by the parser, so
-  // properties come in key order.
+  // In the schema's order: an ordered_json iterates its keys as they were written.
   std::vector<std::string> names;
   std::vector<uint32_t> values;
   std::vector<bool> is_req;
@@ -445,12 +448,18 @@ uint32_t SchemaCompiler::ref_rule(const std::string& ref, const std::string& pat
 
 }  // namespace
 
-std::shared_ptr<const Grammar> compile_json_schema(const nlohmann::json& schema) {
+std::shared_ptr<const Grammar> compile_json_schema(const nlohmann::ordered_json& schema) {
   return SchemaCompiler(schema).compile(false);
 }
 
+std::shared_ptr<const Grammar> compile_json_schema(const nlohmann::ordered_json& schema,
+                                                   std::string_view prefix,
+                                                   std::string_view suffix) {
+  return SchemaCompiler(schema).compile(false, prefix, suffix);
+}
+
 std::shared_ptr<const Grammar> json_object_grammar() {
-  static const nlohmann::json empty = nlohmann::json::object();
+  static const json empty = json::object();
   return SchemaCompiler(empty).compile(true);
 }
 

@@ -23,7 +23,10 @@
 
 namespace kvlm::server {
 
-using json = nlohmann::json;
+// Ordered: a request's objects keep the order the client wrote their keys in (a json_schema's
+// properties are generated in that order, as OpenAI's strict mode does), and responses list
+// their fields in the order they are built.
+using json = nlohmann::ordered_json;
 
 // A request the server refuses: the HTTP status and OpenAI's error fields (empty param/code are
 // rendered as null; an empty type is derived from the status).

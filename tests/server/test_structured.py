@@ -140,6 +140,22 @@ class Structured(ServerCase):
         self.assertEqual(r.choices[0].finish_reason, "stop", r.choices[0].text)
         jsonschema.validate(json.loads(r.choices[0].text), PERSON)
 
+    def test_properties_come_in_the_schemas_order(self):
+        # Not alphabetical: the request body's key order is kept (OpenAI's strict mode).
+        schema = {"type": "object", "properties": {"zeta": {"type": "boolean"},
+                                                   "alpha": {"enum": ["a", "b"]},
+                                                   "mid": {"type": "integer"}},
+                  "required": ["zeta", "alpha", "mid"], "additionalProperties": False}
+        finished = 0
+        for seed in SEEDS:
+            r = self.chat("Fill in the form.", response_format(schema), seed)
+            if r.choices[0].finish_reason != "stop":
+                continue
+            value = json.loads(r.choices[0].message.content)
+            self.assertEqual(list(value), ["zeta", "alpha", "mid"])
+            finished += 1
+        self.assertGreater(finished, 0)
+
     def test_length_may_cut_the_json(self):
         r = self.chat("Describe a person.", response_format(PERSON), 1, max_tokens=3)
         self.assertEqual(r.choices[0].finish_reason, "length")

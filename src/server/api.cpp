@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "grammar/json_schema.h"
+#include "server/tools.h"
 
 namespace kvlm::server {
 namespace {
@@ -423,6 +424,41 @@ std::string message_content(const json& msg, size_t i, const std::string& role) 
   return text;
 }
 
+// An assistant message's "tool_calls": [{"id", "type": "function", "function": {"name",
+// "arguments": a JSON object's text (an object is taken too, as some clients send it)}}].
+std::vector<ChatToolCall> message_tool_calls(const json& msg, const std::string& param) {
+  std::vector<ChatToolCall> out;
+  const json* calls = field(msg, "tool_calls");
+  if (!calls) return out;
+  const std::string p = param + ".tool_calls";
+  if (!calls->is_array())
+    bad(p, fmt::format("'{}' must be an array, got {}", p, calls->type_name()));
+  for (size_t k = 0; k < calls->size(); ++k) {
+    const json& c = (*calls)[k];
+    const std::string pk = fmt::format("{}[{}]", p, k);
+    if (!c.is_object()) bad(pk, fmt::format("'{}' must be an object, got {}", pk, c.type_name()));
+    const auto type = get_string(c, "type");
+    if (type && *type != "function")
+      bad(pk + ".type", fmt::format("'{}.type' must be 'function'", pk));
+    const json* fn = field(c, "function");
+    if (!fn || !fn->is_object()) bad(pk + ".function", fmt::format("'{}.function' must be an object", pk));
+    const auto name = get_string(*fn, "name");
+    if (!name) bad(pk + ".function.name", fmt::format("'{}.function.name' must be a string", pk));
+    const json* args = field(*fn, "arguments");
+    std::string text = "{}";
+    if (args && args->is_object()) {
+      text = args->dump();
+    } else if (args && args->is_string()) {
+      text = args->get<std::string>();
+    } else if (args) {
+      bad(pk + ".function.arguments",
+          fmt::format("'{}.function.arguments' must be a JSON object's text", pk));
+    }
+    out.push_back({get_string(c, "id").value_or(""), *name, std::move(text)});
+  }
+  return out;
+}
+
 std::vector<ChatMessage> parse_messages(const json& body) {
   const json* msgs = field(body, "messages");
   if (!msgs) bad("messages", "'messages' is missing");
@@ -440,11 +476,28 @@ std::vector<ChatMessage> parse_messages(const json& body) {
       bad(param + ".role", fmt::format("'{}.role' must be a string", param));
     std::string role = it->get<std::string>();
     if (role == "developer") role = "system";  // OpenAI's newer name for the system role
-    if (role != "system" && role != "user" && role != "assistant")
+    if (role != "system" && role != "user" && role != "assistant" && role != "tool")
       bad(param + ".role",
-          fmt::format("'{}.role' is '{}'; supported roles: system, user, assistant", param,
+          fmt::format("'{}.role' is '{}'; supported roles: system, user, assistant, tool", param,
                       clip(role)));
-    out.push_back({role, message_content(msg, i, role)});
+    ChatMessage m{role, message_content(msg, i, role)};
+    if (role == "assistant") m.tool_calls = message_tool_calls(msg, param);
+    // A turn that only calls tools has content None, as templates test it (`if
+    // message.content`); other assistant turns without content render as "", as before.
+    const json* content = field(msg, "content");
+    m.content_none = !m.tool_calls.empty() && !content;
+    if (role == "tool") {
+      const auto id = get_string(msg, "tool_call_id");
+      if (!id) bad(param + ".tool_call_id", fmt::format("'{}.tool_call_id' must be a string", param));
+      m.tool_call_id = *id;
+    }
+    if (role == "tool" || role == "assistant") {
+      // The name a legacy client gives a tool result (llama.cpp passes it on); checked anyway.
+      if (const json* name = field(msg, "name"); name && !name->is_string())
+        bad(param + ".name", fmt::format("'{}.name' must be a string", param));
+      if (role == "tool") m.name = get_string(msg, "name").value_or("");
+    }
+    out.push_back(std::move(m));
   }
   return out;
 }
@@ -595,10 +648,11 @@ json parse_json_body(std::string_view body) {
 std::vector<ChatMessage> chat_messages(const json& body) { return parse_messages(body); }
 
 std::vector<int32_t> render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
-                                 const ServedModel& m, bool add_generation_prompt) {
+                                 const ServedModel& m, bool add_generation_prompt,
+                                 std::string_view tools_json) {
   std::string text;
   try {
-    text = m.chat_template->apply(messages, add_generation_prompt);
+    text = m.chat_template->apply(messages, add_generation_prompt, tools_json);
   } catch (const tmpl::TemplateRaised& e) {
     // The template refuses this conversation (roles out of order, a system turn it does not
     // take): the client's messages are what to change.
@@ -617,13 +671,25 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
   GenerationRequest g;
   g.endpoint = Endpoint::Chat;
   check_model(body, m);
-  const std::vector<ChatMessage> messages = parse_messages(body);
+  std::vector<ChatMessage> messages = parse_messages(body);
   g.req.n = parse_n(body, m);
-  for (const char* key : {"tools", "functions"}) {
-    const json* v = field(body, key);
-    refuse_if(v && !(v->is_array() && v->empty()), key, "kvlm has no tool calling");
-  }
+  const json* functions = field(body, "functions");
+  refuse_if(functions && !(functions->is_array() && functions->empty()), "functions",
+            "use 'tools' (OpenAI's deprecated 'functions' is not taken)");
+  const ToolsRequest tools = parse_tools(body);
   g.req.grammar = parse_response_format(body);
+  const std::string tools_json = tool_messages(messages, tools, m.chat_template->source());
+  if (tools.active()) {
+    const ToolCallFormat& format = tool_call_format(m.chat_template->source());
+    g.tool_format = &format;
+    for (const json& t : tools.tools) g.tool_names.push_back(t["function"]["name"]);
+    if (tools.choice == ToolChoice::Required || tools.choice == ToolChoice::Named) {
+      if (g.req.grammar)
+        bad("tool_choice", "a forced tool call (tool_choice 'required' or a function) cannot be "
+                           "combined with 'response_format'");
+      g.req.grammar = tool_call_grammar(format, tools);
+    }
+  }
   g.req.sampling = parse_sampling(body, m, random_seed, tok.n_vocab());
   g.req.sampling.n_logprobs = parse_chat_logprobs(body);
   g.stop = parse_stop(body);
@@ -637,7 +703,7 @@ GenerationRequest parse_chat_request(const json& body, const Tokenizer& tok, con
     max_key = "max_completion_tokens";
   }
 
-  g.req.prompt = render_chat(messages, tok, m, /*add_generation_prompt=*/true);
+  g.req.prompt = render_chat(messages, tok, m, /*add_generation_prompt=*/true, tools_json);
   g.req.max_tokens = resolve_max_tokens(
       max_tokens, max_key, static_cast<int64_t>(g.req.prompt.size()), "messages", m, 0);
   g.req.max_tokens = fit_choices(g.req.max_tokens, max_tokens.has_value(), g.req.n,
@@ -828,9 +894,13 @@ json render_response(const ResponseMeta& m, const std::vector<ChoiceText>& choic
     const ChoiceText& c = choices[i];
     json choice = {
         {"index", i}, {"logprobs", c.logprobs}, {"finish_reason", finish_json(c.finish)}};
-    if (m.endpoint == Endpoint::Chat)
-      choice["message"] = {{"role", "assistant"}, {"content", c.text}};
-    else
+    if (m.endpoint == Endpoint::Chat) {
+      // OpenAI: content null when the reply is only calls.
+      choice["message"] = {{"role", "assistant"},
+                           {"content", c.tool_calls.is_null() || !c.text.empty() ? json(c.text)
+                                                                                  : json(nullptr)}};
+      if (!c.tool_calls.is_null()) choice["message"]["tool_calls"] = c.tool_calls;
+    } else
       choice["text"] = c.text;
     j["choices"].push_back(std::move(choice));
   }
@@ -857,6 +927,17 @@ json render_chunk(const ResponseMeta& m, const std::string& text, const std::str
     choice["text"] = text;
   }
   j["choices"] = json::array({choice});
+  if (usage_null) j["usage"] = nullptr;
+  return j;
+}
+
+json render_delta_chunk(const ResponseMeta& m, json delta, const std::string& finish,
+                        bool usage_null, const json& logprobs, int32_t index) {
+  json j = base_object(m, true);
+  j["choices"] = json::array({{{"index", index},
+                               {"delta", std::move(delta)},
+                               {"logprobs", logprobs},
+                               {"finish_reason", finish_json(finish)}}});
   if (usage_null) j["usage"] = nullptr;
   return j;
 }

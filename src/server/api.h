@@ -109,6 +109,8 @@ json models_list(const ServedModel& m);  // {"object": "list", "data": [a model_
 
 enum class Endpoint { Chat, Completion };
 
+struct ToolCallFormat;  // tools.h
+
 // A validated /v1/chat/completions or /v1/completions request.
 struct GenerationRequest {
   Endpoint endpoint = Endpoint::Chat;
@@ -116,6 +118,10 @@ struct GenerationRequest {
   std::vector<std::string> stop;  // at most 4, none empty
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  // Chat with tools shown to the model (tool_choice not "none"): its call format and the tools'
+  // names; each reply is parsed for calls (tools.h). Null: replies are plain text.
+  const ToolCallFormat* tool_format = nullptr;
+  std::vector<std::string> tool_names;
 };
 
 // Arrays and objects nested deeper than this refuse the body. A request needs 4 levels
@@ -137,8 +143,10 @@ std::vector<ChatMessage> chat_messages(const json& body);
 // The conversation rendered by the served template and tokenized, as a chat request's prompt;
 // without the generation prompt it ends with the last message. 400 (messages) when the template
 // refuses it or it has no tokens, 500 when the template cannot be rendered.
+// tools_json: the tools the template renders (ChatTemplate::apply), "" for none.
 std::vector<int32_t> render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
-                                 const ServedModel& m, bool add_generation_prompt);
+                                 const ServedModel& m, bool add_generation_prompt,
+                                 std::string_view tools_json = {});
 GenerationRequest parse_completion_request(const json& body, const Tokenizer& tok,
                                            const ServedModel& m, uint64_t random_seed);
 
@@ -224,11 +232,13 @@ class LogprobsBuilder {
   size_t n_ = 0;
 };
 
-// One choice of a response: its text, finish reason and logprobs (null: not asked).
+// One choice of a response: its text, finish reason and logprobs (null: not asked), and the
+// tool calls its reply made (null: none; chat's message then has no "tool_calls").
 struct ChoiceText {
   std::string text;
   std::string finish;
   json logprobs = nullptr;
+  json tool_calls = nullptr;
 };
 // chat.completion / text_completion with choices[i].index = i; usage counts the prompt once and
 // the completion tokens of every choice (OpenAI's usage for n > 1).
@@ -243,6 +253,9 @@ json render_response(const ResponseMeta& m, const std::string& text, const std::
 json render_chunk(const ResponseMeta& m, const std::string& text, const std::string& finish,
                   bool role_delta, bool usage_null, const json& logprobs = nullptr,
                   int32_t index = 0);
+// A chat chunk whose choice carries `delta` as given ({"content"} or {"tool_calls"}).
+json render_delta_chunk(const ResponseMeta& m, json delta, const std::string& finish,
+                        bool usage_null, const json& logprobs = nullptr, int32_t index = 0);
 // The last chunk with include_usage: "choices": [] and the usage.
 json render_usage_chunk(const ResponseMeta& m, const Usage& u);
 // "data: {json}\n\n"

@@ -22,6 +22,7 @@
 #include "server/http.h"
 #include "server/kv_api.h"
 #include "server/metrics.h"
+#include "server/tools.h"
 #include "server/web_assets.h"
 
 namespace kvlm::server {
@@ -103,8 +104,10 @@ struct Choice {
   Choice(const Tokenizer& tok, const GenerationRequest& g, Endpoint ep)
       : text(tok, g.stop, g.req.ignore_eos) {
     if (g.req.sampling.n_logprobs >= 0) logprobs.emplace(tok, ep);
+    if (g.tool_format && g.stream) calls.emplace(*g.tool_format, g.tool_names);
   }
   TextStream text;
+  std::optional<ToolCallStream> calls;  // streaming with tools: the reply parsed for calls
   // When the request asked for logprobs: its tokens' not yet sent (end-of-generation tokens left
   // out, as from the text, unless ignore_eos).
   std::optional<LogprobsBuilder> logprobs;
@@ -123,7 +126,9 @@ struct Job {
       : meta(std::move(meta)),
         stream(g.stream),
         include_usage(g.include_usage),
-        ignore_eos(g.req.ignore_eos) {
+        ignore_eos(g.req.ignore_eos),
+        tool_format(g.tool_format),
+        tool_names(g.tool_names) {
     usage.prompt_tokens = static_cast<int64_t>(g.req.prompt.size());
     choices.reserve(static_cast<size_t>(g.req.n));
     for (int32_t i = 0; i < g.req.n; ++i) choices.emplace_back(tok, g, this->meta.endpoint);
@@ -134,6 +139,8 @@ struct Job {
   std::shared_ptr<Channel> ch = std::make_shared<Channel>();
   ExchangePtr ex;  // the response
   bool ignore_eos;
+  const ToolCallFormat* tool_format;    // replies parsed for tool calls (null: plain text)
+  std::vector<std::string> tool_names;
   std::vector<Choice> choices;  // [n]
   int32_t n_open = 0;           // choices not done
   RequestId id = 0;
@@ -403,8 +410,10 @@ void Server::Impl::drain(Job& job) {
     job.ex->reply(error_response(HttpError(500, job.error)));
   } else {
     std::vector<ChoiceText> out;
-    for (Choice& c : job.choices)
+    for (Choice& c : job.choices) {
       out.push_back({std::move(c.shown), c.finish, c.logprobs ? c.logprobs->take() : json(nullptr)});
+      if (job.tool_format) split_tool_calls(*job.tool_format, job.tool_names, out.back());
+    }
     http::Response r = json_response(200, dump(render_response(job.meta, out, job.usage)));
     r.headers.emplace_back("X-Kvlm-Request-Id", std::to_string(job.id));
     job.ex->reply(std::move(r));
@@ -426,6 +435,12 @@ std::string Server::Impl::stream_events(Job& job, const std::deque<TimedEvent>& 
     // Each chunk carries its tokens' logprobs; a token whose text is held back (a stop
     // string's start, a split character) still gets its chunk.
     const bool lp = c.logprobs && !c.logprobs->empty();
+    if (c.calls) {
+      out += tool_call_events(*c.calls, job.meta, piece, c.done ? c.finish : "", job.include_usage,
+                              lp ? c.logprobs->take() : json(nullptr), i);
+      if (job.done) break;
+      continue;
+    }
     if (!piece.empty() || lp)
       out += sse_event(render_chunk(job.meta, piece, "", false, job.include_usage,
                                     lp ? c.logprobs->take() : json(nullptr), i));

@@ -267,11 +267,46 @@ TEST_F(Api, BadRequestsTable) {
        {{"messages", json::array({{{"content", "x"}}})}},
        400,
        "messages[0].role"},
-      {"role tool",
+      {"role function",
+       true,
+       {{"messages", json::array({{{"role", "function"}, {"content", "x"}}})}},
+       400,
+       "messages[0].role"},
+      {"tool without tool_call_id",
        true,
        {{"messages", json::array({{{"role", "tool"}, {"content", "x"}}})}},
        400,
-       "messages[0].role"},
+       "messages[0].tool_call_id"},
+      {"tool content missing",
+       true,
+       {{"messages", json::array({{{"role", "tool"}, {"tool_call_id", "c"}}})}},
+       400,
+       "messages[0].content"},
+      {"tool_calls not an array",
+       true,
+       {{"messages", json::array({{{"role", "assistant"}, {"tool_calls", 1}}})}},
+       400,
+       "messages[0].tool_calls"},
+      {"tool call without a function",
+       true,
+       {{"messages", json::array({{{"role", "assistant"},
+                                   {"tool_calls", json::array({{{"id", "c"}}})}}})}},
+       400,
+       "messages[0].tool_calls[0].function"},
+      {"tool call arguments a number",
+       true,
+       {{"messages",
+         json::array({{{"role", "assistant"},
+                       {"tool_calls", json::array({{{"id", "c"},
+                                                    {"type", "function"},
+                                                    {"function", {{"name", "f"}, {"arguments", 3}}}}})}}})}},
+       400,
+       "messages[0].tool_calls[0].function.arguments"},
+      {"tool call type", true,
+       {{"messages",
+         json::array({{{"role", "assistant"},
+                       {"tool_calls", json::array({{{"type", "code"}, {"function", {{"name", "f"}}}}})}}})}},
+       400, "messages[0].tool_calls[0].type"},
       {"content a number",
        true,
        {{"messages", json::array({{{"role", "user"}, {"content", 3}}})}},
@@ -379,7 +414,61 @@ TEST_F(Api, BadRequestsTable) {
        {{"messages", m}, {"logit_bias", {{"1", "5"}}}},
        400,
        "logit_bias"},
-      {"tools", true, {{"messages", m}, {"tools", json::array({json::object()})}}, 400, "tools"},
+      {"tools an object", true, {{"messages", m}, {"tools", json::object()}}, 400, "tools"},
+      {"tool without a type", true, {{"messages", m}, {"tools", json::array({json::object()})}},
+       400, "tools[0].type"},
+      {"tool without a function", true,
+       {{"messages", m}, {"tools", json::array({{{"type", "function"}}})}}, 400,
+       "tools[0].function"},
+      {"tool name with a space", true,
+       {{"messages", m},
+        {"tools", json::array({{{"type", "function"}, {"function", {{"name", "a b"}}}}})}},
+       400, "tools[0].function.name"},
+      {"tool names twice", true,
+       {{"messages", m},
+        {"tools", json::array({{{"type", "function"}, {"function", {{"name", "f"}}}},
+                               {{"type", "function"}, {"function", {{"name", "f"}}}}})}},
+       400, "tools[1].function.name"},
+      {"tool parameters a string", true,
+       {{"messages", m},
+        {"tools", json::array({{{"type", "function"},
+                                {"function", {{"name", "f"}, {"parameters", "x"}}}}})}},
+       400, "tools[0].function.parameters"},
+      {"tool description a number", true,
+       {{"messages", m},
+        {"tools", json::array({{{"type", "function"},
+                                {"function", {{"name", "f"}, {"description", 1}}}}})}},
+       400, "tools[0].function.description"},
+      {"tool_choice unknown", true, {{"messages", m}, {"tool_choice", "always"}}, 400,
+       "tool_choice"},
+      {"tool_choice a number", true, {{"messages", m}, {"tool_choice", 1}}, 400, "tool_choice"},
+      {"tool_choice required without tools", true, {{"messages", m}, {"tool_choice", "required"}},
+       400, "tool_choice"},
+      {"tool_choice names no tool", true,
+       {{"messages", m},
+        {"tools", json::array({{{"type", "function"}, {"function", {{"name", "f"}}}}})},
+        {"tool_choice", {{"type", "function"}, {"function", {{"name", "g"}}}}}},
+       400, "tool_choice"},
+      {"tool_choice object without function", true,
+       {{"messages", m}, {"tool_choice", {{"type", "function"}}}}, 400, "tool_choice"},
+      {"tool_choice required with response_format", true,
+       {{"messages", m},
+        {"tools", json::array({{{"type", "function"}, {"function", {{"name", "f"}}}}})},
+        {"tool_choice", "required"},
+        {"response_format", {{"type", "json_object"}}}},
+       400, "tool_choice"},
+      {"required tool with an unsupported keyword", true,
+       {{"messages", m},
+        {"tools", json::array({{{"type", "function"},
+                                {"function", {{"name", "f"},
+                                              {"parameters", {{"type", "object"},
+                                                              {"properties", {{"n", {{"type", "integer"}, {"minimum", 0}}}}}}}}}}})},
+        {"tool_choice", "required"}},
+       400, "tools"},
+      {"parallel_tool_calls a string", true, {{"messages", m}, {"parallel_tool_calls", "yes"}},
+       400, "parallel_tool_calls"},
+      {"functions", true, {{"messages", m}, {"functions", json::array({json::object()})}}, 400,
+       "functions"},
       {"response_format a string", true, {{"messages", m}, {"response_format", "json"}}, 400,
        "response_format"},
       {"response_format type unknown",
@@ -457,6 +546,41 @@ TEST_F(Api, BadRequestsTable) {
       EXPECT_TRUE(std::string(e.what()).find('\n') == std::string::npos) << "one line";
     }
   }
+}
+
+TEST_F(Api, ToolsRequests) {
+  const json tools = json::array({{{"type", "function"},
+                                   {"function", {{"name", "f"},
+                                                 {"parameters", {{"type", "object"},
+                                                                 {"properties", {{"x", {{"type", "integer"}}}}},
+                                                                 {"required", {"x"}}}}}}}});
+  ServedModel m = model();
+  m.n_ctx = m.capacity_tokens = 4096;  // room for the tools' system prompt
+  auto chat = [&](const json& body) { return parse_chat_request(body, *tok_, m, 7); };
+  const size_t plain = chat({{"messages", kMsgs}}).req.prompt.size();
+  const GenerationRequest a = chat({{"messages", kMsgs}, {"tools", tools}});
+  ASSERT_NE(a.tool_format, nullptr);
+  EXPECT_EQ(a.tool_names, std::vector<std::string>{"f"});
+  EXPECT_EQ(a.req.grammar, nullptr);
+  EXPECT_GT(a.req.prompt.size(), plain + 20);  // ChatML: kvlm's system prompt lists the tools
+  const GenerationRequest none = chat({{"messages", kMsgs}, {"tools", tools}, {"tool_choice", "none"}});
+  EXPECT_EQ(none.tool_format, nullptr);
+  EXPECT_EQ(none.req.prompt.size(), plain);
+  EXPECT_NE(chat({{"messages", kMsgs}, {"tools", tools}, {"tool_choice", "required"}}).req.grammar,
+            nullptr);
+  const json named = {{"type", "function"}, {"function", {{"name", "f"}}}};
+  EXPECT_NE(chat({{"messages", kMsgs}, {"tools", tools}, {"tool_choice", named}}).req.grammar,
+            nullptr);
+  // A conversation with a call and its result renders (ChatML: in Hermes's form).
+  const json convo = json::array(
+      {{{"role", "user"}, {"content", "hi"}},
+       {{"role", "assistant"},
+        {"content", nullptr},
+        {"tool_calls", json::array({{{"id", "call_1"},
+                                     {"type", "function"},
+                                     {"function", {{"name", "f"}, {"arguments", "{\"x\": 1}"}}}}})}},
+       {{"role", "tool"}, {"tool_call_id", "call_1"}, {"content", "2"}}});
+  EXPECT_GT(chat({{"messages", convo}, {"tools", tools}}).req.prompt.size(), a.req.prompt.size());
 }
 
 TEST_F(Api, ResponseFormat) {

@@ -95,8 +95,10 @@ TEST(ToolParse, LlamaJsonAtTheStart) {
 
 // Every split of a reply into pieces gives the same content and calls as parsing it whole, and
 // the deltas are OpenAI's: a call's first delta has its id, type, name and empty arguments, the
-// next its arguments; no content delta holds a part of a call marker.
-void check_stream(const ToolCallFormat& f, const std::string& text, uint32_t seed) {
+// next its arguments; with `clean` (every marker in the text opens a call), no content delta holds
+// a part of one.
+void check_stream(const ToolCallFormat& f, const std::string& text, uint32_t seed,
+                  bool clean = true) {
   const ParsedReply whole = parse_tool_calls(f, text, kNames);
   std::mt19937 rng(seed);
   ToolCallStream s(f, kNames);
@@ -112,7 +114,7 @@ void check_stream(const ToolCallFormat& f, const std::string& text, uint32_t see
   for (const json& d : deltas) {
     if (d.contains("content")) {
       content += d["content"].get<std::string>();
-      if (!whole.calls.empty()) {
+      if (clean && !whole.calls.empty()) {
         EXPECT_EQ(d["content"].get<std::string>().find("<tool"), std::string::npos);
       }
       continue;
@@ -153,6 +155,27 @@ TEST(ToolStream, DeltasMatchTheWholeParseAtAnySplit) {
   };
   for (const auto& [f, text] : replies)
     for (uint32_t seed = 1; seed <= 20; ++seed) check_stream(*f, text, seed);
+}
+
+// Replies made of pieces of calls in any order: parsing never throws, and streaming agrees with
+// the whole parse whatever comes.
+TEST(ToolStream, RandomPiecesNeverThrowAndAgree) {
+  const std::vector<std::string> pieces = {
+      "<tool_call>", "</tool_call>", "<|python_tag|>", "{", "}", "[", "]", "\"", "\\", ":", ",",
+      " ", "\n", "\"name\"", "\"search\"", "\"arguments\"", "\"parameters\"", "1",
+      "\"query\"", "<tool", "call>", "é", "\xff", "text"};
+  std::mt19937 rng(42);
+  for (int iter = 0; iter < 300; ++iter) {
+    std::string text;
+    const size_t n = 1 + rng() % 30;
+    for (size_t k = 0; k < n; ++k) text += pieces[rng() % pieces.size()];
+    if (iter % 3 == 0)  // some whole calls among the noise
+      text += "<tool_call>{\"name\": \"search\", \"arguments\": {\"q\": 1}}</tool_call>";
+    for (const ToolCallFormat* f : {&kHermes, &kLlama}) {
+      EXPECT_NO_THROW(parse_tool_calls(*f, text, kNames)) << text;
+      check_stream(*f, text, static_cast<uint32_t>(iter), /*clean=*/false);
+    }
+  }
 }
 
 TEST(ToolStream, ContentIsNotHeldLongerThanNeeded) {

@@ -12,9 +12,13 @@ copied from llama.cpp's vocab-only test file, ~/.cache/kvlm/refdata/llama.cpp-0.
          per-head Q/K norms, tied
   phi3   Phi-3-mini: 3072 hidden, 32/32 heads x 96, ffn 8192, vocab 32064 (phi-3), fused
          attn_qkv and gate/up, separate output, sliding_window 2047 (ignored by llama.cpp)
+  qwen2-yarn         qwen2's dims with Qwen2.5's long-context rope_scaling: yarn, factor 4,
+                     original context 32768 (training context 131072)
+  qwen2-yarn-orig32  the same with original context 32, so the prompts run past it and the ramp
+                     interpolates most pairs (a real file's 32768 is beyond a test's prompts)
 
 Token embeddings (and Phi-3's output) are Q4_0, attention matrices Q8_0, FFN matrices Q4_0, norms
-and biases F32: 95-280 MB a file, ~0.7 GB in all, written to ~/.cache/kvlm/synthetic/ (or
+and biases F32: 95-280 MB a file, ~0.9 GB in all, written to ~/.cache/kvlm/synthetic/ (or
 $KVLM_SYNTHETIC), never to the repository. Weights come from numpy's default_rng seeded per
 (family, tensor) and gguf's own quantizers, streamed a tensor at a time, so the files are the same
 bytes on every machine with the pinned gguf==0.19.0 and numpy (scripts/setup-python.sh).
@@ -73,7 +77,14 @@ kFamilies = [
     dict(name="phi3", arch="phi3", vocab="phi-3", n_embd=3072, n_head=32, n_head_kv=32,
          head_dim=96, n_ff=8192, n_ctx=4096, rope_base=10000.0, eps=1e-5, tied=False,
          fused=True, sliding_window=2047, n_text=32000),
+    dict(name="qwen2-yarn", arch="qwen2", vocab="qwen2", n_embd=896, n_head=14, n_head_kv=2,
+         head_dim=64, n_ff=4864, n_ctx=131072, rope_base=1e6, eps=1e-6, tied=True, qkv_bias=True,
+         n_text=151643, yarn=(4.0, 32768)),
+    dict(name="qwen2-yarn-orig32", arch="qwen2", vocab="qwen2", n_embd=896, n_head=14,
+         n_head_kv=2, head_dim=64, n_ff=4864, n_ctx=131072, rope_base=1e6, eps=1e-6, tied=True,
+         qkv_bias=True, n_text=151643, yarn=(4.0, 32)),
 ]
+kRunCtx = 128  # llama.cpp's n_ctx for a family without runs
 
 
 def file_name(fam: dict) -> str:
@@ -163,6 +174,11 @@ def write_family(fam: dict, path: Path) -> None:
         w.add_value_length(fam["head_dim"])
     if "sliding_window" in fam:
         w.add_uint32(f"{a}.attention.sliding_window", fam["sliding_window"])
+    if "yarn" in fam:  # as convert_hf_to_gguf.py writes a rope_scaling {type: yarn} config
+        factor, orig = fam["yarn"]
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(orig)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     n_vocab = copy_tokenizer(w, src)
     w.add_vocab_size(n_vocab)
@@ -196,14 +212,14 @@ def build(out_dir: Path) -> dict[str, Path]:
     fresh file still differs (another gguf or numpy than the pinned ones)."""
     want = {}
     if kGoldens.exists():
-        want = {f["name"]: f["sha256"] for f in json.loads(kGoldens.read_text())["families"]}
+        want = {f["file"]: f["sha256"] for f in json.loads(kGoldens.read_text())["families"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for fam in kFamilies:
         path = out_dir / file_name(fam)
         paths[fam["name"]] = path
         # Without a recorded sha256 (making the first goldens), an existing file is kept.
-        if path.exists() and (fam["name"] not in want or sha256(path) == want[fam["name"]]):
+        if path.exists() and (path.name not in want or sha256(path) == want[path.name]):
             print(f"make_family_ggufs: {path} up to date")
             continue
         t0 = time.time()
@@ -212,8 +228,8 @@ def build(out_dir: Path) -> dict[str, Path]:
         got = sha256(path)
         print(f"make_family_ggufs: {path}: {path.stat().st_size / 1e6:.0f} MB in "
               f"{time.time() - t0:.0f} s, sha256 {got}")
-        if fam["name"] in want and got != want[fam["name"]]:
-            sys.exit(f"make_family_ggufs: {path}: sha256 {got} differs from {want[fam['name']]} in "
+        if path.name in want and got != want[path.name]:
+            sys.exit(f"make_family_ggufs: {path}: sha256 {got} differs from {want[path.name]} in "
                      f"{kGoldens.relative_to(kRepoRoot)}; use the pinned gguf==0.19.0 and numpy "
                      "(scripts/setup-python.sh)")
     return paths
@@ -238,10 +254,15 @@ def logsumexp(row: np.ndarray) -> float:
     return m + float(np.log(np.sum(np.exp(r - m))))
 
 
-def run_llama(path: Path, prompts: list[list[int]], flash_attn: bool):
+def runs(fam: dict) -> tuple[tuple[str, int], ...]:
+    """(goldens name, llama.cpp n_ctx) of each golden record made from this family's file."""
+    return fam.get("runs", ((fam["name"], kRunCtx),))
+
+
+def run_llama(path: Path, prompts: list[list[int]], flash_attn: bool, n_ctx: int):
     """Per prompt: all prompt rows [n, n_vocab] and the greedy rows; one decode call a step."""
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_ubatch=128,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=128, n_ubatch=128,
                           logits_all=True, n_threads=2, n_threads_batch=2, seed=0,
                           flash_attn=flash_attn, verbose=False)
     out = []
@@ -262,11 +283,11 @@ def run_llama(path: Path, prompts: list[list[int]], flash_attn: bool):
     return out
 
 
-def family_goldens(fam: dict, path: Path) -> dict:
+def family_goldens(fam: dict, path: Path, name: str, n_ctx: int) -> dict:
     rng = np.random.default_rng([kSeed, 1000 + kFamilies.index(fam)])
     prompts = [rng.integers(0, fam["n_text"], size=n).tolist() for n in kPromptLens]
-    ref = run_llama(path, prompts, flash_attn=False)
-    fa = run_llama(path, prompts, flash_attn=True)
+    ref = run_llama(path, prompts, flash_attn=False, n_ctx=n_ctx)
+    fa = run_llama(path, prompts, flash_attn=True, n_ctx=n_ctx)
     n_vocab = ref[0][0].shape[1]
     probe_ids = sorted(int(i) for i in rng.choice(n_vocab, size=kNumProbe, replace=False))
     spread, flips, rec_prompts = 0.0, 0, []
@@ -285,10 +306,10 @@ def family_goldens(fam: dict, path: Path) -> dict:
             "generated": gen,
             "generated_top2_gap": round_list(top2[:, 1] - top2[:, 0]),
         })
-    print(f"{fam['name']}: llama.cpp flash-attention on vs off: max |dlogit| {spread:.3g}, "
+    print(f"{name}: llama.cpp flash-attention on vs off: max |dlogit| {spread:.3g}, "
           f"{flips} argmax flips")
-    return {"name": fam["name"], "arch": fam["arch"], "file": path.name, "sha256": sha256(path),
-            "size": path.stat().st_size, "n_vocab": n_vocab, "probe_ids": probe_ids,
+    return {"name": name, "arch": fam["arch"], "file": path.name, "sha256": sha256(path),
+            "size": path.stat().st_size, "n_vocab": n_vocab, "n_ctx": n_ctx, "probe_ids": probe_ids,
             "fa_max_abs_logit_diff": float(f"{spread:.6g}"), "fa_argmax_flips": flips,
             "prompts": rec_prompts}
 
@@ -298,6 +319,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=kOutDir, help=f"cache directory ({kOutDir})")
     ap.add_argument("--goldens", action="store_true",
                     help=f"also run llama.cpp and write {kGoldens.relative_to(kRepoRoot)}")
+    ap.add_argument("--only", nargs="+", metavar="FAMILY",
+                    help="with --goldens: rerun llama.cpp for these families only, keeping the "
+                         "other records of the goldens file")
     args = ap.parse_args()
     for fam in kFamilies:
         v = kRefdata / f"ggml-vocab-{fam['vocab']}.gguf"
@@ -320,8 +344,17 @@ def main() -> int:
                   "'generated': 8 argmax steps, one decode call each, with each step's top-1 minus "
                   "top-2 gap. fa_max_abs_logit_diff / fa_argmax_flips: the same prompts with "
                   "flash attention on, over whole rows. Never edit by hand; rerun the script."),
-        "families": [family_goldens(fam, paths[fam["name"]]) for fam in kFamilies],
+        "families": [],
     }
+    old = {}
+    if args.only and kGoldens.exists():
+        old = {f["name"]: f for f in json.loads(kGoldens.read_text())["families"]}
+    for fam in kFamilies:
+        for name, n_ctx in runs(fam):
+            if args.only and fam["name"] not in args.only and name in old:
+                out["families"].append(old[name])
+            else:
+                out["families"].append(family_goldens(fam, paths[fam["name"]], name, n_ctx))
     kGoldens.write_text(json.dumps(out, separators=(",", ":")) + "\n")
     print(f"wrote {kGoldens.relative_to(kRepoRoot)}: {kGoldens.stat().st_size} bytes")
     return 0

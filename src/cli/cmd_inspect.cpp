@@ -66,11 +66,15 @@ void print_model(const Model& model) {
              c.n_ff, c.norm_eps);
   if (c.arch->pos == PosKind::Rope) {
     fmt::print("  rope              {} dims, freq_base {}", c.n_rot, c.rope_freq_base);
-    if (c.rope_freq_scale != 1.0f) fmt::print(", linear scaling x{}", c.rope_freq_scale);
+    if (c.rope_scaling != "none") fmt::print(", {} scaling", c.rope_scaling);
+    if (c.rope_freq_scale != 1.0f) fmt::print(" x{}", c.rope_freq_scale);
+    if (c.rope_ext_factor != 0.0f)
+      fmt::print(" (original context {})", c.rope_n_ctx_orig);
+    if (c.rope_attn_factor != 1.0f) fmt::print(", attention factor {}", c.rope_attn_factor);
     if (!c.rope_freq_factors.empty()) {
       const auto [lo, hi] =
           std::minmax_element(c.rope_freq_factors.begin(), c.rope_freq_factors.end());
-      fmt::print(", rope_freqs factors {}..{}", *lo, *hi);
+      fmt::print(", frequency factors {}..{}", *lo, *hi);
     }
     fmt::print("\n");
   }

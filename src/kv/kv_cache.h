@@ -16,22 +16,32 @@
 
 namespace kvlm {
 
-// How the model rotated K, so the cache can re-rotate rows it moves. n_rot == 0: K carries no
-// position (learned position embeddings), moving rows needs no rotation.
+// How the model rotated K, so the cache can re-rotate rows it moves, and the forward pass's RoPE
+// frequencies (rope_inv_freq). n_rot == 0: K carries no position (learned position embeddings),
+// moving rows needs no rotation.
 struct KvRope {
   int32_t n_rot = 0;
   float freq_base = 10000.0f;
   kernels::RopeMode mode = kernels::RopeMode::Normal;
-  float freq_scale = 1.0f;            // linear RoPE scaling: every angle times this
+  float freq_scale = 1.0f;            // linear or YaRN scaling: 1 / rope.scaling.factor
   std::vector<float> freq_factors{};  // [n_rot / 2] Llama 3's rope_freqs (pair i's frequency
                                       //   divided by factor i), or empty
+  // YaRN (rope.scaling.type yarn): pairs that turn fewer than beta_slow times over n_ctx_orig
+  // positions are interpolated (freq_scale), pairs that turn more than beta_fast times keep
+  // their frequency, a linear ramp in the pair index between (llama.cpp's corr_dims).
+  // ext_factor scales the ramp; 0 turns YaRN off.
+  float ext_factor = 0.0f;
+  int32_t n_ctx_orig = 0;  // rope.scaling.original_context_length (positions trained on)
+  float beta_fast = 32.0f;
+  float beta_slow = 1.0f;
 };
 
-// RoPE frequencies as llama.cpp computes them (in double here): inv_freq[i] = freq_scale *
-// freq_base^(-2i / n_rot) / factors[i] (factors empty: 1), for kernels::rope_cos_sin.
-//   factors: [n_rot / 2] or empty; inv_freq: [n_rot / 2]
-void rope_inv_freq(int64_t n_rot, float freq_base, float freq_scale, std::span<const float> factors,
-                   double* inv_freq);
+// RoPE frequencies as llama.cpp computes them (in double here): inv_freq[i] =
+// freq_base^(-2i / n_rot) / factors[i] times freq_scale, or with YaRN times
+// freq_scale * (1 - m_i) + m_i, m_i = ramp_i * ext_factor (kernels::rope_cos_sin takes them).
+// freq_base is an argument because Gemma 3's windowed layers rotate with their own base.
+//   inv_freq: [rope.n_rot / 2]
+void rope_inv_freq(const KvRope& rope, float freq_base, double* inv_freq);
 
 // Re-rotates one stored K row (kv_dim values in shape.dtype_k, as the cache stores them) by
 // `delta` positions: R(p + delta) = R(delta) R(p), so a row moved from position p to p + delta

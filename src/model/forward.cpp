@@ -517,17 +517,20 @@ void embed(const ModelConfig& c, const Weights& w, const int32_t* tokens, const 
   }
 }
 
-// A RoPE table for one base (frequencies scaled as rope_inv_freq does), once per forward pass and shared by every layer of that base and
-// every Q and K head: [n_tok, 2, n_rot / 2] cos, then sin, of token i's angles (rope_rotate
-// equals kernels::rope bit for bit, so a token gets the same numbers in prefill and decode).
+// A RoPE table for one base (frequencies scaled as rope_inv_freq does), once per forward pass and
+// shared by every layer of that base and every Q and K head: [n_tok, 2, n_rot / 2] cos, then sin,
+// of token i's angles (rope_rotate equals kernels::rope bit for bit, so a token gets the same
+// numbers in prefill and decode), both times rope_attn_factor (YaRN's and LongRoPE's magnitude).
 std::vector<double> rope_table(const ModelConfig& c, float base, const int64_t* pos,
                                int64_t n_tok) {
   const int64_t n_pairs = c.n_rot / 2;
   std::vector<double> inv_freq(static_cast<size_t>(n_pairs));  // [n_rot / 2]
-  rope_inv_freq(c.n_rot, base, c.rope_freq_scale, c.rope_freq_factors, inv_freq.data());
+  rope_inv_freq(kv_rope_of(c), base, inv_freq.data());
   std::vector<double> cs(static_cast<size_t>(n_tok * c.n_rot));
   for (int64_t i = 0; i < n_tok; ++i)
     kernels::rope_cos_sin(inv_freq.data(), n_pairs, pos[i], cs.data() + i * c.n_rot);
+  if (c.rope_attn_factor != 1.0f)
+    for (double& x : cs) x *= double{c.rope_attn_factor};
   return cs;
 }
 

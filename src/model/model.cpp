@@ -127,11 +127,75 @@ TensorView f32_range(const TensorView& t, int64_t i0, int64_t n) {
   return v;
 }
 
+// A float metadata key that must be finite and at least lo when present, else dflt.
+double read_float_at_least(const GgufFile& f, const std::string& key, double dflt, double lo) {
+  const double v = f.get_float(key).value_or(dflt);
+  if (!std::isfinite(v) || v < lo)
+    fail("{}: '{}' = {} is not a number >= {}", f.path(), key, v, lo);
+  return v;
+}
+
+// RoPE scaling as llama.cpp reads it for these architectures: .rope.scaling.type (default
+// linear) with .rope.scaling.factor F (or the old .rope.scale_linear): linear: every frequency
+// times 1 / F; yarn: the interpolated pairs only, the ramp's ends from .yarn_beta_fast / _slow
+// (32, 1) over .rope.scaling.original_context_length, and rotated values times 1 + 0.1 ln F;
+// none: nothing. Any type multiplies
+// rotated values by .rope.scaling.attn_factor (1). YaRN keys whose meaning llama.cpp's own use
+// changes per architecture (ext_factor, attn_factor, log_multiplier) are refused.
+void read_rope_scaling(const GgufFile& f, const std::string& a, ModelConfig& c) {
+  const std::string tk = a + "rope.scaling.type";
+  c.rope_scaling = f.find(tk) ? f.get_string(tk).value_or("?") : "linear";
+  const std::string& type = c.rope_scaling;
+  if (type != "none" && type != "linear" && type != "yarn")
+    fail("{}: '{}' = '{}' is not supported (kvlm runs none, linear and yarn)", f.path(), tk,
+         type);
+  double factor = read_float_at_least(f, a + "rope.scaling.factor", 0.0, 0.0);
+  if (factor == 0.0) factor = read_float_at_least(f, a + "rope.scale_linear", 0.0, 0.0);
+  const bool scaled = (type == "linear" || type == "yarn") && factor > 0.0;
+  c.rope_freq_scale = scaled ? static_cast<float>(1.0 / factor) : 1.0f;
+  if (type == "linear" && !scaled) c.rope_scaling = "none";
+  c.rope_n_ctx_orig = f.find(a + "rope.scaling.original_context_length")
+                          ? require_int(f, a + "rope.scaling.original_context_length", 1, 1 << 24)
+                          : c.n_ctx_train;
+  c.rope_attn_factor =
+      static_cast<float>(read_float_at_least(f, a + "rope.scaling.attn_factor", 1.0, 0.0));
+  if (c.rope_attn_factor == 0.0f) c.rope_attn_factor = 1.0f;  // llama.cpp's "unset"
+  if (type != "yarn") return;
+  for (const char* k : {"yarn_ext_factor", "yarn_attn_factor", "yarn_log_multiplier"})
+    if (f.find(a + "rope.scaling." + k))
+      fail("{}: '{}rope.scaling.{}' is set; kvlm runs YaRN with llama.cpp's defaults for these "
+           "architectures only", f.path(), a, k);
+  c.rope_ext_factor = 1.0f;
+  c.rope_beta_fast =
+      static_cast<float>(read_float_at_least(f, a + "rope.scaling.yarn_beta_fast", 32.0, 1e-6));
+  c.rope_beta_slow =
+      static_cast<float>(read_float_at_least(f, a + "rope.scaling.yarn_beta_slow", 1.0, 1e-6));
+  if (factor > 1.0) c.rope_attn_factor *= static_cast<float>(1.0 + 0.1 * std::log(factor));
+}
+
+// One [n_rot / 2] tensor of positive frequency factors.
+std::vector<float> read_factor_tensor(const GgufFile& f, const char* name, int32_t n_rot) {
+  const TensorView t = TensorBinder(f).get_f32(name, n_rot / 2);
+  std::vector<float> v(t.f32(), t.f32() + n_rot / 2);
+  for (float x : v)
+    if (!(x > 0.0f) || !std::isfinite(x))
+      fail("{}: tensor '{}' holds {}, not a positive frequency factor", f.path(), name, x);
+  return v;
+}
+
+// Llama 3's frequency factors (rope_freqs.weight [n_rot / 2]); LongRoPE's (Phi-3 128k) are
+// refused, naming the tensor.
+void read_rope_factors(const GgufFile& f, ModelConfig& c) {
+  for (const char* t : {"rope_factors_long.weight", "rope_factors_short.weight"})
+    if (f.tensor(t))
+      fail("{}: tensor '{}' (LongRoPE, as in Phi-3 128k) is not supported", f.path(), t);
+  c.rope_freq_factors.clear();
+  if (f.tensor("rope_freqs.weight"))
+    c.rope_freq_factors = read_factor_tensor(f, "rope_freqs.weight", c.n_rot);
+}
+
 // RoPE as llama.cpp reads it: <arch>.rope.freq_base (10000), .rope.dimension_count (head_dim),
-// linear scaling (.rope.scaling.type linear, the default, with .rope.scaling.factor F, or the old
-// .rope.scale_linear: angles times 1 / F; type none: no scaling), and Llama 3's frequency factors
-// (rope_freqs.weight [n_rot / 2]). YaRN, LongRoPE (Phi-3 128k's rope_factors_long/short) and
-// attention factors are refused, naming the key or tensor.
+// the scaling keys (read_rope_scaling) and frequency factors (read_rope_factors).
 void read_rope(const GgufFile& f, const std::string& a, ModelConfig& c) {
   c.rope_freq_base = static_cast<float>(f.get_float(a + "rope.freq_base").value_or(10000.0));
   c.n_rot = f.find(a + "rope.dimension_count")
@@ -144,35 +208,8 @@ void read_rope(const GgufFile& f, const std::string& a, ModelConfig& c) {
       c.arch->swa_rope_base > 0
           ? static_cast<float>(f.get_float(a + "rope.freq_base_swa").value_or(c.arch->swa_rope_base))
           : c.rope_freq_base;
-
-  const std::string tk = a + "rope.scaling.type";
-  const std::string type = f.find(tk) ? f.get_string(tk).value_or("?") : "linear";
-  if (type != "none" && type != "linear")
-    fail("{}: '{}' = '{}' is not supported (kvlm runs 'none' and 'linear' RoPE scaling)", f.path(),
-         tk, type);
-  double factor = f.get_float(a + "rope.scaling.factor").value_or(0.0);
-  if (factor == 0.0) factor = f.get_float(a + "rope.scale_linear").value_or(0.0);
-  if (!(factor >= 0.0) || !std::isfinite(factor))
-    fail("{}: '{}rope.scaling.factor' = {} is not a positive number", f.path(), a, factor);
-  c.rope_freq_scale = type == "linear" && factor > 0.0 ? static_cast<float>(1.0 / factor) : 1.0f;
-  const double attn_factor = f.get_float(a + "rope.scaling.attn_factor").value_or(1.0);
-  if (attn_factor != 1.0)
-    fail("{}: '{}rope.scaling.attn_factor' = {} is not supported (kvlm needs 1)", f.path(), a,
-         attn_factor);
-
-  for (const char* t : {"rope_factors_long.weight", "rope_factors_short.weight"})
-    if (f.tensor(t))
-      fail("{}: tensor '{}' (LongRoPE, as in Phi-3 128k) is not supported; kvlm runs 'none' and "
-           "'linear' RoPE scaling and Llama 3's rope_freqs", f.path(), t);
-  c.rope_freq_factors.clear();
-  if (f.tensor("rope_freqs.weight")) {
-    const TensorView ff = TensorBinder(f).get_f32("rope_freqs.weight", c.n_rot / 2);
-    c.rope_freq_factors.assign(ff.f32(), ff.f32() + c.n_rot / 2);
-    for (float x : c.rope_freq_factors)
-      if (!(x > 0.0f) || !std::isfinite(x))
-        fail("{}: tensor 'rope_freqs.weight' holds {}, not a positive frequency factor", f.path(),
-             x);
-  }
+  read_rope_scaling(f, a, c);
+  read_rope_factors(f, c);
 }
 
 // Q, K and V of layer il: attn_q/k/v, or the row ranges of a fused attn_qkv [q | k | v]; their
@@ -356,17 +393,22 @@ KvShape Model::kv_shape(DType dtype_k, DType dtype_v) const {
   return s;
 }
 
-KvRope Model::kv_rope() const {
+KvRope kv_rope_of(const ModelConfig& c) {
   KvRope r;
-  if (config_.arch->pos == PosKind::Rope) {
-    r.n_rot = config_.n_rot;
-    r.freq_base = config_.rope_freq_base;
-    r.mode = config_.arch->rope_mode;
-    r.freq_scale = config_.rope_freq_scale;
-    r.freq_factors = config_.rope_freq_factors;
-  }
+  if (c.arch->pos != PosKind::Rope) return r;
+  r.n_rot = c.n_rot;
+  r.freq_base = c.rope_freq_base;
+  r.mode = c.arch->rope_mode;
+  r.freq_scale = c.rope_freq_scale;
+  r.freq_factors = c.rope_freq_factors;
+  r.ext_factor = c.rope_ext_factor;
+  r.n_ctx_orig = c.rope_n_ctx_orig;
+  r.beta_fast = c.rope_beta_fast;
+  r.beta_slow = c.rope_beta_slow;
   return r;
 }
+
+KvRope Model::kv_rope() const { return kv_rope_of(config_); }
 
 uint64_t Model::weight_bytes() const {
   auto bytes = [](const TensorView& t) -> uint64_t {

@@ -93,6 +93,10 @@ struct BatchSeq {
   AttnProbe* probe = nullptr;       // optional: filled with this sequence's attention map
 };
 
+// The RoPE of a config as KvRope (n_rot 0 for learned positions): the forward pass's frequencies
+// and the cache's re-rotation of moved K rows.
+KvRope kv_rope_of(const ModelConfig& c);
+
 class Model {
  public:
   // Maps the file and validates architecture, hyper-parameters and every tensor's shape and type.

@@ -12,6 +12,7 @@
 #include <set>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/error.h"
@@ -20,6 +21,7 @@
 #include "kernels/ops.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
+#include "load_refusal.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
 
@@ -178,6 +180,18 @@ TEST(Load, Gemma3WithoutAQkNormIsRefusedNamingTheTensor) {
     EXPECT_NE(msg.find("missing tensor 'blk.0.attn_q_norm.weight'"), std::string::npos) << msg;
     EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
   }
+}
+
+// RoPE scaling kvlm cannot run as llama.cpp would is refused with one line naming the key
+// (files from tools/make_synthetic_gguf.py --bad-only).
+TEST(Load, UnsupportedRopeScalingIsRefusedNamingTheKey) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"tiny-rope-bad-type.gguf", "'llama.rope.scaling.type' = 'dynamic' is not supported"},
+      {"tiny-rope-bad-yarn-log-mul.gguf", "'llama.rope.scaling.yarn_log_multiplier' is set"},
+      {"tiny-rope-bad-yarn-beta.gguf", "'llama.rope.scaling.yarn_beta_fast' = -1"},
+      {"tiny-rope-bad-factor.gguf", "'llama.rope.scaling.factor' = -2"},
+  };
+  test::expect_loads_refused(cases);
 }
 
 // Prefill of N tokens in one batch gives the same logits at every position as N decode steps.

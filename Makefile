@@ -30,7 +30,7 @@ models: model
 refdata:
 	@bash scripts/fetch-refdata.sh
 
-# Random-weight models of each family at real dimensions (~0.9 GB in ~/.cache/kvlm/synthetic),
+# Random-weight models of each family at real dimensions (~1.2 GB in ~/.cache/kvlm/synthetic),
 # rewritten only when missing or not the bytes tests/data/family_goldens.json was made from.
 synthetic: deps refdata
 	$(BUILD)/venv/bin/python tools/make_family_ggufs.py

@@ -16,9 +16,13 @@ copied from llama.cpp's vocab-only test file, ~/.cache/kvlm/refdata/llama.cpp-0.
                      original context 32768 (training context 131072)
   qwen2-yarn-orig32  the same with original context 32, so the prompts run past it and the ramp
                      interpolates most pairs (a real file's 32768 is beyond a test's prompts)
+  phi3-128k          phi3's dims as Phi-3-mini-128k: LongRoPE rope_factors_long/short [48]
+                     (random, log-uniform in [1, 64] and [1, 2]), original context 4096,
+                     training context 131072, attn_factor sqrt(1 + ln 32 / ln 4096); goldens at
+                     n_ctx 128 (the short factors) and 8192 (the long ones: phi3-128k-long)
 
 Token embeddings (and Phi-3's output) are Q4_0, attention matrices Q8_0, FFN matrices Q4_0, norms
-and biases F32: 95-280 MB a file, ~0.9 GB in all, written to ~/.cache/kvlm/synthetic/ (or
+and biases F32: 95-280 MB a file, ~1.2 GB in all, written to ~/.cache/kvlm/synthetic/ (or
 $KVLM_SYNTHETIC), never to the repository. Weights come from numpy's default_rng seeded per
 (family, tensor) and gguf's own quantizers, streamed a tensor at a time, so the files are the same
 bytes on every machine with the pinned gguf==0.19.0 and numpy (scripts/setup-python.sh).
@@ -83,6 +87,10 @@ kFamilies = [
     dict(name="qwen2-yarn-orig32", arch="qwen2", vocab="qwen2", n_embd=896, n_head=14,
          n_head_kv=2, head_dim=64, n_ff=4864, n_ctx=131072, rope_base=1e6, eps=1e-6, tied=True,
          qkv_bias=True, n_text=151643, yarn=(4.0, 32)),
+    dict(name="phi3-128k", arch="phi3", vocab="phi-3", n_embd=3072, n_head=32, n_head_kv=32,
+         head_dim=96, n_ff=8192, n_ctx=131072, rope_base=10000.0, eps=1e-5, tied=False,
+         fused=True, sliding_window=262144, n_text=32000, longrope=4096,
+         runs=(("phi3-128k", 128), ("phi3-128k-long", 8192))),
 ]
 kRunCtx = 128  # llama.cpp's n_ctx for a family without runs
 
@@ -100,9 +108,18 @@ def llama3_factors(fam: dict) -> np.ndarray:
     return np.exp(rng.uniform(0.0, np.log(32.0), fam["head_dim"] // 2)).astype(np.float32)
 
 
+def longrope_factors(fam: dict, which: int) -> np.ndarray:
+    """rope_factors_long (which 0: log-uniform in [1, 64]) or _short (1: in [1, 2]) [head_dim / 2].
+    Real Phi-3 128k sets are smooth in the pair index; random ones make every pair count, and
+    sets this far apart make a forward pass that picks the wrong one fail."""
+    rng = np.random.default_rng([kSeed, kFamilies.index(fam), 998 - which])
+    hi = 64.0 if which == 0 else 2.0
+    return np.exp(rng.uniform(0.0, np.log(hi), fam["head_dim"] // 2)).astype(np.float32)
+
+
 def tensor_specs(fam: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...], QT, float]]:
     """(name, numpy shape = reversed GGUF ne, type, std) in file order; std 0 marks a norm weight
-    (1 + 0.1 N), std < 0 a fixed tensor (rope_freqs)."""
+    (1 + 0.1 N), std < 0 a fixed tensor (-1 rope_freqs, -2 rope_factors_long, -3 _short)."""
     E, F, hd = fam["n_embd"], fam["n_ff"], fam["head_dim"]
     Q, KV = fam["n_head"] * hd, fam["n_head_kv"] * hd
     s = [("token_embd.weight", (n_vocab, E), QT.Q4_0, 3.0 / np.sqrt(E)),
@@ -111,6 +128,9 @@ def tensor_specs(fam: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...], QT
         s.append(("output.weight", (n_vocab, E), QT.Q4_0, 3.0 / np.sqrt(E)))
     if fam.get("rope_freqs"):
         s.append(("rope_freqs.weight", (hd // 2,), QT.F32, -1.0))
+    if fam.get("longrope"):
+        s += [("rope_factors_long.weight", (hd // 2,), QT.F32, -2.0),
+              ("rope_factors_short.weight", (hd // 2,), QT.F32, -3.0)]
     for il in range(kLayers):
         b = f"blk.{il}."
         s.append((b + "attn_norm.weight", (E,), QT.F32, 0.0))
@@ -139,8 +159,10 @@ def tensor_specs(fam: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...], QT
 
 def tensor_data(fam: dict, idx: int, shape: tuple[int, ...], qtype: QT, std: float) -> np.ndarray:
     rng = np.random.default_rng([kSeed, kFamilies.index(fam), idx])
-    if std < 0:
+    if std == -1.0:
         return llama3_factors(fam)
+    if std < 0:
+        return longrope_factors(fam, 0 if std == -2.0 else 1)
     if std == 0:
         return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
     if qtype == QT.F32:
@@ -179,6 +201,11 @@ def write_family(fam: dict, path: Path) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(orig)
+    if "longrope" in fam:  # as its Phi3MiniModel writes a 128k model: no scaling type key
+        orig = fam["longrope"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(
+            float(np.sqrt(1.0 + np.log(fam["n_ctx"] / orig) / np.log(orig))))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     n_vocab = copy_tokenizer(w, src)
     w.add_vocab_size(n_vocab)

@@ -301,7 +301,8 @@ kSwaBad = [("window0", 0, None), ("window-past-ctx", 129, None), ("pattern-past-
 kRopeBad = [("type", {"type": "dynamic"}),
             ("yarn-log-mul", {"type": "yarn", "factor": 4.0, "yarn_log_multiplier": 0.1}),
             ("yarn-beta", {"type": "yarn", "factor": 4.0, "yarn_beta_fast": -1.0}),
-            ("factor", {"type": "linear", "factor": -2.0})]
+            ("factor", {"type": "linear", "factor": -2.0}),
+            ("longrope-one-set", {"type": "longrope"})]  # with rope_factors_long only
 
 
 def add_swa(w: gguf.GGUFWriter, arch: str, window, pattern) -> None:
@@ -336,7 +337,8 @@ def write_bad_swa(path: Path, hp: dict, window, pattern) -> None:
 
 
 def write_bad_rope(path: Path, hp: dict, keys: dict) -> None:
-    """A llama header whose only fault is its RoPE scaling keys; no tensors."""
+    """A llama header whose only fault is its RoPE scaling keys; no tensors (but LongRoPE's
+    long factors for the longrope case)."""
     w = gguf.GGUFWriter(str(path), "llama")
     add_shape(w, "llama", hp)
     for k, v in keys.items():
@@ -345,6 +347,9 @@ def write_bad_rope(path: Path, hp: dict, keys: dict) -> None:
             w.add_string(key, v)
         else:
             w.add_float32(key, v)
+    if keys.get("type") == "longrope":
+        w.add_tensor("rope_factors_long.weight", np.ones(hp["n_embd"] // hp["n_head"] // 2,
+                                                         dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

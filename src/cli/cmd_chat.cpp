@@ -106,7 +106,7 @@ int run_chat(const ChatArgs& a) {
   SamplingParams sp = a.sampling;
   sp.seed = a.seed_given ? a.seed : std::random_device{}();
   validate(sp);
-  auto model = Model::load(resolve_model(a.model));
+  auto model = load_model(resolve_model(a.model), a.cache);
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ChatTemplate tmpl = load_chat_template(*tok, a.chat_template);
   KvOptions kvo = to_kv_options(a.cache, model->config());

@@ -146,7 +146,7 @@ int run_generate(const GenerateArgs& a) {
   sp.seed = a.seed_given ? a.seed : std::random_device{}();
   validate(sp);
 
-  auto model = Model::load(resolve_model(a.model));
+  auto model = load_model(resolve_model(a.model), a.cache);
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ModelConfig& c = model->config();
   const KvOptions kvo = to_kv_options(a.cache, c);

@@ -68,13 +68,15 @@ void print_model(const Model& model) {
     fmt::print("  rope              {} dims, freq_base {}", c.n_rot, c.rope_freq_base);
     if (c.rope_scaling != "none") fmt::print(", {} scaling", c.rope_scaling);
     if (c.rope_freq_scale != 1.0f) fmt::print(" x{}", c.rope_freq_scale);
-    if (c.rope_ext_factor != 0.0f)
+    if (c.rope_ext_factor != 0.0f || c.rope_scaling == "longrope")
       fmt::print(" (original context {})", c.rope_n_ctx_orig);
     if (c.rope_attn_factor != 1.0f) fmt::print(", attention factor {}", c.rope_attn_factor);
     if (!c.rope_freq_factors.empty()) {
       const auto [lo, hi] =
           std::minmax_element(c.rope_freq_factors.begin(), c.rope_freq_factors.end());
       fmt::print(", frequency factors {}..{}", *lo, *hi);
+      if (c.rope_scaling == "longrope")  // Model::load(path) loads for the training context
+        fmt::print(" (the long set, for contexts above {})", c.rope_n_ctx_orig);
     }
     fmt::print("\n");
   }

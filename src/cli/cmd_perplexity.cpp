@@ -43,7 +43,7 @@ int run_perplexity(const PerplexityArgs& a) {
   opts.kl_base_out = a.kl_base_out;
 
   const std::string text = read_text_file(a.file);
-  auto model = Model::load(resolve_model(a.model));
+  auto model = Model::load(resolve_model(a.model), a.n_ctx);  // LongRoPE: factors for a chunk
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ModelConfig& c = model->config();
   opts.kv = to_kv_options(a.cache, c);

@@ -213,7 +213,7 @@ int run_serve(ServeArgs& a) {
   if (max_body == 0) fail("--max-body '{}': expected more than 0 bytes", a.max_body);
 
   const std::string path = resolve_model(a.model);
-  auto model = Model::load(path);
+  auto model = load_model(path, a.cache);
   auto tok = Tokenizer::from_gguf(model->gguf());
   const auto chat = serve_chat_template(*tok, a.chat_template);
   const KvOptions kvo = to_kv_options(a.cache, model->config());

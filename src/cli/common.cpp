@@ -216,7 +216,7 @@ KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c) {
   o.dtype_k = parse_cache_type(f.ctk, "-ctk");
   o.dtype_v = parse_cache_type(f.ctv, "-ctv");
   o.alloc = f.alloc == "dynamic" ? KvAlloc::Dynamic : KvAlloc::Static;
-  o.n_ctx = f.n_ctx > 0 ? f.n_ctx : std::min<int64_t>(4096, c.n_ctx_train);
+  o.n_ctx = f.n_ctx > 0 ? f.n_ctx : std::min<int64_t>(kDefaultCtx, c.n_ctx_train);
   if (f.window > 0) {
     if (f.keep >= 0) fail("--kv-window and --keep are two eviction policies: choose one");
     if (f.n_ctx > 0)
@@ -245,6 +245,12 @@ KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c) {
     fail("a context of {} tokens is larger than the {} positions this model has learned", o.n_ctx,
          c.n_ctx_train);
   return o;
+}
+
+std::unique_ptr<Model> load_model(const std::string& path, const CacheFlags& f) {
+  // Without --ctx-size, to_kv_options runs min(kDefaultCtx, n_ctx_train), and Model::load
+  // clamps the context to n_ctx_train for its choice: the same number.
+  return Model::load(path, f.n_ctx > 0 ? f.n_ctx : kDefaultCtx);
 }
 
 }  // namespace kvlm::cli

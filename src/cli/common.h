@@ -4,10 +4,12 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "engine/session.h"
 #include "model/config.h"
+#include "model/model.h"
 #include "sampling/sampler.h"
 #include "template/chat_template.h"
 #include "tensor/dtype.h"
@@ -49,6 +51,10 @@ struct CacheFlags {
 void add_cache_flags(CLI::App* app, CacheFlags& f, bool context_flag = true);
 // "K f16 / V f16" plus the layout: ", dynamic", ", window 1024 + 4 sinks", ", KIVI residual 32".
 std::string describe_cache(const KvOptions& o);
+// The context a command runs when -c/--ctx-size is not given: min(this, the training context).
+inline constexpr int64_t kDefaultCtx = 4096;
+// Model::load for the context the flags ask for (LongRoPE models choose their factors by it).
+std::unique_ptr<Model> load_model(const std::string& path, const CacheFlags& f);
 // Resolves the flags against a model into the session's KvOptions; kvlm::Error naming the flag.
 KvOptions to_kv_options(const CacheFlags& f, const ModelConfig& c);
 

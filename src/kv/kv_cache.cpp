@@ -54,8 +54,8 @@ void kv_rerotate_k_row(const KvShape& shape, const KvRope& rope, int64_t delta, 
   } else {
     // The forward pass's tables (rope_rotate equals rope() bit for bit), with the model's
     // scaled frequencies; per calling thread, so a shift allocates them once. No magnitude
-    // factor (YaRN's mscale, attn_factor): the stored row carries it once already (llama.cpp's
-    // K shift applies it again).
+    // factor (YaRN's mscale, LongRoPE's attn_factor): the stored row carries it once already
+    // (llama.cpp's K shift applies it again).
     thread_local std::vector<double> inv_freq, cs;  // [n_rot / 2], [2, n_rot / 2]
     inv_freq.resize(static_cast<size_t>(rope.n_rot / 2));
     cs.resize(static_cast<size_t>(rope.n_rot));

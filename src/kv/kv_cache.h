@@ -24,8 +24,8 @@ struct KvRope {
   float freq_base = 10000.0f;
   kernels::RopeMode mode = kernels::RopeMode::Normal;
   float freq_scale = 1.0f;            // linear or YaRN scaling: 1 / rope.scaling.factor
-  std::vector<float> freq_factors{};  // [n_rot / 2] Llama 3's rope_freqs (pair i's frequency
-                                      //   divided by factor i), or empty
+  std::vector<float> freq_factors{};  // [n_rot / 2] pair i's frequency divided by factor i: Llama
+                                      //   3's rope_freqs, or LongRoPE's long or short set; or empty
   // YaRN (rope.scaling.type yarn): pairs that turn fewer than beta_slow times over n_ctx_orig
   // positions are interpolated (freq_scale), pairs that turn more than beta_fast times keep
   // their frequency, a linear ramp in the pair index between (llama.cpp's corr_dims).

@@ -69,19 +69,21 @@ struct ModelConfig {
   float rope_freq_base_swa = 10000.0f;  // the windowed layers' base (ArchInfo::swa_rope_base)
   float attn_scale = 0;      // attention_scale(): 1/sqrt(head_dim) for most models
   // RoPE scaling (read_rope, model.cpp; the fields mean what KvRope's do, kv/kv_cache.h):
-  std::string rope_scaling = "none";  // none, linear or yarn (for kvlm inspect)
+  std::string rope_scaling = "none";  // none, linear, yarn or longrope (for kvlm inspect)
   // Linear and YaRN scaling (<arch>.rope.scaling.factor F): frequencies times 1 / F (YaRN: only
   // the interpolated pairs, rope_ext_factor != 0).
   float rope_freq_scale = 1.0f;
-  // Llama-3 frequency factors (rope_freqs.weight): pair i's frequency divided by factor i.
+  // Pair i's frequency divided by factor i: Llama 3's rope_freqs.weight, or LongRoPE's
+  // rope_factors_long.weight when the context asked for at load exceeds rope_n_ctx_orig, else
+  // rope_factors_short.weight (Phi-3 128k; llama.cpp's choice).
   std::vector<float> rope_freq_factors;  // [n_rot / 2], or empty
   float rope_ext_factor = 0.0f;  // YaRN's ramp weight: 1 with type yarn, 0 otherwise
   int32_t rope_n_ctx_orig = 0;   // .rope.scaling.original_context_length, else n_ctx_train
   float rope_beta_fast = 32.0f;  // YaRN ramp ends (.rope.scaling.yarn_beta_fast / _slow)
   float rope_beta_slow = 1.0f;
   // Every rotated Q and K value is multiplied by this, so scores of the rotated dims grow by its
-  // square: .rope.scaling.attn_factor times, with YaRN and F > 1, 1 + 0.1 ln F (YaRN's
-  // "mscale"), as llama.cpp applies both.
+  // square: .rope.scaling.attn_factor (LongRoPE: sqrt(1 + ln F / ln n_ctx_orig)) times, with
+  // YaRN and F > 1, 1 + 0.1 ln F (YaRN's "mscale"), as llama.cpp applies both.
   float rope_attn_factor = 1.0f;
   bool tied_output = false;  // output projection shares token_embd
   // Sliding-window attention per layer: layer il's query at position p sees keys at positions

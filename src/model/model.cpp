@@ -139,16 +139,16 @@ double read_float_at_least(const GgufFile& f, const std::string& key, double dfl
 // linear) with .rope.scaling.factor F (or the old .rope.scale_linear): linear: every frequency
 // times 1 / F; yarn: the interpolated pairs only, the ramp's ends from .yarn_beta_fast / _slow
 // (32, 1) over .rope.scaling.original_context_length, and rotated values times 1 + 0.1 ln F;
-// none: nothing. Any type multiplies
+// longrope: LongRoPE's factor tensors (read_rope_factors); none: nothing. Any type multiplies
 // rotated values by .rope.scaling.attn_factor (1). YaRN keys whose meaning llama.cpp's own use
 // changes per architecture (ext_factor, attn_factor, log_multiplier) are refused.
 void read_rope_scaling(const GgufFile& f, const std::string& a, ModelConfig& c) {
   const std::string tk = a + "rope.scaling.type";
   c.rope_scaling = f.find(tk) ? f.get_string(tk).value_or("?") : "linear";
   const std::string& type = c.rope_scaling;
-  if (type != "none" && type != "linear" && type != "yarn")
-    fail("{}: '{}' = '{}' is not supported (kvlm runs none, linear and yarn)", f.path(), tk,
-         type);
+  if (type != "none" && type != "linear" && type != "yarn" && type != "longrope")
+    fail("{}: '{}' = '{}' is not supported (kvlm runs none, linear, yarn and longrope)", f.path(),
+         tk, type);
   double factor = read_float_at_least(f, a + "rope.scaling.factor", 0.0, 0.0);
   if (factor == 0.0) factor = read_float_at_least(f, a + "rope.scale_linear", 0.0, 0.0);
   const bool scaled = (type == "linear" || type == "yarn") && factor > 0.0;
@@ -183,20 +183,31 @@ std::vector<float> read_factor_tensor(const GgufFile& f, const char* name, int32
   return v;
 }
 
-// Llama 3's frequency factors (rope_freqs.weight [n_rot / 2]); LongRoPE's (Phi-3 128k) are
-// refused, naming the tensor.
-void read_rope_factors(const GgufFile& f, ModelConfig& c) {
-  for (const char* t : {"rope_factors_long.weight", "rope_factors_short.weight"})
-    if (f.tensor(t))
-      fail("{}: tensor '{}' (LongRoPE, as in Phi-3 128k) is not supported", f.path(), t);
+// Frequency factors as llama.cpp picks them: Llama 3's rope_freqs.weight, else LongRoPE's
+// rope_factors_long.weight when the context the model will run exceeds the original one (n_ctx,
+// at most n_ctx_train; 0: the training context, as llama.cpp's n_ctx 0), else
+// rope_factors_short.weight.
+void read_rope_factors(const GgufFile& f, int64_t n_ctx, ModelConfig& c) {
   c.rope_freq_factors.clear();
-  if (f.tensor("rope_freqs.weight"))
+  if (f.tensor("rope_freqs.weight")) {
     c.rope_freq_factors = read_factor_tensor(f, "rope_freqs.weight", c.n_rot);
+    return;
+  }
+  const bool has_long = f.tensor("rope_factors_long.weight") != nullptr;
+  if (has_long != (f.tensor("rope_factors_short.weight") != nullptr))
+    fail("{}: LongRoPE needs both 'rope_factors_long.weight' and 'rope_factors_short.weight'",
+         f.path());
+  if (!has_long) return;
+  if (n_ctx <= 0 || n_ctx > c.n_ctx_train) n_ctx = c.n_ctx_train;
+  c.rope_freq_factors = read_factor_tensor(
+      f, n_ctx > c.rope_n_ctx_orig ? "rope_factors_long.weight" : "rope_factors_short.weight",
+      c.n_rot);
+  if (c.rope_scaling == "none") c.rope_scaling = "longrope";  // Phi-3 files carry no type
 }
 
 // RoPE as llama.cpp reads it: <arch>.rope.freq_base (10000), .rope.dimension_count (head_dim),
 // the scaling keys (read_rope_scaling) and frequency factors (read_rope_factors).
-void read_rope(const GgufFile& f, const std::string& a, ModelConfig& c) {
+void read_rope(const GgufFile& f, const std::string& a, int64_t n_ctx, ModelConfig& c) {
   c.rope_freq_base = static_cast<float>(f.get_float(a + "rope.freq_base").value_or(10000.0));
   c.n_rot = f.find(a + "rope.dimension_count")
                 ? require_int(f, a + "rope.dimension_count", 2, c.head_dim)
@@ -209,7 +220,7 @@ void read_rope(const GgufFile& f, const std::string& a, ModelConfig& c) {
           ? static_cast<float>(f.get_float(a + "rope.freq_base_swa").value_or(c.arch->swa_rope_base))
           : c.rope_freq_base;
   read_rope_scaling(f, a, c);
-  read_rope_factors(f, c);
+  read_rope_factors(f, n_ctx, c);
 }
 
 // Q, K and V of layer il: attn_q/k/v, or the row ranges of a fused attn_qkv [q | k | v]; their
@@ -278,7 +289,7 @@ void bind_layer(const GgufFile& f, TensorBinder& b, const ModelConfig& c, int32_
 
 }  // namespace
 
-std::unique_ptr<Model> Model::load(const std::string& path) {
+std::unique_ptr<Model> Model::load(const std::string& path, int64_t n_ctx) {
   std::unique_ptr<Model> m(new Model());
   m->file_ = GgufFile::open(path);
   const GgufFile& f = *m->file_;
@@ -311,7 +322,7 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
   auto eps = f.get_float(a + arch.eps_key);
   if (!eps) fail("{}: missing metadata key '{}{}'", path, a, arch.eps_key);
   c.norm_eps = static_cast<float>(*eps);
-  if (arch.pos == PosKind::Rope) read_rope(f, a, c);
+  if (arch.pos == PosKind::Rope) read_rope(f, a, n_ctx, c);
   // llama.cpp reads this for Gemma 3 (tanh-capped logits); kvlm has no capping, so a file that
   // asks for it is refused rather than run wrong.
   if (f.get_float(a + "final_logit_softcapping").value_or(0.0) != 0.0)

@@ -100,8 +100,11 @@ KvRope kv_rope_of(const ModelConfig& c);
 class Model {
  public:
   // Maps the file and validates architecture, hyper-parameters and every tensor's shape and type.
+  // n_ctx: the context per sequence the caller will run (0 or more than the training context: the
+  // training context, as llama.cpp's n_ctx 0); only LongRoPE models depend on it, choosing their
+  // long or short frequency factors.
   // Throws kvlm::Error with one line naming the file and the problem.
-  static std::unique_ptr<Model> load(const std::string& path);
+  static std::unique_ptr<Model> load(const std::string& path, int64_t n_ctx = 0);
 
   const ModelConfig& config() const { return config_; }
   const Weights& weights() const { return weights_; }

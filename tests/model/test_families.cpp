@@ -1,7 +1,9 @@
 // kvlm against llama.cpp on random-weight GGUFs of each supported family at its real dimensions
 // (Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B, Phi-3-mini; 2 layers) with its real vocabulary, and
 // of the RoPE scalings: Qwen2.5 with YaRN (original context 32768, and 32 so that the prompts
-// pass it).
+// pass it), Phi-3-mini-128k's LongRoPE at a context within the original one (short factors) and
+// beyond it (long factors; the goldens' n_ctx is what llama.cpp ran and what the model is loaded
+// for).
 // tools/make_family_ggufs.py writes the files into ~/.cache/kvlm/synthetic (`make synthetic`,
 // which `make test` runs) and, with --goldens, llama.cpp's logits into
 // tests/data/family_goldens.json. Prompts are token ids: the tokenizer is not involved.
@@ -129,7 +131,7 @@ TEST_P(Families, LogitsMatchLlamaCpp) {
       << path << " is not the file the goldens were made from: rerun `make synthetic` with the "
       << "pinned gguf and numpy (scripts/setup-python.sh)";
 
-  auto model = Model::load(path);
+  auto model = Model::load(path, fj.value("n_ctx", 128));
   EXPECT_EQ(model->config().arch->name, fj["arch"].get<std::string>());
   const int32_t V = model->config().n_vocab;
   ASSERT_EQ(V, fj["n_vocab"].get<int32_t>());
@@ -153,9 +155,31 @@ TEST_P(Families, LogitsMatchLlamaCpp) {
   EXPECT_LE(m.positions - m.agree, std::max(2, fj["fa_argmax_flips"].get<int>()));
 }
 
+// LongRoPE's factor set follows the context the model is loaded for, as llama.cpp's does: the
+// long set above the original 4096 positions (0 counts as the training context), the short set
+// up to it.
+TEST(LongRope, FactorsFollowTheContext) {
+  const std::string path = test::synthetic_dir() + "/phi3-128k-dims-random-2l.gguf";
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: `make synthetic`";
+  auto factors = [&](int64_t n_ctx) {
+    return Model::load(path, n_ctx)->config().rope_freq_factors;
+  };
+  const auto f = GgufFile::open(path);
+  auto tensor = [&](const char* name) {
+    const float* p = reinterpret_cast<const float*>(f->tensor(name)->data);
+    return std::vector<float>(p, p + 48);
+  };
+  const std::vector<float> lng = tensor("rope_factors_long.weight");
+  const std::vector<float> shrt = tensor("rope_factors_short.weight");
+  ASSERT_NE(lng, shrt);
+  EXPECT_EQ(factors(4096), shrt);  // 128 and 8192: the goldens above
+  EXPECT_EQ(factors(4097), lng);
+  EXPECT_EQ(factors(0), lng);
+}
+
 INSTANTIATE_TEST_SUITE_P(LlamaCpp, Families,
                          ::testing::Values("llama3", "qwen2", "qwen3", "phi3", "qwen2_yarn",
-                                           "qwen2_yarn_orig32"),
+                                           "qwen2_yarn_orig32", "phi3_128k", "phi3_128k_long"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

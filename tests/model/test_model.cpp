@@ -190,6 +190,7 @@ TEST(Load, UnsupportedRopeScalingIsRefusedNamingTheKey) {
       {"tiny-rope-bad-yarn-log-mul.gguf", "'llama.rope.scaling.yarn_log_multiplier' is set"},
       {"tiny-rope-bad-yarn-beta.gguf", "'llama.rope.scaling.yarn_beta_fast' = -1"},
       {"tiny-rope-bad-factor.gguf", "'llama.rope.scaling.factor' = -2"},
+      {"tiny-rope-bad-longrope-one-set.gguf", "LongRoPE needs both 'rope_factors_long.weight'"},
   };
   test::expect_loads_refused(cases);
 }

@@ -32,6 +32,8 @@ Modes:
                                                 #   goldens, else (re)write and check them
   python3 tools/make_family_ggufs.py --goldens  # build, then run llama.cpp (llama-cpp-python
                                                 #   0.3.36) and write tests/data/family_goldens.json
+  python3 tools/make_family_ggufs.py --goldens --only qwen2-yarn   # rerun llama.cpp for these
+                                                #   families only, keeping the other records
 
 The goldens (never edited by hand) hold each file's sha256 and, per prompt of random token ids
 (the tokenizer is not involved), per position: argmax, top-8 (id, logit), logsumexp of the row and

@@ -17,7 +17,7 @@ llama.cpp's. The weights are noise: these files measure speed, never quality.
 Output goes to ~/.cache/kvlm/bench/ (or --out), built once: an existing file is kept.
 
 Usage (with the llama-cpp-python venv, e.g. /work/venv-ref):
-  python3 tools/make_kquant_bench_gguf.py                         # F16 + Q4_K_M Q5_K_M Q6_K IQ4_XS
+  python3 tools/make_kquant_bench_gguf.py                         # F16 + every ftype below
   python3 tools/make_kquant_bench_gguf.py --ftypes q4_k_m --check
 """
 
@@ -48,6 +48,8 @@ kFtypes = {  # name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* (llama.h)
     "q5_k_m": 17,
     "q6_k": 18,
     "iq4_xs": 30,
+    "q3_k_m": 12,  # Q3_K with Q4_K / Q5_K / Q6_K for some tensors
+    "q2_k": 10,    # Q2_K with Q3_K / Q4_K / Q6_K for some tensors
 }
 
 

@@ -1,6 +1,6 @@
 // Quantized-activation formats shared by the kernel variants (internal to src/kernels).
 //
-// For Q4_0, Q4_1, Q5_0, Q8_0 weights and the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS), matmul
+// For Q4_0, Q4_1, Q5_0, Q8_0 weights and the packed K types (Q2_K .. Q6_K, IQ4_XS), matmul
 // and dot_row first quantize each f32 activation row to 8 bits and then run integer block dots,
 // as llama.cpp's CPU backend does: in blocks of 32 (Q8_0, or Q8_1 for Q4_1 weights) for the
 // 32-column types, in super-blocks of 256 with one f32 scale (BlockQ8_K) for the K types, so the
@@ -40,7 +40,9 @@ inline DType act_type(DType t) {
     case DType::Q5_0:  // as llama.cpp: Q5_0 rows are 32-column blocks
     case DType::Q8_0:
       return DType::Q8_0;
-    case DType::Q4_K:  // the K types with packed kernels (ref::k_packed_type)
+    case DType::Q2_K:  // the K types with packed kernels (ref::k_packed_type)
+    case DType::Q3_K:
+    case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
     case DType::IQ4_XS:

@@ -1,4 +1,4 @@
-// Repacking of Q4_0 / Q4_1 / Q5_0 / Q8_0 and Q4_K / Q5_K / Q6_K / IQ4_XS matrices into
+// Repacking of Q4_0 / Q4_1 / Q5_0 / Q8_0 and Q2_K .. Q6_K / IQ4_XS matrices into
 // interleaved row groups (layout in packed.h).
 // Plain byte moves, compiled for any x86-64 (and any CPU): the same bytes whichever kernel
 // variant later reads them.
@@ -52,6 +52,8 @@ void sub_codes(DType t, const ref::KInts& ki, int b, int* c) {
     const int q = ki.q[32 * b + j];
     if (t == DType::Q6_K) {
       c[j] = q + 32;  // 0..63
+    } else if (t == DType::Q3_K) {
+      c[j] = q + 4;  // 0..7
     } else if (t == DType::IQ4_XS) {
       int idx = 0;  // the table index whose value is q (k_block_ints read it from there)
       while (kIq4nlValues[idx] != q) ++idx;
@@ -62,14 +64,29 @@ void sub_codes(DType t, const ref::KInts& ki, int b, int* c) {
   }
 }
 
-// Fifth bits of 32 codes into row k's lanes (PackedQ5_0 / PackedQ5_K's qh).
-void put_fifth_bits(uint8_t* qh, int k, const int* c) {
+// Bit `bit` of 32 codes into row k's lanes (PackedQ5_0 / PackedQ5_K's fifth bits, bit 4;
+// PackedQ3_K's third, bit 2): qh[4 k + j] bit i = column 4 i + j, bit 4 + i = 16 + 4 i + j.
+void put_bits(uint8_t* qh, int k, const int* c, int bit) {
   for (int j = 0; j < 4; ++j) {
     int h = 0;
     for (int i = 0; i < 4; ++i)
-      h |= ((c[4 * i + j] >> 4) & 1) << i | ((c[16 + 4 * i + j] >> 4) & 1) << (4 + i);
+      h |= ((c[4 * i + j] >> bit) & 1) << i | ((c[16 + 4 * i + j] >> bit) & 1) << (4 + i);
     qh[4 * k + j] = static_cast<uint8_t>(h);
   }
+}
+
+void put_fifth_bits(uint8_t* qh, int k, const int* c) { put_bits(qh, k, c, 4); }
+
+// Bits shift, shift + 1 of 32 codes into row k's lanes, 2 bits per column (Q6_K's high bits,
+// shift 4; Q2_K's codes and Q3_K's low bits, shift 0): q[u][4 k + j] bits 2 i, 2 i + 1 = column
+// 16 u + 4 i + j.
+void put_two_bits(uint8_t (&q)[2][32], int k, const int* c, int shift) {
+  for (int u = 0; u < 2; ++u)
+    for (int j = 0; j < 4; ++j) {
+      int h = 0;
+      for (int i = 0; i < 4; ++i) h |= ((c[16 * u + 4 * i + j] >> shift) & 3) << (2 * i);
+      q[u][4 * k + j] = static_cast<uint8_t>(h);
+    }
 }
 
 // Q5_0: each row's 5-bit codes (ref's dequant_q5 layout) re-laid as PackedQ5_0.
@@ -98,21 +115,27 @@ void pack_q5_0(const TensorView& w, int64_t g, PackedQ5_0* dst) {
 template <class P>
 void put_sub(P& p, int k, int b, const ref::KInts& ki, const int* c) {
   auto& s = p.b[b];
-  put_nibbles(s.qs, k, c);
-  if constexpr (std::is_same_v<P, PackedIQ4_XS>) {
-    s.sc[k] = ki.sc[2 * b];
-  } else if constexpr (std::is_same_v<P, PackedQ6_K>) {
+  if constexpr (std::is_same_v<P, PackedQ2_K>) {
+    for (int h = 0; h < 2; ++h)
+      s.sm[k][h] = static_cast<uint8_t>(ki.sc[2 * b + h] | ki.m[2 * b + h] << 4);
+    put_two_bits(s.qs, k, c, 0);
+  } else if constexpr (std::is_same_v<P, PackedQ3_K>) {
     s.sc[k][0] = ki.sc[2 * b];
     s.sc[k][1] = ki.sc[2 * b + 1];
-    for (int u = 0; u < 2; ++u)
-      for (int j = 0; j < 4; ++j) {
-        int h = 0;
-        for (int i = 0; i < 4; ++i) h |= ((c[16 * u + 4 * i + j] >> 4) & 3) << (2 * i);
-        s.qh[u][4 * k + j] = static_cast<uint8_t>(h);
-      }
+    put_two_bits(s.qs, k, c, 0);
+    put_bits(s.qh, k, c, 2);
+  } else if constexpr (std::is_same_v<P, PackedIQ4_XS>) {
+    put_nibbles(s.qs, k, c);
+    s.sc[k] = ki.sc[2 * b];
+  } else if constexpr (std::is_same_v<P, PackedQ6_K>) {
+    put_nibbles(s.qs, k, c);
+    s.sc[k][0] = ki.sc[2 * b];
+    s.sc[k][1] = ki.sc[2 * b + 1];
+    put_two_bits(s.qh, k, c, 4);
   } else {
+    put_nibbles(s.qs, k, c);
     s.sm[k][0] = static_cast<uint8_t>(ki.sc[2 * b]);
-    s.sm[k][1] = ki.m[b];
+    s.sm[k][1] = ki.m[2 * b];
     if constexpr (std::is_same_v<P, PackedQ5_K>) put_fifth_bits(s.qh, k, c);
   }
 }
@@ -131,6 +154,7 @@ void pack_k_blocks(const TensorView& w, int64_t g, P* dst) {
       ref::KInts ki{};
       if (r < w.n_rows) ref::k_block_ints(w.dtype, w.row(r) + ib * sb_bytes, &ki);
       if (r >= w.n_rows && w.dtype == DType::Q6_K) std::memset(ki.q, -32, sizeof(ki.q));
+      if (r >= w.n_rows && w.dtype == DType::Q3_K) std::memset(ki.q, -4, sizeof(ki.q));
       if (r >= w.n_rows && w.dtype == DType::IQ4_XS) std::memset(ki.q, -127, sizeof(ki.q));
       p.d[k] = ki.d;
       if constexpr (requires { p.dmin; }) p.dmin[k] = ki.dmin;
@@ -159,6 +183,10 @@ size_t packed_block_bytes(DType t) {
       return sizeof(PackedQ8_0);
     case DType::Q5_0:
       return sizeof(PackedQ5_0);
+    case DType::Q2_K:
+      return sizeof(PackedQ2_K);
+    case DType::Q3_K:
+      return sizeof(PackedQ3_K);
     case DType::Q4_K:
       return sizeof(PackedQ4_K);
     case DType::Q5_K:
@@ -182,6 +210,10 @@ void pack_group(const TensorView& w, int64_t g, uint8_t* dst) {
       return pack_blocks<BlockQ8_0>(w, g, reinterpret_cast<PackedQ8_0*>(dst));
     case DType::Q5_0:
       return pack_q5_0(w, g, reinterpret_cast<PackedQ5_0*>(dst));
+    case DType::Q2_K:
+      return pack_k_blocks(w, g, reinterpret_cast<PackedQ2_K*>(dst));
+    case DType::Q3_K:
+      return pack_k_blocks(w, g, reinterpret_cast<PackedQ3_K*>(dst));
     case DType::Q4_K:
       return pack_k_blocks(w, g, reinterpret_cast<PackedQ4_K*>(dst));
     case DType::Q5_K:

@@ -54,13 +54,15 @@ struct PackedQ5_0 {
 };
 static_assert(sizeof(PackedQ5_0) == 8 * sizeof(BlockQ5_0));
 
-// The K types (Q4_K, Q5_K, Q6_K, IQ4_XS) pack one 256-column super-block of the 8 rows per packed
+// The K types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) pack one 256-column super-block of the 8 rows per packed
 // block, read as integers (ref::k_block_ints: value = d * sc[e / 16] * q[e] - dmin * m[e / 32]).
 // Each 32-column sub-block b keeps the Q4 layout above for the low 4 bits of its codes (Q6_K's
 // codes stored as q + 32, 0..63; IQ4_XS's as their table index) and, per row k, its two 16-column
 // scales (or scale and min) as a pair of bytes [k][2], so one 16-byte load widens to 8 lanes of
 // int16 pairs. Q6_K's 2 high bits: qh[u][4 k + j] bits 2 i, 2 i + 1 = high bits of column
 // 16 u + 4 i + j. Q5_K's fifth bits: qh[4 k + j] bit i = column 4 i + j, bit 4 + i = 16 + 4 i + j.
+// Q2_K's 2-bit codes and Q3_K's low 2 bits (Q3_K's codes stored as q + 4, 0..7) take Q6_K's qh
+// layout (qs[u][4 k + j] bits 2 i, 2 i + 1 = column 16 u + 4 i + j); Q3_K's third bits Q5_K's.
 struct PackedQ4_K {
   uint16_t d[8];     // f16 super-block scales of rows 0..7
   uint16_t dmin[8];  // f16 scales of the mins
@@ -92,6 +94,28 @@ struct PackedQ6_K {
   } b[8];
 };
 static_assert(sizeof(PackedQ6_K) == 8 * sizeof(BlockQ6_K));
+
+// Q2_K: the GGUF block's bytes re-laid, no larger: per row a byte per 16 columns holding
+// scale | min << 4 (both 0..15), as in the file.
+struct PackedQ2_K {
+  uint16_t d[8];
+  uint16_t dmin[8];
+  struct Sub {
+    uint8_t sm[8][2];   // [row][scale | min << 4 of columns 0..15, of 16..31]
+    uint8_t qs[2][32];  // 2-bit codes, as above
+  } b[8];
+};
+static_assert(sizeof(PackedQ2_K) == 8 * sizeof(BlockQ2_K));
+
+struct PackedQ3_K {
+  uint16_t d[8];
+  struct Sub {
+    int8_t sc[8][2];    // [row][scale of columns 0..15, of 16..31], -32..31
+    uint8_t qs[2][32];  // low 2 bits, as above
+    uint8_t qh[32];     // third bits, as Q5_K's fifth
+  } b[8];
+};
+static_assert(sizeof(PackedQ3_K) == 8 * sizeof(BlockQ3_K) + 32);  // scales unpacked
 
 struct PackedIQ4_XS {
   uint16_t d[8];

@@ -387,7 +387,7 @@ void expect_matmul_near(const Weights& w, const std::vector<float>& x, int64_t n
         ref::k_block_ints(w.type, w.raw.data() + r * w.row_stride + c0 / kQK_K * sb, &k);
         for (int e = 0; e < kQK_K; ++e) {
           const double a = std::fabs(double(fp16_to_fp32(k.d)) * k.sc[e / 16] * k.q[e]) +
-                           std::fabs(double(fp16_to_fp32(k.dmin)) * k.m[e / 32]);
+                           std::fabs(double(fp16_to_fp32(k.dmin)) * k.m[e / 16]);
           for (int64_t i = 0; i < n_tok; ++i)
             k_terms[i * n_rows + r] += a * std::fabs(double(xq[i * n_cols + c0 + e]));
         }

@@ -366,7 +366,7 @@ double quantized_abs_terms(DType t, const uint8_t* w, const uint8_t* xq, int64_t
       for (int j = 0; j < 32; ++j) {
         const int e = 32 * int(b % 8) + j;
         sum += std::fabs(double(fp16_to_fp32(k.d)) * dx) * std::abs(k.sc[e / 16] * k.q[e] * xk.qs[e]);
-        sum += std::fabs(double(fp16_to_fp32(k.dmin)) * dx) * std::abs(k.m[e / 32] * xk.qs[e]);
+        sum += std::fabs(double(fp16_to_fp32(k.dmin)) * dx) * std::abs(k.m[e / 16] * xk.qs[e]);
       }
     } else {
       const auto* wb = reinterpret_cast<const BlockQ4_1*>(w) + b;
@@ -465,7 +465,7 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
   }
 }
 
-// The packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_k's
+// The packed K types (Q2_K .. Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_k's
 // arithmetic (Q5_0: ref's dot_q5_0_q8_0) for 8 rows at once, so every variant equals ref bit
 // for bit: every token count from 1 to 70 (the 1..4-token kernels, 64-token chunks and their
 // tails), 1 and 2 threads, groups short of 8 rows, packed at load or on the fly, unaligned rows,
@@ -474,7 +474,8 @@ TEST(Avx2Matmul, KQuantsEqualRefBitForBit) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(22);
   ThreadPool pool1(1), pool2(2);
-  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS, DType::Q5_0}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS, DType::Q3_K, DType::Q2_K,
+                  DType::Q5_0}) {
     for (auto [n_rows, n_cols] : {std::pair<int64_t, int64_t>{1, 256}, {7, 512}, {9, 256},
                                   {8, 1024}, {37, 768}, {5, 32}, {17, 96}}) {
       if (n_cols % packed_block_cols(t) != 0) continue;
@@ -521,12 +522,13 @@ TEST(Avx2Matmul, KQuantsEqualRefBitForBit) {
 }
 
 // The extremes of the K kernels' 16-bit stages: every code at its largest magnitude (Q4_K 15,
-// Q5_K 31, Q6_K -32 and 31, IQ4_XS -127 and 113) and the largest scales, against codes all +-127.
+// Q5_K 31, Q6_K -32 and 31, IQ4_XS -127 and 113, Q3_K -4 and 3, Q2_K 3) and the largest scales
+// (and mins), against codes all +-127. Three row groups, so the VNNI pair kernels run them too.
 TEST(Avx2Matmul, KQuantExtremesAreExact) {
   SKIP_WITHOUT_AVX2();
   ThreadPool pool(1);
-  const int64_t n = 512, n_rows = 9, n_tok = 5;
-  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
+  const int64_t n = 512, n_rows = 17, n_tok = 5;
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS, DType::Q3_K, DType::Q2_K}) {
     for (uint8_t fill : {uint8_t(0xff), uint8_t(0x00), uint8_t(0x80), uint8_t(0x7f)}) {
       for (float xv : {1.0f, -1.0f}) {
         const size_t stride = row_bytes(t, n);
@@ -544,6 +546,12 @@ TEST(Avx2Matmul, KQuantExtremesAreExact) {
         avx2::matmul(view, x.data(), yf.data(), n_tok, pool);
         for (size_t k = 0; k < yr.size(); ++k)
           ASSERT_EQ(bits_of(yf[k]), bits_of(yr[k])) << dtype_name(t) << " fill " << int(fill);
+        if (avx2::vnni_supported()) {
+          std::vector<float> yv(yr.size());
+          avx2::matmul_vnni(view, x.data(), yv.data(), n_tok, pool);
+          for (size_t k = 0; k < yr.size(); ++k)
+            ASSERT_EQ(bits_of(yv[k]), bits_of(yr[k])) << dtype_name(t) << " fill " << int(fill);
+        }
         // And the scalar twin against the exact value of its own integers (no saturation there).
         ref::KInts ki;
         ref::k_block_ints(t, w.data(), &ki);
@@ -553,7 +561,7 @@ TEST(Avx2Matmul, KQuantExtremesAreExact) {
         for (int64_t e = 0; e < n; ++e) {
           const double dx = xq[e / 256].d, p = xq[e / 256].qs[e % 256];
           want += double(fp16_to_fp32(ki.d)) * ki.sc[e % 256 / 16] * ki.q[e % 256] * p * dx -
-                  double(fp16_to_fp32(ki.dmin)) * ki.m[e % 256 / 32] * p * dx;
+                  double(fp16_to_fp32(ki.dmin)) * ki.m[e % 256 / 16] * p * dx;
         }
         ASSERT_NEAR(yr[0], want, 1e-5 * std::fabs(want) + 1e-6) << dtype_name(t) << " " << int(fill);
       }
@@ -652,7 +660,8 @@ TEST(Pack, LayoutIsTheDocumentedInterleave) {
     }
   }
   EXPECT_TRUE(pack_weights({DType::F16, nullptr, 4, 32, 64}).empty());
-  EXPECT_FALSE(packable(DType::Q2_K));
+  EXPECT_FALSE(packable(DType::F32));
+  EXPECT_TRUE(packable(DType::Q2_K));
   EXPECT_TRUE(packable(DType::Q5_0));
   EXPECT_TRUE(packable(DType::Q6_K));
 }

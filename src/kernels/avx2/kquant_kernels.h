@@ -1,4 +1,4 @@
-// The group kernels of Q5_0 and the packed K types (Q4_K, Q5_K, Q6_K, IQ4_XS; layout in
+// The group kernels of Q5_0 and the packed K types (Q2_K .. Q6_K, IQ4_XS; layout in
 // ../packed.h), the fast twins of ref::dot_k_q8_k and ref's dot_q5_0_q8_0 (ref/ref.h), bit for
 // bit. Included by kquant_avx2.cpp (AVX2: vpmaddubsw) and vnni_avx2.cpp (kVnni: AVX-512 VNNI's
 // vpdpbusd on 256-bit vectors), each compiling its own copy: everything here has internal linkage,
@@ -14,7 +14,8 @@
 // fma(-dmin * dx, float(msum), acc)): ref's operations, each rounded once, in ref's order.
 // Bounds on the 16-bit stages (vpmaddubsw pairs, summed before widening): Q4_K codes 0..15,
 // pairs <= 3810, 8 summed <= 30480; Q5_K 0..31, pairs <= 7874, 4 summed; Q6_K 0..63, pairs
-// <= 16002, 2 summed; IQ4_XS |value| <= 127, pairs <= 32258, widened at once. None saturates.
+// <= 16002, 2 summed; Q3_K 0..7 (q + 4), pairs <= 1778, 4 summed; Q2_K 0..3, pairs <= 762, 4
+// summed; IQ4_XS |value| <= 127, pairs <= 32258, widened at once. None saturates.
 // A super-block's isum stays below 2^28 (ref/ref.h).
 #pragma once
 
@@ -52,8 +53,8 @@ inline __m256i pair_hi(__m256i v) {
                          _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
-// (x >> n) or (x << -n) in 16-bit lanes, then & mask (a mask that keeps only bits from x's own
-// byte for |n| <= 4).
+// (x >> n) or (x << -n) in 16-bit lanes, then & mask (the masks used keep only bits from x's own
+// byte: 0x10 with |n| <= 4, 0x04 with -2 <= n <= 5, 0x03 with n <= 6).
 template <int kN>
 inline __m256i shift_and(__m256i x, __m256i mask) {
   if constexpr (kN > 0) return _mm256_and_si256(_mm256_srli_epi16(x, kN), mask);
@@ -66,8 +67,17 @@ inline __m256i shift_and(__m256i x, __m256i mask) {
 struct Sub {
   __m256i c[8];
   __m256i s0, s1;  // (scale, scale) of columns 0..15 and 16..31
-  __m256i sm;      // Q4_K / Q5_K: (min, min);  Q6_K: (scale 0..15, scale 16..31)
+  __m256i sm;      // Q4_K / Q5_K: (min, min);  Q2_K: (min 0..15, min 16..31);
+                   // Q6_K / Q3_K: (scale 0..15, scale 16..31)
 };
+
+// The types whose sub-blocks of 32 columns have two scales (one per 16), and the offset their
+// codes are stored with (packed.h): Q6_K q + 32, Q3_K q + 4, Q2_K q.
+template <class P>
+constexpr bool kTwoScales = std::is_same_v<P, PackedQ6_K> || std::is_same_v<P, PackedQ3_K> ||
+                            std::is_same_v<P, PackedQ2_K>;
+template <class P>
+constexpr int kCodeOffset = std::is_same_v<P, PackedQ6_K> ? 32 : std::is_same_v<P, PackedQ3_K> ? 4 : 0;
 
 template <class P, class S>
 inline void nibbles(const S& s, Sub& u) {
@@ -86,19 +96,14 @@ inline void unpack(const PackedQ4_K::Sub& s, Sub& u) {
   u.sm = pair_hi(sm);
 }
 
-// Q5's fifth bits (packed.h) onto the nibbles in u.
-inline void fifth_bits(__m256i h, Sub& u) {
-  const __m256i b4 = _mm256_set1_epi8(0x10);
-  // Bit i -> bit 4 of column vector i; bit 4 + i -> bit 4 of vector 4 + i.
-  u.c[0] = _mm256_or_si256(u.c[0], shift_and<-4>(h, b4));
-  u.c[1] = _mm256_or_si256(u.c[1], shift_and<-3>(h, b4));
-  u.c[2] = _mm256_or_si256(u.c[2], shift_and<-2>(h, b4));
-  u.c[3] = _mm256_or_si256(u.c[3], shift_and<-1>(h, b4));
-  u.c[4] = _mm256_or_si256(u.c[4], shift_and<0>(h, b4));
-  u.c[5] = _mm256_or_si256(u.c[5], shift_and<1>(h, b4));
-  u.c[6] = _mm256_or_si256(u.c[6], shift_and<2>(h, b4));
-  u.c[7] = _mm256_or_si256(u.c[7], shift_and<3>(h, b4));
+// Bit vectors h (packed.h's qh: bit v of a byte for column vector v) onto bit kBit of the codes
+// in u: Q5's fifth bits (kBit 4), Q3_K's third (kBit 2). Shifts within a byte: v - kBit in -4..5.
+template <int kBit, size_t... V>
+inline void or_bits(__m256i h, Sub& u, std::index_sequence<V...>) {
+  const __m256i m = _mm256_set1_epi8(1 << kBit);
+  ((u.c[V] = _mm256_or_si256(u.c[V], shift_and<static_cast<int>(V) - kBit>(h, m))), ...);
 }
+inline void fifth_bits(__m256i h, Sub& u) { or_bits<4>(h, u, std::make_index_sequence<8>()); }
 
 inline void unpack(const PackedQ5_K::Sub& s, Sub& u) {
   nibbles<PackedQ5_K>(s, u);
@@ -120,6 +125,36 @@ inline void unpack(const PackedQ6_K::Sub& s, Sub& u) {
       u.c[4 * half + v] = _mm256_or_si256(lo, hb[v]);
     }
   }
+  u.sm = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc)));
+  u.s0 = pair_lo(u.sm);
+  u.s1 = pair_hi(u.sm);
+}
+
+// 2 bits per column (packed.h's qs[u] of Q2_K / Q3_K) into the low bits of u.c.
+inline void two_bits(const uint8_t (&qs)[2][32], Sub& u) {
+  const __m256i m3 = _mm256_set1_epi8(0x03);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i raw = load(qs[half]);
+    u.c[4 * half + 0] = shift_and<0>(raw, m3);
+    u.c[4 * half + 1] = shift_and<2>(raw, m3);
+    u.c[4 * half + 2] = shift_and<4>(raw, m3);
+    u.c[4 * half + 3] = shift_and<6>(raw, m3);
+  }
+}
+
+inline void unpack(const PackedQ2_K::Sub& s, Sub& u) {
+  two_bits(s.qs, u);
+  // Per lane (scale | min << 4 of columns 0..15, of 16..31) as int16: the two nibbles apart.
+  const __m256i sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sm)));
+  const __m256i sc = _mm256_and_si256(sm, _mm256_set1_epi16(0x0f));
+  u.s0 = pair_lo(sc);
+  u.s1 = pair_hi(sc);
+  u.sm = _mm256_srli_epi16(sm, 4);
+}
+
+inline void unpack(const PackedQ3_K::Sub& s, Sub& u) {
+  two_bits(s.qs, u);
+  or_bits<2>(load(s.qh), u, std::make_index_sequence<8>());
   u.sm = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc)));
   u.s0 = pair_lo(u.sm);
   u.s1 = pair_hi(u.sm);
@@ -162,15 +197,17 @@ inline __m256i dp8(const __m256i* c, const int8_t* p) {  // columns 0..15: c[0..
 // IQ4_XS's values + 128 here (vpdpbusd wants unsigned weights), u.s0 / u.s1 one scale per lane.
 template <class P>
 inline __m256i sub_isum_vnni(const Sub& u, const int8_t* p, int32_t pair) {
-  if constexpr (std::is_same_v<P, PackedQ6_K>) {
+  if constexpr (kTwoScales<P>) {
     __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
     for (int v = 0; v < 4; ++v) {
       lo = dp<true>(lo, u.c[v], p + 4 * v);
       hi = dp<true>(hi, u.c[4 + v], p + 16 + 4 * v);
     }
-    const int32_t plo = static_cast<int16_t>(pair & 0xffff), phi = pair >> 16;
-    lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(32 * plo));  // codes stored + 32
-    hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(32 * phi));
+    if constexpr (kCodeOffset<P> != 0) {  // codes stored + kCodeOffset
+      const int32_t plo = static_cast<int16_t>(pair & 0xffff), phi = pair >> 16;
+      lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(kCodeOffset<P> * plo));
+      hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(kCodeOffset<P> * phi));
+    }
     return _mm256_add_epi32(_mm256_mullo_epi32(lo, u.s0), _mm256_mullo_epi32(hi, u.s1));
   } else {
     __m256i s = dp8<true>(u.c, p);
@@ -189,13 +226,18 @@ inline __m256i sub_isum(const Sub& u, const int8_t* p, int32_t pair) {
     for (int v = 1; v < 4; ++v) s = _mm256_add_epi16(s, mub(u.c[v], p + 4 * v));
     for (int v = 0; v < 4; ++v) s = _mm256_add_epi16(s, mub(u.c[4 + v], p + 16 + 4 * v));
     return _mm256_madd_epi16(s, u.s0);
-  } else if constexpr (std::is_same_v<P, PackedQ5_K>) {
+  } else if constexpr (std::is_same_v<P, PackedQ5_K> || std::is_same_v<P, PackedQ3_K> ||
+                       std::is_same_v<P, PackedQ2_K>) {
     __m256i s = mub(u.c[0], p), t = mub(u.c[4], p + 16);
     for (int v = 1; v < 4; ++v) {
       s = _mm256_add_epi16(s, mub(u.c[v], p + 4 * v));
       t = _mm256_add_epi16(t, mub(u.c[4 + v], p + 16 + 4 * v));
     }
-    return _mm256_add_epi32(_mm256_madd_epi16(s, u.s0), _mm256_madd_epi16(t, u.s1));
+    const __m256i acc = _mm256_add_epi32(_mm256_madd_epi16(s, u.s0), _mm256_madd_epi16(t, u.s1));
+    if constexpr (!std::is_same_v<P, PackedQ3_K>) return acc;
+    // Q3_K's codes are stored + 4: minus 4 (sc0 sum p[0..16) + sc1 sum p[16..32)).
+    const __m256i off = _mm256_madd_epi16(u.sm, _mm256_set1_epi32(pair));
+    return _mm256_sub_epi32(acc, _mm256_slli_epi32(off, 2));
   } else if constexpr (std::is_same_v<P, PackedQ6_K>) {
     __m256i acc = _mm256_setzero_si256();
     for (int v = 0; v < 8; v += 2) {
@@ -328,8 +370,9 @@ constexpr std::array<GroupFn, kGroupToks> make(std::index_sequence<I...>) {
   return {&group_k<P, kVnni, static_cast<int>(I) + 1>...};
 }
 
-// Index of t among the types with these kernels (Q4_K, Q5_K, Q6_K, IQ4_XS, then Q5_0); -1 for
-// the others.
+// Index of t among the types with these kernels (the kKTypes K types, then Q5_0); -1 for the
+// others.
+constexpr int kKTypes = 6;
 inline int k_index(DType t) {
   switch (t) {
     case DType::Q4_K:
@@ -340,8 +383,12 @@ inline int k_index(DType t) {
       return 2;
     case DType::IQ4_XS:
       return 3;
-    case DType::Q5_0:
+    case DType::Q3_K:
       return 4;
+    case DType::Q2_K:
+      return 5;
+    case DType::Q5_0:
+      return 6;
     default:
       return -1;
   }
@@ -351,9 +398,11 @@ inline int k_index(DType t) {
 template <bool kVnni>
 const GroupFn* k_groups(DType t) {
   constexpr auto kSeq = std::make_index_sequence<kGroupToks>();
-  static constexpr std::array<std::array<GroupFn, kGroupToks>, 5> kAll = {
+  static constexpr std::array<std::array<GroupFn, kGroupToks>, kKTypes + 1> kAll = {
       make<PackedQ4_K, kVnni>(kSeq), make<PackedQ5_K, kVnni>(kSeq),
-      make<PackedQ6_K, kVnni>(kSeq), make<PackedIQ4_XS, kVnni>(kSeq), make_q5_0<kVnni>(kSeq)};
+      make<PackedQ6_K, kVnni>(kSeq), make<PackedIQ4_XS, kVnni>(kSeq),
+      make<PackedQ3_K, kVnni>(kSeq), make<PackedQ2_K, kVnni>(kSeq),
+      make_q5_0<kVnni>(kSeq)};
   const int i = k_index(t);
   return i < 0 ? nullptr : kAll[static_cast<size_t>(i)].data();
 }

@@ -626,8 +626,8 @@ const float* row_as_f32(DType t, const void* row, int64_t n, float* scratch) {
 }
 
 // f32-path matmul: kRowTile weight rows dequantized into per-thread scratch, every token dotted
-// with them (as ref). Hot for the weight types without packed or half kernels (Q5_1, Q2_K, Q3_K,
-// IQ4_NL): their rows are dequantized at every call, by the twins above.
+// with them (as ref). Hot for the weight types without packed or half kernels (Q5_1, IQ4_NL):
+// their rows are dequantized at every call, by the twins above.
 constexpr int64_t kRowTile = 4;
 // Rows per parallel_for grain: enough work per chunk to amortise the wake-up; a multiple of both
 // tile heights so that only a chunk's last tile is partial.
@@ -747,6 +747,8 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
     case DType::Q4_1:
     case DType::Q8_0:
     case DType::Q5_0:
+    case DType::Q2_K:
+    case DType::Q3_K:
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:

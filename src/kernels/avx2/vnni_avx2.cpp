@@ -157,7 +157,7 @@ void pair_k(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, flo
       Sub ua, ub;
       unpack(pa.b[b], ua);
       unpack(pb.b[b], ub);
-      const __m512i mm = join(ua.sm, ub.sm);  // Q4_K / Q5_K: (m, m) pairs
+      const __m512i mm = join(ua.sm, ub.sm);  // Q4_K / Q5_K: (m, m) pairs; Q2_K: (m0, m1)
       for_vnni<P>(ua);
       for_vnni<P>(ub);
       __m512i c[8];
@@ -167,15 +167,17 @@ void pair_k(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, flo
         const int8_t* xq = k_codes(x, t0 + t, ib);
         const int32_t pair = x.c[o0 + ib * aw + t];
         __m512i isum;
-        if constexpr (std::is_same_v<P, PackedQ6_K>) {  // as sub_isum_vnni
+        if constexpr (kTwoScales<P>) {  // as sub_isum_vnni
           __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
           for (int v = 0; v < 4; ++v) {
             lo = _mm512_dpbusd_epi32(lo, c[v], bcast4_512(xq + 4 * v));
             hi = _mm512_dpbusd_epi32(hi, c[4 + v], bcast4_512(xq + 16 + 4 * v));
           }
-          const int32_t plo = static_cast<int16_t>(pair & 0xffff), phi = pair >> 16;
-          lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(32 * plo));
-          hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(32 * phi));
+          if constexpr (kCodeOffset<P> != 0) {
+            const int32_t plo = static_cast<int16_t>(pair & 0xffff), phi = pair >> 16;
+            lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(kCodeOffset<P> * plo));
+            hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(kCodeOffset<P> * phi));
+          }
           isum = _mm512_add_epi32(_mm512_mullo_epi32(lo, s0), _mm512_mullo_epi32(hi, s1));
         } else {
           __m512i si = _mm512_setzero_si512();
@@ -227,13 +229,13 @@ constexpr GroupKernels with_pairs(GroupKernels k, std::index_sequence<I...>) {
 
 const GroupFn* k_group_kernels_vnni(DType t) { return k_groups<true>(t); }
 
-const PairFn* k_pair_kernels_vnni(DType t) {  // the K types (k_index 0..3), not Q5_0
+const PairFn* k_pair_kernels_vnni(DType t) {  // the K types (k_index < kKTypes), not Q5_0
   constexpr auto kSeq = std::make_index_sequence<kGroupToks>();
-  static constexpr std::array<std::array<PairFn, kGroupToks>, 4> kAll = {
+  static constexpr std::array<std::array<PairFn, kGroupToks>, kKTypes> kAll = {
       make_pair_k<PackedQ4_K>(kSeq), make_pair_k<PackedQ5_K>(kSeq), make_pair_k<PackedQ6_K>(kSeq),
-      make_pair_k<PackedIQ4_XS>(kSeq)};
+      make_pair_k<PackedIQ4_XS>(kSeq), make_pair_k<PackedQ3_K>(kSeq), make_pair_k<PackedQ2_K>(kSeq)};
   const int i = k_index(t);
-  return i < 0 || i >= 4 ? nullptr : kAll[static_cast<size_t>(i)].data();
+  return i < 0 || i >= kKTypes ? nullptr : kAll[static_cast<size_t>(i)].data();
 }
 
 const GroupKernels kVnniGroups =

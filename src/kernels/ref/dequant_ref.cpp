@@ -251,6 +251,27 @@ bool k_block_ints(DType t, const void* block, KInts* out) {
   k.dmin = 0;
   std::memset(k.m, 0, sizeof(k.m));
   switch (t) {
+    case DType::Q2_K: {  // the layout of dequant_q2_k
+      const auto& b = *static_cast<const BlockQ2_K*>(block);
+      k.d = b.d;
+      k.dmin = b.dmin;
+      for (int s = 0; s < 16; ++s) {
+        k.sc[s] = static_cast<int8_t>(b.scales[s] & 0x0f);
+        k.m[s] = static_cast<uint8_t>(b.scales[s] >> 4);
+      }
+      for (int e = 0; e < kQK_K; ++e) k.q[e] = static_cast<int8_t>(two_bits(b.qs, e));
+      return true;
+    }
+    case DType::Q3_K: {  // the layout of dequant_q3_k
+      const auto& b = *static_cast<const BlockQ3_K*>(block);
+      k.d = b.d;
+      for (int s = 0; s < 16; ++s) k.sc[s] = static_cast<int8_t>(q3_k_scale(b.scales, s));
+      for (int e = 0; e < kQK_K; ++e) {
+        const bool high = (b.hmask[e % 32] >> (e / 32)) & 1;
+        k.q[e] = static_cast<int8_t>(two_bits(b.qs, e) - (high ? 0 : 4));
+      }
+      return true;
+    }
     case DType::Q4_K:
     case DType::Q5_K: {
       // Same offsets of d, dmin and scales in both blocks (sub_block_scales relies on it too).
@@ -262,7 +283,7 @@ bool k_block_ints(DType t, const void* block, KInts* out) {
         int scale, min;
         k_scale_min(b4.scales, s, &scale, &min);
         k.sc[2 * s] = k.sc[2 * s + 1] = static_cast<int8_t>(scale);  // 0..63
-        k.m[s] = static_cast<uint8_t>(min);
+        k.m[2 * s] = k.m[2 * s + 1] = static_cast<uint8_t>(min);
       }
       const uint8_t* qs = t == DType::Q4_K ? b4.qs : b5.qs;
       for (int e = 0; e < kQK_K; ++e) {

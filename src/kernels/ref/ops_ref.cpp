@@ -343,7 +343,7 @@ float dot_q8_0_q8_0_impl(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_block
 // The K types (ref::dot_k_q8_k's contract in ref.h): each super-block read as integers
 // (k_block_ints), one exact integer dot over its 256 columns, scaled once.
 float dot_k_q8_k_impl(DType t, const void* w, const BlockQ8_K* x, int64_t n_sb) {
-  const bool mins = t == DType::Q4_K || t == DType::Q5_K;
+  const bool mins = ref::k_has_mins(t);
   const size_t sb_bytes = row_bytes(t, kQK_K);
   ref::KInts k;
   float acc = 0.0f;
@@ -356,7 +356,7 @@ float dot_k_q8_k_impl(DType t, const void* w, const BlockQ8_K* x, int64_t n_sb) 
       for (int e = 16 * j; e < 16 * j + 16; ++e) part += k.q[e] * p[e];
       isum += k.sc[j] * part;
     }
-    for (int b = 0; b < 8; ++b) msum += k.m[b] * (x[is].sums[2 * b] + x[is].sums[2 * b + 1]);
+    for (int j = 0; j < 16; ++j) msum += k.m[j] * x[is].sums[j];
     const float dx = x[is].d;
     acc = std::fma(fp16_to_fp32(k.d) * dx, static_cast<float>(isum), acc);
     if (mins) acc = std::fma(-fp16_to_fp32(k.dmin) * dx, static_cast<float>(msum), acc);

@@ -65,28 +65,35 @@ int sub_block_scales(DType t, const void* block, float* dl, float* ml);
 
 
 // ---- K-quant super-blocks as integers: the packed K kernels' layout source and arithmetic ------
-// One 256-element super-block of Q4_K, Q5_K, Q6_K or IQ4_XS with every factor an integer:
-//   value of element e = d * sc[e / 16] * q[e] - dmin * m[e / 32]
+// One 256-element super-block of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS with every factor an
+// integer:
+//   value of element e = d * sc[e / 16] * q[e] - dmin * m[e / 16]
 // (the dequantized value up to f32 rounding: dequantize_row rounds d * sc first).
-//   Q4_K: q 0..15, sc 0..63 (twice per 32), m 0..63     Q5_K: as Q4_K with q 0..31
+//   Q2_K: q 0..3, sc 0..15, m 0..15 (one per 16)        Q3_K: q -4..3, sc -32..31, no mins
+//   Q4_K: q 0..15, sc 0..63, m 0..63 (each twice per 32) Q5_K: as Q4_K with q 0..31
 //   Q6_K: q -32..31, sc -128..127, no mins              IQ4_XS: q the IQ4 table value, sc -32..31
 struct KInts {
   uint16_t d;     // f16 super-block scale
   uint16_t dmin;  // f16 super-block scale of the mins (0 for the types without)
   int8_t q[256];  // [256] integer codes
   int8_t sc[16];  // [16] sub-block scales, one per 16 elements
-  uint8_t m[8];   // [8] sub-block mins, one per 32 elements (0 for the types without)
+  uint8_t m[16];  // [16] sub-block mins, one per 16 elements (0 for the types without)
 };
 // Fills *out from the super-block at `block` of type t; false (nothing written) for other types.
 bool k_block_ints(DType t, const void* block, KInts* out);
 // True for the types k_block_ints reads (the K types with packed kernels).
 inline bool k_packed_type(DType t) {
-  return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K || t == DType::IQ4_XS;
+  return t == DType::Q2_K || t == DType::Q3_K || t == DType::Q4_K || t == DType::Q5_K ||
+         t == DType::Q6_K || t == DType::IQ4_XS;
+}
+// True for the k_packed_type types with mins (Q2_K, Q4_K, Q5_K).
+inline bool k_has_mins(DType t) {
+  return t == DType::Q2_K || t == DType::Q4_K || t == DType::Q5_K;
 }
 // Dot of n_sb super-blocks of type t (k_packed_type) with n_sb activation super-blocks
 // (quant_act_q8_k). Per super-block, with exact integers
 //   isum = sum_{j<16} sc[j] * sum_{e in 16 j .. 16 j + 16} q[e] p[e]
-//   msum = sum_{b<8} m[b] * (sums[2b] + sums[2b + 1])                 (types with mins)
+//   msum = sum_{j<16} m[j] * sums[j]                                  (types with mins)
 // then acc = fma(d * dx, float(isum), acc) and acc = fma(-dmin * dx, float(msum), acc), each
 // product and fma rounded once (std::fma here, vfmadd in the twins), in this order: the packed
 // twins compute exactly this. |isum| < 2^28 (Q6_K: 256 x 32 x 127 x 128), so int32 holds it.

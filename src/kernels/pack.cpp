@@ -1,4 +1,4 @@
-// Repacking of Q4_0 / Q4_1 / Q5_0 / Q8_0 and Q2_K .. Q6_K / IQ4_XS matrices into
+// Repacking of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL and Q2_K .. Q6_K / IQ4_XS matrices into
 // interleaved row groups (layout in packed.h).
 // Plain byte moves, compiled for any x86-64 (and any CPU): the same bytes whichever kernel
 // variant later reads them.
@@ -89,14 +89,16 @@ void put_two_bits(uint8_t (&q)[2][32], int k, const int* c, int shift) {
     }
 }
 
-// Q5_0: each row's 5-bit codes (ref's dequant_q5 layout) re-laid as PackedQ5_0.
-void pack_q5_0(const TensorView& w, int64_t g, PackedQ5_0* dst) {
+// Q5_0 / Q5_1: each row's 5-bit codes (ref's dequant_q5 layout) re-laid as PackedQ5_0 / _1.
+template <class Block, class Packed>
+void pack_q5(const TensorView& w, int64_t g, Packed* dst) {
   for (int64_t ib = 0; ib < w.n_cols / 32; ++ib) {
-    PackedQ5_0& p = dst[ib];
+    Packed& p = dst[ib];
     for (int k = 0; k < 8; ++k) {
       const int64_t r = g * kGroupRows + k;
-      BlockQ5_0 b{};
-      if (r < w.n_rows) std::memcpy(&b, w.row(r) + ib * sizeof(BlockQ5_0), sizeof(b));
+      Block b{};
+      if (r < w.n_rows) std::memcpy(&b, w.row(r) + ib * sizeof(Block), sizeof(b));
+      if constexpr (requires { b.m; }) p.m[k] = b.m;
       uint32_t h;
       std::memcpy(&h, b.qh, 4);
       int c[32];
@@ -183,6 +185,10 @@ size_t packed_block_bytes(DType t) {
       return sizeof(PackedQ8_0);
     case DType::Q5_0:
       return sizeof(PackedQ5_0);
+    case DType::Q5_1:
+      return sizeof(PackedQ5_1);
+    case DType::IQ4_NL:
+      return sizeof(PackedIQ4_NL);
     case DType::Q2_K:
       return sizeof(PackedQ2_K);
     case DType::Q3_K:
@@ -209,7 +215,11 @@ void pack_group(const TensorView& w, int64_t g, uint8_t* dst) {
     case DType::Q8_0:
       return pack_blocks<BlockQ8_0>(w, g, reinterpret_cast<PackedQ8_0*>(dst));
     case DType::Q5_0:
-      return pack_q5_0(w, g, reinterpret_cast<PackedQ5_0*>(dst));
+      return pack_q5<BlockQ5_0>(w, g, reinterpret_cast<PackedQ5_0*>(dst));
+    case DType::Q5_1:
+      return pack_q5<BlockQ5_1>(w, g, reinterpret_cast<PackedQ5_1*>(dst));
+    case DType::IQ4_NL:
+      return pack_blocks<BlockIQ4_NL>(w, g, reinterpret_cast<PackedIQ4_NL*>(dst));
     case DType::Q2_K:
       return pack_k_blocks(w, g, reinterpret_cast<PackedQ2_K*>(dst));
     case DType::Q3_K:

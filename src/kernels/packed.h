@@ -1,6 +1,6 @@
 // Weights packed for the quantized matmul (internal to src/kernels and its tests).
 //
-// A Q4_0, Q4_1 or Q8_0 matrix is repacked once, at load, into groups of kGroupRows = 8 rows
+// A Q4_0, Q4_1, Q8_0 (Q5_0, Q5_1, IQ4_NL: see below) matrix is repacked once, at load, into groups of kGroupRows = 8 rows
 // (row r in group r / 8, lane r % 8; a last group short of rows is padded with zero blocks).
 // Each group stores its n_blocks = n_cols / 32 blocks in order; a packed block holds the same
 // block (same 32 columns) of all 8 rows, with the rows' codes interleaved 4 bytes at a time:
@@ -53,6 +53,22 @@ struct PackedQ5_0 {
   uint8_t qs[4][32];  // as PackedQ4_0
 };
 static_assert(sizeof(PackedQ5_0) == 8 * sizeof(BlockQ5_0));
+
+// Q5_1: PackedQ5_0 with the f16 mins (codes 0..31, value code * d + m).
+struct PackedQ5_1 {
+  uint16_t d[8];      // f16 scales
+  uint16_t m[8];      // f16 mins
+  uint8_t qh[32];     // fifth bits, as PackedQ5_0
+  uint8_t qs[4][32];  // as PackedQ4_0
+};
+static_assert(sizeof(PackedQ5_1) == 8 * sizeof(BlockQ5_1));
+
+// IQ4_NL: PackedQ4_0's layout, the nibbles being indices into kIq4nlValues.
+struct PackedIQ4_NL {
+  uint16_t d[8];
+  uint8_t qs[4][32];
+};
+static_assert(sizeof(PackedIQ4_NL) == 8 * sizeof(BlockIQ4_NL));
 
 // The K types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) pack one 256-column super-block of the 8 rows per packed
 // block, read as integers (ref::k_block_ints: value = d * sc[e / 16] * q[e] - dmin * m[e / 32]).

@@ -364,7 +364,7 @@ void expect_matmul_near(const Weights& w, const std::vector<float>& x, int64_t n
   const std::vector<float> xq = quantized_activations(w.type, x);
   naive_matmul(w, xq.data(), n_tok, &ref, &ref_abs);
   std::vector<double> q8_1_terms(ref.size(), 0.0);
-  if (w.type == DType::Q4_1) {
+  if (act_type(w.type) == DType::Q8_1) {  // Q4_1, Q5_1
     for (int64_t i = 0; i < n_tok; ++i)
       for (int64_t r = 0; r < n_rows; ++r) {
         double wmax = 0, xsum = 0;

@@ -350,10 +350,11 @@ double quantized_abs_terms(DType t, const uint8_t* w, const uint8_t* xq, int64_t
         ints += std::abs(((wb->qs[j] >> 4) - 8) * x0->qs[j + 16]);
       }
       sum += std::fabs(double(fp16_to_fp32(wb->d)) * fp16_to_fp32(x0->d)) * ints;
-    } else if (t == DType::Q5_0) {
-      // (code - 16) d is exact in f32 (an f16 times a 5-bit integer): the dequantized values.
+    } else if (t == DType::Q5_0 || t == DType::IQ4_NL) {
+      // (code - 16) d and value d are exact in f32 (an f16 times an integer of at most 8 bits):
+      // the dequantized values.
       float wv[32];
-      ref::dequantize_row(t, w + b * sizeof(BlockQ5_0), wv, 32);
+      ref::dequantize_row(t, w + b * row_bytes(t, 32), wv, 32);
       for (int j = 0; j < 32; ++j)
         sum += std::fabs(double(wv[j]) * x0->qs[j] * fp16_to_fp32(x0->d));
     } else if (ref::k_packed_type(t)) {
@@ -368,6 +369,16 @@ double quantized_abs_terms(DType t, const uint8_t* w, const uint8_t* xq, int64_t
         sum += std::fabs(double(fp16_to_fp32(k.d)) * dx) * std::abs(k.sc[e / 16] * k.q[e] * xk.qs[e]);
         sum += std::fabs(double(fp16_to_fp32(k.dmin)) * dx) * std::abs(k.m[e / 16] * xk.qs[e]);
       }
+    } else if (t == DType::Q5_1) {
+      const auto* wb = reinterpret_cast<const BlockQ5_1*>(w) + b;
+      uint32_t h;
+      std::memcpy(&h, wb->qh, 4);
+      for (int j = 0; j < 16; ++j) {
+        ints += std::abs(((wb->qs[j] & 15) | int((h >> j) & 1) << 4) * x1->qs[j]);
+        ints += std::abs(((wb->qs[j] >> 4) | int((h >> (j + 16)) & 1) << 4) * x1->qs[j + 16]);
+      }
+      sum += std::fabs(double(fp16_to_fp32(wb->d)) * fp16_to_fp32(x1->d)) * ints;
+      sum += std::fabs(double(fp16_to_fp32(wb->m)) * fp16_to_fp32(x1->s));
     } else {
       const auto* wb = reinterpret_cast<const BlockQ4_1*>(w) + b;
       for (int j = 0; j < 16; ++j) {
@@ -466,7 +477,7 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
 }
 
 // The packed K types (Q2_K .. Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_k's
-// arithmetic (Q5_0: ref's dot_q5_0_q8_0) for 8 rows at once, so every variant equals ref bit
+// arithmetic (Q5_0, Q5_1, IQ4_NL: ref's block dots) for 8 rows at once, so every variant equals ref bit
 // for bit: every token count from 1 to 70 (the 1..4-token kernels, 64-token chunks and their
 // tails), 1 and 2 threads, groups short of 8 rows, packed at load or on the fly, unaligned rows,
 // dot_row too.
@@ -475,7 +486,7 @@ TEST(Avx2Matmul, KQuantsEqualRefBitForBit) {
   std::mt19937 rng(22);
   ThreadPool pool1(1), pool2(2);
   for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS, DType::Q3_K, DType::Q2_K,
-                  DType::Q5_0}) {
+                  DType::Q5_0, DType::Q5_1, DType::IQ4_NL}) {
     for (auto [n_rows, n_cols] : {std::pair<int64_t, int64_t>{1, 256}, {7, 512}, {9, 256},
                                   {8, 1024}, {37, 768}, {5, 32}, {17, 96}}) {
       if (n_cols % packed_block_cols(t) != 0) continue;
@@ -564,6 +575,54 @@ TEST(Avx2Matmul, KQuantExtremesAreExact) {
                   double(fp16_to_fp32(ki.dmin)) * ki.m[e % 256 / 16] * p * dx;
         }
         ASSERT_NEAR(yr[0], want, 1e-5 * std::fabs(want) + 1e-6) << dtype_name(t) << " " << int(fill);
+      }
+    }
+  }
+}
+
+// The same for the 32-column types with group kernels in kquant_kernels.h: Q5_0 / Q5_1 codes all
+// 31 or 0 (Q5_0's values 15 and -16), IQ4_NL's table ends (-127, 113), against codes all +-127;
+// and ref against the exact sum of the dequantized weights times the activations' values.
+TEST(Avx2Matmul, Q5AndIq4NlExtremesAreExact) {
+  SKIP_WITHOUT_AVX2();
+  ThreadPool pool(1);
+  const int64_t n = 96, n_rows = 17, n_tok = 5;
+  for (DType t : {DType::Q5_0, DType::Q5_1, DType::IQ4_NL}) {
+    for (uint8_t fill : {uint8_t(0xff), uint8_t(0x00), uint8_t(0x88)}) {
+      for (float xv : {1.0f, -1.0f}) {
+        const size_t stride = row_bytes(t, n), bsize = row_bytes(t, 32);
+        std::vector<uint8_t> w(stride * n_rows, fill);
+        for (size_t b = 0; b < w.size() / bsize; ++b)
+          for (size_t off : test::f16_scale_offsets(t)) {
+            const uint16_t h = fp32_to_fp16(off == 0 ? 0.5f : -0.25f);
+            std::memcpy(w.data() + b * bsize + off, &h, 2);
+          }
+        const TensorView view{t, w.data(), n_rows, n, stride};
+        std::vector<float> x(n_tok * n, xv);
+        for (int64_t i = 0; i < n_tok * n; i += 3) x[i] = -xv;
+        std::vector<float> yr(n_tok * n_rows), yf(n_tok * n_rows), yv(n_tok * n_rows);
+        ref::matmul(view, x.data(), yr.data(), n_tok, pool);
+        avx2::matmul(view, x.data(), yf.data(), n_tok, pool);
+        if (avx2::vnni_supported())
+          avx2::matmul_vnni(view, x.data(), yv.data(), n_tok, pool);
+        else
+          yv = yr;
+        for (size_t k = 0; k < yr.size(); ++k) {
+          ASSERT_EQ(bits_of(yf[k]), bits_of(yr[k])) << dtype_name(t) << " fill " << int(fill);
+          ASSERT_EQ(bits_of(yv[k]), bits_of(yr[k])) << dtype_name(t) << " fill " << int(fill);
+        }
+        std::vector<float> wv(n);
+        ref::dequantize_row(t, w.data(), wv.data(), n);
+        std::vector<BlockQ8_0> xq(n / 32);
+        ref::quant_act_q8_0(x.data(), xq.data(), n / 32);  // Q8_1's codes and d are these too
+        double want = 0, abs_terms = 0;
+        for (int64_t e = 0; e < n; ++e) {
+          const double term = double(wv[e]) * xq[e / 32].qs[e % 32] * fp16_to_fp32(xq[e / 32].d);
+          want += term;
+          abs_terms += std::fabs(term);
+        }
+        // Q5_1's m * s takes s rounded to f16 (relative 2^-11): within 2^-10 of the terms.
+        ASSERT_NEAR(yr[0], want, 0x1p-10 * abs_terms + 1e-6) << dtype_name(t) << " " << int(fill);
       }
     }
   }
@@ -720,7 +779,7 @@ Matrix random_matrix(DType t, int64_t n_rows, int64_t n_cols, size_t pad, size_t
 double element_tolerance(DType t, const uint8_t* row, const float* x, int64_t n) {
   if (act_type(t) != DType::F32) {
     std::vector<uint8_t> xq(act_row_bytes(t, n));
-    if (t == DType::Q4_1)
+    if (act_type(t) == DType::Q8_1)
       ref::quant_act_q8_1(x, reinterpret_cast<BlockQ8_1*>(xq.data()), n / 32);
     else if (act_type(t) == DType::Q8_K)
       ref::quant_act_q8_k(x, reinterpret_cast<BlockQ8_K*>(xq.data()), n / 256);

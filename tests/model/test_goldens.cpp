@@ -66,14 +66,15 @@ double top2_gap(const std::vector<float>& row) {
 
 // The K-quant model's goldens also hold float64 logits (tools/make_synthetic_gguf.py: numpy over
 // gguf's dequantization of the same weights, Q, K and V rounded to f16 as both engines round them
-// with an f16 cache). Both engines quantize the activations to 8 bits for most of its types (per
-// 256 elements with Q8_K's rounding for Q2_K .. Q6_K and IQ4_XS, per 32 for Q5_0; llama.cpp
-// also for Q5_1 and IQ4_NL, which kvlm multiplies as f32 rows), so both land ~0.3-0.45 from
-// float64 (measured: kvlm 0.32-0.45, llama.cpp 0.35-0.45). kvlm must be no farther from
-// float64 than llama.cpp is (times kF64Ratio), and against llama.cpp the bound is the sum of the
-// two distances (triangle inequality); a near-tie is a top-2 gap below twice that. Before the
-// packed kernels kvlm multiplied exact f32 rows and stayed within 8e-4 of float64.
-constexpr double kF64Ratio = 1.0;
+// with an f16 cache). Both engines quantize the activations of every one of its matrices to 8
+// bits alike (per 256 elements with Q8_K's rounding for Q2_K .. Q6_K and IQ4_XS, per 32 for Q5_0,
+// Q5_1 and IQ4_NL), so both land ~0.35-0.45 from float64: two draws of the same rounding noise
+// (measured: kvlm 0.37-0.45, llama.cpp 0.35-0.45, kvlm / llama.cpp up to 1.11; while kvlm still
+// multiplied Q5_1 and IQ4_NL as f32 rows it was 0.30-0.40). kvlm may be no farther from float64
+// than llama.cpp is times kF64Ratio, and against llama.cpp the bound is the sum of the two
+// distances (triangle inequality); a near-tie is a top-2 gap below twice that. Before the packed
+// kernels kvlm multiplied exact f32 rows and stayed within 8e-4 of float64.
+constexpr double kF64Ratio = 1.2;
 
 struct TinyBounds {
   double max_abs;   // max |kvlm - llama.cpp| over a prompt's logits

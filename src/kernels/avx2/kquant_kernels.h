@@ -1,6 +1,6 @@
-// The group kernels of Q5_0 and the packed K types (Q2_K .. Q6_K, IQ4_XS; layout in
-// ../packed.h), the fast twins of ref::dot_k_q8_k and ref's dot_q5_0_q8_0 (ref/ref.h), bit for
-// bit. Included by kquant_avx2.cpp (AVX2: vpmaddubsw) and vnni_avx2.cpp (kVnni: AVX-512 VNNI's
+// The group kernels of Q5_0, Q5_1, IQ4_NL and the packed K types (Q2_K .. Q6_K, IQ4_XS; layout in
+// ../packed.h), the fast twins of ref::dot_k_q8_k and ref's dot_q5_impl / dot_iq4_nl_q8_0_impl
+// (ref/ref.h, ref/ops_ref.cpp), bit for bit. Included by kquant_avx2.cpp (AVX2: vpmaddubsw) and vnni_avx2.cpp (kVnni: AVX-512 VNNI's
 // vpdpbusd on 256-bit vectors), each compiling its own copy: everything here has internal linkage,
 // so no copy built with one file's instruction set can be picked by the linker for the other
 // (see ../CMakeLists.txt).
@@ -321,20 +321,41 @@ void group_k(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
   for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
 }
 
-// Q5_0 (PackedQ5_0), per 32-column block: float(sum (code - 16) p) * (d * dx), as ref's
-// dot_q5_0_q8_0. Codes 0..31: 4 vpmaddubsw pairs (<= 7874 each) per 16-bit sum, so each half of
-// the block widens on its own; the "- 16" is 16 (sum p[0..16) + sum p[16..32)) from Acts::c.
-template <bool kVnni, int T>
-void group_q5_0(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
+// One block's codes of the 32-column types with group kernels here: Q5_0 / Q5_1's 5-bit codes
+// (0..31), IQ4_NL's table values (-127..113; + 128 for VNNI, which wants unsigned weights).
+template <class P, bool kVnni>
+inline void unpack32(const P& p, Sub& u) {
+  nibbles<P>(p, u);
+  if constexpr (std::is_same_v<P, PackedIQ4_NL>) {
+    const __m256i table = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4nlValues)));
+    for (int v = 0; v < 8; ++v) {
+      u.c[v] = _mm256_shuffle_epi8(table, u.c[v]);
+      if constexpr (kVnni) u.c[v] = _mm256_xor_si256(u.c[v], _mm256_set1_epi8(-128));
+    }
+  } else {
+    fifth_bits(load(p.qh), u);
+  }
+}
+
+// Q5_0, Q5_1 and IQ4_NL (PackedQ5_0, PackedQ5_1, PackedIQ4_NL), per 32-column block, as ref's
+// dot_q5_impl / dot_iq4_nl_q8_0_impl: Q5_0 and IQ4_NL float(sumi) * (d * dx), Q5_1
+// (d * dx) * float(sumi) + m * s. Q5 codes 0..31: 4 vpmaddubsw pairs (<= 7874 each) per 16-bit
+// sum, so each half of the block widens on its own; Q5_0's "- 16" is 16 (sum p[0..16) +
+// sum p[16..32)) from Acts::c. IQ4_NL: |value| against the codes signed by the value (pairs
+// <= 32258), widened at once; VNNI takes value + 128 and subtracts 128 (sum p) from Acts::c.
+template <class P, bool kVnni, int T>
+void group_q32(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
+  constexpr bool kIq4 = std::is_same_v<P, PackedIQ4_NL>;
+  constexpr bool kMin = std::is_same_v<P, PackedQ5_1>;
   const int64_t o0 = act_at(x, t0, 0), aw = act_width(x, t0);
-  const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t ib = 0; ib < x.n_blocks; ++ib) {
-    const PackedQ5_0& p = reinterpret_cast<const PackedQ5_0*>(g)[ib];
+    const P& p = reinterpret_cast<const P*>(g)[ib];
     Sub u;
-    nibbles<PackedQ5_0>(p, u);
-    fifth_bits(load(p.qh), u);
+    unpack32<P, kVnni>(p, u);
     const __m256 d = halfs(p.d);
     for (int t = 0; t < T; ++t) {
       const int8_t* xq =
@@ -343,6 +364,14 @@ void group_q5_0(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
       __m256i isum;
       if constexpr (kVnni) {
         isum = dp8<true>(u.c, xq);
+      } else if constexpr (kIq4) {
+        isum = _mm256_setzero_si256();
+        for (int v = 0; v < 8; ++v) {
+          const __m256i w = u.c[v];
+          const __m256i xs = _mm256_sign_epi8(bcast4(xq + (v < 4 ? 4 * v : 16 + 4 * (v - 4))), w);
+          isum = _mm256_add_epi32(
+              isum, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), xs), ones));
+        }
       } else {
         __m256i s = mub(u.c[0], xq), h = mub(u.c[4], xq + 16);
         for (int v = 1; v < 4; ++v) {
@@ -351,18 +380,29 @@ void group_q5_0(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
         }
         isum = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_madd_epi16(h, ones));
       }
-      isum = _mm256_sub_epi32(isum, _mm256_madd_epi16(sixteen, _mm256_set1_epi32(x.c[o])));
+      // The weights' offset times the activations' half sums (Acts::c): Q5_0's codes are its
+      // values + 16, VNNI's IQ4_NL codes the values + 128.
+      constexpr int kOff = std::is_same_v<P, PackedQ5_0> ? 16 : kIq4 && kVnni ? 128 : 0;
+      if constexpr (kOff != 0)
+        isum = _mm256_sub_epi32(
+            isum, _mm256_madd_epi16(_mm256_set1_epi16(kOff), _mm256_set1_epi32(x.c[o])));
       keep(isum);
       const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[o]));
-      acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+      if constexpr (kMin) {
+        const __m256 m = halfs(p.m);
+        acc[t] = _mm256_add_ps(acc[t], _mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)),
+                                                     _mm256_mul_ps(m, _mm256_set1_ps(x.s[o]))));
+      } else {
+        acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+      }
     }
   }
   for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
 }
 
-template <bool kVnni, size_t... I>
-constexpr std::array<GroupFn, kGroupToks> make_q5_0(std::index_sequence<I...>) {
-  return {&group_q5_0<kVnni, static_cast<int>(I) + 1>...};
+template <class P, bool kVnni, size_t... I>
+constexpr std::array<GroupFn, kGroupToks> make_q32(std::index_sequence<I...>) {
+  return {&group_q32<P, kVnni, static_cast<int>(I) + 1>...};
 }
 
 template <class P, bool kVnni, size_t... I>
@@ -370,8 +410,8 @@ constexpr std::array<GroupFn, kGroupToks> make(std::index_sequence<I...>) {
   return {&group_k<P, kVnni, static_cast<int>(I) + 1>...};
 }
 
-// Index of t among the types with these kernels (the kKTypes K types, then Q5_0); -1 for the
-// others.
+// Index of t among the types with these kernels (the kKTypes K types, then Q5_0, Q5_1, IQ4_NL);
+// -1 for the others.
 constexpr int kKTypes = 6;
 inline int k_index(DType t) {
   switch (t) {
@@ -389,6 +429,10 @@ inline int k_index(DType t) {
       return 5;
     case DType::Q5_0:
       return 6;
+    case DType::Q5_1:
+      return 7;
+    case DType::IQ4_NL:
+      return 8;
     default:
       return -1;
   }
@@ -398,11 +442,12 @@ inline int k_index(DType t) {
 template <bool kVnni>
 const GroupFn* k_groups(DType t) {
   constexpr auto kSeq = std::make_index_sequence<kGroupToks>();
-  static constexpr std::array<std::array<GroupFn, kGroupToks>, kKTypes + 1> kAll = {
-      make<PackedQ4_K, kVnni>(kSeq), make<PackedQ5_K, kVnni>(kSeq),
-      make<PackedQ6_K, kVnni>(kSeq), make<PackedIQ4_XS, kVnni>(kSeq),
-      make<PackedQ3_K, kVnni>(kSeq), make<PackedQ2_K, kVnni>(kSeq),
-      make_q5_0<kVnni>(kSeq)};
+  static constexpr std::array<std::array<GroupFn, kGroupToks>, kKTypes + 3> kAll = {
+      make<PackedQ4_K, kVnni>(kSeq),      make<PackedQ5_K, kVnni>(kSeq),
+      make<PackedQ6_K, kVnni>(kSeq),      make<PackedIQ4_XS, kVnni>(kSeq),
+      make<PackedQ3_K, kVnni>(kSeq),      make<PackedQ2_K, kVnni>(kSeq),
+      make_q32<PackedQ5_0, kVnni>(kSeq),  make_q32<PackedQ5_1, kVnni>(kSeq),
+      make_q32<PackedIQ4_NL, kVnni>(kSeq)};
   const int i = k_index(t);
   return i < 0 ? nullptr : kAll[static_cast<size_t>(i)].data();
 }

@@ -240,11 +240,11 @@ void block_numbers(DType t, const Acts& a, int64_t i, const uint8_t* qi, int64_t
       const auto& b = reinterpret_cast<const BlockQ8_K*>(qi)[ib / 8];
       ds[o] = b.d;
       cs[o] = pair(b.sums[2 * (ib % 8)], b.sums[2 * (ib % 8) + 1]);
-    } else if (t == DType::Q4_1) {
+    } else if (act_type(t) == DType::Q8_1) {  // Q4_1, Q5_1
       const auto& b = reinterpret_cast<const BlockQ8_1*>(qi)[ib];
       ds[o] = half(b.d);
       ds[n_num + o] = half(b.s);
-    } else if (t == DType::Q5_0) {  // c: the halves' sums, as the K kernels'
+    } else if (t == DType::Q5_0 || t == DType::IQ4_NL) {  // c: the halves' sums, as the K kernels'
       const auto& b = reinterpret_cast<const BlockQ8_0*>(qi)[ib];
       ds[o] = half(b.d);
       int32_t lo = 0, hi = 0;
@@ -285,7 +285,7 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
   const int64_t n_num = n_tok * a.n_blocks;  // d, s and c each, in act_at's order
   float* ds = thread_scratch(kActSlot, 2 * n_num);  // d, then s
   thread_local std::vector<int32_t> c;
-  if (t != DType::Q4_1 && c.size() < static_cast<size_t>(n_num))
+  if (at != DType::Q8_1 && c.size() < static_cast<size_t>(n_num))
     c.resize(static_cast<size_t>(n_num));
   int32_t* cs = c.data();
   // Token i writes only its own row of q, ds and c (the buffers of the calling thread, sized
@@ -418,7 +418,7 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
 
 void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
              int64_t g_begin, int64_t g_end) {
-  if (const GroupFn* kf = k.k_groups(w.dtype)) {  // Q5_0 and the K types: no tile kernels
+  if (const GroupFn* kf = k.k_groups(w.dtype)) {  // Q5_0, Q5_1, IQ4_NL, K types: no tile kernels
     static constexpr PairFn kNoPairs[kGroupToks] = {};
     const PairFn* kp = k.k_pairs != nullptr ? k.k_pairs(w.dtype) : nullptr;
     return qmatmul_groups(kf, kp != nullptr ? kp : kNoPairs, nullptr, w, x, n_tok, y, g_begin,
@@ -626,8 +626,7 @@ const float* row_as_f32(DType t, const void* row, int64_t n, float* scratch) {
 }
 
 // f32-path matmul: kRowTile weight rows dequantized into per-thread scratch, every token dotted
-// with them (as ref). Hot for the weight types without packed or half kernels (Q5_1, IQ4_NL):
-// their rows are dequantized at every call, by the twins above.
+// with them (as ref): F32 weights (every quantized type kvlm computes with has packed kernels).
 constexpr int64_t kRowTile = 4;
 // Rows per parallel_for grain: enough work per chunk to amortise the wake-up; a multiple of both
 // tile heights so that only a chunk's last tile is partial.
@@ -684,7 +683,7 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
       return dequant_q45<DType::Q4_0>(static_cast<const BlockQ4_0*>(src), dst, n / 32);
     case DType::Q4_1:
       return dequant_q45<DType::Q4_1>(static_cast<const BlockQ4_1*>(src), dst, n / 32);
-    // Hot for the weights matmul multiplies as f32 rows (every row, every call).
+    // The weight types (embedding rows, tests: matmul multiplies them packed, as integers).
     case DType::Q5_0:
       return dequant_q45<DType::Q5_0>(static_cast<const BlockQ5_0*>(src), dst, n / 32);
     case DType::Q5_1:
@@ -747,6 +746,8 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
     case DType::Q4_1:
     case DType::Q8_0:
     case DType::Q5_0:
+    case DType::Q5_1:
+    case DType::IQ4_NL:
     case DType::Q2_K:
     case DType::Q3_K:
     case DType::Q4_K:

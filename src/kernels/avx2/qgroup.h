@@ -79,10 +79,11 @@ using TileFn = void (*)(const uint8_t* g0, const uint8_t* g1, const Acts& x, int
 constexpr int kTileToks = 16;
 static_assert(kActTile % kGroupToks == 0 && kActTile == kTileToks);  // a call stays in one tile
 
-// The group kernels of Q5_0 and the packed K types (kquant_kernels.h: Q4_K, Q5_K, Q6_K, IQ4_XS),
+// The group kernels of Q5_0, Q5_1, IQ4_NL and the packed K types (kquant_kernels.h: Q2_K .. Q6_K,
+// IQ4_XS),
 // [T - 1] for T tokens; null for other types: AVX2's (kquant_avx2.cpp) and VNNI's (vnni_avx2.cpp;
 // call only when vnni_supported()). Their Acts: c = the int16 pair (sum of codes 0..15, sum of
-// codes 16..31) of each 32-column block; Q5_0: Q8_0 blocks; the K types: BlockQ8_K super-blocks
+// codes 16..31) of each 32-column block; Q5_0, IQ4_NL: Q8_0 blocks; Q5_1: Q8_1 blocks (d, s; no c); the K types: BlockQ8_K super-blocks
 // (blk = 292 bytes per 256 columns), d = the super-block's scale at each of its 8 blocks; s unused.
 const GroupFn* k_group_kernels(DType t);
 const GroupFn* k_group_kernels_vnni(DType t);
@@ -102,7 +103,7 @@ struct GroupKernels {
   TileFn q4_0x16 = nullptr;
   TileFn q4_1x16 = nullptr;
   TileFn q8_0x16 = nullptr;
-  // Q5_0 and the K types: k_group_kernels or k_group_kernels_vnni.
+  // Q5_0, Q5_1, IQ4_NL and the K types: k_group_kernels or k_group_kernels_vnni.
   const GroupFn* (*k_groups)(DType) = &k_group_kernels;
   const PairFn* (*k_pairs)(DType) = nullptr;  // their pair kernels (null: none)
 };

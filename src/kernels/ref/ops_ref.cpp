@@ -285,17 +285,27 @@ void quantize_act(DType w_type, const float* x, void* dst, int64_t n) {
   }
 }
 
-float dot_q4_0_q8_0_impl(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+// Q4_0 and IQ4_NL: the integer value(nibble) of each nibble (Q4_0's layout), scaled once per block.
+template <class Block, class Value>
+float dot_nibbles_q8_0(const Block* w, const BlockQ8_0* x, int64_t n_blocks, Value value) {
   float sum = 0.0f;
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     int sumi = 0;
     for (int j = 0; j < 16; ++j) {
-      sumi += ((w[ib].qs[j] & 0x0f) - 8) * x[ib].qs[j];
-      sumi += ((w[ib].qs[j] >> 4) - 8) * x[ib].qs[j + 16];
+      sumi += value(w[ib].qs[j] & 0x0f) * x[ib].qs[j];
+      sumi += value(w[ib].qs[j] >> 4) * x[ib].qs[j + 16];
     }
     sum += static_cast<float>(sumi) * (fp16_to_fp32(w[ib].d) * fp16_to_fp32(x[ib].d));
   }
   return sum;
+}
+
+float dot_q4_0_q8_0_impl(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+  return dot_nibbles_q8_0(w, x, n_blocks, [](int q) { return q - 8; });
+}
+
+float dot_iq4_nl_q8_0_impl(const BlockIQ4_NL* w, const BlockQ8_0* x, int64_t n_blocks) {
+  return dot_nibbles_q8_0(w, x, n_blocks, [](int q) { return int{kIq4nlValues[q]}; });
 }
 
 // sum_j (q_j d_w + m)(p_j d_x) = d_w d_x sum(q p) + m * (d_x sum p), the last factor being s.
@@ -313,8 +323,12 @@ float dot_q4_1_q8_1_impl(const BlockQ4_1* w, const BlockQ8_1* x, int64_t n_block
   return sum;
 }
 
-// Q5_0: the 5-bit codes (nibble | fifth bit << 4) minus 16, as Q4_0's nibbles minus 8.
-float dot_q5_0_q8_0_impl(const BlockQ5_0* w, const BlockQ8_0* x, int64_t n_blocks) {
+// Q5_0 (Q8_0 activations): the 5-bit codes (nibble | fifth bit << 4) minus 16, as Q4_0's nibbles
+// minus 8. Q5_1 (Q8_1 activations): the codes as they are, plus the min as Q4_1's.
+template <class Block, class Act>
+float dot_q5_impl(const Block* w, const Act* x, int64_t n_blocks) {
+  constexpr bool kMin = std::is_same_v<Block, BlockQ5_1>;
+  constexpr int kOff = kMin ? 0 : 16;
   float sum = 0.0f;
   for (int64_t ib = 0; ib < n_blocks; ++ib) {
     uint32_t h;
@@ -323,12 +337,17 @@ float dot_q5_0_q8_0_impl(const BlockQ5_0* w, const BlockQ8_0* x, int64_t n_block
     for (int j = 0; j < 16; ++j) {
       const int lo = (w[ib].qs[j] & 0x0f) | static_cast<int>((h >> j) & 1) << 4;
       const int hi = (w[ib].qs[j] >> 4) | static_cast<int>((h >> (j + 16)) & 1) << 4;
-      sumi += (lo - 16) * x[ib].qs[j] + (hi - 16) * x[ib].qs[j + 16];
+      sumi += (lo - kOff) * x[ib].qs[j] + (hi - kOff) * x[ib].qs[j + 16];
     }
-    sum += static_cast<float>(sumi) * (fp16_to_fp32(w[ib].d) * fp16_to_fp32(x[ib].d));
+    if constexpr (kMin)
+      sum += (fp16_to_fp32(w[ib].d) * fp16_to_fp32(x[ib].d)) * static_cast<float>(sumi) +
+             fp16_to_fp32(w[ib].m) * fp16_to_fp32(x[ib].s);
+    else
+      sum += static_cast<float>(sumi) * (fp16_to_fp32(w[ib].d) * fp16_to_fp32(x[ib].d));
   }
   return sum;
 }
+
 
 float dot_q8_0_q8_0_impl(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n_blocks) {
   float sum = 0.0f;
@@ -374,8 +393,14 @@ float dot_quantized(DType t, const void* w, const void* xq, int64_t n) {
       return dot_q4_1_q8_1_impl(static_cast<const BlockQ4_1*>(w), static_cast<const BlockQ8_1*>(xq),
                                 n / 32);
     case DType::Q5_0:
-      return dot_q5_0_q8_0_impl(static_cast<const BlockQ5_0*>(w), static_cast<const BlockQ8_0*>(xq),
-                                n / 32);
+      return dot_q5_impl(static_cast<const BlockQ5_0*>(w), static_cast<const BlockQ8_0*>(xq),
+                         n / 32);
+    case DType::Q5_1:
+      return dot_q5_impl(static_cast<const BlockQ5_1*>(w), static_cast<const BlockQ8_1*>(xq),
+                         n / 32);
+    case DType::IQ4_NL:
+      return dot_iq4_nl_q8_0_impl(static_cast<const BlockIQ4_NL*>(w),
+                                  static_cast<const BlockQ8_0*>(xq), n / 32);
     case DType::Q8_0:
       return dot_q8_0_q8_0_impl(static_cast<const BlockQ8_0*>(w), static_cast<const BlockQ8_0*>(xq),
                                 n / 32);

@@ -1,11 +1,12 @@
 // Quantized-activation formats shared by the kernel variants (internal to src/kernels).
 //
-// For Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL weights and the packed K types (Q2_K .. Q6_K, IQ4_XS), matmul
-// and dot_row first quantize each f32 activation row to 8 bits and then run integer block dots,
-// as llama.cpp's CPU backend does: in blocks of 32 (Q8_0, or Q8_1 for Q4_1 and Q5_1 weights) for the
-// 32-column types, in super-blocks of 256 with one f32 scale (BlockQ8_K) for the K types, so the
-// activation rounding is llama.cpp's. Every variant must produce the same codes and scales here
-// (the fast ones are tested bit-identical against ref), so both variants' dots see the same inputs.
+// For Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL weights and the packed K types (Q2_K .. Q6_K, IQ4_XS),
+// matmul and dot_row first quantize each f32 activation row to 8 bits and then run integer block
+// dots, as llama.cpp's CPU backend does: in blocks of 32 (Q8_0, or Q8_1 for Q4_1 and Q5_1 weights)
+// for the 32-column types, in super-blocks of 256 with one f32 scale (BlockQ8_K) for the K types,
+// so the activation rounding is llama.cpp's. Every variant must produce the same codes and scales
+// here (the fast ones are tested bit-identical against ref), so both variants' dots see the same
+// inputs.
 #pragma once
 
 #include <cstddef>

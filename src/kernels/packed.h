@@ -1,9 +1,10 @@
 // Weights packed for the quantized matmul (internal to src/kernels and its tests).
 //
-// A Q4_0, Q4_1, Q8_0 (Q5_0, Q5_1, IQ4_NL: see below) matrix is repacked once, at load, into groups of kGroupRows = 8 rows
-// (row r in group r / 8, lane r % 8; a last group short of rows is padded with zero blocks).
-// Each group stores its n_blocks = n_cols / 32 blocks in order; a packed block holds the same
-// block (same 32 columns) of all 8 rows, with the rows' codes interleaved 4 bytes at a time:
+// A Q4_0, Q4_1, Q8_0 (Q5_0, Q5_1, IQ4_NL: see below) matrix is repacked once, at load, into
+// groups of kGroupRows = 8 rows (row r in group r / 8, lane r % 8; a last group short of rows
+// is padded with zero blocks). Each group stores its n_blocks = n_cols / 32 blocks in order; a
+// packed block holds the same block (same 32 columns) of all 8 rows, with the rows' codes
+// interleaved 4 bytes at a time:
 //
 //   qs[v][4 k + j] = row k's qs[4 v + j]      (the byte of GGML's block, unchanged)
 //
@@ -70,8 +71,9 @@ struct PackedIQ4_NL {
 };
 static_assert(sizeof(PackedIQ4_NL) == 8 * sizeof(BlockIQ4_NL));
 
-// The K types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) pack one 256-column super-block of the 8 rows per packed
-// block, read as integers (ref::k_block_ints: value = d * sc[e / 16] * q[e] - dmin * m[e / 32]).
+// The K types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) pack one 256-column super-block of the 8
+// rows per packed block, read as integers (ref::k_block_ints: value = d * sc[e / 16] * q[e] -
+// dmin * m[e / 16]).
 // Each 32-column sub-block b keeps the Q4 layout above for the low 4 bits of its codes (Q6_K's
 // codes stored as q + 32, 0..63; IQ4_XS's as their table index) and, per row k, its two 16-column
 // scales (or scale and min) as a pair of bytes [k][2], so one 16-byte load widens to 8 lanes of

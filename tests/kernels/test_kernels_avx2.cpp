@@ -476,11 +476,10 @@ TEST(Avx2Matmul, QuantizedEqualsRefBitForBit) {
   }
 }
 
-// The packed K types (Q2_K .. Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_k's
-// arithmetic (Q5_0, Q5_1, IQ4_NL: ref's block dots) for 8 rows at once, so every variant equals ref bit
-// for bit: every token count from 1 to 70 (the 1..4-token kernels, 64-token chunks and their
-// tails), 1 and 2 threads, groups short of 8 rows, packed at load or on the fly, unaligned rows,
-// dot_row too.
+// The packed K types (Q2_K .. Q6_K, IQ4_XS: kquant_avx2.cpp) compute ref::dot_k_q8_k's arithmetic
+// (Q5_0, Q5_1, IQ4_NL: ref's block dots) for 8 rows at once, so every variant equals ref bit for
+// bit: every token count from 1 to 70 (the 1..4-token kernels, 64-token chunks and their tails), 1
+// and 2 threads, groups short of 8 rows, packed at load or on the fly, unaligned rows, dot_row too.
 TEST(Avx2Matmul, KQuantsEqualRefBitForBit) {
   SKIP_WITHOUT_AVX2();
   std::mt19937 rng(22);

@@ -1,9 +1,9 @@
 // The group kernels of Q5_0, Q5_1, IQ4_NL and the packed K types (Q2_K .. Q6_K, IQ4_XS; layout in
 // ../packed.h), the fast twins of ref::dot_k_q8_k and ref's dot_q5_impl / dot_iq4_nl_q8_0_impl
-// (ref/ref.h, ref/ops_ref.cpp), bit for bit. Included by kquant_avx2.cpp (AVX2: vpmaddubsw) and vnni_avx2.cpp (kVnni: AVX-512 VNNI's
-// vpdpbusd on 256-bit vectors), each compiling its own copy: everything here has internal linkage,
-// so no copy built with one file's instruction set can be picked by the linker for the other
-// (see ../CMakeLists.txt).
+// (ref/ref.h, ref/ops_ref.cpp), bit for bit. Included by kquant_avx2.cpp (AVX2: vpmaddubsw) and
+// vnni_avx2.cpp (kVnni: AVX-512 VNNI's vpdpbusd on 256-bit vectors), each compiling its own copy:
+// everything here has internal linkage, so no copy built with one file's instruction set can be
+// picked by the linker for the other (see ../CMakeLists.txt).
 //
 // The K types take activation super-blocks (BlockQ8_K: 256 codes, one f32 scale). Per 32-column
 // sub-block b of 8 rows (one row per 32-bit lane) and token t: the codes' exact integer dot with
@@ -77,7 +77,9 @@ template <class P>
 constexpr bool kTwoScales = std::is_same_v<P, PackedQ6_K> || std::is_same_v<P, PackedQ3_K> ||
                             std::is_same_v<P, PackedQ2_K>;
 template <class P>
-constexpr int kCodeOffset = std::is_same_v<P, PackedQ6_K> ? 32 : std::is_same_v<P, PackedQ3_K> ? 4 : 0;
+constexpr int kCodeOffset = std::is_same_v<P, PackedQ6_K>   ? 32
+                            : std::is_same_v<P, PackedQ3_K> ? 4
+                                                            : 0;
 
 template <class P, class S>
 inline void nibbles(const S& s, Sub& u) {

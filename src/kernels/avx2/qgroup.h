@@ -80,11 +80,11 @@ constexpr int kTileToks = 16;
 static_assert(kActTile % kGroupToks == 0 && kActTile == kTileToks);  // a call stays in one tile
 
 // The group kernels of Q5_0, Q5_1, IQ4_NL and the packed K types (kquant_kernels.h: Q2_K .. Q6_K,
-// IQ4_XS),
-// [T - 1] for T tokens; null for other types: AVX2's (kquant_avx2.cpp) and VNNI's (vnni_avx2.cpp;
-// call only when vnni_supported()). Their Acts: c = the int16 pair (sum of codes 0..15, sum of
-// codes 16..31) of each 32-column block; Q5_0, IQ4_NL: Q8_0 blocks; Q5_1: Q8_1 blocks (d, s; no c); the K types: BlockQ8_K super-blocks
-// (blk = 292 bytes per 256 columns), d = the super-block's scale at each of its 8 blocks; s unused.
+// IQ4_XS), [T - 1] for T tokens; null for other types: AVX2's (kquant_avx2.cpp) and VNNI's
+// (vnni_avx2.cpp; call only when vnni_supported()). Their Acts: c = the int16 pair (sum of codes
+// 0..15, sum of codes 16..31) of each 32-column block; Q5_0, IQ4_NL: Q8_0 blocks; Q5_1: Q8_1 blocks
+// (d, s; no c); the K types: BlockQ8_K super-blocks (blk = 292 bytes per 256 columns), d = the
+// super-block's scale at each of its 8 blocks; s unused.
 const GroupFn* k_group_kernels(DType t);
 const GroupFn* k_group_kernels_vnni(DType t);
 // Two groups at once in 512-bit vectors (vnni_avx2.cpp, the K types only; null for the others).

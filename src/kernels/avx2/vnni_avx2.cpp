@@ -233,7 +233,8 @@ const PairFn* k_pair_kernels_vnni(DType t) {  // the K types (k_index < kKTypes)
   constexpr auto kSeq = std::make_index_sequence<kGroupToks>();
   static constexpr std::array<std::array<PairFn, kGroupToks>, kKTypes> kAll = {
       make_pair_k<PackedQ4_K>(kSeq), make_pair_k<PackedQ5_K>(kSeq), make_pair_k<PackedQ6_K>(kSeq),
-      make_pair_k<PackedIQ4_XS>(kSeq), make_pair_k<PackedQ3_K>(kSeq), make_pair_k<PackedQ2_K>(kSeq)};
+      make_pair_k<PackedIQ4_XS>(kSeq), make_pair_k<PackedQ3_K>(kSeq),
+      make_pair_k<PackedQ2_K>(kSeq)};
   const int i = k_index(t);
   return i < 0 || i >= kKTypes ? nullptr : kAll[static_cast<size_t>(i)].data();
 }

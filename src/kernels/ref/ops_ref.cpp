@@ -213,11 +213,12 @@ const float* row_as_f32(DType t, const void* row, int64_t n, float* scratch) {
 }
 
 // ---- quantized-activation dot products (llama.cpp's vec_dot_type path) -----------------------
-// For Q4_0, Q4_1 and Q8_0 weights the activation row is first quantized to 8 bits in blocks of 32
-// (Q8_0 for Q4_0/Q8_0 weights; Q8_1, which also carries d * sum(q), for Q4_1), then each block's
-// dot is an exact integer sum scaled once. This is what llama.cpp computes on the CPU, so kvlm's
-// logits track the reference's, and integer dots avoid dequantizing every weight row. Block sums
-// accumulate sequentially in f32 in block order: the result depends only on n.
+// For every quantized weight type the activation row is first quantized to 8 bits, in blocks of 32
+// for the 32-column types (Q8_0 for Q4_0, Q5_0, Q8_0, IQ4_NL; Q8_1, which also carries d * sum(q),
+// for Q4_1 and Q5_1) and super-blocks of 256 for the K types (Q8_K), then each block's dot is an
+// exact integer sum scaled once. This is what llama.cpp computes on the CPU, so kvlm's logits track
+// the reference's, and integer dots avoid dequantizing every weight row. Block sums accumulate
+// sequentially in f32 in block order: the result depends only on n.
 
 // (BlockQ8_1, act_type and act_row_bytes live in kernels/act_blocks.h, shared with the fast
 // variants.)

@@ -529,11 +529,14 @@ void Server::Impl::kv_state(const ExchangePtr& ex) {
 void Server::Impl::kv_attention(const http::Request& req, const ExchangePtr& ex) {
   const AttentionQuery a =
       parse_attention_request(parse_json_body(req.body), tok, model, sched.model().config());
-  std::unique_lock<std::mutex> l(map_mu, std::try_to_lock);
-  if (!l) throw HttpError(503, "another attention map is being computed; retry", "", "busy");
-  if (!map_pool) map_pool = std::make_unique<ThreadPool>(1);
-  const AttentionMap map =
-      attention_map(sched.model(), a.tokens, a.layer, a.head, a.n_query, *map_pool);
+  // The lock is released before the reply is sent: a client that asks again as soon as it has
+  // the answer must not find this map still holding it.
+  const AttentionMap map = [&] {
+    std::unique_lock<std::mutex> l(map_mu, std::try_to_lock);
+    if (!l) throw HttpError(503, "another attention map is being computed; retry", "", "busy");
+    if (!map_pool) map_pool = std::make_unique<ThreadPool>(1);
+    return attention_map(sched.model(), a.tokens, a.layer, a.head, a.n_query, *map_pool);
+  }();
   ex->reply(json_response(200, dump(attention_map_json(map, a.tokens, tok))));
 }
 

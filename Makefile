@@ -67,7 +67,7 @@ test-tsan: deps models
 # libFuzzer targets (fuzz/), built with clang, ASan and UBSan in build-fuzz, each run for
 # FUZZ_SECONDS on a corpus in build-fuzz/corpus (seeded from tests/data and the reference data).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := fuzz_gguf fuzz_template fuzz_request fuzz_tokenize fuzz_session
+FUZZ_TARGETS := fuzz_gguf fuzz_template fuzz_request fuzz_tokenize fuzz_session fuzz_tool_calls
 fuzz: deps refdata
 	cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
 	  -DKVLM_FUZZ=ON -DKVLM_BUILD_TESTS=OFF

@@ -115,6 +115,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   }
   bool current(uint64_t seq) const { return !closed_ && in_exchange_ && seq == seq_ && !ended_; }
   void on_shutdown();
+  void abort() { close(); }  // the server is being destroyed (no I/O thread runs)
 
  private:
   void next_request();
@@ -636,6 +637,23 @@ HttpServer::HttpServer(Options opts, Handler handler, ErrorBody error_body)
 HttpServer::~HttpServer() {
   impl_->workers.join();
   impl_->ioc.stop();
+  // Every handler still pending in the stopped context holds its connection, and every
+  // connection holds this Impl (so the context): a cycle that would leak them all. Closing the
+  // sockets (no I/O thread runs now) makes their operations complete as aborted; running those
+  // handlers drops the last references.
+  std::vector<std::shared_ptr<Connection>> open;
+  {
+    std::lock_guard<std::mutex> l(impl_->mu);
+    for (const auto& w : impl_->conns)
+      if (auto c = w.lock()) open.push_back(std::move(c));
+  }
+  for (const auto& c : open) c->abort();
+  open.clear();
+  error_code ignored;
+  impl_->acceptor.close(ignored);
+  impl_->guard.reset();
+  impl_->ioc.restart();
+  impl_->ioc.run_for(std::chrono::seconds(1));
 }
 
 int HttpServer::bind() {

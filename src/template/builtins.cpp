@@ -261,17 +261,21 @@ Value dict_items(Interp& in, const Value& v) {
   return Value::make_list(std::move(out));
 }
 
+// HF's tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False).
 Value tojson(Interp& in, const Value& v, const Args& a) {
-  if (truthy(a.get(0, "ensure_ascii") ? *a.get(0, "ensure_ascii") : Value::boolean(false)))
-    in.error("tojson(ensure_ascii=true) is not supported");
-  const int indent = int(arg_int(in, a, 1, "indent", -1));
-  std::string item_sep = indent >= 0 ? "," : ", ", key_sep = ": ";
+  JsonStyle st;
+  st.ensure_ascii = arg_bool(a, 0, "ensure_ascii", false);
+  st.indent = int(arg_int(in, a, 1, "indent", -1));
+  std::string item_sep = st.indent >= 0 ? "," : ", ", key_sep = ": ";  // st's views point here
   if (const Value* sep = a.get(2, "separators"); sep && sep->is_list() && sep->list->size() == 2) {
     item_sep = need_str(in, (*sep->list)[0], "tojson separators");
     key_sep = need_str(in, (*sep->list)[1], "tojson separators");
   }
+  st.item_sep = item_sep;
+  st.key_sep = key_sep;
+  st.sort_keys = arg_bool(a, 3, "sort_keys", false);
   try {
-    return Value::string(to_json(v, indent, arg_bool(a, 3, "sort_keys", false), item_sep, key_sep));
+    return Value::string(to_json(v, st));
   } catch (const std::runtime_error& e) {
     in.error("tojson: {}", e.what());
   }

@@ -116,7 +116,10 @@ std::string ChatTemplate::apply(const std::vector<ChatMessage>& messages,
     if (!j.is_array()) fail("chat template: the tools must be a JSON array");
     tmpl::Value tools = from_json(j);
     // firefunction-v2's variables, as llama.cpp fills them.
-    ctx.dict->set("functions", tmpl::Value::string(tmpl::to_json(tools, 2, false, ",", ": ")));
+    tmpl::JsonStyle indented;  // json.dumps(tools, indent=2)
+    indented.indent = 2;
+    indented.item_sep = ",";
+    ctx.dict->set("functions", tmpl::Value::string(tmpl::to_json(tools, indented)));
     ctx.dict->set("datetime", tmpl::Value::string(format_date(env_.now, "%b %d %Y %H:%M:%S GMT")));
     ctx.dict->set("tools", std::move(tools));
   }

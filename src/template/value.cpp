@@ -125,9 +125,27 @@ std::string repr_string(const std::string& s) {
   return out + q;
 }
 
-void json_string(const std::string& s, std::string& out) {
+// The code point of the UTF-8 sequence at s[p] and its length; a malformed one reads as U+FFFD
+// (one byte), as Python could not hold it in a str.
+std::pair<uint32_t, size_t> utf8_decode(std::string_view s, size_t p) {
+  const auto c = static_cast<unsigned char>(s[p]);
+  const size_t n = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+  if (n == 0 || p + n > s.size()) return {0xFFFD, 1};
+  uint32_t cp = c & (0x7F >> n);
+  for (size_t k = 1; k < n; ++k) {
+    const auto d = static_cast<unsigned char>(s[p + k]);
+    if ((d & 0xC0) != 0x80) return {0xFFFD, 1};
+    cp = cp << 6 | (d & 0x3F);
+  }
+  return {cp, n};
+}
+
+// json.dumps's string: with ensure_ascii DEL and every non-ASCII code point as \uXXXX (a surrogate pair
+// above U+FFFF), else the UTF-8 bytes as they are.
+void json_string(std::string_view s, bool ensure_ascii, std::string& out) {
   out += '"';
-  for (unsigned char c : s) {
+  for (size_t p = 0; p < s.size(); ++p) {
+    const auto c = static_cast<unsigned char>(s[p]);
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -137,15 +155,27 @@ void json_string(const std::string& s, std::string& out) {
       case '\b': out += "\\b"; break;
       case '\f': out += "\\f"; break;
       default:
-        if (c < 0x20) out += fmt::format("\\u{:04x}", c);
-        else out += static_cast<char>(c);
+        if (c < 0x20) {
+          out += fmt::format("\\u{:04x}", c);
+        } else if (c >= 0x7F && ensure_ascii) {  // Python escapes DEL too (not in ' '..'~')
+          const auto [cp, n] = c == 0x7F ? std::pair<uint32_t, size_t>{0x7F, 1} : utf8_decode(s, p);
+          p += n - 1;
+          if (cp < 0x10000) {
+            out += fmt::format("\\u{:04x}", cp);
+          } else {
+            const uint32_t v = cp - 0x10000;
+            out += fmt::format("\\u{:04x}\\u{:04x}", 0xD800 + (v >> 10), 0xDC00 + (v & 0x3FF));
+          }
+        } else {
+          out += static_cast<char>(c);
+        }
     }
   }
   out += '"';
 }
 
-void json_rec(const Value& v, int indent, int depth, bool sort_keys, std::string_view item_sep,
-              std::string_view key_sep, std::string& out) {
+void json_rec(const Value& v, const JsonStyle& st, int depth, std::string& out) {
+  const int indent = st.indent;
   if (depth > 256) throw std::runtime_error("tojson: value nested too deeply");
   std::string nl, nl_end;
   if (indent >= 0) {
@@ -161,14 +191,14 @@ void json_rec(const Value& v, int indent, int depth, bool sort_keys, std::string
       out += std::isnan(v.f) ? "NaN" : std::isinf(v.f) ? (v.f > 0 ? "Infinity" : "-Infinity")
                                                         : float_repr(v.f);
       return;
-    case Kind::String: json_string(v.s, out); return;
+    case Kind::String: json_string(v.s, st.ensure_ascii, out); return;
     case Kind::List: {
       if (v.list->empty()) { out += "[]"; return; }
       out += '[';
       for (size_t k = 0; k < v.list->size(); ++k) {
-        if (k) out += item_sep;
+        if (k) out += st.item_sep;
         out += nl;
-        json_rec((*v.list)[k], indent, depth + 1, sort_keys, item_sep, key_sep, out);
+        json_rec((*v.list)[k], st, depth + 1, out);
       }
       out += nl_end + "]";
       return;
@@ -180,18 +210,18 @@ void json_rec(const Value& v, int indent, int depth, bool sort_keys, std::string
       for (const auto& [k, x] : v.dict->items) {
         if (k.is_list() || k.is_dict() || k.kind == Kind::Callable || k.is_undefined())
           throw std::runtime_error("keys must be str, int, float, bool or None");
-        items.emplace_back(k.is_string() ? k.s : to_json(k, -1, false, ", ", ": "), &x);
+        items.emplace_back(k.is_string() ? k.s : to_json(k, JsonStyle{}), &x);
       }
-      if (sort_keys)
+      if (st.sort_keys)
         std::stable_sort(items.begin(), items.end(),
                          [](const auto& a, const auto& b) { return a.first < b.first; });
       out += '{';
       for (size_t k = 0; k < items.size(); ++k) {
-        if (k) out += item_sep;
+        if (k) out += st.item_sep;
         out += nl;
-        json_string(items[k].first, out);
-        out += key_sep;
-        json_rec(*items[k].second, indent, depth + 1, sort_keys, item_sep, key_sep, out);
+        json_string(items[k].first, st.ensure_ascii, out);
+        out += st.key_sep;
+        json_rec(*items[k].second, st, depth + 1, out);
       }
       out += nl_end + "}";
       return;
@@ -270,10 +300,9 @@ bool equal(const Value& a, const Value& b) {
   }
 }
 
-std::string to_json(const Value& v, int indent, bool sort_keys, std::string_view item_sep,
-                    std::string_view key_sep) {
+std::string to_json(const Value& v, const JsonStyle& style) {
   std::string out;
-  json_rec(v, indent, 0, sort_keys, item_sep, key_sep, out);
+  json_rec(v, style, 0, out);
   return out;
 }
 

@@ -81,10 +81,17 @@ std::string to_str(const Value& v);
 std::string repr(const Value& v);
 // Python == between values (1 == 1.0 == True; lists and dicts compared item by item).
 bool equal(const Value& a, const Value& b);
-// Python's json.dumps(v, ensure_ascii=False, indent=indent, sort_keys=...) with the default
-// separators (", " and ": ", or "," and ": " with an indent); indent < 0 means None.
-std::string to_json(const Value& v, int indent, bool sort_keys, std::string_view item_sep,
-                    std::string_view key_sep);
+// Python's json.dumps arguments: indent < 0 means None; the separators default to ", " and ": "
+// (json.dumps uses "," with an indent: callers pass it).
+struct JsonStyle {
+  int indent = -1;
+  bool sort_keys = false;
+  std::string_view item_sep = ", ";
+  std::string_view key_sep = ": ";
+  bool ensure_ascii = false;
+};
+// Python's json.dumps(v, ...) in the given style.
+std::string to_json(const Value& v, const JsonStyle& style);
 // Python float repr (shortest round trip, "1.0" not "1").
 std::string float_repr(double x);
 const char* kind_name(Kind k);

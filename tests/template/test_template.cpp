@@ -56,6 +56,8 @@ const Case kCases[] = {
      "padded|['a', 'b', '', 'c']|['a', 'b']|hi|True|Hello World|Hello-World X"},
     {"{{ {'b': 1, 'a': [1, 'é']} | tojson }}|{{ {'a': {'b': 2}} | tojson(indent=2) }}|{{ 'x\"y\\n' | tojson }}",
      "{\"b\": 1, \"a\": [1, \"é\"]}|{\n  \"a\": {\n    \"b\": 2\n  }\n}|\"x\\\"y\\n\""},
+    {"{{ {'k': 'é世🌍'} | tojson(ensure_ascii=true) }}|{{ 'é' | tojson(ensure_ascii=false) }}|{{ '\x7f' | tojson(ensure_ascii=true) }}",
+     "{\"k\": \"\\u00e9\\u4e16\\ud83c\\udf0d\"}|\"é\"|\"\\u007f\""},
     {"{{ undefined_thing }}|{{ undefined_thing is defined }}|{{ undefined_thing | default('dflt') }}|{{ '' | default('e', true) }}|{{ none is none }}|{{ 3 is number }}|{{ 'a' is string }}|{{ {} is mapping }}|{{ [1] is iterable }}",
      "|False|dflt|e|True|True|True|True|True"},
     {"{{ [{'a': 1, 'b': 'x'}, {'a': 2}, {'a': 3, 'b': 'y'}] | selectattr('b', 'defined') | map(attribute='a') | list }}|{{ [{'r': 'u'}, {'r': 's'}] | rejectattr('r', 'equalto', 's') | list | length }}",

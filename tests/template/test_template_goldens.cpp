@@ -102,7 +102,6 @@ const std::map<std::string, std::string> kExcluded = {};
 // Checked templates whose conversations with tools or tool calls are not compared, each with why (their plain
 // conversations are).
 const std::map<std::string, std::string> kToolsUnchecked = {
-    {"Reka-Edge.jinja", "writes tools with tojson(ensure_ascii=true), which kvlm does not have"},
     {"llama-cpp-deepseek-r1.jinja",
      "jinja2 itself fails on tools (tojson of a generator); kvlm renders them"},
     {"meetkai-functionary-medium-v3.1.jinja",

@@ -116,13 +116,9 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
     fail("context {} is past the {} positions this model has learned embeddings for",
          config.n_ctx, c.n_ctx_train);
   if (config.max_queue < 0) fail("--max-queue must be >= 0, got {}", config.max_queue);
-  config.eviction.validate(config.n_ctx, config.kivi_residual >= 0);
-  const bool windowed =
-      std::any_of(c.layer_window.begin(), c.layer_window.end(), [](int32_t w) { return w > 0; });
-  // Evicting re-rotates K with one RoPE base, and a window's released positions cannot move.
-  if (config.eviction.on() && windowed)
-    fail("--kv-window / --keep evict tokens, which models with sliding-window layers do not "
-         "support yet");
+  config_.eviction.reach = std::max(0, c.max_window() - 1);
+  config_.eviction.validate(config.n_ctx, config.kivi_residual >= 0);
+  const bool windowed = c.max_window() > 0;
   // A hit is indexed by the full-attention layers' blocks (their window groups keep twins).
   if (config.prefix_cache && std::all_of(c.layer_window.begin(), c.layer_window.end(),
                                          [](int32_t w) { return w > 0; }) && windowed)
@@ -145,7 +141,7 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
   const KvManagerConfig kc = kv_pool_config(spec, full_blocks(spec, config, n_slots), n_slots,
                                             config.prefix_cache, model.kv_rope());
   st_ = std::make_unique<State>(kc, StepLimits{config.n_parallel, config.n_batch, config.n_ctx,
-                                                config.eviction});
+                                                config_.eviction});
   stats_.blocks_total = st_->kv.stats().blocks.n_total;
   stats_.block_size = config.block_size;
   stats_.kv_bytes_total = st_->kv.store().bytes();

@@ -37,7 +37,7 @@ int64_t Eviction::count(int64_t n_held, int64_t m, int64_t n_ctx) const {
   if (need <= 0) return 0;
   if (!on()) return -1;
   int64_t c = window ? std::max(need, window_chunk) : std::max(need, (n_held - n_keep) / 2);
-  c = std::min(c, n_held - kept());
+  c = std::min(c, n_held - kept() - reach);
   return c < need ? -1 : c;  // even evicting everything evictable leaves too little room
 }
 
@@ -50,6 +50,10 @@ void Eviction::validate(int64_t n_ctx, bool kivi) const {
       fail("window eviction chunk {} must be in [1, window]", window_chunk);
   }
   if (n_keep >= n_ctx) fail("--keep {} must be smaller than the context ({})", n_keep, n_ctx);
+  if (on() && room(n_ctx) < 1)
+    fail("{} with this model's sliding window of {} tokens needs a context of at least {} "
+         "(kept + window), got {}",
+         window ? "--kv-window / --kv-sinks" : "--keep", reach + 1, kept() + reach + 1, n_ctx);
   if (kivi && on())
     fail("the KIVI cache (--kv-residual) cannot evict tokens: drop --kv-window / --keep");
 }
@@ -58,14 +62,12 @@ Session::Session(const Model& model, const KvOptions& kv, ThreadPool& pool, int6
     : model_(model),
       pool_(pool),
       opts_(kv),
+      eviction_(kv.eviction()),
       kv_(kv_seq_config(cache_shape(model, kv), kv.n_ctx, kv.alloc, model.kv_rope(),
                         model.config().layer_window, std::max<int64_t>(1, n_batch))),
       n_batch_(std::max<int64_t>(1, n_batch)) {
-  kv.eviction().validate(kv.n_ctx, kv.kivi_residual >= 0);
-  if (kv.eviction().on() && !model.config().layer_window.empty() &&
-      *std::max_element(model.config().layer_window.begin(), model.config().layer_window.end()) > 0)
-    fail("--kv-window / --keep evict tokens, which models with sliding-window layers do not "
-         "support yet");
+  eviction_.reach = std::max(0, model.config().max_window() - 1);
+  eviction_.validate(kv.n_ctx, kv.kivi_residual >= 0);
   KVLM_CHECK(kv_.admit(kSeq, {}, "", 0, KvHit{}));
 }
 
@@ -82,11 +84,12 @@ KvStats Session::kv_stats() const {
 }
 
 bool Session::make_room(int64_t m) {
-  const Eviction ev = opts_.eviction();
+  const Eviction& ev = eviction_;
   const int64_t count = ev.count(n_cached(), m, opts_.n_ctx);
   if (count <= 0) return count == 0;
   const int64_t begin = ev.kept();
-  // One sequence shares no block, so the shift never needs a free block for a copy.
+  // One sequence shares no block, so the shift never needs a free block for a copy, and a window
+  // group's renewed blocks (at most its window's) fit in what its pool holds for it.
   KVLM_CHECK(kv_.evict(kSeq, begin, count));
   tokens_.erase(tokens_.begin() + begin, tokens_.begin() + begin + count);
   last_evicted_ += count;
@@ -108,7 +111,7 @@ std::span<const float> Session::run(std::span<const int32_t> tokens, bool all_lo
   for (int64_t i = 0, m = 0; i < n; i += m) {
     // An evicting cache can make room for at most what lies past the kept prefix (the sinks or
     // --keep tokens), so longer feeds go in pieces of that size.
-    const int64_t room = evicts() ? opts_.n_ctx - opts_.eviction().kept() : n_batch_;
+    const int64_t room = evicts() ? eviction_.room(opts_.n_ctx) : n_batch_;
     m = std::min({n_batch_, room, n - i});
     if (!make_room(m))
       fail("context full: {} tokens held + {} new exceed the context of {} tokens and the "

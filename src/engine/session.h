@@ -32,12 +32,18 @@ struct Eviction {
   // Context shift (llama.cpp --keep): keep the first n_keep tokens, drop the older half of the
   // rest. -1: off.
   int64_t n_keep = -1;
+  // The model's largest sliding window minus one (0: none; set from the model, not a flag): an
+  // eviction leaves at least kept() + reach positions, so the window of every later query starts
+  // past the kept ones and a window group never needs a kept row it released (KvManager::evict).
+  int64_t reach = 0;
 
   bool on() const { return window || n_keep >= 0; }
   // Positions [0, kept()) are never evicted; eviction starts there. Meaningful when on().
   int64_t kept() const { return window ? n_sinks : n_keep; }
+  // The most tokens one forward pass may add to an evicting sequence.
+  int64_t room(int64_t n_ctx) const { return n_ctx - kept() - reach; }
   // Tokens to evict from kept() so that m more fit in n_ctx with n_held held: 0 when they fit
-  // already, -1 when no policy is on or even evicting everything past kept() is not enough.
+  // already, -1 when no policy is on or even evicting everything evictable is not enough.
   int64_t count(int64_t n_held, int64_t m, int64_t n_ctx) const;
   // Throws kvlm::Error naming the flag when the options do not fit a context of n_ctx tokens, or
   // are on for a KIVI cache (which cannot evict).
@@ -91,7 +97,7 @@ class Session {
   const KvManager& kv() const { return kv_; }
   static constexpr SeqId kSeq = 0;
   // True when a full cache evicts (window or context shift) instead of failing.
-  bool evicts() const { return opts_.eviction().on(); }
+  bool evicts() const { return eviction_.on(); }
   // Tokens evicted by the window or context shift during the last feed/recompute call.
   int64_t last_evicted() const { return last_evicted_; }
   const std::vector<int32_t>& tokens() const { return tokens_; }
@@ -134,6 +140,7 @@ class Session {
   const Model& model_;
   ThreadPool& pool_;
   KvOptions opts_;
+  Eviction eviction_;  // opts_'s policy with this model's window reach
   int64_t last_evicted_ = 0;
   int64_t n_evicted_ = 0;  // since construction or reset()
   KvManager kv_;           // one sequence, kSeq, always admitted

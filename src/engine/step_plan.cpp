@@ -38,7 +38,7 @@ bool StepPlanner::grow(StepSeq& q, int64_t n) {
 bool StepPlanner::make_room(StepSeq& q, int64_t m) {
   const int64_t kept = lim_.eviction.kept();
   const int64_t count = lim_.eviction.count(q.n_computed, m, lim_.n_ctx);
-  KVLM_CHECK(count >= 0);  // callers keep m <= n_ctx - kept
+  KVLM_CHECK(count >= 0);  // callers keep m <= room(n_ctx)
   if (count == 0) return true;
   while (!kv_.evict(q.id, kept, count))
     if (preempt_newest() == &q) return false;
@@ -124,7 +124,7 @@ void StepPlanner::prefill_items(uint64_t step_no, std::vector<StepItem>& items, 
     StepSeq* q = running[i].get();
     if (q->step == step_no) continue;  // decoding: step 1
     int64_t n = std::min(q->pending(), budget);
-    if (lim_.eviction.on()) n = std::min(n, lim_.n_ctx - lim_.eviction.kept());
+    if (lim_.eviction.on()) n = std::min(n, lim_.eviction.room(lim_.n_ctx));
     if (n <= 0) continue;
     if (lim_.eviction.on() && !make_room(*q, n)) break;
     if (!grow(*q, n)) break;

@@ -221,10 +221,8 @@ bool BlockPool::append(SeqId seq, int64_t n_tokens, std::vector<BlockCopy>* copi
   return true;
 }
 
-bool BlockPool::make_writable(SeqId seq, int64_t first, int64_t last,
-                              std::vector<BlockCopy>* copies) {
-  if (copies == nullptr) fail("block pool: make_writable needs a copy list");
-  Seq& s = seq_or_fail(seq);
+bool BlockPool::can_make_writable(SeqId seq, int64_t first, int64_t last) const {
+  const Seq& s = seq_or_fail(seq);
   if (first < 0 || first > last || last > static_cast<int64_t>(s.table.size()))
     fail("block pool: blocks [{}, {}) are not in sequence {}'s table of {}", first, last, seq,
          s.table.size());
@@ -234,7 +232,14 @@ bool BlockPool::make_writable(SeqId seq, int64_t first, int64_t last,
     if (id == kNoBlock) fail("block pool: block {} of sequence {} was released", i, seq);
     n_shared += blocks_[static_cast<size_t>(id)].ref_count > 1;
   }
-  if (n_shared > n_queued_) return false;  // nothing changed
+  return n_shared <= n_queued_;
+}
+
+bool BlockPool::make_writable(SeqId seq, int64_t first, int64_t last,
+                              std::vector<BlockCopy>* copies) {
+  if (copies == nullptr) fail("block pool: make_writable needs a copy list");
+  if (!can_make_writable(seq, first, last)) return false;  // nothing changed
+  Seq& s = seq_or_fail(seq);
   for (int64_t i = first; i < last; ++i) own(s.table[static_cast<size_t>(i)], copies);
   after_op();
   return true;
@@ -294,6 +299,30 @@ void BlockPool::release_front(SeqId seq, int64_t n_front) {
     id = kNoBlock;
   }
   after_op();
+}
+
+bool BlockPool::can_renew(SeqId seq, int64_t n_tokens, int64_t first) const {
+  const Seq& s = seq_or_fail(seq);
+  const int64_t n_table = blocks_for(n_tokens);
+  if (n_tokens < 0 || first < 0 || (n_tokens > 0 && first >= n_table))
+    fail("block pool: cannot renew sequence {} as {} tokens from block {}", seq, n_tokens, first);
+  // A block its table names with refcount 1 comes back to the free queue when released.
+  const auto own = std::count_if(s.table.begin(), s.table.end(), [&](BlockId id) {
+    return id != kNoBlock && blocks_[static_cast<size_t>(id)].ref_count == 1;
+  });
+  return std::max<int64_t>(0, n_table - first) <= n_queued_ + own;
+}
+
+bool BlockPool::renew(SeqId seq, int64_t n_tokens, int64_t first) {
+  if (!can_renew(seq, n_tokens, first)) return false;  // nothing changed
+  Seq& s = seq_or_fail(seq);
+  const int64_t n_table = blocks_for(n_tokens);
+  release_tail(s, 0);
+  s.table.assign(static_cast<size_t>(n_table), kNoBlock);
+  for (int64_t i = first; i < n_table; ++i) s.table[static_cast<size_t>(i)] = take_fresh();
+  s.n_tokens = n_tokens;
+  after_op();
+  return true;
 }
 
 void BlockPool::truncate(SeqId seq, int64_t n_tokens) {

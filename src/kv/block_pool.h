@@ -107,6 +107,7 @@ class BlockPool {
   // the shared ones in the range. 0 <= first <= last <= table size.
   [[nodiscard]] bool make_writable(SeqId seq, int64_t first, int64_t last,
                                    std::vector<BlockCopy>* copies);
+  bool can_make_writable(SeqId seq, int64_t first, int64_t last) const;  // would it succeed
 
   // Appends already-filled blocks (a prefix-cache hit) to a sequence whose length is a multiple
   // of block_size: refcount++ each (a cached-free block leaves the free queue), length +=
@@ -124,6 +125,15 @@ class BlockPool {
   // position p is still entry p / block_size). Holes stay holes; 0 <= n_front <= table size - 1
   // (the last block is never released: the next token is written there or after it).
   void release_front(SeqId seq, int64_t n_front);
+
+  // Gives seq a new table for n_tokens positions: holes before entry `first`, fresh blocks from
+  // there to ceil(n_tokens / block_size) (their rows are garbage: the caller writes the ones it
+  // reads). Its old blocks are released first, so what it held counts as free (a window group's
+  // eviction: its kept rows are gathered, the sequence renewed, the rows written back). Returns
+  // false, changing nothing, when fewer blocks would be free than it needs. 0 <= first, and
+  // first < ceil(n_tokens / block_size) unless n_tokens is 0 (the last block is never a hole).
+  [[nodiscard]] bool renew(SeqId seq, int64_t n_tokens, int64_t first);
+  bool can_renew(SeqId seq, int64_t n_tokens, int64_t first) const;  // would it succeed
 
   // Keeps positions [0, n_tokens) and releases the blocks past ceil(n_tokens / block_size).
   // 0 <= n_tokens <= seq_tokens(seq).

@@ -42,14 +42,14 @@ void rope_inv_freq(const KvRope& r, float freq_base, double* inv_freq) {
 }
 
 void kv_rerotate_k_row(const KvShape& shape, const KvRope& rope, int64_t delta, std::byte* row,
-                       float* row_f32) {
+                       float* row_f32, int32_t il) {
   if (rope.n_rot == 0 || delta == 0) return;
   const int64_t d = shape.kv_dim();
   kernels::dequantize_row(shape.dtype_k, row, row_f32, d);
   // A rotated row is H R(p) k: un-rotate (H is its own inverse), re-RoPE, rotate again.
   if (shape.rotate) kernels::hadamard(row_f32, shape.n_kv_head, shape.head_dim);
   if (rope.freq_scale == 1.0f && rope.freq_factors.empty() && rope.ext_factor == 0.0f) {
-    kernels::rope(row_f32, shape.n_kv_head, shape.head_dim, rope.n_rot, delta, rope.freq_base,
+    kernels::rope(row_f32, shape.n_kv_head, shape.head_dim, rope.n_rot, delta, rope.base_of(il),
                   rope.mode);
   } else {
     // The forward pass's tables (rope_rotate equals rope() bit for bit), with the model's
@@ -59,7 +59,7 @@ void kv_rerotate_k_row(const KvShape& shape, const KvRope& rope, int64_t delta, 
     thread_local std::vector<double> inv_freq, cs;  // [n_rot / 2], [2, n_rot / 2]
     inv_freq.resize(static_cast<size_t>(rope.n_rot / 2));
     cs.resize(static_cast<size_t>(rope.n_rot));
-    rope_inv_freq(rope, rope.freq_base, inv_freq.data());
+    rope_inv_freq(rope, rope.base_of(il), inv_freq.data());
     kernels::rope_cos_sin(inv_freq.data(), rope.n_rot / 2, delta, cs.data());
     kernels::rope_rotate(row_f32, shape.n_kv_head, shape.head_dim, rope.n_rot, cs.data(),
                          rope.mode);

@@ -34,6 +34,14 @@ struct KvRope {
   int32_t n_ctx_orig = 0;  // rope.scaling.original_context_length (positions trained on)
   float beta_fast = 32.0f;
   float beta_slow = 1.0f;
+  // [n_layer] the base each layer rotates with, when they differ (Gemma 3's windowed layers use
+  // their own); empty: freq_base for every layer.
+  std::vector<float> layer_freq_base{};
+  float base_of(int32_t il) const {
+    return il >= 0 && static_cast<size_t>(il) < layer_freq_base.size()
+               ? layer_freq_base[static_cast<size_t>(il)]
+               : freq_base;
+  }
 };
 
 // RoPE frequencies as llama.cpp computes them (in double here): inv_freq[i] =
@@ -47,11 +55,11 @@ void rope_inv_freq(const KvRope& rope, float freq_base, double* inv_freq);
 // `delta` positions: R(p + delta) = R(delta) R(p), so a row moved from position p to p + delta
 // holds a key rotated for its new position again. A quantized row is dequantized, rotated and
 // re-quantized (one more rounding); a Hadamard-rotated row (shape.rotate) is un-rotated first and
-// rotated back after. row_f32: [kv_dim] scratch. No-op when rope.n_rot == 0. Both the contiguous
-// cache and the paged store (paged_kv.h) evict through this one function, so the two give the
-// same bytes.
+// rotated back after. row_f32: [kv_dim] scratch. No-op when rope.n_rot == 0. il: the row's
+// layer, whose base rope.base_of(il) is (-1: rope.freq_base). Both the contiguous cache and the
+// paged store (paged_kv.h) evict through this one function, so the two give the same bytes.
 void kv_rerotate_k_row(const KvShape& shape, const KvRope& rope, int64_t delta, std::byte* row,
-                       float* row_f32);
+                       float* row_f32, int32_t il = -1);
 
 // What attention needs to read one layer: plain pointers and strides, no virtual calls.
 struct KvLayerView {

@@ -32,6 +32,15 @@ int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t
   return std::min(bound, blocks_for(n_ctx, block_size));
 }
 
+int64_t kv_window_pool_blocks(int64_t window, int64_t n_parallel, int64_t n_batch, int64_t n_ctx,
+                              int32_t block_size) {
+  const int64_t per_seq = kv_window_blocks(window, n_batch, n_ctx, block_size);
+  // Each term is at most n_ctx / bs per sequence: no overflow for the int32 contexts accepted.
+  const int64_t tight =
+      n_parallel * (blocks_for(window - 1, block_size) + 2) + blocks_for(n_batch, block_size);
+  return std::min(tight, n_parallel * per_seq);
+}
+
 std::vector<int32_t> kv_layer_windows(int32_t n_layer, int32_t window, int32_t pattern) {
   if (pattern < 0 || pattern > n_layer)
     fail("sliding window pattern {} must be in [1, {} layers]", pattern, n_layer);
@@ -272,7 +281,7 @@ void PagedKvStore::shift_out(std::span<const BlockId> table, int64_t n_tokens, i
         std::memcpy(k_row.data() + g * k_head, head_k(il, table, p + count, g), k_head);
         std::memcpy(head_v(il, table, p, g), head_v(il, table, p + count, g), v_head);
       }
-      kv_rerotate_k_row(shape_, rope, -count, k_row.data(), row.data());
+      kv_rerotate_k_row(shape_, rope, -count, k_row.data(), row.data(), il);
       for (int64_t g = 0; g < n_kv; ++g)
         std::memcpy(head_k(il, table, p, g), k_row.data() + g * k_head, k_head);
     }

@@ -68,6 +68,15 @@ int64_t kv_seq_blocks(const KvShape& s, bool dynamic, int64_t n_ctx, int64_t n_r
 // reads positions [p - window + 1, p + m), which span at most ceil((window - 1 + n_batch) / bs) + 1
 // blocks; never more than a full cache of n_ctx.
 int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size);
+// Blocks a window group shared by n_parallel sequences holds at most when each gives back what
+// its window no longer reads after every pass (KvManagerConfig::release_on_commit) and one step
+// feeds at most n_batch tokens in all: an idle sequence at length n holds blocks
+// [floor((n - W + 1) / bs), ceil(n / bs)), at most ceil((W - 1) / bs) + 1; one fed c tokens in
+// this step at most ceil((W - 1) / bs) + 1 + ceil(c / bs) < ceil((W - 1) / bs) + 2 + c / bs; the
+// c sum to n_batch. So n_parallel x (ceil((W - 1) / bs) + 2) + ceil(n_batch / bs), never more
+// than n_parallel x kv_window_blocks (what holding every pass's blocks until the next would need).
+int64_t kv_window_pool_blocks(int64_t window, int64_t n_parallel, int64_t n_batch, int64_t n_ctx,
+                              int32_t block_size);
 
 // Layer windows from a model's metadata: every layer windowed (pattern 0), or every layer but
 // each pattern-th (layer il windowed iff il % pattern < pattern - 1, llama.cpp's reading;

@@ -112,7 +112,7 @@ uint64_t layer_block_bytes(const KvPoolSpec& spec) {
 }
 
 int64_t window_group_blocks(const KvPoolSpec& spec, int32_t window) {
-  return spec.n_parallel * kv_window_blocks(window, spec.n_batch, spec.n_ctx, spec.block_size);
+  return kv_window_pool_blocks(window, spec.n_parallel, spec.n_batch, spec.n_ctx, spec.block_size);
 }
 
 }  // namespace
@@ -140,6 +140,7 @@ KvManagerConfig kv_pool_config(const KvPoolSpec& spec, int64_t full_blocks, int3
                     .prefix_cache = prefix_cache,
                     .rope = rope};
   if (windows.empty()) return c;
+  c.release_on_commit = true;  // what window_group_blocks counts on
   std::vector<int32_t> group_window;  // [n_groups]
   if (kv_full_block_bytes(spec) > 0) {
     group_window.push_back(0);
@@ -165,8 +166,10 @@ KvManager::KvManager(const KvManagerConfig& config)
       block_size_(config.block_size),
       bytes_(config.bytes),
       store_(make_store(config)),
-      rope_(config.rope) {
-  const std::vector<int32_t> lg = layer_groups(config);
+      rope_(config.rope),
+      layer_group_(layer_groups(config)),
+      release_on_commit_(config.release_on_commit) {
+  const std::vector<int32_t>& lg = layer_group_;
   for (const KvGroupSpec& g : group_specs(config)) {
     Group grp;
     grp.window = g.window;
@@ -383,12 +386,7 @@ bool KvManager::fits(SeqId seq, int64_t n) {
 bool KvManager::reserve(SeqId seq, int64_t n) {
   state(seq);  // an unknown sequence is an error, before any pool changes
   const int64_t pos = seq_tokens(seq);
-  // Window groups first give back what no query from pos on reads (the last block always stays).
-  for (Group& g : groups_) {
-    const int64_t table = static_cast<int64_t>(g.pool->block_table(seq).size());
-    const int64_t unseen = std::min(unseen_blocks(g, pos), table - 1);
-    if (unseen > 0) g.pool->release_front(seq, unseen);
-  }
+  release_unseen(seq, pos);  // window groups give back what no query from pos on reads
   if (!fits(seq, n)) return false;
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     copies_.clear();
@@ -399,21 +397,39 @@ bool KvManager::reserve(SeqId seq, int64_t n) {
   return true;
 }
 
+// Rows a window group holds after an eviction leaves n_after positions: those the window of
+// position n_after reads, [lo, n_after). lo = 0 for a full group.
+int64_t KvManager::evict_low(const Group& g, int64_t n_after) const {
+  return g.window == 0 ? 0 : std::max<int64_t>(0, n_after - g.window + 1);
+}
+
 bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
   SeqState& s = state(seq);
   if (shape_.kivi()) fail("KV manager: the KIVI cache cannot evict");
-  if (groups_.size() > 1) fail("KV manager: per-layer cache groups cannot evict yet");
   const int64_t n_tokens = seq_tokens(seq), n_after = n_tokens - count;
   if (begin < 0 || count < 0 || begin + count > n_tokens)
     fail("KV manager: cannot evict [{}, {}) of {} positions", begin, begin + count, n_tokens);
   if (count == 0) return true;
-  copies_.clear();
-  if (!pool0().make_writable(seq, begin / block_size_, (n_after + block_size_ - 1) / block_size_,
-                             &copies_))
-    return false;
-  copy_blocks(copies_, 0);
-  if (bytes_) store_.shift_out(pool0().block_table(seq), n_tokens, begin, count, rope_);
-  pool0().truncate(seq, n_after);
+  // All or nothing: every group's check before any group changes.
+  for (const Group& g : groups_) {
+    const int64_t lo = evict_low(g, n_after);
+    const auto table = g.pool->block_table(seq);
+    if (lo < begin && table[static_cast<size_t>(lo / block_size_)] == kNoBlock)
+      fail("KV manager: cannot evict [{}, {}): the sliding window of {} after it reads kept "
+           "positions from {} on, which its layers already released",
+           begin, begin + count, g.window, lo);
+    const bool fits = g.window == 0 ? g.pool->can_make_writable(seq, begin / block_size_,
+                                                                blocks_for(n_after))
+                                    : g.pool->can_renew(seq, n_after, lo / block_size_);
+    if (!fits) return false;
+  }
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    if (groups_[gi].window == 0) {
+      shift_full(seq, static_cast<int32_t>(gi), begin, count);
+    } else {
+      shift_window(seq, static_cast<int32_t>(gi), begin, count);
+    }
+  }
   s.n_registered = std::min(s.n_registered, begin / block_size_);
   s.canon.resize(static_cast<size_t>(s.n_registered));
   s.canon_gen.resize(static_cast<size_t>(s.n_registered));
@@ -426,12 +442,77 @@ bool KvManager::evict(SeqId seq, int64_t begin, int64_t count) {
   return true;
 }
 
+// A full group shifts in place: the blocks written made its own, rows moved down, the tail freed.
+void KvManager::shift_full(SeqId seq, int32_t gi, int64_t begin, int64_t count) {
+  BlockPool& pool = *groups_[static_cast<size_t>(gi)].pool;
+  const int64_t n_tokens = pool.seq_tokens(seq), n_after = n_tokens - count;
+  copies_.clear();
+  KVLM_CHECK(pool.make_writable(seq, begin / block_size_, blocks_for(n_after), &copies_));
+  copy_blocks(copies_, gi);
+  if (bytes_) store_.shift_out(pool.block_table(seq), n_tokens, begin, count, rope_, gi);
+  pool.truncate(seq, n_after);
+}
+
+// A window group keeps only the rows its window reads after the eviction, [lo, n_after): kept
+// ones (p < begin) and moved ones (from p + count, K re-rotated). They are gathered, the group's
+// blocks renewed from lo's block and the rows written back: shifting in place would hold the old
+// window's blocks and the new one's at once, twice the window's bound.
+void KvManager::shift_window(SeqId seq, int32_t gi, int64_t begin, int64_t count) {
+  Group& g = groups_[static_cast<size_t>(gi)];
+  const int64_t n_tokens = g.pool->seq_tokens(seq), n_after = n_tokens - count;
+  const int64_t lo = evict_low(g, n_after), n_kept = std::max<int64_t>(0, begin - lo);
+  const int64_t from = lo + n_kept, n_rows = n_after - lo;  // moved rows: [from, n_after)
+  const size_t kb = kv_k_row_bytes(shape_), vb = kv_v_row_bytes(shape_);
+  std::vector<std::byte> k, v;  // [layers of the group, n_rows, row bytes]
+  std::vector<float> scratch(static_cast<size_t>(shape_.kv_dim()));
+  if (bytes_) {
+    k.resize(size_t(g.n_layers) * size_t(n_rows) * kb);
+    v.resize(size_t(g.n_layers) * size_t(n_rows) * vb);
+    const auto table = g.pool->block_table(seq);
+    size_t l = 0;
+    for (int32_t il = 0; il < shape_.n_layer; ++il) {
+      if (layer_group_[static_cast<size_t>(il)] != gi) continue;
+      std::byte* kl = k.data() + l * size_t(n_rows) * kb;
+      std::byte* vl = v.data() + l * size_t(n_rows) * vb;
+      store_.read_rows(il, table, lo, n_kept, kl, vl);
+      store_.read_rows(il, table, from + count, n_after - from, kl + n_kept * kb, vl + n_kept * vb);
+      for (int64_t r = n_kept; r < n_rows; ++r)
+        kv_rerotate_k_row(shape_, rope_, -count, kl + size_t(r) * kb, scratch.data(), il);
+      ++l;
+    }
+  }
+  KVLM_CHECK(g.pool->renew(seq, n_after, lo / block_size_));
+  if (!bytes_) return;
+  const auto table = g.pool->block_table(seq);
+  size_t l = 0;
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    if (layer_group_[static_cast<size_t>(il)] != gi) continue;
+    store_.write_rows(il, table, lo, n_rows, k.data() + l * size_t(n_rows) * kb,
+                      v.data() + l * size_t(n_rows) * vb);
+    ++l;
+  }
+}
+
 void KvManager::commit(SeqId seq, std::span<const int32_t> tokens, int64_t n_computed) {
   SeqState& s = state(seq);
   KVLM_CHECK(n_computed <= seq_tokens(seq) && n_computed <= static_cast<int64_t>(tokens.size()));
   if (shape_.kivi())
     s.n_sealed = kv_kivi_sealed(s.n_sealed, n_computed, shape_.kivi_residual, shape_.kivi_group);
-  if (!prefix_ || s.evicted) return;
+  if (prefix_ && !s.evicted) register_blocks(seq, s, tokens, n_computed);
+  // After registering (twins are paired first): the next query is at n_computed or later.
+  if (release_on_commit_) release_unseen(seq, n_computed);
+}
+
+void KvManager::release_unseen(SeqId seq, int64_t pos) {
+  for (Group& g : groups_) {
+    const auto table = static_cast<int64_t>(g.pool->block_table(seq).size());
+    const int64_t unseen = std::min(unseen_blocks(g, pos), table - 1);  // the last block stays
+    if (unseen > 0) g.pool->release_front(seq, unseen);
+  }
+}
+
+void KvManager::register_blocks(SeqId seq, SeqState& s, std::span<const int32_t> tokens,
+                                int64_t n_computed) {
   const auto table = pool0().block_table(seq);
   const PrefixKey k = key(s);
   for (const int64_t full = n_computed / block_size_; s.n_registered < full; ++s.n_registered) {

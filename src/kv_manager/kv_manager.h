@@ -69,10 +69,16 @@ struct KvManagerConfig {
   bool bytes = true;
   KvRope rope{};             // how K was rotated, so evict() can re-rotate moved rows
   // Per-layer cache groups: [n_layer] the group of each layer and [n_groups] the groups. Empty:
-  // one full group of every layer with n_blocks / max_blocks above. With groups: no prefix cache,
-  // no eviction, no KIVI (refused).
+  // one full group of every layer with n_blocks / max_blocks above. With groups: no KIVI
+  // (refused).
   std::vector<int32_t> layer_group{};
   std::vector<KvGroupSpec> groups{};
+  // Window groups also give back what their window no longer reads when a pass is committed, not
+  // only before the next one: an idle sequence then holds at most its window's blocks, which is
+  // what kv_window_pool_blocks sizes a shared pool for. Off for one sequence (Session): its pool
+  // holds a whole pass anyway, and keeping the last pass's blocks lets a chat truncate a few
+  // tokens back without recomputing.
+  bool release_on_commit = false;
 };
 
 // What the prefix index holds for a prompt (lookup): full blocks, then maybe a partial block.
@@ -94,11 +100,11 @@ KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc
                               int64_t n_batch = 512);
 
 // The manager of many sequences (kvlm serve, bench -np): at most n_parallel sequences of at most
-// n_ctx positions each, fed at most n_batch tokens per pass. Full-attention layers share one pool
-// of full_blocks blocks (the budget); each distinct window of layer_window ([n_layer], empty: all
-// full) gets a group of n_parallel x kv_window_blocks blocks, so a window never runs short before
-// the full pool does and the budget decides admission and preemption alone. With windows: no
-// prefix cache and no KIVI (refused).
+// n_ctx positions each, fed at most n_batch tokens per step (all sequences together).
+// Full-attention layers share one pool of full_blocks blocks (the budget); each distinct window
+// of layer_window ([n_layer], empty: all full) gets a group of kv_window_pool_blocks blocks
+// (release_on_commit on), so a window never runs short before the full pool does and the budget
+// decides admission and preemption alone. With windows: no KIVI (refused).
 struct KvPoolSpec {
   KvShape shape;
   int32_t block_size = 16;
@@ -196,8 +202,11 @@ class KvManager {
   // have then still given back the blocks no query from the current position on reads).
   [[nodiscard]] bool reserve(SeqId seq, int64_t n);
   // Drops positions [begin, begin + count) of the seq_tokens(seq) held: later rows move down by
-  // count, K re-rotated (PagedKvStore::shift_out); the blocks written are made seq's own first.
-  // False, changing nothing, when the pool is short of blocks for those copies. Not with KIVI.
+  // count, K re-rotated with each layer's base (PagedKvStore::shift_out); the blocks written are
+  // made seq's own first. A window group keeps only what its window reads after the shift (its
+  // blocks renewed: BlockPool::renew). False, changing nothing, when a pool is short of blocks
+  // for that. Throws, changing nothing, when a window would read kept positions (< begin) its
+  // group already released (Eviction::reach keeps the policies clear of that). Not with KIVI.
   [[nodiscard]] bool evict(SeqId seq, int64_t begin, int64_t count);
   // Positions [0, n_computed) of seq hold the K/V of tokens[0, n_computed) (after a forward pass):
   // KIVI seals the groups that left the residual; full blocks not yet known to the prefix index
@@ -257,6 +266,11 @@ class KvManager {
   const BlockPool& pool0() const { return *groups_[0].pool; }
   // Blocks of a window group that no query from position pos on reads.
   int64_t unseen_blocks(const Group& g, int64_t pos) const;
+  int64_t blocks_for(int64_t n) const { return n / block_size_ + (n % block_size_ != 0); }
+  // evict()'s steps: the first row a group keeps, and each kind of group's shift.
+  int64_t evict_low(const Group& g, int64_t n_after) const;
+  void shift_full(SeqId seq, int32_t gi, int64_t begin, int64_t count);
+  void shift_window(SeqId seq, int32_t gi, int64_t begin, int64_t count);
   // Whether every group can take n more positions of seq (growing dynamic groups); then append.
   bool fits(SeqId seq, int64_t n);
   SeqState& state(SeqId seq);
@@ -265,6 +279,11 @@ class KvManager {
   void copy_blocks(const std::vector<BlockCopy>& copies, int32_t group);
   void register_partial(SeqId seq, const SeqState& s, std::span<const int32_t> tokens,
                         int64_t n_computed);
+  // commit()'s steps: full blocks into the prefix index, window blocks no query from pos on reads
+  // back to their pools (the last block of each table stays).
+  void register_blocks(SeqId seq, SeqState& s, std::span<const int32_t> tokens,
+                       int64_t n_computed);
+  void release_unseen(SeqId seq, int64_t pos);
   // ---- window groups with the prefix cache ----
   bool windowed_prefix() const { return prefix_ && groups_.size() > 1; }
   // Group g's blocks for a hit of group-0 blocks full_ids: holes before the block position
@@ -284,6 +303,8 @@ class KvManager {
   std::unique_ptr<PrefixCache> prefix_;  // null: prefix cache off
   PagedKvStore store_;
   KvRope rope_;
+  std::vector<int32_t> layer_group_;  // [n_layer] each layer's group
+  bool release_on_commit_ = false;    // KvManagerConfig::release_on_commit
   uint64_t cache_type_ = 0;  // prefix key: hash of the shape, types and block size
   std::unordered_map<SeqId, SeqState> seqs_;
   std::vector<int32_t> free_slots_;  // KIVI residual slots no sequence holds

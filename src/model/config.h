@@ -97,6 +97,11 @@ struct ModelConfig {
   int32_t window(int32_t il) const {  // layer il's sliding window, 0: full attention
     return layer_window.empty() ? 0 : layer_window[static_cast<size_t>(il)];
   }
+  int32_t max_window() const {  // the largest sliding window of any layer, 0: none
+    int32_t w = 0;
+    for (int32_t x : layer_window) w = x > w ? x : w;
+    return w;
+  }
   float rope_base(int32_t il) const {  // layer il's RoPE base
     return window(il) > 0 ? rope_freq_base_swa : rope_freq_base;
   }

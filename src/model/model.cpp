@@ -416,6 +416,11 @@ KvRope kv_rope_of(const ModelConfig& c) {
   r.n_ctx_orig = c.rope_n_ctx_orig;
   r.beta_fast = c.rope_beta_fast;
   r.beta_slow = c.rope_beta_slow;
+  for (int32_t il = 0; il < c.n_layer; ++il)
+    if (c.rope_base(il) != c.rope_freq_base) {  // Gemma 3's windowed layers: their own base
+      for (int32_t j = 0; j < c.n_layer; ++j) r.layer_freq_base.push_back(c.rope_base(j));
+      break;
+    }
   return r;
 }
 

@@ -387,8 +387,8 @@ SchedulerConfig evicting_config(const KvOptions& kv) {
 // n_req requests sharing their first 20 tokens (so the blocks holding the sinks are shared through
 // the prefix cache and copied on the first eviction), prompts shorter than the context, each
 // generating far past it: every request's tokens equal its run alone in a Session.
-void run_evicting_batch(const KvOptions& kv, int n_req, int n_gen, int64_t budget_tokens) {
-  Fixture& f = tiny();
+void run_evicting_batch(const KvOptions& kv, int n_req, int n_gen, int64_t budget_tokens,
+                        Fixture& f = tiny()) {
   SchedulerConfig cfg = evicting_config(kv);
   cfg.kv_budget_tokens = budget_tokens;
   cfg.n_parallel = n_req;
@@ -536,6 +536,33 @@ TEST(Scheduler, WindowGroupsPreemptedEqualAlone) {
   }
 }
 
+// Eviction on models with window groups: the full group shifts in place, each window group keeps
+// the window of the new end (renewed blocks), K re-rotated with each layer's own base (Gemma 3's
+// window layers: 10,000); batched with a shared prefix, every request equals its Session alone.
+TEST(Scheduler, WindowGroupsEvictingBatchedEqualAlone) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf"}) {
+    SCOPED_TRACE(name);
+    Fixture f(test::data_path(name));
+    KvOptions shift;
+    shift.n_ctx = 48;
+    shift.n_keep = 10;
+    run_evicting_batch(shift, 6, 90, 6 * 64, f);
+    run_evicting_batch(window_options(4, 44, 8), 4, 90, 4 * 64, f);
+  }
+}
+
+// A policy that would leave fewer than kept + window positions is refused up front: the window of
+// the next query would read kept rows its group already released.
+TEST(Scheduler, WindowGroupsEvictingNeedsKeptPlusWindow) {
+  Fixture f(test::data_path("tiny-llama-swa.gguf"));  // window 24
+  SchedulerConfig cfg = evicting_config(window_options(4, 23, 8));
+  cfg.kv_budget_tokens = 256;
+  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
+  cfg = evicting_config(window_options(4, 24, 8));
+  cfg.kv_budget_tokens = 256;
+  EXPECT_NO_THROW(Scheduler(*f.model, *f.tok, cfg, pool()));
+}
+
 // The window groups' memory is what n_parallel sequences hold at most, whatever the budget; the
 // full group gets the rest of a byte budget.
 TEST(Scheduler, WindowGroupsAreBoundedAndTheBudgetHoldsThem) {
@@ -556,9 +583,6 @@ TEST(Scheduler, WindowGroupsAreBoundedAndTheBudgetHoldsThem) {
   EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
   cfg.kv_budget_bytes = 0;
   cfg.kv_budget_tokens = 256;
-  cfg.eviction.n_keep = 4;  // refused with window layers, as KIVI is
-  EXPECT_THROW(Scheduler(*f.model, *f.tok, cfg, pool()), Error);
-  cfg.eviction.n_keep = -1;
   cfg.prefix_cache = true;  // indexed by the full layers' blocks
   EXPECT_NO_THROW(Scheduler(*f.model, *f.tok, cfg, pool()));
   Fixture all(test::data_path("tiny-llama-swa-all.gguf"));  // no full layer to index by

@@ -448,6 +448,38 @@ TEST(BlockPool, MakeWritableWithoutFreeBlocksChangesNothing) {
   pool.check_invariants();
 }
 
+// renew: a new table of holes then fresh blocks, its own blocks counted as free (a window
+// group's eviction); short of blocks it changes nothing; shared blocks stay with their other
+// holder.
+TEST(BlockPool, RenewGivesHolesThenFreshBlocks) {
+  BlockPool pool = make_pool(6, 4);
+  std::vector<BlockCopy> copies;
+  pool.add_seq(1);
+  ASSERT_TRUE(pool.append(1, 20, &copies));  // 5 blocks
+  pool.release_front(1, 2);                   // holes, holes, b, b, b: 3 free
+  ASSERT_TRUE(pool.renew(1, 14, 1));          // 4 entries: a hole, then 3 fresh
+  const auto t = pool.block_table(1);
+  ASSERT_EQ(t.size(), 4u);
+  EXPECT_EQ(t[0], kNoBlock);
+  for (size_t i = 1; i < 4; ++i) EXPECT_NE(t[i], kNoBlock);
+  EXPECT_EQ(pool.seq_tokens(1), 14);
+  EXPECT_EQ(pool.stats().n_used, 3);
+  pool.fork(1, 2);  // every block shared: renewing 1 frees none of them
+  const Snapshot before = snapshot(pool, {1, 2});
+  EXPECT_FALSE(pool.can_renew(1, 16, 0));
+  EXPECT_FALSE(pool.renew(1, 16, 0));  // 4 needed, 3 free
+  EXPECT_TRUE(snapshot(pool, {1, 2}) == before);
+  ASSERT_TRUE(pool.renew(1, 12, 0));
+  EXPECT_EQ(pool.stats().n_used, 6);  // seq 2 keeps its 3
+  EXPECT_THROW((void)pool.renew(1, 8, 2), Error);  // the last entry would be a hole
+  ASSERT_TRUE(pool.renew(1, 0, 0));
+  EXPECT_TRUE(pool.block_table(1).empty());
+  pool.free_seq(1);
+  pool.free_seq(2);
+  EXPECT_EQ(pool.stats().n_free, 6);
+  pool.check_invariants();
+}
+
 // ---- randomized property test -------------------------------------------------------------------
 
 // A few thousand random operations against a simulated storage: every block holds block_size

@@ -6,8 +6,10 @@
 // of token tokens[p], so a wrong reuse shows up as rows that do not belong to the prompt.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -332,6 +334,109 @@ TEST(KvManager, WindowGroupReleasesWhatItsWindowNoLongerSees) {
   kv.release(1, toks, 58, false);
   kv.check_invariants();
   EXPECT_EQ(kv.stats().blocks.n_free, 20);
+}
+
+// Eviction with a window group: the full group shifts in place; the window group keeps only the
+// rows the window of the new end reads (its blocks renewed, never more than its bound), each the
+// row of the token now at that position (no RoPE here, so moved rows keep their bytes). An
+// eviction whose window would read kept rows the group released is refused, changing nothing.
+TEST(KvManager, WindowGroupEvictKeepsWhatTheWindowReads) {
+  KvShape two = f32_shape();
+  two.n_layer = 2;
+  KvManager kv({.shape = two, .block_size = kBs, .n_blocks = 16, .prefix_cache = false,
+                .audit = true, .rope = KvRope{}, .layer_group = {0, 1},
+                .groups = {{.window = 0, .n_blocks = 16}, {.window = 8, .n_blocks = 4}}});
+  std::vector<int32_t> toks = iota_tokens(40, 0);
+  ASSERT_TRUE(kv.admit(1, toks, "", 40, KvHit{}));
+  for (int64_t pos = 0; pos < 40; pos += 3) {
+    const int64_t n = std::min<int64_t>(3, 40 - pos);
+    ASSERT_TRUE(kv.reserve(1, n)) << pos;
+    write_chunk(kv, 1, toks, pos, n);
+  }
+  // [2, 36) out leaves 6 positions: the window of position 6 reads from 0, released long ago.
+  EXPECT_THROW((void)kv.evict(1, 2, 34), Error);
+  EXPECT_EQ(kv.seq_tokens(1), 40);
+  EXPECT_FALSE(kv.evicted(1));
+  kv.check_invariants();
+  // [2, 22) out: the window of position 20 reads from 13, all moved rows (tokens 33..39).
+  ASSERT_TRUE(kv.evict(1, 2, 20));
+  kv.check_invariants();
+  toks.erase(toks.begin() + 2, toks.begin() + 22);
+  ASSERT_EQ(kv.seq_tokens(1), 20);
+  EXPECT_LE(kv.stats().groups[1].blocks.n_used, 4);
+  std::vector<float> want_k, want_v;
+  token_rows(toks, want_k, want_v);
+  const auto caches = kv.seq_caches(1);
+  const KvLayerView full = kv.store().view(0, caches[0].blocks, 20);
+  for (int64_t p = 0; p < 20; ++p)
+    EXPECT_EQ(0, std::memcmp(full.k_head(p, 0), want_k.data() + p * kDim, kDim * 4)) << p;
+  EXPECT_EQ(caches[1].blocks[0], kNoBlock);  // before the window: holes
+  const KvLayerView win = kv.store().view(1, caches[1].blocks, 20);
+  for (int64_t p = 13; p < 20; ++p) {
+    EXPECT_EQ(0, std::memcmp(win.k_head(p, 0), want_k.data() + p * kDim, kDim * 4)) << p;
+    EXPECT_EQ(0, std::memcmp(win.v_head(p, 0), want_v.data() + p * kDim, kDim * 4)) << p;
+  }
+  // It goes on growing and evicting within the window's bound, and gives every block back.
+  const std::vector<int32_t> more = iota_tokens(30, 100);
+  toks.insert(toks.end(), more.begin(), more.end());
+  for (int64_t pos = 20; pos < 50; pos += 3) {
+    ASSERT_TRUE(kv.reserve(1, 3)) << pos;
+    write_chunk(kv, 1, toks, pos, 3);
+    EXPECT_LE(kv.stats().groups[1].blocks.n_used, 4);
+  }
+  ASSERT_TRUE(kv.evict(1, 2, 9));
+  kv.check_invariants();
+  kv.release(1, toks, kv.seq_tokens(1), false);
+  EXPECT_EQ(kv.stats().blocks.n_free, 20);
+}
+
+// A window pool shared by n_parallel sequences, sized by kv_window_pool_blocks: with
+// release_on_commit no schedule (steps of at most n_batch tokens in all, any split, any order,
+// sequences idle for any number of steps) runs it short; holding each pass's blocks until the
+// sequence's next pass instead, a round robin of whole-batch chunks does.
+int64_t window_pool_schedule(bool release_on_commit, bool round_robin) {
+  constexpr int32_t kW = 24, kBlock = 16, kPar = 6, kBatch = 64, kCtx = 2048;
+  KvShape two = f32_shape();
+  two.n_layer = 2;
+  const auto window_blocks =
+      static_cast<int32_t>(kv_window_pool_blocks(kW, kPar, kBatch, kCtx, kBlock));
+  KvManager kv({.shape = two, .block_size = kBlock, .n_blocks = kPar * kCtx / kBlock,
+                .prefix_cache = false, .audit = false, .bytes = false, .rope = KvRope{},
+                .layer_group = {0, 1},
+                .groups = {{.window = 0, .n_blocks = kPar * kCtx / kBlock},
+                           {.window = kW, .n_blocks = window_blocks}},
+                .release_on_commit = release_on_commit});
+  const std::vector<int32_t> toks(kCtx, 1);
+  for (SeqId q = 0; q < kPar; ++q) EXPECT_TRUE(kv.admit(q, {}, "", 0, KvHit{}));
+  std::mt19937 rng(7);
+  std::vector<SeqId> order(kPar);
+  for (int step = 0; step < 3000; ++step) {
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    int64_t budget = kBatch;
+    for (SeqId q : order) {
+      if (round_robin && q != step % kPar) continue;
+      if (budget == 0 || (!round_robin && rng() % 3 == 0)) continue;  // idle this step
+      const int64_t c = round_robin ? budget : 1 + int64_t(rng() % uint64_t(budget));
+      if (kv.seq_tokens(q) + c > kCtx) {  // a new request in its place
+        kv.release(q, toks, kv.seq_tokens(q), false);
+        EXPECT_TRUE(kv.admit(q, {}, "", 0, KvHit{}));
+      }
+      if (!kv.reserve(q, c)) return step;
+      kv.commit(q, toks, kv.seq_tokens(q));
+      budget -= c;
+      EXPECT_LE(kv.stats().groups[1].blocks.n_used, window_blocks);
+    }
+  }
+  kv.check_invariants();
+  return -1;
+}
+
+TEST(KvManager, SharedWindowPoolBoundHoldsForAnySchedule) {
+  EXPECT_LT(kv_window_pool_blocks(24, 6, 64, 2048, 16), 6 * kv_window_blocks(24, 64, 2048, 16));
+  EXPECT_EQ(window_pool_schedule(true, false), -1);  // never short
+  EXPECT_EQ(window_pool_schedule(true, true), -1);
+  EXPECT_GE(window_pool_schedule(false, true), 0);  // short: the bound needs the release
 }
 
 // The prefix cache with a window group: group 0's registered blocks index the hit, the window

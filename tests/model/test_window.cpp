@@ -21,6 +21,7 @@
 #include "kv/kv_shape.h"
 #include "kv_manager/kv_manager.h"
 #include "model/model.h"
+#include "tensor/dtype.h"
 #include "load_refusal.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
@@ -225,27 +226,125 @@ TEST(Window, SessionMemoryStaysBoundedOverALongGeneration) {
   EXPECT_TRUE(std::equal(want_vec.begin(), want_vec.end(), after.begin()));
 }
 
-// Eviction (--kv-window / --keep) moves rows and re-rotates K with one RoPE base: refused on a
-// model with sliding-window layers, by a Session and by the scheduler, with one line.
-TEST(Window, EvictionIsRefusedOnWindowedModels) {
-  auto m = Model::load(test::data_path("tiny-llama-swa-all.gguf"));
+// Runs toks through a grouped and a flat (one group, every block kept, the window only masked)
+// cache of m, evicting [4, 4 + count) from both whenever n_ctx would overflow: the logits stay
+// equal bit for bit, and the window group stays within its bound.
+void evict_grouped_like_flat(const Model& m, int64_t n_ctx, int64_t count) {
+  const int64_t n_total = 300;
+  const auto toks = test::random_tokens(n_total, m.config().n_vocab, 21);
+  const KvShape shape = m.kv_shape(DType::F16, DType::F16);
+  KvManager grouped(kv_seq_config(shape, n_ctx, KvAlloc::Static, m.kv_rope(),
+                                  m.config().layer_window, 16));
+  KvManager flat(kv_seq_config(shape, n_ctx, KvAlloc::Static, m.kv_rope()));
+  ASSERT_GE(grouped.n_groups(), 1);
+  Scratch sa, sb;
+  for (KvManager* kv : {&grouped, &flat}) ASSERT_TRUE(kv->admit(0, {}, "", 0, KvHit{}));
+  int n_evictions = 0;
+  for (int64_t i = 0, step = 0; i < n_total; ++step) {
+    const int64_t n = std::min<int64_t>(step < 4 ? 16 : 1, n_total - i);
+    if (grouped.seq_tokens(0) + n > n_ctx) {
+      for (KvManager* kv : {&grouped, &flat}) ASSERT_TRUE(kv->evict(0, 4, count));
+      ++n_evictions;
+    }
+    const int64_t pos = grouped.seq_tokens(0);
+    const std::span<const int32_t> feed(toks.data() + i, static_cast<size_t>(n));
+    std::vector<float> got[2];
+    int g = 0;
+    for (KvManager* kv : {&grouped, &flat}) {
+      ASSERT_TRUE(kv->reserve(0, n));
+      const BatchSeq q{feed, pos, kv->seq_caches(0), true};
+      const auto l = m.forward({&q, 1}, kv->store(), g == 0 ? sa : sb, pool());
+      got[g++].assign(l.begin(), l.end());
+    }
+    ASSERT_EQ(got[0], got[1]) << "tokens [" << i << ", " << i + n << ") at " << pos;
+    i += n;
+    for (size_t gi = 0; gi < static_cast<size_t>(grouped.n_groups()); ++gi) {
+      const auto& st = grouped.stats().groups[gi];
+      if (st.window > 0) {
+        EXPECT_LE(st.blocks.n_used, kv_window_blocks(st.window, 16, n_ctx, 16));
+      }
+    }
+  }
+  EXPECT_GE(n_evictions, 3);
+  grouped.check_invariants();
+}
+
+TEST(Window, GroupsEvictLikeAFlatCache) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf", "tiny-llama-swa-all.gguf"}) {
+    SCOPED_TRACE(name);
+    auto m = Model::load(test::data_path(name));
+    evict_grouped_like_flat(*m, 100, 40);  // 100 - 40 = 60 >= 4 + window - 1 for each
+    evict_grouped_like_flat(*m, 64, 7);    // not on a block boundary
+  }
+}
+
+// Layer 0's K depends on its token and position alone, so after an eviction its moved rows must
+// equal a fresh computation of the tokens that remain, up to f16 rounding: Gemma 3's layer 0 is a
+// window layer rotating with base 10,000, the file's base is 1,000,000. Re-rotating with the
+// file's base (one base for every layer) misses by far more.
+TEST(Window, EvictionReRotatesEachLayerWithItsOwnBase) {
+  auto m = Model::load(test::data_path("tiny-gemma3.gguf"));
+  ASSERT_GT(m->config().window(0), 0);
+  ASSERT_NE(m->config().rope_base(0), m->config().rope_freq_base);
+  const KvShape shape = m->kv_shape(DType::F16, DType::F16);
+  auto toks = test::random_tokens(100, m->config().n_vocab, 5);
+  // Layer 0's K rows of positions [lo, n) after evicting [4, 64) from 100, with rope `r`.
+  const int64_t n = 40, lo = n - m->config().window(0) + 1;
+  auto moved_rows = [&](const KvRope& r) {
+    KvManager kv(kv_seq_config(shape, 128, KvAlloc::Static, r, m->config().layer_window, 100));
+    Scratch sc;
+    EXPECT_TRUE(kv.admit(0, {}, "", 0, KvHit{}));
+    EXPECT_TRUE(kv.reserve(0, 100));
+    const BatchSeq q{toks, 0, kv.seq_caches(0), true};
+    m->forward({&q, 1}, kv.store(), sc, pool());
+    EXPECT_TRUE(kv.evict(0, 4, 60));
+    std::vector<std::byte> k(size_t(n - lo) * kv_k_row_bytes(shape)), v(k.size());
+    kv.store().read_rows(0, kv.seq_caches(0)[1].blocks, lo, n - lo, k.data(), v.data());
+    return k;
+  };
+  std::vector<int32_t> kept(toks.begin(), toks.begin() + 4);
+  kept.insert(kept.end(), toks.begin() + 64, toks.end());
+  KvManager fresh(kv_seq_config(shape, 128, KvAlloc::Static, m->kv_rope()));
+  Scratch sc;
+  ASSERT_TRUE(fresh.admit(0, {}, "", 0, KvHit{}));
+  ASSERT_TRUE(fresh.reserve(0, n));
+  const BatchSeq q{kept, 0, fresh.seq_caches(0), true};
+  m->forward({&q, 1}, fresh.store(), sc, pool());
+  std::vector<std::byte> want(size_t(n - lo) * kv_k_row_bytes(shape)), v(want.size());
+  fresh.store().read_rows(0, fresh.seq_caches(0)[0].blocks, lo, n - lo, want.data(), v.data());
+  auto max_diff = [&](const std::vector<std::byte>& got) {
+    const auto* a = reinterpret_cast<const uint16_t*>(got.data());
+    const auto* b = reinterpret_cast<const uint16_t*>(want.data());
+    float d = 0, top = 0;
+    for (size_t i = 0; i < got.size() / 2; ++i) {
+      d = std::max(d, std::fabs(fp16_to_fp32(a[i]) - fp16_to_fp32(b[i])));
+      top = std::max(top, std::fabs(fp16_to_fp32(b[i])));
+    }
+    return d / top;
+  };
+  KvRope one_base = m->kv_rope();
+  one_base.layer_freq_base.clear();
+  const float own = max_diff(moved_rows(m->kv_rope())), wrong = max_diff(moved_rows(one_base));
+  // Measured: 6.8e-4 with each layer's base (two f16 roundings), 1.39 with one base for all.
+  EXPECT_LT(own, 2e-3f) << "relative to the largest |K|";
+  EXPECT_GT(wrong, 0.1f);
+}
+
+// Session: --keep and the window policy run on windowed models as long as an eviction leaves
+// kept + window positions (Eviction::reach); a context too small for that is refused up front.
+TEST(Window, SessionEvictsOnWindowedModelsWithRoomForTheWindow) {
+  auto m = Model::load(test::data_path("tiny-llama-swa-all.gguf"));  // every layer: window 8
   KvOptions o;
-  o.n_ctx = 64;
-  o.window = true;
-  o.n_sinks = 4;
+  o.n_ctx = 10;
+  o.n_keep = 4;  // 4 + 8 > 10
   EXPECT_THROW(Session(*m, o, pool()), Error);
-  o.window = false;
-  o.n_keep = 4;
-  EXPECT_THROW(Session(*m, o, pool()), Error);
-  auto tok = Tokenizer::from_gguf(m->gguf());
-  SchedulerConfig sc;
-  sc.n_ctx = 64;
-  sc.kv_budget_tokens = 1024;
-  sc.prefix_cache = false;  // refused with window layers too (Scheduler.WindowGroups*)
-  sc.eviction.n_keep = 4;
-  EXPECT_THROW(Scheduler(*m, *tok, sc, pool()), Error);
-  sc.eviction.n_keep = -1;
-  EXPECT_NO_THROW(Scheduler(*m, *tok, sc, pool()));
+  o.n_ctx = 12;
+  Session s(*m, o, pool(), 16);
+  const auto toks = test::random_tokens(200, m->config().n_vocab, 3);
+  for (int64_t i = 0; i < 200; i += 5)
+    s.feed(std::span<const int32_t>(toks.data() + i, 5));
+  EXPECT_LE(s.n_cached(), 12);
+  EXPECT_GT(s.kv_stats().n_evicted, 150);
 }
 
 }  // namespace

@@ -165,6 +165,13 @@ def vocab_cases(path):
     return cases, {"n_ids": len(big), "ids_fnv": ids_fnv(big)}
 
 
+def write_json(path, obj):
+    """Compact JSON, one line, UTF-8 text as itself."""
+    with open(path, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=None, separators=(",", ":"))
+        f.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--refdata", default=REFDATA)
@@ -182,9 +189,7 @@ def main():
         path = os.path.join(args.refdata, "ggml-vocab-%s.gguf" % name)
         out["vocabs"][name], out["big"]["vocabs"][name] = vocab_cases(path)
         print("%-15s done" % name, file=sys.stderr)
-    with open(args.out, "w") as f:
-        json.dump(out, f, ensure_ascii=False, indent=None, separators=(",", ":"))
-        f.write("\n")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 #include "tokenizer/pretokenize.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <iterator>
+#include <string_view>
+
 #include "tokenizer/unicode.h"
 
 namespace kvlm::tok {
@@ -139,77 +144,110 @@ void split_ascii_digit_triples(const uint32_t* cpts, const std::vector<uint32_t>
   }
 }
 
-// C|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,max_digits}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
-// with `letters` as the letter class (\p{L}, or \p{L} and \p{M} for Qwen35). Contractions fold
-// only ASCII case, as the regex's [sS] classes do.
-void split_llama3(const uint32_t* cpts, const uint8_t* flags, const std::vector<uint32_t>& in,
-                  std::vector<uint32_t>* out, size_t max_digits, uint8_t letters) {
-  const uint8_t not_punct = kCptWhitespace | letters | kCptNumber;
-  size_t ini = 0;
-  for (uint32_t piece_len : in) {
-    const size_t end = ini + piece_len;
-    Pieces pieces{out, ini};
-    auto flag_at = [&](size_t p) -> uint8_t { return p < end ? flags[p] : 0; };
-    auto lower_at = [&](size_t p) -> uint32_t {
-      const uint32_t c = cpts[p];
-      return c >= 'A' && c <= 'Z' ? c + ('a' - 'A') : c;
-    };
-    auto newline = [&](size_t p) { return p < end && (cpts[p] == '\r' || cpts[p] == '\n'); };
-    size_t pos = ini;
-    while (pos < end) {
-      const uint32_t c = cpts[pos];
-      const uint8_t f = flags[pos];
-      if (c == '\'' && pos + 1 < end) {
-        const uint32_t c1 = lower_at(pos + 1);
-        if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') {
-          pos += pieces.add(pos + 2);
-          continue;
-        }
-        if (pos + 2 < end) {
-          const uint32_t c2 = lower_at(pos + 2);
-          if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) {
-            pos += pieces.add(pos + 3);
-            continue;
-          }
-        }
-      }
-      // An optional non-letter, non-number, non-newline prefix, then letters.
-      if (!newline(pos) && !(f & kCptNumber) && ((f & letters) || (flag_at(pos + 1) & letters))) {
-        ++pos;
-        while (flag_at(pos) & letters) ++pos;
-        pieces.add(pos);
-        continue;
-      }
-      if (f & kCptNumber) {
-        for (size_t n = 0; n < max_digits && (flag_at(pos) & kCptNumber); ++n) ++pos;
-        pieces.add(pos);
-        continue;
-      }
-      // " ?[^\s\p{L}\p{N}]+[\r\n]*": the optional space is classified by the character after it.
-      const bool space = c == ' ';
-      if ((!space || pos + 1 < end) && !((space ? flags[pos + 1] : f) & not_punct)) {
-        pos += space;
-        while (pos < end && !(flags[pos] & not_punct)) ++pos;
-        while (newline(pos)) ++pos;
-        pieces.add(pos);
-        continue;
-      }
-      // Whitespace: up to the last newline of the run if it has one (\s*[\r\n]+), else all but
-      // the last character when more text follows (\s+(?!\S)), else the whole run.
-      size_t n_ws = 0, past_newline = 0;
-      for (; pos + n_ws < end && (flags[pos + n_ws] & kCptWhitespace); ++n_ws)
-        if (newline(pos + n_ws)) past_newline = pos + n_ws + 1;
-      if (past_newline > 0) {
-        pos = past_newline;
-      } else if (n_ws > 1 && pos + n_ws < end) {
-        pos += n_ws - 1;
-      } else {
-        pos += n_ws > 0 ? n_ws : 1;
-      }
-      pieces.add(pos);
-    }
-    ini = end;
+// '[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD] at pos: its length, or 0. Only ASCII
+// case folds, as in the regexes' [sS] classes.
+size_t contraction_len(const uint32_t* cpts, size_t pos, size_t end) {
+  if (pos + 1 >= end || cpts[pos] != '\'') return 0;
+  auto lower = [&](size_t p) -> uint32_t {
+    const uint32_t c = cpts[p];
+    return c >= 'A' && c <= 'Z' ? c + ('a' - 'A') : c;
+  };
+  const uint32_t c1 = lower(pos + 1);
+  if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return 2;
+  if (pos + 2 >= end) return 0;
+  const uint32_t c2 = lower(pos + 2);
+  return (c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l') ? 3 : 0;
+}
+
+bool is_newline(uint32_t c) {
+  return c == '\r' || c == '\n';
+}
+
+// The whitespace run at pos: its length and the length up to its last newline (0 when none).
+struct SpaceRun {
+  size_t n = 0, past_newline = 0;
+};
+SpaceRun space_run(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t end) {
+  SpaceRun r;
+  for (; pos + r.n < end && (flags[pos + r.n] & kCptWhitespace); ++r.n)
+    if (is_newline(cpts[pos + r.n])) r.past_newline = r.n + 1;
+  return r;
+}
+
+// The whitespace alternatives that close most regex lists, at pos (0 when pos is not
+// whitespace): with `newline_runs`, \s*[\r\n]+ (the run up to its last newline, when it has one);
+// then \s+(?!\S) (all but the last character when more text follows in the piece), then \s+.
+size_t whitespace_len(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t end,
+                      bool newline_runs) {
+  const SpaceRun r = space_run(cpts, flags, pos, end);
+  if (newline_runs && r.past_newline > 0) return r.past_newline;
+  return r.n > 1 && pos + r.n < end ? r.n - 1 : r.n;
+}
+
+// Jais 2's whitespace: \s*[\r\n]+, then the first of \s{512}, \s{256} ... \s{4}, \s{1,2} that
+// is not followed by non-whitespace, then \s{1}.
+size_t jais2_whitespace_len(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t end) {
+  const SpaceRun r = space_run(cpts, flags, pos, end);
+  if (r.past_newline > 0 || r.n == 0) return r.past_newline;
+  // \s{k}(?!\S): k characters of the run, then whitespace or the end of the piece.
+  auto fits = [&](size_t k) { return k < r.n || (k == r.n && pos + r.n == end); };
+  for (size_t k = 512; k >= 4; k /= 2)
+    if (fits(k)) return k;
+  return fits(2) ? 2 : 1;
+}
+
+// C|[^\r\n\p{L}\p{N}]?L+|\p{N}{1,max_digits}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// and its relatives (see WordRegex), at pos; every character matches one alternative.
+struct WordRegex {
+  uint8_t letters = kCptLetter;      // L: \p{L}, or \p{L} and \p{M} (Qwen 3.5)
+  size_t max_digits = 3;             // SIZE_MAX for \p{N}+
+  bool contractions = true;          // the leading C alternative
+  bool suffix_contractions = false;  // L+ C? instead (Kimi K2)
+  bool exclude_han = false;          // Han is not in L (Kimi K2 splits it off first)
+  bool punct_newlines = true;        // [\r\n]* after the punctuation run (Seed-Coder: no)
+  bool jais2_spaces = false;         // Jais 2's whitespace alternatives
+};
+
+// Kimi K2's \p{Han}: CJK ideographs with extensions A-F and the compatibility blocks.
+bool is_han(uint32_t c) {
+  return (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0x3400 && c <= 0x4DBF) ||
+         (c >= 0x20000 && c <= 0x2A6DF) || (c >= 0x2A700 && c <= 0x2EBEF) ||
+         (c >= 0xF900 && c <= 0xFAFF) || (c >= 0x2F800 && c <= 0x2FA1F);
+}
+
+size_t match_word(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t end,
+                  const WordRegex& re) {
+  const uint8_t f = flags[pos];
+  auto letter = [&](size_t p) {
+    return p < end && (flags[p] & re.letters) && !(re.exclude_han && is_han(cpts[p]));
+  };
+  if (re.contractions)
+    if (const size_t len = contraction_len(cpts, pos, end); len > 0) return len;
+  // An optional non-letter, non-number, non-newline prefix, then letters.
+  if (letter(pos) ||
+      (!is_newline(cpts[pos]) && !(f & (kCptLetter | kCptNumber)) && letter(pos + 1))) {
+    size_t p = pos + 1;
+    while (letter(p)) ++p;
+    if (re.suffix_contractions) p += contraction_len(cpts, p, end);
+    return p - pos;
   }
+  if (f & kCptNumber) {
+    size_t p = pos;
+    while (p - pos < re.max_digits && p < end && (flags[p] & kCptNumber)) ++p;
+    return p - pos;
+  }
+  // " ?[^\s\p{L}\p{N}]+[\r\n]*": the optional space is classified by the character after it.
+  const uint8_t not_punct = kCptWhitespace | kCptLetter | re.letters | kCptNumber;
+  auto punct = [&](size_t p) { return p < end && !(flags[p] & not_punct); };
+  if (size_t p = pos + (cpts[pos] == ' '); punct(p)) {
+    while (punct(p)) ++p;
+    if (re.punct_newlines)
+      while (p < end && is_newline(cpts[p])) ++p;
+    return p - pos;
+  }
+  const size_t len = re.jais2_spaces ? jais2_whitespace_len(cpts, flags, pos, end)
+                                     : whitespace_len(cpts, flags, pos, end, true);
+  return len > 0 ? len : 1;
 }
 
 // The leftmost-first matches of one regex in every piece, as std::regex_iterator finds them:
@@ -345,6 +383,98 @@ void split_deepseek(bool coder, const uint32_t* cpts, const uint8_t* flags,
   }
 }
 
+// \p{N}{1,3} as a regex of its own (not an alternative): leftmost runs of up to three numbers.
+size_t number_triple_len(const uint8_t* flags, size_t pos, size_t end) {
+  size_t p = pos;
+  while (p - pos < 3 && p < end && (flags[p] & kCptNumber)) ++p;
+  return p - pos;
+}
+
+// The options of each kind that match_word / match_cased serve.
+WordRegex word_regex(PreKind kind) {
+  WordRegex re;
+  switch (kind) {
+    case PreKind::Qwen2:
+    case PreKind::Laguna:
+      re.max_digits = 1;
+      break;
+    case PreKind::Qwen35:
+      re.max_digits = 1;
+      re.letters = kCptLetter | kCptMark;
+      break;
+    case PreKind::SeedCoder:
+      re.max_digits = 1;
+      re.punct_newlines = false;
+      break;
+    case PreKind::Ufakzeka:
+      re.max_digits = 1;
+      re.contractions = false;
+      break;
+    case PreKind::Minicpm5:
+      re.max_digits = SIZE_MAX;
+      break;
+    case PreKind::Jais2:
+      re.jais2_spaces = true;
+      break;
+    case PreKind::KimiK2:
+      re.contractions = false;
+      re.suffix_contractions = true;
+      re.exclude_han = true;
+      break;
+    default:
+      break;
+  }
+  return re;
+}
+
+size_t han_run_len(const uint32_t* cpts, size_t pos, size_t end) {
+  size_t p = pos;
+  while (p < end && is_han(cpts[p])) ++p;
+  return p - pos;
+}
+
+// The default list and Falcon's: punctuation runs, GPT-2's regex, (default only) number runs,
+// then ASCII digit triples.
+void split_default(bool falcon, const uint32_t* cpts, const uint8_t* flags,
+                   std::vector<uint32_t>* word_lens, std::vector<uint32_t>& a,
+                   std::vector<uint32_t>& b) {
+  auto punct = [&](size_t p) {
+    const uint32_t c = cpts[p];
+    return (flags[p] & kCptPunct) || c == '$' || c == '+' || c == '<' || c == '=' || c == '>' ||
+           c == '^' || c == '~' || c == '|' || (falcon && c == '`');
+  };
+  split_runs(a, &b, punct);
+  a.clear();
+  split_gpt2(cpts, flags, b, &a);
+  if (falcon) {
+    split_ascii_digit_triples(cpts, a, word_lens);
+    return;
+  }
+  b.clear();
+  split_runs(a, &b, [&](size_t p) { return (flags[p] & kCptNumber) != 0; });
+  split_ascii_digit_triples(cpts, b, word_lens);
+}
+
+// The regex lists built on match_word: Llama 3's regex and its relatives, Kimi K2's Han runs
+// alongside them, and MiniCPM 5's and Laguna's regex before them.
+void split_words(PreKind kind, const uint32_t* cpts, const uint8_t* flags,
+                 std::vector<uint32_t>* word_lens, std::vector<uint32_t>& a,
+                 std::vector<uint32_t>& b) {
+  if (kind == PreKind::Minicpm5) {
+    split_matches(a, &b, [&](size_t p, size_t e) { return number_triple_len(flags, p, e); });
+    a.swap(b);
+  } else if (kind == PreKind::Laguna) {
+    split_runs(a, &b, [&](size_t p) { return cpts[p] == '\n'; });
+    a.swap(b);
+  }
+  const WordRegex re = word_regex(kind);
+  const bool han_runs = kind == PreKind::KimiK2;
+  split_matches(a, word_lens, [&](size_t p, size_t e) {
+    return han_runs && is_han(cpts[p]) ? han_run_len(cpts, p, e)
+                                       : match_word(cpts, flags, p, e, re);
+  });
+}
+
 }  // namespace
 
 void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_t n,
@@ -364,33 +494,19 @@ void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_
       split_gpt2(cpts, flags, b, word_lens);
       break;
     case PreKind::Default:
-    case PreKind::Falcon: {
-      const bool falcon = kind == PreKind::Falcon;
-      auto punct = [&](size_t p) {
-        const uint32_t c = cpts[p];
-        return (flags[p] & kCptPunct) || c == '$' || c == '+' || c == '<' || c == '=' || c == '>' ||
-               c == '^' || c == '~' || c == '|' || (falcon && c == '`');
-      };
-      split_runs(a, &b, punct);
-      a.clear();
-      split_gpt2(cpts, flags, b, &a);
-      b.clear();
-      if (falcon) {
-        split_ascii_digit_triples(cpts, a, word_lens);
-        break;
-      }
-      split_runs(a, &b, [&](size_t p) { return (flags[p] & kCptNumber) != 0; });
-      split_ascii_digit_triples(cpts, b, word_lens);
+    case PreKind::Falcon:
+      split_default(kind == PreKind::Falcon, cpts, flags, word_lens, a, b);
       break;
-    }
     case PreKind::Llama3:
-      split_llama3(cpts, flags, a, word_lens, 3, kCptLetter);
-      break;
     case PreKind::Qwen2:
-      split_llama3(cpts, flags, a, word_lens, 1, kCptLetter);
-      break;
     case PreKind::Qwen35:
-      split_llama3(cpts, flags, a, word_lens, 1, kCptLetter | kCptMark);
+    case PreKind::SeedCoder:
+    case PreKind::Ufakzeka:
+    case PreKind::Jais2:
+    case PreKind::KimiK2:
+    case PreKind::Minicpm5:
+    case PreKind::Laguna:
+      split_words(kind, cpts, flags, word_lens, a, b);
       break;
     case PreKind::DeepseekLlm:
     case PreKind::DeepseekCoder:

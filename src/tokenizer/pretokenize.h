@@ -6,21 +6,36 @@
 // the regex lists below (quoted from llama.cpp's llama-vocab.cpp; "C" stands for contractions,
 // (?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])):
 //
+// clang-format off
 //   Gpt2:    's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
 //   Smollm:  \p{N}   then the Gpt2 regex
 //   Default: [\p{P}\$\+<=>\^~\|]+   then Gpt2, then \p{N}+, then [0-9][0-9][0-9]
 //   Falcon:  [\p{P}\$\+<=>\^~\|`]+  then Gpt2, then [0-9][0-9][0-9]
-//   Llama3:  C|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
-//   ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ Qwen2:   the Llama3 regex with \p{N} for
-//   \p{N}{1,3} Qwen35:  the Qwen2 regex with marks (\p{M}) counted as letters in both letter
-//   classes DeepseekLlm:   [\r\n]   then \s?[Latin, Greek, Cyrillic... letters]+   then
+//   Llama3:  C|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+//            \s*[\r\n]+|\s+(?!\S)|\s+
+//   Qwen2:   the Llama3 regex with \p{N} for \p{N}{1,3}
+//   Qwen35:  the Qwen2 regex with marks (\p{M}) counted as letters in both letter classes
+//   SeedCoder: the Qwen2 regex without [\r\n]* after punctuation
+//   Ufakzeka:  the Qwen2 regex without C
+//   Jais2:   the Llama3 regex with \s*[\r\n]+|\s{512}(?!\S)|\s{256}(?!\S)|...|\s{4}(?!\S)|
+//            \s{1,2}(?!\S)|\s{1} as its whitespace
+//   Minicpm5: \p{N}{1,3}   then the Llama3 regex with \p{N}+
+//   Laguna:  [^\n]+|[\n]+   then the Qwen2 regex
+//   KimiK2:  \p{Han}+|[^\r\n\p{L}\p{N}]?[letters but Han]+C?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+//            \s*[\r\n]+|\s+(?!\S)|\s+   (llama.cpp's own handler for Kimi K2's regex)
+//   DeepseekLlm:   [\r\n]   then \s?[Latin, Greek, Cyrillic... letters]+   then
 //                  \s?[!-/:-~！-／：-～‘-‟　-。]+   then \s+$   then [一-龥ࠀ-一가-퟿]+   then
 //                  \p{N}+
-//   DeepseekCoder: [\r\n]   then \s?\p{L}+   then \s?\p{P}+   then [一-龥ࠀ-一가-퟿]+   then
-//   \p{N} Newlines (Gemma 4):  [^\n]+|[\n]+
+//   DeepseekCoder: [\r\n]   then \s?\p{L}+   then \s?\p{P}+   then [一-龥ࠀ-一가-퟿]+   then \p{N}
+//   Newlines (Gemma 4):  [^\n]+|[\n]+
+// clang-format on
 //
-// The regexes without \p{..} classes run in llama.cpp on std::wregex, where non-ASCII whitespace
-// is first replaced by U+000B; so U+3000 (a space) is not in DeepseekLlm's punctuation range.
+// Where llama.cpp has no handler of its own for a regex, it runs std::regex on text in which
+// every non-ASCII codepoint is replaced by one byte standing for its category (letter, number,
+// punctuation, mark, symbol, other; whitespace becomes U+000B). Such regexes therefore see case
+// (\p{Lu}, [^a-z]) in ASCII only, and the splitters here do the same. The regexes without
+// \p{..} classes run on std::wregex, where non-ASCII whitespace is first replaced by U+000B; so
+// U+3000 (a space) is not in DeepseekLlm's punctuation range.
 #pragma once
 
 #include <cstddef>
@@ -40,6 +55,12 @@ enum class PreKind {
   DeepseekLlm,
   DeepseekCoder,
   Newlines,
+  KimiK2,
+  SeedCoder,
+  Ufakzeka,
+  Minicpm5,
+  Laguna,
+  Jais2,
 };
 
 // Splits `n` codepoints (with their cpt_flags) into words; appends each word's length in

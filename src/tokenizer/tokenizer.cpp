@@ -107,6 +107,15 @@ constexpr PreName kPreNames[] = {
     {"qwen35", tok::PreKind::Qwen35, false, kNoClean},
     {"deepseek-llm", tok::PreKind::DeepseekLlm, false, kNoClean},
     {"deepseek-coder", tok::PreKind::DeepseekCoder, false, kNoClean},
+    {"bailingmoe", tok::PreKind::Qwen2, false, kNoClean},
+    {"bailingmoe2", tok::PreKind::Qwen2, false, kNoClean},
+    {"llada-moe", tok::PreKind::Qwen2, false, kNoClean},
+    {"kimi-k2", tok::PreKind::KimiK2, false, kNoClean},
+    {"seed-coder", tok::PreKind::SeedCoder, false, kNoClean},
+    {"ufakzeka", tok::PreKind::Ufakzeka, false, kNoClean},
+    {"minicpm5", tok::PreKind::Minicpm5, true},
+    {"laguna", tok::PreKind::Laguna, false, kNoClean},
+    {"jais-2", tok::PreKind::Jais2},
     {"gemma4", tok::PreKind::Newlines},
     {"granite-embed-multi-311m", tok::PreKind::Newlines},
 };
@@ -467,7 +476,9 @@ void Tokenizer::Impl::load_model(const GgufFile& f) {
       fail(
           "{}: {} is '{}', a pre-tokenizer kvlm does not implement (kvlm knows the llama.cpp "
           "names of the gpt-2, smollm, default, falcon, llama3, qwen2, qwen35, deepseek-llm, "
-          "deepseek-coder and gemma4 regex lists)",
+          "deepseek-coder, kimi-k2 "
+          "and gemma4 regex lists and their relatives; not youtu, exaone-moe, whitespace or "
+          "sarvam-moe)",
           f.path(), kKeyPre, pre_name);
     pre_kind = pre->kind;
     ignore_merges = pre->ignore_merges;

@@ -46,6 +46,10 @@ NAMES = [
     ("seed-coder", "llama-bpe"), ("minicpm5", "llama-bpe"), ("jais-2", "llama-bpe"),
     ("ufakzeka", "qwen2"), ("laguna", "qwen2"), ("bailingmoe", "qwen2"),
     ("bailingmoe2", "qwen2"), ("llada-moe", "qwen2"), ("kimi-k2", "qwen2"),
+    ("gpt-4o", "llama-bpe"), ("llama4", "llama-bpe"), ("kanana2", "llama-bpe"),
+    ("talkie", "llama-bpe"), ("minimax-m2", "llama-bpe"), ("tekken", "llama-bpe"),
+    ("granite-embed-multi-97m", "llama-bpe"), ("tiny_aya", "llama-bpe"),
+    ("cohere2moe", "llama-bpe"),
 ]
 
 # Texts aimed at what these regexes distinguish: case changes inside words (ASCII and not),

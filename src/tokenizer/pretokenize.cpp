@@ -250,6 +250,75 @@ size_t match_word(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t
   return len > 0 ? len : 1;
 }
 
+// GPT-4o's regex and its relatives (see CasedRegex), as llama.cpp runs them: through std::regex
+// on text where every non-ASCII codepoint stands for its category, so the case classes
+// ((?=[\p{L}])[^a-z] and (?=[\p{L}])[^A-Z]) see ASCII case only and a non-ASCII letter is both:
+//   P?U*L+C?|P?U+L*C?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// with P = [^\r\n\p{L}\p{N}], U = a letter but not a-z, L = a letter but not A-Z, C a
+// contraction. The alternatives are tried in order with backtracking, so U*L+ gives back
+// uppercase letters until a lowercase one can start L+ ("ÉCOLE" -> "É", "COLE").
+struct CasedRegex {
+  uint8_t letters = kCptLetter;  // the class the lookaheads test (granite-embed adds \p{M})
+  bool case_split = true;        // false: U and L are both the whole class (Tiny Aya)
+  bool contractions = true;      // C? after each word (Tekken: none)
+  size_t max_digits = 3;
+};
+
+size_t match_cased(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t end,
+                   const CasedRegex& re) {
+  auto letter = [&](size_t p) { return p < end && (flags[p] & re.letters); };
+  auto upper = [&](size_t p) {
+    return letter(p) && !(re.case_split && cpts[p] >= 'a' && cpts[p] <= 'z');
+  };
+  auto lower = [&](size_t p) {
+    return letter(p) && !(re.case_split && cpts[p] >= 'A' && cpts[p] <= 'Z');
+  };
+  auto finish = [&](size_t p) {
+    return (re.contractions ? p + contraction_len(cpts, p, end) : p) - pos;
+  };
+  // U*L+ from s: U* backs off until L+ can start; 0 when it never can.
+  auto upper_lower = [&](size_t s) -> size_t {
+    size_t u = s;
+    while (upper(u)) ++u;
+    for (size_t k = u + 1; k-- > s;) {
+      if (!lower(k)) continue;
+      while (lower(k)) ++k;
+      return finish(k);
+    }
+    return 0;
+  };
+  auto upper_then_lower = [&](size_t s) -> size_t {
+    if (!upper(s)) return 0;
+    size_t p = s;
+    while (upper(p)) ++p;
+    while (lower(p)) ++p;
+    return finish(p);
+  };
+  const uint8_t f = flags[pos];
+  // P? is greedy: each word alternative is tried with the prefix taken, then without it.
+  const bool prefix = !is_newline(cpts[pos]) && !(f & (kCptLetter | kCptNumber));
+  if (prefix)
+    if (const size_t len = upper_lower(pos + 1); len > 0) return len;
+  if (const size_t len = upper_lower(pos); len > 0) return len;
+  if (prefix)
+    if (const size_t len = upper_then_lower(pos + 1); len > 0) return len;
+  if (const size_t len = upper_then_lower(pos); len > 0) return len;
+  if (f & kCptNumber) {
+    size_t p = pos;
+    while (p - pos < re.max_digits && p < end && (flags[p] & kCptNumber)) ++p;
+    return p - pos;
+  }
+  constexpr uint8_t kNotPunct = kCptWhitespace | kCptLetter | kCptNumber;
+  auto punct = [&](size_t p) { return p < end && !(flags[p] & kNotPunct); };
+  if (size_t p = pos + (cpts[pos] == ' '); punct(p)) {
+    while (punct(p)) ++p;
+    while (p < end && (is_newline(cpts[p]) || cpts[p] == '/')) ++p;
+    return p - pos;
+  }
+  const size_t len = whitespace_len(cpts, flags, pos, end, true);
+  return len > 0 ? len : 1;
+}
+
 // The leftmost-first matches of one regex in every piece, as std::regex_iterator finds them:
 // `match(pos, end)` is the length of the match starting at pos (0 for none); the text between
 // matches becomes pieces too.
@@ -390,6 +459,43 @@ size_t number_triple_len(const uint8_t* flags, size_t pos, size_t end) {
   return p - pos;
 }
 
+// Cuts inside maximal runs of `in_run` characters: cuts(run_begin, run_end, pieces) adds them.
+template <class InRun, class Cuts>
+void split_inside_runs(const std::vector<uint32_t>& in, std::vector<uint32_t>* out, InRun in_run,
+                       Cuts cuts) {
+  size_t ini = 0;
+  for (uint32_t piece_len : in) {
+    const size_t end = ini + piece_len;
+    Pieces pieces{out, ini};
+    for (size_t pos = ini; pos < end;) {
+      if (!in_run(pos)) {
+        ++pos;
+        continue;
+      }
+      size_t run_end = pos;
+      while (run_end < end && in_run(run_end)) ++run_end;
+      cuts(pos, run_end, pieces);
+      pos = run_end;
+    }
+    pieces.add(end);
+    ini = end;
+  }
+}
+
+// Runs of numbers cut into threes from the right, the leftover 1-2 first ("1234567" -> "1",
+// "234", "567"): llama.cpp's handler for AFMoE's digits and Tiny Aya's \d{1,3}(?=(?:\d{3})*\b).
+// It cuts only after each group, so the text before a run joins its first group ("ab12345" ->
+// "ab12", "345").
+void split_number_groups(const uint8_t* flags, const std::vector<uint32_t>& in,
+                         std::vector<uint32_t>* out) {
+  split_inside_runs(
+      in, out, [&](size_t p) { return (flags[p] & kCptNumber) != 0; },
+      [](size_t begin, size_t end, Pieces& pieces) {
+        const size_t first = (end - begin) % 3 == 0 ? 3 : (end - begin) % 3;
+        for (size_t cut = begin + first; cut <= end; cut += 3) pieces.add(cut);
+      });
+}
+
 // The options of each kind that match_word / match_cased serve.
 WordRegex word_regex(PreKind kind) {
   WordRegex re;
@@ -423,6 +529,20 @@ WordRegex word_regex(PreKind kind) {
       break;
     default:
       break;
+  }
+  return re;
+}
+
+CasedRegex cased_regex(PreKind kind) {
+  CasedRegex re;
+  if (kind == PreKind::Tekken) {
+    re.contractions = false;
+    re.max_digits = 1;
+  } else if (kind == PreKind::GraniteEmbMulti) {
+    re.letters = kCptLetter | kCptMark;
+  } else if (kind == PreKind::TinyAya) {
+    re.letters = kCptLetter | kCptMark;
+    re.case_split = false;
   }
   return re;
 }
@@ -507,6 +627,18 @@ void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_
     case PreKind::Minicpm5:
     case PreKind::Laguna:
       split_words(kind, cpts, flags, word_lens, a, b);
+      break;
+    case PreKind::Gpt4o:
+    case PreKind::Tekken:
+    case PreKind::GraniteEmbMulti:
+    case PreKind::TinyAya:
+      if (kind == PreKind::TinyAya) {
+        split_number_groups(flags, a, &b);
+        a.swap(b);
+      }
+      split_matches(a, word_lens, [&, re = cased_regex(kind)](size_t p, size_t e) {
+        return match_cased(cpts, flags, p, e, re);
+      });
       break;
     case PreKind::DeepseekLlm:
     case PreKind::DeepseekCoder:

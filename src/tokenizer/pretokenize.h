@@ -23,6 +23,11 @@
 //   Laguna:  [^\n]+|[\n]+   then the Qwen2 regex
 //   KimiK2:  \p{Han}+|[^\r\n\p{L}\p{N}]?[letters but Han]+C?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
 //            \s*[\r\n]+|\s+(?!\S)|\s+   (llama.cpp's own handler for Kimi K2's regex)
+//   Gpt4o:   P?U*L+C?|P?U+L*C?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//            with P = [^\r\n\p{L}\p{N}], U = (?=[\p{L}])[^a-z], L = (?=[\p{L}])[^A-Z]
+//   Tekken:  the Gpt4o regex without C and with \p{N}
+//   GraniteEmbMulti: the Gpt4o regex with [\p{L}\p{M}] in the lookaheads
+//   TinyAya: \d{1,3}(?=(?:\d{3})*\b)   then the Gpt4o regex with U and L both [\p{L}\p{M}]
 //   DeepseekLlm:   [\r\n]   then \s?[Latin, Greek, Cyrillic... letters]+   then
 //                  \s?[!-/:-~！-／：-～‘-‟　-。]+   then \s+$   then [一-龥ࠀ-一가-퟿]+   then
 //                  \p{N}+
@@ -55,6 +60,10 @@ enum class PreKind {
   DeepseekLlm,
   DeepseekCoder,
   Newlines,
+  Gpt4o,
+  Tekken,
+  GraniteEmbMulti,
+  TinyAya,
   KimiK2,
   SeedCoder,
   Ufakzeka,

@@ -110,6 +110,15 @@ constexpr PreName kPreNames[] = {
     {"bailingmoe", tok::PreKind::Qwen2, false, kNoClean},
     {"bailingmoe2", tok::PreKind::Qwen2, false, kNoClean},
     {"llada-moe", tok::PreKind::Qwen2, false, kNoClean},
+    {"gpt-4o", tok::PreKind::Gpt4o, false, kNoClean},
+    {"llama4", tok::PreKind::Gpt4o, false, kNoClean},
+    {"kanana2", tok::PreKind::Gpt4o, false, kNoClean},
+    {"talkie", tok::PreKind::Gpt4o, false, kNoClean},
+    {"minimax-m2", tok::PreKind::Gpt4o, false, kNoClean},
+    {"tekken", tok::PreKind::Tekken, true, kNoClean, true},
+    {"granite-embed-multi-97m", tok::PreKind::GraniteEmbMulti, true, kNoClean},
+    {"tiny_aya", tok::PreKind::TinyAya, false, kNoClean},
+    {"cohere2moe", tok::PreKind::TinyAya, false, kNoClean},
     {"kimi-k2", tok::PreKind::KimiK2, false, kNoClean},
     {"seed-coder", tok::PreKind::SeedCoder, false, kNoClean},
     {"ufakzeka", tok::PreKind::Ufakzeka, false, kNoClean},
@@ -476,7 +485,7 @@ void Tokenizer::Impl::load_model(const GgufFile& f) {
       fail(
           "{}: {} is '{}', a pre-tokenizer kvlm does not implement (kvlm knows the llama.cpp "
           "names of the gpt-2, smollm, default, falcon, llama3, qwen2, qwen35, deepseek-llm, "
-          "deepseek-coder, kimi-k2 "
+          "deepseek-coder, gpt-4o, tekken, kimi-k2 "
           "and gemma4 regex lists and their relatives; not youtu, exaone-moe, whitespace or "
           "sarvam-moe)",
           f.path(), kKeyPre, pre_name);

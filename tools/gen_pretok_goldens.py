@@ -50,6 +50,8 @@ NAMES = [
     ("talkie", "llama-bpe"), ("minimax-m2", "llama-bpe"), ("tekken", "llama-bpe"),
     ("granite-embed-multi-97m", "llama-bpe"), ("tiny_aya", "llama-bpe"),
     ("cohere2moe", "llama-bpe"),
+    ("deepseek-v3", "qwen2"), ("hunyuan-dense", "qwen2"), ("hy_v4", "qwen2"),
+    ("joyai-llm", "qwen2"), ("spark2_5", "qwen2"), ("afmoe", "qwen2"),
 ]
 
 # Texts aimed at what these regexes distinguish: case changes inside words (ASCII and not),

@@ -163,6 +163,12 @@ bool is_newline(uint32_t c) {
   return c == '\r' || c == '\n';
 }
 
+// !-/ :-@ [-` {-~: ASCII punctuation and symbols.
+bool is_ascii_punct(uint32_t c) {
+  return (c >= 0x21 && c <= 0x2F) || (c >= 0x3A && c <= 0x40) || (c >= 0x5B && c <= 0x60) ||
+         (c >= 0x7B && c <= 0x7E);
+}
+
 // The whitespace run at pos: its length and the length up to its last newline (0 when none).
 struct SpaceRun {
   size_t n = 0, past_newline = 0;
@@ -496,6 +502,69 @@ void split_number_groups(const uint8_t* flags, const std::vector<uint32_t>& in,
       });
 }
 
+// The last regex of DeepSeek V3's list (and AFMoE's, Spark 2.5's with the two options off):
+//   [ASCII punctuation][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|
+//   \s*[\r\n]+|\s+(?!\S)|\s+
+// Spark 2.5 has no [\r\n]* after punctuation and [\r\n] in place of \s*[\r\n]+. Characters none
+// of these match (control characters, numbers left whole by the earlier regexes) stay between.
+size_t match_ds3(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t end, bool spark) {
+  const uint32_t c = cpts[pos];
+  const uint8_t f = flags[pos];
+  auto ascii_letter = [&](size_t p) {
+    return p < end && ((cpts[p] >= 'a' && cpts[p] <= 'z') || (cpts[p] >= 'A' && cpts[p] <= 'Z'));
+  };
+  size_t p = pos + 1;
+  if (is_ascii_punct(c) && ascii_letter(p)) {
+    while (ascii_letter(p)) ++p;
+    return p - pos;
+  }
+  auto letter_mark = [&](size_t q) { return q < end && (flags[q] & (kCptLetter | kCptMark)); };
+  if (letter_mark(pos) ||
+      (!is_newline(c) && !(f & (kCptLetter | kCptPunct | kCptSymbol)) && letter_mark(p))) {
+    while (letter_mark(p)) ++p;
+    return p - pos;
+  }
+  auto punct = [&](size_t q) { return q < end && (flags[q] & (kCptPunct | kCptSymbol)); };
+  if (p = pos + (c == ' '); punct(p)) {
+    while (punct(p)) ++p;
+    if (!spark)
+      while (p < end && is_newline(cpts[p])) ++p;
+    return p - pos;
+  }
+  if (spark && is_newline(c)) return 1;
+  return whitespace_len(cpts, flags, pos, end, !spark);
+}
+
+// DeepSeek V3 (and Spark 2.5): \p{N}{1,3}, then [一-龥぀-ゟ゠-ヿ]+, then match_ds3.
+void split_deepseek3(bool spark, const uint32_t* cpts, const uint8_t* flags,
+                     std::vector<uint32_t>* word_lens, std::vector<uint32_t>& a,
+                     std::vector<uint32_t>& b) {
+  split_matches(a, &b, [&](size_t p, size_t e) { return number_triple_len(flags, p, e); });
+  a.clear();
+  split_runs(b, &a, [&](size_t p) {
+    const uint32_t c = cpts[p];
+    return (c >= 0x4E00 && c <= 0x9FA5) || (c >= 0x3040 && c <= 0x30FF);
+  });
+  auto last = [&](size_t p, size_t e) { return match_ds3(cpts, flags, p, e, spark); };
+  if (!spark) {
+    split_matches(a, word_lens, last);
+    return;
+  }
+  b.clear();
+  split_matches(a, &b, last);
+  split_each_number(flags, b, word_lens);
+}
+
+// AFMoE's scripts regex: CJK (with extension A), kana, halfwidth katakana, Kangxi radicals, Thai
+// from U+0E40, Lao, Khmer, Myanmar (with extensions A and B), Hangul. The compatibility
+// ideographs' range starts at U+8C48 in llama.cpp's source (豈 in its unified form, not U+F900),
+// so it runs on to U+FAFF over Hangul and the private use area.
+constexpr CptRange kAfmoeScripts[] = {
+    {0x4E00, 0x9FFF}, {0x3400, 0x4DBF}, {0x8C48, 0xFAFF}, {0x3040, 0x30FF}, {0xFF65, 0xFF9F},
+    {0x2F00, 0x2FDF}, {0x0E40, 0x0EFF}, {0x1780, 0x17FF}, {0x1000, 0x109F}, {0xAA60, 0xAA7F},
+    {0xA9E0, 0xA9FF}, {0xAC00, 0xD7AF}, {0x1100, 0x11FF},
+};
+
 // The options of each kind that match_word / match_cased serve.
 WordRegex word_regex(PreKind kind) {
   WordRegex re;
@@ -595,6 +664,18 @@ void split_words(PreKind kind, const uint32_t* cpts, const uint8_t* flags,
   });
 }
 
+// AFMoE: llama.cpp's digit groups, then its scripts regex, then DeepSeek V3's last regex.
+void split_afmoe(const uint32_t* cpts, const uint8_t* flags, std::vector<uint32_t>* word_lens,
+                 std::vector<uint32_t>& a, std::vector<uint32_t>& b) {
+  split_number_groups(flags, a, &b);
+  a.clear();
+  split_runs(b, &a, [&](size_t p) {
+    return in_ranges(cpts[p], std::begin(kAfmoeScripts), std::end(kAfmoeScripts));
+  });
+  split_matches(a, word_lens,
+                [&](size_t p, size_t e) { return match_ds3(cpts, flags, p, e, false); });
+}
+
 }  // namespace
 
 void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_t n,
@@ -639,6 +720,13 @@ void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_
       split_matches(a, word_lens, [&, re = cased_regex(kind)](size_t p, size_t e) {
         return match_cased(cpts, flags, p, e, re);
       });
+      break;
+    case PreKind::DeepseekV3:
+    case PreKind::Spark25:
+      split_deepseek3(kind == PreKind::Spark25, cpts, flags, word_lens, a, b);
+      break;
+    case PreKind::Afmoe:
+      split_afmoe(cpts, flags, word_lens, a, b);
       break;
     case PreKind::DeepseekLlm:
     case PreKind::DeepseekCoder:

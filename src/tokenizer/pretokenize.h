@@ -28,6 +28,12 @@
 //   Tekken:  the Gpt4o regex without C and with \p{N}
 //   GraniteEmbMulti: the Gpt4o regex with [\p{L}\p{M}] in the lookaheads
 //   TinyAya: \d{1,3}(?=(?:\d{3})*\b)   then the Gpt4o regex with U and L both [\p{L}\p{M}]
+//   DeepseekV3: \p{N}{1,3}   then [一-龥぀-ゟ゠-ヿ]+   then
+//            [ASCII punct][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|
+//            \s*[\r\n]+|\s+(?!\S)|\s+
+//   Spark25: DeepseekV3 with [\r\n] for \s*[\r\n]+, no [\r\n]* after punctuation, then \p{N}
+//   Afmoe:   llama.cpp's digit groups (as TinyAya's)   then [CJK, kana, Thai, Lao, Khmer,
+//            Myanmar, Hangul...]+   then DeepseekV3's last regex
 //   DeepseekLlm:   [\r\n]   then \s?[Latin, Greek, Cyrillic... letters]+   then
 //                  \s?[!-/:-~！-／：-～‘-‟　-。]+   then \s+$   then [一-龥ࠀ-一가-퟿]+   then
 //                  \p{N}+
@@ -64,6 +70,9 @@ enum class PreKind {
   Tekken,
   GraniteEmbMulti,
   TinyAya,
+  DeepseekV3,
+  Spark25,
+  Afmoe,
   KimiK2,
   SeedCoder,
   Ufakzeka,

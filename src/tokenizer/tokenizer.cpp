@@ -119,6 +119,12 @@ constexpr PreName kPreNames[] = {
     {"granite-embed-multi-97m", tok::PreKind::GraniteEmbMulti, true, kNoClean},
     {"tiny_aya", tok::PreKind::TinyAya, false, kNoClean},
     {"cohere2moe", tok::PreKind::TinyAya, false, kNoClean},
+    {"deepseek-v3", tok::PreKind::DeepseekV3, false, kNoClean},
+    {"hunyuan-dense", tok::PreKind::DeepseekV3, false, kNoClean},
+    {"hy_v4", tok::PreKind::DeepseekV3, false, kNoClean},
+    {"joyai-llm", tok::PreKind::DeepseekV3, false, kNoClean},
+    {"spark2_5", tok::PreKind::Spark25, false, kNoClean},
+    {"afmoe", tok::PreKind::Afmoe, false, kNoClean},
     {"kimi-k2", tok::PreKind::KimiK2, false, kNoClean},
     {"seed-coder", tok::PreKind::SeedCoder, false, kNoClean},
     {"ufakzeka", tok::PreKind::Ufakzeka, false, kNoClean},
@@ -485,7 +491,7 @@ void Tokenizer::Impl::load_model(const GgufFile& f) {
       fail(
           "{}: {} is '{}', a pre-tokenizer kvlm does not implement (kvlm knows the llama.cpp "
           "names of the gpt-2, smollm, default, falcon, llama3, qwen2, qwen35, deepseek-llm, "
-          "deepseek-coder, gpt-4o, tekken, kimi-k2 "
+          "deepseek-coder, deepseek-v3, gpt-4o, tekken, kimi-k2 "
           "and gemma4 regex lists and their relatives; not youtu, exaone-moe, whitespace or "
           "sarvam-moe)",
           f.path(), kKeyPre, pre_name);

@@ -49,6 +49,12 @@ uint8_t compute_flags(uint32_t c) {
     case UTF8PROC_CATEGORY_ME:
       f |= kCptMark;
       break;
+    case UTF8PROC_CATEGORY_SM:
+    case UTF8PROC_CATEGORY_SC:
+    case UTF8PROC_CATEGORY_SK:
+    case UTF8PROC_CATEGORY_SO:
+      f |= kCptSymbol;
+      break;
     default:
       break;
   }

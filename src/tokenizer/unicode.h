@@ -19,6 +19,7 @@ enum CptFlag : uint8_t {
   kCptWhitespace = 1 << 2,  // \s: the Unicode White_Space property
   kCptPunct = 1 << 3,       // \p{P}: Pc Pd Ps Pe Pi Pf Po
   kCptMark = 1 << 4,        // \p{M}: Mn Mc Me
+  kCptSymbol = 1 << 5,      // \p{S}: Sm Sc Sk So
 };
 
 // Flags of one codepoint; codepoints past U+10FFFF have none.

@@ -52,6 +52,8 @@ NAMES = [
     ("cohere2moe", "llama-bpe"),
     ("deepseek-v3", "qwen2"), ("hunyuan-dense", "qwen2"), ("hy_v4", "qwen2"),
     ("joyai-llm", "qwen2"), ("spark2_5", "qwen2"), ("afmoe", "qwen2"),
+    ("bloom", "llama-bpe"), ("gpt3-finnish", "llama-bpe"), ("poro-chat", "llama-bpe"),
+    ("viking", "llama-bpe"), ("chameleon", "llama-bpe"), ("superbpe", "llama-bpe"),
 ]
 
 # Texts aimed at what these regexes distinguish: case changes inside words (ASCII and not),

@@ -502,6 +502,68 @@ void split_number_groups(const uint8_t* flags, const std::vector<uint32_t>& in,
       });
 }
 
+// SuperBPE's (?=(\d{3})+(?!\d)): an empty match wherever the ASCII digits from there to the next
+// non-digit are a positive multiple of three, each one a cut ("1234567" -> "1", "234", "567";
+// std::regex's \d is ASCII only).
+void split_superbpe_digits(const uint32_t* cpts, const std::vector<uint32_t>& in,
+                           std::vector<uint32_t>* out) {
+  split_inside_runs(
+      in, out, [&](size_t p) { return cpts[p] >= '0' && cpts[p] <= '9'; },
+      [](size_t begin, size_t end, Pieces& pieces) {
+        for (size_t p = begin; p < end; ++p)
+          if ((end - p) % 3 == 0) pieces.add(p);
+      });
+}
+
+// Bloom's  ?[^(\s|.,!?…。，、।۔،)]+  (the parentheses and the bar are members of the class).
+size_t match_bloom(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t end) {
+  constexpr uint32_t kOutside[] = {'(',    ')',    '|',    '.',    ',',    '!',    '?',
+                                   0x2026, 0x3002, 0xFF0C, 0x3001, 0x0964, 0x06D4, 0x060C};
+  auto member = [&](size_t p) {
+    return p < end && !(flags[p] & kCptWhitespace) &&
+           std::find(std::begin(kOutside), std::end(kOutside), cpts[p]) == std::end(kOutside);
+  };
+  size_t p = pos + (cpts[pos] == ' ');
+  if (!member(p)) return 0;
+  while (member(p)) ++p;
+  return p - pos;
+}
+
+// Whether the ASCII text `lit` is at pos.
+bool literal_at(const uint32_t* cpts, size_t pos, size_t end, std::string_view lit) {
+  if (end - pos < lit.size()) return false;
+  for (size_t i = 0; i < lit.size(); ++i)
+    if (cpts[pos + i] != static_cast<uint8_t>(lit[i])) return false;
+  return true;
+}
+
+// Chameleon's first three regexes, tried in turn: <sentinel:[0-9]+>, then image tokens
+// IMGIMG[A-I]{1,4}Z, then ([\t\n]|    |  ).
+size_t match_sentinel(const uint32_t* cpts, size_t pos, size_t end) {
+  constexpr std::string_view kOpen = "<sentinel:";
+  if (!literal_at(cpts, pos, end, kOpen)) return 0;
+  size_t p = pos + kOpen.size();
+  const size_t digits = p;
+  while (p < end && cpts[p] >= '0' && cpts[p] <= '9') ++p;
+  return p > digits && p < end && cpts[p] == '>' ? p + 1 - pos : 0;
+}
+size_t match_image_token(const uint32_t* cpts, size_t pos, size_t end) {
+  constexpr std::string_view kOpen = "IMGIMG";
+  if (!literal_at(cpts, pos, end, kOpen)) return 0;
+  size_t p = pos + kOpen.size();
+  const size_t letters = p;
+  while (p < end && cpts[p] >= 'A' && cpts[p] <= 'I') ++p;
+  // [A-I]{1,4} backtracks, but Z is not in A-I, so only the whole run can precede it.
+  const size_t n = p - letters;
+  return n >= 1 && n <= 4 && p < end && cpts[p] == 'Z' ? p + 1 - pos : 0;
+}
+size_t match_chameleon_space(const uint32_t* cpts, size_t pos, size_t end) {
+  if (cpts[pos] == '\t' || cpts[pos] == '\n') return 1;
+  size_t n = 0;
+  while (n < 4 && pos + n < end && cpts[pos + n] == ' ') ++n;
+  return n == 4 ? 4 : n >= 2 ? 2 : 0;
+}
+
 // The last regex of DeepSeek V3's list (and AFMoE's, Spark 2.5's with the two options off):
 //   [ASCII punctuation][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|
 //   \s*[\r\n]+|\s+(?!\S)|\s+
@@ -564,6 +626,24 @@ constexpr CptRange kAfmoeScripts[] = {
     {0x2F00, 0x2FDF}, {0x0E40, 0x0EFF}, {0x1780, 0x17FF}, {0x1000, 0x109F}, {0xAA60, 0xAA7F},
     {0xA9E0, 0xA9FF}, {0xAC00, 0xD7AF}, {0x1100, 0x11FF},
 };
+
+// Chameleon: sentinels, image tokens, tabs/newlines/space pairs, each number, each punctuation
+// character (\p{P} and all ASCII punctuation), then GPT-2's regex.
+void split_chameleon(const uint32_t* cpts, const uint8_t* flags, std::vector<uint32_t>* word_lens,
+                     std::vector<uint32_t>& a, std::vector<uint32_t>& b) {
+  split_matches(a, &b, [&](size_t p, size_t e) { return match_sentinel(cpts, p, e); });
+  a.clear();
+  split_matches(b, &a, [&](size_t p, size_t e) { return match_image_token(cpts, p, e); });
+  b.clear();
+  split_matches(a, &b, [&](size_t p, size_t e) { return match_chameleon_space(cpts, p, e); });
+  a.clear();
+  split_each_number(flags, b, &a);
+  b.clear();
+  split_matches(a, &b, [&](size_t p, size_t) -> size_t {
+    return is_ascii_punct(cpts[p]) || (flags[p] & kCptPunct) ? 1 : 0;
+  });
+  split_gpt2(cpts, flags, b, word_lens);
+}
 
 // The options of each kind that match_word / match_cased serve.
 WordRegex word_regex(PreKind kind) {
@@ -727,6 +807,20 @@ void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_
       break;
     case PreKind::Afmoe:
       split_afmoe(cpts, flags, word_lens, a, b);
+      break;
+    case PreKind::Bloom:
+    case PreKind::Viking: {
+      auto bloom = [&](size_t p, size_t e) { return match_bloom(cpts, flags, p, e); };
+      split_matches(a, kind == PreKind::Bloom ? word_lens : &b, bloom);
+      if (kind == PreKind::Viking) split_each_number(flags, b, word_lens);
+      break;
+    }
+    case PreKind::Chameleon:
+      split_chameleon(cpts, flags, word_lens, a, b);
+      break;
+    case PreKind::SuperBpe:
+      split_runs(a, &b, [&](size_t p) { return (flags[p] & kCptNumber) != 0; });
+      split_superbpe_digits(cpts, b, word_lens);
       break;
     case PreKind::DeepseekLlm:
     case PreKind::DeepseekCoder:

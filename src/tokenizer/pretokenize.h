@@ -34,6 +34,11 @@
 //   Spark25: DeepseekV3 with [\r\n] for \s*[\r\n]+, no [\r\n]* after punctuation, then \p{N}
 //   Afmoe:   llama.cpp's digit groups (as TinyAya's)   then [CJK, kana, Thai, Lao, Khmer,
 //            Myanmar, Hangul...]+   then DeepseekV3's last regex
+//   Bloom:    ?[^(\s|.,!?…。，、।۔،)]+
+//   Viking:  the Bloom regex   then \p{N}
+//   Chameleon: <sentinel:[0-9]+>   then (IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z   then
+//            ([\t\n]|    |  )   then \p{N}   then [\p{P}!-/:-@\[-`{-~]   then Gpt2
+//   SuperBpe: \p{N}+   then (?=(\d{3})+(?!\d))
 //   DeepseekLlm:   [\r\n]   then \s?[Latin, Greek, Cyrillic... letters]+   then
 //                  \s?[!-/:-~！-／：-～‘-‟　-。]+   then \s+$   then [一-龥ࠀ-一가-퟿]+   then
 //                  \p{N}+
@@ -79,6 +84,10 @@ enum class PreKind {
   Minicpm5,
   Laguna,
   Jais2,
+  Bloom,
+  Viking,
+  Chameleon,
+  SuperBpe,
 };
 
 // Splits `n` codepoints (with their cpt_flags) into words; appends each word's length in

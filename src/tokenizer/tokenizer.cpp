@@ -131,6 +131,12 @@ constexpr PreName kPreNames[] = {
     {"minicpm5", tok::PreKind::Minicpm5, true},
     {"laguna", tok::PreKind::Laguna, false, kNoClean},
     {"jais-2", tok::PreKind::Jais2},
+    {"bloom", tok::PreKind::Bloom},
+    {"gpt3-finnish", tok::PreKind::Bloom},
+    {"poro-chat", tok::PreKind::Bloom, false, kNoClean},
+    {"viking", tok::PreKind::Viking, false, kNoClean},
+    {"chameleon", tok::PreKind::Chameleon, false, kNoClean, true},
+    {"superbpe", tok::PreKind::SuperBpe, false, kNoClean},
     {"gemma4", tok::PreKind::Newlines},
     {"granite-embed-multi-311m", tok::PreKind::Newlines},
 };
@@ -491,7 +497,7 @@ void Tokenizer::Impl::load_model(const GgufFile& f) {
       fail(
           "{}: {} is '{}', a pre-tokenizer kvlm does not implement (kvlm knows the llama.cpp "
           "names of the gpt-2, smollm, default, falcon, llama3, qwen2, qwen35, deepseek-llm, "
-          "deepseek-coder, deepseek-v3, gpt-4o, tekken, kimi-k2 "
+          "deepseek-coder, deepseek-v3, gpt-4o, tekken, kimi-k2, bloom, chameleon, superbpe "
           "and gemma4 regex lists and their relatives; not youtu, exaone-moe, whitespace or "
           "sarvam-moe)",
           f.path(), kKeyPre, pre_name);

@@ -1,6 +1,7 @@
 // Tokenizers built from GGUF metadata (tokenizer.ggml.*) as llama.cpp builds them: byte-level BPE
 // ("gpt2", with llama.cpp's pre-tokenizers for GPT-2, SmolLM/StarCoder, Llama 3, Qwen 2/3.5,
-// DeepSeek, Falcon and the default list), Gemma 4's BPE on UTF-8 ("gemma4") and SentencePiece
+// DeepSeek LLM/Coder/V3, Falcon, GPT-4o/Llama 4, Tekken, Kimi K2, Bloom, Chameleon, SuperBPE and
+// the default list, see pretokenize.h), Gemma 4's BPE on UTF-8 ("gemma4") and SentencePiece
 // ("llama": Llama 2, Mistral, Phi-3, Gemma 1-3); special/control tokens; UTF-8-safe incremental
 // decoding. Chat templates are rendered by src/template (chat_template.h).
 #pragma once

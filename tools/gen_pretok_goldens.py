@@ -40,18 +40,20 @@ from gen_tokenizer_goldens import CORPUS, as_bytes, is_utf8  # noqa: E402
 from gen_vocab_goldens import EXTRA, FUZZ_ALPHABET, REFDATA, detokenize, fuzz_corpus, ids_fnv, \
     tokenize, write_json  # noqa: E402
 
-# Pre-tokenizer name -> the refdata vocabulary it is tested on. llama-bpe (tiktoken-style, 128k
-# tokens) suits the GPT-4o-like regexes; qwen2 has CJK words for the regexes that split scripts.
+# Pre-tokenizer name -> the refdata vocabulary it is tested on: llama-bpe for all (tiktoken-style,
+# 128k tokens). Its multi-digit tokens show how digits are grouped and its merges of a space with
+# a CJK lead byte show where a script run is cut off; qwen2's vocabulary, with single digits only
+# and no such merges, hid both.
 NAMES = [
     ("seed-coder", "llama-bpe"), ("minicpm5", "llama-bpe"), ("jais-2", "llama-bpe"),
-    ("ufakzeka", "qwen2"), ("laguna", "qwen2"), ("bailingmoe", "qwen2"),
-    ("bailingmoe2", "qwen2"), ("llada-moe", "qwen2"), ("kimi-k2", "qwen2"),
+    ("ufakzeka", "llama-bpe"), ("laguna", "llama-bpe"), ("bailingmoe", "llama-bpe"),
+    ("bailingmoe2", "llama-bpe"), ("llada-moe", "llama-bpe"), ("kimi-k2", "llama-bpe"),
     ("gpt-4o", "llama-bpe"), ("llama4", "llama-bpe"), ("kanana2", "llama-bpe"),
     ("talkie", "llama-bpe"), ("minimax-m2", "llama-bpe"), ("tekken", "llama-bpe"),
     ("granite-embed-multi-97m", "llama-bpe"), ("tiny_aya", "llama-bpe"),
     ("cohere2moe", "llama-bpe"),
-    ("deepseek-v3", "qwen2"), ("hunyuan-dense", "qwen2"), ("hy_v4", "qwen2"),
-    ("joyai-llm", "qwen2"), ("spark2_5", "qwen2"), ("afmoe", "qwen2"),
+    ("deepseek-v3", "llama-bpe"), ("hunyuan-dense", "llama-bpe"), ("hy_v4", "llama-bpe"),
+    ("joyai-llm", "llama-bpe"), ("spark2_5", "llama-bpe"), ("afmoe", "llama-bpe"),
     ("bloom", "llama-bpe"), ("gpt3-finnish", "llama-bpe"), ("poro-chat", "llama-bpe"),
     ("viking", "llama-bpe"), ("chameleon", "llama-bpe"), ("superbpe", "llama-bpe"),
 ]
@@ -80,6 +82,9 @@ PRETOK_EXTRA = [
                           "^g _f `e {d |c }b ~a"),
     ("turkish", "Ankara'da T\u00fcrkiye'nin \u0130stanbul'a gidiyorum"),
     ("symbols_words", "\u00a9Copyright \u20acEuro \u00b1x \u2192arrow \u2264y \u00d7z"),
+    ("afmoe_ranges", "x \ua000\ua001 y \ue000 z \uf8ff \ud7b0 \u0e01\u0e40 \u0e81 \uac00 "
+                     "\u1780 \u1000 \u2f00 \uff66 \u3400 \u4e2d"),
+    ("glued_tokens", "xIMGIMGABZy a<sentinel:7>b 12IMGIMGIZ3 a  b   c    d"),
 ]
 
 # Random strings over the old alphabet plus the characters above (fixed seed).

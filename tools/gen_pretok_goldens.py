@@ -51,7 +51,7 @@ NAMES = [
     ("gpt-4o", "llama-bpe"), ("llama4", "llama-bpe"), ("kanana2", "llama-bpe"),
     ("talkie", "llama-bpe"), ("minimax-m2", "llama-bpe"), ("tekken", "llama-bpe"),
     ("granite-embed-multi-97m", "llama-bpe"), ("tiny_aya", "llama-bpe"),
-    ("cohere2moe", "llama-bpe"),
+    ("cohere2moe", "llama-bpe"), ("youtu", "llama-bpe"), ("exaone-moe", "llama-bpe"),
     ("deepseek-v3", "llama-bpe"), ("hunyuan-dense", "llama-bpe"), ("hy_v4", "llama-bpe"),
     ("joyai-llm", "llama-bpe"), ("spark2_5", "llama-bpe"), ("afmoe", "llama-bpe"),
     ("bloom", "llama-bpe"), ("gpt3-finnish", "llama-bpe"), ("poro-chat", "llama-bpe"),

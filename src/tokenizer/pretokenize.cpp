@@ -212,6 +212,9 @@ struct WordRegex {
   bool exclude_han = false;          // Han is not in L (Kimi K2 splits it off first)
   bool punct_newlines = true;        // [\r\n]* after the punctuation run (Seed-Coder: no)
   bool jais2_spaces = false;         // Jais 2's whitespace alternatives
+  // EXAONE MoE: words are (\p{L}\p{M}*(?: \p{L}\p{M}*)*)+, so marks and single spaces between
+  // letters stay inside ("hello world" is one word), and [\r\n/]? follows punctuation.
+  bool exaone = false;
 };
 
 // Kimi K2's \p{Han}: CJK ideographs with extensions A-F and the compatibility blocks.
@@ -233,6 +236,18 @@ size_t match_word(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t
   if (letter(pos) ||
       (!is_newline(cpts[pos]) && !(f & (kCptLetter | kCptNumber)) && letter(pos + 1))) {
     size_t p = pos + 1;
+    if (re.exaone) {
+      for (;;) {
+        while (p < end && (flags[p] & kCptMark)) ++p;
+        if (letter(p)) {
+          ++p;
+        } else if (p < end && cpts[p] == ' ' && letter(p + 1)) {
+          p += 2;
+        } else {
+          break;
+        }
+      }
+    }
     while (letter(p)) ++p;
     if (re.suffix_contractions) p += contraction_len(cpts, p, end);
     return p - pos;
@@ -247,8 +262,11 @@ size_t match_word(const uint32_t* cpts, const uint8_t* flags, size_t pos, size_t
   auto punct = [&](size_t p) { return p < end && !(flags[p] & not_punct); };
   if (size_t p = pos + (cpts[pos] == ' '); punct(p)) {
     while (punct(p)) ++p;
-    if (re.punct_newlines)
+    if (re.exaone) {
+      p += p < end && (is_newline(cpts[p]) || cpts[p] == '/');
+    } else if (re.punct_newlines) {
       while (p < end && is_newline(cpts[p])) ++p;
+    }
     return p - pos;
   }
   const size_t len = re.jais2_spaces ? jais2_whitespace_len(cpts, flags, pos, end)
@@ -645,6 +663,22 @@ void split_chameleon(const uint32_t* cpts, const uint8_t* flags, std::vector<uin
   split_gpt2(cpts, flags, b, word_lens);
 }
 
+// Youtu's first regex:
+// [가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[一-龥぀-ゟ゠-ヿ]+,
+// the class (1-4) of a codepoint or 0. The classes are disjoint, so its matches are the runs of one
+// class.
+int youtu_script(uint32_t c) {
+  if ((c >= 0xAC00 && c <= 0xD7A3) || (c >= 0x3131 && c <= 0x318E)) return 1;
+  constexpr uint32_t kPunct[] = {0xFF01, 0x2026, 0x201C, 0x201D, 0x2018,
+                                 0x2019, 0x2014, 0xFF1A, 0xFF1B, 0xFF0C};
+  if ((c >= 0x3001 && c <= 0x303F) || (c >= 0xFE30 && c <= 0xFE4F) ||
+      std::find(std::begin(kPunct), std::end(kPunct), c) != std::end(kPunct))
+    return 2;
+  if (c >= 0x3105 && c <= 0x312F) return 3;
+  if ((c >= 0x4E00 && c <= 0x9FA5) || (c >= 0x3040 && c <= 0x30FF)) return 4;
+  return 0;
+}
+
 // The options of each kind that match_word / match_cased serve.
 WordRegex word_regex(PreKind kind) {
   WordRegex re;
@@ -671,6 +705,10 @@ WordRegex word_regex(PreKind kind) {
     case PreKind::Jais2:
       re.jais2_spaces = true;
       break;
+    case PreKind::ExaoneMoe:
+      re.max_digits = 1;
+      re.exaone = true;
+      break;
     case PreKind::KimiK2:
       re.contractions = false;
       re.suffix_contractions = true;
@@ -689,9 +727,10 @@ CasedRegex cased_regex(PreKind kind) {
     re.max_digits = 1;
   } else if (kind == PreKind::GraniteEmbMulti) {
     re.letters = kCptLetter | kCptMark;
-  } else if (kind == PreKind::TinyAya) {
+  } else if (kind == PreKind::TinyAya || kind == PreKind::Youtu) {
     re.letters = kCptLetter | kCptMark;
     re.case_split = false;
+    if (kind == PreKind::Youtu) re.max_digits = 1;
   }
   return re;
 }
@@ -787,14 +826,19 @@ void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_
     case PreKind::KimiK2:
     case PreKind::Minicpm5:
     case PreKind::Laguna:
+    case PreKind::ExaoneMoe:
       split_words(kind, cpts, flags, word_lens, a, b);
       break;
     case PreKind::Gpt4o:
     case PreKind::Tekken:
     case PreKind::GraniteEmbMulti:
     case PreKind::TinyAya:
+    case PreKind::Youtu:
       if (kind == PreKind::TinyAya) {
         split_number_groups(flags, a, &b);
+        a.swap(b);
+      } else if (kind == PreKind::Youtu) {
+        split_runs(a, &b, [&](size_t p) { return youtu_script(cpts[p]); });
         a.swap(b);
       }
       split_matches(a, word_lens, [&, re = cased_regex(kind)](size_t p, size_t e) {

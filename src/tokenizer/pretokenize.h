@@ -21,6 +21,8 @@
 //            \s{1,2}(?!\S)|\s{1} as its whitespace
 //   Minicpm5: \p{N}{1,3}   then the Llama3 regex with \p{N}+
 //   Laguna:  [^\n]+|[\n]+   then the Qwen2 regex
+//   ExaoneMoe: C|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|
+//            \p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+
 //   KimiK2:  \p{Han}+|[^\r\n\p{L}\p{N}]?[letters but Han]+C?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
 //            \s*[\r\n]+|\s+(?!\S)|\s+   (llama.cpp's own handler for Kimi K2's regex)
 //   Gpt4o:   P?U*L+C?|P?U+L*C?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
@@ -28,6 +30,8 @@
 //   Tekken:  the Gpt4o regex without C and with \p{N}
 //   GraniteEmbMulti: the Gpt4o regex with [\p{L}\p{M}] in the lookaheads
 //   TinyAya: \d{1,3}(?=(?:\d{3})*\b)   then the Gpt4o regex with U and L both [\p{L}\p{M}]
+//   Youtu:   [Hangul]+|[CJK punctuation]+|[Bopomofo]+|[一-龥぀-ゟ゠-ヿ]+   then the TinyAya
+//            regex with \p{N}
 //   DeepseekV3: \p{N}{1,3}   then [一-龥぀-ゟ゠-ヿ]+   then
 //            [ASCII punct][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|
 //            \s*[\r\n]+|\s+(?!\S)|\s+
@@ -75,6 +79,7 @@ enum class PreKind {
   Tekken,
   GraniteEmbMulti,
   TinyAya,
+  Youtu,
   DeepseekV3,
   Spark25,
   Afmoe,
@@ -84,6 +89,7 @@ enum class PreKind {
   Minicpm5,
   Laguna,
   Jais2,
+  ExaoneMoe,
   Bloom,
   Viking,
   Chameleon,

@@ -119,6 +119,7 @@ constexpr PreName kPreNames[] = {
     {"granite-embed-multi-97m", tok::PreKind::GraniteEmbMulti, true, kNoClean},
     {"tiny_aya", tok::PreKind::TinyAya, false, kNoClean},
     {"cohere2moe", tok::PreKind::TinyAya, false, kNoClean},
+    {"youtu", tok::PreKind::Youtu, true, kNoClean},
     {"deepseek-v3", tok::PreKind::DeepseekV3, false, kNoClean},
     {"hunyuan-dense", tok::PreKind::DeepseekV3, false, kNoClean},
     {"hy_v4", tok::PreKind::DeepseekV3, false, kNoClean},
@@ -131,6 +132,7 @@ constexpr PreName kPreNames[] = {
     {"minicpm5", tok::PreKind::Minicpm5, true},
     {"laguna", tok::PreKind::Laguna, false, kNoClean},
     {"jais-2", tok::PreKind::Jais2},
+    {"exaone-moe", tok::PreKind::ExaoneMoe},
     {"bloom", tok::PreKind::Bloom},
     {"gpt3-finnish", tok::PreKind::Bloom},
     {"poro-chat", tok::PreKind::Bloom, false, kNoClean},
@@ -498,8 +500,7 @@ void Tokenizer::Impl::load_model(const GgufFile& f) {
           "{}: {} is '{}', a pre-tokenizer kvlm does not implement (kvlm knows the llama.cpp "
           "names of the gpt-2, smollm, default, falcon, llama3, qwen2, qwen35, deepseek-llm, "
           "deepseek-coder, deepseek-v3, gpt-4o, tekken, kimi-k2, bloom, chameleon, superbpe "
-          "and gemma4 regex lists and their relatives; not youtu, exaone-moe, whitespace or "
-          "sarvam-moe)",
+          "and gemma4 regex lists and their relatives; not whitespace or sarvam-moe)",
           f.path(), kKeyPre, pre_name);
     pre_kind = pre->kind;
     ignore_merges = pre->ignore_merges;

@@ -4,9 +4,9 @@
 llama.cpp 0.3.36 knows pre-tokenizer names (tokenizer.ggml.pre) that no ggml-vocab-*.gguf in its
 sdist carries. For each such name kvlm implements, this script takes a vocab-only GGUF from the
 refdata directory whose vocabulary suits the regex (a base), rewrites its tokenizer.ggml.pre to
-the name (retag(), a byte-level edit of that one string that tests/tokenizer/test_pretok_names.cpp
-repeats at test time, so no re-tagged file is committed) and tokenizes a corpus with llama.cpp
-itself (llama-cpp-python, vocab_only):
+the name (retag(), a byte-level edit of that one string, which tests/tokenizer/test_pretok_names.cpp
+repeats at test time, so no re-tagged file is committed; "set" lists other keys rewritten the
+same way) and tokenizes a corpus with llama.cpp itself (llama-cpp-python, vocab_only):
 
   corpus   the texts once: {name, text}; the corpus of gen_vocab_goldens.py (invalid UTF-8 left
            out) plus texts aimed at these regexes (case changes, digit groups, the characters the
@@ -56,7 +56,12 @@ NAMES = [
     ("joyai-llm", "llama-bpe"), ("spark2_5", "llama-bpe"), ("afmoe", "llama-bpe"),
     ("bloom", "llama-bpe"), ("gpt3-finnish", "llama-bpe"), ("poro-chat", "llama-bpe"),
     ("viking", "llama-bpe"), ("chameleon", "llama-bpe"), ("superbpe", "llama-bpe"),
+    ("sarvam-moe", "gemma-4"),
 ]
+# Other metadata a name's base needs rewritten: Sarvam's BPE on UTF-8 with U+2581 for spaces is
+# Gemma 4's vocabulary under the gpt2 model (as "gemma4" the model would force its own
+# pre-tokenizer).
+OVERRIDES = {"sarvam-moe": {"tokenizer.ggml.model": "gpt2"}}
 
 # Texts aimed at what these regexes distinguish: case changes inside words (ASCII and not),
 # contractions after words, digit groups, slashes after punctuation, the characters Bloom's and
@@ -109,26 +114,36 @@ def corpus():
     return [(name, as_bytes(t)) for name, t in texts if is_utf8(as_bytes(t))]
 
 
-KEY = b"tokenizer.ggml.pre"
+KEY_PRE = "tokenizer.ggml.pre"
 GGUF_TYPE_STRING = 8
+GGUF_HEADER = 24  # magic, version, tensor count (u64), metadata count (u64)
 
 
-def retag(data, name):
-    """The GGUF image with tokenizer.ggml.pre's string value replaced by `name`. The refdata
+def retag(data, key, value):
+    """The GGUF image with string metadata `key` set to `value`: its value rewritten in place, or
+    the pair inserted first (and the metadata count raised) when the file lacks it. The refdata
     vocab files hold no tensors, so nothing after the metadata moves with it."""
-    needle = struct.pack("<Q", len(KEY)) + KEY + struct.pack("<I", GGUF_TYPE_STRING)
-    at = data.index(needle) + len(needle)
+    k = key.encode()
+    v = value.encode()
+    head = struct.pack("<Q", len(k)) + k + struct.pack("<I", GGUF_TYPE_STRING)
+    at = data.find(head)
+    if at < 0:
+        (n_kv,) = struct.unpack_from("<Q", data, 16)
+        return (data[:16] + struct.pack("<Q", n_kv + 1) + head + struct.pack("<Q", len(v)) + v +
+                data[GGUF_HEADER:])
+    at += len(head)
     (old_len,) = struct.unpack_from("<Q", data, at)
-    value = name.encode()
-    return data[:at] + struct.pack("<Q", len(value)) + value + data[at + 8 + old_len:]
+    return data[:at] + struct.pack("<Q", len(v)) + v + data[at + 8 + old_len:]
 
 
 def load_retagged(refdata, base, name, tmpdir):
     with open(os.path.join(refdata, "ggml-vocab-%s.gguf" % base), "rb") as f:
         data = f.read()
+    for key, value in list(OVERRIDES.get(name, {}).items()) + [(KEY_PRE, name)]:
+        data = retag(data, key, value)
     path = os.path.join(tmpdir, "%s.gguf" % name)
     with open(path, "wb") as f:
-        f.write(retag(data, name))
+        f.write(data)
     return llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
 
 
@@ -174,7 +189,8 @@ def main():
         }
         for name, base in NAMES:
             llm = load_retagged(args.refdata, base, name, tmpdir)
-            out["names"][name] = dict(base=base, **name_cases(llm._model.vocab, texts))
+            out["names"][name] = dict(base=base, set=OVERRIDES.get(name, {}),
+                                      **name_cases(llm._model.vocab, texts))
             del llm
             print("%-26s done" % name, file=sys.stderr)
     write_json(args.out, out)

@@ -871,6 +871,7 @@ void pretokenize(PreKind kind, const uint32_t* cpts, const uint8_t* flags, size_
       split_deepseek(kind == PreKind::DeepseekCoder, cpts, flags, word_lens, a, b);
       break;
     case PreKind::Newlines:
+    case PreKind::Sarvam:
       split_runs(a, word_lens, [&](size_t p) { return cpts[p] == '\n'; });
       break;
   }

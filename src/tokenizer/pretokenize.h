@@ -47,7 +47,7 @@
 //                  \s?[!-/:-~！-／：-～‘-‟　-。]+   then \s+$   then [一-龥ࠀ-一가-퟿]+   then
 //                  \p{N}+
 //   DeepseekCoder: [\r\n]   then \s?\p{L}+   then \s?\p{P}+   then [一-龥ࠀ-一가-퟿]+   then \p{N}
-//   Newlines (Gemma 4):  [^\n]+|[\n]+
+//   Newlines (Gemma 4), Sarvam:  [^\n]+|[\n]+
 // clang-format on
 //
 // Where llama.cpp has no handler of its own for a regex, it runs std::regex on text in which
@@ -94,6 +94,7 @@ enum class PreKind {
   Viking,
   Chameleon,
   SuperBpe,
+  Sarvam,  // splits as Newlines; the tokenizer gives it none of Gemma 4's fixes
 };
 
 // Splits `n` codepoints (with their cpt_flags) into words; appends each word's length in

@@ -141,6 +141,7 @@ constexpr PreName kPreNames[] = {
     {"superbpe", tok::PreKind::SuperBpe, false, kNoClean},
     {"gemma4", tok::PreKind::Newlines},
     {"granite-embed-multi-311m", tok::PreKind::Newlines},
+    {"sarvam-moe", tok::PreKind::Sarvam, false, kNoClean},
 };
 
 // Token texts llama.cpp treats as end of generation (llama_vocab::impl::load).
@@ -500,13 +501,15 @@ void Tokenizer::Impl::load_model(const GgufFile& f) {
           "{}: {} is '{}', a pre-tokenizer kvlm does not implement (kvlm knows the llama.cpp "
           "names of the gpt-2, smollm, default, falcon, llama3, qwen2, qwen35, deepseek-llm, "
           "deepseek-coder, deepseek-v3, gpt-4o, tekken, kimi-k2, bloom, chameleon, superbpe "
-          "and gemma4 regex lists and their relatives; not whitespace or sarvam-moe)",
+          "and gemma4 regex lists and their relatives; not whitespace)",
           f.path(), kKeyPre, pre_name);
     pre_kind = pre->kind;
     ignore_merges = pre->ignore_merges;
     clean_spaces = pre->clean_spaces;
     add_bos = pre->add_bos;
-    if (pre_kind == tok::PreKind::Newlines) {
+    // BPE on UTF-8 with U+2581 for spaces; Gemma 4's forced BOS and whole newline runs are
+    // Newlines' alone (llama.cpp keys them on its GEMMA4 type, which Sarvam does not share).
+    if (pre_kind == tok::PreKind::Newlines || pre_kind == tok::PreKind::Sarvam) {
       byte_encode = false;
       escape_spaces = true;
     }

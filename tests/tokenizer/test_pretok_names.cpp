@@ -3,8 +3,9 @@
 //
 // tests/data/pretok_goldens.json (tools/gen_pretok_goldens.py) names, for each pre-tokenizer, a
 // base vocabulary from the refdata directory. The script re-tagged that vocab-only GGUF's
-// tokenizer.ggml.pre to the name and tokenized a corpus with llama.cpp; this test makes the same
-// re-tagged image in memory (retag() below, the script's byte edit) and compares kvlm's ids by
+// tokenizer.ggml.pre to the name (and rewrote the keys its "set" lists, such as
+// tokenizer.ggml.model for sarvam-moe) and tokenized a corpus with llama.cpp; this test makes the
+// same re-tagged image in memory (retag() below, the script's byte edit) and compares kvlm's ids by
 // FNV-1a hash: per text with add_special and parse_special off, and over the whole corpus with
 // them on and for llama_detokenize's text.
 

@@ -132,15 +132,16 @@ std::vector<uint8_t> random_rows(DType t, int64_t n_rows, int64_t n_cols, std::m
 }
 
 // QMatmul/<type>/<n_tok>/<cold>: kernels::matmul of a packed random SmolLM2 FFN-down-sized matrix
-// (576 x 1536; type 0 Q4_1, 1 Q8_0, 2 Q4_K, 3 Q6_K, 4 IQ4_XS, 5 Q3_K, 6 Q2_K, 7 Q5_1, 8 IQ4_NL)
-// with n_tok tokens on one thread.
+// (576 x 1536; type 0 Q4_1, 1 Q8_0, 2 Q4_K, 3 Q6_K, 4 IQ4_XS, 5 Q3_K, 6 Q2_K, 7 Q5_1, 8 IQ4_NL,
+// 9 Q5_K, 10 Q4_0) with n_tok tokens on one thread (512: a pp512 prompt).
 // cold 0: the same matrix every call (0.5-0.9 MiB, staying in L2), so the counter is the
 // kernel's arithmetic rate; cold 1: each call the next of copies filling kArenaBytes, so the
 // weights come from memory, as in a forward
 // pass (which reads each matrix once). Counter gmac_per_s: 10^9 multiply-adds per second.
 void BM_QMatmul(benchmark::State& state) {
   const DType types[] = {DType::Q4_1, DType::Q8_0, DType::Q4_K,   DType::Q6_K,  DType::IQ4_XS,
-                         DType::Q3_K, DType::Q2_K, DType::Q5_1, DType::IQ4_NL};
+                         DType::Q3_K, DType::Q2_K, DType::Q5_1, DType::IQ4_NL, DType::Q5_K,
+                         DType::Q4_0};
   const DType t = types[state.range(0)];
   const int64_t n_tok = state.range(1), n_rows = 576, n_cols = 1536;
   const size_t stride = row_bytes(t, n_cols);
@@ -167,7 +168,7 @@ void BM_QMatmul(benchmark::State& state) {
 }
 BENCHMARK(BM_QMatmul)
     ->Name("QMatmul")
-    ->ArgsProduct({{0, 1, 2, 3, 4, 5, 6, 7, 8}, {1, 4, 16, 64}, {0, 1}});
+    ->ArgsProduct({{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {1, 4, 16, 64, 512}, {0, 1}});
 
 // HalfMatmul/<type>/<n_tok>: kernels::matmul of a random F16 (type 0) or BF16 (type 1) matrix of
 // Llama-3.2-1B's attention shape (2048 x 2048, 8 MiB: from L3 or memory, as in a forward pass)

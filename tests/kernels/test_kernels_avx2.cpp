@@ -531,13 +531,54 @@ TEST(Avx2Matmul, KQuantsEqualRefBitForBit) {
   }
 }
 
+// The K types' tile kernels (two groups against whole 16-token tiles, each super-block unpacked
+// once for up to 64 tokens) equal ref bit for bit across 64-token chunks: several pairs of groups
+// and a lone last group, tiles in the first and later chunks with a tail after them, packed at load
+// or on the fly, 1 and 2 threads, every variant the CPU runs.
+TEST(Avx2Matmul, KQuantTilesEqualRefBitForBit) {
+  SKIP_WITHOUT_AVX2();
+  std::mt19937 rng(23);
+  ThreadPool pool1(1), pool2(2);
+  const int64_t n_rows = 41, n_cols = 512;  // 6 groups (the last one short), 2 super-blocks
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS, DType::Q3_K, DType::Q2_K}) {
+    const size_t stride = row_bytes(t, n_cols);
+    std::vector<uint8_t> buf(stride * n_rows);
+    for (int64_t r = 0; r < n_rows; ++r) random_row(t, n_cols, rng, buf.data() + r * stride);
+    TensorView w{t, buf.data(), n_rows, n_cols, stride};
+    const std::vector<uint8_t> packed = pack_weights(w);
+    TensorView wp = w;
+    wp.packed = packed.data();
+    for (int64_t n_tok : {16, 48, 64, 80, 131}) {
+      const std::vector<float> x = random_floats(rng, n_tok * n_cols, 1.5f);
+      const size_t ny = static_cast<size_t>(n_tok * n_rows);
+      std::vector<float> yr(ny), y(ny);
+      ref::matmul(w, x.data(), yr.data(), n_tok, pool1);
+      for (int v = 0; v < 4; ++v) {
+        if (v >= 2 && !avx2::vnni_supported()) break;
+        const TensorView& wv = v % 2 ? wp : w;
+        ThreadPool& pool = n_tok % 2 ? pool1 : pool2;
+        std::fill(y.begin(), y.end(), -1.0f);
+        if (v < 2)
+          avx2::matmul(wv, x.data(), y.data(), n_tok, pool);
+        else
+          avx2::matmul_vnni(wv, x.data(), y.data(), n_tok, pool);
+        for (size_t k = 0; k < ny; ++k)
+          ASSERT_EQ(bits_of(y[k]), bits_of(yr[k]))
+              << dtype_name(t) << " n_tok " << n_tok << " element " << k
+              << (v < 2 ? " (avx2" : " (vnni") << (v % 2 ? ", packed)" : ", unpacked)");
+      }
+    }
+  }
+}
+
 // The extremes of the K kernels' 16-bit stages: every code at its largest magnitude (Q4_K 15,
 // Q5_K 31, Q6_K -32 and 31, IQ4_XS -127 and 113, Q3_K -4 and 3, Q2_K 3) and the largest scales
-// (and mins), against codes all +-127. Three row groups, so the VNNI pair kernels run them too.
+// (and mins), against codes all +-127. Three row groups, so the pair kernels run them too, and 21
+// tokens: a 16-token tile (the tile kernels) and 5 more (the group and pair kernels).
 TEST(Avx2Matmul, KQuantExtremesAreExact) {
   SKIP_WITHOUT_AVX2();
   ThreadPool pool(1);
-  const int64_t n = 512, n_rows = 17, n_tok = 5;
+  const int64_t n = 512, n_rows = 17, n_tok = 21;
   for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS, DType::Q3_K, DType::Q2_K}) {
     for (uint8_t fill : {uint8_t(0xff), uint8_t(0x00), uint8_t(0x80), uint8_t(0x7f)}) {
       for (float xv : {1.0f, -1.0f}) {

@@ -6,4 +6,12 @@ namespace kvlm::kernels::avx2 {
 
 const GroupFn* k_group_kernels(DType t) { return k_groups<false>(t); }
 
+TileFn k_tile_kernel(DType t) {  // the K types (k_index < kKTypes), not Q5_0
+  static constexpr std::array<TileFn, kKTypes> kAll = {
+      &tile_k_avx2<PackedQ4_K>,   &tile_k_avx2<PackedQ5_K>, &tile_k_avx2<PackedQ6_K>,
+      &tile_k_avx2<PackedIQ4_XS>, &tile_k_avx2<PackedQ3_K>, &tile_k_avx2<PackedQ2_K>};
+  const int i = k_index(t);
+  return i < 0 || i >= kKTypes ? nullptr : kAll[static_cast<size_t>(i)];
+}
+
 }  // namespace kvlm::kernels::avx2

@@ -21,6 +21,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -321,6 +322,69 @@ void group_k(const uint8_t* g, const Acts& x, int64_t t0, float* out) {
     }
   }
   for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
+}
+
+// group_k<P, false, T>'s arithmetic (AVX2) for groups g0 and g1 against whole 16-token tiles
+// (TileFn, qgroup.h): each super-block of both groups unpacked once for all the call's tokens
+// (group_k unpacks it again for every 4), then 4 tokens at a time against one group's 8 rows,
+// its sub-blocks read back from the stack. The running sums in dst.partial [n_t, 16] (g0's rows
+// in columns 0..7, g1's in 8..15).
+template <class P>
+void tile_k_avx2(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, int64_t n_t,
+                 const uint8_t* ahead, int n_ahead, const TileDst& dst) {
+  constexpr bool kMins = requires(P p) { p.dmin; };
+  constexpr int kT = 4;  // tokens per pass
+  const int64_t n_sb = x.n_blocks / 8;
+  const size_t group_bytes = static_cast<size_t>(n_sb) * sizeof(P);
+  float* acc = dst.partial;
+  std::fill(acc, acc + n_t * 16, 0.0f);
+  Sub dec[2][8];
+  for (int64_t sb = 0; sb < n_sb; ++sb) {
+    const P* p[2] = {reinterpret_cast<const P*>(g0) + sb, reinterpret_cast<const P*>(g1) + sb};
+    for (int h = 0; h < 2; ++h)
+      for (int b = 0; b < 8; ++b) unpack(p[h]->b[b], dec[h][b]);
+    // The next call's groups, a super-block of each per super-block here (into L2).
+    for (int k = 0; k < n_ahead; ++k) {
+      const uint8_t* a = ahead + k * group_bytes + static_cast<size_t>(sb) * sizeof(P);
+      for (size_t off = 0; off < sizeof(P); off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(a + off), _MM_HINT_T1);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = halfs(p[h]->d);
+      __m256 ndmin = _mm256_setzero_ps();
+      if constexpr (kMins) ndmin = _mm256_sub_ps(ndmin, halfs(p[h]->dmin));  // -dmin, exact
+      for (int64_t t = t0; t < t0 + n_t; t += kT) {
+        // Token t's codes of block 8 sb in the panel (sub-block b at + 512 b, token k at + 32 k),
+        // and its numbers (a whole tile: sub-block b, token k at o + 16 b + k).
+        const int8_t* q = x.panel + (t / kActTile) * kActTile * 32 * x.n_blocks +
+                          8 * sb * kActTile * 32 + (t % kActTile) * 32;
+        const int64_t o = act_at(x, t, 8 * sb);
+        __m256i is[kT], ms[kT];
+        for (int k = 0; k < kT; ++k) is[k] = ms[k] = _mm256_setzero_si256();
+        for (int b = 0; b < 8; ++b) {
+          for (int k = 0; k < kT; ++k) {
+            const int32_t pair = x.c[o + 16 * b + k];
+            is[k] = _mm256_add_epi32(is[k], sub_isum<P>(dec[h][b], q + 512 * b + 32 * k, pair));
+            keep(is[k]);
+            if constexpr (kMins)
+              ms[k] = _mm256_add_epi32(ms[k],
+                                       _mm256_madd_epi16(dec[h][b].sm, _mm256_set1_epi32(pair)));
+          }
+        }
+        for (int k = 0; k < kT; ++k) {
+          float* a = acc + (t - t0 + k) * 16 + 8 * h;
+          const __m256 dx = _mm256_set1_ps(x.d[o + k]);
+          __m256 r = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(is[k]),
+                                     _mm256_load_ps(a));
+          if constexpr (kMins)
+            r = _mm256_fmadd_ps(_mm256_mul_ps(ndmin, dx), _mm256_cvtepi32_ps(ms[k]), r);
+          _mm256_store_ps(a, r);
+        }
+      }
+    }
+  }
+  for (int64_t t = 0; t < n_t; ++t)
+    std::copy(acc + 16 * t, acc + 16 * t + dst.n_r, dst.y + t * dst.y_stride);
 }
 
 // One block's codes of the 32-column types with group kernels here: Q5_0 / Q5_1's 5-bit codes

@@ -20,8 +20,9 @@
 //    accumulator 3; then ((a0 + a1) + (a2 + a3)) and hsum. No alignment peeling: the order depends
 //    on n only, never on where the row lies in memory.
 //  * matmul runs one packed group of 8 rows against 1-4 tokens per kernel call, so a weight
-//    block is unpacked once for up to 4 tokens (avx2-amx: a pair of groups against whole 16-token
-//    tiles, amx_avx2.cpp); prefill walks ~128 KiB chunks of groups with 64 tokens at a time (see
+//    block is unpacked once for up to 4 tokens (a pair of groups against whole 16-token tiles:
+//    avx2-amx's Q4_0/Q4_1/Q8_0, amx_avx2.cpp, and every variant's K types, kquant_kernels.h and
+//    vnni_avx2.cpp); prefill walks ~128 KiB chunks of groups with 64 tokens at a time (see
 //    qmatmul_groups). The arithmetic of an element never depends on the
 //    tiling, so y[i, r] is bit-identical whatever n_tok, thread count, row split or packing.
 #include <immintrin.h>
@@ -275,8 +276,7 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
                                                                             : offsetof(BlockQ8_0, qs);
   a.n_blocks = n / 32;
   uint8_t* q = thread_bytes(0, a.q_stride * static_cast<size_t>(n_tok));
-  // Tile panels for the 32-column types only (the K types have no tile kernels).
-  const int64_t n_panel_tok = panels && at != DType::Q8_K ? n_tok / kActTile * kActTile : 0;
+  const int64_t n_panel_tok = panels ? n_tok / kActTile * kActTile : 0;
   int8_t* panel =
       n_panel_tok > 0
           ? reinterpret_cast<int8_t*>(thread_bytes(1, static_cast<size_t>(n_panel_tok * n)))
@@ -296,8 +296,13 @@ Acts prepare_acts(DType t, const float* x, int64_t n_tok, int64_t n, bool panels
       quantize_act(t, x + i * n, qi, n);
       if (i < n_panel_tok) {
         int8_t* pi = panel + (i / kActTile) * kActTile * n + (i % kActTile) * 32;
-        for (int64_t ib = 0; ib < a.n_blocks; ++ib)
-          std::memcpy(pi + ib * kActTile * 32, qi + ib * a.blk + a.qs_off, 32);
+        for (int64_t ib = 0; ib < a.n_blocks; ++ib) {
+          // Block ib's 32 codes: a block of its own, or sub-block ib % 8 of a Q8_K super-block.
+          const size_t at_ib = at == DType::Q8_K
+                                   ? static_cast<size_t>(ib / 8) * a.blk + 32 * static_cast<size_t>(ib % 8)
+                                   : static_cast<size_t>(ib) * a.blk;
+          std::memcpy(pi + ib * kActTile * 32, qi + at_ib + a.qs_off, 32);
+        }
       }
       block_numbers(t, a, i, qi, n_num, ds, cs);
     }
@@ -335,6 +340,22 @@ struct DotAvx2 {
 constexpr size_t kChunkBytes = 128 * 1024;
 constexpr int64_t kChunkToks = 64;
 
+// Tokens t0 .. t0 + n_t (n_t <= kGroupToks) against the group at gp, or (pair) it and the next
+// one, gb bytes on: the pair kernel, or where the variant has none, the group kernel twice.
+//   out: [n_t, pair ? 16 : 8]
+void call_groups(const GroupFn* fns, const PairFn* pairs, const uint8_t* gp, size_t gb,
+                 const Acts& x, int64_t t0, int n_t, bool pair, float* out) {
+  if (!pair) return fns[n_t - 1](gp, x, t0, out);
+  if (pairs[0] != nullptr) return pairs[n_t - 1](gp, gp + gb, x, t0, out);
+  alignas(64) float half[2][kGroupToks * kGroupRows];  // [2][n_t, 8]
+  fns[n_t - 1](gp, x, t0, half[0]);
+  fns[n_t - 1](gp + gb, x, t0, half[1]);
+  for (int t = 0; t < n_t; ++t)
+    for (int h = 0; h < 2; ++h)
+      std::copy(half[h] + kGroupRows * t, half[h] + kGroupRows * (t + 1),
+                out + 2 * kGroupRows * t + kGroupRows * h);
+}
+
 // y rows of groups [g_begin, g_end) for all n_tok tokens.   y: [n_tok, w.n_rows]
 void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const TensorView& w,
                     const Acts& x, int64_t n_tok, float* y, int64_t g_begin, int64_t g_end) {
@@ -342,7 +363,8 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
   const size_t group_bytes = packed_group_bytes(w);
   // Groups per chunk: even where the variant has pair kernels, so no chunk ends in a group alone.
   int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / group_bytes));
-  if (pairs[0] != nullptr && chunk > 1) chunk -= chunk % 2;
+  const bool has_pairs = pairs[0] != nullptr || tile != nullptr;
+  if (has_pairs && chunk > 1) chunk -= chunk % 2;
   thread_local std::vector<uint8_t> own;  // a chunk packed here (views without packed bytes)
   if (w.packed == nullptr && own.size() < group_bytes * static_cast<size_t>(chunk))
     own.resize(group_bytes * static_cast<size_t>(chunk));
@@ -357,14 +379,14 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
     }
     for (int64_t k0 = 0; k0 < n_tok; k0 += kChunkToks) {
       const int64_t k1 = std::min(n_tok, k0 + kChunkToks);
-      // Two groups at a time where the variant has pair kernels, the chunk has two left and more
-      // than one token goes by (the same numbers as one group at a time: every row's arithmetic
-      // is its own lane's). Not in decode: one token's matrix-vector product waits on memory,
+      // Two groups at a time where the variant has pair (or tile) kernels, the chunk has two left
+      // and more than one token goes by (the same numbers as one group at a time: every row's
+      // arithmetic is its own lane's). Not in decode: one token's matrix-vector product waits on memory,
       // and there one group at a time measured faster (docs/bench-log/2026-12-02-zen5-avx512.md).
       for (int64_t g = c0; g < c1;) {
         const uint8_t* gp = base + static_cast<size_t>(g - c0) * group_bytes;
         const int64_t r0 = g * kGroupRows;
-        const bool pair = pairs[0] != nullptr && g + 1 < c1 && n_tok > 1;
+        const bool pair = has_pairs && g + 1 < c1 && n_tok > 1;
         const int64_t rows = pair ? 2 * kGroupRows : kGroupRows;  // rows per kernel call
         const int64_t n_r = std::min(rows, n_out - r0);
         // The next call's groups (the `step` after these), asked for into L2 a share before
@@ -403,10 +425,7 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
               _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T1);
           }
           alignas(64) float out[kGroupToks * 2 * kGroupRows];  // [n_t, rows]
-          if (pair)
-            pairs[n_t - 1](gp, gp + group_bytes, x, t0, out);
-          else
-            fns[n_t - 1](gp, x, t0, out);
+          call_groups(fns, pairs, gp, group_bytes, x, t0, n_t, pair, out);
           for (int t = 0; t < n_t; ++t)
             std::copy(out + t * rows, out + t * rows + n_r, y + (t0 + t) * n_out + r0);
         }
@@ -416,13 +435,19 @@ void qmatmul_groups(const GroupFn* fns, const PairFn* pairs, TileFn tile, const 
   }
 }
 
+// Whether the variant's kernels for weight type t read Acts::panel (they have a tile kernel).
+bool wants_panels(const GroupKernels& k, DType t) {
+  if (k_group_kernels(t) == nullptr) return k.q4_1x16 != nullptr;
+  return k.k_tile != nullptr && k.k_tile(t) != nullptr;
+}
+
 void qmatmul(const GroupKernels& k, const TensorView& w, const Acts& x, int64_t n_tok, float* y,
              int64_t g_begin, int64_t g_end) {
-  if (const GroupFn* kf = k.k_groups(w.dtype)) {  // Q5_0, Q5_1, IQ4_NL, K types: no tile kernels
+  if (const GroupFn* kf = k.k_groups(w.dtype)) {  // Q5_0, Q5_1, IQ4_NL, K types
     static constexpr PairFn kNoPairs[kGroupToks] = {};
     const PairFn* kp = k.k_pairs != nullptr ? k.k_pairs(w.dtype) : nullptr;
-    return qmatmul_groups(kf, kp != nullptr ? kp : kNoPairs, nullptr, w, x, n_tok, y, g_begin,
-                          g_end);
+    const TileFn kt = k.k_tile != nullptr ? k.k_tile(w.dtype) : nullptr;
+    return qmatmul_groups(kf, kp != nullptr ? kp : kNoPairs, kt, w, x, n_tok, y, g_begin, g_end);
   }
   const GroupFn* fns = w.dtype == DType::Q4_0 ? k.q4_0 : w.dtype == DType::Q4_1 ? k.q4_1 : k.q8_0;
   const PairFn* pairs =
@@ -786,8 +811,7 @@ void matmul_with(const GroupKernels& gk, const TensorView& w, const float* x, fl
     // Quantize every activation row once (into the calling thread's scratch, which outlives the
     // parallel section; a batch's rows on the pool's threads); each thread then runs its row
     // groups of W for all tokens.
-    const bool panels = gk.q4_1x16 != nullptr && k_group_kernels(w.dtype) == nullptr;
-    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in, panels, pool);
+    const Acts xv = prepare_acts(w.dtype, x, n_tok, n_in, wants_panels(gk, w.dtype), pool);
     const int64_t ng = packed_groups(w);
     pool.parallel_for(
         ng,
@@ -841,8 +865,7 @@ void matmul_multi_with(const GroupKernels& gk, const MatmulPart* parts, int n_pa
   }
   const int64_t n_in = parts[0].w->n_cols;
   assert(n_in % 32 == 0);
-  const Acts xv =
-      prepare_acts(t, x, n_tok, n_in, gk.q4_1x16 != nullptr && k_group_kernels(t) == nullptr, pool);
+  const Acts xv = prepare_acts(t, x, n_tok, n_in, wants_panels(gk, t), pool);
   // Row groups of the parts laid end to end; each part's groups run as matmul would run them.
   int64_t total = 0;
   for (int k = 0; k < n_parts; ++k) total += packed_groups(*parts[k].w);

@@ -89,6 +89,11 @@ const GroupFn* k_group_kernels(DType t);
 const GroupFn* k_group_kernels_vnni(DType t);
 // Two groups at once in 512-bit vectors (vnni_avx2.cpp, the K types only; null for the others).
 const PairFn* k_pair_kernels_vnni(DType t);
+// Two groups against whole 16-token tiles (the K types only; null for the others), each super-block
+// unpacked once for all the tokens: AVX2's (kquant_avx2.cpp) and VNNI's (vnni_avx2.cpp). Their
+// Acts::panel holds the codes.
+TileFn k_tile_kernel(DType t);
+TileFn k_tile_kernel_vnni(DType t);
 
 // One variant's kernels, [T - 1] for T tokens. The pair kernels are optional (null: the variant
 // runs every group alone).
@@ -106,6 +111,7 @@ struct GroupKernels {
   // Q5_0, Q5_1, IQ4_NL and the K types: k_group_kernels or k_group_kernels_vnni.
   const GroupFn* (*k_groups)(DType) = &k_group_kernels;
   const PairFn* (*k_pairs)(DType) = nullptr;  // their pair kernels (null: none)
+  TileFn (*k_tile)(DType) = &k_tile_kernel;   // their tile kernels (null: none)
 };
 
 // The AVX2 kernels (ops_avx2.cpp) and the AVX-512 VNNI ones (vnni_avx2.cpp: vpdpbusd on 256-bit

@@ -14,6 +14,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <type_traits>
@@ -215,6 +216,133 @@ constexpr std::array<PairFn, kGroupToks> make_pair_k(std::index_sequence<I...>) 
   return {&pair_k<P, static_cast<int>(I) + 1>...};
 }
 
+// ---- K-type tile kernels: a pair of groups against whole 16-token tiles ------------------------
+//
+// pair_k's arithmetic (so ref's bits), arranged for a batch: each super-block of the pair is
+// decoded once (decode_sb, into 64-byte vectors on the stack) for all the call's tokens, rather
+// than once per 4 tokens, and the tokens go by 8 at a time, so the 8 weight vectors of a
+// sub-block feed 8 independent vpdpbusd chains (pair_k's 4 chains wait on vpdpbusd's latency).
+// The per-sub-block corrections that do not touch the codes go through one vpdpwssd per token
+// into a second integer sum `aux` (pair_k: a vpmaddwd and an add, or two subtracts):
+//   Q4_K, Q5_K, Q2_K: aux = msum, the mins' sum (ref's msum);
+//   Q6_K, Q3_K: aux = sum of (sc0, sc1) . (activation sums of columns 0..15, 16..31), and
+//     isum -= kCodeOffset * aux once per super-block (the codes are stored + kCodeOffset);
+//   IQ4_XS: aux = sum of (sc, sc) . (those sums), isum -= 128 * aux (values stored + 128).
+// Integer sums wrap in 32 bits, and the true isum and msum fit (ref/ref.h): the same integers in
+// another order, then pair_k's float operations in its order.
+
+// One sub-block of a pair decoded: 16 rows (g0's in lanes 0..7, g1's in 8..15).
+struct alignas(64) DecSub {
+  __m512i c[8];    // codes as sub_isum_vnni reads them (u8)
+  __m512i s0, s1;  // one scale per lane: columns 0..15, 16..31 (s1 unused with one scale)
+  __m512i mm;      // int16 pair per lane for aux (see above)
+};
+
+template <class P>
+constexpr int kAuxOffset = std::is_same_v<P, PackedIQ4_XS> ? 128 : kCodeOffset<P>;
+
+template <class P>
+inline void decode_sb(const P& pa, const P& pb, DecSub* dec) {
+  for (int b = 0; b < 8; ++b) {
+    Sub ua, ub;
+    unpack(pa.b[b], ua);
+    unpack(pb.b[b], ub);
+    DecSub& o = dec[b];
+    // IQ4_XS: (sc, sc), which unpack leaves in s0 before for_vnni; the others: Sub::sm.
+    o.mm = std::is_same_v<P, PackedIQ4_XS> ? join(ua.s0, ub.s0) : join(ua.sm, ub.sm);
+    for_vnni<P>(ua);
+    for_vnni<P>(ub);
+    for (int v = 0; v < 8; ++v) o.c[v] = join(ua.c[v], ub.c[v]);
+    o.s0 = join(ua.s0, ub.s0);
+    o.s1 = join(ua.s1, ub.s1);
+  }
+}
+
+constexpr int kStepToks = 8;  // tokens per pass over a decoded super-block
+
+// Integer sums of kStepToks tokens over one decoded super-block. q: token 0's codes of the
+// super-block's first sub-block (panel layout: sub-block b at + 512 b, token k at + 32 k);
+// c: their Acts::c pairs (sub-block b, token k at c[16 b + k]).
+template <class P>
+inline void step_sums(const DecSub* dec, const int8_t* q, const int32_t* c, __m512i* is,
+                      __m512i* aux) {
+  for (int k = 0; k < kStepToks; ++k) is[k] = aux[k] = _mm512_setzero_si512();
+  for (int b = 0; b < 8; ++b) {
+    const DecSub& u = dec[b];
+    const int8_t* qb = q + 512 * b;
+#pragma GCC unroll 8
+    for (int k = 0; k < kStepToks; ++k) {
+      const int8_t* p = qb + 32 * k;
+      if constexpr (kTwoScales<P>) {
+        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+        for (int v = 0; v < 4; ++v) {
+          lo = _mm512_dpbusd_epi32(lo, u.c[v], bcast4_512(p + 4 * v));
+          hi = _mm512_dpbusd_epi32(hi, u.c[4 + v], bcast4_512(p + 16 + 4 * v));
+        }
+        is[k] = _mm512_add_epi32(
+            is[k], _mm512_add_epi32(_mm512_mullo_epi32(lo, u.s0), _mm512_mullo_epi32(hi, u.s1)));
+      } else {
+        __m512i si = _mm512_setzero_si512();
+        for (int v = 0; v < 4; ++v) {
+          si = _mm512_dpbusd_epi32(si, u.c[v], bcast4_512(p + 4 * v));
+          si = _mm512_dpbusd_epi32(si, u.c[4 + v], bcast4_512(p + 16 + 4 * v));
+        }
+        is[k] = _mm512_add_epi32(is[k], _mm512_mullo_epi32(si, u.s0));
+      }
+      keep512(is[k]);
+      aux[k] = _mm512_dpwssd_epi32(aux[k], u.mm, _mm512_set1_epi32(c[16 * b + k]));
+    }
+  }
+}
+
+// TileFn for K type P (qgroup.h): groups g0, g1 against tokens t0 .. t0 + n_t (whole 16-token
+// tiles), the running sums in dst.partial [n_t, 16].
+template <class P>
+void tile_k(const uint8_t* g0, const uint8_t* g1, const Acts& x, int64_t t0, int64_t n_t,
+            const uint8_t* ahead, int n_ahead, const TileDst& dst) {
+  constexpr bool kMins = requires(P p) { p.dmin; };
+  const int64_t n_sb = x.n_blocks / 8;
+  const size_t group_bytes = static_cast<size_t>(n_sb) * sizeof(P);
+  float* acc = dst.partial;  // [n_t, 16]
+  std::fill(acc, acc + n_t * 16, 0.0f);
+  DecSub dec[8];
+  for (int64_t sb = 0; sb < n_sb; ++sb) {
+    const P& pa = reinterpret_cast<const P*>(g0)[sb];
+    const P& pb = reinterpret_cast<const P*>(g1)[sb];
+    decode_sb(pa, pb, dec);
+    // The next call's groups, a super-block of each per super-block here (into L2; changes no
+    // arithmetic).
+    for (int k = 0; k < n_ahead; ++k) {
+      const uint8_t* p = ahead + k * group_bytes + static_cast<size_t>(sb) * sizeof(P);
+      for (size_t off = 0; off < sizeof(P); off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T1);
+    }
+    const __m512 d = join_f16(pa.d, pb.d);
+    __m512 ndmin = _mm512_setzero_ps();
+    if constexpr (kMins) ndmin = _mm512_sub_ps(ndmin, join_f16(pa.dmin, pb.dmin));  // exact
+    for (int64_t t = t0; t < t0 + n_t; t += kStepToks) {
+      // Token t's codes of block 8 sb in the panel, and its numbers (a whole tile: width 16).
+      const int8_t* q = x.panel + (t / kActTile) * kActTile * 32 * x.n_blocks +
+                        8 * sb * kActTile * 32 + (t % kActTile) * 32;
+      const int64_t o = act_at(x, t, 8 * sb);
+      __m512i is[kStepToks], aux[kStepToks];
+      step_sums<P>(dec, q, x.c + o, is, aux);
+      for (int k = 0; k < kStepToks; ++k) {
+        if constexpr (kAuxOffset<P> != 0)
+          is[k] = _mm512_sub_epi32(is[k], _mm512_mullo_epi32(aux[k], _mm512_set1_epi32(kAuxOffset<P>)));
+        float* a = acc + (t - t0 + k) * 16;
+        const __m512 dx = _mm512_set1_ps(x.d[o + k]);
+        __m512 r = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(is[k]), _mm512_load_ps(a));
+        if constexpr (kMins)
+          r = _mm512_fmadd_ps(_mm512_mul_ps(ndmin, dx), _mm512_cvtepi32_ps(aux[k]), r);
+        _mm512_store_ps(a, r);
+      }
+    }
+  }
+  for (int64_t t = 0; t < n_t; ++t)
+    std::copy(acc + 16 * t, acc + 16 * t + dst.n_r, dst.y + t * dst.y_stride);
+}
+
 template <size_t... I>
 constexpr GroupKernels with_pairs(GroupKernels k, std::index_sequence<I...>) {
   ((k.q4_0x2[I] = &pair_q4<false, static_cast<int>(I) + 1>), ...);
@@ -222,6 +350,7 @@ constexpr GroupKernels with_pairs(GroupKernels k, std::index_sequence<I...>) {
   ((k.q8_0x2[I] = &pair_q8<static_cast<int>(I) + 1>), ...);
   k.k_groups = &k_group_kernels_vnni;
   k.k_pairs = &k_pair_kernels_vnni;
+  k.k_tile = &k_tile_kernel_vnni;
   return k;
 }
 
@@ -237,6 +366,14 @@ const PairFn* k_pair_kernels_vnni(DType t) {  // the K types (k_index < kKTypes)
       make_pair_k<PackedQ2_K>(kSeq)};
   const int i = k_index(t);
   return i < 0 || i >= kKTypes ? nullptr : kAll[static_cast<size_t>(i)].data();
+}
+
+TileFn k_tile_kernel_vnni(DType t) {  // the K types (k_index < kKTypes), not Q5_0
+  static constexpr std::array<TileFn, kKTypes> kAll = {
+      &tile_k<PackedQ4_K>,   &tile_k<PackedQ5_K>, &tile_k<PackedQ6_K>,
+      &tile_k<PackedIQ4_XS>, &tile_k<PackedQ3_K>, &tile_k<PackedQ2_K>};
+  const int i = k_index(t);
+  return i < 0 || i >= kKTypes ? nullptr : kAll[static_cast<size_t>(i)];
 }
 
 const GroupKernels kVnniGroups =

@@ -262,36 +262,44 @@ constexpr int kStepToks = 8;  // tokens per pass over a decoded super-block
 
 // Integer sums of kStepToks tokens over one decoded super-block. q: token 0's codes of the
 // super-block's first sub-block (panel layout: sub-block b at + 512 b, token k at + 32 k);
-// c: their Acts::c pairs (sub-block b, token k at c[16 b + k]).
+// c: their Acts::c pairs (sub-block b, token k at c[16 b + k]). Each weight vector goes to every
+// token in turn, so consecutive vpdpbusd are independent (one chain per token; with two scales
+// one per token and half, 4 tokens at a time to stay in 32 registers).
 template <class P>
 inline void step_sums(const DecSub* dec, const int8_t* q, const int32_t* c, __m512i* is,
                       __m512i* aux) {
+  constexpr int kT = kTwoScales<P> ? kStepToks / 2 : kStepToks;  // tokens per chain set
   for (int k = 0; k < kStepToks; ++k) is[k] = aux[k] = _mm512_setzero_si512();
   for (int b = 0; b < 8; ++b) {
     const DecSub& u = dec[b];
     const int8_t* qb = q + 512 * b;
+    for (int k0 = 0; k0 < kStepToks; k0 += kT) {
+      __m512i lo[kT], hi[kT];
+      for (int k = 0; k < kT; ++k) lo[k] = hi[k] = _mm512_setzero_si512();
+      for (int v = 0; v < 4; ++v) {
 #pragma GCC unroll 8
-    for (int k = 0; k < kStepToks; ++k) {
-      const int8_t* p = qb + 32 * k;
-      if constexpr (kTwoScales<P>) {
-        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
-        for (int v = 0; v < 4; ++v) {
-          lo = _mm512_dpbusd_epi32(lo, u.c[v], bcast4_512(p + 4 * v));
-          hi = _mm512_dpbusd_epi32(hi, u.c[4 + v], bcast4_512(p + 16 + 4 * v));
+        for (int k = 0; k < kT; ++k) {
+          const int8_t* p = qb + 32 * (k0 + k);
+          lo[k] = _mm512_dpbusd_epi32(lo[k], u.c[v], bcast4_512(p + 4 * v));
+          if constexpr (kTwoScales<P>)
+            hi[k] = _mm512_dpbusd_epi32(hi[k], u.c[4 + v], bcast4_512(p + 16 + 4 * v));
+          else
+            lo[k] = _mm512_dpbusd_epi32(lo[k], u.c[4 + v], bcast4_512(p + 16 + 4 * v));
+          keep512(lo[k]);
         }
-        is[k] = _mm512_add_epi32(
-            is[k], _mm512_add_epi32(_mm512_mullo_epi32(lo, u.s0), _mm512_mullo_epi32(hi, u.s1)));
-      } else {
-        __m512i si = _mm512_setzero_si512();
-        for (int v = 0; v < 4; ++v) {
-          si = _mm512_dpbusd_epi32(si, u.c[v], bcast4_512(p + 4 * v));
-          si = _mm512_dpbusd_epi32(si, u.c[4 + v], bcast4_512(p + 16 + 4 * v));
-        }
-        is[k] = _mm512_add_epi32(is[k], _mm512_mullo_epi32(si, u.s0));
       }
-      keep512(is[k]);
-      aux[k] = _mm512_dpwssd_epi32(aux[k], u.mm, _mm512_set1_epi32(c[16 * b + k]));
+      for (int k = 0; k < kT; ++k) {
+        __m512i isum = _mm512_mullo_epi32(lo[k], u.s0);
+        if constexpr (kTwoScales<P>) isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(hi[k], u.s1));
+        is[k0 + k] = _mm512_add_epi32(is[k0 + k], isum);
+      }
     }
+  }
+  // The corrections apart: they need only the pairs and Acts::c.
+  for (int b = 0; b < 8; ++b) {
+    const __m512i mm = dec[b].mm;
+    for (int k = 0; k < kStepToks; ++k)
+      aux[k] = _mm512_dpwssd_epi32(aux[k], mm, _mm512_set1_epi32(c[16 * b + k]));
   }
 }
 

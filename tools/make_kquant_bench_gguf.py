@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""Write random-weight Llama-3.2-1B-shaped GGUFs in the mixes people download, for benchmarks only.
+"""Write random-weight Llama-3.2-1B- or LLaMA-7B-shaped GGUFs in the mixes people download.
 
-  16 layers, n_embd 2048, 32 query heads / 8 KV heads (head_dim 64), n_ff 8192, vocab 128256
-  (Llama 3's tokenizer, copied from llama.cpp's vocab-only test file ggml-vocab-llama-bpe.gguf in
-  the pinned sdist, which scripts/fetch-refdata.sh unpacks), tied embeddings (no output.weight),
+--shape 1b (default): 16 layers, n_embd 2048, 32 query heads / 8 KV heads (head_dim 64),
+  n_ff 8192, vocab 128256 (Llama 3's tokenizer, copied from llama.cpp's vocab-only test file
+  ggml-vocab-llama-bpe.gguf in the pinned sdist, which scripts/fetch-refdata.sh unpacks, as is
+  the 7b's), tied embeddings (no output.weight),
   as Llama-3.2-1B (1.24 B parameters). The pre-tokenizer name is rewritten from 'llama-bpe',
   which kvlm does not implement yet, to 'starcoder' (same length, so in place; both engines know
   it): token ids, not text, drive the benchmarks, and both engines see the same regex.
+--shape 7b: LLaMA-7B / Llama-2-7B, 32 layers, n_embd 4096, 32 heads (no GQA, head_dim 128),
+  n_ff 11008, vocab 32000 (Llama 2's SentencePiece vocabulary, from ggml-vocab-llama-spm.gguf),
+  a separate output.weight (not tied), rope base 10000, n_ctx 4096 (6.74 B parameters: F16
+  13.5 GB, Q4_K_M ~4.1 GB). The F16 file is written tensor by tensor (peak memory ~ the largest
+  tensor, not the file).
 
 First an F16 file written with the gguf package (the same N(0, 0.02^2) numpy weights as
 tools/make_bench_gguf.py, norms ~1 in F32), then llama.cpp's own quantizer
@@ -19,6 +25,7 @@ Output goes to ~/.cache/kvlm/bench/ (or --out), built once: an existing file is 
 Usage (with the llama-cpp-python venv, e.g. /work/venv-ref):
   python3 tools/make_kquant_bench_gguf.py                         # F16 + every ftype below
   python3 tools/make_kquant_bench_gguf.py --ftypes q4_k_m --check
+  python3 tools/make_kquant_bench_gguf.py --shape 7b --ftypes q4_k_m   # llama-7b-dims-random.*
 """
 
 from __future__ import annotations
@@ -36,12 +43,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_bench_gguf as mb  # noqa: E402 (copy_tokenizer, check_with_llama_cpp, seeds)
 
 kRefdata = Path.home() / ".cache/kvlm/refdata/llama.cpp-0.3.36"
-kDefaultVocab = kRefdata / "ggml-vocab-llama-bpe.gguf"
 
-# Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json); context cut to 8192 (no rope scaling: the
-# weights are random, only the shapes matter).
-kHp = {"n_layer": 16, "n_embd": 2048, "n_head": 32, "n_head_kv": 8, "n_ff": 8192, "n_ctx": 8192,
-       "rope_freq_base": 500000.0, "norm_rms_eps": 1e-5}
+# Per shape: hyperparameters, file name stem, vocab-only GGUF whose tokenizer.* keys are copied,
+# whether output.weight is tied to token_embd, and the pre-tokenizer rewrite (old, new) or None.
+kShapes = {
+    # Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json); context cut to 8192 (no rope scaling: the
+    # weights are random, only the shapes matter).
+    "1b": {"stem": "llama3.2-1b-dims-random", "title": "Llama-3.2-1B",
+           "vocab": kRefdata / "ggml-vocab-llama-bpe.gguf", "tied": True,
+           "pre": ("llama-bpe", "starcoder"),
+           "hp": {"n_layer": 16, "n_embd": 2048, "n_head": 32, "n_head_kv": 8, "n_ff": 8192,
+                  "n_ctx": 8192, "rope_freq_base": 500000.0, "norm_rms_eps": 1e-5}},
+    # LLaMA-7B dims with Llama 2's context, eps and vocabulary (Llama-2-7b-hf config.json).
+    "7b": {"stem": "llama-7b-dims-random", "title": "LLaMA-7B",
+           "vocab": kRefdata / "ggml-vocab-llama-spm.gguf", "tied": False, "pre": None,
+           "hp": {"n_layer": 32, "n_embd": 4096, "n_head": 32, "n_head_kv": 32, "n_ff": 11008,
+                  "n_ctx": 4096, "rope_freq_base": 10000.0, "norm_rms_eps": 1e-5}},
+}
 
 kFtypes = {  # name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* (llama.h)
     "q4_k_m": 15,
@@ -53,10 +71,10 @@ kFtypes = {  # name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* (llama.h)
 }
 
 
-def tensor_specs() -> list[tuple[str, tuple[int, ...]]]:
+def tensor_specs(hp: dict, n_vocab: int, tied: bool) -> list[tuple[str, tuple[int, ...]]]:
     """(name, numpy shape [rows, cols]) in llama.cpp's converter order; 1-D tensors are norms."""
-    E, F, L, V = kHp["n_embd"], kHp["n_ff"], kHp["n_layer"], kHp["n_vocab"]
-    kv_dim = E // kHp["n_head"] * kHp["n_head_kv"]
+    E, F, L, V = hp["n_embd"], hp["n_ff"], hp["n_layer"], n_vocab
+    kv_dim = E // hp["n_head"] * hp["n_head_kv"]
     specs = [("token_embd.weight", (V, E))]
     for il in range(L):
         b = f"blk.{il}."
@@ -65,20 +83,23 @@ def tensor_specs() -> list[tuple[str, tuple[int, ...]]]:
                   (b + "attn_output.weight", (E, E)), (b + "ffn_norm.weight", (E,)),
                   (b + "ffn_gate.weight", (F, E)), (b + "ffn_up.weight", (F, E)),
                   (b + "ffn_down.weight", (E, F))]
-    specs += [("output_norm.weight", (E,))]  # tied: the output reuses token_embd
+    specs += [("output_norm.weight", (E,))]
+    if not tied:  # tied: the output reuses token_embd
+        specs += [("output.weight", (V, E))]
     return specs
 
 
-def write_f16(path: Path, vocab: Path) -> None:
+def write_f16(path: Path, model: dict, vocab: Path) -> None:
+    """Header first, then each tensor generated and written alone (the writer streams)."""
     w = gguf.GGUFWriter(path, "llama")
-    w.add_name("random Llama-3.2-1B dims F16")
+    w.add_name(f"random {model['title']} dims F16")
     w.add_description(f"random N(0, {mb.kStd}^2) weights, numpy seed {mb.kSeed}, for benchmarks "
                       "only; written by kvlm tools/make_kquant_bench_gguf.py")
-    mb.add_llama_hparams(w, kHp)
+    mb.add_llama_hparams(w, model["hp"])
     w.add_file_type(1)  # LLAMA_FTYPE_MOSTLY_F16
-    kHp["n_vocab"] = mb.copy_tokenizer(w, gguf.GGUFReader(vocab))
-    w.add_vocab_size(kHp["n_vocab"])
-    specs = tensor_specs()
+    n_vocab = mb.copy_tokenizer(w, gguf.GGUFReader(vocab))
+    w.add_vocab_size(n_vocab)
+    specs = tensor_specs(model["hp"], n_vocab, model["tied"])
     for name, shape in specs:
         dt = np.float32 if len(shape) == 1 else np.float16
         w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
@@ -98,7 +119,7 @@ def write_f16(path: Path, vocab: Path) -> None:
     print(f"{path}: {path.stat().st_size / 1e9:.3f} GB in {time.time() - t0:.0f} s", flush=True)
 
 
-def set_pre_tokenizer(path: Path, old: str = "llama-bpe", new: str = "starcoder") -> None:
+def set_pre_tokenizer(path: Path, old: str, new: str) -> None:
     """Rewrites the tokenizer.ggml.pre string in place (equal lengths: no offset moves)."""
     assert len(old) == len(new)
     key = b"tokenizer.ggml.pre"
@@ -133,10 +154,13 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=kShapes, default="1b",
+                    help="1b: Llama-3.2-1B dims (default); 7b: LLaMA-7B dims")
     ap.add_argument("--out", type=Path, default=mb.kDefaultOut)
     ap.add_argument("--ftypes", default=",".join(kFtypes), help=f"comma list of {', '.join(kFtypes)}")
-    ap.add_argument("--vocab", type=Path, default=kDefaultVocab,
-                    help="GGUF whose tokenizer.* keys are copied (llama.cpp's Llama 3 vocab file)")
+    ap.add_argument("--vocab", type=Path,
+                    help="GGUF whose tokenizer.* keys are copied (default: llama.cpp's Llama 3 "
+                         "vocab file for 1b, its Llama 2 SentencePiece one for 7b)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--check", action="store_true", help="load each file with llama.cpp afterwards")
     args = ap.parse_args()
@@ -144,24 +168,28 @@ def main() -> int:
     bad = [t for t in names if t not in kFtypes]
     if bad:
         ap.error(f"--ftypes: unknown {bad} (choose from {', '.join(kFtypes)})")
+    shape = kShapes[args.shape]
+    args.vocab = args.vocab or shape["vocab"]
     if not args.vocab.exists():
         ap.error(f"--vocab {args.vocab} not found (scripts/fetch-refdata.sh unpacks it)")
     args.out.mkdir(parents=True, exist_ok=True)
-    f16 = args.out / "llama3.2-1b-dims-random.F16.gguf"
+    f16 = args.out / f"{shape['stem']}.F16.gguf"
     if not f16.exists():
         tmp = f16.with_suffix(".tmp")
-        write_f16(tmp, args.vocab)
+        write_f16(tmp, shape, args.vocab)
         tmp.rename(f16)
-    set_pre_tokenizer(f16)
+    if shape["pre"]:
+        set_pre_tokenizer(f16, *shape["pre"])
     for q in names:
-        dst = args.out / f"llama3.2-1b-dims-random.{q.upper()}.gguf"
+        dst = args.out / f"{shape['stem']}.{q.upper()}.gguf"
         if dst.exists():
             print(f"{dst}: exists, kept")
         else:
             tmp = dst.with_suffix(".tmp")
             quantize(f16, tmp, kFtypes[q], args.threads)
             tmp.rename(dst)
-        set_pre_tokenizer(dst)
+        if shape["pre"]:
+            set_pre_tokenizer(dst, *shape["pre"])
         if args.check:
             mb.check_with_llama_cpp(dst, repack=False)
     return 0

@@ -141,6 +141,24 @@ TEST(Load, EveryWeightTypeAndPackingOnlyWherePackedKernelsAre) {
   EXPECT_GT(Model::load(test::data_path("tiny-llama.gguf"))->packed_bytes(), 0u);
 }
 
+// Packing replaces the mapped originals (docs/ARCHITECTURE.md, "Weights"): after a load from disk
+// the file's mapping keeps only the metadata and a few pages resident, not a second copy of the
+// weights beside the packed one. Issue 22's memory goal (peak RSS of `kvlm generate` within 5% of
+// the file plus the cache) rests on this; it fails if pack_matrices stops releasing the pages.
+TEST(Load, PackingHandsTheMappedOriginalsBack) {
+  auto m = Model::load(test::model_path());
+  const GgufFile& f = m->gguf();
+  const GgufTensorInfo* t = f.tensor("blk.0.ffn_up.weight");
+  ASSERT_NE(t, nullptr);
+  const long mapped_kb = test::smaps_kb(t->data, "Rss");  // the whole file is one mapping
+  const long weights_kb = static_cast<long>((f.file_size() - f.data_offset()) / 1024);
+  ASSERT_GE(mapped_kb, 0) << "the tensor is not in a mapping of /proc/self/smaps";
+  ASSERT_GT(m->packed_bytes(), f.file_size() / 2);  // most of the file is packed
+  std::printf("  mapped %ld kB resident after load, of %ld kB of tensor data\n", mapped_kb,
+              weights_kb);
+  EXPECT_LT(mapped_kb, weights_kb / 10);  // SmolLM2: 2.7 MB (metadata, page edges) of 92 MB
+}
+
 // tiny-gemma3 (tools/make_synthetic_gguf.py): the head size comes from key_length (32, not
 // n_embd / n_head = 16), gemma3's default window pattern 6 applies without a pattern key, the
 // windowed layers rotate with base 10000 and the global one with the file's, the head is tied.

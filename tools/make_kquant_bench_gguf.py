@@ -174,11 +174,16 @@ def main() -> int:
         ap.error(f"--vocab {args.vocab} not found (scripts/fetch-refdata.sh unpacks it)")
     args.out.mkdir(parents=True, exist_ok=True)
     f16 = args.out / f"{shape['stem']}.F16.gguf"
-    if not f16.exists():
+    # A missing F16 is not rewritten when every requested file exists: it would only be the
+    # quantizer's input (the 7B's, 13.5 GB, is deleted after use); --ftypes '' writes it alone.
+    done = names and all((args.out / f"{shape['stem']}.{q.upper()}.gguf").exists() for q in names)
+    if not f16.exists() and done:
+        print(f"{f16}: not written, every requested file exists")
+    elif not f16.exists():
         tmp = f16.with_suffix(".tmp")
         write_f16(tmp, shape, args.vocab)
         tmp.rename(f16)
-    if shape["pre"]:
+    if shape["pre"] and f16.exists():
         set_pre_tokenizer(f16, *shape["pre"])
     for q in names:
         dst = args.out / f"{shape['stem']}.{q.upper()}.gguf"

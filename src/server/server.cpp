@@ -247,6 +247,7 @@ struct Server::Impl {
   void end_by_shutdown(Job& job);
   void end(Job& job);
   void shutdown_sequence();
+  void join_shutdown(bool run_ended);
 };
 
 void Server::Impl::reply_error(const ExchangePtr& ex, const HttpError& e, bool generation) {
@@ -733,6 +734,19 @@ void Server::Impl::shutdown_sequence() {
   if (!run_cv.wait_for(r, kShutdownFlush, [&] { return run_done; })) http->force_stop();
 }
 
+// Takes stop()'s thread under the lock stop() starts it under (stop() runs on the signal thread,
+// run() and the destructor on others), then joins it.
+void Server::Impl::join_shutdown(bool run_ended) {
+  std::thread t;
+  {
+    std::lock_guard<std::mutex> l(run_mu);
+    if (run_ended) run_done = true;
+    t = std::move(shutdown_thread);
+  }
+  run_cv.notify_all();
+  if (t.joinable()) t.join();
+}
+
 // One line per request on stderr: "kvlm serve: ID METHOD PATH STATUS key=value... total_ms=N", or
 // the same fields as one JSON object.
 void write_access_log(const http::AccessRecord& r, bool as_json) {
@@ -803,7 +817,7 @@ Server::~Server() {
   Impl& s = *impl_;
   s.hub->close();
   s.sched.watch_kv({});
-  if (s.shutdown_thread.joinable()) s.shutdown_thread.join();
+  s.join_shutdown(false);
   // Jobs a forced stop left: their channels stop waking connections.
   std::lock_guard<std::mutex> l(s.active_mu);
   for (const auto& [id, job] : s.active) job->ch->set_wake(nullptr);
@@ -814,12 +828,7 @@ int Server::bind() { return impl_->http->bind(); }
 void Server::run() {
   Impl& s = *impl_;
   s.http->run();
-  {
-    std::lock_guard<std::mutex> l(s.run_mu);
-    s.run_done = true;
-  }
-  s.run_cv.notify_all();
-  if (s.shutdown_thread.joinable()) s.shutdown_thread.join();
+  s.join_shutdown(true);
 }
 
 void Server::stop() {
@@ -827,6 +836,7 @@ void Server::stop() {
   if (s.stopping.exchange(true)) return;
   s.hub->close();  // event streams end
   s.http->stop_accepting();
+  std::lock_guard<std::mutex> l(s.run_mu);
   s.shutdown_thread = std::thread([&s] { s.shutdown_sequence(); });
 }
 

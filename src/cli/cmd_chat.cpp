@@ -102,6 +102,33 @@ SavedChat parse_saved_chat(const std::string& text, const std::string& path) {
   return out;
 }
 
+// Context shift keeps the rendered system prompt (llama.cpp --keep); the user's --keep wins, and
+// the KIVI cache does not evict (a full context is then an error, as in generate). With sliding
+// windows an eviction leaves kept + window - 1 positions (Eviction::reach), so a context that
+// cannot hold the whole system prompt beside the window keeps what fits, and one that cannot
+// hold the window turns the shift off: a note, not the --keep refusal for a flag never given.
+int64_t implicit_keep(const Tokenizer& tok, const ChatTemplate& tmpl,
+                      const std::vector<ChatMessage>& sys, int64_t n_ctx, int32_t max_window) {
+  const std::string head =
+      tmpl.apply(sys.empty() ? std::vector<ChatMessage>{{"user", ""}} : sys, false);
+  const std::string sys_text = sys.empty() ? head.substr(0, head.find("<|im_start|>user")) : head;
+  const auto n_sys = static_cast<int64_t>(tok.encode(sys_text, tok.add_bos_default(), true).size());
+  const int64_t keep = std::min(n_sys, n_ctx / 2);
+  const int64_t most = n_ctx - std::max(0, max_window - 1) - 1;  // leaves room for one token
+  if (keep <= most) return keep;
+  if (most < 0) {
+    std::fprintf(stderr, "kvlm chat: no context shift: this model's sliding window of %d tokens "
+                 "needs a context of at least %d, got %lld\n", max_window, max_window,
+                 static_cast<long long>(n_ctx));
+    return -1;
+  }
+  std::fprintf(stderr, "kvlm chat: the context shift keeps %lld of the system prompt's %lld "
+               "tokens (a context of %lld beside this model's sliding window of %d tokens)\n",
+               static_cast<long long>(most), static_cast<long long>(n_sys),
+               static_cast<long long>(n_ctx), max_window);
+  return most;
+}
+
 int run_chat(const ChatArgs& a) {
   SamplingParams sp = a.sampling;
   sp.seed = a.seed_given ? a.seed : std::random_device{}();
@@ -112,15 +139,8 @@ int run_chat(const ChatArgs& a) {
   KvOptions kvo = to_kv_options(a.cache, model->config());
   ChatState st;
   if (!a.system.empty()) st.messages.push_back({"system", a.system});
-  // Context shift keeps the rendered system prompt (llama.cpp --keep); the user's --keep wins.
-  // The KIVI cache does not evict: a full context is then an error, as in generate.
-  if (!kvo.window && kvo.n_keep < 0 && kvo.kivi_residual < 0) {
-    std::vector<ChatMessage> sys = st.messages;
-    const std::string head = tmpl.apply(sys.empty() ? std::vector<ChatMessage>{{"user", ""}} : sys, false);
-    const std::string sys_text = sys.empty() ? head.substr(0, head.find("<|im_start|>user")) : head;
-    kvo.n_keep = std::min<int64_t>(static_cast<int64_t>(tok->encode(sys_text, tok->add_bos_default(), true).size()),
-                                   kvo.n_ctx / 2);
-  }
+  if (!kvo.window && kvo.n_keep < 0 && kvo.kivi_residual < 0)
+    kvo.n_keep = implicit_keep(*tok, tmpl, st.messages, kvo.n_ctx, model->config().max_window());
   ThreadPool pool(resolve_threads(a.threads));
   Session session(*model, kvo, pool);
   std::string held_text;  // text whose tokens the cache holds (empty: unknown, compare tokens)

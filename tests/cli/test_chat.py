@@ -166,6 +166,31 @@ class Chat(unittest.TestCase):
         self.assertGreater(s["evicted"], 0)
         self.assertLessEqual(s["cache"], 96)
 
+    def test_context_shift_on_a_windowed_model_fits_its_keep(self):
+        # tiny-llama-swa's layers have a 24-token window: an eviction leaves kept + 23 positions,
+        # so a 40-token context keeps 16 of a long system prompt (a note says so) instead of
+        # refusing a --keep that was never given; a context below the window turns the shift off.
+        with tempfile.TemporaryDirectory() as d:
+            tmpl = os.path.join(d, "chatml.jinja")
+            with open(tmpl, "w") as f:
+                f.write("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+                        "<|im_start|>assistant\n{% endif %}")
+            base = ["chat", "-m", os.path.join(DATA, "tiny-llama-swa.gguf"), "--chat-template", tmpl,
+                    "--temp", "0", "-n", "30"]
+            rc, _, err = run([*base, "-c", "40", "--system",
+                              "You are a helpful assistant who answers briefly and well."],
+                             "hi\nand more\n/stats\n/quit\n")
+            self.assertEqual(rc, 0, err)
+            self.assertRegex(err, r"the context shift keeps 16 of the system prompt's \d+ tokens")
+            s = stats(err)[0]
+            self.assertEqual(s["turns"], 2)
+            self.assertGreater(s["evicted"], 0)
+            rc, _, err = run([*base, "-c", "20"], "/quit\n")
+            self.assertEqual(rc, 0, err)
+            self.assertIn("no context shift: this model's sliding window of 24 tokens needs a "
+                          "context of at least 24, got 20", err)
+
     def test_threads_above_the_cores_are_clamped(self):
         cores = len(os.sched_getaffinity(0))
         rc, _, err = run(["chat", "-t", "1000"], "/quit\n")

@@ -45,9 +45,10 @@ test: build models refdata synthetic
 # The test suite under sanitizers (.ci/run runs both after make test), each in its own build
 # folder with the Python tests on $(BUILD)'s venv; they spawn that folder's (sanitized) kvlm.
 # test-asan: every test under AddressSanitizer + UndefinedBehaviorSanitizer but those labelled
-# no_asan (each label says why). test-tsan: the threaded parts (thread pool, scheduler, server,
-# label tsan) under ThreadSanitizer. A finding stops its test (halt_on_error, and UBSan is built
-# with -fno-sanitize-recover); the child processes inherit the options.
+# no_asan (each label says why). test-tsan: the threaded parts (thread pool, scheduler, server:
+# label tsan, less those labelled no_tsan) under ThreadSanitizer. A finding stops its test
+# (halt_on_error, and UBSan is built with -fno-sanitize-recover); the child processes inherit the
+# options.
 SAN_CMAKE = -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DPython3_EXECUTABLE=$(abspath $(BUILD))/venv/bin/python $(CMAKE_FLAGS)
 SAN_ENV = ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:strict_string_checks=1 \
@@ -62,7 +63,7 @@ test-asan: deps models refdata synthetic
 test-tsan: deps models
 	cmake -S . -B build-tsan $(SAN_CMAKE) -DKVLM_SANITIZE=thread
 	cmake --build build-tsan -j $(JOBS) --target $(TSAN_TARGETS)
-	cd build-tsan && $(SAN_ENV) ctest --output-on-failure -j $(JOBS) -L tsan
+	cd build-tsan && $(SAN_ENV) ctest --output-on-failure -j $(JOBS) -L tsan -LE no_tsan
 
 # libFuzzer targets (fuzz/), built with clang, ASan and UBSan in build-fuzz, each run for
 # FUZZ_SECONDS on a corpus in build-fuzz/corpus (seeded from tests/data and the reference data).

@@ -9,7 +9,8 @@ size_t kv_kivi_group_bytes(const KvShape& s) {
 }
 
 size_t kv_k_row_bytes(const KvShape& s) {
-  // validate() makes kv_dim a multiple of 32, so the group's bytes divide by 32, 64 or 128 tokens.
+  // validate() makes a KIVI kv_dim a multiple of 32, so the group's bytes divide by 32, 64 or 128
+  // tokens.
   if (s.kivi()) return kv_kivi_group_bytes(s) / static_cast<size_t>(s.kivi_group);
   return row_bytes(s.dtype_k, s.kv_dim());
 }
@@ -64,11 +65,13 @@ void validate(const KvShape& s) {
          s.head_dim);
   if (s.rotate && s.kivi())
     fail("--kv-rotate cannot be combined with the KIVI cache (--kv-residual)");
-  for (DType t : {s.dtype_k, s.dtype_v}) {
+  for (const bool is_k : {true, false}) {
+    const DType t = is_k ? s.dtype_k : s.dtype_v;
     if (!kv_type_supported(t))
       fail("unsupported KV cache type '{}' (supported: {})", dtype_name(t), kv_supported_types());
     // Attention slices rows per head, so a quantization block must not straddle two heads.
-    const int64_t block = dtype_info(t).block_size;
+    // KIVI's K is not in q4_0 blocks but per channel, two 4-bit codes a byte: an even head_dim.
+    const int64_t block = is_k && s.kivi() ? 2 : dtype_info(t).block_size;
     if (s.head_dim % block != 0)
       fail("KV cache type '{}' needs head_dim to be a multiple of {}, got {}", dtype_name(t), block,
            s.head_dim);
@@ -79,6 +82,10 @@ void validate(const KvShape& s) {
            "bytes/value: use -ctk q4_0 (got -ctk {})", dtype_name(s.dtype_k));
     if (s.kivi_group != 32 && s.kivi_group != 64 && s.kivi_group != 128)
       fail("KIVI group of {} tokens: use 32, 64 or 128", s.kivi_group);
+    // A group's bytes kv_dim x (4 + G / 2) then divide into G rows (kv_k_row_bytes).
+    if (s.kv_dim() % 32 != 0)
+      fail("the KIVI cache (--kv-residual) needs n_kv_head x head_dim to be a multiple of 32, "
+           "got {}", s.kv_dim());
   }
 }
 

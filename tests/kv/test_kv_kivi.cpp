@@ -277,6 +277,12 @@ TEST(KvKivi, RefusalsAreErrors) {
   EXPECT_THROW(validate(s), Error);
   s.kivi_group = 64;
   validate(s);
+  // K per channel has no q4_0 blocks: any even head_dim, n_kv_head x head_dim a multiple of 32
+  // (a group's bytes divide into its rows); V keeps its type's rule.
+  validate(kivi_shape(1, 2, 16, 4, 64, DType::F16));
+  EXPECT_THROW(validate(kivi_shape(1, 2, 16, 4, 64, DType::Q4_0)), Error);
+  EXPECT_THROW(validate(kivi_shape(1, 1, 16, 4, 64, DType::F16)), Error);
+  EXPECT_THROW(validate(kivi_shape(1, 32, 15, 4, 64, DType::F16)), Error);
   auto kv = seq_cache(s, 100);
   const std::vector<float> k = k_like(10, 32, 1);
   feed(*kv, k, k, {10});

@@ -76,16 +76,16 @@ int64_t full_blocks(const KvPoolSpec& spec, const SchedulerConfig& c, int32_t n_
   int64_t n = 0;
   if (c.kv_budget_bytes > 0) {
     const auto budget = static_cast<uint64_t>(c.kv_budget_bytes);
-    if (windows == 0)  // KIVI's slots come first there (windows refuse KIVI)
+    const uint64_t slots = uint64_t(PagedKvStore::residual_slot_bytes(spec.shape)) *
+                           uint64_t(n_slots);  // KIVI's slots, every layer's
+    if (windows == 0)
       n = KvManager::blocks_for_budget(spec.shape, c.block_size, budget, n_slots);
-    else if (budget > windows)
-      n = static_cast<int64_t>((budget - windows) / per_block);
+    else if (budget > windows + slots)
+      n = static_cast<int64_t>((budget - windows - slots) / per_block);
     if (n <= 0)
       fail("--kv-budget of {} bytes holds no block of {} tokens ({} bytes each, after {} bytes "
            "of f16 residual slots and {} bytes of sliding-window layers for {} sequences)",
-           c.kv_budget_bytes, c.block_size, per_block,
-           uint64_t(PagedKvStore::residual_slot_bytes(spec.shape)) * uint64_t(n_slots), windows,
-           spec.n_parallel);
+           c.kv_budget_bytes, c.block_size, per_block, slots, windows, spec.n_parallel);
   } else if (c.kv_budget_tokens > 0) {
     n = (c.kv_budget_tokens + c.block_size - 1) / c.block_size;
   } else {
@@ -124,8 +124,6 @@ Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerCo
                                          [](int32_t w) { return w > 0; }) && windowed)
     fail("the prefix cache needs full-attention layers; this model windows every layer "
          "(--no-prefix-cache)");
-  if (windowed && config.kivi_residual >= 0)
-    fail("the KIVI cache (--kv-residual) does not work with sliding-window layers yet");
   KvShape shape = model.kv_shape(config.dtype_k, config.dtype_v);
   shape.rotate = config.rotate;
   shape.kivi_residual = config.kivi_residual;

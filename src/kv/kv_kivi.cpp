@@ -65,6 +65,7 @@ void kv_kivi_seal(const KvShape& s, const KiviSealed& out, const uint16_t* rk, c
     }
   };
   for (int64_t g0 = s0; g0 < s1; g0 += G) {
+    if (!out.held(g0)) continue;
     for (int64_t t = 0; t < G; ++t) gather(rk, k, g0 + t, x + t * d);
     kv_kivi_quantize_k_group(x, G, d, out.k + out.row(g0) * out.k_row_bytes);
     for (int64_t t = 0; t < G; ++t) {

@@ -40,6 +40,9 @@ struct KiviSealed {
   const int32_t* blocks = nullptr;  // nullptr: contiguous
   int64_t block_size = 0;
   int64_t row(int64_t p) const { return kv_table_row(blocks, block_size, p); }
+  // Whether position p's block is held: a sliding-window group's table has holes (kNoBlock) for
+  // the blocks its window no longer reads, and a group there is never sealed (no query reads it).
+  bool held(int64_t p) const { return blocks == nullptr || blocks[p / block_size] >= 0; }
 };
 
 // Seals the groups [s0, s1) that a pass writing positions [pos, pos + n) completes (s1 =
@@ -47,6 +50,7 @@ struct KiviSealed {
 // the residual (rk / rv: row j - s0, positions [s0, pos)) or from the pass (k / v: [n, kv_dim]
 // f32, row j - pos, rounded to f16 first), so a group seals identically whichever pass completes
 // it. x: [group, kv_dim] f32 scratch. The residual is left alone (attention still reads it).
+// A group whose block is a hole (out.held) is skipped: its window already released it.
 void kv_kivi_seal(const KvShape& s, const KiviSealed& out, const uint16_t* rk, const uint16_t* rv,
                   int64_t s0, int64_t s1, int64_t pos, const float* k, const float* v, float* x);
 

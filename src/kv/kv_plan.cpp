@@ -85,9 +85,6 @@ KvPlan plan_kv(const KvShape& shape, int64_t n_ctx, int64_t n_seqs,
   KVLM_CHECK(p.k_bytes_per_token + p.v_bytes_per_token == p.bytes_per_token);
   if (!layer_window.empty() && static_cast<int32_t>(layer_window.size()) != shape.n_layer)
     fail("KV plan: {} layer windows for {} layers", layer_window.size(), shape.n_layer);
-  if (shape.kivi() && std::any_of(layer_window.begin(), layer_window.end(),
-                                  [](int32_t w) { return w > 0; }))
-    fail("KV plan: the KIVI cache (--kv-residual) has no sliding-window groups");
   p.bytes_per_seq = kv_seq_bytes(shape, n_ctx, layer_window);
   p.groups = *group_plans(shape, n_ctx, layer_window);  // kv_seq_bytes checked the sums
   if (!checked_mul(p.bytes_per_seq, static_cast<uint64_t>(n_seqs), &p.bytes_total))

@@ -121,39 +121,47 @@ PagedKvStore::PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block
     : shape_(shape), block_size_(block_size) {
   validate(shape);
   if (n_blocks <= 0) fail("a paged KV cache needs at least one block, got {}", n_blocks);
-  if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
-  if (shape.kivi()) {
-    if (block_size % shape.kivi_group != 0)
-      fail("the KIVI cache's K groups of {} tokens need a block size that is a multiple of {} "
-           "(--block-size), got {}",
-           shape.kivi_group, shape.kivi_group, block_size);
-    if (n_slots <= 0) fail("a paged KIVI cache needs at least one residual slot, got {}", n_slots);
-    n_slots_ = n_slots;
-    resid_cap_ = slot_rows(shape);
-  }
+  check_kivi(n_slots);
   allocate(std::vector<int32_t>(static_cast<size_t>(shape.n_layer), 0), {n_blocks});
-  if (shape.kivi()) {
-    const size_t slot_bytes = static_cast<size_t>(resid_cap_ * shape.kv_dim()) * sizeof(uint16_t);
-    for (int32_t il = 0; il < shape.n_layer; ++il) {
-      rk_.emplace_back(slot_bytes * static_cast<size_t>(n_slots));
-      rv_.emplace_back(slot_bytes * static_cast<size_t>(n_slots));
-    }
-    group_f32_.resize(static_cast<size_t>(shape.kivi_group * shape.kv_dim()));
-  }
+  allocate_slots(n_slots);
 }
 
 PagedKvStore::PagedKvStore(const KvShape& shape, int32_t block_size,
-                           std::vector<int32_t> layer_group, std::vector<int32_t> group_blocks)
+                           std::vector<int32_t> layer_group, std::vector<int32_t> group_blocks,
+                           int32_t n_slots)
     : shape_(shape), block_size_(block_size) {
   validate(shape);
-  if (shape.kivi()) fail("the KIVI cache (--kv-residual) has no layer groups");
-  if (block_size <= 0) fail("KV block size must be positive, got {}", block_size);
+  check_kivi(n_slots);
   KVLM_CHECK(static_cast<int32_t>(layer_group.size()) == shape.n_layer && !group_blocks.empty());
   for (int32_t g : layer_group)
     KVLM_CHECK(g >= 0 && g < static_cast<int32_t>(group_blocks.size()));
   for (int32_t n : group_blocks)
     if (n <= 0) fail("a paged KV cache needs at least one block per layer group, got {}", n);
   allocate(std::move(layer_group), std::move(group_blocks));
+  allocate_slots(n_slots);
+}
+
+void PagedKvStore::check_kivi(int32_t n_slots) {
+  if (block_size_ <= 0) fail("KV block size must be positive, got {}", block_size_);
+  if (!shape_.kivi()) return;
+  if (block_size_ % shape_.kivi_group != 0)
+    fail("the KIVI cache's K groups of {} tokens need a block size that is a multiple of {} "
+         "(--block-size), got {}",
+         shape_.kivi_group, shape_.kivi_group, block_size_);
+  if (n_slots <= 0) fail("a paged KIVI cache needs at least one residual slot, got {}", n_slots);
+  n_slots_ = n_slots;
+  resid_cap_ = slot_rows(shape_);
+}
+
+// KIVI's residual slots: every layer's, whatever its group (the newest tokens of every layer).
+void PagedKvStore::allocate_slots(int32_t n_slots) {
+  if (!shape_.kivi()) return;
+  const size_t slot_bytes = static_cast<size_t>(resid_cap_ * shape_.kv_dim()) * sizeof(uint16_t);
+  for (int32_t il = 0; il < shape_.n_layer; ++il) {
+    rk_.emplace_back(slot_bytes * static_cast<size_t>(n_slots));
+    rv_.emplace_back(slot_bytes * static_cast<size_t>(n_slots));
+  }
+  group_f32_.resize(static_cast<size_t>(shape_.kivi_group * shape_.kv_dim()));
 }
 
 void PagedKvStore::allocate(std::vector<int32_t> layer_group, std::vector<int32_t> group_blocks) {
@@ -315,7 +323,8 @@ void PagedKvStore::kivi_write(int32_t il, std::span<const BlockId> table, int32_
   KVLM_CHECK(shape_.kivi() && il >= 0 && il < shape_.n_layer && slot >= 0 && slot < n_slots_ &&
              n_sealed >= 0 && n_sealed <= pos && pos - n_sealed <= resid_cap_ && n >= 0 &&
              pos + n <= static_cast<int64_t>(table.size()) * block_size_);
-  for (BlockId b : table) KVLM_CHECK(b >= 0 && b < n_blocks());
+  // Holes (kNoBlock): blocks a sliding window released; kv_kivi_seal skips their groups.
+  for (BlockId b : table) KVLM_CHECK(b >= kNoBlock && b < group_blocks_[layer_group_[il]]);
   const int64_t s1 = kv_kivi_sealed(n_sealed, pos + n, shape_.kivi_residual, shape_.kivi_group);
   KiviSealed out;
   out.k = reinterpret_cast<uint8_t*>(k_[il].data());

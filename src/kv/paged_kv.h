@@ -106,10 +106,11 @@ class PagedKvStore {
   PagedKvStore(const KvShape& shape, int32_t n_blocks, int32_t block_size, int32_t n_slots = 0);
   // Layer groups (per-layer cache groups: a sliding-window group's blocks are released while a
   // full group keeps them): layer il's blocks are ids of group layer_group[il]'s own pool, which
-  // has group_blocks[g] blocks; a sequence has one block table per group. Not with KIVI.
+  // has group_blocks[g] blocks; a sequence has one block table per group. KIVI: n_slots residual
+  // slots of every layer, as above (a window group's sealed groups live in its own blocks).
   //   layer_group: [n_layer] in [0, n_groups)    group_blocks: [n_groups] > 0
   PagedKvStore(const KvShape& shape, int32_t block_size, std::vector<int32_t> layer_group,
-               std::vector<int32_t> group_blocks);
+               std::vector<int32_t> group_blocks, int32_t n_slots = 0);
 
   // Blocks of block_size tokens that fit in budget_bytes after n_slots residual slots (KIVI)
   // (0 if not even one).
@@ -168,6 +169,9 @@ class PagedKvStore {
                          const float* k, const float* v);
 
  private:
+  // The constructors' KIVI part: checks the block size and slots, then sizes the slots' arenas.
+  void check_kivi(int32_t n_slots);
+  void allocate_slots(int32_t n_slots);
   // Sizes the arenas: layer il holds group_blocks[layer_group[il]] blocks.
   void allocate(std::vector<int32_t> layer_group, std::vector<int32_t> group_blocks);
   // Block b's first byte (any layout; KIVI's sealing addresses its rows through KiviSealed).

@@ -38,7 +38,6 @@ const KvManagerConfig& checked(const KvManagerConfig& c) {
     for (int32_t g : c.layer_group)
       if (g < 0 || g >= static_cast<int32_t>(c.groups.size()))
         fail("KV layer groups: group {} of {}", g, c.groups.size());
-    if (c.shape.kivi()) fail("per-layer cache groups (sliding-window layers) do not take KIVI yet");
     if (c.prefix_cache && c.groups[0].window != 0)
       fail("the prefix cache needs a full-attention layer group first (a model whose every layer "
            "is windowed runs without it)");
@@ -58,7 +57,7 @@ PagedKvStore make_store(const KvManagerConfig& c) {
   if (c.groups.empty()) return PagedKvStore(c.shape, c.n_blocks, c.block_size, c.n_slots);
   std::vector<int32_t> blocks;
   for (const KvGroupSpec& g : c.groups) blocks.push_back(g.n_blocks);
-  return PagedKvStore(c.shape, c.block_size, c.layer_group, std::move(blocks));
+  return PagedKvStore(c.shape, c.block_size, c.layer_group, std::move(blocks), c.n_slots);
 }
 
 int32_t checked_blocks(int64_t n, int64_t n_ctx) {

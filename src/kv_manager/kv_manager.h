@@ -69,8 +69,9 @@ struct KvManagerConfig {
   bool bytes = true;
   KvRope rope{};             // how K was rotated, so evict() can re-rotate moved rows
   // Per-layer cache groups: [n_layer] the group of each layer and [n_groups] the groups. Empty:
-  // one full group of every layer with n_blocks / max_blocks above. With groups: no KIVI
-  // (refused).
+  // one full group of every layer with n_blocks / max_blocks above. With KIVI every group seals
+  // its held blocks alike and the residual slot holds every layer's newest tokens; a window
+  // group's released blocks are never sealed (docs/KV.md, "KIVI with window groups").
   std::vector<int32_t> layer_group{};
   std::vector<KvGroupSpec> groups{};
   // Window groups also give back what their window no longer reads when a pass is committed, not
@@ -104,7 +105,7 @@ KvManagerConfig kv_seq_config(const KvShape& shape, int64_t n_ctx, KvAlloc alloc
 // Full-attention layers share one pool of full_blocks blocks (the budget); each distinct window
 // of layer_window ([n_layer], empty: all full) gets a group of kv_window_pool_blocks blocks
 // (release_on_commit on), so a window never runs short before the full pool does and the budget
-// decides admission and preemption alone. With windows: no KIVI (refused).
+// decides admission and preemption alone. KIVI: n_slots residual slots of every layer.
 struct KvPoolSpec {
   KvShape shape;
   int32_t block_size = 16;

@@ -15,6 +15,9 @@ import unittest
 KVLM = sys.argv[1] if len(sys.argv) > 1 else "build/bin/kvlm"
 DATA = sys.argv[2] if len(sys.argv) > 2 else "tests/data"
 TINY = os.path.join(DATA, "tiny-llama.gguf")
+# The second real model, as scripts/fetch-model.sh gemma3-270m places it (make test fetches it).
+GEMMA = os.path.join(os.environ.get("KVLM_MODELS") or os.path.expanduser("~/.cache/kvlm/models"),
+                     "gemma-3-270m-q4_k_m.gguf")
 
 
 def run(*args, timeout=600):
@@ -207,6 +210,31 @@ class RealRuns(unittest.TestCase):
         self.assertEqual(len(t), 1)
         self.assertEqual((t[0]["kivi_residual"], t[0]["bytes_per_token"], t[0]["bytes_per_seq"]),
                          (32, 6480, 28730880))  # 64 blocks of 64 + a 95-row f16 slot
+
+    def test_kivi_cache_on_sliding_window_layers(self):
+        # Gemma 3 270M: 15 of 18 layers attend over 512 tokens. 5 + 600 tokens cross the window
+        # and seal 8 groups of 64 (residual 32); the window layers hold a bounded set of blocks.
+        rc, out, err = run("generate", "-m", GEMMA, "-p", "Once upon a time", "-n", "600", "-c",
+                           "1024", "--temp", "0", "--ignore-eos", "-ctk", "q4_0", "-ctv", "q4_0",
+                           "--kv-residual", "32")
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(out.startswith("Once upon a time"))
+        self.assertIn("generated tokens: 600", err)
+        self.assertIn("KIVI: K per channel in groups of 64, 512 sealed", err)
+        # The planner's groups for that file with KIVI: blocks of 64 at 288 B per token and
+        # layer (K 144 + V 144); 3 global layers x 32,768 tokens, 15 window layers x 17 blocks
+        # (ceil((511 + 512) / 64) + 1), plus the 95-row f16 slot of 18 layers (K and V).
+        rc, out, err = run("kv-size", "-m", GEMMA, "--ctx", "32768", "--kv-residual", "32",
+                           "--json")
+        self.assertEqual(rc, 0, err)
+        import json
+        t = json.loads(out)["cache_types"][0]
+        self.assertEqual(t["groups"], [
+            {"window": 0, "n_layer": 3, "tokens_per_seq": 32768, "bytes_per_seq": 3 * 32768 * 288},
+            {"window": 512, "n_layer": 15, "tokens_per_seq": 17 * 64,
+             "bytes_per_seq": 15 * 17 * 64 * 288}])
+        self.assertEqual(t["bytes_per_seq"],
+                         3 * 32768 * 288 + 15 * 17 * 64 * 288 + 95 * 256 * 2 * 2 * 18)
 
     def test_no_cache_gives_the_same_greedy_text(self):
         args = ["generate", "-p", "Water boils at", "-n", "16", "--temp", "0"]

@@ -3,6 +3,7 @@
 // pool is whole (every block free) when the scheduler is idle.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <mutex>
@@ -638,12 +639,10 @@ SchedulerConfig kivi_config(int64_t budget_tokens) {
 }
 
 // 8 requests whose prompts (20 .. 181 tokens) and generations cross sealing points, batched: each
-// one's tokens equal its run alone through a contiguous KIVI Session; with a pool too small for
-// all of them, also after preemptions (a recompute prefills what was decoded, and KIVI's prefill
-// equals its decode steps).
-void run_kivi_batch(int64_t budget_tokens, bool expect_preemption) {
-  Fixture& f = smollm2();
-  const SchedulerConfig cfg = kivi_config(budget_tokens);
+// one's tokens equal its run alone through a KIVI Session; with a pool too small for all of them,
+// also after preemptions (a recompute prefills what was decoded, and KIVI's prefill equals its
+// decode steps).
+void run_kivi_batch(Fixture& f, const SchedulerConfig& cfg, bool expect_preemption) {
   Scheduler sch(*f.model, *f.tok, cfg, pool());
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::unique_ptr<Collector>> cols;
@@ -659,7 +658,8 @@ void run_kivi_batch(int64_t budget_tokens, bool expect_preemption) {
     ASSERT_TRUE(cols[i]->done);
     EXPECT_EQ(cols[i]->last.finish, FinishReason::Length);
     KvOptions kv;
-    kv.dtype_k = kv.dtype_v = DType::Q4_0;
+    kv.dtype_k = cfg.dtype_k;
+    kv.dtype_v = cfg.dtype_v;
     kv.kivi_residual = cfg.kivi_residual;
     kv.n_ctx = static_cast<int64_t>(prompts[i].size()) + n_gen + 1;
     Session s(*f.model, kv, pool());
@@ -673,9 +673,29 @@ void run_kivi_batch(int64_t budget_tokens, bool expect_preemption) {
   }
 }
 
-TEST(Scheduler, KiviBatchedEqualsAlone) { run_kivi_batch(8 * 256, false); }
+TEST(Scheduler, KiviBatchedEqualsAlone) { run_kivi_batch(smollm2(), kivi_config(8 * 256), false); }
 
-TEST(Scheduler, KiviPreemptedEqualsAlone) { run_kivi_batch(12 * 64, true); }
+TEST(Scheduler, KiviPreemptedEqualsAlone) { run_kivi_batch(smollm2(), kivi_config(12 * 64), true); }
+
+// KIVI on models with sliding-window layers (2:1 at 24, Gemma 3's 5:1 at 8, all at 8; V f16, as
+// head_dim 16 has no q4_0 rows): the window groups seal what they hold and release the rest, and
+// batched, chunked and (with a full group) preempted requests equal their KIVI Session alone.
+TEST(Scheduler, KiviWindowGroupsBatchedAndPreemptedEqualAlone) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf", "tiny-llama-swa-all.gguf"}) {
+    SCOPED_TRACE(name);
+    Fixture f(test::data_path(name));
+    SchedulerConfig cfg = kivi_config(8 * 256);
+    cfg.dtype_v = DType::F16;
+    cfg.n_ctx = 256;
+    cfg.n_batch = 40;
+    run_kivi_batch(f, cfg, false);
+    const auto& lw = f.model->config().layer_window;
+    if (std::count(lw.begin(), lw.end(), 0) > 0) {  // a full group: its budget can run short
+      cfg.kv_budget_tokens = 12 * 64;
+      run_kivi_batch(f, cfg, true);
+    }
+  }
+}
 
 TEST(Scheduler, KiviConfigIsValidated) {
   Fixture& f = smollm2();

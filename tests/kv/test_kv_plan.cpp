@@ -243,31 +243,36 @@ TEST(KvPlan, PredictedEqualsAllocatedForSeveralSequences) {
 
 // Per-layer cache groups (sliding-window layers): the planner's bytes, per group and in all, are
 // the arenas a Session's manager allocates (kv_seq_groups is both's arithmetic), for Mistral-like
-// (every layer windowed), alternating and Gemma-3-like layouts; the inverse answers hold.
+// (every layer windowed), alternating and Gemma-3-like layouts, f16 and KIVI (blocks of 64 in
+// every group, one f16 residual slot of every layer); the inverse answers hold.
 TEST(KvPlan, PredictedEqualsAllocatedWithWindowGroups) {
-  const KvShape s = shape(18, 1, 256);
-  for (int32_t pattern : {0, 2, 6})
-    for (int32_t window : {16, 100, 512})
-      for (int64_t n_ctx : {1, 300, 4096}) {
-        SCOPED_TRACE(testing::Message() << "pattern " << pattern << " window " << window
-                                        << " n_ctx " << n_ctx);
-        const std::vector<int32_t> lw = kv_layer_windows(18, window, pattern);
-        KvManager kv(kv_seq_config(s, n_ctx, KvAlloc::Static, KvRope{}, lw, kKvPlanBatch));
-        const KvPlan p = plan_kv(s, n_ctx, 1, lw);
-        const KvManagerStats st = kv.stats();
-        EXPECT_EQ(st.bytes_total, p.bytes_per_seq);
-        ASSERT_EQ(st.groups.size(), p.groups.size());
-        for (size_t g = 0; g < p.groups.size(); ++g) {
-          EXPECT_EQ(st.groups[g].window, p.groups[g].window);
-          EXPECT_EQ(st.groups[g].n_layers, p.groups[g].n_layers);
-          EXPECT_EQ(st.groups[g].bytes_total, p.groups[g].bytes_per_seq);
+  KvShape kivi = shape(18, 1, 256, DType::Q4_0, DType::Q4_0);
+  kivi.kivi_residual = 32;
+  for (const KvShape& s : {shape(18, 1, 256), kivi}) {
+    for (int32_t pattern : {0, 2, 6})
+      for (int32_t window : {16, 100, 512})
+        for (int64_t n_ctx : {1, 300, 4096}) {
+          SCOPED_TRACE(testing::Message() << "pattern " << pattern << " window " << window
+                                          << " n_ctx " << n_ctx << " kivi " << s.kivi());
+          const std::vector<int32_t> lw = kv_layer_windows(18, window, pattern);
+          KvManager kv(kv_seq_config(s, n_ctx, KvAlloc::Static, KvRope{}, lw, kKvPlanBatch));
+          const KvPlan p = plan_kv(s, n_ctx, 1, lw);
+          const KvManagerStats st = kv.stats();
+          EXPECT_EQ(st.bytes_total, p.bytes_per_seq);
+          ASSERT_EQ(st.groups.size(), p.groups.size());
+          for (size_t g = 0; g < p.groups.size(); ++g) {
+            EXPECT_EQ(st.groups[g].window, p.groups[g].window);
+            EXPECT_EQ(st.groups[g].n_layers, p.groups[g].n_layers);
+            EXPECT_EQ(st.groups[g].bytes_total, p.groups[g].bytes_per_seq);
+          }
+          EXPECT_EQ(max_seqs_for_budget(s, n_ctx, p.bytes_per_seq, lw), 1);
+          EXPECT_EQ(max_seqs_for_budget(s, n_ctx, p.bytes_per_seq - 1, lw), 0);
+          EXPECT_GE(max_ctx_for_budget(s, 1, p.bytes_per_seq, lw), n_ctx);
         }
-        EXPECT_EQ(max_seqs_for_budget(s, n_ctx, p.bytes_per_seq, lw), 1);
-        EXPECT_EQ(max_seqs_for_budget(s, n_ctx, p.bytes_per_seq - 1, lw), 0);
-        EXPECT_GE(max_ctx_for_budget(s, 1, p.bytes_per_seq, lw), n_ctx);
-      }
+  }
   // Gemma 3 270M, f16, 32,768 tokens: 3 global layers x 32,768 x 1,024 B = 96 MiB; 15 window
   // layers x 65 blocks of 16 x 1,024 B; every layer full: 576 MiB.
+  const KvShape s = shape(18, 1, 256);
   const auto gemma = kv_layer_windows(18, 512, 6);
   const KvPlan p = plan_kv(s, 32768, 1, gemma);
   ASSERT_EQ(p.groups.size(), 2u);
@@ -276,6 +281,21 @@ TEST(KvPlan, PredictedEqualsAllocatedWithWindowGroups) {
   EXPECT_EQ(plan_kv(s, 32768).bytes_per_seq, 576 * kMiB);
   EXPECT_EQ(llama_cpp_iswa_bytes(s, 32768, gemma), (3u * 32768 + 15 * 1024) * 1024);
   EXPECT_THROW(kv_layer_windows(18, 512, 19), Error);  // a pattern past the layers
+}
+
+// KIVI with window groups on Gemma 3 270M's shape: the window layers stay bounded while the
+// global ones grow with the context; the f16 residual slot is counted once.
+TEST(KvPlan, KiviWithWindowGroupsGemma3) {
+  KvShape s = shape(18, 1, 256, DType::Q4_0, DType::Q4_0);
+  s.kivi_residual = 32;
+  // 32,768 tokens: 3 global layers x 512 blocks of 64 x 288 B (K 144 + V 144 per token), 15
+  // window layers x 17 blocks (ceil((511 + 512) / 64) + 1), and the 95-row f16 slot of 18 layers.
+  const auto gemma = kv_layer_windows(18, 512, 6);
+  const KvPlan p = plan_kv(s, 32768, 1, gemma);
+  ASSERT_EQ(p.groups.size(), 2u);
+  EXPECT_EQ(p.groups[0].bytes_per_seq, 3u * 32768 * 288);
+  EXPECT_EQ(p.groups[1].bytes_per_seq, 15u * 17 * 64 * 288);
+  EXPECT_EQ(p.bytes_per_seq, 3u * 32768 * 288 + 15u * 17 * 64 * 288 + 95u * 256 * 4 * 18);
 }
 
 // ---- parse_bytes -------------------------------------------------------------------------------

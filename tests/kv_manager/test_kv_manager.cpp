@@ -295,6 +295,104 @@ TEST(KvManager, KiviSlotsAndSealing) {
   kv.check_invariants();
 }
 
+// KIVI with a window group: layer 0 attends to everything, layer 1 to the last kW positions. Fed
+// the same chunks, the grouped cache holds exactly what a one-group KIVI cache holds for every
+// row a query at the next position reads (sealed K groups and V rows, f16 residual rows), byte
+// for byte, while its window group releases blocks. A window of 8 (< R + G) reads only f16 rows
+// and releases blocks before their group is sealed (never sealed then: no window reads them); a
+// window of 80 reads sealed rows too. Both release schedules: before a pass (Session) and on
+// commit (a shared pool).
+void expect_kivi_window_group_holds_the_flat_rows(int32_t kW, bool release_on_commit) {
+  KvShape s = f32_shape();
+  s.n_layer = 2;
+  s.dtype_k = DType::Q4_0;
+  s.dtype_v = DType::Q8_0;
+  s.kivi_residual = 8;
+  s.kivi_group = 32;
+  constexpr int32_t kKbs = 32, kN = 300;
+  const auto bound = static_cast<int32_t>(kv_window_blocks(kW, 13, kN, kKbs));
+  KvManager flat({.shape = s, .block_size = kKbs, .n_blocks = 10, .n_slots = 1,
+                  .prefix_cache = false, .audit = true});
+  KvManager grouped({.shape = s, .block_size = kKbs, .n_blocks = 10, .n_slots = 1,
+                     .prefix_cache = false, .audit = true, .rope = KvRope{},
+                     .layer_group = {0, 1},
+                     .groups = {{.window = 0, .n_blocks = 10}, {.window = kW, .n_blocks = bound}},
+                     .release_on_commit = release_on_commit});
+  const auto toks = iota_tokens(kN, 3);
+  for (KvManager* kv : {&flat, &grouped}) ASSERT_TRUE(kv->admit(0, toks, "", kN, KvHit{}));
+  const size_t kb = kv_kivi_group_bytes(s), vb = kv_v_row_bytes(s);
+  int n_holes_unsealed = 0;  // groups whose block was released before they were sealed
+  int64_t n_sealed_read = 0;  // sealed rows a window reads, compared
+  for (int64_t pos = 0; pos < kN;) {
+    const int64_t n = std::min<int64_t>(pos < 100 ? 13 : 1, kN - pos);
+    std::vector<float> k, v;
+    token_rows(std::span<const int32_t>(toks).subspan(pos, n), k, v);
+    for (KvManager* kv : {&flat, &grouped}) {
+      ASSERT_TRUE(kv->reserve(0, n));
+      const auto caches = kv->seq_caches(0);
+      const KvSeqCache c0 = caches[0];
+      for (int32_t il = 0; il < 2; ++il) {
+        const KvSeqCache& c = caches[static_cast<size_t>(kv->store().layer_group(il))];
+        std::vector<float> kl(k), vl(v);  // layer il's rows: the token's, scaled per layer
+        for (float& x : kl) x *= static_cast<float>(il + 1);
+        kv->store().kivi_write(il, c.blocks, c.kivi_slot, c.n_sealed, pos, n, kl.data(), vl.data());
+        kv->store().kivi_finish_write(il, c.kivi_slot, c.n_sealed, pos, n, kl.data(), vl.data());
+      }
+      if (kv == &grouped) {
+        const int64_t s1 = kv_kivi_sealed(c0.n_sealed, pos + n, s.kivi_residual, s.kivi_group);
+        for (int64_t g0 = c0.n_sealed; g0 < s1; g0 += s.kivi_group)
+          n_holes_unsealed += caches[1].blocks[static_cast<size_t>(g0 / kKbs)] == kNoBlock;
+      }
+      kv->commit(0, toks, pos + n);
+      kv->check_invariants();
+    }
+    pos += n;
+    ASSERT_LE(grouped.stats().groups[1].blocks.n_used, bound);
+    for (int32_t il = 0; il < 2; ++il) {
+      const auto view = [&](const KvManager& kv) {
+        const KvSeqCache c = kv.seq_caches(0)[static_cast<size_t>(kv.store().layer_group(il))];
+        return kv.store().view(il, c.blocks, pos, c.kivi_slot, c.n_sealed);
+      };
+      const KvLayerView a = view(flat), b = view(grouped);
+      ASSERT_EQ(a.n_sealed1, b.n_sealed1);
+      for (int64_t j = il == 0 ? 0 : std::max<int64_t>(0, pos - kW + 1); j < pos; ++j) {
+        SCOPED_TRACE(testing::Message() << "layer " << il << " position " << j << " of " << pos);
+        if (j >= a.n_sealed1) {
+          const size_t r = static_cast<size_t>((j - a.n_sealed0) * kDim);
+          ASSERT_EQ(0, std::memcmp(a.k_resid + r, b.k_resid + r, kDim * 2));
+          ASSERT_EQ(0, std::memcmp(a.v_resid + r, b.v_resid + r, kDim * 2));
+          continue;
+        }
+        ASSERT_NE(b.blocks[j / kKbs], kNoBlock);
+        n_sealed_read += il == 1;
+        const int64_t g0 = j - j % s.kivi_group;
+        ASSERT_EQ(0, std::memcmp(a.k + a.row(g0) * a.k_row_bytes, b.k + b.row(g0) * b.k_row_bytes,
+                                 kb));
+        ASSERT_EQ(0, std::memcmp(a.v + a.row(j) * vb, b.v + b.row(j) * vb, vb));
+      }
+    }
+  }
+  EXPECT_EQ(grouped.seq_caches(0)[1].blocks[0], kNoBlock);
+  if (kW < s.kivi_residual + s.kivi_group) {
+    EXPECT_GT(n_holes_unsealed, 0);
+  } else {
+    EXPECT_GT(n_sealed_read, 1000);
+  }
+  EXPECT_FALSE(grouped.can_truncate(0, 100));  // sealed, and released by the window
+  for (KvManager* kv : {&flat, &grouped}) kv->release(0, toks, kN, false);
+  grouped.check_invariants();
+  EXPECT_EQ(grouped.stats().blocks.n_free, 10 + bound);
+}
+
+TEST(KvManager, KiviWindowGroupHoldsWhatAFlatKiviCacheHolds) {
+  for (const int32_t window : {8, 80})
+    for (const bool on_commit : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "window " << window << ", release "
+                                      << (on_commit ? "on commit" : "before each pass"));
+      expect_kivi_window_group_holds_the_flat_rows(window, on_commit);
+    }
+}
+
 // Two cache groups over two layers: layer 1 attends to the last 8 positions. Its group gives
 // back the blocks no later query reads (holes at the front of its table) while group 0 keeps
 // every block; rows written before stay readable where the window still reads them; a

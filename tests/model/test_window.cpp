@@ -152,6 +152,21 @@ TEST(Window, BatchedEqualsAlone) {
   }
 }
 
+// One pass of feed at pos through sequence 0 of each of two caches (room reserved first), each
+// with its own scratch: got[i] cache i's logits. toks non-empty: commits [0, pos + feed) of them.
+void forward_both(const Model& m, KvManager* const (&kv)[2], std::span<const int32_t> feed,
+                  int64_t pos, Scratch (&sc)[2], std::vector<float> (&got)[2],
+                  std::span<const int32_t> toks = {}) {
+  const auto n = static_cast<int64_t>(feed.size());
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(kv[i]->reserve(0, n));
+    const BatchSeq q{feed, pos, kv[i]->seq_caches(0), true};
+    const auto l = m.forward({&q, 1}, kv[i]->store(), sc[i], pool());
+    got[i].assign(l.begin(), l.end());
+    if (!toks.empty()) kv[i]->commit(0, toks, pos + n);
+  }
+}
+
 // Per-layer cache groups: the window layer's group gives back the blocks its window no longer
 // sees, and the logits stay those of a cache that keeps every block (the window only masked),
 // bit for bit, through prefill chunks and decode steps; a truncation into released blocks is
@@ -165,21 +180,15 @@ TEST(Window, GroupsReleaseBlocksAndKeepTheLogits) {
   KvManager flat(kv_seq_config(shape, 700, KvAlloc::Static, m->kv_rope()));
   ASSERT_EQ(grouped.n_groups(), 2);
   ASSERT_EQ(flat.n_groups(), 1);
-  Scratch sa, sb;
-  for (KvManager* kv : {&grouped, &flat}) ASSERT_TRUE(kv->admit(0, {}, "", 0, KvHit{}));
+  Scratch sc[2];
+  KvManager* const both[2] = {&grouped, &flat};
+  for (KvManager* kv : both) ASSERT_TRUE(kv->admit(0, {}, "", 0, KvHit{}));
   int64_t pos = 0;
   for (int step = 0; pos < 700; ++step) {
     const int64_t n = std::min<int64_t>(step < 10 ? 37 : 1, 700 - pos);  // chunks, then decode
     const std::span<const int32_t> feed(toks.data() + pos, static_cast<size_t>(n));
     std::vector<float> got[2];
-    int i = 0;
-    for (KvManager* kv : {&grouped, &flat}) {
-      ASSERT_TRUE(kv->reserve(0, n));
-      const BatchSeq q{feed, pos, kv->seq_caches(0), true};
-      const auto l = m->forward({&q, 1}, kv->store(), i == 0 ? sa : sb, pool());
-      got[i++].assign(l.begin(), l.end());
-      kv->commit(0, toks, pos + n);
-    }
+    forward_both(*m, both, feed, pos, sc, got, toks);
     ASSERT_EQ(got[0], got[1]) << "positions [" << pos << ", " << pos + n << ")";
     pos += n;
     // The window group (group 1) holds the blocks of the last 24 + 37 positions at most.
@@ -237,8 +246,9 @@ void evict_grouped_like_flat(const Model& m, int64_t n_ctx, int64_t count) {
                                   m.config().layer_window, 16));
   KvManager flat(kv_seq_config(shape, n_ctx, KvAlloc::Static, m.kv_rope()));
   ASSERT_GE(grouped.n_groups(), 1);
-  Scratch sa, sb;
-  for (KvManager* kv : {&grouped, &flat}) ASSERT_TRUE(kv->admit(0, {}, "", 0, KvHit{}));
+  Scratch sc[2];
+  KvManager* const both[2] = {&grouped, &flat};
+  for (KvManager* kv : both) ASSERT_TRUE(kv->admit(0, {}, "", 0, KvHit{}));
   int n_evictions = 0;
   for (int64_t i = 0, step = 0; i < n_total; ++step) {
     const int64_t n = std::min<int64_t>(step < 4 ? 16 : 1, n_total - i);
@@ -249,13 +259,7 @@ void evict_grouped_like_flat(const Model& m, int64_t n_ctx, int64_t count) {
     const int64_t pos = grouped.seq_tokens(0);
     const std::span<const int32_t> feed(toks.data() + i, static_cast<size_t>(n));
     std::vector<float> got[2];
-    int g = 0;
-    for (KvManager* kv : {&grouped, &flat}) {
-      ASSERT_TRUE(kv->reserve(0, n));
-      const BatchSeq q{feed, pos, kv->seq_caches(0), true};
-      const auto l = m.forward({&q, 1}, kv->store(), g == 0 ? sa : sb, pool());
-      got[g++].assign(l.begin(), l.end());
-    }
+    forward_both(m, both, feed, pos, sc, got);
     ASSERT_EQ(got[0], got[1]) << "tokens [" << i << ", " << i + n << ") at " << pos;
     i += n;
     for (size_t gi = 0; gi < static_cast<size_t>(grouped.n_groups()); ++gi) {
@@ -275,6 +279,52 @@ TEST(Window, GroupsEvictLikeAFlatCache) {
     auto m = Model::load(test::data_path(name));
     evict_grouped_like_flat(*m, 100, 40);  // 100 - 40 = 60 >= 4 + window - 1 for each
     evict_grouped_like_flat(*m, 64, 7);    // not on a block boundary
+  }
+}
+
+// KIVI with per-layer cache groups: the window groups seal their held blocks like full ones and
+// never seal a block they released, so a grouped KIVI cache gives bit for bit the logits of a
+// one-group KIVI cache that keeps every block (the window only masked), through prefill chunks
+// and several hundred decode steps across blocks of 64 and the windows, for residuals of 0 and 32.
+void kivi_grouped_like_flat(const Model& m, int32_t residual) {
+  const int64_t n_total = 600;
+  const auto toks = test::random_tokens(n_total, m.config().n_vocab, 23);
+  KvShape shape = m.kv_shape(DType::Q4_0, DType::F16);
+  shape.kivi_residual = residual;
+  KvManager grouped(kv_seq_config(shape, n_total, KvAlloc::Static, m.kv_rope(),
+                                  m.config().layer_window, 37));
+  KvManager flat(kv_seq_config(shape, n_total, KvAlloc::Static, m.kv_rope()));
+  ASSERT_GT(grouped.stats().groups.back().window, 0);
+  Scratch sc[2];
+  KvManager* const both[2] = {&grouped, &flat};
+  for (KvManager* kv : both) ASSERT_TRUE(kv->admit(0, {}, "", 0, KvHit{}));
+  int64_t pos = 0;
+  for (int step = 0; pos < n_total; ++step) {
+    const int64_t n = std::min<int64_t>(step < 6 ? 37 : 1, n_total - pos);
+    const std::span<const int32_t> feed(toks.data() + pos, static_cast<size_t>(n));
+    std::vector<float> got[2];
+    forward_both(m, both, feed, pos, sc, got, toks);
+    ASSERT_EQ(got[0], got[1]) << "positions [" << pos << ", " << pos + n << ")";
+    pos += n;
+  }
+  const KvManagerStats st = grouped.stats();
+  for (const KvGroupStats& gs : st.groups) {
+    if (gs.window > 0) {
+      EXPECT_LE(gs.blocks.n_used, kv_window_blocks(gs.window, 37, n_total, 64));
+    }
+  }
+  EXPECT_LT(st.bytes_used, flat.stats().bytes_used);
+  EXPECT_GT(grouped.seq_cache(0).n_sealed, 500 - residual);
+  grouped.check_invariants();
+}
+
+TEST(Window, KiviGroupsGiveTheLogitsOfAFlatKiviCache) {
+  for (const char* name : {"tiny-llama-swa.gguf", "tiny-gemma3.gguf", "tiny-llama-swa-all.gguf"}) {
+    auto m = Model::load(test::data_path(name));
+    for (int32_t residual : {0, 32}) {
+      SCOPED_TRACE(testing::Message() << name << " residual " << residual);
+      kivi_grouped_like_flat(*m, residual);
+    }
   }
 }
 

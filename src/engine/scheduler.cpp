@@ -316,9 +316,10 @@ void Scheduler::loop() {
       cancels.swap(cancels_);
       stopping = stop_;
     }
-    for (const auto& [id, choice] : cancels) {
-      // Every sequence of the request (choice < 0), or the one of that choice.
-      auto drop = [&](auto& list) {
+    for (const auto& [cancel_id, cancel_choice] : cancels) {
+      // Every sequence of the request (choice < 0), or the one of that choice. Copies, not the
+      // bindings, in the lambda: clang 14 (make fuzz) cannot capture structured bindings.
+      auto drop = [&, id = cancel_id, choice = cancel_choice](auto& list) {
         for (auto it = list.begin(); it != list.end();) {
           Seq& q = as_seq(**it);
           if (q.request == id && (choice < 0 || q.index == choice)) {
@@ -548,7 +549,7 @@ void Scheduler::deliver(std::vector<Draw>& draws) {
   }
   for (const auto& [q, why] : done) {
     auto it = std::find_if(st.running.begin(), st.running.end(),
-                           [&](auto& r) { return r.get() == q; });
+                           [q = q](auto& r) { return r.get() == q; });  // clang 14: no binding
     finish(as_seq(**it), why,
            why == FinishReason::Error ? "the grammar refused a token its mask allowed" : "");
     st.running.erase(it);

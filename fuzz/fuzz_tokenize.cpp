@@ -1,7 +1,9 @@
 // Text from the fuzzer through two tokenizers, byte-level BPE (the tiny test model's SmolLM-style
 // vocabulary) and SentencePiece (llama.cpp's llama-spm test vocabulary when
 // scripts/fetch-refdata.sh has fetched it), with and without special tokens, and decoded back
-// (streamed too): invalid UTF-8 becomes U+FFFD, nothing crashes.
+// (streamed too): invalid UTF-8 becomes U+FFFD, nothing crashes. The same text, less its first
+// byte, also goes through the pre-tokenizer that byte picks (every kind, including those whose
+// vocabularies only test_pretok_names makes): its words must cover the text exactly.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -12,7 +14,9 @@
 
 #include "base/error.h"
 #include "gguf/gguf.h"
+#include "tokenizer/pretokenize.h"
 #include "tokenizer/tokenizer.h"
+#include "tokenizer/unicode.h"
 
 namespace {
 struct Vocab {
@@ -37,10 +41,30 @@ std::vector<Vocab> load() {
   }
   return out;
 }
+// Words of no codepoints, or lengths that do not sum to the text's, would make the BPE merge
+// across words or drop text: abort so that libFuzzer reports the input.
+void check_pretokenize(const uint8_t* data, size_t size) {
+  if (size == 0) return;
+  constexpr int kKinds = static_cast<int>(kvlm::tok::PreKind::Sarvam) + 1;
+  const auto kind = static_cast<kvlm::tok::PreKind>(data[0] % kKinds);
+  std::vector<uint32_t> cpts, lens, scratch;
+  kvlm::tok::decode_utf8_lenient(
+      std::string_view(reinterpret_cast<const char*>(data) + 1, size - 1), &cpts);
+  std::vector<uint8_t> flags(cpts.size());
+  for (size_t i = 0; i < cpts.size(); ++i) flags[i] = kvlm::tok::cpt_flags(cpts[i]);
+  kvlm::tok::pretokenize(kind, cpts.data(), flags.data(), cpts.size(), &lens, &scratch);
+  size_t sum = 0;
+  for (uint32_t len : lens) {
+    if (len == 0) std::abort();
+    sum += len;
+  }
+  if (sum != cpts.size()) std::abort();
+}
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::vector<Vocab> vocabs = load();
+  check_pretokenize(data, size);
   const std::string_view text(reinterpret_cast<const char*>(data), size);
   for (const Vocab& v : vocabs) {
     for (const bool special : {false, true}) {

@@ -94,7 +94,9 @@ enum class PreKind {
   Viking,
   Chameleon,
   SuperBpe,
-  Sarvam,  // splits as Newlines; the tokenizer gives it none of Gemma 4's fixes
+  // Last (fuzz/fuzz_tokenize.cpp counts the kinds by it). Splits as Newlines; the tokenizer
+  // gives it none of Gemma 4's fixes.
+  Sarvam,
 };
 
 // Splits `n` codepoints (with their cpt_flags) into words; appends each word's length in

@@ -87,7 +87,7 @@ int64_t full_blocks(const KvPoolSpec& spec, const SchedulerConfig& c, int32_t n_
            "of f16 residual slots and {} bytes of sliding-window layers for {} sequences)",
            c.kv_budget_bytes, c.block_size, per_block, slots, windows, spec.n_parallel);
   } else if (c.kv_budget_tokens > 0) {
-    n = (c.kv_budget_tokens + c.block_size - 1) / c.block_size;
+    n = kv_blocks_for(c.kv_budget_tokens, c.block_size);
   } else {
     fail("the KV budget must be positive (bytes or tokens)");
   }
@@ -99,7 +99,7 @@ int64_t full_blocks(const KvPoolSpec& spec, const SchedulerConfig& c, int32_t n_
 
 int64_t choices_pool_tokens(int64_t n_prompt, int64_t n_held, int32_t n, int32_t block_size) {
   const int64_t bs = block_size, shared = std::min(n_prompt, n_held) / bs;
-  return (shared + int64_t{n} * ((n_held + bs - 1) / bs - shared)) * bs;
+  return (shared + int64_t{n} * (kv_blocks_for(n_held, bs) - shared)) * bs;
 }
 
 Scheduler::Scheduler(const Model& model, const Tokenizer& tok, const SchedulerConfig& config,

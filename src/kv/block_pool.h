@@ -36,6 +36,13 @@
 
 namespace kvlm {
 
+// Blocks of block_size tokens that n_tokens fill: ceil(n_tokens / block_size) for n_tokens >= 0,
+// block_size > 0, without the overflow of (n + d - 1) / d near INT64_MAX (kv-size takes any --ctx
+// and must answer with its one-line error, not undefined behaviour).
+inline int64_t kv_blocks_for(int64_t n_tokens, int64_t block_size) {
+  return n_tokens / block_size + (n_tokens % block_size != 0);
+}
+
 using BlockId = int32_t;  // 0 .. n_blocks - 1
 using SeqId = int64_t;    // chosen by the caller (a request id)
 inline constexpr BlockId kNoBlock = -1;
@@ -171,7 +178,7 @@ class BlockPool {
   Seq& seq_or_fail(SeqId seq);
   const Seq& seq_or_fail(SeqId seq) const;
   const BlockMeta& block_or_fail(BlockId id) const;
-  int64_t blocks_for(int64_t n_tokens) const { return (n_tokens + block_size_ - 1) / block_size_; }
+  int64_t blocks_for(int64_t n_tokens) const { return kv_blocks_for(n_tokens, block_size_); }
 
   // Free queue: intrusive doubly linked list over blocks_, O(1) everywhere.
   void queue_push_front(BlockId id);

@@ -15,21 +15,16 @@ int32_t kv_seq_block_size(const KvShape& s) {
   return s.kivi() ? std::max(s.kivi_group, kKvBlockTokens) : kKvBlockTokens;
 }
 
-namespace {
-// ceil(n / d) for n >= 0, d > 0, without the overflow of (n + d - 1) / d near INT64_MAX (kv-size
-// takes any --ctx and must answer with its one-line error, not undefined behaviour).
-int64_t blocks_for(int64_t n, int64_t d) { return n / d + (n % d != 0); }
-}  // namespace
 
 int64_t kv_seq_blocks(const KvShape& s, bool dynamic, int64_t n_ctx, int64_t n_reserved) {
   KVLM_CHECK(n_ctx > 0 && n_reserved >= 0 && n_reserved <= n_ctx);
   const int64_t tokens = kv_alloc_tokens(dynamic, std::max<int64_t>(n_reserved, 1), n_ctx);
-  return blocks_for(tokens, kv_seq_block_size(s));
+  return kv_blocks_for(tokens, kv_seq_block_size(s));
 }
 
 int64_t kv_window_blocks(int64_t window, int64_t n_batch, int64_t n_ctx, int32_t block_size) {
-  const int64_t bound = blocks_for(window - 1 + n_batch, block_size) + 1;
-  return std::min(bound, blocks_for(n_ctx, block_size));
+  const int64_t bound = kv_blocks_for(window - 1 + n_batch, block_size) + 1;
+  return std::min(bound, kv_blocks_for(n_ctx, block_size));
 }
 
 int64_t kv_window_pool_blocks(int64_t window, int64_t n_parallel, int64_t n_batch, int64_t n_ctx,
@@ -37,7 +32,7 @@ int64_t kv_window_pool_blocks(int64_t window, int64_t n_parallel, int64_t n_batc
   const int64_t per_seq = kv_window_blocks(window, n_batch, n_ctx, block_size);
   // Each term is at most n_ctx / bs per sequence: no overflow for the int32 contexts accepted.
   const int64_t tight =
-      n_parallel * (blocks_for(window - 1, block_size) + 2) + blocks_for(n_batch, block_size);
+      n_parallel * (kv_blocks_for(window - 1, block_size) + 2) + kv_blocks_for(n_batch, block_size);
   return std::min(tight, n_parallel * per_seq);
 }
 

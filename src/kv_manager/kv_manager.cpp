@@ -302,7 +302,7 @@ bool KvManager::admit(SeqId seq, std::span<const int32_t> tokens, std::string_vi
     fail("KV manager: all {} KIVI residual slots are held", store_.n_slots());
   // Matched blocks with no holder leave the free queue when shared: they do not count as free.
   // A window group needs at most its bound (its pool's size) at once.
-  const int64_t n_blocks_all = (n_held + block_size_ - 1) / block_size_;
+  const int64_t n_blocks_all = blocks_for(n_held);
   std::vector<std::vector<BlockId>> shared(groups_.size());  // [n_groups] the hit's blocks
   shared[0].assign(hit.full.block_ids.begin(), hit.full.block_ids.end());
   for (size_t gi = 1; gi < groups_.size() && windowed_prefix(); ++gi)
@@ -542,7 +542,7 @@ bool KvManager::can_truncate(SeqId seq, int64_t n) const {
   for (const Group& g : groups_) {
     const auto table = g.pool->block_table(seq);
     const int64_t first = unseen_blocks(g, n);  // the window of position n starts in this block
-    for (int64_t b = first; b < (n + block_size_ - 1) / block_size_; ++b)
+    for (int64_t b = first; b < blocks_for(n); ++b)
       if (table[static_cast<size_t>(b)] == kNoBlock) return false;
   }
   return true;

@@ -267,7 +267,7 @@ class KvManager {
   const BlockPool& pool0() const { return *groups_[0].pool; }
   // Blocks of a window group that no query from position pos on reads.
   int64_t unseen_blocks(const Group& g, int64_t pos) const;
-  int64_t blocks_for(int64_t n) const { return n / block_size_ + (n % block_size_ != 0); }
+  int64_t blocks_for(int64_t n) const { return kv_blocks_for(n, block_size_); }
   // evict()'s steps: the first row a group keeps, and each kind of group's shift.
   int64_t evict_low(const Group& g, int64_t n_after) const;
   void shift_full(SeqId seq, int32_t gi, int64_t begin, int64_t count);

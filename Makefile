@@ -70,6 +70,7 @@ test-tsan: deps models
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := fuzz_gguf fuzz_template fuzz_request fuzz_tokenize fuzz_session fuzz_tool_calls
 fuzz: deps refdata
+	@bash scripts/setup.sh fuzz
 	cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
 	  -DKVLM_FUZZ=ON -DKVLM_BUILD_TESTS=OFF
 	cmake --build build-fuzz -j $(JOBS) --target $(FUZZ_TARGETS)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages kvlm builds and tests with, only those that are missing.
+# `setup.sh fuzz` also installs clang and its libFuzzer runtime (make fuzz, .ci/run).
 # Needs root or sudo when something is missing; prints what it installs.
 set -euo pipefail
 
@@ -14,6 +15,9 @@ PACKAGES=(
   chromium chromium-driver  # tests/server/test_web.py: the web page in a real (headless) browser
   jargon-text  # the shared text for kvlm perplexity: /usr/share/doc/jargon-text/jargon.txt.gz
 )
+if [ "${1:-}" = fuzz ]; then
+  PACKAGES+=(clang libclang-rt-14-dev)  # clang++ and libclang_rt.fuzzer (fuzz/CMakeLists.txt)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -263,7 +263,7 @@ void evict_grouped_like_flat(const Model& m, int64_t n_ctx, int64_t count) {
     ASSERT_EQ(got[0], got[1]) << "tokens [" << i << ", " << i + n << ") at " << pos;
     i += n;
     for (size_t gi = 0; gi < static_cast<size_t>(grouped.n_groups()); ++gi) {
-      const auto& st = grouped.stats().groups[gi];
+      const KvGroupStats st = grouped.stats().groups[gi];  // a copy: stats() is a temporary
       if (st.window > 0) {
         EXPECT_LE(st.blocks.n_used, kv_window_blocks(st.window, 16, n_ctx, 16));
       }
